@@ -1,0 +1,1 @@
+"""The hospital side: ingest, client daemon, prediction. Imports ``common`` only."""

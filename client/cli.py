@@ -1,0 +1,23 @@
+"""``mammofed-client``: what a hospital runs (ingest, start, evaluate, predict)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from common.cli import main_for
+
+MODULES = (
+    "client.commands.ingest",
+    "client.commands.start",
+    "client.commands.evaluate",
+    "client.commands.predict",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``mammofed-client``."""
+    return main_for("mammofed-client", __doc__ or "", MODULES, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""Shared machinery for the three thin command-line entry points.
+
+Each subcommand is a module exposing::
+
+    NAME: str                      # the subcommand word
+    HELP: str                      # one line for --help
+    def add_arguments(parser: argparse.ArgumentParser) -> None
+    def run(args: argparse.Namespace) -> int   # exit status
+
+An entry point lists candidate modules; only modules that exist are offered, so a
+subcommand appears when it is implemented, never as a stub. Library errors
+(:class:`common.errors.MammofedError`) become a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Sequence
+
+from common.errors import MammofedError
+
+log = logging.getLogger("mammofed")
+
+
+def build_parser(
+    prog: str, description: str, modules: Sequence[str]
+) -> argparse.ArgumentParser:
+    """Parser with one subparser per existing subcommand module."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            continue
+        mod = importlib.import_module(name)
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """One-line log format on stderr."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def main_for(
+    prog: str,
+    description: str,
+    modules: Sequence[str],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse ``argv``, run the chosen subcommand and map errors to exit codes."""
+    parser = build_parser(prog, description, modules)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args._run(args))
+    except MammofedError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

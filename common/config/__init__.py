@@ -1,0 +1,26 @@
+"""Typed configuration: YAML -> frozen dataclasses, validated once at the edge.
+
+Schemas live beside the role that owns them (``common.config.schema`` for what
+both sides share). Load with :func:`load_config`; write the resolved form next to
+results with :func:`write_resolved`.
+"""
+
+from common.config.loader import (
+    bounded,
+    config_to_dict,
+    from_mapping,
+    load_config,
+    load_yaml,
+    path_field,
+    write_resolved,
+)
+
+__all__ = [
+    "bounded",
+    "config_to_dict",
+    "from_mapping",
+    "load_config",
+    "load_yaml",
+    "path_field",
+    "write_resolved",
+]

@@ -1,0 +1,248 @@
+"""Generic, strict conversion of plain mappings into frozen dataclasses.
+
+Rules (each violation raises :class:`common.errors.ConfigError` naming the source
+file, the dotted key path and the offending value):
+
+* unknown keys are errors; missing keys without a default are errors;
+* types are checked: ``int``, ``float`` (ints accepted), ``bool``, ``str``,
+  ``Literal[...]``, ``X | None``, ``tuple[X, ...]``, ``list[X]``,
+  ``dict[str, X]``, ``pathlib.Path`` and nested dataclasses;
+* ranges come from field metadata: ``field(metadata=bounded(lo, hi))``;
+* paths marked ``path_field(must_exist=True)`` must exist; relative paths are
+  resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from common.errors import ConfigError
+
+T = TypeVar("T")
+
+_MIN = "min"
+_MAX = "max"
+_MUST_EXIST = "must_exist"
+
+
+def bounded(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    """Field metadata for an inclusive numeric range ``lo <= value <= hi``."""
+    return {_MIN: lo, _MAX: hi}
+
+
+def path_field(must_exist: bool = True) -> dict[str, Any]:
+    """Field metadata for a path that must (or need not) exist when loaded."""
+    return {_MUST_EXIST: must_exist}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(p), "<file>", "does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(p), "<file>", f"is not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            str(p), "<root>", f"must be a mapping, got {type(data).__name__}"
+        )
+    return data
+
+
+def load_config(path: str | Path, cls: type[T]) -> T:
+    """Load a YAML file into the frozen dataclass ``cls``, validating everything."""
+    p = Path(path)
+    return from_mapping(load_yaml(p), cls, source=str(p), base_dir=p.resolve().parent)
+
+
+def from_mapping(
+    data: Mapping[str, Any],
+    cls: type[T],
+    *,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+    prefix: str = "",
+) -> T:
+    """Convert ``data`` into the dataclass ``cls``; validate keys, types, ranges."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            source, prefix or "<root>", f"must be a mapping, got {data!r}"
+        )
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = _join(prefix, str(unknown[0]))
+        raise ConfigError(
+            source, key, f"unknown key (valid keys: {', '.join(sorted(fields))})"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name not in data:
+            if (
+                f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING
+            ):
+                raise ConfigError(source, key, "is required but missing")
+            continue
+        value = _convert(data[name], hints[name], source, key, base_dir)
+        _check_meta(value, f.metadata, source, key)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(source, prefix or "<root>", str(exc)) from exc
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_meta(value: Any, meta: Mapping[str, Any], source: str, key: str) -> None:
+    if value is None:
+        return
+    lo, hi = meta.get(_MIN), meta.get(_MAX)
+    values = value if isinstance(value, tuple | list) else (value,)
+    for v in values:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            if lo is not None and v < lo:
+                raise ConfigError(source, key, f"must be >= {lo}, got {v!r}")
+            if hi is not None and v > hi:
+                raise ConfigError(source, key, f"must be <= {hi}, got {v!r}")
+    if meta.get(_MUST_EXIST) and isinstance(value, Path) and not value.exists():
+        raise ConfigError(source, key, f"path does not exist: {str(value)!r}")
+
+
+def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) -> Any:
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, source, key, base_dir)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(
+            source, key, f"has the wrong type: {value!r} (expected {_name(tp)})"
+        )
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                source,
+                key,
+                f"must be one of {', '.join(map(repr, args))}; got {value!r}",
+            )
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return from_mapping(value, tp, source=source, base_dir=base_dir, prefix=key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(source, key, f"must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(
+                _convert(v, args[0], source, f"{key}[{i}]", base_dir)
+                for i, v in enumerate(value)
+            )
+        if len(args) != len(value):
+            raise ConfigError(
+                source, key, f"must have {len(args)} items, got {value!r}"
+            )
+        return tuple(
+            _convert(v, a, source, f"{key}[{i}]", base_dir)
+            for i, (v, a) in enumerate(zip(args, value, strict=True))
+        )
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(source, key, f"must be a list, got {value!r}")
+        return [
+            _convert(v, args[0], source, f"{key}[{i}]", base_dir)
+            for i, v in enumerate(value)
+        ]
+    if origin in (dict, Mapping, typing.Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(source, key, f"must be a mapping, got {value!r}")
+        kt, vt = args if args else (str, Any)
+        return {
+            _convert(k, kt, source, key, base_dir): _convert(
+                v, vt, source, f"{key}.{k}", base_dir
+            )
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(source, key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, key, f"must be a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str | Path):
+            raise ConfigError(source, key, f"must be a path string, got {value!r}")
+        p = Path(value).expanduser()
+        if not p.is_absolute() and base_dir is not None:
+            p = base_dir / p
+        return p
+    raise TypeError(f"config type {tp!r} at {key} is not supported by the loader")
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """YAML-safe form of a config dataclass (paths as str, tuples as lists)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {
+            f.name: config_to_dict(getattr(cfg, f.name))
+            for f in dataclasses.fields(cfg)
+        }
+    if isinstance(cfg, dict):
+        return {str(k): config_to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, list | tuple):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def write_resolved(
+    cfg: Any, out_dir: str | Path, name: str = "resolved_config.yaml"
+) -> Path:
+    """Write the resolved config next to results; returns the file written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path

@@ -1,0 +1,1 @@
+"""The coordinator side: SuperLink, strategies, checkpoints. Imports ``common`` only."""

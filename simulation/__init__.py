@@ -1,0 +1,1 @@
+"""One-machine research harness: phantom sites, simulated federations, reports."""
