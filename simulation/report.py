@@ -1,0 +1,325 @@
+"""Turn one or more run folders into ``report.md`` + ``report.json`` + PNG plots.
+
+Input: run folders in the layout of ``docs/contracts.md`` ("Run folders").
+Output (``out_dir``):
+
+* ``report.json``: ``{"sites": [...], "regimes": [...], "table": {site: {regime:
+  {class: {"cpm", "cpm_ci", "sensitivity", "ap", "gap_closed"}}}}, "rounds": ...}``
+* ``report.md``: the CPM table (site x regime, with 95% intervals and "gap
+  closed" = (regime - base) / (oracle - base)), FROC plots per site, per-round
+  curves, bytes sent per round and the configs used.
+* ``froc_<site>.png``, ``rounds_<metric>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common.errors import MammofedError  # noqa: E402
+from common.keys import CLASSES  # noqa: E402
+from simulation import regimes as R  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+class ReportError(MammofedError):
+    """A run folder cannot be read into a report; the message names the file."""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path}: cannot read JSON: {exc}") from exc
+
+
+def collect(run_dirs: list[Path]) -> dict[str, Any]:
+    """Gather metrics of every regime found in ``run_dirs``.
+
+    Returns ``{"metrics": {regime: {site: SiteMetrics}}, "rounds": {regime:
+    [row, ...]}, "configs": [paths], "runs": [run.json contents]}``. A regime
+    present in several runs is taken from the last run given (logged).
+    """
+    metrics: dict[str, dict[str, Any]] = {}
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    configs: list[Path] = []
+    runs: list[Any] = []
+    for run in run_dirs:
+        if not run.is_dir():
+            raise ReportError(f"{run}: not a run folder")
+        if (run / R.RUN_JSON).is_file():
+            runs.append(_read_json(run / R.RUN_JSON))
+        configs.extend(sorted((run / "configs").glob("*.yaml")))
+        found = sorted(p.parent for p in run.glob(f"*/{R.METRICS_JSON}"))
+        if not found:
+            raise ReportError(f"{run}: no <regime>/{R.METRICS_JSON} inside")
+        for regime_dir in found:
+            data = _read_json(regime_dir / R.METRICS_JSON)
+            name = str(data.get("regime", regime_dir.name))
+            if name in metrics:
+                log.info("regime %s found again in %s; using the later one", name, run)
+            metrics[name] = data.get("sites", {})
+            rows_path = regime_dir / R.ROUNDS_JSONL
+            if rows_path.is_file():
+                rows = []
+                for i, line in enumerate(rows_path.read_text().splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        log.warning("%s line %d: not JSON, skipped", rows_path, i)
+                rounds[name] = rows
+    return {"metrics": metrics, "rounds": rounds, "configs": configs, "runs": runs}
+
+
+def _ordered(names: list[str]) -> list[str]:
+    known = [r for r in R.ORDER if r in names]
+    return known + sorted(n for n in names if n not in R.ORDER)
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+def _cpm(metrics: dict[str, Any], regime: str, site: str, cls: str) -> float:
+    try:
+        v = metrics[regime][site]["classes"][cls]["cpm"]
+    except KeyError:
+        return math.nan
+    return math.nan if v is None else float(v)
+
+
+def gap_closed(value: float, base: float, oracle: float) -> float:
+    """``(value - base) / (oracle - base)``; NaN when undefined (no gap)."""
+    if any(math.isnan(v) for v in (value, base, oracle)) or abs(oracle - base) < 1e-9:
+        return math.nan
+    return (value - base) / (oracle - base)
+
+
+def build_table(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Site x regime x class table with CPM, CI, sensitivities, AP and gap closed."""
+    regimes = _ordered(list(metrics))
+    sites = sorted({s for r in metrics.values() for s in r})
+    table: dict[str, Any] = {}
+    for site in sites:
+        table[site] = {}
+        for regime in regimes:
+            entry = metrics[regime].get(site)
+            if entry is None:
+                continue
+            row: dict[str, Any] = {"n_images": entry.get("n_images")}
+            for cls in CLASSES:
+                c = entry.get("classes", {}).get(cls)
+                if c is None:
+                    continue
+                cpm = _cpm(metrics, regime, site, cls)
+                row[cls] = {
+                    "cpm": cpm,
+                    "cpm_ci": c.get("cpm_ci"),
+                    "sensitivity": c.get("sensitivity"),
+                    "ap": c.get("ap"),
+                    "gap_closed": gap_closed(
+                        cpm,
+                        _cpm(metrics, R.BASE, site, cls),
+                        _cpm(metrics, R.ORACLE, site, cls),
+                    ),
+                }
+            table[site][regime] = row
+    return {"sites": sites, "regimes": regimes, "table": table}
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{float(v):.{digits}f}"
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "–"
+    ci = entry.get("cpm_ci") or [None, None]
+    text = f"{_fmt(entry['cpm'])} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+    g = entry.get("gap_closed")
+    if g is not None and not (isinstance(g, float) and math.isnan(g)):
+        text += f" ({100 * g:.0f}%)"
+    return text
+
+
+def plot_froc(metrics: dict[str, dict[str, Any]], site: str, path: Path) -> bool:
+    """One PNG per site: a panel per class, one FROC curve per regime."""
+    fig, axes = plt.subplots(1, len(CLASSES), figsize=(5 * len(CLASSES), 4))
+    drawn = False
+    for ax, cls in zip(axes, CLASSES, strict=True):
+        for regime in _ordered(list(metrics)):
+            c = metrics[regime].get(site, {}).get("classes", {}).get(cls)
+            curve = (c or {}).get("curve") or {}
+            fp, sens = curve.get("fp_per_image"), curve.get("sensitivity")
+            if not fp or not sens:
+                continue
+            pts = [(f, s) for f, s in zip(fp, sens, strict=False) if f and f > 0]
+            if not pts:
+                continue
+            ax.step(*zip(*pts, strict=True), where="post", label=regime)
+            drawn = True
+        ax.set_xscale("log")
+        ax.set_xlim(0.1, 8)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("false positives per image")
+        ax.set_ylabel("sensitivity")
+        ax.set_title(f"{site}: {cls}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def plot_rounds(
+    rounds: dict[str, list[dict[str, Any]]], metric: str, path: Path
+) -> bool:
+    """Per-round curve of ``metric`` for every (federated regime, site)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for regime in _ordered(list(rounds)):
+        by_site: dict[str, list[tuple[int, float]]] = {}
+        for row in rounds[regime]:
+            if metric in row and row[metric] is not None:
+                by_site.setdefault(str(row["site"]), []).append(
+                    (int(row["round"]), float(row[metric]))
+                )
+        for site, pts in sorted(by_site.items()):
+            pts.sort()
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{regime}/{site}")
+            drawn = True
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def bytes_table(rounds: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean bytes each site sent per round, per federated regime."""
+    out = []
+    for regime in _ordered(list(rounds)):
+        per_site: dict[str, list[float]] = {}
+        for row in rounds[regime]:
+            if row.get("bytes_sent") is not None:
+                per_site.setdefault(str(row["site"]), []).append(
+                    float(row["bytes_sent"])
+                )
+        for site, vals in sorted(per_site.items()):
+            out.append(
+                {
+                    "regime": regime,
+                    "site": site,
+                    "rounds": len(vals),
+                    "mean_bytes_per_round": sum(vals) / len(vals),
+                }
+            )
+    return out
+
+
+def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
+    """Write ``report.md``, ``report.json`` and plots; return the report.md path."""
+    data = collect(run_dirs)
+    table = build_table(data["metrics"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# mammofed report", ""]
+    if data["runs"]:
+        first = data["runs"][0]
+        lines += [
+            f"Scenario: `{first.get('scenario', '?')}`; working spacing "
+            f"{first.get('working_spacing_mm', '?')} mm; runs: "
+            + ", ".join(f"`{p}`" for p in run_dirs),
+            "",
+        ]
+    lines += [
+        "CPM (mean sensitivity at 0.25, 0.5, 1, 2, 4 FP/image) on each site's",
+        "held-out test women, 95% bootstrap interval over images in brackets,",
+        "and in parentheses the gap closed = (regime − base) / (oracle − base).",
+        "",
+    ]
+    regimes = table["regimes"]
+    for cls in CLASSES:
+        lines += [f"## CPM: {cls}", ""]
+        lines.append("| site | " + " | ".join(regimes) + " |")
+        lines.append("| --- |" + " --- |" * len(regimes))
+        for site in table["sites"]:
+            cells = [_cell(table["table"][site].get(r, {}).get(cls)) for r in regimes]
+            lines.append(f"| {site} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## FROC curves", ""]
+    for site in table["sites"]:
+        png = out_dir / f"froc_{site}.png"
+        if plot_froc(data["metrics"], site, png):
+            lines.append(f"![FROC {site}]({png.name})")
+    lines.append("")
+    if data["rounds"]:
+        lines += ["## Federated rounds", ""]
+        metric_names = sorted(
+            {
+                k
+                for rows in data["rounds"].values()
+                for row in rows
+                for k, v in row.items()
+                if k not in {"round", "site", "bytes_sent"}
+                and isinstance(v, int | float)
+            }
+        )
+        for metric in metric_names:
+            png = out_dir / f"rounds_{metric}.png"
+            if plot_rounds(data["rounds"], metric, png):
+                lines.append(f"![{metric} per round]({png.name})")
+        lines += ["", "### Bytes sent per site per round", ""]
+        lines.append("| regime | site | rounds | mean bytes/round |")
+        lines.append("| --- | --- | --- | --- |")
+        for row in bytes_table(data["rounds"]):
+            lines.append(
+                f"| {row['regime']} | {row['site']} | {row['rounds']} | "
+                f"{row['mean_bytes_per_round']:.0f} |"
+            )
+        lines.append("")
+    if data["configs"]:
+        lines += ["## Configs used", ""]
+        for cfg in data["configs"]:
+            lines += [
+                f"### `{cfg}`",
+                "",
+                "```yaml",
+                cfg.read_text().rstrip(),
+                "```",
+                "",
+            ]
+    report_md = out_dir / "report.md"
+    report_md.write_text("\n".join(lines) + "\n")
+    payload = {
+        **table,
+        "bytes_per_round": bytes_table(data["rounds"]),
+        "runs": [str(p) for p in run_dirs],
+    }
+    (out_dir / "report.json").write_text(json.dumps(_nan_to_none(payload), indent=2))
+    log.info("report written to %s", report_md)
+    return report_md

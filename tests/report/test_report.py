@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from simulation import regimes as R
+from simulation.report import ReportError, gap_closed, write_report
+
+
+def _site_metrics(cpm_mass: float, cpm_calc: float) -> dict:
+    def cls(cpm: float) -> dict:
+        return {
+            "cpm": cpm,
+            "cpm_ci": [max(0.0, cpm - 0.1), min(1.0, cpm + 0.1)],
+            "sensitivity": {"1.0": cpm},
+            "ap": cpm / 2,
+            "curve": {"fp_per_image": [0.2, 1.0, 3.0], "sensitivity": [0.1, cpm, cpm]},
+        }
+
+    return {
+        "n_images": 10,
+        "classes": {"mass": cls(cpm_mass), "calcification": cls(cpm_calc)},
+    }
+
+
+def _regime(
+    run: Path, name: str, sites: dict[str, tuple[float, float]], rounds: bool = False
+) -> None:
+    d = run / name
+    d.mkdir(parents=True)
+    payload = {
+        "regime": name,
+        "kind": "federated" if rounds else "central",
+        "sites": {s: _site_metrics(*v) for s, v in sites.items()},
+    }
+    (d / R.METRICS_JSON).write_text(json.dumps(payload))
+    if rounds:
+        rows = [
+            {"round": r, "site": s, "bytes_sent": 1000 + r, "train-loss": 1.0 / r}
+            for r in (1, 2)
+            for s in sites
+        ]
+        (d / R.ROUNDS_JSONL).write_text(
+            "\n".join(json.dumps(x) for x in rows) + "\nnot json\n"
+        )
+
+
+def test_report_table_gap_closed_and_files(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _regime(run, R.BASE, {"A": (0.8, 0.6), "B": (0.2, 0.1)})
+    _regime(run, R.ORACLE, {"A": (0.9, 0.7), "B": (0.6, 0.5)})
+    _regime(run, R.PERSONALIZED, {"A": (0.85, 0.65), "B": (0.5, 0.3)}, rounds=True)
+    (run / "configs").mkdir()
+    (run / "configs" / "federation.yaml").write_text("strategy: personalized\n")
+    (run / R.RUN_JSON).write_text(
+        json.dumps({"scenario": "t", "working_spacing_mm": 0.4})
+    )
+    out = tmp_path / "rep"
+    md = write_report([run], out)
+    text = md.read_text()
+    assert "| B |" in text and "strategy: personalized" in text
+    data = json.loads((out / "report.json").read_text())
+    assert data["regimes"] == [R.BASE, R.PERSONALIZED, R.ORACLE]
+    g = data["table"]["B"][R.PERSONALIZED]["mass"]["gap_closed"]
+    assert g == pytest.approx((0.5 - 0.2) / (0.6 - 0.2))
+    assert (out / "froc_A.png").stat().st_size > 1000
+    assert (out / "rounds_train-loss.png").is_file()
+    assert data["bytes_per_round"][0]["mean_bytes_per_round"] == pytest.approx(1001.5)
+
+
+def test_gap_closed_undefined_without_gap() -> None:
+    assert math.isnan(gap_closed(0.5, 0.4, 0.4))
+    assert math.isnan(gap_closed(math.nan, 0.1, 0.4))
+
+
+def test_report_rejects_folder_without_metrics(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="no <regime>/metrics.json"):
+        write_report([tmp_path / "empty"], tmp_path / "out")
