@@ -1,0 +1,172 @@
+"""Write small synthetic mammograms as DICOM files with pydicom.
+
+The phantom (stored space, ``rows x cols``): background 0, a half-ellipse breast
+of "density" 0.5 against the left or right edge, and a ``MARKER`` x ``MARKER``
+block of density 1.0 at a known position inside the breast. Densities are
+encoded into stored values according to the photometric interpretation,
+presentation LUT shape and intent, so a correct reader recovers dense = bright.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+MG_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+MARKER = 4
+BITS = 12
+TOP = 2**BITS - 1
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """A synthetic image's ground truth, stored space.
+
+    Attributes:
+        density: float[rows, cols] in [0, 1] (dense = 1).
+        marker_box: ``[xmin, ymin, xmax, ymax]`` pixel edges of the marker block.
+        side: ``"left"`` or ``"right"``: where the breast (chest wall) is.
+    """
+
+    density: np.ndarray
+    marker_box: tuple[int, int, int, int]
+    side: str
+
+
+def phantom(rows: int = 128, cols: int = 96, side: str = "left") -> Phantom:
+    """Half-ellipse breast against the ``side`` edge plus a marker block."""
+    r = np.arange(rows)[:, None] + 0.5
+    c = np.arange(cols)[None, :] + 0.5
+    dist = c if side == "left" else cols - c
+    inside = ((r - rows / 2) / (0.4 * rows)) ** 2 + (dist / (0.6 * cols)) ** 2 <= 1
+    density = np.where(inside, 0.5, 0.0)
+    mr = int(rows * 0.45)
+    mc = int(cols * 0.2) if side == "left" else cols - int(cols * 0.2) - MARKER
+    density[mr : mr + MARKER, mc : mc + MARKER] = 1.0
+    return Phantom(density, (mc, mr, mc + MARKER, mr + MARKER), side)
+
+
+def encode(
+    density: np.ndarray, *, photometric: str, lut_shape: str | None, intent: str
+) -> np.ndarray:
+    """Stored uint16 values whose correct decoding gives ``density`` back, bright."""
+    inverted = photometric == "MONOCHROME1" or (
+        photometric == "MONOCHROME2" and lut_shape == "INVERSE"
+    )
+    d = 1.0 - density if inverted else density
+    if intent == "FOR PROCESSING":
+        # exposure-like raw values: exponential in density, then log recovers it
+        raw = 50.0 * np.exp(d * np.log(TOP / 50.0))
+        return np.round(raw).astype(np.uint16)
+    return np.round(d * TOP).astype(np.uint16)
+
+
+def write_mammo(
+    path: Path,
+    *,
+    rows: int = 128,
+    cols: int = 96,
+    side: str = "left",
+    photometric: str = "MONOCHROME2",
+    lut_shape: str | None = None,
+    intent: str = "FOR PRESENTATION",
+    window: tuple[float, float, str | None] | None = (2048.0, 4096.0, None),
+    voi_lut: bool = False,
+    pixel_spacing: tuple[float, float] | None = (0.1, 0.1),
+    imager_spacing: tuple[float, float] | None = None,
+    magnification: float | None = None,
+    image_laterality: str | None = "L",
+    series_laterality: str | None = None,
+    view_position: str | None = "CC",
+    view_code: tuple[str, str, str] | None = None,
+    modality: str = "MG",
+    body_part: str | None = "BREAST",
+    sop_class: str | None = None,
+    with_pixels: bool = True,
+    compress: str | None = None,
+    transfer_syntax: str | None = None,
+) -> Phantom:
+    """Write a synthetic mammogram to ``path`` and return its ground truth.
+
+    ``window`` is ``(center, width, VOILUTFunction or None)``; ``voi_lut`` adds a
+    VOI LUT Sequence (square-root curve); ``compress`` is a transfer syntax UID
+    for ``Dataset.compress``; ``transfer_syntax`` overrides the file meta UID
+    without re-encoding (to fake an unsupported syntax).
+    """
+    ph = phantom(rows, cols, side)
+    sop = sop_class or (
+        MG_PROCESSING if intent == "FOR PROCESSING" else MG_PRESENTATION
+    )
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop)
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID = "P001"
+    ds.Modality = modality
+    ds.Manufacturer = "SYNTH"
+    ds.ManufacturerModelName = "Phantom 1"
+    if body_part:
+        ds.BodyPartExamined = body_part
+    ds.PresentationIntentType = intent
+    if image_laterality:
+        ds.ImageLaterality = image_laterality
+    if series_laterality:
+        ds.Laterality = series_laterality
+    if view_position is not None:
+        ds.ViewPosition = view_position
+    if view_code is not None:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = view_code
+        ds.ViewCodeSequence = Sequence([item])
+    if pixel_spacing is not None:
+        ds.PixelSpacing = list(pixel_spacing)
+    if imager_spacing is not None:
+        ds.ImagerPixelSpacing = list(imager_spacing)
+    if magnification is not None:
+        ds.EstimatedRadiographicMagnificationFactor = magnification
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    if lut_shape:
+        ds.PresentationLUTShape = lut_shape
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, BITS, BITS - 1
+    ds.PixelRepresentation = 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window[0], window[1]
+        if window[2]:
+            ds.VOILUTFunction = window[2]
+    if voi_lut:
+        item = Dataset()
+        item.add_new(0x00283002, "US", [TOP + 1, 0, BITS])
+        curve = np.sqrt(np.arange(TOP + 1) / TOP) * TOP
+        item.add_new(0x00283006, "US", np.round(curve).astype(np.uint16).tolist())
+        item.LUTExplanation = "SQRT"
+        ds.VOILUTSequence = Sequence([item])
+    if with_pixels:
+        stored = encode(
+            ph.density, photometric=photometric, lut_shape=lut_shape, intent=intent
+        )
+        ds.PixelData = stored.tobytes()
+    if compress is not None:
+        ds.compress(UID(compress))
+    if transfer_syntax is not None:
+        ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+        ds.save_as(
+            path, enforce_file_format=True, implicit_vr=False, little_endian=True
+        )
+    else:
+        ds.save_as(path, enforce_file_format=True)
+    return ph
