@@ -416,7 +416,12 @@ def _voi_lut(values: np.ndarray, item: Dataset, path: str | Path) -> np.ndarray:
     """Apply one VOI LUT Sequence item; output scaled to ``[0, 1]``."""
     try:
         n, first, bits = (int(v) for v in item.LUTDescriptor)
-        data = np.asarray(item.LUTData, dtype=np.float64).ravel()
+        raw = item.LUTData
+        if isinstance(raw, bytes | bytearray):
+            # LUTData may be stored as OW: 16-bit little-endian words.
+            data = np.frombuffer(bytes(raw), dtype="<u2").astype(np.float64)
+        else:
+            data = np.asarray(raw, dtype=np.float64).ravel()
     except (AttributeError, TypeError, ValueError) as exc:
         raise RefusedImage(
             str(path), f"VOILUTSequence item unusable: {_one_line(exc)}"

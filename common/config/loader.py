@@ -172,7 +172,7 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
             )
         return tuple(
             _convert(v, a, source, f"{key}[{i}]", base_dir)
-            for i, (v, a) in enumerate(zip(args, value, strict=True))
+            for i, (a, v) in enumerate(zip(args, value, strict=True))
         )
     if origin is list:
         if not isinstance(value, list | tuple):

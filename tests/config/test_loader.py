@@ -87,3 +87,17 @@ def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
     p = _write(tmp_path, "- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(p, Outer)
+
+
+@dataclass(frozen=True)
+class Pair:
+    pair: tuple[float, int] = (1.0, 2)
+
+
+def test_fixed_length_tuple_converts_each_item_with_its_type(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, "pair: [140, 3]\n"), Pair)
+    assert cfg.pair == (140.0, 3)
+    with pytest.raises(ConfigError, match=r"pair\[1\]"):
+        load_config(_write(tmp_path, "pair: [1.0, 2.5]\n"), Pair)
+    with pytest.raises(ConfigError, match="2 items"):
+        load_config(_write(tmp_path, "pair: [1.0]\n"), Pair)
