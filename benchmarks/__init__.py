@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure and append JSON lines to ``benchmarks/results``."""

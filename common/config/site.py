@@ -1,0 +1,120 @@
+"""Site configuration: what one hospital (or research set) says about its data.
+
+Loaded with :func:`load_site_config` (strict YAML -> frozen dataclass via
+:func:`common.config.load_config`); every error names the file, key and value.
+
+Example (``configs/sites/hospital-a.yaml``)::
+
+    name: hospital-a
+    working_spacing_mm: 0.4
+    findings: {MASSE: mass, MIKROKALK: calcification}
+    test_fraction: 0.2
+    split_seed: 0
+    workers: 2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from common.config.loader import bounded, from_mapping, load_config, path_field
+from common.keys import CALCIFICATION, IGNORE, MASS, NONE_FINDING
+
+#: What a site word may map to.
+FindingKind = Literal["mass", "calcification", "ignore", "none"]
+FINDING_KINDS: tuple[str, ...] = (MASS, CALCIFICATION, IGNORE, NONE_FINDING)
+
+#: Words every site understands (keys are matched case-insensitively).
+DEFAULT_FINDINGS: dict[str, str] = {
+    MASS: MASS,
+    CALCIFICATION: CALCIFICATION,
+    IGNORE: IGNORE,
+    NONE_FINDING: NONE_FINDING,
+    # mini-MIAS class words
+    "circ": MASS,
+    "spic": MASS,
+    "misc": MASS,
+    "calc": CALCIFICATION,
+    "arch": IGNORE,
+    "asym": IGNORE,
+    "norm": NONE_FINDING,
+}
+
+
+def _default_findings() -> dict[str, FindingKind]:
+    return dict(DEFAULT_FINDINGS)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One site's ingest and split settings.
+
+    Attributes:
+        name: site name (keys per-site state, appears in reports).
+        working_spacing_mm: mm per model-space pixel after resampling.
+        default_spacing_mm: stored spacing to assume when a file (or the
+            ``images.csv`` sidecar) gives none; ``None`` means refuse such files.
+        findings: site words -> ``mass | calcification | ignore | none``; merged
+            over :data:`DEFAULT_FINDINGS` (site entries win), keys lower-cased.
+        test_fraction: fraction of labeled patients held out as the test split
+            when the site has no ``split.csv``.
+        split_seed: seed of that patient-grouped split.
+        workers: decode processes for ingest (1 = inline, no pool).
+        progress_every: log a progress line every this many files.
+        pixel_dtype: how cache entries store model-space pixels.
+        data_dir: the site's image tree (``SITE_DIR``), if fixed by config.
+        cache_dir: the site cache (``CACHE_DIR``), if fixed by config.
+        state_dir: per-site federation state (personal layers, EMA, DP
+            accountant), used by the federation client.
+    """
+
+    name: str = "site"
+    working_spacing_mm: float = field(default=0.4, metadata=bounded(0.05, 5.0))
+    default_spacing_mm: float | None = field(default=None, metadata=bounded(0.01, 5.0))
+    findings: dict[str, FindingKind] = field(default_factory=_default_findings)
+    test_fraction: float = field(default=0.2, metadata=bounded(0.0, 0.9))
+    split_seed: int = 0
+    workers: int = field(default=1, metadata=bounded(1, 256))
+    progress_every: int = field(default=50, metadata=bounded(1, None))
+    pixel_dtype: Literal["uint16", "float16"] = "uint16"
+    data_dir: Path | None = field(default=None, metadata=path_field(must_exist=False))
+    cache_dir: Path | None = field(default=None, metadata=path_field(must_exist=False))
+    state_dir: Path | None = field(default=None, metadata=path_field(must_exist=False))
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.strip() != self.name:
+            raise ValueError(f"name must be a plain non-empty word, got {self.name!r}")
+        merged: dict[str, str] = dict(DEFAULT_FINDINGS)
+        for word, kind in self.findings.items():
+            key = str(word).strip().lower()
+            if not key:
+                raise ValueError(f"findings: empty site word mapped to {kind!r}")
+            if kind not in FINDING_KINDS:
+                raise ValueError(
+                    f"findings.{word}: must be one of {', '.join(FINDING_KINDS)}; "
+                    f"got {kind!r}"
+                )
+            merged[key] = kind
+        object.__setattr__(self, "findings", merged)
+
+    def finding_kind(self, word: str) -> str | None:
+        """Map a site word (case-insensitive) to its kind; ``None`` if unknown."""
+        return self.findings.get(word.strip().lower())
+
+
+def load_site_config(path: str | Path | None = None) -> SiteConfig:
+    """Load a site YAML; ``None`` gives the defaults.
+
+    Raises:
+        ConfigError: naming the file, the key and the bad value.
+    """
+    if path is None:
+        return SiteConfig()
+    return load_config(path, SiteConfig)
+
+
+def site_config_from_mapping(data: dict[str, object], source: str) -> SiteConfig:
+    """Build a :class:`SiteConfig` from a plain mapping (e.g. a federation file)."""
+    return from_mapping(data, SiteConfig, source=source)

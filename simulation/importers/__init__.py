@@ -1,0 +1,1 @@
+"""Importers that turn public research datasets into site folders (site contract)."""

@@ -1,0 +1,303 @@
+"""mini-MIAS -> a site folder in the site contract.
+
+Input: a folder in the mini-MIAS layout, ``png/mdbNNN.png`` (1024 x 1024, 8-bit,
+0.2 mm pixels) and ``Info.txt`` (one row per finding: ``id tissue class
+[severity x y radius]``; the circle's origin is the **bottom-left** corner, so
+``row = H - 1 - y``). This also works on any other folder of that layout (the
+held-back women are judged that way).
+
+Output (``OUT_SITE_DIR``):
+
+* ``<id>.png``: byte copies of the images;
+* ``images.csv``: ``image, patient_id, laterality, view, spacing_mm``; the
+  woman of ids ``2k-1`` and ``2k`` is ``mias-w{k:03d}``; even ids are left
+  breasts (``L``), odd ids right (``R``); view ``MLO``; spacing 0.2 mm;
+* ``annotations.csv``: the site contract. A circle becomes its bounding box in
+  stored pixels (pixel-edge coordinates, origin top-left): the centre pixel
+  ``(x, H-1-y)`` has its centre at ``(x + 0.5, H - 1 - y + 0.5)`` and the box is
+  that point +- radius, clipped to the image. Classes: CIRC/SPIC/MISC -> mass,
+  CALC -> calcification (the circle covers the cluster), ARCH/ASYM -> ignore,
+  NORM -> a ``none`` row; abnormal rows without coordinates are kept as
+  image-level labels (empty box). With ``keep_words=True`` the MIAS words are
+  written instead, for a site config to map.
+
+Malformed table rows are skipped with a warning naming the file, line and
+value; images without a table row are copied but get no annotation
+(unlabeled); table rows without an image are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from common.errors import MammofedError
+from common.keys import (
+    ANNOTATION_COLUMNS,
+    ANNOTATIONS_CSV,
+    CALCIFICATION,
+    IGNORE,
+    LEFT,
+    MASS,
+    NONE_FINDING,
+    RIGHT,
+    VIEW_MLO,
+)
+
+log = logging.getLogger(__name__)
+
+MIAS_SPACING_MM = 0.2
+INFO_TXT = "Info.txt"
+PNG_DIR = "png"
+IMAGES_CSV = "images.csv"
+#: MIAS class word -> finding kind of the site contract.
+MIAS_CLASSES: dict[str, str] = {
+    "CIRC": MASS,
+    "SPIC": MASS,
+    "MISC": MASS,
+    "CALC": CALCIFICATION,
+    "ARCH": IGNORE,
+    "ASYM": IGNORE,
+    "NORM": NONE_FINDING,
+}
+TISSUES = frozenset({"F", "G", "D"})
+SEVERITIES = frozenset({"B", "M"})
+_ID = re.compile(r"^mdb(\d{3})$")
+
+
+@dataclass(frozen=True)
+class MiasRow:
+    """One parsed line of ``Info.txt``.
+
+    ``x, y, radius`` are in MIAS pixels with the origin at the bottom-left;
+    ``None`` when the row gives no coordinates.
+    """
+
+    image_id: str
+    number: int
+    tissue: str
+    cls: str
+    severity: str | None
+    x: int | None
+    y: int | None
+    radius: int | None
+    line: int
+
+    @property
+    def kind(self) -> str:
+        """Finding kind of the site contract."""
+        return MIAS_CLASSES[self.cls]
+
+
+@dataclass
+class MiasTable:
+    """Parsed ``Info.txt``: rows kept and lines skipped (line, value, reason)."""
+
+    rows: list[MiasRow] = field(default_factory=list)
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+def woman_id(number: int) -> str:
+    """Woman of image ``mdb{number}``: ids ``2k-1`` and ``2k`` are woman ``k``."""
+    return f"mias-w{(number + 1) // 2:03d}"
+
+
+def laterality_of(number: int) -> str:
+    """Even ids are left breasts, odd ids right."""
+    return LEFT if number % 2 == 0 else RIGHT
+
+
+def parse_info(path: str | Path) -> MiasTable:
+    """Parse ``Info.txt`` tolerantly.
+
+    Rules: the first token must be ``mdbNNN``, the second a tissue letter
+    (F/G/D), the third a known class; then an optional severity (B/M) and
+    optional ``x y radius`` integers. Extra text (``*NOTE 3*``) where numbers
+    belong means "no coordinates" (logged). Lines that do not start with an id
+    (headers, blank lines) are passed over; other malformed lines are skipped
+    with a warning.
+
+    Raises:
+        MammofedError: the file cannot be read.
+    """
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="latin-1").splitlines()
+    except OSError as exc:
+        raise MammofedError(f"{p}: cannot read: {exc}") from exc
+    table = MiasTable()
+
+    def skip(n: int, value: str, reason: str) -> None:
+        table.skipped.append((n, value, reason))
+        log.warning("%s line %d: %r: %s", p, n, value, reason)
+
+    for n, line in enumerate(lines, start=1):
+        tok = line.split()
+        if not tok or not _ID.match(tok[0]):
+            if tok and tok[0].lower().startswith("mdb"):
+                skip(n, tok[0], "malformed image id (expected mdbNNN)")
+            continue
+        if len(tok) < 3:
+            skip(n, line.strip(), "too few fields (need id, tissue, class)")
+            continue
+        number = int(_ID.match(tok[0]).group(1))  # type: ignore[union-attr]
+        tissue, cls = tok[1].upper(), tok[2].upper()
+        if tissue not in TISSUES:
+            skip(n, tok[1], "unknown background tissue (expected F, G or D)")
+            continue
+        if cls not in MIAS_CLASSES:
+            skip(n, tok[2], f"unknown class (expected one of {sorted(MIAS_CLASSES)})")
+            continue
+        rest = tok[3:]
+        severity: str | None = None
+        if rest and rest[0].upper() in SEVERITIES:
+            severity = rest[0].upper()
+            rest = rest[1:]
+        x = y = r = None
+        if len(rest) >= 3 and all(re.fullmatch(r"\d+", t) for t in rest[:3]):
+            x, y, r = (int(t) for t in rest[:3])
+            if len(rest) > 3:
+                log.warning("%s line %d: extra fields ignored: %r", p, n, rest[3:])
+        elif rest:
+            log.warning(
+                "%s line %d: %r are not coordinates; kept as an image-level label",
+                p, n, " ".join(rest),
+            )  # fmt: skip
+        if cls == "NORM" and x is not None:
+            skip(n, line.strip(), "NORM row with coordinates")
+            continue
+        if r is not None and r <= 0:
+            skip(n, str(r), "radius must be positive")
+            continue
+        table.rows.append(MiasRow(tok[0], number, tissue, cls, severity, x, y, r, n))
+    return table
+
+
+def circle_box(
+    x: int, y: int, radius: int, size: tuple[int, int]
+) -> tuple[float, float, float, float] | None:
+    """Stored-space box (origin top-left) of a MIAS circle (origin bottom-left).
+
+    Args:
+        x: circle centre column (MIAS pixels).
+        y: circle centre row counted from the bottom (origin bottom-left).
+        radius: circle radius in pixels.
+        size: ``(width, height)`` of the image.
+
+    Returns:
+        ``(xmin, ymin, xmax, ymax)`` clipped to the image, or ``None`` when the
+        circle lies outside it.
+    """
+    w, h = size
+    cx, cy = x + 0.5, (h - 1 - y) + 0.5
+    box = (max(0.0, cx - radius), max(0.0, cy - radius),
+           min(float(w), cx + radius), min(float(h), cy + radius))  # fmt: skip
+    if box[0] >= box[2] or box[1] >= box[3]:
+        return None
+    return box
+
+
+@dataclass
+class ImportSummary:
+    """What :func:`import_mias` wrote."""
+
+    out_dir: Path
+    images: int = 0
+    annotation_rows: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)
+    table_skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    missing_images: list[str] = field(default_factory=list)
+    unlisted_images: list[str] = field(default_factory=list)
+
+
+def import_mias(
+    src: str | Path, out_dir: str | Path, *, keep_words: bool = False
+) -> ImportSummary:
+    """Convert a mini-MIAS-layout folder into a site folder (module docstring).
+
+    Args:
+        src: folder holding ``Info.txt`` and ``png/`` (``png`` may also be
+            missing when the images lie beside ``Info.txt``).
+        out_dir: the site folder to write (created; existing files replaced).
+        keep_words: write MIAS class words instead of mapped findings.
+
+    Returns:
+        Counts of images, annotation rows per finding and skipped rows.
+
+    Raises:
+        MammofedError: no ``Info.txt`` or no images.
+    """
+    src_p, out = Path(src), Path(out_dir)
+    info = src_p / INFO_TXT
+    if not info.is_file():
+        raise MammofedError(f"{src_p}: no {INFO_TXT} (not a mini-MIAS folder)")
+    png_dir = src_p / PNG_DIR if (src_p / PNG_DIR).is_dir() else src_p
+    pngs = {p.stem: p for p in sorted(png_dir.glob("mdb*.png"))}
+    if not pngs:
+        raise MammofedError(f"{png_dir}: no mdbNNN.png images")
+    table = parse_info(info)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = ImportSummary(out, table_skipped=list(table.skipped))
+    sizes: dict[str, tuple[int, int]] = {}
+    with open(out / IMAGES_CSV, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "patient_id", "laterality", "view", "spacing_mm"])
+        for stem, p in pngs.items():
+            m = _ID.match(stem)
+            if m is None:
+                log.warning("%s: not an mdbNNN name, not imported", p)
+                continue
+            number = int(m.group(1))
+            with Image.open(p) as im:
+                sizes[stem] = im.size
+            shutil.copyfile(p, out / p.name)
+            w.writerow(
+                [p.name, woman_id(number), laterality_of(number), VIEW_MLO,
+                 MIAS_SPACING_MM]
+            )  # fmt: skip
+            summary.images += 1
+    listed = set()
+    with open(out / ANNOTATIONS_CSV, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(ANNOTATION_COLUMNS)
+        for row in table.rows:
+            if row.image_id not in sizes:
+                summary.missing_images.append(row.image_id)
+                log.warning(
+                    "%s line %d: image %s.png not found in %s; row skipped",
+                    info, row.line, row.image_id, png_dir,
+                )  # fmt: skip
+                continue
+            listed.add(row.image_id)
+            word = row.cls if keep_words else row.kind
+            coords: list[str] = ["", "", "", ""]
+            if row.x is not None and row.y is not None and row.radius is not None:
+                box = circle_box(row.x, row.y, row.radius, sizes[row.image_id])
+                if box is None:
+                    log.warning(
+                        "%s line %d: circle (%d, %d, r=%d) outside the image; "
+                        "kept as an image-level label",
+                        info, row.line, row.x, row.y, row.radius,
+                    )  # fmt: skip
+                else:
+                    coords = [f"{v:g}" for v in box]
+            w.writerow([f"{row.image_id}.png", word, *coords])
+            summary.annotation_rows += 1
+            summary.kinds[row.kind] += 1
+    summary.unlisted_images = sorted(set(sizes) - listed)
+    for stem in summary.unlisted_images:
+        log.warning("%s.png has no row in %s: imported unlabeled", stem, info)
+    log.info(
+        "imported %d images into %s: %d annotation rows (%s); %d table lines skipped",
+        summary.images, out, summary.annotation_rows,
+        ", ".join(f"{k}: {v}" for k, v in sorted(summary.kinds.items())),
+        len(summary.table_skipped),
+    )  # fmt: skip
+    return summary
