@@ -1,0 +1,229 @@
+"""The Flower ``ClientApp`` of a site (``clientapp = "client.app:app"``).
+
+Which site this node plays comes from ``context.node_config``:
+
+* deployment: ``site-config`` = path of a ``configs/sites/*.yaml``
+  (:class:`common.config.site.SiteConfig`; its ``name`` and ``state_dir``), or
+  the keys ``site`` and ``state-dir`` (and optionally ``data-dir``) directly;
+* simulation: ``partition-id`` indexes the run's ``sites`` list, and the
+  state lives under the federation config's ``state_dir``.
+
+The run's :class:`common.federation.FederationConfig` comes from
+``context.run_config``. Replies carry only the trainer's declared shared arrays
+(train, query) and one MetricRecord with the trainer's declared metric names;
+:func:`client.guard.check_reply` refuses anything else before it is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.guard import check_reply
+from client.state import SiteState
+from client.trainer import LocalTrainer, build_trainer
+from common.config.site import load_site_config
+from common.errors import ConfigError
+from common.federation import (
+    NODE_DATA_DIR,
+    NODE_SITE,
+    NODE_SITE_CONFIG,
+    NODE_STATE_DIR,
+    PARTITION_ID,
+    FederationConfig,
+    FitInstructions,
+    arrays_to_record,
+    federation_config_from_run_config,
+    record_to_arrays,
+    spec_of,
+)
+from common.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
+
+log = logging.getLogger(__name__)
+
+#: The folder holding ``configs/`` (the repo root, or the installed FAB).
+APP_ROOT = Path(__file__).resolve().parents[1]
+_STATE_CACHE = "mammofed-site"
+
+
+@dataclass(frozen=True)
+class SiteBinding:
+    """Which site a node plays and where its state and data live."""
+
+    site: str
+    state_dir: Path
+    data_dir: Path | None = None
+
+
+def resolve_site(node_config: dict, fed_cfg: FederationConfig) -> SiteBinding:
+    """Map a node config to a :class:`SiteBinding` (errors name key and value)."""
+    src = "node_config"
+    if NODE_SITE_CONFIG in node_config:
+        path = Path(str(node_config[NODE_SITE_CONFIG])).expanduser()
+        site_cfg = load_site_config(path)
+        if site_cfg.state_dir is None:
+            raise ConfigError(str(path), "state_dir", "is required for federation")
+        data = site_cfg.cache_dir or site_cfg.data_dir
+        return SiteBinding(site_cfg.name, site_cfg.state_dir, data)
+    if NODE_SITE in node_config:
+        site = str(node_config[NODE_SITE])
+        state = node_config.get(NODE_STATE_DIR) or fed_cfg.state_dir
+        if not state:
+            raise ConfigError(src, NODE_STATE_DIR, f"missing for site {site!r}")
+        data = node_config.get(NODE_DATA_DIR)
+        return SiteBinding(site, Path(str(state)), Path(str(data)) if data else None)
+    if PARTITION_ID in node_config:
+        pid = node_config[PARTITION_ID]
+        if not isinstance(pid, int) or not 0 <= pid < len(fed_cfg.sites):
+            raise ConfigError(
+                src,
+                PARTITION_ID,
+                f"{pid!r} does not index the run's sites {list(fed_cfg.sites)!r}",
+            )
+        if fed_cfg.state_dir is None:
+            raise ConfigError(
+                "federation config", "state_dir", "required in simulation"
+            )
+        return SiteBinding(fed_cfg.sites[pid], fed_cfg.state_dir)
+    raise ConfigError(
+        src,
+        "<root>",
+        f"names no site: expected {NODE_SITE_CONFIG}, {NODE_SITE} or {PARTITION_ID}, "
+        f"got keys {sorted(node_config)}",
+    )
+
+
+def _setup(context: Context) -> tuple[FederationConfig, SiteBinding, LocalTrainer]:
+    fed_cfg = federation_config_from_run_config(context.run_config, APP_ROOT)
+    binding = resolve_site(dict(context.node_config), fed_cfg)
+    trainer = build_trainer(
+        fed_cfg.trainer.name,
+        binding.site,
+        binding.state_dir,
+        fed_cfg,
+        data_dir=binding.data_dir,
+    )
+    return fed_cfg, binding, trainer
+
+
+def _instructions(msg: Message, trainer_name: str) -> FitInstructions:
+    cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    ins = FitInstructions.from_config_record(cfg, source="server message config")
+    if ins.trainer != trainer_name:
+        raise ConfigError(
+            "server message config",
+            "trainer",
+            f"server asks for {ins.trainer!r}, run config says {trainer_name!r}",
+        )
+    return ins
+
+
+def _received_shared(msg: Message, trainer: LocalTrainer) -> dict:
+    record = msg.content.array_records.get(ARRAYS_KEY)
+    if record is None:
+        raise ConfigError("server message", ARRAYS_KEY, "no ArrayRecord received")
+    arrays = record_to_arrays(record)
+    got, want = spec_of(arrays), trainer.shared_spec()
+    if got != want:
+        diff = sorted(set(got) ^ set(want)) or [
+            k for k in want if got.get(k) != want[k]
+        ]
+        raise ConfigError(
+            "server message", ARRAYS_KEY, f"global arrays do not fit the model: {diff}"
+        )
+    return arrays
+
+
+def _cache(context: Context, site: str, server_round: int) -> None:
+    context.state[_STATE_CACHE] = ConfigRecord(
+        {"site": site, "last-round": server_round}
+    )
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Train on the site from the received global arrays; reply shared + metrics."""
+    fed_cfg, binding, trainer = _setup(context)
+    ins = _instructions(msg, fed_cfg.trainer.name)
+    shared = _received_shared(msg, trainer)
+    new_shared, metrics = trainer.fit(shared, ins)
+    content = RecordDict(
+        {
+            ARRAYS_KEY: arrays_to_record(new_shared),
+            METRICS_KEY: MetricRecord(dict(metrics)),
+        }
+    )
+    check_reply(
+        content,
+        site=binding.site,
+        shared_spec=trainer.shared_spec(),
+        metric_names=trainer.metric_names("train"),
+    )
+    SiteState(binding.state_dir, binding.site).record_round(
+        ins.server_round, "train", metrics
+    )
+    _cache(context, binding.site, ins.server_round)
+    log.info("site %s: trained round %d: %s", binding.site, ins.server_round, metrics)
+    return Message(content=content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global arrays + personal state; reply metrics only."""
+    fed_cfg, binding, trainer = _setup(context)
+    ins = _instructions(msg, fed_cfg.trainer.name)
+    shared = _received_shared(msg, trainer)
+    metrics = trainer.evaluate(shared, ins)
+    content = RecordDict({METRICS_KEY: MetricRecord(dict(metrics))})
+    check_reply(
+        content,
+        site=binding.site,
+        shared_spec=None,
+        metric_names=trainer.metric_names("evaluate"),
+    )
+    SiteState(binding.state_dir, binding.site).record_round(
+        ins.server_round, "evaluate", metrics
+    )
+    _cache(context, binding.site, ins.server_round)
+    return Message(content=content, reply_to=msg)
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    """Reply the trainer's initial shared arrays (the server's round-0 model)."""
+    _, binding, trainer = _setup(context)
+    content = RecordDict(
+        {
+            ARRAYS_KEY: arrays_to_record(trainer.initial_shared()),
+            METRICS_KEY: MetricRecord({NUM_EXAMPLES: 0}),
+        }
+    )
+    check_reply(
+        content,
+        site=binding.site,
+        shared_spec=trainer.shared_spec(),
+        metric_names=(NUM_EXAMPLES,),
+    )
+    return Message(content=content, reply_to=msg)
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Flower train entry point."""
+    return handle_train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Flower evaluate entry point."""
+    return handle_evaluate(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Flower query entry point (initial shared arrays)."""
+    return handle_query(msg, context)

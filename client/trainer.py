@@ -1,0 +1,114 @@
+"""The local-training interface the ClientApp drives, and its registry.
+
+A :class:`LocalTrainer` owns a site's model and data. The ClientApp hands it the
+global *shared* arrays and the round's :class:`common.federation.FitInstructions`
+and sends back only what :meth:`LocalTrainer.shared_spec` declares. Personal
+state (FedBN norm layers, FedPer head, ...) stays with the trainer, which keeps
+it on the site's disk through :class:`client.state.SiteState`.
+
+Register a trainer with :func:`register_trainer`; the detector trainer is a
+one-file addition that calls it at import time and is listed in
+:data:`TRAINER_MODULES` so the registry imports it on demand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from common.errors import ConfigError
+from common.federation import FederationConfig, FitInstructions
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, float | int]
+Arrays = dict[str, np.ndarray]
+
+
+@runtime_checkable
+class LocalTrainer(Protocol):
+    """What a site's trainer provides to the federation client."""
+
+    site: str
+
+    def shared_spec(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the arrays exchanged with the server."""
+        ...
+
+    def metric_names(self, phase: str) -> tuple[str, ...]:
+        """Exact metric names returned by ``phase`` (``train`` or ``evaluate``)."""
+        ...
+
+    def initial_shared(self) -> Arrays:
+        """The shared arrays of a freshly initialized model (seeded)."""
+        ...
+
+    def fit(self, shared: Arrays, config: FitInstructions) -> tuple[Arrays, Metrics]:
+        """Train locally from ``shared``; return updated shared arrays and metrics.
+
+        Metrics include ``num-examples`` (the examples trained on).
+        """
+        ...
+
+    def evaluate(self, shared: Arrays, config: FitInstructions) -> Metrics:
+        """Evaluate ``shared`` + this site's personal state on local held-out data."""
+        ...
+
+
+TrainerFactory = Callable[..., LocalTrainer]
+
+#: name -> factory(site, state_dir, fed_cfg, data_dir=None)
+TRAINERS: dict[str, TrainerFactory] = {}
+
+#: Modules imported on demand so that their trainers register themselves.
+TRAINER_MODULES: tuple[str, ...] = ("client.toy", "client.detector_trainer")
+
+
+def register_trainer(name: str) -> Callable[[TrainerFactory], TrainerFactory]:
+    """Decorator registering a trainer factory under ``name``."""
+
+    def deco(factory: TrainerFactory) -> TrainerFactory:
+        if name in TRAINERS and TRAINERS[name] is not factory:
+            raise ValueError(f"trainer {name!r} is already registered")
+        TRAINERS[name] = factory
+        return factory
+
+    return deco
+
+
+def _import_trainer_modules() -> None:
+    for mod in TRAINER_MODULES:
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod)
+
+
+def available_trainers() -> tuple[str, ...]:
+    """Registered trainer names (importing the known trainer modules first)."""
+    _import_trainer_modules()
+    return tuple(sorted(TRAINERS))
+
+
+def build_trainer(
+    name: str,
+    site: str,
+    state_dir: Path,
+    fed_cfg: FederationConfig,
+    data_dir: Path | None = None,
+) -> LocalTrainer:
+    """Construct trainer ``name`` for ``site``; unknown names list valid ones."""
+    valid = available_trainers()
+    if name not in TRAINERS:
+        raise ConfigError(
+            "federation config",
+            "trainer.name",
+            f"unknown trainer {name!r} (valid names: {', '.join(valid)})",
+        )
+    trainer = TRAINERS[name](site, Path(state_dir), fed_cfg, data_dir=data_dir)
+    log.info("site %s: built trainer %s", site, name)
+    return trainer

@@ -1,0 +1,118 @@
+"""Global checkpoints: one per round, written atomically, resumable.
+
+``<run_dir>/checkpoints/round-NNNNN.npz`` holds the global shared arrays;
+``round-NNNNN.json`` beside it holds ``{"round", "metrics", "config",
+"array_names"}``. The JSON is written last, so a checkpoint counts only once
+both files are complete; :meth:`CheckpointStore.latest` ignores half-written
+ones.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import CheckpointMismatch
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^round-(\d{5,})\.json$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded global checkpoint."""
+
+    round: int
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CheckpointStore:
+    """Reads and writes the per-round global checkpoints of one run."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def paths(self, server_round: int) -> tuple[Path, Path]:
+        """The ``.npz`` and ``.json`` paths of ``server_round``."""
+        stem = f"round-{server_round:05d}"
+        return self.dir / f"{stem}.npz", self.dir / f"{stem}.json"
+
+    def save(
+        self,
+        server_round: int,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write round ``server_round``; returns the JSON path."""
+        npz, meta_path = self.paths(server_round)
+        buf = io.BytesIO()
+        payload = {k: np.asarray(v) for k, v in arrays.items()}
+        np.savez(buf, **payload)  # type: ignore[arg-type]
+        _atomic_write(npz, buf.getvalue())
+        meta = {
+            "round": int(server_round),
+            "array_names": list(arrays),
+            "metrics": dict(metrics or {}),
+            "config": dict(config or {}),
+        }
+        _atomic_write(meta_path, json.dumps(meta, indent=2, default=str).encode())
+        log.debug("checkpoint round %d written to %s", server_round, npz)
+        return meta_path
+
+    def rounds(self) -> list[int]:
+        """Rounds with a complete checkpoint, ascending."""
+        out = []
+        for p in self.dir.iterdir():
+            m = _NAME.match(p.name)
+            if m and self.paths(int(m.group(1)))[0].is_file():
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def load(self, server_round: int) -> Checkpoint:
+        """Load round ``server_round``; a broken file raises naming it."""
+        npz, meta_path = self.paths(server_round)
+        try:
+            meta = json.loads(meta_path.read_text())
+            with np.load(npz, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise CheckpointMismatch(f"{npz}: unreadable checkpoint: {exc}") from exc
+        names = meta.get("array_names")
+        if names is not None and set(names) != set(arrays):
+            raise CheckpointMismatch(
+                f"{npz}: arrays {sorted(arrays)} differ from {meta_path}'s {names}"
+            )
+        return Checkpoint(round=int(meta["round"]), arrays=arrays, meta=meta)
+
+    def latest(self) -> Checkpoint | None:
+        """The newest complete checkpoint, or ``None``."""
+        rounds = self.rounds()
+        return self.load(rounds[-1]) if rounds else None

@@ -1,0 +1,42 @@
+"""``mammofed-server run``: launch a federated run on the SuperLink and follow it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from common.federation import load_federation_config
+from server.launch import Connection, follow_run, submit_run
+
+NAME = "run"
+HELP = "launch a federated run (flwr run) on the SuperLink and follow its rounds"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``run``."""
+    parser.add_argument(
+        "--federation", type=Path, required=True, help="federation YAML"
+    )
+    parser.add_argument("--superlink", default="127.0.0.1:8000", help="host:port")
+    parser.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
+    parser.add_argument("--root-certificates", type=Path, help="CA of the SuperLink")
+    parser.add_argument("--run-dir", type=Path, help="default: the YAML's run_dir")
+    parser.add_argument("--no-follow", action="store_true", help="submit and return")
+    parser.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Submit the run; follow it unless ``--no-follow``; 0 when it completed."""
+    cfg = load_federation_config(args.federation)
+    run_dir = (args.run_dir or cfg.run_dir or Path("runs") / cfg.name).resolve()
+    conn = Connection(args.superlink, args.insecure, args.root_certificates)
+    run_id = submit_run(cfg, run_dir, conn)
+    print(f"run {run_id} started; run dir {run_dir}")
+    if args.no_follow:
+        return 0
+    status = follow_run(run_id, run_dir, timeout_s=args.timeout)
+    print(f"run {run_id}: {status}")
+    return 0 if status.endswith("completed") else 1

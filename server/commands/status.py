@@ -1,0 +1,47 @@
+"""``mammofed-server status``: runs on the SuperLink and a run dir's progress."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from common.federation import CHECKPOINT_DIR, ROUNDS_JSONL
+from server.checkpoints import CheckpointStore
+from server.launch import Connection, list_runs, prepare_home
+
+NAME = "status"
+HELP = "list the SuperLink's runs; with --run-dir, that run's last round"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``status``."""
+    parser.add_argument("--superlink", default="127.0.0.1:8000", help="host:port")
+    parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--root-certificates", type=Path)
+    parser.add_argument("--run-dir", type=Path, help="show this run's progress")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print one line per run, then the run dir's last round if asked."""
+    conn = Connection(args.superlink, args.insecure, args.root_certificates)
+    with tempfile.TemporaryDirectory(prefix="mammofed-status-") as tmp:
+        home = prepare_home(Path(tmp), conn)
+        for r in list_runs(home):
+            print(f"run {r.get('run-id')}: {r.get('status')} ({r.get('elapsed')})")
+    if args.run_dir is not None:
+        store = CheckpointStore(args.run_dir / CHECKPOINT_DIR)
+        rounds = store.rounds()
+        print(f"{args.run_dir}: checkpoints for rounds {rounds}")
+        jsonl = args.run_dir / ROUNDS_JSONL
+        if jsonl.is_file():
+            lines = jsonl.read_text().splitlines()
+            if lines:
+                last = json.loads(lines[-1])
+                print(
+                    f"last round {last['round']} {last['status']}: "
+                    f"train {last['train_aggregated']} "
+                    f"eval {last['evaluate_aggregated']}"
+                )
+    return 0

@@ -1,0 +1,195 @@
+"""Launch a federated run on a running SuperLink with ``flwr run`` and follow it.
+
+Each run gets its own ``FLWR_HOME`` (``<run_dir>/flwr-home``) whose
+``config.toml`` names the SuperLink, so nothing depends on ``~/.flwr``. The
+federation config travels inline as the run-config key ``federation-json``
+(absolute paths resolved on the coordinator), the run directory as ``run-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from common.federation import (
+    CHECKPOINT_DIR,
+    ROUNDS_JSONL,
+    RUN_DIR,
+    RUN_FEDERATION_JSON,
+    FederationConfig,
+    federation_config_to_json,
+    flower_bin,
+    flower_env,
+)
+from server.process import ProcessError, write_flower_config
+
+log = logging.getLogger(__name__)
+
+#: Repo root (holds pyproject.toml with [tool.flwr.app]).
+APP_DIR = Path(__file__).resolve().parents[1]
+FLWR_HOME_DIR = "flwr-home"
+RUN_CONFIG_TOML = "run-config.toml"
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How to reach the SuperLink's Control API."""
+
+    address: str = "127.0.0.1:8000"
+    insecure: bool = False
+    root_certificates: Path | None = None
+
+
+def _flwr(args: list[str], home: Path, timeout_s: float) -> str:
+    cmd = [flower_bin("flwr"), *args]
+    try:
+        res = subprocess.run(
+            cmd,
+            env=flower_env(home),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ProcessError(f"{' '.join(cmd)}: no answer in {timeout_s:.0f} s") from exc
+    if res.returncode != 0:
+        tail = (res.stdout + res.stderr).strip().splitlines()[-5:]
+        raise ProcessError(f"{' '.join(cmd)} failed ({res.returncode}): {tail}")
+    return res.stdout
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return dict(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    try:
+        return dict(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise ProcessError(f"flwr printed no JSON: {text[-300:]!r}") from exc
+
+
+def prepare_home(run_dir: Path, conn: Connection) -> Path:
+    """Create ``<run_dir>/flwr-home/config.toml`` for ``conn``; returns the home."""
+    home = run_dir / FLWR_HOME_DIR
+    write_flower_config(
+        home,
+        conn.address,
+        insecure=conn.insecure,
+        root_certificates=conn.root_certificates,
+    )
+    return home
+
+
+def submit_run(
+    cfg: FederationConfig,
+    run_dir: Path,
+    conn: Connection,
+    *,
+    app_dir: Path = APP_DIR,
+    timeout_s: float = 120.0,
+) -> int:
+    """Start the run on the SuperLink; returns its run id."""
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    home = prepare_home(run_dir, conn)
+    run_toml = run_dir / RUN_CONFIG_TOML
+    run_toml.write_text(
+        tomli_w.dumps(
+            {RUN_FEDERATION_JSON: federation_config_to_json(cfg), RUN_DIR: str(run_dir)}
+        )
+    )
+    out = _flwr(
+        [
+            "run",
+            str(app_dir),
+            "mammofed",
+            "--run-config",
+            str(run_toml),
+            "--format",
+            "json",
+        ],
+        home,
+        timeout_s,
+    )
+    payload = _last_json(out)
+    if not payload.get("success") or payload.get("run-id") is None:
+        raise ProcessError(f"flwr run did not start a run: {payload}")
+    run_id = int(payload["run-id"])
+    log.info("started run %d on %s (run dir %s)", run_id, conn.address, run_dir)
+    return run_id
+
+
+def run_status(run_id: int, home: Path, timeout_s: float = 60.0) -> dict[str, Any]:
+    """The ``flwr ls --run-id`` JSON row of ``run_id``."""
+    payload = _last_json(
+        _flwr(
+            ["ls", "mammofed", "--run-id", str(run_id), "--format", "json"],
+            home,
+            timeout_s,
+        )
+    )
+    runs = payload.get("runs") or []
+    if not runs:
+        raise ProcessError(f"run {run_id} not found on the SuperLink: {payload}")
+    return dict(runs[0])
+
+
+def list_runs(home: Path, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """All runs the SuperLink knows (``flwr ls --format json``)."""
+    payload = _last_json(_flwr(["ls", "mammofed", "--format", "json"], home, timeout_s))
+    return [dict(r) for r in payload.get("runs") or []]
+
+
+def follow_run(
+    run_id: int,
+    run_dir: Path,
+    *,
+    timeout_s: float,
+    poll_s: float = 2.0,
+) -> str:
+    """Log each new ``rounds.jsonl`` line until the run finishes; returns its status.
+
+    Raises :class:`ProcessError` after ``timeout_s`` (the run keeps going on the
+    SuperLink; ``flwr stop`` ends it).
+    """
+    home = run_dir / FLWR_HOME_DIR
+    jsonl = run_dir / ROUNDS_JSONL
+    seen = 0
+    deadline = time.monotonic() + timeout_s
+    status = "unknown"
+    while True:
+        status = str(run_status(run_id, home).get("status", "unknown"))
+        if jsonl.is_file():
+            lines = jsonl.read_text().splitlines()
+            for line in lines[seen:]:
+                row = json.loads(line)
+                log.info(
+                    "run %d round %s %s: train %s eval %s, rejected %s",
+                    run_id,
+                    row.get("round"),
+                    row.get("status"),
+                    row.get("train_aggregated"),
+                    row.get("evaluate_aggregated"),
+                    row.get("train", {}).get("rejected"),
+                )
+            seen = len(lines)
+        if status.startswith("finished"):
+            return status
+        if time.monotonic() > deadline:
+            raise ProcessError(
+                f"run {run_id} still {status} after {timeout_s:.0f} s "
+                f"(checkpoints in {run_dir / CHECKPOINT_DIR})"
+            )
+        time.sleep(poll_s)

@@ -1,0 +1,186 @@
+"""Starting and stopping Flower processes (SuperLink, ``flwr`` CLI) safely.
+
+Every child starts in its own session (process group), so :func:`stop_process`
+can end it together with whatever it spawned (``flower-superexec``,
+``flwr-serverapp``) and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import MammofedError
+from common.federation import flower_bin
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+class ProcessError(MammofedError):
+    """A Flower process could not be started or did not come up."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Server TLS files for the SuperLink (all three or none)."""
+
+    ca_certfile: Path
+    certfile: Path
+    keyfile: Path
+
+
+def superlink_command(
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    insecure: bool = False,
+    tls: TlsFiles | None = None,
+    database: Path | None = None,
+    enable_supernode_auth: bool = False,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """``flower-superlink`` argv (runtime dependency installation disabled)."""
+    if insecure == (tls is not None):
+        raise ProcessError("give exactly one of --insecure or the three TLS files")
+    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port)]
+    cmd.append("--disable-runtime-dependency-installation")
+    if insecure:
+        cmd.append("--insecure")
+    if tls is not None:
+        for flag, path in (
+            ("--ssl-ca-certfile", tls.ca_certfile),
+            ("--ssl-certfile", tls.certfile),
+            ("--ssl-keyfile", tls.keyfile),
+        ):
+            if not Path(path).is_file():
+                raise ProcessError(f"{flag}: file does not exist: {path}")
+            cmd += [flag, str(path)]
+    if database is not None:
+        cmd += ["--database", str(database)]
+    if enable_supernode_auth:
+        cmd.append("--enable-supernode-auth")
+    return cmd + list(extra)
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
+    """True once ``host:port`` accepts TCP connections, False after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def start_process(
+    cmd: Sequence[str],
+    *,
+    log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in a new process group; output to ``log_path`` if given."""
+    out = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
+    try:
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=out if out is not None else None,
+            stderr=subprocess.STDOUT if out is not None else None,
+            env=dict(env) if env is not None else None,
+            cwd=str(cwd) if cwd is not None else None,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise ProcessError(f"cannot start {cmd[0]}: {exc}") from exc
+    finally:
+        if out is not None:
+            out.close()
+    log.info("started pid %d: %s", proc.pid, " ".join(cmd))
+    return proc
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM the process group of ``proc``, then SIGKILL what is left."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = None
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        if pgid is not None:
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=wait)
+            if pgid is None:
+                return
+            # the leader is gone; make sure its group is too
+            os.killpg(pgid, 0)
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+    log.info("stopped pid %d", proc.pid)
+
+
+def run_foreground(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """Run ``cmd`` until it exits; Ctrl-C / SIGTERM stop its whole group."""
+    proc = start_process(cmd, env=env)
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop_process(proc))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        stop_process(proc)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            stop_process(proc)
+
+
+def write_flower_config(
+    flwr_home: Path,
+    address: str,
+    *,
+    insecure: bool,
+    root_certificates: Path | None = None,
+    connection: str = "mammofed",
+) -> Path:
+    """Write ``$FLWR_HOME/config.toml`` with one default SuperLink connection.
+
+    ``address`` is the SuperLink's ``host:port`` (Control API; one listener in
+    Flower 1.42 serves Control, Fleet and Runtime APIs).
+    """
+    import tomli_w
+
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    conn: dict[str, object] = {"address": address}
+    if insecure:
+        conn["insecure"] = True
+    elif root_certificates is not None:
+        conn["root-certificates"] = str(Path(root_certificates).resolve())
+    path = flwr_home / "config.toml"
+    path.write_text(
+        tomli_w.dumps({"superlink": {"default": connection, connection: conn}})
+    )
+    return path

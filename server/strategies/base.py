@@ -1,0 +1,193 @@
+"""Guarded strategies: Flower's FedAvg family plus bounded waits and validation.
+
+:class:`GuardedFedAvg` subclasses :class:`flwr.serverapp.strategy.FedAvg` and
+changes three things, nothing else:
+
+* sampling waits for ``min_available_nodes`` at most ``wait_for_nodes_s``
+  (Flower's own sampling waits forever); too few nodes -> the phase is
+  skipped and logged;
+* every train reply passes :func:`server.validation.screen_replies` before
+  Flower's aggregation; a round with fewer than ``min_valid_updates`` valid
+  updates returns ``None`` so the run loop keeps the previous global model;
+* per-node metrics and rejections of the last phase are kept in
+  :attr:`GuardedFedAvg.last` for the run loop's per-round log.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.federation import FederationConfig, record_to_arrays
+from common.keys import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, PROXIMAL_MU, SERVER_ROUND
+from server.validation import Screened, screen_replies
+
+log = logging.getLogger(__name__)
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
+    """Connected node ids once at least ``minimum`` are there, or after ``timeout_s``.
+
+    Never waits longer than ``timeout_s`` (polls every 0.5 s); the caller
+    decides what too few nodes means.
+    """
+    deadline = time.monotonic() + timeout_s
+    last_logged = 0.0
+    while True:
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        now = time.monotonic()
+        if now >= deadline:
+            return nodes
+        if now - last_logged > 10.0:
+            log.info(
+                "waiting for nodes: %d connected, %d required (%.0f s left)",
+                len(nodes),
+                minimum,
+                deadline - now,
+            )
+            last_logged = now
+        time.sleep(min(0.5, max(deadline - now, 0.0)))
+
+
+class GuardedFedAvg(FedAvg):
+    """FedAvg with bounded participation waits and update validation."""
+
+    #: registry name (set by subclasses)
+    name = "fedavg"
+
+    def __init__(self, cfg: FederationConfig, **extra: Any) -> None:
+        p = cfg.participation
+        super().__init__(
+            fraction_train=p.fraction_train,
+            fraction_evaluate=p.fraction_evaluate,
+            min_train_nodes=p.min_train_nodes,
+            min_evaluate_nodes=p.min_evaluate_nodes,
+            min_available_nodes=p.min_available_nodes,
+            weighted_by_key=NUM_EXAMPLES,
+            arrayrecord_key=ARRAYS_KEY,
+            configrecord_key=CONFIG_KEY,
+            **extra,
+        )
+        self.fed_cfg = cfg
+        self._rng = random.Random(cfg.seed)
+        self._global: dict[str, np.ndarray] = {}
+        #: phase -> screening outcome of the last round ("train", "evaluate")
+        self.last: dict[str, Screened] = {}
+        #: phase -> sampled node ids of the last round
+        self.sampled: dict[str, list[int]] = {}
+
+    # --- sampling -----------------------------------------------------------
+    def _sample(
+        self, grid: Grid, fraction: float, min_nodes: int, phase: str
+    ) -> list[int]:
+        p = self.fed_cfg.participation
+        need = max(p.min_available_nodes, min_nodes)
+        nodes = wait_for_nodes(grid, need, p.wait_for_nodes_s)
+        if len(nodes) < need:
+            log.warning(
+                "%s: only %d node(s) connected after %.0f s, %d required: "
+                "skipping this phase",
+                phase,
+                len(nodes),
+                p.wait_for_nodes_s,
+                need,
+            )
+            return []
+        size = min(max(int(len(nodes) * fraction), min_nodes), len(nodes))
+        chosen = sorted(self._rng.sample(nodes, size))
+        log.info("%s: sampled %d of %d nodes: %s", phase, size, len(nodes), chosen)
+        return chosen
+
+    def _messages(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        node_ids: list[int],
+        message_type: str,
+    ) -> list[Message]:
+        config[SERVER_ROUND] = server_round
+        mu = getattr(self, "proximal_mu", None)
+        if mu is not None:
+            config[PROXIMAL_MU] = float(mu)
+        record = RecordDict(
+            {self.arrayrecord_key: arrays, self.configrecord_key: config}
+        )
+        return list(self._construct_messages(record, node_ids, message_type))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample (bounded wait) and build the train messages."""
+        self._global = record_to_arrays(arrays)
+        self.last.pop("train", None)
+        if self.fraction_train == 0.0:
+            self.sampled["train"] = []
+            return []
+        ids = self._sample(grid, self.fraction_train, self.min_train_nodes, "train")
+        self.sampled["train"] = ids
+        return self._messages(server_round, arrays, config, ids, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample (bounded wait) and build the evaluate messages."""
+        self.last.pop("evaluate", None)
+        if self.fraction_evaluate == 0.0:
+            self.sampled["evaluate"] = []
+            return []
+        ids = self._sample(
+            grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate"
+        )
+        self.sampled["evaluate"] = ids
+        return self._messages(server_round, arrays, config, ids, MessageType.EVALUATE)
+
+    # --- aggregation ----------------------------------------------------------
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, then FedAvg over the valid updates (or keep the global)."""
+        screened = screen_replies(
+            list(replies), self.fed_cfg.validation, self._global, "train"
+        )
+        self.last["train"] = screened
+        need = self.fed_cfg.participation.min_valid_updates
+        if len(screened.valid) < need:
+            log.warning(
+                "round %d: %d valid update(s), %d required: keeping the previous "
+                "global model",
+                server_round,
+                len(screened.valid),
+                need,
+            )
+            return None, None
+        return super().aggregate_train(server_round, screened.valid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Validate metrics, then Flower's weighted average."""
+        screened = screen_replies(
+            list(replies), self.fed_cfg.validation, None, "evaluate"
+        )
+        self.last["evaluate"] = screened
+        if not screened.valid:
+            return None
+        return super().aggregate_evaluate(server_round, screened.valid)

@@ -1,0 +1,232 @@
+"""Checks every reply passes before it may touch the global model.
+
+A train reply is accepted only if, in this order (the first failing check is
+the one named in the log):
+
+1. ``structure``: exactly one ArrayRecord and one MetricRecord, nothing else;
+2. ``keys``: array names equal the current global's (no unknown, none missing);
+3. ``shape``: each array's shape (and a floating dtype) equals the global's;
+4. ``finite``: every value finite and ``|v| <= max_abs_value``;
+5. ``metrics``: metric names whitelisted, values finite scalars,
+   ``num-examples`` an integer in ``[1, max_num_examples]``;
+6. ``norm``: ``||w_site - w_global||_2 / max(||w_global||_2, 1e-12)`` over all
+   shared arrays ``<= max_relative_update_norm``.
+
+Evaluate replies are checked for ``structure`` (one MetricRecord) and
+``metrics``. After per-reply checks, replies whose metric names differ from the
+most common set among the valid ones are dropped (``uniform``), so Flower's
+aggregation never sees inconsistent replies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from common.federation import METRIC_WHITELIST, ValidationConfig
+from common.keys import NUM_EXAMPLES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why one reply was dropped."""
+
+    node_id: int
+    check: str
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly form."""
+        return {"node": self.node_id, "check": self.check, "reason": self.reason}
+
+
+class UpdateRejected(Exception):
+    """Raised inside the checks; carries the failing check's name."""
+
+    def __init__(self, check: str, reason: str) -> None:
+        self.check = check
+        self.reason = reason
+        super().__init__(f"{check}: {reason}")
+
+
+def _node(msg: Message) -> int:
+    return int(msg.metadata.src_node_id)
+
+
+def check_metrics(record: MetricRecord, cfg: ValidationConfig) -> dict[str, float]:
+    """Whitelisted finite scalars with a valid ``num-examples``; returns them."""
+    out: dict[str, float] = {}
+    for name, value in record.items():
+        if name not in METRIC_WHITELIST:
+            raise UpdateRejected("metrics", f"metric {name!r} is not whitelisted")
+        if isinstance(value, list | bool) or not isinstance(value, int | float):
+            raise UpdateRejected(
+                "metrics", f"metric {name!r} is not a scalar: {value!r}"
+            )
+        if not math.isfinite(value):
+            raise UpdateRejected("metrics", f"metric {name!r} is not finite: {value!r}")
+        out[name] = value
+    n = record.get(NUM_EXAMPLES)
+    if n is None:
+        raise UpdateRejected("metrics", f"{NUM_EXAMPLES!r} is missing")
+    if (
+        not isinstance(n, int)
+        or isinstance(n, bool)
+        or not 1 <= n <= cfg.max_num_examples
+    ):
+        raise UpdateRejected(
+            "metrics",
+            f"{NUM_EXAMPLES!r} must be an integer in [1, {cfg.max_num_examples}], "
+            f"got {n!r}",
+        )
+    return out
+
+
+def check_train_content(
+    msg: Message, global_arrays: Mapping[str, np.ndarray], cfg: ValidationConfig
+) -> dict[str, float]:
+    """Run checks 1-6 on a train reply; returns its metrics or raises."""
+    content = msg.content
+    arrays = list(content.array_records.values())
+    metrics = list(content.metric_records.values())
+    if len(arrays) != 1 or len(metrics) != 1 or len(content.config_records) != 0:
+        raise UpdateRejected(
+            "structure",
+            f"expected one ArrayRecord and one MetricRecord, got {len(arrays)} "
+            f"ArrayRecord(s), {len(metrics)} MetricRecord(s), "
+            f"{len(content.config_records)} ConfigRecord(s)",
+        )
+    record: ArrayRecord = arrays[0]
+    names, expected = set(record.keys()), set(global_arrays)
+    if names != expected:
+        raise UpdateRejected(
+            "keys",
+            f"unknown {sorted(names - expected)}, missing {sorted(expected - names)}",
+        )
+    diff_sq, ref_sq = 0.0, 0.0
+    for name, arr in record.items():
+        ref = global_arrays[name]
+        shape = tuple(int(d) for d in arr.shape)
+        if shape != tuple(ref.shape):
+            raise UpdateRejected(
+                "shape", f"array {name!r} has shape {shape}, expected {ref.shape}"
+            )
+        if not np.issubdtype(np.dtype(arr.dtype), np.floating):
+            raise UpdateRejected(
+                "shape", f"array {name!r} has dtype {arr.dtype}, expected float"
+            )
+        value = arr.numpy().astype(np.float64, copy=False)
+        if not np.all(np.isfinite(value)):
+            raise UpdateRejected("finite", f"array {name!r} has NaN or Inf values")
+        peak = float(np.max(np.abs(value))) if value.size else 0.0
+        if peak > cfg.max_abs_value:
+            raise UpdateRejected(
+                "finite",
+                f"array {name!r} has |value| {peak:.3g} > {cfg.max_abs_value:.3g}",
+            )
+        ref64 = ref.astype(np.float64, copy=False)
+        diff_sq += float(np.sum((value - ref64) ** 2))
+        ref_sq += float(np.sum(ref64**2))
+    out = check_metrics(metrics[0], cfg)
+    rel = math.sqrt(diff_sq) / max(math.sqrt(ref_sq), 1e-12)
+    if rel > cfg.max_relative_update_norm:
+        raise UpdateRejected(
+            "norm",
+            f"relative update norm {rel:.4g} > {cfg.max_relative_update_norm:.4g}",
+        )
+    return out
+
+
+def check_evaluate_content(msg: Message, cfg: ValidationConfig) -> dict[str, float]:
+    """Structure + metric checks of an evaluate reply; returns its metrics."""
+    content = msg.content
+    metrics = list(content.metric_records.values())
+    if len(metrics) != 1 or len(content.config_records) != 0:
+        raise UpdateRejected(
+            "structure",
+            f"expected one MetricRecord, got {len(metrics)} MetricRecord(s) and "
+            f"{len(content.config_records)} ConfigRecord(s)",
+        )
+    if len(content.array_records) > 1:
+        raise UpdateRejected("structure", "more than one ArrayRecord")
+    return check_metrics(metrics[0], cfg)
+
+
+@dataclass
+class Screened:
+    """Outcome of screening one phase's replies."""
+
+    valid: list[Message]
+    rejected: list[Rejection]
+    per_node: dict[int, dict[str, float]]
+    failed: list[Rejection]
+
+
+def screen_replies(
+    replies: Iterable[Message],
+    cfg: ValidationConfig,
+    global_arrays: Mapping[str, np.ndarray] | None,
+    phase: str,
+) -> Screened:
+    """Split ``replies`` into valid ones and logged rejections.
+
+    ``global_arrays=None`` screens evaluate replies (metrics only). Error
+    replies (the client raised) are listed in ``failed``.
+    """
+    valid: list[Message] = []
+    rejected: list[Rejection] = []
+    failed: list[Rejection] = []
+    per_node: dict[int, dict[str, float]] = {}
+    for msg in replies:
+        node = _node(msg)
+        if msg.has_error():
+            rej = Rejection(node, "client-error", str(msg.error.reason))
+            failed.append(rej)
+            log.warning("%s: node %d failed: %s", phase, node, rej.reason)
+            continue
+        try:
+            if global_arrays is None:
+                metrics = check_evaluate_content(msg, cfg)
+            else:
+                metrics = check_train_content(msg, global_arrays, cfg)
+        except UpdateRejected as exc:
+            rej = Rejection(node, exc.check, exc.reason)
+            rejected.append(rej)
+            log.warning(
+                "%s: dropped update of node %d: check %s: %s",
+                phase,
+                node,
+                exc.check,
+                exc.reason,
+            )
+            continue
+        valid.append(msg)
+        per_node[node] = metrics
+    if valid:
+        keysets = Counter(frozenset(per_node[_node(m)]) for m in valid)
+        majority = keysets.most_common(1)[0][0]
+        kept = []
+        for msg in valid:
+            node = _node(msg)
+            if frozenset(per_node[node]) != majority:
+                reason = (
+                    f"metric names {sorted(per_node[node])} differ from the "
+                    f"round's {sorted(majority)}"
+                )
+                rejected.append(Rejection(node, "uniform", reason))
+                log.warning(
+                    "%s: dropped node %d: check uniform: %s", phase, node, reason
+                )
+                del per_node[node]
+            else:
+                kept.append(msg)
+        valid = kept
+    return Screened(valid=valid, rejected=rejected, per_node=per_node, failed=failed)
