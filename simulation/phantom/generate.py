@@ -6,7 +6,10 @@ Output per site (the site contract of architecture.md)::
     OUT/<site>/annotations.csv   image,finding,xmin,ymin,xmax,ymax (stored pixels)
     OUT/<site>/split.csv         patient_id,split (train | test)
 
-plus ``OUT/scenario_resolved.yaml``. Boxes are pixel edges of the stored DICOM
+plus ``OUT/scenario_resolved.yaml`` and ``OUT/_oracle/<site>/annotations.csv``:
+every image's true findings (unlabeled ones included), outside the site folder,
+read only by the simulation's "centralized oracle" regime (an upper bound a
+real federation cannot have). Boxes are pixel edges of the stored DICOM
 grid (origin top-left, before any flip; right breasts are stored with the chest
 wall on the right). Labeled images without lesions get one ``none`` row;
 unlabeled images get no row. Test women are always fully labeled: evaluation
@@ -318,16 +321,24 @@ def render_image(
     )
 
 
-def _annotation_rows(plan: ImagePlan, findings: tuple[Finding, ...]) -> list[list[str]]:
-    if not plan.labeled:
+def _annotation_rows(
+    plan: ImagePlan, findings: tuple[Finding, ...], *, oracle: bool = False
+) -> list[list[str]]:
+    if not (plan.labeled or oracle):
         return []
     if not findings:
         return [[plan.relpath, NONE_FINDING, "", "", "", ""]]
     return [[plan.relpath, f.finding, *(str(v) for v in f.box)] for f in findings]
 
 
-def write_image(scenario: Scenario, plan: ImagePlan, site_dir: Path) -> list[list[str]]:
-    """Render and write one planned image; returns its annotation rows."""
+def write_image(
+    scenario: Scenario, plan: ImagePlan, site_dir: Path
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Render and write one planned image.
+
+    Returns its annotation rows as the site sees them (none when unlabeled) and
+    the oracle's rows (always the true findings).
+    """
     site = scenario.site(plan.site)
     vendor = scenario.vendor_of(site)
     img = render_image(scenario, plan.site, plan.woman, plan.laterality, plan.view)
@@ -348,11 +359,20 @@ def write_image(scenario: Scenario, plan: ImagePlan, site_dir: Path) -> list[lis
     )
     ds = build_dataset(enc, identity, scenario, site, vendor)
     write_dicom(ds, site_dir / plan.relpath)
-    return _annotation_rows(plan, img.findings)
+    return (
+        _annotation_rows(plan, img.findings),
+        _annotation_rows(plan, img.findings, oracle=True),
+    )
 
 
-def _work(args: tuple[Scenario, ImagePlan, Path]) -> list[list[str]]:
+def _work(
+    args: tuple[Scenario, ImagePlan, Path],
+) -> tuple[list[list[str]], list[list[str]]]:
     return write_image(*args)
+
+
+#: Folder (under the scenario output) of the oracle's complete annotations.
+ORACLE_DIR = "_oracle"
 
 
 def _log_progress(site: str, done: int, total: int) -> None:
@@ -385,7 +405,7 @@ def generate_site(
             log.info("removing stale file %s", stale)
             stale.unlink()
     tasks = [(scenario, p, site_dir) for p in plans]
-    rows: list[list[list[str]]] = []
+    rows: list[tuple[list[list[str]], list[list[str]]]] = []
     if workers <= 1:
         for i, t in enumerate(tasks):
             rows.append(_work(t))
@@ -397,11 +417,17 @@ def generate_site(
                 rows.append(r)
                 if progress:
                     progress(site.name, i + 1, len(tasks))
-    with open(site_dir / ANNOTATIONS_CSV, "w", newline="", encoding="utf-8") as fh:
-        wr = csv.writer(fh, lineterminator="\n")
-        wr.writerow(ANNOTATION_COLUMNS)
-        for r in rows:
-            wr.writerows(r)
+    oracle_dir = Path(out_dir) / ORACLE_DIR / site.name
+    oracle_dir.mkdir(parents=True, exist_ok=True)
+    for path, which in (
+        (site_dir / ANNOTATIONS_CSV, 0),
+        (oracle_dir / ANNOTATIONS_CSV, 1),
+    ):
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            wr = csv.writer(fh, lineterminator="\n")
+            wr.writerow(ANNOTATION_COLUMNS)
+            for r in rows:
+                wr.writerows(r[which])
     with open(site_dir / SPLIT_CSV, "w", newline="", encoding="utf-8") as fh:
         wr = csv.writer(fh, lineterminator="\n")
         wr.writerow(SPLIT_COLUMNS)

@@ -1,0 +1,59 @@
+"""``mammofed-client predict``: detect lesions in DICOM / PNG / TIFF files."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from client.predict import predict_paths
+
+NAME = "predict"
+HELP = "run a detector checkpoint on image files (JSON in stored pixels + overlay)"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``mammofed-client predict``."""
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("paths", nargs="+", type=Path, help="files or folders")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument(
+        "--score-floor", type=float, default=0.01, help="drop detections below"
+    )
+    parser.add_argument(
+        "--spacing-mm",
+        type=float,
+        default=None,
+        help="stored pixel spacing of PNG/TIFF research images (mm)",
+    )
+    parser.add_argument(
+        "--default-spacing-mm",
+        type=float,
+        default=None,
+        help="fallback spacing for DICOM files without one (mm)",
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights")
+    parser.add_argument("--no-overlay", action="store_true", help="JSON only")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict; exit 0 when every input was processed, 1 when some were skipped."""
+    res = predict_paths(
+        args.checkpoint,
+        args.paths,
+        args.out,
+        score_floor=args.score_floor,
+        spacing_mm=args.spacing_mm,
+        default_spacing_mm=args.default_spacing_mm,
+        device=args.device,
+        use_ema=args.ema,
+        overlay=not args.no_overlay,
+    )
+    log.info("%d images written, %d skipped", len(res.written), len(res.skipped))
+    if not res.written and not res.skipped:
+        log.error("no image files found in %s", [str(p) for p in args.paths])
+        return 1
+    return 1 if res.skipped else 0

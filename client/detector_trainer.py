@@ -1,0 +1,506 @@
+"""The lesion detector as a federated :class:`client.trainer.LocalTrainer`.
+
+One instance serves one site. It builds the detector from the run's
+``trainer.options`` (scalars only, validated here), reads the site's cache
+(``common.data.SiteDataset``) and keeps everything personal on the site's disk
+through :class:`client.state.SiteState`:
+
+* FedBN (``personalization.local_norm``): every normalization layer's weights
+  and running statistics (``common.model.shared_and_personal``);
+* FedPer (``personalization.personal_head``): a personal copy of the head,
+  fine-tuned head-only (TFA-style, shared layers frozen) on the site's labeled
+  images after each round; the global head is still trained and sent, so a new
+  site always has a base model;
+* the mean teacher of semi-supervised training (``ssl: true``) and its step;
+* the site's histogram-landmark standardizer (``standardize: true``).
+
+What leaves the site is exactly :meth:`DetectorTrainer.shared_spec` plus the
+metric names of :meth:`DetectorTrainer.metric_names`.
+
+``trainer.options`` keys (all optional): ``arch`` (``tiny``), ``norm``
+(``batch``), ``fpn_channels`` (32), ``head_convs`` (2), ``working_spacing_mm``
+(0.4), ``lesion_prob`` (0.6), ``max_steps`` (0 = whole epoch), ``head_epochs``
+(1), ``ssl`` (false), ``ssl_threshold`` (0.5), ``ema_decay`` (0.99),
+``standardize`` (false), ``threads`` (0 = torch default), ``device`` (``auto``),
+``cache_root`` (folder holding ``<site>/`` caches when the node config names no
+data dir), ``eval_view`` (``test``), ``n_boot`` (0).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from client.state import SiteState
+from client.trainer import Arrays, Metrics, register_trainer
+from common.adapt import fewshot as fs
+from common.adapt.config import AdaptConfig
+from common.adapt.standardize import HistogramStandardizer
+from common.adapt.teacher import load_or_create_teacher, local_round
+from common.config.loader import bounded, from_mapping
+from common.data import SiteDataset, collate
+from common.engine import (
+    evaluate_detailed,
+    resolve_device,
+    seed_everything,
+    train_one_epoch,
+)
+from common.errors import ConfigError, MammofedError
+from common.federation import FederationConfig, FitInstructions
+from common.keys import (
+    CPM_CALCIFICATION,
+    CPM_MASS,
+    CPM_MEAN,
+    NUM_EXAMPLES,
+    SKIPPED_STEPS,
+    TRAIN_LOSS,
+)
+from common.model import (
+    ModelConfig,
+    Personalization,
+    build_detector,
+    head_keys,
+    shared_and_personal,
+)
+from common.sampling import balanced_sampler
+from common.transforms import Compose, IntensityJitter, RandomResize, VerticalFlip
+
+log = logging.getLogger(__name__)
+
+#: Prefix of the personal head's arrays in the site state.
+PERSONAL_HEAD_PREFIX = "personal-head/"
+TEACHER_FILE = "teacher.pt"
+STANDARDIZER_FILE = "standardizer.json"
+
+TRAIN_METRICS: tuple[str, ...] = (NUM_EXAMPLES, TRAIN_LOSS, SKIPPED_STEPS)
+EVAL_METRICS: tuple[str, ...] = (NUM_EXAMPLES, CPM_MASS, CPM_CALCIFICATION, CPM_MEAN)
+
+
+@dataclass(frozen=True)
+class DetectorOptions:
+    """Typed ``trainer.options`` of the detector trainer (see module docstring)."""
+
+    arch: str = "tiny"
+    norm: Literal["batch", "group"] = "batch"
+    fpn_channels: int = field(default=32, metadata=bounded(8, 1024))
+    head_convs: int = field(default=2, metadata=bounded(0, 8))
+    working_spacing_mm: float = field(default=0.4, metadata=bounded(0.01, 5.0))
+    lesion_prob: float = field(default=0.6, metadata=bounded(0.0, 1.0))
+    max_steps: int = field(default=0, metadata=bounded(0, None))
+    head_epochs: int = field(default=1, metadata=bounded(0, 1000))
+    ssl: bool = False
+    ssl_threshold: float = field(default=0.5, metadata=bounded(0.0, 1.0))
+    ema_decay: float = field(default=0.99, metadata=bounded(0.0, 1.0))
+    standardize: bool = False
+    threads: int = field(default=0, metadata=bounded(0, 256))
+    device: str = "auto"
+    cache_root: str = ""
+    eval_view: Literal["test", "all", "labeled"] = "test"
+    n_boot: int = field(default=0, metadata=bounded(0, 100_000))
+
+    def model_config(self) -> ModelConfig:
+        """The detector's :class:`ModelConfig`."""
+        return ModelConfig(
+            arch=self.arch,
+            norm=self.norm,
+            fpn_channels=self.fpn_channels,
+            head_convs=self.head_convs,
+            working_spacing_mm=self.working_spacing_mm,
+        )
+
+    def adapt_config(self, seed: int) -> AdaptConfig:
+        """The client-side adaptation settings these options imply."""
+        return AdaptConfig(
+            ssl_enabled=self.ssl,
+            ema_decay=self.ema_decay,
+            score_thresholds={
+                "mass": self.ssl_threshold,
+                "calcification": self.ssl_threshold,
+            },
+            standardize=self.standardize,
+            seed=seed,
+        )
+
+
+class _Transformed(Dataset[tuple[Tensor, dict[str, Any]]]):
+    """A dataset with a box-aware ``(image, target)`` transform on top."""
+
+    def __init__(self, base: Dataset[Any], transform: Any) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Any]]:
+        image, target = self.base[i]
+        return self.transform(image, target)  # type: ignore[no-any-return]
+
+    def target(self, i: int) -> Any:
+        """Target without decoding pixels, when the base offers it."""
+        return self.base.target(i)  # type: ignore[attr-defined]
+
+
+def train_transform(seed: int) -> Compose:
+    """Training augmentation: vertical flip, scale 0.9-1.1, intensity jitter.
+
+    No horizontal flip: every image has its breast on the left after ingest.
+    """
+    g = torch.Generator().manual_seed(seed)
+    return Compose(
+        [
+            VerticalFlip(0.5, g),
+            RandomResize((0.9, 1.1), g),
+            IntensityJitter(generator=g),
+        ]
+    )
+
+
+class DetectorTrainer:
+    """Federated local training of the FCOS lesion detector on one site."""
+
+    def __init__(
+        self,
+        site: str,
+        state_dir: Path,
+        fed_cfg: FederationConfig,
+        data_dir: Path | None = None,
+    ) -> None:
+        self.site = site
+        self.fed_cfg = fed_cfg
+        self.opts = from_mapping(
+            dict(fed_cfg.trainer.options),
+            DetectorOptions,
+            source="federation config",
+            prefix="trainer.options",
+        )
+        if data_dir is None:
+            if not self.opts.cache_root:
+                raise ConfigError(
+                    "federation config",
+                    "trainer.options.cache_root",
+                    f"site {site!r} has no data dir in its node config and no "
+                    "cache_root is set",
+                )
+            data_dir = Path(self.opts.cache_root) / site
+        self.data_dir = Path(data_dir)
+        self.state = SiteState(state_dir, site)
+        self.device = resolve_device(self.opts.device)
+        if self.opts.threads > 0:
+            torch.set_num_threads(self.opts.threads)
+        self.personalization = Personalization(
+            local_norm=fed_cfg.personalization.local_norm,
+            personal_head=fed_cfg.personalization.personal_head,
+        )
+        seed_everything(fed_cfg.seed)
+        self.model = build_detector(self.opts.model_config())
+        self.shared_keys, self.personal_keys = shared_and_personal(
+            self.model, self.personalization
+        )
+        self.head_keys = head_keys(self.model)
+        self._dataset: SiteDataset | None = None
+        self._standardizer: HistogramStandardizer | None = None
+
+    # --- what crosses the network -------------------------------------------------
+    def shared_spec(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the shared arrays (the only arrays ever sent)."""
+        sd = self.model.state_dict()
+        return {k: tuple(sd[k].shape) for k in self.shared_keys}
+
+    def metric_names(self, phase: str) -> tuple[str, ...]:
+        """Metric names of ``train`` and ``evaluate`` replies (same on every site)."""
+        return TRAIN_METRICS if phase == "train" else EVAL_METRICS
+
+    def initial_shared(self) -> Arrays:
+        """Shared arrays of a freshly seeded model."""
+        seed_everything(self.fed_cfg.seed)
+        fresh = build_detector(self.opts.model_config())
+        sd = fresh.state_dict()
+        return {k: sd[k].detach().cpu().numpy().copy() for k in self.shared_keys}
+
+    # --- site data ----------------------------------------------------------------
+    @property
+    def dataset(self) -> SiteDataset:
+        """The site's cache (loaded once per trainer)."""
+        if self._dataset is None:
+            if not self.data_dir.is_dir():
+                raise MammofedError(
+                    f"site {self.site}: data dir {self.data_dir} does not exist"
+                )
+            self._dataset = SiteDataset(self.data_dir, seed=self.fed_cfg.seed)
+        return self._dataset
+
+    def standardizer(self) -> HistogramStandardizer | None:
+        """The site's fitted standardizer (fitted once, kept in the site state)."""
+        if not self.opts.standardize:
+            return None
+        if self._standardizer is None:
+            path = self.state.dir / STANDARDIZER_FILE
+            if path.is_file():
+                self._standardizer = HistogramStandardizer.load(path)
+            else:
+                view = self.dataset.view("train")
+                images = (view[i][0] for i in range(len(view)))
+                cfg = self.opts.adapt_config(self.fed_cfg.seed)
+                self._standardizer = HistogramStandardizer.fit(images, cfg)
+                self._standardizer.save(path)
+                log.info("site %s: fitted intensity standardizer", self.site)
+        return self._standardizer
+
+    def _view(self, name: str, *, train: bool) -> Dataset[Any]:
+        base: Dataset[Any] = self.dataset.view(name)
+        std = self.standardizer()
+        if std is not None:
+            base = _Transformed(base, std)
+        if train:
+            base = _Transformed(base, train_transform(self.fed_cfg.seed))
+        return base
+
+    def _loader(self, view: Dataset[Any], batch_size: int, n_steps: int) -> DataLoader:
+        n = len(view)  # type: ignore[arg-type]
+        flags = [
+            int(view.target(i)["boxes"].shape[0]) > 0  # type: ignore[attr-defined]
+            for i in range(n)
+        ]
+        sampler = balanced_sampler(
+            flags, self.opts.lesion_prob, num_samples=max(1, n_steps * batch_size)
+        )
+        return DataLoader(
+            view, batch_size=batch_size, sampler=sampler, collate_fn=collate
+        )
+
+    # --- model assembly -----------------------------------------------------------
+    def _load(self, shared: Arrays, *, personal_head: bool) -> None:
+        """Load ``shared`` plus this site's personal arrays into ``self.model``."""
+        sd = self.model.state_dict()
+        new = {k: torch.as_tensor(np.asarray(v)) for k, v in shared.items()}
+        personal = self.state.load_personal() or {}
+        for k in self.personal_keys:
+            if k in personal:
+                new[k] = torch.as_tensor(personal[k])
+        if personal_head:
+            for k in self.head_keys:
+                pk = PERSONAL_HEAD_PREFIX + k
+                if pk in personal:
+                    new[k] = torch.as_tensor(personal[pk])
+        sd.update({k: v.to(sd[k].dtype) for k, v in new.items() if k in sd})
+        self.model.load_state_dict(sd)
+        self.model.to(self.device)
+
+    def compose(self, shared: Arrays) -> nn.Module:
+        """The site's own model: global shared arrays + everything personal."""
+        self._load(shared, personal_head=self.personalization.personal_head)
+        return self.model
+
+    def _save_personal(self, personal_head: dict[str, np.ndarray] | None) -> None:
+        sd = self.model.state_dict()
+        arrays = {k: sd[k].detach().cpu().numpy() for k in self.personal_keys}
+        old = self.state.load_personal() or {}
+        if personal_head is None:
+            personal_head = {
+                k: v for k, v in old.items() if k.startswith(PERSONAL_HEAD_PREFIX)
+            }
+        arrays.update(personal_head)
+        if arrays:
+            self.state.save_personal(arrays)
+
+    # --- federated rounds ---------------------------------------------------------
+    def fit(self, shared: Arrays, config: FitInstructions) -> tuple[Arrays, Metrics]:
+        """Train locally from the global ``shared`` arrays for one round.
+
+        Returns the updated shared arrays and ``train-loss``, ``skipped-steps``
+        and ``num-examples`` (images seen). The FedProx term
+        ``mu/2 * ||w - w_global||^2`` over shared parameters is applied when
+        the server sends ``proximal-mu > 0``.
+        """
+        seed_everything(self.fed_cfg.seed + config.server_round)
+        self._load(shared, personal_head=False)
+        labeled = self._view("labeled", train=True)
+        n_lab = len(labeled)  # type: ignore[arg-type]
+        if n_lab == 0:
+            raise MammofedError(f"site {self.site}: no labeled training images")
+        bs = config.batch_size
+        steps = math.ceil(n_lab / bs)
+        if self.opts.max_steps:
+            steps = min(steps, self.opts.max_steps)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=config.learning_rate, weight_decay=1e-4
+        )
+        extra = self._proximal(shared, config.proximal_mu)
+        losses, skipped, images = [], 0, 0
+        use_ssl = self.opts.ssl and len(self.dataset.indices("unlabeled")) > 0
+        for epoch in range(config.local_epochs):
+            loader = self._loader(labeled, bs, steps)
+            if use_ssl:
+                s = self._ssl_epoch(loader, optimizer, steps, extra)
+                losses.append(s[0])
+                skipped += s[1]
+                images += s[2]
+                continue
+            stats = train_one_epoch(
+                self.model,
+                loader,
+                optimizer,
+                device=self.device,
+                extra_loss_fn=extra,
+                progress=False,
+                epoch=epoch,
+            )
+            losses.append(stats.mean_loss)
+            skipped += stats.skipped_steps
+            images += stats.images
+        sd = self.model.state_dict()
+        out = {k: sd[k].detach().cpu().numpy().copy() for k in self.shared_keys}
+        head = self._finetune_personal_head(labeled, bs, steps)
+        self._save_personal(head)
+        finite = [x for x in losses if math.isfinite(x)]
+        metrics: Metrics = {
+            NUM_EXAMPLES: int(images),
+            TRAIN_LOSS: float(np.mean(finite)) if finite else float("nan"),
+            SKIPPED_STEPS: int(skipped),
+        }
+        log.info(
+            "site %s round %d: loss %.4f over %d images (%d skipped steps)",
+            self.site,
+            config.server_round,
+            metrics[TRAIN_LOSS],
+            images,
+            skipped,
+        )
+        return out, metrics
+
+    def _proximal(self, shared: Arrays, mu: float) -> Any:
+        if mu <= 0:
+            return None
+        named = dict(self.model.named_parameters())
+        anchors = {
+            k: torch.as_tensor(np.asarray(shared[k]), device=self.device)
+            for k in self.shared_keys
+            if k in named
+        }
+
+        def prox(model: nn.Module, images: Any, targets: Any) -> Tensor:
+            terms = [((named[k] - a) ** 2).sum() for k, a in anchors.items()]
+            return 0.5 * mu * torch.stack(terms).sum()
+
+        return prox
+
+    def _ssl_epoch(
+        self,
+        loader: DataLoader,
+        optimizer: torch.optim.Optimizer,
+        steps: int,
+        extra: Any,
+    ) -> tuple[float, int, int]:
+        """One semi-supervised pass: labeled FCOS loss + teacher consistency."""
+        cfg = self.opts.adapt_config(self.fed_cfg.seed)
+        teacher_path = self.state.dir / TEACHER_FILE
+        teacher, step = load_or_create_teacher(teacher_path, self.model, cfg)
+        teacher.sync_shared(self.model, self.shared_keys)
+        unl = self._view("unlabeled", train=False)
+        unl_loader = DataLoader(
+            unl, batch_size=loader.batch_size, shuffle=True, collate_fn=collate
+        )
+        stats = local_round(
+            self.model,
+            teacher,
+            loader,
+            unl_loader,
+            optimizer,
+            cfg,
+            self.device,
+            step,
+            max_steps=steps,
+        )
+        teacher.save(teacher_path, step=stats.step)
+        loss = stats.sup_loss + stats.unsup_weight * stats.unsup_loss
+        images = stats.labeled_images + stats.unlabeled_images
+        return float(loss), int(stats.skipped_steps), int(images)
+
+    def _finetune_personal_head(
+        self, labeled: Dataset[Any], bs: int, steps: int
+    ) -> dict[str, np.ndarray] | None:
+        """FedPer: head-only fine-tuning of the site's personal head copy.
+
+        Starts from the stored personal head (or the freshly trained global head
+        on the first round), trains with every non-head tensor frozen, and
+        returns the personal head arrays; the model's global head is restored.
+        """
+        if not self.personalization.personal_head or self.opts.head_epochs == 0:
+            return None
+        sd = self.model.state_dict()
+        global_head = {k: sd[k].detach().clone() for k in self.head_keys}
+        personal = self.state.load_personal() or {}
+        for k in self.head_keys:
+            pk = PERSONAL_HEAD_PREFIX + k
+            if pk in personal:
+                sd[k] = torch.as_tensor(personal[pk]).to(sd[k].dtype)
+        self.model.load_state_dict(sd)
+        frozen = [k for k in self.model.state_dict() if k not in set(self.head_keys)]
+        params = [
+            p for n, p in self.model.named_parameters() if n in set(self.head_keys)
+        ]
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+        with fs.frozen(self.model, frozen):
+            for epoch in range(self.opts.head_epochs):
+                train_one_epoch(
+                    self.model,
+                    self._loader(labeled, bs, steps),
+                    opt,
+                    device=self.device,
+                    progress=False,
+                    epoch=epoch,
+                )
+        sd = self.model.state_dict()
+        head = {
+            PERSONAL_HEAD_PREFIX + k: sd[k].detach().cpu().numpy().copy()
+            for k in self.head_keys
+        }
+        sd.update(global_head)
+        self.model.load_state_dict(sd)
+        return head
+
+    def evaluate(self, shared: Arrays, config: FitInstructions) -> Metrics:
+        """CPM per class of the site's own model on its held-out test women."""
+        if not self.dataset.indices(self.opts.eval_view):
+            log.warning(
+                "site %s: %s view is empty; CPM reported as NaN",
+                self.site,
+                self.opts.eval_view,
+            )
+            nan = float("nan")
+            return {
+                NUM_EXAMPLES: 0,
+                CPM_MASS: nan,
+                CPM_CALCIFICATION: nan,
+                CPM_MEAN: nan,
+            }
+        result = self.evaluate_detailed(shared)
+        m = result.metrics
+        return {
+            k: float(m[k]) if k != NUM_EXAMPLES else int(m[k]) for k in EVAL_METRICS
+        }
+
+    def evaluate_detailed(self, shared: Arrays, **kwargs: Any) -> Any:
+        """Full :class:`common.engine.EvalResult` of the site's own model."""
+        model = self.compose(shared)
+        view = self._view(self.opts.eval_view, train=False)
+        kwargs.setdefault("n_boot", self.opts.n_boot)
+        return evaluate_detailed(model, view, self.device, **kwargs)
+
+
+@register_trainer("detector")
+def make_detector_trainer(
+    site: str, state_dir: Path, fed_cfg: FederationConfig, data_dir: Path | None = None
+) -> DetectorTrainer:
+    """Registry factory of the detector trainer."""
+    return DetectorTrainer(site, state_dir, fed_cfg, data_dir)

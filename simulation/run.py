@@ -1,0 +1,496 @@
+"""``mammofed-sim run``: a whole multi-vendor federation study on one machine.
+
+Steps (each logged with progress):
+
+1. **Sites**: generate the phantom scenario into ``DATA/sites`` (skipped when
+   the same resolved scenario is already there) and ingest every site into
+   ``DATA/cache/<site>`` with the scenario's working spacing. The oracle's
+   complete labels (``sites/_oracle``) are ingested into ``DATA/oracle/<site>``.
+2. **Regimes** (``simulation.regimes``), all through the same detector, the
+   same augmentation, sampling and optimizer, and the same number of passes
+   over the data (``num_rounds x local_epochs``):
+
+   * ``base``: trained on the base site (vendor H) alone, tested on every site;
+   * ``local-only``: every site trains alone on its own labels;
+   * ``oracle``: all sites' images with all labels pooled;
+   * ``fedavg``, ``fedprox``, ``personalized`` (FedBN + personal heads),
+     ``personalized-ssl`` (+ mean-teacher consistency on unlabeled images):
+     the real ServerApp loop (``server.federation.run_federation``) and real
+     ClientApp (``client.app``) through :class:`simulation.grid.InProcessGrid`.
+
+3. **Evaluation**: every site's own model (federated: global shared arrays +
+   that site's personal state; central: the regime's model) on that site's
+   held-out test women: FROC, CPM with a bootstrap interval, AP.
+
+The run folder follows ``docs/contracts.md`` ("Run folders"), so
+``mammofed-sim report`` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from client.app import app as client_app
+from client.detector_trainer import DetectorOptions, DetectorTrainer, train_transform
+from client.ingest import ingest_site
+from common.config.loader import config_to_dict, from_mapping, load_yaml, write_resolved
+from common.config.site import SiteConfig
+from common.data import SiteDataset, collate
+from common.engine import (
+    EvalResult,
+    evaluate_detailed,
+    seed_everything,
+    train_one_epoch,
+)
+from common.errors import ConfigError, MammofedError
+from common.federation import (
+    RUN_FEDERATION_JSON,
+    FederationConfig,
+    PersonalizationConfig,
+    StrategyConfig,
+    federation_config_to_json,
+    load_federation_config,
+)
+from common.keys import CLASSES
+from common.model import build_detector
+from common.sampling import balanced_sampler
+from server.federation import run_federation
+from simulation import regimes as R
+from simulation.grid import InProcessGrid
+from simulation.phantom import generate_scenario, load_scenario
+from simulation.phantom.generate import ORACLE_DIR
+
+log = logging.getLogger(__name__)
+
+ROLE_BASE = "base"
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What ``mammofed-sim run`` was asked to do."""
+
+    scenario: Path
+    federation: Path
+    out: Path
+    regimes: tuple[str, ...] = (
+        R.BASE,
+        R.LOCAL_ONLY,
+        R.FEDAVG,
+        R.PERSONALIZED,
+        R.ORACLE,
+    )
+    data: Path | None = None
+    workers: int = 2
+    rounds: int | None = None
+    fedprox_mu: float = 0.01
+    n_boot: int = 500
+
+
+# --- sites ----------------------------------------------------------------------
+def prepare_sites(
+    scenario_path: Path, data: Path, workers: int
+) -> tuple[Any, dict[str, Path], dict[str, Path]]:
+    """Generate (or reuse) the phantom sites and ingest them.
+
+    Returns ``(scenario, {site: cache}, {site: oracle cache})``.
+    """
+    scenario = load_scenario(scenario_path)
+    sites_dir = data / "sites"
+    stamp = sites_dir / "scenario_resolved.yaml"
+    wanted = json.dumps(config_to_dict(scenario), sort_keys=True)
+    have = None
+    if stamp.is_file():
+        have = json.dumps(load_yaml(stamp), sort_keys=True)
+    if have == wanted and all((sites_dir / s.name).is_dir() for s in scenario.sites):
+        log.info("phantom sites already in %s (same scenario): reused", sites_dir)
+    else:
+        log.info("generating phantom scenario %s into %s", scenario.name, sites_dir)
+        generate_scenario(scenario, sites_dir, workers=workers)
+    caches: dict[str, Path] = {}
+    oracle: dict[str, Path] = {}
+    for s in scenario.sites:
+        cfg = SiteConfig(name=s.name, working_spacing_mm=scenario.working_spacing_mm)
+        caches[s.name] = data / "cache" / s.name
+        res = ingest_site(sites_dir / s.name, caches[s.name], cfg, workers=workers)
+        log.info(
+            "site %s: %s",
+            s.name,
+            res.summary_line() if hasattr(res, "summary_line") else "ingested",
+        )
+        oracle_site = _oracle_site_dir(sites_dir, s.name)
+        oracle[s.name] = data / "oracle" / s.name
+        ingest_site(oracle_site, oracle[s.name], cfg, workers=workers)
+    return scenario, caches, oracle
+
+
+def _oracle_site_dir(sites_dir: Path, site: str) -> Path:
+    """A site folder with the oracle's complete annotations (hard links, no copy)."""
+    src = sites_dir / site
+    dst = sites_dir / ORACLE_DIR / site
+    for f in src.rglob("*"):
+        if f.is_dir() or f.name == "annotations.csv":
+            continue
+        target = dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            if (
+                target.stat().st_size == f.stat().st_size
+                and target.stat().st_mtime >= f.stat().st_mtime
+            ):
+                continue
+            target.unlink()
+        try:
+            os.link(f, target)
+        except OSError:
+            shutil.copy2(f, target)
+    return dst
+
+
+# --- metrics ----------------------------------------------------------------------
+def site_metrics(result: EvalResult) -> dict[str, Any]:
+    """``SiteMetrics`` (docs/contracts.md) from an :class:`EvalResult`."""
+    classes = {}
+    n_images = 0
+    for name in CLASSES:
+        r = result.per_class[name]
+        n_images = r.n_images
+
+        def num(v: float) -> float | None:
+            return None if v is None or math.isnan(v) else float(v)
+
+        classes[name] = {
+            "cpm": num(r.cpm),
+            "cpm_ci": None
+            if r.cpm_ci is None
+            else [num(r.cpm_ci[0]), num(r.cpm_ci[1])],
+            "sensitivity": {f"{f:g}": num(s) for f, s in r.sens_at.items()},
+            "ap": num(r.ap),
+            "n_lesions": r.n_lesions,
+            "curve": {
+                "fp_per_image": [float(x) for x in r.fp_per_image],
+                "sensitivity": [float(x) for x in r.sensitivity],
+            },
+        }
+    return {"n_images": n_images, "classes": classes}
+
+
+def _write_regime(run_dir: Path, regime: str, kind: str, sites: dict[str, Any]) -> None:
+    d = run_dir / regime
+    d.mkdir(parents=True, exist_ok=True)
+    sites = {k: v for k, v in sites.items() if v is not None}
+    payload = {"regime": regime, "kind": kind, "sites": sites}
+    (d / R.METRICS_JSON).write_text(json.dumps(payload, indent=1))
+    for site, m in sites.items():
+        cpms = {c: m["classes"][c]["cpm"] for c in CLASSES}
+        log.info("[%s] site %s: CPM %s", regime, site, cpms)
+
+
+# --- central regimes ----------------------------------------------------------------
+class _Pooled(Dataset[Any]):
+    """Several site views as one dataset, with cheap ``target(i)``."""
+
+    def __init__(self, views: list[Any]) -> None:
+        self.cat: ConcatDataset[Any] = ConcatDataset(views)
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.cat)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.cat[i]
+
+    def target(self, i: int) -> Any:
+        """The target of item ``i`` without decoding pixels."""
+        for v in self.views:
+            if i < len(v):
+                return v.target(i)
+            i -= len(v)
+        raise IndexError(i)
+
+
+def train_central(
+    caches: list[Path],
+    opts: DetectorOptions,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    label: str,
+) -> nn.Module:
+    """Train one detector on the pooled labeled images of ``caches``.
+
+    Same model, augmentation, lesion-balanced sampling, optimizer and step
+    budget rule as a federated site (``client.detector_trainer``).
+    """
+    seed_everything(seed)
+    model = build_detector(opts.model_config()).to(device)
+    views = [SiteDataset(c, seed=seed).view("labeled") for c in caches]
+    pooled = _Pooled(views)
+    n = len(pooled)
+    if n == 0:
+        raise MammofedError(f"{label}: no labeled images in {[str(c) for c in caches]}")
+    from client.detector_trainer import _Transformed
+
+    data = _Transformed(pooled, train_transform(seed))
+    steps = math.ceil(n / batch_size)
+    if opts.max_steps:
+        steps = min(steps, opts.max_steps * len(caches))
+    flags = [int(pooled.target(i)["boxes"].shape[0]) > 0 for i in range(n)]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    for epoch in range(epochs):
+        sampler = balanced_sampler(
+            flags, opts.lesion_prob, num_samples=steps * batch_size, seed=seed + epoch
+        )
+        loader = DataLoader(
+            data, batch_size=batch_size, sampler=sampler, collate_fn=collate
+        )
+        stats = train_one_epoch(
+            model, loader, opt, device=device, progress=False, epoch=epoch
+        )
+        log.info(
+            "[%s] epoch %d/%d: loss %.4f (%.1f img/s)",
+            label,
+            epoch + 1,
+            epochs,
+            stats.mean_loss,
+            stats.images_per_s,
+        )
+    return model
+
+
+def _evaluate_on(
+    model: nn.Module, cache: Path, seed: int, n_boot: int, device: torch.device
+) -> dict[str, Any] | None:
+    view = SiteDataset(cache, seed=seed).view("test")
+    if len(view) == 0:
+        log.warning("%s: no test images; site not evaluated", cache)
+        return None
+    return site_metrics(
+        evaluate_detailed(model, view, device, n_boot=n_boot, seed=seed)
+    )
+
+
+# --- the study ----------------------------------------------------------------------
+def _regime_config(
+    base: FederationConfig,
+    regime: str,
+    req: RunRequest,
+    run_dir: Path,
+    sites: list[str],
+) -> FederationConfig:
+    opts = dict(base.trainer.options)
+    if regime == R.FEDAVG:
+        strategy, pers = StrategyConfig(name="fedavg"), PersonalizationConfig()
+    elif regime == R.FEDPROX:
+        strategy = StrategyConfig(name="fedprox", proximal_mu=req.fedprox_mu)
+        pers = PersonalizationConfig()
+    elif regime in (R.PERSONALIZED, R.PERSONALIZED_SSL):
+        strategy = StrategyConfig(name="personalized")
+        pers = PersonalizationConfig(local_norm=True, personal_head=True)
+        opts["ssl"] = regime == R.PERSONALIZED_SSL
+    else:
+        raise ConfigError(
+            "mammofed-sim run", "--regime", f"{regime!r} is not federated"
+        )
+    n = len(sites)
+    part = dataclasses.replace(
+        base.participation,
+        min_available_nodes=n,
+        min_train_nodes=min(base.participation.min_train_nodes, n),
+        min_valid_updates=min(base.participation.min_valid_updates, n),
+        wait_for_nodes_s=min(base.participation.wait_for_nodes_s, 5.0),
+    )
+    return dataclasses.replace(
+        base,
+        name=regime,
+        num_rounds=req.rounds or base.num_rounds,
+        strategy=strategy,
+        personalization=pers,
+        participation=part,
+        trainer=dataclasses.replace(base.trainer, options=opts),
+        sites=tuple(sites),
+        state_dir=run_dir / regime / "site-state",
+        run_dir=run_dir / regime / "server",
+        resume=False,
+    )
+
+
+def run_federated(
+    regime: str,
+    fed: FederationConfig,
+    caches: dict[str, Path],
+    run_dir: Path,
+    n_boot: int,
+) -> dict[str, Any]:
+    """One federated regime through the in-process grid; returns per-site metrics."""
+    assert fed.state_dir is not None and fed.run_dir is not None
+    for d in (fed.state_dir, fed.run_dir):
+        if d.exists():
+            shutil.rmtree(d)
+    sites = list(fed.sites)
+    grid = InProcessGrid(
+        client_app,
+        {100 + i: (s, str(fed.state_dir), str(caches[s])) for i, s in enumerate(sites)},
+        {RUN_FEDERATION_JSON: federation_config_to_json(fed)},
+    )
+    t0 = time.monotonic()
+    run_federation(grid, fed, fed.run_dir)
+    log.info("[%s] %d rounds in %.0f s", regime, fed.num_rounds, time.monotonic() - t0)
+    # per-(round, site) rows for the report
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    for e in grid.log:
+        if e.round == 0:
+            continue
+        row = rows.setdefault((e.round, e.site), {"round": e.round, "site": e.site})
+        if e.phase == "train":
+            row["bytes_sent"] = e.bytes_sent
+            row["train_seconds"] = e.seconds
+        for k, v in e.metrics.items():
+            if k != "num-examples" and isinstance(v, int | float):
+                row[k] = None if isinstance(v, float) and math.isnan(v) else v
+        if e.error:
+            row["error"] = e.error
+    out = run_dir / regime
+    with open(out / R.ROUNDS_JSONL, "w") as fh:
+        for key in sorted(rows):
+            fh.write(json.dumps(rows[key]) + "\n")
+    from server.checkpoints import CheckpointStore
+
+    last = CheckpointStore(fed.run_dir / "checkpoints").latest()
+    if last is None:
+        raise MammofedError(f"[{regime}] no global checkpoint was written")
+    metrics = {}
+    for s in sites:
+        trainer = DetectorTrainer(s, fed.state_dir, fed, caches[s])
+        if not trainer.dataset.indices("test"):
+            log.warning("[%s] site %s: no test images; not evaluated", regime, s)
+            continue
+        metrics[s] = site_metrics(
+            trainer.evaluate_detailed(last.arrays, n_boot=n_boot, seed=fed.seed)
+        )
+    return metrics
+
+
+def run_study(req: RunRequest) -> Path:
+    """Run every requested regime; returns the run folder."""
+    t_start = time.monotonic()
+    out = req.out
+    out.mkdir(parents=True, exist_ok=True)
+    data = req.data or out / "data"
+    fed = load_federation_config(req.federation)
+    if fed.trainer.name != "detector":
+        raise ConfigError(
+            str(req.federation),
+            "trainer.name",
+            f"mammofed-sim run needs the 'detector' trainer, got {fed.trainer.name!r}",
+        )
+    unknown = [r for r in req.regimes if r not in R.ORDER]
+    if unknown:
+        raise ConfigError(
+            "mammofed-sim run",
+            "--regime",
+            f"unknown regime {unknown[0]!r} (valid: {', '.join(R.ORDER)})",
+        )
+    scenario, caches, oracle = prepare_sites(req.scenario, data, req.workers)
+    opts = from_mapping(
+        dict(fed.trainer.options),
+        DetectorOptions,
+        source=str(req.federation),
+        prefix="trainer.options",
+    )
+    sites = [s.name for s in scenario.sites]
+    base_sites = [s.name for s in scenario.sites if s.role == ROLE_BASE] or sites[:1]
+    (out / "configs").mkdir(exist_ok=True)
+    shutil.copy(req.scenario, out / "configs" / "scenario.yaml")
+    write_resolved(fed, out / "configs", "federation.yaml")
+    (out / R.RUN_JSON).write_text(
+        json.dumps(
+            {
+                "scenario": scenario.name,
+                "sites": sites,
+                "regimes": list(req.regimes),
+                "working_spacing_mm": scenario.working_spacing_mm,
+                "base_sites": base_sites,
+            },
+            indent=1,
+        )
+    )
+    device = (
+        torch.device("cpu")
+        if opts.device == "cpu"
+        else (
+            torch.device("cuda")
+            if torch.cuda.is_available() and opts.device in ("auto", "cuda")
+            else torch.device("cpu")
+        )
+    )
+    rounds = req.rounds or fed.num_rounds
+    epochs = rounds * fed.trainer.local_epochs
+    common_kw: dict[str, Any] = dict(
+        epochs=epochs,
+        lr=fed.trainer.learning_rate,
+        batch_size=fed.trainer.batch_size,
+        seed=fed.seed,
+        device=device,
+    )
+    timings: dict[str, float] = {}
+    for regime in [r for r in R.ORDER if r in req.regimes]:
+        t0 = time.monotonic()
+        log.info("=== regime %s ===", regime)
+        if regime == R.BASE:
+            model = train_central(
+                [caches[s] for s in base_sites], opts, label=regime, **common_kw
+            )
+            metrics = {
+                s: _evaluate_on(model, caches[s], fed.seed, req.n_boot, device)
+                for s in sites
+            }
+            _write_regime(out, regime, "central", metrics)
+        elif regime == R.LOCAL_ONLY:
+            metrics = {}
+            for s in sites:
+                model = train_central(
+                    [caches[s]], opts, label=f"{regime}/{s}", **common_kw
+                )
+                metrics[s] = _evaluate_on(
+                    model, caches[s], fed.seed, req.n_boot, device
+                )
+            _write_regime(out, regime, "central", metrics)
+        elif regime == R.ORACLE:
+            model = train_central(
+                [oracle[s] for s in sites], opts, label=regime, **common_kw
+            )
+            metrics = {
+                s: _evaluate_on(model, caches[s], fed.seed, req.n_boot, device)
+                for s in sites
+            }
+            _write_regime(out, regime, "central", metrics)
+        elif regime == R.PERSONALIZED_DP:
+            log.warning("regime %s is not implemented yet; skipped", regime)
+            continue
+        else:
+            cfg = _regime_config(fed, regime, req, out, sites)
+            (out / regime).mkdir(parents=True, exist_ok=True)
+            metrics = run_federated(regime, cfg, caches, out, req.n_boot)
+            _write_regime(out, regime, "federated", metrics)
+        timings[regime] = round(time.monotonic() - t0, 1)
+        log.info("=== regime %s done in %.0f s ===", regime, timings[regime])
+    meta = json.loads((out / R.RUN_JSON).read_text())
+    meta["seconds"] = {**timings, "total": round(time.monotonic() - t_start, 1)}
+    (out / R.RUN_JSON).write_text(json.dumps(meta, indent=1))
+    return out

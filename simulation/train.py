@@ -1,0 +1,295 @@
+"""Central (non-federated) training of the detector on one or more site caches.
+
+Used for the ``base`` (site A alone), ``local-only`` and ``centralized oracle``
+regimes of evaluation.md. :func:`run_training` writes into ``out_dir``:
+
+* ``resolved_config.yaml``: the :class:`TrainConfig` as used;
+* ``last.pt`` (resume state, each epoch) and ``final.pt`` (the final model, or
+  its EMA when ``ema_decay`` is set) as self-describing checkpoints;
+* ``epochs.jsonl``: one line per epoch (loss, steps, skipped, images/s, lr,
+  optional test metrics when ``eval_every > 0``; logged only, never used to
+  select a model);
+* ``metrics.json``: final FROC metrics on each site's test view, and
+  ``<site>/froc-<class>.png``.
+
+Sites are named by their cache folder's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+
+from common.checkpoint import save_checkpoint
+from common.config import bounded, load_config, path_field, write_resolved
+from common.data import SiteDataset, SiteView, collate
+from common.engine import (
+    ModelEMA,
+    evaluate_detailed,
+    fit,
+    prepare_model,
+    resolve_device,
+    seed_everything,
+)
+from common.model import ModelConfig, build_detector
+from common.sampling import balanced_sampler, lesion_flags
+from common.transforms import Compose, IntensityJitter, RandomResize, VerticalFlip
+
+log = logging.getLogger(__name__)
+
+FINAL_CHECKPOINT = "final.pt"
+METRICS_JSON = "metrics.json"
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentations (box-aware, from :mod:`common.transforms`).
+
+    ``vflip``: up-down flip (p=0.5); ``scale``: random resize by a factor in
+    ``[scale_min, scale_max]``; ``intensity``: gamma/contrast/noise jitter. There is no
+    left-right flip: images keep the breast on the left.
+    """
+
+    vflip: bool = True
+    scale: bool = True
+    scale_min: float = field(default=0.85, metadata=bounded(0.1, 10.0))
+    scale_max: float = field(default=1.15, metadata=bounded(0.1, 10.0))
+
+    def __post_init__(self) -> None:
+        if self.scale_min > self.scale_max:
+            raise ValueError(
+                f"augment.scale_min ({self.scale_min}) must be <= "
+                f"augment.scale_max ({self.scale_max})"
+            )
+
+    intensity: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Central training run (YAML via ``common.config.load_config``).
+
+    Attributes:
+        caches: site cache folders (``mammofed-client ingest`` output); their
+            ``labeled`` views are pooled for training, each ``test`` view is
+            evaluated at the end.
+        out_dir: where checkpoints, logs and metrics go.
+        model: the detector (:class:`common.model.ModelConfig`).
+        epochs, batch_size, lr, weight_decay: AdamW training; the learning rate
+            warms up linearly for ``warmup_steps`` then follows a cosine to 0.
+        lesion_prob: probability that a drawn training image has a lesion
+            (:mod:`common.sampling`); ``samples_per_epoch`` draws per epoch
+            (default: the pooled labeled-view size).
+        augment: :class:`AugmentConfig`.
+        seed: seeds torch/numpy/python and the sampler; ``split_seed`` and
+            ``test_fraction`` define each site's patient split.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``; ``amp``: bf16 on CUDA only.
+        grad_clip: global gradient norm bound (0: none).
+        ema_decay: keep an EMA of the weights (``final.pt`` holds the EMA).
+        eval_every: evaluate the test views every N epochs (0: only at the end).
+        n_boot: bootstrap resamples for the CPM interval.
+        num_workers: DataLoader workers.
+    """
+
+    caches: tuple[Path, ...]
+    out_dir: Path = field(metadata=path_field(False))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = field(default=10, metadata=bounded(1, 100000))
+    batch_size: int = field(default=4, metadata=bounded(1, 4096))
+    lr: float = field(default=1e-3, metadata=bounded(0.0, 10.0))
+    weight_decay: float = field(default=1e-4, metadata=bounded(0.0, 10.0))
+    optimizer: Literal["adamw"] = "adamw"
+    warmup_steps: int = field(default=50, metadata=bounded(0, None))
+    lesion_prob: float = field(default=0.5, metadata=bounded(0.0, 1.0))
+    samples_per_epoch: int | None = field(default=None, metadata=bounded(1, None))
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+    split_seed: int = 0
+    test_fraction: float = field(default=0.2, metadata=bounded(0.0, 0.99))
+    device: str = "auto"
+    amp: bool = True
+    grad_clip: float = field(default=10.0, metadata=bounded(0.0, None))
+    ema_decay: float | None = field(default=None, metadata=bounded(0.0, 1.0))
+    eval_every: int = field(default=0, metadata=bounded(0, None))
+    n_boot: int = field(default=1000, metadata=bounded(0, 100000))
+    num_workers: int = field(default=0, metadata=bounded(0, 64))
+
+    def __post_init__(self) -> None:
+        if not self.caches:
+            raise ValueError("caches: at least one site cache folder is required")
+        for i, c in enumerate(self.caches):
+            if not Path(c).is_dir():
+                raise ValueError(f"caches[{i}]: not a folder: {str(c)!r}")
+        names = [Path(c).name for c in self.caches]
+        if len(set(names)) != len(names):
+            raise ValueError(f"caches: folder names must be unique, got {names}")
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Load and validate a :class:`TrainConfig` YAML file."""
+    return load_config(path, TrainConfig)
+
+
+def train_transform(aug: AugmentConfig, generator: torch.Generator | None) -> Compose:
+    """Box-aware training transform described by ``aug``."""
+    parts: list[Any] = []
+    if aug.vflip:
+        parts.append(VerticalFlip(0.5, generator))
+    if aug.scale:
+        parts.append(RandomResize((aug.scale_min, aug.scale_max), generator))
+    if aug.intensity:
+        parts.append(IntensityJitter(generator=generator))
+    return Compose(parts)
+
+
+def _warmup_cosine(total_steps: int, warmup: int) -> Any:
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Train on the pooled labeled views, evaluate every test view, write outputs.
+
+    Returns ``{site: EvalResult.to_json()}`` (also written to ``metrics.json``).
+    Resumes from ``out_dir/last.pt`` when present and compatible.
+    """
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, out)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    # with workers, the global RNG (seeded per worker by the DataLoader) drives
+    # augmentation; a shared Generator would repeat one stream in every worker
+    gen = torch.Generator().manual_seed(cfg.seed) if cfg.num_workers == 0 else None
+    transform = train_transform(cfg.augment, gen)
+    sites = {
+        Path(c).name: SiteDataset(
+            c, test_fraction=cfg.test_fraction, seed=cfg.split_seed
+        )
+        for c in cfg.caches
+    }
+    train_views: list[SiteView] = [s.view("labeled", transform) for s in sites.values()]
+    test_views = {name: s.view("test") for name, s in sites.items()}
+    flags: list[bool] = []
+    for name, v in zip(sites, train_views, strict=True):
+        f = lesion_flags(v)
+        log.info(
+            "site %s: %d labeled training images (%d with lesions), %d test images",
+            name, len(v), sum(f), len(test_views[name]),
+        )  # fmt: skip
+        flags.extend(f)
+    if not flags:
+        raise ValueError(
+            f"no labeled training images in caches {[str(c) for c in cfg.caches]}"
+        )
+    pooled: ConcatDataset[Any] = ConcatDataset(train_views)
+    n_samples = cfg.samples_per_epoch or len(pooled)
+    sampler = balanced_sampler(
+        flags, cfg.lesion_prob, num_samples=n_samples, seed=cfg.seed
+    )
+    loader = DataLoader(
+        pooled,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        drop_last=False,
+    )
+    model = prepare_model(build_detector(cfg.model), device)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    steps_per_epoch = max(1, math.ceil(n_samples / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_steps)
+    )
+    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+
+    epoch_counter = {"n": 0}
+
+    def eval_fn(m: torch.nn.Module) -> dict[str, Any]:
+        epoch_counter["n"] += 1
+        if cfg.eval_every <= 0 or epoch_counter["n"] % cfg.eval_every:
+            return {}
+        return {
+            name: evaluate_detailed(m, v, device, n_boot=0, amp=cfg.amp).metrics
+            for name, v in test_views.items()
+            if len(v)
+        }
+
+    fit(
+        model,
+        cfg.model,
+        opt,
+        loader,
+        epochs=cfg.epochs,
+        out_dir=out,
+        device=device,
+        amp=cfg.amp,
+        grad_clip=cfg.grad_clip if cfg.grad_clip > 0 else None,
+        ema=ema,
+        scheduler=sched,
+        eval_fn=eval_fn if cfg.eval_every > 0 else None,
+    )
+    final_model = ema.module if ema is not None else model
+    save_checkpoint(
+        out / FINAL_CHECKPOINT,
+        final_model,
+        cfg.model,
+        epoch=cfg.epochs - 1,
+        extra={
+            "train_config": str(out / "resolved_config.yaml"),
+            "ema": ema is not None,
+        },
+    )
+    results: dict[str, Any] = {}
+    for name, v in test_views.items():
+        if len(v) == 0:
+            log.warning("site %s: empty test view; no metrics", name)
+            results[name] = None
+            continue
+        res = evaluate_detailed(
+            final_model,
+            v,
+            device,
+            n_boot=cfg.n_boot,
+            seed=cfg.seed,
+            plot_dir=out / name,
+            title=f"{name} test",
+            amp=cfg.amp,
+        )
+        results[name] = res.to_json()
+        m = res.metrics
+        log.info(
+            "site %s test: CPM mass %.3f calcification %.3f (%d images)",
+            name, m["cpm-mass"], m["cpm-calcification"], len(v),
+        )  # fmt: skip
+    (out / METRICS_JSON).write_text(json.dumps(_json_safe(results), indent=2))
+    return results
+
+
+def with_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
+    """``cfg`` with the non-``None`` overrides applied (CLI flags)."""
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(cfg, **kw) if kw else cfg

@@ -1,0 +1,186 @@
+"""mammofed-sim train, mammofed-client evaluate / predict on synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from client.cli import main as client_main
+from client.predict import detections_to_stored, predict_paths
+from common.checkpoint import load_checkpoint
+from common.config import load_config
+from common.errors import ConfigError
+from common.geometry import Geometry
+from common.image_io import read_any
+from common.keys import CPM_MASS, FROC_FP_RATES
+from simulation.cli import main as sim_main
+from simulation.train import TrainConfig
+
+from .conftest import make_site_cache
+
+
+def write_train_yaml(tmp_path: Path, caches: list[Path], **kw) -> Path:
+    doc = {
+        "caches": [str(c) for c in caches],
+        "out_dir": str(tmp_path / "run"),
+        "model": {"arch": "tiny", "working_spacing_mm": 0.4},
+        "epochs": 1,
+        "batch_size": 2,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "lesion_prob": 0.5,
+        "n_boot": 10,
+        "device": "cpu",
+        "test_fraction": 0.34,
+        **kw,
+    }
+    p = tmp_path / "train.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def test_sim_train_writes_outputs_and_resumes(tmp_path, site_cache):
+    site_b = make_site_cache(tmp_path / "siteB", n_patients=3)
+    cfg_path = write_train_yaml(tmp_path, [site_cache, site_b], ema_decay=0.9)
+    assert sim_main(["train", "--config", str(cfg_path)]) == 0
+    run = tmp_path / "run"
+    for name in ("resolved_config.yaml", "last.pt", "final.pt", "epochs.jsonl"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"siteA", "siteB"}
+    m = metrics["siteA"]["metrics"]
+    assert 0.0 <= m[CPM_MASS] <= 1.0
+    assert (run / "siteA" / "froc-mass.png").is_file()
+    lines = (run / "epochs.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["steps"] >= 1
+    ck = load_checkpoint(run / "final.pt")
+    assert ck.model_config.arch == "tiny" and ck.extra["ema"] is True
+    # resume: a second call with 2 epochs trains only epoch 1
+    assert sim_main(["train", "--config", str(cfg_path), "--epochs", "2"]) == 0
+    epochs = [
+        json.loads(s)["epoch"] for s in (run / "epochs.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [0, 1]
+
+
+def test_train_config_errors_name_key(tmp_path, site_cache):
+    p = write_train_yaml(tmp_path, [tmp_path / "nope"])
+    with pytest.raises(ConfigError, match=r"train\.yaml.*caches\[0\].*nope"):
+        load_config(p, TrainConfig)
+    p = write_train_yaml(tmp_path, [site_cache], lesion_prob=2.0)
+    with pytest.raises(ConfigError, match="lesion_prob"):
+        load_config(p, TrainConfig)
+    p = write_train_yaml(tmp_path, [site_cache], model={"arch": "resnet7"})
+    assert sim_main(["train", "--config", str(p)]) == 2
+
+
+def test_client_evaluate(tmp_path, site_cache, tiny_checkpoint):
+    out = tmp_path / "eval"
+    rc = client_main([
+        "evaluate", "--checkpoint", str(tiny_checkpoint), "--site", str(site_cache),
+        "--view", "all", "--out", str(out), "--n-boot", "20",
+    ])  # fmt: skip
+    assert rc == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["n_images"] == 12 and doc["view"] == "all"
+    mass = doc["classes"]["mass"]
+    assert mass["n_lesions"] == 6 and mass["n_images"] == 12
+    assert set(mass["sensitivity_at_fp"]) == {f"{f:g}" for f in FROC_FP_RATES}
+    assert len(mass["cpm_ci95"]) == 2
+    assert doc["classes"]["calcification"]["cpm"] is None  # no calcification
+    assert (out / "froc-mass.png").is_file()
+    assert (out / "froc-calcification.png").is_file()
+    # a missing checkpoint is a one-line error (exit 2)
+    rc = client_main([
+        "evaluate", "--checkpoint", str(tmp_path / "x.pt"), "--site",
+        str(site_cache), "--out", str(out),
+    ])  # fmt: skip
+    assert rc == 2
+
+
+def _right_breast_png(path: Path) -> list[float]:
+    """Breast on the RIGHT of the stored image, a bright lesion; its stored box."""
+    px = np.zeros((200, 160), np.uint8)
+    px[20:180, 60:160] = 120
+    px[100:120, 80:100] = 250
+    Image.fromarray(px).save(path)
+    return [80.0, 100.0, 100.0, 120.0]
+
+
+def test_model_space_box_maps_back_for_flipped_right_image(tmp_path):
+    stored_box = _right_breast_png(tmp_path / "r.png")
+    im = read_any(tmp_path / "r.png", working_spacing_mm=0.4, spacing_mm=0.2)
+    assert im.meta.laterality == "R" and im.geometry.flip
+    model_box = im.geometry.to_model(np.array([stored_box]))[0]
+    # the lesion really is there in model space (pixels and geometry agree)
+    x0, y0, x1, y1 = np.round(model_box).astype(int)
+    assert im.pixels[y0:y1, x0:x1].mean() > 0.9
+    # mirrored: model x counts from the crop's right edge (x1 = 160), 0.5 scale
+    x0s, y0s, x1s, _ = im.geometry.crop
+    assert x1s == 160
+    np.testing.assert_allclose(
+        model_box, [(160 - 100) / 2, (100 - y0s) / 2, (160 - 80) / 2, (120 - y0s) / 2]
+    )
+    dets = {
+        "boxes": np.array([model_box, [0.0, 0.0, 4.0, 4.0]]),
+        "scores": np.array([0.9, 0.005]),
+        "labels": np.array([0, 1]),
+    }
+    out = detections_to_stored(dets, im.geometry, score_floor=0.01)
+    assert len(out) == 1 and out[0]["label"] == "mass"
+    np.testing.assert_allclose(out[0]["box"], stored_box, atol=1e-3)
+    # a hand-made flip: model x=0 is the crop's RIGHT edge in stored space
+    g = Geometry((10, 20), (4, 0, 20, 10), True, (10, 16))
+    back = detections_to_stored(
+        {"boxes": np.array([[0.0, 1, 2, 3]]), "scores": np.array([1.0]),
+         "labels": np.array([1])}, g)  # fmt: skip
+    assert back[0]["box"] == [18.0, 1.0, 20.0, 3.0]
+    assert back[0]["label"] == "calcification"
+
+
+def test_predict_cli_writes_json_and_overlay(tmp_path, tiny_checkpoint):
+    src = tmp_path / "in"
+    src.mkdir()
+    _right_breast_png(src / "r.png")
+    (src / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "pred"
+    res = predict_paths(tiny_checkpoint, [src], out, spacing_mm=0.2, device="cpu")
+    assert [p.name for p in res.written] == ["r.json"]
+    assert len(res.skipped) == 1 and "broken.png" in res.skipped[0][0]
+    doc = json.loads((out / "r.json").read_text())
+    assert doc["source"].endswith("r.png") and doc["sop_instance_uid"] is None
+    assert doc["box_space"] == "stored" and doc["stored_shape"] == [200, 160]
+    assert doc["detections"], "untrained tiny model still scores above 0.01"
+    for d in doc["detections"]:
+        assert d["label"] in ("mass", "calcification") and d["score"] >= 0.01
+        xmin, ymin, xmax, ymax = d["box"]
+        # inside the breast crop of the stored image (right part, x >= 58)
+        assert 0 <= ymin <= ymax <= 200 and 50 <= xmin <= xmax <= 160
+    assert (out / "r.overlay.png").read_bytes()[:4] == b"\x89PNG"
+    rc = client_main([
+        "predict", "--checkpoint", str(tiny_checkpoint), str(src / "r.png"),
+        "--out", str(tmp_path / "p2"), "--spacing-mm", "0.2", "--score-floor", "0.5",
+        "--device", "cpu",
+    ])  # fmt: skip
+    assert rc == 0
+    doc2 = json.loads((tmp_path / "p2" / "r.json").read_text())
+    assert all(d["score"] >= 0.5 for d in doc2["detections"])
+
+
+@pytest.mark.parametrize(
+    "name", ["real/mini-mias.yaml", "train/base-site-a.yaml", "train/smoke-tiny.yaml"]
+)
+def test_shipped_train_configs_validate(tmp_path, site_cache, name):
+    from common.config import from_mapping, load_yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    data = load_yaml(repo / "configs" / name)
+    data["caches"] = [str(site_cache)]  # the real caches need an ingest first
+    cfg = from_mapping(data, TrainConfig, source=name, base_dir=tmp_path)
+    assert cfg.model.working_spacing_mm == 0.4
+    assert cfg.epochs >= 1

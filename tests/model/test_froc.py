@@ -1,0 +1,239 @@
+"""Hand-computed FROC cases (evaluation.md)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from common.froc import (
+    DUPLICATE,
+    FALSE_POSITIVE,
+    HIT,
+    IGNORED,
+    FrocImage,
+    froc_all,
+    froc_class,
+    match_image,
+    plot_froc,
+    result_to_dict,
+)
+
+MASS, CALC = 0, 1
+
+
+def box_at(cx: float, cy: float, half: float = 10.0) -> list[float]:
+    return [cx - half, cy - half, cx + half, cy + half]
+
+
+def img(key, gt=(), gl=(), dets=(), scores=(), labels=None, ignore=(), sp=0.1):
+    dets = list(dets)
+    return FrocImage(
+        key=key,
+        spacing_mm=sp,
+        gt_boxes=np.array(gt, dtype=float).reshape(-1, 4),
+        gt_labels=np.array(gl, dtype=np.int64),
+        ignore_boxes=np.array(ignore, dtype=float).reshape(-1, 4),
+        det_boxes=np.array(dets, dtype=float).reshape(-1, 4),
+        det_scores=np.array(scores, dtype=float),
+        det_labels=np.array(
+            labels if labels is not None else [MASS] * len(dets), dtype=np.int64
+        ),
+    )
+
+
+def worked_example():
+    im1 = img(
+        "1",
+        gt=[[100, 100, 200, 200]],
+        gl=[MASS],
+        dets=[box_at(150, 150), box_at(160, 150), box_at(900, 900)],
+        scores=[0.9, 0.8, 0.7],
+    )
+    im2 = img("2", dets=[box_at(50, 50)], scores=[0.95])
+    return [im1, im2]
+
+
+def test_worked_example_cpm_08():
+    r = froc_class(worked_example(), MASS)
+    assert r.cpm == pytest.approx(0.8)
+    assert r.sens_at[0.125] == 0 and r.sens_at[0.25] == 0
+    for f in (0.5, 1.0, 2.0, 4.0):
+        assert r.sens_at[f] == 1.0
+    # curve: origin, (0.5, 0), (0.5, 1), (0.5, 1) duplicate, (1.0, 1)
+    np.testing.assert_allclose(r.fp_per_image, [0, 0.5, 0.5, 0.5, 1.0])
+    np.testing.assert_allclose(r.sensitivity, [0, 0, 1, 1, 1])
+    assert r.n_lesions == 1 and r.n_images == 2
+    # AP: precision 1/2 at recall 1 (0.95 FP first, then hit)
+    assert r.ap == pytest.approx(0.5)
+
+
+def test_outcomes_duplicate_and_fp():
+    s, o, n = match_image(worked_example()[0], MASS)
+    assert n == 1
+    assert list(o) == [HIT, DUPLICATE, FALSE_POSITIVE]
+
+
+def test_miss_gives_zero_sensitivity():
+    im = img(
+        "m", gt=[[100, 100, 120, 120]], gl=[MASS], dets=[box_at(400, 400)], scores=[0.9]
+    )
+    r = froc_class([im], MASS)
+    assert r.cpm == 0.0
+    assert all(v == 0.0 for v in r.sens_at.values())
+    assert r.ap == 0.0
+
+
+def test_hit_radius_is_5mm_minimum_and_in_mm():
+    # tiny lesion (diag 2.8 px) at 0.1 mm: radius 5 mm = 50 px
+    gt = [[100, 100, 102, 102]]
+    near = img("a", gt=gt, gl=[MASS], dets=[box_at(101 + 49, 101)], scores=[0.5])
+    far = img("b", gt=gt, gl=[MASS], dets=[box_at(101 + 51, 101)], scores=[0.5])
+    assert list(match_image(near, MASS)[1]) == [HIT]
+    assert list(match_image(far, MASS)[1]) == [FALSE_POSITIVE]
+    # at 0.2 mm/px the same 51 px offset is 10.2 mm: a miss; 24 px is a hit
+    coarse = img(
+        "c", gt=gt, gl=[MASS], dets=[box_at(101 + 24, 101)], scores=[0.5], sp=0.2
+    )
+    assert list(match_image(coarse, MASS)[1]) == [HIT]
+
+
+def test_ignore_region_neither_hit_nor_fp():
+    im = img(
+        "i",
+        ignore=[[300, 300, 400, 400]],
+        dets=[box_at(350, 350), box_at(600, 600)],
+        scores=[0.9, 0.8],
+    )
+    assert list(match_image(im, MASS)[1]) == [IGNORED, FALSE_POSITIVE]
+    les = img("l", gt=[[0, 0, 20, 20]], gl=[MASS], dets=[box_at(10, 10)], scores=[0.1])
+    r = froc_class([im, les], MASS)
+    # only one FP over two images (the ignored one does not count)
+    assert r.fp_per_image[-1] == pytest.approx(0.5)
+
+
+def test_normal_image_counts_in_denominator():
+    les = img(
+        "l",
+        gt=[[0, 0, 20, 20]],
+        gl=[MASS],
+        dets=[box_at(10, 10), box_at(500, 500)],
+        scores=[0.9, 0.8],
+    )
+    r1 = froc_class([les], MASS)
+    normals = [img(f"n{i}") for i in range(3)]
+    r4 = froc_class([les, *normals], MASS)
+    assert r1.fp_per_image[-1] == 1.0
+    assert r4.fp_per_image[-1] == 0.25
+    assert r1.sens_at[0.5] == 1.0  # origin->hit at fp 0 then FP
+    assert r4.n_images == 4
+
+
+def test_no_lesions_at_all_is_nan():
+    r = froc_class([img("n", dets=[box_at(5, 5)], scores=[0.3])], MASS)
+    assert math.isnan(r.cpm) and math.isnan(r.ap)
+    assert all(math.isnan(v) for v in r.sens_at.values())
+    d = result_to_dict(r)
+    assert d["cpm"] is None
+
+
+def test_ties_in_score_processed_together():
+    # one hit and one FP at the same score: one curve point (fp 1, sens 1),
+    # never an intermediate (0, 1) that would depend on order
+    a = img(
+        "a",
+        gt=[[0, 0, 20, 20]],
+        gl=[MASS],
+        dets=[box_at(500, 500), box_at(10, 10)],
+        scores=[0.5, 0.5],
+    )
+    r = froc_class([a], MASS)
+    np.testing.assert_allclose(r.fp_per_image, [0.0, 1.0])
+    np.testing.assert_allclose(r.sensitivity, [0.0, 1.0])
+    assert r.sens_at[0.5] == 0.0 and r.sens_at[1.0] == 1.0
+    # swapping the detection order changes nothing
+    b = img(
+        "a",
+        gt=[[0, 0, 20, 20]],
+        gl=[MASS],
+        dets=[box_at(10, 10), box_at(500, 500)],
+        scores=[0.5, 0.5],
+    )
+    rb = froc_class([b], MASS)
+    assert rb.cpm == r.cpm
+    np.testing.assert_allclose(rb.sensitivity, r.sensitivity)
+
+
+def test_classes_are_separate():
+    im = img(
+        "c",
+        gt=[[0, 0, 20, 20]],
+        gl=[CALC],
+        dets=[box_at(10, 10)],
+        scores=[0.9],
+        labels=[MASS],
+    )
+    mass = froc_class([im], MASS)
+    calc = froc_class([im], CALC)
+    assert math.isnan(mass.cpm)  # no mass lesion
+    assert mass.fp_per_image[-1] == 1.0  # the mass detection is a FP for mass
+    assert calc.cpm == 0.0 and calc.n_detections == 0
+
+
+def test_two_lesions_nearest_gets_hit():
+    im = img(
+        "t",
+        gt=[[0, 0, 100, 100], [100, 0, 200, 100]],
+        gl=[MASS, MASS],
+        dets=[box_at(60, 50), box_at(140, 50)],
+        scores=[0.9, 0.8],
+    )
+    s, o, n = match_image(im, MASS)
+    assert list(o) == [HIT, HIT] and n == 2
+
+
+def test_bootstrap_ci_is_seeded_and_brackets():
+    rng = np.random.default_rng(1)
+    ims = []
+    for i in range(30):
+        gt = [[100, 100, 150, 150]] if i % 2 == 0 else []
+        dets = [box_at(125, 125)] if i % 4 == 0 else []
+        dets += [box_at(float(x), 700) for x in rng.integers(300, 900, 2)]
+        ims.append(
+            img(
+                str(i),
+                gt=gt,
+                gl=[MASS] * len(gt),
+                dets=dets,
+                scores=rng.random(len(dets)),
+            )
+        )
+    r1 = froc_class(ims, MASS, n_boot=200, seed=3)
+    r2 = froc_class(ims, MASS, n_boot=200, seed=3)
+    assert r1.cpm_ci == r2.cpm_ci
+    lo, hi = r1.cpm_ci
+    assert 0.0 <= lo <= r1.cpm <= hi <= 1.0
+    assert hi > lo
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="spacing_mm"):
+        img("x", sp=0.0)
+    with pytest.raises(ValueError, match="det_boxes"):
+        FrocImage(key="y", spacing_mm=0.1, det_boxes=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="lengths"):
+        FrocImage(
+            key="z",
+            spacing_mm=0.1,
+            det_boxes=np.zeros((2, 4)),
+            det_scores=np.zeros(1),
+            det_labels=np.zeros(2),
+        )
+
+
+def test_plot_and_all(tmp_path):
+    res = froc_all(worked_example(), n_boot=20)
+    assert set(res) == {"mass", "calcification"}
+    out = plot_froc(list(res.values()), tmp_path / "f.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
