@@ -21,10 +21,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from common.config.loader import bounded, from_mapping, load_yaml, path_field
 from common.errors import ConfigError
@@ -39,6 +38,9 @@ from common.keys import (
     SKIPPED_STEPS,
     TRAIN_LOSS,
 )
+
+if TYPE_CHECKING:  # Flower is imported where records are built, not at import
+    from flwr.app import ArrayRecord, ConfigRecord
 
 # --- metric names only the federation uses --------------------------------
 EVAL_LOSS = "eval-loss"
@@ -329,6 +331,8 @@ class FitInstructions:
 
     def to_config_record(self) -> ConfigRecord:
         """The ConfigRecord form (keys from :mod:`common.keys` / this module)."""
+        from flwr.app import ConfigRecord
+
         return ConfigRecord(
             {
                 SERVER_ROUND: self.server_round,
@@ -378,6 +382,8 @@ class FitInstructions:
 
 def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """ArrayRecord holding exactly ``arrays`` (names kept, order kept)."""
+    from flwr.app import Array, ArrayRecord
+
     return ArrayRecord(
         {name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()}
     )

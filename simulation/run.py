@@ -43,7 +43,6 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from client.app import app as client_app
 from client.detector_trainer import DetectorOptions, DetectorTrainer, train_transform
 from client.ingest import ingest_site
 from common.config.loader import config_to_dict, from_mapping, load_yaml, write_resolved
@@ -67,9 +66,7 @@ from common.federation import (
 from common.keys import CLASSES
 from common.model import build_detector
 from common.sampling import balanced_sampler
-from server.federation import run_federation
 from simulation import regimes as R
-from simulation.grid import InProcessGrid
 from simulation.phantom import generate_scenario, load_scenario
 from simulation.phantom.generate import ORACLE_DIR
 
@@ -338,6 +335,13 @@ def run_federated(
     n_boot: int,
 ) -> dict[str, Any]:
     """One federated regime through the in-process grid; returns per-site metrics."""
+    # Flower is needed only here: central regimes run without it (e.g. on a GPU
+    # box that carries torch but not the Flower stack).
+    from client.app import app as client_app
+    from server.checkpoints import CheckpointStore
+    from server.federation import run_federation
+    from simulation.grid import InProcessGrid
+
     assert fed.state_dir is not None and fed.run_dir is not None
     for d in (fed.state_dir, fed.run_dir):
         if d.exists():
@@ -369,8 +373,6 @@ def run_federated(
     with open(out / R.ROUNDS_JSONL, "w") as fh:
         for key in sorted(rows):
             fh.write(json.dumps(rows[key]) + "\n")
-    from server.checkpoints import CheckpointStore
-
     last = CheckpointStore(fed.run_dir / "checkpoints").latest()
     if last is None:
         raise MammofedError(f"[{regime}] no global checkpoint was written")
