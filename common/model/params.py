@@ -35,6 +35,10 @@ def head_keys(model: nn.Module) -> list[str]:
     return list(parameter_groups(model)["head"])
 
 
+#: Suffix of BatchNorm's integer step counter buffers (never shared).
+COUNTER_SUFFIX = "num_batches_tracked"
+
+
 def shared_and_personal(
     model: nn.Module, personalization: Personalization
 ) -> tuple[list[str], list[str]]:
@@ -44,12 +48,15 @@ def shared_and_personal(
       personal (head GroupNorms included).
     * ``personal_head`` (FedPer): changes nothing here, because the global head
       is still shared; the personal copy is built from :func:`head_keys`.
+    * BatchNorm step counters (``num_batches_tracked``, int64) are always
+      personal: they are bookkeeping, not weights, and averaging integer
+      counters across sites is meaningless.
 
     Both lists keep ``state_dict`` order, are disjoint and together cover every
     key exactly once.
     """
     keys = list(model.state_dict())
-    personal: set[str] = set()
+    personal: set[str] = {k for k in keys if k.endswith(COUNTER_SUFFIX)}
     if personalization.local_norm:
         personal.update(norm_keys(model))
     shared = [k for k in keys if k not in personal]

@@ -27,7 +27,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
         scenario=SCENARIO,
         federation=FEDERATION,
         out=out / "run",
-        regimes=(R.BASE, R.PERSONALIZED, R.ORACLE),
+        regimes=(R.BASE, R.FEDAVG, R.PERSONALIZED, R.ORACLE),
         data=out / "data",
         workers=1,
         n_boot=20,
@@ -37,7 +37,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_every_regime_writes_per_site_metrics(study: Path) -> None:
-    for regime in (R.BASE, R.PERSONALIZED, R.ORACLE):
+    for regime in (R.BASE, R.FEDAVG, R.PERSONALIZED, R.ORACLE):
         data = json.loads((study / regime / R.METRICS_JSON).read_text())
         assert data["regime"] == regime
         # sites A and C have test women in the test scenario
@@ -89,4 +89,4 @@ def test_report_from_study(study: Path, tmp_path: Path) -> None:
     text = md.read_text()
     assert "## CPM: mass" in text and "| A |" in text
     data = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert data["regimes"] == [R.BASE, R.PERSONALIZED, R.ORACLE]
+    assert data["regimes"] == [R.BASE, R.FEDAVG, R.PERSONALIZED, R.ORACLE]

@@ -1,0 +1,118 @@
+"""Federation overhead: bytes each site sends per round, and round overhead.
+
+Runs one federated regime (default ``personalized``) of a phantom scenario with
+the detector through the in-process engine (``simulation.grid``), then reports
+from the grid's reply log and the server's ``rounds.jsonl``:
+
+* ``bytes_per_site_per_round``: array bytes in each site's train reply;
+* ``shared_fraction_of_model``: shared bytes / whole model bytes (what FedBN and
+  the personal head keep at home);
+* ``round_wall_s`` and ``sites_compute_s`` (sum of the sites' train+evaluate
+  time; in-process the sites run one after another);
+* ``round_overhead_fraction`` = (round wall - sites' compute) / round wall: the
+  server side (sampling, validation, aggregation, checkpointing, record
+  serialization). With real SuperNodes the sites run in parallel and the
+  overhead is measured against the slowest site instead (not measured here).
+
+Usage: ``python -m benchmarks.federation [--scenario F] [--federation F]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import emit
+from common.federation import load_federation_config
+from common.model import build_detector
+from simulation import regimes as R
+from simulation.run import RunRequest, _regime_config, prepare_sites
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = "federation"
+
+
+def main() -> None:
+    """Run the benchmark and emit one JSON line per figure."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scenario", default=str(REPO / "configs/simulation/test.yaml"))
+    ap.add_argument(
+        "--federation", default=str(REPO / "configs/federation/sim-test.yaml")
+    )
+    ap.add_argument("--regime", default=R.PERSONALIZED)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from client.app import app as client_app
+    from client.detector_trainer import DetectorOptions
+    from common.federation import RUN_FEDERATION_JSON, federation_config_to_json
+    from server.federation import run_federation
+    from simulation.grid import InProcessGrid
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        scenario, caches, _ = prepare_sites(Path(args.scenario), out / "data", 2)
+        base = load_federation_config(args.federation)
+        req = RunRequest(Path(args.scenario), Path(args.federation), out / "run")
+        sites = [s.name for s in scenario.sites]
+        fed = _regime_config(base, args.regime, req, out / "run", sites)
+        fed = dataclasses.replace(fed, num_rounds=args.rounds)
+        grid = InProcessGrid(
+            client_app,
+            {
+                100 + i: (s, str(fed.state_dir), str(caches[s]))
+                for i, s in enumerate(sites)
+            },
+            {RUN_FEDERATION_JSON: federation_config_to_json(fed)},
+        )
+        assert fed.run_dir is not None
+        run_federation(grid, fed, fed.run_dir)
+        rounds = [
+            json.loads(x)
+            for x in (fed.run_dir / "rounds.jsonl").read_text().splitlines()
+        ]
+    opts = DetectorOptions(**dict(fed.trainer.options))
+    model = build_detector(opts.model_config())
+    model_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    ctx = {
+        "scenario": Path(args.scenario).name,
+        "federation": Path(args.federation).name,
+        "regime": args.regime,
+        "sites": len(sites),
+        "arch": opts.arch,
+        "engine": "inprocess",
+    }
+    sent = [e.bytes_sent for e in grid.log if e.phase == "train" and e.round > 0]
+    emit(BENCH, "bytes_per_site_per_round", float(np.mean(sent)), "B", **ctx)
+    emit(BENCH, "model_bytes", float(model_bytes), "B", **ctx)
+    emit(
+        BENCH,
+        "shared_fraction_of_model",
+        float(np.mean(sent)) / model_bytes,
+        "x",
+        **ctx,
+    )
+    for line in rounds:
+        r = line["round"]
+        compute = sum(e.seconds for e in grid.log if e.round == r)
+        wall = float(line["seconds"])
+        emit(BENCH, "round_wall_s", wall, "s", round=r, **ctx)
+        emit(BENCH, "sites_compute_s", compute, "s", round=r, **ctx)
+        emit(
+            BENCH,
+            "round_overhead_fraction",
+            (wall - compute) / wall if wall > 0 else float("nan"),
+            "x",
+            round=r,
+            **ctx,
+        )
+
+
+if __name__ == "__main__":
+    main()
