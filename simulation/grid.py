@@ -4,8 +4,10 @@
 ``ClientApp`` (``client.app.app``) with that node's ``Context``: the same
 messages, records, client guard and server validation as a deployment, minus
 the network and the per-message process start. It is the fast engine of
-``mammofed-sim run`` on a small CPU machine; ``--engine processes`` runs the
-same app as a SuperLink plus SuperNode processes on loopback.
+``mammofed-sim run`` on a small CPU machine; ``--engine ray`` runs the same app
+on Flower's simulation engine (``simulation.ray_engine``), and deployments run
+it as a SuperLink plus SuperNode processes (``mammofed-server`` /
+``mammofed-client start``).
 
 Every reply is logged in :attr:`InProcessGrid.log`: round, phase, node, site,
 metrics, bytes of the arrays sent and the seconds the node spent.

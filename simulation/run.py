@@ -16,7 +16,10 @@ Steps (each logged with progress):
    * ``fedavg``, ``fedprox``, ``personalized`` (FedBN + personal heads),
      ``personalized-ssl`` (+ mean-teacher consistency on unlabeled images):
      the real ServerApp loop (``server.federation.run_federation``) and real
-     ClientApp (``client.app``) through :class:`simulation.grid.InProcessGrid`.
+     ClientApp (``client.app``) through :class:`simulation.grid.InProcessGrid`
+     (``engine="inprocess"``), or on Flower's simulation engine
+     (``engine="ray"``: ``flwr run`` on the local simulation SuperLink with
+     Ray, one node per site; :mod:`simulation.ray_engine`).
 
 3. **Evaluation**: every site's own model (federated: global shared arrays +
    that site's personal state; central: the regime's model) on that site's
@@ -94,6 +97,12 @@ class RunRequest:
     rounds: int | None = None
     fedprox_mu: float = 0.01
     n_boot: int = 500
+    #: ``inprocess`` (:class:`simulation.grid.InProcessGrid`) or ``ray``
+    #: (``flwr run`` on the local simulation SuperLink, see
+    #: :mod:`simulation.ray_engine`).
+    engine: str = "inprocess"
+    #: Wall-clock limit of one federated regime on the ``ray`` engine.
+    engine_timeout_s: float = 3600.0
 
 
 # --- sites ----------------------------------------------------------------------
@@ -327,25 +336,18 @@ def _regime_config(
     )
 
 
-def run_federated(
-    regime: str,
-    fed: FederationConfig,
-    caches: dict[str, Path],
-    run_dir: Path,
-    n_boot: int,
-) -> dict[str, Any]:
-    """One federated regime through the in-process grid; returns per-site metrics."""
-    # Flower is needed only here: central regimes run without it (e.g. on a GPU
-    # box that carries torch but not the Flower stack).
+ENGINES = ("inprocess", "ray")
+
+
+def _grid_inprocess(
+    regime: str, fed: FederationConfig, caches: dict[str, Path], run_dir: Path
+) -> list[dict[str, Any]]:
+    """Run ``fed`` through the in-process grid; returns per-(round, site) rows."""
     from client.app import app as client_app
-    from server.checkpoints import CheckpointStore
     from server.federation import run_federation
     from simulation.grid import InProcessGrid
 
     assert fed.state_dir is not None and fed.run_dir is not None
-    for d in (fed.state_dir, fed.run_dir):
-        if d.exists():
-            shutil.rmtree(d)
     sites = list(fed.sites)
     grid = InProcessGrid(
         client_app,
@@ -355,7 +357,6 @@ def run_federated(
     t0 = time.monotonic()
     run_federation(grid, fed, fed.run_dir)
     log.info("[%s] %d rounds in %.0f s", regime, fed.num_rounds, time.monotonic() - t0)
-    # per-(round, site) rows for the report
     rows: dict[tuple[int, str], dict[str, Any]] = {}
     for e in grid.log:
         if e.round == 0:
@@ -369,10 +370,95 @@ def run_federated(
                 row[k] = None if isinstance(v, float) and math.isnan(v) else v
         if e.error:
             row["error"] = e.error
+    return [rows[k] for k in sorted(rows)]
+
+
+def _grid_ray(
+    regime: str,
+    fed: FederationConfig,
+    caches: dict[str, Path],
+    run_dir: Path,
+    timeout_s: float,
+) -> list[dict[str, Any]]:
+    """Run ``fed`` on Flower's simulation engine; rows from the sites' state.
+
+    Per-(round, site) metrics come from each site's ``SiteState`` history (what
+    the ClientApp recorded), rounds from the server's ``rounds.jsonl``;
+    ``bytes_sent`` is the nbytes of the shared arrays of that round's
+    checkpoint (what a training site sends back).
+    """
+    import numpy as np
+
+    from client.state import SiteState
+    from server.checkpoints import CheckpointStore
+    from simulation.ray_engine import run_federated_ray
+
+    assert fed.state_dir is not None and fed.run_dir is not None
+    t0 = time.monotonic()
+    run_federated_ray(fed, caches, fed.run_dir, timeout_s=timeout_s)
+    log.info(
+        "[%s] %d rounds in %.0f s (ray)", regime, fed.num_rounds, time.monotonic() - t0
+    )
+    store = CheckpointStore(fed.run_dir / "checkpoints")
+    rounds: list[int] = []
+    jsonl = fed.run_dir / R.ROUNDS_JSONL
+    if jsonl.is_file():
+        rounds = [int(json.loads(x)["round"]) for x in jsonl.read_text().splitlines()]
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    sent: dict[int, int] = {}
+    for s in fed.sites:
+        history = SiteState(fed.state_dir, s).read_meta().get("history", [])
+        for h in history:
+            rnd = int(h.get("round", 0))
+            if rnd == 0 or (rounds and rnd not in rounds):
+                continue
+            row = rows.setdefault((rnd, s), {"round": rnd, "site": s})
+            if h.get("phase") == "train":
+                if rnd not in sent:
+                    arrays = store.load(rnd).arrays
+                    sent[rnd] = int(sum(np.asarray(v).nbytes for v in arrays.values()))
+                row["bytes_sent"] = sent[rnd]
+            for k, v in h.items():
+                if k in ("round", "phase", "num-examples"):
+                    continue
+                if isinstance(v, int | float):
+                    row[k] = None if isinstance(v, float) and math.isnan(v) else v
+    return [rows[k] for k in sorted(rows)]
+
+
+def run_federated(
+    regime: str,
+    fed: FederationConfig,
+    caches: dict[str, Path],
+    run_dir: Path,
+    n_boot: int,
+    *,
+    engine: str = "inprocess",
+    timeout_s: float = 3600.0,
+) -> dict[str, Any]:
+    """One federated regime on ``engine``; returns per-site metrics."""
+    # Flower is needed only here: central regimes run without it (e.g. on a GPU
+    # box that carries torch but not the Flower stack).
+    from server.checkpoints import CheckpointStore
+
+    assert fed.state_dir is not None and fed.run_dir is not None
+    for d in (fed.state_dir, fed.run_dir):
+        if d.exists():
+            shutil.rmtree(d)
+    sites = list(fed.sites)
+    if engine == "inprocess":
+        rows = _grid_inprocess(regime, fed, caches, run_dir)
+    elif engine == "ray":
+        rows = _grid_ray(regime, fed, caches, run_dir, timeout_s)
+    else:
+        raise ConfigError(
+            "mammofed-sim run", "--engine", f"{engine!r} (valid: {', '.join(ENGINES)})"
+        )
+    # per-(round, site) rows for the report
     out = run_dir / regime
     with open(out / R.ROUNDS_JSONL, "w") as fh:
-        for key in sorted(rows):
-            fh.write(json.dumps(rows[key]) + "\n")
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
     last = CheckpointStore(fed.run_dir / "checkpoints").latest()
     if last is None:
         raise MammofedError(f"[{regime}] no global checkpoint was written")
@@ -400,6 +486,12 @@ def run_study(req: RunRequest) -> Path:
             str(req.federation),
             "trainer.name",
             f"mammofed-sim run needs the 'detector' trainer, got {fed.trainer.name!r}",
+        )
+    if req.engine not in ENGINES:
+        raise ConfigError(
+            "mammofed-sim run",
+            "--engine",
+            f"{req.engine!r} (valid: {', '.join(ENGINES)})",
         )
     unknown = [r for r in req.regimes if r not in R.ORDER]
     if unknown:
@@ -488,7 +580,15 @@ def run_study(req: RunRequest) -> Path:
         else:
             cfg = _regime_config(fed, regime, req, out, sites)
             (out / regime).mkdir(parents=True, exist_ok=True)
-            metrics = run_federated(regime, cfg, caches, out, req.n_boot)
+            metrics = run_federated(
+                regime,
+                cfg,
+                caches,
+                out,
+                req.n_boot,
+                engine=req.engine,
+                timeout_s=req.engine_timeout_s,
+            )
             _write_regime(out, regime, "federated", metrics)
         timings[regime] = round(time.monotonic() - t0, 1)
         log.info("=== regime %s done in %.0f s ===", regime, timings[regime])

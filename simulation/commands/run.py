@@ -33,6 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="phantom/ingest workers")
     parser.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
     parser.add_argument(
+        "--engine",
+        choices=("inprocess", "ray"),
+        default="inprocess",
+        help="federated regimes: in-process grid (default) or Flower's simulation "
+        "engine (flwr run, local simulation SuperLink, Ray; one node per site)",
+    )
+    parser.add_argument(
+        "--engine-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds one federated regime may take on --engine ray",
+    )
+    parser.add_argument(
         "--report", type=Path, help="also write the report here (default OUT/report)"
     )
 
@@ -51,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         rounds=args.rounds,
         n_boot=args.n_boot,
+        engine=args.engine,
+        engine_timeout_s=args.engine_timeout,
     )
     out = run_study(req)
     report = write_report([out], args.report or out / "report")

@@ -1,0 +1,394 @@
+"""One federated regime on Flower's simulation engine (``flwr run`` + Ray).
+
+:func:`run_federated_ray` runs the same ServerApp (``server.app``) and
+ClientApp (``client.app``) as a deployment, but through the *local simulation
+SuperLink* that ``flwr run`` starts for a ``:local:`` connection: one simulated
+node per site (``partition-id`` -> ``fed.sites[pid]``), one CPU per client,
+Ray as the backend.
+
+Isolation, so that runs and tests share no hidden state:
+
+* a private ``FLWR_HOME`` (``<run_dir>/flwr-home``) whose ``config.toml`` holds
+  the ``:local:`` connection and its simulation options;
+* private ports: Flower 1.42 reads the local SuperLink's ports from
+  ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` / ``FLWR_LOCAL_CONTROL_API_PORT``
+  (defaults 39091 / 39093, see ``flwr/cli/constant.py``). Each run takes two
+  free ports, and refuses to start when the HTTP port already answers, because
+  ``flwr run`` would otherwise silently submit to someone else's SuperLink;
+* ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` (the managed SuperLink is
+  started without ``--disable-runtime-dependency-installation``; the variable
+  is its equivalent and works offline).
+
+The detached SuperLink ``flwr run`` leaves behind is *always* stopped
+afterwards: ``flwr stop`` for the run, then SIGTERM/SIGKILL to every process
+whose environment carries this run's ``FLWR_HOME`` (the SuperLink, SuperExec,
+ServerApp/simulation processes and Ray's GCS, raylet and workers all inherit
+it), found through ``/proc``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from common.errors import MammofedError
+from common.federation import (
+    CHECKPOINT_DIR,
+    ROUNDS_JSONL,
+    RUN_DIR,
+    RUN_FEDERATION_JSON,
+    FederationConfig,
+    federation_config_to_json,
+    flower_bin,
+    flower_env,
+)
+
+log = logging.getLogger(__name__)
+
+#: Repo root: holds pyproject.toml with [tool.flwr.app] (the FAB's source).
+APP_DIR = Path(__file__).resolve().parents[1]
+FLWR_HOME_DIR = "flwr-home"
+CONNECTION = "mammofed-sim"
+RUN_CONFIG_TOML = "run-config.toml"
+#: Where ``flwr`` puts the managed SuperLink's database and log.
+SUPERLINK_LOG = Path("local-superlink") / "superlink.log"
+ENV_HTTP_PORT = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+ENV_CONTROL_PORT = "FLWR_LOCAL_CONTROL_API_PORT"
+ENV_NO_DEPS = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
+ENV_NO_UPDATE_CHECK = "FLWR_DISABLE_UPDATE_CHECK"
+
+
+class RayEngineError(MammofedError):
+    """The simulation-engine run failed, timed out or could not be started."""
+
+
+# --- setup --------------------------------------------------------------------------
+def cache_root_of(caches: Mapping[str, Path]) -> Path:
+    """The folder holding every ``<site>/`` cache (all must be ``ROOT/<site>``)."""
+    parents = {Path(p).resolve().parent for p in caches.values()}
+    bad = {s: str(p) for s, p in caches.items() if Path(p).name != s}
+    if len(parents) != 1 or bad:
+        raise RayEngineError(
+            "engine 'ray' needs every site cache at ROOT/<site> under one ROOT "
+            f"(simulated nodes only know their partition id); got {dict(caches)}"
+        )
+    return parents.pop()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def write_local_config(home: Path, num_supernodes: int, num_cpus: int = 1) -> Path:
+    """``$FLWR_HOME/config.toml`` with one ``:local:`` simulation connection."""
+    home.mkdir(parents=True, exist_ok=True)
+    conn = {
+        "address": ":local:",
+        "options": {
+            "num-supernodes": int(num_supernodes),
+            "backend": {
+                "name": "ray",
+                "client-resources": {"num-cpus": num_cpus, "num-gpus": 0.0},
+            },
+        },
+    }
+    path = home / "config.toml"
+    path.write_text(
+        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}})
+    )
+    return path
+
+
+def engine_env(home: Path, http_port: int, control_port: int) -> dict[str, str]:
+    """Environment of ``flwr`` (and, inherited, of the SuperLink and Ray)."""
+    env = flower_env(home)
+    env[ENV_HTTP_PORT] = str(http_port)
+    env[ENV_CONTROL_PORT] = str(control_port)
+    env[ENV_NO_DEPS] = "1"
+    env[ENV_NO_UPDATE_CHECK] = "1"
+    env.pop("RAY_ADDRESS", None)  # never join someone else's Ray cluster
+    return env
+
+
+# --- processes ----------------------------------------------------------------------
+def processes_of_home(home: Path) -> list[int]:
+    """PIDs (this user's) whose environment has ``FLWR_HOME=<home>``."""
+    needle = f"FLWR_HOME={home}".encode()
+    me = os.getpid()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours
+            continue
+        if needle in env.split(b"\0"):
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().split(")")[-1].split()
+    except OSError:
+        return False
+    return bool(state) and state[0] != "Z"
+
+
+def kill_home_processes(home: Path, grace_s: float = 10.0) -> list[int]:
+    """SIGTERM, then SIGKILL, every process of ``home``; returns what was found."""
+    found: set[int] = set()
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        pids = [p for p in processes_of_home(home) if _alive(p)]
+        if not pids:
+            break
+        found.update(pids)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+    left = [p for p in processes_of_home(home) if _alive(p)]
+    if left:
+        log.error("processes of %s survived SIGKILL: %s", home, left)
+    return sorted(found)
+
+
+def _flwr(
+    args: list[str], env: Mapping[str, str], timeout_s: float
+) -> subprocess.CompletedProcess[str]:
+    cmd = [flower_bin("flwr"), *args]
+    try:
+        return subprocess.run(
+            cmd,
+            env=dict(env),
+            cwd=str(APP_DIR),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RayEngineError(
+            f"{' '.join(cmd)}: no answer in {timeout_s:.0f} s"
+        ) from exc
+
+
+def log_tail(home: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of the managed SuperLink's log (or a note)."""
+    path = home / SUPERLINK_LOG
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"(no SuperLink log at {path})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return dict(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    try:
+        return dict(json.loads(text))
+    except json.JSONDecodeError:
+        return {}
+
+
+def _run_row(run_id: int, env: Mapping[str, str]) -> dict[str, Any]:
+    """``flwr ls --run-id`` row of ``run_id`` (``{}`` when unknown)."""
+    res = _flwr(
+        ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env, 60.0
+    )
+    runs = _last_json(res.stdout).get("runs") or []
+    return dict(runs[0]) if runs else {}
+
+
+def _stop(home: Path, env: Mapping[str, str], run_id: int | None, port: int) -> None:
+    """``flwr stop``, then kill every process of ``home``.
+
+    ``flwr stop`` is sent only while our SuperLink answers: against a dead
+    ``:local:`` connection ``flwr`` would start a fresh SuperLink.
+    """
+    if run_id is not None and _port_answers(port):
+        try:
+            res = _flwr(["stop", str(run_id), CONNECTION], env, 30.0)
+            log.info("flwr stop %d: rc %d", run_id, res.returncode)
+        except RayEngineError as exc:
+            log.warning("%s", exc)
+    killed = kill_home_processes(home)
+    log.info("stopped %d process(es) of %s", len(killed), home)
+
+
+# --- the run ------------------------------------------------------------------------
+def _done(run_dir: Path, rounds: int) -> bool:
+    from server.checkpoints import CheckpointStore
+
+    ckpt = run_dir / CHECKPOINT_DIR
+    return ckpt.is_dir() and rounds in CheckpointStore(ckpt).rounds()
+
+
+def _jsonl_has(run_dir: Path, rounds: int) -> bool:
+    path = run_dir / ROUNDS_JSONL
+    if not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("round") == rounds:
+                return True
+        except json.JSONDecodeError:
+            continue
+    return False
+
+
+def run_federated_ray(
+    fed: FederationConfig,
+    caches: dict[str, Path],
+    run_dir: Path,
+    *,
+    timeout_s: float,
+    poll_s: float = 1.0,
+    status_every_s: float = 15.0,
+) -> None:
+    """Run ``fed`` on the local simulation SuperLink + Ray; wait for the last round.
+
+    ``run_dir`` is the server's run folder (``run-dir``); the run is done once
+    ``run_dir/checkpoints`` holds round ``fed.num_rounds``. The SuperLink and
+    every process it started are stopped afterwards, whatever happened.
+
+    Raises:
+        RayEngineError: the run could not start, failed, or did not reach its
+            last round within ``timeout_s`` (the message ends with the tail of
+            the SuperLink log).
+    """
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    home = run_dir / FLWR_HOME_DIR
+    if home.exists():
+        kill_home_processes(home)
+        shutil.rmtree(home)
+    opts = dict(fed.trainer.options)
+    opts["cache_root"] = str(cache_root_of(caches))
+    fed = dataclasses.replace(
+        fed,
+        trainer=dataclasses.replace(fed.trainer, options=opts),
+        run_dir=run_dir,
+    )
+    write_local_config(home, len(fed.sites))
+    http_port, control_port = _free_port(), _free_port()
+    while control_port == http_port:
+        control_port = _free_port()
+    env = engine_env(home, http_port, control_port)
+    run_toml = run_dir / RUN_CONFIG_TOML
+    run_toml.write_text(
+        tomli_w.dumps(
+            {RUN_FEDERATION_JSON: federation_config_to_json(fed), RUN_DIR: str(run_dir)}
+        )
+    )
+    deadline = time.monotonic() + timeout_s
+    run_id: int | None = None
+    t0 = time.monotonic()
+    try:
+        res = _flwr(
+            ["run", str(APP_DIR), CONNECTION, "--run-config", str(run_toml)]
+            + ["--format", "json"],
+            env,
+            max(30.0, min(180.0, timeout_s)),
+        )
+        payload = _last_json(res.stdout)
+        if res.returncode != 0 or not payload.get("success"):
+            out = (res.stdout + res.stderr).strip().splitlines()[-8:]
+            raise RayEngineError(
+                f"flwr run failed (rc {res.returncode}): {out}\n"
+                f"SuperLink log ({home / SUPERLINK_LOG}):\n{log_tail(home)}"
+            )
+        run_id = int(payload["run-id"])
+        log.info(
+            "[%s] run %d on the local simulation SuperLink 127.0.0.1:%d "
+            "(%d nodes, FLWR_HOME %s)",
+            fed.name,
+            run_id,
+            http_port,
+            len(fed.sites),
+            home,
+        )
+        # Only a process of our FLWR_HOME may serve our port; anything else
+        # means flwr run reached someone else's SuperLink.
+        if not processes_of_home(home):
+            raise RayEngineError(
+                f"[{fed.name}] run {run_id} went to a SuperLink on 127.0.0.1:"
+                f"{http_port} that this run did not start (port taken by a "
+                "concurrent run?); retry"
+            )
+        last_status, next_status = "", 0.0
+        while not _done(run_dir, fed.num_rounds):
+            now = time.monotonic()
+            if now > deadline:
+                raise RayEngineError(
+                    f"[{fed.name}] run {run_id}: no checkpoint of round "
+                    f"{fed.num_rounds} in {run_dir / CHECKPOINT_DIR} after "
+                    f"{timeout_s:.0f} s (status {last_status or 'unknown'})\n"
+                    f"SuperLink log:\n{log_tail(home)}"
+                )
+            if not _port_answers(http_port):
+                raise RayEngineError(
+                    f"[{fed.name}] the local SuperLink on port {http_port} is gone\n"
+                    f"SuperLink log:\n{log_tail(home)}"
+                )
+            if now >= next_status:
+                # each `flwr ls` is a new Python process: poll it sparingly
+                next_status = now + status_every_s
+                row = _run_row(run_id, env)
+                status = str(row.get("status", "unknown"))
+                if status != last_status:
+                    log.info("[%s] run %d: %s", fed.name, run_id, status)
+                    last_status = status
+                if status.startswith("finished") and not _done(run_dir, fed.num_rounds):
+                    raise RayEngineError(
+                        f"[{fed.name}] run {run_id} {status} without a checkpoint "
+                        f"of round {fed.num_rounds}: {row}\n"
+                        f"SuperLink log:\n{log_tail(home)}"
+                    )
+            time.sleep(poll_s)
+        # the round's rounds.jsonl line follows its checkpoint: give it a moment
+        grace = time.monotonic() + 30.0
+        while not _jsonl_has(run_dir, fed.num_rounds) and time.monotonic() < grace:
+            time.sleep(0.5)
+        log.info(
+            "[%s] run %d reached round %d in %.0f s",
+            fed.name,
+            run_id,
+            fed.num_rounds,
+            time.monotonic() - t0,
+        )
+    finally:
+        _stop(home, env, run_id, http_port)
