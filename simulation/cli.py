@@ -10,6 +10,7 @@ MODULES = (
     "simulation.commands.phantom",
     "simulation.commands.import_mias",
     "simulation.commands.train",
+    "simulation.commands.crossval",
     "simulation.commands.run",
     "simulation.commands.report",
 )

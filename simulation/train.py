@@ -21,12 +21,13 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from common.checkpoint import save_checkpoint
 from common.config import bounded, load_config, path_field, write_resolved
@@ -168,37 +169,31 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Train on the pooled labeled views, evaluate every test view, write outputs.
+def train_model(
+    cfg: TrainConfig,
+    train_views: Sequence[Dataset[Any]],
+    out_dir: str | Path,
+    device: torch.device,
+    *,
+    eval_fn: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+) -> torch.nn.Module:
+    """Train a fresh detector on the pooled ``train_views`` with ``cfg``'s recipe.
 
-    Returns ``{site: EvalResult.to_json()}`` (also written to ``metrics.json``).
-    Resumes from ``out_dir/last.pt`` when present and compatible.
+    The recipe of :func:`run_training`: lesion-balanced sampler, AdamW with
+    warmup + cosine, optional EMA, gradient clipping, ``cfg.epochs`` epochs via
+    :func:`common.engine.fit` (``out_dir/last.pt`` and ``epochs.jsonl``; resumes
+    from a compatible ``last.pt``). The model is built from the global torch RNG,
+    so call :func:`common.engine.seed_everything` first for a reproducible run.
+    ``eval_fn`` is called after each epoch (see ``fit``).
+
+    Returns the final model (the EMA module when ``cfg.ema_decay`` is set).
+
+    Raises:
+        ValueError: the views hold no image.
     """
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_resolved(cfg, out)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    # with workers, the global RNG (seeded per worker by the DataLoader) drives
-    # augmentation; a shared Generator would repeat one stream in every worker
-    gen = torch.Generator().manual_seed(cfg.seed) if cfg.num_workers == 0 else None
-    transform = train_transform(cfg.augment, gen)
-    sites = {
-        Path(c).name: SiteDataset(
-            c, test_fraction=cfg.test_fraction, seed=cfg.split_seed
-        )
-        for c in cfg.caches
-    }
-    train_views: list[SiteView] = [s.view("labeled", transform) for s in sites.values()]
-    test_views = {name: s.view("test") for name, s in sites.items()}
     flags: list[bool] = []
-    for name, v in zip(sites, train_views, strict=True):
-        f = lesion_flags(v)
-        log.info(
-            "site %s: %d labeled training images (%d with lesions), %d test images",
-            name, len(v), sum(f), len(test_views[name]),
-        )  # fmt: skip
-        flags.extend(f)
+    for v in train_views:
+        flags.extend(lesion_flags(v))
     if not flags:
         raise ValueError(
             f"no labeled training images in caches {[str(c) for c in cfg.caches]}"
@@ -225,6 +220,52 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         opt, _warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_steps)
     )
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+    fit(
+        model,
+        cfg.model,
+        opt,
+        loader,
+        epochs=cfg.epochs,
+        out_dir=out_dir,
+        device=device,
+        amp=cfg.amp,
+        grad_clip=cfg.grad_clip if cfg.grad_clip > 0 else None,
+        ema=ema,
+        scheduler=sched,
+        eval_fn=eval_fn,
+    )
+    return ema.module if ema is not None else model
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Train on the pooled labeled views, evaluate every test view, write outputs.
+
+    Returns ``{site: EvalResult.to_json()}`` (also written to ``metrics.json``).
+    Resumes from ``out_dir/last.pt`` when present and compatible.
+    """
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, out)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    # with workers, the global RNG (seeded per worker by the DataLoader) drives
+    # augmentation; a shared Generator would repeat one stream in every worker
+    gen = torch.Generator().manual_seed(cfg.seed) if cfg.num_workers == 0 else None
+    transform = train_transform(cfg.augment, gen)
+    sites = {
+        Path(c).name: SiteDataset(
+            c, test_fraction=cfg.test_fraction, seed=cfg.split_seed
+        )
+        for c in cfg.caches
+    }
+    train_views: list[SiteView] = [s.view("labeled", transform) for s in sites.values()]
+    test_views = {name: s.view("test") for name, s in sites.items()}
+    for name, v in zip(sites, train_views, strict=True):
+        f = lesion_flags(v)
+        log.info(
+            "site %s: %d labeled training images (%d with lesions), %d test images",
+            name, len(v), sum(f), len(test_views[name]),
+        )  # fmt: skip
 
     epoch_counter = {"n": 0}
 
@@ -238,21 +279,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             if len(v)
         }
 
-    fit(
-        model,
-        cfg.model,
-        opt,
-        loader,
-        epochs=cfg.epochs,
-        out_dir=out,
-        device=device,
-        amp=cfg.amp,
-        grad_clip=cfg.grad_clip if cfg.grad_clip > 0 else None,
-        ema=ema,
-        scheduler=sched,
+    final_model = train_model(
+        cfg,
+        train_views,
+        out,
+        device,
         eval_fn=eval_fn if cfg.eval_every > 0 else None,
     )
-    final_model = ema.module if ema is not None else model
     save_checkpoint(
         out / FINAL_CHECKPOINT,
         final_model,
@@ -260,7 +293,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         epoch=cfg.epochs - 1,
         extra={
             "train_config": str(out / "resolved_config.yaml"),
-            "ema": ema is not None,
+            "ema": cfg.ema_decay is not None,
         },
     )
     results: dict[str, Any] = {}

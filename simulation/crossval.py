@@ -1,0 +1,372 @@
+"""Patient-level k-fold cross-validation of central training (``crossval``).
+
+The quality figure for a development split that has no test set of its own
+(mini-MIAS): "tune by cross-validation only". For each cache of a
+:class:`simulation.train.TrainConfig`, :meth:`common.data.SiteDataset.folds`
+deals the box-labeled images of the train split into ``k`` patient-grouped,
+lesion-stratified folds (same ``k`` and fold seed for every cache; fold ``f``
+of the pool is the union of each cache's fold ``f``), so a woman is never in
+both the training and the validation part of a fold. Test-split patients
+(a site's ``split.json`` or ``test_fraction > 0``) take no part; set
+``test_fraction: 0`` to cross-validate on every box-labeled image.
+
+For every fold a fresh model is trained on the other folds with the
+TrainConfig recipe (:func:`simulation.train.train_model`, same seed for every
+fold) and predicts its held-out images. The out-of-fold detections of all
+images are then pooled into ONE FROC per class (bootstrap CI over images,
+``cfg.n_boot`` resamples). Pooling compares scores of different models on one
+threshold sweep; the per-fold CPMs (mean ± sd) are reported next to it.
+
+Written into ``out_dir``:
+
+* ``resolved_config.yaml``: the TrainConfig as used;
+* ``cv_metrics.json``: pooled per-class FROC summary, per-fold CPMs, folds;
+* ``froc-<class>.png``: the pooled FROC curves;
+* ``oof_predictions.json``: the out-of-fold detections per image (key
+  ``<site>/<cache key>``, fold, model-space boxes, scores, labels);
+* ``fold-<f>/``: ``last.pt``, ``epochs.jsonl``, ``train.log``, ``fold.json``
+  (that fold's validation keys and patients). A rerun resumes a fold from its
+  ``last.pt`` (a finished fold is only re-predicted) when the fold is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from common.config import config_to_dict, write_resolved
+from common.data import SiteDataset, SiteView, collate
+from common.engine import (
+    EPOCH_LOG,
+    flat_metrics,
+    predict_images,
+    resolve_device,
+    seed_everything,
+)
+from common.errors import MammofedError
+from common.froc import FrocImage, froc_all, plot_froc, result_to_dict
+from common.keys import CLASSES
+from simulation.train import TrainConfig, train_model, train_transform
+
+log = logging.getLogger(__name__)
+
+CV_METRICS_JSON = "cv_metrics.json"
+OOF_PREDICTIONS_JSON = "oof_predictions.json"
+FOLD_JSON = "fold.json"
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One fold of the pool: per cache, ``(train_indices, val_indices)``."""
+
+    index: int
+    parts: dict[str, tuple[list[int], list[int]]]
+
+
+def make_folds(sites: dict[str, SiteDataset], k: int, seed: int) -> list[Fold]:
+    """Patient-grouped folds of every site (train split), aligned by fold number.
+
+    Raises:
+        MammofedError: ``k`` is not in ``[2, box-labeled train patients]`` of a site.
+    """
+    per_site = {}
+    for name, s in sites.items():
+        try:
+            per_site[name] = s.folds(k, seed, within="train")
+        except ValueError as exc:
+            raise MammofedError(f"site {name}: {exc}") from exc
+    return [Fold(f, {name: per_site[name][f] for name in sites}) for f in range(k)]
+
+
+def _predict_view(
+    model: torch.nn.Module,
+    view: SiteView,
+    device: torch.device,
+    *,
+    amp: bool,
+    batch_size: int,
+    prefix: str = "",
+) -> list[FrocImage]:
+    loader = DataLoader(view, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    out: list[FrocImage] = []
+    for imgs, targets in loader:
+        dets = predict_images(model, imgs, device, amp=amp)
+        for d, t in zip(dets, targets, strict=True):
+            out.append(
+                FrocImage(
+                    key=f"{prefix}{t['key']}",
+                    spacing_mm=float(t["spacing_mm"]),
+                    gt_boxes=t["boxes"].numpy().astype(np.float64).reshape(-1, 4),
+                    gt_labels=t["labels"].numpy().astype(np.int64).reshape(-1),
+                    ignore_boxes=t["ignore"].numpy().astype(np.float64).reshape(-1, 4),
+                    det_boxes=d["boxes"],
+                    det_scores=d["scores"],
+                    det_labels=d["labels"],
+                )
+            )
+    return out
+
+
+def _num(v: float) -> float | None:
+    return None if isinstance(v, float) and not math.isfinite(v) else float(v)
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    v = [x for x in values if math.isfinite(x)]
+    if not v:
+        return None, None
+    sd = float(np.std(v, ddof=1)) if len(v) > 1 else None
+    return float(np.mean(v)), sd
+
+
+class _EpochLogger:
+    """``fit`` eval hook that logs one progress line per epoch of a fold."""
+
+    def __init__(self, fold: int, k: int, epochs: int, epoch_log: Path) -> None:
+        self.fold, self.k, self.epochs = fold, k, epochs
+        # a resumed fold continues after the epochs already logged
+        self.done = (
+            len(epoch_log.read_text().splitlines()) if epoch_log.is_file() else 0
+        )
+
+    def __call__(self, _model: torch.nn.Module) -> dict[str, Any]:
+        self.done += 1
+        log.info(
+            "fold %d/%d epoch %d/%d done", self.fold + 1, self.k, self.done, self.epochs
+        )
+        return {}
+
+
+def _fold_file_handler(path: Path) -> logging.Handler:
+    h = logging.FileHandler(path, mode="a", encoding="utf-8")
+    h.setLevel(logging.INFO)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return h
+
+
+def run_crossval(cfg: TrainConfig, k: int = 5) -> dict[str, Any]:
+    """Run k-fold patient-level CV of ``cfg``'s recipe; write outputs to ``out_dir``.
+
+    Folds use ``cfg.split_seed``; training uses ``cfg.seed`` (every fold starts
+    from the same seeded state, so the run is deterministic in both).
+
+    Returns the ``cv_metrics.json`` document.
+
+    Raises:
+        MammofedError: ``k`` exceeds a cache's box-labeled train patients, or a
+            fold directory holds a run of a different fold.
+    """
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, out)
+    device = resolve_device(cfg.device)
+    t_start = time.perf_counter()
+    sites = {
+        Path(c).name: SiteDataset(
+            c, test_fraction=cfg.test_fraction, seed=cfg.split_seed
+        )
+        for c in cfg.caches
+    }
+    folds = make_folds(sites, k, cfg.split_seed)
+    for name, s in sites.items():
+        n_cv = len(folds[0].parts[name][0]) + len(folds[0].parts[name][1])
+        n_test = len(s.indices("test"))
+        log.info(
+            "site %s: %d box-labeled images in %d folds (%d test-split images out)",
+            name, n_cv, k, n_test,
+        )  # fmt: skip
+
+    oof: list[FrocImage] = []
+    oof_fold: list[int] = []
+    fold_docs: list[dict[str, Any]] = []
+    for fold in folds:
+        f = fold.index
+        fdir = out / f"fold-{f}"
+        fdir.mkdir(parents=True, exist_ok=True)
+        val_keys = sorted(
+            f"{name}/{sites[name].records[i].key}"
+            for name, (_, val) in fold.parts.items()
+            for i in val
+        )
+        val_patients = sorted(
+            {
+                f"{name}/{sites[name].records[i].patient_id}"
+                for name, (_, val) in fold.parts.items()
+                for i in val
+            }
+        )
+        train_patients = sorted(
+            {
+                f"{name}/{sites[name].records[i].patient_id}"
+                for name, (tr, _) in fold.parts.items()
+                for i in tr
+            }
+        )
+        fold_info = {
+            "fold": f,
+            "k": k,
+            "fold_seed": cfg.split_seed,
+            "val_keys": val_keys,
+            "val_patients": val_patients,
+        }
+        fj = fdir / FOLD_JSON
+        if fj.is_file():
+            prev = json.loads(fj.read_text())
+            if prev != fold_info:
+                raise MammofedError(
+                    f"{fdir}: holds a run of a different fold (k, seed or data "
+                    "changed); use a new --out or remove it"
+                )
+        fj.write_text(json.dumps(fold_info, indent=1))
+
+        handler = _fold_file_handler(fdir / "train.log")
+        logging.getLogger().addHandler(handler)
+        t0 = time.perf_counter()
+        try:
+            seed_everything(cfg.seed)
+            gen = (
+                torch.Generator().manual_seed(cfg.seed)
+                if cfg.num_workers == 0
+                else None
+            )
+            transform = train_transform(cfg.augment, gen)
+            train_views = [
+                sites[name].subset(tr, transform)
+                for name, (tr, _) in fold.parts.items()
+            ]
+            val_views = {
+                name: sites[name].subset(val) for name, (_, val) in fold.parts.items()
+            }
+            n_train = sum(len(v) for v in train_views)
+            n_val = sum(len(v) for v in val_views.values())
+            log.info(
+                "fold %d/%d: train %d images (%d patients), validate %d images "
+                "(%d patients)",
+                f + 1, k, n_train, len(train_patients), n_val, len(val_patients),
+            )  # fmt: skip
+            progress = _EpochLogger(f, k, cfg.epochs, fdir / EPOCH_LOG)
+            model = train_model(cfg, train_views, fdir, device, eval_fn=progress)
+            images: list[FrocImage] = []
+            for name, v in val_views.items():
+                if len(v):
+                    images.extend(
+                        _predict_view(
+                            model,
+                            v,
+                            device,
+                            amp=cfg.amp,
+                            batch_size=cfg.batch_size,
+                            prefix=f"{name}/",
+                        )
+                    )
+            per_class = froc_all(images, n_boot=0, seed=cfg.seed)
+            cpm = {name: _num(r.cpm) for name, r in per_class.items()}
+            seconds = time.perf_counter() - t0
+            log.info(
+                "fold %d/%d: CPM mass %s calcification %s (%d images, %.0f s)",
+                f + 1, k, _fmt(cpm[CLASSES[0]]), _fmt(cpm[CLASSES[1]]),
+                len(images), seconds,
+            )  # fmt: skip
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        oof.extend(images)
+        oof_fold.extend([f] * len(images))
+        fold_docs.append(
+            {
+                "fold": f,
+                "n_train_images": n_train,
+                "n_val_images": n_val,
+                "n_train_patients": len(train_patients),
+                "n_val_patients": len(val_patients),
+                "val_patients": val_patients,
+                "cpm": cpm,
+                "n_lesions": {name: r.n_lesions for name, r in per_class.items()},
+                "seconds": round(seconds, 2),
+            }
+        )
+
+    pooled = froc_all(oof, n_boot=cfg.n_boot, seed=cfg.seed)
+    for name, r in pooled.items():
+        plot_froc(
+            [r],
+            out / f"froc-{name}.png",
+            title=f"{k}-fold CV (out-of-fold): {name}",
+        )
+    classes: dict[str, Any] = {}
+    for name, r in pooled.items():
+        fold_cpm = [d["cpm"][name] for d in fold_docs]
+        mean, sd = _mean_sd([math.nan if c is None else c for c in fold_cpm])
+        classes[name] = {
+            **result_to_dict(r),
+            "fold_cpm": fold_cpm,
+            "fold_cpm_mean": mean,
+            "fold_cpm_sd": sd,
+        }
+    doc: dict[str, Any] = {
+        "k": k,
+        "seed": cfg.seed,
+        "fold_seed": cfg.split_seed,
+        "n_boot": cfg.n_boot,
+        "n_images": len(oof),
+        "n_patients": sum(d["n_val_patients"] for d in fold_docs),
+        "classes": classes,
+        "metrics": flat_metrics(pooled, len(oof)),
+        "folds": fold_docs,
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "config": config_to_dict(cfg),
+    }
+    doc = _json_safe(doc)
+    (out / CV_METRICS_JSON).write_text(json.dumps(doc, indent=2))
+    (out / OOF_PREDICTIONS_JSON).write_text(
+        json.dumps(
+            [
+                {
+                    "key": im.key,
+                    "fold": fi,
+                    "boxes": np.round(im.det_boxes, 2).tolist(),
+                    "scores": np.round(im.det_scores, 5).tolist(),
+                    "labels": im.det_labels.tolist(),
+                }
+                for im, fi in zip(oof, oof_fold, strict=True)
+            ]
+        )
+    )
+    m = classes
+    log.info(
+        "CV %d folds, %d images: CPM mass %s [%s, %s] calcification %s [%s, %s]",
+        k, len(oof),
+        _fmt(m[CLASSES[0]]["cpm"]), *_ci(m[CLASSES[0]]),
+        _fmt(m[CLASSES[1]]["cpm"]), *_ci(m[CLASSES[1]]),
+    )  # fmt: skip
+    return doc
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _ci(c: dict[str, Any]) -> tuple[str, str]:
+    ci = c.get("cpm_ci95")
+    if not ci:
+        return ("n/a", "n/a")
+    return (_fmt(ci[0]), _fmt(ci[1]))
