@@ -37,6 +37,7 @@ from common.adapt.augment import StrongAugment
 from common.adapt.config import AdaptConfig
 from common.data import collate
 from common.model import Personalization, head_keys, shared_and_personal
+from common.model.params import COUNTER_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,22 @@ def fewshot_frozen_keys(
     ``state_dict`` keys that :func:`common.model.shared_and_personal` calls
     shared, minus the detection head's keys (:func:`common.model.head_keys`).
     """
-    shared, _ = shared_and_personal(model, personalization)
+    shared, personal = shared_and_personal(model, personalization)
     head = set(head_keys(model))
-    return [k for k in shared if k not in head]
+    shared_set = set(shared)
+    # A BatchNorm step counter is never sent, but it belongs to its layer: when
+    # the layer's weights are shared (frozen here), its counter freezes too.
+    counters = {
+        k
+        for k in personal
+        if k.endswith(COUNTER_SUFFIX)
+        and k[: -len(COUNTER_SUFFIX)] + "running_mean" in shared_set
+    }
+    return [
+        k
+        for k in model.state_dict()
+        if k not in head and (k in shared_set or k in counters)
+    ]
 
 
 @contextmanager

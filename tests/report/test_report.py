@@ -74,6 +74,9 @@ def test_report_table_gap_closed_and_files(tmp_path: Path) -> None:
 def test_gap_closed_undefined_without_gap() -> None:
     assert math.isnan(gap_closed(0.5, 0.4, 0.4))
     assert math.isnan(gap_closed(math.nan, 0.1, 0.4))
+    # a gap smaller than MIN_GAP is noise on small test sets: not reported
+    assert math.isnan(gap_closed(0.5, 0.40, 0.43))
+    assert gap_closed(0.5, 0.4, 0.6) == pytest.approx(0.5)
 
 
 def test_report_rejects_folder_without_metrics(tmp_path: Path) -> None:
