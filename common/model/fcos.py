@@ -157,8 +157,12 @@ class TinyResNet(nn.Module):
 
     widths: tuple[int, int, int, int] = (8, 16, 32, 64)
 
-    def __init__(self, norm_layer: NormFactory) -> None:
+    def __init__(
+        self, norm_layer: NormFactory, widths: tuple[int, int, int, int] | None = None
+    ) -> None:
         super().__init__()
+        if widths is not None:
+            self.widths = widths
         w = self.widths
         self.conv1 = nn.Conv2d(1, w[0], 3, stride=2, padding=1, bias=False)
         self.bn1 = norm_layer(w[0])
@@ -278,6 +282,14 @@ class MammoFCOS(FCOS):
         return norm_keys(self)
 
 
+#: Small CPU bodies by arch name: stage widths (strides 2/4, 8, 16, 32).
+#: ``tiny`` is for tests; ``small`` (about 4x the compute) for CPU studies.
+SMALL_BODIES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (8, 16, 32, 64),
+    "small": (16, 32, 64, 128),
+}
+
+
 def build_fcos(cfg: ModelConfig) -> MammoFCOS:
     """Build the FCOS detector described by ``cfg`` (untrained unless weights_path).
 
@@ -286,16 +298,18 @@ def build_fcos(cfg: ModelConfig) -> MammoFCOS:
     """
     norm = norm_factory(cfg.norm)
     body: nn.Module
-    if cfg.arch == "tiny":
-        body = TinyResNet(norm)
-        in_channels = list(TinyResNet.widths[1:])
+    if cfg.arch in SMALL_BODIES:
+        tiny = TinyResNet(norm, SMALL_BODIES[cfg.arch])
+        body, in_channels = tiny, list(tiny.widths[1:])
     elif cfg.arch.startswith("resnet"):
         body, in_channels = _resnet_body(int(cfg.arch.removeprefix("resnet")), norm)
     else:
         raise ValueError(f"build_fcos: no body for arch {cfg.arch!r}")
     if cfg.weights_path is not None:
-        if cfg.arch == "tiny":
-            raise CheckpointMismatch("weights_path is not supported for arch 'tiny'")
+        if cfg.arch in SMALL_BODIES:
+            raise CheckpointMismatch(
+                f"weights_path is not supported for arch {cfg.arch!r}"
+            )
         load_backbone_weights(body, cfg.weights_path)
     c = cfg.fpn_channels
     backbone = BackboneWithFPN(

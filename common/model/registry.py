@@ -66,5 +66,5 @@ def _ensure_builtin() -> None:
     if not _REGISTRY:
         from common.model import fcos
 
-        for name in ("tiny", "resnet18", "resnet34", "resnet50"):
+        for name in ("tiny", "small", "resnet18", "resnet34", "resnet50"):
             _REGISTRY[name] = fcos.build_fcos
