@@ -28,7 +28,8 @@ def tiny(**kw) -> torch.nn.Module:
 
 
 def test_registry_lists_names_and_rejects_unknown():
-    assert {"tiny", "small", "resnet18", "resnet34", "resnet50"} <= set(available_models())
+    expected = {"tiny", "small", "resnet18", "resnet34", "resnet50"}
+    assert expected <= set(available_models())
     with pytest.raises(ValueError, match="valid names: .*resnet18.*tiny"):
         ModelConfig(arch="vgg")
     bad = dataclasses.replace(ModelConfig(), arch="tiny")
