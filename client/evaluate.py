@@ -16,6 +16,7 @@ from typing import Any
 
 from common import __version__
 from common.checkpoint import load_model
+from common.config.loader import config_to_dict, write_resolved
 from common.data import SiteDataset
 from common.engine import evaluate_detailed, prepare_model, resolve_device
 
@@ -51,6 +52,20 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     model, ck = load_model(checkpoint, use_ema=use_ema)
     prepare_model(model, dev)
+    write_resolved(
+        {
+            "checkpoint": str(checkpoint),
+            "cache_dir": str(cache_dir),
+            "model": config_to_dict(ck.model_config),
+            "view": view,
+            "test_fraction": test_fraction,
+            "split_seed": split_seed,
+            "n_boot": n_boot,
+            "seed": seed,
+            "use_ema": use_ema,
+        },
+        out,
+    )
     site = SiteDataset(cache_dir, test_fraction=test_fraction, seed=split_seed)
     ds = site.view(view)
     if len(ds) == 0:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from common.checkpoint import load_model
+from common.config.loader import config_to_dict, write_resolved
 from common.engine import predict_images, prepare_model, resolve_device
 from common.errors import RefusedImage
 from common.geometry import Geometry
@@ -151,13 +152,17 @@ def predict_paths(
     use_ema: bool = False,
     overlay: bool = True,
     overlay_floor: float = 0.3,
+    batch_size: int = 4,
 ) -> PredictResult:
     """Detect lesions in every input file; write one JSON (+ overlay) per image.
 
     ``score_floor`` lowers/raises the model's own score threshold for this run.
     ``spacing_mm`` is the stored pixel spacing of PNG/TIFF inputs;
     ``default_spacing_mm`` the fallback for DICOM without spacing. Overlays draw
-    detections scoring at least ``max(score_floor, overlay_floor)``.
+    detections scoring at least ``max(score_floor, overlay_floor)``. Images are
+    decoded one by one and run through the model ``batch_size`` at a time (4: a
+    four-view exam in one forward pass). ``OUT/resolved_config.yaml`` records
+    the checkpoint's model config and these settings.
     """
     if not 0.0 <= score_floor <= 1.0:
         raise ValueError(f"score_floor must be in [0, 1], got {score_floor!r}")
@@ -168,22 +173,36 @@ def predict_paths(
     prepare_model(model, dev)
     model.score_thresh = float(score_floor)  # type: ignore[assignment]
     working = ck.model_config.working_spacing_mm
+    write_resolved(
+        {
+            "checkpoint": str(checkpoint),
+            "model": config_to_dict(ck.model_config),
+            "score_floor": score_floor,
+            "spacing_mm": spacing_mm,
+            "default_spacing_mm": default_spacing_mm,
+            "use_ema": use_ema,
+        },
+        out,
+    )
     result = PredictResult()
     used: set[str] = set()
-    for f in expand_inputs(paths):
-        try:
-            image = read_any(
-                f,
-                working_spacing_mm=working,
-                default_spacing_mm=default_spacing_mm,
-                spacing_mm=spacing_mm,
-            )
-        except (RefusedImage, ValueError) as exc:
-            log.warning("skipped %s: %s", f, exc)
-            result.skipped.append((str(f), str(exc)))
-            continue
-        tensor = torch.from_numpy(np.ascontiguousarray(image.pixels)).unsqueeze(0)
-        dets = predict_images(model, [tensor], dev)[0]
+    pending: list[tuple[Path, Any]] = []
+
+    def flush() -> None:
+        # One forward pass per batch (a four-view exam by default).
+        if not pending:
+            return
+        tensors = [
+            torch.from_numpy(np.ascontiguousarray(im.pixels)).unsqueeze(0)
+            for _, im in pending
+        ]
+        for (f, image), dets in zip(
+            pending, predict_images(model, tensors, dev), strict=True
+        ):
+            _write_one(f, image, dets)
+        pending.clear()
+
+    def _write_one(f: Path, image: Any, dets: dict[str, np.ndarray]) -> None:
         detections = detections_to_stored(dets, image.geometry, score_floor=score_floor)
         doc: dict[str, Any] = {
             "source": str(f),
@@ -207,4 +226,21 @@ def predict_paths(
             )
         result.written.append(jpath)
         log.info("%s: %d detections -> %s", f, len(detections), jpath)
+
+    for f in expand_inputs(paths):
+        try:
+            image = read_any(
+                f,
+                working_spacing_mm=working,
+                default_spacing_mm=default_spacing_mm,
+                spacing_mm=spacing_mm,
+            )
+        except (RefusedImage, ValueError) as exc:
+            log.warning("skipped %s: %s", f, exc)
+            result.skipped.append((str(f), str(exc)))
+            continue
+        pending.append((f, image))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
     return result

@@ -184,3 +184,31 @@ def test_shipped_train_configs_validate(tmp_path, site_cache, name):
     cfg = from_mapping(data, TrainConfig, source=name, base_dir=tmp_path)
     assert cfg.model.working_spacing_mm == 0.4
     assert cfg.epochs >= 1
+
+
+def test_predict_batches_a_four_view_exam_like_single_images(tmp_path, tiny_checkpoint):
+    src = tmp_path / "exam"
+    src.mkdir()
+    for name in ("a", "b", "c", "d", "e"):
+        _right_breast_png(src / f"{name}.png")
+    batched = predict_paths(
+        tiny_checkpoint, [src], tmp_path / "b4", spacing_mm=0.2, device="cpu"
+    )
+    single = predict_paths(
+        tiny_checkpoint,
+        [src],
+        tmp_path / "b1",
+        spacing_mm=0.2,
+        device="cpu",
+        batch_size=1,
+    )
+    assert [p.name for p in batched.written] == [p.name for p in single.written]
+    assert len(batched.written) == 5
+    for p1, p4 in zip(single.written, batched.written, strict=True):
+        d1 = json.loads(p1.read_text())["detections"]
+        d4 = json.loads(p4.read_text())["detections"]
+        assert len(d1) == len(d4)
+        for x, y in zip(d1, d4, strict=True):
+            assert x["label"] == y["label"]
+            assert abs(x["score"] - y["score"]) < 1e-4
+    assert "score_floor" in (tmp_path / "b4" / "resolved_config.yaml").read_text()
