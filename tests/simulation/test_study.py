@@ -90,3 +90,60 @@ def test_report_from_study(study: Path, tmp_path: Path) -> None:
     assert "## CPM: mass" in text and "| A |" in text
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["regimes"] == [R.BASE, R.FEDAVG, R.PERSONALIZED, R.ORACLE]
+
+
+@pytest.mark.slow
+def test_detector_clients_send_only_declared_arrays_and_whitelisted_metrics(
+    study: Path, tmp_path: Path
+) -> None:
+    """Privacy by construction, with the real detector trainer on phantom DICOM."""
+    from flwr.app import Context, Message
+
+    from client.app import app
+    from client.detector_trainer import DetectorTrainer
+    from common.federation import (
+        METRIC_WHITELIST,
+        RUN_FEDERATION_JSON,
+        federation_config_to_json,
+    )
+    from server.federation import run_federation
+    from simulation.grid import InProcessGrid
+    from simulation.run import _regime_config
+
+    caches = {s: study.parent / "data" / "cache" / s for s in ("A", "B", "C")}
+    base = load_federation_config(FEDERATION)
+    req = RunRequest(SCENARIO, FEDERATION, tmp_path)
+    fed = _regime_config(base, R.PERSONALIZED, req, tmp_path, list(caches))
+    sent: list[Message] = []
+
+    def spy(msg: Message, ctx: Context) -> Message:
+        reply = app(msg, ctx)
+        sent.append(reply)
+        return reply
+
+    grid = InProcessGrid(
+        spy,
+        {
+            100 + i: (s, str(fed.state_dir), str(c))
+            for i, (s, c) in enumerate(caches.items())
+        },
+        {RUN_FEDERATION_JSON: federation_config_to_json(fed)},
+    )
+    assert fed.run_dir is not None and fed.state_dir is not None
+    run_federation(grid, fed, fed.run_dir)
+    trainer = DetectorTrainer("A", fed.state_dir, fed, caches["A"])
+    spec = trainer.shared_spec()
+    assert not set(spec) & set(norm_keys(trainer.model))  # FedBN: norms stay home
+    n_arrays = 0
+    assert len(sent) >= 6  # query + train and evaluate from every site
+    for reply in sent:
+        assert not reply.has_error(), reply.error
+        content = reply.content
+        assert not content.config_records  # no strings, paths or identifiers
+        for record in content.array_records.values():
+            assert {k: tuple(a.shape) for k, a in record.items()} == spec
+            n_arrays += 1
+        for record in content.metric_records.values():
+            assert set(record) <= METRIC_WHITELIST
+            assert all(isinstance(v, int | float) for v in record.values())
+    assert n_arrays >= 3
