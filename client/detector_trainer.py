@@ -130,7 +130,7 @@ class DetectorOptions:
         )
 
 
-class _Transformed(Dataset[tuple[Tensor, dict[str, Any]]]):
+class Transformed(Dataset[tuple[Tensor, dict[str, Any]]]):
     """A dataset with a box-aware ``(image, target)`` transform on top."""
 
     def __init__(self, base: Dataset[Any], transform: Any) -> None:
@@ -259,9 +259,9 @@ class DetectorTrainer:
         base: Dataset[Any] = self.dataset.view(name)
         std = self.standardizer()
         if std is not None:
-            base = _Transformed(base, std)
+            base = Transformed(base, std)
         if train:
-            base = _Transformed(base, train_transform(self.fed_cfg.seed))
+            base = Transformed(base, train_transform(self.fed_cfg.seed))
         return base
 
     def _loader(self, view: Dataset[Any], batch_size: int, n_steps: int) -> DataLoader:

@@ -46,7 +46,12 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from client.detector_trainer import DetectorOptions, DetectorTrainer, train_transform
+from client.detector_trainer import (
+    DetectorOptions,
+    DetectorTrainer,
+    Transformed,
+    train_transform,
+)
 from client.ingest import ingest_site
 from common.config.loader import config_to_dict, from_mapping, load_yaml, write_resolved
 from common.config.site import SiteConfig
@@ -132,9 +137,11 @@ def prepare_sites(
         caches[s.name] = data / "cache" / s.name
         res = ingest_site(sites_dir / s.name, caches[s.name], cfg, workers=workers)
         log.info(
-            "site %s: %s",
+            "site %s: %d images cached (%d new), %d files skipped",
             s.name,
-            res.summary_line() if hasattr(res, "summary_line") else "ingested",
+            len(res.entries),
+            len(res.new),
+            len(res.skipped),
         )
         oracle_site = _oracle_site_dir(sites_dir, s.name)
         oracle[s.name] = data / "oracle" / s.name
@@ -250,9 +257,7 @@ def train_central(
     n = len(pooled)
     if n == 0:
         raise MammofedError(f"{label}: no labeled images in {[str(c) for c in caches]}")
-    from client.detector_trainer import _Transformed
-
-    data = _Transformed(pooled, train_transform(seed))
+    data = Transformed(pooled, train_transform(seed))
     steps = math.ceil(n / batch_size)
     if opts.max_steps:
         steps = min(steps, opts.max_steps * len(caches))
