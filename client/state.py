@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import MammofedError
+from common.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +31,6 @@ META_JSON = "meta.json"
 
 class SiteStateError(MammofedError):
     """A state file that exists but cannot be read; the message names it."""
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class SiteState:
@@ -80,7 +65,7 @@ class SiteState:
         buf = io.BytesIO()
         payload = {k: np.asarray(v) for k, v in arrays.items()}
         np.savez(buf, **payload)  # type: ignore[arg-type]
-        _atomic_write_bytes(self.personal_path, buf.getvalue())
+        atomic_write_bytes(self.personal_path, buf.getvalue())
 
     def load_personal(self) -> dict[str, np.ndarray] | None:
         """The saved personal arrays, or ``None`` when none were saved yet."""
@@ -107,7 +92,7 @@ class SiteState:
     def write_meta(self, meta: Mapping[str, Any]) -> None:
         """Atomically replace the metadata."""
         payload = json.dumps(dict(meta), indent=2, sort_keys=True).encode()
-        _atomic_write_bytes(self.meta_path, payload)
+        atomic_write_bytes(self.meta_path, payload)
 
     @property
     def last_round(self) -> int:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from common.annotations import ImageTargets
+from common.fileio import atomic_write_text as _atomic_write_text
 from common.geometry import Geometry
 from common.image import ImageMeta, MammoImage
 from common.keys import INGEST_REPORT_JSON, MANIFEST_COLUMNS, MANIFEST_CSV
@@ -68,15 +69,9 @@ def content_key(path: str | Path, working_spacing_mm: float, extra: str = "") ->
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename."""
-    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+    """Write a cache file atomically (no fsync: a cache can be rebuilt)."""
+    _atomic_write_text(path, text, fsync=False)
 
 
 @dataclass(frozen=True)

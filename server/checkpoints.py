@@ -12,9 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import CheckpointMismatch
+from common.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +35,6 @@ class Checkpoint:
     round: int
     arrays: dict[str, np.ndarray]
     meta: dict[str, Any]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class CheckpointStore:
@@ -76,14 +62,14 @@ class CheckpointStore:
         buf = io.BytesIO()
         payload = {k: np.asarray(v) for k, v in arrays.items()}
         np.savez(buf, **payload)  # type: ignore[arg-type]
-        _atomic_write(npz, buf.getvalue())
+        atomic_write_bytes(npz, buf.getvalue())
         meta = {
             "round": int(server_round),
             "array_names": list(arrays),
             "metrics": dict(metrics or {}),
             "config": dict(config or {}),
         }
-        _atomic_write(meta_path, json.dumps(meta, indent=2, default=str).encode())
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=2, default=str).encode())
         log.debug("checkpoint round %d written to %s", server_round, npz)
         return meta_path
 
