@@ -66,7 +66,8 @@ def _flwr(args: list[str], home: Path, timeout_s: float) -> str:
     return res.stdout
 
 
-def _last_json(text: str) -> dict[str, Any]:
+def find_json(text: str) -> dict[str, Any] | None:
+    """The last JSON object ``flwr --format json`` printed (``None`` if none)."""
     for line in reversed(text.strip().splitlines()):
         line = line.strip()
         if line.startswith("{"):
@@ -76,8 +77,26 @@ def _last_json(text: str) -> dict[str, Any]:
                 continue
     try:
         return dict(json.loads(text))
-    except json.JSONDecodeError as exc:
-        raise ProcessError(f"flwr printed no JSON: {text[-300:]!r}") from exc
+    except json.JSONDecodeError:
+        return None
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    found = find_json(text)
+    if found is None:
+        raise ProcessError(f"flwr printed no JSON: {text[-300:]!r}")
+    return found
+
+
+def write_run_config(cfg: FederationConfig, run_dir: Path) -> Path:
+    """``<run_dir>/run-config.toml`` for ``flwr run --run-config`` (inline config)."""
+    run_toml = run_dir / RUN_CONFIG_TOML
+    run_toml.write_text(
+        tomli_w.dumps(
+            {RUN_FEDERATION_JSON: federation_config_to_json(cfg), RUN_DIR: str(run_dir)}
+        )
+    )
+    return run_toml
 
 
 def prepare_home(run_dir: Path, conn: Connection) -> Path:
@@ -104,12 +123,7 @@ def submit_run(
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     home = prepare_home(run_dir, conn)
-    run_toml = run_dir / RUN_CONFIG_TOML
-    run_toml.write_text(
-        tomli_w.dumps(
-            {RUN_FEDERATION_JSON: federation_config_to_json(cfg), RUN_DIR: str(run_dir)}
-        )
-    )
+    run_toml = write_run_config(cfg, run_dir)
     out = _flwr(
         [
             "run",

@@ -47,21 +47,15 @@ from common.errors import MammofedError
 from common.federation import (
     CHECKPOINT_DIR,
     ROUNDS_JSONL,
-    RUN_DIR,
-    RUN_FEDERATION_JSON,
     FederationConfig,
-    federation_config_to_json,
     flower_bin,
     flower_env,
 )
+from server.launch import APP_DIR, FLWR_HOME_DIR, find_json, write_run_config
 
 log = logging.getLogger(__name__)
 
-#: Repo root: holds pyproject.toml with [tool.flwr.app] (the FAB's source).
-APP_DIR = Path(__file__).resolve().parents[1]
-FLWR_HOME_DIR = "flwr-home"
 CONNECTION = "mammofed-sim"
-RUN_CONFIG_TOML = "run-config.toml"
 #: Where ``flwr`` puts the managed SuperLink's database and log.
 SUPERLINK_LOG = Path("local-superlink") / "superlink.log"
 ENV_HTTP_PORT = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
@@ -210,26 +204,12 @@ def log_tail(home: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _last_json(text: str) -> dict[str, Any]:
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return dict(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    try:
-        return dict(json.loads(text))
-    except json.JSONDecodeError:
-        return {}
-
-
 def _run_row(run_id: int, env: Mapping[str, str]) -> dict[str, Any]:
     """``flwr ls --run-id`` row of ``run_id`` (``{}`` when unknown)."""
     res = _flwr(
         ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env, 60.0
     )
-    runs = _last_json(res.stdout).get("runs") or []
+    runs = (find_json(res.stdout) or {}).get("runs") or []
     return dict(runs[0]) if runs else {}
 
 
@@ -308,12 +288,7 @@ def run_federated_ray(
     while control_port == http_port:
         control_port = _free_port()
     env = engine_env(home, http_port, control_port)
-    run_toml = run_dir / RUN_CONFIG_TOML
-    run_toml.write_text(
-        tomli_w.dumps(
-            {RUN_FEDERATION_JSON: federation_config_to_json(fed), RUN_DIR: str(run_dir)}
-        )
-    )
+    run_toml = write_run_config(fed, run_dir)
     deadline = time.monotonic() + timeout_s
     run_id: int | None = None
     t0 = time.monotonic()
@@ -324,7 +299,7 @@ def run_federated_ray(
             env,
             max(30.0, min(180.0, timeout_s)),
         )
-        payload = _last_json(res.stdout)
+        payload = find_json(res.stdout) or {}
         if res.returncode != 0 or not payload.get("success"):
             out = (res.stdout + res.stderr).strip().splitlines()[-8:]
             raise RayEngineError(
