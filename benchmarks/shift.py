@@ -21,13 +21,11 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
 from benchmarks.common import emit
 from client.detector_trainer import DetectorOptions
 from common.config.loader import from_mapping
 from common.data import SiteDataset
-from common.engine import evaluate_detailed
+from common.engine import evaluate_detailed, resolve_device
 from common.federation import load_federation_config
 from simulation.run import prepare_sites, site_metrics, train_central
 
@@ -53,7 +51,7 @@ def main() -> None:
     )
     home = next((s.name for s in scenario.sites if s.role == "base"), None)
     home = home or scenario.sites[0].name
-    device = torch.device("cpu")
+    device = resolve_device(opts.device)
     model = train_central(
         [caches[home]],
         opts,

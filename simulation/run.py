@@ -59,6 +59,7 @@ from common.data import SiteDataset, collate
 from common.engine import (
     EvalResult,
     evaluate_detailed,
+    resolve_device,
     seed_everything,
     train_one_epoch,
 )
@@ -529,15 +530,8 @@ def run_study(req: RunRequest) -> Path:
             indent=1,
         )
     )
-    device = (
-        torch.device("cpu")
-        if opts.device == "cpu"
-        else (
-            torch.device("cuda")
-            if torch.cuda.is_available() and opts.device in ("auto", "cuda")
-            else torch.device("cpu")
-        )
-    )
+    # the same device rule as the federated sites (DetectorTrainer)
+    device = resolve_device(opts.device)
     rounds = req.rounds or fed.num_rounds
     epochs = rounds * fed.trainer.local_epochs
     common_kw: dict[str, Any] = dict(
@@ -551,10 +545,15 @@ def run_study(req: RunRequest) -> Path:
     for regime in [r for r in R.ORDER if r in req.regimes]:
         t0 = time.monotonic()
         log.info("=== regime %s ===", regime)
-        if regime == R.BASE:
-            model = train_central(
-                [caches[s] for s in base_sites], opts, label=regime, **common_kw
+        if regime in (R.BASE, R.ORACLE):
+            # one model on pooled caches (the base site; every site's oracle
+            # labels), tested on every site's held-out women
+            train_on = (
+                [caches[s] for s in base_sites]
+                if regime == R.BASE
+                else [oracle[s] for s in sites]
             )
+            model = train_central(train_on, opts, label=regime, **common_kw)
             metrics = {
                 s: _evaluate_on(model, caches[s], fed.seed, req.n_boot, device)
                 for s in sites
@@ -569,15 +568,6 @@ def run_study(req: RunRequest) -> Path:
                 metrics[s] = _evaluate_on(
                     model, caches[s], fed.seed, req.n_boot, device
                 )
-            _write_regime(out, regime, "central", metrics)
-        elif regime == R.ORACLE:
-            model = train_central(
-                [oracle[s] for s in sites], opts, label=regime, **common_kw
-            )
-            metrics = {
-                s: _evaluate_on(model, caches[s], fed.seed, req.n_boot, device)
-                for s in sites
-            }
             _write_regime(out, regime, "central", metrics)
         elif regime == R.PERSONALIZED_DP:
             log.warning("regime %s is not implemented yet; skipped", regime)
