@@ -152,7 +152,7 @@ class ModelEMA:
         self.module.load_state_dict(state)
 
 
-def _clean_targets(
+def targets_to_device(
     targets: Sequence[dict[str, Any]], device: torch.device
 ) -> list[dict[str, Tensor]]:
     """``boxes``/``labels`` on ``device``; degenerate boxes dropped with a log."""
@@ -214,7 +214,7 @@ def train_one_epoch(
     params = [p for p in model.parameters() if p.requires_grad]
     for i, (imgs, targets) in enumerate(loader):
         ims = _images_to(imgs, dev)
-        tg = _clean_targets(targets, dev)
+        tg = targets_to_device(targets, dev)
         images += len(ims)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(dev, amp):

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from common.adapt.augment import StrongAugment
 from common.adapt.config import AdaptConfig
 from common.data import collate
+from common.engine import targets_to_device
 from common.model import Personalization, head_keys, shared_and_personal
 from common.model.params import COUNTER_SUFFIX
 
@@ -175,22 +176,6 @@ def grouped_folds(
     return out
 
 
-def _targets(
-    ts: Sequence[dict[str, Any]], dev: torch.device
-) -> list[dict[str, Tensor]]:
-    return [
-        {
-            "boxes": torch.as_tensor(t["boxes"], dtype=torch.float32)
-            .reshape(-1, 4)
-            .to(dev),
-            "labels": torch.as_tensor(t["labels"], dtype=torch.int64)
-            .reshape(-1)
-            .to(dev),
-        }
-        for t in ts
-    ]
-
-
 def _epoch(
     model: nn.Module,
     loader: Iterable[Any],
@@ -203,7 +188,7 @@ def _epoch(
     total, n = 0.0, 0
     for imgs, ts in loader:
         optimizer.zero_grad(set_to_none=True)
-        losses = model([im.to(dev) for im in imgs], _targets(ts, dev))
+        losses = model([im.to(dev) for im in imgs], targets_to_device(ts, dev))
         loss = sum(losses.values(), torch.zeros((), device=dev))
         if not bool(torch.isfinite(loss)):
             log.warning("few-shot: non-finite loss; step skipped")
@@ -231,7 +216,7 @@ def validation_loss(
         m.eval()
     total, n = 0.0, 0
     for imgs, ts in loader:
-        losses = model([im.to(dev) for im in imgs], _targets(ts, dev))
+        losses = model([im.to(dev) for im in imgs], targets_to_device(ts, dev))
         total += float(sum(losses.values()))
         n += 1
     model.train(was_training)

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 
 from common.adapt.augment import StrongAugment, WeakAugment
 from common.adapt.config import AdaptConfig
-from common.engine import ModelEMA
+from common.engine import ModelEMA, targets_to_device
 
 log = logging.getLogger(__name__)
 
@@ -286,22 +286,6 @@ class RoundStats:
     seconds: float
 
 
-def _to_device_targets(
-    targets: Sequence[Mapping[str, Any]], device: torch.device
-) -> list[dict[str, Tensor]]:
-    return [
-        {
-            "boxes": torch.as_tensor(t["boxes"], dtype=torch.float32)
-            .reshape(-1, 4)
-            .to(device),
-            "labels": torch.as_tensor(t["labels"], dtype=torch.int64)
-            .reshape(-1)
-            .to(device),
-        }
-        for t in targets
-    ]
-
-
 def _cycle(loader: Iterable[Batch]) -> Iterator[Batch]:
     while True:
         empty = True
@@ -420,7 +404,7 @@ def local_round(
         sup = torch.zeros((), device=dev)
         if lab is not None:
             ims = [im.to(dev) for im in lab[0]]
-            losses = model(ims, _to_device_targets(lab[1], dev))
+            losses = model(ims, targets_to_device(lab[1], dev))
             sup = sum(losses.values(), sup)
             c.labeled += len(ims)
         unsup = torch.zeros((), device=dev)
