@@ -25,7 +25,6 @@ One bad file never aborts the walk: it is listed under ``skipped`` with its reas
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from common.annotations import (
     Skip,
     match_annotations,
     normalize_ref,
+    read_csv_records,
     read_site_annotations,
 )
 from common.cache import CacheEntry, SiteCache, atomic_write_text, manifest_row
@@ -111,22 +111,10 @@ def _skip(
     log.warning("skipped: %s", s.message())
 
 
-def _read_csv(path: Path, columns: Iterable[str]) -> list[tuple[int, dict[str, str]]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MammofedError(f"{path}: cannot read: {exc}") from exc
-    reader = csv.DictReader(text.splitlines())
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise MammofedError(
-            f"{path}: header {header!r} lacks column(s) {', '.join(missing)}"
-        )
-    reader.fieldnames = header
+def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
     return [
         (i, {k: (v or "").strip() for k, v in rec.items() if isinstance(k, str)})
-        for i, rec in enumerate(reader, start=2)
+        for i, rec in read_csv_records(path, columns)
     ]
 
 

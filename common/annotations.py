@@ -40,14 +40,14 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from common.errors import AnnotationError
+from common.errors import AnnotationError, MammofedError
 from common.geometry import Geometry
 from common.keys import (
     ANNOTATION_COLUMNS,
@@ -202,6 +202,36 @@ def _parse_box(
     return True, (vals["xmin"], vals["ymin"], vals["xmax"], vals["ymax"])
 
 
+def read_csv_records(
+    path: Path,
+    columns: Sequence[str],
+    *,
+    error: type[MammofedError] = MammofedError,
+    what: str = "table",
+) -> list[tuple[int, dict[Any, Any]]]:
+    """Rows of a CSV whose header must hold ``columns``, as ``(row number, row)``.
+
+    Row numbers are as in the file (the header is row 1); header names are
+    stripped; a row with more fields than the header keeps them under the key
+    ``None`` (``csv.DictReader``). An unreadable file or a missing column raises
+    ``error`` naming the file and the header.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read {what}: {exc}") from exc
+    reader = csv.DictReader(text.splitlines())
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise error(
+            f"{path}: header {header!r} lacks column(s) {', '.join(missing)} "
+            f"(expected {', '.join(columns)})"
+        )
+    reader.fieldnames = header
+    return list(enumerate(reader, start=2))
+
+
 def read_annotations_csv(path: str | Path, mapper: FindingMapper) -> AnnotationSet:
     """Parse an ``annotations.csv`` (site contract, see module docstring).
 
@@ -217,20 +247,10 @@ def read_annotations_csv(path: str | Path, mapper: FindingMapper) -> AnnotationS
     """
     p = Path(path)
     aset = AnnotationSet(str(p))
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AnnotationError(f"{p}: cannot read annotations: {exc}") from exc
-    reader = csv.DictReader(text.splitlines())
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in ANNOTATION_COLUMNS if c not in header]
-    if missing:
-        raise AnnotationError(
-            f"{p}: header {header!r} lacks column(s) {', '.join(missing)} "
-            f"(expected {', '.join(ANNOTATION_COLUMNS)})"
-        )
-    reader.fieldnames = header
-    for i, rec in enumerate(reader, start=2):
+    rows = read_csv_records(
+        p, ANNOTATION_COLUMNS, error=AnnotationError, what="annotations"
+    )
+    for i, rec in rows:
         if rec is None or all(not (v or "").strip() for v in rec.values() if v):
             continue
         if None in rec:
