@@ -1,26 +1,34 @@
 """Quality comparison of client-side adaptation (measured, not asserted).
 
-Semi-supervised site (``--ssl-cache``, e.g. scenario site C with 10-20% labels):
+One command runs the whole comparison on a phantom scenario::
 
-* ``sup``: supervised on the labeled view only;
-* ``ssl-pseudo`` / ``ssl-dense``: the same plus mean-teacher consistency on
-  the unlabeled view (``common.adapt.local_round``), evaluated on the teacher;
-* ``all-labels``: supervised on the labeled view of ``--ssl-full-cache`` (the
-  same site ingested with every label), when given.
-* figure ``gap-closed`` = (ssl - sup) / (all - sup) on ``cpm-mean``.
+    python -m benchmarks.adapt --scenario configs/simulation/adapt-cpu.yaml \
+        --data out/adapt --steps 600 --device auto
 
-Few-shot site (``--fewshot-cache``, e.g. site B) from ``--base-checkpoint``:
-``local-only`` (from scratch), ``full-ft``, ``head-only`` and
-``head-only+std`` (histogram standardization fitted on the site's images).
+1. The scenario's sites are generated and ingested (reused when unchanged),
+   each also with the oracle's complete labels (``simulation.run.prepare_sites``).
+2. The **base** detector is trained centrally on the ``role: base`` sites (the
+   home vendor H) with the study's recipe (``simulation.run.train_central``);
+   ``<data>/base.pt`` is reused when present. Every arm below starts from it,
+   as a site joining the federation starts from the global model.
+3. Semi-supervised site (``role: semi-supervised``), same optimizer-step budget
+   (``--steps``) for every arm, each evaluated on its EMA (teacher) weights:
 
-Every arm is evaluated on the site's own test view with ``common.engine``'s
-FROC; one JSON line per figure goes to ``benchmarks/results/adapt.jsonl``.
+   * ``sup``: the labeled images only (10-20% of the site's training images);
+   * ``ssl-pseudo``: plus Unbiased-Teacher pseudo boxes on the unlabeled images;
+   * ``ssl-dense``: plus Dense-Teacher soft targets on the unlabeled images;
+   * ``all-labels``: supervised on every training image with its oracle label
+     (an upper bound only a phantom can give);
+   * figure ``gap-closed-<arm>`` = (arm - sup) / (all - sup) on ``cpm-mean``.
 
-Example::
+4. Few-shot site (``role: few-shot``): ``local-only`` (from scratch, all
+   layers), ``full-ft`` and ``head-only`` from the base, and ``head-only+std``
+   (site-fitted histogram standardization). Epochs are chosen by the site's own
+   patient-grouped cross-validation (``common.adapt.finetune_head``).
 
-    python -m benchmarks.adapt --ssl-cache runs/cache/C --ssl-full-cache \
-        runs/cache/C-full --fewshot-cache runs/cache/B \
-        --base-checkpoint runs/base/last.pt --epochs 20 --device auto
+Every arm is scored on the site's held-out test women with ``common.engine``'s
+FROC (CPM per class with a bootstrap interval over images); one JSON line per
+figure goes to ``benchmarks/results/adapt.jsonl``.
 """
 
 from __future__ import annotations
@@ -29,13 +37,16 @@ import argparse
 import copy
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from benchmarks.common import emit
+from client.detector_trainer import DetectorOptions
 from common.adapt import (
     AdaptConfig,
     HistogramStandardizer,
@@ -46,116 +57,203 @@ from common.adapt import (
     local_round,
 )
 from common.adapt.augment import StrongAugment
-from common.checkpoint import load_model
+from common.checkpoint import load_model, save_checkpoint
 from common.config import from_mapping, load_config
 from common.data import SiteDataset, collate
 from common.engine import evaluate, resolve_device, seed_everything
-from common.keys import CPM_MEAN
-from common.model import ModelConfig, Personalization, build_detector
+from common.keys import CLASSES, CPM_MEAN
+from common.model import Personalization
+from common.sampling import balanced_sampler
 
 log = logging.getLogger("benchmarks.adapt")
 BENCH = "adapt"
+BASE_CKPT = "base.pt"
 
 
-def _loader(ds: Any, batch: int, shuffle: bool) -> DataLoader[Any]:
-    return DataLoader(ds, batch_size=batch, shuffle=shuffle, collate_fn=collate)
+def _eval(model: nn.Module, site: SiteDataset, dev: torch.device, **kw: Any):
+    return evaluate(model, site.view("test", **kw), dev, n_boot=500)
 
 
-def _eval(model: torch.nn.Module, site: SiteDataset, dev: torch.device, **kw: Any):
-    return evaluate(model, site.view("test", **kw), dev, n_boot=200)
+def _emit_arm(figure: str, m: dict[str, Any], **ctx: Any) -> float:
+    """One line for the mean CPM, with the per-class CPMs and intervals."""
+    per_class = {
+        c: {
+            "cpm": m.get(f"cpm-{c}"),
+            "ci95": [m.get(f"cpm-{c}-ci-lo"), m.get(f"cpm-{c}-ci-hi")],
+        }
+        for c in CLASSES
+    }
+    emit(BENCH, figure, m[CPM_MEAN], "cpm", per_class=per_class, **ctx)
+    return float(m[CPM_MEAN])
 
 
 def _train_ssl(
+    start: nn.Module,
     site: SiteDataset,
-    model_cfg: ModelConfig,
     cfg: AdaptConfig,
-    epochs: int,
+    steps: int,
     dev: torch.device,
     batch: int,
-) -> dict[str, float]:
+    lr: float,
+    lesion_prob: float,
+    labeled_view: str = "labeled",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``steps`` optimizer steps of ``local_round`` from ``start``; the teacher."""
     seed_everything(cfg.seed)
-    model = build_detector(model_cfg).to(dev)
+    model = copy.deepcopy(start).to(dev)
     teacher = MeanTeacher(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    lab = _loader(site.view("labeled", transform=StrongAugment(seed=1)), batch, True)
-    unl = _loader(UnlabeledImages(site.view("unlabeled")), batch, True)
-    step = 0
-    for ep in range(epochs):
-        stats = local_round(model, teacher, lab, unl, opt, cfg, dev, step)
-        step = stats.step
-        log.info("ssl=%s epoch %d: %s", cfg.ssl_enabled, ep, stats)
-    target = teacher.module if cfg.ssl_enabled else model
-    return _eval(target, site, dev)
-
-
-def run_ssl(args: argparse.Namespace, base: AdaptConfig, dev: torch.device) -> None:
-    """Semi-supervised comparison on one site."""
-    model_cfg = ModelConfig(arch=args.arch)
-    site = SiteDataset(args.ssl_cache, seed=args.split_seed)
-    ctx: dict[str, Any] = {
-        "site": str(args.ssl_cache),
-        "epochs": args.epochs,
-        "arch": args.arch,
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    view = site.view(labeled_view, transform=StrongAugment(seed=cfg.seed + 1))
+    flags = [int(view.target(i)["boxes"].shape[0]) > 0 for i in range(len(view))]
+    unl_view = site.view("unlabeled")
+    unl = None
+    if cfg.ssl_enabled and len(unl_view) > 0:
+        unl = DataLoader(
+            UnlabeledImages(unl_view),
+            batch_size=batch,
+            shuffle=True,
+            collate_fn=collate,
+        )
+    step, rnd, t0 = 0, 0, time.perf_counter()
+    totals = {"pseudo": 0.0, "unlabeled_seen": 0, "skipped": 0}
+    while step < steps:
+        sampler = balanced_sampler(
+            flags, lesion_prob, num_samples=batch * min(50, steps - step), seed=rnd
+        )
+        lab = DataLoader(view, batch_size=batch, sampler=sampler, collate_fn=collate)
+        st = local_round(model, teacher, lab, unl, opt, cfg, dev, step)
+        if st.step == step:
+            raise RuntimeError("local_round made no step")
+        step, rnd = st.step, rnd + 1
+        totals["pseudo"] += st.pseudo_per_image * st.unlabeled_images
+        totals["unlabeled_seen"] += st.unlabeled_images
+        totals["skipped"] += st.skipped_steps
+        log.info("ssl=%s %s: step %d/%d", cfg.ssl_enabled, cfg.consistency, step, steps)
+    info = {
+        **totals,
+        "pseudo": round(totals["pseudo"]),
+        "steps_done": step,
+        "seconds": round(time.perf_counter() - t0, 1),
     }
-    ctx["labeled"] = len(site.view("labeled"))
-    ctx["unlabeled"] = len(site.view("unlabeled"))
-    res: dict[str, float] = {}
-    arms = {
-        "sup": from_mapping({"ssl_enabled": False}, AdaptConfig),
-        "ssl-pseudo": base,
-        "ssl-dense": dataclasses.replace(base, consistency="dense"),
-    }
-    for name, cfg in arms.items():
-        m = _train_ssl(site, model_cfg, cfg, args.epochs, dev, args.batch)
-        res[name] = m[CPM_MEAN]
-        emit(BENCH, f"ssl-{name}-cpm-mean", m[CPM_MEAN], "cpm", arm=name, **ctx)
-    if args.ssl_full_cache is not None:
-        full = SiteDataset(args.ssl_full_cache, seed=args.split_seed)
-        m = _train_ssl(full, model_cfg, arms["sup"], args.epochs, dev, args.batch)
-        res["all"] = m[CPM_MEAN]
-        emit(BENCH, "ssl-all-labels-cpm-mean", m[CPM_MEAN], "cpm", **ctx)
-        gap = res["all"] - res["sup"]
-        for name in ("ssl-pseudo", "ssl-dense"):
-            closed = (res[name] - res["sup"]) / gap if gap > 0 else float("nan")
-            emit(BENCH, f"gap-closed-{name}", closed, "fraction", **ctx)
+    return teacher.module, info
 
 
-def run_fewshot(args: argparse.Namespace, base: AdaptConfig, dev: torch.device) -> None:
-    """Few-shot comparison on one site, from a base checkpoint."""
-    if args.base_checkpoint is None:
-        raise SystemExit("--fewshot-cache needs --base-checkpoint")
-    site = SiteDataset(args.fewshot_cache, seed=args.split_seed)
-    start, _ = load_model(args.base_checkpoint)
-    pers = Personalization(local_norm=args.local_norm)
-    frozen = fewshot_frozen_keys(start, pers)
-    ctx: dict[str, Any] = {
-        "site": str(args.fewshot_cache),
-        "labeled": len(site.view("labeled")),
-    }
-    # local-only: from scratch, full training, same CV-chosen epochs machinery
-    seed_everything(base.seed)
-    scratch = build_detector(start.cfg).to(dev)  # type: ignore[arg-type]
-    finetune_head(
-        scratch, site.view("labeled"), frozen, base, device=dev, head_only=False
+def _base(
+    args: argparse.Namespace,
+    caches: dict[str, Path],
+    base_sites: list[str],
+    opts: DetectorOptions,
+    dev: torch.device,
+) -> nn.Module:
+    from simulation.run import train_central
+
+    path = args.data / BASE_CKPT
+    if path.is_file():
+        log.info("base model reused from %s", path)
+        model, _ = load_model(path, opts.model_config())
+        return model
+    model = train_central(
+        [caches[s] for s in base_sites],
+        opts,
+        epochs=args.base_epochs,
+        lr=args.lr,
+        batch_size=args.batch,
+        seed=args.seed,
+        device=dev,
+        label="base",
     )
-    emit(
-        BENCH,
+    save_checkpoint(path, model, opts.model_config(), extra={"sites": base_sites})
+    return model
+
+
+def run_ssl(
+    args: argparse.Namespace,
+    start: nn.Module,
+    cache: Path,
+    oracle: Path,
+    cfg: AdaptConfig,
+    dev: torch.device,
+) -> None:
+    """Semi-supervised comparison on one site (same step budget per arm)."""
+    site = SiteDataset(cache, seed=args.seed)
+    full = SiteDataset(oracle, seed=args.seed)
+    ctx: dict[str, Any] = {
+        "site": cache.name,
+        "scenario": args.scenario.name,
+        "steps": args.steps,
+        "arch": args.arch,
+        "labeled": len(site.view("labeled")),
+        "unlabeled": len(site.view("unlabeled")),
+        "test_images": len(site.view("test")),
+    }
+    _emit_arm("ssl-base-cpm-mean", _eval(start, site, dev), **ctx)
+    sup_cfg = dataclasses.replace(cfg, ssl_enabled=False)
+    arms: dict[str, tuple[SiteDataset, AdaptConfig]] = {
+        "sup": (site, sup_cfg),
+        "ssl-pseudo": (site, dataclasses.replace(cfg, consistency="pseudo_boxes")),
+        "ssl-dense": (site, dataclasses.replace(cfg, consistency="dense")),
+        "all-labels": (full, sup_cfg),
+    }
+    res: dict[str, float] = {}
+    for name, (ds, acfg) in arms.items():
+        model, info = _train_ssl(
+            start, ds, acfg, args.steps, dev, args.batch, args.lr, args.lesion_prob
+        )
+        m = _eval(model, site, dev)
+        res[name] = _emit_arm(f"ssl-{name}-cpm-mean", m, arm=name, **info, **ctx)
+    gap = res["all-labels"] - res["sup"]
+    if gap <= 0:
+        log.warning(
+            "all labels (%.3f) do not beat the labeled subset (%.3f): no gap to close",
+            res["all-labels"],
+            res["sup"],
+        )
+        return
+    for name in ("ssl-pseudo", "ssl-dense"):
+        closed = (res[name] - res["sup"]) / gap
+        emit(BENCH, f"gap-closed-{name}", closed, "fraction", gap=gap, **ctx)
+
+
+def run_fewshot(
+    args: argparse.Namespace,
+    start: nn.Module,
+    cache: Path,
+    base: AdaptConfig,
+    opts: DetectorOptions,
+    dev: torch.device,
+) -> None:
+    """Few-shot comparison on one site, from the base model."""
+    site = SiteDataset(cache, seed=args.seed)
+    frozen = fewshot_frozen_keys(start, Personalization(local_norm=args.local_norm))
+    labeled = site.view("labeled")
+    ctx: dict[str, Any] = {
+        "site": cache.name,
+        "scenario": args.scenario.name,
+        "arch": args.arch,
+        "labeled": len(labeled),
+        "test_images": len(site.view("test")),
+    }
+    _emit_arm("fewshot-base-cpm-mean", _eval(start, site, dev), **ctx)
+    seed_everything(base.seed)
+    from common.model import build_detector
+
+    scratch = build_detector(opts.model_config()).to(dev)
+    st = finetune_head(scratch, labeled, frozen, base, device=dev, head_only=False)
+    _emit_arm(
         "fewshot-local-only-cpm-mean",
-        _eval(scratch, site, dev)[CPM_MEAN],
-        "cpm",
+        _eval(scratch, site, dev),
+        epochs=st.epochs,
         **ctx,
     )
     for name, head_only in (("full-ft", False), ("head-only", True)):
         seed_everything(base.seed)
         model = copy.deepcopy(start).to(dev)
         st = finetune_head(
-            model, site.view("labeled"), frozen, base, device=dev, head_only=head_only
+            model, labeled, frozen, base, device=dev, head_only=head_only
         )
-        emit(
-            BENCH,
+        _emit_arm(
             f"fewshot-{name}-cpm-mean",
-            _eval(model, site, dev)[CPM_MEAN],
-            "cpm",
+            _eval(model, site, dev),
             epochs=st.epochs,
             **ctx,
         )
@@ -171,43 +269,64 @@ def run_fewshot(args: argparse.Namespace, base: AdaptConfig, dev: torch.device) 
         device=dev,
         head_only=True,
     )
-    m = _eval(model, site, dev, transform=std)
-    emit(
-        BENCH,
+    _emit_arm(
         "fewshot-head-only+std-cpm-mean",
-        m[CPM_MEAN],
-        "cpm",
+        _eval(model, site, dev, transform=std),
         epochs=st.epochs,
         **ctx,
     )
 
 
+def _site_of(scenario: Any, role: str) -> str | None:
+    return next((s.name for s in scenario.sites if s.role == role), None)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Parse arguments and run the requested comparisons."""
+    """Parse arguments and run the comparisons the scenario's roles allow."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ssl-cache", type=Path)
-    p.add_argument("--ssl-full-cache", type=Path)
-    p.add_argument("--fewshot-cache", type=Path)
-    p.add_argument("--base-checkpoint", type=Path)
+    p.add_argument("--scenario", type=Path, required=True)
+    p.add_argument("--data", type=Path, default=Path("out/adapt"))
     p.add_argument("--adapt-config", type=Path, help="AdaptConfig YAML")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--arch", default="small")
+    p.add_argument("--base-epochs", type=int, default=30)
+    p.add_argument("--steps", type=int, default=600, help="SSL steps per arm")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lesion-prob", type=float, default=0.6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
     p.add_argument("--local-norm", action="store_true")
+    p.add_argument("--only", choices=["ssl", "fewshot"], default=None)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from simulation.run import prepare_sites
+
     cfg = (
         load_config(args.adapt_config, AdaptConfig)
         if args.adapt_config
         else AdaptConfig()
     )
+    cfg = dataclasses.replace(cfg, seed=args.seed)
     dev = resolve_device(args.device)
-    if args.ssl_cache is not None:
-        run_ssl(args, cfg, dev)
-    if args.fewshot_cache is not None:
-        run_fewshot(args, cfg, dev)
+    scenario, caches, oracle = prepare_sites(args.scenario, args.data, args.workers)
+    opts = from_mapping(
+        {
+            "arch": args.arch,
+            "working_spacing_mm": scenario.working_spacing_mm,
+            "lesion_prob": args.lesion_prob,
+        },
+        DetectorOptions,
+        source="benchmarks.adapt",
+    )
+    base_sites = [s.name for s in scenario.sites if s.role == "base"]
+    start = _base(args, caches, base_sites, opts, dev).to(dev)
+    ssl_site = _site_of(scenario, "semi-supervised")
+    if ssl_site is not None and args.only in (None, "ssl"):
+        run_ssl(args, start, caches[ssl_site], oracle[ssl_site], cfg, dev)
+    few_site = _site_of(scenario, "few-shot")
+    if few_site is not None and args.only in (None, "fewshot"):
+        run_fewshot(args, start, caches[few_site], cfg, opts, dev)
 
 
 if __name__ == "__main__":

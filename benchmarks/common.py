@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Environment variable that redirects every ``emit`` (smoke runs, tests).
+RESULTS_ENV = "MAMMOFED_BENCH_RESULTS"
 
 
 def _cpu_model() -> str:
@@ -109,7 +111,9 @@ def emit(
         "machine": machine_info(),
     }
     line = json.dumps(record, sort_keys=False)
-    out_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    if results_dir is None:
+        results_dir = os.environ.get(RESULTS_ENV) or RESULTS_DIR
+    out_dir = Path(results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{bench}.jsonl", "a", encoding="utf-8") as fh:
         fh.write(line + "\n")

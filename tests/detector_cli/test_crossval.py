@@ -123,8 +123,16 @@ def test_crossval_too_many_folds_is_a_clear_error(tmp_path, capsys):
     assert "siteA" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["real/mini-mias-cv.yaml", "real/mini-mias.yaml"])
-def test_shipped_cv_configs_validate(tmp_path, site_cache, name):
+@pytest.mark.parametrize(
+    ("name", "arch"),
+    [
+        ("real/mini-mias-cv.yaml", "small"),
+        ("real/mini-mias.yaml", "small"),
+        ("real/mini-mias-cv-gpu.yaml", "resnet18"),
+        ("real/mini-mias-gpu.yaml", "resnet18"),
+    ],
+)
+def test_shipped_cv_configs_validate(tmp_path, site_cache, name, arch):
     from common.config import from_mapping, load_yaml
 
     repo = Path(__file__).resolve().parents[2]
@@ -132,7 +140,7 @@ def test_shipped_cv_configs_validate(tmp_path, site_cache, name):
     data["caches"] = [str(site_cache)]
     cfg = from_mapping(data, TrainConfig, source=name, base_dir=tmp_path)
     assert cfg.test_fraction == 0.0
-    assert cfg.model.arch == "resnet18"
+    assert cfg.model.arch == arch
 
 
 def test_train_with_empty_test_view_warns_and_writes_no_metrics(tmp_path, caplog):

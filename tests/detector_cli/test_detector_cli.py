@@ -173,7 +173,13 @@ def test_predict_cli_writes_json_and_overlay(tmp_path, tiny_checkpoint):
 
 
 @pytest.mark.parametrize(
-    "name", ["real/mini-mias.yaml", "train/base-site-a.yaml", "train/smoke-tiny.yaml"]
+    "name",
+    [
+        "real/mini-mias.yaml",
+        "real/mini-mias-gpu.yaml",
+        "train/base-site-a.yaml",
+        "train/smoke-tiny.yaml",
+    ],
 )
 def test_shipped_train_configs_validate(tmp_path, site_cache, name):
     from common.config import from_mapping, load_yaml
