@@ -1,4 +1,7 @@
-"""``mammofed-client``: what a hospital runs (ingest, start, evaluate, predict)."""
+"""``mammofed-client``: what a hospital runs.
+
+Subcommands: ingest, start, export, evaluate, predict.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from common.cli import main_for
 MODULES = (
     "client.commands.ingest",
     "client.commands.start",
+    "client.commands.export",
     "client.commands.evaluate",
     "client.commands.predict",
 )

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -128,6 +129,40 @@ class DetectorOptions:
             standardize=self.standardize,
             seed=seed,
         )
+
+
+def load_site_arrays(
+    model: nn.Module,
+    shared: Mapping[str, Any],
+    personal: Mapping[str, np.ndarray] | None,
+    *,
+    personal_keys: Sequence[str],
+    personal_head_keys: Sequence[str] = (),
+) -> nn.Module:
+    """Load global ``shared`` arrays plus a site's ``personal`` arrays into ``model``.
+
+    The one composition rule of a site's own model (training, evaluation and
+    ``mammofed-client export`` all use it): every ``personal_keys`` entry found
+    in ``personal`` (FedBN norm layers, BatchNorm counters) replaces the global
+    value, and every ``personal_head_keys`` key whose personal copy
+    ``PERSONAL_HEAD_PREFIX + key`` is in ``personal`` replaces the global head
+    tensor (FedPer; pass ``()`` for the global head). Keys missing from both keep
+    the model's current values; names the model does not have are ignored.
+    Values are cast to the model's dtypes. Returns ``model``.
+    """
+    sd = model.state_dict()
+    new = {k: torch.as_tensor(np.asarray(v)) for k, v in shared.items()}
+    own = personal or {}
+    for k in personal_keys:
+        if k in own:
+            new[k] = torch.as_tensor(own[k])
+    for k in personal_head_keys:
+        pk = PERSONAL_HEAD_PREFIX + k
+        if pk in own:
+            new[k] = torch.as_tensor(own[pk])
+    sd.update({k: v.to(sd[k].dtype) for k, v in new.items() if k in sd})
+    model.load_state_dict(sd)
+    return model
 
 
 class Transformed(Dataset[tuple[Tensor, dict[str, Any]]]):
@@ -280,19 +315,13 @@ class DetectorTrainer:
     # --- model assembly -----------------------------------------------------------
     def _load(self, shared: Arrays, *, personal_head: bool) -> None:
         """Load ``shared`` plus this site's personal arrays into ``self.model``."""
-        sd = self.model.state_dict()
-        new = {k: torch.as_tensor(np.asarray(v)) for k, v in shared.items()}
-        personal = self.state.load_personal() or {}
-        for k in self.personal_keys:
-            if k in personal:
-                new[k] = torch.as_tensor(personal[k])
-        if personal_head:
-            for k in self.head_keys:
-                pk = PERSONAL_HEAD_PREFIX + k
-                if pk in personal:
-                    new[k] = torch.as_tensor(personal[pk])
-        sd.update({k: v.to(sd[k].dtype) for k, v in new.items() if k in sd})
-        self.model.load_state_dict(sd)
+        load_site_arrays(
+            self.model,
+            shared,
+            self.state.load_personal(),
+            personal_keys=self.personal_keys,
+            personal_head_keys=self.head_keys if personal_head else (),
+        )
         self.model.to(self.device)
 
     def compose(self, shared: Arrays) -> nn.Module:

@@ -4,7 +4,8 @@
 95% bootstrap interval, sensitivity at each FP rate of
 ``common.keys.FROC_FP_RATES``, AP, counts, and the flat federation metrics) and
 ``OUT/froc-<class>.png``. Distances are in mm at each image's model-space
-spacing (evaluation.md).
+spacing (evaluation.md). A checkpoint's ``extra["standardizer"]`` (from
+``mammofed-client export``) standardizes every image before the model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import Dataset
+
+from client.detector_trainer import Transformed
+from client.export import checkpoint_standardizer
 from common import __version__
 from common.checkpoint import load_model
 from common.config.loader import config_to_dict, write_resolved
@@ -51,6 +56,7 @@ def evaluate_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     model, ck = load_model(checkpoint, use_ema=use_ema)
+    std = checkpoint_standardizer(ck)
     prepare_model(model, dev)
     write_resolved(
         {
@@ -63,13 +69,18 @@ def evaluate_checkpoint(
             "n_boot": n_boot,
             "seed": seed,
             "use_ema": use_ema,
+            "standardizer": std.to_dict() if std is not None else None,
         },
         out,
     )
     site = SiteDataset(cache_dir, test_fraction=test_fraction, seed=split_seed)
-    ds = site.view(view)
-    if len(ds) == 0:
+    images = site.view(view)
+    n_images = len(images)
+    if n_images == 0:
         raise ValueError(f"{cache_dir}: view {view!r} has no images to evaluate")
+    ds: Dataset[Any] = images
+    if std is not None:  # the site's intensity standardization (export)
+        ds = Transformed(images, std)
     res = evaluate_detailed(
         model,
         ds,
@@ -84,7 +95,7 @@ def evaluate_checkpoint(
         "checkpoint": str(checkpoint),
         "site": str(cache_dir),
         "view": view,
-        "n_images": len(ds),
+        "n_images": n_images,
         "model_config": ck.model_config.arch,
         "software_version": __version__,
         "checkpoint_version": ck.version,

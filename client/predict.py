@@ -17,7 +17,9 @@ spacing) :func:`predict_paths` writes
   working spacing) with the detections drawn in model space.
 
 Files that cannot be read are skipped with a log line naming the file and the
-reason; the result lists them.
+reason; the result lists them. A checkpoint that carries a site's intensity
+standardizer (``extra["standardizer"]``, written by ``mammofed-client export``)
+has it applied to every model-space image before the model.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.export import checkpoint_standardizer
 from common.checkpoint import load_model
 from common.config.loader import config_to_dict, write_resolved
 from common.engine import predict_images, prepare_model, resolve_device
@@ -170,6 +173,7 @@ def predict_paths(
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     model, ck = load_model(checkpoint, use_ema=use_ema)
+    std = checkpoint_standardizer(ck)
     prepare_model(model, dev)
     model.score_thresh = float(score_floor)  # type: ignore[assignment]
     working = ck.model_config.working_spacing_mm
@@ -181,6 +185,7 @@ def predict_paths(
             "spacing_mm": spacing_mm,
             "default_spacing_mm": default_spacing_mm,
             "use_ema": use_ema,
+            "standardizer": std.to_dict() if std is not None else None,
         },
         out,
     )
@@ -196,6 +201,8 @@ def predict_paths(
             torch.from_numpy(np.ascontiguousarray(im.pixels)).unsqueeze(0)
             for _, im in pending
         ]
+        if std is not None:  # the site's intensity standardization (export)
+            tensors = [std.apply(t) for t in tensors]
         for (f, image), dets in zip(
             pending, predict_images(model, tensors, dev), strict=True
         ):

@@ -1,0 +1,74 @@
+"""``mammofed-client export``: a federation round -> a model checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from client.export import export_model
+from common.config.site import load_site_config
+from common.errors import ConfigError
+
+NAME = "export"
+HELP = (
+    "turn a federation round (+ this site's personal layers) into a model "
+    "checkpoint for predict / evaluate"
+)
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``mammofed-client export``."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="RUN/server/checkpoints (last complete round) or a round-NNNNN.json",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="model file to write")
+    who = parser.add_mutually_exclusive_group()
+    who.add_argument("--site", help="site name (its state is STATE_DIR/NAME)")
+    who.add_argument(
+        "--site-config", type=Path, help="site YAML (its name and state_dir)"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="with --site: the state folder (default: the run's state_dir)",
+    )
+    parser.add_argument(
+        "--global-only",
+        action="store_true",
+        help="the global model (under FedBN a site must lend its norm layers)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export; exit 0 when the checkpoint was written."""
+    site, state_dir = args.site, args.state_dir
+    if state_dir is not None and site is None:
+        raise ConfigError(
+            "command line",
+            "--state-dir",
+            "needs --site NAME (a --site-config names its own state_dir)",
+        )
+    if args.site_config is not None:
+        cfg = load_site_config(args.site_config)
+        if cfg.state_dir is None:
+            raise ConfigError(
+                str(args.site_config),
+                "state_dir",
+                "is required to export this site's model (it holds personal.npz)",
+            )
+        site, state_dir = cfg.name, cfg.state_dir
+    res = export_model(
+        args.checkpoint,
+        args.out,
+        site=site,
+        state_dir=state_dir,
+        global_only=args.global_only,
+    )
+    log.info("wrote %s (%s model, round %d)", res.path, res.kind, res.round)
+    return 0
