@@ -17,6 +17,7 @@ The run's :class:`common.federation.FederationConfig` comes from
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,13 @@ from common.federation import (
     record_to_arrays,
     spec_of,
 )
-from common.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
+from common.keys import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    LOCAL_SECONDS,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +156,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     fed_cfg, binding, trainer = _setup(context)
     ins = _instructions(msg, fed_cfg.trainer.name)
     shared = _received_shared(msg, trainer)
+    t0 = time.perf_counter()
     new_shared, metrics = trainer.fit(shared, ins)
+    seconds = time.perf_counter() - t0
     content = RecordDict(
         {
             ARRAYS_KEY: arrays_to_record(new_shared),
@@ -163,7 +172,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         metric_names=trainer.metric_names("train"),
     )
     SiteState(binding.state_dir, binding.site).record_round(
-        ins.server_round, "train", metrics
+        ins.server_round, "train", {**metrics, LOCAL_SECONDS: round(seconds, 3)}
     )
     _cache(context, binding.site, ins.server_round)
     log.info("site %s: trained round %d: %s", binding.site, ins.server_round, metrics)
@@ -175,7 +184,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     fed_cfg, binding, trainer = _setup(context)
     ins = _instructions(msg, fed_cfg.trainer.name)
     shared = _received_shared(msg, trainer)
+    t0 = time.perf_counter()
     metrics = trainer.evaluate(shared, ins)
+    seconds = time.perf_counter() - t0
     content = RecordDict({METRICS_KEY: MetricRecord(dict(metrics))})
     check_reply(
         content,
@@ -184,7 +195,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         metric_names=trainer.metric_names("evaluate"),
     )
     SiteState(binding.state_dir, binding.site).record_round(
-        ins.server_round, "evaluate", metrics
+        ins.server_round, "evaluate", {**metrics, LOCAL_SECONDS: round(seconds, 3)}
     )
     _cache(context, binding.site, ins.server_round)
     return Message(content=content, reply_to=msg)

@@ -78,6 +78,9 @@ LOCAL_EPOCHS = "local-epochs"
 # --- metric names ----------------------------------------------------------
 TRAIN_LOSS = "train-loss"
 SKIPPED_STEPS = "skipped-steps"
+#: Site-local wall time of one train/evaluate call, kept in the site state's
+#: history only (never a reply metric: not in the federation whitelist).
+LOCAL_SECONDS = "local-seconds"
 CPM_MASS = "cpm-mass"
 CPM_CALCIFICATION = "cpm-calcification"
 CPM_MEAN = "cpm-mean"

@@ -1,4 +1,4 @@
-"""``mammofed-server``: what the coordinator runs (certs, start, run, status)."""
+"""``mammofed-server``: what the coordinator runs (certs, start, run, status...)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from common.cli import main_for
 
 MODULES = (
     "server.commands.certs",
+    "server.commands.node_key",
     "server.commands.start",
+    "server.commands.register_node",
     "server.commands.run",
     "server.commands.status",
 )

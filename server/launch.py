@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from common.federation import (
     flower_bin,
     flower_env,
 )
-from server.process import ProcessError, write_flower_config
+from server.process import ProcessError, wait_for_port, write_flower_config
 
 log = logging.getLogger(__name__)
 
@@ -207,3 +209,64 @@ def follow_run(
                 f"(checkpoints in {run_dir / CHECKPOINT_DIR})"
             )
         time.sleep(poll_s)
+
+
+#: What ``flwr supernode register`` reports for a key the SuperLink already has.
+KEY_IN_USE = "Public key already in use"
+
+
+def register_supernode(
+    public_key: Path,
+    conn: Connection,
+    *,
+    name: str | None = None,
+    timeout_s: float = 60.0,
+) -> int | None:
+    """Register a SuperNode's OpenSSH public key (``flwr supernode register``).
+
+    Only needed when the SuperLink runs ``--enable-supernode-auth``: a SuperNode
+    started with the matching ``--auth-supernode-private-key`` can then
+    activate; any other key is refused. Returns the node id, or ``None`` when
+    the SuperLink already holds this key (registration persists in its
+    ``--database``). Raises :class:`ProcessError` for any other refusal.
+    """
+    args = ["supernode", "register", str(Path(public_key).resolve()), "mammofed"]
+    if name:
+        args += ["--name", name]
+    with tempfile.TemporaryDirectory(prefix="mammofed-register-") as tmp:
+        home = prepare_home(Path(tmp), conn)
+        payload = _last_json(_flwr([*args, "--format", "json"], home, timeout_s))
+    if payload.get("success") and payload.get("node-id") is not None:
+        node_id = int(payload["node-id"])
+        log.info("registered SuperNode %s (%s) as node %d", name, public_key, node_id)
+        return node_id
+    message = str(payload.get("error-message", payload))
+    if KEY_IN_USE in message:
+        log.info("SuperNode key %s was already registered", public_key)
+        return None
+    raise ProcessError(f"flwr supernode register {public_key}: {message}")
+
+
+def register_supernodes(
+    public_keys: Sequence[Path],
+    conn: Connection,
+    *,
+    ready_timeout_s: float = 60.0,
+) -> dict[Path, int | None]:
+    """Wait for the SuperLink at ``conn.address``, then register every key.
+
+    Each node is named after its key file's stem (``site-a.pub`` -> ``site-a``,
+    shown by ``flwr supernode list``). Returns key -> node id (``None``: was
+    already registered).
+    """
+    host, _, port = conn.address.rpartition(":")
+    host = host.strip("[]")
+    if not wait_for_port(host, int(port), ready_timeout_s):
+        raise ProcessError(
+            f"SuperLink at {conn.address} not up after {ready_timeout_s:.0f} s; "
+            "no SuperNode key registered"
+        )
+    return {
+        Path(key): register_supernode(Path(key), conn, name=Path(key).stem)
+        for key in public_keys
+    }

@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +49,15 @@ def superlink_command(
     enable_supernode_auth: bool = False,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """``flower-superlink`` argv (runtime dependency installation disabled)."""
+    """``flower-superlink`` argv (runtime dependency installation disabled).
+
+    Exactly one of ``insecure`` or ``tls`` (files must exist; passed as absolute
+    paths). ``enable_supernode_auth`` needs ``tls``: Flower 1.42 exits otherwise.
+    """
     if insecure == (tls is not None):
         raise ProcessError("give exactly one of --insecure or the three TLS files")
+    if enable_supernode_auth and tls is None:
+        raise ProcessError("--enable-supernode-auth needs TLS, not --insecure")
     cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port)]
     cmd.append("--disable-runtime-dependency-installation")
     if insecure:
@@ -64,12 +70,24 @@ def superlink_command(
         ):
             if not Path(path).is_file():
                 raise ProcessError(f"{flag}: file does not exist: {path}")
-            cmd += [flag, str(path)]
+            cmd += [flag, str(Path(path).resolve())]
     if database is not None:
         cmd += ["--database", str(database)]
     if enable_supernode_auth:
         cmd.append("--enable-supernode-auth")
     return cmd + list(extra)
+
+
+def connect_address(host: str, port: int) -> str:
+    """``host:port`` a local client dials to reach a server listening on ``host``.
+
+    A wildcard listen address (``0.0.0.0``, ``::``) is reached via loopback.
+    """
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
@@ -143,11 +161,22 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None
     log.info("stopped pid %d", proc.pid)
 
 
-def run_foreground(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-    """Run ``cmd`` until it exits; Ctrl-C / SIGTERM stop its whole group."""
+def run_foreground(
+    cmd: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> int:
+    """Run ``cmd`` until it exits; Ctrl-C / SIGTERM stop its whole group.
+
+    ``on_start(proc)`` runs once the process is started (e.g. to register
+    SuperNode keys once the SuperLink listens); if it raises, the process is
+    stopped and the exception propagates.
+    """
     proc = start_process(cmd, env=env)
     previous = signal.signal(signal.SIGTERM, lambda *_: stop_process(proc))
     try:
+        if on_start is not None:
+            on_start(proc)
         return proc.wait()
     except KeyboardInterrupt:
         stop_process(proc)

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,8 +164,15 @@ def _fold_file_handler(path: Path) -> logging.Handler:
     return h
 
 
-def run_crossval(cfg: TrainConfig, k: int = 5) -> dict[str, Any]:
+def run_crossval(
+    cfg: TrainConfig, k: int = 5, only: Sequence[int] | None = None
+) -> dict[str, Any]:
     """Run k-fold patient-level CV of ``cfg``'s recipe; write outputs to ``out_dir``.
+
+    ``only`` (fold indices, as in the ``fold-<f>`` folder names) trains just
+    those folds and returns ``{"k", "partial": True, "folds"}`` without pooling:
+    several processes can then share the folds of one ``out_dir``, and a last
+    run without ``only`` pools them (finished folds are only re-predicted).
 
     Folds use ``cfg.split_seed``; training uses ``cfg.seed`` (every fold starts
     from the same seeded state, so the run is deterministic in both).
@@ -187,6 +195,9 @@ def run_crossval(cfg: TrainConfig, k: int = 5) -> dict[str, Any]:
         for c in cfg.caches
     }
     folds = make_folds(sites, k, cfg.split_seed)
+    bad = sorted(set(only or ()) - set(range(k)))
+    if bad:
+        raise MammofedError(f"--only-folds: no fold {bad} in 0..{k - 1}")
     for name, s in sites.items():
         n_cv = len(folds[0].parts[name][0]) + len(folds[0].parts[name][1])
         n_test = len(s.indices("test"))
@@ -200,6 +211,8 @@ def run_crossval(cfg: TrainConfig, k: int = 5) -> dict[str, Any]:
     fold_docs: list[dict[str, Any]] = []
     for fold in folds:
         f = fold.index
+        if only is not None and f not in only:
+            continue
         fdir = out / f"fold-{f}"
         fdir.mkdir(parents=True, exist_ok=True)
         val_keys = sorted(
@@ -305,6 +318,9 @@ def run_crossval(cfg: TrainConfig, k: int = 5) -> dict[str, Any]:
             }
         )
 
+    if only is not None:
+        log.info("folds %s trained; run without --only-folds to pool", sorted(only))
+        return {"k": k, "partial": True, "folds": fold_docs}
     pooled = froc_all(oof, n_boot=cfg.n_boot, seed=cfg.seed)
     for name, r in pooled.items():
         plot_froc(

@@ -31,3 +31,10 @@ FEDERATED: frozenset[str] = frozenset(
 RUN_JSON = "run.json"
 METRICS_JSON = "metrics.json"
 ROUNDS_JSONL = "rounds.jsonl"
+
+#: How the federated regimes run (``mammofed-sim run --engine``): the in-process
+#: grid, Flower's simulation engine (Ray), or loopback SuperLink + SuperNodes.
+ENGINE_INPROCESS = "inprocess"
+ENGINE_RAY = "ray"
+ENGINE_DEPLOYMENT = "deployment"
+ENGINES: tuple[str, ...] = (ENGINE_INPROCESS, ENGINE_RAY, ENGINE_DEPLOYMENT)

@@ -72,7 +72,7 @@ from common.federation import (
     federation_config_to_json,
     load_federation_config,
 )
-from common.keys import CLASSES
+from common.keys import CLASSES, LOCAL_SECONDS
 from common.model import build_detector
 from common.sampling import balanced_sampler
 from simulation import regimes as R
@@ -342,7 +342,7 @@ def _regime_config(
     )
 
 
-ENGINES = ("inprocess", "ray")
+ENGINES = R.ENGINES
 
 
 def _grid_inprocess(
@@ -386,17 +386,7 @@ def _grid_ray(
     run_dir: Path,
     timeout_s: float,
 ) -> list[dict[str, Any]]:
-    """Run ``fed`` on Flower's simulation engine; rows from the sites' state.
-
-    Per-(round, site) metrics come from each site's ``SiteState`` history (what
-    the ClientApp recorded), rounds from the server's ``rounds.jsonl``;
-    ``bytes_sent`` is the nbytes of the shared arrays of that round's
-    checkpoint (what a training site sends back).
-    """
-    import numpy as np
-
-    from client.state import SiteState
-    from server.checkpoints import CheckpointStore
+    """Run ``fed`` on Flower's simulation engine; rows from the sites' state."""
     from simulation.ray_engine import run_federated_ray
 
     assert fed.state_dir is not None and fed.run_dir is not None
@@ -405,6 +395,46 @@ def _grid_ray(
     log.info(
         "[%s] %d rounds in %.0f s (ray)", regime, fed.num_rounds, time.monotonic() - t0
     )
+    return rows_from_site_states(fed)
+
+
+def _grid_deployment(
+    regime: str,
+    fed: FederationConfig,
+    caches: dict[str, Path],
+    run_dir: Path,
+    timeout_s: float,
+) -> list[dict[str, Any]]:
+    """Run ``fed`` on a loopback SuperLink + SuperNodes; rows from the sites' state."""
+    from simulation.deploy_engine import run_federated_deployment
+
+    assert fed.state_dir is not None and fed.run_dir is not None
+    t0 = time.monotonic()
+    run_federated_deployment(fed, caches, fed.run_dir, timeout_s=timeout_s)
+    log.info(
+        "[%s] %d rounds in %.0f s (deployment)",
+        regime,
+        fed.num_rounds,
+        time.monotonic() - t0,
+    )
+    return rows_from_site_states(fed)
+
+
+def rows_from_site_states(fed: FederationConfig) -> list[dict[str, Any]]:
+    """Per-(round, site) rows of a run whose sites ran in other processes.
+
+    Metrics (and the site-local ``seconds`` of each phase) come from each
+    site's ``SiteState`` history (what the ClientApp recorded), rounds from the
+    server's ``rounds.jsonl``; ``bytes_sent`` is the nbytes of the shared
+    arrays of that round's checkpoint (what a training site sends back), and
+    ``train_seconds`` / ``evaluate_seconds`` the site's own compute time.
+    """
+    import numpy as np
+
+    from client.state import SiteState
+    from server.checkpoints import CheckpointStore
+
+    assert fed.state_dir is not None and fed.run_dir is not None
     store = CheckpointStore(fed.run_dir / "checkpoints")
     rounds: list[int] = []
     jsonl = fed.run_dir / R.ROUNDS_JSONL
@@ -419,13 +449,17 @@ def _grid_ray(
             if rnd == 0 or (rounds and rnd not in rounds):
                 continue
             row = rows.setdefault((rnd, s), {"round": rnd, "site": s})
-            if h.get("phase") == "train":
+            phase = h.get("phase")
+            if phase == "train":
                 if rnd not in sent:
                     arrays = store.load(rnd).arrays
                     sent[rnd] = int(sum(np.asarray(v).nbytes for v in arrays.values()))
                 row["bytes_sent"] = sent[rnd]
             for k, v in h.items():
                 if k in ("round", "phase", "num-examples"):
+                    continue
+                if k == LOCAL_SECONDS:
+                    row[f"{phase}_seconds"] = v
                     continue
                 if isinstance(v, int | float):
                     row[k] = None if isinstance(v, float) and math.isnan(v) else v
@@ -456,6 +490,8 @@ def run_federated(
         rows = _grid_inprocess(regime, fed, caches, run_dir)
     elif engine == "ray":
         rows = _grid_ray(regime, fed, caches, run_dir, timeout_s)
+    elif engine == "deployment":
+        rows = _grid_deployment(regime, fed, caches, run_dir, timeout_s)
     else:
         raise ConfigError(
             "mammofed-sim run", "--engine", f"{engine!r} (valid: {', '.join(ENGINES)})"

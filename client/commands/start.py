@@ -12,6 +12,7 @@ from pathlib import Path
 from common.config.site import load_site_config
 from common.errors import ConfigError
 from common.federation import NODE_SITE_CONFIG, flower_bin, flower_env
+from common.tls import client_tls_from_flags
 
 NAME = "start"
 HELP = "start this site's SuperNode (connects to the SuperLink, runs the ClientApp)"
@@ -23,7 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--superlink", default="127.0.0.1:8000", help="host:port")
     parser.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
     parser.add_argument("--root-certificates", type=Path, help="CA of the SuperLink")
-    parser.add_argument("--auth-key", type=Path, help="node private key (node auth)")
+    parser.add_argument(
+        "--auth-key",
+        type=Path,
+        help="node auth private key (`mammofed-server node-key`; needs TLS)",
+    )
     parser.add_argument(
         "--port", type=int, default=9094, help="local ClientApp runtime port"
     )
@@ -31,13 +36,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def supernode_command(args: argparse.Namespace) -> list[str]:
-    """``flower-supernode`` argv for the site named by ``args.site``."""
+    """``flower-supernode`` argv for the site named by ``args.site``.
+
+    Exactly one of ``--insecure`` or ``--root-certificates`` (the SuperLink's
+    CA); ``--auth-key`` (OpenSSH EC private key whose public half the
+    coordinator registered) needs TLS. Raises :class:`ConfigError` naming the
+    flag otherwise.
+    """
     site_path = Path(args.site).resolve()
     site = load_site_config(site_path)
     if site.state_dir is None:
         raise ConfigError(str(site_path), "state_dir", "is required to federate")
-    if args.insecure == (args.root_certificates is not None):
-        raise ConfigError("command line", "--insecure/--root-certificates", "give one")
+    ca = client_tls_from_flags(
+        insecure=args.insecure,
+        root_certificates=args.root_certificates,
+        auth_key=args.auth_key,
+    )
     node_config = f"{NODE_SITE_CONFIG}={json.dumps(str(site_path))}"
     cmd = [
         flower_bin("flower-supernode"),
@@ -48,12 +62,12 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         "--port",
         str(args.port),
     ]
-    if args.insecure:
+    if ca is None:
         cmd.append("--insecure")
     else:
-        cmd += ["--root-certificates", str(args.root_certificates)]
+        cmd += ["--root-certificates", str(ca)]
     if args.auth_key is not None:
-        cmd += ["--auth-supernode-private-key", str(args.auth_key)]
+        cmd += ["--auth-supernode-private-key", str(Path(args.auth_key).resolve())]
     return cmd
 
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from common.federation import load_federation_config
+from common.tls import client_tls_from_flags
 from server.launch import Connection, follow_run, submit_run
 
 NAME = "run"
@@ -32,7 +33,10 @@ def run(args: argparse.Namespace) -> int:
     """Submit the run; follow it unless ``--no-follow``; 0 when it completed."""
     cfg = load_federation_config(args.federation)
     run_dir = (args.run_dir or cfg.run_dir or Path("runs") / cfg.name).resolve()
-    conn = Connection(args.superlink, args.insecure, args.root_certificates)
+    ca = client_tls_from_flags(
+        insecure=args.insecure, root_certificates=args.root_certificates
+    )
+    conn = Connection(args.superlink, args.insecure, ca)
     run_id = submit_run(cfg, run_dir, conn)
     print(f"run {run_id} started; run dir {run_dir}")
     if args.no_follow:

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from common.federation import CHECKPOINT_DIR, ROUNDS_JSONL
+from common.tls import client_tls_from_flags
 from server.checkpoints import CheckpointStore
 from server.launch import Connection, list_runs, prepare_home
 
@@ -18,14 +19,17 @@ HELP = "list the SuperLink's runs; with --run-dir, that run's last round"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``status``."""
     parser.add_argument("--superlink", default="127.0.0.1:8000", help="host:port")
-    parser.add_argument("--insecure", action="store_true")
-    parser.add_argument("--root-certificates", type=Path)
+    parser.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
+    parser.add_argument("--root-certificates", type=Path, help="CA of the SuperLink")
     parser.add_argument("--run-dir", type=Path, help="show this run's progress")
 
 
 def run(args: argparse.Namespace) -> int:
     """Print one line per run, then the run dir's last round if asked."""
-    conn = Connection(args.superlink, args.insecure, args.root_certificates)
+    ca = client_tls_from_flags(
+        insecure=args.insecure, root_certificates=args.root_certificates
+    )
+    conn = Connection(args.superlink, args.insecure, ca)
     with tempfile.TemporaryDirectory(prefix="mammofed-status-") as tmp:
         home = prepare_home(Path(tmp), conn)
         for r in list_runs(home):

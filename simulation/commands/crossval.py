@@ -24,6 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--folds", type=int, default=5, help="number of folds k (default 5)"
     )
+    parser.add_argument(
+        "--only-folds",
+        default=None,
+        help="comma-separated fold indices (0-based, as in fold-<f>/) to train "
+        "without pooling, so several processes can share the folds; a last run "
+        "without it pools them",
+    )
     parser.add_argument("--out", type=Path, default=None, help="override out_dir")
     parser.add_argument("--epochs", type=int, default=None, help="override epochs")
     parser.add_argument(
@@ -37,7 +44,19 @@ def run(args: argparse.Namespace) -> int:
     cfg = with_overrides(cfg, out_dir=args.out, epochs=args.epochs, device=args.device)
     if args.folds < 2:
         raise MammofedError(f"--folds must be >= 2, got {args.folds}")
-    doc = run_crossval(cfg, k=args.folds)
+    only = None
+    if args.only_folds is not None:
+        try:
+            only = [int(x) for x in args.only_folds.split(",") if x.strip()]
+        except ValueError as exc:
+            raise MammofedError(
+                f"--only-folds: expected comma-separated integers, got "
+                f"{args.only_folds!r}"
+            ) from exc
+    doc = run_crossval(cfg, k=args.folds, only=only)
+    if doc.get("partial"):
+        sys.stdout.write(json.dumps({"out_dir": str(cfg.out_dir), **doc}) + "\n")
+        return 0
     summary = {
         name: {"cpm": c["cpm"], "cpm_ci95": c["cpm_ci95"]}
         for name, c in doc["classes"].items()

@@ -34,16 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
     parser.add_argument(
         "--engine",
-        choices=("inprocess", "ray"),
+        choices=R.ENGINES,
         default="inprocess",
-        help="federated regimes: in-process grid (default) or Flower's simulation "
-        "engine (flwr run, local simulation SuperLink, Ray; one node per site)",
+        help="federated regimes: in-process grid (default); 'ray': Flower's "
+        "simulation engine (flwr run, local simulation SuperLink, Ray; one node per "
+        "site); 'deployment': a loopback SuperLink and one SuperNode process per "
+        "site, training in parallel (what a GPU box without Ray uses)",
     )
     parser.add_argument(
         "--engine-timeout",
         type=float,
         default=3600.0,
-        help="seconds one federated regime may take on --engine ray",
+        help="seconds one federated regime may take on --engine ray/deployment",
     )
     parser.add_argument(
         "--report", type=Path, help="also write the report here (default OUT/report)"

@@ -116,6 +116,30 @@ def test_crossval_cli_writes_metrics_and_is_deterministic(tmp_path, capsys):
     assert len((out1 / "fold-0" / "epochs.jsonl").read_text().splitlines()) == 1
 
 
+def test_only_folds_split_work_then_pool_matches_one_run(tmp_path, capsys):
+    caches = [make_site_cache(tmp_path / "siteA", n_patients=4)]
+    cfg = _cv_yaml(tmp_path, caches)
+    argv = ["crossval", "--config", str(cfg), "--folds", "2"]
+    one, split = tmp_path / "one", tmp_path / "split"
+    assert sim_main([*argv, "--out", str(one)]) == 0
+    # two "processes": fold 1 first, then fold 0, then the pooling run
+    assert sim_main([*argv, "--out", str(split), "--only-folds", "1"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["partial"] is True and [f["fold"] for f in line["folds"]] == [1]
+    assert not (split / CV_METRICS_JSON).exists()
+    assert not (split / "fold-0").exists()
+    assert sim_main([*argv, "--out", str(split), "--only-folds", "0"]) == 0
+    assert sim_main([*argv, "--out", str(split)]) == 0
+    a = json.loads((one / CV_METRICS_JSON).read_text())
+    b = json.loads((split / CV_METRICS_JSON).read_text())
+    assert a["metrics"] == b["metrics"]
+    for f in (0, 1):  # the pooling run trained nothing again
+        epochs = (split / f"fold-{f}" / "epochs.jsonl").read_text().splitlines()
+        assert len(epochs) == 1
+    assert sim_main([*argv, "--out", str(split), "--only-folds", "2"]) == 2
+    assert "no fold [2]" in capsys.readouterr().err
+
+
 def test_crossval_too_many_folds_is_a_clear_error(tmp_path, capsys):
     cache = make_site_cache(tmp_path / "siteA", n_patients=2)
     cfg = _cv_yaml(tmp_path, [cache])

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +120,35 @@ def test_cfg(tmp_path: Path) -> FederationConfig:
         state_dir=tmp_path / "state",
         participation=dataclasses.replace(cfg.participation, wait_for_nodes_s=0.5),
     )
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def flower_procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """A list to append started Flower processes to (each in its own group).
+
+    Teardown, also when the test failed: stop every group (SIGTERM, then
+    SIGKILL), wait for grandchildren to go, and fail if any group is left.
+    """
+    from server.process import stop_process
+
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    # start_new_session: each group id is its leader's pid, even once it exited
+    groups = [proc.pid for proc in procs]
+    for proc in procs:
+        stop_process(proc)
+    for pgid in groups:
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 15  # killed grandchildren are reaped by init
+    while any(_group_alive(g) for g in groups) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_group_alive(g) for g in groups), "processes left running"

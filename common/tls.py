@@ -1,0 +1,461 @@
+"""TLS certificates and SuperNode authentication keys for a real deployment.
+
+What Flower 1.42 needs, and what this module makes:
+
+* **TLS** (one listener serves the Fleet, Control and Runtime APIs): the SuperLink
+  takes ``--ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile
+  server.key``; SuperNodes and the ``flwr`` CLI take the CA (``ca.crt``) as their
+  root certificate. :func:`generate_certificates` writes a self-signed CA and a
+  server certificate signed by it whose subject alternative names are the hosts
+  the SuperLink is reached by (``127.0.0.1`` must be one of them for loopback).
+* **SuperNode authentication**: the SuperLink runs with
+  ``--enable-supernode-auth`` (which Flower refuses without TLS); each SuperNode
+  signs its requests with an EC private key in OpenSSH format
+  (``flower-supernode --auth-supernode-private-key``); the coordinator registers
+  each node's OpenSSH public key on the SuperLink (``flwr supernode register``,
+  see :func:`server.launch.register_supernode`). A SuperNode whose key is not
+  registered cannot activate. :func:`generate_node_key` writes such a pair
+  (NIST P-384, as the Flower docs use).
+
+Private keys are created with mode 0600 and never overwritten unless asked.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from common.errors import ConfigError, MammofedError
+from server.process import TlsFiles
+
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+SERVER_CERT = "server.pem"
+SERVER_KEY = "server.key"
+NODE_PRIVATE_SUFFIX = ".key"
+NODE_PUBLIC_SUFFIX = ".pub"
+DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
+#: What the coordinator's own ``flwr`` calls dial (``start --register-keys``).
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1")
+DEFAULT_DAYS = 365
+KEY_MODE = 0o600
+COMMAND_LINE = "command line"
+
+
+class TlsError(MammofedError):
+    """Certificates or keys could not be written or read."""
+
+
+@dataclass(frozen=True)
+class CertFiles:
+    """What :func:`generate_certificates` wrote."""
+
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+
+    def tls_files(self) -> TlsFiles:
+        """The three files the SuperLink is started with."""
+        return TlsFiles(self.ca_cert, self.server_cert, self.server_key)
+
+
+@dataclass(frozen=True)
+class NodeKeyFiles:
+    """A SuperNode's authentication key pair (OpenSSH format)."""
+
+    private_key: Path
+    public_key: Path
+
+
+def parse_hosts(text: str) -> list[str]:
+    """Comma-separated host names / IP addresses; empty items dropped.
+
+    Raises :class:`ConfigError` when nothing is left.
+    """
+    hosts = [h.strip() for h in text.split(",") if h.strip()]
+    if not hosts:
+        raise ConfigError(COMMAND_LINE, "--hosts", "give at least one host or IP")
+    return hosts
+
+
+def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
+    """Write ``data``; private files are created 0600 (never wider, even briefly)."""
+    if path.exists():
+        if not overwrite:
+            raise TlsError(f"{path} exists (pass --overwrite to replace it)")
+        path.unlink()
+    mode = KEY_MODE if private else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(path, mode)  # exactly this mode, whatever the umask
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def generate_certificates(
+    out_dir: Path,
+    hosts: Sequence[str] = DEFAULT_HOSTS,
+    *,
+    days: int = DEFAULT_DAYS,
+    overwrite: bool = False,
+) -> CertFiles:
+    """Write a self-signed CA and a SuperLink certificate signed by it.
+
+    Files in ``out_dir``: ``ca.crt`` (give to every SuperNode and ``flwr`` user),
+    ``ca.key`` (keep offline; only needed to sign a new server certificate),
+    ``server.pem`` and ``server.key`` (SuperLink only). The server certificate's
+    SANs are ``hosts`` (IP addresses as IP SANs, the rest as DNS names), its
+    common name the first host. Keys are EC P-384, mode 0600. Raises
+    :class:`TlsError` if a file exists and ``overwrite`` is false, and
+    :class:`ConfigError` for ``days < 1`` or no hosts.
+    """
+    if days < 1:
+        raise ConfigError(COMMAND_LINE, "--days", f"must be >= 1, got {days}")
+    if not hosts:
+        raise ConfigError(COMMAND_LINE, "--hosts", "give at least one host or IP")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = CertFiles(
+        out_dir / CA_CERT, out_dir / CA_KEY, out_dir / SERVER_CERT, out_dir / SERVER_KEY
+    )
+    if not overwrite:
+        for path in (files.ca_cert, files.ca_key, files.server_cert, files.server_key):
+            if path.exists():
+                raise TlsError(f"{path} exists (pass --overwrite to replace it)")
+
+    now = datetime.datetime.now(datetime.UTC)
+    start = now - datetime.timedelta(minutes=5)  # tolerate small clock skew
+    end = now + datetime.timedelta(days=days)
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mammofed CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(hosts[0]))])
+        )
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+
+    pem = serialization.Encoding.PEM
+    _write(files.ca_key, _pem_key(ca_key), private=True, overwrite=overwrite)
+    _write(files.server_key, _pem_key(server_key), private=True, overwrite=overwrite)
+    _write(files.ca_cert, ca_cert.public_bytes(pem), private=False, overwrite=overwrite)
+    _write(
+        files.server_cert,
+        server_cert.public_bytes(pem),
+        private=False,
+        overwrite=overwrite,
+    )
+    return files
+
+
+def node_key_files(out_dir: Path, site: str) -> NodeKeyFiles:
+    """Where the key pair of ``site`` lives in ``out_dir``."""
+    if not site or "/" in site or site.startswith("."):
+        raise ConfigError(COMMAND_LINE, "--site", f"not a usable file name: {site!r}")
+    return NodeKeyFiles(
+        out_dir / f"{site}{NODE_PRIVATE_SUFFIX}",
+        out_dir / f"{site}{NODE_PUBLIC_SUFFIX}",
+    )
+
+
+def generate_node_key(
+    out_dir: Path, site: str, *, overwrite: bool = False
+) -> NodeKeyFiles:
+    """Write ``<site>.key`` (0600) and ``<site>.pub``: a SuperNode auth key pair.
+
+    EC P-384 in OpenSSH format, what ``flower-supernode
+    --auth-supernode-private-key`` and ``flwr supernode register`` read. The
+    private key stays at the hospital; only the ``.pub`` goes to the
+    coordinator.
+    """
+    files = node_key_files(out_dir, site)
+    if not overwrite:
+        for path in (files.private_key, files.public_key):
+            if path.exists():
+                raise TlsError(f"{path} exists (pass --overwrite to replace it)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write(files.private_key, private, private=True, overwrite=overwrite)
+    _write(
+        files.public_key,
+        public + f" mammofed-{site}\n".encode(),
+        private=False,
+        overwrite=overwrite,
+    )
+    return files
+
+
+def check_node_private_key(path: Path, flag: str = "--auth-key") -> Path:
+    """``path`` if it holds an unencrypted OpenSSH EC private key.
+
+    Flower exits with a bare "Unable to parse the private key file." otherwise;
+    this names the flag and the file instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(COMMAND_LINE, flag, f"file does not exist: {path}")
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(
+            COMMAND_LINE, flag, f"{path} is not an unencrypted OpenSSH key: {exc}"
+        ) from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(COMMAND_LINE, flag, f"{path} is not an EC key")
+    return path
+
+
+def check_node_public_key(path: Path, flag: str = "--register-keys") -> Path:
+    """``path`` if it holds an OpenSSH EC public key (what Flower registers)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(COMMAND_LINE, flag, f"file does not exist: {path}")
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(
+            COMMAND_LINE, flag, f"{path} is not an OpenSSH public key: {exc}"
+        ) from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ConfigError(COMMAND_LINE, flag, f"{path} is not an EC public key")
+    return path
+
+
+def public_keys_in(paths: Sequence[Path], flag: str = "--register-keys") -> list[Path]:
+    """Each file in ``paths``, or each ``*.pub`` of a directory, checked; sorted."""
+    found: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            pubs = sorted(p.glob(f"*{NODE_PUBLIC_SUFFIX}"))
+            if not pubs:
+                raise ConfigError(COMMAND_LINE, flag, f"no *.pub file in {p}")
+            found += pubs
+        else:
+            found.append(p)
+    return [check_node_public_key(p, flag) for p in found]
+
+
+def _existing(path: Path, flag: str) -> Path:
+    if not Path(path).is_file():
+        raise ConfigError(COMMAND_LINE, flag, f"file does not exist: {path}")
+    return Path(path)
+
+
+def server_tls_from_flags(
+    *,
+    insecure: bool,
+    tls_dir: Path | None,
+    ca_certfile: Path | None,
+    certfile: Path | None,
+    keyfile: Path | None,
+) -> TlsFiles | None:
+    """The SuperLink's TLS files from ``start``'s flags (``None`` = insecure).
+
+    Exactly one of ``--insecure``, ``--tls-dir`` (holding ``ca.crt``,
+    ``server.pem``, ``server.key``) or all three ``--ssl-*`` files; every file
+    must exist. Raises :class:`ConfigError` naming the offending flag.
+    """
+    explicit = {
+        "--ssl-ca-certfile": ca_certfile,
+        "--ssl-certfile": certfile,
+        "--ssl-keyfile": keyfile,
+    }
+    given = [flag for flag, v in explicit.items() if v is not None]
+    if insecure and (tls_dir is not None or given):
+        other = "--tls-dir" if tls_dir is not None else given[0]
+        raise ConfigError(
+            COMMAND_LINE, "--insecure", f"cannot be combined with {other}"
+        )
+    if tls_dir is not None and given:
+        raise ConfigError(
+            COMMAND_LINE, "--tls-dir", f"cannot be combined with {given[0]}"
+        )
+    if insecure:
+        return None
+    if tls_dir is not None:
+        d = Path(tls_dir)
+        if not d.is_dir():
+            raise ConfigError(COMMAND_LINE, "--tls-dir", f"not a directory: {d}")
+        return TlsFiles(
+            _existing(d / CA_CERT, "--tls-dir"),
+            _existing(d / SERVER_CERT, "--tls-dir"),
+            _existing(d / SERVER_KEY, "--tls-dir"),
+        )
+    if not given:
+        raise ConfigError(
+            COMMAND_LINE,
+            "--insecure/--tls-dir",
+            "give --tls-dir DIR (see `mammofed-server certs`), the three --ssl-* "
+            "files, or --insecure (loopback tests only)",
+        )
+    missing = [flag for flag, v in explicit.items() if v is None]
+    if missing:
+        raise ConfigError(
+            COMMAND_LINE, missing[0], f"is required together with {given[0]}"
+        )
+    assert ca_certfile is not None and certfile is not None and keyfile is not None
+    return TlsFiles(
+        _existing(ca_certfile, "--ssl-ca-certfile"),
+        _existing(certfile, "--ssl-certfile"),
+        _existing(keyfile, "--ssl-keyfile"),
+    )
+
+
+def check_superlink_auth_flags(
+    *,
+    tls: TlsFiles | None,
+    enable_supernode_auth: bool,
+    register_keys: Sequence[Path],
+) -> list[Path]:
+    """Validate ``start``'s auth flags; returns the public keys to register.
+
+    ``--enable-supernode-auth`` needs TLS (Flower exits otherwise);
+    ``--register-keys`` needs ``--enable-supernode-auth`` (without it nodes
+    register themselves and a pre-registered key would only collide).
+    """
+    if enable_supernode_auth and tls is None:
+        raise ConfigError(
+            COMMAND_LINE,
+            "--enable-supernode-auth",
+            "needs TLS (--tls-dir or the --ssl-* files), not --insecure",
+        )
+    if register_keys and not enable_supernode_auth:
+        raise ConfigError(
+            COMMAND_LINE, "--register-keys", "needs --enable-supernode-auth"
+        )
+    return public_keys_in(register_keys) if register_keys else []
+
+
+def client_tls_from_flags(
+    *,
+    insecure: bool,
+    root_certificates: Path | None,
+    auth_key: Path | None = None,
+) -> Path | None:
+    """The CA a SuperNode / ``flwr`` client trusts (``None`` = insecure).
+
+    Exactly one of ``--insecure`` or ``--root-certificates`` (an existing file);
+    ``--auth-key`` (checked to be an OpenSSH EC private key) needs TLS, since a
+    SuperLink with node authentication always runs with TLS.
+    """
+    if insecure and root_certificates is not None:
+        raise ConfigError(
+            COMMAND_LINE, "--insecure", "cannot be combined with --root-certificates"
+        )
+    if not insecure and root_certificates is None:
+        raise ConfigError(
+            COMMAND_LINE,
+            "--root-certificates",
+            "give the SuperLink's CA (ca.crt), or --insecure (loopback tests only)",
+        )
+    if auth_key is not None:
+        if insecure:
+            raise ConfigError(
+                COMMAND_LINE,
+                "--auth-key",
+                "needs TLS (--root-certificates); a SuperLink with node "
+                "authentication never runs --insecure",
+            )
+        check_node_private_key(auth_key, "--auth-key")
+    if root_certificates is None:
+        return None
+    return _existing(root_certificates, "--root-certificates").resolve()

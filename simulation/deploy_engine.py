@@ -1,0 +1,168 @@
+"""One federated regime as a real deployment on loopback (engine ``deployment``).
+
+:func:`run_federated_deployment` starts what hospitals and the coordinator run
+(``mammofed-server start`` / ``mammofed-client start``), on one machine:
+
+* one SuperLink (``flower-superlink``, ``--insecure`` on ``127.0.0.1``, free
+  ports);
+* one SuperNode process per site (``flower-supernode``), whose node config
+  names the site, its state folder and its cache (``site``, ``state-dir``,
+  ``data-dir``), so the ClientApp reads exactly that site's data;
+* the run itself through the Control API (:func:`server.launch.submit_run`,
+  followed with :func:`server.launch.follow_run`).
+
+The sites train *in parallel*, as separate processes, unlike the in-process
+engine: this is the engine for the benchmark scenario on a GPU box (Ray does
+not fit there) and for measuring the round overhead against the slowest site.
+Give every site ``trainer.options.threads`` so that the SuperNodes together do
+not oversubscribe the cores.
+
+Every process gets its own ``FLWR_HOME`` under ``<run_dir>/deploy/``; all of
+them (and whatever they spawned: ClientApp and ServerApp processes inherit the
+variable) are stopped afterwards, on success, failure or timeout, with
+:func:`simulation.ray_engine.kill_home_processes`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from common.errors import MammofedError
+from common.federation import (
+    NODE_DATA_DIR,
+    NODE_SITE,
+    NODE_STATE_DIR,
+    FederationConfig,
+    flower_bin,
+    flower_env,
+)
+from server.launch import Connection, follow_run, submit_run
+from server.process import (
+    ProcessError,
+    free_port,
+    start_process,
+    superlink_command,
+    wait_for_port,
+)
+from simulation.ray_engine import kill_home_processes
+
+log = logging.getLogger(__name__)
+
+#: Sub-folder of the regime's server run dir with the processes' homes and logs.
+DEPLOY_DIR = "deploy"
+#: The state a finished run reports (``flwr ls``).
+FINISHED_OK = "finished:completed"
+
+
+class DeploymentEngineError(MammofedError):
+    """The loopback deployment failed, timed out or could not be started."""
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} not written)"
+
+
+def supernode_command(
+    site: str, superlink_port: int, state_dir: Path, data_dir: Path
+) -> list[str]:
+    """The ``flower-supernode`` command line of one site on loopback."""
+    node_config = (
+        f'{NODE_SITE}="{site}" {NODE_STATE_DIR}="{state_dir}" '
+        f'{NODE_DATA_DIR}="{data_dir}"'
+    )
+    return [
+        flower_bin("flower-supernode"),
+        "--insecure",
+        "--superlink",
+        f"127.0.0.1:{superlink_port}",
+        "--node-config",
+        node_config,
+        "--port",
+        str(free_port()),
+    ]
+
+
+def run_federated_deployment(
+    fed: FederationConfig,
+    caches: Mapping[str, Path],
+    run_dir: Path,
+    *,
+    timeout_s: float = 3600.0,
+) -> Path:
+    """Run ``fed`` on a loopback SuperLink with one SuperNode per site.
+
+    Args:
+        fed: the federation (``state_dir`` must be set: the sites' state).
+        caches: site name -> that site's cache folder (``fed.sites`` all present).
+        run_dir: the server run folder (checkpoints, ``rounds.jsonl``).
+        timeout_s: the whole run's limit; the run is stopped after it.
+
+    Returns ``run_dir``. Raises :class:`DeploymentEngineError` naming the
+    failing process and the tail of its log; nothing is left running.
+    """
+    if fed.state_dir is None:
+        raise DeploymentEngineError("engine 'deployment' needs fed.state_dir")
+    missing = [s for s in fed.sites if s not in caches]
+    if missing:
+        raise DeploymentEngineError(f"no cache for site(s) {missing}")
+    run_dir = Path(run_dir).resolve()
+    base = run_dir / DEPLOY_DIR
+    base.mkdir(parents=True, exist_ok=True)
+    homes: list[Path] = []
+    port = free_port()
+    t0 = time.monotonic()
+    try:
+        home = base / "home-superlink"
+        homes.append(home)
+        start_process(
+            superlink_command(port=port, insecure=True),
+            log_path=base / "superlink.log",
+            env=flower_env(home),
+            cwd=base,
+        )
+        if not wait_for_port("127.0.0.1", port, 60):
+            raise DeploymentEngineError(
+                "SuperLink did not come up in 60 s:\n" + _tail(base / "superlink.log")
+            )
+        for site in fed.sites:
+            home = base / f"home-{site}"
+            homes.append(home)
+            start_process(
+                supernode_command(
+                    site, port, Path(fed.state_dir).resolve(), Path(caches[site])
+                ),
+                log_path=base / f"supernode-{site}.log",
+                env=flower_env(home),
+                cwd=base,
+            )
+        conn = Connection(f"127.0.0.1:{port}", insecure=True)
+        run_id = submit_run(fed, run_dir, conn)
+        log.info(
+            "deployment: run %d on SuperLink :%d, %d sites",
+            run_id,
+            port,
+            len(fed.sites),
+        )
+        left = max(1.0, timeout_s - (time.monotonic() - t0))
+        try:
+            status = follow_run(run_id, run_dir, timeout_s=left, poll_s=1.0)
+        except ProcessError as exc:
+            raise DeploymentEngineError(
+                f"{exc}; SuperLink log:\n" + _tail(base / "superlink.log")
+            ) from exc
+        if status != FINISHED_OK:
+            raise DeploymentEngineError(
+                f"run {run_id} ended {status!r}; SuperLink log:\n"
+                + _tail(base / "superlink.log")
+            )
+        log.info("deployment: run %d finished in %.0f s", run_id, time.monotonic() - t0)
+        return run_dir
+    finally:
+        for home in homes:
+            kill_home_processes(home)
