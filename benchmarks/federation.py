@@ -11,10 +11,18 @@ from the grid's reply log and the server's ``rounds.jsonl``:
   time; in-process the sites run one after another);
 * ``round_overhead_fraction`` = (round wall - sites' compute) / round wall: the
   server side (sampling, validation, aggregation, checkpointing, record
-  serialization). With real SuperNodes the sites run in parallel and the
-  overhead is measured against the slowest site instead (not measured here).
+  serialization).
 
-Usage: ``python -m benchmarks.federation [--scenario F] [--federation F]``.
+With ``--engine deployment`` the same regime runs on a loopback SuperLink with
+one SuperNode *process* per site (``simulation.deploy_engine``): the sites train
+in parallel, so the critical path is the slowest site, and the figures are
+``slowest_site_compute_s`` (slowest train + slowest evaluate of the round, each
+site's own time from its state on disk) and ``round_overhead_fraction`` =
+(round wall - slowest site's compute) / round wall: messaging over HTTP,
+ClientApp process start-up, serialization, validation, aggregation, checkpoint.
+
+Usage: ``python -m benchmarks.federation [--scenario F] [--federation F]
+[--engine inprocess|deployment] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -47,7 +55,13 @@ def main() -> None:
     )
     ap.add_argument("--regime", default=R.PERSONALIZED)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--engine", choices=("inprocess", "deployment"), default="inprocess"
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per site")
     args = ap.parse_args()
+    if args.engine == "deployment":
+        return _deployment(args)
     logging.basicConfig(level=logging.WARNING)
     from client.app import app as client_app
     from client.detector_trainer import DetectorOptions
@@ -110,6 +124,63 @@ def main() -> None:
             (wall - compute) / wall if wall > 0 else float("nan"),
             "x",
             round=r,
+            **ctx,
+        )
+
+
+def _deployment(args: argparse.Namespace) -> None:
+    """The regime on SuperLink + SuperNode processes; overhead vs slowest site."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from simulation.run import rows_from_site_states, run_federated
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        scenario, caches, _ = prepare_sites(Path(args.scenario), out / "data", 2)
+        base = load_federation_config(args.federation)
+        req = RunRequest(Path(args.scenario), Path(args.federation), out / "run")
+        sites = [s.name for s in scenario.sites]
+        fed = _regime_config(base, args.regime, req, out / "run", sites)
+        opts = dict(fed.trainer.options)
+        if args.threads:
+            opts["threads"] = args.threads
+        fed = dataclasses.replace(
+            fed,
+            num_rounds=args.rounds,
+            trainer=dataclasses.replace(fed.trainer, options=opts),
+        )
+        (out / "run" / args.regime).mkdir(parents=True, exist_ok=True)
+        run_federated(args.regime, fed, caches, out / "run", 0, engine="deployment")
+        assert fed.run_dir is not None
+        rows = rows_from_site_states(fed)
+        rounds = [
+            json.loads(x)
+            for x in (fed.run_dir / "rounds.jsonl").read_text().splitlines()
+        ]
+    ctx = {
+        "scenario": Path(args.scenario).name,
+        "federation": Path(args.federation).name,
+        "regime": args.regime,
+        "sites": len(sites),
+        "arch": opts.get("arch"),
+        "threads_per_site": opts.get("threads"),
+        "engine": "deployment",
+    }
+    sent = [r["bytes_sent"] for r in rows if "bytes_sent" in r]
+    emit(BENCH, "bytes_per_site_per_round", float(np.mean(sent)), "B", **ctx)
+    for line in rounds:
+        rnd = line["round"]
+        mine = [r for r in rows if r["round"] == rnd]
+        slowest = max((r.get("train_seconds", 0.0) for r in mine), default=0.0)
+        slowest += max((r.get("evaluate_seconds", 0.0) for r in mine), default=0.0)
+        wall = float(line["seconds"])
+        emit(BENCH, "round_wall_s", wall, "s", round=rnd, **ctx)
+        emit(BENCH, "slowest_site_compute_s", slowest, "s", round=rnd, **ctx)
+        emit(
+            BENCH,
+            "round_overhead_fraction",
+            (wall - slowest) / wall if wall > 0 else float("nan"),
+            "x",
+            round=rnd,
             **ctx,
         )
 

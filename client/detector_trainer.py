@@ -12,7 +12,8 @@ through :class:`client.state.SiteState`:
   images after each round; the global head is still trained and sent, so a new
   site always has a base model;
 * the mean teacher of semi-supervised training (``ssl: true``) and its step;
-* the site's histogram-landmark standardizer (``standardize: true``).
+* the site's histogram-landmark standardizer (``standardize: true``);
+* the DP accountant of patient-level DP-SGD (``dp: true``, ``common.dp``).
 
 What leaves the site is exactly :meth:`DetectorTrainer.shared_spec` plus the
 metric names of :meth:`DetectorTrainer.metric_names`.
@@ -23,14 +24,22 @@ metric names of :meth:`DetectorTrainer.metric_names`.
 (1), ``ssl`` (false), ``ssl_threshold`` (0.5), ``ema_decay`` (0.99),
 ``standardize`` (false), ``threads`` (0 = torch default), ``device`` (``auto``),
 ``cache_root`` (folder holding ``<site>/`` caches when the node config names no
-data dir), ``eval_view`` (``test``), ``n_boot`` (0).
+data dir), ``eval_view`` (``test``), ``n_boot`` (0), ``dp`` (false),
+``dp_epsilon`` (8.0), ``dp_delta`` (0 = ``1 / n_women ** 1.1``),
+``dp_max_grad_norm`` (1.0), ``dp_patients_per_step`` (8).
+
+With ``dp: true`` the shared weights are trained by :class:`PrivateRound`
+(per-woman DP-SGD, ``common.dp``) in place of the normal epoch loop, the train
+metrics gain ``dp-epsilon``, and a site whose next round would exceed
+``dp_epsilon`` replies the received shared arrays unchanged. The FedPer head
+fine-tuning stays non-private: it never leaves the site. See docs/privacy.md.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +57,7 @@ from common.adapt.standardize import HistogramStandardizer
 from common.adapt.teacher import load_or_create_teacher, local_round
 from common.config.loader import bounded, from_mapping
 from common.data import SiteDataset, collate
+from common.dp import DPRoundResult, DPSettings, PatientDPSGD
 from common.engine import (
     evaluate_detailed,
     resolve_device,
@@ -60,6 +70,7 @@ from common.keys import (
     CPM_CALCIFICATION,
     CPM_MASS,
     CPM_MEAN,
+    DP_EPSILON,
     NUM_EXAMPLES,
     SKIPPED_STEPS,
     TRAIN_LOSS,
@@ -82,6 +93,8 @@ TEACHER_FILE = "teacher.pt"
 STANDARDIZER_FILE = "standardizer.json"
 
 TRAIN_METRICS: tuple[str, ...] = (NUM_EXAMPLES, TRAIN_LOSS, SKIPPED_STEPS)
+#: Train metrics added when ``trainer.options.dp`` is on (same on every site).
+DP_TRAIN_METRICS: tuple[str, ...] = (DP_EPSILON,)
 EVAL_METRICS: tuple[str, ...] = (NUM_EXAMPLES, CPM_MASS, CPM_CALCIFICATION, CPM_MEAN)
 
 
@@ -106,6 +119,20 @@ class DetectorOptions:
     cache_root: str = ""
     eval_view: Literal["test", "all", "labeled"] = "test"
     n_boot: int = field(default=0, metadata=bounded(0, 100_000))
+    dp: bool = False
+    dp_epsilon: float = field(default=8.0, metadata=bounded(1e-3, 1e4))
+    dp_delta: float = field(default=0.0, metadata=bounded(0.0, 0.5))
+    dp_max_grad_norm: float = field(default=1.0, metadata=bounded(1e-6, 1e6))
+    dp_patients_per_step: int = field(default=8, metadata=bounded(1, 1_000_000))
+
+    def dp_settings(self) -> DPSettings:
+        """The DP-SGD settings these options imply (used when ``dp`` is on)."""
+        return DPSettings(
+            target_epsilon=self.dp_epsilon,
+            max_grad_norm=self.dp_max_grad_norm,
+            patients_per_step=self.dp_patients_per_step,
+            delta=self.dp_delta,
+        )
 
     def model_config(self) -> ModelConfig:
         """The detector's :class:`ModelConfig`."""
@@ -199,6 +226,134 @@ def train_transform(seed: int) -> Compose:
     )
 
 
+def check_private_training(
+    opts: DetectorOptions, personalization: Personalization
+) -> None:
+    """Refuse settings under which DP-SGD would not protect what the site sends.
+
+    Only with ``opts.dp``. BatchNorm's running statistics are computed from the
+    women's images without noise, so ``norm: batch`` needs FedBN
+    (``personalization.local_norm``) to keep them on the site. The mean-teacher
+    loss (``ssl``) trains on unlabeled women outside the per-woman clipping,
+    and the intensity standardizer (``standardize``) is fitted on every
+    woman, so one woman would move every other woman's gradient.
+    """
+    if not opts.dp:
+        return
+    src = "federation config"
+    if opts.norm == "batch" and not personalization.local_norm:
+        raise ConfigError(
+            src,
+            "trainer.options.dp",
+            "DP-SGD with trainer.options.norm: batch needs personalization."
+            "local_norm: true: BatchNorm running statistics are computed without "
+            "noise and must never leave the site (set personalization.local_norm: "
+            "true, or trainer.options.norm: group)",
+        )
+    if opts.ssl:
+        raise ConfigError(
+            src,
+            "trainer.options.ssl",
+            "cannot be combined with trainer.options.dp: the consistency loss on "
+            "unlabeled women is outside the per-woman clipping",
+        )
+    if opts.standardize:
+        raise ConfigError(
+            src,
+            "trainer.options.standardize",
+            "cannot be combined with trainer.options.dp: the standardizer is "
+            "fitted on every training woman without noise",
+        )
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """What one round of local training of the shared weights did.
+
+    Attributes:
+        trained: ``False`` when nothing was trained (the DP budget is spent;
+            ``reason`` says so) and the received arrays go back unchanged.
+        loss: mean training loss; skipped: skipped steps (under DP: skipped
+            women); examples: the ``num-examples`` to report; extra: metrics
+            beyond :data:`TRAIN_METRICS` (``dp-epsilon``).
+    """
+
+    trained: bool
+    loss: float
+    skipped: int
+    examples: int
+    extra: Metrics = field(default_factory=dict)
+    reason: str = ""
+
+
+#: ``local_round(labeled, optimizer, extra_loss_fn, config) -> LocalRun``: how a
+#: site trains the shared weights in one round (the normal epochs or DP-SGD).
+LocalRound = Callable[
+    [Dataset[Any], torch.optim.Optimizer, Any, FitInstructions], LocalRun
+]
+
+
+class PrivateRound:
+    """Patient-level DP-SGD in place of the normal epochs (``trainer.options.dp``).
+
+    A :data:`LocalRound` around :class:`common.dp.PatientDPSGD`: Poisson draws
+    of the site's labeled training women, per-woman clipped gradients plus
+    Gaussian noise, the accountant in the site's state dir and the budget
+    stop. The FedProx term (data-independent) is added after the noise.
+    ``num-examples`` is the planned number of women (steps x q x n), not the
+    draw, so the weight the server sees does not reveal who was drawn.
+    """
+
+    #: Train metrics this round adds.
+    metric_names: tuple[str, ...] = DP_TRAIN_METRICS
+
+    def __init__(
+        self,
+        model: nn.Module,
+        opts: DetectorOptions,
+        state_dir: Path,
+        *,
+        planned_rounds: int,
+        device: torch.device,
+        site: str,
+    ) -> None:
+        self.model = model
+        self.max_steps = opts.max_steps
+        self.site = site
+        self.dp = PatientDPSGD(
+            opts.dp_settings(), state_dir, planned_rounds=planned_rounds, device=device
+        )
+
+    def __call__(
+        self,
+        labeled: Dataset[Any],
+        optimizer: torch.optim.Optimizer,
+        extra: Any,
+        config: FitInstructions,
+    ) -> LocalRun:
+        """Train one round under DP (or nothing when the budget would be exceeded)."""
+
+        def regularizer(model: nn.Module) -> Tensor:
+            return extra(model, [], [])  # type: ignore[no-any-return]
+
+        r: DPRoundResult = self.dp.run_round(
+            self.model,
+            optimizer,
+            labeled,
+            epochs=config.local_epochs,
+            max_steps=self.max_steps,
+            regularizer=None if extra is None else regularizer,
+            label=f"site {self.site} round {config.server_round}:",
+        )
+        metrics: Metrics = {DP_EPSILON: float(r.epsilon)}
+        if not r.trained:
+            return LocalRun(False, 0.0, 0, 1, metrics, r.reason)
+        # a round whose draws were all empty has no loss: 0 keeps the reply valid
+        loss = r.mean_loss if math.isfinite(r.mean_loss) else 0.0
+        examples = max(1, round(r.expected_women))
+        return LocalRun(True, loss, r.skipped, examples, metrics)
+
+
 class DetectorTrainer:
     """Federated local training of the FCOS lesion detector on one site."""
 
@@ -235,6 +390,7 @@ class DetectorTrainer:
             local_norm=fed_cfg.personalization.local_norm,
             personal_head=fed_cfg.personalization.personal_head,
         )
+        check_private_training(self.opts, self.personalization)
         seed_everything(fed_cfg.seed)
         self.model = build_detector(self.opts.model_config())
         self.shared_keys, self.personal_keys = shared_and_personal(
@@ -243,6 +399,20 @@ class DetectorTrainer:
         self.head_keys = head_keys(self.model)
         self._dataset: SiteDataset | None = None
         self._standardizer: HistogramStandardizer | None = None
+        # how the shared weights are trained: the normal epochs, or DP-SGD
+        self._local_round: LocalRound = self._standard_round
+        self._extra_train_metrics: tuple[str, ...] = ()
+        if self.opts.dp:
+            private = PrivateRound(
+                self.model,
+                self.opts,
+                self.state.dir,
+                planned_rounds=fed_cfg.num_rounds,
+                device=self.device,
+                site=site,
+            )
+            self._local_round = private
+            self._extra_train_metrics = private.metric_names
 
     # --- what crosses the network -------------------------------------------------
     def shared_spec(self) -> dict[str, tuple[int, ...]]:
@@ -252,7 +422,9 @@ class DetectorTrainer:
 
     def metric_names(self, phase: str) -> tuple[str, ...]:
         """Metric names of ``train`` and ``evaluate`` replies (same on every site)."""
-        return TRAIN_METRICS if phase == "train" else EVAL_METRICS
+        if phase == "train":
+            return TRAIN_METRICS + self._extra_train_metrics
+        return EVAL_METRICS
 
     def initial_shared(self) -> Arrays:
         """Shared arrays of a freshly seeded model."""
@@ -346,9 +518,12 @@ class DetectorTrainer:
         """Train locally from the global ``shared`` arrays for one round.
 
         Returns the updated shared arrays and ``train-loss``, ``skipped-steps``
-        and ``num-examples`` (images seen). The FedProx term
-        ``mu/2 * ||w - w_global||^2`` over shared parameters is applied when
-        the server sends ``proximal-mu > 0``.
+        and ``num-examples`` (images seen; under DP the planned number of
+        women), plus ``dp-epsilon`` under DP. The FedProx term ``mu/2 *
+        ||w - w_global||^2`` over shared parameters is applied when the server
+        sends ``proximal-mu > 0``. When the DP budget would be exceeded the
+        received arrays go back unchanged (``num-examples`` 1, the least the
+        server accepts) and nothing is trained, the personal head included.
         """
         seed_everything(self.fed_cfg.seed + config.server_round)
         self._load(shared, personal_head=False)
@@ -356,15 +531,58 @@ class DetectorTrainer:
         n_lab = len(labeled)  # type: ignore[arg-type]
         if n_lab == 0:
             raise MammofedError(f"site {self.site}: no labeled training images")
-        bs = config.batch_size
-        steps = math.ceil(n_lab / bs)
-        if self.opts.max_steps:
-            steps = min(steps, self.opts.max_steps)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=config.learning_rate, weight_decay=1e-4
         )
         extra = self._proximal(shared, config.proximal_mu)
+        run = self._local_round(labeled, optimizer, extra, config)
+        if run.trained:
+            sd = self.model.state_dict()
+            out = {k: sd[k].detach().cpu().numpy().copy() for k in self.shared_keys}
+            bs = config.batch_size
+            head = self._finetune_personal_head(labeled, bs, self._steps(n_lab, bs))
+            self._save_personal(head)
+        else:
+            log.warning(
+                "site %s round %d: %s; replying the received shared arrays unchanged",
+                self.site,
+                config.server_round,
+                run.reason,
+            )
+            out = {k: np.asarray(shared[k]).copy() for k in self.shared_keys}
+        metrics: Metrics = {
+            NUM_EXAMPLES: int(run.examples),
+            TRAIN_LOSS: float(run.loss),
+            SKIPPED_STEPS: int(run.skipped),
+            **run.extra,
+        }
+        log.info(
+            "site %s round %d: loss %.4f over %d examples (%d skipped)%s",
+            self.site,
+            config.server_round,
+            metrics[TRAIN_LOSS],
+            run.examples,
+            run.skipped,
+            "".join(f", {k} {v:.4g}" for k, v in run.extra.items()),
+        )
+        return out, metrics
+
+    def _steps(self, n_lab: int, batch_size: int) -> int:
+        """Steps of one local epoch: a pass over the labeled images, capped."""
+        steps = math.ceil(n_lab / batch_size)
+        return min(steps, self.opts.max_steps) if self.opts.max_steps else steps
+
+    def _standard_round(
+        self,
+        labeled: Dataset[Any],
+        optimizer: torch.optim.Optimizer,
+        extra: Any,
+        config: FitInstructions,
+    ) -> LocalRun:
+        """The normal local round: ``local_epochs`` lesion-balanced epochs (+ SSL)."""
+        bs = config.batch_size
+        steps = self._steps(len(labeled), bs)  # type: ignore[arg-type]
         losses, skipped, images = [], 0, 0
         use_ssl = self.opts.ssl and len(self.dataset.indices("unlabeled")) > 0
         for epoch in range(config.local_epochs):
@@ -387,25 +605,9 @@ class DetectorTrainer:
             losses.append(stats.mean_loss)
             skipped += stats.skipped_steps
             images += stats.images
-        sd = self.model.state_dict()
-        out = {k: sd[k].detach().cpu().numpy().copy() for k in self.shared_keys}
-        head = self._finetune_personal_head(labeled, bs, steps)
-        self._save_personal(head)
         finite = [x for x in losses if math.isfinite(x)]
-        metrics: Metrics = {
-            NUM_EXAMPLES: int(images),
-            TRAIN_LOSS: float(np.mean(finite)) if finite else float("nan"),
-            SKIPPED_STEPS: int(skipped),
-        }
-        log.info(
-            "site %s round %d: loss %.4f over %d images (%d skipped steps)",
-            self.site,
-            config.server_round,
-            metrics[TRAIN_LOSS],
-            images,
-            skipped,
-        )
-        return out, metrics
+        loss = float(np.mean(finite)) if finite else float("nan")
+        return LocalRun(True, loss, int(skipped), int(images))
 
     def _proximal(self, shared: Arrays, mu: float) -> Any:
         if mu <= 0:

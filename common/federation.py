@@ -31,6 +31,7 @@ from common.keys import (
     CPM_CALCIFICATION,
     CPM_MASS,
     CPM_MEAN,
+    DP_EPSILON,
     LOCAL_EPOCHS,
     NUM_EXAMPLES,
     PROXIMAL_MU,
@@ -58,6 +59,7 @@ METRIC_WHITELIST: frozenset[str] = frozenset(
         CPM_MASS,
         CPM_CALCIFICATION,
         CPM_MEAN,
+        DP_EPSILON,
     }
 )
 

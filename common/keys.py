@@ -84,6 +84,9 @@ LOCAL_SECONDS = "local-seconds"
 CPM_MASS = "cpm-mass"
 CPM_CALCIFICATION = "cpm-calcification"
 CPM_MEAN = "cpm-mean"
+#: Epsilon a site has spent under patient-level DP-SGD (``common.dp``) after
+#: the round, at the delta of its accountant; sent only when DP is on.
+DP_EPSILON = "dp-epsilon"
 #: FP rates at which sensitivity is reported (evaluation.md).
 FROC_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 #: FP rates averaged into the CPM (evaluation.md).

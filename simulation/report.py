@@ -46,10 +46,12 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
     """Gather metrics of every regime found in ``run_dirs``.
 
     Returns ``{"metrics": {regime: {site: SiteMetrics}}, "rounds": {regime:
-    [row, ...]}, "configs": [paths], "runs": [run.json contents]}``. A regime
-    present in several runs is taken from the last run given (logged).
+    [row, ...]}, "configs": [paths], "runs": [run.json contents], "dp":
+    {regime: dp record}}`` (the ``dp`` record of a DP regime's metrics.json).
+    A regime present in several runs is taken from the last run given (logged).
     """
     metrics: dict[str, dict[str, Any]] = {}
+    privacy: dict[str, Any] = {}
     rounds: dict[str, list[dict[str, Any]]] = {}
     configs: list[Path] = []
     runs: list[Any] = []
@@ -68,6 +70,8 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
             if name in metrics:
                 log.info("regime %s found again in %s; using the later one", name, run)
             metrics[name] = data.get("sites", {})
+            if data.get("dp"):
+                privacy[name] = data["dp"]
             rows_path = regime_dir / R.ROUNDS_JSONL
             if rows_path.is_file():
                 rows = []
@@ -79,7 +83,13 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
                     except json.JSONDecodeError:
                         log.warning("%s line %d: not JSON, skipped", rows_path, i)
                 rounds[name] = rows
-    return {"metrics": metrics, "rounds": rounds, "configs": configs, "runs": runs}
+    return {
+        "metrics": metrics,
+        "rounds": rounds,
+        "configs": configs,
+        "runs": runs,
+        "dp": privacy,
+    }
 
 
 def _ordered(names: list[str]) -> list[str]:
@@ -277,6 +287,15 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
             cells = [_cell(table["table"][site].get(r, {}).get(cls)) for r in regimes]
             lines.append(f"| {site} | " + " | ".join(cells) + " |")
         lines.append("")
+    for regime, dp in data["dp"].items():
+        spent = ", ".join(f"{s} {_fmt(e)}" for s, e in sorted(dp["spent"].items()))
+        delta = dp.get("delta")
+        lines += [
+            f"{regime}: patient-level DP-SGD at epsilon {dp['epsilon']:g} "
+            f"(delta <= {'–' if delta is None else f'{delta:.2g}'}); epsilon spent "
+            f"per site: {spent or '–'}.",
+            "",
+        ]
     lines += ["## FROC curves", ""]
     for site in table["sites"]:
         png = out_dir / f"froc_{site}.png"
@@ -324,6 +343,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     payload = {
         **table,
         "bytes_per_round": bytes_table(data["rounds"]),
+        "dp": data["dp"],
         "runs": [str(p) for p in run_dirs],
     }
     (out_dir / "report.json").write_text(json.dumps(_nan_to_none(payload), indent=2))

@@ -14,7 +14,10 @@ Steps (each logged with progress):
    * ``local-only``: every site trains alone on its own labels;
    * ``oracle``: all sites' images with all labels pooled;
    * ``fedavg``, ``fedprox``, ``personalized`` (FedBN + personal heads),
-     ``personalized-ssl`` (+ mean-teacher consistency on unlabeled images):
+     ``personalized-ssl`` (+ mean-teacher consistency on unlabeled images),
+     ``personalized-dp`` (+ patient-level DP-SGD at ``dp_epsilon``, see
+     ``common.dp`` and docs/privacy.md; its ``metrics.json`` carries a
+     ``dp`` record with the target and every site's spent epsilon):
      the real ServerApp loop (``server.federation.run_federation``) and real
      ClientApp (``client.app``) through :class:`simulation.grid.InProcessGrid`
      (``engine="inprocess"``), or on Flower's simulation engine
@@ -109,6 +112,8 @@ class RunRequest:
     engine: str = "inprocess"
     #: Wall-clock limit of one federated regime on the ``ray`` engine.
     engine_timeout_s: float = 3600.0
+    #: Target epsilon of every site in the ``personalized-dp`` regime.
+    dp_epsilon: float = 8.0
 
 
 # --- sites ----------------------------------------------------------------------
@@ -201,11 +206,17 @@ def site_metrics(result: EvalResult) -> dict[str, Any]:
     return {"n_images": n_images, "classes": classes}
 
 
-def _write_regime(run_dir: Path, regime: str, kind: str, sites: dict[str, Any]) -> None:
+def _write_regime(
+    run_dir: Path,
+    regime: str,
+    kind: str,
+    sites: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
     d = run_dir / regime
     d.mkdir(parents=True, exist_ok=True)
     sites = {k: v for k, v in sites.items() if v is not None}
-    payload = {"regime": regime, "kind": kind, "sites": sites}
+    payload = {"regime": regime, "kind": kind, "sites": sites, **(extra or {})}
     (d / R.METRICS_JSON).write_text(json.dumps(payload, indent=1))
     for site, m in sites.items():
         cpms = {c: m["classes"][c]["cpm"] for c in CLASSES}
@@ -315,6 +326,12 @@ def _regime_config(
         strategy = StrategyConfig(name="personalized")
         pers = PersonalizationConfig(local_norm=True, personal_head=True)
         opts["ssl"] = regime == R.PERSONALIZED_SSL
+    elif regime == R.PERSONALIZED_DP:
+        # personalized + DP-SGD per woman; SSL and the standardizer would use
+        # data outside the per-woman clipping (client.detector_trainer)
+        strategy = StrategyConfig(name="personalized")
+        pers = PersonalizationConfig(local_norm=True, personal_head=True)
+        opts.update(ssl=False, standardize=False, dp=True, dp_epsilon=req.dp_epsilon)
     else:
         raise ConfigError(
             "mammofed-sim run", "--regime", f"{regime!r} is not federated"
@@ -466,6 +483,37 @@ def rows_from_site_states(fed: FederationConfig) -> list[dict[str, Any]]:
     return [rows[k] for k in sorted(rows)]
 
 
+def dp_record(fed: FederationConfig, target: float) -> dict[str, Any]:
+    """``{"dp": {...}}`` of a DP regime, from every site's accountant on disk.
+
+    ``epsilon``: the target; ``delta``: the largest (weakest) delta over the
+    sites (each site's delta depends on its number of women); ``spent``:
+    ``{site: epsilon spent}``; ``sites``: each accountant's summary
+    (``common.dp.read_accountant``). Sites that never trained are absent.
+    """
+    from common.dp import read_accountant
+
+    assert fed.state_dir is not None
+    sites = {
+        s: summary
+        for s in fed.sites
+        if (summary := read_accountant(fed.state_dir / s)) is not None
+    }
+    deltas = [v["delta"] for v in sites.values()]
+    record: dict[str, Any] = {
+        "epsilon": float(target),
+        "delta": max(deltas) if deltas else None,
+        "spent": {s: v["epsilon"] for s, v in sites.items()},
+        "sites": sites,
+    }
+    log.info(
+        "DP: target epsilon %g; spent %s",
+        target,
+        {s: round(e, 3) for s, e in record["spent"].items()},
+    )
+    return {"dp": record}
+
+
 def run_federated(
     regime: str,
     fed: FederationConfig,
@@ -562,6 +610,11 @@ def run_study(req: RunRequest) -> Path:
                 "regimes": list(req.regimes),
                 "working_spacing_mm": scenario.working_spacing_mm,
                 "base_sites": base_sites,
+                **(
+                    {"dp_epsilon": req.dp_epsilon}
+                    if R.PERSONALIZED_DP in req.regimes
+                    else {}
+                ),
             },
             indent=1,
         )
@@ -580,7 +633,12 @@ def run_study(req: RunRequest) -> Path:
     timings: dict[str, float] = {}
     for regime in [r for r in R.ORDER if r in req.regimes]:
         t0 = time.monotonic()
-        log.info("=== regime %s ===", regime)
+        label = (
+            f"{regime} (epsilon {req.dp_epsilon:g})"
+            if regime == R.PERSONALIZED_DP
+            else regime
+        )
+        log.info("=== regime %s ===", label)
         if regime in (R.BASE, R.ORACLE):
             # one model on pooled caches (the base site; every site's oracle
             # labels), tested on every site's held-out women
@@ -605,9 +663,6 @@ def run_study(req: RunRequest) -> Path:
                     model, caches[s], fed.seed, req.n_boot, device
                 )
             _write_regime(out, regime, "central", metrics)
-        elif regime == R.PERSONALIZED_DP:
-            log.warning("regime %s is not implemented yet; skipped", regime)
-            continue
         else:
             cfg = _regime_config(fed, regime, req, out, sites)
             (out / regime).mkdir(parents=True, exist_ok=True)
@@ -620,7 +675,10 @@ def run_study(req: RunRequest) -> Path:
                 engine=req.engine,
                 timeout_s=req.engine_timeout_s,
             )
-            _write_regime(out, regime, "federated", metrics)
+            extra = (
+                dp_record(cfg, req.dp_epsilon) if regime == R.PERSONALIZED_DP else None
+            )
+            _write_regime(out, regime, "federated", metrics, extra)
         timings[regime] = round(time.monotonic() - t0, 1)
         log.info("=== regime %s done in %.0f s ===", regime, timings[regime])
     meta = json.loads((out / R.RUN_JSON).read_text())

@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds one federated regime may take on --engine ray/deployment",
     )
     parser.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=8.0,
+        help="target epsilon of every site in the personalized-dp regime "
+        "(patient-level DP-SGD; see docs/privacy.md)",
+    )
+    parser.add_argument(
         "--report", type=Path, help="also write the report here (default OUT/report)"
     )
 
@@ -68,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         n_boot=args.n_boot,
         engine=args.engine,
         engine_timeout_s=args.engine_timeout,
+        dp_epsilon=args.dp_epsilon,
     )
     out = run_study(req)
     report = write_report([out], args.report or out / "report")
