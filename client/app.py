@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -64,6 +66,8 @@ class SiteBinding:
     site: str
     state_dir: Path
     data_dir: Path | None = None
+    #: the site config's ``adapt`` overrides (deployment only; validated)
+    adapt: Mapping[str, Any] = field(default_factory=dict)
 
 
 def resolve_site(node_config: dict, fed_cfg: FederationConfig) -> SiteBinding:
@@ -75,7 +79,7 @@ def resolve_site(node_config: dict, fed_cfg: FederationConfig) -> SiteBinding:
         if site_cfg.state_dir is None:
             raise ConfigError(str(path), "state_dir", "is required for federation")
         data = site_cfg.cache_dir or site_cfg.data_dir
-        return SiteBinding(site_cfg.name, site_cfg.state_dir, data)
+        return SiteBinding(site_cfg.name, site_cfg.state_dir, data, site_cfg.adapt)
     if NODE_SITE in node_config:
         site = str(node_config[NODE_SITE])
         state = node_config.get(NODE_STATE_DIR) or fed_cfg.state_dir
@@ -113,6 +117,7 @@ def _setup(context: Context) -> tuple[FederationConfig, SiteBinding, LocalTraine
         binding.state_dir,
         fed_cfg,
         data_dir=binding.data_dir,
+        adapt_overrides=binding.adapt,
     )
     return fed_cfg, binding, trainer
 

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from client.state import SiteState
 from client.trainer import Arrays, Metrics, register_trainer
 from common.adapt import fewshot as fs
-from common.adapt.config import AdaptConfig
+from common.adapt.config import AdaptConfig, apply_overrides
 from common.adapt.standardize import HistogramStandardizer
 from common.adapt.teacher import load_or_create_teacher, local_round
 from common.config.loader import bounded, from_mapping
@@ -363,6 +363,7 @@ class DetectorTrainer:
         state_dir: Path,
         fed_cfg: FederationConfig,
         data_dir: Path | None = None,
+        adapt_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.site = site
         self.fed_cfg = fed_cfg
@@ -371,6 +372,12 @@ class DetectorTrainer:
             DetectorOptions,
             source="federation config",
             prefix="trainer.options",
+        )
+        #: the site's adaptation settings: the federation's, then its own overrides
+        self.adapt = apply_overrides(
+            self.opts.adapt_config(fed_cfg.seed),
+            adapt_overrides or {},
+            source=f"site {site} config",
         )
         if data_dir is None:
             if not self.opts.cache_root:
@@ -456,7 +463,7 @@ class DetectorTrainer:
             else:
                 view = self.dataset.view("train")
                 images = (view[i][0] for i in range(len(view)))
-                cfg = self.opts.adapt_config(self.fed_cfg.seed)
+                cfg = self.adapt
                 self._standardizer = HistogramStandardizer.fit(images, cfg)
                 self._standardizer.save(path)
                 log.info("site %s: fitted intensity standardizer", self.site)
@@ -531,15 +538,22 @@ class DetectorTrainer:
         n_lab = len(labeled)  # type: ignore[arg-type]
         if n_lab == 0:
             raise MammofedError(f"site {self.site}: no labeled training images")
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=config.learning_rate, weight_decay=1e-4
-        )
-        extra = self._proximal(shared, config.proximal_mu)
-        run = self._local_round(labeled, optimizer, extra, config)
+        frozen_keys = self._fewshot_frozen(n_lab, config.server_round)
+        with fs.frozen(self.model, frozen_keys):
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(
+                params, lr=config.learning_rate, weight_decay=1e-4
+            )
+            extra = self._proximal(shared, config.proximal_mu)
+            run = self._local_round(labeled, optimizer, extra, config)
         if run.trained:
             sd = self.model.state_dict()
             out = {k: sd[k].detach().cpu().numpy().copy() for k in self.shared_keys}
+            # frozen shared tensors go back exactly as received (BatchNorm
+            # running statistics of a frozen layer included)
+            for k in frozen_keys:
+                if k in out:
+                    out[k] = np.asarray(shared[k]).copy()
             bs = config.batch_size
             head = self._finetune_personal_head(labeled, bs, self._steps(n_lab, bs))
             self._save_personal(head)
@@ -567,6 +581,33 @@ class DetectorTrainer:
             "".join(f", {k} {v:.4g}" for k, v in run.extra.items()),
         )
         return out, metrics
+
+    def _fewshot_frozen(self, n_labeled: int, server_round: int) -> list[str]:
+        """Shared non-head keys to freeze this round (TFA-style few-shot site).
+
+        Automatic when the site has fewer than ``fewshot_max_labeled`` labeled
+        training images and no unlabeled images for semi-supervision (a
+        semi-supervised site trains every layer with its consistency loss);
+        the site config's ``adapt.head_only`` forces it either way. Never
+        under DP (its clipping covers all trainable parameters as planned).
+        """
+        has_unlabeled = self.opts.ssl and len(self.dataset.indices("unlabeled")) > 0
+        auto = n_labeled < self.adapt.fewshot_max_labeled and not has_unlabeled
+        head_only = self.adapt.head_only if self.adapt.head_only is not None else auto
+        if not head_only or self.opts.dp:
+            return []
+        keys = fs.fewshot_frozen_keys(self.model, self.personalization)
+        log.info(
+            "site %s round %d: few-shot site (%d labeled images, limit %d%s): "
+            "training the head only, %d shared tensors frozen",
+            self.site,
+            server_round,
+            n_labeled,
+            self.adapt.fewshot_max_labeled,
+            ", forced by the site config" if self.adapt.head_only else "",
+            len(keys),
+        )
+        return keys
 
     def _steps(self, n_lab: int, batch_size: int) -> int:
         """Steps of one local epoch: a pass over the labeled images, capped."""
@@ -633,7 +674,7 @@ class DetectorTrainer:
         extra: Any,
     ) -> tuple[float, int, int]:
         """One semi-supervised pass: labeled FCOS loss + teacher consistency."""
-        cfg = self.opts.adapt_config(self.fed_cfg.seed)
+        cfg = self.adapt
         teacher_path = self.state.dir / TEACHER_FILE
         teacher, step = load_or_create_teacher(teacher_path, self.model, cfg)
         teacher.sync_shared(self.model, self.shared_keys)
@@ -731,7 +772,11 @@ class DetectorTrainer:
 
 @register_trainer("detector")
 def make_detector_trainer(
-    site: str, state_dir: Path, fed_cfg: FederationConfig, data_dir: Path | None = None
+    site: str,
+    state_dir: Path,
+    fed_cfg: FederationConfig,
+    data_dir: Path | None = None,
+    adapt_overrides: Mapping[str, Any] | None = None,
 ) -> DetectorTrainer:
     """Registry factory of the detector trainer."""
-    return DetectorTrainer(site, state_dir, fed_cfg, data_dir)
+    return DetectorTrainer(site, state_dir, fed_cfg, data_dir, adapt_overrides)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -269,6 +271,7 @@ def build_toy(
     state_dir: Path,
     fed_cfg: FederationConfig,
     data_dir: Path | None = None,
+    adapt_overrides: Mapping[str, Any] | None = None,
 ) -> ToyTrainer:
-    """Factory of the ``toy`` trainer (synthetic data: ``data_dir`` is unused)."""
+    """Factory of the ``toy`` trainer (``data_dir``, ``adapt_overrides`` unused)."""
     return ToyTrainer(site, state_dir, fed_cfg)

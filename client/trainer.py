@@ -16,9 +16,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -63,7 +63,7 @@ class LocalTrainer(Protocol):
 
 TrainerFactory = Callable[..., LocalTrainer]
 
-#: name -> factory(site, state_dir, fed_cfg, data_dir=None)
+#: name -> factory(site, state_dir, fed_cfg, data_dir=None, adapt_overrides=None)
 TRAINERS: dict[str, TrainerFactory] = {}
 
 #: Modules imported on demand so that their trainers register themselves.
@@ -100,8 +100,13 @@ def build_trainer(
     state_dir: Path,
     fed_cfg: FederationConfig,
     data_dir: Path | None = None,
+    adapt_overrides: Mapping[str, Any] | None = None,
 ) -> LocalTrainer:
-    """Construct trainer ``name`` for ``site``; unknown names list valid ones."""
+    """Construct trainer ``name`` for ``site``; unknown names list valid ones.
+
+    ``adapt_overrides`` (the site config's ``adapt`` section) reaches trainers
+    that adapt to the site (the detector); others ignore it.
+    """
     valid = available_trainers()
     if name not in TRAINERS:
         raise ConfigError(
@@ -109,6 +114,12 @@ def build_trainer(
             "trainer.name",
             f"unknown trainer {name!r} (valid names: {', '.join(valid)})",
         )
-    trainer = TRAINERS[name](site, Path(state_dir), fed_cfg, data_dir=data_dir)
+    trainer = TRAINERS[name](
+        site,
+        Path(state_dir),
+        fed_cfg,
+        data_dir=data_dir,
+        adapt_overrides=dict(adapt_overrides or {}),
+    )
     log.info("site %s: built trainer %s", site, name)
     return trainer

@@ -16,6 +16,7 @@ class ConfigError(MammofedError, ValueError):
     def __init__(self, source: str, key: str, message: str) -> None:
         self.source = source
         self.key = key
+        self.detail = message
         super().__init__(f"{source}: {key}: {message}")
 
 

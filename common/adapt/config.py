@@ -7,10 +7,12 @@ used inside the hospital client only; nothing here is sent over the network.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from common.config.loader import bounded
+from common.config.loader import bounded, config_to_dict, from_mapping
+from common.errors import ConfigError
 from common.keys import CALCIFICATION, CLASSES, MASS
 
 #: Percentiles (of breast pixels) used as histogram landmarks by default:
@@ -164,3 +166,45 @@ def _check_increasing(
             raise ValueError(f"{name}[{i}]: must be in [{lo}, {hi}], got {v!r}")
         if i and v <= values[i - 1]:
             raise ValueError(f"{name}: must be strictly increasing, got {values!r}")
+
+
+#: AdaptConfig fields a site may not override (the federation decides them).
+FEDERATION_FIXED: frozenset[str] = frozenset({"ssl_enabled", "standardize", "seed"})
+
+
+def apply_overrides(
+    base: AdaptConfig,
+    overrides: Mapping[str, Any],
+    *,
+    source: str = "site config",
+    prefix: str = "adapt",
+) -> AdaptConfig:
+    """``base`` with a site's ``overrides`` (AdaptConfig field names) applied.
+
+    Validated like any config (unknown key, type, range, threshold classes);
+    raises :class:`ConfigError` naming ``source`` and ``prefix.key``.
+    """
+    if not overrides:
+        return base
+    fixed = sorted(set(overrides) & FEDERATION_FIXED)
+    if fixed:
+        raise ConfigError(
+            source,
+            f"{prefix}.{fixed[0]}",
+            "is set for every site by the federation's trainer options "
+            "(ssl, standardize) and the run's seed; a site cannot override it",
+        )
+    data = {**config_to_dict(base), **dict(overrides)}
+    return from_mapping(data, AdaptConfig, source=source, prefix=prefix)
+
+
+def validate_overrides(overrides: Mapping[str, Any], prefix: str = "adapt") -> None:
+    """Check ``overrides`` on the defaults; ``ValueError("<prefix.key>: why")``.
+
+    For ``__post_init__`` of configs that carry overrides: the config loader
+    turns the ``ValueError`` into a :class:`ConfigError` naming the file.
+    """
+    try:
+        apply_overrides(AdaptConfig(), overrides, source="", prefix=prefix)
+    except ConfigError as exc:
+        raise ValueError(f"{exc.key}: {exc.detail}") from None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from common.config.loader import bounded, from_mapping, load_config, path_field
 from common.keys import CALCIFICATION, IGNORE, MASS, NONE_FINDING
@@ -68,6 +68,12 @@ class SiteConfig:
         cache_dir: the site cache (``CACHE_DIR``), if fixed by config.
         state_dir: per-site federation state (personal layers, EMA, DP
             accountant), used by the federation client.
+        adapt: this site's overrides of the client-side adaptation settings
+            (:class:`common.adapt.AdaptConfig` field names: ``rampup_steps``,
+            ``unsup_weight``, ``score_thresholds``, ``unlabeled_ratio``,
+            ``consistency``, ``fewshot_max_labeled``, ``head_only``, ...), on
+            top of what the federation's trainer options imply; validated
+            when the file is loaded.
     """
 
     name: str = "site"
@@ -82,6 +88,7 @@ class SiteConfig:
     data_dir: Path | None = field(default=None, metadata=path_field(must_exist=False))
     cache_dir: Path | None = field(default=None, metadata=path_field(must_exist=False))
     state_dir: Path | None = field(default=None, metadata=path_field(must_exist=False))
+    adapt: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.strip() != self.name:
@@ -98,6 +105,10 @@ class SiteConfig:
                 )
             merged[key] = kind
         object.__setattr__(self, "findings", merged)
+        if self.adapt:
+            from common.adapt.config import validate_overrides
+
+            validate_overrides(self.adapt, "adapt")
 
     def finding_kind(self, word: str) -> str | None:
         """Map a site word (case-insensitive) to its kind; ``None`` if unknown."""
