@@ -185,6 +185,8 @@ def run_ssl(
         "labeled": len(site.view("labeled")),
         "unlabeled": len(site.view("unlabeled")),
         "test_images": len(site.view("test")),
+        "score_thresholds": dict(cfg.score_thresholds),
+        "rampup_steps": cfg.rampup_steps,
     }
     _emit_arm("ssl-base-cpm-mean", _eval(start, site, dev), **ctx)
     sup_cfg = dataclasses.replace(cfg, ssl_enabled=False)
@@ -194,6 +196,8 @@ def run_ssl(
         "ssl-dense": (site, dataclasses.replace(cfg, consistency="dense")),
         "all-labels": (full, sup_cfg),
     }
+    if args.arms:
+        arms = {k: v for k, v in arms.items() if k in args.arms}
     res: dict[str, float] = {}
     for name, (ds, acfg) in arms.items():
         model, info = _train_ssl(
@@ -201,6 +205,8 @@ def run_ssl(
         )
         m = _eval(model, site, dev)
         res[name] = _emit_arm(f"ssl-{name}-cpm-mean", m, arm=name, **info, **ctx)
+    if "all-labels" not in res or "sup" not in res:
+        return
     gap = res["all-labels"] - res["sup"]
     if gap <= 0:
         log.warning(
@@ -297,6 +303,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--local-norm", action="store_true")
     p.add_argument("--only", choices=["ssl", "fewshot"], default=None)
+    p.add_argument(
+        "--arms",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=None,
+        help="semi-supervised arms to run (sup,ssl-pseudo,ssl-dense,all-labels)",
+    )
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
