@@ -126,3 +126,15 @@ def test_bad_site_adapt_section_names_file_and_key(tmp_path, adapt, needle):
     with pytest.raises(ConfigError) as err:
         load_site_config(path)
     assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_shipped_adapt_configs_validate():
+    from common.adapt import AdaptConfig
+    from common.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    paths = sorted((repo / "configs" / "adapt").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = load_config(path, AdaptConfig)
+        assert set(cfg.score_thresholds) == set(CLASSES)
