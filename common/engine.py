@@ -113,15 +113,24 @@ class ModelEMA:
     """Exponential moving average of a model (a teacher for semi-supervision).
 
     After :meth:`update`: for every floating-point parameter
-    ``ema = decay * ema + (1 - decay) * student``; every buffer (BatchNorm
-    running statistics, counters) is copied from the student. ``module`` is a
-    frozen deep copy in eval mode.
+    ``ema = d * ema + (1 - d) * student``; every buffer (BatchNorm running
+    statistics, counters) is copied from the student. ``module`` is a frozen
+    deep copy in eval mode.
+
+    ``d`` is ``decay``, or with ``warmup`` ``min(decay, (1 + n) / (10 + n))``
+    after ``n`` updates (the ramp of timm's and YOLO's EMAs): a model trained
+    from a random start must not keep ``decay ** steps`` of that start (0.999
+    over 575 steps keeps 56% of it). Teachers that start from trained weights
+    use the plain ``decay``.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+    def __init__(
+        self, model: nn.Module, decay: float = 0.999, *, warmup: bool = False
+    ) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"ModelEMA decay must be in [0, 1], got {decay!r}")
         self.decay = float(decay)
+        self.warmup = warmup
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -130,7 +139,7 @@ class ModelEMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Blend the student's parameters in and copy its buffers."""
-        d = self.decay
+        d = self.current_decay()
         student_params = dict(model.named_parameters())
         for name, p in self.module.named_parameters():
             s = student_params[name].detach()
@@ -142,6 +151,12 @@ class ModelEMA:
         for name, b in self.module.named_buffers():
             b.copy_(student_bufs[name])
         self.updates += 1
+
+    def current_decay(self) -> float:
+        """The decay the next :meth:`update` applies."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
 
     def state_dict(self) -> dict[str, Tensor]:
         """The EMA model's ``state_dict``."""
@@ -501,6 +516,8 @@ def fit(
             optimizer.load_state_dict(ck.optimizer)
         if ema is not None and ck.ema is not None:
             ema.load_state_dict(ck.ema)
+            # the EMA's warm-up continues where it stopped
+            ema.updates = int(ck.extra.get("ema_updates", ema.updates))
         if scheduler is not None and "scheduler" in ck.extra:
             scheduler.load_state_dict(ck.extra["scheduler"])
         start = ck.epoch + 1
@@ -525,7 +542,11 @@ def fit(
         if eval_fn is not None:
             target = ema.module if ema is not None else model
             rec["eval"] = eval_fn(target)
-        extra = {"scheduler": scheduler.state_dict()} if scheduler is not None else {}
+        extra: dict[str, Any] = (
+            {"scheduler": scheduler.state_dict()} if scheduler is not None else {}
+        )
+        if ema is not None:
+            extra["ema_updates"] = ema.updates
         save_checkpoint(
             ckpt_path,
             model,

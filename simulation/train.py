@@ -219,7 +219,11 @@ def train_model(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_steps)
     )
-    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+    ema = (
+        ModelEMA(model, cfg.ema_decay, warmup=True)
+        if cfg.ema_decay is not None
+        else None
+    )
     fit(
         model,
         cfg.model,

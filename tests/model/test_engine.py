@@ -223,3 +223,28 @@ def test_balanced_sampler():
     with pytest.raises(ValueError, match="lesion_prob"):
         lesion_weights(flags, 1.5)
     assert lesion_flags(SquareSet(4)) == [True, False, True, False]
+
+
+def test_ema_warmup_forgets_the_random_start():
+    """With warm-up the EMA tracks a student that moved far from its start."""
+    import torch
+
+    from common.engine import ModelEMA
+
+    student = torch.nn.Linear(4, 1)
+    with torch.no_grad():
+        student.weight.zero_()  # the "random" start
+    plain = ModelEMA(student, decay=0.999)
+    warm = ModelEMA(student, decay=0.999, warmup=True)
+    assert warm.current_decay() == pytest.approx(0.1)
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+    for _ in range(575):
+        plain.update(student)
+        warm.update(student)
+    assert warm.current_decay() == pytest.approx(576 / 585)
+    w_plain = plain.module.weight.detach()
+    w_warm = warm.module.weight.detach()
+    # plain keeps 0.999**575 = 56% of the start; warm-up keeps almost none of it
+    assert (w_plain - 1).abs().min() > 0.5
+    assert (w_warm - 1).abs().max() < 1e-3
