@@ -64,7 +64,10 @@ class AdaptConfig:
             detections as hard targets of the student's FCOS loss on a
             strongly augmented view) or ``dense`` (Dense Teacher: soft teacher
             targets on every FCOS location's class and centre-ness map; the
-            strong view then differs only photometrically).
+            strong view then differs only photometrically). Default ``dense``,
+            chosen by measurement (docs/adaptation.md): with a teacher that is
+            not yet confident, thresholded pseudo boxes were either almost
+            absent (0.5) or noisy enough to hurt (0.3).
         ema_decay: teacher = decay * teacher + (1 - decay) * student, per step.
         teacher_sync: what happens to the teacher's *shared* tensors when a new
             global model arrives: ``copy_shared`` overwrites them with the
@@ -102,7 +105,7 @@ class AdaptConfig:
     """
 
     ssl_enabled: bool = True
-    consistency: Literal["pseudo_boxes", "dense"] = "pseudo_boxes"
+    consistency: Literal["pseudo_boxes", "dense"] = "dense"
     ema_decay: float = field(default=0.99, metadata=bounded(0.0, 1.0))
     teacher_sync: Literal["copy_shared", "keep"] = "copy_shared"
     rampup_steps: int = field(default=200, metadata=bounded(0, None))

@@ -178,7 +178,10 @@ def test_pseudo_boxes_thresholded_and_moved_with_strong_view(
 
     box = [10.0, 12.0, 26.0, 30.0]
     images = [blob_image(64, [box], seed=s, level=1.0) for s in range(6)]
-    cfg = AdaptConfig(score_thresholds={"mass": 0.5, "calcification": 0.5})
+    cfg = AdaptConfig(
+        consistency="pseudo_boxes",
+        score_thresholds={"mass": 0.5, "calcification": 0.5},
+    )
     teacher = MeanTeacher(tiny_model, 0.9)
 
     def fake_detect(ims):
