@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import emit
-from common.federation import load_federation_config
+from common.federation import FederationConfig, load_federation_config
 from common.model import build_detector
 from simulation import regimes as R
 from simulation.run import RunRequest, _regime_config, prepare_sites
@@ -71,12 +71,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        scenario, caches, _ = prepare_sites(Path(args.scenario), out / "data", 2)
-        base = load_federation_config(args.federation)
-        req = RunRequest(Path(args.scenario), Path(args.federation), out / "run")
-        sites = [s.name for s in scenario.sites]
-        fed = _regime_config(base, args.regime, req, out / "run", sites)
-        fed = dataclasses.replace(fed, num_rounds=args.rounds)
+        sites, caches, fed = _regime(args, out)
         grid = InProcessGrid(
             client_app,
             {
@@ -115,17 +110,43 @@ def main() -> None:
     for line in rounds:
         r = line["round"]
         compute = sum(e.seconds for e in grid.log if e.round == r)
-        wall = float(line["seconds"])
-        emit(BENCH, "round_wall_s", wall, "s", round=r, **ctx)
-        emit(BENCH, "sites_compute_s", compute, "s", round=r, **ctx)
-        emit(
-            BENCH,
-            "round_overhead_fraction",
-            (wall - compute) / wall if wall > 0 else float("nan"),
-            "x",
-            round=r,
-            **ctx,
-        )
+        _emit_round(r, float(line["seconds"]), "sites_compute_s", compute, ctx)
+
+
+def _emit_round(
+    rnd: int, wall: float, compute_name: str, compute: float, ctx: dict
+) -> None:
+    """Round wall time, the compute it is measured against, and the overhead."""
+    emit(BENCH, "round_wall_s", wall, "s", round=rnd, **ctx)
+    emit(BENCH, compute_name, compute, "s", round=rnd, **ctx)
+    emit(
+        BENCH,
+        "round_overhead_fraction",
+        (wall - compute) / wall if wall > 0 else float("nan"),
+        "x",
+        round=rnd,
+        **ctx,
+    )
+
+
+def _regime(
+    args: argparse.Namespace, out: Path
+) -> tuple[list[str], dict[str, Path], FederationConfig]:
+    """Sites, caches and the regime's federation config (rounds, threads set)."""
+    scenario, caches, _ = prepare_sites(Path(args.scenario), out / "data", 2)
+    base = load_federation_config(args.federation)
+    req = RunRequest(Path(args.scenario), Path(args.federation), out / "run")
+    sites = [s.name for s in scenario.sites]
+    fed = _regime_config(base, args.regime, req, out / "run", sites)
+    opts = dict(fed.trainer.options)
+    if args.threads:
+        opts["threads"] = args.threads
+    fed = dataclasses.replace(
+        fed,
+        num_rounds=args.rounds,
+        trainer=dataclasses.replace(fed.trainer, options=opts),
+    )
+    return sites, caches, fed
 
 
 def _deployment(args: argparse.Namespace) -> None:
@@ -135,19 +156,8 @@ def _deployment(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        scenario, caches, _ = prepare_sites(Path(args.scenario), out / "data", 2)
-        base = load_federation_config(args.federation)
-        req = RunRequest(Path(args.scenario), Path(args.federation), out / "run")
-        sites = [s.name for s in scenario.sites]
-        fed = _regime_config(base, args.regime, req, out / "run", sites)
+        sites, caches, fed = _regime(args, out)
         opts = dict(fed.trainer.options)
-        if args.threads:
-            opts["threads"] = args.threads
-        fed = dataclasses.replace(
-            fed,
-            num_rounds=args.rounds,
-            trainer=dataclasses.replace(fed.trainer, options=opts),
-        )
         (out / "run" / args.regime).mkdir(parents=True, exist_ok=True)
         run_federated(args.regime, fed, caches, out / "run", 0, engine="deployment")
         assert fed.run_dir is not None
@@ -172,17 +182,7 @@ def _deployment(args: argparse.Namespace) -> None:
         mine = [r for r in rows if r["round"] == rnd]
         slowest = max((r.get("train_seconds", 0.0) for r in mine), default=0.0)
         slowest += max((r.get("evaluate_seconds", 0.0) for r in mine), default=0.0)
-        wall = float(line["seconds"])
-        emit(BENCH, "round_wall_s", wall, "s", round=rnd, **ctx)
-        emit(BENCH, "slowest_site_compute_s", slowest, "s", round=rnd, **ctx)
-        emit(
-            BENCH,
-            "round_overhead_fraction",
-            (wall - slowest) / wall if wall > 0 else float("nan"),
-            "x",
-            round=rnd,
-            **ctx,
-        )
+        _emit_round(rnd, float(line["seconds"]), "slowest_site_compute_s", slowest, ctx)
 
 
 if __name__ == "__main__":

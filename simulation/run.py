@@ -396,43 +396,34 @@ def _grid_inprocess(
     return [rows[k] for k in sorted(rows)]
 
 
-def _grid_ray(
+def _grid_processes(
+    engine: str,
     regime: str,
     fed: FederationConfig,
     caches: dict[str, Path],
-    run_dir: Path,
     timeout_s: float,
 ) -> list[dict[str, Any]]:
-    """Run ``fed`` on Flower's simulation engine; rows from the sites' state."""
-    from simulation.ray_engine import run_federated_ray
+    """Run ``fed`` where the sites are other processes; rows from their state.
 
+    ``ray``: Flower's simulation engine; ``deployment``: a loopback SuperLink
+    and one SuperNode per site. Rows: :func:`rows_from_site_states`.
+    """
     assert fed.state_dir is not None and fed.run_dir is not None
     t0 = time.monotonic()
-    run_federated_ray(fed, caches, fed.run_dir, timeout_s=timeout_s)
+    if engine == R.ENGINE_RAY:
+        from simulation.ray_engine import run_federated_ray
+
+        run_federated_ray(fed, caches, fed.run_dir, timeout_s=timeout_s)
+    else:
+        from simulation.deploy_engine import run_federated_deployment
+
+        run_federated_deployment(fed, caches, fed.run_dir, timeout_s=timeout_s)
     log.info(
-        "[%s] %d rounds in %.0f s (ray)", regime, fed.num_rounds, time.monotonic() - t0
-    )
-    return rows_from_site_states(fed)
-
-
-def _grid_deployment(
-    regime: str,
-    fed: FederationConfig,
-    caches: dict[str, Path],
-    run_dir: Path,
-    timeout_s: float,
-) -> list[dict[str, Any]]:
-    """Run ``fed`` on a loopback SuperLink + SuperNodes; rows from the sites' state."""
-    from simulation.deploy_engine import run_federated_deployment
-
-    assert fed.state_dir is not None and fed.run_dir is not None
-    t0 = time.monotonic()
-    run_federated_deployment(fed, caches, fed.run_dir, timeout_s=timeout_s)
-    log.info(
-        "[%s] %d rounds in %.0f s (deployment)",
+        "[%s] %d rounds in %.0f s (%s)",
         regime,
         fed.num_rounds,
         time.monotonic() - t0,
+        engine,
     )
     return rows_from_site_states(fed)
 
@@ -536,10 +527,8 @@ def run_federated(
     sites = list(fed.sites)
     if engine == "inprocess":
         rows = _grid_inprocess(regime, fed, caches, run_dir)
-    elif engine == "ray":
-        rows = _grid_ray(regime, fed, caches, run_dir, timeout_s)
-    elif engine == "deployment":
-        rows = _grid_deployment(regime, fed, caches, run_dir, timeout_s)
+    elif engine in (R.ENGINE_RAY, R.ENGINE_DEPLOYMENT):
+        rows = _grid_processes(engine, regime, fed, caches, timeout_s)
     else:
         raise ConfigError(
             "mammofed-sim run", "--engine", f"{engine!r} (valid: {', '.join(ENGINES)})"
