@@ -47,6 +47,7 @@ from common.checkpoint import Checkpoint, save_checkpoint
 from common.config.loader import from_mapping
 from common.errors import CheckpointMismatch, ConfigError, MammofedError
 from common.federation import CHECKPOINT_DIR, FederationConfig
+from common.fileio import load_arrays
 from common.model import (
     Personalization,
     build_detector,
@@ -189,8 +190,7 @@ def read_global_round(path: str | Path) -> GlobalRound:
         prefix="config.trainer.options",
     )
     try:
-        with np.load(npz_path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = load_arrays(npz_path)
     except (OSError, ValueError) as exc:
         raise ExportError(f"{npz_path}: unreadable round arrays: {exc}") from exc
     names = meta.get("array_names")

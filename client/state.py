@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import MammofedError
-from common.fileio import atomic_write_bytes
+from common.fileio import atomic_write_bytes, load_arrays, save_arrays
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +60,14 @@ class SiteState:
 
     def save_personal(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Atomically replace the personal arrays."""
-        import io
-
-        buf = io.BytesIO()
-        payload = {k: np.asarray(v) for k, v in arrays.items()}
-        np.savez(buf, **payload)  # type: ignore[arg-type]
-        atomic_write_bytes(self.personal_path, buf.getvalue())
+        save_arrays(self.personal_path, arrays)
 
     def load_personal(self) -> dict[str, np.ndarray] | None:
         """The saved personal arrays, or ``None`` when none were saved yet."""
         if not self.personal_path.is_file():
             return None
         try:
-            with np.load(self.personal_path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
+            return load_arrays(self.personal_path)
         except (OSError, ValueError) as exc:
             raise SiteStateError(f"{self.personal_path}: unreadable: {exc}") from exc
 

@@ -1,10 +1,18 @@
-"""Atomic file writes: a reader never sees a half-written file."""
+"""Atomic file writes, and the one way named arrays are stored (``.npz``).
+
+A reader never sees a half-written file; checkpoints and site state use
+:func:`save_arrays` / :func:`load_arrays`.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+
+import numpy as np
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
@@ -33,3 +41,21 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> 
 def atomic_write_text(path: str | Path, text: str, *, fsync: bool = True) -> None:
     """UTF-8 text form of :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def save_arrays(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Atomically write named arrays as an uncompressed ``.npz`` (fsync'd)."""
+    buf = io.BytesIO()
+    payload = {k: np.asarray(v) for k, v in arrays.items()}
+    np.savez(buf, **payload)  # type: ignore[arg-type]
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (pickles refused).
+
+    Raises ``OSError`` / ``ValueError`` on a missing or broken file; callers
+    wrap them in their own error naming the file.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

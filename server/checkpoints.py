@@ -9,7 +9,6 @@ ones.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import CheckpointMismatch
-from common.fileio import atomic_write_bytes
+from common.fileio import atomic_write_bytes, load_arrays, save_arrays
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +58,7 @@ class CheckpointStore:
     ) -> Path:
         """Write round ``server_round``; returns the JSON path."""
         npz, meta_path = self.paths(server_round)
-        buf = io.BytesIO()
-        payload = {k: np.asarray(v) for k, v in arrays.items()}
-        np.savez(buf, **payload)  # type: ignore[arg-type]
-        atomic_write_bytes(npz, buf.getvalue())
+        save_arrays(npz, arrays)
         meta = {
             "round": int(server_round),
             "array_names": list(arrays),
@@ -87,8 +83,7 @@ class CheckpointStore:
         npz, meta_path = self.paths(server_round)
         try:
             meta = json.loads(meta_path.read_text())
-            with np.load(npz, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
+            arrays = load_arrays(npz)
         except (OSError, ValueError) as exc:
             raise CheckpointMismatch(f"{npz}: unreadable checkpoint: {exc}") from exc
         names = meta.get("array_names")

@@ -40,6 +40,7 @@ from common.federation import (
     arrays_to_record,
     record_to_arrays,
 )
+from common.fileio import load_arrays
 from common.keys import ARRAYS_KEY, CONFIG_KEY
 from server.checkpoints import CheckpointStore
 from server.strategies import GuardedFedAvg, build_strategy, wait_for_nodes
@@ -112,8 +113,7 @@ def query_initial_arrays(grid: Grid, cfg: FederationConfig) -> dict[str, np.ndar
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        return load_arrays(path)
     except (OSError, ValueError) as exc:
         raise FederationError(f"{path}: cannot read initial arrays: {exc}") from exc
 
