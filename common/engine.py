@@ -557,16 +557,17 @@ def fit(
             extra=extra,
         )
         with open(out / EPOCH_LOG, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_json_safe(rec)) + "\n")
+            fh.write(json.dumps(json_safe(rec)) + "\n")
         records.append(rec)
     return records
 
 
-def _json_safe(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
+    """``v`` with non-finite floats as ``None`` and keys as strings (strict JSON)."""
     if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
+        return {str(k): json_safe(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
-        return [_json_safe(x) for x in v]
+        return [json_safe(x) for x in v]
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v

@@ -49,6 +49,7 @@ from common.data import SiteDataset, SiteView, collate
 from common.engine import (
     EPOCH_LOG,
     flat_metrics,
+    json_safe,
     predict_images,
     resolve_device,
     seed_everything,
@@ -119,16 +120,6 @@ def _predict_view(
 
 def _num(v: float) -> float | None:
     return None if isinstance(v, float) and not math.isfinite(v) else float(v)
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
@@ -351,7 +342,7 @@ def run_crossval(
         "seconds": round(time.perf_counter() - t_start, 2),
         "config": config_to_dict(cfg),
     }
-    doc = _json_safe(doc)
+    doc = json_safe(doc)
     (out / CV_METRICS_JSON).write_text(json.dumps(doc, indent=2))
     (out / OOF_PREDICTIONS_JSON).write_text(
         json.dumps(

@@ -36,6 +36,7 @@ from common.engine import (
     ModelEMA,
     evaluate_detailed,
     fit,
+    json_safe,
     prepare_model,
     resolve_device,
     seed_everything,
@@ -159,14 +160,6 @@ def _warmup_cosine(total_steps: int, warmup: int) -> Any:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
     return f
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 def train_model(
@@ -322,7 +315,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             "site %s test: CPM mass %.3f calcification %.3f (%d images)",
             name, m["cpm-mass"], m["cpm-calcification"], len(v),
         )  # fmt: skip
-    (out / METRICS_JSON).write_text(json.dumps(_json_safe(results), indent=2))
+    (out / METRICS_JSON).write_text(json.dumps(json_safe(results), indent=2))
     return results
 
 
