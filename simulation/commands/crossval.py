@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from common.errors import MammofedError
+from simulation.commands.train import add_override_arguments
 from simulation.crossval import run_crossval
 from simulation.train import load_train_config, with_overrides
 
@@ -31,11 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "without pooling, so several processes can share the folds; a last run "
         "without it pools them",
     )
-    parser.add_argument("--out", type=Path, default=None, help="override out_dir")
-    parser.add_argument("--epochs", type=int, default=None, help="override epochs")
-    parser.add_argument(
-        "--device", default=None, help="override device (auto/cpu/cuda)"
-    )
+    add_override_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

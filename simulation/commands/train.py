@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mammofed-sim train``."""
     parser.add_argument("--config", required=True, type=Path, help="TrainConfig YAML")
+    add_override_arguments(parser)
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--out``, ``--epochs``, ``--device`` (``with_overrides``); also crossval's."""
     parser.add_argument("--out", type=Path, default=None, help="override out_dir")
     parser.add_argument("--epochs", type=int, default=None, help="override epochs")
     parser.add_argument(
