@@ -434,7 +434,8 @@ def rows_from_site_states(fed: FederationConfig) -> list[dict[str, Any]]:
     Metrics (and the site-local ``seconds`` of each phase) come from each
     site's ``SiteState`` history (what the ClientApp recorded), rounds from the
     server's ``rounds.jsonl``; ``bytes_sent`` is the nbytes of the shared
-    arrays of that round's checkpoint (what a training site sends back), and
+    arrays (what a training site sends back; the same every round, read from
+    the first trained round's checkpoint), and
     ``train_seconds`` / ``evaluate_seconds`` the site's own compute time.
     """
     import numpy as np
@@ -449,7 +450,9 @@ def rows_from_site_states(fed: FederationConfig) -> list[dict[str, Any]]:
     if jsonl.is_file():
         rounds = [int(json.loads(x)["round"]) for x in jsonl.read_text().splitlines()]
     rows: dict[tuple[int, str], dict[str, Any]] = {}
-    sent: dict[int, int] = {}
+    # every round's global model has the same names and shapes (the server
+    # validates them), so one checkpoint gives the bytes of every reply
+    sent: int | None = None
     for s in fed.sites:
         history = SiteState(fed.state_dir, s).read_meta().get("history", [])
         for h in history:
@@ -459,10 +462,10 @@ def rows_from_site_states(fed: FederationConfig) -> list[dict[str, Any]]:
             row = rows.setdefault((rnd, s), {"round": rnd, "site": s})
             phase = h.get("phase")
             if phase == "train":
-                if rnd not in sent:
+                if sent is None:
                     arrays = store.load(rnd).arrays
-                    sent[rnd] = int(sum(np.asarray(v).nbytes for v in arrays.values()))
-                row["bytes_sent"] = sent[rnd]
+                    sent = int(sum(np.asarray(v).nbytes for v in arrays.values()))
+                row["bytes_sent"] = sent
             for k, v in h.items():
                 if k in ("round", "phase", "num-examples"):
                     continue
