@@ -12,7 +12,11 @@ both the training and the validation part of a fold. Test-split patients
 
 For every fold a fresh model is trained on the other folds with the
 TrainConfig recipe (:func:`simulation.train.train_model`, same seed for every
-fold) and predicts its held-out images. The out-of-fold detections of all
+fold) and predicts its held-out images. With ``labeled_patients`` only that
+many women of the other folds train it (a new site with few labels; drawn by
+:func:`simulation.train.few_label_subset` with ``split_seed + fold``), and
+with ``init_checkpoint`` it starts from a pretrained detector; the held-out
+fold is always whole. The out-of-fold detections of all
 images are then pooled into ONE FROC per class (bootstrap CI over images,
 ``cfg.n_boot`` resamples). Pooling compares scores of different models on one
 threshold sweep; the per-fold CPMs (mean ± sd) are reported next to it.
@@ -57,7 +61,12 @@ from common.engine import (
 from common.errors import MammofedError
 from common.froc import FrocImage, froc_all, plot_froc, result_to_dict
 from common.keys import CLASSES
-from simulation.train import TrainConfig, train_model, train_transform
+from simulation.train import (
+    TrainConfig,
+    few_label_subset,
+    train_model,
+    train_transform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +227,20 @@ def run_crossval(
                 for i in val
             }
         )
+        train_idx = {
+            name: (
+                tr
+                if cfg.labeled_patients is None
+                else few_label_subset(
+                    sites[name], tr, cfg.labeled_patients, cfg.split_seed + f
+                )
+            )
+            for name, (tr, _) in fold.parts.items()
+        }
         train_patients = sorted(
             {
                 f"{name}/{sites[name].records[i].patient_id}"
-                for name, (tr, _) in fold.parts.items()
+                for name, tr in train_idx.items()
                 for i in tr
             }
         )
@@ -254,8 +273,7 @@ def run_crossval(
             )
             transform = train_transform(cfg.augment, gen)
             train_views = [
-                sites[name].subset(tr, transform)
-                for name, (tr, _) in fold.parts.items()
+                sites[name].subset(tr, transform) for name, tr in train_idx.items()
             ]
             val_views = {
                 name: sites[name].subset(val) for name, (_, val) in fold.parts.items()
@@ -366,6 +384,49 @@ def run_crossval(
         _fmt(m[CLASSES[1]]["cpm"]), *_ci(m[CLASSES[1]]),
     )  # fmt: skip
     return doc
+
+
+def load_oof_images(cfg: TrainConfig) -> list[FrocImage]:
+    """The out-of-fold detections of a finished CV run as FROC images.
+
+    Reads ``cfg.out_dir/oof_predictions.json`` and takes each image's ground
+    truth (boxes, labels, ignore regions, spacing) from its cache in
+    ``cfg.caches``, so a CV run can be re-scored or compared image by image
+    with another (:func:`common.froc.paired_cpm_difference`).
+
+    Raises:
+        MammofedError: no ``oof_predictions.json`` (the CV did not pool), or a
+            key that names no image of the caches.
+    """
+    path = Path(cfg.out_dir) / OOF_PREDICTIONS_JSON
+    if not path.is_file():
+        raise MammofedError(f"{path}: missing; run the CV without --only-folds first")
+    records = {}
+    for c in cfg.caches:
+        site = SiteDataset(c, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
+        for rec in site.records:
+            records[f"{Path(c).name}/{rec.key}"] = rec
+    images: list[FrocImage] = []
+    for row in json.loads(path.read_text()):
+        r = records.get(row["key"])
+        if r is None:
+            raise MammofedError(
+                f"{path}: key {row['key']!r} is no image of caches "
+                f"{[str(c) for c in cfg.caches]}"
+            )
+        images.append(
+            FrocImage(
+                key=row["key"],
+                spacing_mm=float(r.spacing_mm),
+                gt_boxes=np.asarray(r.boxes, np.float64).reshape(-1, 4),
+                gt_labels=np.asarray(r.labels, np.int64).reshape(-1),
+                ignore_boxes=np.asarray(r.ignore, np.float64).reshape(-1, 4),
+                det_boxes=np.asarray(row["boxes"], np.float64).reshape(-1, 4),
+                det_scores=np.asarray(row["scores"], np.float64).reshape(-1),
+                det_labels=np.asarray(row["labels"], np.int64).reshape(-1),
+            )
+        )
+    return images
 
 
 def _fmt(v: float | None) -> str:

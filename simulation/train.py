@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from common.checkpoint import save_checkpoint
+from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import bounded, load_config, path_field, write_resolved
 from common.data import SiteDataset, SiteView, collate
 from common.engine import (
@@ -41,6 +42,7 @@ from common.engine import (
     resolve_device,
     seed_everything,
 )
+from common.errors import CheckpointMismatch
 from common.model import ModelConfig, build_detector
 from common.sampling import balanced_sampler, lesion_flags
 from common.transforms import Compose, IntensityJitter, RandomResize, VerticalFlip
@@ -99,6 +101,15 @@ class TrainConfig:
         eval_every: evaluate the test views every N epochs (0: only at the end).
         n_boot: bootstrap resamples for the CPM interval.
         num_workers: DataLoader workers.
+        init_checkpoint: a LOCAL mammofed model checkpoint (``final.pt``, or
+            ``mammofed-client export`` of a federation round) whose weights
+            start the detector instead of a random initialisation (a site
+            joining from a pretrained model); its structural model fields
+            (:data:`common.checkpoint.STRUCTURAL_FIELDS`) must equal ``model``'s.
+            A ``last.pt`` in ``out_dir`` still takes precedence (resume).
+        labeled_patients: train on at most this many box-labeled women of each
+            cache (a new site with few labels); :func:`few_label_subset` picks
+            them with ``split_seed``. ``None``: every labeled woman.
     """
 
     caches: tuple[Path, ...]
@@ -123,6 +134,8 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata=bounded(0, None))
     n_boot: int = field(default=1000, metadata=bounded(0, 100000))
     num_workers: int = field(default=0, metadata=bounded(0, 64))
+    init_checkpoint: Path | None = field(default=None, metadata=path_field(True))
+    labeled_patients: int | None = field(default=None, metadata=bounded(1, None))
 
     def __post_init__(self) -> None:
         if not self.caches:
@@ -152,6 +165,56 @@ def train_transform(aug: AugmentConfig, generator: torch.Generator | None) -> Co
     return Compose(parts)
 
 
+def few_label_subset(
+    site: SiteDataset, indices: Sequence[int], n_patients: int, seed: int
+) -> list[int]:
+    """The images of ``indices`` that belong to at most ``n_patients`` women.
+
+    Women are grouped by ``patient_id`` and drawn without replacement with
+    ``numpy.random.default_rng(seed)``, women with a lesion and women without
+    in proportion to their share of ``indices`` (at least one of each kind
+    when both exist and ``n_patients >= 2``), so a few-label subset keeps
+    lesions to learn from. All images of a chosen woman are kept; the order of
+    ``indices`` is preserved. Fewer women than ``n_patients``: all of them.
+    """
+    by_patient: dict[str, list[int]] = {}
+    for i in indices:
+        by_patient.setdefault(site.records[i].patient_id, []).append(i)
+    if len(by_patient) <= n_patients:
+        return list(indices)
+    pos = sorted(
+        p for p, ix in by_patient.items() if any(site.records[i].has_lesion for i in ix)
+    )
+    neg = sorted(set(by_patient) - set(pos))
+    n_pos = round(n_patients * len(pos) / len(by_patient))
+    if n_patients >= 2 and pos and neg:
+        n_pos = min(max(n_pos, 1), n_patients - 1)
+    n_pos = min(n_pos, len(pos))
+    n_neg = min(n_patients - n_pos, len(neg))
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.permutation(pos)[:n_pos].tolist())
+    chosen |= set(rng.permutation(neg)[:n_neg].tolist())
+    return [i for i in indices if site.records[i].patient_id in chosen]
+
+
+def init_from_checkpoint(model: torch.nn.Module, cfg: ModelConfig, path: Path) -> None:
+    """Load a pretrained detector's weights from ``path`` into ``model`` (strict).
+
+    Raises:
+        CheckpointMismatch: not a mammofed checkpoint, a structural field of
+            its model config differs from ``cfg`` (named with both values), or
+            its weights do not fit.
+    """
+    ck = load_checkpoint(path, expected_cfg=cfg)
+    missing, unexpected = model.load_state_dict(ck.state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointMismatch(
+            f"{path}: field 'state_dict' does not fit model {cfg.arch!r}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    log.info("detector initialised from %s (%d tensors)", path, len(ck.state_dict))
+
+
 def _warmup_cosine(total_steps: int, warmup: int) -> Any:
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
@@ -179,10 +242,13 @@ def train_model(
     so call :func:`common.engine.seed_everything` first for a reproducible run.
     ``eval_fn`` is called after each epoch (see ``fit``).
 
+    The detector starts from ``cfg.init_checkpoint`` when set.
+
     Returns the final model (the EMA module when ``cfg.ema_decay`` is set).
 
     Raises:
         ValueError: the views hold no image.
+        CheckpointMismatch: ``cfg.init_checkpoint`` does not fit ``cfg.model``.
     """
     flags: list[bool] = []
     for v in train_views:
@@ -204,7 +270,10 @@ def train_model(
         collate_fn=collate,
         drop_last=False,
     )
-    model = prepare_model(build_detector(cfg.model), device)
+    net = build_detector(cfg.model)
+    if cfg.init_checkpoint is not None:
+        init_from_checkpoint(net, cfg.model, cfg.init_checkpoint)
+    model = prepare_model(net, device)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
@@ -255,7 +324,12 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         )
         for c in cfg.caches
     }
-    train_views: list[SiteView] = [s.view("labeled", transform) for s in sites.values()]
+    train_views: list[SiteView] = []
+    for s in sites.values():
+        idx = s.indices("labeled")
+        if cfg.labeled_patients is not None:
+            idx = few_label_subset(s, idx, cfg.labeled_patients, cfg.split_seed)
+        train_views.append(s.subset(idx, transform))
     test_views = {name: s.view("test") for name, s in sites.items()}
     for name, v in zip(sites, train_views, strict=True):
         f = lesion_flags(v)

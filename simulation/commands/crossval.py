@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from common.errors import MammofedError
-from simulation.commands.train import add_override_arguments
+from simulation.commands.train import add_override_arguments, apply_overrides
 from simulation.crossval import run_crossval
-from simulation.train import load_train_config, with_overrides
+from simulation.train import load_train_config
 
 NAME = "crossval"
 HELP = (
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the config, run the CV; print the pooled per-class CPMs as JSON."""
     cfg = load_train_config(args.config)
-    cfg = with_overrides(cfg, out_dir=args.out, epochs=args.epochs, device=args.device)
+    cfg = apply_overrides(cfg, args)
     if args.folds < 2:
         raise MammofedError(f"--folds must be >= 2, got {args.folds}")
     only = None

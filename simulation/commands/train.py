@@ -8,7 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
-from simulation.train import load_train_config, run_training, with_overrides
+from common.errors import MammofedError
+from simulation.train import (
+    TrainConfig,
+    load_train_config,
+    run_training,
+    with_overrides,
+)
 
 NAME = "train"
 HELP = "train the detector centrally on site caches (base / local / oracle regimes)"
@@ -23,18 +29,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--out``, ``--epochs``, ``--device`` (``with_overrides``); also crossval's."""
+    """Flags overriding the TrainConfig (:func:`apply_overrides`); also crossval's."""
     parser.add_argument("--out", type=Path, default=None, help="override out_dir")
     parser.add_argument("--epochs", type=int, default=None, help="override epochs")
     parser.add_argument(
         "--device", default=None, help="override device (auto/cpu/cuda)"
+    )
+    parser.add_argument(
+        "--init-checkpoint",
+        type=Path,
+        default=None,
+        help="override init_checkpoint: start from this pretrained model file",
+    )
+    parser.add_argument(
+        "--labeled-patients",
+        type=int,
+        default=None,
+        help="override labeled_patients: train on at most N labeled women per cache",
+    )
+
+
+def apply_overrides(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """``cfg`` with the flags of :func:`add_override_arguments` that were given.
+
+    Raises:
+        MammofedError: ``--labeled-patients`` below 1 or an ``--init-checkpoint``
+            that is not a file.
+    """
+    if args.labeled_patients is not None and args.labeled_patients < 1:
+        raise MammofedError(
+            f"--labeled-patients must be >= 1, got {args.labeled_patients}"
+        )
+    if args.init_checkpoint is not None and not args.init_checkpoint.is_file():
+        raise MammofedError(f"--init-checkpoint: no such file {args.init_checkpoint}")
+    return with_overrides(
+        cfg,
+        out_dir=args.out,
+        epochs=args.epochs,
+        device=args.device,
+        init_checkpoint=args.init_checkpoint,
+        labeled_patients=args.labeled_patients,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, train, evaluate; print the per-site CPMs as JSON."""
     cfg = load_train_config(args.config)
-    cfg = with_overrides(cfg, out_dir=args.out, epochs=args.epochs, device=args.device)
+    cfg = apply_overrides(cfg, args)
     results = run_training(cfg)
     summary = {
         site: None if r is None else r["metrics"].get("cpm-mean")

@@ -237,3 +237,41 @@ def test_plot_and_all(tmp_path):
     assert set(res) == {"mass", "calcification"}
     out = plot_froc(list(res.values()), tmp_path / "f.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def _study(hit_every: int, seed: int) -> list[FrocImage]:
+    """30 images, half with a mass; every ``hit_every``-th mass found (score 0.9)."""
+    rng = np.random.default_rng(seed)
+    ims = []
+    for i in range(30):
+        gt = [[100, 100, 150, 150]] if i % 2 == 0 else []
+        dets = [box_at(125, 125)] if i % 2 == 0 and (i // 2) % hit_every == 0 else []
+        scores = [0.9] * len(dets)
+        dets += [box_at(float(x), 700) for x in (300, 600)]
+        scores += list(rng.random(2) * 0.5)
+        ims.append(img(f"im{i}", gt=gt, gl=[MASS] * len(gt), dets=dets, scores=scores))
+    return ims
+
+
+def test_paired_cpm_difference_exact_and_paired():
+    from common.froc import paired_cpm_difference
+
+    weak, strong = _study(3, 0), _study(1, 0)
+    d, (lo, hi) = paired_cpm_difference(weak, strong, MASS, n_boot=300, seed=1)
+    want = froc_class(strong, MASS).cpm - froc_class(weak, MASS).cpm
+    assert d == pytest.approx(want) and want > 0.5
+    assert 0 < lo <= d <= hi
+    # order does not matter (images matched by key); the reverse is the negative
+    d2, ci2 = paired_cpm_difference(weak, strong[::-1], MASS, n_boot=300, seed=1)
+    assert d2 == pytest.approx(d) and ci2 == pytest.approx((lo, hi))
+    d3, (lo3, hi3) = paired_cpm_difference(strong, weak, MASS, n_boot=300, seed=1)
+    assert d3 == pytest.approx(-d) and (lo3, hi3) == pytest.approx((-hi, -lo))
+    # a detector against itself: exactly zero in every resample
+    assert paired_cpm_difference(weak, weak, MASS, n_boot=50) == (0.0, (0.0, 0.0))
+    # no calcification anywhere: undefined
+    dc, cic = paired_cpm_difference(weak, strong, CALC, n_boot=20)
+    assert math.isnan(dc) and all(math.isnan(x) for x in cic)
+    with pytest.raises(ValueError, match="differ"):
+        paired_cpm_difference(weak, strong[1:], MASS)
+    with pytest.raises(ValueError, match="differ"):
+        paired_cpm_difference(weak + weak[:1], strong + strong[:1], MASS)
