@@ -21,7 +21,10 @@ metric names of :meth:`DetectorTrainer.metric_names`.
 ``trainer.options`` keys (all optional): ``arch`` (``tiny``), ``norm``
 (``batch``), ``fpn_channels`` (32), ``head_convs`` (2), ``working_spacing_mm``
 (0.4), ``lesion_prob`` (0.6), ``max_steps`` (0 = whole epoch), ``head_epochs``
-(1), ``ssl`` (false), ``ssl_threshold`` (0.5), ``ema_decay`` (0.99),
+(1), ``ssl`` (false), ``fewshot`` (true: a site below
+``adapt.fewshot_max_labeled`` labeled images trains the head only; false: every
+site trains every layer, as plain FedAvg does), ``ssl_threshold`` (0.5),
+``ema_decay`` (0.99),
 ``standardize`` (false), ``threads`` (0 = torch default), ``device`` (``auto``),
 ``cache_root`` (folder holding ``<site>/`` caches when the node config names no
 data dir), ``eval_view`` (``test``), ``n_boot`` (0), ``dp`` (false),
@@ -111,6 +114,7 @@ class DetectorOptions:
     max_steps: int = field(default=0, metadata=bounded(0, None))
     head_epochs: int = field(default=1, metadata=bounded(0, 1000))
     ssl: bool = False
+    fewshot: bool = True
     ssl_threshold: float = field(default=0.5, metadata=bounded(0.0, 1.0))
     ema_decay: float = field(default=0.99, metadata=bounded(0.0, 1.0))
     standardize: bool = False
@@ -585,14 +589,19 @@ class DetectorTrainer:
     def _fewshot_frozen(self, n_labeled: int, server_round: int) -> list[str]:
         """Shared non-head keys to freeze this round (TFA-style few-shot site).
 
-        Automatic when the site has fewer than ``fewshot_max_labeled`` labeled
+        Automatic (with the ``fewshot`` option, on by default) when the site
+        has fewer than ``fewshot_max_labeled`` labeled
         training images and no unlabeled images for semi-supervision (a
         semi-supervised site trains every layer with its consistency loss);
         the site config's ``adapt.head_only`` forces it either way. Never
         under DP (its clipping covers all trainable parameters as planned).
         """
         has_unlabeled = self.opts.ssl and len(self.dataset.indices("unlabeled")) > 0
-        auto = n_labeled < self.adapt.fewshot_max_labeled and not has_unlabeled
+        auto = (
+            self.opts.fewshot
+            and n_labeled < self.adapt.fewshot_max_labeled
+            and not has_unlabeled
+        )
         head_only = self.adapt.head_only if self.adapt.head_only is not None else auto
         if not head_only or self.opts.dp:
             return []

@@ -317,6 +317,10 @@ def _regime_config(
     sites: list[str],
 ) -> FederationConfig:
     opts = dict(base.trainer.options)
+    # few-shot head tuning belongs to regime 6 of evaluation.md ("personalized
+    # + semi-supervised consistency (+ few-shot head tuning)"); the baselines
+    # train every layer at every site
+    opts["fewshot"] = regime == R.PERSONALIZED_SSL
     if regime == R.FEDAVG:
         strategy, pers = StrategyConfig(name="fedavg"), PersonalizationConfig()
     elif regime == R.FEDPROX:

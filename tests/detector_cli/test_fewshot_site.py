@@ -93,6 +93,36 @@ def test_site_config_can_force_full_training(tmp_path, cache):
         np.testing.assert_array_equal(after2[k], after[k], err_msg=k)
 
 
+def test_fewshot_option_off_trains_every_layer(tmp_path, cache):
+    """Plain FedAvg / personalized regimes switch the automatic rule off."""
+    import dataclasses
+
+    cfg = _fed(tmp_path / "a")
+    opts = {**cfg.trainer.options, "fewshot": False}
+    cfg = dataclasses.replace(
+        cfg, trainer=dataclasses.replace(cfg.trainer, options=opts)
+    )
+    trainer = DetectorTrainer(SITE, tmp_path / "a" / "state", cfg, cache, None)
+    before = trainer.initial_shared()
+    after, _ = trainer.fit(before, FitInstructions.from_federation(cfg, 1))
+    _, _, forced, _ = _fit(tmp_path / "b", cache, {"head_only": False})
+    for k in before:
+        np.testing.assert_array_equal(after[k], forced[k], err_msg=k)
+
+
+def test_only_the_adaptation_regime_tunes_few_shot_heads(tmp_path):
+    from simulation import regimes as R
+    from simulation.run import RunRequest, _regime_config
+
+    base = _fed(tmp_path)
+    req = RunRequest(scenario=tmp_path / "s.yaml", federation=tmp_path / "f.yaml",
+                     out=tmp_path / "out")  # fmt: skip
+    for regime in sorted(R.FEDERATED):
+        cfg = _regime_config(base, regime, req, tmp_path / "run", [SITE])
+        want = regime == R.PERSONALIZED_SSL
+        assert cfg.trainer.options["fewshot"] is want, regime
+
+
 def test_site_config_adapt_overrides_reach_the_trainer(tmp_path, cache):
     site_yaml = tmp_path / "site.yaml"
     site_yaml.write_text(
