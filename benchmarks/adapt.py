@@ -14,7 +14,9 @@ One command runs the whole comparison on a phantom scenario::
 3. Semi-supervised site (``role: semi-supervised``), same optimizer-step budget
    (``--steps``) for every arm, each evaluated on its EMA (teacher) weights:
 
-   * ``sup``: the labeled images only (10-20% of the site's training images);
+   * ``sup``: the labeled images only (10-20% of the site's training images;
+     ``--labeled-patients N`` keeps the labels of only N women, the other
+     labeled images join the unlabeled pool);
    * ``ssl-pseudo``: plus Unbiased-Teacher pseudo boxes on the unlabeled images;
    * ``ssl-dense``: plus Dense-Teacher soft targets on the unlabeled images;
    * ``all-labels``: supervised on every training image with its oracle label
@@ -64,6 +66,7 @@ from common.engine import evaluate, resolve_device, seed_everything
 from common.keys import CLASSES, CPM_MEAN
 from common.model import Personalization
 from common.sampling import balanced_sampler
+from simulation.train import few_label_subset
 
 log = logging.getLogger("benchmarks.adapt")
 BENCH = "adapt"
@@ -96,16 +99,21 @@ def _train_ssl(
     batch: int,
     lr: float,
     lesion_prob: float,
-    labeled_view: str = "labeled",
+    split: tuple[list[int], list[int]] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """``steps`` optimizer steps of ``local_round`` from ``start``; the teacher."""
+    """``steps`` optimizer steps of ``local_round`` from ``start``; the teacher.
+
+    ``split``: ``(labeled, unlabeled)`` record indices of ``site`` (default its
+    ``labeled`` and ``unlabeled`` views); the unlabeled ones never show a label.
+    """
     seed_everything(cfg.seed)
     model = copy.deepcopy(start).to(dev)
     teacher = MeanTeacher(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    view = site.view(labeled_view, transform=StrongAugment(seed=cfg.seed + 1))
+    lab_idx, unl_idx = split or (site.indices("labeled"), site.indices("unlabeled"))
+    view = site.subset(lab_idx, StrongAugment(seed=cfg.seed + 1))
     flags = [int(view.target(i)["boxes"].shape[0]) > 0 for i in range(len(view))]
-    unl_view = site.view("unlabeled")
+    unl_view = site.subset(unl_idx, hide_labels=True)
     unl = None
     if cfg.ssl_enabled and len(unl_view) > 0:
         unl = DataLoader(
@@ -177,32 +185,47 @@ def run_ssl(
     """Semi-supervised comparison on one site (same step budget per arm)."""
     site = SiteDataset(cache, seed=args.seed)
     full = SiteDataset(oracle, seed=args.seed)
+    lab, unl = site.indices("labeled"), site.indices("unlabeled")
+    if args.labeled_patients is not None:
+        # fewer labels than the site has: the other labeled women's images
+        # join the unlabeled pool, their labels unseen
+        keep = few_label_subset(site, lab, args.labeled_patients, args.seed)
+        unl = sorted(unl + sorted(set(lab) - set(keep)))
+        lab = keep
     ctx: dict[str, Any] = {
         "site": cache.name,
         "scenario": args.scenario.name,
         "steps": args.steps,
         "arch": args.arch,
-        "labeled": len(site.view("labeled")),
-        "unlabeled": len(site.view("unlabeled")),
+        "labeled": len(lab),
+        "labeled_patients": len({site.records[i].patient_id for i in lab}),
+        "unlabeled": len(unl),
         "test_images": len(site.view("test")),
         "score_thresholds": dict(cfg.score_thresholds),
         "rampup_steps": cfg.rampup_steps,
     }
     _emit_arm("ssl-base-cpm-mean", _eval(start, site, dev), **ctx)
     sup_cfg = dataclasses.replace(cfg, ssl_enabled=False)
-    arms: dict[str, tuple[SiteDataset, AdaptConfig]] = {
-        "sup": (site, sup_cfg),
-        "ssl-pseudo": (site, dataclasses.replace(cfg, consistency="pseudo_boxes")),
-        "ssl-dense": (site, dataclasses.replace(cfg, consistency="dense")),
-        "all-labels": (full, sup_cfg),
+    split = (lab, unl)
+    every = (full.indices("labeled"), full.indices("unlabeled"))
+    arms: dict[str, tuple[SiteDataset, AdaptConfig, Any]] = {
+        "sup": (site, sup_cfg, split),
+        "ssl-pseudo": (
+            site,
+            dataclasses.replace(cfg, consistency="pseudo_boxes"),
+            split,
+        ),
+        "ssl-dense": (site, dataclasses.replace(cfg, consistency="dense"), split),
+        "all-labels": (full, sup_cfg, every),
     }
     if args.arms:
         arms = {k: v for k, v in arms.items() if k in args.arms}
     res: dict[str, float] = {}
-    for name, (ds, acfg) in arms.items():
+    for name, (ds, acfg, idx) in arms.items():
         model, info = _train_ssl(
-            start, ds, acfg, args.steps, dev, args.batch, args.lr, args.lesion_prob
-        )
+            start, ds, acfg, args.steps, dev, args.batch, args.lr, args.lesion_prob,
+            idx,
+        )  # fmt: skip
         m = _eval(model, site, dev)
         res[name] = _emit_arm(f"ssl-{name}-cpm-mean", m, arm=name, **info, **ctx)
     if "all-labels" not in res or "sup" not in res:
@@ -303,6 +326,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--local-norm", action="store_true")
     p.add_argument("--only", choices=["ssl", "fewshot"], default=None)
+    p.add_argument(
+        "--labeled-patients",
+        type=int,
+        default=None,
+        help="semi-supervised site: keep the labels of only N of its labeled "
+        "women (the rest join the unlabeled pool), e.g. 10%% of its women",
+    )
     p.add_argument(
         "--arms",
         type=lambda s: [x for x in s.split(",") if x],

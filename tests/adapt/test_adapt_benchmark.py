@@ -83,3 +83,12 @@ def test_adapt_benchmark_ssl_arms(tmp_path, monkeypatch):
     model = adapt._base(args, {}, ["A"], opts, torch.device("cpu"))
     assert isinstance(model, torch.nn.Module)
     assert (tmp_path / "data" / adapt.BASE_CKPT).stat().st_mtime_ns == stamp
+    # --labeled-patients: one woman keeps her labels, the others' images join
+    # the unlabeled pool (nothing lost, nothing labeled twice)
+    results.joinpath("adapt.jsonl").unlink()
+    adapt.main([*argv, "--labeled-patients", "1", "--arms", "sup"])
+    lines = [json.loads(x) for x in (results / "adapt.jsonl").read_text().splitlines()]
+    few = {x["figure"]: x for x in lines}["ssl-sup-cpm-mean"]["context"]
+    ctx = arms["ssl-sup-cpm-mean"]["context"]
+    assert few["labeled_patients"] == 1 and 0 < few["labeled"] <= ctx["labeled"]
+    assert few["labeled"] + few["unlabeled"] == ctx["labeled"] + ctx["unlabeled"]
