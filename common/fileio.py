@@ -59,3 +59,16 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     """
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def tail_text(path: str | Path, lines: int = 30, missing: str | None = None) -> str:
+    """The last ``lines`` lines of a text file (a log), for an error message.
+
+    An unreadable file gives ``missing`` (default ``"(<path> not written)"``)
+    instead of raising: the caller is already reporting another failure.
+    """
+    p = Path(path)
+    try:
+        return "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return missing if missing is not None else f"({p} not written)"

@@ -39,6 +39,7 @@ from common.federation import (
     flower_bin,
     flower_env,
 )
+from common.fileio import tail_text
 from server.launch import Connection, follow_run, submit_run
 from server.process import (
     ProcessError,
@@ -59,13 +60,6 @@ FINISHED_OK = "finished:completed"
 
 class DeploymentEngineError(MammofedError):
     """The loopback deployment failed, timed out or could not be started."""
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"({path} not written)"
 
 
 def supernode_command(
@@ -128,7 +122,8 @@ def run_federated_deployment(
         )
         if not wait_for_port("127.0.0.1", port, 60):
             raise DeploymentEngineError(
-                "SuperLink did not come up in 60 s:\n" + _tail(base / "superlink.log")
+                "SuperLink did not come up in 60 s:\n"
+                + tail_text(base / "superlink.log")
             )
         for site in fed.sites:
             home = base / f"home-{site}"
@@ -154,12 +149,12 @@ def run_federated_deployment(
             status = follow_run(run_id, run_dir, timeout_s=left, poll_s=1.0)
         except ProcessError as exc:
             raise DeploymentEngineError(
-                f"{exc}; SuperLink log:\n" + _tail(base / "superlink.log")
+                f"{exc}; SuperLink log:\n" + tail_text(base / "superlink.log")
             ) from exc
         if status != FINISHED_OK:
             raise DeploymentEngineError(
                 f"run {run_id} ended {status!r}; SuperLink log:\n"
-                + _tail(base / "superlink.log")
+                + tail_text(base / "superlink.log")
             )
         log.info("deployment: run %d finished in %.0f s", run_id, time.monotonic() - t0)
         return run_dir

@@ -51,6 +51,7 @@ from common.federation import (
     flower_bin,
     flower_env,
 )
+from common.fileio import tail_text
 from server.launch import APP_DIR, FLWR_HOME_DIR, find_json, write_run_config
 
 log = logging.getLogger(__name__)
@@ -197,11 +198,7 @@ def _flwr(
 def log_tail(home: Path, lines: int = 40) -> str:
     """The last ``lines`` lines of the managed SuperLink's log (or a note)."""
     path = home / SUPERLINK_LOG
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return f"(no SuperLink log at {path})"
-    return "\n".join(text.splitlines()[-lines:])
+    return tail_text(path, lines, missing=f"(no SuperLink log at {path})")
 
 
 def _run_row(run_id: int, env: Mapping[str, str]) -> dict[str, Any]:

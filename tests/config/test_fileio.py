@@ -1,0 +1,27 @@
+"""common.fileio: atomic writes, .npz arrays and log tails."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.fileio import atomic_write_text, load_arrays, save_arrays, tail_text
+
+
+def test_atomic_text_and_arrays_round_trip(tmp_path):
+    atomic_write_text(tmp_path / "a.txt", "x\n", fsync=False)
+    assert (tmp_path / "a.txt").read_text() == "x\n"
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(0)}
+    save_arrays(tmp_path / "a.npz", arrays)
+    back = load_arrays(tmp_path / "a.npz")
+    assert set(back) == {"w", "b"}
+    np.testing.assert_array_equal(back["w"], arrays["w"])
+    assert back["w"].dtype == np.float32
+
+
+def test_tail_text_last_lines_or_a_note(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text("".join(f"line {i}\n" for i in range(50)))
+    assert tail_text(log, 3) == "line 47\nline 48\nline 49"
+    missing = tmp_path / "none.log"
+    assert tail_text(missing) == f"({missing} not written)"
+    assert tail_text(missing, missing="(no log)") == "(no log)"
