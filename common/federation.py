@@ -415,6 +415,48 @@ def flower_bin(name: str) -> str:
     return shutil.which(name) or name
 
 
+def supernode_argv(
+    superlink: str,
+    node_config: Mapping[str, str],
+    port: int,
+    *,
+    root_certificates: Path | None = None,
+    auth_key: Path | None = None,
+) -> list[str]:
+    """``flower-supernode`` command line: dial ``superlink`` and play ``node_config``.
+
+    ``node_config`` values are written as JSON strings (quotes and spaces in
+    paths survive); ``port`` is the SuperNode's local ClientApp runtime port.
+    Without ``root_certificates`` the connection is ``--insecure``;
+    ``auth_key`` (an OpenSSH EC private key registered with the SuperLink)
+    signs the node's requests and needs TLS.
+
+    Raises:
+        ValueError: ``auth_key`` without ``root_certificates``.
+    """
+    import json
+
+    if auth_key is not None and root_certificates is None:
+        raise ValueError("a SuperNode auth key needs TLS (root certificates)")
+    config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in node_config.items())
+    cmd = [
+        flower_bin("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--node-config",
+        config,
+        "--port",
+        str(port),
+    ]
+    if root_certificates is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(root_certificates)]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    return cmd
+
+
 def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     """Environment for Flower child processes.
 

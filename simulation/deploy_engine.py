@@ -36,8 +36,8 @@ from common.federation import (
     NODE_SITE,
     NODE_STATE_DIR,
     FederationConfig,
-    flower_bin,
     flower_env,
+    supernode_argv,
 )
 from common.fileio import tail_text
 from server.launch import Connection, follow_run, submit_run
@@ -66,20 +66,11 @@ def supernode_command(
     site: str, superlink_port: int, state_dir: Path, data_dir: Path
 ) -> list[str]:
     """The ``flower-supernode`` command line of one site on loopback."""
-    node_config = (
-        f'{NODE_SITE}="{site}" {NODE_STATE_DIR}="{state_dir}" '
-        f'{NODE_DATA_DIR}="{data_dir}"'
-    )
-    return [
-        flower_bin("flower-supernode"),
-        "--insecure",
-        "--superlink",
+    return supernode_argv(
         f"127.0.0.1:{superlink_port}",
-        "--node-config",
-        node_config,
-        "--port",
-        str(free_port()),
-    ]
+        {NODE_SITE: site, NODE_STATE_DIR: str(state_dir), NODE_DATA_DIR: str(data_dir)},
+        free_port(),
+    )
 
 
 def run_federated_deployment(

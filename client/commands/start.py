@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from common.config.site import load_site_config
 from common.errors import ConfigError
-from common.federation import NODE_SITE_CONFIG, flower_bin, flower_env
+from common.federation import NODE_SITE_CONFIG, flower_env, supernode_argv
 from common.tls import client_tls_from_flags
 
 NAME = "start"
@@ -52,23 +51,13 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         root_certificates=args.root_certificates,
         auth_key=args.auth_key,
     )
-    node_config = f"{NODE_SITE_CONFIG}={json.dumps(str(site_path))}"
-    cmd = [
-        flower_bin("flower-supernode"),
-        "--superlink",
+    return supernode_argv(
         args.superlink,
-        "--node-config",
-        node_config,
-        "--port",
-        str(args.port),
-    ]
-    if ca is None:
-        cmd.append("--insecure")
-    else:
-        cmd += ["--root-certificates", str(ca)]
-    if args.auth_key is not None:
-        cmd += ["--auth-supernode-private-key", str(Path(args.auth_key).resolve())]
-    return cmd
+        {NODE_SITE_CONFIG: str(site_path)},
+        args.port,
+        root_certificates=ca,
+        auth_key=None if args.auth_key is None else Path(args.auth_key).resolve(),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
