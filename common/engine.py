@@ -374,6 +374,8 @@ class EvalResult:
 
     metrics: dict[str, float]
     per_class: dict[str, FrocResult]
+    #: the scored images (ground truth + detections), for paired comparisons
+    images: tuple[FrocImage, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form: flat metrics plus a summary per class."""
@@ -465,7 +467,7 @@ def evaluate_detailed(
             plot_froc(
                 [r], Path(plot_dir) / f"froc-{name}.png", title=f"{title}: {name}"
             )
-    return EvalResult(flat_metrics(per_class, len(images)), per_class)
+    return EvalResult(flat_metrics(per_class, len(images)), per_class, tuple(images))
 
 
 def evaluate(

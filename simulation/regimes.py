@@ -31,6 +31,7 @@ FEDERATED: frozenset[str] = frozenset(
 RUN_JSON = "run.json"
 METRICS_JSON = "metrics.json"
 ROUNDS_JSONL = "rounds.jsonl"
+DETECTIONS_JSON = "detections.json"
 
 #: How the federated regimes run (``mammofed-sim run --engine``): the in-process
 #: grid, Flower's simulation engine (Ray), or loopback SuperLink + SuperNodes.

@@ -4,7 +4,9 @@ Input: run folders in the layout of ``docs/contracts.md`` ("Run folders").
 Output (``out_dir``):
 
 * ``report.json``: ``{"sites": [...], "regimes": [...], "table": {site: {regime:
-  {class: {"cpm", "cpm_ci", "sensitivity", "ap", "gap_closed"}}}}, "rounds": ...}``
+  {class: {"cpm", "cpm_ci", "sensitivity", "ap", "gap_closed"}}}}, "paired":
+  [...], "rounds": ...}``; ``paired`` (:func:`paired_comparisons`) compares
+  regimes image by image where the run kept ``<regime>/detections.json``.
 * ``report.md``: the CPM table (site x regime, with 95% intervals and "gap
   closed" = (regime - base) / (oracle - base)), FROC plots per site, per-round
   curves, bytes sent per round and the configs used.
@@ -25,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.errors import MammofedError  # noqa: E402
+from common.froc import FrocImage, froc_class, paired_cpm_difference  # noqa: E402
 from common.keys import CLASSES  # noqa: E402
 from simulation import regimes as R  # noqa: E402
 
@@ -45,12 +48,14 @@ def _read_json(path: Path) -> Any:
 def collect(run_dirs: list[Path]) -> dict[str, Any]:
     """Gather metrics of every regime found in ``run_dirs``.
 
-    Returns ``{"metrics": {regime: {site: SiteMetrics}}, "rounds": {regime:
-    [row, ...]}, "configs": [paths], "runs": [run.json contents], "dp":
-    {regime: dp record}}`` (the ``dp`` record of a DP regime's metrics.json).
+    Returns ``{"metrics": {regime: {site: SiteMetrics}}, "detections":
+    {regime: path of its detections.json}, "rounds": {regime: [row, ...]},
+    "configs": [paths], "runs": [run.json contents], "dp": {regime: dp
+    record}}`` (the ``dp`` record of a DP regime's metrics.json).
     A regime present in several runs is taken from the last run given (logged).
     """
     metrics: dict[str, dict[str, Any]] = {}
+    detections: dict[str, Path] = {}
     privacy: dict[str, Any] = {}
     rounds: dict[str, list[dict[str, Any]]] = {}
     configs: list[Path] = []
@@ -72,6 +77,11 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
             metrics[name] = data.get("sites", {})
             if data.get("dp"):
                 privacy[name] = data["dp"]
+            det_path = regime_dir / R.DETECTIONS_JSON
+            if det_path.is_file():
+                detections[name] = det_path
+            else:
+                detections.pop(name, None)
             rows_path = regime_dir / R.ROUNDS_JSONL
             if rows_path.is_file():
                 rows = []
@@ -85,6 +95,7 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
                 rounds[name] = rows
     return {
         "metrics": metrics,
+        "detections": detections,
         "rounds": rounds,
         "configs": configs,
         "runs": runs,
@@ -157,6 +168,128 @@ def build_table(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 }
             table[site][regime] = row
     return {"sites": sites, "regimes": regimes, "table": table}
+
+
+#: Paired comparisons the report makes when both regimes kept their
+#: detections: (regime, against), in report order.
+PAIRS: tuple[tuple[str, str], ...] = (
+    (R.PERSONALIZED, R.ORACLE),
+    (R.PERSONALIZED, R.LOCAL_ONLY),
+    (R.PERSONALIZED, R.FEDAVG),
+    (R.PERSONALIZED, R.BASE),
+    (R.PERSONALIZED_SSL, R.ORACLE),
+    (R.PERSONALIZED_SSL, R.LOCAL_ONLY),
+    (R.PERSONALIZED_SSL, R.PERSONALIZED),
+)
+
+#: The issue's goal: personalized reaches this fraction of the oracle's CPM.
+ORACLE_FRACTION_GOAL = 0.95
+
+
+def load_detections(path: Path) -> dict[str, list[FrocImage]]:
+    """``{site: [FrocImage]}`` from a regime's ``detections.json``.
+
+    Raises:
+        ReportError: unreadable file or a malformed record (file and key named).
+    """
+    raw = _read_json(path)
+    try:
+        return {
+            site: [FrocImage.from_json(d) for d in rows] for site, rows in raw.items()
+        }
+    except (AttributeError, ValueError) as exc:
+        raise ReportError(f"{path}: {exc}") from exc
+
+
+def paired_comparisons(
+    detections: dict[str, Path], *, n_boot: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """CPM differences of :data:`PAIRS` per site and class, paired over images.
+
+    Each row: ``{"site", "class", "regime", "against", "cpm", "cpm_against",
+    "difference", "ci95", "ratio"}`` (:func:`common.froc.paired_cpm_difference`;
+    ``ratio`` = cpm / cpm_against, NaN when that is 0). Pairs whose regimes did
+    not keep detections, or sites scored on different images, are skipped
+    (logged).
+    """
+    loaded: dict[str, dict[str, list[FrocImage]]] = {}
+
+    def get(regime: str) -> dict[str, list[FrocImage]]:
+        if regime not in loaded:
+            loaded[regime] = load_detections(detections[regime])
+        return loaded[regime]
+
+    rows: list[dict[str, Any]] = []
+    for regime, against in PAIRS:
+        if regime not in detections or against not in detections:
+            continue
+        a_sites, b_sites = get(regime), get(against)
+        for site in sorted(set(a_sites) & set(b_sites)):
+            for label, cls in enumerate(CLASSES):
+                try:
+                    diff, ci = paired_cpm_difference(
+                        b_sites[site], a_sites[site], label, n_boot=n_boot, seed=seed
+                    )
+                except ValueError as exc:
+                    log.warning("%s vs %s, site %s: %s", regime, against, site, exc)
+                    break
+                cpm = froc_class(a_sites[site], label).cpm
+                ref = froc_class(b_sites[site], label).cpm
+                rows.append(
+                    {
+                        "site": site,
+                        "class": cls,
+                        "regime": regime,
+                        "against": against,
+                        "cpm": cpm,
+                        "cpm_against": ref,
+                        "difference": diff,
+                        "ci95": list(ci),
+                        "ratio": cpm / ref if ref > 0 else math.nan,
+                    }
+                )
+    return rows
+
+
+def _paired_lines(rows: list[dict[str, Any]], base_sites: set[str]) -> list[str]:
+    lines = [
+        "## Paired comparisons (same test images)",
+        "",
+        "Difference of CPM (regime − against) on each site's test images, with a",
+        "95% bootstrap interval that resamples the same images for both",
+        "regimes; an interval that excludes 0 is a difference the test set can",
+        "resolve. Ratio = CPM(regime) / CPM(against).",
+        "",
+        "| site | class | regime − against | difference [95% CI] | ratio |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lo, hi = r["ci95"]
+        lines.append(
+            f"| {r['site']} | {r['class']} | {r['regime']} − {r['against']} | "
+            f"{_fmt(r['difference'])} [{_fmt(lo)}, {_fmt(hi)}] | {_fmt(r['ratio'])} |"
+        )
+    goal = [
+        r
+        for r in rows
+        if r["regime"] == R.PERSONALIZED
+        and r["against"] == R.ORACLE
+        and r["class"] == CLASSES[0]
+        and r["site"] not in base_sites
+    ]
+    if goal:
+        met = [r["site"] for r in goal if r["ratio"] >= ORACLE_FRACTION_GOAL]
+        missed = [r["site"] for r in goal if not r["ratio"] >= ORACLE_FRACTION_GOAL]
+        lines += [
+            "",
+            f"Goal (mass CPM of personalized ≥ {ORACLE_FRACTION_GOAL:g} × oracle "
+            "on every non-base site): "
+            + (f"met on {', '.join(met)}" if met else "met on no site")
+            + (f"; not met on {', '.join(missed)}" if missed else "")
+            + ".",
+        ]
+    lines.append("")
+    return lines
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -296,6 +429,10 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
             f"per site: {spent or '–'}.",
             "",
         ]
+    paired = paired_comparisons(data["detections"])
+    if paired:
+        base_sites = {s for run in data["runs"] for s in (run.get("base_sites") or [])}
+        lines += _paired_lines(paired, base_sites)
     lines += ["## FROC curves", ""]
     for site in table["sites"]:
         png = out_dir / f"froc_{site}.png"
@@ -343,6 +480,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     payload = {
         **table,
         "bytes_per_round": bytes_table(data["rounds"]),
+        "paired": paired,
         "dp": data["dp"],
         "runs": [str(p) for p in run_dirs],
     }

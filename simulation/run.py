@@ -210,14 +210,23 @@ def _write_regime(
     run_dir: Path,
     regime: str,
     kind: str,
-    sites: dict[str, Any],
+    results: dict[str, EvalResult | None],
     extra: dict[str, Any] | None = None,
 ) -> None:
+    """``<regime>/metrics.json`` and ``<regime>/detections.json`` of a regime.
+
+    ``detections.json`` holds every scored test image (ground truth and
+    detections, :meth:`common.froc.FrocImage.to_json`) per site, so the report
+    can compare two regimes image by image (paired bootstrap).
+    """
     d = run_dir / regime
     d.mkdir(parents=True, exist_ok=True)
-    sites = {k: v for k, v in sites.items() if v is not None}
+    done = {k: r for k, r in results.items() if r is not None}
+    sites = {k: site_metrics(r) for k, r in done.items()}
     payload = {"regime": regime, "kind": kind, "sites": sites, **(extra or {})}
     (d / R.METRICS_JSON).write_text(json.dumps(payload, indent=1))
+    detections = {k: [im.to_json() for im in r.images] for k, r in done.items()}
+    (d / R.DETECTIONS_JSON).write_text(json.dumps(detections))
     for site, m in sites.items():
         cpms = {c: m["classes"][c]["cpm"] for c in CLASSES}
         log.info("[%s] site %s: CPM %s", regime, site, cpms)
@@ -298,14 +307,12 @@ def train_central(
 
 def _evaluate_on(
     model: nn.Module, cache: Path, seed: int, n_boot: int, device: torch.device
-) -> dict[str, Any] | None:
+) -> EvalResult | None:
     view = SiteDataset(cache, seed=seed).view("test")
     if len(view) == 0:
         log.warning("%s: no test images; site not evaluated", cache)
         return None
-    return site_metrics(
-        evaluate_detailed(model, view, device, n_boot=n_boot, seed=seed)
-    )
+    return evaluate_detailed(model, view, device, n_boot=n_boot, seed=seed)
 
 
 # --- the study ----------------------------------------------------------------------
@@ -522,7 +529,11 @@ def run_federated(
     engine: str = "inprocess",
     timeout_s: float = 3600.0,
 ) -> dict[str, Any]:
-    """One federated regime on ``engine``; returns per-site metrics."""
+    """One federated regime on ``engine``; returns each site's test evaluation.
+
+    A site is scored with its own final model: the last global round plus its
+    personal state (FedBN norms, personal head), as ``export`` would build it.
+    """
     # Flower is needed only here: central regimes run without it (e.g. on a GPU
     # box that carries torch but not the Flower stack).
     from server.checkpoints import CheckpointStore
@@ -548,16 +559,16 @@ def run_federated(
     last = CheckpointStore(fed.run_dir / "checkpoints").latest()
     if last is None:
         raise MammofedError(f"[{regime}] no global checkpoint was written")
-    metrics = {}
+    results: dict[str, EvalResult | None] = {}
     for s in sites:
         trainer = DetectorTrainer(s, fed.state_dir, fed, caches[s])
         if not trainer.dataset.indices("test"):
             log.warning("[%s] site %s: no test images; not evaluated", regime, s)
             continue
-        metrics[s] = site_metrics(
-            trainer.evaluate_detailed(last.arrays, n_boot=n_boot, seed=fed.seed)
+        results[s] = trainer.evaluate_detailed(
+            last.arrays, n_boot=n_boot, seed=fed.seed
         )
-    return metrics
+    return results
 
 
 def run_study(req: RunRequest) -> Path:

@@ -275,3 +275,17 @@ def test_paired_cpm_difference_exact_and_paired():
         paired_cpm_difference(weak, strong[1:], MASS)
     with pytest.raises(ValueError, match="differ"):
         paired_cpm_difference(weak + weak[:1], strong + strong[:1], MASS)
+
+
+def test_froc_image_json_round_trip_and_bad_record():
+    im = img("k1", gt=[[1, 2, 30, 40]], gl=[CALC], dets=[box_at(15, 20)],
+             scores=[0.123456789], ignore=[[0, 0, 5, 5]], sp=0.07)  # fmt: skip
+    back = FrocImage.from_json(im.to_json())
+    assert back.key == "k1" and back.spacing_mm == 0.07
+    np.testing.assert_array_equal(back.gt_boxes, im.gt_boxes)
+    np.testing.assert_array_equal(back.gt_labels, [CALC])
+    np.testing.assert_array_equal(back.ignore_boxes, im.ignore_boxes)
+    assert back.det_scores[0] == pytest.approx(0.12346)
+    assert froc_class([back], CALC).cpm == froc_class([im], CALC).cpm
+    with pytest.raises(ValueError, match="'k2'.*gt_boxes"):
+        FrocImage.from_json({"key": "k2", "spacing_mm": 0.1})

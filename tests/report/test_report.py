@@ -83,3 +83,62 @@ def test_report_rejects_folder_without_metrics(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReportError, match="no <regime>/metrics.json"):
         write_report([tmp_path / "empty"], tmp_path / "out")
+
+
+def _images(hit_every: int, n: int = 40) -> list:
+    """n test images, half with a mass; every ``hit_every``-th mass found."""
+    import numpy as np
+
+    from common.froc import FrocImage
+
+    out = []
+    for i in range(n):
+        gt = [[100.0, 100.0, 150.0, 150.0]] if i % 2 == 0 else []
+        hit = i % 2 == 0 and (i // 2) % hit_every == 0
+        det = [[115.0, 115.0, 135.0, 135.0]] if hit else []
+        det += [[600.0, 600.0, 620.0, 620.0]]
+        out.append(
+            FrocImage(
+                key=f"im{i}",
+                spacing_mm=0.4,
+                gt_boxes=np.array(gt).reshape(-1, 4),
+                gt_labels=np.zeros(len(gt)),
+                det_boxes=np.array(det),
+                det_scores=np.linspace(0.9, 0.2, len(det)),
+                det_labels=np.zeros(len(det)),
+            )  # fmt: skip
+        )
+    return out
+
+
+def test_report_paired_comparisons_from_detections(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    strong, weak = _images(1), _images(3)
+    regimes = {R.BASE: weak, R.ORACLE: strong, R.PERSONALIZED: strong,
+               R.LOCAL_ONLY: weak}  # fmt: skip
+    for name, images in regimes.items():
+        _regime(run, name, {"A": (0.5, 0.1), "B": (0.5, 0.1)})
+        dets = {s: [im.to_json() for im in images] for s in ("A", "B")}
+        (run / name / R.DETECTIONS_JSON).write_text(json.dumps(dets))
+    (run / R.RUN_JSON).write_text(json.dumps({"scenario": "t", "base_sites": ["A"]}))
+    md = write_report([run], tmp_path / "rep").read_text()
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    rows = {
+        (r["site"], r["class"], r["regime"], r["against"]): r for r in data["paired"]
+    }
+    vs_local = rows[("B", "mass", R.PERSONALIZED, R.LOCAL_ONLY)]
+    assert vs_local["difference"] > 0.5 and vs_local["ci95"][0] > 0
+    vs_oracle = rows[("B", "mass", R.PERSONALIZED, R.ORACLE)]
+    assert vs_oracle["difference"] == 0 and vs_oracle["ratio"] == 1.0
+    assert ("B", "mass", R.PERSONALIZED, R.FEDAVG) not in rows  # no FedAvg run
+    assert "## Paired comparisons" in md
+    assert "met on B." in md  # A is the base site: not part of the goal
+
+
+def test_report_names_a_broken_detections_file(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for name in (R.PERSONALIZED, R.ORACLE):
+        _regime(run, name, {"A": (0.5, 0.1)})
+        (run / name / R.DETECTIONS_JSON).write_text(json.dumps({"A": [{"key": "x"}]}))
+    with pytest.raises(ReportError, match=r"detections.json.*'x'"):
+        write_report([run], tmp_path / "rep")

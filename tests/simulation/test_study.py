@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,17 @@ def test_every_regime_writes_per_site_metrics(study: Path) -> None:
             for cls in ("mass", "calcification"):
                 c = site["classes"][cls]
                 assert set(c) >= {"cpm", "cpm_ci", "sensitivity", "ap", "curve"}
+        # every scored image kept, and re-scoring it gives the written CPM
+        from common.froc import froc_class
+        from simulation.report import load_detections
+
+        dets = load_detections(study / regime / R.DETECTIONS_JSON)
+        assert set(dets) == set(data["sites"])
+        for name, images in dets.items():
+            assert len(images) == data["sites"][name]["n_images"]
+            want = data["sites"][name]["classes"]["mass"]["cpm"]
+            got = froc_class(images, 0).cpm
+            assert (want is None and math.isnan(got)) or got == pytest.approx(want)
 
 
 @pytest.mark.slow
