@@ -239,6 +239,8 @@ def run_ssl(
         )
         return
     for name in ("ssl-pseudo", "ssl-dense"):
+        if name not in res:  # arm not run (--arms)
+            continue
         closed = (res[name] - res["sup"]) / gap
         emit(BENCH, f"gap-closed-{name}", closed, "fraction", gap=gap, **ctx)
 

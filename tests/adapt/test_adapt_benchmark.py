@@ -86,7 +86,7 @@ def test_adapt_benchmark_ssl_arms(tmp_path, monkeypatch):
     # --labeled-patients: one woman keeps her labels, the others' images join
     # the unlabeled pool (nothing lost, nothing labeled twice)
     results.joinpath("adapt.jsonl").unlink()
-    adapt.main([*argv, "--labeled-patients", "1", "--arms", "sup"])
+    adapt.main([*argv, "--labeled-patients", "1", "--arms", "sup,all-labels"])
     lines = [json.loads(x) for x in (results / "adapt.jsonl").read_text().splitlines()]
     few = {x["figure"]: x for x in lines}["ssl-sup-cpm-mean"]["context"]
     ctx = arms["ssl-sup-cpm-mean"]["context"]
