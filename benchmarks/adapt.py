@@ -21,7 +21,9 @@ One command runs the whole comparison on a phantom scenario::
    * ``ssl-dense``: plus Dense-Teacher soft targets on the unlabeled images;
    * ``all-labels``: supervised on every training image with its oracle label
      (an upper bound only a phantom can give);
-   * figure ``gap-closed-<arm>`` = (arm - sup) / (all - sup) on ``cpm-mean``.
+   * figure ``gap-closed-<arm>`` = (arm - sup) / (all - sup) on ``cpm-mean``;
+   * figures ``ssl-<arm>-minus-sup-cpm-<class>``: the CPM difference to
+     ``sup`` on the same test images with a paired bootstrap interval.
 
 4. Few-shot site (``role: few-shot``): ``local-only`` (from scratch, all
    layers), ``full-ft`` and ``head-only`` from the base, and ``head-only+std``
@@ -62,7 +64,13 @@ from common.adapt.augment import StrongAugment
 from common.checkpoint import load_model, save_checkpoint
 from common.config import from_mapping, load_config
 from common.data import SiteDataset, collate
-from common.engine import evaluate, resolve_device, seed_everything
+from common.engine import (
+    evaluate,
+    evaluate_detailed,
+    resolve_device,
+    seed_everything,
+)
+from common.froc import paired_cpm_difference
 from common.keys import CLASSES, CPM_MEAN
 from common.model import Personalization
 from common.sampling import balanced_sampler
@@ -221,13 +229,28 @@ def run_ssl(
     if args.arms:
         arms = {k: v for k, v in arms.items() if k in args.arms}
     res: dict[str, float] = {}
+    images: dict[str, Any] = {}
+    test = site.view("test")
     for name, (ds, acfg, idx) in arms.items():
         model, info = _train_ssl(
             start, ds, acfg, args.steps, dev, args.batch, args.lr, args.lesion_prob,
             idx,
         )  # fmt: skip
-        m = _eval(model, site, dev)
-        res[name] = _emit_arm(f"ssl-{name}-cpm-mean", m, arm=name, **info, **ctx)
+        r = evaluate_detailed(model, test, dev, n_boot=500)
+        images[name] = r.images
+        res[name] = _emit_arm(
+            f"ssl-{name}-cpm-mean", r.metrics, arm=name, **info, **ctx
+        )
+    # paired on the same test images: each arm against the supervised one
+    for name in [n for n in images if n != "sup" and "sup" in images]:
+        for label, cls in enumerate(CLASSES):
+            diff, ci = paired_cpm_difference(
+                images["sup"], images[name], label, n_boot=500, seed=cfg.seed
+            )
+            emit(
+                BENCH, f"ssl-{name}-minus-sup-cpm-{cls}", diff, "cpm",
+                paired_ci95=list(ci), **ctx,
+            )  # fmt: skip
     if "all-labels" not in res or "sup" not in res:
         return
     gap = res["all-labels"] - res["sup"]

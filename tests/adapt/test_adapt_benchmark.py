@@ -73,6 +73,10 @@ def test_adapt_benchmark_ssl_arms(tmp_path, monkeypatch):
         assert 0.0 <= rec["value"] <= 1.0
         assert set(rec["context"]["per_class"]) == {"mass", "calcification"}
     assert arms["ssl-sup-cpm-mean"]["context"]["steps_done"] == 2
+    for arm in ("ssl-pseudo", "ssl-dense", "all-labels"):
+        for cls in ("mass", "calcification"):
+            rec = arms[f"ssl-{arm}-minus-sup-cpm-{cls}"]
+            assert len(rec["context"]["paired_ci95"]) == 2
     # the labeled subset is smaller than every training image of the oracle
     assert arms["ssl-sup-cpm-mean"]["context"]["labeled"] > 0
     assert arms["ssl-sup-cpm-mean"]["context"]["unlabeled"] > 0
