@@ -194,12 +194,23 @@ def load_model(
     cfg = dataclasses.replace(ck.model_config, weights_path=None)
     model = build_detector(cfg)
     state = ck.ema if (use_ema and ck.ema is not None) else ck.state_dict
+    load_weights(model, state, ck.path, cfg.arch)
+    model.eval()
+    return model, ck
+
+
+def load_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str
+) -> None:
+    """Load ``state`` (read from checkpoint ``path``) into ``model``, every key.
+
+    Raises:
+        CheckpointMismatch: a key missing or unexpected (the first five named).
+    """
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointMismatch(
-            f"{ck.path}: field 'state_dict' does not fit model "
-            f"{cfg.arch!r}: missing {sorted(missing)[:5]}, "
+            f"{path}: field 'state_dict' does not fit model "
+            f"{arch!r}: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    model.eval()
-    return model, ck

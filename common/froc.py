@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -380,14 +380,31 @@ def bootstrap_ci(
     oc: _Outcomes, n_boot: int, seed: int, alpha: float = 0.05
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the CPM over images (NaN if undefined)."""
+    return _percentile_bootstrap(
+        len(oc.lesions), lambda w: _cpm_from(oc, w)[0], n_boot, seed, alpha
+    )
+
+
+def _percentile_bootstrap(
+    n: int,
+    statistic: Callable[[np.ndarray], float],
+    n_boot: int,
+    seed: int,
+    alpha: float,
+) -> tuple[float, float]:
+    """``1 - alpha`` percentile interval of ``statistic(image weights)``.
+
+    Each resample draws ``n`` images with replacement
+    (``numpy.random.default_rng(seed)``) and passes their multiplicities as
+    float weights; NaN statistics are left out, and all-NaN gives NaN bounds.
+    """
     rng = np.random.default_rng(seed)
-    n = len(oc.lesions)
     vals = []
     for _ in range(n_boot):
         counts = np.bincount(rng.integers(0, n, size=n), minlength=n)
-        cpm, _ = _cpm_from(oc, counts.astype(np.float64))
-        if not math.isnan(cpm):
-            vals.append(cpm)
+        v = statistic(counts.astype(np.float64))
+        if not math.isnan(v):
+            vals.append(v)
     if not vals:
         return (float("nan"), float("nan"))
     lo, hi = np.quantile(np.asarray(vals), [alpha / 2, 1 - alpha / 2])
@@ -426,18 +443,11 @@ def paired_cpm_difference(
     b_sorted = [b[order_b[k]] for k in ka]
     oa, ob = _collect(a, label), _collect(b_sorted, label)
     diff = _cpm_from(ob)[0] - _cpm_from(oa)[0]
-    rng = np.random.default_rng(seed)
-    n = len(ka)
-    vals = []
-    for _ in range(n_boot):
-        w = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
-        d = _cpm_from(ob, w)[0] - _cpm_from(oa, w)[0]
-        if not math.isnan(d):
-            vals.append(d)
-    if not vals:
-        return diff, (float("nan"), float("nan"))
-    lo, hi = np.quantile(np.asarray(vals), [alpha / 2, 1 - alpha / 2])
-    return diff, (float(lo), float(hi))
+
+    def paired(w: np.ndarray) -> float:
+        return _cpm_from(ob, w)[0] - _cpm_from(oa, w)[0]
+
+    return diff, _percentile_bootstrap(len(ka), paired, n_boot, seed, alpha)
 
 
 def froc_all(

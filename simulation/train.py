@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from common.checkpoint import load_checkpoint, save_checkpoint
+from common.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from common.config import bounded, load_config, path_field, write_resolved
 from common.data import SiteDataset, SiteView, collate
 from common.engine import (
@@ -42,7 +42,6 @@ from common.engine import (
     resolve_device,
     seed_everything,
 )
-from common.errors import CheckpointMismatch
 from common.model import ModelConfig, build_detector
 from common.sampling import balanced_sampler, lesion_flags
 from common.transforms import Compose, IntensityJitter, RandomResize, VerticalFlip
@@ -206,12 +205,7 @@ def init_from_checkpoint(model: torch.nn.Module, cfg: ModelConfig, path: Path) -
             its weights do not fit.
     """
     ck = load_checkpoint(path, expected_cfg=cfg)
-    missing, unexpected = model.load_state_dict(ck.state_dict, strict=False)
-    if missing or unexpected:
-        raise CheckpointMismatch(
-            f"{path}: field 'state_dict' does not fit model {cfg.arch!r}: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
+    load_weights(model, ck.state_dict, ck.path, cfg.arch)
     log.info("detector initialised from %s (%d tensors)", path, len(ck.state_dict))
 
 
