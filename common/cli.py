@@ -10,6 +10,9 @@ Each subcommand is a module exposing::
 An entry point lists candidate modules; only modules that exist are offered, so a
 subcommand appears when it is implemented, never as a stub. Library errors
 (:class:`common.errors.MammofedError`) become a one-line message and exit code 2.
+SIGTERM is turned into :class:`Terminated` while a subcommand runs, so its
+``finally`` blocks (stopping a SuperLink, SuperNodes, Ray) run as on Ctrl-C;
+the exit code is then 143.
 """
 
 from __future__ import annotations
@@ -18,12 +21,48 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 
 from common.errors import MammofedError
 
 log = logging.getLogger("mammofed")
+
+#: Exit code of a command stopped by SIGTERM (128 + 15, as a shell reports it).
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; raised where the program was, so cleanups run.
+
+    A :class:`BaseException` (like :class:`KeyboardInterrupt`) so that
+    ``except Exception`` handlers do not swallow it.
+    """
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread.
+
+    Outside the main thread (where Python cannot set handlers) it does nothing.
+    The previous handler is restored on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser(
@@ -64,10 +103,14 @@ def main_for(
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return int(args._run(args))
+        with sigterm_raises():
+            return int(args._run(args))
     except MammofedError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED

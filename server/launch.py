@@ -200,6 +200,17 @@ def follow_run(
                     row.get("evaluate_aggregated"),
                     row.get("train", {}).get("rejected"),
                 )
+                for phase in ("train", "evaluate"):
+                    for f in (row.get(phase) or {}).get("failed") or []:
+                        log.warning(
+                            "run %d round %s %s: node %s failed (%s): %s",
+                            run_id,
+                            row.get("round"),
+                            phase,
+                            f.get("node"),
+                            f.get("check"),
+                            f.get("reason"),
+                        )
             seen = len(lines)
         if status.startswith("finished"):
             return status

@@ -120,8 +120,12 @@ def run_federated_deployment(
             home = base / f"home-{site}"
             homes.append(home)
             start_process(
+                # absolute: the ClientApp runs in its own process and folder
                 supernode_command(
-                    site, port, Path(fed.state_dir).resolve(), Path(caches[site])
+                    site,
+                    port,
+                    Path(fed.state_dir).resolve(),
+                    Path(caches[site]).resolve(),
                 ),
                 log_path=base / f"supernode-{site}.log",
                 env=flower_env(home),

@@ -67,6 +67,7 @@ from common.engine import (
     train_one_epoch,
 )
 from common.errors import ConfigError, MammofedError
+from common.federation import ROUNDS_JSONL as SERVER_ROUNDS_JSONL
 from common.federation import (
     RUN_FEDERATION_JSON,
     FederationConfig,
@@ -519,6 +520,42 @@ def dp_record(fed: FederationConfig, target: float) -> dict[str, Any]:
     return {"dp": record}
 
 
+def _require_an_aggregated_round(regime: str, server_dir: Path) -> None:
+    """Raise when no round of the run aggregated an update.
+
+    A round without enough valid updates keeps the previous model, which is
+    right for one bad round; a run in which *every* round did so scored the
+    initial model, and its figures would be meaningless. The error names the
+    first failures (node, check, reason) from the server's ``rounds.jsonl``.
+    """
+    path = server_dir / SERVER_ROUNDS_JSONL
+    rows = (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if path.is_file()
+        else []
+    )
+    if any(r.get("status") == "aggregated" for r in rows):
+        return
+    failures = [
+        f"round {r.get('round')} {phase} node {f.get('node')} "
+        f"({f.get('check')}): {f.get('reason')}"
+        for r in rows
+        for phase in ("train", "evaluate")
+        for f in (r.get(phase) or {}).get("failed") or []
+    ]
+    rejected = [
+        f"round {r.get('round')} node {f.get('node')} ({f.get('check')}): "
+        f"{f.get('reason')}"
+        for r in rows
+        for f in (r.get("train") or {}).get("rejected") or []
+    ]
+    detail = "; ".join((failures + rejected)[:3]) or "no failure was recorded"
+    raise MammofedError(
+        f"[{regime}] no round aggregated an update in {len(rows)} round(s) "
+        f"({path}); first: {detail}"
+    )
+
+
 def run_federated(
     regime: str,
     fed: FederationConfig,
@@ -551,6 +588,7 @@ def run_federated(
         raise ConfigError(
             "mammofed-sim run", "--engine", f"{engine!r} (valid: {', '.join(ENGINES)})"
         )
+    _require_an_aggregated_round(regime, fed.run_dir)
     # per-(round, site) rows for the report
     out = run_dir / regime
     with open(out / R.ROUNDS_JSONL, "w") as fh:

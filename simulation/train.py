@@ -17,7 +17,6 @@ Sites are named by their cache folder's name.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -31,7 +30,13 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from common.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from common.config import bounded, load_config, path_field, write_resolved
+from common.config import (
+    bounded,
+    load_config,
+    path_field,
+    replace_validated,
+    write_resolved,
+)
 from common.data import SiteDataset, SiteView, collate
 from common.engine import (
     ModelEMA,
@@ -387,7 +392,14 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     return results
 
 
-def with_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
-    """``cfg`` with the non-``None`` overrides applied (CLI flags)."""
+def with_overrides(
+    cfg: TrainConfig, source: str = "command line", **overrides: Any
+) -> TrainConfig:
+    """``cfg`` with the non-``None`` overrides applied (CLI flags).
+
+    The result is validated like the YAML (bounds, types, paths that must
+    exist): ``--epochs 0`` is a :class:`common.errors.ConfigError` naming
+    ``source`` and ``epochs``.
+    """
     kw = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(cfg, **kw) if kw else cfg
+    return replace_validated(cfg, source, **kw)

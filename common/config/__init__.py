@@ -12,6 +12,7 @@ from common.config.loader import (
     load_config,
     load_yaml,
     path_field,
+    replace_validated,
     write_resolved,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "load_config",
     "load_yaml",
     "path_field",
+    "replace_validated",
     "write_resolved",
 ]

@@ -237,6 +237,26 @@ def config_to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def replace_validated(cfg: T, source: str, **changes: Any) -> T:
+    """``cfg`` with ``changes`` applied and validated like a loaded file.
+
+    :func:`dataclasses.replace` would skip the bounds, types and path checks of
+    :func:`from_mapping`; this goes through them again (command-line flags
+    that override a loaded config). ``source`` names where the changes came
+    from in the error (e.g. ``"mammofed-sim train flags"``); relative paths
+    are taken as given (relative to the working directory).
+
+    Raises:
+        ConfigError: a change names an unknown field or breaks a rule.
+    """
+    if not changes:
+        return cfg
+    data = config_to_dict(cfg)
+    for key, value in changes.items():
+        data[key] = config_to_dict(value)
+    return from_mapping(data, type(cfg), source=source)
+
+
 def write_resolved(
     cfg: Any, out_dir: str | Path, name: str = "resolved_config.yaml"
 ) -> Path:

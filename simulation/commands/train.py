@@ -52,18 +52,15 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
 def apply_overrides(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     """``cfg`` with the flags of :func:`add_override_arguments` that were given.
 
-    Raises:
-        MammofedError: ``--labeled-patients`` below 1 or an ``--init-checkpoint``
-            that is not a file.
+    The flags are validated like the YAML's keys (``--epochs 0``,
+    ``--labeled-patients 0`` or an ``--init-checkpoint`` that is not a file
+    raise :class:`common.errors.ConfigError` naming the flag's field).
     """
-    if args.labeled_patients is not None and args.labeled_patients < 1:
-        raise MammofedError(
-            f"--labeled-patients must be >= 1, got {args.labeled_patients}"
-        )
     if args.init_checkpoint is not None and not args.init_checkpoint.is_file():
         raise MammofedError(f"--init-checkpoint: no such file {args.init_checkpoint}")
     return with_overrides(
         cfg,
+        "command-line flags",
         out_dir=args.out,
         epochs=args.epochs,
         device=args.device,

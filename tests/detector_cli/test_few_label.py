@@ -166,3 +166,28 @@ def test_mias_fewlabel_benchmark_pairs_arms_on_the_same_images(
     diff = figures["pre-minus-scratch-cpm-mass"]["value"]
     assert diff == pytest.approx(p_cpm - s_cpm, abs=1e-9)
     assert figures["pre-cpm-mass"]["context"]["train_images_per_fold"] == [4, 4]
+
+
+def test_command_line_overrides_are_validated_like_the_yaml(tmp_path, site_cache):
+    from argparse import Namespace
+
+    from common.errors import ConfigError
+    from simulation.commands.train import apply_overrides
+
+    cfg = _cfg(tmp_path, site_cache)
+
+    def flags(**kw):
+        base = dict(
+            out=None, epochs=None, device=None, init_checkpoint=None,
+            labeled_patients=None,
+        )  # fmt: skip
+        return Namespace(**{**base, **kw})
+
+    assert apply_overrides(cfg, flags()) == cfg
+    got = apply_overrides(cfg, flags(epochs=3, labeled_patients=2, out=tmp_path / "o"))
+    assert (got.epochs, got.labeled_patients, got.out_dir) == (3, 2, tmp_path / "o")
+    assert got.model == cfg.model and got.caches == cfg.caches
+    with pytest.raises(ConfigError, match=r"command-line flags: epochs: must be >= 1"):
+        apply_overrides(cfg, flags(epochs=0))
+    with pytest.raises(ConfigError, match=r"labeled_patients: must be >= 1, got 0"):
+        apply_overrides(cfg, flags(labeled_patients=0))

@@ -6,6 +6,7 @@ from their state, and every process is gone afterwards, also on failure."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +30,20 @@ def deploy_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
         federation=FEDERATION,
         out=out / "run",
         regimes=(R.PERSONALIZED,),
-        data=out / "data",
+        # relative to the working directory, as typed on a command line: the
+        # SuperNodes (started in their own folders) must get it resolved
+        data=Path("data"),
         workers=1,
         n_boot=20,
         engine=R.ENGINE_DEPLOYMENT,
         engine_timeout_s=240.0,
     )
+    cwd = Path.cwd()
+    os.chdir(out)
     try:
         return run_study(req)
     finally:
+        os.chdir(cwd)
         assert _procs_under(out) == {}, "processes of the run survived"
 
 
@@ -91,3 +97,36 @@ def test_failure_stops_every_process(tmp_path: Path) -> None:
     with pytest.raises(DeploymentEngineError):
         run_federated_deployment(cfg, caches, cfg.run_dir, timeout_s=30.0)
     assert _procs_under(tmp_path) == {}
+
+
+def test_sigterm_stops_the_run_and_every_process(
+    deploy_study: Path, tmp_path: Path
+) -> None:
+    """``kill <mammofed-sim pid>`` mid-run: exit 143 and no process left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = deploy_study.parent / "data"  # the fixture's sites: no phantom again
+    cmd = [sys.executable, "-m", "simulation.cli", "run", "--scenario", str(SCENARIO)]
+    cmd += ["--federation", str(FEDERATION), "--out", str(tmp_path / "run")]
+    cmd += ["--data", str(data), "--regime", R.FEDAVG, "--engine", "deployment"]
+    log = tmp_path / "sim.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2]
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not any("flower-supernode" in c for c in _procs_under(tmp_path).values()):
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "no SuperNode came up"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 143, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "terminated (SIGTERM)" in log.read_text()
+    assert _procs_under(tmp_path) == {}, "processes of the run survived"

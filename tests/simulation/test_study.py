@@ -159,3 +159,26 @@ def test_detector_clients_send_only_declared_arrays_and_whitelisted_metrics(
             assert set(record) <= METRIC_WHITELIST
             assert all(isinstance(v, int | float) for v in record.values())
     assert n_arrays >= 3
+
+
+def test_a_run_where_no_round_aggregated_is_an_error(tmp_path: Path) -> None:
+    from common.errors import MammofedError
+    from simulation.run import _require_an_aggregated_round
+
+    fail = {
+        "check": "client-error",
+        "node": 7,
+        "reason": "site B: data dir data/B does not exist",
+    }
+    kept = {"status": "kept-previous", "train": {"failed": [fail], "rejected": []}}
+    rows = [{"round": r, **kept} for r in (1, 2)]
+    (tmp_path / "rounds.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    with pytest.raises(MammofedError, match=r"\[fedavg\] no round aggregated") as exc:
+        _require_an_aggregated_round("fedavg", tmp_path)
+    assert "round 1 train node 7 (client-error): site B: data dir" in str(exc.value)
+    # one aggregated round is enough (a bad round keeps the previous model)
+    rows.append({"round": 3, "status": "aggregated", "train": {}})
+    (tmp_path / "rounds.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    _require_an_aggregated_round("fedavg", tmp_path)
+    with pytest.raises(MammofedError, match="no failure was recorded"):
+        _require_an_aggregated_round("fedavg", tmp_path / "missing")
