@@ -176,8 +176,10 @@ def handle_train(msg: Message, context: Context) -> Message:
         shared_spec=trainer.shared_spec(),
         metric_names=trainer.metric_names("train"),
     )
+    # withheld values (DP) are recorded here, on the site's disk, never sent
+    local = {**metrics, **getattr(trainer, "withheld", {})}
     SiteState(binding.state_dir, binding.site).record_round(
-        ins.server_round, "train", {**metrics, LOCAL_SECONDS: round(seconds, 3)}
+        ins.server_round, "train", {**local, LOCAL_SECONDS: round(seconds, 3)}
     )
     _cache(context, binding.site, ins.server_round)
     log.info("site %s: trained round %d: %s", binding.site, ins.server_round, metrics)

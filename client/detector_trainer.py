@@ -29,12 +29,17 @@ site trains every layer, as plain FedAvg does), ``ssl_threshold`` (0.5),
 ``cache_root`` (folder holding ``<site>/`` caches when the node config names no
 data dir), ``eval_view`` (``test``), ``n_boot`` (0), ``dp`` (false),
 ``dp_epsilon`` (8.0), ``dp_delta`` (0 = ``1 / n_women ** 1.1``),
-``dp_max_grad_norm`` (1.0), ``dp_patients_per_step`` (8).
+``dp_max_grad_norm`` (1.0), ``dp_patients_per_step`` (8),
+``dp_share_train_stats`` (false).
 
 With ``dp: true`` the shared weights are trained by :class:`PrivateRound`
 (per-woman DP-SGD, ``common.dp``) in place of the normal epoch loop, the train
 metrics gain ``dp-epsilon``, and a site whose next round would exceed
-``dp_epsilon`` replies the received shared arrays unchanged. The FedPer head
+``dp_epsilon`` replies the received shared arrays unchanged. ``train-loss``
+and ``skipped-steps`` depend on the drawn women outside the DP-SGD guarantee,
+so under DP they are sent as 0 unless ``dp_share_train_stats`` is set; the
+true values stay in the site's own round history
+(:attr:`DetectorTrainer.withheld`). The FedPer head
 fine-tuning stays non-private: it never leaves the site. See docs/privacy.md.
 """
 
@@ -128,6 +133,7 @@ class DetectorOptions:
     dp_delta: float = field(default=0.0, metadata=bounded(0.0, 0.5))
     dp_max_grad_norm: float = field(default=1.0, metadata=bounded(1e-6, 1e6))
     dp_patients_per_step: int = field(default=8, metadata=bounded(1, 1_000_000))
+    dp_share_train_stats: bool = False
 
     def dp_settings(self) -> DPSettings:
         """The DP-SGD settings these options imply (used when ``dp`` is on)."""
@@ -371,6 +377,9 @@ class DetectorTrainer:
     ) -> None:
         self.site = site
         self.fed_cfg = fed_cfg
+        #: train metrics of the last :meth:`fit` that were NOT sent (their true
+        #: values; the reply carries 0): recorded in the site's own history
+        self.withheld: Metrics = {}
         self.opts = from_mapping(
             dict(fed_cfg.trainer.options),
             DetectorOptions,
@@ -584,6 +593,12 @@ class DetectorTrainer:
             run.skipped,
             "".join(f", {k} {v:.4g}" for k, v in run.extra.items()),
         )
+        self.withheld = {}
+        if self.opts.dp and not self.opts.dp_share_train_stats:
+            # data-dependent scalars outside the guarantee: kept on the site
+            self.withheld = {k: metrics[k] for k in (TRAIN_LOSS, SKIPPED_STEPS)}
+            metrics[TRAIN_LOSS] = 0.0
+            metrics[SKIPPED_STEPS] = 0
         return out, metrics
 
     def _fewshot_frozen(self, n_labeled: int, server_round: int) -> list[str]:
@@ -708,19 +723,28 @@ class DetectorTrainer:
         return float(loss), int(stats.skipped_steps), int(images)
 
     def _finetune_personal_head(
-        self, labeled: Dataset[Any], bs: int, steps: int
+        self,
+        labeled: Dataset[Any],
+        bs: int,
+        steps: int,
+        *,
+        from_global: bool = False,
+        epochs: int | None = None,
     ) -> dict[str, np.ndarray] | None:
         """FedPer: head-only fine-tuning of the site's personal head copy.
 
         Starts from the stored personal head (or the freshly trained global head
-        on the first round), trains with every non-head tensor frozen, and
-        returns the personal head arrays; the model's global head is restored.
+        on the first round; always the model's current global head with
+        ``from_global``), trains ``epochs`` (default ``head_epochs``) epochs
+        with every non-head tensor frozen, and returns the personal head
+        arrays; the model's global head is restored.
         """
-        if not self.personalization.personal_head or self.opts.head_epochs == 0:
+        epochs = self.opts.head_epochs if epochs is None else epochs
+        if not self.personalization.personal_head or epochs == 0:
             return None
         sd = self.model.state_dict()
         global_head = {k: sd[k].detach().clone() for k in self.head_keys}
-        personal = self.state.load_personal() or {}
+        personal = {} if from_global else (self.state.load_personal() or {})
         for k in self.head_keys:
             pk = PERSONAL_HEAD_PREFIX + k
             if pk in personal:
@@ -732,7 +756,7 @@ class DetectorTrainer:
         ]
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
         with fs.frozen(self.model, frozen):
-            for epoch in range(self.opts.head_epochs):
+            for epoch in range(epochs):
                 train_one_epoch(
                     self.model,
                     self._loader(labeled, bs, steps),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import tempfile
 import time
@@ -174,8 +175,14 @@ def follow_run(
     *,
     timeout_s: float,
     poll_s: float = 2.0,
+    status_every_s: float = 5.0,
 ) -> str:
     """Log each new ``rounds.jsonl`` line until the run finishes; returns its status.
+
+    The file is read every ``poll_s``; the run's status is asked of the
+    SuperLink (``flwr ls``, a process of its own costing about a CPU-second)
+    only every ``status_every_s``, so following a run does not steal the
+    sites' cores.
 
     Raises :class:`ProcessError` after ``timeout_s`` (the run keeps going on the
     SuperLink; ``flwr stop`` ends it).
@@ -185,8 +192,11 @@ def follow_run(
     seen = 0
     deadline = time.monotonic() + timeout_s
     status = "unknown"
+    asked = -math.inf
     while True:
-        status = str(run_status(run_id, home).get("status", "unknown"))
+        if time.monotonic() - asked >= status_every_s:
+            asked = time.monotonic()
+            status = str(run_status(run_id, home).get("status", "unknown"))
         if jsonl.is_file():
             lines = jsonl.read_text().splitlines()
             for line in lines[seen:]:

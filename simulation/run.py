@@ -76,7 +76,7 @@ from common.federation import (
     federation_config_to_json,
     load_federation_config,
 )
-from common.keys import CLASSES, LOCAL_SECONDS
+from common.keys import CLASSES, LOCAL_SECONDS, SKIPPED_STEPS, TRAIN_LOSS
 from common.model import build_detector
 from common.sampling import balanced_sampler
 from simulation import regimes as R
@@ -405,6 +405,14 @@ def _grid_inprocess(
                 row[k] = None if isinstance(v, float) and math.isnan(v) else v
         if e.error:
             row["error"] = e.error
+    # train statistics a site withheld (DP) were recorded in its own history,
+    # which the study may read: the report plots the true values
+    for hist in rows_from_site_states(fed):
+        target = rows.get((hist["round"], hist["site"]))
+        if target is not None:
+            for k in (TRAIN_LOSS, SKIPPED_STEPS):
+                if k in hist:
+                    target[k] = hist[k]
     return [rows[k] for k in sorted(rows)]
 
 

@@ -37,7 +37,14 @@ from common.federation import (
     TrainerConfig,
     ValidationConfig,
 )
-from common.keys import ARRAYS_KEY, DP_EPSILON, METRICS_KEY, NUM_EXAMPLES
+from common.keys import (
+    ARRAYS_KEY,
+    DP_EPSILON,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    SKIPPED_STEPS,
+    TRAIN_LOSS,
+)
 from tests.detector_cli.conftest import make_site_cache
 
 SITES = ["siteA", "siteB"]
@@ -386,6 +393,8 @@ def test_federated_dp_rounds_send_only_declared_arrays_and_whitelisted_metrics(
         if reply.metadata.message_type == "train":
             trains += 1
             assert DP_EPSILON in metrics
+            # data-dependent statistics outside the guarantee are not sent
+            assert metrics[TRAIN_LOSS] == 0.0 and metrics[SKIPPED_STEPS] == 0
     assert trains == 2 * len(SITES)
     # the server accepted every DP update (whitelist, uniform keys, norm bound)
     lines = (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()
@@ -405,6 +414,8 @@ def test_federated_dp_rounds_send_only_declared_arrays_and_whitelisted_metrics(
         ]
         sent = [h[DP_EPSILON] for h in history if h["phase"] == "train"]
         assert len(sent) == 2 and sent[0] < sent[1]
+        # ... but kept, true, in the site's own history
+        assert all(h[TRAIN_LOSS] > 0 for h in history if h["phase"] == "train")
         assert sent[1] == pytest.approx(eps)
     # round 3 is beyond the plan: the site replies the global unchanged
     last = CheckpointStore(tmp_path / "run" / "checkpoints").latest()

@@ -182,3 +182,42 @@ def test_a_run_where_no_round_aggregated_is_an_error(tmp_path: Path) -> None:
     _require_an_aggregated_round("fedavg", tmp_path)
     with pytest.raises(MammofedError, match="no failure was recorded"):
         _require_an_aggregated_round("fedavg", tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_personal_head_benchmark_rescored_stored_arm_matches_the_run(
+    study: Path, tmp_path: Path
+) -> None:
+    """benchmarks.personal_head: 'stored' reproduces metrics.json; arms pair."""
+    from benchmarks import personal_head as ph
+
+    site_state = study / R.PERSONALIZED / "site-state"
+    before = {p: p.read_bytes() for p in site_state.rglob("personal.npz")}
+    ph.main(
+        ["--run", str(study), "--data", str(study.parent / "data")]
+        + ["--ft-epochs", "1", "--norms-from", "A", "--n-boot", "20"]
+        + ["--results", str(tmp_path)]
+    )
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "personal_head.jsonl").read_text().splitlines()
+    ]
+    data = json.loads((study / R.PERSONALIZED / R.METRICS_JSON).read_text())
+    stored = {
+        r["context"]["site"]: r["value"]
+        for r in rows
+        if r["figure"] == "stored-cpm-mass"
+    }
+    assert set(stored) == set(data["sites"])
+    for site, v in stored.items():
+        want = data["sites"][site]["classes"]["mass"]["cpm"]
+        assert (want is None and math.isnan(v)) or v == pytest.approx(want)
+    figures = {(r["context"]["site"], r["figure"]) for r in rows}
+    for site in stored:
+        for arm in ("global", "global-ft1"):
+            assert (site, f"{arm}-minus-stored-cpm-mass") in figures
+    # another site's norms are tried on every site but that one
+    assert ("C", "norms-A-cpm-mass") in figures
+    assert ("A", "norms-A-cpm-mass") not in figures
+    # nothing of the run's site state was touched
+    assert {p: p.read_bytes() for p in site_state.rglob("personal.npz")} == before
