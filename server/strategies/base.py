@@ -10,11 +10,15 @@ changes three things, nothing else:
   Flower's aggregation; a round with fewer than ``min_valid_updates`` valid
   updates returns ``None`` so the run loop keeps the previous global model;
 * per-node metrics and rejections of the last phase are kept in
-  :attr:`GuardedFedAvg.last` for the run loop's per-round log.
+  :attr:`GuardedFedAvg.last` for the run loop's per-round log;
+* the valid replies are aggregated in :func:`canonical_order`, so the new
+  global model depends on the updates only, not on the order in which they
+  arrived (bit-identical across engines and reruns).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -38,6 +42,34 @@ from common.keys import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, PROXIMAL_MU, SERVE
 from server.validation import Screened, screen_replies
 
 log = logging.getLogger(__name__)
+
+
+def reply_digest(msg: Message) -> str:
+    """A digest of a reply's content: its arrays (names and bytes) and metrics."""
+    h = hashlib.blake2b(digest_size=16)
+    content = msg.content
+    for rec_name in sorted(content.array_records):
+        record = content.array_records[rec_name]
+        for key in sorted(record):
+            h.update(f"{rec_name}/{key}".encode())
+            h.update(record[key].data)
+    for rec_name in sorted(content.metric_records):
+        metrics = content.metric_records[rec_name]
+        h.update(repr(sorted(metrics.items())).encode())
+    return h.hexdigest()
+
+
+def canonical_order(replies: Iterable[Message]) -> list[Message]:
+    """``replies`` sorted by :func:`reply_digest` (identical replies keep their order).
+
+    Flower sums the weighted updates in float32 in list order, and the order
+    of arrival differs between engines (in-process, Ray, SuperNodes) and
+    between runs; float addition is not associative, so without a fixed order
+    the same updates give global models that differ in the last bits, and
+    runs drift apart over rounds. The order only depends on the content, never
+    on which node sent it.
+    """
+    return sorted(replies, key=reply_digest)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
@@ -178,7 +210,7 @@ class GuardedFedAvg(FedAvg):
                 need,
             )
             return None, None
-        return super().aggregate_train(server_round, screened.valid)
+        return super().aggregate_train(server_round, canonical_order(screened.valid))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -190,4 +222,4 @@ class GuardedFedAvg(FedAvg):
         self.last["evaluate"] = screened
         if not screened.valid:
             return None
-        return super().aggregate_evaluate(server_round, screened.valid)
+        return super().aggregate_evaluate(server_round, canonical_order(screened.valid))

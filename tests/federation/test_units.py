@@ -214,6 +214,32 @@ def test_too_few_valid_keeps_previous(test_cfg: FederationConfig) -> None:
     np.testing.assert_allclose(arrays["w"].numpy(), GLOBAL["w"] * 2 + 0.01, rtol=1e-5)
 
 
+def test_aggregate_does_not_depend_on_the_order_replies_arrive(
+    test_cfg: FederationConfig,
+) -> None:
+    import itertools
+
+    strat = build_strategy(test_cfg)
+    strat._global = dict(GLOBAL)
+    rng = np.random.default_rng(0)
+    replies = []
+    for node in (1, 2, 3, 4):
+        arrays = {
+            k: (v + rng.normal(0, 0.3, v.shape)).astype(np.float32)
+            for k, v in GLOBAL.items()
+        }
+        n = int(rng.integers(1, 997))
+        replies.append(_reply(node, arrays, {NUM_EXAMPLES: n, TRAIN_LOSS: 0.5}))
+    # float32 sums in list order differ in the last bits between orders;
+    # canonical_order makes every order give the very same bytes
+    results = set()
+    for perm in itertools.permutations(replies):
+        arrays, _ = strat.aggregate_train(1, list(perm))
+        assert arrays is not None
+        results.add(b"".join(arrays[k].numpy().tobytes() for k in sorted(arrays)))
+    assert len(results) == 1
+
+
 def test_checkpoint_roundtrip_and_latest(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     assert store.latest() is None
