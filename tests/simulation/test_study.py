@@ -221,3 +221,30 @@ def test_personal_head_benchmark_rescored_stored_arm_matches_the_run(
     assert ("A", "norms-A-cpm-mass") not in figures
     # nothing of the run's site state was touched
     assert {p: p.read_bytes() for p in site_state.rglob("personal.npz")} == before
+
+
+@pytest.mark.slow
+def test_compare_runs_pairs_two_regime_folders(study: Path, tmp_path: Path) -> None:
+    from benchmarks import compare_runs
+
+    same = compare_runs.compare(study / R.PERSONALIZED, study / R.PERSONALIZED)
+    assert same and all(r["diff"] == 0 or math.isnan(r["diff"]) for r in same)
+    rows = compare_runs.compare(study / R.FEDAVG, study / R.PERSONALIZED, n_boot=50)
+    data = {
+        r: json.loads((study / r / R.METRICS_JSON).read_text())
+        for r in (R.FEDAVG, R.PERSONALIZED)
+    }
+    for row in rows:
+        want_a = data[R.FEDAVG]["sites"][row["site"]]["classes"][row["class"]]["cpm"]
+        want_b = data[R.PERSONALIZED]["sites"][row["site"]]["classes"][row["class"]]
+        assert row["cpm_a"] == (None if want_a is None else round(want_a, 4))
+        assert row["cpm_b"] == (
+            None if want_b["cpm"] is None else round(want_b["cpm"], 4)
+        )
+    compare_runs.main(
+        ["--a", str(study / R.FEDAVG), "--b", str(study / R.PERSONALIZED)]
+        + ["--results", str(tmp_path), "--n-boot", "20"]
+    )
+    lines = (tmp_path / "compare_runs.jsonl").read_text().splitlines()
+    assert len(lines) == len(rows)
+    assert json.loads(lines[0])["context"]["seconds_a"] is not None
