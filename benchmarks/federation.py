@@ -23,6 +23,12 @@ ClientApp process start-up, serialization, validation, aggregation, checkpoint.
 
 Usage: ``python -m benchmarks.federation [--scenario F] [--federation F]
 [--engine inprocess|deployment] [--threads N]``.
+
+``--from-run RUN/REGIME`` measures nothing new: it reads a finished
+``mammofed-sim run --engine deployment`` regime folder (its per-site rows and
+the server's ``rounds.jsonl``) and emits the same deployment figures for it,
+plus the medians over its rounds (``median_round_wall_s``,
+``median_slowest_site_compute_s``, ``median_round_overhead_fraction``).
 """
 
 from __future__ import annotations
@@ -59,7 +65,15 @@ def main() -> None:
         "--engine", choices=("inprocess", "deployment"), default="inprocess"
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads per site")
+    ap.add_argument(
+        "--from-run",
+        type=Path,
+        default=None,
+        help="a finished deployment regime folder to read instead of running",
+    )
     args = ap.parse_args()
+    if args.from_run is not None:
+        return _from_run(args.from_run)
     if args.engine == "deployment":
         return _deployment(args)
     logging.basicConfig(level=logging.WARNING)
@@ -175,14 +189,63 @@ def _deployment(args: argparse.Namespace) -> None:
         "threads_per_site": opts.get("threads"),
         "engine": "deployment",
     }
+    _emit_deployment(rows, rounds, ctx)
+
+
+def _emit_deployment(
+    rows: list[dict], rounds: list[dict], ctx: dict, *, medians: bool = False
+) -> None:
+    """Bytes per site, and per round: wall, slowest site's compute, overhead."""
     sent = [r["bytes_sent"] for r in rows if "bytes_sent" in r]
     emit(BENCH, "bytes_per_site_per_round", float(np.mean(sent)), "B", **ctx)
+    walls, slowests = [], []
     for line in rounds:
         rnd = line["round"]
         mine = [r for r in rows if r["round"] == rnd]
         slowest = max((r.get("train_seconds", 0.0) for r in mine), default=0.0)
         slowest += max((r.get("evaluate_seconds", 0.0) for r in mine), default=0.0)
         _emit_round(rnd, float(line["seconds"]), "slowest_site_compute_s", slowest, ctx)
+        walls.append(float(line["seconds"]))
+        slowests.append(slowest)
+    if medians and walls:
+        wall, slow = float(np.median(walls)), float(np.median(slowests))
+        n = {"rounds": len(walls), **ctx}
+        emit(BENCH, "median_round_wall_s", wall, "s", **n)
+        emit(BENCH, "median_slowest_site_compute_s", slow, "s", **n)
+        fractions = [(w - c) / w for w, c in zip(walls, slowests, strict=True) if w > 0]
+        emit(
+            BENCH,
+            "median_round_overhead_fraction",
+            float(np.median(fractions)),
+            "x",
+            **n,
+        )
+
+
+def _from_run(regime_dir: Path) -> None:
+    """The deployment figures of a finished ``mammofed-sim run`` regime folder."""
+    rows = [
+        json.loads(x)
+        for x in (regime_dir / R.ROUNDS_JSONL).read_text().splitlines()
+        if x.strip()
+    ]
+    server = regime_dir / "server"
+    rounds = [
+        json.loads(x)
+        for x in (server / "rounds.jsonl").read_text().splitlines()
+        if x.strip()
+    ]
+    fed = load_federation_config(server / "resolved_config.yaml")
+    opts = dict(fed.trainer.options)
+    ctx = {
+        "run": str(regime_dir),
+        "regime": regime_dir.name,
+        "sites": len(fed.sites),
+        "arch": opts.get("arch"),
+        "threads_per_site": opts.get("threads"),
+        "engine": "deployment",
+    }
+    _emit_deployment(rows, rounds, ctx, medians=True)
 
 
 if __name__ == "__main__":

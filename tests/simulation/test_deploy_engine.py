@@ -167,3 +167,24 @@ def test_supernodes_reproduce_the_inprocess_engine_bit_for_bit(
             assert set(pa.files) == set(pb.files)
             for k in pa.files:
                 np.testing.assert_array_equal(pa[k], pb[k], err_msg=f"{site} {k}")
+
+
+def test_overhead_figures_of_a_finished_deployment_run(
+    deploy_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import federation as bench
+    from benchmarks.common import RESULTS_ENV
+
+    monkeypatch.setenv(RESULTS_ENV, str(tmp_path))
+    bench._from_run(deploy_study / R.PERSONALIZED)
+    lines = [
+        json.loads(x) for x in (tmp_path / "federation.jsonl").read_text().splitlines()
+    ]
+    got = {d["figure"]: d for d in lines}
+    assert got["bytes_per_site_per_round"]["value"] > 0
+    wall = got["median_round_wall_s"]["value"]
+    compute = got["median_slowest_site_compute_s"]["value"]
+    assert wall > compute > 0
+    frac = got["median_round_overhead_fraction"]["value"]
+    assert 0 < frac < 1
+    assert got["median_round_wall_s"]["context"]["engine"] == "deployment"
