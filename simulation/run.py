@@ -56,7 +56,13 @@ from client.detector_trainer import (
     train_transform,
 )
 from client.ingest import ingest_site
-from common.config.loader import config_to_dict, from_mapping, load_yaml, write_resolved
+from common.config.loader import (
+    config_to_dict,
+    from_mapping,
+    load_yaml,
+    replace_validated,
+    write_resolved,
+)
 from common.config.site import SiteConfig
 from common.data import SiteDataset, collate
 from common.engine import (
@@ -105,6 +111,9 @@ class RunRequest:
     data: Path | None = None
     workers: int = 2
     rounds: int | None = None
+    #: Overrides the federation's ``seed`` (every regime; the sites' test
+    #: women stay the same, so runs with different seeds can be paired).
+    seed: int | None = None
     fedprox_mu: float = 0.01
     n_boot: int = 500
     #: ``inprocess`` (:class:`simulation.grid.InProcessGrid`) or ``ray``
@@ -359,7 +368,7 @@ def _regime_config(
     return dataclasses.replace(
         base,
         name=regime,
-        num_rounds=req.rounds or base.num_rounds,
+        num_rounds=base.num_rounds,
         strategy=strategy,
         personalization=pers,
         participation=part,
@@ -623,7 +632,15 @@ def run_study(req: RunRequest) -> Path:
     out = req.out
     out.mkdir(parents=True, exist_ok=True)
     data = req.data or out / "data"
-    fed = load_federation_config(req.federation)
+    fed = replace_validated(
+        load_federation_config(req.federation),
+        "mammofed-sim run flags",
+        **{
+            k: v
+            for k, v in (("num_rounds", req.rounds), ("seed", req.seed))
+            if v is not None
+        },
+    )
     if fed.trainer.name != "detector":
         raise ConfigError(
             str(req.federation),
@@ -674,7 +691,7 @@ def run_study(req: RunRequest) -> Path:
     )
     # the same device rule as the federated sites (DetectorTrainer)
     device = resolve_device(opts.device)
-    rounds = req.rounds or fed.num_rounds
+    rounds = fed.num_rounds
     epochs = rounds * fed.trainer.local_epochs
     common_kw: dict[str, Any] = dict(
         epochs=epochs,

@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", type=Path, help="where sites and caches live (default OUT/data)"
     )
     parser.add_argument("--rounds", type=int, help="override num_rounds")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="override the federation's seed (initialisation, sampling, "
+        "augmentation; the sites' train/test split stays the cache's)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="phantom/ingest workers")
     parser.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
     parser.add_argument(
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         data=args.data,
         workers=args.workers,
         rounds=args.rounds,
+        seed=args.seed,
         n_boot=args.n_boot,
         engine=args.engine,
         engine_timeout_s=args.engine_timeout,

@@ -248,3 +248,38 @@ def test_compare_runs_pairs_two_regime_folders(study: Path, tmp_path: Path) -> N
     lines = (tmp_path / "compare_runs.jsonl").read_text().splitlines()
     assert len(lines) == len(rows)
     assert json.loads(lines[0])["context"]["seconds_a"] is not None
+
+
+@pytest.mark.slow
+def test_seed_and_rounds_flags_are_validated_and_recorded(
+    study: Path, tmp_path: Path
+) -> None:
+    import yaml
+
+    from common.errors import ConfigError
+
+    def req(**kw) -> RunRequest:
+        return RunRequest(
+            scenario=SCENARIO,
+            federation=FEDERATION,
+            out=tmp_path / "run",
+            regimes=(R.BASE,),
+            data=study.parent / "data",
+            workers=1,
+            n_boot=0,
+            **kw,
+        )
+
+    with pytest.raises(ConfigError, match=r"run flags: num_rounds: must be >= 1"):
+        run_study(req(rounds=0))
+    out = run_study(req(seed=7))
+    resolved = yaml.safe_load((out / "configs" / "federation.yaml").read_text())
+    assert resolved["seed"] == 7
+    # another seed, the same test images: the runs can be paired
+    from simulation.report import load_detections
+
+    a = load_detections(study / R.BASE / R.DETECTIONS_JSON)
+    b = load_detections(out / R.BASE / R.DETECTIONS_JSON)
+    assert {s: sorted(i.key for i in v) for s, v in a.items()} == {
+        s: sorted(i.key for i in v) for s, v in b.items()
+    }
