@@ -283,3 +283,38 @@ def test_seed_and_rounds_flags_are_validated_and_recorded(
     assert {s: sorted(i.key for i in v) for s, v in a.items()} == {
         s: sorted(i.key for i in v) for s, v in b.items()
     }
+
+
+@pytest.mark.slow
+def test_seed_spread_summarises_runs_and_ratios(study: Path, tmp_path: Path) -> None:
+    from benchmarks import seed_spread
+
+    runs = [
+        (R.PERSONALIZED, study / R.PERSONALIZED),
+        (R.PERSONALIZED, study / R.FEDAVG),  # a stand-in for a second seed
+        (R.ORACLE, study / R.ORACLE),
+    ]
+    table = seed_spread.cpms(runs)
+    data = {
+        r: json.loads((study / r / R.METRICS_JSON).read_text())
+        for r in (R.PERSONALIZED, R.FEDAVG)
+    }
+    for site, classes in table[R.PERSONALIZED].items():
+        got = classes["mass"]
+        want = [data[r]["sites"][site]["classes"]["mass"]["cpm"] for r in data]
+        assert len(got) == 2
+        for g, w in zip(got, want, strict=True):
+            assert (w is None and math.isnan(g)) or g == pytest.approx(w)
+    s = seed_spread.summary([0.2, 0.4, float("nan")])
+    assert s["mean"] == pytest.approx(0.3) and s["n"] == 2
+    assert (s["min"], s["max"]) == (0.2, 0.4)
+    argv = [f"--run={r}={p}" for r, p in runs]
+    seed_spread.main(
+        [*argv, "--ratio", "personalized/oracle", "--results", str(tmp_path)]
+    )
+    lines = [
+        json.loads(x) for x in (tmp_path / "seed_spread.jsonl").read_text().splitlines()
+    ]
+    figures = {d["figure"] for d in lines}
+    assert {"personalized-cpm-mass", "oracle-cpm-mass"} <= figures
+    assert "personalized-over-oracle-cpm-mass" in figures
