@@ -26,8 +26,10 @@ Written into ``out_dir``:
 * ``resolved_config.yaml``: the TrainConfig as used;
 * ``cv_metrics.json``: pooled per-class FROC summary, per-fold CPMs, folds;
 * ``froc-<class>.png``: the pooled FROC curves;
-* ``oof_predictions.json``: the out-of-fold detections per image (key
-  ``<site>/<cache key>``, fold, model-space boxes, scores, labels);
+* ``oof_predictions.json``: every out-of-fold image as
+  :meth:`common.froc.FrocImage.to_json` (key ``<site>/<cache key>``, spacing,
+  ground truth, ignore regions, model-space detections) plus its ``fold``:
+  self-contained, it can be re-scored without the caches;
 * ``fold-<f>/``: ``last.pt``, ``epochs.jsonl``, ``train.log``, ``fold.json``
   (that fold's validation keys and patients). A rerun resumes a fold from its
   ``last.pt`` (a finished fold is only re-predicted) when the fold is unchanged.
@@ -364,16 +366,7 @@ def run_crossval(
     (out / CV_METRICS_JSON).write_text(json.dumps(doc, indent=2))
     (out / OOF_PREDICTIONS_JSON).write_text(
         json.dumps(
-            [
-                {
-                    "key": im.key,
-                    "fold": fi,
-                    "boxes": np.round(im.det_boxes, 2).tolist(),
-                    "scores": np.round(im.det_scores, 5).tolist(),
-                    "labels": im.det_labels.tolist(),
-                }
-                for im, fi in zip(oof, oof_fold, strict=True)
-            ]
+            [{**im.to_json(), "fold": fi} for im, fi in zip(oof, oof_fold, strict=True)]
         )
     )
     m = classes
@@ -389,25 +382,33 @@ def run_crossval(
 def load_oof_images(cfg: TrainConfig) -> list[FrocImage]:
     """The out-of-fold detections of a finished CV run as FROC images.
 
-    Reads ``cfg.out_dir/oof_predictions.json`` and takes each image's ground
-    truth (boxes, labels, ignore regions, spacing) from its cache in
-    ``cfg.caches``, so a CV run can be re-scored or compared image by image
-    with another (:func:`common.froc.paired_cpm_difference`).
+    Reads ``cfg.out_dir/oof_predictions.json``, so a CV run can be re-scored
+    or compared image by image with another
+    (:func:`common.froc.paired_cpm_difference`). Rows hold their ground truth
+    (:meth:`common.froc.FrocImage.to_json`); rows of older runs that hold
+    only detections (``boxes``, ``scores``, ``labels``) take it (boxes,
+    labels, ignore regions, spacing) from their cache in ``cfg.caches``.
 
     Raises:
-        MammofedError: no ``oof_predictions.json`` (the CV did not pool), or a
-            key that names no image of the caches.
+        MammofedError: no ``oof_predictions.json`` (the CV did not pool), a
+            malformed row, or an old row whose key names no image of the caches.
     """
     path = Path(cfg.out_dir) / OOF_PREDICTIONS_JSON
     if not path.is_file():
         raise MammofedError(f"{path}: missing; run the CV without --only-folds first")
+    rows = json.loads(path.read_text())
+    if all("gt_boxes" in row for row in rows):
+        try:
+            return [FrocImage.from_json(row) for row in rows]
+        except ValueError as exc:
+            raise MammofedError(f"{path}: {exc}") from exc
     records = {}
     for c in cfg.caches:
         site = SiteDataset(c, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
         for rec in site.records:
             records[f"{Path(c).name}/{rec.key}"] = rec
     images: list[FrocImage] = []
-    for row in json.loads(path.read_text()):
+    for row in rows:
         r = records.get(row["key"])
         if r is None:
             raise MammofedError(

@@ -115,6 +115,22 @@ def test_crossval_with_few_labels_trains_on_that_many_women(tmp_path, tiny_check
     saved = json.loads((cfg.out_dir / CV_METRICS_JSON).read_text())
     assert saved["config"]["labeled_patients"] == 2
     assert saved["config"]["init_checkpoint"] == str(tiny_checkpoint)
+    # the out-of-fold file is self-contained (ground truth included) and an
+    # older file with detections only still loads, with the caches' truth
+    from simulation.crossval import OOF_PREDICTIONS_JSON, load_oof_images
+
+    path = cfg.out_dir / OOF_PREDICTIONS_JSON
+    rows = json.loads(path.read_text())
+    assert len(rows) == 16 and {"gt_boxes", "spacing_mm", "fold"} <= set(rows[0])
+    new = load_oof_images(cfg)
+    legacy = [
+        {"key": r["key"], "fold": r["fold"], "boxes": r["det_boxes"]}
+        | {"scores": r["det_scores"], "labels": r["det_labels"]}
+        for r in rows
+    ]
+    path.write_text(json.dumps(legacy))
+    old = load_oof_images(cfg)
+    assert [i.to_json() for i in old] == [i.to_json() for i in new]
 
 
 def test_mias_fewlabel_benchmark_pairs_arms_on_the_same_images(
