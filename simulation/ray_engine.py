@@ -153,11 +153,45 @@ def _alive(pid: int) -> bool:
     return bool(state) and state[0] != "Z"
 
 
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _processes_in_sessions(sessions: set[int]) -> list[int]:
+    """PIDs (other than this process) whose session id is in ``sessions``."""
+    me = os.getpid()
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != me:
+            if _session_of(int(entry.name)) in sessions:
+                out.append(int(entry.name))
+    return sorted(out)
+
+
 def kill_home_processes(home: Path, grace_s: float = 10.0) -> list[int]:
-    """SIGTERM, then SIGKILL, every process of ``home``; returns what was found."""
+    """SIGTERM, then SIGKILL, every process of ``home``; returns what was found.
+
+    A process of ``home`` is one whose environment has ``FLWR_HOME=<home>``,
+    or one in the same session as such a process: Ray starts its agents
+    (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) with a cleaned
+    environment, and they would outlive the run by a minute or more. Our own
+    session is never included (processes are started in new sessions).
+    """
     found: set[int] = set()
+    own = _session_of(0)
+    sessions: set[int] = set()
+
+    def members() -> list[int]:
+        pids = processes_of_home(home)
+        sessions.update(s for p in pids if (s := _session_of(p)) is not None)
+        sessions.discard(own)  # type: ignore[arg-type]
+        return sorted(set(pids) | set(_processes_in_sessions(sessions)))
+
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        pids = [p for p in processes_of_home(home) if _alive(p)]
+        pids = [p for p in members() if _alive(p)]
         if not pids:
             break
         found.update(pids)
@@ -169,7 +203,7 @@ def kill_home_processes(home: Path, grace_s: float = 10.0) -> list[int]:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.2)
-    left = [p for p in processes_of_home(home) if _alive(p)]
+    left = [p for p in members() if _alive(p)]
     if left:
         log.error("processes of %s survived SIGKILL: %s", home, left)
     return sorted(found)

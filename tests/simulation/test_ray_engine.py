@@ -97,10 +97,29 @@ def ray_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
         engine="ray",
         engine_timeout_s=240.0,
     )
+    before = _ray_agents()
     try:
         return run_study(req)
     finally:
         assert _procs_under(out) == {}, "processes of the run survived"
+        # Ray's agents run without FLWR_HOME; they must be gone too
+        assert _ray_agents() - before == set(), "Ray agents of the run survived"
+
+
+def _ray_agents() -> set[int]:
+    """PIDs of live ``ray::`` processes (Ray's agents name themselves so)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if cmd.startswith(b"ray::") and stat.split(")")[-1].split()[0] != "Z":
+            found.add(int(entry.name))
+    return found
 
 
 @pytest.mark.slow
@@ -142,6 +161,7 @@ def test_timeout_raises_and_stops_superlink_and_ray(
     caches = {s: ray_study.parent / "data" / "cache" / s for s in sites}
     seen: set[str] = set()
     stop = threading.Event()
+    before = _ray_agents()
 
     def watch() -> None:
         while not stop.wait(1.0):
@@ -159,3 +179,4 @@ def test_timeout_raises_and_stops_superlink_and_ray(
     # Ray was up when the timeout hit, and nothing of it is left
     assert any("raylet" in c or "gcs_server" in c for c in seen), seen
     assert _procs_under(tmp_path) == {}
+    assert _ray_agents() - before == set(), "Ray agents of the run survived"
