@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import socket
@@ -63,6 +64,11 @@ def machine_info() -> dict[str, Any]:
     except ImportError:  # pragma: no cover - torch is a hard dependency
         info["torch"] = None
     return info
+
+
+def rounded(v: float, ndigits: int = 4) -> float | None:
+    """``v`` rounded for a JSON line; ``None`` for NaN (an undefined figure)."""
+    return None if math.isnan(v) else round(v, ndigits)
 
 
 def _jsonable(v: Any) -> Any:

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import emit
+from benchmarks.common import emit, rounded
 from common.froc import froc_class, paired_cpm_difference
 from common.keys import CLASSES
 from simulation import regimes as R
@@ -39,10 +38,6 @@ def _seconds(regime_dir: Path) -> float | None:
         return None
     value = json.loads(meta.read_text()).get("seconds", {}).get(regime_dir.name)
     return None if value is None else float(value)
-
-
-def _fin(v: float) -> float | None:
-    return None if math.isnan(v) else round(v, 4)
 
 
 def compare(
@@ -65,10 +60,10 @@ def compare(
                 {
                     "site": site,
                     "class": cls,
-                    "cpm_a": _fin(froc_class(da[site], label).cpm),
-                    "cpm_b": _fin(froc_class(db[site], label).cpm),
+                    "cpm_a": rounded(froc_class(da[site], label).cpm),
+                    "cpm_b": rounded(froc_class(db[site], label).cpm),
                     "diff": diff,
-                    "paired_ci95": [_fin(x) for x in ci],
+                    "paired_ci95": [rounded(x) for x in ci],
                     "n_images": len(da[site]),
                 }
             )

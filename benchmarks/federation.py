@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import emit
-from common.federation import FederationConfig, load_federation_config
+from common.federation import ROUNDS_JSONL, FederationConfig, load_federation_config
+from common.fileio import read_jsonl
 from common.model import build_detector
 from simulation import regimes as R
 from simulation.run import RunRequest, _regime_config, prepare_sites
@@ -224,17 +225,11 @@ def _emit_deployment(
 
 def _from_run(regime_dir: Path) -> None:
     """The deployment figures of a finished ``mammofed-sim run`` regime folder."""
-    rows = [
-        json.loads(x)
-        for x in (regime_dir / R.ROUNDS_JSONL).read_text().splitlines()
-        if x.strip()
-    ]
+    rows = read_jsonl(regime_dir / R.ROUNDS_JSONL)
     server = regime_dir / "server"
-    rounds = [
-        json.loads(x)
-        for x in (server / "rounds.jsonl").read_text().splitlines()
-        if x.strip()
-    ]
+    rounds = read_jsonl(server / ROUNDS_JSONL)
+    if not rows or not rounds:
+        raise SystemExit(f"{regime_dir}: no rounds recorded (not a finished run?)")
     fed = load_federation_config(server / "resolved_config.yaml")
     opts = dict(fed.trainer.options)
     ctx = {

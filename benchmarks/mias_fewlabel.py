@@ -33,7 +33,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, emit
+from benchmarks.common import RESULTS_DIR, emit, rounded
 from common.froc import FrocResult, froc_all, paired_cpm_difference, plot_froc
 from common.keys import CLASSES
 from simulation.crossval import load_oof_images, run_crossval
@@ -63,10 +63,6 @@ def arm_config(cfg: TrainConfig, name: str, init: Path | None) -> TrainConfig:
         return dataclasses.replace(cfg, init_checkpoint=None)
     out = Path(cfg.out_dir).parent / f"cv-fewlabel-{name}"
     return dataclasses.replace(cfg, out_dir=out, init_checkpoint=init)
-
-
-def _fin(v: float) -> float | None:
-    return None if math.isnan(v) else round(v, 4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name}-cpm-{cls}",
                 r.cpm,
                 "cpm",
-                ci95=None if r.cpm_ci is None else [_fin(x) for x in r.cpm_ci],
-                sens_at_1fp=_fin(r.sens_at[1.0]),
-                sens_at_4fp=_fin(r.sens_at[4.0]),
+                ci95=None if r.cpm_ci is None else [rounded(x) for x in r.cpm_ci],
+                sens_at_1fp=rounded(r.sens_at[1.0]),
+                sens_at_4fp=rounded(r.sens_at[4.0]),
                 n_lesions=r.n_lesions,
                 fold_cpm=[f["cpm"][cls] for f in doc["folds"]],
                 **ctx,
@@ -135,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name}-minus-scratch-cpm-{cls}",
                 diff,
                 "cpm",
-                paired_ci95=[_fin(x) for x in ci],
+                paired_ci95=[rounded(x) for x in ci],
                 arm=name,
                 n_lesions=results[name][cls].n_lesions,
                 labeled_patients=cfg.labeled_patients,

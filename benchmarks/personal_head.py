@@ -37,13 +37,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import emit
-from client.detector_trainer import DetectorTrainer, load_site_arrays
+from benchmarks.common import emit, rounded
+from client.detector_trainer import (
+    PERSONAL_HEAD_PREFIX,
+    DetectorTrainer,
+    load_site_arrays,
+)
 from client.state import SiteState
 from common.engine import evaluate_detailed, seed_everything
 from common.federation import load_federation_config
@@ -57,10 +60,6 @@ STORED = "stored"
 GLOBAL = "global"
 
 log = logging.getLogger("benchmarks.personal_head")
-
-
-def _fin(v: float) -> float | None:
-    return None if math.isnan(v) else round(v, 4)
 
 
 def score_site(
@@ -102,9 +101,10 @@ def score_site(
             labeled, bs, steps, from_global=True, epochs=e
         )
         assert head is not None
+        # the model as left by the fine-tuning, with the tuned head swapped in
         sd = trainer.model.state_dict()
         for k in trainer.head_keys:
-            sd[k] = sd[k].new_tensor(head["personal-head/" + k])
+            sd[k] = sd[k].new_tensor(head[PERSONAL_HEAD_PREFIX + k])
         trainer.model.load_state_dict(sd)
         out[f"global-ft{e}"] = evaluate_detailed(
             trainer.model, view, trainer.device, n_boot=n_boot, seed=seed
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cpm",
                     results_dir=args.results,
                     arm=arm,
-                    ci95=None if r.cpm_ci is None else [_fin(x) for x in r.cpm_ci],
+                    ci95=None if r.cpm_ci is None else [rounded(x) for x in r.cpm_ci],
                     n_lesions=r.n_lesions,
                     **ctx,
                 )
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cpm",
                     results_dir=args.results,
                     arm=arm,
-                    paired_ci95=[_fin(x) for x in ci],
+                    paired_ci95=[rounded(x) for x in ci],
                     **ctx,
                 )
     return 0

@@ -29,7 +29,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import emit
+from benchmarks.common import emit, rounded
 from common.froc import froc_class
 from common.keys import CLASSES
 from simulation import regimes as R
@@ -71,10 +71,6 @@ def cpms(runs: list[tuple[str, Path]]) -> dict[str, dict[str, dict[str, list[flo
     return out
 
 
-def _r(v: float) -> float | None:
-    return None if math.isnan(v) else round(v, 4)
-
-
 def summary(values: list[float]) -> dict[str, Any]:
     """Mean, sample standard deviation, min and max of the finite values."""
     v = [x for x in values if not math.isnan(x)]
@@ -82,9 +78,9 @@ def summary(values: list[float]) -> dict[str, Any]:
         return {"mean": math.nan, "sd": None, "min": None, "max": None, "n": 0}
     return {
         "mean": statistics.fmean(v),
-        "sd": _r(statistics.stdev(v)) if len(v) > 1 else None,
-        "min": _r(min(v)),
-        "max": _r(max(v)),
+        "sd": rounded(statistics.stdev(v)) if len(v) > 1 else None,
+        "min": rounded(min(v)),
+        "max": rounded(max(v)),
         "n": len(v),
     }
 
@@ -114,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     results_dir=args.results,
                     regime=regime,
                     site=site,
-                    runs=[_r(x) for x in values],
+                    runs=[rounded(x) for x in values],
                     **s,
                 )
     for spec in args.ratio:
@@ -137,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                     "x",
                     results_dir=args.results,
                     site=site,
-                    range_over_run_pairs=[_r(min(pairs)), _r(max(pairs))]
+                    range_over_run_pairs=[rounded(min(pairs)), rounded(max(pairs))]
                     if pairs
                     else None,
                     runs_a=len(va),

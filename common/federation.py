@@ -88,6 +88,23 @@ ROUNDS_JSONL = "rounds.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 
 
+def round_problems(row: Mapping[str, Any], *, rejected: bool = True) -> list[str]:
+    """One line per node that failed (train or evaluate) in a ``rounds.jsonl`` row.
+
+    ``"round R PHASE node N (CHECK): REASON"``; with ``rejected`` also the
+    train updates the server's validation dropped. Missing sections are empty.
+    """
+    kinds = [(phase, "failed") for phase in ("train", "evaluate")]
+    if rejected:
+        kinds.append(("train", "rejected"))
+    return [
+        f"round {row.get('round')} {phase} node {f.get('node')} "
+        f"({f.get('check')}): {f.get('reason')}"
+        for phase, kind in kinds
+        for f in (row.get(phase) or {}).get(kind) or []
+    ]
+
+
 @dataclass(frozen=True)
 class PersonalizationConfig:
     """Which state each site keeps to itself.

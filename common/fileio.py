@@ -7,10 +7,12 @@ A reader never sees a half-written file; checkpoints and site state use
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +61,14 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     """
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The JSON value of every non-blank line of ``path`` (``[]`` if absent)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 def tail_text(path: str | Path, lines: int = 30, missing: str | None = None) -> str:

@@ -30,6 +30,7 @@ from common.federation import (
     federation_config_to_json,
     flower_bin,
     flower_env,
+    round_problems,
 )
 from server.process import ProcessError, wait_for_port, write_flower_config
 
@@ -210,17 +211,8 @@ def follow_run(
                     row.get("evaluate_aggregated"),
                     row.get("train", {}).get("rejected"),
                 )
-                for phase in ("train", "evaluate"):
-                    for f in (row.get(phase) or {}).get("failed") or []:
-                        log.warning(
-                            "run %d round %s %s: node %s failed (%s): %s",
-                            run_id,
-                            row.get("round"),
-                            phase,
-                            f.get("node"),
-                            f.get("check"),
-                            f.get("reason"),
-                        )
+                for problem in round_problems(row, rejected=False):
+                    log.warning("run %d %s", run_id, problem)
             seen = len(lines)
         if status.startswith("finished"):
             return status

@@ -81,7 +81,9 @@ from common.federation import (
     StrategyConfig,
     federation_config_to_json,
     load_federation_config,
+    round_problems,
 )
+from common.fileio import read_jsonl
 from common.keys import CLASSES, LOCAL_SECONDS, SKIPPED_STEPS, TRAIN_LOSS
 from common.model import build_detector
 from common.sampling import balanced_sampler
@@ -546,27 +548,11 @@ def _require_an_aggregated_round(regime: str, server_dir: Path) -> None:
     first failures (node, check, reason) from the server's ``rounds.jsonl``.
     """
     path = server_dir / SERVER_ROUNDS_JSONL
-    rows = (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if path.is_file()
-        else []
-    )
+    rows = read_jsonl(path)
     if any(r.get("status") == "aggregated" for r in rows):
         return
-    failures = [
-        f"round {r.get('round')} {phase} node {f.get('node')} "
-        f"({f.get('check')}): {f.get('reason')}"
-        for r in rows
-        for phase in ("train", "evaluate")
-        for f in (r.get(phase) or {}).get("failed") or []
-    ]
-    rejected = [
-        f"round {r.get('round')} node {f.get('node')} ({f.get('check')}): "
-        f"{f.get('reason')}"
-        for r in rows
-        for f in (r.get("train") or {}).get("rejected") or []
-    ]
-    detail = "; ".join((failures + rejected)[:3]) or "no failure was recorded"
+    problems = [p for r in rows for p in round_problems(r)]
+    detail = "; ".join(problems[:3]) or "no failure was recorded"
     raise MammofedError(
         f"[{regime}] no round aggregated an update in {len(rows)} round(s) "
         f"({path}); first: {detail}"
