@@ -12,6 +12,10 @@ A checkpoint is a ``torch.save`` dict::
 
 :func:`load_checkpoint` refuses anything that does not fit with
 :class:`common.errors.CheckpointMismatch` naming the field and both values.
+Files are read with ``torch.load(weights_only=True)``: a checkpoint is data,
+never code. A pickle that holds any other object (a crafted file whose
+``__reduce__`` would run a command) is refused with
+:class:`common.errors.UnsafeCheckpoint` before anything in it is executed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,7 @@ from torch import nn
 
 from common import __version__
 from common.config import config_to_dict, from_mapping
-from common.errors import CheckpointMismatch, ConfigError
+from common.errors import CheckpointMismatch, ConfigError, UnsafeCheckpoint
 from common.keys import CLASSES
 from common.model.config import ModelConfig
 
@@ -117,6 +122,11 @@ def save_checkpoint(
     return out
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def _field(path: Path, payload: dict[str, Any], name: str) -> Any:
     if name not in payload:
         raise CheckpointMismatch(f"{path}: field {name!r} missing")
@@ -137,7 +147,15 @@ def load_checkpoint(
     if not p.is_file():
         raise CheckpointMismatch(f"{p}: checkpoint file does not exist")
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=False)
+        # weights_only: the unpickler admits tensors and plain containers only,
+        # so a crafted file cannot run code here (``torch.load`` docs, "weights
+        # only" unpickler); anything else is refused before a byte is used.
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # a foreign object in the pickle
+        raise UnsafeCheckpoint(
+            f"{p}: refused: the file holds objects other than tensors and plain "
+            f"containers (a crafted or foreign pickle): {_first_line(exc)}"
+        ) from exc
     except Exception as exc:  # corrupt or foreign file
         raise CheckpointMismatch(f"{p}: not a readable checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

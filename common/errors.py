@@ -41,3 +41,10 @@ class CheckpointMismatch(MammofedError, ValueError):
 
     The message names the differing field and both values.
     """
+
+
+class UnsafeCheckpoint(CheckpointMismatch):
+    """A model file that holds objects other than tensors and plain containers.
+
+    Raised before anything in the file is executed (``weights_only`` loading).
+    """
