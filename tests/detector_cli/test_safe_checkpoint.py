@@ -11,8 +11,10 @@ import dataclasses
 import pathlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from client.cli import main as client_main
 from common.checkpoint import load_checkpoint, load_model
@@ -74,9 +76,6 @@ def test_cli_paths_refuse_a_trojaned_checkpoint(tmp_path, tiny_checkpoint, site_
     marker = tmp_path / "PWNED"
     bad = _trojaned(tiny_checkpoint, tmp_path, marker)
     img = tmp_path / "img.png"
-    from PIL import Image
-    import numpy as np
-
     Image.fromarray((np.arange(96 * 96).reshape(96, 96) % 251).astype(np.uint8)).save(
         img
     )
