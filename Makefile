@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= out/demo
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test lint typecheck pytest bench clean
+.PHONY: venv demo test lint typecheck pytest bench clean test-report
 
 venv: $(STAMP)
 
@@ -31,6 +31,17 @@ pytest: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test: lint typecheck pytest
+
+# docs/test-report.md from a real run: tests by part, skips with reasons, line
+# coverage per package, the hostile-input checks and their figures.
+REPORT_DIR := out/test-report
+test-report: venv
+	mkdir -p $(REPORT_DIR)
+	-$(BIN)/python -m pytest -q -p no:cacheprovider --junitxml=$(REPORT_DIR)/junit.xml \
+		--cov=common --cov=client --cov=server --cov=simulation \
+		--cov-report=json:$(REPORT_DIR)/coverage.json
+	$(BIN)/python -m benchmarks.test_report --junit $(REPORT_DIR)/junit.xml \
+		--coverage $(REPORT_DIR)/coverage.json --out docs/test-report.md
 
 bench: venv
 	$(BIN)/python -m benchmarks.run_all
