@@ -1,4 +1,4 @@
-"""Run a detector checkpoint on image files; write JSON and overlay PNGs.
+"""Run a detector checkpoint on image files; write JSON, overlay PNGs, DICOM SR.
 
 For every input image (DICOM by content; PNG/TIFF research images need a
 spacing) :func:`predict_paths` writes
@@ -13,8 +13,17 @@ spacing) :func:`predict_paths` writes
 
   with boxes in the SOURCE file's stored pixel grid (pixel-edge coordinates,
   origin top-left, before any flip), mapped by ``Geometry.to_stored``;
-* ``OUT/<name>.overlay.png``: the model-space image (breast on the left, at the
-  working spacing) with the detections drawn in model space.
+* ``OUT/<name>.overlay.png``: the SOURCE image as stored (its own orientation:
+  a right breast stays on the right), block-averaged down to at most
+  ``OVERLAY_MAX_SIDE`` pixels a side, with the stored-space boxes drawn on it
+  (mass red, calcification cyan; box / factor in display pixels, the factor is
+  in the PNG's ``mammofed-downsample`` text chunk);
+* with ``output_format="sr"``, also one Mammography CAD SR per exam:
+  DICOM inputs are grouped by StudyInstanceUID and each study gets
+  ``OUT/<StudyInstanceUID>.sr.dcm`` (:mod:`client.cad_sr`). A PNG/TIFF input
+  (or a DICOM without the UIDs an SR needs) cannot have one: logged skip
+  naming the file, listed in ``PredictResult.sr_skipped``; its JSON is still
+  written.
 
 Files that cannot be read are skipped with a log line naming the file and the
 reason; the result lists them. A checkpoint that carries a site's intensity
@@ -26,33 +35,61 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import torch
+from pydicom.dataset import Dataset
 
+from client.cad_sr import DEFAULT_SCORE_FLOOR, build_cad_sr, write_cad_sr
 from client.export import checkpoint_standardizer
 from common.checkpoint import load_model
 from common.config.loader import config_to_dict, write_resolved
+from common.dicom import decode_pixels, is_dicom
 from common.engine import predict_images, prepare_model, resolve_device
 from common.errors import RefusedImage
 from common.geometry import Geometry
-from common.image import MammoImage
 from common.image_io import read_any
-from common.keys import CLASSES
+from common.keys import CALCIFICATION, CLASSES, MASS
+from common.research_image import load_grey01
 
 log = logging.getLogger(__name__)
+
+#: ``output_format`` values: JSON (+ overlay) only, or JSON plus a CAD SR per exam.
+FORMAT_JSON = "json"
+FORMAT_SR = "sr"
+FORMATS: tuple[str, ...] = (FORMAT_JSON, FORMAT_SR)
+#: Overlay PNGs are block-averaged until no side exceeds this many pixels.
+OVERLAY_MAX_SIDE = 1024
+#: Overlay box colours (RGB) by class.
+OVERLAY_COLOURS: dict[str, tuple[int, int, int]] = {
+    MASS: (255, 0, 0),
+    CALCIFICATION: (0, 255, 255),
+}
+#: Suffix of the CAD SR files (``OUT/<StudyInstanceUID>.sr.dcm``).
+SR_SUFFIX = ".sr.dcm"
 
 
 @dataclass
 class PredictResult:
-    """What :func:`predict_paths` did: JSON files written, inputs skipped."""
+    """What :func:`predict_paths` did.
+
+    Attributes:
+        written: JSON files written (one per image read).
+        skipped: ``(file, reason)`` of inputs that could not be read.
+        sr_written: CAD SR files written (``output_format="sr"``).
+        sr_skipped: ``(file or study, reason)`` of inputs that got no SR.
+    """
 
     written: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    sr_written: list[Path] = field(default_factory=list)
+    sr_skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def detections_to_stored(
@@ -110,37 +147,148 @@ def _unique_name(stem: str, used: set[str]) -> str:
     return name
 
 
+def stored_display_pixels(
+    path: str | Path, *, max_side: int = OVERLAY_MAX_SIDE
+) -> tuple[np.ndarray, int]:
+    """The source image as stored, for display: ``(uint8[h, w], factor)``.
+
+    Decodes the file again (DICOM: :func:`common.dicom.decode_pixels`, dense
+    bright; PNG/TIFF: :func:`common.research_image.load_grey01`) without any
+    crop or flip, and block-averages it by the smallest integer ``factor`` that
+    brings both sides to at most ``max_side`` (the last partial block is padded
+    with edge values). Display pixel ``(r, c)`` covers stored pixels
+    ``[c*factor, (c+1)*factor) x [r*factor, (r+1)*factor)``, so a stored-space
+    box maps to display space by dividing by ``factor``.
+
+    Raises:
+        RefusedImage: the file cannot be decoded.
+        ValueError: ``max_side < 1``.
+    """
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side!r}")
+    p = Path(path)
+    if is_dicom(p):
+        try:
+            ds = pydicom.dcmread(p)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types
+            raise RefusedImage(str(p), f"unreadable DICOM: {exc}") from exc
+        unit = decode_pixels(ds, p)
+    else:
+        unit = load_grey01(p)
+    rows, cols = unit.shape
+    factor = max(1, math.ceil(max(rows, cols) / max_side))
+    if factor > 1:
+        pad_r = (-rows) % factor
+        pad_c = (-cols) % factor
+        padded = np.pad(unit, ((0, pad_r), (0, pad_c)), mode="edge")
+        h, w = padded.shape[0] // factor, padded.shape[1] // factor
+        unit = padded.reshape(h, factor, w, factor).mean(axis=(1, 3))
+    grey = np.clip(np.round(unit * 255.0), 0, 255).astype(np.uint8)
+    return grey, factor
+
+
 def write_overlay(
-    image: MammoImage, dets: dict[str, np.ndarray], path: Path, score_floor: float
+    source: str | Path,
+    detections: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    score_floor: float,
+    *,
+    max_side: int = OVERLAY_MAX_SIDE,
 ) -> Path:
-    """PNG of the model-space image with model-space boxes (mass red, calc cyan)."""
-    import matplotlib
+    """PNG of the SOURCE image in its own orientation with stored-space boxes.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    Args:
+        source: the image file (DICOM or PNG/TIFF) the detections belong to.
+        detections: ``[{"label", "score", "box"}]`` with boxes in the source's
+            stored pixel grid (pixel-edge coordinates, origin top-left), as
+            :func:`detections_to_stored` returns them.
+        path: PNG to write.
+        score_floor: only detections scoring at least this are drawn.
+        max_side: display size limit (see :func:`stored_display_pixels`).
 
-    h, w = image.pixels.shape
-    fig = plt.figure(figsize=(w / 100, h / 100), dpi=100)
+    Each box is drawn as a 2-pixel outline (mass red, calcification cyan) on
+    the display pixels its edges fall in, with ``label score`` above it.
+    """
+    from PIL import Image, ImageDraw
+    from PIL.PngImagePlugin import PngInfo
+
+    grey, factor = stored_display_pixels(source, max_side=max_side)
+    img = Image.fromarray(grey, mode="L").convert("RGB")
+    draw = ImageDraw.Draw(img)
+    h, w = grey.shape
+    for det in detections:
+        score = float(det["score"])
+        if score < score_floor:
+            continue
+        colour = OVERLAY_COLOURS[str(det["label"])]
+        x0, y0, x1, y1 = (float(v) / factor for v in det["box"])
+        left = min(max(math.floor(x0), 0), w - 1)
+        top = min(max(math.floor(y0), 0), h - 1)
+        right = min(max(math.ceil(x1) - 1, left), w - 1)
+        bottom = min(max(math.ceil(y1) - 1, top), h - 1)
+        draw.rectangle((left, top, right, bottom), outline=colour, width=2)
+        draw.text((left, max(top - 11, 0)), f"{det['label']} {score:.2f}", fill=colour)
+    info = PngInfo()
+    info.add_text("mammofed-downsample", str(factor))
+    info.add_text("mammofed-box-space", "stored")
+    out = Path(path)
+    img.save(out, pnginfo=info)
+    return out
+
+
+@dataclass
+class _StudyEntry:
+    """One DICOM input of a study waiting for its CAD SR."""
+
+    source: Path
+    header: Dataset
+    detections: list[dict[str, Any]]
+
+
+def _sr_header(f: Path) -> tuple[Dataset | None, str]:
+    """``(header, "")`` of a DICOM input an SR can reference, else ``(None, why)``."""
+    if not is_dicom(f):
+        return None, "not a DICOM file: a DICOM CAD SR can only reference DICOM images"
     try:
-        ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
-        ax.imshow(image.pixels, cmap="gray", vmin=0, vmax=1)
-        ax.set_axis_off()
-        colors = ("red", "cyan")
-        for b, s, lab in zip(
-            dets["boxes"], dets["scores"], dets["labels"], strict=True
-        ):
-            if s < score_floor:
-                continue
-            c = colors[int(lab) % len(colors)]
-            ax.add_patch(
-                Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec=c)
+        header = pydicom.dcmread(f, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types
+        return None, f"header unreadable: {exc}"
+    missing = [
+        k
+        for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        if not str(header.get(k, "")).strip()
+    ]
+    if missing:
+        return None, f"no {', '.join(missing)}: an SR cannot reference it"
+    return header, ""
+
+
+def _write_study_reports(
+    studies: Mapping[str, Sequence[_StudyEntry]],
+    out: Path,
+    result: PredictResult,
+    *,
+    score_floor: float,
+) -> None:
+    """One ``OUT/<StudyInstanceUID>.sr.dcm`` per study; failures are logged skips."""
+    for study_uid, entries in studies.items():
+        files = ", ".join(str(e.source) for e in entries)
+        try:
+            ds = build_cad_sr(
+                [e.header for e in entries],
+                [e.detections for e in entries],
+                score_floor=score_floor,
             )
-            ax.text(b[0], b[1], f"{CLASSES[int(lab)]} {s:.2f}", color=c, fontsize=6)
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+        except ValueError as exc:
+            log.warning("no CAD SR for study %s (%s): %s", study_uid, files, exc)
+            result.sr_skipped.append((f"study {study_uid}: {files}", str(exc)))
+            continue
+        path = write_cad_sr(ds, out / f"{study_uid}{SR_SUFFIX}")
+        result.sr_written.append(path)
+        n = sum(len(e.detections) for e in entries)
+        log.info(
+            "study %s: %d images, %d findings -> %s", study_uid, len(entries), n, path
+        )
 
 
 def predict_paths(
@@ -156,19 +304,37 @@ def predict_paths(
     overlay: bool = True,
     overlay_floor: float = 0.3,
     batch_size: int = 4,
+    output_format: str = FORMAT_JSON,
+    sr_display_floor: float = DEFAULT_SCORE_FLOOR,
 ) -> PredictResult:
     """Detect lesions in every input file; write one JSON (+ overlay) per image.
 
     ``score_floor`` lowers/raises the model's own score threshold for this run.
     ``spacing_mm`` is the stored pixel spacing of PNG/TIFF inputs;
     ``default_spacing_mm`` the fallback for DICOM without spacing. Overlays draw
-    detections scoring at least ``max(score_floor, overlay_floor)``. Images are
-    decoded one by one and run through the model ``batch_size`` at a time (4: a
-    four-view exam in one forward pass). ``OUT/resolved_config.yaml`` records
-    the checkpoint's model config and these settings.
+    detections scoring at least ``max(score_floor, overlay_floor)`` on the
+    source image (stored orientation). Images are decoded one by one and run
+    through the model ``batch_size`` at a time (4: a four-view exam in one
+    forward pass). ``output_format="sr"`` also writes one Mammography CAD SR per
+    study (see the module docstring); findings scoring at least
+    ``sr_display_floor`` are "Presentation Required" in it, the others
+    "Presentation Optional". ``OUT/resolved_config.yaml`` records the
+    checkpoint's model config and these settings.
+
+    Raises:
+        ValueError: ``score_floor`` or ``sr_display_floor`` outside [0, 1], or an
+            unknown ``output_format``.
     """
     if not 0.0 <= score_floor <= 1.0:
         raise ValueError(f"score_floor must be in [0, 1], got {score_floor!r}")
+    if not 0.0 <= sr_display_floor <= 1.0:
+        raise ValueError(
+            f"sr_display_floor must be in [0, 1], got {sr_display_floor!r}"
+        )
+    if output_format not in FORMATS:
+        raise ValueError(
+            f"output_format={output_format!r}; valid formats: {', '.join(FORMATS)}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
@@ -186,12 +352,15 @@ def predict_paths(
             "default_spacing_mm": default_spacing_mm,
             "use_ema": use_ema,
             "standardizer": std.to_dict() if std is not None else None,
+            "output_format": output_format,
+            "sr_display_floor": sr_display_floor,
         },
         out,
     )
     result = PredictResult()
     used: set[str] = set()
     pending: list[tuple[Path, Any]] = []
+    studies: dict[str, list[_StudyEntry]] = {}
 
     def flush() -> None:
         # One forward pass per batch (a four-view exam by default).
@@ -226,13 +395,21 @@ def predict_paths(
         jpath.write_text(json.dumps(doc, indent=2))
         if overlay:
             write_overlay(
-                image,
-                dets,
+                f,
+                detections,
                 out / f"{name}.overlay.png",
                 max(score_floor, overlay_floor),
             )
         result.written.append(jpath)
         log.info("%s: %d detections -> %s", f, len(detections), jpath)
+        if output_format == FORMAT_SR:
+            header, why = _sr_header(f)
+            if header is None:
+                log.warning("no CAD SR for %s: %s", f, why)
+                result.sr_skipped.append((str(f), why))
+            else:
+                entry = _StudyEntry(f, header, detections)
+                studies.setdefault(str(header.StudyInstanceUID), []).append(entry)
 
     for f in expand_inputs(paths):
         try:
@@ -250,4 +427,6 @@ def predict_paths(
         if len(pending) >= batch_size:
             flush()
     flush()
+    if output_format == FORMAT_SR:
+        _write_study_reports(studies, out, result, score_floor=sr_display_floor)
     return result

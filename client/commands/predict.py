@@ -1,4 +1,9 @@
-"""``mammofed-client predict``: detect lesions in DICOM / PNG / TIFF files."""
+"""``mammofed-client predict``: detect lesions in DICOM / PNG / TIFF files.
+
+``--format json`` (default) writes one JSON and one overlay PNG per image;
+``--format sr`` also writes one DICOM Mammography CAD SR per exam
+(``OUT/<StudyInstanceUID>.sr.dcm``, DICOM inputs grouped by study).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from client.predict import predict_paths
+from client.cad_sr import DEFAULT_SCORE_FLOOR
+from client.predict import FORMAT_JSON, FORMATS, predict_paths
 
 NAME = "predict"
-HELP = "run a detector checkpoint on image files (JSON in stored pixels + overlay)"
+HELP = (
+    "run a detector checkpoint on image files (JSON in stored pixels + overlay; "
+    "--format sr adds a DICOM Mammography CAD SR per exam)"
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +46,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights")
     parser.add_argument("--no-overlay", action="store_true", help="JSON only")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=FORMAT_JSON,
+        help="json: JSON (+ overlay) per image; sr: also one Mammography CAD SR "
+        "per exam, OUT/<StudyInstanceUID>.sr.dcm",
+    )
+    parser.add_argument(
+        "--sr-display-floor",
+        type=float,
+        default=DEFAULT_SCORE_FLOOR,
+        help="in the SR, findings scoring at least this are 'Presentation "
+        "Required', lower ones 'Presentation Optional'",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Predict; exit 0 when every input was processed, 1 when some were skipped."""
+    """Predict; exit 0 when every input (and SR) was written, 1 when some were not."""
     res = predict_paths(
         args.checkpoint,
         args.paths,
@@ -51,9 +74,17 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         use_ema=args.ema,
         overlay=not args.no_overlay,
+        output_format=args.format,
+        sr_display_floor=args.sr_display_floor,
     )
     log.info("%d images written, %d skipped", len(res.written), len(res.skipped))
+    if args.format != FORMAT_JSON:
+        log.info(
+            "%d CAD SR files written, %d inputs without SR",
+            len(res.sr_written),
+            len(res.sr_skipped),
+        )
     if not res.written and not res.skipped:
         log.error("no image files found in %s", [str(p) for p in args.paths])
         return 1
-    return 1 if res.skipped else 0
+    return 1 if res.skipped or res.sr_skipped else 0

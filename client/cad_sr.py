@@ -1,0 +1,674 @@
+"""Detections of one exam as a DICOM Mammography CAD SR (TID 4000).
+
+:func:`build_cad_sr` turns the stored-space detections of the images of one
+study (the list :func:`client.predict.detections_to_stored` returns, one per
+image) into a Mammography CAD SR instance (SOP Class
+``1.2.840.10008.5.1.4.1.1.88.50``, PS3.3 A.35.5) whose content tree follows
+PS3.16 TID 4000 "Mammography CAD Document Root"; :func:`write_cad_sr` writes it
+as a Part 10 file.
+
+Content tree (relationships by value unless marked *by reference*)::
+
+    CONTAINER (111036, DCM, "Mammography CAD Report")            TID 4000
+      HAS CONCEPT MOD  CODE Language = (en-US, RFC5646)           TID 1204
+      CONTAINS CONTAINER (111028, DCM, "Image Library")
+        CONTAINS IMAGE <source i>                                 TID 4020
+          HAS ACQ CONTEXT CODE Image Laterality (CID 6022), CODE Image View
+          (CID 4014), TEXT Patient Orientation Row/Column, DATE/TIME Study and
+          Content Date/Time, NUM Horizontal/Vertical Pixel Spacing (um)
+          -- each only when the source header carries it
+      CONTAINS CODE (111017, DCM, "CAD Processing and Findings Summary")
+               = All algorithms succeeded; with / without findings  TID 4001
+        INFERRED FROM CONTAINER Individual Impression/Recommendation  TID 4003
+            (one per detection; none when there are no detections)
+          HAS CONCEPT MOD CODE Rendering Intent (CID 6034)
+          CONTAINS CODE (111059, DCM, "Single Image Finding")      TID 4006
+                   = finding class (CID 6014)
+            HAS CONCEPT MOD CODE Rendering Intent
+            HAS CONCEPT MOD TEXT Algorithm Name / Algorithm Version TID 4019
+            HAS PROPERTIES NUM (111012, DCM, "Certainty of Finding") in %
+            HAS PROPERTIES SCOORD (111010, DCM, "Center") POINT      TID 4021
+              SELECTED FROM IMAGE <source i>
+            HAS PROPERTIES SCOORD (111041, DCM, "Outline") POLYLINE (closed box)
+              SELECTED FROM IMAGE <source i>
+      CONTAINS CODE (111064, DCM, "Summary of Detections") = Succeeded
+        INFERRED FROM CONTAINER (111063, DCM, "Successful Detections") TID 4015
+          CONTAINS CODE (111022, DCM, "Detection Performed") = class  TID 4017
+            HAS CONCEPT MOD TEXT Algorithm Name / Version
+            INFERRED FROM <every Image Library IMAGE, by reference>
+      CONTAINS CODE (111065, DCM, "Summary of Analyses") = Not Attempted
+
+Finding classes (CID 6014 "Mammography Single Image Finding", codes read from
+pydicom's copy of PS3.16): ``calcification`` -> (129769006, SCT, "Calcification
+Cluster"); ``mass`` -> (129793001, SCT, "Mammography breast density"). CID 6014
+has no "Mass": in BI-RADS and PS3.16 a mass is a *composite* finding seen in two
+views ((129788004, SCT, "Mammographic breast mass") is in CID 6016 "Mammography
+Composite Feature"), and the single-view mark a mass detector makes is a
+density, which is what mammography CAD vendors write and workstations draw.
+
+Coordinates: every SCOORD is in the SOURCE image's stored pixel grid (Rows x
+Columns as stored, before any flip), as (column, row) pairs of 32-bit floats
+(VR FL). DICOM's pixel convention for SCOORD (PS3.3 C.18.6.1.2) puts (0, 0) at
+the top-left corner of the top-left pixel and (0.5, 0.5) at its centre, which is
+this project's pixel-edge convention (``common.geometry``): a stored-space box
+``[xmin, ymin, xmax, ymax]`` becomes the closed polyline (xmin, ymin), (xmax,
+ymin), (xmax, ymax), (xmin, ymax), (xmin, ymin) without any conversion.
+
+Scores: ``score`` in [0, 1] is written as Certainty of Finding ``100 * score``
+percent. Findings scoring at least ``score_floor`` get Rendering Intent
+"Presentation Required"; lower ones "Presentation Optional" (a workstation may
+hide them).
+
+The document is COMPLETE, UNVERIFIED; patient and study attributes are copied
+from the first source; the Current Requested Procedure Evidence Sequence lists
+every source image.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+from common import __version__
+from common.dicom import resolve_laterality, resolve_view
+from common.fileio import atomic_write_bytes
+from common.keys import CALCIFICATION, CLASSES, LEFT, MASS, RIGHT
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MAMMOGRAPHY_CAD_SR_STORAGE",
+    "FINDING_CODES",
+    "build_cad_sr",
+    "write_cad_sr",
+]
+
+#: Mammography CAD SR Storage SOP Class UID.
+MAMMOGRAPHY_CAD_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.50"
+#: Default display threshold: findings at or above are "Presentation Required".
+DEFAULT_SCORE_FLOOR = 0.3
+#: Series Number of the CAD SR series (any number; CAD series sort last).
+SR_SERIES_NUMBER = 900
+MANUFACTURER = "mammofed"
+#: Slack (stored pixels) for boxes that leave the image by rounding only.
+BOX_SLACK_PX = 0.01
+
+
+def _code(code: Code) -> Code:
+    """A pydicom code with zero-width characters removed from its meaning.
+
+    pydicom's tables carry U+200B inside some meanings ("Impression/\u200b
+    Recommendation"), which is not a valid character of the default repertoire.
+    """
+    meaning = code.meaning.replace("\u200b", "")
+    return Code(code.value, code.scheme_designator, meaning)
+
+
+_DCM = codes.DCM
+MAMMOGRAPHY_CAD_REPORT = _code(_DCM.MammographyCADReport)
+LANGUAGE = _code(_DCM.LanguageOfContentItemAndDescendants)
+#: CID 5000 "Language" entry for English (United States), as highdicom writes it.
+ENGLISH_US = Code("en-US", "RFC5646", "English (United States)")
+IMAGE_LIBRARY = _code(_DCM.ImageLibrary)
+IMAGE_LATERALITY = _code(_DCM.ImageLaterality)
+IMAGE_VIEW = _code(_DCM.ImageView)
+ORIENTATION_ROW = _code(_DCM.PatientOrientationRow)
+ORIENTATION_COLUMN = _code(_DCM.PatientOrientationColumn)
+STUDY_DATE = _code(_DCM.StudyDate)
+STUDY_TIME = _code(_DCM.StudyTime)
+CONTENT_DATE = _code(_DCM.ContentDate)
+CONTENT_TIME = _code(_DCM.ContentTime)
+HORIZONTAL_SPACING = _code(_DCM.HorizontalPixelSpacing)
+VERTICAL_SPACING = _code(_DCM.VerticalPixelSpacing)
+FINDINGS_SUMMARY = _code(_DCM.CADProcessingAndFindingsSummary)
+INDIVIDUAL_IMPRESSION = _code(_DCM.IndividualImpressionRecommendation)
+SINGLE_IMAGE_FINDING = _code(_DCM.SingleImageFinding)
+RENDERING_INTENT = _code(_DCM.RenderingIntent)
+ALGORITHM_NAME = _code(_DCM.AlgorithmName)
+ALGORITHM_VERSION = _code(_DCM.AlgorithmVersion)
+CERTAINTY_OF_FINDING = _code(_DCM.CertaintyOfFinding)
+CENTER = _code(_DCM.Center)
+OUTLINE = _code(_DCM.Outline)
+SUMMARY_OF_DETECTIONS = _code(_DCM.SummaryOfDetections)
+SUMMARY_OF_ANALYSES = _code(_DCM.SummaryOfAnalyses)
+SUCCESSFUL_DETECTIONS = _code(_DCM.SuccessfulDetections)
+DETECTION_PERFORMED = _code(_DCM.DetectionPerformed)
+PERCENT = _code(codes.UCUM.Percent)
+MICROMETER = _code(codes.UCUM.Micrometer)
+
+_CID6047 = codes.cid6047
+WITH_FINDINGS = _code(_CID6047.AllAlgorithmsSucceededWithFindings)
+WITHOUT_FINDINGS = _code(_CID6047.AllAlgorithmsSucceededWithoutFindings)
+SUCCEEDED = _code(codes.cid6042.Succeeded)
+NOT_ATTEMPTED = _code(codes.cid6042.NotAttempted)
+PRESENTATION_REQUIRED = _code(
+    codes.cid6034.PresentationRequiredRenderingDeviceIsExpectedToPresent
+)
+PRESENTATION_OPTIONAL = _code(
+    codes.cid6034.PresentationOptionalRenderingDeviceMayPresent
+)
+
+#: Detector class -> CID 6014 "Mammography Single Image Finding" code.
+FINDING_CODES: dict[str, Code] = {
+    MASS: _code(codes.cid6014.MammographyBreastDensity),
+    CALCIFICATION: _code(codes.cid6014.CalcificationCluster),
+}
+#: Header laterality -> CID 6022 "Side".
+_LATERALITY_CODES: dict[str, Code] = {
+    LEFT: _code(codes.cid6022.LeftBreast),
+    RIGHT: _code(codes.cid6022.RightBreast),
+}
+#: View word (common.dicom.resolve_view) -> CID 4014 "View for Mammography".
+_VIEW_CODES: dict[str, Code] = {
+    "CC": _code(codes.cid4014.CranioCaudal),
+    "MLO": _code(codes.cid4014.MedioLateralObliqueProjection),
+    "ML": _code(codes.cid4014.MedioLateralProjection),
+    "LM": _code(codes.cid4014.LateroMedial),
+    "LMO": _code(codes.cid4014.LateroMedialOblique),
+    "XCCL": _code(codes.cid4014.CranioCaudalExaggeratedLaterally),
+    "XCCM": _code(codes.cid4014.CranioCaudalExaggeratedMedially),
+    "FB": _code(codes.cid4014.CaudoCranial),
+    "SIO": _code(codes.cid4014.SuperolateralToInferomedialOblique),
+    "ISO": _code(codes.cid4014.InferomedialToSuperolateralOblique),
+}
+_REQUIRED_SOURCE_ATTRIBUTES = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Rows",
+    "Columns",
+)
+#: Patient and study attributes copied from the source (Type 2 in the SR).
+_COPIED_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+)
+
+
+# --- content items ----------------------------------------------------------
+def _coded(code: Code) -> Dataset:
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
+
+
+def _item(value_type: str, relationship: str | None, name: Code | None) -> Dataset:
+    ds = Dataset()
+    if relationship is not None:
+        ds.RelationshipType = relationship
+    ds.ValueType = value_type
+    if name is not None:
+        ds.ConceptNameCodeSequence = DicomSequence([_coded(name)])
+    return ds
+
+
+def _children(parent: Dataset, items: Sequence[Dataset]) -> Dataset:
+    if items:
+        parent.ContentSequence = DicomSequence(list(items))
+    return parent
+
+
+def _container(
+    relationship: str | None, name: Code, items: Sequence[Dataset]
+) -> Dataset:
+    ds = _item("CONTAINER", relationship, name)
+    ds.ContinuityOfContent = "SEPARATE"
+    return _children(ds, items)
+
+
+def _code_item(
+    relationship: str, name: Code, value: Code, items: Sequence[Dataset] = ()
+) -> Dataset:
+    ds = _item("CODE", relationship, name)
+    ds.ConceptCodeSequence = DicomSequence([_coded(value)])
+    return _children(ds, items)
+
+
+def _text(relationship: str, name: Code, value: str) -> Dataset:
+    ds = _item("TEXT", relationship, name)
+    ds.TextValue = value
+    return ds
+
+
+def _num(relationship: str, name: Code, value: float, unit: Code) -> Dataset:
+    ds = _item("NUM", relationship, name)
+    measured = Dataset()
+    measured.NumericValue = f"{value:.6g}"
+    measured.FloatingPointValue = float(value)
+    measured.MeasurementUnitsCodeSequence = DicomSequence([_coded(unit)])
+    ds.MeasuredValueSequence = DicomSequence([measured])
+    return ds
+
+
+def _date(relationship: str, name: Code, value: str) -> Dataset:
+    ds = _item("DATE", relationship, name)
+    ds.Date = value
+    return ds
+
+
+def _time(relationship: str, name: Code, value: str) -> Dataset:
+    ds = _item("TIME", relationship, name)
+    ds.Time = value
+    return ds
+
+
+def _image(
+    relationship: str, source: Dataset, items: Sequence[Dataset] = ()
+) -> Dataset:
+    ds = _item("IMAGE", relationship, None)
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    ds.ReferencedSOPSequence = DicomSequence([ref])
+    return _children(ds, items)
+
+
+def _scoord(
+    name: Code,
+    graphic_type: str,
+    points: Sequence[tuple[float, float]],
+    source: Dataset,
+) -> Dataset:
+    ds = _item("SCOORD", "HAS PROPERTIES", name)
+    ds.GraphicType = graphic_type
+    ds.GraphicData = [float(v) for xy in points for v in xy]
+    return _children(ds, [_image("SELECTED FROM", source)])
+
+
+def _by_reference(relationship: str, path: Sequence[int]) -> Dataset:
+    ds = Dataset()
+    ds.RelationshipType = relationship
+    ds.ReferencedContentItemIdentifier = [int(v) for v in path]
+    return ds
+
+
+# --- validation ---------------------------------------------------------------
+def _text_of(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _check_sources(sources: Sequence[Dataset]) -> str:
+    """The common StudyInstanceUID of ``sources``; ValueError otherwise."""
+    if not sources:
+        raise ValueError("build_cad_sr needs at least one source image, got none")
+    seen: dict[str, int] = {}
+    for i, ds in enumerate(sources):
+        missing = [k for k in _REQUIRED_SOURCE_ATTRIBUTES if not _text_of(ds, k)]
+        if missing:
+            raise ValueError(
+                f"source {i} (SOPInstanceUID={_text_of(ds, 'SOPInstanceUID')!r}) "
+                f"lacks {', '.join(missing)}: cannot reference it from an SR"
+            )
+        uid = _text_of(ds, "SOPInstanceUID")
+        if uid in seen:
+            raise ValueError(
+                f"sources {seen[uid]} and {i} are the same image "
+                f"(SOPInstanceUID={uid!r})"
+            )
+        seen[uid] = i
+    studies = sorted({_text_of(ds, "StudyInstanceUID") for ds in sources})
+    if len(studies) != 1:
+        raise ValueError(
+            f"one CAD SR covers one study; sources span {len(studies)} "
+            f"StudyInstanceUIDs: {', '.join(studies)}"
+        )
+    return studies[0]
+
+
+def _check_detection(
+    det: Mapping[str, Any], source: Dataset, index: int
+) -> tuple[str, float, tuple[float, float, float, float]] | None:
+    """``(label, score, box)`` of one detection, box clipped to the image.
+
+    ``None`` (with a warning) for a box of zero width or height: a detector
+    can emit one after clipping and rounding, and it has no outline to draw.
+    """
+    sop = _text_of(source, "SOPInstanceUID")
+    where = f"detection {index} of SOPInstanceUID={sop}"
+    label = det.get("label")
+    if label not in CLASSES:
+        raise ValueError(f"{where}: label={label!r}, expected one of {CLASSES}")
+    try:
+        score = float(det["score"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{where}: score={det.get('score')!r} is not a number"
+        ) from exc
+    if not (math.isfinite(score) and 0.0 <= score <= 1.0):
+        raise ValueError(f"{where}: score={score!r} outside [0, 1]")
+    box = det.get("box")
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)  # type: ignore[union-attr]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{where}: box={box!r} is not [xmin, ymin, xmax, ymax]"
+        ) from exc
+    rows, cols = int(source.Rows), int(source.Columns)
+    s = BOX_SLACK_PX
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or not (
+        -s <= x0 <= x1 <= cols + s and -s <= y0 <= y1 <= rows + s
+    ):
+        raise ValueError(
+            f"{where}: box={box!r} is not a box inside the stored image "
+            f"(0 <= xmin <= xmax <= {cols}, 0 <= ymin <= ymax <= {rows})"
+        )
+    if x1 == x0 or y1 == y0:
+        log.warning(
+            "%s: box=%r has zero width or height: left out of the SR", where, box
+        )
+        return None
+    return (
+        str(label),
+        score,
+        (max(x0, 0.0), max(y0, 0.0), min(x1, float(cols)), min(y1, float(rows))),
+    )
+
+
+# --- the tree -------------------------------------------------------------------
+def _library_entry(source: Dataset) -> Dataset:
+    """TID 4020 CAD Image Library Entry: what the source header tells."""
+    ctx: list[Dataset] = []
+    laterality, _ = resolve_laterality(source)
+    if laterality in _LATERALITY_CODES:
+        ctx.append(
+            _code_item(
+                "HAS ACQ CONTEXT", IMAGE_LATERALITY, _LATERALITY_CODES[laterality]
+            )
+        )
+    view = resolve_view(source)
+    if view in _VIEW_CODES:
+        ctx.append(_code_item("HAS ACQ CONTEXT", IMAGE_VIEW, _VIEW_CODES[view]))
+    orientation = source.get("PatientOrientation")
+    if orientation is not None and len(orientation) == 2:
+        row, column = (str(v).strip() for v in orientation)
+        if row and column:
+            ctx.append(_text("HAS ACQ CONTEXT", ORIENTATION_ROW, row))
+            ctx.append(_text("HAS ACQ CONTEXT", ORIENTATION_COLUMN, column))
+    for keyword, name, make in (
+        ("StudyDate", STUDY_DATE, _date),
+        ("StudyTime", STUDY_TIME, _time),
+        ("ContentDate", CONTENT_DATE, _date),
+        ("ContentTime", CONTENT_TIME, _time),
+    ):
+        value = _text_of(source, keyword)
+        if value:
+            ctx.append(make("HAS ACQ CONTEXT", name, value))
+    spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+    if spacing is not None and len(spacing) == 2:
+        row_mm, col_mm = float(spacing[0]), float(spacing[1])
+        if row_mm > 0 and col_mm > 0:
+            ctx.append(
+                _num("HAS ACQ CONTEXT", HORIZONTAL_SPACING, col_mm * 1000.0, MICROMETER)
+            )
+            ctx.append(
+                _num("HAS ACQ CONTEXT", VERTICAL_SPACING, row_mm * 1000.0, MICROMETER)
+            )
+    return _image("CONTAINS", source, ctx)
+
+
+def _algorithm(name: str, version: str) -> list[Dataset]:
+    """TID 4019 Algorithm Identification (new items: no dataset sits in two trees)."""
+    return [
+        _text("HAS CONCEPT MOD", ALGORITHM_NAME, name),
+        _text("HAS CONCEPT MOD", ALGORITHM_VERSION, version),
+    ]
+
+
+def _finding(
+    label: str,
+    score: float,
+    box: tuple[float, float, float, float],
+    source: Dataset,
+    intent: Code,
+    algorithm: tuple[str, str],
+) -> Dataset:
+    """TID 4003 holding one TID 4006 Single Image Finding."""
+    x0, y0, x1, y1 = box
+    outline = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
+    center = [((x0 + x1) / 2.0, (y0 + y1) / 2.0)]
+    sif = _code_item(
+        "CONTAINS",
+        SINGLE_IMAGE_FINDING,
+        FINDING_CODES[label],
+        [
+            _code_item("HAS CONCEPT MOD", RENDERING_INTENT, intent),
+            *_algorithm(*algorithm),
+            _num("HAS PROPERTIES", CERTAINTY_OF_FINDING, 100.0 * score, PERCENT),
+            _scoord(CENTER, "POINT", center, source),
+            _scoord(OUTLINE, "POLYLINE", outline, source),
+        ],
+    )
+    return _container(
+        "INFERRED FROM",
+        INDIVIDUAL_IMPRESSION,
+        [_code_item("HAS CONCEPT MOD", RENDERING_INTENT, intent), sif],
+    )
+
+
+def build_cad_sr(
+    sources: Sequence[Dataset],
+    detections: Sequence[Sequence[Mapping[str, Any]]],
+    *,
+    algorithm_name: str = "mammofed",
+    algorithm_version: str = __version__,
+    score_floor: float = DEFAULT_SCORE_FLOOR,
+) -> Dataset:
+    """One Mammography CAD SR for one exam (see the module docstring).
+
+    Args:
+        sources: headers (pixel data not needed) of the images of ONE study:
+            same StudyInstanceUID, each with SOPClassUID, SOPInstanceUID,
+            SeriesInstanceUID, Rows and Columns.
+        detections: ``detections[i]`` for ``sources[i]``, as
+            :func:`client.predict.detections_to_stored` returns them:
+            ``{"label": "mass"|"calcification", "score": float in [0, 1],
+            "box": [xmin, ymin, xmax, ymax]}`` in the SOURCE image's stored
+            pixel grid (pixel-edge coordinates, origin at the top-left corner of
+            the top-left pixel, before any flip). An empty list is an image the
+            CAD read and found nothing in.
+        algorithm_name: TID 4019 Algorithm Name.
+        algorithm_version: TID 4019 Algorithm Version (the package version).
+        score_floor: findings scoring at least this are "Presentation
+            Required", the others "Presentation Optional".
+
+    Returns:
+        The SR dataset with file meta (new Series and SOP Instance UIDs), ready
+        for :func:`write_cad_sr` or a C-STORE. SCOORD values are the boxes
+        unchanged: DICOM's SCOORD origin is the same top-left pixel corner.
+
+    Raises:
+        ValueError: no sources, ``len(detections) != len(sources)``, sources from
+            several studies (the message lists the StudyInstanceUIDs), the same
+            image twice, a source without the UIDs or size, or a detection with
+            an unknown label, a score outside [0, 1] or a box outside the image
+            or inverted. A zero-width or zero-height box is left out with a
+            warning.
+    """
+    if len(detections) != len(sources):
+        raise ValueError(
+            f"{len(sources)} sources but {len(detections)} detection lists: "
+            "detections[i] belongs to sources[i]"
+        )
+    if not (math.isfinite(score_floor) and 0.0 <= score_floor <= 1.0):
+        raise ValueError(f"score_floor must be in [0, 1], got {score_floor!r}")
+    if not algorithm_name.strip() or not algorithm_version.strip():
+        raise ValueError(
+            f"algorithm_name={algorithm_name!r} and "
+            f"algorithm_version={algorithm_version!r} must not be blank"
+        )
+    study_uid = _check_sources(sources)
+    checked = [
+        [c for j, d in enumerate(dets) if (c := _check_detection(d, src, j))]
+        for src, dets in zip(sources, detections, strict=True)
+    ]
+    algorithm = (algorithm_name, algorithm_version)
+
+    # Root children, in TID 4000 order. Positions matter: the by-reference
+    # items of TID 4017 address Image Library entries as [1, 2, k].
+    library = _container(
+        "CONTAINS", IMAGE_LIBRARY, [_library_entry(src) for src in sources]
+    )
+    library_path = [1, 2]
+    impressions: list[Dataset] = []
+    for src, dets in zip(sources, checked, strict=True):
+        for label, score, box in dets:
+            intent = (
+                PRESENTATION_REQUIRED if score >= score_floor else PRESENTATION_OPTIONAL
+            )
+            impressions.append(_finding(label, score, box, src, intent, algorithm))
+    summary = _code_item(
+        "CONTAINS",
+        FINDINGS_SUMMARY,
+        WITH_FINDINGS if impressions else WITHOUT_FINDINGS,
+        impressions,
+    )
+    performed = [
+        _code_item(
+            "CONTAINS",
+            DETECTION_PERFORMED,
+            FINDING_CODES[label],
+            [
+                *_algorithm(*algorithm),
+                *(
+                    _by_reference("INFERRED FROM", [*library_path, k + 1])
+                    for k in range(len(sources))
+                ),
+            ],
+        )
+        for label in CLASSES
+    ]
+    detections_summary = _code_item(
+        "CONTAINS",
+        SUMMARY_OF_DETECTIONS,
+        SUCCEEDED,
+        [_container("INFERRED FROM", SUCCESSFUL_DETECTIONS, performed)],
+    )
+    analyses_summary = _code_item("CONTAINS", SUMMARY_OF_ANALYSES, NOT_ATTEMPTED)
+    root_items = [
+        _code_item("HAS CONCEPT MOD", LANGUAGE, ENGLISH_US),
+        library,
+        summary,
+        detections_summary,
+        analyses_summary,
+    ]
+    ds = _header(sources, study_uid, algorithm_name, algorithm_version)
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = DicomSequence([_coded(MAMMOGRAPHY_CAD_REPORT)])
+    ds.ContinuityOfContent = "SEPARATE"
+    template = Dataset()
+    template.MappingResource = "DCMR"
+    template.TemplateIdentifier = "4000"
+    ds.ContentTemplateSequence = DicomSequence([template])
+    ds.ContentSequence = DicomSequence(root_items)
+    n = sum(len(d) for d in checked)
+    log.debug("CAD SR for study %s: %d images, %d findings", study_uid, len(sources), n)
+    return ds
+
+
+def _header(
+    sources: Sequence[Dataset], study_uid: str, algorithm_name: str, version: str
+) -> Dataset:
+    """Patient, study, series, equipment, document-general and SOP common."""
+    first = sources[0]
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(MAMMOGRAPHY_CAD_SR_STORAGE)
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = meta
+    charset = first.get("SpecificCharacterSet")
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = MAMMOGRAPHY_CAD_SR_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    now = dt.datetime.now()
+    ds.InstanceCreationDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = ds.ContentTime = now.strftime("%H%M%S")
+    for keyword in _COPIED_ATTRIBUTES:
+        value = first.get(keyword)
+        setattr(ds, keyword, value if value is not None else "")
+    ds.StudyInstanceUID = study_uid
+    ds.Modality = "SR"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = SR_SERIES_NUMBER
+    ds.SeriesDescription = f"{algorithm_name} CAD"
+    ds.ReferencedPerformedProcedureStepSequence = DicomSequence([])
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = algorithm_name
+    ds.SoftwareVersions = version
+    ds.InstanceNumber = 1
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    ds.PerformedProcedureCodeSequence = DicomSequence([])
+    ds.CurrentRequestedProcedureEvidenceSequence = _evidence(sources, study_uid)
+    return ds
+
+
+def _evidence(sources: Sequence[Dataset], study_uid: str) -> DicomSequence:
+    """SOP Instance Reference Macro: the source images by series."""
+    by_series: dict[str, list[Dataset]] = {}
+    for src in sources:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = src.SOPClassUID
+        ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+        by_series.setdefault(_text_of(src, "SeriesInstanceUID"), []).append(ref)
+    series_items = []
+    for series_uid, refs in by_series.items():
+        item = Dataset()
+        item.SeriesInstanceUID = series_uid
+        item.ReferencedSOPSequence = DicomSequence(refs)
+        series_items.append(item)
+    study = Dataset()
+    study.StudyInstanceUID = study_uid
+    study.ReferencedSeriesSequence = DicomSequence(series_items)
+    return DicomSequence([study])
+
+
+def write_cad_sr(ds: Dataset, path: Path) -> Path:
+    """Write ``ds`` as a DICOM Part 10 file, Explicit VR Little Endian, atomically.
+
+    The file appears complete or not at all (temporary file + rename). File
+    meta is filled from the dataset when absent.
+
+    Raises:
+        ValueError: ``ds`` is not a Mammography CAD SR.
+    """
+    if str(ds.get("SOPClassUID", "")) != MAMMOGRAPHY_CAD_SR_STORAGE:
+        raise ValueError(
+            f"SOPClassUID={ds.get('SOPClassUID')!r} is not Mammography CAD SR "
+            f"({MAMMOGRAPHY_CAD_SR_STORAGE})"
+        )
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(MAMMOGRAPHY_CAD_SR_STORAGE)
+    meta.MediaStorageSOPInstanceUID = UID(str(ds.SOPInstanceUID))
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    out = Path(path)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
