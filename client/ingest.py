@@ -10,31 +10,45 @@ What :func:`ingest_site` does, in order:
    ``split.csv``, ``images.csv``, text, licences...) is passed over quietly;
 3. per candidate, reuses the cache entry when the file's size and mtime (and its
    sidecar options) are unchanged, or when its content key is already cached;
-   otherwise decodes it with :func:`common.image_io.read_any` in a process pool
-   (:func:`pool_context`; ``workers == 1`` runs inline) and writes
-   ``images/<key>.npz|json``;
-   files refused before with the same content are not decoded again (their
-   reasons are kept in ``refused.json``; ``force=True`` retries everything);
+   otherwise decodes it with :func:`common.image_io.read_any` in a decode
+   process (:func:`decode_isolated`; ``workers`` of them, never in the ingest
+   process itself) and writes ``images/<key>.npz|json``; the header is checked
+   against the pixel budget ``cfg.max_pixels`` before any pixel is decoded;
+   files refused before with the same content (and budget) are not decoded
+   again (their reasons are kept in ``refused.json``; ``force=True`` retries
+   everything);
 4. drops entries whose source disappeared or changed;
-5. rebuilds ``annotations.json`` (cheap: from the annotation file and the cached
+5. resolves duplicates (:func:`resolve_duplicates`: one image, one patient,
+   one set of labels);
+6. rebuilds ``annotations.json`` (cheap: from the annotation file and the cached
    geometries, no pixels), ``split.json``, ``manifest.csv``,
    ``ingest_report.json`` and ``resolved_config.yaml``.
 
-One bad file never aborts the walk: it is listed under ``skipped`` with its reason.
+One bad file never aborts the walk: it is listed under ``skipped`` with its
+reason. A decoder that raises anything (a native ``PanicException`` is a
+``BaseException``), runs out of memory, crashes its process (segfault, abort,
+killed) or exceeds ``cfg.decode_timeout_s`` costs that file only. Once the
+walk has started, the manifest and the report are written even if the run
+stops on an unexpected error (``"status": "interrupted"`` in the report, the
+files verified so far in the manifest).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import multiprocessing
 import os
+import resource
+import signal
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +102,15 @@ NON_IMAGE_SUFFIXES = frozenset(
 SITE_FILES = frozenset({ANNOTATIONS_CSV, ANNOTATIONS_JSON, SPLIT_CSV, IMAGES_CSV})
 
 #: ``reader(path, *, working_spacing_mm, default_spacing_mm, spacing_mm,
-#: laterality, view, patient_id) -> MammoImage``; must be picklable (a
-#: module-level function) when ``workers > 1``.
+#: laterality, view, patient_id, max_pixels) -> MammoImage``; runs in a decode
+#: process, so it must be picklable (a module-level function).
 Reader = Callable[..., MammoImage]
+#: ``status`` of ``ingest_report.json``: the walk finished, or stopped on an
+#: unexpected error (the manifest then lists the files verified so far).
+STATUS_COMPLETE = "complete"
+STATUS_INTERRUPTED = "interrupted"
+#: Seconds a decode process gets to exit after being asked, before it is killed.
+STOP_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -247,6 +267,7 @@ class _Job:
     working_spacing_mm: float
     pixel_dtype: str
     cache_dir: str
+    max_pixels: int | None
 
 
 def _default_reader() -> Reader:
@@ -255,12 +276,26 @@ def _default_reader() -> Reader:
     return read_any
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
 def _run_job(job: _Job, reader: Reader | None) -> dict[str, Any]:
-    """Decode one file and write its entry; never raises (returns the outcome)."""
+    """Decode one file and write its entry; never raises (returns the outcome).
+
+    Runs in a decode process. ``"fatal": True`` in the outcome asks that process
+    to exit after reporting: after a ``MemoryError`` or a ``BaseException``
+    from native code (e.g. pyo3's ``PanicException``) its state is not trusted.
+    """
     rd = reader or _default_reader()
     t0 = time.perf_counter()
     try:
-        img = rd(job.path, working_spacing_mm=job.working_spacing_mm, **job.options)
+        img = rd(
+            job.path,
+            working_spacing_mm=job.working_spacing_mm,
+            max_pixels=job.max_pixels,
+            **job.options,
+        )
         entry = SiteCache(job.cache_dir).write(
             job.key,
             img,
@@ -274,15 +309,31 @@ def _run_job(job: _Job, reader: Reader | None) -> dict[str, Any]:
     except RefusedImage as exc:
         return {"rel": job.rel, "key": job.key, "ok": False, "reason": exc.reason}
     except MemoryError:
-        return {"rel": job.rel, "key": job.key, "ok": False, "reason": "out of memory"}
-    except Exception as exc:  # noqa: BLE001 - one bad file must not abort the walk
-        first = (str(exc).strip().splitlines() or [""])[0]
         return {
             "rel": job.rel,
             "key": job.key,
             "ok": False,
-            "reason": f"unexpected {type(exc).__name__}: {first}",
+            "reason": "out of memory while decoding (MemoryError)",
             "transient": True,
+            "fatal": True,
+        }
+    except Exception as exc:  # noqa: BLE001 - one bad file must not abort the walk
+        return {
+            "rel": job.rel,
+            "key": job.key,
+            "ok": False,
+            "reason": f"unexpected {type(exc).__name__}: {_first_line(exc)}",
+            "transient": True,
+        }
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - native aborts (PanicException)
+        return {
+            "rel": job.rel,
+            "key": job.key,
+            "ok": False,
+            "reason": f"decoder aborted: {type(exc).__name__}: {_first_line(exc)}",
+            "fatal": True,
         }
     return {
         "rel": job.rel,
@@ -298,14 +349,20 @@ class IngestResult:
     """Outcome of one ingest run.
 
     Attributes:
-        entries: cache entries now in the cache (one per ingested image).
+        entries: cache entries in the manifest (one per ingested image).
         new: keys decoded in this run.
         reused: keys taken from the cache unchanged.
         removed: keys dropped (source gone or changed).
-        skipped: ``{"file", "reason"}`` per file not ingested.
+        skipped: ``{"file", "reason"}`` per file not ingested (duplicates
+            refused or set aside included).
         annotation_skips: annotation rows not used (file, row, field, value, why).
         report_path, manifest_path: files written.
         seconds: wall time of the run.
+        status: :data:`STATUS_COMPLETE`, or :data:`STATUS_INTERRUPTED` when an
+            unexpected error stopped the walk (``error`` says which).
+        error: ``"Type: first line"`` of that error, else ``None``.
+        decode_peak_rss_mb: highest peak resident memory reported by a decode
+            process that finished its file (``None`` when nothing was decoded).
     """
 
     entries: list[CacheEntry] = field(default_factory=list)
@@ -317,6 +374,9 @@ class IngestResult:
     report_path: Path | None = None
     manifest_path: Path | None = None
     seconds: float = 0.0
+    status: str = STATUS_COMPLETE
+    error: str | None = None
+    decode_peak_rss_mb: float | None = None
 
 
 def _options_for(
@@ -336,6 +396,23 @@ def _options_for(
     return opts
 
 
+@dataclass
+class _Run:
+    """Mutable state of one ingest run (what ``_finish`` writes out)."""
+
+    site: Path
+    cache: SiteCache
+    cfg: SiteConfig
+    result: IngestResult
+    t_start: float
+    split: dict[str, str] | None = None
+    annotations: Any = None
+    table_skips: list[Skip] = field(default_factory=list)
+    keep: dict[str, CacheEntry] = field(default_factory=dict)
+    refused: dict[str, dict[str, Any]] = field(default_factory=dict)
+    walked: bool = False
+
+
 def ingest_site(
     site_dir: str | Path,
     cache_dir: str | Path,
@@ -352,8 +429,9 @@ def ingest_site(
         cache_dir: the cache folder (created if needed; may lie inside
             ``site_dir``, it is then not walked).
         cfg: site config (defaults when ``None``).
-        workers: decode processes (``None``: ``cfg.workers``; 1 = inline).
-        reader: image reader (default :func:`common.image_io.read_any`).
+        workers: decode processes (``None``: ``cfg.workers``).
+        reader: image reader (default :func:`common.image_io.read_any`); it
+            runs in the decode processes, so it must be a module-level function.
         force: decode every file again, ignoring cached entries and refusals.
 
     Returns:
@@ -362,7 +440,10 @@ def ingest_site(
     Raises:
         MammofedError: ``site_dir`` is not a folder, or a site table
             (``images.csv``, ``split.csv``, the annotation file) is unreadable
-            as a whole.
+            as a whole (the report then says ``"failed"``; the previous
+            manifest is left as it was).
+        BaseException: whatever stopped the walk (``KeyboardInterrupt``...),
+            after the manifest and the report of the partial run are written.
     """
     t_start = time.perf_counter()
     cfg = cfg or SiteConfig()
@@ -374,19 +455,54 @@ def ingest_site(
         raise MammofedError(f"{site}: SITE_DIR is not a folder")
     cache = SiteCache(cache_dir)
     cache.root.mkdir(parents=True, exist_ok=True)
-    result = IngestResult()
-    table_skips: list[Skip] = []
+    run = _Run(site, cache, cfg, IngestResult(), t_start)
 
-    sidecar: dict[str, SidecarRow] = {}
-    if (site / IMAGES_CSV).is_file():
-        sidecar, sk = read_images_csv(site / IMAGES_CSV)
-        table_skips += sk
-    split: dict[str, str] | None = None
-    if (site / SPLIT_CSV).is_file():
-        split, sk = read_split_csv(site / SPLIT_CSV)
-        table_skips += sk
-    annotations = read_site_annotations(site, cfg.finding_kind)
+    try:
+        sidecar: dict[str, SidecarRow] = {}
+        if (site / IMAGES_CSV).is_file():
+            sidecar, sk = read_images_csv(site / IMAGES_CSV)
+            run.table_skips += sk
+        if (site / SPLIT_CSV).is_file():
+            run.split, sk = read_split_csv(site / SPLIT_CSV)
+            run.table_skips += sk
+        run.annotations = read_site_annotations(site, cfg.finding_kind)
+    except MammofedError as exc:
+        run.result.status, run.result.error = "failed", _error_text(exc)
+        run.result.seconds = time.perf_counter() - t_start
+        run.result.report_path = cache.write_report(
+            {"site": cfg.name, "site_dir": str(site), "status": "failed",
+             "error": run.result.error}
+        )  # fmt: skip
+        raise
 
+    try:
+        _walk(run, sidecar, nworkers, reader, force)
+        run.walked = True
+    except BaseException as exc:
+        run.result.status, run.result.error = STATUS_INTERRUPTED, _error_text(exc)
+        log.error("ingest stopped by %s: writing the partial results", run.result.error)
+        try:
+            _finish(run)
+        except Exception:  # noqa: BLE001 - the original error is the one to raise
+            log.exception("could not write the partial ingest results")
+        raise
+    _finish(run)
+    return run.result
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": ")
+
+
+def _walk(
+    run: _Run,
+    sidecar: dict[str, SidecarRow],
+    nworkers: int,
+    reader: Reader | None,
+    force: bool,
+) -> None:
+    """Plan (reuse, known refusals, jobs) and decode; fills ``run``."""
+    site, cache, cfg, result = run.site, run.cache, run.cfg, run.result
     # --- what is cached already -------------------------------------------------
     old: dict[str, CacheEntry] = {}
     by_source: dict[str, CacheEntry] = {}
@@ -395,7 +511,7 @@ def ingest_site(
             old[e.key] = e
             by_source[e.source] = e
     refused_path = cache.root / REFUSED_JSON
-    refused: dict[str, dict[str, str]] = {}
+    refused: dict[str, dict[str, Any]] = {}
     if refused_path.is_file() and not force:
         try:
             refused = json.loads(refused_path.read_text())
@@ -407,9 +523,7 @@ def ingest_site(
     # --- plan -----------------------------------------------------------------
     candidates = find_candidates(site, exclude=[cache.root])
     log.info("%s: %d candidate image files", site, len(candidates))
-    keep: dict[str, CacheEntry] = {}
     jobs: list[_Job] = []
-    new_refused: dict[str, dict[str, str]] = {}
     seen_keys: dict[str, str] = {}
     from common.cache import content_key  # local: keeps the import list short
 
@@ -434,7 +548,11 @@ def ingest_site(
             continue
         if key in seen_keys:
             result.skipped.append(
-                {"file": rel, "reason": f"identical content to {seen_keys[key]}"}
+                {
+                    "file": rel,
+                    "reason": f"duplicate: byte-identical to {seen_keys[key]} "
+                    "(first file kept)",
+                }
             )
             continue
         seen_keys[key] = rel
@@ -444,61 +562,179 @@ def ingest_site(
                 e = cache.relabel(
                     e, source=rel, size=st.st_size, mtime_ns=st.st_mtime_ns
                 )
-            keep[key] = e
+            run.keep[key] = e
             result.reused.append(key)
             continue
-        if not force and key in refused:
-            new_refused[key] = {"file": rel, "reason": refused[key]["reason"]}
-            result.skipped.append({"file": rel, "reason": refused[key]["reason"]})
+        known = refused.get(key)
+        if (
+            not force
+            and known is not None
+            and known.get("max_pixels") == cfg.max_pixels
+        ):
+            run.refused[key] = {**known, "file": rel}
+            result.skipped.append({"file": rel, "reason": str(known["reason"])})
             continue
         jobs.append(
             _Job(
                 str(p), rel, key, st.st_size, st.st_mtime_ns, opts,
                 cfg.working_spacing_mm, cfg.pixel_dtype, str(cache.root),
+                cfg.max_pixels,
             )
         )  # fmt: skip
 
     # --- decode -----------------------------------------------------------------
     log.info(
         "%d cached, %d to decode, %d known refusals (workers=%d)",
-        len(result.reused), len(jobs), len(new_refused), nworkers,
+        len(result.reused), len(jobs), len(run.refused), nworkers,
     )  # fmt: skip
-    for out in _run_jobs(jobs, reader, nworkers, cfg.progress_every):
-        if out["ok"]:
-            e = CacheEntry.from_dict(out["entry"])
-            keep[e.key] = e
-            result.new.append(e.key)
-        else:
-            result.skipped.append({"file": out["rel"], "reason": out["reason"]})
-            if not out.get("transient"):
-                new_refused[out["key"]] = {"file": out["rel"], "reason": out["reason"]}
+    outcomes = _run_jobs(
+        jobs, reader, nworkers, cfg.progress_every, cfg.decode_timeout_s
+    )
+    with contextlib.closing(outcomes):
+        for out in outcomes:
+            rss = out.get("max_rss_mb")
+            if rss is not None:
+                result.decode_peak_rss_mb = max(result.decode_peak_rss_mb or 0.0, rss)
+            if out["ok"]:
+                e = CacheEntry.from_dict(out["entry"])
+                run.keep[e.key] = e
+                result.new.append(e.key)
+            else:
+                result.skipped.append({"file": out["rel"], "reason": out["reason"]})
+                if not out.get("transient"):
+                    run.refused[out["key"]] = {
+                        "file": out["rel"],
+                        "reason": out["reason"],
+                        "max_pixels": cfg.max_pixels,
+                    }
 
-    # --- drop what disappeared -------------------------------------------------
-    for key in sorted(set(cache.keys()) - set(keep)):
-        cache.remove(key)
-        result.removed.append(key)
-    atomic_write_text(refused_path, json.dumps(new_refused, indent=1, sort_keys=True))
+
+def _finish(run: _Run) -> None:
+    """Resolve duplicates and write the site files, manifest and report.
+
+    After a whole walk it also drops stale entries and writes refused.json;
+    after an interrupted one it writes what was verified so far.
+    """
+    cache, cfg, result = run.cache, run.cfg, run.result
+    refused_path = cache.root / REFUSED_JSON
+    if run.walked:
+        # --- drop what disappeared (only after a whole walk) ----------------
+        for key in sorted(set(cache.keys()) - set(run.keep)):
+            cache.remove(key)
+            result.removed.append(key)
+        atomic_write_text(
+            refused_path, json.dumps(run.refused, indent=1, sort_keys=True)
+        )
+
+    # --- duplicates ---------------------------------------------------------------
+    kept, dup_skips = resolve_duplicates(
+        [cache.with_pixel_digest(e) for e in run.keep.values()]
+    )
+    result.skipped += dup_skips
 
     # --- site-level files ------------------------------------------------------
-    entries = sorted(keep.values(), key=lambda e: e.source)
+    entries = sorted(kept, key=lambda e: e.source)
     targets, ann_skips = match_annotations(
-        annotations,
+        run.annotations,
         ((e.key, e.source, e.meta.sop_instance_uid, e.geometry) for e in entries),
     )
-    result.annotation_skips = table_skips + (annotations.skipped if annotations else [])
+    result.annotation_skips = run.table_skips + (
+        run.annotations.skipped if run.annotations else []
+    )
     result.annotation_skips += ann_skips
     cache.write_annotations(targets)
-    cache.write_split(split)
+    cache.write_split(run.split)
     result.entries = entries
     result.manifest_path = cache.write_manifest(
         [manifest_row(e, targets[e.key].labeled) for e in entries]
     )
     result.skipped.sort(key=lambda s: s["file"])
-    result.seconds = time.perf_counter() - t_start
-    result.report_path = cache.write_report(_report(result, targets, cfg, site))
+    result.seconds = time.perf_counter() - run.t_start
+    result.report_path = cache.write_report(_report(result, targets, cfg, run.site))
     write_resolved(cfg, cache.root, RESOLVED_CONFIG_YAML)
     log_summary(result, targets)
-    return result
+
+
+def resolve_duplicates(
+    entries: Iterable[CacheEntry],
+) -> tuple[list[CacheEntry], list[dict[str, str]]]:
+    """Apply the duplicate rule; returns ``(entries kept, skips)``.
+
+    Labels are attached by path or by SOPInstanceUID, and the split is by
+    patient, so two files that are one image, or one UID, must not disagree
+    on the patient. In source-path order:
+
+    * the same SOPInstanceUID with different pixels or different PatientIDs:
+      every file with that UID is refused (a label keyed by the UID, and the
+      patient, would be ambiguous);
+    * the same pixels (``pixel_sha256``) under different PatientIDs: every
+      such file is refused (the image cannot belong to both patients);
+    * otherwise (same UID or same pixels, one patient): the first file is
+      kept and the others are set aside as duplicates of it; their own
+      annotation rows then match no image and are skipped with a reason.
+
+    Byte-identical files never get here: the walk keeps the first one.
+    """
+    ordered = sorted(entries, key=lambda e: e.source)
+    refused: dict[str, str] = {}
+
+    def conflict(groups: dict[str, list[CacheEntry]], what: str) -> None:
+        for value, group in groups.items():
+            if len(group) < 2:
+                continue
+            patients = sorted({e.meta.patient_id or "" for e in group})
+            files = ", ".join(e.source for e in group)
+            if len(patients) > 1:
+                why = "PatientIDs " + ", ".join(repr(p) for p in patients)
+            elif len({e.pixel_sha256 for e in group}) > 1:
+                why = "different pixels"
+            else:
+                continue
+            for e in group:
+                refused.setdefault(
+                    e.source,
+                    f"{what} {value} shared by {files} with {why}: all refused "
+                    "(a label or patient would be ambiguous)",
+                )
+
+    by_uid: dict[str, list[CacheEntry]] = {}
+    by_pixels: dict[str, list[CacheEntry]] = {}
+    for e in ordered:
+        if e.meta.sop_instance_uid and e.meta.sop_instance_uid.strip():
+            by_uid.setdefault(e.meta.sop_instance_uid.strip(), []).append(e)
+        if e.pixel_sha256:
+            by_pixels.setdefault(f"sha256:{e.pixel_sha256[:16]}", []).append(e)
+    conflict(by_uid, "SOPInstanceUID")
+    conflict(by_pixels, "identical pixels")
+
+    kept: list[CacheEntry] = []
+    skips: list[dict[str, str]] = []
+    first_uid: dict[str, str] = {}
+    first_pixels: dict[str, str] = {}
+    for e in ordered:
+        uid = (e.meta.sop_instance_uid or "").strip()
+        if e.source in refused:
+            reason = refused[e.source]
+        elif uid and uid in first_uid:
+            reason = (
+                f"duplicate of {first_uid[uid]} (same SOPInstanceUID, pixels and "
+                "PatientID): first file kept"
+            )
+        elif e.pixel_sha256 and e.pixel_sha256 in first_pixels:
+            reason = (
+                f"duplicate of {first_pixels[e.pixel_sha256]} (same pixels and "
+                "PatientID): first file kept"
+            )
+        else:
+            kept.append(e)
+            if uid:
+                first_uid[uid] = e.source
+            if e.pixel_sha256:
+                first_pixels[e.pixel_sha256] = e.source
+            continue
+        skips.append({"file": e.source, "reason": reason})
+        log.warning("skipped: %s: %s", e.source, reason)
+    return kept, skips
 
 
 def _json_norm(opts: dict[str, Any]) -> dict[str, Any]:
@@ -510,7 +746,7 @@ def _options_text(opts: dict[str, Any]) -> str:
 
 
 def pool_context() -> multiprocessing.context.BaseContext:
-    """Process start method for decode pools: ``forkserver`` with the readers preloaded.
+    """Process start method for decode processes: ``forkserver``, readers preloaded.
 
     Not plain ``fork``: a child forked from a parent that has decoded an image can
     deadlock on locks held by decoder threads (seen with JPEG 2000). Not
@@ -523,32 +759,200 @@ def pool_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+def _decode_worker(conn: Connection, reader: Reader | None) -> None:
+    """Body of a decode process: jobs in, outcomes out, until ``None`` or EOF.
+
+    Each outcome carries the process's peak resident memory (``max_rss_mb``).
+    The process exits after a ``"fatal"`` outcome. SIGINT is left to the
+    ingest process, which stops its decode processes itself.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        out = _run_job(job, reader)
+        out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        conn.send(out)
+        if out.get("fatal"):
+            return
+
+
+@dataclass
+class _Slot:
+    """One decode process and the job it is working on."""
+
+    proc: BaseProcess
+    conn: Connection
+    job: _Job | None = None
+    started: float = 0.0
+
+
+def _start_slot(
+    ctx: multiprocessing.context.BaseContext, reader: Reader | None
+) -> _Slot:
+    parent, child = ctx.Pipe(duplex=True)
+    proc = ctx.Process(  # type: ignore[attr-defined]
+        target=_decode_worker, args=(child, reader), name="mammofed-decode"
+    )
+    proc.daemon = True
+    try:
+        proc.start()
+    except Exception as exc:
+        parent.close()
+        raise MammofedError(
+            f"cannot start a decode process: {_error_text(exc)} (reader "
+            f"{getattr(reader, '__qualname__', 'default')}; a custom reader must "
+            "be a module-level function)"
+        ) from exc
+    finally:
+        child.close()
+    return _Slot(proc, parent)
+
+
+def _stop_slot(slot: _Slot, *, ask: bool) -> None:
+    """Stop a decode process: ask it to exit (``ask``), then terminate, then kill."""
+    if ask:
+        with contextlib.suppress(OSError, ValueError):
+            slot.conn.send(None)
+        slot.proc.join(STOP_GRACE_S)
+    for stop in (slot.proc.terminate, slot.proc.kill):
+        if not slot.proc.is_alive():
+            break
+        stop()
+        slot.proc.join(STOP_GRACE_S)
+    slot.conn.close()
+
+
+def death_reason(exitcode: int | None) -> tuple[str, bool]:
+    """``(reason, transient)`` for a decode process that died without answering.
+
+    A negative exit code is the signal that ended it (SIGSEGV, SIGABRT:
+    a crash in native code, remembered as a refusal; SIGKILL: most often the
+    kernel's out-of-memory killer, so it is tried again on the next run).
+    """
+    if exitcode is None:
+        return "decode process stopped answering", True
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        if -exitcode == signal.SIGKILL:
+            return f"decode process killed ({name}; out of memory?)", True
+        return f"decoder crashed its process ({name})", False
+    return f"decode process exited with code {exitcode} while decoding", False
+
+
+def decode_isolated(
+    jobs: Sequence[_Job], reader: Reader | None, workers: int, timeout_s: float
+) -> Generator[dict[str, Any], None, None]:
+    """Decode ``jobs`` in ``workers`` separate processes; yield one outcome each.
+
+    Outcomes come in completion order. A process that dies on a file (signal,
+    ``os._exit``, out-of-memory kill) or takes longer than ``timeout_s`` on it
+    is replaced; that file's outcome says why (``ok`` False). Every process
+    started here is stopped before this generator ends, also when it is closed
+    early or the caller raises.
+    """
+    ctx = pool_context()
+    pending = deque(jobs)
+    slots: list[_Slot] = []
+
+    def fail(job: _Job, reason: str, transient: bool) -> dict[str, Any]:
+        log.warning("skipped: %s: %s", job.rel, reason)
+        out = {"rel": job.rel, "key": job.key, "ok": False, "reason": reason}
+        return {**out, "transient": True} if transient else out
+
+    def assign(slot: _Slot) -> _Slot:
+        job = pending.popleft()
+        for attempt in (1, 2):
+            try:
+                slot.conn.send(job)
+                break
+            except (OSError, ValueError):  # died while idle: replace it once
+                _stop_slot(slot, ask=False)
+                slots.remove(slot)
+                if attempt == 2:
+                    raise
+                slot = _start_slot(ctx, reader)
+                slots.append(slot)
+        slot.job, slot.started = job, time.monotonic()
+        return slot
+
+    try:
+        while pending or any(s.job is not None for s in slots):
+            for slot in list(slots):
+                if slot.job is None and pending:
+                    assign(slot)
+            while pending and len(slots) < workers:
+                slots.append(_start_slot(ctx, reader))
+                assign(slots[-1])
+            busy = [s for s in slots if s.job is not None]
+            left = min(s.started + timeout_s for s in busy) - time.monotonic()
+            ready = set(
+                wait(
+                    [s.conn for s in busy] + [s.proc.sentinel for s in busy],
+                    timeout=max(0.0, left),
+                )
+            )
+            for slot in busy:
+                job = slot.job
+                assert job is not None
+                out: dict[str, Any] | None = None
+                if slot.conn in ready or slot.proc.sentinel in ready:
+                    try:
+                        out = slot.conn.recv() if slot.conn.poll() else None
+                    except (EOFError, OSError):
+                        out = None
+                    if out is None:
+                        slot.proc.join(STOP_GRACE_S)
+                        out = fail(job, *death_reason(slot.proc.exitcode))
+                        _stop_slot(slot, ask=False)
+                        slots.remove(slot)
+                    else:
+                        slot.job = None
+                        if out.get("fatal"):
+                            _stop_slot(slot, ask=True)
+                            slots.remove(slot)
+                elif time.monotonic() - slot.started > timeout_s:
+                    _stop_slot(slot, ask=False)
+                    slots.remove(slot)
+                    out = fail(
+                        job,
+                        f"decoding took longer than decode_timeout_s={timeout_s:g} "
+                        "s: decode process stopped",
+                        True,
+                    )
+                if out is not None:
+                    yield out
+    finally:
+        for slot in slots:
+            _stop_slot(slot, ask=slot.job is None)
+
+
 def _run_jobs(
-    jobs: list[_Job], reader: Reader | None, workers: int, every: int
-) -> Iterable[dict[str, Any]]:
-    """Yield job outcomes (inline for one worker), logging progress."""
+    jobs: list[_Job],
+    reader: Reader | None,
+    workers: int,
+    every: int,
+    timeout_s: float,
+) -> Generator[dict[str, Any], None, None]:
+    """Yield job outcomes from :func:`decode_isolated`, logging progress."""
     total = len(jobs)
     if not total:
         return
     t0 = time.perf_counter()
-
-    def progress(done: int) -> None:
-        if done % every == 0 or done == total:
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            log.info("decoded %d/%d files (%.1f files/s)", done, total, rate)
-
-    if workers == 1 or total == 1:
-        for i, job in enumerate(jobs, start=1):
-            yield _run_job(job, reader)
-            progress(i)
-        return
-    with ProcessPoolExecutor(
-        max_workers=min(workers, total), mp_context=pool_context()
-    ) as pool:
-        futures = [pool.submit(_run_job, job, reader) for job in jobs]
-        for i, fut in enumerate(as_completed(futures), start=1):
-            yield fut.result()
-            progress(i)
+    outcomes = decode_isolated(jobs, reader, min(workers, total), timeout_s)
+    with contextlib.closing(outcomes):
+        for done, out in enumerate(outcomes, start=1):
+            yield out
+            if done % every == 0 or done == total:
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                log.info("decoded %d/%d files (%.1f files/s)", done, total, rate)
 
 
 def _report(
@@ -583,7 +987,15 @@ def _report(
     return {
         "site": cfg.name,
         "site_dir": str(site),
+        "status": result.status,
+        "error": result.error,
         "working_spacing_mm": cfg.working_spacing_mm,
+        "max_pixels": cfg.max_pixels,
+        "decode_peak_rss_mb": (
+            None
+            if result.decode_peak_rss_mb is None
+            else round(result.decode_peak_rss_mb, 1)
+        ),
         "seconds": round(result.seconds, 3),
         "counts": {
             "ingested": len(result.entries),

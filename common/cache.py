@@ -7,7 +7,8 @@ Layout of ``CACHE_DIR``::
     images/<key>.json       {"key", "source" (path relative to SITE_DIR),
                              "size", "mtime_ns", "working_spacing_mm",
                              "spacing_mm", "geometry" (Geometry.to_dict()),
-                             "meta" (ImageMeta.to_dict()), "format"}
+                             "meta" (ImageMeta.to_dict()), "format",
+                             "pixel_sha256" (see pixel_digest)}
     annotations.json        {key: ImageTargets.to_dict()}: boxes in stored and
                             model space, labels, ignore regions, labeled/weak
                             flags; rebuilt on every ingest from the site's
@@ -69,6 +70,18 @@ def content_key(path: str | Path, working_spacing_mm: float, extra: str = "") ->
     return h.hexdigest()
 
 
+def pixel_digest(stored: np.ndarray) -> str:
+    """Hex sha256 of a stored pixel array (dtype, shape and bytes).
+
+    Two entries with the same digest hold the same model-space image: the
+    duplicate rule of the ingest compares it (see ``client.ingest``).
+    """
+    arr = np.ascontiguousarray(stored)
+    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a cache file atomically (no fsync: a cache can be rebuilt)."""
     _atomic_write_text(path, text, fsync=False)
@@ -87,6 +100,9 @@ class CacheEntry:
         geometry: stored -> model space mapping.
         meta: header facts.
         options: reader options used (JSON-safe; part of the key).
+        pixel_sha256: :func:`pixel_digest` of the stored pixels (``None`` for
+            entries written before it existed; :meth:`SiteCache.with_pixel_digest`
+            fills it in).
     """
 
     key: str
@@ -98,10 +114,12 @@ class CacheEntry:
     geometry: Geometry
     meta: ImageMeta
     options: dict[str, Any] = field(default_factory=dict)
+    pixel_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form."""
         return {
+            "pixel_sha256": self.pixel_sha256,
             "format": CACHE_FORMAT,
             "key": self.key,
             "source": self.source,
@@ -129,6 +147,9 @@ class CacheEntry:
             geometry=Geometry.from_dict(d["geometry"]),
             meta=ImageMeta.from_dict(dict(d["meta"])),
             options=dict(d.get("options") or {}),
+            pixel_sha256=(
+                str(d["pixel_sha256"]) if d.get("pixel_sha256") is not None else None
+            ),
         )
 
 
@@ -198,6 +219,7 @@ class SiteCache:
             geometry=image.geometry,
             meta=image.meta,
             options=json.loads(json.dumps(dict(options or {}), sort_keys=True)),
+            pixel_sha256=pixel_digest(stored),
         )
         atomic_write_text(self.entry_path(key), json.dumps(entry.to_dict(), indent=1))
         return entry
@@ -207,6 +229,18 @@ class SiteCache:
     ) -> CacheEntry:
         """Rewrite an entry's JSON for a moved/touched file with the same content."""
         new = replace(entry, source=source, size=size, mtime_ns=mtime_ns)
+        atomic_write_text(
+            self.entry_path(entry.key), json.dumps(new.to_dict(), indent=1)
+        )
+        return new
+
+    def with_pixel_digest(self, entry: CacheEntry) -> CacheEntry:
+        """``entry`` with ``pixel_sha256`` set, computing and saving it if absent."""
+        if entry.pixel_sha256 is not None:
+            return entry
+        with np.load(self.pixels_path(entry.key)) as z:
+            digest = pixel_digest(z["pixels"])
+        new = replace(entry, pixel_sha256=digest)
         atomic_write_text(
             self.entry_path(entry.key), json.dumps(new.to_dict(), indent=1)
         )

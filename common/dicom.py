@@ -11,6 +11,12 @@ Three layers, each usable alone:
 
 Anything that must not be guessed raises :class:`common.errors.RefusedImage`
 with a one-line reason. The documented choices are in ``docs/dicom.md``.
+
+Hostile input: files are parsed with large values deferred, so nothing of the
+pixel data is read before :func:`check_pixel_budget` has compared the header's
+Rows x Columns x NumberOfFrames x SamplesPerPixel with the budget; colour
+images (:func:`check_greyscale`) and Modality LUTs giving non-finite values or
+an image without dynamic range are refused, naming the field and its value.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.uid import UID
 
+from common.config.site import DEFAULT_MAX_PIXELS
 from common.errors import RefusedImage
 from common.image import ImageMeta, MammoImage
 from common.keys import (
@@ -55,6 +62,11 @@ LATERALITY_IMAGE = "ImageLaterality"
 LATERALITY_SERIES = "Laterality"
 #: :func:`read_header` only: the header does not say and pixels were not read.
 LATERALITY_UNKNOWN = "unknown"
+#: Values larger than this are read from the file only when used (PixelData):
+#: the header checks run before any pixel byte is read.
+DEFER_SIZE = "64 KB"
+#: The only photometric interpretations read (greyscale).
+GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 #: Percentiles used to normalize FOR PROCESSING images after the log transform.
 PROCESSING_PERCENTILES = (0.01, 99.99)
 
@@ -139,12 +151,14 @@ def is_dicom(path: str | Path) -> bool:
     return any(k in ds for k in ("SOPClassUID", "Modality", "Rows"))
 
 
-def _read_dataset(path: str | Path, *, header_only: bool) -> Dataset:
-    """Parse a file; unreadable or non-DICOM files are refused."""
+def _read_dataset(path: str | Path) -> Dataset:
+    """Parse a file, deferring values over :data:`DEFER_SIZE` (PixelData).
+
+    Deferred values are read from the file when first used, so header checks
+    cost no pixel memory. Unreadable or non-DICOM files are refused.
+    """
     try:
-        if header_only:
-            return pydicom.dcmread(path, force=True, defer_size="2 KB")
-        return pydicom.dcmread(path, force=True)
+        return pydicom.dcmread(path, force=True, defer_size=DEFER_SIZE)
     except FileNotFoundError as exc:
         raise RefusedImage(str(path), f"file not found: {_one_line(exc)}") from exc
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
@@ -321,7 +335,7 @@ def read_header(
     Raises:
         RefusedImage: unreadable file, not a breast image, no usable spacing.
     """
-    ds = _read_dataset(path, header_only=True)
+    ds = _read_dataset(path)
     return _meta(ds, path, default_spacing_mm)
 
 
@@ -350,15 +364,100 @@ def _meta(ds: Dataset, path: str | Path, default_spacing_mm: float | None) -> Im
     )
 
 
-def check_pixel_data(ds: Dataset, path: str | Path) -> None:
+def _header_int(ds: Dataset, keyword: str, path: str | Path, default: int) -> int:
+    """An integer header value (``default`` when absent or empty).
+
+    Raises:
+        RefusedImage: the value is not an integer or is negative (naming both).
+    """
+    try:
+        raw = ds.get(keyword)
+        if isinstance(raw, pydicom.multival.MultiValue):
+            raw = raw[0] if len(raw) else None
+        if raw is None or str(raw).strip() == "":
+            return default
+        value = int(raw)
+    except (TypeError, ValueError, OverflowError) as exc:
+        shown = ds[keyword].value if keyword in ds else None
+        raise RefusedImage(
+            str(path), f"{keyword}={shown!r} is not an integer: {_one_line(exc)}"
+        ) from exc
+    if value < 0:
+        raise RefusedImage(str(path), f"{keyword}={value} is negative")
+    return value
+
+
+def check_pixel_budget(
+    ds: Dataset, path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> None:
+    """Refuse a file whose decoded pixels would exceed the budget (header only).
+
+    ``samples`` = Rows x Columns x NumberOfFrames x SamplesPerPixel and decoded
+    bytes = ``samples`` x ceil(BitsAllocated / 8), from the header alone (no
+    pixel byte is read or decoded). Refused when ``samples > max_pixels`` or
+    the bytes exceed ``2 * max_pixels`` (16 bits a sample). ``None`` disables
+    the check.
+
+    Raises:
+        RefusedImage: over budget, naming the fields and their values.
+    """
+    if max_pixels is None:
+        return
+    rows = _header_int(ds, "Rows", path, 0)
+    cols = _header_int(ds, "Columns", path, 0)
+    frames = _header_int(ds, "NumberOfFrames", path, 1)
+    spp = _header_int(ds, "SamplesPerPixel", path, 1)
+    bits = _header_int(ds, "BitsAllocated", path, 16)
+    samples = rows * cols * frames * spp
+    nbytes = samples * max(1, math.ceil(bits / 8))
+    if samples > max_pixels or nbytes > 2 * max_pixels:
+        raise RefusedImage(
+            str(path),
+            f"over the pixel budget: Rows x Columns x NumberOfFrames x "
+            f"SamplesPerPixel = {rows} x {cols} x {frames} x {spp} = {samples} "
+            f"samples, {nbytes} bytes decoded at BitsAllocated={bits} "
+            f"(max_pixels={max_pixels}: at most {max_pixels} samples and "
+            f"{2 * max_pixels} bytes)",
+        )
+
+
+def check_greyscale(ds: Dataset, path: str | Path) -> None:
+    """Refuse colour data (SamplesPerPixel != 1, or not MONOCHROME1/2).
+
+    Refused: SamplesPerPixel other than 1, and any PhotometricInterpretation
+    but MONOCHROME1 and MONOCHROME2 (RGB, YBR_*, PALETTE COLOR, absent...).
+
+    Raises:
+        RefusedImage: naming the field and its value.
+    """
+    spp = _header_int(ds, "SamplesPerPixel", path, 1)
+    if spp != 1:
+        raise RefusedImage(
+            str(path), f"not greyscale: SamplesPerPixel={spp} (expected 1)"
+        )
+    photometric = _str(ds, "PhotometricInterpretation").upper()
+    if photometric not in GREYSCALE:
+        raise RefusedImage(
+            str(path),
+            f"not greyscale: PhotometricInterpretation={photometric or 'absent'!r} "
+            f"(expected {' or '.join(GREYSCALE)})",
+        )
+
+
+def check_pixel_data(
+    ds: Dataset, path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> None:
     """Refuse what cannot or should not be decoded, before decoding.
 
-    No PixelData; a transfer syntax with no installed decoder (naming the UID,
-    its name and the package that would decode it); multi-frame or colour data;
-    a grid smaller than :data:`MIN_SIDE_PX` on a side.
+    No PixelData; over the pixel budget (:func:`check_pixel_budget`); a
+    transfer syntax with no installed decoder (naming the UID, its name and the
+    package that would decode it); multi-frame or colour data
+    (:func:`check_greyscale`); a grid smaller than :data:`MIN_SIDE_PX` on a
+    side. Reads the header only.
     """
     if "PixelData" not in ds:
         raise RefusedImage(str(path), "no pixel data (PixelData element missing)")
+    check_pixel_budget(ds, path, max_pixels)
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is not None:
         ts = UID(str(ts))
@@ -380,17 +479,13 @@ def check_pixel_data(ds: Dataset, path: str | Path) -> None:
             raise RefusedImage(
                 str(path), f"transfer syntax {label} needs {package}, none installed"
             )
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _header_int(ds, "NumberOfFrames", path, 1)
     if frames > 1:
         raise RefusedImage(
             str(path), f"multi-frame image (NumberOfFrames={frames}) not supported"
         )
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    if spp != 1:
-        raise RefusedImage(
-            str(path), f"not greyscale: SamplesPerPixel={spp} (expected 1)"
-        )
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    check_greyscale(ds, path)
+    rows, cols = _header_int(ds, "Rows", path, 0), _header_int(ds, "Columns", path, 0)
     if rows < MIN_SIDE_PX or cols < MIN_SIDE_PX:
         raise RefusedImage(
             str(path),
@@ -450,6 +545,48 @@ def _invert(ds: Dataset) -> bool:
     )
 
 
+def _rescale_text(ds: Dataset) -> str:
+    """``RescaleSlope=..., RescaleIntercept=...`` as written in the header."""
+    parts = []
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        if keyword in ds:
+            parts.append(f"{keyword}={str(ds[keyword].value).strip()!r}")
+        else:
+            parts.append(f"{keyword} absent")
+    return ", ".join(parts)
+
+
+def check_rescale(ds: Dataset, path: str | Path) -> None:
+    """Refuse a RescaleSlope/RescaleIntercept that is not a finite number.
+
+    A slope of 0 is refused too (every pixel would get the same value).
+
+    Raises:
+        RefusedImage: naming the field and its value.
+    """
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        if keyword not in ds:
+            continue
+        text = ""
+        try:
+            raw = ds[keyword].value
+            if isinstance(raw, pydicom.multival.MultiValue):
+                raw = raw[0] if len(raw) else ""
+            text = str(raw).strip()
+            value = float(text) if text else None
+        except (TypeError, ValueError, IndexError) as exc:
+            raise RefusedImage(
+                str(path), f"Modality LUT: {keyword}={text!r} is not a number"
+            ) from exc
+        if value is None:
+            continue
+        if not math.isfinite(value) or (keyword == "RescaleSlope" and value == 0):
+            what = "non-zero number" if keyword == "RescaleSlope" else "number"
+            raise RefusedImage(
+                str(path), f"Modality LUT: {keyword}={text!r} is not a finite {what}"
+            )
+
+
 def to_unit_range(arr: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarray:
     """Stored values float[rows, cols] -> float32 ``[0, 1]``, dense tissue bright.
 
@@ -458,8 +595,21 @@ def to_unit_range(arr: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarray:
     intent): the first window (WindowCenter/WindowWidth with VOILUTFunction),
     else the first VOILUTSequence item, else min..max. Finally MONOCHROME1 (or
     MONOCHROME2 with INVERSE) is inverted.
+
+    Raises:
+        RefusedImage: the Modality LUT is not finite (:func:`check_rescale`) or
+            gives a value that is not finite (e.g. RescaleSlope=1e308).
     """
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    check_rescale(ds, path)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    lo_v, hi_v = float(values.min()), float(values.max())
+    if not (math.isfinite(lo_v) and math.isfinite(hi_v)):
+        raise RefusedImage(
+            str(path),
+            f"Modality LUT gives non-finite values (min {lo_v}, max {hi_v}): "
+            f"{_rescale_text(ds)}",
+        )
     intent = _str(ds, "PresentationIntentType").upper()
     if intent == FOR_PROCESSING:
         logv = np.log1p(np.maximum(values - values.min(), 0.0))
@@ -512,18 +662,26 @@ def _presentation(values: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarr
     return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
 
 
-def decode_pixels(ds: Dataset, path: str | Path) -> np.ndarray:
+def decode_pixels(
+    ds: Dataset, path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode and normalize to float32[rows, cols] in ``[0, 1]``, stored space.
 
-    Dense tissue is bright.
+    Dense tissue is bright. The header is checked (:func:`check_pixel_data`,
+    with the pixel budget ``max_pixels``) before any pixel byte is read.
 
     Raises:
-        RefusedImage: see :func:`check_pixel_data`, or the decoder failed
-            (truncated or corrupt pixel data).
+        RefusedImage: see :func:`check_pixel_data` and :func:`to_unit_range`;
+            the decoder failed (truncated or corrupt pixel data); or the result
+            has no dynamic range (every pixel equal: never an all-zero or
+            constant training image).
+        MemoryError: passed on (the ingest reports it per file).
     """
-    check_pixel_data(ds, path)
+    check_pixel_data(ds, path, max_pixels=max_pixels)
     try:
         arr = ds.pixel_array
+    except MemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001 - decoder errors have many types
         raise RefusedImage(
             str(path), f"pixel data cannot be decoded: {_one_line(exc)}"
@@ -532,7 +690,15 @@ def decode_pixels(ds: Dataset, path: str | Path) -> np.ndarray:
         raise RefusedImage(
             str(path), f"pixel array has shape {arr.shape}, expected 2-D"
         )
-    return to_unit_range(arr, ds, path)
+    unit = to_unit_range(arr, ds, path)
+    lo, hi = float(unit.min()), float(unit.max())
+    if not hi > lo:
+        raise RefusedImage(
+            str(path),
+            f"no dynamic range after the Modality LUT and VOI: every pixel is {lo} "
+            f"(stored values {arr.min()}..{arr.max()}; {_rescale_text(ds)})",
+        )
+    return unit
 
 
 def read_dicom(
@@ -540,22 +706,26 @@ def read_dicom(
     *,
     working_spacing_mm: float,
     default_spacing_mm: float | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> MammoImage:
     """Read, decode and standardize one DICOM mammogram.
 
     Returns a :class:`MammoImage` whose pixels are float32[H, W] in ``[0, 1]`` in
     model space (cropped, breast on the left, at ``working_spacing_mm``) and whose
-    Geometry maps boxes between the file's stored grid and model space.
+    Geometry maps boxes between the file's stored grid and model space. Every
+    header check, the pixel budget ``max_pixels`` included, runs before the
+    pixel data is read from the file.
 
     Raises:
         RefusedImage: one-line reason (unreadable, not a breast image, no pixel
-            data, no decoder, too small, no spacing, decode failure).
+            data, over the pixel budget, colour, no decoder, too small, no
+            spacing, non-finite Modality LUT, no dynamic range, decode failure).
     """
-    ds = _read_dataset(path, header_only=False)
+    ds = _read_dataset(path)
     check_breast_image(ds, path)
-    check_pixel_data(ds, path)
+    check_pixel_data(ds, path, max_pixels=max_pixels)
     meta = _meta(ds, path, default_spacing_mm)
-    unit = decode_pixels(ds, path)
+    unit = decode_pixels(ds, path, max_pixels=max_pixels)
     pixels, geometry, laterality, lat_source = standardize(
         unit,
         stored_spacing_mm=meta.stored_spacing_mm,

@@ -5,12 +5,44 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
+from common.config.site import DEFAULT_MAX_PIXELS
 from common.dicom import is_dicom, read_dicom
 from common.errors import RefusedImage
 from common.image import MammoImage
 from common.research_image import RESEARCH_SUFFIXES, read_research_image
 
 log = logging.getLogger(__name__)
+
+
+def check_research_budget(path: Path, max_pixels: int | None) -> None:
+    """Refuse a PNG/TIFF whose header declares more than ``max_pixels`` samples.
+
+    Reads the header only (PIL opens lazily); width x height x bands is
+    compared with the budget. Unreadable headers are left to the reader.
+
+    Raises:
+        RefusedImage: over the budget, naming the size.
+    """
+    if max_pixels is None:
+        return
+    try:
+        with Image.open(path) as im:
+            (width, height), bands = im.size, len(im.getbands())
+            frames = int(getattr(im, "n_frames", 1) or 1)
+    except Image.DecompressionBombError as exc:
+        raise RefusedImage(str(path), f"over the pixel budget: {exc}") from exc
+    except (OSError, UnidentifiedImageError, ValueError):
+        return
+    samples = width * height * bands * frames
+    if samples > max_pixels:
+        raise RefusedImage(
+            str(path),
+            f"over the pixel budget: width x height x bands x frames = {width} x "
+            f"{height} x {bands} x {frames} = {samples} samples "
+            f"(max_pixels={max_pixels})",
+        )
 
 
 def read_any(
@@ -22,6 +54,7 @@ def read_any(
     laterality: str | None = None,
     view: str | None = None,
     patient_id: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> MammoImage:
     """Read a DICOM or PNG/TIFF mammogram into a model-space :class:`MammoImage`.
 
@@ -30,6 +63,8 @@ def read_any(
     ``default_spacing_mm``; ``laterality``/``view``/``patient_id`` are ignored for
     DICOM (the header is authoritative). PNG/TIFF (by suffix) need a spacing:
     ``spacing_mm`` (dataset table) or else ``default_spacing_mm`` (site config).
+    ``max_pixels`` is the pixel budget, checked from the file's header before
+    any pixel is decoded (``None``: no budget).
 
     Raises:
         RefusedImage: unsupported file type, no spacing for a research image, or
@@ -43,6 +78,7 @@ def read_any(
             p,
             working_spacing_mm=working_spacing_mm,
             default_spacing_mm=default_spacing_mm,
+            max_pixels=max_pixels,
         )
     suffix = p.suffix.lower()
     if suffix in RESEARCH_SUFFIXES:
@@ -53,6 +89,7 @@ def read_any(
                 f"research image ({suffix}) needs spacing_mm "
                 "or a site default_spacing_mm",
             )
+        check_research_budget(p, max_pixels)
         return read_research_image(
             p,
             spacing_mm=spacing,

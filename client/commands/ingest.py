@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--site-config", help="site YAML (configs/sites/*.yaml)")
     parser.add_argument(
-        "--workers", type=int, help="decode processes (default: config, 1 = inline)"
+        "--workers", type=int, help="decode processes (default: config)"
     )
     parser.add_argument("--force", action="store_true", help="decode every file again")
 

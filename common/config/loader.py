@@ -137,6 +137,9 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # ``X | None``: X's own error names the inner key
+            return _convert(value, options[0], source, key, base_dir)
         errors = []
         for arg in args:
             if arg is type(None):

@@ -19,8 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from common.config.dicom_node import DicomNodeConfig
 from common.config.loader import bounded, from_mapping, load_config, path_field
 from common.keys import CALCIFICATION, IGNORE, MASS, NONE_FINDING
+
+#: Default ingest pixel budget (:attr:`SiteConfig.max_pixels`): 32 Mi samples
+#: (Rows x Columns x NumberOfFrames x SamplesPerPixel). The largest FFDM
+#: detectors give about 29 M (50 um over 24 x 30 cm). Measured: a decode
+#: process peaked at 1.2 GiB on a 5792 x 5792 file, the largest accepted
+#: (benchmarks/ingest_memory.py; docs/dicom.md, Hostile input).
+DEFAULT_MAX_PIXELS = 32 * 2**20
+#: Smallest allowed budget: one 64 x 64 image (the reader's minimum size).
+MIN_MAX_PIXELS = 64 * 64
 
 #: What a site word may map to.
 FindingKind = Literal["mass", "calcification", "ignore", "none"]
@@ -61,9 +71,17 @@ class SiteConfig:
         test_fraction: fraction of labeled patients held out as the test split
             when the site has no ``split.csv``.
         split_seed: seed of that patient-grouped split.
-        workers: decode processes for ingest (1 = inline, no pool).
+        workers: decode processes for ingest (each file is decoded in one of
+            them, never in the ingest process).
         progress_every: log a progress line every this many files.
         pixel_dtype: how cache entries store model-space pixels.
+        max_pixels: pixel budget checked from the header before decoding:
+            a file with Rows x Columns x NumberOfFrames x SamplesPerPixel above
+            it, or with more decoded bytes (that product x ceil(BitsAllocated
+            / 8)) than ``2 * max_pixels``, is skipped with its reason;
+            ``None`` disables the check (not for production).
+        decode_timeout_s: a file whose decoding takes longer is skipped and
+            its decode process stopped.
         data_dir: the site's image tree (``SITE_DIR``), if fixed by config.
         cache_dir: the site cache (``CACHE_DIR``), if fixed by config.
         state_dir: per-site federation state (personal layers, EMA, DP
@@ -74,6 +92,8 @@ class SiteConfig:
             ``consistency``, ``fewshot_max_labeled``, ``head_only``, ...), on
             top of what the federation's trainer options imply; validated
             when the file is loaded.
+        dicom_node: the DICOM storage node of ``mammofed-client serve``
+            (:class:`common.config.dicom_node.DicomNodeConfig`); ``None``: no node.
     """
 
     name: str = "site"
@@ -85,10 +105,15 @@ class SiteConfig:
     workers: int = field(default=1, metadata=bounded(1, 256))
     progress_every: int = field(default=50, metadata=bounded(1, None))
     pixel_dtype: Literal["uint16", "float16"] = "uint16"
+    max_pixels: int | None = field(
+        default=DEFAULT_MAX_PIXELS, metadata=bounded(MIN_MAX_PIXELS, None)
+    )
+    decode_timeout_s: float = field(default=600.0, metadata=bounded(1.0, None))
     data_dir: Path | None = field(default=None, metadata=path_field(must_exist=False))
     cache_dir: Path | None = field(default=None, metadata=path_field(must_exist=False))
     state_dir: Path | None = field(default=None, metadata=path_field(must_exist=False))
     adapt: dict[str, Any] = field(default_factory=dict)
+    dicom_node: DicomNodeConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.strip() != self.name:

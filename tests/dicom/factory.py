@@ -9,13 +9,15 @@ presentation LUT shape and intent, so a correct reader recovers dense = bright.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MG_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
@@ -170,3 +172,57 @@ def write_mammo(
     else:
         ds.save_as(path, enforce_file_format=True)
     return ph
+
+
+def rle_constant_frame(rows: int, cols: int) -> bytes:
+    """One RLE Lossless frame of ``rows x cols`` 16-bit zeros.
+
+    Two byte segments, each a chain of 128-byte replicate runs (plus one
+    literal run for the remainder): a 16384 x 16384 frame is about 8.4 MB and
+    decodes to a 512 MB array.
+    """
+    n = rows * cols
+    seg = np.tile(np.array([0x81, 0], np.uint8), n // 128).tobytes()
+    if n % 128:
+        seg += bytes([n % 128 - 1]) + bytes(n % 128)
+    header = struct.pack("<16I", 2, 64, 64 + len(seg), *([0] * 13))
+    return header + seg + seg
+
+
+def write_rle_bomb(
+    path: Path, *, rows: int = 16384, cols: int = 16384, full: bool = False
+) -> Path:
+    """An MG file, RLE Lossless, declaring ``rows x cols`` 16-bit pixels.
+
+    ``full=False`` stores a tiny fake frame (any decoder attempt fails or
+    allocates the declared size); ``full=True`` stores the real constant frame
+    (:func:`rle_constant_frame`, about 8.4 MB for 16384 x 16384) that decodes
+    to a ``rows x cols`` uint16 array.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(MG_PRESENTATION)
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = RLELossless
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = MG_PRESENTATION
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID = "P-BOMB"
+    ds.Modality = "MG"
+    ds.PixelSpacing = [0.1, 0.1]
+    ds.ImageLaterality = "L"
+    ds.ViewPosition = "CC"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, BITS, BITS - 1
+    ds.PixelRepresentation = 0
+    if full:
+        frame = rle_constant_frame(rows, cols)
+    else:
+        frame = struct.pack("<16I", 2, 64, 66, *([0] * 13)) + b"\x81\x00\x81\x00"
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
