@@ -171,8 +171,9 @@ def read_global_round(path: str | Path) -> GlobalRound:
             f"{json_path}: field 'config' is missing or empty; the round does "
             "not record the federation config it was trained with"
         )
-    # initial_arrays only seeded round 0 and may be gone; nothing here needs it.
-    cfg_map = {**raw_cfg, "initial_arrays": None}
+    # initial_arrays / initial_checkpoint only seeded round 0 and may be gone;
+    # nothing here needs them.
+    cfg_map = {**raw_cfg, "initial_arrays": None, "initial_checkpoint": None}
     fed_cfg = from_mapping(
         cfg_map, FederationConfig, source=str(json_path), prefix="config"
     )

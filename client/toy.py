@@ -36,35 +36,13 @@ from common.federation import (
     spec_of,
 )
 from common.keys import NUM_EXAMPLES, SKIPPED_STEPS, TRAIN_LOSS
+from common.model.toy import ToyNet, toy_shared_keys
 
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 16
 TRAIN_METRICS: tuple[str, ...] = (NUM_EXAMPLES, TRAIN_LOSS, SKIPPED_STEPS)
 EVAL_METRICS: tuple[str, ...] = (NUM_EXAMPLES, EVAL_LOSS, ACCURACY)
-
-
-class ToyNet(nn.Module):
-    """Conv-BN-ReLU x2, global pooling, linear ``head`` (2 logits)."""
-
-    def __init__(self, channels: int = 8) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(channels, channels, 3, padding=1),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        self.head = nn.Linear(channels, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, 2]`` for images ``x`` ``[N, 1, 16, 16]`` in ``[0, 1]``."""
-        return self.head(self.features(x))
 
 
 def site_seed(site: str, seed: int) -> int:
@@ -135,23 +113,9 @@ class ToyTrainer:
         self.test_x, self.test_y = synthetic_site_data(
             site, self.seed, max(n // 2, 8), "test"
         )
-        self._shared_keys = tuple(k for k in self._initial if self._is_shared(k))
-
-    # --- split -------------------------------------------------------------
-    def _is_shared(self, key: str) -> bool:
-        arr = self._initial[key]
-        if not np.issubdtype(arr.dtype, np.floating):
-            return False
-        if self.personal_head and key.startswith("head."):
-            return False
-        if self.local_norm and self._is_norm_key(key):
-            return False
-        return True
-
-    def _is_norm_key(self, key: str) -> bool:
-        module_name = key.rsplit(".", 1)[0]
-        module = dict(self.model.named_modules()).get(module_name)
-        return isinstance(module, nn.modules.batchnorm._BatchNorm)
+        self._shared_keys = toy_shared_keys(
+            self.model, local_norm=self.local_norm, personal_head=self.personal_head
+        )
 
     def shared_spec(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the shared arrays."""

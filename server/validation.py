@@ -13,9 +13,12 @@ the one named in the log):
    shared arrays ``<= max_relative_update_norm``.
 
 Evaluate replies are checked for ``structure`` (one MetricRecord) and
-``metrics``. After per-reply checks, replies whose metric names differ from the
-most common set among the valid ones are dropped (``uniform``), so Flower's
-aggregation never sees inconsistent replies.
+``metrics``. After per-reply checks, train replies whose metric names differ
+from the most common set among the valid ones are dropped (``uniform``), so
+Flower's aggregation never sees inconsistent replies; evaluate replies may lack
+a metric that is undefined on their site (it is averaged over the replies that
+carry it). An error reply is recorded by its code alone
+(:func:`common.faults.describe_reply_error`), never by the text it carries.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from common.faults import describe_reply_error
 from common.federation import METRIC_WHITELIST, ValidationConfig
 from common.keys import NUM_EXAMPLES
 
@@ -46,6 +50,31 @@ class Rejection:
     def as_dict(self) -> dict[str, object]:
         """JSON-friendly form."""
         return {"node": self.node_id, "check": self.check, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """One change the robust bounds made to an accepted reply (``strategies.bounds``).
+
+    Attributes:
+        node_id: the node whose reply was changed.
+        kind: ``"clip"`` (update delta norm) or ``"cap"`` (``num-examples``).
+        before, after: the delta norm or the example count, before and after.
+    """
+
+    node_id: int
+    kind: str
+    before: float
+    after: float
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly form."""
+        return {
+            "node": self.node_id,
+            "kind": self.kind,
+            "before": self.before,
+            "after": self.after,
+        }
 
 
 class UpdateRejected(Exception):
@@ -168,6 +197,8 @@ class Screened:
     rejected: list[Rejection]
     per_node: dict[int, dict[str, float]]
     failed: list[Rejection]
+    #: changes made to valid replies before aggregation (clip, num-examples cap)
+    adjusted: list[Adjustment] = field(default_factory=list)
 
 
 def screen_replies(
@@ -188,7 +219,8 @@ def screen_replies(
     for msg in replies:
         node = _node(msg)
         if msg.has_error():
-            rej = Rejection(node, "client-error", str(msg.error.reason))
+            # only the code is recorded: a node's error text never reaches a file
+            rej = Rejection(node, "client-error", describe_reply_error(msg.error.code))
             failed.append(rej)
             log.warning("%s: node %d failed: %s", phase, node, rej.reason)
             continue
@@ -210,7 +242,9 @@ def screen_replies(
             continue
         valid.append(msg)
         per_node[node] = metrics
-    if valid:
+    # train replies must agree on their metric names (Flower's weighted average
+    # needs it); an evaluate reply may lack a metric undefined on its site
+    if valid and global_arrays is not None:
         keysets = Counter(frozenset(per_node[_node(m)]) for m in valid)
         majority = keysets.most_common(1)[0][0]
         kept = []

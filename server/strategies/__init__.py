@@ -14,6 +14,7 @@ from server.strategies.base import GuardedFedAvg, wait_for_nodes
 from server.strategies.fedavg import build_fedavg
 from server.strategies.fedprox import build_fedprox
 from server.strategies.personalized import build_personalized
+from server.strategies.robust import build_fedmedian, build_fedtrimmedavg
 
 StrategyFactory = Callable[[FederationConfig], GuardedFedAvg]
 
@@ -21,6 +22,8 @@ STRATEGIES: dict[str, StrategyFactory] = {
     "fedavg": build_fedavg,
     "fedprox": build_fedprox,
     "personalized": build_personalized,
+    "fedmedian": build_fedmedian,
+    "fedtrimmedavg": build_fedtrimmedavg,
 }
 
 

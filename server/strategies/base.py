@@ -1,7 +1,7 @@
 """Guarded strategies: Flower's FedAvg family plus bounded waits and validation.
 
 :class:`GuardedFedAvg` subclasses :class:`flwr.serverapp.strategy.FedAvg` and
-changes three things, nothing else:
+changes these things, nothing else:
 
 * sampling waits for ``min_available_nodes`` at most ``wait_for_nodes_s``
   (Flower's own sampling waits forever); too few nodes -> the phase is
@@ -13,7 +13,10 @@ changes three things, nothing else:
   :attr:`GuardedFedAvg.last` for the run loop's per-round log;
 * the valid replies are aggregated in :func:`canonical_order`, so the new
   global model depends on the updates only, not on the order in which they
-  arrived (bit-identical across engines and reruns).
+  arrived (bit-identical across engines and reruns);
+* before aggregation, each node's ``num-examples`` is capped at its first
+  accepted claim and each update delta is clipped to ``clip_factor x`` the
+  round's lower median delta norm (:mod:`server.strategies.bounds`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.federation import FederationConfig, record_to_arrays
 from common.keys import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, PROXIMAL_MU, SERVER_ROUND
+from server.faults import aggregate_present_metrics
+from server.strategies.bounds import cap_num_examples, clip_updates
 from server.validation import Screened, screen_replies
 
 log = logging.getLogger(__name__)
@@ -124,6 +129,8 @@ class GuardedFedAvg(FedAvg):
         self.last: dict[str, Screened] = {}
         #: phase -> sampled node ids of the last round
         self.sampled: dict[str, list[int]] = {}
+        #: node id -> num-examples of its first accepted train reply (the cap)
+        self.declared_examples: dict[int, int] = {}
 
     # --- sampling -----------------------------------------------------------
     def _sample(
@@ -210,16 +217,24 @@ class GuardedFedAvg(FedAvg):
                 need,
             )
             return None, None
+        vcfg = self.fed_cfg.validation
+        screened.adjusted.extend(
+            cap_num_examples(screened.valid, self.declared_examples, vcfg)
+        )
+        screened.adjusted.extend(
+            clip_updates(screened.valid, self._global, vcfg.clip_factor)
+        )
         return super().aggregate_train(server_round, canonical_order(screened.valid))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Validate metrics, then Flower's weighted average."""
+        """Validate metrics, then a weighted average of each metric where present."""
         screened = screen_replies(
             list(replies), self.fed_cfg.validation, None, "evaluate"
         )
         self.last["evaluate"] = screened
         if not screened.valid:
             return None
-        return super().aggregate_evaluate(server_round, canonical_order(screened.valid))
+        contents = [m.content for m in canonical_order(screened.valid)]
+        return aggregate_present_metrics(contents, self.weighted_by_key)

@@ -43,7 +43,8 @@ def test_privacy_every_client_message(
     grid, _ = _run(test_cfg, tmp_path)
     spec = build_toy("site-a", tmp_path / "spec", test_cfg).shared_spec()
     assert not any("bn" in k or k.startswith("features.1.") for k in spec)  # FedBN
-    assert len(grid.replies) == 1 + 2 * 2 * len(SITES)  # query + 2 rounds x 2 phases
+    # 2 rounds x 2 phases; no query: the server builds the initial model itself
+    assert len(grid.replies) == 2 * 2 * len(SITES)
     seen_types = set()
     for reply in grid.replies:
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
@@ -63,7 +64,7 @@ def test_privacy_every_client_message(
             assert isinstance(v, int | float) and not isinstance(v, bool)
         raw = repr(dict(metrics)) + repr(list(content.keys()))
         assert str(tmp_path) not in raw and "site-a" not in raw
-    assert seen_types == {"query", "train", "evaluate"}
+    assert seen_types == {"train", "evaluate"}
     # identical metric keys across sites for each phase
     for phase in ("train", "evaluate"):
         keysets = {

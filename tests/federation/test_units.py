@@ -121,7 +121,13 @@ def test_non_uniform_metric_keys_dropped() -> None:
 
 
 def test_strategy_registry(test_cfg: FederationConfig) -> None:
-    assert set(STRATEGIES) == {"fedavg", "fedprox", "personalized"}
+    assert set(STRATEGIES) == {
+        "fedavg",
+        "fedprox",
+        "personalized",
+        "fedmedian",
+        "fedtrimmedavg",
+    }
     s = build_strategy(test_cfg)
     assert type(s).name == "personalized"
     plain = dataclasses.replace(
@@ -145,7 +151,10 @@ def test_strategy_registry(test_cfg: FederationConfig) -> None:
         strategy=dataclasses.replace(plain.strategy, name="fedprox", proximal_mu=0.1),
     )
     assert isinstance(build_strategy(prox_cfg), FedProx)
-    with pytest.raises(ConfigError, match="valid names: fedavg, fedprox, personalized"):
+    with pytest.raises(
+        ConfigError,
+        match="valid names: fedavg, fedmedian, fedprox, fedtrimmedavg, personalized",
+    ):
         build_strategy(
             dataclasses.replace(
                 plain, strategy=dataclasses.replace(plain.strategy, name="fedsgd")
@@ -203,7 +212,9 @@ def test_sampling_wait_is_bounded(test_cfg: FederationConfig) -> None:
 
 
 def test_too_few_valid_keeps_previous(test_cfg: FederationConfig) -> None:
-    strat = build_strategy(test_cfg)
+    # plain FedAvg arithmetic: no norm clipping (tests/federation/test_robust.py)
+    unclipped = dataclasses.replace(test_cfg.validation, clip_factor=0.0)
+    strat = build_strategy(dataclasses.replace(test_cfg, validation=unclipped))
     strat._global = dict(GLOBAL)
     bad = {k: v.copy() for k, v in GLOBAL.items()}
     bad["b"][:] = np.inf

@@ -1,0 +1,107 @@
+"""Round 0: the server makes or loads the initial global model itself.
+
+No node supplies it (a node's reply would otherwise become everyone's model):
+:func:`initial_global_arrays` takes, in this order,
+
+1. ``initial_checkpoint``: a detector checkpoint, refused unless its model
+   config matches ``trainer.options``
+   (:func:`common.model.initial.checkpoint_shared_arrays`);
+2. ``initial_arrays``: an ``.npz`` whose names, shapes and float dtypes must
+   equal the shared arrays of the configured model, all values finite;
+3. otherwise the configured model built with the run's ``seed``
+   (:func:`common.model.initial.initial_shared_arrays`), the same arrays every
+   site's trainer starts from.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import MammofedError
+from common.federation import FederationConfig, spec_of
+from common.fileio import load_arrays
+from common.model.initial import checkpoint_shared_arrays, initial_shared_arrays
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+
+class InitialModelError(MammofedError):
+    """The configured initial model cannot be used (file, names, shapes, values)."""
+
+
+def check_initial_arrays(
+    arrays: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], where: Path
+) -> None:
+    """Refuse ``arrays`` unless names, shapes and dtype kind match ``expected``.
+
+    Raises:
+        InitialModelError: naming the file, the array and both values.
+    """
+    have, want = set(arrays), set(expected)
+    if have != want:
+        raise InitialModelError(
+            f"{where}: arrays do not match the model's shared arrays: unknown "
+            f"{sorted(have - want)[:5]}, missing {sorted(want - have)[:5]}"
+        )
+    shapes, ref = spec_of(arrays), spec_of(expected)
+    for name in sorted(want):
+        if shapes[name] != ref[name]:
+            raise InitialModelError(
+                f"{where}: array {name!r} has shape {shapes[name]}, the model "
+                f"expects {ref[name]}"
+            )
+        if not np.issubdtype(arrays[name].dtype, np.floating):
+            raise InitialModelError(
+                f"{where}: array {name!r} has dtype {arrays[name].dtype}, "
+                "expected float"
+            )
+        if not np.all(np.isfinite(arrays[name])):
+            raise InitialModelError(f"{where}: array {name!r} has NaN or Inf values")
+
+
+def initial_global_arrays(cfg: FederationConfig) -> Arrays:
+    """The round-0 global shared arrays, made or loaded by the server.
+
+    Raises:
+        InitialModelError: an ``initial_arrays`` file that cannot be read or
+            does not fit the model.
+        common.errors.CheckpointMismatch: an ``initial_checkpoint`` for
+            another model config.
+        common.errors.ConfigError: a trainer without an initial-model builder.
+    """
+    built = initial_shared_arrays(cfg)
+    if cfg.initial_checkpoint is not None:
+        arrays = checkpoint_shared_arrays(cfg.initial_checkpoint, cfg)
+        check_initial_arrays(arrays, built, cfg.initial_checkpoint)
+        log.info(
+            "initial model: %d shared arrays from checkpoint %s",
+            len(arrays),
+            cfg.initial_checkpoint,
+        )
+        return arrays
+    if cfg.initial_arrays is not None:
+        try:
+            arrays = load_arrays(cfg.initial_arrays)
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise InitialModelError(
+                f"{cfg.initial_arrays}: cannot read initial arrays: {exc}"
+            ) from exc
+        check_initial_arrays(arrays, built, cfg.initial_arrays)
+        log.info(
+            "initial model: %d shared arrays from %s", len(arrays), cfg.initial_arrays
+        )
+        return arrays
+    log.info(
+        "initial model: %d shared arrays of trainer %r built with seed %d",
+        len(built),
+        cfg.trainer.name,
+        cfg.seed,
+    )
+    return built

@@ -1,0 +1,158 @@
+"""Bounds on what one accepted update can do to the global model.
+
+Applied by :class:`server.strategies.base.GuardedFedAvg` to the replies that
+passed :func:`server.validation.screen_replies`, before any aggregation (so
+under every strategy, robust aggregators included):
+
+* **num-examples cap** (``validation.cap_num_examples``): the first accepted
+  train reply of a node *declares* its ``num-examples`` for the whole run;
+  a later, larger claim is lowered to the declared value (and the global
+  ``max_num_examples`` already drops anything above it). A node that was seen
+  honest cannot later buy itself the average by claiming more examples.
+* **norm clipping** (``validation.clip_factor`` = ``c``): with
+  ``d_i = w_i - w_global`` over all shared arrays and ``m`` the *lower*
+  median of the round's ``||d_i||_2`` (the ``floor((n-1)/2)``-th smallest, so
+  that with two nodes ``m`` is the smaller norm and a single large update
+  cannot raise its own bound), every update with ``||d_i|| > c * m`` becomes
+  ``w_global + d_i * c * m / ||d_i||``: a convex combination of the global
+  model and the site's, so BatchNorm variances stay positive.
+
+Consequence (the bound the tests and ``benchmarks/attacks.py`` check): with
+every delta at most ``c * m`` long and honest deltas at most ``h`` long
+(``m <= h`` when honest nodes are not a minority), a weighted mean of the
+bounded deltas lies within ``(c + 1) * h`` of the honest nodes' own mean,
+whatever weight an attacker holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+
+from common.federation import ValidationConfig
+from common.keys import NUM_EXAMPLES
+from server.validation import Adjustment
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "cap_num_examples",
+    "clip_updates",
+    "delta_norm",
+    "lower_median",
+]
+
+
+def _node(msg: Message) -> int:
+    return int(msg.metadata.src_node_id)
+
+
+def _only(records: Mapping[str, object], what: str) -> str:
+    names = list(records)
+    if len(names) != 1:  # validation guarantees one; refuse to guess otherwise
+        raise ValueError(f"expected one {what} in a screened reply, got {names}")
+    return names[0]
+
+
+def delta_norm(record: ArrayRecord, global_arrays: Mapping[str, np.ndarray]) -> float:
+    """``||w_site - w_global||_2`` over every array of ``record`` (float64)."""
+    total = 0.0
+    for name, arr in record.items():
+        diff = arr.numpy().astype(np.float64) - global_arrays[name].astype(np.float64)
+        total += float(np.sum(diff * diff))
+    return math.sqrt(total)
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The ``floor((n-1)/2)``-th smallest of ``values`` (the median for odd n)."""
+    if not values:
+        raise ValueError("lower_median of no values")
+    return float(sorted(values)[(len(values) - 1) // 2])
+
+
+def clip_updates(
+    replies: Sequence[Message],
+    global_arrays: Mapping[str, np.ndarray],
+    factor: float,
+) -> list[Adjustment]:
+    """Scale every update longer than ``factor x`` the lower median norm, in place.
+
+    ``factor <= 0`` changes nothing. Returns one
+    :class:`server.validation.Adjustment` per clipped reply; each is also logged
+    with the node id.
+    """
+    if factor <= 0 or not replies:
+        return []
+    keys = [_only(m.content.array_records, "ArrayRecord") for m in replies]
+    norms = [
+        delta_norm(m.content.array_records[k], global_arrays)
+        for m, k in zip(replies, keys, strict=True)
+    ]
+    bound = factor * lower_median(norms)
+    out: list[Adjustment] = []
+    for msg, key, norm in zip(replies, keys, norms, strict=True):
+        if norm <= bound:
+            continue
+        scale = bound / norm
+        record = msg.content.array_records[key]
+        clipped = ArrayRecord()
+        for name, arr in record.items():
+            site = arr.numpy()
+            ref = global_arrays[name].astype(np.float64)
+            new = ref + (site.astype(np.float64) - ref) * scale
+            clipped[name] = Array(np.ascontiguousarray(new.astype(site.dtype)))
+        msg.content[key] = clipped
+        adj = Adjustment(_node(msg), "clip", norm, bound)
+        out.append(adj)
+        log.warning(
+            "train: clipped update of node %d: delta norm %.4g > %.3g x lower "
+            "median %.4g, scaled to %.4g",
+            adj.node_id,
+            norm,
+            factor,
+            bound / factor,
+            bound,
+        )
+    return out
+
+
+def cap_num_examples(
+    replies: Sequence[Message], declared: dict[int, int], cfg: ValidationConfig
+) -> list[Adjustment]:
+    """Record first claims in ``declared``; lower later larger claims, in place.
+
+    Only with ``cfg.cap_num_examples``; returns one
+    :class:`server.validation.Adjustment` per lowered claim (also logged with
+    the node id).
+    """
+    if not cfg.cap_num_examples:
+        return []
+    out: list[Adjustment] = []
+    for msg in replies:
+        node = _node(msg)
+        key = _only(msg.content.metric_records, "MetricRecord")
+        record = msg.content.metric_records[key]
+        claimed = int(record[NUM_EXAMPLES])  # type: ignore[arg-type]
+        if node not in declared:
+            declared[node] = claimed
+            log.info("train: node %d declares %d examples", node, claimed)
+            continue
+        allowed = declared[node]
+        if claimed <= allowed:
+            continue
+        capped = MetricRecord(dict(record.items()))
+        capped[NUM_EXAMPLES] = allowed
+        msg.content[key] = capped
+        adj = Adjustment(node, "cap", float(claimed), float(allowed))
+        out.append(adj)
+        log.warning(
+            "train: node %d claims %d examples, declared %d: capped",
+            node,
+            claimed,
+            allowed,
+        )
+    return out

@@ -1,0 +1,73 @@
+"""``fedmedian`` and ``fedtrimmedavg``: Flower's robust aggregators, guarded.
+
+Coordinate-wise median (:class:`flwr.serverapp.strategy.FedMedian`) and
+trimmed mean (:class:`flwr.serverapp.strategy.FedTrimmedAvg`, Yin et al.
+2018) of the valid updates. Both keep everything
+:class:`server.strategies.base.GuardedFedAvg` adds (bounded waits, reply
+validation, num-examples cap, norm clipping, content-order aggregation) and
+ignore ``num-examples`` for the arrays (train metrics are still weighted).
+
+They compose with personalization: sites send only their shared arrays, and
+validation pins replies to the global model's names and shapes, so the median
+or trimmed mean runs over exactly the shared arrays (FedBN norm layers and the
+FedPer personal head never reach the server).
+
+With ``n`` valid updates and ``f`` of them hostile, the median stays between
+honest values coordinate by coordinate while ``f < n / 2``; the trimmed mean
+while ``f <= floor(trim_beta * n)``. With two nodes neither can tell which one
+lies (the median of two is their mean): then the norm clip is the bound.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
+
+from common.federation import FederationConfig
+from server.strategies.base import GuardedFedAvg
+
+log = logging.getLogger(__name__)
+
+
+def _log_personalization(name: str, cfg: FederationConfig) -> None:
+    pers = cfg.personalization
+    log.info(
+        "%s: local_norm (FedBN)=%s, personal_head (FedPer)=%s; aggregating the "
+        "shared arrays only",
+        name,
+        pers.local_norm,
+        pers.personal_head,
+    )
+
+
+class GuardedFedMedian(GuardedFedAvg, FedMedian):
+    """Coordinate-wise median of the valid (capped, clipped) updates."""
+
+    name = "fedmedian"
+
+    def summary(self) -> None:
+        """Log the personalization mode, then Flower's summary."""
+        _log_personalization(self.name, self.fed_cfg)
+        super().summary()
+
+
+class GuardedFedTrimmedAvg(GuardedFedAvg, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean (``strategy.trim_beta`` cut at each end)."""
+
+    name = "fedtrimmedavg"
+
+    def summary(self) -> None:
+        """Log the personalization mode, then Flower's summary (with beta)."""
+        _log_personalization(self.name, self.fed_cfg)
+        super().summary()
+
+
+def build_fedmedian(cfg: FederationConfig) -> GuardedFedMedian:
+    """Factory of ``fedmedian`` (any personalization)."""
+    return GuardedFedMedian(cfg)
+
+
+def build_fedtrimmedavg(cfg: FederationConfig) -> GuardedFedTrimmedAvg:
+    """Factory of ``fedtrimmedavg`` (any personalization), ``beta = trim_beta``."""
+    return GuardedFedTrimmedAvg(cfg, beta=cfg.strategy.trim_beta)
