@@ -9,6 +9,8 @@ from common.cli import main_for
 MODULES = (
     "server.commands.certs",
     "server.commands.node_key",
+    "server.commands.signing_key",
+    "server.commands.sign_app",
     "server.commands.start",
     "server.commands.register_node",
     "server.commands.run",

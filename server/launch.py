@@ -14,7 +14,7 @@ import math
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from common.federation import (
     flower_env,
     round_problems,
 )
+from server.faults import outcome_status
 from server.process import ProcessError, wait_for_port, write_flower_config
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,20 @@ def _last_json(text: str) -> dict[str, Any]:
     return found
 
 
+def _require_success(payload: Mapping[str, Any], what: str) -> None:
+    """Raise :class:`ProcessError` (one line) when ``flwr`` reported a failure.
+
+    ``flwr ls`` exits 0 with ``{"success": false, "error-message": ...}`` when
+    the SuperLink cannot be reached.
+    """
+    if payload.get("success", True) is False:
+        lines = str(payload.get("error-message", "")).strip().splitlines()
+        reason = next(
+            (ln.strip() for ln in reversed(lines) if ln.strip()), "no error message"
+        )
+        raise ProcessError(f"{what}: {reason}")
+
+
 def write_run_config(cfg: FederationConfig, run_dir: Path) -> Path:
     """``<run_dir>/run-config.toml`` for ``flwr run --run-config`` (inline config)."""
     run_toml = run_dir / RUN_CONFIG_TOML
@@ -121,9 +136,16 @@ def submit_run(
     conn: Connection,
     *,
     app_dir: Path = APP_DIR,
+    app: str | None = None,
     timeout_s: float = 120.0,
 ) -> int:
-    """Start the run on the SuperLink; returns its run id."""
+    """Start the run on the SuperLink; returns its run id.
+
+    ``app``: a signed app spec ``@publisher/name==x.y.z`` (``mammofed-server
+    sign-app``; the SuperLink fetches it from the signed-app registry). Without
+    it the FAB is built from ``app_dir`` unsigned, which a hospital started
+    with ``--trusted-entities`` refuses.
+    """
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     home = prepare_home(run_dir, conn)
@@ -131,7 +153,7 @@ def submit_run(
     out = _flwr(
         [
             "run",
-            str(app_dir),
+            app or str(app_dir),
             "mammofed",
             "--run-config",
             str(run_toml),
@@ -158,6 +180,7 @@ def run_status(run_id: int, home: Path, timeout_s: float = 60.0) -> dict[str, An
             timeout_s,
         )
     )
+    _require_success(payload, f"flwr ls --run-id {run_id}")
     runs = payload.get("runs") or []
     if not runs:
         raise ProcessError(f"run {run_id} not found on the SuperLink: {payload}")
@@ -167,6 +190,7 @@ def run_status(run_id: int, home: Path, timeout_s: float = 60.0) -> dict[str, An
 def list_runs(home: Path, timeout_s: float = 60.0) -> list[dict[str, Any]]:
     """All runs the SuperLink knows (``flwr ls --format json``)."""
     payload = _last_json(_flwr(["ls", "mammofed", "--format", "json"], home, timeout_s))
+    _require_success(payload, "flwr ls")
     return [dict(r) for r in payload.get("runs") or []]
 
 
@@ -215,7 +239,7 @@ def follow_run(
                     log.warning("run %d %s", run_id, problem)
             seen = len(lines)
         if status.startswith("finished"):
-            return status
+            return outcome_status(status, run_dir)
         if time.monotonic() > deadline:
             raise ProcessError(
                 f"run {run_id} still {status} after {timeout_s:.0f} s "

@@ -7,6 +7,7 @@ can end it together with whatever it spawned (``flower-superexec``,
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -51,9 +52,20 @@ def superlink_command(
 ) -> list[str]:
     """``flower-superlink`` argv (runtime dependency installation disabled).
 
+    ``host`` must be a loopback address: Flower 1.42 serves the Fleet, Control
+    (unauthenticated: register nodes, start runs, i.e. ship code to every
+    hospital) and Runtime APIs on this one listener, so it never faces the
+    network; SuperNodes reach the Fleet API through
+    :class:`server.fleet_gateway.FleetGateway` on the public address.
     Exactly one of ``insecure`` or ``tls`` (files must exist; passed as absolute
     paths). ``enable_supernode_auth`` needs ``tls``: Flower 1.42 exits otherwise.
     """
+    if not is_loopback(host):
+        raise ProcessError(
+            f"--host {host}: the SuperLink listens on loopback only (its Control "
+            "API is unauthenticated); SuperNodes dial the Fleet gateway "
+            "(mammofed-server start --fleet-host/--fleet-port)"
+        )
     if insecure == (tls is not None):
         raise ProcessError("give exactly one of --insecure or the three TLS files")
     if enable_supernode_auth and tls is None:
@@ -76,6 +88,16 @@ def superlink_command(
     if enable_supernode_auth:
         cmd.append("--enable-supernode-auth")
     return cmd + list(extra)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and addresses in 127.0.0.0/8 or ``::1``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def connect_address(host: str, port: int) -> str:

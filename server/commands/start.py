@@ -1,30 +1,74 @@
-"""``mammofed-server start``: run the SuperLink in the foreground."""
+"""``mammofed-server start``: run the SuperLink in the foreground.
+
+The SuperLink (Fleet, Control and Runtime APIs on one listener) binds to
+loopback only; ``--fleet-host/--fleet-port`` opens the one public listener,
+a gateway that forwards the Fleet API alone (``server.fleet_gateway``);
+``--signed-apps`` serves the coordinator's signed apps to the SuperLink on
+loopback (``server.app_registry``) so ``mammofed-server run --app
+@mammofed/mammofed==x.y.z`` reaches hospitals with its signature.
+"""
 
 from __future__ import annotations
 
 import argparse
 import subprocess
+from contextlib import ExitStack
 from pathlib import Path
 
+from common.errors import ConfigError
 from common.federation import flower_env
-from common.tls import check_superlink_auth_flags, server_tls_from_flags
+from common.tls import COMMAND_LINE, check_superlink_auth_flags, server_tls_from_flags
+from server.app_registry import HUB_URL_ENV, AppRegistry
+from server.fleet_gateway import FleetGateway, GatewayConfig
 from server.launch import Connection, register_supernodes
 from server.process import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     connect_address,
+    is_loopback,
     run_foreground,
     superlink_command,
 )
 
 NAME = "start"
-HELP = "start the SuperLink (Fleet, Control and Runtime APIs on one port)"
+HELP = (
+    "start the SuperLink on loopback, the public Fleet gateway and the "
+    "signed-app registry"
+)
+DEFAULT_FLEET_PORT = 9092
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``start``."""
-    parser.add_argument("--host", default=DEFAULT_HOST, help="listen address")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="listen port")
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="SuperLink listen address: loopback only (Control and Runtime APIs "
+        "are unauthenticated)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="SuperLink port on loopback (mammofed-server run/status/register-node)",
+    )
+    parser.add_argument(
+        "--fleet-host",
+        help="public address of the Fleet gateway SuperNodes dial (e.g. 0.0.0.0); "
+        "without it nothing listens beyond loopback",
+    )
+    parser.add_argument(
+        "--fleet-port",
+        type=int,
+        default=DEFAULT_FLEET_PORT,
+        help="port of the Fleet gateway",
+    )
+    parser.add_argument(
+        "--signed-apps",
+        type=Path,
+        help="directory from `mammofed-server sign-app`: served to the SuperLink "
+        "(loopback) so hospitals get signed FABs",
+    )
     parser.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
     parser.add_argument(
         "--tls-dir",
@@ -55,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start the SuperLink, register the given node keys, wait for it to exit."""
+    """Start registry and gateway, then the SuperLink; stop all when it exits."""
     tls = server_tls_from_flags(
         insecure=args.insecure,
         tls_dir=args.tls_dir,
@@ -76,6 +120,16 @@ def run(args: argparse.Namespace) -> int:
         database=args.database,
         enable_supernode_auth=args.enable_supernode_auth,
     )
+    gateway_cfg = None
+    if args.fleet_host is not None:
+        if tls is None and not is_loopback(args.fleet_host):
+            raise ConfigError(
+                COMMAND_LINE,
+                "--fleet-host",
+                f"{args.fleet_host}: a public Fleet gateway needs TLS, not --insecure",
+            )
+        gateway_cfg = GatewayConfig(args.fleet_host, args.fleet_port, args.port, tls)
+    env = flower_env(args.flwr_home)
 
     def _register(_proc: subprocess.Popen[bytes]) -> None:
         assert tls is not None  # keys imply auth, auth implies TLS
@@ -86,6 +140,17 @@ def run(args: argparse.Namespace) -> int:
             state = "already registered" if node_id is None else f"node {node_id}"
             print(f"registered {key.name}: {state}", flush=True)
 
-    return run_foreground(
-        cmd, env=flower_env(args.flwr_home), on_start=_register if keys else None
-    )
+    with ExitStack() as stack:
+        if args.signed_apps is not None:
+            registry = stack.enter_context(AppRegistry(args.signed_apps))
+            env[HUB_URL_ENV] = registry.url
+            print(f"signed apps from {args.signed_apps} (registry {registry.url})")
+        if gateway_cfg is not None:
+            stack.enter_context(FleetGateway(gateway_cfg))
+            print(
+                f"Fleet gateway on {args.fleet_host}:{args.fleet_port} "
+                "(the only port SuperNodes need)",
+                flush=True,
+            )
+        print(f"Control API (this host only): {connect_address(args.host, args.port)}")
+        return run_foreground(cmd, env=env, on_start=_register if keys else None)

@@ -325,6 +325,7 @@ def test_supernode_command_with_tls_and_auth(certs: Path, tmp_path: Path) -> Non
         auth_key=keys.private_key,
         port=9094,
         flwr_home=None,
+        allow_unsigned_apps=True,  # signed apps: test_control_plane.py
     )
     cmd = supernode_command(args)
     assert cmd[cmd.index("--root-certificates") + 1] == str(certs / "ca.crt")
@@ -407,6 +408,7 @@ def test_tls_node_auth_run_and_unregistered_key_refused(
             auth_key=key,
             port=free_port(),
             flwr_home=None,
+            allow_unsigned_apps=True,  # runs this checkout unsigned
         )
         proc = start_process(
             supernode_command(args),

@@ -1,0 +1,252 @@
+"""Coordinator app signing: who may run code at a hospital.
+
+A hospital's SuperNode runs a Flower App Bundle (FAB: a zip of the app's
+code) only when one of its *trusted entities* signed it (Flower's own
+``flower-supernode --trusted-entities FILE`` check). Flower 1.42 verifies
+exactly this: an Ed25519 signature over ``signed_at`` (8 bytes, big-endian
+Unix seconds) followed by ``sha256(fab)``, stored base64url in the FAB's
+verification record under the signer's key id. This module makes the
+coordinator's key, the site's trusted-entities file, and the signatures in
+that format, and checks them the same way the SuperNode does.
+
+Files (``mammofed-server signing-key --out DIR``):
+
+- ``app-signing.key``: OpenSSH Ed25519 private key, mode 0600; the
+  coordinator only (best kept off the SuperLink host between releases).
+- ``app-signing.pub``: the public half.
+- ``trusted-entities.yaml``: ``{<key id>: "ssh-ed25519 AAAA... <key id>"}``;
+  copied to every hospital (``mammofed-client start --trusted-entities``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from common.errors import ConfigError, MammofedError
+
+SIGNING_KEY = "app-signing.key"
+SIGNING_PUB = "app-signing.pub"
+TRUSTED_ENTITIES = "trusted-entities.yaml"
+KEY_ID_PREFIX = "mammofed-"
+KEY_MODE = 0o600
+
+
+class AppSigningError(MammofedError):
+    """A signing key, signature or trusted-entities file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class SigningKeyFiles:
+    """What :func:`generate_signing_key` wrote."""
+
+    private_key: Path
+    public_key: Path
+    trusted_entities: Path
+    key_id: str
+
+
+@dataclass(frozen=True)
+class FabSignature:
+    """One verification record of a FAB, as Flower's SuperNode reads it.
+
+    ``signature`` is base64url (no padding) of the Ed25519 signature over
+    ``signed_at.to_bytes(8, "big") + sha256(fab).digest()``.
+    """
+
+    public_key_id: str
+    signature: str
+    signed_at: int
+
+    def to_json(self) -> dict[str, str | int]:
+        """The record as the app registry serves it (Flower Hub's field names)."""
+        return {
+            "public_key_id": self.public_key_id,
+            "signature": self.signature,
+            "signed_at": self.signed_at,
+        }
+
+    @classmethod
+    def from_json(cls, row: Mapping[str, object], source: str) -> FabSignature:
+        """Parse :meth:`to_json`; raises :class:`ConfigError` naming the field."""
+        for key, kind in (
+            ("public_key_id", str),
+            ("signature", str),
+            ("signed_at", int),
+        ):
+            value = row.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConfigError(source, key, f"expected {kind.__name__}: {value!r}")
+        signed_at = row["signed_at"]
+        assert isinstance(signed_at, int)
+        return cls(str(row["public_key_id"]), str(row["signature"]), signed_at)
+
+
+def key_id_of(public_key: ed25519.Ed25519PublicKey) -> str:
+    """Stable key id: ``mammofed-`` + first 16 hex of sha256(raw public key)."""
+    raw = public_key.public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return KEY_ID_PREFIX + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def openssh_public(public_key: ed25519.Ed25519PublicKey, comment: str) -> str:
+    """``ssh-ed25519 AAAA... comment`` (what ``--trusted-entities`` maps to)."""
+    line = public_key.public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode("ascii")
+    return f"{line} {comment}"
+
+
+def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise AppSigningError(f"{path} exists (pass --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    path.chmod(KEY_MODE if private else 0o644)
+
+
+def generate_signing_key(out_dir: Path, *, overwrite: bool = False) -> SigningKeyFiles:
+    """Write a new coordinator signing key and the hospitals' trusted-entities file.
+
+    Raises :class:`AppSigningError` if a file exists and ``overwrite`` is false
+    (nothing is written then).
+    """
+    out_dir = Path(out_dir)
+    paths = [out_dir / n for n in (SIGNING_KEY, SIGNING_PUB, TRUSTED_ENTITIES)]
+    if not overwrite:
+        for p in paths:
+            if p.exists():
+                raise AppSigningError(f"{p} exists (pass --overwrite to replace it)")
+    key = ed25519.Ed25519PrivateKey.generate()
+    key_id = key_id_of(key.public_key())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = openssh_public(key.public_key(), key_id)
+    _write(paths[0], private, private=True, overwrite=overwrite)
+    _write(paths[1], (public + "\n").encode(), private=False, overwrite=overwrite)
+    write_trusted_entities(paths[2], {key_id: public}, overwrite=overwrite)
+    return SigningKeyFiles(paths[0], paths[1], paths[2], key_id)
+
+
+def write_trusted_entities(
+    path: Path, entities: Mapping[str, str], *, overwrite: bool = False
+) -> Path:
+    """Write ``{key id: "ssh-ed25519 ..."}`` as YAML (validated first)."""
+    text = yaml.safe_dump(dict(entities), default_flow_style=False, width=1000)
+    _check_entities(dict(entities), str(path))
+    _write(Path(path), text.encode(), private=False, overwrite=overwrite)
+    return Path(path)
+
+
+def _check_entities(raw: object, source: str) -> dict[str, ed25519.Ed25519PublicKey]:
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(
+            source, "<root>", f"expected a non-empty mapping of key id to key: {raw!r}"
+        )
+    keys: dict[str, ed25519.Ed25519PublicKey] = {}
+    for key_id, value in raw.items():
+        if not isinstance(key_id, str) or not isinstance(value, str):
+            raise ConfigError(source, str(key_id), f"expected a string key: {value!r}")
+        try:
+            public = serialization.load_ssh_public_key(value.encode("utf-8"))
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise ConfigError(
+                source, key_id, f"not an OpenSSH public key: {value[:40]!r}"
+            ) from exc
+        if not isinstance(public, ed25519.Ed25519PublicKey):
+            raise ConfigError(
+                source, key_id, f"not an Ed25519 key (Flower needs one): {value[:40]!r}"
+            )
+        keys[key_id] = public
+    return keys
+
+
+def read_trusted_entities(path: Path) -> dict[str, ed25519.Ed25519PublicKey]:
+    """Load and check a trusted-entities file the way ``flower-supernode`` does.
+
+    Raises :class:`ConfigError` naming the file, the key id and the bad value
+    (Flower itself only exits with a code).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "<file>", "does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), "<file>", f"not YAML: {exc}") from exc
+    return _check_entities(raw, str(path))
+
+
+def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    """The coordinator's OpenSSH Ed25519 private key; raises naming the file."""
+    path = Path(path)
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError as exc:
+        raise AppSigningError(f"{path}: signing key does not exist") from exc
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise AppSigningError(
+            f"{path}: not an unencrypted OpenSSH private key ({exc})"
+        ) from exc
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise AppSigningError(
+            f"{path}: not an Ed25519 key ({type(key).__name__}); "
+            "make one with `mammofed-server signing-key`"
+        )
+    return key
+
+
+def _message(fab: bytes, signed_at: int) -> bytes:
+    return signed_at.to_bytes(8, byteorder="big") + hashlib.sha256(fab).digest()
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def sign_fab(
+    fab: bytes, key: ed25519.Ed25519PrivateKey, *, signed_at: int | None = None
+) -> FabSignature:
+    """Sign the FAB bytes (see :class:`FabSignature` for what is signed)."""
+    when = int(time.time()) if signed_at is None else int(signed_at)
+    signature = key.sign(_message(fab, when))
+    return FabSignature(key_id_of(key.public_key()), _b64url(signature), when)
+
+
+def verify_fab(
+    fab: bytes,
+    signatures: list[FabSignature],
+    trusted: Mapping[str, ed25519.Ed25519PublicKey],
+) -> str | None:
+    """Key id of the first trusted signer whose signature holds, else ``None``.
+
+    The same rule as Flower's SuperNode: a record counts only when its key id
+    is trusted and its signature verifies with that id's key.
+    """
+    for sig in signatures:
+        public = trusted.get(sig.public_key_id)
+        if public is None:
+            continue
+        pad = "=" * (-len(sig.signature) % 4)
+        try:
+            public.verify(
+                base64.urlsafe_b64decode(sig.signature + pad),
+                _message(fab, sig.signed_at),
+            )
+        except (InvalidSignature, ValueError):
+            continue
+        return sig.public_key_id
+    return None
