@@ -11,7 +11,18 @@ Which site this node plays comes from ``context.node_config``:
 The run's :class:`common.federation.FederationConfig` comes from
 ``context.run_config``. Replies carry only the trainer's declared shared arrays
 (train, query) and one MetricRecord with the trainer's declared metric names;
-:func:`client.guard.check_reply` refuses anything else before it is sent.
+:func:`client.guard.check_reply` refuses anything else before it is sent. A
+metric that is not finite (CPM of a class with no lesion in the site's test
+split) is left out of the reply rather than sent as NaN.
+
+Faults: a handler that fails replies a Flower ``Error`` with one of the codes
+of :mod:`common.faults` and its fixed message; the exception itself (whose
+text may name the site, its paths or a patient) is logged here, on the site,
+and never sent. Every train and evaluate message carries the server's
+:class:`common.faults.ModelVersion`: the site settles the personal state of
+its previous round with it (committed only if the server kept this node's
+update) and trains the new round into a pending copy
+(:meth:`client.state.SiteState.begin_round`).
 """
 
 from __future__ import annotations
@@ -23,14 +34,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.guard import check_reply
-from client.state import SiteState
+from client.guard import PrivacyGuardError, check_reply
+from client.state import SiteState, SiteStateError
 from client.trainer import LocalTrainer, build_trainer
 from common.config.site import load_site_config
-from common.errors import ConfigError
+from common.errors import CheckpointMismatch, ConfigError, MammofedError
+from common.faults import (
+    SITE_CONFIG,
+    SITE_DATA,
+    SITE_GUARD,
+    SITE_INTERNAL,
+    SITE_PRIVACY,
+    SITE_STATE,
+    ModelVersion,
+    drop_non_finite,
+    reply_error_message,
+)
 from common.federation import (
     NODE_DATA_DIR,
     NODE_SITE,
@@ -50,6 +72,7 @@ from common.keys import (
     LOCAL_SECONDS,
     METRICS_KEY,
     NUM_EXAMPLES,
+    SERVER_ROUND,
 )
 
 log = logging.getLogger(__name__)
@@ -150,6 +173,26 @@ def _received_shared(msg: Message, trainer: LocalTrainer) -> dict:
     return arrays
 
 
+def _settle(msg: Message, state: SiteState) -> ModelVersion | None:
+    """Commit or discard the previous round's pending personal state.
+
+    Returns the message's model version (``None`` from a server that sends
+    none: personal state is then written directly, as before versions).
+    """
+    cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    version = ModelVersion.from_config(cfg)
+    if version is not None:
+        state.settle(version)
+    return version
+
+
+def _finite_metrics(metrics: Mapping[str, Any], site: str) -> dict[str, Any]:
+    kept, dropped = drop_non_finite(metrics)
+    if dropped:
+        log.info("site %s: metrics %s undefined here; left out", site, dropped)
+    return kept
+
+
 def _cache(context: Context, site: str, server_round: int) -> None:
     context.state[_STATE_CACHE] = ConfigRecord(
         {"site": site, "last-round": server_round}
@@ -161,13 +204,16 @@ def handle_train(msg: Message, context: Context) -> Message:
     fed_cfg, binding, trainer = _setup(context)
     ins = _instructions(msg, fed_cfg.trainer.name)
     shared = _received_shared(msg, trainer)
+    state = SiteState(binding.state_dir, binding.site)
+    if _settle(msg, state) is not None:
+        state.begin_round(ins.server_round, int(context.node_id))
     t0 = time.perf_counter()
     new_shared, metrics = trainer.fit(shared, ins)
     seconds = time.perf_counter() - t0
     content = RecordDict(
         {
             ARRAYS_KEY: arrays_to_record(new_shared),
-            METRICS_KEY: MetricRecord(dict(metrics)),
+            METRICS_KEY: MetricRecord(_finite_metrics(metrics, binding.site)),
         }
     )
     check_reply(
@@ -178,7 +224,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     )
     # withheld values (DP) are recorded here, on the site's disk, never sent
     local = {**metrics, **getattr(trainer, "withheld", {})}
-    SiteState(binding.state_dir, binding.site).record_round(
+    state.record_round(
         ins.server_round, "train", {**local, LOCAL_SECONDS: round(seconds, 3)}
     )
     _cache(context, binding.site, ins.server_round)
@@ -191,8 +237,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     fed_cfg, binding, trainer = _setup(context)
     ins = _instructions(msg, fed_cfg.trainer.name)
     shared = _received_shared(msg, trainer)
+    state = SiteState(binding.state_dir, binding.site)
+    _settle(msg, state)
     t0 = time.perf_counter()
-    metrics = trainer.evaluate(shared, ins)
+    metrics = _finite_metrics(trainer.evaluate(shared, ins), binding.site)
     seconds = time.perf_counter() - t0
     content = RecordDict({METRICS_KEY: MetricRecord(dict(metrics))})
     check_reply(
@@ -201,7 +249,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         shared_spec=None,
         metric_names=trainer.metric_names("evaluate"),
     )
-    SiteState(binding.state_dir, binding.site).record_round(
+    state.record_round(
         ins.server_round, "evaluate", {**metrics, LOCAL_SECONDS: round(seconds, 3)}
     )
     _cache(context, binding.site, ins.server_round)
@@ -226,22 +274,66 @@ def handle_query(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def error_code(exc: BaseException) -> int:
+    """The :mod:`common.faults` code of a handler's exception."""
+    from common.dp import PrivacyError  # torch: imported only on this path
+
+    kinds: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...]
+    kinds = (
+        (PrivacyGuardError, SITE_GUARD),
+        (SiteStateError, SITE_STATE),
+        (PrivacyError, SITE_PRIVACY),
+        ((ConfigError, CheckpointMismatch), SITE_CONFIG),
+        ((MammofedError, OSError), SITE_DATA),
+    )
+    for types, code in kinds:
+        if isinstance(exc, types):
+            return code
+    return SITE_INTERNAL
+
+
+def error_reply(msg: Message, exc: Exception, phase: str) -> Message:
+    """An ``Error`` reply to ``msg``: a code and its fixed message, never ``exc``.
+
+    The exception is logged in full here, on the site.
+    """
+    code = error_code(exc)
+    log.error(
+        "%s of round %s failed (reply error %d): %s",
+        phase,
+        msg.content.config_records.get(CONFIG_KEY, ConfigRecord()).get(SERVER_ROUND),
+        code,
+        exc,
+        exc_info=exc,
+    )
+    return Message(Error(code=code, reason=reply_error_message(code)), reply_to=msg)
+
+
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Flower train entry point."""
-    return handle_train(msg, context)
+    try:
+        return handle_train(msg, context)
+    except Exception as exc:
+        return error_reply(msg, exc, "train")
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Flower evaluate entry point."""
-    return handle_evaluate(msg, context)
+    try:
+        return handle_evaluate(msg, context)
+    except Exception as exc:
+        return error_reply(msg, exc, "evaluate")
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Flower query entry point (initial shared arrays)."""
-    return handle_query(msg, context)
+    try:
+        return handle_query(msg, context)
+    except Exception as exc:
+        return error_reply(msg, exc, "query")

@@ -717,7 +717,8 @@ class DetectorTrainer:
             step,
             max_steps=steps,
         )
-        teacher.save(teacher_path, step=stats.step)
+        # pending until the server keeps this round (client.state)
+        teacher.save(self.state.write_path(TEACHER_FILE), step=stats.step)
         loss = stats.sup_loss + stats.unsup_weight * stats.unsup_loss
         images = stats.labeled_images + stats.unlabeled_images
         return float(loss), int(stats.skipped_steps), int(images)

@@ -5,8 +5,10 @@ content is not exactly
 
 * at most one ArrayRecord whose names and shapes equal the trainer's declared
   shared spec (floating point values only), and
-* one MetricRecord whose names equal the trainer's declared metric names, all
-  in :data:`common.federation.METRIC_WHITELIST`, each a finite scalar number.
+* one MetricRecord whose names are among the trainer's declared metric names
+  (``num-examples`` always present; a metric undefined on this site may be
+  absent, never NaN), all in :data:`common.federation.METRIC_WHITELIST`, each a
+  finite scalar number.
 
 No ConfigRecord, no strings, no bytes, no extra records: pixel data, file paths
 and patient identifiers have nowhere to go.
@@ -22,7 +24,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from common.errors import MammofedError
 from common.federation import METRIC_WHITELIST
-from common.keys import ARRAYS_KEY, METRICS_KEY
+from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
 
 
 class PrivacyGuardError(MammofedError):
@@ -80,11 +82,13 @@ def _check_arrays(
 
 def _check_metrics(record: MetricRecord, names: Sequence[str], site: str) -> None:
     got, declared = set(record.keys()), set(names)
-    if got != declared:
+    if not got <= declared:
         raise PrivacyGuardError(
-            f"site {site}: metrics {sorted(got)} differ from declared "
-            f"{sorted(declared)}"
+            f"site {site}: metrics {sorted(got - declared)} are not declared "
+            f"({sorted(declared)})"
         )
+    if NUM_EXAMPLES in declared and NUM_EXAMPLES not in got:
+        raise PrivacyGuardError(f"site {site}: metric {NUM_EXAMPLES!r} is missing")
     for name, value in record.items():
         if name not in METRIC_WHITELIST:
             raise PrivacyGuardError(f"site {site}: metric {name!r} is not whitelisted")

@@ -3,17 +3,34 @@
 Layout under ``<state_dir>/<site>/``::
 
     personal.npz   personal arrays (FedBN norm layers, FedPer head, ...)
-    meta.json      {"site", "last_round", "last_phase", "history": [...]}
+    meta.json      {"site", "last_round", "last_phase", "history": [...],
+                    "committed_round", "discarded_rounds"}
+    pending.json   {"round", "node"} while a trained round awaits the server
+    pending/       that round's personal files (personal.npz, teacher...)
 
 Every write goes to a temporary file in the same folder and is moved into place
 with :func:`os.replace`, so a crash leaves either the old or the new file, never
 a torn one. ``context.state`` in the ClientApp is only a cache of this.
+
+**A round the server threw away is not kept.** While the ClientApp trains round
+``R`` (:meth:`SiteState.begin_round`), personal files are written under
+``pending/`` (:meth:`SiteState.write_path`), not over the committed ones, and
+reads keep seeing the committed files. The next message from the server says
+which aggregation made its global arrays (:class:`common.faults.ModelVersion`);
+:meth:`SiteState.settle` then commits the pending files when that aggregation
+is round ``R`` and used this node's update, and discards them otherwise (the
+round had no aggregation, this node's reply was rejected or lost, or a later
+round superseded it). The last round of a run is settled by its evaluate
+message; with ``fraction_evaluate: 0`` it stays pending until the next message
+(a new run starting at ``model-round`` 0 discards it). The DP accountant is
+never rolled back: privacy spent on a sent update stays spent.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,12 +38,18 @@ from typing import Any
 import numpy as np
 
 from common.errors import MammofedError
+from common.faults import ModelVersion
 from common.fileio import atomic_write_bytes, load_arrays, save_arrays
 
 log = logging.getLogger(__name__)
 
 PERSONAL_NPZ = "personal.npz"
 META_JSON = "meta.json"
+PENDING_JSON = "pending.json"
+PENDING_DIR = "pending"
+#: what :meth:`SiteState.settle` did with a pending round
+COMMITTED = "committed"
+DISCARDED = "discarded"
 
 
 class SiteStateError(MammofedError):
@@ -59,8 +82,96 @@ class SiteState:
         return self.dir / META_JSON
 
     def save_personal(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Atomically replace the personal arrays."""
-        save_arrays(self.personal_path, arrays)
+        """Atomically replace the personal arrays (pending ones during a round)."""
+        save_arrays(self.write_path(PERSONAL_NPZ), arrays)
+
+    # --- pending rounds ------------------------------------------------------
+    @property
+    def pending_path(self) -> Path:
+        """Path of the pending round's marker."""
+        return self.dir / PENDING_JSON
+
+    @property
+    def pending_dir(self) -> Path:
+        """Folder of the pending round's personal files."""
+        return self.dir / PENDING_DIR
+
+    def write_path(self, name: str) -> Path:
+        """Where a personal file ``name`` is written now (pending while a round is)."""
+        if self.pending_path.is_file():
+            return self.pending_dir / name
+        return self.dir / name
+
+    def pending(self) -> dict[str, int] | None:
+        """``{"round", "node"}`` of the round awaiting the server, or ``None``."""
+        if not self.pending_path.is_file():
+            return None
+        try:
+            data = json.loads(self.pending_path.read_text())
+            return {"round": int(data["round"]), "node": int(data["node"])}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SiteStateError(f"{self.pending_path}: unreadable: {exc}") from exc
+
+    def begin_round(self, server_round: int, node_id: int) -> None:
+        """Start writing round ``server_round``'s personal files under ``pending/``.
+
+        A pending round left unsettled is discarded first (the caller settles
+        before it begins; this only happens after a crash).
+        """
+        if self.pending_path.is_file():
+            self._drop_pending(f"superseded by round {server_round}")
+        self.pending_dir.mkdir(exist_ok=True)
+        for old in self.pending_dir.iterdir():
+            old.unlink()
+        record = {"round": int(server_round), "node": int(node_id)}
+        atomic_write_bytes(self.pending_path, json.dumps(record).encode())
+
+    def settle(self, version: ModelVersion) -> str | None:
+        """Commit or discard the pending round given the server's model version.
+
+        Commits when ``version.round`` is the pending round and lists the
+        pending round's node; discards otherwise. Returns :data:`COMMITTED`,
+        :data:`DISCARDED`, or ``None`` when nothing was pending.
+        """
+        pend = self.pending()
+        if pend is None:
+            return None
+        if version.round == pend["round"] and pend["node"] in version.nodes:
+            # files first, marker last: a crash in between re-commits the rest
+            if self.pending_dir.is_dir():
+                for path in sorted(self.pending_dir.iterdir()):
+                    os.replace(path, self.dir / path.name)
+            self.pending_path.unlink()
+            meta = self.read_meta()
+            meta["committed_round"] = pend["round"]
+            self.write_meta(meta)
+            log.info("site %s: committed round %d", self.site, pend["round"])
+            return COMMITTED
+        if version.round < pend["round"]:
+            why = f"the server kept model round {version.round} (no aggregation)"
+        elif version.round == pend["round"]:
+            why = "the server did not use this node's update"
+        else:
+            why = f"superseded by model round {version.round}"
+        self._drop_pending(why)
+        return DISCARDED
+
+    def _drop_pending(self, why: str) -> None:
+        pend = self.pending()
+        rnd = pend["round"] if pend is not None else -1
+        if self.pending_dir.is_dir():
+            for path in self.pending_dir.iterdir():
+                path.unlink()
+        self.pending_path.unlink(missing_ok=True)
+        meta = self.read_meta()
+        meta["discarded_rounds"] = [*meta.get("discarded_rounds", []), rnd][-100:]
+        self.write_meta(meta)
+        log.warning(
+            "site %s: discarded the personal state of round %d: %s",
+            self.site,
+            rnd,
+            why,
+        )
 
     def load_personal(self) -> dict[str, np.ndarray] | None:
         """The saved personal arrays, or ``None`` when none were saved yet."""

@@ -65,12 +65,41 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+#: Distributions whose versions ``--version`` prints (this package first).
+VERSIONED_PACKAGES = ("mammofed", "torch", "flwr")
+
+
+def version_string(prog: str) -> str:
+    """``PROG 0.1.0 (torch 2.x, flwr 1.42.0)``; an absent package reads ``absent``.
+
+    Versions come from the installed distributions' metadata, so nothing heavy
+    (torch) is imported to print them.
+    """
+    from importlib import metadata
+
+    def _version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    own, *deps = VERSIONED_PACKAGES
+    rest = ", ".join(f"{name} {_version(name)}" for name in deps)
+    return f"{prog} {_version(own)} ({rest})"
+
+
 def build_parser(
     prog: str, description: str, modules: Sequence[str]
 ) -> argparse.ArgumentParser:
-    """Parser with one subparser per existing subcommand module."""
+    """Parser with one subparser per existing subcommand module, and ``--version``."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=version_string(prog),
+        help="print the package, torch and flwr versions and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in modules:
         if importlib.util.find_spec(name) is None:

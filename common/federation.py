@@ -92,16 +92,23 @@ def round_problems(row: Mapping[str, Any], *, rejected: bool = True) -> list[str
     """One line per node that failed (train or evaluate) in a ``rounds.jsonl`` row.
 
     ``"round R PHASE node N (CHECK): REASON"``; with ``rejected`` also the
-    train updates the server's validation dropped. Missing sections are empty.
+    train updates the server's validation dropped; sampled nodes that never
+    replied read ``(silent)``. Missing sections are empty.
     """
     kinds = [(phase, "failed") for phase in ("train", "evaluate")]
     if rejected:
         kinds.append(("train", "rejected"))
-    return [
+    lines = [
         f"round {row.get('round')} {phase} node {f.get('node')} "
         f"({f.get('check')}): {f.get('reason')}"
         for phase, kind in kinds
         for f in (row.get(phase) or {}).get(kind) or []
+    ]
+    return lines + [
+        f"round {row.get('round')} {phase} node {node} (silent): no reply before "
+        "the round timeout"
+        for phase in ("train", "evaluate")
+        for node in (row.get(phase) or {}).get("silent") or []
     ]
 
 
@@ -124,12 +131,20 @@ class StrategyConfig:
     """Server strategy choice (registry name in ``server.strategies``).
 
     Attributes:
-        name: ``fedavg``, ``fedprox`` or ``personalized``.
+        name: ``fedavg``, ``fedprox``, ``personalized``, or a robust aggregator:
+            ``fedmedian`` (coordinate-wise median) or ``fedtrimmedavg``
+            (coordinate-wise trimmed mean); the robust ones work with or
+            without personalization (they aggregate the shared arrays only).
         proximal_mu: FedProx proximal weight (sent to clients; they apply it).
+        trim_beta: ``fedtrimmedavg`` cuts ``floor(trim_beta * n)`` of the ``n``
+            values at each end of every coordinate; the default 0.34 cuts one
+            of 3 or 4 updates, two of 6 (0.2, Flower's default, cuts none below
+            5 updates).
     """
 
     name: str = "fedavg"
     proximal_mu: float = field(default=0.0, metadata=bounded(0.0, None))
+    trim_beta: float = field(default=0.34, metadata=bounded(0.0, 0.49))
 
 
 @dataclass(frozen=True)
@@ -169,11 +184,20 @@ class ValidationConfig:
         max_abs_value: no array value may exceed this in magnitude.
         max_num_examples: a reply claiming more examples is dropped (an
             inflated weight would let one site dominate the average).
+        clip_factor: robust aggregation: every accepted update whose delta
+            ``||w_site - w_global||_2`` (all shared arrays) exceeds
+            ``clip_factor x`` the round's lower median of the valid updates'
+            delta norms is scaled down to that bound (``0`` turns clipping off).
+        cap_num_examples: robust aggregation: a node's ``num-examples`` is
+            capped at what it declared in its first accepted train reply of the
+            run (trust on first use; see docs/federation.md).
     """
 
     max_relative_update_norm: float = field(default=5.0, metadata=bounded(1e-9, None))
     max_abs_value: float = field(default=1e6, metadata=bounded(1e-9, None))
     max_num_examples: int = field(default=10_000_000, metadata=bounded(1, None))
+    clip_factor: float = field(default=2.0, metadata=bounded(0.0, None))
+    cap_num_examples: bool = True
 
 
 @dataclass(frozen=True)
@@ -211,8 +235,13 @@ class FederationConfig:
             none (simulation and tests); ``<state_dir>/<site>/``.
         run_dir: where the server writes checkpoints and ``rounds.jsonl``.
         resume: continue from the last checkpoint in ``run_dir`` if present.
-        initial_arrays: optional ``.npz`` of initial shared arrays; without it
-            the server asks one site for its trainer's initial shared arrays.
+        initial_arrays: optional ``.npz`` of initial shared arrays (names and
+            shapes must equal the model's shared arrays).
+        initial_checkpoint: optional detector checkpoint
+            (:mod:`common.checkpoint`) whose weights start the run; its model
+            config must match ``trainer.options``. Without either, the server
+            builds the model from ``trainer`` with ``seed``; a node never
+            supplies the initial model.
     """
 
     name: str = "demo"
@@ -230,8 +259,15 @@ class FederationConfig:
     run_dir: Path | None = field(default=None, metadata=path_field(False))
     resume: bool = True
     initial_arrays: Path | None = field(default=None, metadata=path_field(True))
+    initial_checkpoint: Path | None = field(default=None, metadata=path_field(True))
 
     def __post_init__(self) -> None:
+        if self.initial_arrays is not None and self.initial_checkpoint is not None:
+            raise ValueError(
+                "initial_checkpoint: set initial_arrays or initial_checkpoint, not "
+                f"both (got {str(self.initial_checkpoint)!r} and "
+                f"{str(self.initial_arrays)!r})"
+            )
         if not self.name or "/" in self.name or self.name.strip() != self.name:
             raise ValueError(f"name: must be a plain word, got {self.name!r}")
         for i, site in enumerate(self.sites):
@@ -439,6 +475,7 @@ def supernode_argv(
     *,
     root_certificates: Path | None = None,
     auth_key: Path | None = None,
+    trusted_entities: Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` command line: dial ``superlink`` and play ``node_config``.
 
@@ -446,7 +483,9 @@ def supernode_argv(
     paths survive); ``port`` is the SuperNode's local ClientApp runtime port.
     Without ``root_certificates`` the connection is ``--insecure``;
     ``auth_key`` (an OpenSSH EC private key registered with the SuperLink)
-    signs the node's requests and needs TLS.
+    signs the node's requests and needs TLS. ``trusted_entities`` (YAML of
+    Ed25519 keys, ``common.app_signing``): the node runs only apps signed by
+    one of them (Flower refuses any other FAB before running its code).
 
     Raises:
         ValueError: ``auth_key`` without ``root_certificates``.
@@ -471,6 +510,8 @@ def supernode_argv(
         cmd += ["--root-certificates", str(root_certificates)]
     if auth_key is not None:
         cmd += ["--auth-supernode-private-key", str(auth_key)]
+    if trusted_entities is not None:
+        cmd += ["--trusted-entities", str(trusted_entities)]
     return cmd
 
 

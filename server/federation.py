@@ -11,9 +11,10 @@ the right round number. Each round:
 4. append one JSON line to ``<run_dir>/rounds.jsonl`` (per-node metrics,
    rejections with node and check) and log one progress line.
 
-Round 0 is the initial global model: from the last checkpoint (resume), from
-``initial_arrays`` (``.npz``), or from one site's trainer via a ``query``
-message.
+Round 0 is the initial global model: from the last checkpoint (resume), or
+made by the server itself (:mod:`server.initial`: ``initial_checkpoint``,
+``initial_arrays`` or the configured model with the run's seed), never from a
+node's reply.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from common.config.loader import config_to_dict, write_resolved
@@ -40,10 +40,10 @@ from common.federation import (
     arrays_to_record,
     record_to_arrays,
 )
-from common.fileio import load_arrays
-from common.keys import ARRAYS_KEY, CONFIG_KEY
 from server.checkpoints import CheckpointStore
-from server.strategies import GuardedFedAvg, build_strategy, wait_for_nodes
+from server.faults import ModelTracker, attribute_replies, silent_nodes, write_outcome
+from server.initial import initial_global_arrays
+from server.strategies import GuardedFedAvg, build_strategy
 from server.validation import Screened
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class RunSummary:
     start_round: int
     last_round: int
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    #: ``outcome.json``: ``status`` completed / degraded and the faults per round
+    outcome: dict[str, Any] = field(default_factory=dict)
 
 
 def _metrics_dict(record: MetricRecord | None) -> dict[str, Any]:
@@ -69,53 +71,34 @@ def _metrics_dict(record: MetricRecord | None) -> dict[str, Any]:
 
 def _screen_summary(screened: Screened | None) -> dict[str, Any]:
     if screened is None:
-        return {"valid": 0, "per_node": {}, "rejected": [], "failed": []}
+        return {
+            "valid": 0,
+            "per_node": {},
+            "rejected": [],
+            "failed": [],
+            "adjusted": [],
+        }
     return {
         "valid": len(screened.valid),
         "per_node": {str(k): v for k, v in sorted(screened.per_node.items())},
         "rejected": [r.as_dict() for r in screened.rejected],
         "failed": [r.as_dict() for r in screened.failed],
+        "adjusted": [a.as_dict() for a in screened.adjusted],
     }
 
 
-def query_initial_arrays(grid: Grid, cfg: FederationConfig) -> dict[str, np.ndarray]:
-    """Ask connected sites, one at a time, for their trainer's initial arrays."""
-    p = cfg.participation
-    nodes = wait_for_nodes(grid, 1, p.wait_for_nodes_s)
-    if not nodes:
-        raise FederationError(
-            f"no node connected within {p.wait_for_nodes_s:.0f} s to supply the "
-            "initial model (set initial_arrays or start the sites)"
-        )
-    config = FitInstructions.from_federation(cfg, 0).to_config_record()
-    for node in nodes:
-        msg = Message(RecordDict({CONFIG_KEY: config}), node, MessageType.QUERY)
-        replies = list(grid.send_and_receive([msg], timeout=p.round_timeout_s))
-        for reply in replies:
-            if reply.has_error():
-                log.warning("query: node %d failed: %s", node, reply.error.reason)
-                continue
-            record = reply.content.array_records.get(ARRAYS_KEY)
-            if record is None or len(record) == 0:
-                log.warning("query: node %d sent no arrays", node)
-                continue
-            arrays = record_to_arrays(record)
-            bad = [k for k, a in arrays.items() if not np.all(np.isfinite(a))]
-            if bad:
-                log.warning("query: node %d sent non-finite arrays %s", node, bad)
-                continue
-            log.info("initial model: %d arrays from node %d", len(arrays), node)
-            return arrays
-        if not replies:
-            log.warning("query: node %d did not reply in time", node)
-    raise FederationError("no node supplied a usable initial model")
+def _valid_nodes(screened: Screened | None) -> list[int]:
+    """Node ids of the updates that passed screening (those aggregated)."""
+    if screened is None:
+        return []
+    return sorted(int(m.metadata.src_node_id) for m in screened.valid)
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        return load_arrays(path)
-    except (OSError, ValueError) as exc:
-        raise FederationError(f"{path}: cannot read initial arrays: {exc}") from exc
+def _exchange(grid: Grid, msgs: list[Message], timeout: float) -> list[Message]:
+    """Send ``msgs``, return the replies with errors attributed to real node ids."""
+    if not msgs:
+        return []
+    return attribute_replies(msgs, grid.send_and_receive(msgs, timeout=timeout))
 
 
 def _check_resume(cfg: FederationConfig, meta: Mapping[str, Any], where: Path) -> None:
@@ -158,13 +141,17 @@ def run_federation(
         arrays, start = last.arrays, last.round
         log.info("resuming from round %d (%s)", start, store.paths(start)[0])
     else:
-        if cfg.initial_arrays is not None:
-            arrays = _load_npz(cfg.initial_arrays)
-        else:
-            arrays = query_initial_arrays(grid, cfg)
+        arrays = initial_global_arrays(cfg)  # never from a node's reply
         start = 0
         store.save(0, arrays, metrics={}, config=cfg_dict)
     summary = RunSummary(run_dir=run_dir, start_round=start, last_round=start)
+    # which aggregation made the global arrays: sites commit a round's personal
+    # state only when the server kept their update (common.faults.ModelVersion)
+    model = (
+        ModelTracker.from_checkpoint_meta(last.meta, start)
+        if last is not None
+        else ModelTracker()
+    )
     jsonl = run_dir / ROUNDS_JSONL
     timeout = cfg.participation.round_timeout_s
 
@@ -172,19 +159,18 @@ def run_federation(
         t0 = time.monotonic()
         global_record: ArrayRecord = arrays_to_record(arrays)
         ins = FitInstructions.from_federation(cfg, rnd)
-        msgs = list(
-            strategy.configure_train(rnd, global_record, ins.to_config_record(), grid)
-        )
-        replies = list(grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
+        train_config = model.stamp(ins.to_config_record())
+        msgs = list(strategy.configure_train(rnd, global_record, train_config, grid))
+        replies = _exchange(grid, msgs, timeout)
         agg_arrays, agg_train = strategy.aggregate_train(rnd, replies)
         status = "aggregated" if agg_arrays is not None else "kept-previous"
         if agg_arrays is not None:
             arrays = record_to_arrays(agg_arrays)
+            model.aggregated(rnd, _valid_nodes(strategy.last.get("train")))
         eval_record = arrays_to_record(arrays)
-        emsgs = list(
-            strategy.configure_evaluate(rnd, eval_record, ins.to_config_record(), grid)
-        )
-        ereplies = list(grid.send_and_receive(emsgs, timeout=timeout)) if emsgs else []
+        eval_config = model.stamp(ins.to_config_record())
+        emsgs = list(strategy.configure_evaluate(rnd, eval_record, eval_config, grid))
+        ereplies = _exchange(grid, emsgs, timeout)
         agg_eval = strategy.aggregate_evaluate(rnd, ereplies)
         line: dict[str, Any] = {
             "round": rnd,
@@ -197,13 +183,18 @@ def run_federation(
             "evaluate_sampled": strategy.sampled.get("evaluate", []),
             "evaluate": _screen_summary(strategy.last.get("evaluate")),
             "evaluate_aggregated": _metrics_dict(agg_eval),
+            "model": model.as_dict(),
         }
+        # sampled nodes that sent nothing at all before the timeout
+        line["train"]["silent"] = silent_nodes(line["train_sampled"], replies)
+        line["evaluate"]["silent"] = silent_nodes(line["evaluate_sampled"], ereplies)
         store.save(
             rnd,
             arrays,
             metrics={
                 "train": line["train_aggregated"],
                 "evaluate": line["evaluate_aggregated"],
+                "model": model.as_dict(),
             },
             config=cfg_dict,
         )
@@ -224,7 +215,11 @@ def run_federation(
         )
         summary.rounds.append(line)
         summary.last_round = rnd
+    summary.outcome = write_outcome(run_dir, jsonl, cfg.num_rounds)
     log.info(
-        "run finished at round %d; checkpoints in %s", summary.last_round, store.dir
+        "run %s at round %d; checkpoints in %s",
+        summary.outcome["status"],
+        summary.last_round,
+        store.dir,
     )
     return summary

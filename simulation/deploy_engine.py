@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 DEPLOY_DIR = "deploy"
 #: The state a finished run reports (``flwr ls``).
 FINISHED_OK = "finished:completed"
+#: A run with a round that aggregated nothing (``server.faults.outcome_status``).
+FINISHED_DEGRADED = "finished:degraded"
 
 
 class DeploymentEngineError(MammofedError):
@@ -146,7 +148,9 @@ def run_federated_deployment(
             raise DeploymentEngineError(
                 f"{exc}; SuperLink log:\n" + tail_text(base / "superlink.log")
             ) from exc
-        if status != FINISHED_OK:
+        if status == FINISHED_DEGRADED:  # as in-process: some round aggregated
+            log.warning("deployment: run %d ended degraded (outcome.json)", run_id)
+        elif status != FINISHED_OK:
             raise DeploymentEngineError(
                 f"run {run_id} ended {status!r}; SuperLink log:\n"
                 + tail_text(base / "superlink.log")

@@ -1,4 +1,8 @@
-"""``mammofed-server status``: runs on the SuperLink and a run dir's progress."""
+"""``mammofed-server status``: runs on the SuperLink and a run dir's progress.
+
+An unreachable SuperLink is an error (exit 2, one line naming the address),
+never an empty list.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from pathlib import Path
 from common.federation import CHECKPOINT_DIR, ROUNDS_JSONL
 from common.tls import client_tls_from_flags
 from server.checkpoints import CheckpointStore
+from server.faults import read_outcome
 from server.launch import Connection, list_runs, prepare_home
+from server.process import ProcessError
 
 NAME = "status"
 HELP = "list the SuperLink's runs; with --run-dir, that run's last round"
@@ -32,7 +38,15 @@ def run(args: argparse.Namespace) -> int:
     conn = Connection(args.superlink, args.insecure, ca)
     with tempfile.TemporaryDirectory(prefix="mammofed-status-") as tmp:
         home = prepare_home(Path(tmp), conn)
-        for r in list_runs(home):
+        try:
+            runs = list_runs(home)
+        except ProcessError as exc:
+            raise ProcessError(
+                f"SuperLink at {conn.address} is unreachable or refused: {exc}"
+            ) from exc
+        if not runs:
+            print(f"SuperLink at {conn.address}: no runs")
+        for r in runs:
             print(f"run {r.get('run-id')}: {r.get('status')} ({r.get('elapsed')})")
     if args.run_dir is not None:
         store = CheckpointStore(args.run_dir / CHECKPOINT_DIR)
@@ -48,4 +62,11 @@ def run(args: argparse.Namespace) -> int:
                     f"train {last['train_aggregated']} "
                     f"eval {last['evaluate_aggregated']}"
                 )
+        outcome = read_outcome(args.run_dir)
+        if outcome is not None:
+            print(
+                f"outcome {outcome['status']}: rounds without an aggregated update "
+                f"{outcome['rounds_without_update']}, rounds with faults "
+                f"{sorted(outcome['faults'], key=int)}"
+            )
     return 0
