@@ -7,6 +7,9 @@ import logging
 from pathlib import Path
 
 from client.export import export_model
+from client.model_card import write_model_card
+from client.onnx_export import export_onnx
+from common.checkpoint import load_checkpoint
 from common.config.site import load_site_config
 from common.errors import ConfigError
 
@@ -43,11 +46,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the global model (under FedBN a site must lend its norm layers)",
     )
+    parser.add_argument(
+        "--onnx",
+        type=Path,
+        help="also write this .onnx file (+ .contract.json, model card), see "
+        "docs/models.md",
+    )
+    parser.add_argument(
+        "--eval",
+        type=Path,
+        help="a 'mammofed-client evaluate' folder of this model: its CPM goes "
+        "to the model cards",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Export; exit 0 when the checkpoint was written."""
     site, state_dir = args.site, args.state_dir
+    if args.onnx is not None and args.onnx.suffix != ".onnx":
+        raise ConfigError("command line", "--onnx", f"must end in .onnx: {args.onnx}")
     if state_dir is not None and site is None:
         raise ConfigError(
             "command line",
@@ -71,4 +88,8 @@ def run(args: argparse.Namespace) -> int:
         global_only=args.global_only,
     )
     log.info("wrote %s (%s model, round %d)", res.path, res.kind, res.round)
+    ck = load_checkpoint(res.path)
+    write_model_card(res.path, ck, kind="torch-checkpoint", eval_dir=args.eval)
+    if args.onnx is not None:
+        export_onnx(res.path, args.onnx, eval_dir=args.eval)
     return 0

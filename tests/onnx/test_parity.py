@@ -1,0 +1,209 @@
+"""onnxruntime gives the torch model's detections (stored pixels), within tolerance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import batched_nms
+
+from client.model_card import ModelIntegrityError, card_paths
+from client.onnx_export import (
+    BOX_TOL_STORED_PX,
+    SCORE_TOL,
+    HeadGraph,
+    OnnxDetector,
+    Postprocess,
+    compare_detections,
+    contract_path,
+    export_onnx,
+    flatten_like_head,
+    postprocess,
+)
+from client.predict import predict_paths
+from common.adapt.standardize import HistogramStandardizer
+from common.checkpoint import load_model
+from common.engine import predict_images
+from common.errors import CheckpointMismatch
+from common.keys import CLASSES
+
+FLOOR = 0.05
+
+
+def _torch_records(ck: Path, files: list[Path], out: Path, **kw) -> list[dict]:
+    res = predict_paths(
+        ck, files, out, score_floor=FLOOR, device="cpu", overlay=False, **kw
+    )
+    assert not res.skipped, res.skipped
+    return [json.loads(p.read_text()) for p in res.written]
+
+
+def _assert_parity(torch_docs: list[dict], onnx_docs: list[dict]) -> int:
+    assert [d["source"] for d in torch_docs] == [d["source"] for d in onnx_docs]
+    total = 0
+    for t, o in zip(torch_docs, onnx_docs, strict=True):
+        assert t["stored_shape"] == o["stored_shape"]
+        par = compare_detections(t["detections"], o["detections"])
+        assert par.within(BOX_TOL_STORED_PX, SCORE_TOL), (t["source"], par)
+        total += par.n_a
+    return total
+
+
+def test_head_graph_is_the_torchvision_head(make_checkpoint):
+    """The graph's per-level outputs, re-flattened, equal FCOSHead's exactly."""
+    model, _ = load_model(make_checkpoint())
+    x = torch.rand(2, 1, 96, 128)
+    with torch.no_grad():
+        feats = list(model.backbone((x - 0.5) / 0.25).values())
+        want = model.head(feats)
+        got = flatten_like_head(HeadGraph(model)(x))
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_synthetic_exam_parity(make_checkpoint, write_exam, tmp_path):
+    """A four-view exam (both sides: the flip path; four sizes: the padding)."""
+    ck = make_checkpoint()
+    exp = export_onnx(ck, tmp_path / "out" / "model.onnx")
+    files = write_exam()
+    want = _torch_records(ck, files, tmp_path / "torch")
+    got = OnnxDetector(exp.onnx, threads=2).with_score_floor(FLOOR).predict_files(files)
+    assert _assert_parity(want, got) > 40  # the test compares real detections
+    right = [d for d in got if d["laterality"] == "R"]
+    assert right and all(d["detections"] for d in right)
+
+
+def test_model_space_parity_on_odd_sizes(make_checkpoint, tmp_path):
+    """Sizes not divisible by 32, one batch: raw model-space outputs agree."""
+    ck = make_checkpoint(score_thresh=0.02)
+    exp = export_onnx(ck, tmp_path / "m.onnx")
+    model, _ = load_model(ck)
+    rng = np.random.default_rng(0)
+    ims = [rng.random((150 + 7 * i, 100 + 13 * i)).astype(np.float32) for i in range(3)]
+    want = predict_images(model, [torch.from_numpy(x)[None] for x in ims], "cpu")
+    got = OnnxDetector(exp.onnx).detect(ims)
+    for w, g in zip(want, got, strict=True):
+        assert len(w["scores"]) == len(g["scores"]) == 100
+        np.testing.assert_array_equal(w["labels"], g["labels"])
+        np.testing.assert_allclose(g["scores"], w["scores"], atol=SCORE_TOL)
+        np.testing.assert_allclose(g["boxes"], w["boxes"], atol=0.05)
+
+
+def test_standardizer_travels_in_the_contract(make_checkpoint, write_exam, tmp_path):
+    """A site standardizer in the checkpoint is applied by both runtimes alike."""
+    std = HistogramStandardizer((5.0, 50.0, 95.0), (0.3, 0.5, 0.7), (0.1, 0.6, 0.9),
+                                0.05, 3)  # fmt: skip
+    ck = make_checkpoint(extra={"standardizer": std.to_dict()})
+    exp = export_onnx(ck, tmp_path / "std.onnx")
+    contract = json.loads(exp.contract.read_text())
+    assert contract["preprocessing"]["standardizer"]["landmarks"] == [0.3, 0.5, 0.7]
+    files = write_exam()
+    det = OnnxDetector(exp.onnx).with_score_floor(FLOOR)
+    _assert_parity(_torch_records(ck, files, tmp_path / "t"), det.predict_files(files))
+    # the standardizer matters: without it the detections differ
+    plain = make_checkpoint("plain.pt")
+    other = _torch_records(plain, files, tmp_path / "p")
+    assert other[0]["detections"] != det.predict_files(files[:1])[0]["detections"]
+
+
+def test_real_vendor_dicom_parity(shared_data, make_checkpoint, tmp_path):
+    """Siemens JPEG Lossless and NEMA J2K film: same detections in both runtimes."""
+    files = [
+        shared_data / "dicom" / "fo-dicom" / "OutOfBoundsOverlay.dcm",
+        shared_data / "dicom" / "nema-wg04" / "MG1_J2KI.dcm",
+    ]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        pytest.skip("no readable vendor DICOM under shared/data/dicom")
+    ck = make_checkpoint()
+    exp = export_onnx(ck, tmp_path / "real.onnx")
+    want = _torch_records(ck, files, tmp_path / "t", default_spacing_mm=0.05)
+    got = (
+        OnnxDetector(exp.onnx)
+        .with_score_floor(FLOOR)
+        .predict_files(files, default_spacing_mm=0.05)
+    )
+    assert _assert_parity(want, got) > 0
+    assert all(d["box_space"] == "stored" for d in got)
+    rows, cols = got[0]["stored_shape"]
+    for d in got[0]["detections"]:
+        x0, y0, x1, y1 = d["box"]
+        assert 0 <= x0 <= x1 <= cols and 0 <= y0 <= y1 <= rows  # clipped: may be flat
+
+
+def test_floor_above_every_score_gives_nothing(make_checkpoint, write_exam, tmp_path):
+    """Negative case: no candidate above the floor -> no detection in either."""
+    ck = make_checkpoint()
+    exp = export_onnx(ck, tmp_path / "m.onnx")
+    files = write_exam()[:2]
+    res = predict_paths(ck, files, tmp_path / "t", score_floor=0.9999, overlay=False)
+    torch_docs = [json.loads(p.read_text()) for p in res.written]
+    onnx_docs = OnnxDetector(exp.onnx).with_score_floor(0.9999).predict_files(files)
+    assert all(not d["detections"] for d in torch_docs + onnx_docs)
+
+
+def test_numpy_nms_matches_torchvision():
+    """Per-class NMS of the post-processing keeps what torchvision keeps."""
+    rng = np.random.default_rng(1)
+    xy = rng.random((300, 2)).astype(np.float32) * 100
+    wh = rng.random((300, 2)).astype(np.float32) * 30 + 1
+    boxes = np.concatenate([xy, xy + wh], 1)
+    scores = rng.random(300).astype(np.float32)
+    labels = rng.integers(0, len(CLASSES), 300)
+    want = batched_nms(
+        torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels), 0.5
+    ).numpy()
+    # one level, one cell per box is awkward: call the NMS through postprocess's rule
+    from client.onnx_export import nms
+
+    keep = []
+    for c in np.unique(labels):
+        sel = np.nonzero(labels == c)[0]
+        keep.extend(sel[nms(boxes[sel], scores[sel], 0.5)])
+    keep = np.asarray(keep)[np.argsort(-scores[keep], kind="stable")]
+    np.testing.assert_array_equal(keep, want)
+    assert 0 < len(keep) < 300
+
+
+def test_postprocess_rejects_wrong_outputs():
+    post = Postprocess(0.05, 10, 0.6, 5)
+    with pytest.raises(ValueError, match="3 outputs per level"):
+        postprocess(
+            [np.zeros((1, 2, 4, 4), np.float32)] * 4, (32, 32), [(32, 32)], post
+        )
+
+
+def test_tampered_onnx_is_refused(make_checkpoint, tmp_path):
+    """A graph or contract changed after export (hash mismatch) is refused."""
+    exp = export_onnx(make_checkpoint(), tmp_path / "m.onnx")
+    OnnxDetector(exp.onnx)  # intact: loads
+    raw = exp.onnx.read_bytes()
+    exp.onnx.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    with pytest.raises(ModelIntegrityError, match=r"m\.onnx: SHA-256 .* differs"):
+        OnnxDetector(exp.onnx)
+    exp.onnx.write_bytes(raw)
+    contract = json.loads(exp.contract.read_text())
+    contract["postprocessing"]["score_thresh"] = 0.9
+    exp.contract.write_text(json.dumps(contract))
+    with pytest.raises(ModelIntegrityError, match=r"contract\.json: SHA-256"):
+        OnnxDetector(exp.onnx)
+    card_paths(exp.onnx)[0].unlink()
+    with pytest.raises(ModelIntegrityError, match="model card does not exist"):
+        OnnxDetector(exp.onnx)
+    assert contract_path(exp.onnx).is_file()
+
+
+def test_export_refuses_bad_inputs(make_checkpoint, tmp_path):
+    from client.export import ExportError
+
+    ck = make_checkpoint()
+    with pytest.raises(ExportError, match=r"must name a file ending in \.onnx"):
+        export_onnx(ck, tmp_path / "m.pt")
+    with pytest.raises(ExportError, match="opset: must be in"):
+        export_onnx(ck, tmp_path / "m.onnx", opset=9)
+    with pytest.raises(CheckpointMismatch, match="does not exist"):
+        export_onnx(tmp_path / "none.pt", tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
