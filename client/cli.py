@@ -12,9 +12,12 @@ from common.cli import main_for
 MODULES = (
     "client.commands.ingest",
     "client.commands.start",
+    "client.commands.status",
     "client.commands.export",
+    "client.commands.export_onnx",
     "client.commands.evaluate",
     "client.commands.predict",
+    "client.commands.serve",
 )
 
 

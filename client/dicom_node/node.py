@@ -1,0 +1,427 @@
+"""The site's DICOM storage node: images in, CAD SR out (``mammofed-client serve``).
+
+:class:`DicomNode` runs three things until stopped:
+
+* a **Storage SCP** (pynetdicom) on ``dicom_node.host:port`` with AE title
+  ``dicom_node.ae_title``. Associations from a calling AE title not in
+  ``allowed_calling_aes`` are rejected (A-ASSOCIATE-RJ, rejected-permanent,
+  service-user, "calling AE title not recognized") and logged with the title and
+  the peer address; associations addressed to another called AE title are
+  rejected the same way ("called AE title not recognized"). Every storage SOP
+  class is negotiated (any transfer syntax), so a wrong object gets a C-STORE
+  failure status rather than a failed negotiation: see
+  :mod:`client.dicom_node.checks`. Accepted images go to
+  ``<incoming_dir>/<StudyInstanceUID>/<SOPInstanceUID>.dcm``. C-ECHO answers.
+* an **exam worker**: when a study is complete (rule in
+  :mod:`client.dicom_node.exams`) it scores every image of the study received
+  so far with the site's current model (:class:`~client.dicom_node.scoring.ExamScorer`),
+  builds one Mammography CAD SR (:func:`client.cad_sr.build_cad_sr`), puts it
+  in the outbox, then ingests the site folder
+  (:func:`client.ingest.ingest_site`): the received images become cache entries
+  without annotation rows, i.e. **unlabeled** images that the semi-supervised
+  trainer uses. ``<study>/.scored.json`` records what was scored; studies with
+  unscored images found at start (daemon stopped mid-exam) are processed again.
+* the **outbox sender** (:class:`~client.dicom_node.outbox.Outbox`): C-STORE of
+  each SR to ``dicom_node.destination``, retried with backoff across restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from client.cad_sr import build_cad_sr, write_cad_sr
+from client.dicom_node.checks import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    check_received,
+)
+from client.dicom_node.exams import ExamTracker
+from client.dicom_node.outbox import Outbox, RetryPolicy, c_store_file
+from client.dicom_node.scoring import ExamScorer
+from common.config.dicom_node import DicomNodeConfig
+from common.config.site import SiteConfig
+from common.errors import ConfigError, MammofedError
+from common.fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+#: Per-study record of what was scored and which SR was made.
+SCORED_JSON = ".scored.json"
+#: Folder under ``data_dir`` holding received images when not configured.
+DEFAULT_INCOMING = "incoming"
+#: ``algorithm_name`` written into the SR.
+ALGORITHM_NAME = "mammofed"
+
+
+def _peer(assoc: Any) -> str:
+    req = assoc.requestor
+    return f"{req.address}:{req.port}"
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+class DicomNode:
+    """Storage SCP + exam worker + outbox sender (see the module docstring).
+
+    Args:
+        site: the site config; needs ``data_dir``, ``cache_dir`` and ``dicom_node``.
+        checkpoint: model file; overrides ``dicom_node.checkpoint``.
+        device: torch device for scoring (``auto``, ``cpu``, ``cuda``...).
+        source: where ``site`` came from, for error messages (file name).
+        poll_s: how often the worker looks for complete exams.
+
+    Raises:
+        ConfigError: a setting the node needs is missing or inconsistent
+            (names the file, the key and the value).
+    """
+
+    def __init__(
+        self,
+        site: SiteConfig,
+        *,
+        checkpoint: str | Path | None = None,
+        device: str = "auto",
+        source: str = "<site config>",
+        poll_s: float = 0.2,
+    ) -> None:
+        node = site.dicom_node
+        if node is None:
+            raise ConfigError(source, "dicom_node", "missing: the node is not set up")
+        if site.data_dir is None:
+            raise ConfigError(
+                source, "data_dir", "required by dicom_node (images are stored there)"
+            )
+        if site.cache_dir is None:
+            raise ConfigError(
+                source, "cache_dir", "required by dicom_node (images are ingested)"
+            )
+        model = Path(checkpoint) if checkpoint is not None else node.checkpoint
+        if model is None:
+            raise ConfigError(
+                source,
+                "dicom_node.checkpoint",
+                "no model: set it or pass --checkpoint",
+            )
+        incoming = node.incoming_dir or site.data_dir / DEFAULT_INCOMING
+        if not _inside(incoming, site.data_dir):
+            raise ConfigError(
+                source,
+                "dicom_node.incoming_dir",
+                f"must lie inside data_dir ({site.data_dir}) so that ingest keeps "
+                f"its images, got {str(incoming)!r}",
+            )
+        if _inside(incoming, site.cache_dir):
+            raise ConfigError(
+                source,
+                "dicom_node.incoming_dir",
+                f"must not lie inside cache_dir ({site.cache_dir}), "
+                f"got {str(incoming)!r}",
+            )
+        self.site = site
+        self.cfg: DicomNodeConfig = node
+        self.incoming = Path(incoming)
+        self.poll_s = float(poll_s)
+        self.tracker = ExamTracker(node.exam_settle_s, node.exam_idle_s)
+        self.scorer = ExamScorer(
+            model,
+            score_floor=node.score_floor,
+            default_spacing_mm=site.default_spacing_mm,
+            device=device,
+        )
+        self.outbox = Outbox(
+            node.queue_dir,
+            lambda p: c_store_file(p, node.destination, node.ae_title, node.timeout_s),
+            RetryPolicy.from_config(node),
+        )
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server: Any = None
+
+    # --- lifecycle --------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        """The port the SCP listens on (after :meth:`start`)."""
+        if self._server is None:
+            raise RuntimeError("the node is not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> DicomNode:
+        """Load the model, open the port, start the worker and sender threads.
+
+        Raises:
+            MammofedError: the model cannot be loaded or the port not opened.
+        """
+        from pynetdicom import (
+            AE,
+            ALL_TRANSFER_SYNTAXES,
+            AllStoragePresentationContexts,
+            evt,
+        )
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        self.scorer.load()
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self._restore_unscored()
+        ae = AE(ae_title=self.cfg.ae_title)
+        ae.require_calling_aet = list(self.cfg.allowed_calling_aes)
+        ae.require_called_aet = True
+        ae.acse_timeout = ae.dimse_timeout = self.cfg.timeout_s
+        for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        self._stop.clear()
+        for name, target in (
+            ("dicom-outbox", lambda: self.outbox.run(self._stop)),
+            ("dicom-exams", self._work),
+        ):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        try:
+            self._server = ae.start_server(
+                (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers
+            )
+        except OSError as exc:
+            self.stop()
+            raise MammofedError(
+                f"cannot listen on {self.cfg.host}:{self.cfg.port}: {exc}"
+            ) from exc
+        log.info(
+            "DICOM node %s listening on %s:%d; allowed calling AEs: %s; "
+            "results to %s@%s:%d; incoming %s",
+            self.cfg.ae_title, self.cfg.host, self.port,
+            ", ".join(self.cfg.allowed_calling_aes), self.cfg.destination.ae_title,
+            self.cfg.destination.host, self.cfg.destination.port, self.incoming,
+        )  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        """Close the port, stop the threads (pending SRs stay queued on disk)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self._stop.set()
+        self.outbox.wake()
+        for t in self._threads:
+            t.join(timeout=60)
+        self._threads.clear()
+        pending = self.tracker.pending()
+        if pending:
+            log.info(
+                "%d exams still incomplete; they are scored at the next start",
+                len(pending),
+            )
+
+    def __enter__(self) -> DicomNode:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        """Run until interrupted (KeyboardInterrupt / SIGTERM); then stop."""
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # --- SCP event handlers (run in pynetdicom's association threads) ------------
+    def _on_accepted(self, event: Any) -> None:
+        self.tracker.association_opened(id(event.assoc))
+        log.info(
+            "association from %s at %s accepted",
+            event.assoc.requestor.ae_title, _peer(event.assoc),
+        )  # fmt: skip
+
+    def _on_closed(self, event: Any) -> None:
+        self.tracker.association_ended(id(event.assoc))
+
+    def _on_rejected(self, event: Any) -> None:
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        rq = assoc.requestor.primitive
+        called = str(rq.called_ae_title).strip() if rq is not None else ""
+        if calling not in self.cfg.allowed_calling_aes:
+            why = (
+                "calling AE title not recognized (allowed: "
+                f"{', '.join(self.cfg.allowed_calling_aes)})"
+            )
+        elif called and called != self.cfg.ae_title:
+            why = f"called AE title {called!r} is not this node's {self.cfg.ae_title!r}"
+        else:
+            why = "local limit (too many associations)"
+        log.warning(
+            "association from calling AE %r at %s rejected: %s",
+            calling, _peer(assoc), why,
+        )  # fmt: skip
+
+    def _on_store(self, event: Any) -> int:
+        assoc = event.assoc
+        who = f"{str(assoc.requestor.ae_title).strip()} at {_peer(assoc)}"
+        try:
+            ds: Dataset = event.dataset
+            ds.file_meta = event.file_meta
+        except Exception as exc:  # noqa: BLE001 - any decode failure is the sender's
+            log.warning(
+                "refused an instance from %s: data set cannot be decoded: %s "
+                "(status 0x%04X)", who, exc, STATUS_CANNOT_UNDERSTAND,
+            )  # fmt: skip
+            return STATUS_CANNOT_UNDERSTAND
+        sop_uid = str(ds.get("SOPInstanceUID", "absent"))
+        refusal = check_received(ds, event.request.AffectedSOPClassUID)
+        if refusal is not None:
+            log.warning("%s; from %s", refusal.message(sop_uid), who)
+            return refusal.status
+        study = str(ds.StudyInstanceUID)
+        folder = self.incoming / study
+        path = folder / f"{sop_uid}.dcm"
+        tmp = folder / f".{sop_uid}.{threading.get_ident()}.tmp"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            ds.save_as(tmp, enforce_file_format=True)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.error(
+                "could not store SOP Instance %s from %s in %s: %s (status 0x%04X)",
+                sop_uid, who, path, exc, STATUS_OUT_OF_RESOURCES,
+            )  # fmt: skip
+            return STATUS_OUT_OF_RESOURCES
+        self.tracker.image_received(study, id(assoc))
+        log.info("stored %s (study %s) from %s", path.name, study, who)
+        return STATUS_SUCCESS
+
+    # --- exam worker ---------------------------------------------------------------
+    def _restore_unscored(self) -> None:
+        for folder in sorted(p for p in self.incoming.iterdir() if p.is_dir()):
+            if folder.name.startswith("."):
+                continue
+            done = set(_read_scored(folder).get("files", []))
+            if any(f.name not in done for f in folder.glob("*.dcm")):
+                log.info("study %s has unscored images; scoring it", folder.name)
+                self.tracker.restore(folder.name)
+
+    def _work(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            studies = self.tracker.pop_complete()
+            if not studies:
+                continue
+            for study in studies:
+                try:
+                    self.process_study(study)
+                except MammofedError as exc:
+                    log.error("study %s not scored: %s", study, exc)
+                except Exception:  # noqa: BLE001 - the daemon must keep serving
+                    log.exception("study %s not scored: unexpected error", study)
+            self.ingest()
+
+    def process_study(self, study_uid: str) -> Path | None:
+        """Score a study's received images, queue its CAD SR; return the SR's path.
+
+        Returns ``None`` when no image of the study could be scored (logged).
+
+        Raises:
+            MammofedError: the model cannot be loaded.
+        """
+        folder = self.incoming / study_uid
+        files = sorted(folder.glob("*.dcm"))
+        if not files:
+            log.warning("study %s: no images in %s", study_uid, folder)
+            return None
+        res = self.scorer.score(files)
+        record: dict[str, Any] = {
+            "files": [f.name for f in files],
+            "refused": {p.name: why for p, why in res.refused},
+            "model_sha256": self.scorer.model_sha256,
+            "sr": None,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if not res.scored:
+            log.error(
+                "study %s: none of its %d images could be scored; no SR",
+                study_uid, len(files),
+            )  # fmt: skip
+            _write_scored(folder, record)
+            return None
+        sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in res.scored]
+        sr = build_cad_sr(
+            sources,
+            [s.detections for s in res.scored],
+            algorithm_name=ALGORITHM_NAME,
+            algorithm_version=self._algorithm_version(),
+            score_floor=self.cfg.score_floor,
+        )
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{sr.SOPInstanceUID}"
+        queued = self.outbox.enqueue(sr, name, write_cad_sr)
+        record["sr"] = str(sr.SOPInstanceUID)
+        _write_scored(folder, record)
+        log.info(
+            "study %s: %d images scored (%d detections >= %.2f), %d refused; SR %s",
+            study_uid, len(res.scored),
+            sum(len(s.detections) for s in res.scored), self.cfg.score_floor,
+            len(res.refused), queued.name,
+        )  # fmt: skip
+        return queued
+
+    def _algorithm_version(self) -> str:
+        from common import __version__
+
+        return f"{__version__} model {self.scorer.model_sha256[:12]}"
+
+    def ingest(self) -> None:
+        """Ingest the site folder so received images join the cache (unlabeled)."""
+        from client.ingest import ingest_site
+
+        assert self.site.data_dir is not None and self.site.cache_dir is not None
+        try:
+            res = ingest_site(
+                self.site.data_dir, self.site.cache_dir, self.site, workers=1
+            )
+        except MammofedError as exc:
+            log.error("ingest of %s failed: %s", self.site.data_dir, exc)
+            return
+        log.info(
+            "site cache %s: %d images (%d new)",
+            self.site.cache_dir, len(res.entries), len(res.new),
+        )  # fmt: skip
+
+
+def _read_scored(folder: Path) -> dict[str, Any]:
+    path = folder / SCORED_JSON
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("%s unreadable (%s); study rescored", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_scored(folder: Path, record: dict[str, Any]) -> None:
+    atomic_write_text(folder / SCORED_JSON, json.dumps(record, indent=1))

@@ -1,0 +1,229 @@
+"""Fixtures: synthetic MG exams and a CT image (pydicom), a tiny checkpoint,
+a site config with a DICOM node on free ports, and DCMTK process helpers.
+
+Every process a test starts goes through :func:`started`, which stops it in a
+``finally`` even when the test fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.uid import generate_uid
+
+from common.checkpoint import save_checkpoint
+from common.model import ModelConfig, build_detector
+
+#: (ImageLaterality, ViewPosition, breast side in the stored image) per view.
+FOUR_VIEWS = (("L", "CC", "left"), ("L", "MLO", "left"), ("R", "CC", "right"),
+              ("R", "MLO", "right"))  # fmt: skip
+ROWS, COLS = 256, 200
+SPACING_MM = 0.2
+SENDER_AE = "MG_ROOM1"
+NODE_AE = "MAMMOFED"
+DEST_AE = "PACS"
+
+needs_dcmtk = pytest.mark.skipif(
+    shutil.which("storescu") is None or shutil.which("storescp") is None,
+    reason="DCMTK storescu/storescp not installed (apt-get install dcmtk)",
+)
+
+
+def load_factory() -> ModuleType:
+    """Import tests/dicom/factory.py by path (tests run with importlib mode)."""
+    name = "mammofed_tests_dicom_factory"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parents[1] / "dicom" / "factory.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _add_study(path: Path, study_uid: str, series_uid: str, number: int) -> None:
+    """Patient/study/series attributes, and pixels made unique to this image."""
+    ds = pydicom.dcmread(path)
+    px = ds.pixel_array.astype(np.int32)
+    seed = int(str(ds.SOPInstanceUID).replace(".", "")) % 2**32
+    noise = np.random.default_rng(seed).integers(0, 8, size=px.shape)
+    ds.PixelData = np.clip(px + noise, 0, 4095).astype(np.uint16).tobytes()
+    ds.PatientName = "DOE^JANE"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyDate, ds.StudyTime = "20250115", "093000"
+    ds.AccessionNumber = "ACC42"
+    ds.ReferringPhysicianName = "WHO^DR"
+    ds.StudyID = "S1"
+    ds.SeriesNumber, ds.InstanceNumber = 1, number
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_exam(folder: Path, study_uid: str | None = None) -> list[Path]:
+    """A four-view MG exam (one study, 256x200 px at 0.2 mm) in ``folder``."""
+    factory = load_factory()
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    paths = []
+    for i, (lat, view, side) in enumerate(FOUR_VIEWS, start=1):
+        path = folder / f"{lat}{view}.dcm"
+        factory.write_mammo(
+            path, rows=ROWS, cols=COLS, side=side, image_laterality=lat,
+            view_position=view, pixel_spacing=(SPACING_MM, SPACING_MM),
+        )  # fmt: skip
+        _add_study(path, study_uid, series_uid, i)
+        paths.append(path)
+    return paths
+
+
+def write_ct(path: Path) -> Path:
+    """A small CT image (CT Image Storage, Modality CT)."""
+    factory = load_factory()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    factory.write_mammo(
+        path, rows=ROWS, cols=COLS, modality="CT", sop_class=factory.CT_IMAGE,
+        body_part="CHEST",
+    )  # fmt: skip
+    _add_study(path, generate_uid(), generate_uid(), 1)
+    return path
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """An untrained ``tiny`` detector at 0.4 mm."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="tiny", working_spacing_mm=0.4)
+    return save_checkpoint(tmp_path / "tiny.pt", build_detector(cfg), cfg)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 15.0) -> None:
+    """Block until something listens on 127.0.0.1:port."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``cond`` until true; fail the test naming ``what`` otherwise."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@contextmanager
+def started(
+    cmd: Sequence[str], log_path: Path, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` (output to ``log_path``); terminate, then kill, on exit."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as fh:
+        proc = subprocess.Popen(list(cmd), stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def serve_cmd(site_config: Path) -> list[str]:
+    """``mammofed-client serve`` in a fresh interpreter (run it with cwd=REPO)."""
+    return [sys.executable, "-m", "client.cli", "serve", "--site-config",
+            str(site_config), "--device", "cpu"]  # fmt: skip
+
+
+def storescp_cmd(port: int, out_dir: Path) -> list[str]:
+    """DCMTK storescp as the results destination (AE ``PACS``), files in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return ["storescp", "-aet", DEST_AE, "-od", str(out_dir), "-v", str(port)]
+
+
+def storescu(
+    port: int, files: Sequence[Path], calling: str = SENDER_AE
+) -> subprocess.CompletedProcess[str]:
+    """Send ``files`` in one association with DCMTK storescu (verbose output)."""
+    return subprocess.run(
+        ["storescu", "-v", "-aet", calling, "-aec", NODE_AE, "127.0.0.1", str(port),
+         *map(str, files)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def site_yaml(
+    root: Path, node_port: int, dest_port: int, checkpoint: Path, **node: object
+) -> Path:
+    """A site config under ``root`` with a DICOM node on 127.0.0.1:node_port."""
+    opts = {
+        "exam_settle_s": 0.5,
+        "exam_idle_s": 30,
+        "score_floor": 0.01,
+        "retry_interval_s": 0.5,
+        "retry_backoff": 1.0,
+        "max_attempts": 100,
+        "timeout_s": 5,
+    }
+    opts.update(node)
+    extra = "".join(f"  {k}: {v}\n" for k, v in opts.items())
+    text = (
+        "name: site-a\n"
+        f"data_dir: {root / 'data'}\n"
+        f"cache_dir: {root / 'cache'}\n"
+        "dicom_node:\n"
+        f"  ae_title: {NODE_AE}\n"
+        "  host: 127.0.0.1\n"
+        f"  port: {node_port}\n"
+        f"  allowed_calling_aes: [{SENDER_AE}]\n"
+        f"  destination: {{ae_title: {DEST_AE}, host: 127.0.0.1, port: {dest_port}}}\n"
+        f"  queue_dir: {root / 'outbox'}\n"
+        f"  checkpoint: {checkpoint}\n" + extra
+    )
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    path = root / "site.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def kit() -> SimpleNamespace:
+    """This module's helpers (test modules cannot import a conftest by name)."""
+    return SimpleNamespace(**{k: v for k, v in globals().items() if k[0] != "_"})

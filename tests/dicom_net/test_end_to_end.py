@@ -1,0 +1,161 @@
+"""End to end with DCMTK on the other side: storescu in, storescp receives the SR.
+
+``mammofed-client serve`` runs as a subprocess on a free port; DCMTK's
+``storescp`` is the results destination on another. Skipped where DCMTK is
+not installed (CI installs it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pydicom
+import pytest
+
+from client.dicom_node.outbox import PENDING_DIR
+from common.cache import SiteCache
+from common.data import SiteDataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+#: Seconds allowed for a subprocess to start (imports torch) or an exam to pass.
+WAIT_S = 180.0
+
+
+def _needs_dcmtk() -> None:
+    if shutil.which("storescu") is None or shutil.which("storescp") is None:
+        pytest.skip("DCMTK storescu/storescp not installed (apt-get install dcmtk)")
+
+
+def _referenced(sr: pydicom.Dataset) -> set[str]:
+    return {
+        str(item.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
+
+
+def test_exam_in_sr_out_refusals_logged(
+    tmp_path: Path, tiny_checkpoint: Path, kit: SimpleNamespace
+) -> None:
+    _needs_dcmtk()
+    node_port, dest_port = kit.free_port(), kit.free_port()
+    cfg = kit.site_yaml(tmp_path, node_port, dest_port, tiny_checkpoint)
+    exam = kit.write_exam(tmp_path / "send")
+    uids = {str(pydicom.dcmread(p).SOPInstanceUID) for p in exam}
+    study = str(pydicom.dcmread(exam[0]).StudyInstanceUID)
+    ct = kit.write_ct(tmp_path / "send_ct" / "ct.dcm")
+    ct_uid = str(pydicom.dcmread(ct).SOPInstanceUID)
+    received = tmp_path / "received"
+    serve_log = tmp_path / "serve.log"
+    with kit.started(kit.storescp_cmd(dest_port, received), tmp_path / "scp.log"):
+        kit.wait_port(dest_port)
+        with kit.started(kit.serve_cmd(cfg), serve_log, cwd=kit.REPO) as serve:
+            kit.wait_port(node_port, WAIT_S)
+            sent = kit.storescu(node_port, exam)
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            refused = kit.storescu(node_port, [ct])
+            out = refused.stdout + refused.stderr
+            assert refused.returncode != 0, out
+            assert "Received Store Response (Refused: SOPClassNotSupported)" in out
+            intruder = kit.storescu(node_port, exam[:1], calling="INTRUDER")
+            out = intruder.stdout + intruder.stderr
+            assert intruder.returncode != 0, out
+            assert "Association Rejected" in out
+            assert "Reason: Calling AE Title Not Recognized" in out
+            kit.wait_for(lambda: len(_files(received)) >= 1, WAIT_S, "the CAD SR")
+            kit.wait_for(
+                lambda: len(SiteCache(tmp_path / "cache").read_manifest()) == 4,
+                WAIT_S,
+                "four cached images",
+            )
+            serve.terminate()
+            assert serve.wait(timeout=30) == 143  # clean stop on SIGTERM
+    log = serve_log.read_text()
+    # refusals: a log line naming the instance / AE, the field, value and peer
+    assert (
+        f"refused SOP Instance {ct_uid}: SOPClassUID='1.2.840.10008.5.1.4.1.1.2'" in log
+    ), log
+    assert "(status 0x0122); from MG_ROOM1 at 127.0.0.1:" in log
+    assert "association from calling AE 'INTRUDER' at 127.0.0.1:" in log
+    assert "calling AE title not recognized" in log
+    # one SR, for the four images of the study
+    [sr_path] = _files(received)
+    sr = pydicom.dcmread(sr_path)
+    assert sr.SOPClassUID == CAD_SR and sr.StudyInstanceUID == study
+    assert _referenced(sr) == uids
+    if shutil.which("dciodvfy") is not None:
+        check = subprocess.run(
+            ["dciodvfy", str(sr_path)], capture_output=True, text=True, timeout=60
+        )
+        errors = [
+            ln for ln in (check.stdout + check.stderr).splitlines()
+            if ln.startswith("Error")
+        ]  # fmt: skip
+        assert errors == [], errors
+    # only the four mammograms were stored, and they are cached UNLABELED
+    incoming = tmp_path / "data" / "incoming"
+    assert [p.name for p in incoming.iterdir()] == [study]
+    assert {p.stem for p in (incoming / study).glob("*.dcm")} == uids
+    ds = SiteDataset(tmp_path / "cache")
+    assert len(ds) == 4 and len(ds.indices("unlabeled")) == 4
+    assert ds.indices("labeled") == [] and ds.indices("test") == []
+    assert {r.meta.sop_instance_uid for r in ds.records} == uids
+    assert not _files(tmp_path / "outbox" / PENDING_DIR)
+
+
+def test_destination_down_queued_survives_restart_then_delivered(
+    tmp_path: Path, tiny_checkpoint: Path, kit: SimpleNamespace
+) -> None:
+    _needs_dcmtk()
+    node_port, dest_port = kit.free_port(), kit.free_port()
+    cfg = kit.site_yaml(tmp_path, node_port, dest_port, tiny_checkpoint)
+    exam = kit.write_exam(tmp_path / "send")
+    pending = tmp_path / "outbox" / PENDING_DIR
+    received = tmp_path / "received"
+    first_log, second_log = tmp_path / "serve1.log", tmp_path / "serve2.log"
+
+    def queued() -> list[Path]:
+        return [p for p in _files(pending) if p.suffix == ".dcm"]
+
+    # 1. destination down: the SR is queued and attempts fail (logged)
+    with kit.started(kit.serve_cmd(cfg), first_log, cwd=kit.REPO) as serve:
+        kit.wait_port(node_port, WAIT_S)
+        sent = kit.storescu(node_port, exam)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        kit.wait_for(
+            lambda: "attempt 2/100 failed" in first_log.read_text(),
+            WAIT_S,
+            "two failed send attempts",
+        )
+        serve.terminate()
+        assert serve.wait(timeout=30) == 143
+    [item] = queued()
+    sr_uid = str(pydicom.dcmread(item).SOPInstanceUID)
+    assert "no connection (destination down or unreachable)" in first_log.read_text()
+    # 2. restart: the queue is re-read and retried (destination still down) ...
+    with kit.started(kit.serve_cmd(cfg), second_log, cwd=kit.REPO):
+        kit.wait_port(node_port, WAIT_S)
+        kit.wait_for(
+            lambda: "attempt 3/100 failed" in second_log.read_text(),
+            WAIT_S,
+            "the attempt count carried over the restart",
+        )
+        # 3. ... and delivered by a retry once the destination is up
+        with kit.started(kit.storescp_cmd(dest_port, received), tmp_path / "scp.log"):
+            kit.wait_for(lambda: len(_files(received)) == 1, WAIT_S, "delivery")
+            kit.wait_for(lambda: not queued(), WAIT_S, "an empty queue")
+    [sr_path] = _files(received)
+    assert str(pydicom.dcmread(sr_path).SOPInstanceUID) == sr_uid
+    assert "results pending" in second_log.read_text()
+    assert f"delivered {item.name}" in second_log.read_text()
+    assert not _files(tmp_path / "outbox" / "failed")
