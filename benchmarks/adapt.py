@@ -73,7 +73,7 @@ from common.engine import (
 from common.froc import paired_cpm_difference
 from common.keys import CLASSES, CPM_MEAN
 from common.model import Personalization
-from common.sampling import balanced_sampler
+from common.recipe import Recipe
 from simulation.train import few_label_subset
 
 log = logging.getLogger("benchmarks.adapt")
@@ -117,10 +117,10 @@ def _train_ssl(
     seed_everything(cfg.seed)
     model = copy.deepcopy(start).to(dev)
     teacher = MeanTeacher(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    recipe = Recipe(lr=lr, batch_size=batch, lesion_prob=lesion_prob)
+    opt = recipe.optimizer(model.parameters())
     lab_idx, unl_idx = split or (site.indices("labeled"), site.indices("unlabeled"))
     view = site.subset(lab_idx, StrongAugment(seed=cfg.seed + 1))
-    flags = [int(view.target(i)["boxes"].shape[0]) > 0 for i in range(len(view))]
     unl_view = site.subset(unl_idx, hide_labels=True)
     unl = None
     if cfg.ssl_enabled and len(unl_view) > 0:
@@ -133,10 +133,7 @@ def _train_ssl(
     step, rnd, t0 = 0, 0, time.perf_counter()
     totals = {"pseudo": 0.0, "unlabeled_seen": 0, "skipped": 0}
     while step < steps:
-        sampler = balanced_sampler(
-            flags, lesion_prob, num_samples=batch * min(50, steps - step), seed=rnd
-        )
-        lab = DataLoader(view, batch_size=batch, sampler=sampler, collate_fn=collate)
+        lab = recipe.loader(view, batch * min(50, steps - step), seed=rnd)
         st = local_round(model, teacher, lab, unl, opt, cfg, dev, step)
         if st.step == step:
             raise RuntimeError("local_round made no step")

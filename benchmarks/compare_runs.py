@@ -18,14 +18,13 @@ wall time of each run's regime (``run.json`` ``seconds``) where recorded.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import emit, rounded
+from common import runfolder as RF
 from common.froc import froc_class, paired_cpm_difference
 from common.keys import CLASSES
-from simulation import regimes as R
 from simulation.report import load_detections
 
 BENCH = "compare_runs"
@@ -33,11 +32,10 @@ BENCH = "compare_runs"
 
 def _seconds(regime_dir: Path) -> float | None:
     """The regime's wall time from its run's ``run.json``, if recorded."""
-    meta = regime_dir.parent / R.RUN_JSON
+    meta = regime_dir.parent / RF.RUN_JSON
     if not meta.is_file():
         return None
-    value = json.loads(meta.read_text()).get("seconds", {}).get(regime_dir.name)
-    return None if value is None else float(value)
+    return RF.read_record(RF.StudyRun, meta).seconds.get(regime_dir.name)
 
 
 def compare(
@@ -48,8 +46,8 @@ def compare(
     Raises:
         ValueError: a site's two image sets differ (not the same test images).
     """
-    da = load_detections(a / R.DETECTIONS_JSON)
-    db = load_detections(b / R.DETECTIONS_JSON)
+    da = load_detections(a / RF.DETECTIONS_JSON)
+    db = load_detections(b / RF.DETECTIONS_JSON)
     rows = []
     for site in sorted(set(da) & set(db)):
         for label, cls in enumerate(CLASSES):

@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import emit
-from common.federation import ROUNDS_JSONL, FederationConfig, load_federation_config
+from common import runfolder as RF
+from common.federation import FederationConfig, load_federation_config
 from common.fileio import read_jsonl
 from common.model import build_detector
 from simulation import regimes as R
@@ -99,7 +100,7 @@ def main() -> None:
         run_federation(grid, fed, fed.run_dir)
         rounds = [
             json.loads(x)
-            for x in (fed.run_dir / "rounds.jsonl").read_text().splitlines()
+            for x in (fed.run_dir / RF.ROUNDS_JSONL).read_text().splitlines()
         ]
     opts = DetectorOptions(**dict(fed.trainer.options))
     model = build_detector(opts.model_config())
@@ -179,7 +180,7 @@ def _deployment(args: argparse.Namespace) -> None:
         rows = rows_from_site_states(fed)
         rounds = [
             json.loads(x)
-            for x in (fed.run_dir / "rounds.jsonl").read_text().splitlines()
+            for x in (fed.run_dir / RF.ROUNDS_JSONL).read_text().splitlines()
         ]
     ctx = {
         "scenario": Path(args.scenario).name,
@@ -225,9 +226,9 @@ def _emit_deployment(
 
 def _from_run(regime_dir: Path) -> None:
     """The deployment figures of a finished ``mammofed-sim run`` regime folder."""
-    rows = read_jsonl(regime_dir / R.ROUNDS_JSONL)
-    server = regime_dir / "server"
-    rounds = read_jsonl(server / ROUNDS_JSONL)
+    rows = read_jsonl(regime_dir / RF.ROUNDS_JSONL)
+    server = regime_dir / RF.SERVER_DIR
+    rounds = read_jsonl(server / RF.ROUNDS_JSONL)
     if not rows or not rounds:
         raise SystemExit(f"{regime_dir}: no rounds recorded (not a finished run?)")
     fed = load_federation_config(server / "resolved_config.yaml")

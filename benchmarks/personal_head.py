@@ -42,12 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import emit, rounded
-from client.detector_trainer import (
-    PERSONAL_HEAD_PREFIX,
-    DetectorTrainer,
-    load_site_arrays,
-)
+from client.detector_trainer import DetectorTrainer
+from client.site_model import PERSONAL_HEAD_PREFIX
 from client.state import SiteState
+from common import runfolder as RF
 from common.engine import evaluate_detailed, seed_everything
 from common.federation import load_federation_config
 from common.froc import paired_cpm_difference
@@ -84,22 +82,15 @@ def score_site(
         trainer.model, view, trainer.device, n_boot=n_boot, seed=seed
     )
     for other, arrays in (other_norms or {}).items():
-        load_site_arrays(
-            trainer.model, shared, arrays, personal_keys=trainer.personal_keys
-        )
+        trainer.site_model.compose(shared, personal_head=False, personal=arrays)
         trainer.model.to(trainer.device)
         out[f"norms-{other}"] = evaluate_detailed(
             trainer.model, view, trainer.device, n_boot=n_boot, seed=seed
         )
-    labeled = trainer._view("labeled", train=True)
-    bs = trainer.fed_cfg.trainer.batch_size
-    steps = trainer._steps(len(labeled), bs)  # type: ignore[arg-type]
     for e in ft_epochs:
         trainer._load(shared, personal_head=False)
         seed_everything(seed)
-        head = trainer._finetune_personal_head(
-            labeled, bs, steps, from_global=True, epochs=e
-        )
+        head = trainer._finetune_personal_head(from_global=True, epochs=e)
         assert head is not None
         # the model as left by the fine-tuning, with the tuned head swapped in
         sd = trainer.model.state_dict()
@@ -130,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     ft_epochs = [int(x) for x in args.ft_epochs.split(",") if x.strip()]
     args.norms_from = [x for x in args.norms_from.split(",") if x.strip()]
-    server = args.run / args.regime / "server"
+    server = args.run / args.regime / RF.SERVER_DIR
     fed = load_federation_config(server / "resolved_config.yaml")
     if not fed.personalization.personal_head:
         raise SystemExit(f"{server}: the run has no personal head")
-    last = CheckpointStore(server / "checkpoints").latest()
+    last = CheckpointStore(server / RF.CHECKPOINT_DIR).latest()
     if last is None:
         raise SystemExit(f"{server}: no checkpoint")
-    state_dir = args.run / args.regime / "site-state"
+    state_dir = args.run / args.regime / RF.SITE_STATE_DIR
     for site in fed.sites:
         t0 = time.monotonic()
         trainer = DetectorTrainer(site, state_dir, fed, args.data / "cache" / site)

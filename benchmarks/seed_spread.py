@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import emit, rounded
+from common import runfolder as RF
 from common.froc import froc_class
 from common.keys import CLASSES
-from simulation import regimes as R
 from simulation.report import load_detections
 
 BENCH = "seed_spread"
@@ -43,9 +43,9 @@ def parse_run(text: str) -> tuple[str, Path]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"--run: expected REGIME=FOLDER, got {text!r}")
-    if not (Path(path) / R.DETECTIONS_JSON).is_file():
+    if not (Path(path) / RF.DETECTIONS_JSON).is_file():
         raise argparse.ArgumentTypeError(
-            f"--run {name}: no {R.DETECTIONS_JSON} in {path}"
+            f"--run {name}: no {RF.DETECTIONS_JSON} in {path}"
         )
     return name, Path(path)
 
@@ -59,7 +59,7 @@ def cpms(runs: list[tuple[str, Path]]) -> dict[str, dict[str, dict[str, list[flo
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
     keys: dict[str, list[str]] = {}
     for regime, folder in runs:
-        for site, images in load_detections(folder / R.DETECTIONS_JSON).items():
+        for site, images in load_detections(folder / RF.DETECTIONS_JSON).items():
             ks = sorted(im.key for im in images)
             if keys.setdefault(site, ks) != ks:
                 raise ValueError(f"{folder}: site {site} scored other test images")

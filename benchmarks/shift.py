@@ -27,7 +27,8 @@ from common.config.loader import from_mapping
 from common.data import SiteDataset
 from common.engine import evaluate_detailed, resolve_device
 from common.federation import load_federation_config
-from simulation.run import prepare_sites, site_metrics, train_central
+from common.runfolder import SiteMetrics
+from simulation.run import prepare_sites, train_central
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = "shift"
@@ -77,18 +78,20 @@ def main() -> None:
         else:
             view = SiteDataset(oracle[s.name], seed=fed.seed).view("all")
             split = "all-images-oracle-labels"
-        res = site_metrics(evaluate_detailed(model, view, device, n_boot=500))
+        ev = evaluate_detailed(model, view, device, n_boot=500)
+        res = SiteMetrics.from_results(ev.per_class)
         results[s.name] = (res, split, s.vendor)
     for site, (res, split, vendor) in results.items():
-        for cls, c in res["classes"].items():
-            if c["cpm"] is None:
+        for cls, c in res.classes.items():
+            if c.cpm is None:
                 continue
             extra = {"site": site, "vendor": vendor, "cls": cls, "split": split}
-            extra["n_lesions"] = c["n_lesions"]
-            emit(BENCH, "base_cpm", c["cpm"], "cpm", ci95=c["cpm_ci"], **extra, **ctx)
-            home_cpm = results[home][0]["classes"][cls]["cpm"]
+            extra["n_lesions"] = c.n_lesions
+            ci = None if c.cpm_ci95 is None else list(c.cpm_ci95)
+            emit(BENCH, "base_cpm", c.cpm, "cpm", ci95=ci, **extra, **ctx)
+            home_cpm = results[home][0].classes[cls].cpm
             if site != home and home_cpm is not None:
-                emit(BENCH, "drop_vs_home", home_cpm - c["cpm"], "cpm", **extra, **ctx)
+                emit(BENCH, "drop_vs_home", home_cpm - c.cpm, "cpm", **extra, **ctx)
 
 
 if __name__ == "__main__":

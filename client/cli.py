@@ -1,6 +1,6 @@
 """``mammofed-client``: what a hospital runs.
 
-Subcommands: ingest, start, export, evaluate, predict.
+Subcommands: the modules of :data:`MODULES` (ingest, start, export, predict...).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from client.site_model import PERSONAL_HEAD_PREFIX, SiteModel
 from client.state import SiteState
 from client.trainer import Arrays, Metrics, register_trainer
 from common.adapt import fewshot as fs
@@ -66,12 +67,7 @@ from common.adapt.teacher import load_or_create_teacher, local_round
 from common.config.loader import bounded, from_mapping
 from common.data import SiteDataset, collate
 from common.dp import DPRoundResult, DPSettings, PatientDPSGD
-from common.engine import (
-    evaluate_detailed,
-    resolve_device,
-    seed_everything,
-    train_one_epoch,
-)
+from common.engine import evaluate_detailed, resolve_device, seed_everything
 from common.errors import ConfigError, MammofedError
 from common.federation import FederationConfig, FitInstructions
 from common.keys import (
@@ -87,18 +83,18 @@ from common.model import (
     ModelConfig,
     Personalization,
     build_detector,
-    head_keys,
-    shared_and_personal,
 )
-from common.sampling import balanced_sampler
-from common.transforms import Compose, IntensityJitter, RandomResize, VerticalFlip
+from common.model.initial import DetectorModelOptions, detector_model_config
+from common.recipe import (
+    SITE_AUGMENT,
+    Recipe,
+    Transformed,
+    train_epochs,
+    train_transform,
+)
 
 log = logging.getLogger(__name__)
 
-#: Prefix of the personal head's arrays in the site state.
-PERSONAL_HEAD_PREFIX = "personal-head/"
-TEACHER_FILE = "teacher.pt"
-STANDARDIZER_FILE = "standardizer.json"
 
 TRAIN_METRICS: tuple[str, ...] = (NUM_EXAMPLES, TRAIN_LOSS, SKIPPED_STEPS)
 #: Train metrics added when ``trainer.options.dp`` is on (same on every site).
@@ -106,15 +102,24 @@ DP_TRAIN_METRICS: tuple[str, ...] = (DP_EPSILON,)
 EVAL_METRICS: tuple[str, ...] = (NUM_EXAMPLES, CPM_MASS, CPM_CALCIFICATION, CPM_MEAN)
 
 
+#: the model options' defaults (one source: ``common.model.initial``)
+_MODEL = DetectorModelOptions()
+
+
 @dataclass(frozen=True)
 class DetectorOptions:
-    """Typed ``trainer.options`` of the detector trainer (see module docstring)."""
+    """Typed ``trainer.options`` of the detector trainer (see module docstring).
 
-    arch: str = "tiny"
+    The model fields (``arch`` ... ``working_spacing_mm``) are validated by
+    :class:`ModelConfig` through :meth:`model_config`, with the defaults of
+    ``common.model.initial.DetectorModelOptions``.
+    """
+
+    arch: str = _MODEL.arch
     norm: Literal["batch", "group"] = "batch"
-    fpn_channels: int = field(default=32, metadata=bounded(8, 1024))
-    head_convs: int = field(default=2, metadata=bounded(0, 8))
-    working_spacing_mm: float = field(default=0.4, metadata=bounded(0.01, 5.0))
+    fpn_channels: int = _MODEL.fpn_channels
+    head_convs: int = _MODEL.head_convs
+    working_spacing_mm: float = _MODEL.working_spacing_mm
     lesion_prob: float = field(default=0.6, metadata=bounded(0.0, 1.0))
     max_steps: int = field(default=0, metadata=bounded(0, None))
     head_epochs: int = field(default=1, metadata=bounded(0, 1000))
@@ -145,13 +150,16 @@ class DetectorOptions:
         )
 
     def model_config(self) -> ModelConfig:
-        """The detector's :class:`ModelConfig`."""
-        return ModelConfig(
-            arch=self.arch,
-            norm=self.norm,
-            fpn_channels=self.fpn_channels,
-            head_convs=self.head_convs,
-            working_spacing_mm=self.working_spacing_mm,
+        """The detector's :class:`ModelConfig` (the server builds the same)."""
+        return detector_model_config(self.__dict__)
+
+    def recipe(self, lr: float, batch_size: int) -> Recipe:
+        """The training recipe of a site (and of the study's central regimes)."""
+        return Recipe(
+            lr=lr,
+            batch_size=batch_size,
+            lesion_prob=self.lesion_prob,
+            augment=SITE_AUGMENT,
         )
 
     def adapt_config(self, seed: int) -> AdaptConfig:
@@ -166,74 +174,6 @@ class DetectorOptions:
             standardize=self.standardize,
             seed=seed,
         )
-
-
-def load_site_arrays(
-    model: nn.Module,
-    shared: Mapping[str, Any],
-    personal: Mapping[str, np.ndarray] | None,
-    *,
-    personal_keys: Sequence[str],
-    personal_head_keys: Sequence[str] = (),
-) -> nn.Module:
-    """Load global ``shared`` arrays plus a site's ``personal`` arrays into ``model``.
-
-    The one composition rule of a site's own model (training, evaluation and
-    ``mammofed-client export`` all use it): every ``personal_keys`` entry found
-    in ``personal`` (FedBN norm layers, BatchNorm counters) replaces the global
-    value, and every ``personal_head_keys`` key whose personal copy
-    ``PERSONAL_HEAD_PREFIX + key`` is in ``personal`` replaces the global head
-    tensor (FedPer; pass ``()`` for the global head). Keys missing from both keep
-    the model's current values; names the model does not have are ignored.
-    Values are cast to the model's dtypes. Returns ``model``.
-    """
-    sd = model.state_dict()
-    new = {k: torch.as_tensor(np.asarray(v)) for k, v in shared.items()}
-    own = personal or {}
-    for k in personal_keys:
-        if k in own:
-            new[k] = torch.as_tensor(own[k])
-    for k in personal_head_keys:
-        pk = PERSONAL_HEAD_PREFIX + k
-        if pk in own:
-            new[k] = torch.as_tensor(own[pk])
-    sd.update({k: v.to(sd[k].dtype) for k, v in new.items() if k in sd})
-    model.load_state_dict(sd)
-    return model
-
-
-class Transformed(Dataset[tuple[Tensor, dict[str, Any]]]):
-    """A dataset with a box-aware ``(image, target)`` transform on top."""
-
-    def __init__(self, base: Dataset[Any], transform: Any) -> None:
-        self.base = base
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Any]]:
-        image, target = self.base[i]
-        return self.transform(image, target)  # type: ignore[no-any-return]
-
-    def target(self, i: int) -> Any:
-        """Target without decoding pixels, when the base offers it."""
-        return self.base.target(i)  # type: ignore[attr-defined]
-
-
-def train_transform(seed: int) -> Compose:
-    """Training augmentation: vertical flip, scale 0.9-1.1, intensity jitter.
-
-    No horizontal flip: every image has its breast on the left after ingest.
-    """
-    g = torch.Generator().manual_seed(seed)
-    return Compose(
-        [
-            VerticalFlip(0.5, g),
-            RandomResize((0.9, 1.1), g),
-            IntensityJitter(generator=g),
-        ]
-    )
 
 
 def check_private_training(
@@ -413,10 +353,11 @@ class DetectorTrainer:
         check_private_training(self.opts, self.personalization)
         seed_everything(fed_cfg.seed)
         self.model = build_detector(self.opts.model_config())
-        self.shared_keys, self.personal_keys = shared_and_personal(
-            self.model, self.personalization
-        )
-        self.head_keys = head_keys(self.model)
+        #: composes the site's model and owns its personal files
+        self.site_model = SiteModel(self.model, self.personalization, self.state)
+        self.shared_keys = self.site_model.shared_keys
+        self.personal_keys = self.site_model.personal_keys
+        self.head_keys = self.site_model.head_keys
         self._dataset: SiteDataset | None = None
         self._standardizer: HistogramStandardizer | None = None
         # how the shared weights are trained: the normal epochs, or DP-SGD
@@ -426,7 +367,7 @@ class DetectorTrainer:
             private = PrivateRound(
                 self.model,
                 self.opts,
-                self.state.dir,
+                self.site_model.accountant_dir,
                 planned_rounds=fed_cfg.num_rounds,
                 device=self.device,
                 site=site,
@@ -470,7 +411,7 @@ class DetectorTrainer:
         if not self.opts.standardize:
             return None
         if self._standardizer is None:
-            path = self.state.dir / STANDARDIZER_FILE
+            path = self.site_model.standardizer_path
             if path.is_file():
                 self._standardizer = HistogramStandardizer.load(path)
             else:
@@ -488,50 +429,20 @@ class DetectorTrainer:
         if std is not None:
             base = Transformed(base, std)
         if train:
-            base = Transformed(base, train_transform(self.fed_cfg.seed))
+            g = torch.Generator().manual_seed(self.fed_cfg.seed)
+            base = Transformed(base, train_transform(SITE_AUGMENT, g))
         return base
-
-    def _loader(self, view: Dataset[Any], batch_size: int, n_steps: int) -> DataLoader:
-        n = len(view)  # type: ignore[arg-type]
-        flags = [
-            int(view.target(i)["boxes"].shape[0]) > 0  # type: ignore[attr-defined]
-            for i in range(n)
-        ]
-        sampler = balanced_sampler(
-            flags, self.opts.lesion_prob, num_samples=max(1, n_steps * batch_size)
-        )
-        return DataLoader(
-            view, batch_size=batch_size, sampler=sampler, collate_fn=collate
-        )
 
     # --- model assembly -----------------------------------------------------------
     def _load(self, shared: Arrays, *, personal_head: bool) -> None:
         """Load ``shared`` plus this site's personal arrays into ``self.model``."""
-        load_site_arrays(
-            self.model,
-            shared,
-            self.state.load_personal(),
-            personal_keys=self.personal_keys,
-            personal_head_keys=self.head_keys if personal_head else (),
-        )
+        self.site_model.compose(shared, personal_head=personal_head)
         self.model.to(self.device)
 
     def compose(self, shared: Arrays) -> nn.Module:
         """The site's own model: global shared arrays + everything personal."""
         self._load(shared, personal_head=self.personalization.personal_head)
         return self.model
-
-    def _save_personal(self, personal_head: dict[str, np.ndarray] | None) -> None:
-        sd = self.model.state_dict()
-        arrays = {k: sd[k].detach().cpu().numpy() for k in self.personal_keys}
-        old = self.state.load_personal() or {}
-        if personal_head is None:
-            personal_head = {
-                k: v for k, v in old.items() if k.startswith(PERSONAL_HEAD_PREFIX)
-            }
-        arrays.update(personal_head)
-        if arrays:
-            self.state.save_personal(arrays)
 
     # --- federated rounds ---------------------------------------------------------
     def fit(self, shared: Arrays, config: FitInstructions) -> tuple[Arrays, Metrics]:
@@ -554,9 +465,8 @@ class DetectorTrainer:
         frozen_keys = self._fewshot_frozen(n_lab, config.server_round)
         with fs.frozen(self.model, frozen_keys):
             params = [p for p in self.model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(
-                params, lr=config.learning_rate, weight_decay=1e-4
-            )
+            recipe = self.opts.recipe(config.learning_rate, config.batch_size)
+            optimizer = recipe.optimizer(params)
             extra = self._proximal(shared, config.proximal_mu)
             run = self._local_round(labeled, optimizer, extra, config)
         if run.trained:
@@ -567,9 +477,7 @@ class DetectorTrainer:
             for k in frozen_keys:
                 if k in out:
                     out[k] = np.asarray(shared[k]).copy()
-            bs = config.batch_size
-            head = self._finetune_personal_head(labeled, bs, self._steps(n_lab, bs))
-            self._save_personal(head)
+            self.site_model.save_personal(self._finetune_personal_head())
         else:
             log.warning(
                 "site %s round %d: %s; replying the received shared arrays unchanged",
@@ -645,34 +553,41 @@ class DetectorTrainer:
         extra: Any,
         config: FitInstructions,
     ) -> LocalRun:
-        """The normal local round: ``local_epochs`` lesion-balanced epochs (+ SSL)."""
-        bs = config.batch_size
-        steps = self._steps(len(labeled), bs)  # type: ignore[arg-type]
-        losses, skipped, images = [], 0, 0
-        use_ssl = self.opts.ssl and len(self.dataset.indices("unlabeled")) > 0
-        for epoch in range(config.local_epochs):
-            loader = self._loader(labeled, bs, steps)
-            if use_ssl:
-                s = self._ssl_epoch(loader, optimizer, steps, extra)
-                losses.append(s[0])
-                skipped += s[1]
-                images += s[2]
-                continue
-            stats = train_one_epoch(
-                self.model,
-                loader,
-                optimizer,
-                device=self.device,
-                extra_loss_fn=extra,
-                progress=False,
-                epoch=epoch,
-            )
-            losses.append(stats.mean_loss)
-            skipped += stats.skipped_steps
-            images += stats.images
-        finite = [x for x in losses if math.isfinite(x)]
+        """The normal local round: ``local_epochs`` lesion-balanced epochs (+ SSL).
+
+        The recipe of ``simulation.run.train_central`` (sampler of epoch ``e``
+        seeded ``seed + e``): one round on one site is one central epoch.
+        """
+        recipe = self.opts.recipe(config.learning_rate, config.batch_size)
+        steps = self._steps(len(labeled), recipe.batch_size)  # type: ignore[arg-type]
+        seed = self.fed_cfg.seed
+        if self.opts.ssl and len(self.dataset.indices("unlabeled")) > 0:
+            runs = [
+                self._ssl_epoch(
+                    recipe.loader(labeled, steps * recipe.batch_size, seed + e),
+                    optimizer,
+                    steps,
+                )
+                for e in range(config.local_epochs)
+            ]
+        else:
+            runs = [
+                (s.mean_loss, s.skipped_steps, s.images)
+                for s in train_epochs(
+                    self.model,
+                    labeled,
+                    recipe,
+                    optimizer,
+                    epochs=config.local_epochs,
+                    steps=steps,
+                    seed=seed,
+                    device=self.device,
+                    extra_loss_fn=extra,
+                )  # fmt: skip
+            ]
+        finite = [r[0] for r in runs if math.isfinite(r[0])]
         loss = float(np.mean(finite)) if finite else float("nan")
-        return LocalRun(True, loss, int(skipped), int(images))
+        return LocalRun(True, loss, sum(r[1] for r in runs), sum(r[2] for r in runs))
 
     def _proximal(self, shared: Arrays, mu: float) -> Any:
         if mu <= 0:
@@ -695,11 +610,13 @@ class DetectorTrainer:
         loader: DataLoader,
         optimizer: torch.optim.Optimizer,
         steps: int,
-        extra: Any,
     ) -> tuple[float, int, int]:
-        """One semi-supervised pass: labeled FCOS loss + teacher consistency."""
+        """One semi-supervised pass: labeled FCOS loss + teacher consistency.
+
+        The FedProx term is not applied here (``local_round`` takes none).
+        """
         cfg = self.adapt
-        teacher_path = self.state.dir / TEACHER_FILE
+        teacher_path = self.site_model.teacher_path
         teacher, step = load_or_create_teacher(teacher_path, self.model, cfg)
         teacher.sync_shared(self.model, self.shared_keys)
         unl = self._view("unlabeled", train=False)
@@ -718,27 +635,24 @@ class DetectorTrainer:
             max_steps=steps,
         )
         # pending until the server keeps this round (client.state)
-        teacher.save(self.state.write_path(TEACHER_FILE), step=stats.step)
+        teacher.save(self.site_model.teacher_write_path(), step=stats.step)
         loss = stats.sup_loss + stats.unsup_weight * stats.unsup_loss
         images = stats.labeled_images + stats.unlabeled_images
         return float(loss), int(stats.skipped_steps), int(images)
 
     def _finetune_personal_head(
-        self,
-        labeled: Dataset[Any],
-        bs: int,
-        steps: int,
-        *,
-        from_global: bool = False,
-        epochs: int | None = None,
+        self, *, from_global: bool = False, epochs: int | None = None
     ) -> dict[str, np.ndarray] | None:
         """FedPer: head-only fine-tuning of the site's personal head copy.
 
         Starts from the stored personal head (or the freshly trained global head
         on the first round; always the model's current global head with
-        ``from_global``), trains ``epochs`` (default ``head_epochs``) epochs
-        with every non-head tensor frozen, and returns the personal head
-        arrays; the model's global head is restored.
+        ``from_global``) and tunes it with :func:`common.adapt.finetune_head`,
+        the site's few-shot path (``adapt.fewshot_lr``, ``_weight_decay``,
+        ``_batch_size``, strong augmentation; every non-head tensor frozen,
+        norm layers in eval mode) for ``epochs`` (default ``head_epochs``)
+        epochs on the labeled view. Returns the personal head arrays; the
+        model's global head is restored.
         """
         epochs = self.opts.head_epochs if epochs is None else epochs
         if not self.personalization.personal_head or epochs == 0:
@@ -751,21 +665,11 @@ class DetectorTrainer:
             if pk in personal:
                 sd[k] = torch.as_tensor(personal[pk]).to(sd[k].dtype)
         self.model.load_state_dict(sd)
-        frozen = [k for k in self.model.state_dict() if k not in set(self.head_keys)]
-        params = [
-            p for n, p in self.model.named_parameters() if n in set(self.head_keys)
-        ]
-        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
-        with fs.frozen(self.model, frozen):
-            for epoch in range(epochs):
-                train_one_epoch(
-                    self.model,
-                    self._loader(labeled, bs, steps),
-                    opt,
-                    device=self.device,
-                    progress=False,
-                    epoch=epoch,
-                )
+        frozen = [k for k in sd if k not in set(self.head_keys)]
+        fs.finetune_head(
+            self.model, self._view("labeled", train=False), frozen, self.adapt,
+            device=self.device, head_only=True, epochs=epochs,
+        )  # fmt: skip
         sd = self.model.state_dict()
         head = {
             PERSONAL_HEAD_PREFIX + k: sd[k].detach().cpu().numpy().copy()

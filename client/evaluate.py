@@ -4,8 +4,9 @@
 95% bootstrap interval, sensitivity at each FP rate of
 ``common.keys.FROC_FP_RATES``, AP, counts, and the flat federation metrics) and
 ``OUT/froc-<class>.png``. Distances are in mm at each image's model-space
-spacing (evaluation.md). A checkpoint's ``extra["standardizer"]`` (from
-``mammofed-client export``) standardizes every image before the model.
+spacing (the hit rule of :mod:`common.froc`). A checkpoint's
+``extra["standardizer"]`` (from ``mammofed-client export``) standardizes every
+image before the model.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from client.detector_trainer import Transformed
 from client.export import checkpoint_standardizer
 from common import __version__
 from common.checkpoint import load_model
 from common.config.loader import config_to_dict, write_resolved
 from common.data import SiteDataset
 from common.engine import evaluate_detailed, prepare_model, resolve_device
+from common.recipe import Transformed
 
 log = logging.getLogger(__name__)
 

@@ -2,57 +2,59 @@
 
 The server keeps one global checkpoint per round
 (``RUN/server/checkpoints/round-NNNNN.npz`` with the SHARED arrays only and
-``round-NNNNN.json`` whose ``config`` is the resolved federation config); each
-site keeps its personal arrays on its own disk (``<state_dir>/<site>/``, see
-:class:`client.state.SiteState`). :func:`export_model` joins them into a
-:mod:`common.checkpoint` file that ``mammofed-client predict`` and
-``mammofed-client evaluate`` read:
+``round-NNNNN.json``, a :class:`common.runfolder.CheckpointMeta` whose
+``config`` is the resolved federation config); each site keeps its personal
+state on its own disk (:mod:`client.site_model`). :func:`export_model` joins
+them into a :mod:`common.checkpoint` file that ``mammofed-client predict`` and
+``mammofed-client evaluate`` read, in small steps:
 
-* with a site: the global shared arrays + the site's personal arrays (FedBN
-  norm layers and BatchNorm counters, the FedPer personal head when the run has
-  one), composed by :func:`client.detector_trainer.load_site_arrays` exactly as
-  the site's own model is during federated evaluation;
-* ``global_only``: the global model. Under FedBN the global arrays hold no
-  normalization layers (their statistics exist only on the sites), so a site
-  must be named to lend its norm layers; its personal head is NOT used.
+1. :func:`read_global_round`: the round's arrays and its validated config;
+2. :func:`global_model`: the detector that config builds, checked against the
+   arrays;
+3. :func:`site_personal`: the site's personal arrays, checked (a site model
+   composes them exactly as the site's own model is during training):
+   FedBN norm layers and BatchNorm counters, the FedPer personal head when the
+   run has one. The global model (``global_only``) keeps the global head;
+   under FedBN the global arrays hold no normalization layers (their
+   statistics exist only on the sites), so a site must lend its norm layers;
+4. :func:`site_standardizer`: when the run standardized intensities
+   (``trainer.options.standardize``) the site's fitted landmarks go to
+   ``extra["standardizer"]`` and predict / evaluate apply them before the
+   model (:func:`checkpoint_standardizer`); provenance goes to
+   ``extra["export"]``. No image data is read.
 
-When the run standardized intensities (``trainer.options.standardize``) the
-site's fitted landmarks go to ``extra["standardizer"]`` and predict / evaluate
-apply them before the model (:func:`checkpoint_standardizer`). Provenance goes
-to ``extra["export"]``. No image data is read.
+Errors are domain errors naming files and fields; :class:`ExportNeeds` says
+which input is missing, and the command line names its flag.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from client.detector_trainer import (
-    PERSONAL_HEAD_PREFIX,
-    STANDARDIZER_FILE,
-    DetectorOptions,
-    load_site_arrays,
-)
-from client.state import SiteState
+from client.detector_trainer import DetectorOptions
+from client.site_model import SiteModel
+from client.state import SiteState, plain_site_name
 from common.adapt.standardize import HistogramStandardizer
 from common.checkpoint import Checkpoint, save_checkpoint
 from common.config.loader import from_mapping
 from common.errors import CheckpointMismatch, ConfigError, MammofedError
-from common.federation import CHECKPOINT_DIR, FederationConfig
+from common.federation import FederationConfig
 from common.fileio import load_arrays
-from common.model import (
-    Personalization,
-    build_detector,
-    head_keys,
-    shared_and_personal,
+from common.model import Personalization, build_detector
+from common.runfolder import (
+    CHECKPOINT_DIR,
+    CheckpointMeta,
+    RunFolderError,
+    complete_rounds,
+    round_number,
+    round_paths,
 )
 
 log = logging.getLogger(__name__)
@@ -64,11 +66,25 @@ EXPORT_FORMAT = "mammofed-export/1"
 #: The only trainer whose arrays form a detector checkpoint.
 DETECTOR_TRAINER = "detector"
 
-_ROUND_JSON = re.compile(r"^round-(\d{5,})\.json$")
-
 
 class ExportError(MammofedError):
     """An export input that cannot be used; the message names file and field."""
+
+
+class ExportNeeds(ExportError):
+    """An input the export needs was not given.
+
+    ``what``: ``site`` (a site whose personal state to compose, or the global
+    model), ``lending-site`` (the global model of a FedBN run needs a site's
+    norm layers) or ``state-dir`` (the run does not record its sites' state
+    folder).
+    """
+
+    def __init__(
+        self, what: Literal["site", "lending-site", "state-dir"], message: str
+    ) -> None:
+        self.what = what
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,11 @@ class GlobalRound:
     fed_cfg: FederationConfig
     options: DetectorOptions
     metrics: dict[str, Any]
+
+    @property
+    def options_source(self) -> str:
+        """Where the model's config comes from (for error messages)."""
+        return f"{self.json_path}: config.trainer.options"
 
 
 @dataclass(frozen=True)
@@ -97,16 +118,7 @@ class ExportResult:
     extra: dict[str, Any]
 
 
-# --- the server's round files ----------------------------------------------------
-def _complete_rounds(folder: Path) -> list[int]:
-    out = []
-    for p in folder.iterdir():
-        m = _ROUND_JSON.match(p.name)
-        if m and p.with_suffix(".npz").is_file():
-            out.append(int(m.group(1)))
-    return sorted(out)
-
-
+# --- 1. the server's round files ----------------------------------------------
 def resolve_round_files(path: str | Path) -> tuple[Path, Path]:
     """``(round json, round npz)`` named by ``path``.
 
@@ -116,20 +128,20 @@ def resolve_round_files(path: str | Path) -> tuple[Path, Path]:
     p = Path(path)
     if p.is_dir():
         folder = p
-        if not _complete_rounds(p) and (p / CHECKPOINT_DIR).is_dir():
+        if not complete_rounds(p) and (p / CHECKPOINT_DIR).is_dir():
             folder = p / CHECKPOINT_DIR
-        rounds = _complete_rounds(folder)
+        rounds = complete_rounds(folder)
         if not rounds:
             raise ExportError(
                 f"{folder}: no complete round checkpoint in this folder "
                 "(expected round-NNNNN.json with its round-NNNNN.npz, as the "
                 "server writes under RUN/server/checkpoints/)"
             )
-        stem = f"round-{rounds[-1]:05d}"
-        return folder / f"{stem}.json", folder / f"{stem}.npz"
+        npz, js = round_paths(folder, rounds[-1])
+        return js, npz
     if p.suffix == ".npz":
         p = p.with_suffix(".json")
-    if not _ROUND_JSON.match(p.name):
+    if round_number(p) is None:
         raise ExportError(
             f"{path}: not a round checkpoint: give RUN/server/checkpoints "
             "(last complete round) or one round-NNNNN.json in it"
@@ -154,26 +166,18 @@ def read_global_round(path: str | Path) -> GlobalRound:
     """
     json_path, npz_path = resolve_round_files(path)
     try:
-        meta = json.loads(json_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{json_path}: unreadable round file: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise ExportError(f"{json_path}: must hold a JSON object, got {meta!r}")
-    try:
-        rnd = int(meta["round"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ExportError(
-            f"{json_path}: field 'round' is missing or not an integer"
-        ) from exc
-    raw_cfg = meta.get("config")
-    if not isinstance(raw_cfg, Mapping) or not raw_cfg:
+        meta = CheckpointMeta.read(json_path)
+    except RunFolderError as exc:
+        msg = str(exc).replace("cannot read JSON", "unreadable round file")
+        raise ExportError(msg) from exc
+    if not meta.config:
         raise ExportError(
             f"{json_path}: field 'config' is missing or empty; the round does "
             "not record the federation config it was trained with"
         )
     # initial_arrays / initial_checkpoint only seeded round 0 and may be gone;
     # nothing here needs them.
-    cfg_map = {**raw_cfg, "initial_arrays": None, "initial_checkpoint": None}
+    cfg_map = {**meta.config, "initial_arrays": None, "initial_checkpoint": None}
     fed_cfg = from_mapping(
         cfg_map, FederationConfig, source=str(json_path), prefix="config"
     )
@@ -194,48 +198,146 @@ def read_global_round(path: str | Path) -> GlobalRound:
         arrays = load_arrays(npz_path)
     except (OSError, ValueError) as exc:
         raise ExportError(f"{npz_path}: unreadable round arrays: {exc}") from exc
-    names = meta.get("array_names")
+    names = meta.array_names
     if names is not None and set(names) != set(arrays):
         raise ExportError(
             f"{npz_path}: arrays differ from field 'array_names' of {json_path} "
             f"(only in npz: {sorted(set(arrays) - set(names))[:5]}, only in "
             f"json: {sorted(set(names) - set(arrays))[:5]})"
         )
-    metrics = meta.get("metrics")
     return GlobalRound(
-        round=rnd,
+        round=meta.round,
         json_path=json_path,
         npz_path=npz_path,
         arrays=arrays,
         fed_cfg=fed_cfg,
         options=options,
-        metrics=dict(metrics) if isinstance(metrics, Mapping) else {},
+        metrics=meta.metrics,
     )
 
 
-# --- checks -------------------------------------------------------------------
-def _check_shapes(
-    arrays: Mapping[str, np.ndarray],
-    names: Mapping[str, str],
-    sd: Mapping[str, torch.Tensor],
-    source: Path,
-    what: str,
-) -> None:
-    """``names`` maps array name in ``arrays`` -> model key; shapes must agree."""
-    for name, key in names.items():
-        have = tuple(np.shape(arrays[name]))
-        want = tuple(sd[key].shape)
-        if have != want:
-            raise CheckpointMismatch(
-                f"{source}: array {name!r} has shape {have} but the model "
-                f"built from {what} needs {want}"
+# --- 2. the model and the site ----------------------------------------------------
+def global_model(g: GlobalRound, state: SiteState | None) -> SiteModel:
+    """The detector ``g``'s config builds (seeded), checked against its arrays.
+
+    ``state``: the site whose personal state will be composed in, if any.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(g.fed_cfg.seed)
+        model = build_detector(g.options.model_config())
+    pers = g.fed_cfg.personalization
+    personalization = Personalization(
+        local_norm=pers.local_norm, personal_head=pers.personal_head
+    )
+    site_model = SiteModel(model, personalization, state)
+    site_model.check_shared(g.arrays, g.npz_path, g.options_source)
+    return site_model
+
+
+def open_site_state(
+    g: GlobalRound, site: str, state_dir: str | Path | None
+) -> SiteState:
+    """The state of ``site`` under ``state_dir`` (default: the run's own).
+
+    Raises:
+        ExportNeeds: the run records no state folder and none is given.
+        ExportError: the site has no state folder there.
+    """
+    plain_site_name(site)
+    if state_dir is None:
+        if g.fed_cfg.state_dir is None:
+            raise ExportNeeds(
+                "state-dir",
+                f"{g.json_path}: config.state_dir is not set: the round does not "
+                f"say which folder holds {site}/personal.npz",
             )
+        state_dir = g.fed_cfg.state_dir
+    site_dir = Path(state_dir) / site
+    if not site_dir.is_dir():
+        sites = list(g.fed_cfg.sites) or "not recorded"
+        raise ExportError(
+            f"{site_dir}: no state for site {site!r}: that site never trained "
+            f"in this run (sites: {sites}), or the state folder is not the one "
+            "its SuperNode used"
+        )
+    return SiteState(state_dir, site)
 
 
-def _plain_site(site: str) -> str:
-    if not site or "/" in site or site in (".", "..") or site.strip() != site:
-        raise ConfigError("command line", "--site", f"must be a plain word: {site!r}")
-    return site
+def site_personal(
+    g: GlobalRound, site_model: SiteModel, *, global_only: bool
+) -> tuple[dict[str, np.ndarray] | None, bool]:
+    """``(personal arrays, use the personal head)`` of the site, checked.
+
+    Raises:
+        ExportError: the site has no personal state although the run needs it.
+        CheckpointMismatch: arrays missing or of the wrong shape.
+    """
+    state = site_model.state
+    assert state is not None
+    local_norm = site_model.personalization.local_norm
+    needs_head = site_model.personalization.personal_head and not global_only
+    personal = state.load_personal()
+    meta = state.read_meta()
+    if personal is None and (local_norm or needs_head or not meta):
+        parts = [
+            n for n, on in (("norm layers", local_norm), ("head", needs_head)) if on
+        ]
+        raise ExportError(
+            f"{state.personal_path}: does not exist: site {state.site!r} has no "
+            "personal state, so it never trained in this run"
+            + (
+                f" (its personal {' and '.join(parts)} exist nowhere else)"
+                if parts
+                else ""
+            )
+        )
+    head = site_model.check_personal(
+        personal or {}, head=needs_head, what=g.options_source
+    )
+    if needs_head and not head:
+        log.warning(
+            "%s: no personal head stored (trainer.options.head_epochs 0?); the "
+            "global head is used",
+            state.personal_path,
+        )
+    last = meta.get("last_round")
+    if last is not None and int(last) > g.round:
+        log.warning(
+            "site %s last trained in round %d but round %d is exported: its "
+            "personal arrays are newer than the global ones",
+            state.site,
+            int(last),
+            g.round,
+        )
+    return personal, head
+
+
+def site_standardizer(
+    g: GlobalRound, site_model: SiteModel | None
+) -> HistogramStandardizer | None:
+    """The site's fitted standardizer when the run used one."""
+    if not g.options.standardize:
+        return None
+    if site_model is None or site_model.state is None:
+        log.warning(
+            "%s: the run standardized intensities (trainer.options.standardize) "
+            "but no site is named, so the checkpoint carries no standardizer",
+            g.json_path,
+        )
+        return None
+    path = site_model.standardizer_path
+    if not path.is_file():
+        raise ExportError(
+            f"{path}: does not exist: the run standardized intensities "
+            f"({g.json_path}: config.trainer.options.standardize) but site "
+            f"{site_model.state.site!r} has no fitted standardizer, so it never "
+            "trained in this run"
+        )
+    try:
+        return HistogramStandardizer.load(path)
+    except ValueError as exc:
+        msg = str(exc)
+        raise ExportError(msg if str(path) in msg else f"{path}: {msg}") from exc
 
 
 # --- export -------------------------------------------------------------------
@@ -261,183 +363,45 @@ def export_model(
             FedBN the named site lends only its norm layers.
 
     Raises:
+        ExportNeeds: a missing input (which one: ``ExportNeeds.what``).
         MammofedError: every unusable input, naming the file and field.
     """
     g = read_global_round(checkpoint)
-    cfg, opts = g.fed_cfg, g.options
-    what = f"{g.json_path}: config.trainer.options"
     out_path = Path(out)
     if out_path.is_dir():
-        raise ConfigError(
-            "command line", "--out", f"{out_path} is a folder, not a file"
-        )
-    local_norm = cfg.personalization.local_norm
+        raise ExportError(f"{out_path}: is a folder; the export writes one file")
+    local_norm = g.fed_cfg.personalization.local_norm
     if site is None and not global_only:
-        raise ConfigError(
-            "command line",
-            "--site",
-            "name the site whose personalized model to export (--site NAME "
-            "[--state-dir DIR] or --site-config FILE), or give --global-only",
-        )
+        raise ExportNeeds(
+            "site", "no site named: name the site whose personalized model to "
+            "export, or export the global model"
+        )  # fmt: skip
     if site is None and local_norm:
-        raise ConfigError(
-            str(g.json_path),
-            "config.personalization.local_norm",
-            "is true (FedBN): the global arrays hold no normalization layers, "
-            "their statistics exist only on each site; --global-only needs a "
-            "site too (--site NAME or --site-config FILE) to lend its norm layers",
+        raise ExportNeeds(
+            "lending-site",
+            f"{g.json_path}: config.personalization.local_norm is true (FedBN): "
+            "the global arrays hold no normalization layers, their statistics "
+            "exist only on each site; the global model needs a site to lend "
+            "its norm layers",
         )
-
-    model_cfg = opts.model_config()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = build_detector(model_cfg)
-    personalization = Personalization(
-        local_norm=local_norm, personal_head=cfg.personalization.personal_head
-    )
-    shared_keys, personal_keys = shared_and_personal(model, personalization)
-    hkeys = head_keys(model)
-    sd = model.state_dict()
-
-    unknown = sorted(set(g.arrays) - set(sd))
-    if unknown:
-        raise CheckpointMismatch(
-            f"{g.npz_path}: array {unknown[0]!r} is not a tensor of the "
-            f"{model_cfg.arch!r} model built from {what} ({len(unknown)} such)"
-        )
-    missing = [k for k in shared_keys if k not in g.arrays]
-    if missing:
-        raise CheckpointMismatch(
-            f"{g.npz_path}: lacks {len(missing)} shared arrays the "
-            f"{model_cfg.arch!r} model built from {what} needs, e.g. {missing[:3]}"
-        )
-    _check_shapes(g.arrays, {k: k for k in g.arrays}, sd, g.npz_path, what)
-
-    personal: dict[str, np.ndarray] | None = None
-    state: SiteState | None = None
-    site_last_round: int | None = None
-    use_personal_head = False
-    if site is not None:
-        _plain_site(site)
-        if state_dir is None:
-            if cfg.state_dir is None:
-                raise ConfigError(
-                    str(g.json_path),
-                    "config.state_dir",
-                    "is not set; give --state-dir (the folder holding "
-                    f"{site}/personal.npz) or --site-config",
-                )
-            state_dir = cfg.state_dir
-        site_dir = Path(state_dir) / site
-        if not site_dir.is_dir():
-            raise ExportError(
-                f"{site_dir}: no state for site {site!r}: that site never trained "
-                f"in this run (sites: {list(cfg.sites) or 'not recorded'}), or the "
-                "state folder is not the one its SuperNode used"
-            )
-        state = SiteState(state_dir, site)
-        personal = state.load_personal()
-        meta = state.read_meta()
-        if "last_round" in meta:
-            site_last_round = int(meta["last_round"])
-        needs_head = cfg.personalization.personal_head and not global_only
-        if personal is None and (local_norm or needs_head or not meta):
-            parts = [
-                n for n, on in (("norm layers", local_norm), ("head", needs_head)) if on
-            ]
-            raise ExportError(
-                f"{state.personal_path}: does not exist: site {site!r} has no "
-                "personal state, so it never trained in this run"
-                + (
-                    f" (its personal {' and '.join(parts)} exist nowhere else)"
-                    if parts
-                    else ""
-                )
-            )
-        own = personal or {}
-        if local_norm:
-            lacking = [k for k in personal_keys if k not in own]
-            if lacking:
-                raise CheckpointMismatch(
-                    f"{state.personal_path}: lacks {len(lacking)} personal norm "
-                    f"arrays the FedBN model needs, e.g. {lacking[:3]}"
-                )
-        _check_shapes(
-            own,
-            {k: k for k in personal_keys if k in own},
-            sd,
-            state.personal_path,
-            what,
-        )
-        if needs_head:
-            have = [k for k in hkeys if PERSONAL_HEAD_PREFIX + k in own]
-            if have and len(have) != len(hkeys):
-                lacking = [PERSONAL_HEAD_PREFIX + k for k in hkeys if k not in have]
-                raise CheckpointMismatch(
-                    f"{state.personal_path}: personal head incomplete, lacks "
-                    f"{lacking[:3]} ({len(lacking)} in all)"
-                )
-            if have:
-                use_personal_head = True
-                _check_shapes(
-                    own,
-                    {PERSONAL_HEAD_PREFIX + k: k for k in hkeys},
-                    sd,
-                    state.personal_path,
-                    what,
-                )
-            else:
-                log.warning(
-                    "%s: no personal head stored (trainer.options.head_epochs "
-                    "0?); the global head is used",
-                    state.personal_path,
-                )
-        if site_last_round is not None and site_last_round > g.round:
-            log.warning(
-                "site %s last trained in round %d but round %d is exported: its "
-                "personal arrays are newer than the global ones",
-                site,
-                site_last_round,
-                g.round,
-            )
-
+    state = None if site is None else open_site_state(g, site, state_dir)
+    site_model = global_model(g, state)
+    personal, use_head = None, False
+    if state is not None:
+        personal, use_head = site_personal(g, site_model, global_only=global_only)
     # the one composition rule (the same call builds the site's model in training)
     composed = site is not None and (local_norm or not global_only)
-    load_site_arrays(
-        model,
-        g.arrays,
-        personal if composed else None,
-        personal_keys=personal_keys,
-        personal_head_keys=hkeys if use_personal_head else (),
+    model = site_model.compose(
+        g.arrays, personal_head=use_head, personal=personal if composed else {}
     )
     model.eval()
-
-    std = _site_standardizer(opts, state, g.json_path)
+    std = site_standardizer(g, site_model if state is not None else None)
     kind = "global" if global_only else "site"
-    provenance: dict[str, Any] = {
-        "format": EXPORT_FORMAT,
-        "kind": kind,
-        "run": cfg.name,
-        "round": g.round,
-        "round_file": str(g.json_path.resolve()),
-        "site": site,
-        "state_dir": str(Path(state.dir).parent.resolve()) if state else None,
-        "site_last_round": site_last_round,
-        "strategy": cfg.strategy.name,
-        "personalization": {
-            "local_norm": local_norm,
-            "personal_head": cfg.personalization.personal_head,
-        },
-        "head": "personal" if use_personal_head else "global",
-        "norm": "site" if (local_norm and site is not None) else "global",
-        "standardized": std is not None,
-        "trainer_options": dict(cfg.trainer.options),
-        "round_metrics": g.metrics,
-    }
+    provenance = _provenance(g, site, state, kind, use_head, std is not None)
     extra: dict[str, Any] = {EXTRA_EXPORT: provenance}
     if std is not None:
         extra[EXTRA_STANDARDIZER] = std.to_dict()
-    path = save_checkpoint(out_path, model, model_cfg, extra=extra)
+    path = save_checkpoint(out_path, model, g.options.model_config(), extra=extra)
     log.info(
         "exported %s model of round %d%s (head %s%s) to %s",
         kind,
@@ -458,33 +422,37 @@ def export_model(
     )
 
 
-def _site_standardizer(
-    opts: DetectorOptions, state: SiteState | None, json_path: Path
-) -> HistogramStandardizer | None:
-    """The site's fitted standardizer when the run used one."""
-    if not opts.standardize:
-        return None
-    if state is None:
-        log.warning(
-            "%s: the run standardized intensities (trainer.options.standardize) "
-            "but no site is named, so the checkpoint carries no standardizer; "
-            "give --site to store that site's landmarks",
-            json_path,
-        )
-        return None
-    path = state.dir / STANDARDIZER_FILE
-    if not path.is_file():
-        raise ExportError(
-            f"{path}: does not exist: the run standardized intensities "
-            f"({json_path}: config.trainer.options.standardize) but site "
-            f"{state.site!r} has no fitted standardizer, so it never trained in "
-            "this run"
-        )
-    try:
-        return HistogramStandardizer.load(path)
-    except ValueError as exc:
-        msg = str(exc)
-        raise ExportError(msg if str(path) in msg else f"{path}: {msg}") from exc
+def _provenance(
+    g: GlobalRound,
+    site: str | None,
+    state: SiteState | None,
+    kind: str,
+    personal_head: bool,
+    standardized: bool,
+) -> dict[str, Any]:
+    """``extra["export"]``: where every part of the exported model came from."""
+    cfg = g.fed_cfg
+    last = None if state is None else state.read_meta().get("last_round")
+    return {
+        "format": EXPORT_FORMAT,
+        "kind": kind,
+        "run": cfg.name,
+        "round": g.round,
+        "round_file": str(g.json_path.resolve()),
+        "site": site,
+        "state_dir": str(Path(state.dir).parent.resolve()) if state else None,
+        "site_last_round": None if last is None else int(last),
+        "strategy": cfg.strategy.name,
+        "personalization": {
+            "local_norm": cfg.personalization.local_norm,
+            "personal_head": cfg.personalization.personal_head,
+        },
+        "head": "personal" if personal_head else "global",
+        "norm": "site" if (cfg.personalization.local_norm and site) else "global",
+        "standardized": standardized,
+        "trainer_options": dict(cfg.trainer.options),
+        "round_metrics": g.metrics,
+    }
 
 
 # --- use of an exported checkpoint ---------------------------------------------

@@ -39,9 +39,9 @@ from client.state import META_JSON
 from common import __version__
 from common.checkpoint import Checkpoint
 from common.errors import MammofedError
-from common.federation import ROUNDS_JSONL
 from common.fileio import atomic_write_text, read_jsonl
 from common.keys import CLASSES, NUM_EXAMPLES
+from common.runfolder import ROUNDS_JSONL
 
 log = logging.getLogger(__name__)
 

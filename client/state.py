@@ -56,6 +56,18 @@ class SiteStateError(MammofedError):
     """A state file that exists but cannot be read; the message names it."""
 
 
+def plain_site_name(site: str, root: str | Path = "") -> str:
+    """``site`` when it is a plain word (it names a sub-folder), else raise.
+
+    Raises:
+        SiteStateError: empty, a path, ``.``/``..`` or padded with spaces.
+    """
+    if not site or "/" in site or site in (".", "..") or site.strip() != site:
+        where = f"{root}: " if root else ""
+        raise SiteStateError(f"{where}site name must be a plain word: {site!r}")
+    return site
+
+
 class SiteState:
     """Persistent per-site state under ``root/<site>/``.
 
@@ -65,9 +77,7 @@ class SiteState:
     """
 
     def __init__(self, root: str | Path, site: str) -> None:
-        if not site or "/" in site or site in (".", ".."):
-            raise SiteStateError(f"{root}: site name must be a plain word: {site!r}")
-        self.site = site
+        self.site = plain_site_name(site, root)
         self.dir = Path(root) / site
         self.dir.mkdir(parents=True, exist_ok=True)
 

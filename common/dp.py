@@ -53,9 +53,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from common.engine import targets_to_device
 from common.errors import MammofedError
 from common.fileio import atomic_write_text
+from common.recipe import targets_to_device
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,9 @@ Batches are ``(images, targets)`` as produced by ``common.data.collate``:
 ``images`` a list of FloatTensor[1, H_i, W_i] in ``[0, 1]`` (model space),
 ``targets`` a list of dicts with ``boxes`` FloatTensor[N, 4] model-space
 ``[xmin, ymin, xmax, ymax]``, ``labels`` Int64Tensor[N], ``ignore``
-FloatTensor[M, 4], ``key`` str and ``spacing_mm`` float.
+FloatTensor[M, 4], ``key`` str and ``spacing_mm`` float. The training step,
+epoch and EMA are the recipe's (:mod:`common.recipe`); :func:`fit` adds
+checkpoints and resume around them.
 
 On CUDA the model runs channels_last and (``amp=True``) under bf16 autocast;
 on CPU it runs in float32. Library code logs, never prints.
@@ -12,13 +14,11 @@ on CPU it runs in float32. Library code logs, never prints.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
 import random
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.froc import FrocImage, FrocResult, froc_all, plot_froc, result_to_dict
+from common.data import collate
+from common.froc import ClassMetrics, FrocImage, FrocResult, froc_all, plot_froc
 from common.keys import (
     CLASSES,
     CPM_CALCIFICATION,
@@ -40,12 +41,9 @@ from common.keys import (
     NUM_EXAMPLES,
 )
 from common.model.config import ModelConfig
+from common.recipe import ExtraLossFn, ModelEMA, autocast, train_one_epoch
 
 log = logging.getLogger(__name__)
-
-#: ``extra_loss_fn(model, images, targets) -> scalar Tensor`` added to the loss
-#: (FedProx proximal term, consistency losses...).
-ExtraLossFn = Callable[[nn.Module, list[Tensor], list[dict[str, Any]]], Tensor]
 
 LAST_CHECKPOINT = "last.pt"
 EPOCH_LOG = "epochs.jsonl"
@@ -86,221 +84,6 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-@dataclass(frozen=True)
-class TrainStats:
-    """Result of one epoch.
-
-    Attributes:
-        mean_loss: mean total loss over the steps taken (NaN if none).
-        steps: optimizer steps taken; skipped_steps: batches skipped because the
-            loss or the gradient norm was not finite.
-        images: images seen (skipped batches included); seconds: wall time.
-    """
-
-    mean_loss: float
-    steps: int
-    skipped_steps: int
-    images: int
-    seconds: float
-
-    @property
-    def images_per_s(self) -> float:
-        """Throughput of the epoch."""
-        return self.images / self.seconds if self.seconds > 0 else float("nan")
-
-
-class ModelEMA:
-    """Exponential moving average of a model (a teacher for semi-supervision).
-
-    After :meth:`update`: for every floating-point parameter
-    ``ema = d * ema + (1 - d) * student``; every buffer (BatchNorm running
-    statistics, counters) is copied from the student. ``module`` is a frozen
-    deep copy in eval mode.
-
-    ``d`` is ``decay``, or with ``warmup`` ``min(decay, (1 + n) / (10 + n))``
-    after ``n`` updates (the ramp of timm's and YOLO's EMAs): a model trained
-    from a random start must not keep ``decay ** steps`` of that start (0.999
-    over 575 steps keeps 56% of it). Teachers that start from trained weights
-    use the plain ``decay``.
-    """
-
-    def __init__(
-        self, model: nn.Module, decay: float = 0.999, *, warmup: bool = False
-    ) -> None:
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"ModelEMA decay must be in [0, 1], got {decay!r}")
-        self.decay = float(decay)
-        self.warmup = warmup
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Blend the student's parameters in and copy its buffers."""
-        d = self.current_decay()
-        student_params = dict(model.named_parameters())
-        for name, p in self.module.named_parameters():
-            s = student_params[name].detach()
-            if p.dtype.is_floating_point:
-                p.mul_(d).add_(s.to(p.dtype), alpha=1.0 - d)
-            else:
-                p.copy_(s)
-        student_bufs = dict(model.named_buffers())
-        for name, b in self.module.named_buffers():
-            b.copy_(student_bufs[name])
-        self.updates += 1
-
-    def current_decay(self) -> float:
-        """The decay the next :meth:`update` applies."""
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """The EMA model's ``state_dict``."""
-        return self.module.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore the EMA weights (strict)."""
-        self.module.load_state_dict(state)
-
-
-def targets_to_device(
-    targets: Sequence[dict[str, Any]], device: torch.device
-) -> list[dict[str, Tensor]]:
-    """``boxes``/``labels`` on ``device``; degenerate boxes dropped with a log."""
-    out = []
-    for t in targets:
-        boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
-        labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
-        ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        if not bool(ok.all()):
-            bad = boxes[~ok].tolist()
-            log.warning(
-                "image %s: dropping degenerate target boxes %s",
-                t.get("key", "?"),
-                bad,
-            )
-            boxes, labels = boxes[ok], labels[ok]
-        out.append({"boxes": boxes.to(device), "labels": labels.to(device)})
-    return out
-
-
-def _images_to(images: Sequence[Tensor], device: torch.device) -> list[Tensor]:
-    return [im.to(device, non_blocking=True) for im in images]
-
-
-def _autocast(device: torch.device, amp: bool) -> Any:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable[tuple[Sequence[Tensor], Sequence[dict[str, Any]]]],
-    optimizer: torch.optim.Optimizer,
-    *,
-    device: torch.device | str = "cpu",
-    amp: bool = True,
-    grad_clip: float | None = 10.0,
-    ema: ModelEMA | None = None,
-    extra_loss_fn: ExtraLossFn | None = None,
-    scheduler: Any | None = None,
-    progress: bool = True,
-    log_every: int = 10,
-    epoch: int = 0,
-) -> TrainStats:
-    """Train ``model`` for one pass over ``loader``.
-
-    A batch whose total loss (or gradient norm) is not finite is skipped: no
-    optimizer step, no EMA update, weights unchanged; it is counted in
-    ``skipped_steps`` and logged. ``grad_clip`` clips the global gradient
-    norm (``None`` or ``<= 0``: no clipping). ``amp`` enables bf16 autocast on
-    CUDA only. ``scheduler.step()`` (if given) runs after each optimizer step.
-    """
-    dev = torch.device(device)
-    model.train()
-    n_batches = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    total, steps, skipped, images = 0.0, 0, 0, 0
-    t0 = time.perf_counter()
-    params = [p for p in model.parameters() if p.requires_grad]
-    for i, (imgs, targets) in enumerate(loader):
-        ims = _images_to(imgs, dev)
-        tg = targets_to_device(targets, dev)
-        images += len(ims)
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(dev, amp):
-            losses = model(ims, tg)
-            loss = sum(losses.values(), torch.zeros((), device=dev))
-            if extra_loss_fn is not None:
-                loss = loss + extra_loss_fn(model, ims, list(targets))
-        loss = loss.float()
-        if not bool(torch.isfinite(loss)):
-            skipped += 1
-            log.warning(
-                "epoch %d step %d: non-finite loss %s (%s); step skipped",
-                epoch,
-                i,
-                float(loss.detach()),
-                {k: float(v.detach()) for k, v in losses.items()},
-            )
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        loss.backward()
-        if grad_clip is not None and grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        else:
-            gnorm = torch.nn.utils.get_total_norm(
-                [p.grad for p in params if p.grad is not None]
-            )
-        if not bool(torch.isfinite(gnorm)):
-            skipped += 1
-            log.warning(
-                "epoch %d step %d: non-finite gradient norm; step skipped", epoch, i
-            )
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if ema is not None:
-            ema.update(model)
-        total += float(loss.detach())
-        steps += 1
-        if progress and log_every > 0 and (i + 1) % log_every == 0:
-            dt = time.perf_counter() - t0
-            log.info(
-                "epoch %d step %d/%s loss %.4f (mean %.4f) %.2f img/s",
-                epoch,
-                i + 1,
-                n_batches if n_batches is not None else "?",
-                float(loss.detach()),
-                total / steps,
-                images / dt if dt > 0 else float("nan"),
-            )
-    dt = time.perf_counter() - t0
-    stats = TrainStats(
-        mean_loss=total / steps if steps else float("nan"),
-        steps=steps,
-        skipped_steps=skipped,
-        images=images,
-        seconds=dt,
-    )
-    if progress:
-        log.info(
-            "epoch %d done: loss %.4f, %d steps, %d skipped, %.2f img/s",
-            epoch,
-            stats.mean_loss,
-            steps,
-            skipped,
-            stats.images_per_s,
-        )
-    return stats
-
-
 @torch.no_grad()
 def predict_images(
     model: nn.Module,
@@ -316,8 +99,8 @@ def predict_images(
     """
     dev = torch.device(device)
     model.eval()
-    with _autocast(dev, amp):
-        out = model(_images_to(images, dev))
+    with autocast(dev, amp):
+        out = model([im.to(dev, non_blocking=True) for im in images])
     res = []
     for o in out:
         scores = o["scores"].float().cpu().numpy()
@@ -352,15 +135,6 @@ def predict(
     return out
 
 
-def detection_collate(
-    batch: Sequence[tuple[Tensor, dict[str, Any]]],
-) -> tuple[list[Tensor], list[dict[str, Any]]]:
-    """``[(image, target), ...] -> (images, targets)`` lists (no stacking)."""
-    images = [b[0] for b in batch]
-    targets = [b[1] for b in batch]
-    return images, targets
-
-
 def _np(t: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     if t is None:
         return np.zeros(shape, dtype=dtype)
@@ -384,7 +158,10 @@ class EvalResult:
                 k: (None if isinstance(v, float) and math.isnan(v) else v)
                 for k, v in self.metrics.items()
             },
-            "classes": {k: result_to_dict(r) for k, r in self.per_class.items()},
+            "classes": {
+                k: ClassMetrics.from_result(r).to_json()
+                for k, r in self.per_class.items()
+            },
         }
 
 
@@ -440,7 +217,7 @@ def evaluate_detailed(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=detection_collate,
+        collate_fn=collate,
     )
     images: list[FrocImage] = []
     for imgs, targets in loader:

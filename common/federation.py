@@ -83,10 +83,6 @@ NODE_STATE_DIR = "state-dir"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 
-#: Files in a run directory.
-ROUNDS_JSONL = "rounds.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-
 
 def round_problems(row: Mapping[str, Any], *, rejected: bool = True) -> list[str]:
     """One line per node that failed (train or evaluate) in a ``rounds.jsonl`` row.

@@ -1,4 +1,4 @@
-"""FROC, CPM and AP for lesion detection, per class, as defined in evaluation.md.
+"""FROC, CPM and AP for lesion detection, per class (the definition is below).
 
 Inputs are per image (:class:`FrocImage`), all boxes ``[xmin, ymin, xmax,
 ymax]`` in the SAME pixel space (model space in this project) with
@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,7 @@ from common.keys import CLASSES, CPM_FP_RATES, FROC_FP_RATES
 
 log = logging.getLogger(__name__)
 
-#: Minimum hit radius in mm (evaluation.md).
+#: Minimum hit radius in mm (reach of a lesion: max(half its diagonal, this)).
 MIN_HIT_RADIUS_MM = 5.0
 
 HIT, DUPLICATE, IGNORED, FALSE_POSITIVE = 1, 2, 3, 0
@@ -464,19 +465,60 @@ def _num(v: float) -> float | None:
     return None if math.isnan(v) else float(v)
 
 
-def result_to_dict(r: FrocResult) -> dict[str, object]:
-    """JSON-safe summary of one class (NaN becomes ``None``)."""
-    return {
-        "cpm": _num(r.cpm),
-        "cpm_ci95": None
-        if r.cpm_ci is None
-        else [_num(r.cpm_ci[0]), _num(r.cpm_ci[1])],
-        "ap": _num(r.ap),
-        "sensitivity_at_fp": {f"{f:g}": _num(s) for f, s in r.sens_at.items()},
-        "n_images": r.n_images,
-        "n_lesions": r.n_lesions,
-        "n_detections": r.n_detections,
-    }
+@dataclass(frozen=True)
+class FrocCurve:
+    """FROC points: false positives per image and sensitivity, one per score."""
+
+    fp_per_image: list[float]
+    sensitivity: list[float]
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    """The one JSON record of a :class:`FrocResult` (NaN written as ``null``).
+
+    Written by ``mammofed-client evaluate``, cross-validation and the study's
+    ``<regime>/metrics.json`` (``common.runfolder.SiteMetrics``), read back by
+    :meth:`from_json`. ``curve`` is kept (not ``None``) only where a plot
+    needs it.
+    """
+
+    cpm: float | None
+    cpm_ci95: list[float | None] | None
+    ap: float | None
+    sensitivity_at_fp: dict[str, float | None]
+    n_images: int
+    n_lesions: int
+    n_detections: int
+    curve: FrocCurve | None = None
+
+    @classmethod
+    def from_result(cls, r: FrocResult, *, curve: bool = False) -> ClassMetrics:
+        """The record of ``r``; with ``curve`` its FROC points too."""
+        return cls(
+            cpm=_num(r.cpm),
+            cpm_ci95=None if r.cpm_ci is None else [_num(x) for x in r.cpm_ci],
+            ap=_num(r.ap),
+            sensitivity_at_fp={f"{f:g}": _num(s) for f, s in r.sens_at.items()},
+            n_images=r.n_images,
+            n_lesions=r.n_lesions,
+            n_detections=r.n_detections,
+            curve=FrocCurve(
+                [float(x) for x in r.fp_per_image], [float(x) for x in r.sensitivity]
+            )
+            if curve
+            else None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe mapping (every field; ``curve`` a mapping or ``null``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ClassMetrics:
+        """Inverse of :meth:`to_json`; a missing or unknown key raises TypeError."""
+        curve = d.get("curve")
+        return cls(**{**d, "curve": None if curve is None else FrocCurve(**curve)})
 
 
 def plot_froc(

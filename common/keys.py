@@ -87,7 +87,7 @@ CPM_MEAN = "cpm-mean"
 #: Epsilon a site has spent under patient-level DP-SGD (``common.dp``) after
 #: the round, at the delta of its accountant; sent only when DP is on.
 DP_EPSILON = "dp-epsilon"
-#: FP rates at which sensitivity is reported (evaluation.md).
+#: FP rates per image at which FROC sensitivity is reported.
 FROC_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
-#: FP rates averaged into the CPM (evaluation.md).
+#: FP rates per image whose sensitivities are averaged into the CPM.
 CPM_FP_RATES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)

@@ -36,7 +36,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import ConfigError, MammofedError
-from server.process import TlsFiles
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -54,6 +53,15 @@ COMMAND_LINE = "command line"
 
 class TlsError(MammofedError):
     """Certificates or keys could not be written or read."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Server TLS files for the SuperLink (all three or none)."""
+
+    ca_certfile: Path
+    certfile: Path
+    keyfile: Path
 
 
 @dataclass(frozen=True)
@@ -241,7 +249,9 @@ def generate_certificates(
 def node_key_files(out_dir: Path, site: str) -> NodeKeyFiles:
     """Where the key pair of ``site`` lives in ``out_dir``."""
     if not site or "/" in site or site.startswith("."):
-        raise ConfigError(COMMAND_LINE, "--site", f"not a usable file name: {site!r}")
+        raise ConfigError(
+            COMMAND_LINE, "--site-name", f"not a usable file name: {site!r}"
+        )
     return NodeKeyFiles(
         out_dir / f"{site}{NODE_PRIVATE_SUFFIX}",
         out_dir / f"{site}{NODE_PUBLIC_SUFFIX}",

@@ -224,16 +224,3 @@ class IntensityJitter:
             std = _uniform(0.0, self.noise, self.gen)
             x = x + std * torch.randn(x.shape, generator=self.gen, dtype=x.dtype)
         return x.clamp(0.0, 1.0), dict(target)
-
-
-def default_train_transform(generator: torch.Generator | None = None) -> Compose:
-    """Flip (both axes), scale 0.85-1.15, intensity jitter, pad to 32."""
-    return Compose(
-        [
-            HorizontalFlip(0.5, generator),
-            VerticalFlip(0.5, generator),
-            RandomResize((0.85, 1.15), generator),
-            IntensityJitter(generator=generator),
-            PadToMultiple(32),
-        ]
-    )

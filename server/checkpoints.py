@@ -1,19 +1,17 @@
 """Global checkpoints: one per round, written atomically, resumable.
 
 ``<run_dir>/checkpoints/round-NNNNN.npz`` holds the global shared arrays;
-``round-NNNNN.json`` beside it holds ``{"round", "metrics", "config",
-"array_names"}``. The JSON is written last, so a checkpoint counts only once
-both files are complete; :meth:`CheckpointStore.latest` ignores half-written
-ones.
+``round-NNNNN.json`` beside it a :class:`common.runfolder.CheckpointMeta`. The
+JSON is written last, so a checkpoint counts only once both files are
+complete; :meth:`CheckpointStore.latest` ignores half-written ones.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +19,9 @@ import numpy as np
 
 from common.errors import CheckpointMismatch
 from common.fileio import atomic_write_bytes, load_arrays, save_arrays
+from common.runfolder import CheckpointMeta, complete_rounds, round_paths
 
 log = logging.getLogger(__name__)
-
-_NAME = re.compile(r"^round-(\d{5,})\.json$")
 
 
 @dataclass(frozen=True)
@@ -45,8 +42,7 @@ class CheckpointStore:
 
     def paths(self, server_round: int) -> tuple[Path, Path]:
         """The ``.npz`` and ``.json`` paths of ``server_round``."""
-        stem = f"round-{server_round:05d}"
-        return self.dir / f"{stem}.npz", self.dir / f"{stem}.json"
+        return round_paths(self.dir, server_round)
 
     def save(
         self,
@@ -59,24 +55,21 @@ class CheckpointStore:
         """Write round ``server_round``; returns the JSON path."""
         npz, meta_path = self.paths(server_round)
         save_arrays(npz, arrays)
-        meta = {
-            "round": int(server_round),
-            "array_names": list(arrays),
-            "metrics": dict(metrics or {}),
-            "config": dict(config or {}),
-        }
+        meta = asdict(
+            CheckpointMeta(
+                round=int(server_round),
+                array_names=list(arrays),
+                metrics=dict(metrics or {}),
+                config=dict(config or {}),
+            )
+        )
         atomic_write_bytes(meta_path, json.dumps(meta, indent=2, default=str).encode())
         log.debug("checkpoint round %d written to %s", server_round, npz)
         return meta_path
 
     def rounds(self) -> list[int]:
         """Rounds with a complete checkpoint, ascending."""
-        out = []
-        for p in self.dir.iterdir():
-            m = _NAME.match(p.name)
-            if m and self.paths(int(m.group(1)))[0].is_file():
-                out.append(int(m.group(1)))
-        return sorted(out)
+        return complete_rounds(self.dir)
 
     def load(self, server_round: int) -> Checkpoint:
         """Load round ``server_round``; a broken file raises naming it."""

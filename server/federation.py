@@ -33,13 +33,12 @@ from flwr.serverapp import Grid
 from common.config.loader import config_to_dict, write_resolved
 from common.errors import CheckpointMismatch, MammofedError
 from common.federation import (
-    CHECKPOINT_DIR,
-    ROUNDS_JSONL,
     FederationConfig,
     FitInstructions,
     arrays_to_record,
     record_to_arrays,
 )
+from common.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
 from server.checkpoints import CheckpointStore
 from server.faults import ModelTracker, attribute_replies, silent_nodes, write_outcome
 from server.initial import initial_global_arrays

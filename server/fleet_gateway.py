@@ -37,7 +37,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from server.process import ProcessError, TlsFiles
+from common.tls import TlsFiles
+from server.process import ProcessError
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,6 @@ from typing import Any
 import tomli_w
 
 from common.federation import (
-    CHECKPOINT_DIR,
-    ROUNDS_JSONL,
     RUN_DIR,
     RUN_FEDERATION_JSON,
     FederationConfig,
@@ -32,6 +30,7 @@ from common.federation import (
     flower_env,
     round_problems,
 )
+from common.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
 from server.faults import outcome_status
 from server.process import ProcessError, wait_for_port, write_flower_config
 

@@ -15,11 +15,11 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import MammofedError
 from common.federation import flower_bin
+from common.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,6 @@ DEFAULT_PORT = 8000
 
 class ProcessError(MammofedError):
     """A Flower process could not be started or did not come up."""
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """Server TLS files for the SuperLink (all three or none)."""
-
-    ca_certfile: Path
-    certfile: Path
-    keyfile: Path
 
 
 def superlink_command(

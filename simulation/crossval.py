@@ -61,13 +61,12 @@ from common.engine import (
     seed_everything,
 )
 from common.errors import MammofedError
-from common.froc import FrocImage, froc_all, plot_froc, result_to_dict
+from common.froc import ClassMetrics, FrocImage, froc_all, plot_froc
 from common.keys import CLASSES
 from simulation.train import (
     TrainConfig,
     few_label_subset,
     train_model,
-    train_transform,
 )
 
 log = logging.getLogger(__name__)
@@ -273,7 +272,7 @@ def run_crossval(
                 if cfg.num_workers == 0
                 else None
             )
-            transform = train_transform(cfg.augment, gen)
+            transform = cfg.recipe().transform(gen)
             train_views = [
                 sites[name].subset(tr, transform) for name, tr in train_idx.items()
             ]
@@ -344,7 +343,7 @@ def run_crossval(
         fold_cpm = [d["cpm"][name] for d in fold_docs]
         mean, sd = _mean_sd([math.nan if c is None else c for c in fold_cpm])
         classes[name] = {
-            **result_to_dict(r),
+            **ClassMetrics.from_result(r).to_json(),
             "fold_cpm": fold_cpm,
             "fold_cpm_mean": mean,
             "fold_cpm_sd": sd,

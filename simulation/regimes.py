@@ -1,6 +1,21 @@
-"""Names of the regimes every report compares (evaluation.md), in report order."""
+"""The regimes every study compares: one table line per regime, in report order.
+
+A central regime trains one model per :attr:`Regime.train_on` group with
+``simulation.run.train_central``; a federated regime runs the real server and
+clients with :attr:`Regime.strategy`, :attr:`Regime.personalization` and
+:attr:`Regime.options` laid over the study's federation config (see
+``simulation.run._regime_config``). Values taken from ``mammofed-sim run``
+flags are named in :attr:`Regime.from_request` (option -> ``RunRequest`` field).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+from common.federation import PersonalizationConfig
 
 BASE = "base"
 LOCAL_ONLY = "local-only"
@@ -10,28 +25,94 @@ PERSONALIZED = "personalized"
 PERSONALIZED_SSL = "personalized-ssl"
 PERSONALIZED_DP = "personalized-dp"
 ORACLE = "oracle"
+FEDMEDIAN = "fedmedian"
+FEDTRIMMEDAVG = "fedtrimmedavg"
+
+_PERSONAL = PersonalizationConfig(local_norm=True, personal_head=True)
+
+
+def _frozen(**kw: Any) -> Mapping[str, Any]:
+    return MappingProxyType(kw)
+
+
+@dataclass(frozen=True)
+class Regime:
+    """What one regime does.
+
+    Attributes:
+        name: the regime's name (report column, run-folder sub-folder).
+        train_on: central regimes: ``base`` (one model on the base sites),
+            ``each`` (one model per site, on its own labels) or ``oracle`` (one
+            model on every site's complete labels); ``None`` for federated ones.
+        strategy: the server strategy (``server.strategies``) of a federated
+            regime.
+        personalization: what each site keeps to itself (FedBN, FedPer).
+        options: ``trainer.options`` set for this regime (over the study's).
+        from_request: ``{trainer option or "strategy.<field>": RunRequest
+            field}``: values the ``mammofed-sim run`` flags give.
+    """
+
+    name: str
+    train_on: Literal["base", "each", "oracle"] | None = None
+    strategy: str | None = None
+    personalization: PersonalizationConfig = PersonalizationConfig()
+    options: Mapping[str, Any] = field(default_factory=_frozen)
+    from_request: Mapping[str, str] = field(default_factory=_frozen)
+
+    @property
+    def kind(self) -> str:
+        """``central`` or ``federated``."""
+        return "central" if self.train_on is not None else "federated"
+
+    @property
+    def private(self) -> bool:
+        """Whether the sites train with patient-level DP-SGD."""
+        return bool(self.options.get("dp"))
+
+
+# few-shot head tuning belongs to the semi-supervised adaptation regime only
+# ("personalized + semi-supervised consistency (+ few-shot head tuning)"); the
+# baselines train every layer at every site. Under DP, SSL and the
+# standardizer would use data outside the per-woman clipping.
+TABLE: tuple[Regime, ...] = (
+    Regime(BASE, train_on="base"),
+    Regime(LOCAL_ONLY, train_on="each"),
+    Regime(FEDAVG, strategy="fedavg", options=_frozen(fewshot=False)),
+    Regime(
+        FEDPROX,
+        strategy="fedprox",
+        options=_frozen(fewshot=False),
+        from_request=_frozen(**{"strategy.proximal_mu": "fedprox_mu"}),
+    ),
+    Regime(FEDMEDIAN, strategy="fedmedian", options=_frozen(fewshot=False)),
+    Regime(FEDTRIMMEDAVG, strategy="fedtrimmedavg", options=_frozen(fewshot=False)),
+    Regime(
+        PERSONALIZED,
+        strategy="personalized",
+        personalization=_PERSONAL,
+        options=_frozen(fewshot=False, ssl=False),
+    ),
+    Regime(
+        PERSONALIZED_SSL,
+        strategy="personalized",
+        personalization=_PERSONAL,
+        options=_frozen(fewshot=True, ssl=True),
+    ),
+    Regime(
+        PERSONALIZED_DP,
+        strategy="personalized",
+        personalization=_PERSONAL,
+        options=_frozen(fewshot=False, ssl=False, standardize=False, dp=True),
+        from_request=_frozen(dp_epsilon="dp_epsilon"),
+    ),
+    Regime(ORACLE, train_on="oracle"),
+)
+REGIMES: Mapping[str, Regime] = MappingProxyType({r.name: r for r in TABLE})
 
 #: Report column order.
-ORDER: tuple[str, ...] = (
-    BASE,
-    LOCAL_ONLY,
-    FEDAVG,
-    FEDPROX,
-    PERSONALIZED,
-    PERSONALIZED_SSL,
-    PERSONALIZED_DP,
-    ORACLE,
-)
-CENTRAL: frozenset[str] = frozenset({BASE, LOCAL_ONLY, ORACLE})
-FEDERATED: frozenset[str] = frozenset(
-    {FEDAVG, FEDPROX, PERSONALIZED, PERSONALIZED_SSL, PERSONALIZED_DP}
-)
-
-# Files of a run folder (docs/contracts.md "Run folders").
-RUN_JSON = "run.json"
-METRICS_JSON = "metrics.json"
-ROUNDS_JSONL = "rounds.jsonl"
-DETECTIONS_JSON = "detections.json"
+ORDER: tuple[str, ...] = tuple(r.name for r in TABLE)
+CENTRAL: frozenset[str] = frozenset(r.name for r in TABLE if r.kind == "central")
+FEDERATED: frozenset[str] = frozenset(r.name for r in TABLE if r.kind == "federated")
 
 #: How the federated regimes run (``mammofed-sim run --engine``): the in-process
 #: grid, Flower's simulation engine (Ray), or loopback SuperLink + SuperNodes.

@@ -1,6 +1,6 @@
 """Turn one or more run folders into ``report.md`` + ``report.json`` + PNG plots.
 
-Input: run folders in the layout of ``docs/contracts.md`` ("Run folders").
+Input: run folders in the layout of :mod:`common.runfolder` (its records).
 Output (``out_dir``):
 
 * ``report.json``: ``{"sites": [...], "regimes": [...], "table": {site: {regime:
@@ -26,73 +26,59 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.errors import MammofedError  # noqa: E402
+from common import runfolder as RF  # noqa: E402
 from common.froc import FrocImage, froc_class, paired_cpm_difference  # noqa: E402
 from common.keys import CLASSES  # noqa: E402
+from common.runfolder import (  # noqa: E402
+    RunFolderError,
+    SiteMetrics,
+    StudyRound,
+    StudyRun,
+)
 from simulation import regimes as R  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-
-class ReportError(MammofedError):
-    """A run folder cannot be read into a report; the message names the file."""
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{path}: cannot read JSON: {exc}") from exc
 
 
 def collect(run_dirs: list[Path]) -> dict[str, Any]:
     """Gather metrics of every regime found in ``run_dirs``.
 
     Returns ``{"metrics": {regime: {site: SiteMetrics}}, "detections":
-    {regime: path of its detections.json}, "rounds": {regime: [row, ...]},
-    "configs": [paths], "runs": [run.json contents], "dp": {regime: dp
-    record}}`` (the ``dp`` record of a DP regime's metrics.json).
+    {regime: path of its detections.json}, "rounds": {regime: [StudyRound]},
+    "configs": [paths], "runs": [StudyRun], "dp": {regime: dp record}}``.
     A regime present in several runs is taken from the last run given (logged).
     """
-    metrics: dict[str, dict[str, Any]] = {}
+    metrics: dict[str, dict[str, SiteMetrics]] = {}
     detections: dict[str, Path] = {}
     privacy: dict[str, Any] = {}
-    rounds: dict[str, list[dict[str, Any]]] = {}
+    rounds: dict[str, list[StudyRound]] = {}
     configs: list[Path] = []
-    runs: list[Any] = []
+    runs: list[StudyRun] = []
     for run in run_dirs:
         if not run.is_dir():
-            raise ReportError(f"{run}: not a run folder")
-        if (run / R.RUN_JSON).is_file():
-            runs.append(_read_json(run / R.RUN_JSON))
-        configs.extend(sorted((run / "configs").glob("*.yaml")))
-        found = sorted(p.parent for p in run.glob(f"*/{R.METRICS_JSON}"))
+            raise RunFolderError(f"{run}: not a run folder")
+        if (run / RF.RUN_JSON).is_file():
+            runs.append(RF.read_record(StudyRun, run / RF.RUN_JSON))
+        configs.extend(sorted((run / RF.CONFIGS_DIR).glob("*.yaml")))
+        found = sorted(p.parent for p in run.glob(f"*/{RF.METRICS_JSON}"))
         if not found:
-            raise ReportError(f"{run}: no <regime>/{R.METRICS_JSON} inside")
+            raise RunFolderError(f"{run}: no <regime>/{RF.METRICS_JSON} inside")
         for regime_dir in found:
-            data = _read_json(regime_dir / R.METRICS_JSON)
-            name = str(data.get("regime", regime_dir.name))
+            data = RF.read_record(RF.RegimeMetrics, regime_dir / RF.METRICS_JSON)
+            name = data.regime
             if name in metrics:
                 log.info("regime %s found again in %s; using the later one", name, run)
-            metrics[name] = data.get("sites", {})
-            if data.get("dp"):
-                privacy[name] = data["dp"]
-            det_path = regime_dir / R.DETECTIONS_JSON
+            metrics[name] = data.sites
+            if data.dp:
+                privacy[name] = data.dp
+            det_path = regime_dir / RF.DETECTIONS_JSON
             if det_path.is_file():
                 detections[name] = det_path
             else:
                 detections.pop(name, None)
-            rows_path = regime_dir / R.ROUNDS_JSONL
+            rows_path = regime_dir / RF.ROUNDS_JSONL
             if rows_path.is_file():
-                rows = []
-                for i, line in enumerate(rows_path.read_text().splitlines(), 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        log.warning("%s line %d: not JSON, skipped", rows_path, i)
-                rounds[name] = rows
+                rounds[name] = RF.read_rounds(rows_path)
     return {
         "metrics": metrics,
         "detections": detections,
@@ -118,9 +104,11 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
-def _cpm(metrics: dict[str, Any], regime: str, site: str, cls: str) -> float:
+def _cpm(
+    metrics: dict[str, dict[str, SiteMetrics]], regime: str, site: str, cls: str
+) -> float:
     try:
-        v = metrics[regime][site]["classes"][cls]["cpm"]
+        v = metrics[regime][site].classes[cls].cpm
     except KeyError:
         return math.nan
     return math.nan if v is None else float(v)
@@ -138,7 +126,7 @@ def gap_closed(value: float, base: float, oracle: float) -> float:
     return (value - base) / (oracle - base)
 
 
-def build_table(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def build_table(metrics: dict[str, dict[str, SiteMetrics]]) -> dict[str, Any]:
     """Site x regime x class table with CPM, CI, sensitivities, AP and gap closed."""
     regimes = _ordered(list(metrics))
     sites = sorted({s for r in metrics.values() for s in r})
@@ -149,17 +137,17 @@ def build_table(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
             entry = metrics[regime].get(site)
             if entry is None:
                 continue
-            row: dict[str, Any] = {"n_images": entry.get("n_images")}
+            row: dict[str, Any] = {"n_images": entry.n_images}
             for cls in CLASSES:
-                c = entry.get("classes", {}).get(cls)
+                c = entry.classes.get(cls)
                 if c is None:
                     continue
                 cpm = _cpm(metrics, regime, site, cls)
                 row[cls] = {
                     "cpm": cpm,
-                    "cpm_ci": c.get("cpm_ci"),
-                    "sensitivity": c.get("sensitivity"),
-                    "ap": c.get("ap"),
+                    "cpm_ci": None if c.cpm_ci95 is None else list(c.cpm_ci95),
+                    "sensitivity": c.sensitivity_at_fp,
+                    "ap": c.ap,
                     "gap_closed": gap_closed(
                         cpm,
                         _cpm(metrics, R.BASE, site, cls),
@@ -190,15 +178,15 @@ def load_detections(path: Path) -> dict[str, list[FrocImage]]:
     """``{site: [FrocImage]}`` from a regime's ``detections.json``.
 
     Raises:
-        ReportError: unreadable file or a malformed record (file and key named).
+        RunFolderError: unreadable file or a malformed record (file and key named).
     """
-    raw = _read_json(path)
+    raw = RF.read_json(path)
     try:
         return {
             site: [FrocImage.from_json(d) for d in rows] for site, rows in raw.items()
         }
     except (AttributeError, ValueError) as exc:
-        raise ReportError(f"{path}: {exc}") from exc
+        raise RunFolderError(f"{path}: {exc}") from exc
 
 
 def paired_comparisons(
@@ -309,15 +297,19 @@ def _cell(entry: dict[str, Any] | None) -> str:
     return text
 
 
-def plot_froc(metrics: dict[str, dict[str, Any]], site: str, path: Path) -> bool:
+def plot_froc(
+    metrics: dict[str, dict[str, SiteMetrics]], site: str, path: Path
+) -> bool:
     """One PNG per site: a panel per class, one FROC curve per regime."""
     fig, axes = plt.subplots(1, len(CLASSES), figsize=(5 * len(CLASSES), 4))
     drawn = False
     for ax, cls in zip(axes, CLASSES, strict=True):
         for regime in _ordered(list(metrics)):
-            c = metrics[regime].get(site, {}).get("classes", {}).get(cls)
-            curve = (c or {}).get("curve") or {}
-            fp, sens = curve.get("fp_per_image"), curve.get("sensitivity")
+            entry = metrics[regime].get(site)
+            c = None if entry is None else entry.classes.get(cls)
+            if c is None or c.curve is None:
+                continue
+            fp, sens = c.curve.fp_per_image, c.curve.sensitivity
             if not fp or not sens:
                 continue
             pts = [(f, s) for f, s in zip(fp, sens, strict=False) if f and f > 0]
@@ -340,19 +332,16 @@ def plot_froc(metrics: dict[str, dict[str, Any]], site: str, path: Path) -> bool
     return drawn
 
 
-def plot_rounds(
-    rounds: dict[str, list[dict[str, Any]]], metric: str, path: Path
-) -> bool:
+def plot_rounds(rounds: dict[str, list[StudyRound]], metric: str, path: Path) -> bool:
     """Per-round curve of ``metric`` for every (federated regime, site)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for regime in _ordered(list(rounds)):
         by_site: dict[str, list[tuple[int, float]]] = {}
         for row in rounds[regime]:
-            if metric in row and row[metric] is not None:
-                by_site.setdefault(str(row["site"]), []).append(
-                    (int(row["round"]), float(row[metric]))
-                )
+            v = row.metrics.get(metric)
+            if v is not None:
+                by_site.setdefault(row.site, []).append((row.round, float(v)))
         for site, pts in sorted(by_site.items()):
             pts.sort()
             ax.plot(*zip(*pts, strict=True), marker="o", label=f"{regime}/{site}")
@@ -368,16 +357,14 @@ def plot_rounds(
     return drawn
 
 
-def bytes_table(rounds: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def bytes_table(rounds: dict[str, list[StudyRound]]) -> list[dict[str, Any]]:
     """Mean bytes each site sent per round, per federated regime."""
     out = []
     for regime in _ordered(list(rounds)):
         per_site: dict[str, list[float]] = {}
         for row in rounds[regime]:
-            if row.get("bytes_sent") is not None:
-                per_site.setdefault(str(row["site"]), []).append(
-                    float(row["bytes_sent"])
-                )
+            if row.bytes_sent is not None:
+                per_site.setdefault(row.site, []).append(float(row.bytes_sent))
         for site, vals in sorted(per_site.items()):
             out.append(
                 {
@@ -399,8 +386,8 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     if data["runs"]:
         first = data["runs"][0]
         lines += [
-            f"Scenario: `{first.get('scenario', '?')}`; working spacing "
-            f"{first.get('working_spacing_mm', '?')} mm; runs: "
+            f"Scenario: `{first.scenario}`; working spacing "
+            f"{first.working_spacing_mm} mm; runs: "
             + ", ".join(f"`{p}`" for p in run_dirs),
             "",
         ]
@@ -431,7 +418,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
         ]
     paired = paired_comparisons(data["detections"])
     if paired:
-        base_sites = {s for run in data["runs"] for s in (run.get("base_sites") or [])}
+        base_sites = {s for run in data["runs"] for s in run.base_sites}
         lines += _paired_lines(paired, base_sites)
     lines += ["## FROC curves", ""]
     for site in table["sites"]:
@@ -446,9 +433,8 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
                 k
                 for rows in data["rounds"].values()
                 for row in rows
-                for k, v in row.items()
-                if k not in {"round", "site", "bytes_sent"}
-                and isinstance(v, int | float)
+                for k, v in row.metrics.items()
+                if v is not None
             }
         )
         for metric in metric_names:

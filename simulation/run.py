@@ -6,14 +6,15 @@ Steps (each logged with progress):
    the same resolved scenario is already there) and ingest every site into
    ``DATA/cache/<site>`` with the scenario's working spacing. The oracle's
    complete labels (``sites/_oracle``) are ingested into ``DATA/oracle/<site>``.
-2. **Regimes** (``simulation.regimes``), all through the same detector, the
-   same augmentation, sampling and optimizer, and the same number of passes
-   over the data (``num_rounds x local_epochs``):
+2. **Regimes** (one line each in ``simulation.regimes.TABLE``), all through
+   the same detector, the same augmentation, sampling and optimizer, and the
+   same number of passes over the data (``num_rounds x local_epochs``):
 
    * ``base``: trained on the base site (vendor H) alone, tested on every site;
    * ``local-only``: every site trains alone on its own labels;
    * ``oracle``: all sites' images with all labels pooled;
-   * ``fedavg``, ``fedprox``, ``personalized`` (FedBN + personal heads),
+   * ``fedavg``, ``fedprox``, ``fedmedian``, ``fedtrimmedavg``,
+     ``personalized`` (FedBN + personal heads),
      ``personalized-ssl`` (+ mean-teacher consistency on unlabeled images),
      ``personalized-dp`` (+ patient-level DP-SGD at ``dp_epsilon``, see
      ``common.dp`` and docs/privacy.md; its ``metrics.json`` carries a
@@ -28,8 +29,8 @@ Steps (each logged with progress):
    that site's personal state; central: the regime's model) on that site's
    held-out test women: FROC, CPM with a bootstrap interval, AP.
 
-The run folder follows ``docs/contracts.md`` ("Run folders"), so
-``mammofed-sim report`` reads it.
+The run folder is written as the records of :mod:`common.runfolder`, which
+``mammofed-sim report`` reads back.
 """
 
 from __future__ import annotations
@@ -47,15 +48,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from client.detector_trainer import (
-    DetectorOptions,
-    DetectorTrainer,
-    Transformed,
-    train_transform,
-)
+from client.detector_trainer import DetectorOptions, DetectorTrainer
 from client.ingest import ingest_site
+from common import runfolder as RF
 from common.config.loader import (
     config_to_dict,
     from_mapping,
@@ -64,20 +60,17 @@ from common.config.loader import (
     write_resolved,
 )
 from common.config.site import SiteConfig
-from common.data import SiteDataset, collate
+from common.data import SiteDataset
 from common.engine import (
     EvalResult,
     evaluate_detailed,
     resolve_device,
     seed_everything,
-    train_one_epoch,
 )
 from common.errors import ConfigError, MammofedError
-from common.federation import ROUNDS_JSONL as SERVER_ROUNDS_JSONL
 from common.federation import (
     RUN_FEDERATION_JSON,
     FederationConfig,
-    PersonalizationConfig,
     StrategyConfig,
     federation_config_to_json,
     load_federation_config,
@@ -86,7 +79,8 @@ from common.federation import (
 from common.fileio import read_jsonl
 from common.keys import CLASSES, LOCAL_SECONDS, SKIPPED_STEPS, TRAIN_LOSS
 from common.model import build_detector
-from common.sampling import balanced_sampler
+from common.recipe import Pooled, Transformed, train_epochs
+from common.runfolder import RegimeMetrics, SiteMetrics
 from simulation import regimes as R
 from simulation.phantom import generate_scenario, load_scenario
 from simulation.phantom.generate import ORACLE_DIR
@@ -191,39 +185,11 @@ def _oracle_site_dir(sites_dir: Path, site: str) -> Path:
 
 
 # --- metrics ----------------------------------------------------------------------
-def site_metrics(result: EvalResult) -> dict[str, Any]:
-    """``SiteMetrics`` (docs/contracts.md) from an :class:`EvalResult`."""
-    classes = {}
-    n_images = 0
-    for name in CLASSES:
-        r = result.per_class[name]
-        n_images = r.n_images
-
-        def num(v: float) -> float | None:
-            return None if v is None or math.isnan(v) else float(v)
-
-        classes[name] = {
-            "cpm": num(r.cpm),
-            "cpm_ci": None
-            if r.cpm_ci is None
-            else [num(r.cpm_ci[0]), num(r.cpm_ci[1])],
-            "sensitivity": {f"{f:g}": num(s) for f, s in r.sens_at.items()},
-            "ap": num(r.ap),
-            "n_lesions": r.n_lesions,
-            "curve": {
-                "fp_per_image": [float(x) for x in r.fp_per_image],
-                "sensitivity": [float(x) for x in r.sensitivity],
-            },
-        }
-    return {"n_images": n_images, "classes": classes}
-
-
 def _write_regime(
     run_dir: Path,
-    regime: str,
-    kind: str,
+    spec: R.Regime,
     results: dict[str, EvalResult | None],
-    extra: dict[str, Any] | None = None,
+    dp: dict[str, Any] | None = None,
 ) -> None:
     """``<regime>/metrics.json`` and ``<regime>/detections.json`` of a regime.
 
@@ -231,42 +197,19 @@ def _write_regime(
     detections, :meth:`common.froc.FrocImage.to_json`) per site, so the report
     can compare two regimes image by image (paired bootstrap).
     """
-    d = run_dir / regime
+    d = run_dir / spec.name
     d.mkdir(parents=True, exist_ok=True)
     done = {k: r for k, r in results.items() if r is not None}
-    sites = {k: site_metrics(r) for k, r in done.items()}
-    payload = {"regime": regime, "kind": kind, "sites": sites, **(extra or {})}
-    (d / R.METRICS_JSON).write_text(json.dumps(payload, indent=1))
+    sites = {k: SiteMetrics.from_results(r.per_class) for k, r in done.items()}
+    RF.write_record(d / RF.METRICS_JSON, RegimeMetrics(spec.name, spec.kind, sites, dp))
     detections = {k: [im.to_json() for im in r.images] for k, r in done.items()}
-    (d / R.DETECTIONS_JSON).write_text(json.dumps(detections))
+    (d / RF.DETECTIONS_JSON).write_text(json.dumps(detections))
     for site, m in sites.items():
-        cpms = {c: m["classes"][c]["cpm"] for c in CLASSES}
-        log.info("[%s] site %s: CPM %s", regime, site, cpms)
+        cpms = {c: m.classes[c].cpm for c in CLASSES}
+        log.info("[%s] site %s: CPM %s", spec.name, site, cpms)
 
 
 # --- central regimes ----------------------------------------------------------------
-class _Pooled(Dataset[Any]):
-    """Several site views as one dataset, with cheap ``target(i)``."""
-
-    def __init__(self, views: list[Any]) -> None:
-        self.cat: ConcatDataset[Any] = ConcatDataset(views)
-        self.views = views
-
-    def __len__(self) -> int:
-        return len(self.cat)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.cat[i]
-
-    def target(self, i: int) -> Any:
-        """The target of item ``i`` without decoding pixels."""
-        for v in self.views:
-            if i < len(v):
-                return v.target(i)
-            i -= len(v)
-        raise IndexError(i)
-
-
 def train_central(
     caches: list[Path],
     opts: DetectorOptions,
@@ -280,40 +223,31 @@ def train_central(
 ) -> nn.Module:
     """Train one detector on the pooled labeled images of ``caches``.
 
-    Same model, augmentation, lesion-balanced sampling, optimizer and step
-    budget rule as a federated site (``client.detector_trainer``).
+    The federated site's recipe (:meth:`DetectorOptions.recipe`, steps per
+    epoch capped at ``max_steps`` per cache): one epoch here on one cache is
+    one federated round of that site with the same seed.
     """
     seed_everything(seed)
     model = build_detector(opts.model_config()).to(device)
-    views = [SiteDataset(c, seed=seed).view("labeled") for c in caches]
-    pooled = _Pooled(views)
+    pooled = Pooled([SiteDataset(c, seed=seed).view("labeled") for c in caches])
     n = len(pooled)
     if n == 0:
         raise MammofedError(f"{label}: no labeled images in {[str(c) for c in caches]}")
-    data = Transformed(pooled, train_transform(seed))
+    recipe = opts.recipe(lr, batch_size)
     steps = math.ceil(n / batch_size)
     if opts.max_steps:
         steps = min(steps, opts.max_steps * len(caches))
-    flags = [int(pooled.target(i)["boxes"].shape[0]) > 0 for i in range(n)]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    for epoch in range(epochs):
-        sampler = balanced_sampler(
-            flags, opts.lesion_prob, num_samples=steps * batch_size, seed=seed + epoch
-        )
-        loader = DataLoader(
-            data, batch_size=batch_size, sampler=sampler, collate_fn=collate
-        )
-        stats = train_one_epoch(
-            model, loader, opt, device=device, progress=False, epoch=epoch
-        )
-        log.info(
-            "[%s] epoch %d/%d: loss %.4f (%.1f img/s)",
-            label,
-            epoch + 1,
-            epochs,
-            stats.mean_loss,
-            stats.images_per_s,
-        )
+    train_epochs(
+        model,
+        Transformed(pooled, recipe.transform(torch.Generator().manual_seed(seed))),
+        recipe,
+        recipe.optimizer(model.parameters()),
+        epochs=epochs,
+        steps=steps,
+        seed=seed,
+        device=device,
+        label=label,
+    )
     return model
 
 
@@ -335,30 +269,26 @@ def _regime_config(
     run_dir: Path,
     sites: list[str],
 ) -> FederationConfig:
-    opts = dict(base.trainer.options)
-    # few-shot head tuning belongs to regime 6 of evaluation.md ("personalized
-    # + semi-supervised consistency (+ few-shot head tuning)"); the baselines
-    # train every layer at every site
-    opts["fewshot"] = regime == R.PERSONALIZED_SSL
-    if regime == R.FEDAVG:
-        strategy, pers = StrategyConfig(name="fedavg"), PersonalizationConfig()
-    elif regime == R.FEDPROX:
-        strategy = StrategyConfig(name="fedprox", proximal_mu=req.fedprox_mu)
-        pers = PersonalizationConfig()
-    elif regime in (R.PERSONALIZED, R.PERSONALIZED_SSL):
-        strategy = StrategyConfig(name="personalized")
-        pers = PersonalizationConfig(local_norm=True, personal_head=True)
-        opts["ssl"] = regime == R.PERSONALIZED_SSL
-    elif regime == R.PERSONALIZED_DP:
-        # personalized + DP-SGD per woman; SSL and the standardizer would use
-        # data outside the per-woman clipping (client.detector_trainer)
-        strategy = StrategyConfig(name="personalized")
-        pers = PersonalizationConfig(local_norm=True, personal_head=True)
-        opts.update(ssl=False, standardize=False, dp=True, dp_epsilon=req.dp_epsilon)
-    else:
+    """The federation config of federated ``regime`` (its table line over ``base``)."""
+    spec = R.REGIMES.get(regime)
+    if spec is None or spec.strategy is None:
         raise ConfigError(
             "mammofed-sim run", "--regime", f"{regime!r} is not federated"
         )
+    asked = {k: getattr(req, attr) for k, attr in spec.from_request.items()}
+    strategy = StrategyConfig(
+        name=spec.strategy,
+        **{
+            k.removeprefix("strategy."): v
+            for k, v in asked.items()
+            if k.startswith("strategy.")
+        },
+    )
+    opts = {
+        **base.trainer.options,
+        **spec.options,
+        **{k: v for k, v in asked.items() if not k.startswith("strategy.")},
+    }
     n = len(sites)
     part = dataclasses.replace(
         base.participation,
@@ -372,17 +302,14 @@ def _regime_config(
         name=regime,
         num_rounds=base.num_rounds,
         strategy=strategy,
-        personalization=pers,
+        personalization=spec.personalization,
         participation=part,
         trainer=dataclasses.replace(base.trainer, options=opts),
         sites=tuple(sites),
-        state_dir=run_dir / regime / "site-state",
-        run_dir=run_dir / regime / "server",
+        state_dir=run_dir / regime / RF.SITE_STATE_DIR,
+        run_dir=run_dir / regime / RF.SERVER_DIR,
         resume=False,
     )
-
-
-ENGINES = R.ENGINES
 
 
 def _grid_inprocess(
@@ -475,9 +402,9 @@ def rows_from_site_states(fed: FederationConfig) -> list[dict[str, Any]]:
     from server.checkpoints import CheckpointStore
 
     assert fed.state_dir is not None and fed.run_dir is not None
-    store = CheckpointStore(fed.run_dir / "checkpoints")
+    store = CheckpointStore(fed.run_dir / RF.CHECKPOINT_DIR)
     rounds: list[int] = []
-    jsonl = fed.run_dir / R.ROUNDS_JSONL
+    jsonl = fed.run_dir / RF.ROUNDS_JSONL
     if jsonl.is_file():
         rounds = [int(json.loads(x)["round"]) for x in jsonl.read_text().splitlines()]
     rows: dict[tuple[int, str], dict[str, Any]] = {}
@@ -509,7 +436,7 @@ def rows_from_site_states(fed: FederationConfig) -> list[dict[str, Any]]:
 
 
 def dp_record(fed: FederationConfig, target: float) -> dict[str, Any]:
-    """``{"dp": {...}}`` of a DP regime, from every site's accountant on disk.
+    """The ``dp`` record of a DP regime, from every site's accountant on disk.
 
     ``epsilon``: the target; ``delta``: the largest (weakest) delta over the
     sites (each site's delta depends on its number of women); ``spent``:
@@ -536,7 +463,7 @@ def dp_record(fed: FederationConfig, target: float) -> dict[str, Any]:
         target,
         {s: round(e, 3) for s, e in record["spent"].items()},
     )
-    return {"dp": record}
+    return record
 
 
 def _require_an_aggregated_round(regime: str, server_dir: Path) -> None:
@@ -547,7 +474,7 @@ def _require_an_aggregated_round(regime: str, server_dir: Path) -> None:
     initial model, and its figures would be meaningless. The error names the
     first failures (node, check, reason) from the server's ``rounds.jsonl``.
     """
-    path = server_dir / SERVER_ROUNDS_JSONL
+    path = server_dir / RF.ROUNDS_JSONL
     rows = read_jsonl(path)
     if any(r.get("status") == "aggregated" for r in rows):
         return
@@ -589,15 +516,16 @@ def run_federated(
         rows = _grid_processes(engine, regime, fed, caches, timeout_s)
     else:
         raise ConfigError(
-            "mammofed-sim run", "--engine", f"{engine!r} (valid: {', '.join(ENGINES)})"
+            "mammofed-sim run",
+            "--engine",
+            f"{engine!r} (valid: {', '.join(R.ENGINES)})",
         )
     _require_an_aggregated_round(regime, fed.run_dir)
     # per-(round, site) rows for the report
-    out = run_dir / regime
-    with open(out / R.ROUNDS_JSONL, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    last = CheckpointStore(fed.run_dir / "checkpoints").latest()
+    RF.write_rounds(
+        run_dir / regime / RF.ROUNDS_JSONL, [RF.StudyRound.from_json(r) for r in rows]
+    )
+    last = CheckpointStore(fed.run_dir / RF.CHECKPOINT_DIR).latest()
     if last is None:
         raise MammofedError(f"[{regime}] no global checkpoint was written")
     results: dict[str, EvalResult | None] = {}
@@ -633,11 +561,11 @@ def run_study(req: RunRequest) -> Path:
             "trainer.name",
             f"mammofed-sim run needs the 'detector' trainer, got {fed.trainer.name!r}",
         )
-    if req.engine not in ENGINES:
+    if req.engine not in R.ENGINES:
         raise ConfigError(
             "mammofed-sim run",
             "--engine",
-            f"{req.engine!r} (valid: {', '.join(ENGINES)})",
+            f"{req.engine!r} (valid: {', '.join(R.ENGINES)})",
         )
     unknown = [r for r in req.regimes if r not in R.ORDER]
     if unknown:
@@ -655,26 +583,20 @@ def run_study(req: RunRequest) -> Path:
     )
     sites = [s.name for s in scenario.sites]
     base_sites = [s.name for s in scenario.sites if s.role == ROLE_BASE] or sites[:1]
-    (out / "configs").mkdir(exist_ok=True)
-    shutil.copy(req.scenario, out / "configs" / "scenario.yaml")
-    write_resolved(fed, out / "configs", "federation.yaml")
-    (out / R.RUN_JSON).write_text(
-        json.dumps(
-            {
-                "scenario": scenario.name,
-                "sites": sites,
-                "regimes": list(req.regimes),
-                "working_spacing_mm": scenario.working_spacing_mm,
-                "base_sites": base_sites,
-                **(
-                    {"dp_epsilon": req.dp_epsilon}
-                    if R.PERSONALIZED_DP in req.regimes
-                    else {}
-                ),
-            },
-            indent=1,
-        )
+    (out / RF.CONFIGS_DIR).mkdir(exist_ok=True)
+    shutil.copy(req.scenario, out / RF.CONFIGS_DIR / "scenario.yaml")
+    write_resolved(fed, out / RF.CONFIGS_DIR, "federation.yaml")
+    run = RF.StudyRun(
+        scenario=scenario.name,
+        sites=sites,
+        regimes=list(req.regimes),
+        working_spacing_mm=scenario.working_spacing_mm,
+        base_sites=base_sites,
+        dp_epsilon=req.dp_epsilon
+        if any(R.REGIMES[r].private for r in req.regimes)
+        else None,
     )
+    RF.write_record(out / RF.RUN_JSON, run)
     # the same device rule as the federated sites (DetectorTrainer)
     device = resolve_device(opts.device)
     rounds = fed.num_rounds
@@ -686,39 +608,27 @@ def run_study(req: RunRequest) -> Path:
         seed=fed.seed,
         device=device,
     )
+    # what each central regime trains on: {label: (caches, sites tested)}
+    pools: dict[str, dict[str, tuple[list[Path], list[str]]]] = {
+        "base": {R.BASE: ([caches[s] for s in base_sites], sites)},
+        "oracle": {R.ORACLE: ([oracle[s] for s in sites], sites)},
+        "each": {f"{R.LOCAL_ONLY}/{s}": ([caches[s]], [s]) for s in sites},
+    }
     timings: dict[str, float] = {}
-    for regime in [r for r in R.ORDER if r in req.regimes]:
+    for spec in [R.REGIMES[r] for r in R.ORDER if r in req.regimes]:
+        regime = spec.name
         t0 = time.monotonic()
-        label = (
-            f"{regime} (epsilon {req.dp_epsilon:g})"
-            if regime == R.PERSONALIZED_DP
-            else regime
-        )
+        label = f"{regime} (epsilon {req.dp_epsilon:g})" if spec.private else regime
         log.info("=== regime %s ===", label)
-        if regime in (R.BASE, R.ORACLE):
-            # one model on pooled caches (the base site; every site's oracle
-            # labels), tested on every site's held-out women
-            train_on = (
-                [caches[s] for s in base_sites]
-                if regime == R.BASE
-                else [oracle[s] for s in sites]
-            )
-            model = train_central(train_on, opts, label=regime, **common_kw)
-            metrics = {
-                s: _evaluate_on(model, caches[s], fed.seed, req.n_boot, device)
-                for s in sites
-            }
-            _write_regime(out, regime, "central", metrics)
-        elif regime == R.LOCAL_ONLY:
-            metrics = {}
-            for s in sites:
-                model = train_central(
-                    [caches[s]], opts, label=f"{regime}/{s}", **common_kw
-                )
-                metrics[s] = _evaluate_on(
-                    model, caches[s], fed.seed, req.n_boot, device
-                )
-            _write_regime(out, regime, "central", metrics)
+        dp = None
+        metrics: dict[str, EvalResult | None] = {}
+        if spec.train_on is not None:
+            for name, (train_on, tested) in pools[spec.train_on].items():
+                model = train_central(train_on, opts, label=name, **common_kw)
+                for s in tested:
+                    metrics[s] = _evaluate_on(
+                        model, caches[s], fed.seed, req.n_boot, device
+                    )
         else:
             cfg = _regime_config(fed, regime, req, out, sites)
             (out / regime).mkdir(parents=True, exist_ok=True)
@@ -731,13 +641,11 @@ def run_study(req: RunRequest) -> Path:
                 engine=req.engine,
                 timeout_s=req.engine_timeout_s,
             )
-            extra = (
-                dp_record(cfg, req.dp_epsilon) if regime == R.PERSONALIZED_DP else None
-            )
-            _write_regime(out, regime, "federated", metrics, extra)
+            dp = dp_record(cfg, req.dp_epsilon) if spec.private else None
+        _write_regime(out, spec, metrics, dp)
         timings[regime] = round(time.monotonic() - t0, 1)
         log.info("=== regime %s done in %.0f s ===", regime, timings[regime])
-    meta = json.loads((out / R.RUN_JSON).read_text())
-    meta["seconds"] = {**timings, "total": round(time.monotonic() - t_start, 1)}
-    (out / R.RUN_JSON).write_text(json.dumps(meta, indent=1))
+    total = round(time.monotonic() - t_start, 1)
+    run = dataclasses.replace(run, seconds={**timings, "total": total})
+    RF.write_record(out / RF.RUN_JSON, run)
     return out

@@ -1,7 +1,7 @@
 """Central (non-federated) training of the detector on one or more site caches.
 
 Used for the ``base`` (site A alone), ``local-only`` and ``centralized oracle``
-regimes of evaluation.md. :func:`run_training` writes into ``out_dir``:
+regimes (:mod:`simulation.regimes`). :func:`run_training` writes into ``out_dir``:
 
 * ``resolved_config.yaml``: the :class:`TrainConfig` as used;
 * ``last.pt`` (resume state, each epoch) and ``final.pt`` (the final model, or
@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from common.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from common.config import (
@@ -37,9 +37,8 @@ from common.config import (
     replace_validated,
     write_resolved,
 )
-from common.data import SiteDataset, SiteView, collate
+from common.data import SiteDataset, SiteView
 from common.engine import (
-    ModelEMA,
     evaluate_detailed,
     fit,
     json_safe,
@@ -48,37 +47,13 @@ from common.engine import (
     seed_everything,
 )
 from common.model import ModelConfig, build_detector
-from common.sampling import balanced_sampler, lesion_flags
-from common.transforms import Compose, IntensityJitter, RandomResize, VerticalFlip
+from common.recipe import AugmentConfig, Pooled, Recipe
+from common.sampling import lesion_flags
 
 log = logging.getLogger(__name__)
 
 FINAL_CHECKPOINT = "final.pt"
 METRICS_JSON = "metrics.json"
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentations (box-aware, from :mod:`common.transforms`).
-
-    ``vflip``: up-down flip (p=0.5); ``scale``: random resize by a factor in
-    ``[scale_min, scale_max]``; ``intensity``: gamma/contrast/noise jitter. There is no
-    left-right flip: images keep the breast on the left.
-    """
-
-    vflip: bool = True
-    scale: bool = True
-    scale_min: float = field(default=0.85, metadata=bounded(0.1, 10.0))
-    scale_max: float = field(default=1.15, metadata=bounded(0.1, 10.0))
-
-    def __post_init__(self) -> None:
-        if self.scale_min > self.scale_max:
-            raise ValueError(
-                f"augment.scale_min ({self.scale_min}) must be <= "
-                f"augment.scale_max ({self.scale_max})"
-            )
-
-    intensity: bool = True
 
 
 @dataclass(frozen=True)
@@ -96,7 +71,7 @@ class TrainConfig:
         lesion_prob: probability that a drawn training image has a lesion
             (:mod:`common.sampling`); ``samples_per_epoch`` draws per epoch
             (default: the pooled labeled-view size).
-        augment: :class:`AugmentConfig`.
+        augment: :class:`common.recipe.AugmentConfig`.
         seed: seeds torch/numpy/python and the sampler; ``split_seed`` and
             ``test_fraction`` define each site's patient split.
         device: ``auto``, ``cpu`` or ``cuda[:N]``; ``amp``: bf16 on CUDA only.
@@ -151,22 +126,25 @@ class TrainConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"caches: folder names must be unique, got {names}")
 
+    def recipe(self) -> Recipe:
+        """The training recipe these settings describe (warm-up + cosine)."""
+        return Recipe(
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            lesion_prob=self.lesion_prob,
+            grad_clip=self.grad_clip,
+            schedule="warmup_cosine",
+            warmup_steps=self.warmup_steps,
+            ema_decay=self.ema_decay,
+            amp=self.amp,
+            augment=self.augment,
+        )
+
 
 def load_train_config(path: str | Path) -> TrainConfig:
     """Load and validate a :class:`TrainConfig` YAML file."""
     return load_config(path, TrainConfig)
-
-
-def train_transform(aug: AugmentConfig, generator: torch.Generator | None) -> Compose:
-    """Box-aware training transform described by ``aug``."""
-    parts: list[Any] = []
-    if aug.vflip:
-        parts.append(VerticalFlip(0.5, generator))
-    if aug.scale:
-        parts.append(RandomResize((aug.scale_min, aug.scale_max), generator))
-    if aug.intensity:
-        parts.append(IntensityJitter(generator=generator))
-    return Compose(parts)
 
 
 def few_label_subset(
@@ -214,16 +192,6 @@ def init_from_checkpoint(model: torch.nn.Module, cfg: ModelConfig, path: Path) -
     log.info("detector initialised from %s (%d tensors)", path, len(ck.state_dict))
 
 
-def _warmup_cosine(total_steps: int, warmup: int) -> Any:
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return f
-
-
 def train_model(
     cfg: TrainConfig,
     train_views: Sequence[Dataset[Any]],
@@ -249,42 +217,21 @@ def train_model(
         ValueError: the views hold no image.
         CheckpointMismatch: ``cfg.init_checkpoint`` does not fit ``cfg.model``.
     """
-    flags: list[bool] = []
-    for v in train_views:
-        flags.extend(lesion_flags(v))
-    if not flags:
+    pooled = Pooled(train_views)
+    if len(pooled) == 0:
         raise ValueError(
             f"no labeled training images in caches {[str(c) for c in cfg.caches]}"
         )
-    pooled: ConcatDataset[Any] = ConcatDataset(train_views)
+    recipe = cfg.recipe()
     n_samples = cfg.samples_per_epoch or len(pooled)
-    sampler = balanced_sampler(
-        flags, cfg.lesion_prob, num_samples=n_samples, seed=cfg.seed
-    )
-    loader = DataLoader(
-        pooled,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        collate_fn=collate,
-        drop_last=False,
-    )
+    loader = recipe.loader(pooled, n_samples, cfg.seed, cfg.num_workers)
     net = build_detector(cfg.model)
     if cfg.init_checkpoint is not None:
         init_from_checkpoint(net, cfg.model, cfg.init_checkpoint)
     model = prepare_model(net, device)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    opt = recipe.optimizer(model.parameters())
     steps_per_epoch = max(1, math.ceil(n_samples / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_steps)
-    )
-    ema = (
-        ModelEMA(model, cfg.ema_decay, warmup=True)
-        if cfg.ema_decay is not None
-        else None
-    )
+    ema = recipe.ema(model)
     fit(
         model,
         cfg.model,
@@ -294,9 +241,9 @@ def train_model(
         out_dir=out_dir,
         device=device,
         amp=cfg.amp,
-        grad_clip=cfg.grad_clip if cfg.grad_clip > 0 else None,
+        grad_clip=recipe.clip,
         ema=ema,
-        scheduler=sched,
+        scheduler=recipe.scheduler(opt, cfg.epochs * steps_per_epoch),
         eval_fn=eval_fn,
     )
     return ema.module if ema is not None else model
@@ -316,7 +263,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     # with workers, the global RNG (seeded per worker by the DataLoader) drives
     # augmentation; a shared Generator would repeat one stream in every worker
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.num_workers == 0 else None
-    transform = train_transform(cfg.augment, gen)
+    transform = cfg.recipe().transform(gen)
     sites = {
         Path(c).name: SiteDataset(
             c, test_fraction=cfg.test_fraction, seed=cfg.split_seed

@@ -6,8 +6,6 @@ import argparse
 import logging
 from pathlib import Path
 
-from client.ingest import ingest_site
-from common.config.site import load_site_config
 from common.errors import MammofedError
 
 NAME = "ingest"
@@ -26,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="cache_dir",
         help="cache folder (default: cache_dir of the config)",
     )
-    parser.add_argument("--site-config", help="site YAML (configs/sites/*.yaml)")
+    parser.add_argument(
+        "--site-config", type=Path, help="site YAML (configs/sites/*.yaml)"
+    )
     parser.add_argument(
         "--workers", type=int, help="decode processes (default: config)"
     )
@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Ingest; 0 when at least one image is in the cache, 1 when none could be."""
+    from client.ingest import ingest_site
+    from common.config.site import load_site_config
+
     cfg = load_site_config(args.site_config)
     site = args.site_dir or cfg.data_dir
     cache = args.cache_dir or cfg.cache_dir

@@ -11,21 +11,23 @@ import argparse
 import logging
 from pathlib import Path
 
-from client.cad_sr import DEFAULT_SCORE_FLOOR
-from client.predict import FORMAT_JSON, FORMATS, predict_paths
-
 NAME = "predict"
 HELP = (
     "run a detector checkpoint on image files (JSON in stored pixels + overlay; "
     "--format sr adds a DICOM Mammography CAD SR per exam)"
 )
 
+#: ``client.predict.FORMATS`` and ``client.cad_sr.DEFAULT_SCORE_FLOOR``, repeated
+#: so that ``--help`` imports no torch (a test keeps them equal).
+FORMATS = ("json", "sr")
+SR_DISPLAY_FLOOR = 0.3
+
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mammofed-client predict``."""
-    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="model file")
     parser.add_argument("paths", nargs="+", type=Path, help="files or folders")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument(
@@ -43,20 +45,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="fallback spacing for DICOM files without one (mm)",
     )
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda...")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights")
     parser.add_argument("--no-overlay", action="store_true", help="JSON only")
     parser.add_argument(
         "--format",
         choices=FORMATS,
-        default=FORMAT_JSON,
+        default=FORMATS[0],
         help="json: JSON (+ overlay) per image; sr: also one Mammography CAD SR "
         "per exam, OUT/<StudyInstanceUID>.sr.dcm",
     )
     parser.add_argument(
         "--sr-display-floor",
         type=float,
-        default=DEFAULT_SCORE_FLOOR,
+        default=SR_DISPLAY_FLOOR,
         help="in the SR, findings scoring at least this are 'Presentation "
         "Required', lower ones 'Presentation Optional'",
     )
@@ -64,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict; exit 0 when every input (and SR) was written, 1 when some were not."""
+    from client.predict import FORMAT_JSON, predict_paths
+
     res = predict_paths(
         args.checkpoint,
         args.paths,

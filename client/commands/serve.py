@@ -6,9 +6,6 @@ import argparse
 import logging
 from pathlib import Path
 
-from client.dicom_node import DicomNode
-from common.config.site import load_site_config
-
 NAME = "serve"
 HELP = (
     "run the DICOM storage node: receive mammograms, cache them (unlabeled), "
@@ -35,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C or SIGTERM; 0 on a clean stop."""
+    from client.dicom_node import DicomNode
+    from common.config.site import load_site_config
+
     if not args.verbose:  # pynetdicom logs every PDU at INFO
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     cfg = load_site_config(args.site_config)

@@ -25,11 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from common.app_signing import read_trusted_entities
-from common.config.site import load_site_config
 from common.errors import ConfigError
-from common.federation import NODE_SITE_CONFIG, flower_env, supernode_argv
-from common.tls import client_tls_from_flags
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +38,7 @@ HELP = "start this site's SuperNode (connects to the SuperLink, runs the ClientA
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``start``."""
-    parser.add_argument("--site", type=Path, required=True, help="site YAML")
+    parser.add_argument("--site-config", type=Path, required=True, help="site YAML")
     parser.add_argument("--superlink", default="127.0.0.1:8000", help="host:port")
     parser.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
     parser.add_argument("--root-certificates", type=Path, help="CA of the SuperLink")
@@ -92,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def supernode_command(args: argparse.Namespace) -> list[str]:
-    """``flower-supernode`` argv for the site named by ``args.site``.
+    """``flower-supernode`` argv for the site of ``args.site_config``.
 
     Exactly one of ``--insecure`` or ``--root-certificates`` (the SuperLink's
     CA); ``--auth-key`` (OpenSSH EC private key whose public half the
@@ -101,7 +97,11 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
     ``--allow-unsigned-apps``. Raises :class:`ConfigError` naming the flag
     otherwise.
     """
-    site_path = Path(args.site).resolve()
+    from common.config.site import load_site_config
+    from common.federation import NODE_SITE_CONFIG, supernode_argv
+    from common.tls import client_tls_from_flags
+
+    site_path = Path(args.site_config).resolve()
     site = load_site_config(site_path)
     if site.state_dir is None:
         raise ConfigError(str(site_path), "state_dir", "is required to federate")
@@ -148,6 +148,8 @@ def trusted_entities_from_flags(
                 "(or --allow-unsigned-apps to run any app, demos only)",
             )
         return None
+    from common.app_signing import read_trusted_entities
+
     read_trusted_entities(trusted_entities)  # Flower only exits with a code
     return Path(trusted_entities).resolve()
 
@@ -293,6 +295,8 @@ def supervise(
 
 def run(args: argparse.Namespace) -> int:
     """Run the SuperNode, restarted when it exits, until SIGTERM or Ctrl-C."""
+    from common.federation import flower_env
+
     policy = RestartPolicy(
         args.restart_delay, args.restart_max_delay, args.max_restarts
     )

@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 
 from client.commands.start import DEFAULT_HEALTH_ADDRESS
-from client.site_status import site_status
-from common.config.site import load_site_config
 
 NAME = "status"
 HELP = "this site's last round, model version, DP budget spent, DICOM outbox, health"
@@ -29,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the status; exit 0 when healthy, 1 when a problem was found."""
+    from client.site_status import site_status
+    from common.config.site import load_site_config
+
     site = load_site_config(args.site_config)
     status = site_status(site, args.health_address or None)
     if args.json:

@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from common.adapt.augment import StrongAugment
 from common.adapt.config import AdaptConfig
 from common.data import collate
-from common.engine import targets_to_device
 from common.model import Personalization, head_keys, shared_and_personal
 from common.model.params import COUNTER_SUFFIX
+from common.recipe import Recipe, Transformed, targets_to_device, train_one_epoch
 
 log = logging.getLogger(__name__)
 
@@ -130,21 +130,6 @@ def _train_mode(model: nn.Module, frozen_norms: Sequence[nn.Module]) -> None:
         m.eval()
 
 
-class _Augmented(Dataset[tuple[Tensor, dict[str, Any]]]):
-    def __init__(self, base: Dataset[Any], transform: Transform | None) -> None:
-        self.base = base
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Any]]:
-        image, target = self.base[i]
-        if self.transform is not None:
-            image, target = self.transform(image, dict(target))
-        return image, target
-
-
 def _patient_ids(view: Dataset[Any]) -> list[str]:
     """``patient_id`` of each item, without pixels when the view allows it."""
     n = len(view)  # type: ignore[arg-type]
@@ -183,22 +168,14 @@ def _epoch(
     norms: Sequence[nn.Module],
     dev: torch.device,
 ) -> float:
-    _train_mode(model, norms)
-    params = [p for p in model.parameters() if p.requires_grad]
-    total, n = 0.0, 0
-    for imgs, ts in loader:
-        optimizer.zero_grad(set_to_none=True)
-        losses = model([im.to(dev) for im in imgs], targets_to_device(ts, dev))
-        loss = sum(losses.values(), torch.zeros((), device=dev))
-        if not bool(torch.isfinite(loss)):
-            log.warning("few-shot: non-finite loss; step skipped")
-            continue
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        optimizer.step()
-        total += float(loss.detach())
-        n += 1
-    return total / n if n else float("nan")
+    def mode(m: nn.Module) -> None:
+        _train_mode(m, norms)
+
+    stats = train_one_epoch(
+        model, loader, optimizer, device=dev, amp=False, train_mode=mode,
+        progress=False,
+    )  # fmt: skip
+    return stats.mean_loss
 
 
 @torch.no_grad()
@@ -227,8 +204,8 @@ def _optimizer(model: nn.Module, cfg: AdaptConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("few-shot: nothing left to train (every parameter frozen)")
-    return torch.optim.AdamW(
-        params, lr=cfg.fewshot_lr, weight_decay=cfg.fewshot_weight_decay
+    return Recipe(lr=cfg.fewshot_lr, weight_decay=cfg.fewshot_weight_decay).optimizer(
+        params
     )
 
 
@@ -269,6 +246,7 @@ def finetune_head(
     device: torch.device | str = "cpu",
     head_only: bool | None = None,
     augment: Transform | None = None,
+    epochs: int | None = None,
 ) -> FewShotStats:
     """Fine-tune ``model`` in place on a few-shot site's labeled images.
 
@@ -283,6 +261,8 @@ def finetune_head(
         head_only: overrides :func:`choose_head_only`.
         augment: training transform on top of the view's own; default
             :class:`~common.adapt.augment.StrongAugment` seeded by ``cfg.seed``.
+        epochs: a fixed number of epochs (no cross-validation), e.g. the
+            federated personal head's ``head_epochs`` each round.
 
     Returns:
         :class:`FewShotStats`. Raises ``ValueError`` on an empty view.
@@ -301,7 +281,7 @@ def finetune_head(
 
     def loader(idx: Sequence[int], train: bool) -> DataLoader[Any]:
         base = Subset(dataset_view, list(idx))
-        ds = _Augmented(base, aug if train else None)
+        ds = Transformed(base, aug if train else None)
         return DataLoader(
             ds,
             batch_size=cfg.fewshot_batch_size,
@@ -312,7 +292,7 @@ def finetune_head(
 
     best_epochs: list[int] = []
     best_losses: list[float] = []
-    if n_patients >= 2:
+    if epochs is None and n_patients >= 2:
         k = min(cfg.fewshot_folds, n_patients)
         for f, (tr, va) in enumerate(grouped_folds(pids, k, cfg.seed)):
             fold_model = copy.deepcopy(model).to(dev)
@@ -335,7 +315,7 @@ def finetune_head(
             log.info("few-shot fold %d: best epoch %d (val %.4f)", f, best_ep, best)
             del fold_model
         epochs = max(1, int(round(statistics.median(best_epochs))))
-    else:
+    elif epochs is None:
         epochs = min(cfg.fewshot_patience, cfg.fewshot_max_epochs)
         log.warning(
             "few-shot: %d woman, no cross-validation; %d epochs", n_patients, epochs

@@ -1,6 +1,6 @@
 """Mean teacher for semi-supervised detection on a site's unlabeled images.
 
-The teacher is an EMA of the local student (:class:`common.engine.ModelEMA`:
+The teacher is an EMA of the local student (:class:`common.recipe.ModelEMA`:
 ``teacher = d * teacher + (1 - d) * student`` per optimizer step, buffers
 copied), persisted in the site's state dir with :meth:`MeanTeacher.save`.
 
@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 
 from common.adapt.augment import StrongAugment, WeakAugment
 from common.adapt.config import AdaptConfig
-from common.engine import ModelEMA, targets_to_device
+from common.recipe import ModelEMA, guarded_step, targets_to_device
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ Batch = tuple[Sequence[Tensor], Any]
 class MeanTeacher(ModelEMA):
     """EMA teacher of a detector student (``module`` is in eval mode, frozen).
 
-    Adds to :class:`common.engine.ModelEMA` pseudo-labelling, a shared-key
+    Adds to :class:`common.recipe.ModelEMA` pseudo-labelling, a shared-key
     sync for new global models and save/load to the site state dir.
     """
 
@@ -420,19 +420,10 @@ def local_round(
                 c.pseudo += n_pseudo * len(imgs)
                 c.unlabeled += len(imgs)
         loss = (sup + w * unsup).float()
-        if not bool(torch.isfinite(loss)):
+        clip = grad_clip if grad_clip is not None and grad_clip > 0 else None
+        if not guarded_step(loss, optimizer, params, clip, f"adapt step {step}:"):
             c.skipped += 1
-            log.warning("adapt step %d: non-finite loss; skipped", step)
             continue
-        loss.backward()
-        if grad_clip is not None and grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            if not bool(torch.isfinite(gnorm)):
-                c.skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.warning("adapt step %d: non-finite gradient; skipped", step)
-                continue
-        optimizer.step()
         teacher.update(model)
         step += 1
         c.steps += 1

@@ -7,8 +7,12 @@ Public API::
     register_model, available_models
     shared_and_personal(model, personalization) -> (shared_keys, personal_keys)
     head_keys(model), norm_keys(model), parameter_groups(model)
+
+Importing this package registers the built-in models (:mod:`common.model.fcos`),
+so they are in the registry before any name is looked up.
 """
 
+from common.model import fcos as _builtin_models  # noqa: F401  (registers them)
 from common.model.config import ModelConfig, Personalization
 from common.model.params import (
     head_keys,

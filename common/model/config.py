@@ -20,7 +20,9 @@ class ModelConfig:
     """Everything needed to rebuild the detector exactly.
 
     Attributes:
-        arch: registry name (``tiny``, ``resnet18``, ``resnet34``, ``resnet50``).
+        arch: registry name (``tiny``, ``small``, ``resnet18``, ``resnet34``,
+            ``resnet50`` or a user-registered one); checked when the model is
+            built (:func:`common.model.build_detector` lists the valid names).
         norm: normalization of the backbone: ``batch`` (BatchNorm, FedBN-capable)
             or ``group`` (GroupNorm, required by Opacus DP-SGD). The FCOS head
             always uses GroupNorm, as in the FCOS paper.
@@ -59,13 +61,6 @@ class ModelConfig:
     num_classes: int = len(CLASSES)
 
     def __post_init__(self) -> None:
-        from common.model.registry import available_models
-
-        if self.arch not in available_models():
-            raise ValueError(
-                f"arch: unknown model {self.arch!r} "
-                f"(valid names: {', '.join(available_models())})"
-            )
         if self.norm not in ("batch", "group"):
             raise ValueError(f"norm: must be 'batch' or 'group', got {self.norm!r}")
         if self.num_classes != len(CLASSES):

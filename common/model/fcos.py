@@ -1,6 +1,6 @@
 """One-channel FCOS (anchor-free) on a ResNet + FPN backbone that never resizes.
 
-Built from torchvision parts (style rule 2): :class:`MammoFCOS` is a
+Built from torchvision parts: :class:`MammoFCOS` is a
 ``torchvision.models.detection.FCOS`` whose transform only normalizes and pads
 (:class:`NoResizeTransform`), whose head has a configurable number of convs
 (:class:`ConfigurableFCOSHead`, torchvision's loss kept unchanged) and whose
@@ -42,6 +42,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from common.errors import CheckpointMismatch
 from common.model.config import ModelConfig
+from common.model.registry import register_model
 
 log = logging.getLogger(__name__)
 
@@ -147,23 +148,19 @@ class ConfigurableFCOSHead(FCOSHead):
 
 
 class TinyResNet(nn.Module):
-    """A very small ResNet-ish body for tests (seconds on CPU at 128 px).
+    """A very small ResNet-ish body for tests and CPU studies.
 
     Children follow torchvision's ResNet names (``conv1 bn1 relu maxpool
-    layer1..layer4``) so the same FPN extractor applies; strides of ``layer2``,
-    ``layer3``, ``layer4`` are 8, 16, 32 with 16, 32, 64 channels.
-    Input FloatTensor[B, 1, H, W].
+    layer1..layer4``) so the same FPN extractor applies; ``widths`` are the
+    channels of ``conv1``/``layer1`` (stride 4) and of ``layer2``, ``layer3``,
+    ``layer4`` (strides 8, 16, 32). Input FloatTensor[B, 1, H, W].
     """
 
-    widths: tuple[int, int, int, int] = (8, 16, 32, 64)
-
     def __init__(
-        self, norm_layer: NormFactory, widths: tuple[int, int, int, int] | None = None
+        self, norm_layer: NormFactory, widths: tuple[int, int, int, int]
     ) -> None:
         super().__init__()
-        if widths is not None:
-            self.widths = widths
-        w = self.widths
+        self.widths = w = widths
         self.conv1 = nn.Conv2d(1, w[0], 3, stride=2, padding=1, bias=False)
         self.bn1 = norm_layer(w[0])
         self.relu = nn.ReLU(inplace=True)
@@ -282,35 +279,8 @@ class MammoFCOS(FCOS):
         return norm_keys(self)
 
 
-#: Small CPU bodies by arch name: stage widths (strides 2/4, 8, 16, 32).
-#: ``tiny`` is for tests; ``small`` (about 4x the compute) for CPU studies.
-SMALL_BODIES: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (8, 16, 32, 64),
-    "small": (16, 32, 64, 128),
-}
-
-
-def build_fcos(cfg: ModelConfig) -> MammoFCOS:
-    """Build the FCOS detector described by ``cfg`` (untrained unless weights_path).
-
-    Backbone levels C3..C5 feed an FPN with ``cfg.fpn_channels`` channels plus
-    P6/P7 (strides 8..128, FCOS anchor sizes 8..128 px).
-    """
-    norm = norm_factory(cfg.norm)
-    body: nn.Module
-    if cfg.arch in SMALL_BODIES:
-        tiny = TinyResNet(norm, SMALL_BODIES[cfg.arch])
-        body, in_channels = tiny, list(tiny.widths[1:])
-    elif cfg.arch.startswith("resnet"):
-        body, in_channels = _resnet_body(int(cfg.arch.removeprefix("resnet")), norm)
-    else:
-        raise ValueError(f"build_fcos: no body for arch {cfg.arch!r}")
-    if cfg.weights_path is not None:
-        if cfg.arch in SMALL_BODIES:
-            raise CheckpointMismatch(
-                f"weights_path is not supported for arch {cfg.arch!r}"
-            )
-        load_backbone_weights(body, cfg.weights_path)
+def _fcos(cfg: ModelConfig, body: nn.Module, in_channels: list[int]) -> MammoFCOS:
+    """FCOS on ``body``'s C3..C5 + P6/P7 (strides 8..128, anchors 8..128 px)."""
     c = cfg.fpn_channels
     backbone = BackboneWithFPN(
         body,
@@ -320,3 +290,47 @@ def build_fcos(cfg: ModelConfig) -> MammoFCOS:
         extra_blocks=LastLevelP6P7(c, c),
     )
     return MammoFCOS(cfg, backbone)
+
+
+def _small_fcos(cfg: ModelConfig, widths: tuple[int, int, int, int]) -> MammoFCOS:
+    if cfg.weights_path is not None:
+        raise CheckpointMismatch(f"weights_path is not supported for arch {cfg.arch!r}")
+    body = TinyResNet(norm_factory(cfg.norm), widths)
+    return _fcos(cfg, body, list(body.widths[1:]))
+
+
+def _resnet_fcos(cfg: ModelConfig, depth: int) -> MammoFCOS:
+    body, in_channels = _resnet_body(depth, norm_factory(cfg.norm))
+    if cfg.weights_path is not None:
+        load_backbone_weights(body, cfg.weights_path)
+    return _fcos(cfg, body, in_channels)
+
+
+@register_model("tiny")
+def tiny_fcos(cfg: ModelConfig) -> MammoFCOS:
+    """Stage widths 8/16/32/64: seconds per step on CPU at 128 px (tests)."""
+    return _small_fcos(cfg, (8, 16, 32, 64))
+
+
+@register_model("small")
+def small_fcos(cfg: ModelConfig) -> MammoFCOS:
+    """Stage widths 16/32/64/128: about 4x ``tiny`` (CPU studies)."""
+    return _small_fcos(cfg, (16, 32, 64, 128))
+
+
+@register_model("resnet18")
+def resnet18_fcos(cfg: ModelConfig) -> MammoFCOS:
+    """One-channel ResNet-18 body (``weights_path`` may load local weights)."""
+    return _resnet_fcos(cfg, 18)
+
+
+@register_model("resnet34")
+def resnet34_fcos(cfg: ModelConfig) -> MammoFCOS:
+    """One-channel ResNet-34 body (``weights_path`` may load local weights)."""
+    return _resnet_fcos(cfg, 34)
+
+
+@register_model("resnet50")
+def resnet50_fcos(cfg: ModelConfig) -> MammoFCOS:
+    """One-channel ResNet-50 body (``weights_path`` may load local weights)."""
+    return _resnet_fcos(cfg, 50)

@@ -1,7 +1,10 @@
-"""Registry of detector architectures (style rule 5): name -> builder.
+"""Registry of detector architectures (as timm's ``register_model``): name -> builder.
 
-``register_model(name)`` decorates a ``ModelConfig -> nn.Module`` builder;
-:func:`build_detector` looks the name up and raises
+Builders register themselves with the :func:`register_model` decorator where
+they are defined; the built-in ones (:mod:`common.model.fcos`) are imported by
+the package ``common.model``, so they are registered before any caller can look
+a name up, and a model registered by user code is added next to them.
+:func:`build_detector` checks ``cfg.arch`` against the registry and raises
 :class:`common.errors.ConfigError` listing the valid names when it is unknown.
 """
 
@@ -12,14 +15,18 @@ from collections.abc import Callable
 from torch import nn
 
 from common.errors import ConfigError
+from common.model.config import ModelConfig
 
-Builder = Callable[..., nn.Module]
+__all__ = ["Builder", "available_models", "build_detector", "register_model"]
+
+#: ``ModelConfig -> nn.Module`` (train mode: loss dict; eval mode: detections).
+Builder = Callable[[ModelConfig], nn.Module]
 
 _REGISTRY: dict[str, Builder] = {}
 
 
 def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Decorator registering a builder under ``name`` (duplicate names raise)."""
+    """Decorator registering a builder under ``name`` (a taken name raises)."""
 
     def deco(fn: Builder) -> Builder:
         if name in _REGISTRY:
@@ -32,39 +39,25 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
 
 def available_models() -> tuple[str, ...]:
     """Registered architecture names, sorted."""
-    _ensure_builtin()
     return tuple(sorted(_REGISTRY))
 
 
-def get_builder(name: str) -> Builder:
-    """The builder registered as ``name``; unknown names list the valid ones."""
-    _ensure_builtin()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(
-            "model registry",
-            "arch",
-            f"unknown model {name!r} (valid names: {', '.join(available_models())})",
-        ) from None
-
-
-def build_detector(cfg: object) -> nn.Module:
-    """Build the detector for ``cfg`` (a :class:`common.model.config.ModelConfig`).
+def build_detector(cfg: ModelConfig) -> nn.Module:
+    """Build the detector ``cfg.arch`` names, from ``cfg``.
 
     Returns a module whose train mode maps ``(images, targets)`` to a loss dict
     and whose eval mode returns model-space detections (see
     :mod:`common.model.fcos`).
+
+    Raises:
+        ConfigError: ``cfg.arch`` is not registered (the error lists the names).
     """
-    arch = getattr(cfg, "arch", None)
-    if not isinstance(arch, str):
-        raise ConfigError("model registry", "arch", f"must be a string, got {arch!r}")
-    return get_builder(arch)(cfg)
-
-
-def _ensure_builtin() -> None:
-    if not _REGISTRY:
-        from common.model import fcos
-
-        for name in ("tiny", "small", "resnet18", "resnet34", "resnet50"):
-            _REGISTRY[name] = fcos.build_fcos
+    builder = _REGISTRY.get(cfg.arch)
+    if builder is None:
+        raise ConfigError(
+            "model registry",
+            "arch",
+            f"unknown model {cfg.arch!r} (valid names: "
+            f"{', '.join(available_models())})",
+        )
+    return builder(cfg)

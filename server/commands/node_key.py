@@ -14,7 +14,7 @@ HELP = "make a SuperNode auth key pair (<site>.key stays, <site>.pub is register
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``node-key``."""
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--site", required=True, help="site name (file stem)")
+    parser.add_argument("--site-name", required=True, help="site name (file stem)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace existing files"
     )
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the pair and say which goes where."""
-    keys = generate_node_key(args.out, args.site, overwrite=args.overwrite)
+    keys = generate_node_key(args.out, args.site_name, overwrite=args.overwrite)
     print(f"private key {keys.private_key} -> this site only: mammofed-client start")
     print(f"                                  --auth-key {keys.private_key}")
     print(f"public key  {keys.public_key} -> the coordinator: mammofed-server start")

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.tls import client_tls_from_flags, public_keys_in
-from server.launch import Connection, register_supernodes
-
 NAME = "register-node"
 HELP = "register SuperNode public keys on a SuperLink started --enable-supernode-auth"
 
@@ -25,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Register each key; print its node id."""
+    from common.tls import client_tls_from_flags, public_keys_in
+    from server.launch import Connection, register_supernodes
+
     keys = public_keys_in(args.keys, "keys")
     ca = client_tls_from_flags(insecure=False, root_certificates=args.root_certificates)
     conn = Connection(args.superlink, False, ca)

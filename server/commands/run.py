@@ -6,11 +6,6 @@ import argparse
 import logging
 from pathlib import Path
 
-from common.federation import load_federation_config
-from common.model.initial import checkpoint_shared_arrays, with_initial_checkpoint
-from common.tls import client_tls_from_flags
-from server.launch import Connection, follow_run, submit_run
-
 NAME = "run"
 HELP = "launch a federated run (flwr run) on the SuperLink and follow its rounds"
 
@@ -25,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--superlink", default="127.0.0.1:8000", help="host:port")
     parser.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
     parser.add_argument("--root-certificates", type=Path, help="CA of the SuperLink")
-    parser.add_argument("--run-dir", type=Path, help="default: the YAML's run_dir")
+    parser.add_argument(
+        "--run-dir", type=Path, help="run folder (default: the YAML's run_dir)"
+    )
     parser.add_argument(
         "--app",
         help="signed app @publisher/name==x.y.z (`sign-app`; hospitals with "
@@ -43,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Submit the run; follow it unless ``--no-follow``; 0 when it completed."""
+    from common.federation import load_federation_config
+    from common.model.initial import checkpoint_shared_arrays, with_initial_checkpoint
+    from common.tls import client_tls_from_flags
+    from server.launch import Connection, follow_run, submit_run
+
     cfg = load_federation_config(args.federation)
     if args.initial_checkpoint is not None:
         cfg = with_initial_checkpoint(cfg, args.initial_checkpoint)

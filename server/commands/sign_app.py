@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from server.app_registry import sign_app
-from server.launch import APP_DIR
-
 NAME = "sign-app"
 HELP = "build the Flower app bundle (FAB), sign it, store it for `start --signed-apps`"
 
@@ -26,14 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--app-dir",
         type=Path,
-        default=APP_DIR,
         help="the Flower app to build (default: this installation)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Sign and say how to run it."""
-    signed = sign_app(args.app_dir, args.key, args.apps_dir)
+    from server.app_registry import sign_app
+    from server.launch import APP_DIR
+
+    signed = sign_app(args.app_dir or APP_DIR, args.key, args.apps_dir)
     print(f"signed {signed.spec}: {signed.fab_path} (sha256 {signed.fab_sha256})")
     print(f"run it with: mammofed-server run --app {signed.spec} ...")
     return 0

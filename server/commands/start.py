@@ -16,19 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from common.errors import ConfigError
-from common.federation import flower_env
-from common.tls import COMMAND_LINE, check_superlink_auth_flags, server_tls_from_flags
-from server.app_registry import HUB_URL_ENV, AppRegistry
-from server.fleet_gateway import FleetGateway, GatewayConfig
-from server.launch import Connection, register_supernodes
-from server.process import (
-    DEFAULT_HOST,
-    DEFAULT_PORT,
-    connect_address,
-    is_loopback,
-    run_foreground,
-    superlink_command,
-)
+from server.process import DEFAULT_HOST, DEFAULT_PORT
 
 NAME = "start"
 HELP = (
@@ -100,6 +88,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Start registry and gateway, then the SuperLink; stop all when it exits."""
+    from common.federation import flower_env
+    from common.tls import (
+        COMMAND_LINE,
+        check_superlink_auth_flags,
+        server_tls_from_flags,
+    )
+    from server.app_registry import HUB_URL_ENV, AppRegistry
+    from server.fleet_gateway import FleetGateway, GatewayConfig
+    from server.launch import Connection, register_supernodes
+    from server.process import (
+        connect_address,
+        is_loopback,
+        run_foreground,
+        superlink_command,
+    )
+
     tls = server_tls_from_flags(
         insecure=args.insecure,
         tls_dir=args.tls_dir,

@@ -11,13 +11,6 @@ import json
 import tempfile
 from pathlib import Path
 
-from common.federation import CHECKPOINT_DIR, ROUNDS_JSONL
-from common.tls import client_tls_from_flags
-from server.checkpoints import CheckpointStore
-from server.faults import read_outcome
-from server.launch import Connection, list_runs, prepare_home
-from server.process import ProcessError
-
 NAME = "status"
 HELP = "list the SuperLink's runs; with --run-dir, that run's last round"
 
@@ -32,6 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print one line per run, then the run dir's last round if asked."""
+    from common.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
+    from common.tls import client_tls_from_flags
+    from server.checkpoints import CheckpointStore
+    from server.faults import read_outcome
+    from server.launch import Connection, list_runs, prepare_home
+    from server.process import ProcessError
+
     ca = client_tls_from_flags(
         insecure=args.insecure, root_certificates=args.root_certificates
     )

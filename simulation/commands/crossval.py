@@ -9,8 +9,6 @@ from pathlib import Path
 
 from common.errors import MammofedError
 from simulation.commands.train import add_override_arguments, apply_overrides
-from simulation.crossval import run_crossval
-from simulation.train import load_train_config
 
 NAME = "crossval"
 HELP = (
@@ -22,9 +20,7 @@ HELP = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mammofed-sim crossval``."""
     parser.add_argument("--config", required=True, type=Path, help="TrainConfig YAML")
-    parser.add_argument(
-        "--folds", type=int, default=5, help="number of folds k (default 5)"
-    )
+    parser.add_argument("--folds", type=int, default=5, help="number of folds k")
     parser.add_argument(
         "--only-folds",
         default=None,
@@ -37,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, run the CV; print the pooled per-class CPMs as JSON."""
+    from simulation.crossval import run_crossval
+    from simulation.train import load_train_config
+
     cfg = load_train_config(args.config)
     cfg = apply_overrides(cfg, args)
     if args.folds < 2:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from simulation.importers.mias import import_mias
-
 NAME = "import-mias"
 HELP = "convert a mini-MIAS folder (png/ + Info.txt) into a site folder"
 
@@ -26,5 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Import; exit 1 when no image was imported."""
+    from simulation.importers.mias import import_mias
+
     summary = import_mias(args.src, args.out, keep_words=args.keep_words)
     return 0 if summary.images else 1

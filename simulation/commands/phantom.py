@@ -8,9 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-from simulation.phantom import generate_scenario, load_scenario
-from simulation.phantom.preview import write_preview
-
 NAME = "phantom"
 HELP = "generate synthetic multi-vendor mammography sites (DICOM + annotations)"
 PREVIEW_PNG = "preview.png"
@@ -30,10 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=1, help="processes rendering images (>= 1)"
     )
     parser.add_argument(
-        "--site",
+        "--site-name",
         action="append",
-        default=None,
-        help="generate only this site (repeatable); default all",
+        help="generate only this site (repeatable; default: all)",
     )
     parser.add_argument(
         "--preview",
@@ -72,6 +68,9 @@ class _Bar:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the sites (and/or the preview); returns the exit status."""
+    from simulation.phantom import generate_scenario, load_scenario
+    from simulation.phantom.preview import write_preview
+
     if args.workers < 1:
         print(
             f"mammofed-sim phantom: --workers must be >= 1, got {args.workers}",
@@ -79,12 +78,13 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     scenario = load_scenario(args.scenario)
-    if args.site:
-        unknown = [n for n in args.site if n not in [s.name for s in scenario.sites]]
+    if args.site_name:
+        names = [s.name for s in scenario.sites]
+        unknown = [n for n in args.site_name if n not in names]
         if unknown:
             print(
-                f"mammofed-sim phantom: unknown --site {unknown}; scenario "
-                f"{args.scenario} has {[s.name for s in scenario.sites]}",
+                f"mammofed-sim phantom: unknown --site-name {unknown}; scenario "
+                f"{args.scenario} has {names}",
                 file=sys.stderr,
             )
             return 2
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             workers=args.workers,
             progress=progress,
-            sites=args.site,
+            sites=args.site_name,
         )
         for name, path in sites.items():
             log.info("site %s -> %s", name, path)

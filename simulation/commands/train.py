@@ -7,14 +7,12 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import MammofedError
-from simulation.train import (
-    TrainConfig,
-    load_train_config,
-    run_training,
-    with_overrides,
-)
+
+if TYPE_CHECKING:
+    from simulation.train import TrainConfig
 
 NAME = "train"
 HELP = "train the detector centrally on site caches (base / local / oracle regimes)"
@@ -56,6 +54,8 @@ def apply_overrides(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     ``--labeled-patients 0`` or an ``--init-checkpoint`` that is not a file
     raise :class:`common.errors.ConfigError` naming the flag's field).
     """
+    from simulation.train import with_overrides
+
     if args.init_checkpoint is not None and not args.init_checkpoint.is_file():
         raise MammofedError(f"--init-checkpoint: no such file {args.init_checkpoint}")
     return with_overrides(
@@ -71,6 +71,8 @@ def apply_overrides(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, train, evaluate; print the per-site CPMs as JSON."""
+    from simulation.train import load_train_config, run_training
+
     cfg = load_train_config(args.config)
     cfg = apply_overrides(cfg, args)
     results = run_training(cfg)

@@ -1,6 +1,6 @@
 """Generate phantom sites: plan women and images, render, write DICOM and CSVs.
 
-Output per site (the site contract of architecture.md)::
+Output per site (the site contract of docs/architecture.md)::
 
     OUT/<site>/<PatientID>/<L|R>_<CC|MLO>.dcm
     OUT/<site>/annotations.csv   image,finding,xmin,ymin,xmax,ymax (stored pixels)

@@ -82,7 +82,7 @@ def test_train_config_errors_name_key(tmp_path, site_cache):
 def test_client_evaluate(tmp_path, site_cache, tiny_checkpoint):
     out = tmp_path / "eval"
     rc = client_main([
-        "evaluate", "--checkpoint", str(tiny_checkpoint), "--site", str(site_cache),
+        "evaluate", "--checkpoint", str(tiny_checkpoint), "--cache", str(site_cache),
         "--view", "all", "--out", str(out), "--n-boot", "20",
     ])  # fmt: skip
     assert rc == 0
@@ -97,7 +97,7 @@ def test_client_evaluate(tmp_path, site_cache, tiny_checkpoint):
     assert (out / "froc-calcification.png").is_file()
     # a missing checkpoint is a one-line error (exit 2)
     rc = client_main([
-        "evaluate", "--checkpoint", str(tmp_path / "x.pt"), "--site",
+        "evaluate", "--checkpoint", str(tmp_path / "x.pt"), "--cache",
         str(site_cache), "--out", str(out),
     ])  # fmt: skip
     assert rc == 2

@@ -14,14 +14,16 @@ import torch
 from PIL import Image
 
 from client.cli import main as client_main
-from client.detector_trainer import (
-    PERSONAL_HEAD_PREFIX,
-    STANDARDIZER_FILE,
-    DetectorTrainer,
-)
+from client.detector_trainer import DetectorTrainer
 from client.evaluate import evaluate_checkpoint
-from client.export import checkpoint_standardizer, export_model
+from client.export import (
+    ExportError,
+    ExportNeeds,
+    checkpoint_standardizer,
+    export_model,
+)
 from client.predict import detections_to_stored, predict_paths
+from client.site_model import PERSONAL_HEAD_PREFIX, STANDARDIZER_FILE
 from client.state import SiteState
 from common.checkpoint import load_checkpoint, load_model
 from common.config.loader import config_to_dict
@@ -155,7 +157,8 @@ def _png(path: Path) -> Path:
 # --- the personalized model ---------------------------------------------------
 def test_site_export_equals_composed_model(run, tmp_path):
     out = tmp_path / "siteA.pt"
-    assert _export(run, out, "--site", SITE, "--state-dir", str(run.state_dir)) == 0
+    state = str(run.state_dir)
+    assert _export(run, out, "--site-name", SITE, "--state-dir", state) == 0
     ck = load_checkpoint(out)
     assert set(ck.state_dict) == set(run.composed)
     for k, v in run.composed.items():
@@ -180,8 +183,8 @@ def test_site_export_equals_composed_model(run, tmp_path):
 
 
 def test_site_config_and_run_state_dir_default(run, tmp_path):
-    # --site without --state-dir: the run's recorded state_dir
-    assert _export(run, tmp_path / "a.pt", "--site", SITE) == 0
+    # --site-name without --state-dir: the run's recorded state_dir
+    assert _export(run, tmp_path / "a.pt", "--site-name", SITE) == 0
     site_yaml = tmp_path / "site.yaml"
     site_yaml.write_text(f"name: {SITE}\nstate_dir: {run.state_dir}\n")
     assert _export(run, tmp_path / "b.pt", "--site-config", str(site_yaml)) == 0
@@ -247,7 +250,7 @@ def test_global_only_under_fedbn_needs_a_site(run, tmp_path, capsys):
 
 def test_global_only_with_site_takes_only_its_norm_layers(run, tmp_path):
     out = tmp_path / "g.pt"
-    rc = _export(run, out, "--global-only", "--site", SITE)
+    rc = _export(run, out, "--global-only", "--site-name", SITE)
     assert rc == 0
     ck = load_checkpoint(out)
     personal = SiteState(run.state_dir, SITE).load_personal()
@@ -316,7 +319,9 @@ def test_non_detector_run_is_refused(run, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"round-00001\.json: config\.trainer\.name"):
         export_model(j, tmp_path / "x.pt", site=SITE, state_dir=run.state_dir)
     out = str(tmp_path / "x.pt")
-    rc = client_main(["export", "--checkpoint", str(j), "--out", out, "--site", SITE])
+    rc = client_main(
+        ["export", "--checkpoint", str(j), "--out", out, "--site-name", SITE]
+    )
     assert rc == 2 and "'toy'" in capsys.readouterr().err
 
 
@@ -349,9 +354,8 @@ def test_arrays_that_do_not_fit_the_model(run, tmp_path):
 
 
 def test_site_without_personal_state(run, tmp_path, capsys):
-    rc = _export(
-        run, tmp_path / "x.pt", "--site", "siteB", "--state-dir", str(run.state_dir)
-    )
+    state = str(run.state_dir)
+    rc = _export(run, tmp_path / "x.pt", "--site-name", "siteB", "--state-dir", state)
     assert rc == 2
     err = capsys.readouterr().err
     assert "siteB" in err and "never trained in this run" in err
@@ -376,3 +380,19 @@ def test_command_line_mistakes(run, tmp_path, capsys):
     rc = _export(run, tmp_path / "x.pt", "--state-dir", str(run.state_dir))
     assert rc == 2 and "--state-dir" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_library_errors_say_what_is_missing_not_which_flag(run, tmp_path):
+    out = tmp_path / "x.pt"
+    with pytest.raises(ExportNeeds) as need:
+        export_model(run.ckdir, out)
+    assert need.value.what == "site" and "--" not in str(need.value)
+    with pytest.raises(ExportNeeds) as need:
+        export_model(run.ckdir, out, global_only=True)  # FedBN: a site must lend
+    assert need.value.what == "lending-site" and "--" not in str(need.value)
+    with pytest.raises(MammofedError, match="plain word: '../x'"):
+        export_model(run.ckdir, out, site="../x", state_dir=run.state_dir)
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ExportError, match="d: is a folder"):
+        export_model(run.ckdir, tmp_path / "d", site=SITE, state_dir=run.state_dir)
+    assert not out.exists()

@@ -85,7 +85,7 @@ def test_cli_paths_refuse_a_trojaned_checkpoint(tmp_path, tiny_checkpoint, site_
     ])  # fmt: skip
     assert rc == 2 and not marker.exists()
     rc = client_main([
-        "evaluate", "--checkpoint", str(bad), "--site", str(site_cache),
+        "evaluate", "--checkpoint", str(bad), "--cache", str(site_cache),
         "--out", str(tmp_path / "e"),
     ])  # fmt: skip
     assert rc == 2 and not marker.exists()

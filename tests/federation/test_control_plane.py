@@ -327,7 +327,7 @@ def test_client_start_requires_trusted_entities_with_tls(tmp_path: Path) -> None
     site = tmp_path / "site.yaml"
     site.write_text("name: site-a\nstate_dir: state\n")
     base = {
-        "site": site,
+        "site_config": site,
         "superlink": "coordinator.example.org:9092",
         "insecure": False,
         "root_certificates": pki.ca_cert,

@@ -438,6 +438,7 @@ def test_federated_dp_rounds_send_only_declared_arrays_and_whitelisted_metrics(
 
 
 def test_run_study_personalized_dp_writes_the_dp_record(tmp_path: Path) -> None:
+    from common import runfolder as RF
     from simulation import regimes as R
     from simulation.report import write_report
     from simulation.run import RunRequest, run_study
@@ -454,16 +455,16 @@ def test_run_study_personalized_dp_writes_the_dp_record(tmp_path: Path) -> None:
         dp_epsilon=6.0,
     )
     out = run_study(req)
-    data = json.loads((out / R.PERSONALIZED_DP / R.METRICS_JSON).read_text())
+    data = json.loads((out / R.PERSONALIZED_DP / RF.METRICS_JSON).read_text())
     assert data["regime"] == R.PERSONALIZED_DP and data["sites"]
     dp = data["dp"]
     assert dp["epsilon"] == 6.0 and 0 < dp["delta"] < 1
     assert set(dp["spent"]) == set(dp["sites"]) and dp["spent"]
     assert all(0 < e <= 6.0 for e in dp["spent"].values())
-    assert json.loads((out / R.RUN_JSON).read_text())["dp_epsilon"] == 6.0
+    assert json.loads((out / RF.RUN_JSON).read_text())["dp_epsilon"] == 6.0
     rows = [
         json.loads(x)
-        for x in (out / R.PERSONALIZED_DP / R.ROUNDS_JSONL).read_text().splitlines()
+        for x in (out / R.PERSONALIZED_DP / RF.ROUNDS_JSONL).read_text().splitlines()
     ]
     assert any(DP_EPSILON in r for r in rows)
     md = write_report([out], tmp_path / "report").read_text()

@@ -39,7 +39,6 @@ from common.federation import (
     NODE_SITE,
     NODE_SITE_CONFIG,
     NODE_STATE_DIR,
-    ROUNDS_JSONL,
     FederationConfig,
     ValidationConfig,
     arrays_to_record,
@@ -48,6 +47,7 @@ from common.federation import (
     round_problems,
 )
 from common.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
+from common.runfolder import ROUNDS_JSONL
 from server.faults import (
     aggregate_present_metrics,
     attribute_replies,
@@ -666,7 +666,7 @@ def test_daemon_rejoins_after_superlink_restart_and_supernode_crash(
     yaml = _site_yaml(tmp_path, outbox=False)
     client_log = tmp_path / "client.log"
     health = f"127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "client.cli", "start", "--site", str(yaml)]
+    cmd = [sys.executable, "-m", "client.cli", "start", "--site-config", str(yaml)]
     cmd += ["--superlink", f"127.0.0.1:{port}", "--insecure"]
     cmd += ["--port", str(free_port()), "--health-address", health]
     cmd += ["--restart-delay", "1", "--restart-max-delay", "4"]

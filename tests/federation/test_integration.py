@@ -11,13 +11,13 @@ import pytest
 
 from client.toy import build_toy
 from common.federation import (
-    CHECKPOINT_DIR,
     NODE_SITE,
     NODE_STATE_DIR,
     flower_bin,
     flower_env,
     load_federation_config,
 )
+from common.runfolder import CHECKPOINT_DIR
 from server.checkpoints import CheckpointStore
 from server.launch import Connection, follow_run, submit_run
 from server.process import (

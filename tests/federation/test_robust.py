@@ -31,7 +31,6 @@ from client.toy import build_toy
 from common.checkpoint import save_checkpoint
 from common.errors import CheckpointMismatch, ConfigError
 from common.federation import (
-    CHECKPOINT_DIR,
     FederationConfig,
     PersonalizationConfig,
     StrategyConfig,
@@ -44,6 +43,7 @@ from common.federation import (
 from common.keys import ARRAYS_KEY
 from common.model.initial import detector_model_config, initial_shared_arrays
 from common.model.registry import build_detector
+from common.runfolder import CHECKPOINT_DIR
 from server.checkpoints import CheckpointStore
 from server.federation import run_federation
 from server.initial import InitialModelError, initial_global_arrays

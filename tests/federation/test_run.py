@@ -15,15 +15,14 @@ from client.guard import PrivacyGuardError, check_reply
 from client.toy import build_toy
 from common.errors import ConfigError
 from common.federation import (
-    CHECKPOINT_DIR,
     METRIC_WHITELIST,
     NODE_SITE,
     NODE_STATE_DIR,
     PARTITION_ID,
-    ROUNDS_JSONL,
     FederationConfig,
 )
 from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
+from common.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
 from server.checkpoints import CheckpointStore
 from server.federation import run_federation
 

@@ -155,7 +155,7 @@ def test_node_key_is_what_flower_reads(tmp_path: Path) -> None:
     assert try_load_public_key(keys.public_key)  # what `flwr supernode register` does
     with pytest.raises(TlsError, match="exists"):
         generate_node_key(tmp_path, "site-a")
-    with pytest.raises(ConfigError, match="--site"):
+    with pytest.raises(ConfigError, match="--site-name"):
         generate_node_key(tmp_path, "../x")
 
 
@@ -181,7 +181,7 @@ def test_cli_certs_and_node_key(tmp_path: Path, capsys: pytest.CaptureFixture) -
         "b.key",
         "b.pub",
     }
-    assert server_main(["node-key", "--out", str(tmp_path), "--site", "c"]) == 0
+    assert server_main(["node-key", "--out", str(tmp_path), "--site-name", "c"]) == 0
     assert _mode(tmp_path / "c.key") == 0o600
     assert server_main(["certs", "--out", str(out)]) == 2  # exists, no --overwrite
 
@@ -318,7 +318,7 @@ def test_supernode_command_with_tls_and_auth(certs: Path, tmp_path: Path) -> Non
     site.write_text("name: site-a\nstate_dir: state\n")
     keys = generate_node_key(tmp_path, "site-a")
     args = argparse.Namespace(
-        site=site,
+        site_config=site,
         superlink="127.0.0.1:8000",
         insecure=False,
         root_certificates=certs / "ca.crt",
@@ -401,7 +401,7 @@ def test_tls_node_auth_run_and_unregistered_key_refused(
         yaml = tmp_path / f"{site}.yaml"
         yaml.write_text(f"name: {site}\nstate_dir: {tmp_path / 'state' / site}\n")
         args = argparse.Namespace(
-            site=yaml,
+            site_config=yaml,
             superlink=address,
             insecure=False,
             root_certificates=files.ca_cert,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.recipe import AugmentConfig, train_transform
 from common.transforms import (
     Compose,
     HorizontalFlip,
@@ -12,7 +13,6 @@ from common.transforms import (
     PadToMultiple,
     RandomResize,
     VerticalFlip,
-    default_train_transform,
     resize,
 )
 
@@ -113,7 +113,9 @@ def test_compose_and_empty_boxes() -> None:
     assert t2["boxes"][0].tolist() == [W - 20.0, H - 30.0, W - 6.0, H - 10.0]
     assert t2["boxes"][0].tolist() == _bright_box(out, 1.0)
     empty = {"boxes": torch.zeros(0, 4), "ignore": torch.zeros(0, 4), "spacing_mm": 0.4}
-    out, t3 = default_train_transform(g)(img, empty)
+    out, t3 = Compose([train_transform(AugmentConfig(), g), PadToMultiple(32)])(
+        img, empty
+    )
     assert out.shape[1] % 32 == 0 and out.shape[2] % 32 == 0
     assert t3["boxes"].shape == (0, 4)
     with pytest.raises(ValueError, match=r"\[1, H, W\]"):

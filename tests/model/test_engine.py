@@ -11,18 +11,12 @@ import torch
 from torch import nn
 
 from common.checkpoint import load_checkpoint, load_model, save_checkpoint
-from common.engine import (
-    ModelEMA,
-    detection_collate,
-    evaluate_detailed,
-    fit,
-    predict,
-    seed_everything,
-    train_one_epoch,
-)
+from common.data import collate
+from common.engine import evaluate_detailed, fit, predict, seed_everything
 from common.errors import CheckpointMismatch
 from common.keys import CPM_CALCIFICATION, CPM_MASS, CPM_MEAN, NUM_EXAMPLES
 from common.model import ModelConfig, build_detector
+from common.recipe import ModelEMA, train_one_epoch
 from common.sampling import balanced_sampler, lesion_flags, lesion_weights
 from tests.model.conftest import square_image
 
@@ -63,9 +57,7 @@ def tiny(**kw):
 
 
 def loader(n=4, bs=2):
-    return torch.utils.data.DataLoader(
-        SquareSet(n), batch_size=bs, collate_fn=detection_collate
-    )
+    return torch.utils.data.DataLoader(SquareSet(n), batch_size=bs, collate_fn=collate)
 
 
 def test_ema_update_is_exact():
@@ -227,10 +219,6 @@ def test_balanced_sampler():
 
 def test_ema_warmup_forgets_the_random_start():
     """With warm-up the EMA tracks a student that moved far from its start."""
-    import torch
-
-    from common.engine import ModelEMA
-
     student = torch.nn.Linear(4, 1)
     with torch.no_grad():
         student.weight.zero_()  # the "random" start

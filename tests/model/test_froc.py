@@ -12,12 +12,12 @@ from common.froc import (
     FALSE_POSITIVE,
     HIT,
     IGNORED,
+    ClassMetrics,
     FrocImage,
     froc_all,
     froc_class,
     match_image,
     plot_froc,
-    result_to_dict,
 )
 
 MASS, CALC = 0, 1
@@ -134,8 +134,9 @@ def test_no_lesions_at_all_is_nan():
     r = froc_class([img("n", dets=[box_at(5, 5)], scores=[0.3])], MASS)
     assert math.isnan(r.cpm) and math.isnan(r.ap)
     assert all(math.isnan(v) for v in r.sens_at.values())
-    d = result_to_dict(r)
-    assert d["cpm"] is None
+    d = ClassMetrics.from_result(r).to_json()
+    assert d["cpm"] is None and d["curve"] is None
+    assert ClassMetrics.from_json(d) == ClassMetrics.from_result(r)
 
 
 def test_ties_in_score_processed_together():

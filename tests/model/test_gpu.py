@@ -7,15 +7,11 @@ import math
 import pytest
 import torch
 
-from common.engine import (
-    ModelEMA,
-    detection_collate,
-    evaluate,
-    prepare_model,
-    train_one_epoch,
-)
+from common.data import collate
+from common.engine import evaluate, prepare_model
 from common.keys import CPM_MASS
 from common.model import ModelConfig, build_detector
+from common.recipe import ModelEMA, train_one_epoch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,9 +30,7 @@ def test_cuda_bf16_channels_last_train_and_eval():
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ema = ModelEMA(model, 0.9)
-    loader = torch.utils.data.DataLoader(
-        SquareSet(8), batch_size=4, collate_fn=detection_collate
-    )
+    loader = torch.utils.data.DataLoader(SquareSet(8), batch_size=4, collate_fn=collate)
     stats = train_one_epoch(model, loader, opt, device=dev, amp=True, ema=ema)
     assert stats.steps == 2 and stats.skipped_steps == 0
     assert math.isfinite(stats.mean_loss)

@@ -16,7 +16,6 @@ from client.onnx_export import OnnxDetector, contract_path, export_onnx
 from client.state import SiteState
 from common.config.loader import config_to_dict
 from common.federation import (
-    ROUNDS_JSONL,
     FederationConfig,
     FitInstructions,
     PersonalizationConfig,
@@ -24,6 +23,7 @@ from common.federation import (
     TrainerConfig,
 )
 from common.keys import CLASSES, NUM_EXAMPLES
+from common.runfolder import ROUNDS_JSONL
 from server.checkpoints import CheckpointStore
 
 from .conftest import TESTS, load_by_path
@@ -73,7 +73,7 @@ def test_export_writes_cards_for_pt_and_onnx(fed_run, tmp_path, write_exam):
     onnx_path = tmp_path / "model.onnx"
     rc = client_main(
         ["export", "--checkpoint", str(fed_run["ckdir"]), "--out", str(out),
-         "--site", SITE, "--onnx", str(onnx_path)]
+         "--site-name", SITE, "--onnx", str(onnx_path)]
     )  # fmt: skip
     assert rc == 0
     examples = fed_run["examples"]
@@ -110,7 +110,7 @@ def test_export_writes_cards_for_pt_and_onnx(fed_run, tmp_path, write_exam):
 def test_eval_folder_puts_cpm_with_intervals_in_the_card(fed_run, tmp_path):
     out = tmp_path / "model.pt"
     args = ["export", "--checkpoint", str(fed_run["ckdir"]), "--out", str(out),
-            "--site", SITE]  # fmt: skip
+            "--site-name", SITE]  # fmt: skip
     assert client_main(args) == 0
     ev = tmp_path / "eval"
     evaluate_checkpoint(out, fed_run["cache"], ev, view="all", n_boot=20, device="cpu")
@@ -169,7 +169,7 @@ def test_checkpoint_without_provenance_says_unknown(make_checkpoint, tmp_path):
 def test_export_command_line_mistakes(fed_run, tmp_path, capsys):
     rc = client_main(
         ["export", "--checkpoint", str(fed_run["ckdir"]), "--out",
-         str(tmp_path / "m.pt"), "--site", SITE, "--onnx", str(tmp_path / "m.txt")]
+         str(tmp_path / "m.pt"), "--site-name", SITE, "--onnx", str(tmp_path / "m.txt")]
     )  # fmt: skip
     assert rc == 2
     assert "--onnx: must end in .onnx" in capsys.readouterr().err

@@ -19,7 +19,7 @@ def test_cli_writes_site_and_preview(tmp_path: Path) -> None:
             str(CFG),
             "--out",
             str(tmp_path),
-            "--site",
+            "--site-name",
             "B",
             "--preview",
             "--no-progress",
@@ -49,7 +49,7 @@ def test_cli_errors(tmp_path: Path, capsys) -> None:
     )
     assert "none.yaml" in capsys.readouterr().err
     rc = main(
-        ["phantom", "--scenario", str(CFG), "--out", str(tmp_path), "--site", "Z"]
+        ["phantom", "--scenario", str(CFG), "--out", str(tmp_path), "--site-name", "Z"]
     )
     assert rc == 2
     assert "'Z'" in capsys.readouterr().err

@@ -6,24 +6,27 @@ from pathlib import Path
 
 import pytest
 
+from common import runfolder as RF
+from common.froc import ClassMetrics, FrocCurve
+from common.runfolder import RunFolderError, SiteMetrics
 from simulation import regimes as R
-from simulation.report import ReportError, gap_closed, write_report
+from simulation.report import gap_closed, write_report
 
 
-def _site_metrics(cpm_mass: float, cpm_calc: float) -> dict:
-    def cls(cpm: float) -> dict:
-        return {
-            "cpm": cpm,
-            "cpm_ci": [max(0.0, cpm - 0.1), min(1.0, cpm + 0.1)],
-            "sensitivity": {"1.0": cpm},
-            "ap": cpm / 2,
-            "curve": {"fp_per_image": [0.2, 1.0, 3.0], "sensitivity": [0.1, cpm, cpm]},
-        }
+def _site_metrics(cpm_mass: float, cpm_calc: float) -> SiteMetrics:
+    def cls(cpm: float) -> ClassMetrics:
+        return ClassMetrics(
+            cpm=cpm,
+            cpm_ci95=[max(0.0, cpm - 0.1), min(1.0, cpm + 0.1)],
+            ap=cpm / 2,
+            sensitivity_at_fp={"1": cpm},
+            n_images=10,
+            n_lesions=5,
+            n_detections=20,
+            curve=FrocCurve([0.2, 1.0, 3.0], [0.1, cpm, cpm]),
+        )
 
-    return {
-        "n_images": 10,
-        "classes": {"mass": cls(cpm_mass), "calcification": cls(cpm_calc)},
-    }
+    return SiteMetrics(10, {"mass": cls(cpm_mass), "calcification": cls(cpm_calc)})
 
 
 def _regime(
@@ -31,21 +34,28 @@ def _regime(
 ) -> None:
     d = run / name
     d.mkdir(parents=True)
-    payload = {
-        "regime": name,
-        "kind": "federated" if rounds else "central",
-        "sites": {s: _site_metrics(*v) for s, v in sites.items()},
-    }
-    (d / R.METRICS_JSON).write_text(json.dumps(payload))
+    kind = "federated" if rounds else "central"
+    metrics = {s: _site_metrics(*v) for s, v in sites.items()}
+    record = RF.RegimeMetrics(name, kind, metrics)
+    RF.write_record(d / RF.METRICS_JSON, record)
+    assert RF.read_record(RF.RegimeMetrics, d / RF.METRICS_JSON) == record
     if rounds:
         rows = [
-            {"round": r, "site": s, "bytes_sent": 1000 + r, "train-loss": 1.0 / r}
+            RF.StudyRound(r, s, bytes_sent=1000 + r, metrics={"train-loss": 1.0 / r})
             for r in (1, 2)
             for s in sites
         ]
-        (d / R.ROUNDS_JSONL).write_text(
-            "\n".join(json.dumps(x) for x in rows) + "\nnot json\n"
-        )
+        RF.write_rounds(d / RF.ROUNDS_JSONL, rows)
+        assert RF.read_rounds(d / RF.ROUNDS_JSONL) == rows
+        with open(d / RF.ROUNDS_JSONL, "a") as fh:
+            fh.write("not json\n")
+
+
+def _run_json(run: Path, base_sites: list[str] | None = None) -> None:
+    base_sites = base_sites or []
+    RF.write_record(
+        run / RF.RUN_JSON, RF.StudyRun("t", ["A", "B"], [], 0.4, base_sites)
+    )
 
 
 def test_report_table_gap_closed_and_files(tmp_path: Path) -> None:
@@ -55,9 +65,7 @@ def test_report_table_gap_closed_and_files(tmp_path: Path) -> None:
     _regime(run, R.PERSONALIZED, {"A": (0.85, 0.65), "B": (0.5, 0.3)}, rounds=True)
     (run / "configs").mkdir()
     (run / "configs" / "federation.yaml").write_text("strategy: personalized\n")
-    (run / R.RUN_JSON).write_text(
-        json.dumps({"scenario": "t", "working_spacing_mm": 0.4})
-    )
+    _run_json(run)
     out = tmp_path / "rep"
     md = write_report([run], out)
     text = md.read_text()
@@ -81,7 +89,7 @@ def test_gap_closed_undefined_without_gap() -> None:
 
 def test_report_rejects_folder_without_metrics(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ReportError, match="no <regime>/metrics.json"):
+    with pytest.raises(RunFolderError, match="no <regime>/metrics.json"):
         write_report([tmp_path / "empty"], tmp_path / "out")
 
 
@@ -119,8 +127,8 @@ def test_report_paired_comparisons_from_detections(tmp_path: Path) -> None:
     for name, images in regimes.items():
         _regime(run, name, {"A": (0.5, 0.1), "B": (0.5, 0.1)})
         dets = {s: [im.to_json() for im in images] for s in ("A", "B")}
-        (run / name / R.DETECTIONS_JSON).write_text(json.dumps(dets))
-    (run / R.RUN_JSON).write_text(json.dumps({"scenario": "t", "base_sites": ["A"]}))
+        (run / name / RF.DETECTIONS_JSON).write_text(json.dumps(dets))
+    _run_json(run, ["A"])
     md = write_report([run], tmp_path / "rep").read_text()
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     rows = {
@@ -139,6 +147,17 @@ def test_report_names_a_broken_detections_file(tmp_path: Path) -> None:
     run = tmp_path / "run"
     for name in (R.PERSONALIZED, R.ORACLE):
         _regime(run, name, {"A": (0.5, 0.1)})
-        (run / name / R.DETECTIONS_JSON).write_text(json.dumps({"A": [{"key": "x"}]}))
-    with pytest.raises(ReportError, match=r"detections.json.*'x'"):
+        (run / name / RF.DETECTIONS_JSON).write_text(json.dumps({"A": [{"key": "x"}]}))
+    with pytest.raises(RunFolderError, match=r"detections.json.*'x'"):
+        write_report([run], tmp_path / "rep")
+
+
+def test_report_names_a_malformed_metrics_file(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / R.BASE).mkdir(parents=True)
+    # the old two-shape record (cpm_ci / sensitivity) is not the contract
+    bad = {"regime": R.BASE, "kind": "central", "sites": {"A": {"n_images": 1,
+           "classes": {"mass": {"cpm": 0.5, "cpm_ci": None}}}}}  # fmt: skip
+    (run / R.BASE / RF.METRICS_JSON).write_text(json.dumps(bad))
+    with pytest.raises(RunFolderError, match=r"base/metrics.json: malformed"):
         write_report([run], tmp_path / "rep")

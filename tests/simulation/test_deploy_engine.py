@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common import runfolder as RF
 from server.checkpoints import CheckpointStore
 from simulation import regimes as R
 from simulation.deploy_engine import DeploymentEngineError, run_federated_deployment
@@ -52,17 +53,17 @@ def test_personalized_on_supernodes(deploy_study: Path) -> None:
     store = CheckpointStore(server / "checkpoints")
     last = store.latest()
     assert last is not None and last.round >= 1
-    data = json.loads((deploy_study / R.PERSONALIZED / R.METRICS_JSON).read_text())
+    data = json.loads((deploy_study / R.PERSONALIZED / RF.METRICS_JSON).read_text())
     assert data["sites"], "no site was evaluated"
     rows = [
         json.loads(x)
-        for x in (deploy_study / R.PERSONALIZED / R.ROUNDS_JSONL)
+        for x in (deploy_study / R.PERSONALIZED / RF.ROUNDS_JSONL)
         .read_text()
         .splitlines()
     ]
     shared = sum(np.asarray(v).nbytes for v in store.load(1).arrays.values())
     round1 = [r for r in rows if r["round"] == 1]
-    every_site = json.loads((deploy_study / R.RUN_JSON).read_text())["sites"]
+    every_site = json.loads((deploy_study / RF.RUN_JSON).read_text())["sites"]
     assert {r["site"] for r in round1} == set(every_site)
     for r in round1:
         assert r["bytes_sent"] == shared

@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("ray")
 
+from common import runfolder as RF  # noqa: E402
 from common.federation import load_federation_config  # noqa: E402
 from server.checkpoints import CheckpointStore  # noqa: E402
 from simulation import regimes as R  # noqa: E402
@@ -130,15 +131,15 @@ def test_fedavg_on_ray_writes_checkpoint_and_site_metrics(ray_study: Path) -> No
     assert 1 in store.rounds()
     # the SuperLink ran from this run's own FLWR_HOME
     assert (server / FLWR_HOME_DIR / "config.toml").is_file()
-    data = json.loads((ray_study / R.FEDAVG / R.METRICS_JSON).read_text())
+    data = json.loads((ray_study / R.FEDAVG / RF.METRICS_JSON).read_text())
     assert data["regime"] == R.FEDAVG and data["kind"] == "federated"
     assert {"A", "C"} <= set(data["sites"])  # the sites with test women
     for site in data["sites"].values():
-        assert set(site["classes"]["mass"]) >= {"cpm", "sensitivity", "ap"}
+        assert set(site["classes"]["mass"]) >= {"cpm", "sensitivity_at_fp", "ap"}
     # every site trained round 1 on its own partition; bytes = shared arrays
     rows = [
         json.loads(x)
-        for x in (ray_study / R.FEDAVG / R.ROUNDS_JSONL).read_text().splitlines()
+        for x in (ray_study / R.FEDAVG / RF.ROUNDS_JSONL).read_text().splitlines()
     ]
     assert {r["site"] for r in rows} == {"A", "B", "C", "D", "E"}
     shared = sum(np.asarray(v).nbytes for v in store.load(1).arrays.values())

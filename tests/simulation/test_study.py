@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common import runfolder as RF
 from common.federation import load_federation_config
 from common.model import build_detector, norm_keys
 from server.checkpoints import CheckpointStore
@@ -39,19 +40,19 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_every_regime_writes_per_site_metrics(study: Path) -> None:
     for regime in (R.BASE, R.FEDAVG, R.PERSONALIZED, R.ORACLE):
-        data = json.loads((study / regime / R.METRICS_JSON).read_text())
+        data = json.loads((study / regime / RF.METRICS_JSON).read_text())
         assert data["regime"] == regime
         # sites A and C have test women in the test scenario
         assert {"A", "C"} <= set(data["sites"])
         for site in data["sites"].values():
             for cls in ("mass", "calcification"):
                 c = site["classes"][cls]
-                assert set(c) >= {"cpm", "cpm_ci", "sensitivity", "ap", "curve"}
+                assert set(c) >= {"cpm", "cpm_ci95", "sensitivity_at_fp", "ap", "curve"}
         # every scored image kept, and re-scoring it gives the written CPM
         from common.froc import froc_class
         from simulation.report import load_detections
 
-        dets = load_detections(study / regime / R.DETECTIONS_JSON)
+        dets = load_detections(study / regime / RF.DETECTIONS_JSON)
         assert set(dets) == set(data["sites"])
         for name, images in dets.items():
             assert len(images) == data["sites"][name]["n_images"]
@@ -66,7 +67,7 @@ def test_federated_rounds_log_bytes_and_personal_state_stays_on_site(
 ) -> None:
     rows = [
         json.loads(x)
-        for x in (study / R.PERSONALIZED / R.ROUNDS_JSONL).read_text().splitlines()
+        for x in (study / R.PERSONALIZED / RF.ROUNDS_JSONL).read_text().splitlines()
     ]
     assert rows and all(r["bytes_sent"] > 0 for r in rows if "bytes_sent" in r)
     fed = load_federation_config(FEDERATION)
@@ -202,7 +203,7 @@ def test_personal_head_benchmark_rescored_stored_arm_matches_the_run(
         json.loads(x)
         for x in (tmp_path / "personal_head.jsonl").read_text().splitlines()
     ]
-    data = json.loads((study / R.PERSONALIZED / R.METRICS_JSON).read_text())
+    data = json.loads((study / R.PERSONALIZED / RF.METRICS_JSON).read_text())
     stored = {
         r["context"]["site"]: r["value"]
         for r in rows
@@ -231,7 +232,7 @@ def test_compare_runs_pairs_two_regime_folders(study: Path, tmp_path: Path) -> N
     assert same and all(r["diff"] == 0 or math.isnan(r["diff"]) for r in same)
     rows = compare_runs.compare(study / R.FEDAVG, study / R.PERSONALIZED, n_boot=50)
     data = {
-        r: json.loads((study / r / R.METRICS_JSON).read_text())
+        r: json.loads((study / r / RF.METRICS_JSON).read_text())
         for r in (R.FEDAVG, R.PERSONALIZED)
     }
     for row in rows:
@@ -278,8 +279,8 @@ def test_seed_and_rounds_flags_are_validated_and_recorded(
     # another seed, the same test images: the runs can be paired
     from simulation.report import load_detections
 
-    a = load_detections(study / R.BASE / R.DETECTIONS_JSON)
-    b = load_detections(out / R.BASE / R.DETECTIONS_JSON)
+    a = load_detections(study / R.BASE / RF.DETECTIONS_JSON)
+    b = load_detections(out / R.BASE / RF.DETECTIONS_JSON)
     assert {s: sorted(i.key for i in v) for s, v in a.items()} == {
         s: sorted(i.key for i in v) for s, v in b.items()
     }
@@ -296,7 +297,7 @@ def test_seed_spread_summarises_runs_and_ratios(study: Path, tmp_path: Path) -> 
     ]
     table = seed_spread.cpms(runs)
     data = {
-        r: json.loads((study / r / R.METRICS_JSON).read_text())
+        r: json.loads((study / r / RF.METRICS_JSON).read_text())
         for r in (R.PERSONALIZED, R.FEDAVG)
     }
     for site, classes in table[R.PERSONALIZED].items():

@@ -1,0 +1,246 @@
+"""A site's own model: composing, saving and locating its personal state.
+
+The global model is only the SHARED arrays the server aggregates; a site's own
+model is those arrays plus what never leaves the site. :class:`SiteModel` owns
+that composition rule and the files that hold the personal part, under
+``<state_dir>/<site>/`` (written through :class:`client.state.SiteState`, so a
+round's files stay pending until the server keeps the round)::
+
+    personal.npz        FedBN norm layers (+ BatchNorm counters) under their
+                        model keys; the FedPer head under
+                        ``PERSONAL_HEAD_PREFIX + key``
+    teacher.pt          the mean teacher of semi-supervised training
+    standardizer.json   the fitted histogram-landmark standardizer
+    dp_accountant.json  the DP-SGD accountant (``common.dp``)
+
+Training (``client.detector_trainer``), evaluation and
+``mammofed-client export`` compose a site's model with the same call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from client.state import SiteState
+from common.errors import CheckpointMismatch
+from common.model import Personalization, head_keys, shared_and_personal
+
+#: Prefix of the personal head's arrays in ``personal.npz``.
+PERSONAL_HEAD_PREFIX = "personal-head/"
+TEACHER_FILE = "teacher.pt"
+STANDARDIZER_FILE = "standardizer.json"
+
+
+def load_site_arrays(
+    model: nn.Module,
+    shared: Mapping[str, Any],
+    personal: Mapping[str, np.ndarray] | None,
+    *,
+    personal_keys: Sequence[str],
+    personal_head_keys: Sequence[str] = (),
+) -> nn.Module:
+    """Load global ``shared`` arrays plus a site's ``personal`` arrays into ``model``.
+
+    The one composition rule of a site's own model: every ``personal_keys``
+    entry found in ``personal`` (FedBN norm layers, BatchNorm counters) replaces
+    the global value, and every ``personal_head_keys`` key whose personal copy
+    ``PERSONAL_HEAD_PREFIX + key`` is in ``personal`` replaces the global head
+    tensor (FedPer; pass ``()`` for the global head). Keys missing from both keep
+    the model's current values; names the model does not have are ignored.
+    Values are cast to the model's dtypes. Returns ``model``.
+    """
+    sd = model.state_dict()
+    new = {k: torch.as_tensor(np.asarray(v)) for k, v in shared.items()}
+    own = personal or {}
+    for k in personal_keys:
+        if k in own:
+            new[k] = torch.as_tensor(own[k])
+    for k in personal_head_keys:
+        pk = PERSONAL_HEAD_PREFIX + k
+        if pk in own:
+            new[k] = torch.as_tensor(own[pk])
+    sd.update({k: v.to(sd[k].dtype) for k, v in new.items() if k in sd})
+    model.load_state_dict(sd)
+    return model
+
+
+def check_shapes(
+    arrays: Mapping[str, np.ndarray],
+    names: Mapping[str, str],
+    sd: Mapping[str, torch.Tensor],
+    source: Path,
+    what: str,
+) -> None:
+    """``names`` maps array name in ``arrays`` -> model key; shapes must agree.
+
+    Raises:
+        CheckpointMismatch: naming ``source``, the array and both shapes.
+    """
+    for name, key in names.items():
+        have = tuple(np.shape(arrays[name]))
+        want = tuple(sd[key].shape)
+        if have != want:
+            raise CheckpointMismatch(
+                f"{source}: array {name!r} has shape {have} but the model "
+                f"built from {what} needs {want}"
+            )
+
+
+class SiteModel:
+    """A detector and the personal state of one site (or of none: the global model).
+
+    Args:
+        model: the detector the arrays are loaded into (kept, modified in place).
+        personalization: which tensors are personal (FedBN, FedPer).
+        state: the site's state folder; ``None`` composes the global model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        personalization: Personalization,
+        state: SiteState | None = None,
+    ) -> None:
+        self.model = model
+        self.personalization = personalization
+        self.state = state
+        self.shared_keys, self.personal_keys = shared_and_personal(
+            model, personalization
+        )
+        self.head_keys = head_keys(model)
+
+    # --- locating ---------------------------------------------------------------
+    def _dir(self) -> Path:
+        if self.state is None:
+            raise ValueError("the global model has no site state folder")
+        return self.state.dir
+
+    @property
+    def teacher_path(self) -> Path:
+        """The committed mean teacher."""
+        return self._dir() / TEACHER_FILE
+
+    def teacher_write_path(self) -> Path:
+        """Where this round's teacher goes (pending while a round is)."""
+        assert self.state is not None
+        return self.state.write_path(TEACHER_FILE)
+
+    @property
+    def standardizer_path(self) -> Path:
+        """The site's fitted intensity standardizer."""
+        return self._dir() / STANDARDIZER_FILE
+
+    @property
+    def accountant_dir(self) -> Path:
+        """The folder of the DP accountant (``common.dp.DP_ACCOUNTANT_JSON``)."""
+        return self._dir()
+
+    # --- reading ----------------------------------------------------------------
+    def personal(self) -> dict[str, np.ndarray] | None:
+        """The committed personal arrays (``None``: no site, or none saved yet)."""
+        return None if self.state is None else self.state.load_personal()
+
+    def check_shared(
+        self, arrays: Mapping[str, np.ndarray], source: Path, what: str
+    ) -> None:
+        """Global ``arrays`` (from ``source``) must be exactly this model's shared ones.
+
+        Raises:
+            CheckpointMismatch: an unknown array, a missing shared one, or a
+                shape that differs; ``what`` names the model's config.
+        """
+        sd = self.model.state_dict()
+        unknown = sorted(set(arrays) - set(sd))
+        if unknown:
+            raise CheckpointMismatch(
+                f"{source}: array {unknown[0]!r} is not a tensor of the model "
+                f"built from {what} ({len(unknown)} such)"
+            )
+        missing = [k for k in self.shared_keys if k not in arrays]
+        if missing:
+            raise CheckpointMismatch(
+                f"{source}: lacks {len(missing)} shared arrays the model built "
+                f"from {what} needs, e.g. {missing[:3]}"
+            )
+        check_shapes(arrays, {k: k for k in arrays}, sd, source, what)
+
+    def check_personal(
+        self, personal: Mapping[str, np.ndarray], *, head: bool, what: str
+    ) -> bool:
+        """Check stored ``personal`` arrays; return whether a personal head is there.
+
+        Under FedBN every personal norm array must be present; a personal head
+        must be complete when any of it is (``head``: whether it is wanted).
+        Raises :class:`CheckpointMismatch` naming ``personal.npz`` and the array.
+        """
+        assert self.state is not None
+        src, sd = self.state.personal_path, self.model.state_dict()
+        if self.personalization.local_norm:
+            lacking = [k for k in self.personal_keys if k not in personal]
+            if lacking:
+                raise CheckpointMismatch(
+                    f"{src}: lacks {len(lacking)} personal norm arrays the FedBN "
+                    f"model needs, e.g. {lacking[:3]}"
+                )
+        own = {k: k for k in self.personal_keys if k in personal}
+        check_shapes(personal, own, sd, src, what)
+        if not head:
+            return False
+        have = [k for k in self.head_keys if PERSONAL_HEAD_PREFIX + k in personal]
+        if have and len(have) != len(self.head_keys):
+            lacking = [
+                PERSONAL_HEAD_PREFIX + k for k in self.head_keys if k not in have
+            ]
+            raise CheckpointMismatch(
+                f"{src}: personal head incomplete, lacks {lacking[:3]} "
+                f"({len(lacking)} in all)"
+            )
+        names = {PERSONAL_HEAD_PREFIX + k: k for k in have}
+        check_shapes(personal, names, sd, src, what)
+        return bool(have)
+
+    # --- composing --------------------------------------------------------------
+    def compose(
+        self,
+        shared: Mapping[str, Any],
+        *,
+        personal_head: bool | None = None,
+        personal: Mapping[str, np.ndarray] | None = None,
+    ) -> nn.Module:
+        """Load ``shared`` + the site's personal arrays; returns the model.
+
+        ``personal_head``: use the personal head (default: when the run has
+        one); ``personal``: arrays already read (default: the committed ones).
+        """
+        if personal_head is None:
+            personal_head = self.personalization.personal_head
+        return load_site_arrays(
+            self.model,
+            shared,
+            self.personal() if personal is None else personal,
+            personal_keys=self.personal_keys,
+            personal_head_keys=self.head_keys if personal_head else (),
+        )
+
+    # --- saving -----------------------------------------------------------------
+    def save_personal(self, head: Mapping[str, np.ndarray] | None) -> None:
+        """Store the model's personal tensors and ``head`` (pending during a round).
+
+        ``head``: personal head arrays (``PERSONAL_HEAD_PREFIX`` keys); ``None``
+        keeps the stored ones.
+        """
+        assert self.state is not None
+        sd = self.model.state_dict()
+        arrays = {k: sd[k].detach().cpu().numpy() for k in self.personal_keys}
+        if head is None:
+            old = self.state.load_personal() or {}
+            head = {k: v for k, v in old.items() if k.startswith(PERSONAL_HEAD_PREFIX)}
+        arrays.update(head)
+        if arrays:
+            self.state.save_personal(arrays)

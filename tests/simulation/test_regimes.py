@@ -1,0 +1,79 @@
+"""The regime table: one line per regime, laid over the study's federation config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.errors import ConfigError
+from common.federation import load_federation_config
+from server.strategies import build_strategy
+from simulation import regimes as R
+from simulation.run import RunRequest, _regime_config
+
+REPO = Path(__file__).resolve().parents[2]
+FEDERATION = REPO / "configs" / "federation" / "sim-test.yaml"
+
+
+def _req(tmp_path: Path) -> RunRequest:
+    return RunRequest(
+        scenario=tmp_path / "s.yaml",
+        federation=FEDERATION,
+        out=tmp_path / "out",
+        fedprox_mu=0.05,
+        dp_epsilon=3.0,
+    )
+
+
+def test_table_is_the_one_list_of_regimes() -> None:
+    assert R.ORDER == tuple(r.name for r in R.TABLE)
+    assert len(set(R.ORDER)) == len(R.ORDER)
+    assert R.CENTRAL | R.FEDERATED == set(R.ORDER)
+    assert not R.CENTRAL & R.FEDERATED
+    for r in R.TABLE:  # a regime is central or federated, never both
+        assert (r.train_on is None) == (r.strategy is not None), r.name
+
+
+@pytest.mark.parametrize("name", sorted(R.FEDERATED))
+def test_federated_regime_config_follows_its_table_line(
+    tmp_path: Path, name: str
+) -> None:
+    base = load_federation_config(FEDERATION)
+    spec = R.REGIMES[name]
+    cfg = _regime_config(base, name, _req(tmp_path), tmp_path / "run", ["A", "B"])
+    assert cfg.strategy.name == spec.strategy
+    assert cfg.personalization == spec.personalization
+    for k, v in spec.options.items():
+        assert cfg.trainer.options[k] == v, (name, k)
+    # the study's own options stay unless the regime sets them
+    for k, v in base.trainer.options.items():
+        if k not in spec.options and k not in spec.from_request:
+            assert cfg.trainer.options[k] == v
+    assert cfg.sites == ("A", "B") and cfg.participation.min_available_nodes == 2
+    assert cfg.state_dir == tmp_path / "run" / name / "site-state"
+    build_strategy(cfg)  # every federated line names a registered strategy
+
+
+def test_request_values_reach_their_regimes_only(tmp_path: Path) -> None:
+    base = load_federation_config(FEDERATION)
+    req = _req(tmp_path)
+
+    def cfg(name: str):  # noqa: ANN202
+        return _regime_config(base, name, req, tmp_path / "run", ["A"])
+
+    assert cfg(R.FEDPROX).strategy.proximal_mu == 0.05
+    assert cfg(R.FEDAVG).strategy.proximal_mu == 0.0
+    dp = cfg(R.PERSONALIZED_DP).trainer.options
+    assert dp["dp"] is True and dp["dp_epsilon"] == 3.0 and dp["ssl"] is False
+    assert "dp_epsilon" not in cfg(R.PERSONALIZED).trainer.options
+    assert cfg(R.FEDTRIMMEDAVG).strategy.name == "fedtrimmedavg"
+    assert R.REGIMES[R.PERSONALIZED_DP].private
+    assert not any(R.REGIMES[r].private for r in R.ORDER if r != R.PERSONALIZED_DP)
+
+
+def test_central_regime_is_not_a_federation(tmp_path: Path) -> None:
+    base = load_federation_config(FEDERATION)
+    for name in (*sorted(R.CENTRAL), "no-such-regime"):
+        with pytest.raises(ConfigError, match="--regime"):
+            _regime_config(base, name, _req(tmp_path), tmp_path / "run", ["A"])
