@@ -28,9 +28,9 @@ One command runs the whole comparison on a phantom scenario::
 4. Few-shot site (``role: few-shot``): ``local-only`` (from scratch, all
    layers), ``full-ft`` and ``head-only`` from the base, and ``head-only+std``
    (site-fitted histogram standardization). Epochs are chosen by the site's own
-   patient-grouped cross-validation (``common.adapt.finetune_head``).
+   patient-grouped cross-validation (``common.detector.adapt.finetune_head``).
 
-Every arm is scored on the site's held-out test women with ``common.engine``'s
+Every arm is scored on the site's held-out test women with ``common.detector.engine``'s
 FROC (CPM per class with a bootstrap interval over images); one JSON line per
 figure goes to ``benchmarks/results/adapt.jsonl``.
 """
@@ -51,7 +51,8 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import emit
 from client.detector_trainer import DetectorOptions
-from common.adapt import (
+from common.config import from_mapping, load_config
+from common.detector.adapt import (
     AdaptConfig,
     HistogramStandardizer,
     MeanTeacher,
@@ -60,20 +61,19 @@ from common.adapt import (
     finetune_head,
     local_round,
 )
-from common.adapt.augment import StrongAugment
-from common.checkpoint import load_model, save_checkpoint
-from common.config import from_mapping, load_config
-from common.data import SiteDataset, collate
-from common.engine import (
+from common.detector.adapt.augment import StrongAugment
+from common.detector.checkpoint import load_model, save_checkpoint
+from common.detector.engine import (
     evaluate,
     evaluate_detailed,
     resolve_device,
     seed_everything,
 )
-from common.froc import paired_cpm_difference
+from common.detector.froc import paired_cpm_difference
+from common.detector.model import Personalization
+from common.detector.recipe import Recipe
+from common.imaging.data import SiteDataset, collate
 from common.keys import CLASSES, CPM_MEAN
-from common.model import Personalization
-from common.recipe import Recipe
 from simulation.train import few_label_subset
 
 log = logging.getLogger("benchmarks.adapt")
@@ -286,7 +286,7 @@ def run_fewshot(
     }
     _emit_arm("fewshot-base-cpm-mean", _eval(start, site, dev), **ctx)
     seed_everything(base.seed)
-    from common.model import build_detector
+    from common.detector.model import build_detector
 
     scratch = build_detector(opts.model_config()).to(dev)
     st = finetune_head(scratch, labeled, frozen, base, device=dev, head_only=False)

@@ -14,7 +14,7 @@ round does. A rejected attacker has influence 0 under FedAvg.
 
 Model: the shared arrays of the CPU study's detector
 (``configs/federation/sim-cpu.yaml``: ``small`` FCOS, FedBN + FedPer split,
-random init with the run's seed, built by :mod:`common.model.initial`).
+random init with the run's seed, built by :mod:`common.detector.model.initial`).
 Honest updates: random perturbations of relative norm ``--honest-norm`` that
 share half their direction (sites roughly agree), with site sizes from the
 CPU study. The attacker first plays one honest round (so the server records
@@ -79,15 +79,15 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from benchmarks.common import emit, rounded
-from common.federation import (
+from common.detector.model.initial import initial_shared_arrays
+from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
+from common.wire.federation import (
     FederationConfig,
     StrategyConfig,
     ValidationConfig,
     arrays_to_record,
     load_federation_config,
 )
-from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
-from common.model.initial import initial_shared_arrays
 
 BENCH = "attacks"
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def aggregate(
     declarations). Returns the last round's arrays (``None`` if it kept the
     previous model) and the strategy (its ``last["train"]`` screening).
     """
-    from common.federation import record_to_arrays
+    from common.wire.federation import record_to_arrays
     from server.strategies import build_strategy
 
     strategy = build_strategy(cfg)

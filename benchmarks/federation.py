@@ -43,10 +43,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import emit
-from common import runfolder as RF
-from common.federation import FederationConfig, load_federation_config
+from common.detector.model import build_detector
 from common.fileio import read_jsonl
-from common.model import build_detector
+from common.wire import runfolder as RF
+from common.wire.federation import FederationConfig, load_federation_config
 from simulation import regimes as R
 from simulation.run import RunRequest, _regime_config, prepare_sites
 
@@ -81,7 +81,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from client.app import app as client_app
     from client.detector_trainer import DetectorOptions
-    from common.federation import RUN_FEDERATION_JSON, federation_config_to_json
+    from common.wire.federation import RUN_FEDERATION_JSON, federation_config_to_json
     from server.federation import run_federation
     from simulation.grid import InProcessGrid
 

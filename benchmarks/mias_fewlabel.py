@@ -11,7 +11,7 @@ fold) in several ARMS that differ only in the detector's initialisation:
 
 Every arm predicts the same images, so besides each arm's pooled out-of-fold
 CPM with its bootstrap interval, the difference to ``scratch`` gets a PAIRED
-bootstrap interval (:func:`common.froc.paired_cpm_difference`). Folds already
+bootstrap interval (:func:`common.detector.froc.paired_cpm_difference`). Folds already
 trained in an arm's folder are only re-predicted, so a rerun is cheap.
 
 Usage::
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS_DIR, emit, rounded
-from common.froc import FrocResult, froc_all, paired_cpm_difference, plot_froc
+from common.detector.froc import FrocResult, froc_all, paired_cpm_difference, plot_froc
 from common.keys import CLASSES
 from simulation.crossval import load_oof_images, run_crossval
 from simulation.train import TrainConfig, load_train_config

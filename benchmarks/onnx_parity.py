@@ -49,11 +49,11 @@ from client.onnx_export import (  # noqa: E402
     export_onnx,
 )
 from client.predict import predict_paths  # noqa: E402
-from common.checkpoint import load_model, save_checkpoint  # noqa: E402
 from common.config import from_mapping  # noqa: E402
-from common.engine import predict_images  # noqa: E402
-from common.image_io import read_any  # noqa: E402
-from common.model import ModelConfig, build_detector  # noqa: E402
+from common.detector.checkpoint import load_model, save_checkpoint  # noqa: E402
+from common.detector.engine import predict_images  # noqa: E402
+from common.detector.model import ModelConfig, build_detector  # noqa: E402
+from common.imaging.image_io import read_any  # noqa: E402
 
 BENCH = "onnx_parity"
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ images) with other heads:
 
 Every arm predicts the same test images, so each arm's difference to
 ``stored`` gets a PAIRED bootstrap interval
-(:func:`common.froc.paired_cpm_difference`). Nothing is written to the run's
+(:func:`common.detector.froc.paired_cpm_difference`). Nothing is written to the run's
 site state.
 
 Usage::
@@ -45,11 +45,11 @@ from benchmarks.common import emit, rounded
 from client.detector_trainer import DetectorTrainer
 from client.site_model import PERSONAL_HEAD_PREFIX
 from client.state import SiteState
-from common import runfolder as RF
-from common.engine import evaluate_detailed, seed_everything
-from common.federation import load_federation_config
-from common.froc import paired_cpm_difference
+from common.detector.engine import evaluate_detailed, seed_everything
+from common.detector.froc import paired_cpm_difference
 from common.keys import CLASSES
+from common.wire import runfolder as RF
+from common.wire.federation import load_federation_config
 from server.checkpoints import CheckpointStore
 from simulation import regimes as R
 
@@ -69,7 +69,7 @@ def score_site(
     seed: int,
     other_norms: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Every arm's :class:`common.engine.EvalResult` on the site's test images.
+    """Every arm's :class:`common.detector.engine.EvalResult` on the site's test images.
 
     ``other_norms``: ``{site: its personal arrays}``; arm ``norms-<site>``
     scores the global head with THAT site's normalization layers.

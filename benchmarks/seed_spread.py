@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import emit, rounded
-from common import runfolder as RF
-from common.froc import froc_class
+from common.detector.froc import froc_class
 from common.keys import CLASSES
+from common.wire import runfolder as RF
 from simulation.report import load_detections
 
 BENCH = "seed_spread"

@@ -24,10 +24,10 @@ from pathlib import Path
 from benchmarks.common import emit
 from client.detector_trainer import DetectorOptions
 from common.config.loader import from_mapping
-from common.data import SiteDataset
-from common.engine import evaluate_detailed, resolve_device
-from common.federation import load_federation_config
-from common.runfolder import SiteMetrics
+from common.detector.engine import evaluate_detailed, resolve_device
+from common.imaging.data import SiteDataset
+from common.wire.federation import load_federation_config
+from common.wire.runfolder import SiteMetrics
 from simulation.run import prepare_sites, train_central
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,8 +33,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import emit  # noqa: E402
-from common.engine import prepare_model, seed_everything  # noqa: E402
-from common.model import ModelConfig, build_detector  # noqa: E402
+from common.detector.engine import prepare_model, seed_everything  # noqa: E402
+from common.detector.model import ModelConfig, build_detector  # noqa: E402
 
 BENCH = "train_speed"
 

@@ -8,7 +8,7 @@ Which site this node plays comes from ``context.node_config``:
 * simulation: ``partition-id`` indexes the run's ``sites`` list, and the
   state lives under the federation config's ``state_dir``.
 
-The run's :class:`common.federation.FederationConfig` comes from
+The run's :class:`common.wire.federation.FederationConfig` comes from
 ``context.run_config``. Replies carry only the trainer's declared shared arrays
 (train, query) and one MetricRecord with the trainer's declared metric names;
 :func:`client.guard.check_reply` refuses anything else before it is sent. A
@@ -16,10 +16,10 @@ metric that is not finite (CPM of a class with no lesion in the site's test
 split) is left out of the reply rather than sent as NaN.
 
 Faults: a handler that fails replies a Flower ``Error`` with one of the codes
-of :mod:`common.faults` and its fixed message; the exception itself (whose
+of :mod:`common.wire.faults` and its fixed message; the exception itself (whose
 text may name the site, its paths or a patient) is logged here, on the site,
 and never sent. Every train and evaluate message carries the server's
-:class:`common.faults.ModelVersion`: the site settles the personal state of
+:class:`common.wire.faults.ModelVersion`: the site settles the personal state of
 its previous round with it (committed only if the server kept this node's
 update) and trains the new round into a pending copy
 (:meth:`client.state.SiteState.begin_round`).
@@ -42,7 +42,15 @@ from client.state import SiteState, SiteStateError
 from client.trainer import LocalTrainer, build_trainer
 from common.config.site import load_site_config
 from common.errors import CheckpointMismatch, ConfigError, MammofedError
-from common.faults import (
+from common.keys import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    LOCAL_SECONDS,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+)
+from common.wire.faults import (
     SITE_CONFIG,
     SITE_DATA,
     SITE_GUARD,
@@ -53,7 +61,7 @@ from common.faults import (
     drop_non_finite,
     reply_error_message,
 )
-from common.federation import (
+from common.wire.federation import (
     NODE_DATA_DIR,
     NODE_SITE,
     NODE_SITE_CONFIG,
@@ -65,14 +73,6 @@ from common.federation import (
     federation_config_from_run_config,
     record_to_arrays,
     spec_of,
-)
-from common.keys import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    LOCAL_SECONDS,
-    METRICS_KEY,
-    NUM_EXAMPLES,
-    SERVER_ROUND,
 )
 
 log = logging.getLogger(__name__)
@@ -275,8 +275,8 @@ def handle_query(msg: Message, context: Context) -> Message:
 
 
 def error_code(exc: BaseException) -> int:
-    """The :mod:`common.faults` code of a handler's exception."""
-    from common.dp import PrivacyError  # torch: imported only on this path
+    """The :mod:`common.wire.faults` code of a handler's exception."""
+    from common.detector.dp import PrivacyError  # torch: imported only on this path
 
     kinds: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...]
     kinds = (

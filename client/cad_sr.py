@@ -50,7 +50,7 @@ Coordinates: every SCOORD is in the SOURCE image's stored pixel grid (Rows x
 Columns as stored, before any flip), as (column, row) pairs of 32-bit floats
 (VR FL). DICOM's pixel convention for SCOORD (PS3.3 C.18.6.1.2) puts (0, 0) at
 the top-left corner of the top-left pixel and (0.5, 0.5) at its centre, which is
-this project's pixel-edge convention (``common.geometry``): a stored-space box
+this project's pixel-edge convention (``common.imaging.geometry``): a stored-space box
 ``[xmin, ymin, xmax, ymax]`` becomes the closed polyline (xmin, ymin), (xmax,
 ymin), (xmax, ymax), (xmin, ymax), (xmin, ymin) without any conversion.
 
@@ -81,8 +81,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from common import __version__
-from common.dicom import resolve_laterality, resolve_view
 from common.fileio import atomic_write_bytes
+from common.imaging.dicom import resolve_laterality, resolve_view
 from common.keys import CALCIFICATION, CLASSES, LEFT, MASS, RIGHT
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ _LATERALITY_CODES: dict[str, Code] = {
     LEFT: _code(codes.cid6022.LeftBreast),
     RIGHT: _code(codes.cid6022.RightBreast),
 }
-#: View word (common.dicom.resolve_view) -> CID 4014 "View for Mammography".
+#: View word (common.imaging.dicom.resolve_view) -> CID 4014 "View for Mammography".
 _VIEW_CODES: dict[str, Code] = {
     "CC": _code(codes.cid4014.CranioCaudal),
     "MLO": _code(codes.cid4014.MedioLateralObliqueProjection),

@@ -2,18 +2,18 @@
 
 One instance serves one site. It builds the detector from the run's
 ``trainer.options`` (scalars only, validated here), reads the site's cache
-(``common.data.SiteDataset``) and keeps everything personal on the site's disk
+(``common.imaging.data.SiteDataset``) and keeps everything personal on the site's disk
 through :class:`client.state.SiteState`:
 
 * FedBN (``personalization.local_norm``): every normalization layer's weights
-  and running statistics (``common.model.shared_and_personal``);
+  and running statistics (``common.detector.model.shared_and_personal``);
 * FedPer (``personalization.personal_head``): a personal copy of the head,
   fine-tuned head-only (TFA-style, shared layers frozen) on the site's labeled
   images after each round; the global head is still trained and sent, so a new
   site always has a base model;
 * the mean teacher of semi-supervised training (``ssl: true``) and its step;
 * the site's histogram-landmark standardizer (``standardize: true``);
-* the DP accountant of patient-level DP-SGD (``dp: true``, ``common.dp``).
+* the DP accountant of patient-level DP-SGD (``dp: true``, ``common.detector.dp``).
 
 What leaves the site is exactly :meth:`DetectorTrainer.shared_spec` plus the
 metric names of :meth:`DetectorTrainer.metric_names`.
@@ -33,7 +33,7 @@ data dir), ``eval_view`` (``test``), ``n_boot`` (0), ``dp`` (false),
 ``dp_share_train_stats`` (false).
 
 With ``dp: true`` the shared weights are trained by :class:`PrivateRound`
-(per-woman DP-SGD, ``common.dp``) in place of the normal epoch loop, the train
+(per-woman DP-SGD, ``common.detector.dp``) in place of the normal epoch loop, the train
 metrics gain ``dp-epsilon``, and a site whose next round would exceed
 ``dp_epsilon`` replies the received shared arrays unchanged. ``train-loss``
 and ``skipped-steps`` depend on the drawn women outside the DP-SGD guarantee,
@@ -60,16 +60,28 @@ from torch.utils.data import DataLoader, Dataset
 from client.site_model import PERSONAL_HEAD_PREFIX, SiteModel
 from client.state import SiteState
 from client.trainer import Arrays, Metrics, register_trainer
-from common.adapt import fewshot as fs
-from common.adapt.config import AdaptConfig, apply_overrides
-from common.adapt.standardize import HistogramStandardizer
-from common.adapt.teacher import load_or_create_teacher, local_round
 from common.config.loader import bounded, from_mapping
-from common.data import SiteDataset, collate
-from common.dp import DPRoundResult, DPSettings, PatientDPSGD
-from common.engine import evaluate_detailed, resolve_device, seed_everything
+from common.detector.adapt import fewshot as fs
+from common.detector.adapt.config import AdaptConfig, apply_overrides
+from common.detector.adapt.standardize import HistogramStandardizer
+from common.detector.adapt.teacher import load_or_create_teacher, local_round
+from common.detector.dp import DPRoundResult, DPSettings, PatientDPSGD
+from common.detector.engine import evaluate_detailed, resolve_device, seed_everything
+from common.detector.model import (
+    ModelConfig,
+    Personalization,
+    build_detector,
+)
+from common.detector.model.initial import DetectorModelOptions, detector_model_config
+from common.detector.recipe import (
+    SITE_AUGMENT,
+    Recipe,
+    Transformed,
+    train_epochs,
+    train_transform,
+)
 from common.errors import ConfigError, MammofedError
-from common.federation import FederationConfig, FitInstructions
+from common.imaging.data import SiteDataset, collate
 from common.keys import (
     CPM_CALCIFICATION,
     CPM_MASS,
@@ -79,19 +91,7 @@ from common.keys import (
     SKIPPED_STEPS,
     TRAIN_LOSS,
 )
-from common.model import (
-    ModelConfig,
-    Personalization,
-    build_detector,
-)
-from common.model.initial import DetectorModelOptions, detector_model_config
-from common.recipe import (
-    SITE_AUGMENT,
-    Recipe,
-    Transformed,
-    train_epochs,
-    train_transform,
-)
+from common.wire.federation import FederationConfig, FitInstructions
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ DP_TRAIN_METRICS: tuple[str, ...] = (DP_EPSILON,)
 EVAL_METRICS: tuple[str, ...] = (NUM_EXAMPLES, CPM_MASS, CPM_CALCIFICATION, CPM_MEAN)
 
 
-#: the model options' defaults (one source: ``common.model.initial``)
+#: the model options' defaults (one source: ``common.detector.model.initial``)
 _MODEL = DetectorModelOptions()
 
 
@@ -112,7 +112,7 @@ class DetectorOptions:
 
     The model fields (``arch`` ... ``working_spacing_mm``) are validated by
     :class:`ModelConfig` through :meth:`model_config`, with the defaults of
-    ``common.model.initial.DetectorModelOptions``.
+    ``common.detector.model.initial.DetectorModelOptions``.
     """
 
     arch: str = _MODEL.arch
@@ -246,7 +246,7 @@ LocalRound = Callable[
 class PrivateRound:
     """Patient-level DP-SGD in place of the normal epochs (``trainer.options.dp``).
 
-    A :data:`LocalRound` around :class:`common.dp.PatientDPSGD`: Poisson draws
+    A :data:`LocalRound` around :class:`common.detector.dp.PatientDPSGD`: Poisson draws
     of the site's labeled training women, per-woman clipped gradients plus
     Gaussian noise, the accountant in the site's state dir and the budget
     stop. The FedProx term (data-independent) is added after the noise.
@@ -647,7 +647,7 @@ class DetectorTrainer:
 
         Starts from the stored personal head (or the freshly trained global head
         on the first round; always the model's current global head with
-        ``from_global``) and tunes it with :func:`common.adapt.finetune_head`,
+        ``from_global``) and tunes it with :func:`common.detector.adapt.finetune_head`,
         the site's few-shot path (``adapt.fewshot_lr``, ``_weight_decay``,
         ``_batch_size``, strong augmentation; every non-head tensor frozen,
         norm layers in eval mode) for ``epochs`` (default ``head_epochs``)
@@ -701,7 +701,7 @@ class DetectorTrainer:
         }
 
     def evaluate_detailed(self, shared: Arrays, **kwargs: Any) -> Any:
-        """Full :class:`common.engine.EvalResult` of the site's own model."""
+        """Full :class:`common.detector.engine.EvalResult` of the site's own model."""
         model = self.compose(shared)
         view = self._view(self.opts.eval_view, train=False)
         kwargs.setdefault("n_boot", self.opts.n_boot)

@@ -4,7 +4,7 @@
 95% bootstrap interval, sensitivity at each FP rate of
 ``common.keys.FROC_FP_RATES``, AP, counts, and the flat federation metrics) and
 ``OUT/froc-<class>.png``. Distances are in mm at each image's model-space
-spacing (the hit rule of :mod:`common.froc`). A checkpoint's
+spacing (the hit rule of :mod:`common.detector.froc`). A checkpoint's
 ``extra["standardizer"]`` (from ``mammofed-client export``) standardizes every
 image before the model.
 """
@@ -20,11 +20,11 @@ from torch.utils.data import Dataset
 
 from client.export import checkpoint_standardizer
 from common import __version__
-from common.checkpoint import load_model
 from common.config.loader import config_to_dict, write_resolved
-from common.data import SiteDataset
-from common.engine import evaluate_detailed, prepare_model, resolve_device
-from common.recipe import Transformed
+from common.detector.checkpoint import load_model
+from common.detector.engine import evaluate_detailed, prepare_model, resolve_device
+from common.detector.recipe import Transformed
+from common.imaging.data import SiteDataset
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 
 The server keeps one global checkpoint per round
 (``RUN/server/checkpoints/round-NNNNN.npz`` with the SHARED arrays only and
-``round-NNNNN.json``, a :class:`common.runfolder.CheckpointMeta` whose
+``round-NNNNN.json``, a :class:`common.wire.runfolder.CheckpointMeta` whose
 ``config`` is the resolved federation config); each site keeps its personal
 state on its own disk (:mod:`client.site_model`). :func:`export_model` joins
-them into a :mod:`common.checkpoint` file that ``mammofed-client predict`` and
+them into a :mod:`common.detector.checkpoint` file that ``mammofed-client predict`` and
 ``mammofed-client evaluate`` read, in small steps:
 
 1. :func:`read_global_round`: the round's arrays and its validated config;
@@ -41,14 +41,14 @@ import torch
 from client.detector_trainer import DetectorOptions
 from client.site_model import SiteModel
 from client.state import SiteState, plain_site_name
-from common.adapt.standardize import HistogramStandardizer
-from common.checkpoint import Checkpoint, save_checkpoint
 from common.config.loader import from_mapping
+from common.detector.adapt.standardize import HistogramStandardizer
+from common.detector.checkpoint import Checkpoint, save_checkpoint
+from common.detector.model import Personalization, build_detector
 from common.errors import CheckpointMismatch, ConfigError, MammofedError
-from common.federation import FederationConfig
 from common.fileio import load_arrays
-from common.model import Personalization, build_detector
-from common.runfolder import (
+from common.wire.federation import FederationConfig
+from common.wire.runfolder import (
     CHECKPOINT_DIR,
     CheckpointMeta,
     RunFolderError,

@@ -7,7 +7,7 @@ content is not exactly
   shared spec (floating point values only), and
 * one MetricRecord whose names are among the trainer's declared metric names
   (``num-examples`` always present; a metric undefined on this site may be
-  absent, never NaN), all in :data:`common.federation.METRIC_WHITELIST`, each a
+  absent, never NaN), all in :data:`common.wire.federation.METRIC_WHITELIST`, each a
   finite scalar number.
 
 No ConfigRecord, no strings, no bytes, no extra records: pixel data, file paths
@@ -23,8 +23,8 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from common.errors import MammofedError
-from common.federation import METRIC_WHITELIST
 from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
+from common.wire.federation import METRIC_WHITELIST
 
 
 class PrivacyGuardError(MammofedError):

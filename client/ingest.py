@@ -10,7 +10,7 @@ What :func:`ingest_site` does, in order:
    ``split.csv``, ``images.csv``, text, licences...) is passed over quietly;
 3. per candidate, reuses the cache entry when the file's size and mtime (and its
    sidecar options) are unchanged, or when its content key is already cached;
-   otherwise decodes it with :func:`common.image_io.read_any` in a decode
+   otherwise decodes it with :func:`common.imaging.image_io.read_any` in a decode
    process (:func:`decode_isolated`; ``workers`` of them, never in the ingest
    process itself) and writes ``images/<key>.npz|json``; the header is checked
    against the pixel budget ``cfg.max_pixels`` before any pixel is decoded;
@@ -52,7 +52,10 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from common.annotations import (
+from common.config import write_resolved
+from common.config.site import SiteConfig
+from common.errors import MammofedError, RefusedImage
+from common.imaging.annotations import (
     ANNOTATIONS_JSON,
     Skip,
     match_annotations,
@@ -60,11 +63,8 @@ from common.annotations import (
     read_csv_records,
     read_site_annotations,
 )
-from common.cache import CacheEntry, SiteCache, atomic_write_text, manifest_row
-from common.config import write_resolved
-from common.config.site import SiteConfig
-from common.errors import MammofedError, RefusedImage
-from common.image import MammoImage
+from common.imaging.cache import CacheEntry, SiteCache, atomic_write_text, manifest_row
+from common.imaging.image import MammoImage
 from common.keys import (
     ANNOTATIONS_CSV,
     LEFT,
@@ -217,7 +217,7 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
     if len(head) == 132 and head[128:132] == b"DICM":
         return True
-    from common.dicom import is_dicom  # deferred: pydicom import is slow
+    from common.imaging.dicom import is_dicom  # deferred: pydicom import is slow
 
     return is_dicom(path)
 
@@ -271,7 +271,7 @@ class _Job:
 
 
 def _default_reader() -> Reader:
-    from common.image_io import read_any
+    from common.imaging.image_io import read_any
 
     return read_any
 
@@ -430,7 +430,7 @@ def ingest_site(
             ``site_dir``, it is then not walked).
         cfg: site config (defaults when ``None``).
         workers: decode processes (``None``: ``cfg.workers``).
-        reader: image reader (default :func:`common.image_io.read_any`); it
+        reader: image reader (default :func:`common.imaging.image_io.read_any`); it
             runs in the decode processes, so it must be a module-level function.
         force: decode every file again, ignoring cached entries and refusals.
 
@@ -525,7 +525,7 @@ def _walk(
     log.info("%s: %d candidate image files", site, len(candidates))
     jobs: list[_Job] = []
     seen_keys: dict[str, str] = {}
-    from common.cache import content_key  # local: keeps the import list short
+    from common.imaging.cache import content_key  # local: keeps the import list short
 
     for p in candidates:
         rel = p.relative_to(site).as_posix()
@@ -755,7 +755,7 @@ def pool_context() -> multiprocessing.context.BaseContext:
     and forks workers from that clean state.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["common.image_io", "client.ingest"])
+    ctx.set_forkserver_preload(["common.imaging.image_io", "client.ingest"])
     return ctx
 
 

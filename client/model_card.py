@@ -37,11 +37,11 @@ from client.evaluate import METRICS_JSON
 from client.export import EXTRA_EXPORT, EXTRA_STANDARDIZER, ExportError
 from client.state import META_JSON
 from common import __version__
-from common.checkpoint import Checkpoint
+from common.detector.checkpoint import Checkpoint
 from common.errors import MammofedError
 from common.fileio import atomic_write_text, read_jsonl
 from common.keys import CLASSES, NUM_EXAMPLES
-from common.runfolder import ROUNDS_JSONL
+from common.wire.runfolder import ROUNDS_JSONL
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ LIMITATIONS = (
     "Quality is known only as far as the evaluation section states; vendors, "
     "views and populations outside the training sites are untested.",
     "Images must be prepared exactly as the preprocessing contract (or "
-    "common.image_io.read_any) does: crop, flip to the left, resample to the "
+    "common.imaging.image_io.read_any) does: crop, flip to the left, resample to the "
     "working spacing; a standardizer, when present, belongs to one site.",
     "Boxes are axis-aligned rectangles in the stored pixels of the source "
     "file; a calcification box covers a cluster, not single specks.",

@@ -56,11 +56,11 @@ from client.model_card import (
     write_model_card,
 )
 from client.predict import detections_to_stored
-from common.adapt.standardize import HistogramStandardizer
-from common.checkpoint import Checkpoint, load_model
+from common.detector.adapt.standardize import HistogramStandardizer
+from common.detector.checkpoint import Checkpoint, load_model
 from common.fileio import atomic_write_text
-from common.geometry import Geometry
-from common.image_io import read_any
+from common.imaging.geometry import Geometry
+from common.imaging.image_io import read_any
 from common.keys import CLASSES
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def build_contract(ck: Checkpoint, onnx_name: str, opset: int) -> dict[str, Any]
             for lvl in range(levels)
         ],
         "preprocessing": {
-            "reader": "common.image_io.read_any (DICOM by content; PNG/TIFF "
+            "reader": "common.imaging.image_io.read_any (DICOM by content; PNG/TIFF "
             "need a spacing)",
             "working_spacing_mm": cfg.working_spacing_mm,
             "steps": [
@@ -241,7 +241,7 @@ def build_contract(ck: Checkpoint, onnx_name: str, opset: int) -> dict[str, Any]
         "box_space": {
             "model": "pixel-edge [xmin, ymin, xmax, ymax] in the model-space "
             "image (after crop, flip, resample)",
-            "stored": "common.geometry.Geometry.to_stored: divide by the "
+            "stored": "common.imaging.geometry.Geometry.to_stored: divide by the "
             "resample scale, undo the flip within the crop (x -> crop width - "
             "x), add the crop origin; pixel edges of the file as stored",
         },
@@ -273,7 +273,7 @@ def export_onnx(
     """Export a detector checkpoint to ONNX with its contract and model card.
 
     Args:
-        checkpoint: a :mod:`common.checkpoint` file (``mammofed-client export``
+        checkpoint: a :mod:`common.detector.checkpoint` file (``mammofed-client export``
             or ``mammofed-sim train`` output).
         out: the ``.onnx`` file to write (replaced if present).
         opset: ONNX opset (11..20).
@@ -407,7 +407,7 @@ def postprocess(
     Returns:
         Per image ``boxes`` float32[K, 4] (model-space pixel edges, clipped to
         the image), ``scores`` float32[K], ``labels`` int64[K], by decreasing
-        score (as :func:`common.engine.predict_images`).
+        score (as :func:`common.detector.engine.predict_images`).
     """
     levels = len(outputs) // 3
     if levels * 3 != len(outputs) or levels > len(ANCHOR_SIZES):
@@ -546,7 +546,7 @@ class OnnxDetector:
         Each record: ``source``, ``sop_instance_uid``, ``laterality``,
         ``box_space`` (``"stored"``), ``stored_shape`` and ``detections``
         (:func:`client.predict.detections_to_stored`, boxes in the file's
-        stored pixels). Files are read with :func:`common.image_io.read_any`
+        stored pixels). Files are read with :func:`common.imaging.image_io.read_any`
         and scored ``batch_size`` at a time; unreadable files raise.
         """
         images = [

@@ -48,15 +48,15 @@ from pydicom.dataset import Dataset
 
 from client.cad_sr import DEFAULT_SCORE_FLOOR, build_cad_sr, write_cad_sr
 from client.export import checkpoint_standardizer
-from common.checkpoint import load_model
 from common.config.loader import config_to_dict, write_resolved
-from common.dicom import decode_pixels, is_dicom
-from common.engine import predict_images, prepare_model, resolve_device
+from common.detector.checkpoint import load_model
+from common.detector.engine import predict_images, prepare_model, resolve_device
 from common.errors import RefusedImage
-from common.geometry import Geometry
-from common.image_io import read_any
+from common.imaging.dicom import decode_pixels, is_dicom
+from common.imaging.geometry import Geometry
+from common.imaging.image_io import read_any
+from common.imaging.research_image import load_grey01
 from common.keys import CALCIFICATION, CLASSES, MASS
-from common.research_image import load_grey01
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ def stored_display_pixels(
 ) -> tuple[np.ndarray, int]:
     """The source image as stored, for display: ``(uint8[h, w], factor)``.
 
-    Decodes the file again (DICOM: :func:`common.dicom.decode_pixels`, dense
-    bright; PNG/TIFF: :func:`common.research_image.load_grey01`) without any
+    Decodes the file again (DICOM: :func:`common.imaging.dicom.decode_pixels`, dense
+    bright; PNG/TIFF: :func:`common.imaging.research_image.load_grey01`) without any
     crop or flip, and block-averages it by the smallest integer ``factor`` that
     brings both sides to at most ``max_side`` (the last partial block is padded
     with edge values). Display pixel ``(r, c)`` covers stored pixels

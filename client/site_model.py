@@ -11,7 +11,7 @@ round's files stay pending until the server keeps the round)::
                         ``PERSONAL_HEAD_PREFIX + key``
     teacher.pt          the mean teacher of semi-supervised training
     standardizer.json   the fitted histogram-landmark standardizer
-    dp_accountant.json  the DP-SGD accountant (``common.dp``)
+    dp_accountant.json  the DP-SGD accountant (``common.detector.dp``)
 
 Training (``client.detector_trainer``), evaluation and
 ``mammofed-client export`` compose a site's model with the same call.
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from client.state import SiteState
+from common.detector.model import Personalization, head_keys, shared_and_personal
 from common.errors import CheckpointMismatch
-from common.model import Personalization, head_keys, shared_and_personal
 
 #: Prefix of the personal head's arrays in ``personal.npz``.
 PERSONAL_HEAD_PREFIX = "personal-head/"
@@ -138,7 +138,7 @@ class SiteModel:
 
     @property
     def accountant_dir(self) -> Path:
-        """The folder of the DP accountant (``common.dp.DP_ACCOUNTANT_JSON``)."""
+        """The DP accountant's folder (``common.detector.dp.DP_ACCOUNTANT_JSON``)."""
         return self._dir()
 
     # --- reading ----------------------------------------------------------------

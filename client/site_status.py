@@ -2,7 +2,7 @@
 
 Read-only: every value comes from the site's own disk (its state folder under
 ``<state_dir>/<site>/``, see :mod:`client.state`, the DP accountant of
-:mod:`common.dp`, the DICOM node's outbox) and, optionally, from the
+:mod:`common.detector.dp`, the DICOM node's outbox) and, optionally, from the
 SuperNode's gRPC health service. Nothing is sent anywhere.
 """
 
@@ -41,7 +41,7 @@ class ModelVersionInfo:
 
 @dataclass(frozen=True)
 class DPBudget:
-    """Privacy spent by the site's DP-SGD training (``common.dp``)."""
+    """Privacy spent by the site's DP-SGD training (``common.detector.dp``)."""
 
     epsilon: float
     target_epsilon: float
@@ -143,7 +143,7 @@ def outbox_info(site: SiteConfig) -> OutboxInfo | None:
 
 def dp_budget(state_dir: Path) -> DPBudget | None:
     """Privacy spent so far, or ``None`` when the site never trained under DP."""
-    from common.dp import read_accountant  # imports torch / opacus: only here
+    from common.detector.dp import read_accountant  # imports torch / opacus: only here
 
     acc = read_accountant(state_dir)
     if acc is None:

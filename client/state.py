@@ -16,7 +16,7 @@ a torn one. ``context.state`` in the ClientApp is only a cache of this.
 ``R`` (:meth:`SiteState.begin_round`), personal files are written under
 ``pending/`` (:meth:`SiteState.write_path`), not over the committed ones, and
 reads keep seeing the committed files. The next message from the server says
-which aggregation made its global arrays (:class:`common.faults.ModelVersion`);
+which aggregation made its global arrays (:class:`common.wire.faults.ModelVersion`);
 :meth:`SiteState.settle` then commits the pending files when that aggregation
 is round ``R`` and used this node's update, and discards them otherwise (the
 round had no aggregation, this node's reply was rejected or lost, or a later
@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from common.errors import MammofedError
-from common.faults import ModelVersion
 from common.fileio import atomic_write_bytes, load_arrays, save_arrays
+from common.wire.faults import ModelVersion
 
 log = logging.getLogger(__name__)
 

@@ -27,16 +27,16 @@ from torch import nn
 
 from client.state import SiteState
 from client.trainer import Arrays, Metrics, register_trainer
+from common.detector.model.toy import ToyNet, toy_shared_keys
 from common.errors import ConfigError
-from common.federation import (
+from common.keys import NUM_EXAMPLES, SKIPPED_STEPS, TRAIN_LOSS
+from common.wire.federation import (
     ACCURACY,
     EVAL_LOSS,
     FederationConfig,
     FitInstructions,
     spec_of,
 )
-from common.keys import NUM_EXAMPLES, SKIPPED_STEPS, TRAIN_LOSS
-from common.model.toy import ToyNet, toy_shared_keys
 
 log = logging.getLogger(__name__)
 

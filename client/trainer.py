@@ -1,7 +1,7 @@
 """The local-training interface the ClientApp drives, and its registry.
 
 A :class:`LocalTrainer` owns a site's model and data. The ClientApp hands it the
-global *shared* arrays and the round's :class:`common.federation.FitInstructions`
+global *shared* arrays and the round's :class:`common.wire.federation.FitInstructions`
 and sends back only what :meth:`LocalTrainer.shared_spec` declares. Personal
 state (FedBN norm layers, FedPer head, ...) stays with the trainer, which keeps
 it on the site's disk through :class:`client.state.SiteState`.
@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from common.errors import ConfigError
-from common.federation import FederationConfig, FitInstructions
+from common.wire.federation import FederationConfig, FitInstructions
 
 log = logging.getLogger(__name__)
 

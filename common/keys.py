@@ -84,7 +84,7 @@ LOCAL_SECONDS = "local-seconds"
 CPM_MASS = "cpm-mass"
 CPM_CALCIFICATION = "cpm-calcification"
 CPM_MEAN = "cpm-mean"
-#: Epsilon a site has spent under patient-level DP-SGD (``common.dp``) after
+#: Epsilon a site has spent under patient-level DP-SGD (``common.detector.dp``) after
 #: the round, at the delta of its accountant; sent only when DP is on.
 DP_EPSILON = "dp-epsilon"
 #: FP rates per image at which FROC sensitivity is reported.

@@ -1,6 +1,6 @@
 """The Flower ``ServerApp`` (``serverapp = "server.app:app"``).
 
-Reads the typed :class:`common.federation.FederationConfig` from
+Reads the typed :class:`common.wire.federation.FederationConfig` from
 ``context.run_config`` (``federation-json`` or ``federation-config``, plus
 ``run-dir``) and hands over to :func:`server.federation.run_federation`.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.federation import federation_config_from_run_config
+from common.wire.federation import federation_config_from_run_config
 from server.federation import run_federation
 
 log = logging.getLogger(__name__)

@@ -30,13 +30,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from common.app_signing import (
+from common.errors import ConfigError
+from common.wire.app_signing import (
     AppSigningError,
     FabSignature,
     load_signing_key,
     sign_fab,
 )
-from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

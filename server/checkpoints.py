@@ -1,7 +1,7 @@
 """Global checkpoints: one per round, written atomically, resumable.
 
 ``<run_dir>/checkpoints/round-NNNNN.npz`` holds the global shared arrays;
-``round-NNNNN.json`` beside it a :class:`common.runfolder.CheckpointMeta`. The
+``round-NNNNN.json`` beside it a :class:`common.wire.runfolder.CheckpointMeta`. The
 JSON is written last, so a checkpoint counts only once both files are
 complete; :meth:`CheckpointStore.latest` ignores half-written ones.
 """
@@ -19,7 +19,7 @@ import numpy as np
 
 from common.errors import CheckpointMismatch
 from common.fileio import atomic_write_bytes, load_arrays, save_arrays
-from common.runfolder import CheckpointMeta, complete_rounds, round_paths
+from common.wire.runfolder import CheckpointMeta, complete_rounds, round_paths
 
 log = logging.getLogger(__name__)
 

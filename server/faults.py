@@ -7,7 +7,7 @@
 * :func:`silent_nodes`: sampled nodes with no reply at all before the
   round's timeout.
 * :class:`ModelTracker`: which aggregation produced the current global arrays
-  (:class:`common.faults.ModelVersion`), sent with every message so that a site
+  (:class:`common.wire.faults.ModelVersion`), sent with every message so that a site
   commits the personal state of a round only when the server kept its update.
 * :func:`write_outcome`: ``<run_dir>/outcome.json`` (``completed`` or
   ``degraded``) from every row of ``rounds.jsonl``.
@@ -23,8 +23,8 @@ from typing import Any, cast
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.faults import OUTCOME_JSON, RUN_DEGRADED, ModelVersion, run_outcome
 from common.fileio import atomic_write_bytes, read_jsonl
+from common.wire.faults import OUTCOME_JSON, RUN_DEGRADED, ModelVersion, run_outcome
 
 log = logging.getLogger(__name__)
 

@@ -32,13 +32,13 @@ from flwr.serverapp import Grid
 
 from common.config.loader import config_to_dict, write_resolved
 from common.errors import CheckpointMismatch, MammofedError
-from common.federation import (
+from common.wire.federation import (
     FederationConfig,
     FitInstructions,
     arrays_to_record,
     record_to_arrays,
 )
-from common.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
+from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
 from server.checkpoints import CheckpointStore
 from server.faults import ModelTracker, attribute_replies, silent_nodes, write_outcome
 from server.initial import initial_global_arrays
@@ -145,7 +145,7 @@ def run_federation(
         store.save(0, arrays, metrics={}, config=cfg_dict)
     summary = RunSummary(run_dir=run_dir, start_round=start, last_round=start)
     # which aggregation made the global arrays: sites commit a round's personal
-    # state only when the server kept their update (common.faults.ModelVersion)
+    # state only when the server kept their update (common.wire.faults.ModelVersion)
     model = (
         ModelTracker.from_checkpoint_meta(last.meta, start)
         if last is not None

@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from common.tls import TlsFiles
+from common.wire.tls import TlsFiles
 from server.process import ProcessError
 
 log = logging.getLogger(__name__)

@@ -5,11 +5,11 @@ No node supplies it (a node's reply would otherwise become everyone's model):
 
 1. ``initial_checkpoint``: a detector checkpoint, refused unless its model
    config matches ``trainer.options``
-   (:func:`common.model.initial.checkpoint_shared_arrays`);
+   (:func:`common.detector.model.initial.checkpoint_shared_arrays`);
 2. ``initial_arrays``: an ``.npz`` whose names, shapes and float dtypes must
    equal the shared arrays of the configured model, all values finite;
 3. otherwise the configured model built with the run's ``seed``
-   (:func:`common.model.initial.initial_shared_arrays`), the same arrays every
+   (:func:`common.detector.model.initial.initial_shared_arrays`), the same arrays every
    site's trainer starts from.
 """
 
@@ -22,10 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from common.detector.model.initial import (
+    checkpoint_shared_arrays,
+    initial_shared_arrays,
+)
 from common.errors import MammofedError
-from common.federation import FederationConfig, spec_of
 from common.fileio import load_arrays
-from common.model.initial import checkpoint_shared_arrays, initial_shared_arrays
+from common.wire.federation import FederationConfig, spec_of
 
 log = logging.getLogger(__name__)
 

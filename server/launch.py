@@ -21,16 +21,15 @@ from typing import Any
 
 import tomli_w
 
-from common.federation import (
+from common.flower_cli import flower_bin, flower_env
+from common.wire.federation import (
     RUN_DIR,
     RUN_FEDERATION_JSON,
     FederationConfig,
     federation_config_to_json,
-    flower_bin,
-    flower_env,
     round_problems,
 )
-from common.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
+from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
 from server.faults import outcome_status
 from server.process import ProcessError, wait_for_port, write_flower_config
 

@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from common.errors import MammofedError
-from common.federation import flower_bin
-from common.tls import TlsFiles
+from common.flower_cli import flower_bin
+from common.wire.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 

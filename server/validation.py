@@ -18,7 +18,7 @@ from the most common set among the valid ones are dropped (``uniform``), so
 Flower's aggregation never sees inconsistent replies; evaluate replies may lack
 a metric that is undefined on their site (it is averaged over the replies that
 carry it). An error reply is recorded by its code alone
-(:func:`common.faults.describe_reply_error`), never by the text it carries.
+(:func:`common.wire.faults.describe_reply_error`), never by the text it carries.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from common.faults import describe_reply_error
-from common.federation import METRIC_WHITELIST, ValidationConfig
 from common.keys import NUM_EXAMPLES
+from common.wire.faults import describe_reply_error
+from common.wire.federation import METRIC_WHITELIST, ValidationConfig
 
 log = logging.getLogger(__name__)
 

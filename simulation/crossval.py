@@ -2,7 +2,7 @@
 
 The quality figure for a development split that has no test set of its own
 (mini-MIAS): "tune by cross-validation only". For each cache of a
-:class:`simulation.train.TrainConfig`, :meth:`common.data.SiteDataset.folds`
+:class:`simulation.train.TrainConfig`, :meth:`common.imaging.data.SiteDataset.folds`
 deals the box-labeled images of the train split into ``k`` patient-grouped,
 lesion-stratified folds (same ``k`` and fold seed for every cache; fold ``f``
 of the pool is the union of each cache's fold ``f``), so a woman is never in
@@ -27,7 +27,7 @@ Written into ``out_dir``:
 * ``cv_metrics.json``: pooled per-class FROC summary, per-fold CPMs, folds;
 * ``froc-<class>.png``: the pooled FROC curves;
 * ``oof_predictions.json``: every out-of-fold image as
-  :meth:`common.froc.FrocImage.to_json` (key ``<site>/<cache key>``, spacing,
+  :meth:`common.detector.froc.FrocImage.to_json` (key ``<site>/<cache key>``, spacing,
   ground truth, ignore regions, model-space detections) plus its ``fold``:
   self-contained, it can be re-scored without the caches;
 * ``fold-<f>/``: ``last.pt``, ``epochs.jsonl``, ``train.log``, ``fold.json``
@@ -51,8 +51,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.config import config_to_dict, write_resolved
-from common.data import SiteDataset, SiteView, collate
-from common.engine import (
+from common.detector.engine import (
     EPOCH_LOG,
     flat_metrics,
     json_safe,
@@ -60,8 +59,9 @@ from common.engine import (
     resolve_device,
     seed_everything,
 )
+from common.detector.froc import ClassMetrics, FrocImage, froc_all, plot_froc
 from common.errors import MammofedError
-from common.froc import ClassMetrics, FrocImage, froc_all, plot_froc
+from common.imaging.data import SiteDataset, SiteView, collate
 from common.keys import CLASSES
 from simulation.train import (
     TrainConfig,
@@ -383,8 +383,8 @@ def load_oof_images(cfg: TrainConfig) -> list[FrocImage]:
 
     Reads ``cfg.out_dir/oof_predictions.json``, so a CV run can be re-scored
     or compared image by image with another
-    (:func:`common.froc.paired_cpm_difference`). Rows hold their ground truth
-    (:meth:`common.froc.FrocImage.to_json`); rows of older runs that hold
+    (:func:`common.detector.froc.paired_cpm_difference`). Rows hold their ground truth
+    (:meth:`common.detector.froc.FrocImage.to_json`); rows of older runs that hold
     only detections (``boxes``, ``scores``, ``labels``) take it (boxes,
     labels, ignore regions, spacing) from their cache in ``cfg.caches``.
 

@@ -30,16 +30,16 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from client.supernode import supernode_argv
 from common.errors import MammofedError
-from common.federation import (
+from common.fileio import tail_text
+from common.flower_cli import flower_env
+from common.wire.federation import (
     NODE_DATA_DIR,
     NODE_SITE,
     NODE_STATE_DIR,
     FederationConfig,
-    flower_env,
-    supernode_argv,
 )
-from common.fileio import tail_text
 from server.launch import Connection, follow_run, submit_run
 from server.process import (
     ProcessError,

@@ -25,8 +25,8 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.federation import NODE_DATA_DIR, NODE_SITE, NODE_STATE_DIR
 from common.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SERVER_ROUND
+from common.wire.federation import NODE_DATA_DIR, NODE_SITE, NODE_STATE_DIR
 
 log = logging.getLogger(__name__)
 

@@ -44,13 +44,10 @@ from typing import Any
 import tomli_w
 
 from common.errors import MammofedError
-from common.federation import (
-    FederationConfig,
-    flower_bin,
-    flower_env,
-)
 from common.fileio import tail_text
-from common.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
+from common.flower_cli import flower_bin, flower_env
+from common.wire.federation import FederationConfig
+from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
 from server.launch import APP_DIR, FLWR_HOME_DIR, find_json, write_run_config
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from common.federation import PersonalizationConfig
+from common.wire.federation import PersonalizationConfig
 
 BASE = "base"
 LOCAL_ONLY = "local-only"

@@ -1,6 +1,6 @@
 """Turn one or more run folders into ``report.md`` + ``report.json`` + PNG plots.
 
-Input: run folders in the layout of :mod:`common.runfolder` (its records).
+Input: run folders in the layout of :mod:`common.wire.runfolder` (its records).
 Output (``out_dir``):
 
 * ``report.json``: ``{"sites": [...], "regimes": [...], "table": {site: {regime:
@@ -26,10 +26,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import runfolder as RF  # noqa: E402
-from common.froc import FrocImage, froc_class, paired_cpm_difference  # noqa: E402
+from common.detector.froc import FrocImage, froc_class, paired_cpm_difference  # noqa: E402
 from common.keys import CLASSES  # noqa: E402
-from common.runfolder import (  # noqa: E402
+from common.wire import runfolder as RF  # noqa: E402
+from common.wire.runfolder import (  # noqa: E402
     RunFolderError,
     SiteMetrics,
     StudyRound,
@@ -195,7 +195,8 @@ def paired_comparisons(
     """CPM differences of :data:`PAIRS` per site and class, paired over images.
 
     Each row: ``{"site", "class", "regime", "against", "cpm", "cpm_against",
-    "difference", "ci95", "ratio"}`` (:func:`common.froc.paired_cpm_difference`;
+    "difference", "ci95", "ratio"}``
+    (:func:`common.detector.froc.paired_cpm_difference`;
     ``ratio`` = cpm / cpm_against, NaN when that is 0). Pairs whose regimes did
     not keep detections, or sites scored on different images, are skipped
     (logged).

@@ -17,7 +17,7 @@ Steps (each logged with progress):
      ``personalized`` (FedBN + personal heads),
      ``personalized-ssl`` (+ mean-teacher consistency on unlabeled images),
      ``personalized-dp`` (+ patient-level DP-SGD at ``dp_epsilon``, see
-     ``common.dp`` and docs/privacy.md; its ``metrics.json`` carries a
+     ``common.detector.dp`` and docs/privacy.md; its ``metrics.json`` carries a
      ``dp`` record with the target and every site's spent epsilon):
      the real ServerApp loop (``server.federation.run_federation``) and real
      ClientApp (``client.app``) through :class:`simulation.grid.InProcessGrid`
@@ -29,7 +29,7 @@ Steps (each logged with progress):
    that site's personal state; central: the regime's model) on that site's
    held-out test women: FROC, CPM with a bootstrap interval, AP.
 
-The run folder is written as the records of :mod:`common.runfolder`, which
+The run folder is written as the records of :mod:`common.wire.runfolder`, which
 ``mammofed-sim report`` reads back.
 """
 
@@ -51,7 +51,6 @@ from torch import nn
 
 from client.detector_trainer import DetectorOptions, DetectorTrainer
 from client.ingest import ingest_site
-from common import runfolder as RF
 from common.config.loader import (
     config_to_dict,
     from_mapping,
@@ -60,15 +59,20 @@ from common.config.loader import (
     write_resolved,
 )
 from common.config.site import SiteConfig
-from common.data import SiteDataset
-from common.engine import (
+from common.detector.engine import (
     EvalResult,
     evaluate_detailed,
     resolve_device,
     seed_everything,
 )
+from common.detector.model import build_detector
+from common.detector.recipe import Pooled, Transformed, train_epochs
 from common.errors import ConfigError, MammofedError
-from common.federation import (
+from common.fileio import read_jsonl
+from common.imaging.data import SiteDataset
+from common.keys import CLASSES, LOCAL_SECONDS, SKIPPED_STEPS, TRAIN_LOSS
+from common.wire import runfolder as RF
+from common.wire.federation import (
     RUN_FEDERATION_JSON,
     FederationConfig,
     StrategyConfig,
@@ -76,11 +80,7 @@ from common.federation import (
     load_federation_config,
     round_problems,
 )
-from common.fileio import read_jsonl
-from common.keys import CLASSES, LOCAL_SECONDS, SKIPPED_STEPS, TRAIN_LOSS
-from common.model import build_detector
-from common.recipe import Pooled, Transformed, train_epochs
-from common.runfolder import RegimeMetrics, SiteMetrics
+from common.wire.runfolder import RegimeMetrics, SiteMetrics
 from simulation import regimes as R
 from simulation.phantom import generate_scenario, load_scenario
 from simulation.phantom.generate import ORACLE_DIR
@@ -194,7 +194,7 @@ def _write_regime(
     """``<regime>/metrics.json`` and ``<regime>/detections.json`` of a regime.
 
     ``detections.json`` holds every scored test image (ground truth and
-    detections, :meth:`common.froc.FrocImage.to_json`) per site, so the report
+    detections, :meth:`common.detector.froc.FrocImage.to_json`) per site, so the report
     can compare two regimes image by image (paired bootstrap).
     """
     d = run_dir / spec.name
@@ -441,9 +441,9 @@ def dp_record(fed: FederationConfig, target: float) -> dict[str, Any]:
     ``epsilon``: the target; ``delta``: the largest (weakest) delta over the
     sites (each site's delta depends on its number of women); ``spent``:
     ``{site: epsilon spent}``; ``sites``: each accountant's summary
-    (``common.dp.read_accountant``). Sites that never trained are absent.
+    (``common.detector.dp.read_accountant``). Sites that never trained are absent.
     """
-    from common.dp import read_accountant
+    from common.detector.dp import read_accountant
 
     assert fed.state_dir is not None
     sites = {

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from common.config import (
     bounded,
     load_config,
@@ -37,8 +36,8 @@ from common.config import (
     replace_validated,
     write_resolved,
 )
-from common.data import SiteDataset, SiteView
-from common.engine import (
+from common.detector.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from common.detector.engine import (
     evaluate_detailed,
     fit,
     json_safe,
@@ -46,9 +45,10 @@ from common.engine import (
     resolve_device,
     seed_everything,
 )
-from common.model import ModelConfig, build_detector
-from common.recipe import AugmentConfig, Pooled, Recipe
-from common.sampling import lesion_flags
+from common.detector.model import ModelConfig, build_detector
+from common.detector.recipe import AugmentConfig, Pooled, Recipe
+from common.detector.sampling import lesion_flags
+from common.imaging.data import SiteDataset, SiteView
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,13 @@ class TrainConfig:
             ``labeled`` views are pooled for training, each ``test`` view is
             evaluated at the end.
         out_dir: where checkpoints, logs and metrics go.
-        model: the detector (:class:`common.model.ModelConfig`).
+        model: the detector (:class:`common.detector.model.ModelConfig`).
         epochs, batch_size, lr, weight_decay: AdamW training; the learning rate
             warms up linearly for ``warmup_steps`` then follows a cosine to 0.
         lesion_prob: probability that a drawn training image has a lesion
-            (:mod:`common.sampling`); ``samples_per_epoch`` draws per epoch
+            (:mod:`common.detector.sampling`); ``samples_per_epoch`` draws per epoch
             (default: the pooled labeled-view size).
-        augment: :class:`common.recipe.AugmentConfig`.
+        augment: :class:`common.detector.recipe.AugmentConfig`.
         seed: seeds torch/numpy/python and the sampler; ``split_seed`` and
             ``test_fraction`` define each site's patient split.
         device: ``auto``, ``cpu`` or ``cuda[:N]``; ``amp``: bf16 on CUDA only.
@@ -84,7 +84,8 @@ class TrainConfig:
             ``mammofed-client export`` of a federation round) whose weights
             start the detector instead of a random initialisation (a site
             joining from a pretrained model); its structural model fields
-            (:data:`common.checkpoint.STRUCTURAL_FIELDS`) must equal ``model``'s.
+            (:data:`common.detector.checkpoint.STRUCTURAL_FIELDS`) must equal
+            ``model``'s.
             A ``last.pt`` in ``out_dir`` still takes precedence (resume).
         labeled_patients: train on at most this many box-labeled women of each
             cache (a new site with few labels); :func:`few_label_subset` picks
@@ -204,9 +205,10 @@ def train_model(
 
     The recipe of :func:`run_training`: lesion-balanced sampler, AdamW with
     warmup + cosine, optional EMA, gradient clipping, ``cfg.epochs`` epochs via
-    :func:`common.engine.fit` (``out_dir/last.pt`` and ``epochs.jsonl``; resumes
+    :func:`common.detector.engine.fit` (``out_dir/last.pt`` and ``epochs.jsonl``;
+    resumes
     from a compatible ``last.pt``). The model is built from the global torch RNG,
-    so call :func:`common.engine.seed_everything` first for a reproducible run.
+    so call :func:`common.detector.engine.seed_everything` first for a reproducible run.
     ``eval_fn`` is called after each epoch (see ``fit``).
 
     The detector starts from ``cfg.init_checkpoint`` when set.

@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from client.export import ExportNeeds, export_model
     from client.model_card import write_model_card
     from client.onnx_export import export_onnx
-    from common.checkpoint import load_checkpoint
     from common.config.site import load_site_config
+    from common.detector.checkpoint import load_checkpoint
 
     site, state_dir = args.site_name, args.state_dir
     if args.onnx is not None and args.onnx.suffix != ".onnx":

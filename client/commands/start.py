@@ -97,9 +97,10 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
     ``--allow-unsigned-apps``. Raises :class:`ConfigError` naming the flag
     otherwise.
     """
+    from client.supernode import supernode_argv
     from common.config.site import load_site_config
-    from common.federation import NODE_SITE_CONFIG, supernode_argv
-    from common.tls import client_tls_from_flags
+    from common.wire.federation import NODE_SITE_CONFIG
+    from common.wire.tls import client_tls_from_flags
 
     site_path = Path(args.site_config).resolve()
     site = load_site_config(site_path)
@@ -148,7 +149,7 @@ def trusted_entities_from_flags(
                 "(or --allow-unsigned-apps to run any app, demos only)",
             )
         return None
-    from common.app_signing import read_trusted_entities
+    from common.wire.app_signing import read_trusted_entities
 
     read_trusted_entities(trusted_entities)  # Flower only exits with a code
     return Path(trusted_entities).resolve()
@@ -295,7 +296,7 @@ def supervise(
 
 def run(args: argparse.Namespace) -> int:
     """Run the SuperNode, restarted when it exits, until SIGTERM or Ctrl-C."""
-    from common.federation import flower_env
+    from common.flower_cli import flower_env
 
     policy = RestartPolicy(
         args.restart_delay, args.restart_max_delay, args.max_restarts

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from common.dicom import MAMMO_SOP_CLASSES
+from common.imaging.dicom import MAMMO_SOP_CLASSES
 
 #: Refused: SOP Class not supported (PS3.7 C.5.x, valid in a C-STORE-RSP).
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122

@@ -4,9 +4,10 @@
 checkpoint is read at the first exam and again whenever its size or
 modification time changes (a new ``mammofed-client export`` replaces it), so
 the daemon never needs a restart for a new model. It reuses the pieces of
-``mammofed-client predict``: :func:`common.checkpoint.load_model` (safe
-loading), the checkpoint's intensity standardizer, :func:`common.image_io.read_any`,
-:func:`common.engine.predict_images` and
+``mammofed-client predict``: :func:`common.detector.checkpoint.load_model` (safe
+loading), the checkpoint's intensity standardizer,
+:func:`common.imaging.image_io.read_any`,
+:func:`common.detector.engine.predict_images` and
 :func:`client.predict.detections_to_stored`.
 """
 
@@ -25,10 +26,10 @@ import torch
 
 from client.export import checkpoint_standardizer
 from client.predict import detections_to_stored
-from common.checkpoint import load_model
-from common.engine import predict_images, prepare_model, resolve_device
+from common.detector.checkpoint import load_model
+from common.detector.engine import predict_images, prepare_model, resolve_device
 from common.errors import MammofedError, RefusedImage
-from common.image_io import read_any
+from common.imaging.image_io import read_any
 
 log = logging.getLogger(__name__)
 

@@ -87,7 +87,7 @@ class SiteConfig:
         state_dir: per-site federation state (personal layers, EMA, DP
             accountant), used by the federation client.
         adapt: this site's overrides of the client-side adaptation settings
-            (:class:`common.adapt.AdaptConfig` field names: ``rampup_steps``,
+            (:class:`common.detector.adapt.AdaptConfig` field names: ``rampup_steps``,
             ``unsup_weight``, ``score_thresholds``, ``unlabeled_ratio``,
             ``consistency``, ``fewshot_max_labeled``, ``head_only``, ...), on
             top of what the federation's trainer options imply; validated
@@ -131,7 +131,7 @@ class SiteConfig:
             merged[key] = kind
         object.__setattr__(self, "findings", merged)
         if self.adapt:
-            from common.adapt.config import validate_overrides
+            from common.detector.adapt.config import validate_overrides
 
             validate_overrides(self.adapt, "adapt")
 

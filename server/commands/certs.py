@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.tls import (
+from common.wire.tls import (
     DEFAULT_DAYS,
     DEFAULT_HOSTS,
     LOOPBACK_HOSTS,

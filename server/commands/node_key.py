@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.tls import generate_node_key
+from common.wire.tls import generate_node_key
 
 NAME = "node-key"
 HELP = "make a SuperNode auth key pair (<site>.key stays, <site>.pub is registered)"

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Register each key; print its node id."""
-    from common.tls import client_tls_from_flags, public_keys_in
+    from common.wire.tls import client_tls_from_flags, public_keys_in
     from server.launch import Connection, register_supernodes
 
     keys = public_keys_in(args.keys, "keys")

@@ -40,9 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Submit the run; follow it unless ``--no-follow``; 0 when it completed."""
-    from common.federation import load_federation_config
-    from common.model.initial import checkpoint_shared_arrays, with_initial_checkpoint
-    from common.tls import client_tls_from_flags
+    from common.detector.model.initial import (
+        checkpoint_shared_arrays,
+        with_initial_checkpoint,
+    )
+    from common.wire.federation import load_federation_config
+    from common.wire.tls import client_tls_from_flags
     from server.launch import Connection, follow_run, submit_run
 
     cfg = load_federation_config(args.federation)

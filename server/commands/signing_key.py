@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.app_signing import generate_signing_key
+from common.wire.app_signing import generate_signing_key
 
 NAME = "signing-key"
 HELP = "make the Ed25519 key that signs apps, and the hospitals' trusted-entities file"

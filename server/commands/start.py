@@ -88,8 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Start registry and gateway, then the SuperLink; stop all when it exits."""
-    from common.federation import flower_env
-    from common.tls import (
+    from common.flower_cli import flower_env
+    from common.wire.tls import (
         COMMAND_LINE,
         check_superlink_auth_flags,
         server_tls_from_flags,

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print one line per run, then the run dir's last round if asked."""
-    from common.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
-    from common.tls import client_tls_from_flags
+    from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
+    from common.wire.tls import client_tls_from_flags
     from server.checkpoints import CheckpointStore
     from server.faults import read_outcome
     from server.launch import Connection, list_runs, prepare_home

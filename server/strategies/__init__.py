@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from common.errors import ConfigError
-from common.federation import FederationConfig
+from common.wire.federation import FederationConfig
 from server.strategies.base import GuardedFedAvg, wait_for_nodes
 from server.strategies.fedavg import build_fedavg
 from server.strategies.fedprox import build_fedprox

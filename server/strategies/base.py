@@ -40,8 +40,8 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.federation import FederationConfig, record_to_arrays
 from common.keys import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, PROXIMAL_MU, SERVER_ROUND
+from common.wire.federation import FederationConfig, record_to_arrays
 from server.faults import aggregate_present_metrics
 from server.strategies.bounds import cap_num_examples, clip_updates
 from server.validation import Screened, screen_replies

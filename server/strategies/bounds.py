@@ -33,8 +33,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
-from common.federation import ValidationConfig
 from common.keys import NUM_EXAMPLES
+from common.wire.federation import ValidationConfig
 from server.validation import Adjustment
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedProx
 
 from common.errors import ConfigError
-from common.federation import FederationConfig
+from common.wire.federation import FederationConfig
 from server.strategies.base import GuardedFedAvg
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from common.errors import ConfigError
-from common.federation import FederationConfig
+from common.wire.federation import FederationConfig
 from server.strategies.base import GuardedFedAvg
 
 log = logging.getLogger(__name__)

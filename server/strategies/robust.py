@@ -24,7 +24,7 @@ import logging
 
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 
-from common.federation import FederationConfig
+from common.wire.federation import FederationConfig
 from server.strategies.base import GuardedFedAvg
 
 log = logging.getLogger(__name__)

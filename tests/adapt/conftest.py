@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from common.model import ModelConfig, build_detector
+from common.detector.model import ModelConfig, build_detector
 
 torch.set_num_threads(1)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from common.adapt.augment import (
+from common.detector.adapt.augment import (
     Affine,
     StrongAugment,
     WeakAugment,

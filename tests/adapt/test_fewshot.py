@@ -5,15 +5,15 @@ import copy
 import pytest
 import torch
 
-from common.adapt.config import AdaptConfig
-from common.adapt.fewshot import (
+from common.detector.adapt.config import AdaptConfig
+from common.detector.adapt.fewshot import (
     choose_head_only,
     fewshot_frozen_keys,
     finetune_head,
     frozen,
     grouped_folds,
 )
-from common.model import Personalization, head_keys
+from common.detector.model import Personalization, head_keys
 
 
 def test_choose_head_only() -> None:

@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.adapt.augment import gamma, sigmoid_lut
-from common.adapt.config import AdaptConfig
-from common.adapt.standardize import HistogramStandardizer, image_landmarks
 from common.config import from_mapping
+from common.detector.adapt.augment import gamma, sigmoid_lut
+from common.detector.adapt.config import AdaptConfig
+from common.detector.adapt.standardize import HistogramStandardizer, image_landmarks
 from common.errors import ConfigError
 
 

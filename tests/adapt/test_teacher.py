@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common.adapt.config import AdaptConfig
-from common.adapt.teacher import (
+from common.detector.adapt.config import AdaptConfig
+from common.detector.adapt.teacher import (
     ConsistencyLoss,
     MeanTeacher,
     UnlabeledImages,
@@ -18,7 +18,7 @@ from common.adapt.teacher import (
     pseudo_labels,
     rampup_weight,
 )
-from common.data import collate
+from common.imaging.data import collate
 
 
 class _Raises(dict):

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.annotations import ImageTargets
-from common.cache import SiteCache
-from common.checkpoint import save_checkpoint
-from common.geometry import Geometry
-from common.image import ImageMeta, MammoImage
-from common.model import ModelConfig, build_detector
+from common.detector.checkpoint import save_checkpoint
+from common.detector.model import ModelConfig, build_detector
+from common.imaging.annotations import ImageTargets
+from common.imaging.cache import SiteCache
+from common.imaging.geometry import Geometry
+from common.imaging.image import ImageMeta, MammoImage
 
 SIZE = 96
 LESION = [40.0, 48.0, 64.0, 72.0]

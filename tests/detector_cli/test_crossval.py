@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.data import SiteDataset
+from common.imaging.data import SiteDataset
 from common.keys import CLASSES
 from simulation.cli import main as sim_main
 from simulation.crossval import CV_METRICS_JSON, OOF_PREDICTIONS_JSON, make_folds

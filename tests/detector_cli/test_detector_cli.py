@@ -12,11 +12,11 @@ from PIL import Image
 
 from client.cli import main as client_main
 from client.predict import detections_to_stored, predict_paths
-from common.checkpoint import load_checkpoint
 from common.config import load_config
+from common.detector.checkpoint import load_checkpoint
 from common.errors import ConfigError
-from common.geometry import Geometry
-from common.image_io import read_any
+from common.imaging.geometry import Geometry
+from common.imaging.image_io import read_any
 from common.keys import CPM_MASS, FROC_FP_RATES
 from simulation.cli import main as sim_main
 from simulation.train import TrainConfig

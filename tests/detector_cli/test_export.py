@@ -25,19 +25,19 @@ from client.export import (
 from client.predict import detections_to_stored, predict_paths
 from client.site_model import PERSONAL_HEAD_PREFIX, STANDARDIZER_FILE
 from client.state import SiteState
-from common.checkpoint import load_checkpoint, load_model
 from common.config.loader import config_to_dict
-from common.engine import predict_images
+from common.detector.checkpoint import load_checkpoint, load_model
+from common.detector.engine import predict_images
+from common.detector.model import head_keys, norm_keys
 from common.errors import CheckpointMismatch, ConfigError, MammofedError
-from common.federation import (
+from common.imaging.image_io import read_any
+from common.wire.federation import (
     FederationConfig,
     FitInstructions,
     PersonalizationConfig,
     StrategyConfig,
     TrainerConfig,
 )
-from common.image_io import read_any
-from common.model import head_keys, norm_keys
 from server.checkpoints import CheckpointStore
 
 from .conftest import make_site_cache

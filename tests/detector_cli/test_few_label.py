@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.checkpoint import load_checkpoint
+from common.detector.checkpoint import load_checkpoint
+from common.detector.model import ModelConfig
 from common.errors import CheckpointMismatch
-from common.model import ModelConfig
 from simulation.crossval import CV_METRICS_JSON, run_crossval
 from simulation.train import (
     TrainConfig,
@@ -76,7 +76,7 @@ def _cfg(tmp_path: Path, cache: Path, **kw) -> TrainConfig:
 def test_init_checkpoint_starts_from_the_pretrained_weights(
     tmp_path, site_cache, tiny_checkpoint
 ):
-    from common.data import SiteDataset
+    from common.imaging.data import SiteDataset
 
     ck = load_checkpoint(tiny_checkpoint)
     # lr 0: training cannot move a parameter, so they must be the checkpoint's
@@ -97,7 +97,7 @@ def test_init_checkpoint_starts_from_the_pretrained_weights(
 
 
 def test_init_checkpoint_refuses_another_structure(tiny_checkpoint):
-    from common.model import build_detector
+    from common.detector.model import build_detector
 
     other = ModelConfig(arch="tiny", working_spacing_mm=0.2)
     with pytest.raises(CheckpointMismatch, match="working_spacing_mm"):
@@ -139,7 +139,7 @@ def test_mias_fewlabel_benchmark_pairs_arms_on_the_same_images(
     import yaml
 
     from benchmarks.mias_fewlabel import main as bench_main
-    from common.froc import froc_all
+    from common.detector.froc import froc_all
     from simulation.crossval import load_oof_images
 
     cache = make_site_cache(tmp_path / "siteA", n_patients=6)

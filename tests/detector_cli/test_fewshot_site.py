@@ -16,18 +16,18 @@ import pytest
 
 from client.app import resolve_site
 from client.detector_trainer import DetectorTrainer
-from common.adapt import fewshot_frozen_keys
 from common.config.site import load_site_config
+from common.detector.adapt import fewshot_frozen_keys
+from common.detector.model import head_keys
 from common.errors import ConfigError
-from common.federation import (
+from common.keys import CLASSES
+from common.wire.federation import (
     FederationConfig,
     FitInstructions,
     PersonalizationConfig,
     StrategyConfig,
     TrainerConfig,
 )
-from common.keys import CLASSES
-from common.model import head_keys
 
 from .conftest import make_site_cache
 
@@ -159,8 +159,8 @@ def test_bad_site_adapt_section_names_file_and_key(tmp_path, adapt, needle):
 
 
 def test_shipped_adapt_configs_validate():
-    from common.adapt import AdaptConfig
     from common.config import load_config
+    from common.detector.adapt import AdaptConfig
 
     repo = Path(__file__).resolve().parents[2]
     paths = sorted((repo / "configs" / "adapt").glob("*.yaml"))

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from client.cli import main as client_main
-from common.checkpoint import load_checkpoint, load_model
+from common.detector.checkpoint import load_checkpoint, load_model
 from common.errors import CheckpointMismatch, UnsafeCheckpoint
 from simulation.cli import main as sim_main
 
@@ -97,8 +97,8 @@ def test_cli_paths_refuse_a_trojaned_checkpoint(tmp_path, tiny_checkpoint, site_
 
 def test_resume_state_survives_the_safe_loader(tmp_path, tiny_checkpoint):
     """Optimizer, EMA and scheduler state (resume) are plain data: still read."""
-    from common.checkpoint import save_checkpoint
-    from common.model import ModelConfig, build_detector
+    from common.detector.checkpoint import save_checkpoint
+    from common.detector.model import ModelConfig, build_detector
 
     cfg = ModelConfig(arch="tiny", working_spacing_mm=0.4)
     model = build_detector(cfg)

@@ -10,8 +10,8 @@ import torch
 
 from client.site_model import PERSONAL_HEAD_PREFIX, SiteModel
 from client.state import SiteState
+from common.detector.model import ModelConfig, Personalization, build_detector
 from common.errors import CheckpointMismatch
-from common.model import ModelConfig, Personalization, build_detector
 
 FEDBN_FEDPER = Personalization(local_norm=True, personal_head=True)
 

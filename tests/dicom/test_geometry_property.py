@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.geometry import Geometry
+from common.imaging.geometry import Geometry
 
 
 @st.composite

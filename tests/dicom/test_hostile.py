@@ -1,4 +1,6 @@
-"""Hostile DICOM headers through ``common.dicom``: pixel budget, colour, Modality LUT.
+"""Hostile DICOM headers through ``common.imaging.dicom``.
+
+Pixel budget, colour, Modality LUT.
 
 Each file is small; a header may declare a huge image. The budget must refuse
 it from the header alone, before any pixel byte is read or decoded.
@@ -20,11 +22,11 @@ import pytest
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 
-from common import dicom
 from common.config.site import DEFAULT_MAX_PIXELS, SiteConfig
-from common.dicom import read_dicom
 from common.errors import RefusedImage
-from common.image_io import read_any
+from common.imaging import dicom
+from common.imaging.dicom import read_dicom
+from common.imaging.image_io import read_any
 
 REPO = Path(__file__).resolve().parents[2]
 WORKING = 0.2
@@ -131,7 +133,7 @@ def test_budget_keeps_peak_memory_small_on_a_real_8mb_bomb(
     script = textwrap.dedent(
         f"""
         import json, resource
-        from common.dicom import read_dicom
+        from common.imaging.dicom import read_dicom
         from common.errors import RefusedImage
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:

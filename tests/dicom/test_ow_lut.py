@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 from pydicom.dataset import Dataset
 
-from common.dicom import _voi_lut
+from common.imaging.dicom import _voi_lut
 
 
 def test_voi_lut_data_stored_as_ow_bytes_is_decoded() -> None:

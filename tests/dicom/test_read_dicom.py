@@ -1,4 +1,7 @@
-"""Synthetic DICOM mammograms through ``common.dicom``: pixels, geometry, header."""
+"""Synthetic DICOM mammograms through ``common.imaging.dicom``.
+
+Pixels, geometry, header.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,9 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from common import dicom
-from common.dicom import decode_pixels, read_dicom, read_header
 from common.errors import RefusedImage
+from common.imaging import dicom
+from common.imaging.dicom import decode_pixels, read_dicom, read_header
 from common.keys import (
     SPACING_CONFIG,
     SPACING_IMAGER,

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from common.errors import RefusedImage
-from common.image_io import read_any
+from common.imaging.image_io import read_any
+from common.imaging.preprocess import find_breast, standardize
+from common.imaging.research_image import read_research_image
 from common.keys import SPACING_TABLE
-from common.preprocess import find_breast, standardize
-from common.research_image import read_research_image
 
 
 def _breast(rows: int = 128, cols: int = 96, side: str = "left") -> np.ndarray:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.dicom import read_dicom, read_header
 from common.errors import RefusedImage
-from common.image_io import read_any
+from common.imaging.dicom import read_dicom, read_header
+from common.imaging.image_io import read_any
 from common.keys import (
     FOR_PRESENTATION,
     FOR_PROCESSING,

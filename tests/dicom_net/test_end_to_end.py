@@ -16,8 +16,8 @@ import pydicom
 import pytest
 
 from client.dicom_node.outbox import PENDING_DIR
-from common.cache import SiteCache
-from common.data import SiteDataset
+from common.imaging.cache import SiteCache
+from common.imaging.data import SiteDataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

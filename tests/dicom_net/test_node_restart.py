@@ -11,8 +11,8 @@ import pydicom
 
 from client.dicom_node import DicomNode
 from client.dicom_node.node import SCORED_JSON
-from common.cache import SiteCache
 from common.config.site import load_site_config
+from common.imaging.cache import SiteCache
 
 
 def _place(files: list[Path], incoming: Path) -> tuple[str, set[str]]:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from client.dicom_node.scoring import ExamScorer
-from common.checkpoint import save_checkpoint
+from common.detector.checkpoint import save_checkpoint
+from common.detector.model import ModelConfig, build_detector
 from common.errors import MammofedError
-from common.model import ModelConfig, build_detector
 
 
 def test_scores_exam_in_stored_space_and_reloads(

@@ -18,8 +18,8 @@ import pytest
 import torch
 from pydicom.uid import generate_uid
 
-from common.checkpoint import save_checkpoint
-from common.model import ModelConfig, build_detector
+from common.detector.checkpoint import save_checkpoint
+from common.detector.model import ModelConfig, build_detector
 
 #: (ImageLaterality, ViewPosition, breast side in the stored image) per view.
 FOUR_VIEWS = (("L", "CC", "left"), ("L", "MLO", "left"), ("R", "CC", "right"),

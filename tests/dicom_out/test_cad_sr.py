@@ -19,7 +19,7 @@ from client.cad_sr import (
     write_cad_sr,
 )
 from client.predict import detections_to_stored
-from common.dicom import read_dicom
+from common.imaging.dicom import read_dicom
 from common.keys import CALCIFICATION, MASS
 
 needs_dciodvfy = pytest.mark.skipif(

@@ -16,7 +16,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.federation import (
+from common.wire.federation import (
     NODE_SITE,
     NODE_STATE_DIR,
     RUN_FEDERATION_JSON,

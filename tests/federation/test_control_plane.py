@@ -28,7 +28,10 @@ import pytest
 import yaml
 from flwr.cli.build import build_fab_from_disk
 
-from common.app_signing import (
+from client.supernode import supernode_argv
+from common.errors import ConfigError
+from common.flower_cli import flower_bin, flower_env
+from common.wire.app_signing import (
     AppSigningError,
     FabSignature,
     generate_signing_key,
@@ -37,9 +40,7 @@ from common.app_signing import (
     sign_fab,
     verify_fab,
 )
-from common.errors import ConfigError
-from common.federation import flower_bin, flower_env, supernode_argv
-from common.tls import generate_certificates, generate_node_key
+from common.wire.tls import generate_certificates, generate_node_key
 from server.app_registry import (
     AppRegistry,
     fab_identity,

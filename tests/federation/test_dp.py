@@ -1,4 +1,4 @@
-"""Patient-level DP-SGD (common.dp) and the personalized-dp regime."""
+"""Patient-level DP-SGD (common.detector.dp) and the personalized-dp regime."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from common.dp import (
+from common.detector.dp import (
     DP_ACCOUNTANT_JSON,
     DPSettings,
     PatientDPSGD,
@@ -27,7 +27,15 @@ from common.dp import (
     patient_gradient,
 )
 from common.errors import ConfigError
-from common.federation import (
+from common.keys import (
+    ARRAYS_KEY,
+    DP_EPSILON,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    SKIPPED_STEPS,
+    TRAIN_LOSS,
+)
+from common.wire.federation import (
     METRIC_WHITELIST,
     FederationConfig,
     FitInstructions,
@@ -36,14 +44,6 @@ from common.federation import (
     StrategyConfig,
     TrainerConfig,
     ValidationConfig,
-)
-from common.keys import (
-    ARRAYS_KEY,
-    DP_EPSILON,
-    METRICS_KEY,
-    NUM_EXAMPLES,
-    SKIPPED_STEPS,
-    TRAIN_LOSS,
 )
 from tests.detector_cli.conftest import make_site_cache
 
@@ -154,7 +154,7 @@ def test_zero_noise_update_is_mean_scaled_sum_of_clipped_patient_gradients() -> 
 
 
 def test_every_patient_gradient_is_clipped_on_the_detector() -> None:
-    from common.model import ModelConfig, build_detector
+    from common.detector.model import ModelConfig, build_detector
 
     torch.manual_seed(0)
     model = build_detector(ModelConfig(arch="tiny", fpn_channels=16, head_convs=1))
@@ -366,7 +366,7 @@ def test_federated_dp_rounds_send_only_declared_arrays_and_whitelisted_metrics(
     from client.app import app
     from client.detector_trainer import DetectorTrainer
     from client.guard import check_reply
-    from common.federation import arrays_to_record
+    from common.wire.federation import arrays_to_record
     from server.checkpoints import CheckpointStore
     from server.federation import run_federation
 
@@ -438,7 +438,7 @@ def test_federated_dp_rounds_send_only_declared_arrays_and_whitelisted_metrics(
 
 
 def test_run_study_personalized_dp_writes_the_dp_record(tmp_path: Path) -> None:
-    from common import runfolder as RF
+    from common.wire import runfolder as RF
     from simulation import regimes as R
     from simulation.report import write_report
     from simulation.run import RunRequest, run_study

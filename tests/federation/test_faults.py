@@ -26,7 +26,8 @@ from client.commands.start import RestartPolicy, health_argv, supervise
 from client.guard import PrivacyGuardError, check_reply
 from client.state import COMMITTED, DISCARDED, PENDING_JSON, SiteState
 from common.errors import ConfigError
-from common.faults import (
+from common.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
+from common.wire.faults import (
     OUTCOME_JSON,
     REPLY_ERRORS,
     SITE_CONFIG,
@@ -35,7 +36,7 @@ from common.faults import (
     drop_non_finite,
     run_outcome,
 )
-from common.federation import (
+from common.wire.federation import (
     NODE_SITE,
     NODE_SITE_CONFIG,
     NODE_STATE_DIR,
@@ -46,8 +47,7 @@ from common.federation import (
     record_to_arrays,
     round_problems,
 )
-from common.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
-from common.runfolder import ROUNDS_JSONL
+from common.wire.runfolder import ROUNDS_JSONL
 from server.faults import (
     aggregate_present_metrics,
     attribute_replies,
@@ -312,7 +312,7 @@ def test_model_version_config_is_checked() -> None:
 # --- error replies: a code and a fixed message, never exception text -------------
 def _train_msg(cfg: FederationConfig, node: int) -> Message:
     from client.toy import build_toy
-    from common.federation import FitInstructions
+    from common.wire.federation import FitInstructions
 
     shared = build_toy("x", Path("/nonexistent-unused"), cfg).initial_shared()
     record = RecordDict(
@@ -326,7 +326,7 @@ def _train_msg(cfg: FederationConfig, node: int) -> Message:
 
 
 def _context(cfg: FederationConfig, node_config: dict[str, Any]) -> Context:
-    from common.federation import RUN_FEDERATION_JSON
+    from common.wire.federation import RUN_FEDERATION_JSON
 
     return Context(
         run_id=1,
@@ -547,7 +547,7 @@ def test_client_status_reports_round_model_dp_and_outbox(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from client.cli import main
-    from common.dp import DP_ACCOUNTANT_JSON, DPPlan, PrivacyAccountant
+    from common.detector.dp import DP_ACCOUNTANT_JSON, DPPlan, PrivacyAccountant
 
     yaml = _site_yaml(tmp_path, outbox=True)
     st = SiteState(tmp_path / "state", "hosp-x")
@@ -604,7 +604,7 @@ def test_client_status_asks_the_supernode_health_service(tmp_path: Path) -> None
 
 # --- real processes: the daemon survives a SuperLink restart and SIGTERM ---------
 def _online_nodes(home: Path) -> list[str]:
-    from common.federation import flower_bin, flower_env
+    from common.flower_cli import flower_bin, flower_env
 
     res = subprocess.run(
         [flower_bin("flwr"), "supernode", "list", "mammofed", "--format", "json"],
@@ -636,7 +636,7 @@ def _wait(pred: Any, timeout_s: float, what: str, log: Path) -> Any:
 def test_daemon_rejoins_after_superlink_restart_and_supernode_crash(
     tmp_path: Path, flower_procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    from common.federation import flower_env
+    from common.flower_cli import flower_env
     from server.process import (
         free_port,
         start_process,

@@ -10,14 +10,9 @@ import numpy as np
 import pytest
 
 from client.toy import build_toy
-from common.federation import (
-    NODE_SITE,
-    NODE_STATE_DIR,
-    flower_bin,
-    flower_env,
-    load_federation_config,
-)
-from common.runfolder import CHECKPOINT_DIR
+from common.flower_cli import flower_bin, flower_env
+from common.wire.federation import NODE_SITE, NODE_STATE_DIR, load_federation_config
+from common.wire.runfolder import CHECKPOINT_DIR
 from server.checkpoints import CheckpointStore
 from server.launch import Connection, follow_run, submit_run
 from server.process import (

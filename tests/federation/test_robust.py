@@ -28,9 +28,12 @@ from benchmarks.attacks import (
 )
 from client.app import app
 from client.toy import build_toy
-from common.checkpoint import save_checkpoint
+from common.detector.checkpoint import save_checkpoint
+from common.detector.model.initial import detector_model_config, initial_shared_arrays
+from common.detector.model.registry import build_detector
 from common.errors import CheckpointMismatch, ConfigError
-from common.federation import (
+from common.keys import ARRAYS_KEY
+from common.wire.federation import (
     FederationConfig,
     PersonalizationConfig,
     StrategyConfig,
@@ -40,10 +43,7 @@ from common.federation import (
     load_federation_config,
     record_to_arrays,
 )
-from common.keys import ARRAYS_KEY
-from common.model.initial import detector_model_config, initial_shared_arrays
-from common.model.registry import build_detector
-from common.runfolder import CHECKPOINT_DIR
+from common.wire.runfolder import CHECKPOINT_DIR
 from server.checkpoints import CheckpointStore
 from server.federation import run_federation
 from server.initial import InitialModelError, initial_global_arrays

@@ -14,15 +14,15 @@ from client.app import app, resolve_site
 from client.guard import PrivacyGuardError, check_reply
 from client.toy import build_toy
 from common.errors import ConfigError
-from common.federation import (
+from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
+from common.wire.federation import (
     METRIC_WHITELIST,
     NODE_SITE,
     NODE_STATE_DIR,
     PARTITION_ID,
     FederationConfig,
 )
-from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
-from common.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
+from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
 from server.checkpoints import CheckpointStore
 from server.federation import run_federation
 
@@ -89,7 +89,7 @@ def test_guard_refuses_undeclared_content(
 ) -> None:
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-    from common.federation import arrays_to_record
+    from common.wire.federation import arrays_to_record
 
     tr = build_toy("site-a", tmp_path, test_cfg)
     good = tr.initial_shared()
@@ -162,7 +162,7 @@ def test_resume_continues_from_last_checkpoint(
 def test_poisoned_update_dropped_and_round_kept(
     test_cfg: FederationConfig, tmp_path: Path
 ) -> None:
-    from common.federation import arrays_to_record, record_to_arrays
+    from common.wire.federation import arrays_to_record, record_to_arrays
 
     def poison(node: int, reply: Message) -> Message:
         if reply.metadata.message_type != "train":

@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from client.commands.start import supernode_command
 from client.toy import build_toy
 from common.errors import ConfigError
-from common.federation import flower_env, load_federation_config
-from common.tls import (
+from common.flower_cli import flower_env
+from common.wire.federation import load_federation_config
+from common.wire.tls import (
     TlsError,
     check_superlink_auth_flags,
     client_tls_from_flags,

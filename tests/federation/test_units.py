@@ -12,14 +12,14 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.state import SiteState
 from common.errors import ConfigError
-from common.federation import (
+from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
+from common.wire.federation import (
     FederationConfig,
     FitInstructions,
     ValidationConfig,
     arrays_to_record,
     load_federation_config,
 )
-from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
 from server.checkpoints import CheckpointStore
 from server.strategies import STRATEGIES, build_strategy
 from server.validation import screen_replies

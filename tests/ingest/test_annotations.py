@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.annotations import (
+from common.config.site import SiteConfig
+from common.errors import AnnotationError
+from common.imaging.annotations import (
     match_annotations,
     read_annotations_csv,
     read_coco_json,
     read_site_annotations,
 )
-from common.config.site import SiteConfig
-from common.errors import AnnotationError
-from common.geometry import Geometry
+from common.imaging.geometry import Geometry
 
 MAP = SiteConfig(findings={"masse": "mass"}).finding_kind
 

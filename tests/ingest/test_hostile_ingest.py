@@ -39,7 +39,7 @@ import signal
 import time
 from pathlib import Path
 
-from common.image_io import read_any
+from common.imaging.image_io import read_any
 
 PIDS = {pids!r}
 

@@ -13,9 +13,9 @@ import pytest
 
 from client.cli import main as client_main
 from client.ingest import find_candidates, ingest_site, read_images_csv, read_split_csv
-from common.cache import SiteCache
 from common.config.site import SiteConfig
 from common.errors import MammofedError
+from common.imaging.cache import SiteCache
 from common.keys import MANIFEST_COLUMNS
 
 from .conftest import write_csv, write_dicom

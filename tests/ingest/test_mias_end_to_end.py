@@ -7,7 +7,7 @@ from pathlib import Path
 
 from client.ingest import ingest_site
 from common.config.site import SiteConfig
-from common.data import SiteDataset
+from common.imaging.data import SiteDataset
 from simulation.importers.mias import import_mias
 
 IDS = ["mdb055", "mdb056", "mdb059", "mdb060", "mdb005", "mdb006", "mdb003", "mdb004"]

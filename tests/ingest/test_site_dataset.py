@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.annotations import ImageTargets
-from common.cache import SiteCache
-from common.data import SiteDataset, collate
 from common.errors import MammofedError
-from common.geometry import Geometry
-from common.image import ImageMeta, MammoImage
+from common.imaging.annotations import ImageTargets
+from common.imaging.cache import SiteCache
+from common.imaging.data import SiteDataset, collate
+from common.imaging.geometry import Geometry
+from common.imaging.image import ImageMeta, MammoImage
 
 
 def _img(i: int, pid: str) -> MammoImage:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.recipe import AugmentConfig, train_transform
-from common.transforms import (
+from common.detector.recipe import AugmentConfig, train_transform
+from common.detector.transforms import (
     Compose,
     HorizontalFlip,
     IntensityJitter,

@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from common.checkpoint import load_checkpoint, load_model, save_checkpoint
-from common.data import collate
-from common.engine import evaluate_detailed, fit, predict, seed_everything
+from common.detector.checkpoint import load_checkpoint, load_model, save_checkpoint
+from common.detector.engine import evaluate_detailed, fit, predict, seed_everything
+from common.detector.model import ModelConfig, build_detector
+from common.detector.recipe import ModelEMA, train_one_epoch
+from common.detector.sampling import balanced_sampler, lesion_flags, lesion_weights
 from common.errors import CheckpointMismatch
+from common.imaging.data import collate
 from common.keys import CPM_CALCIFICATION, CPM_MASS, CPM_MEAN, NUM_EXAMPLES
-from common.model import ModelConfig, build_detector
-from common.recipe import ModelEMA, train_one_epoch
-from common.sampling import balanced_sampler, lesion_flags, lesion_weights
 from tests.model.conftest import square_image
 
 BOX = [40.0, 48.0, 72.0, 80.0]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from common.froc import (
+from common.detector.froc import (
     DUPLICATE,
     FALSE_POSITIVE,
     HIT,
@@ -255,7 +255,7 @@ def _study(hit_every: int, seed: int) -> list[FrocImage]:
 
 
 def test_paired_cpm_difference_exact_and_paired():
-    from common.froc import paired_cpm_difference
+    from common.detector.froc import paired_cpm_difference
 
     weak, strong = _study(3, 0), _study(1, 0)
     d, (lo, hi) = paired_cpm_difference(weak, strong, MASS, n_boot=300, seed=1)

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from common.data import collate
-from common.engine import evaluate, prepare_model
+from common.detector.engine import evaluate, prepare_model
+from common.detector.model import ModelConfig, build_detector
+from common.detector.recipe import ModelEMA, train_one_epoch
+from common.imaging.data import collate
 from common.keys import CPM_MASS
-from common.model import ModelConfig, build_detector
-from common.recipe import ModelEMA, train_one_epoch
 
 pytestmark = [
     pytest.mark.gpu,

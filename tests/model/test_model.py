@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from common.config import load_config
-from common.errors import ConfigError
-from common.model import (
+from common.detector.model import (
     ModelConfig,
     Personalization,
     available_models,
@@ -19,6 +18,7 @@ from common.model import (
     registry,
     shared_and_personal,
 )
+from common.errors import ConfigError
 from tests.model.conftest import square_image
 
 

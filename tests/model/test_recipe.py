@@ -10,8 +10,8 @@ import torch
 
 from client.detector_trainer import DetectorOptions, make_detector_trainer
 from common.config.loader import from_mapping
-from common.federation import FitInstructions, load_federation_config
-from common.recipe import Recipe, guarded_step
+from common.detector.recipe import Recipe, guarded_step
+from common.wire.federation import FitInstructions, load_federation_config
 from simulation.run import train_central
 from tests.detector_cli.conftest import make_site_cache
 

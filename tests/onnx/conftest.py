@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from common.checkpoint import save_checkpoint
-from common.model import ModelConfig, build_detector
+from common.detector.checkpoint import save_checkpoint
+from common.detector.model import ModelConfig, build_detector
 
 pytest.importorskip("onnx", reason="onnx is not installed (pip install onnx)")
 pytest.importorskip(

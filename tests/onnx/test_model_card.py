@@ -15,15 +15,15 @@ from client.model_card import UNKNOWN, card_paths, sha256_file, verify_card
 from client.onnx_export import OnnxDetector, contract_path, export_onnx
 from client.state import SiteState
 from common.config.loader import config_to_dict
-from common.federation import (
+from common.keys import CLASSES, NUM_EXAMPLES
+from common.wire.federation import (
     FederationConfig,
     FitInstructions,
     PersonalizationConfig,
     StrategyConfig,
     TrainerConfig,
 )
-from common.keys import CLASSES, NUM_EXAMPLES
-from common.runfolder import ROUNDS_JSONL
+from common.wire.runfolder import ROUNDS_JSONL
 from server.checkpoints import CheckpointStore
 
 from .conftest import TESTS, load_by_path

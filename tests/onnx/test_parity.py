@@ -24,9 +24,9 @@ from client.onnx_export import (
     postprocess,
 )
 from client.predict import predict_paths
-from common.adapt.standardize import HistogramStandardizer
-from common.checkpoint import load_model
-from common.engine import predict_images
+from common.detector.adapt.standardize import HistogramStandardizer
+from common.detector.checkpoint import load_model
+from common.detector.engine import predict_images
 from common.errors import CheckpointMismatch
 from common.keys import CLASSES
 

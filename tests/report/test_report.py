@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from common import runfolder as RF
-from common.froc import ClassMetrics, FrocCurve
-from common.runfolder import RunFolderError, SiteMetrics
+from common.detector.froc import ClassMetrics, FrocCurve
+from common.wire import runfolder as RF
+from common.wire.runfolder import RunFolderError, SiteMetrics
 from simulation import regimes as R
 from simulation.report import gap_closed, write_report
 
@@ -97,7 +97,7 @@ def _images(hit_every: int, n: int = 40) -> list:
     """n test images, half with a mass; every ``hit_every``-th mass found."""
     import numpy as np
 
-    from common.froc import FrocImage
+    from common.detector.froc import FrocImage
 
     out = []
     for i in range(n):

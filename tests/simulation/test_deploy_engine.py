@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import runfolder as RF
+from common.wire import runfolder as RF
 from server.checkpoints import CheckpointStore
 from simulation import regimes as R
 from simulation.deploy_engine import DeploymentEngineError, run_federated_deployment
@@ -79,7 +79,7 @@ def test_personalized_on_supernodes(deploy_study: Path) -> None:
 
 
 def test_failure_stops_every_process(tmp_path: Path) -> None:
-    from common.federation import load_federation_config
+    from common.wire.federation import load_federation_config
 
     req = RunRequest(
         scenario=SCENARIO,

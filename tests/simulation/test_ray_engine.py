@@ -18,8 +18,8 @@ import pytest
 
 pytest.importorskip("ray")
 
-from common import runfolder as RF  # noqa: E402
-from common.federation import load_federation_config  # noqa: E402
+from common.wire import runfolder as RF  # noqa: E402
+from common.wire.federation import load_federation_config  # noqa: E402
 from server.checkpoints import CheckpointStore  # noqa: E402
 from simulation import regimes as R  # noqa: E402
 from simulation.ray_engine import (  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import ConfigError
-from common.federation import load_federation_config
+from common.wire.federation import load_federation_config
 from server.strategies import build_strategy
 from simulation import regimes as R
 from simulation.run import RunRequest, _regime_config

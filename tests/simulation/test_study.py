@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import runfolder as RF
-from common.federation import load_federation_config
-from common.model import build_detector, norm_keys
+from common.detector.model import build_detector, norm_keys
+from common.wire import runfolder as RF
+from common.wire.federation import load_federation_config
 from server.checkpoints import CheckpointStore
 from simulation import regimes as R
 from simulation.report import write_report
@@ -49,7 +49,7 @@ def test_every_regime_writes_per_site_metrics(study: Path) -> None:
                 c = site["classes"][cls]
                 assert set(c) >= {"cpm", "cpm_ci95", "sensitivity_at_fp", "ap", "curve"}
         # every scored image kept, and re-scoring it gives the written CPM
-        from common.froc import froc_class
+        from common.detector.froc import froc_class
         from simulation.report import load_detections
 
         dets = load_detections(study / regime / RF.DETECTIONS_JSON)
@@ -114,7 +114,7 @@ def test_detector_clients_send_only_declared_arrays_and_whitelisted_metrics(
 
     from client.app import app
     from client.detector_trainer import DetectorTrainer
-    from common.federation import (
+    from common.wire.federation import (
         METRIC_WHITELIST,
         RUN_FEDERATION_JSON,
         federation_config_to_json,

@@ -1,0 +1,234 @@
+"""Self-describing detector checkpoints (local files only).
+
+A checkpoint is a ``torch.save`` dict::
+
+    format: "mammofed-detector/1"
+    version: common.__version__ of the writer
+    model_config: config_to_dict(ModelConfig)   # rebuilds the model exactly
+    classes: list(common.keys.CLASSES)
+    working_spacing_mm, image_mean, image_std   # copies, for humans and checks
+    state_dict: model weights (CPU tensors)
+    optimizer, ema, epoch, extra: optional, for resume
+
+:func:`load_checkpoint` refuses anything that does not fit with
+:class:`common.errors.CheckpointMismatch` naming the field and both values.
+Files are read with ``torch.load(weights_only=True)``: a checkpoint is data,
+never code. A pickle that holds any other object (a crafted file whose
+``__reduce__`` would run a command) is refused with
+:class:`common.errors.UnsafeCheckpoint` before anything in it is executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common import __version__
+from common.config import config_to_dict, from_mapping
+from common.detector.model.config import ModelConfig
+from common.errors import CheckpointMismatch, ConfigError, UnsafeCheckpoint
+from common.keys import CLASSES
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mammofed-detector/1"
+
+#: Config fields that must agree for weights to be usable (others, such as
+#: score_thresh or weights_path, only change inference or initialisation).
+STRUCTURAL_FIELDS: tuple[str, ...] = (
+    "arch",
+    "norm",
+    "fpn_channels",
+    "head_convs",
+    "num_classes",
+    "image_mean",
+    "image_std",
+    "working_spacing_mm",
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        path: file it came from.
+        model_config: the :class:`ModelConfig` the weights belong to.
+        state_dict: model weights (CPU tensors).
+        version: writer's ``common.__version__``.
+        optimizer, ema: optional state dicts (resume); ``epoch`` last finished
+            epoch (``-1`` if none); ``extra`` free-form JSON-like dict.
+    """
+
+    path: Path
+    model_config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    version: str
+    optimizer: dict[str, Any] | None = None
+    ema: dict[str, torch.Tensor] | None = None
+    epoch: int = -1
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _cpu_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in sd.items()}
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    cfg: ModelConfig,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    ema: nn.Module | None = None,
+    epoch: int = -1,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (+ optional resume state) atomically to ``path``."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # weights_path only initialises a fresh model; the file may not exist where
+    # the checkpoint is loaded, so it is kept as provenance in ``extra``.
+    cfg_dict = config_to_dict(dataclasses.replace(cfg, weights_path=None))
+    extra = dict(extra or {})
+    if cfg.weights_path is not None:
+        extra.setdefault("init_weights_path", str(cfg.weights_path))
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "version": __version__,
+        "model_config": cfg_dict,
+        "classes": list(CLASSES),
+        "working_spacing_mm": cfg.working_spacing_mm,
+        "image_mean": cfg.image_mean,
+        "image_std": cfg.image_std,
+        "state_dict": _cpu_state(model.state_dict()),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "ema": _cpu_state(ema.state_dict()) if ema is not None else None,
+        "epoch": int(epoch),
+        "extra": extra,
+    }
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, out)
+    log.info("saved checkpoint %s (epoch %d)", out, epoch)
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _field(path: Path, payload: dict[str, Any], name: str) -> Any:
+    if name not in payload:
+        raise CheckpointMismatch(f"{path}: field {name!r} missing")
+    return payload[name]
+
+
+def load_checkpoint(
+    path: str | Path, expected_cfg: ModelConfig | None = None
+) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` from a LOCAL file.
+
+    Raises:
+        CheckpointMismatch: not a file, not a mammofed checkpoint, other class
+            names, or (with ``expected_cfg``) a structural config field that
+            differs; the message names the field and both values.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointMismatch(f"{p}: checkpoint file does not exist")
+    try:
+        # weights_only: the unpickler admits tensors and plain containers only,
+        # so a crafted file cannot run code here (``torch.load`` docs, "weights
+        # only" unpickler); anything else is refused before a byte is used.
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # a foreign object in the pickle
+        raise UnsafeCheckpoint(
+            f"{p}: refused: the file holds objects other than tensors and plain "
+            f"containers (a crafted or foreign pickle): {_first_line(exc)}"
+        ) from exc
+    except Exception as exc:  # corrupt or foreign file
+        raise CheckpointMismatch(f"{p}: not a readable checkpoint: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        got = payload.get("format") if isinstance(payload, dict) else type(payload)
+        raise CheckpointMismatch(f"{p}: field 'format' is {got!r}, expected {FORMAT!r}")
+    classes = list(_field(p, payload, "classes"))
+    if classes != list(CLASSES):
+        raise CheckpointMismatch(
+            f"{p}: field 'classes' is {classes!r}, expected {list(CLASSES)!r}"
+        )
+    try:
+        cfg = from_mapping(
+            _field(p, payload, "model_config"),
+            ModelConfig,
+            source=str(p),
+            prefix="model_config",
+        )
+    except ConfigError as exc:
+        raise CheckpointMismatch(str(exc)) from exc
+    if expected_cfg is not None:
+        for name in STRUCTURAL_FIELDS:
+            have, want = getattr(cfg, name), getattr(expected_cfg, name)
+            if have != want:
+                raise CheckpointMismatch(
+                    f"{p}: field 'model_config.{name}' is {have!r} in the "
+                    f"checkpoint but {want!r} is expected"
+                )
+    return Checkpoint(
+        path=p,
+        model_config=cfg,
+        state_dict=_field(p, payload, "state_dict"),
+        version=str(payload.get("version", "")),
+        optimizer=payload.get("optimizer"),
+        ema=payload.get("ema"),
+        epoch=int(payload.get("epoch", -1)),
+        extra=dict(payload.get("extra") or {}),
+    )
+
+
+def load_model(
+    path: str | Path,
+    expected_cfg: ModelConfig | None = None,
+    *,
+    use_ema: bool = False,
+) -> tuple[nn.Module, Checkpoint]:
+    """Build the detector recorded in a checkpoint and load its (or EMA) weights.
+
+    The model is returned in eval mode on CPU. ``weights_path`` of the stored
+    config is dropped (the checkpoint already holds the weights).
+    """
+    from common.detector.model.registry import build_detector
+
+    ck = load_checkpoint(path, expected_cfg)
+    cfg = dataclasses.replace(ck.model_config, weights_path=None)
+    model = build_detector(cfg)
+    state = ck.ema if (use_ema and ck.ema is not None) else ck.state_dict
+    load_weights(model, state, ck.path, cfg.arch)
+    model.eval()
+    return model, ck
+
+
+def load_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str
+) -> None:
+    """Load ``state`` (read from checkpoint ``path``) into ``model``, every key.
+
+    Raises:
+        CheckpointMismatch: a key missing or unexpected (the first five named).
+    """
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointMismatch(
+            f"{path}: field 'state_dict' does not fit model "
+            f"{arch!r}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )

@@ -1,0 +1,92 @@
+"""Typed configuration of the lesion detector (YAML -> frozen dataclasses).
+
+Load with ``common.config.load_config(path, ModelConfig)`` or build in code;
+``__post_init__`` validates values that the generic loader cannot (the error
+names the field and the bad value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from common.config import bounded, path_field
+from common.keys import CLASSES
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the detector exactly.
+
+    Attributes:
+        arch: registry name (``tiny``, ``small``, ``resnet18``, ``resnet34``,
+            ``resnet50`` or a user-registered one); checked when the model is
+            built (:func:`common.detector.model.build_detector` lists the valid names).
+        norm: normalization of the backbone: ``batch`` (BatchNorm, FedBN-capable)
+            or ``group`` (GroupNorm, required by Opacus DP-SGD). The FCOS head
+            always uses GroupNorm, as in the FCOS paper.
+        fpn_channels: channels of every FPN level and of the head convs.
+        head_convs: conv+norm+ReLU blocks in each head branch (torchvision's
+            default is 4; 2 is about four times cheaper on CPU).
+        score_thresh: score floor for detections in eval mode; FROC needs a low
+            floor so the whole curve can be swept.
+        detections_per_img: most detections kept per image after NMS.
+        nms_thresh: IoU threshold of per-class NMS.
+        topk_candidates: candidates per FPN level before NMS.
+        center_sampling_radius: FCOS centre sampling radius (in strides).
+        image_mean, image_std: normalization of the one input channel; images
+            arrive in ``[0, 1]``.
+        working_spacing_mm: mm per model-space pixel the model was built for
+            (recorded in checkpoints; the model itself never resizes).
+        weights_path: optional LOCAL file with ResNet backbone weights (a
+            torchvision ResNet ``state_dict``; a 3-channel ``conv1`` is summed to
+            one channel). Never downloaded.
+        num_classes: fixed to ``len(common.keys.CLASSES)``.
+    """
+
+    arch: str = "tiny"
+    norm: Literal["batch", "group"] = "batch"
+    fpn_channels: int = field(default=64, metadata=bounded(8, 1024))
+    head_convs: int = field(default=2, metadata=bounded(0, 8))
+    score_thresh: float = field(default=0.01, metadata=bounded(0.0, 1.0))
+    detections_per_img: int = field(default=100, metadata=bounded(1, 10000))
+    nms_thresh: float = field(default=0.6, metadata=bounded(0.0, 1.0))
+    topk_candidates: int = field(default=1000, metadata=bounded(1, 100000))
+    center_sampling_radius: float = field(default=1.5, metadata=bounded(0.0, 10.0))
+    image_mean: float = 0.5
+    image_std: float = field(default=0.25, metadata=bounded(1e-6, None))
+    working_spacing_mm: float = field(default=0.2, metadata=bounded(1e-4, 10.0))
+    weights_path: Path | None = field(default=None, metadata=path_field(True))
+    num_classes: int = len(CLASSES)
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("batch", "group"):
+            raise ValueError(f"norm: must be 'batch' or 'group', got {self.norm!r}")
+        if self.num_classes != len(CLASSES):
+            raise ValueError(
+                f"num_classes: fixed to {len(CLASSES)} ({', '.join(CLASSES)}), "
+                f"got {self.num_classes!r}"
+            )
+        if self.fpn_channels % 8 != 0:
+            raise ValueError(
+                f"fpn_channels: must be a multiple of 8, got {self.fpn_channels!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Personalization:
+    """Which state stays on the site.
+
+    See :func:`common.detector.model.shared_and_personal`.
+
+    Attributes:
+        local_norm: FedBN: every normalization layer's parameters and buffers
+            (running statistics included) stay personal.
+        personal_head: FedPer: the site keeps a personal copy of the head. The
+            global head is still shared and aggregated; the personal copy's keys
+            are :func:`common.detector.model.head_keys`, handled by the federation code.
+    """
+
+    local_norm: bool = False
+    personal_head: bool = False

@@ -1,0 +1,336 @@
+"""One-channel FCOS (anchor-free) on a ResNet + FPN backbone that never resizes.
+
+Built from torchvision parts: :class:`MammoFCOS` is a
+``torchvision.models.detection.FCOS`` whose transform only normalizes and pads
+(:class:`NoResizeTransform`), whose head has a configurable number of convs
+(:class:`ConfigurableFCOSHead`, torchvision's loss kept unchanged) and whose
+backbone takes one input channel.
+
+Tensor contract (model space = the working-spacing grid of the site cache):
+
+* train mode: ``model(images, targets) -> dict[str, Tensor]`` of scalar losses
+  (``classification``, ``bbox_regression``, ``bbox_ctrness``); ``images`` is a
+  list of FloatTensor[1, H_i, W_i] in ``[0, 1]``; each target has ``boxes``
+  FloatTensor[N, 4] ``[xmin, ymin, xmax, ymax]`` in model-space pixels and
+  ``labels`` Int64Tensor[N] (index into ``common.keys.CLASSES``). Other keys
+  are ignored.
+* eval mode: ``model(images) -> list[dict]`` with ``boxes`` FloatTensor[K, 4]
+  in the same model-space pixels of the input image (clipped to ``0 <= x <= W``,
+  ``0 <= y <= H``), ``scores`` FloatTensor[K] and ``labels`` Int64Tensor[K].
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import (
+    FCOS,
+    FCOSClassificationHead,
+    FCOSHead,
+    FCOSRegressionHead,
+)
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from common.detector.model.config import ModelConfig
+from common.detector.model.registry import register_model
+from common.errors import CheckpointMismatch
+
+log = logging.getLogger(__name__)
+
+NormFactory = Callable[[int], nn.Module]
+
+#: Module types treated as normalization layers (FedBN keeps them personal).
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
+
+
+def norm_keys(model: nn.Module) -> list[str]:
+    """``state_dict`` keys of every normalization layer (params and buffers)."""
+    keys: list[str] = []
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, NORM_TYPES):
+            prefix = f"{mod_name}." if mod_name else ""
+            keys.extend(prefix + k for k in mod.state_dict())
+    return keys
+
+
+def _groups_for(channels: int, max_groups: int = 32) -> int:
+    """Largest divisor of ``channels`` <= ``max_groups`` with >= 2 channels each.
+
+    Two channels per group keep GroupNorm defined on a 1x1 map (P7 of a small
+    image).
+    """
+    for g in range(min(max_groups, channels // 2), 0, -1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+def norm_factory(kind: str) -> NormFactory:
+    """A ``channels -> nn.Module`` factory for ``"batch"`` or ``"group"`` norm.
+
+    GroupNorm uses the largest divisor of ``channels`` up to 32 that leaves at
+    least two channels per group, so narrow layers and 1x1 maps also work.
+    """
+    if kind == "batch":
+        return nn.BatchNorm2d
+    if kind == "group":
+        return lambda c: nn.GroupNorm(_groups_for(c), c)
+    raise ValueError(f"norm: must be 'batch' or 'group', got {kind!r}")
+
+
+class NoResizeTransform(GeneralizedRCNNTransform):
+    """Normalize and pad-batch only: images are already at the working spacing.
+
+    torchvision's ``_skip_resize`` flag only skips resizing in training mode;
+    this subclass never resizes, so boxes in and out stay in the input image's
+    pixel grid. Batching pads on the right/bottom to a multiple of
+    ``size_divisible`` (32), which moves no pixel.
+    """
+
+    def __init__(
+        self, image_mean: float, image_std: float, size_divisible: int = 32
+    ) -> None:
+        super().__init__(
+            min_size=1,
+            max_size=1,
+            image_mean=[image_mean],
+            image_std=[image_std],
+            size_divisible=size_divisible,
+        )
+
+    def resize(
+        self, image: Tensor, target: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """Identity: returns ``image`` and ``target`` unchanged."""
+        return image, target
+
+    def postprocess(
+        self,
+        result: list[dict[str, Tensor]],
+        image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """Identity: detections are already in input-image pixels."""
+        return result
+
+
+class ConfigurableFCOSHead(FCOSHead):
+    """torchvision's FCOS head with ``num_convs`` blocks per branch.
+
+    Keeps :meth:`FCOSHead.compute_loss` (sigmoid focal + GIoU + centre-ness).
+    Each branch block is Conv3x3 -> GroupNorm (32 groups at C >= 64) -> ReLU.
+    """
+
+    def __init__(
+        self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int
+    ) -> None:
+        super().__init__(in_channels, num_anchors, num_classes, num_convs=0)
+        norm = norm_factory("group")
+        self.classification_head = FCOSClassificationHead(
+            in_channels, num_anchors, num_classes, num_convs, norm_layer=norm
+        )
+        self.regression_head = FCOSRegressionHead(
+            in_channels, num_anchors, num_convs, norm_layer=norm
+        )
+
+
+class TinyResNet(nn.Module):
+    """A very small ResNet-ish body for tests and CPU studies.
+
+    Children follow torchvision's ResNet names (``conv1 bn1 relu maxpool
+    layer1..layer4``) so the same FPN extractor applies; ``widths`` are the
+    channels of ``conv1``/``layer1`` (stride 4) and of ``layer2``, ``layer3``,
+    ``layer4`` (strides 8, 16, 32). Input FloatTensor[B, 1, H, W].
+    """
+
+    def __init__(
+        self, norm_layer: NormFactory, widths: tuple[int, int, int, int]
+    ) -> None:
+        super().__init__()
+        self.widths = w = widths
+        self.conv1 = nn.Conv2d(1, w[0], 3, stride=2, padding=1, bias=False)
+        self.bn1 = norm_layer(w[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1 = self._stage(w[0], w[0], 1, norm_layer)
+        self.layer2 = self._stage(w[0], w[1], 2, norm_layer)
+        self.layer3 = self._stage(w[1], w[2], 2, norm_layer)
+        self.layer4 = self._stage(w[2], w[3], 2, norm_layer)
+
+    @staticmethod
+    def _stage(cin: int, cout: int, stride: int, norm_layer: NormFactory) -> nn.Module:
+        down = None
+        if stride != 1 or cin != cout:
+            down = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), norm_layer(cout)
+            )
+        return tv_resnet.BasicBlock(
+            cin, cout, stride=stride, downsample=down, norm_layer=norm_layer
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Run the body (the FPN extractor uses intermediate outputs instead)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _resnet_body(depth: int, norm_layer: NormFactory) -> tuple[nn.Module, list[int]]:
+    builders: dict[int, Callable[..., tv_resnet.ResNet]] = {
+        18: tv_resnet.resnet18,
+        34: tv_resnet.resnet34,
+        50: tv_resnet.resnet50,
+    }
+    body = builders[depth](weights=None, norm_layer=norm_layer)
+    body.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(body.conv1.weight, mode="fan_out", nonlinearity="relu")
+    expansion = 4 if depth >= 50 else 1
+    return body, [128 * expansion, 256 * expansion, 512 * expansion]
+
+
+def load_backbone_weights(body: nn.Module, path: Path) -> None:
+    """Load a LOCAL torchvision-ResNet ``state_dict`` into ``body`` (one channel).
+
+    A 3-channel ``conv1.weight`` is summed over its input channels. ``fc.*`` and
+    keys absent from ``body`` are ignored; every body parameter must be present
+    with the right shape, else :class:`CheckpointMismatch` names the key.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointMismatch(f"{p}: weights_path does not exist")
+    raw: Any = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(raw, dict) and "state_dict" in raw:
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict):
+        raise CheckpointMismatch(f"{p}: expected a state_dict, got {type(raw)}")
+    state = {str(k).removeprefix("module."): v for k, v in raw.items()}
+    w = state.get("conv1.weight")
+    if isinstance(w, Tensor) and w.dim() == 4 and w.shape[1] == 3:
+        state["conv1.weight"] = w.sum(dim=1, keepdim=True)
+    own = body.state_dict()
+    for key, value in own.items():
+        if key not in state:
+            raise CheckpointMismatch(f"{p}: backbone key {key!r} missing")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise CheckpointMismatch(
+                f"{p}: backbone key {key!r} has shape {tuple(state[key].shape)}, "
+                f"model expects {tuple(value.shape)}"
+            )
+    body.load_state_dict({k: state[k] for k in own}, strict=True)
+    log.info("loaded backbone weights from %s (%d tensors)", p, len(own))
+
+
+class MammoFCOS(FCOS):
+    """FCOS detector for one-channel mammograms, built from a :class:`ModelConfig`.
+
+    ``self.cfg`` keeps the config; :meth:`parameter_groups` names which
+    ``state_dict`` keys belong to ``backbone`` (``backbone.body.*``), ``neck``
+    (``backbone.fpn.*``) and ``head`` (``head.*``); :meth:`norm_keys` lists the
+    keys of normalization layers (params and buffers).
+    """
+
+    cfg: ModelConfig
+
+    def __init__(self, cfg: ModelConfig, backbone: BackboneWithFPN) -> None:
+        head = ConfigurableFCOSHead(
+            backbone.out_channels, 1, cfg.num_classes, cfg.head_convs
+        )
+        super().__init__(
+            backbone,
+            num_classes=cfg.num_classes,
+            head=head,
+            center_sampling_radius=cfg.center_sampling_radius,
+            score_thresh=cfg.score_thresh,
+            nms_thresh=cfg.nms_thresh,
+            detections_per_img=cfg.detections_per_img,
+            topk_candidates=cfg.topk_candidates,
+        )
+        self.transform = NoResizeTransform(cfg.image_mean, cfg.image_std)
+        self.cfg = cfg
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """``{"backbone": keys, "neck": keys, "head": keys}`` over ``state_dict``."""
+        groups: dict[str, list[str]] = {"backbone": [], "neck": [], "head": []}
+        for key in self.state_dict():
+            if key.startswith("backbone.body."):
+                groups["backbone"].append(key)
+            elif key.startswith("backbone.fpn."):
+                groups["neck"].append(key)
+            elif key.startswith("head."):
+                groups["head"].append(key)
+            else:
+                raise RuntimeError(f"state_dict key {key!r} is in no parameter group")
+        return groups
+
+    def norm_keys(self) -> list[str]:
+        """``state_dict`` keys (params and buffers) of normalization layers."""
+        return norm_keys(self)
+
+
+def _fcos(cfg: ModelConfig, body: nn.Module, in_channels: list[int]) -> MammoFCOS:
+    """FCOS on ``body``'s C3..C5 + P6/P7 (strides 8..128, anchors 8..128 px)."""
+    c = cfg.fpn_channels
+    backbone = BackboneWithFPN(
+        body,
+        return_layers=OrderedDict([("layer2", "0"), ("layer3", "1"), ("layer4", "2")]),
+        in_channels_list=in_channels,
+        out_channels=c,
+        extra_blocks=LastLevelP6P7(c, c),
+    )
+    return MammoFCOS(cfg, backbone)
+
+
+def _small_fcos(cfg: ModelConfig, widths: tuple[int, int, int, int]) -> MammoFCOS:
+    if cfg.weights_path is not None:
+        raise CheckpointMismatch(f"weights_path is not supported for arch {cfg.arch!r}")
+    body = TinyResNet(norm_factory(cfg.norm), widths)
+    return _fcos(cfg, body, list(body.widths[1:]))
+
+
+def _resnet_fcos(cfg: ModelConfig, depth: int) -> MammoFCOS:
+    body, in_channels = _resnet_body(depth, norm_factory(cfg.norm))
+    if cfg.weights_path is not None:
+        load_backbone_weights(body, cfg.weights_path)
+    return _fcos(cfg, body, in_channels)
+
+
+@register_model("tiny")
+def tiny_fcos(cfg: ModelConfig) -> MammoFCOS:
+    """Stage widths 8/16/32/64: seconds per step on CPU at 128 px (tests)."""
+    return _small_fcos(cfg, (8, 16, 32, 64))
+
+
+@register_model("small")
+def small_fcos(cfg: ModelConfig) -> MammoFCOS:
+    """Stage widths 16/32/64/128: about 4x ``tiny`` (CPU studies)."""
+    return _small_fcos(cfg, (16, 32, 64, 128))
+
+
+@register_model("resnet18")
+def resnet18_fcos(cfg: ModelConfig) -> MammoFCOS:
+    """One-channel ResNet-18 body (``weights_path`` may load local weights)."""
+    return _resnet_fcos(cfg, 18)
+
+
+@register_model("resnet34")
+def resnet34_fcos(cfg: ModelConfig) -> MammoFCOS:
+    """One-channel ResNet-34 body (``weights_path`` may load local weights)."""
+    return _resnet_fcos(cfg, 34)
+
+
+@register_model("resnet50")
+def resnet50_fcos(cfg: ModelConfig) -> MammoFCOS:
+    """One-channel ResNet-50 body (``weights_path`` may load local weights)."""
+    return _resnet_fcos(cfg, 50)

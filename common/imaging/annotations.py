@@ -1,0 +1,542 @@
+"""Reading a site's annotations (``annotations.csv`` or COCO JSON).
+
+Site contract (columns :data:`common.keys.ANNOTATION_COLUMNS`):
+
+* ``image``: path relative to ``SITE_DIR`` (``/`` separators) or a DICOM
+  SOPInstanceUID;
+* ``finding``: ``mass``, ``calcification``, ``ignore``, ``none`` or a site word
+  mapped by :attr:`common.config.site.SiteConfig.findings`;
+* ``xmin, ymin, xmax, ymax``: box in **stored** pixels of the file (pixel-edge
+  coordinates, origin top-left, before any flip), ``xmin < xmax``,
+  ``ymin < ymax``.
+
+Meaning of rows per image:
+
+* no row at all: the image is *unlabeled*;
+* a ``none`` row: the image is labeled and normal;
+* a lesion (or ignore) row with a box: a box target (or ignore region);
+* a lesion row with all four coordinates empty: an *image-level* label. The
+  image is kept and marked **weakly labeled**: training excludes it from box
+  supervision (it is not in the ``labeled`` view, because the detector would
+  learn its lesion as background) but it stays in the manifest and the
+  ``unlabeled`` view (labels hidden) and its records say ``weak=True``.
+  An ``ignore`` row without a box makes the image weakly labeled too.
+
+Every broken row is skipped with a warning naming the file, row number, field
+and value (bad numbers, ``xmin >= xmax``, unknown finding word, partly filled
+coordinates); the rest is kept. Whether the ``image`` exists is checked later,
+by :func:`match_annotations`, against the ingested images.
+
+COCO input (``annotations.json``): ``images[{id, file_name}]``,
+``annotations[{image_id, category_id, bbox: [x, y, w, h]}]`` (stored pixels,
+origin top-left), ``categories[{id, name}]``; ``name`` is a finding word. An
+image listed in ``images`` with no annotation is labeled normal (listing it is
+the explicit statement); an annotation without ``bbox`` is an image-level label.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from common.errors import AnnotationError, MammofedError
+from common.imaging.geometry import Geometry
+from common.keys import (
+    ANNOTATION_COLUMNS,
+    ANNOTATIONS_CSV,
+    CALCIFICATION,
+    CLASS_TO_LABEL,
+    CLASSES,
+    IGNORE,
+    MASS,
+    NONE_FINDING,
+)
+
+log = logging.getLogger(__name__)
+
+_UNKNOWN_WORD = "unknown finding word (map it in the site config)"
+
+#: COCO alternative to ``annotations.csv`` in a site folder.
+ANNOTATIONS_JSON = "annotations.json"
+
+#: A function mapping a site word to ``mass | calcification | ignore | none``
+#: (or ``None`` when the word is unknown).
+FindingMapper = Callable[[str], str | None]
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Skip:
+    """One row (or reference) that was not used, and why."""
+
+    file: str
+    row: int | None
+    field: str
+    value: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form for reports."""
+        return {
+            "file": self.file,
+            "row": self.row,
+            "field": self.field,
+            "value": self.value,
+            "reason": self.reason,
+        }
+
+    def message(self) -> str:
+        """One line naming file, row, field and value."""
+        where = f"{self.file}" + (f" row {self.row}" if self.row is not None else "")
+        return f"{where}: {self.field}={self.value!r}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One annotation row after parsing.
+
+    Attributes:
+        kind: ``mass``, ``calcification``, ``ignore`` or ``none``.
+        box: ``(xmin, ymin, xmax, ymax)`` in stored pixels, or ``None`` for an
+            image-level label (or a ``none`` row).
+        row: source row number (1-based, header = row 1) or COCO annotation index.
+        word: the word as written in the file.
+    """
+
+    kind: str
+    box: Box | None
+    row: int | None
+    word: str
+
+
+@dataclass
+class ImageAnnotations:
+    """All rows of one image reference."""
+
+    image: str
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def normal(self) -> bool:
+        """Whether a ``none`` row was given."""
+        return any(f.kind == NONE_FINDING for f in self.findings)
+
+    @property
+    def weak(self) -> bool:
+        """Whether some finding has no box (image-level label)."""
+        return any(f.kind != NONE_FINDING and f.box is None for f in self.findings)
+
+
+@dataclass
+class AnnotationSet:
+    """Parsed annotations of one file: per image reference, plus skipped rows."""
+
+    source: str
+    images: dict[str, ImageAnnotations] = field(default_factory=dict)
+    skipped: list[Skip] = field(default_factory=list)
+
+    def add(self, image: str, finding: Finding) -> None:
+        """Append a finding to ``image``'s list."""
+        self.images.setdefault(image, ImageAnnotations(image)).findings.append(finding)
+
+    def skip(self, row: int | None, field_name: str, value: Any, reason: str) -> None:
+        """Record and log a skipped row."""
+        s = Skip(self.source, row, field_name, str(value), reason)
+        self.skipped.append(s)
+        log.warning("annotation skipped: %s", s.message())
+
+
+def normalize_ref(ref: str) -> str:
+    """Canonical form of an ``image`` reference (backslashes, ``./`` removed)."""
+    r = ref.strip().replace("\\", "/")
+    if not r:
+        return r
+    p = PurePosixPath(r)
+    parts = [x for x in p.parts if x not in (".", "")]
+    return "/".join(parts)
+
+
+def _parse_float(text: str) -> float | None:
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _parse_box(
+    coords: Mapping[str, str], aset: AnnotationSet, row: int
+) -> tuple[bool, Box | None]:
+    """``(ok, box)``; ``box`` None when all four are empty (image-level label)."""
+    names = ANNOTATION_COLUMNS[2:]
+    raw = {n: (coords.get(n) or "").strip() for n in names}
+    filled = [n for n in names if raw[n]]
+    if not filled:
+        return True, None
+    if len(filled) != 4:
+        missing = next(n for n in names if not raw[n])
+        aset.skip(row, missing, "", "coordinate missing while others are given")
+        return False, None
+    vals: dict[str, float] = {}
+    for n in names:
+        v = _parse_float(raw[n])
+        if v is None:
+            aset.skip(row, n, raw[n], "not a finite number")
+            return False, None
+        vals[n] = v
+    if vals["xmin"] >= vals["xmax"]:
+        aset.skip(row, "xmin", raw["xmin"], f"xmin >= xmax ({raw['xmax']})")
+        return False, None
+    if vals["ymin"] >= vals["ymax"]:
+        aset.skip(row, "ymin", raw["ymin"], f"ymin >= ymax ({raw['ymax']})")
+        return False, None
+    return True, (vals["xmin"], vals["ymin"], vals["xmax"], vals["ymax"])
+
+
+def read_csv_records(
+    path: Path,
+    columns: Sequence[str],
+    *,
+    error: type[MammofedError] = MammofedError,
+    what: str = "table",
+) -> list[tuple[int, dict[Any, Any]]]:
+    """Rows of a CSV whose header must hold ``columns``, as ``(row number, row)``.
+
+    Row numbers are as in the file (the header is row 1); header names are
+    stripped; a row with more fields than the header keeps them under the key
+    ``None`` (``csv.DictReader``). An unreadable file or a missing column raises
+    ``error`` naming the file and the header.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read {what}: {exc}") from exc
+    reader = csv.DictReader(text.splitlines())
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise error(
+            f"{path}: header {header!r} lacks column(s) {', '.join(missing)} "
+            f"(expected {', '.join(columns)})"
+        )
+    reader.fieldnames = header
+    return list(enumerate(reader, start=2))
+
+
+def read_annotations_csv(path: str | Path, mapper: FindingMapper) -> AnnotationSet:
+    """Parse an ``annotations.csv`` (site contract, see module docstring).
+
+    Args:
+        path: the CSV file.
+        mapper: site word -> kind (e.g. ``SiteConfig.finding_kind``).
+
+    Returns:
+        The parsed rows by normalized image reference, plus logged skips.
+
+    Raises:
+        AnnotationError: the file cannot be read or lacks required columns.
+    """
+    p = Path(path)
+    aset = AnnotationSet(str(p))
+    rows = read_csv_records(
+        p, ANNOTATION_COLUMNS, error=AnnotationError, what="annotations"
+    )
+    for i, rec in rows:
+        if rec is None or all(not (v or "").strip() for v in rec.values() if v):
+            continue
+        if None in rec:
+            aset.skip(i, "<row>", rec[None], "more fields than the header")  # type: ignore[index]
+            continue
+        ref = normalize_ref(rec.get("image") or "")
+        if not ref:
+            aset.skip(i, "image", rec.get("image") or "", "empty image reference")
+            continue
+        word = (rec.get("finding") or "").strip()
+        kind = mapper(word) if word else None
+        if kind is None:
+            aset.skip(i, "finding", word, _UNKNOWN_WORD)
+            continue
+        ok, box = _parse_box(rec, aset, i)
+        if not ok:
+            continue
+        if kind == NONE_FINDING and box is not None:
+            aset.skip(i, "finding", word, "a 'none' row must not carry a box")
+            continue
+        aset.add(ref, Finding(kind, box, i, word))
+    return aset
+
+
+def read_coco_json(path: str | Path, mapper: FindingMapper) -> AnnotationSet:
+    """Parse COCO-style JSON (see module docstring) into an :class:`AnnotationSet`.
+
+    Raises:
+        AnnotationError: unreadable JSON or missing top-level lists.
+    """
+    p = Path(path)
+    aset = AnnotationSet(str(p))
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AnnotationError(f"{p}: cannot read COCO JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{p}: top level must be an object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise AnnotationError(f"{p}: '{key}' must be a list, got {data.get(key)!r}")
+    images: dict[Any, str] = {}
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "id" not in im or not im.get("file_name"):
+            aset.skip(i, "images", im, "image entry needs 'id' and 'file_name'")
+            continue
+        images[im["id"]] = normalize_ref(str(im["file_name"]))
+    cats: dict[Any, str] = {}
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            aset.skip(i, "categories", c, "category needs 'id' and 'name'")
+            continue
+        cats[c["id"]] = str(c["name"])
+    annotated: set[str] = set()
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict):
+            aset.skip(i, "annotations", a, "annotation must be an object")
+            continue
+        ref = images.get(a.get("image_id"))
+        if ref is None:
+            aset.skip(i, "image_id", a.get("image_id"), "unknown image id")
+            continue
+        word = cats.get(a.get("category_id"))
+        if word is None:
+            aset.skip(i, "category_id", a.get("category_id"), "unknown category id")
+            continue
+        kind = mapper(word)
+        if kind is None:
+            aset.skip(i, "category", word, _UNKNOWN_WORD)
+            continue
+        bbox = a.get("bbox")
+        box: Box | None = None
+        if bbox not in (None, []):
+            ok = (
+                isinstance(bbox, list)
+                and len(bbox) == 4
+                and all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)
+            )
+            if not ok or bbox[2] <= 0 or bbox[3] <= 0:
+                aset.skip(i, "bbox", bbox, "bbox must be [x, y, w, h] with w, h > 0")
+                continue
+            x, y, w, h = (float(v) for v in bbox)
+            box = (x, y, x + w, y + h)
+        if kind == NONE_FINDING and box is not None:
+            aset.skip(i, "category", word, "a 'none' annotation must not carry a box")
+            continue
+        aset.add(ref, Finding(kind, box, i, word))
+        annotated.add(ref)
+    for ref in images.values():
+        if ref not in annotated:
+            aset.add(
+                ref, Finding(NONE_FINDING, None, None, "<listed without annotations>")
+            )
+    return aset
+
+
+def read_site_annotations(
+    site_dir: str | Path, mapper: FindingMapper
+) -> AnnotationSet | None:
+    """``SITE_DIR/annotations.csv`` if present, else ``annotations.json``, else None."""
+    d = Path(site_dir)
+    csv_path = d / ANNOTATIONS_CSV
+    if csv_path.is_file():
+        return read_annotations_csv(csv_path, mapper)
+    json_path = d / ANNOTATIONS_JSON
+    if json_path.is_file():
+        return read_coco_json(json_path, mapper)
+    return None
+
+
+@dataclass(frozen=True)
+class ImageTargets:
+    """One image's targets, in both spaces.
+
+    Attributes:
+        labeled: the image has at least one (valid) annotation row.
+        weak: some finding has no box (image-level label); excluded from box
+            supervision.
+        has_lesion: some mass or calcification finding (box or image-level).
+        boxes_stored / boxes: float[N, 4] lesion boxes, stored / model space.
+        labels: int[N] indices into :data:`common.keys.CLASSES`.
+        ignore_stored / ignore: float[M, 4] ignore regions, stored / model space.
+        weak_kinds: kinds given as image-level labels.
+    """
+
+    labeled: bool
+    weak: bool
+    has_lesion: bool
+    boxes_stored: list[list[float]]
+    boxes: list[list[float]]
+    labels: list[int]
+    ignore_stored: list[list[float]]
+    ignore: list[list[float]]
+    weak_kinds: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form."""
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ImageTargets:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+    @classmethod
+    def unlabeled(cls) -> ImageTargets:
+        """Targets of an image without any annotation row."""
+        return cls(False, False, False, [], [], [], [], [], [])
+
+
+def targets_for(
+    ann: ImageAnnotations, geometry: Geometry, source: str, skips: list[Skip]
+) -> ImageTargets:
+    """Map one image's findings to model space with ``geometry``.
+
+    Boxes are clipped to the stored image and then to the model grid; a box that
+    lies entirely outside either is skipped (logged, appended to ``skips``).
+    """
+    rows, cols = geometry.stored_shape
+    mh, mw = geometry.model_shape
+    boxes_s: list[list[float]] = []
+    labels: list[int] = []
+    ign_s: list[list[float]] = []
+    weak_kinds: list[str] = []
+    has_lesion = False
+    for f in ann.findings:
+        if f.kind in (MASS, CALCIFICATION):
+            has_lesion = True
+        if f.kind == NONE_FINDING:
+            continue
+        if f.box is None:
+            weak_kinds.append(f.kind)
+            continue
+        x0, y0, x1, y1 = f.box
+        c = [max(0.0, x0), max(0.0, y0), min(float(cols), x1), min(float(rows), y1)]
+        if c[0] >= c[2] or c[1] >= c[3]:
+            s = Skip(
+                source,
+                f.row,
+                "box",
+                str(list(f.box)),
+                f"box lies outside the stored image ({cols}x{rows} px)",
+            )
+            skips.append(s)
+            log.warning("annotation skipped: %s", s.message())
+            if f.kind != IGNORE:
+                weak_kinds.append(
+                    f.kind
+                )  # a lesion we cannot place: no box supervision
+            continue
+        if f.kind == IGNORE:
+            ign_s.append(c)
+        else:
+            boxes_s.append(c)
+            labels.append(CLASS_TO_LABEL[f.kind])
+
+    def to_model(bs: list[list[float]], lbl: list[int] | None) -> tuple[list, list]:
+        if not bs:
+            return [], []
+        m = geometry.to_model(np.asarray(bs, dtype=np.float64))
+        m[:, [0, 2]] = m[:, [0, 2]].clip(0, mw)
+        m[:, [1, 3]] = m[:, [1, 3]].clip(0, mh)
+        keep_b, keep_s, keep_l = [], [], []
+        for j, b in enumerate(m):
+            if b[0] >= b[2] or b[1] >= b[3]:
+                s = Skip(
+                    source,
+                    None,
+                    "box",
+                    str(bs[j]),
+                    "box lies outside the breast crop (model space)",
+                )
+                skips.append(s)
+                log.warning("annotation skipped: %s", s.message())
+                if lbl is not None:
+                    weak_kinds.append(CLASSES[lbl[j]])
+                continue
+            keep_b.append([float(v) for v in b])
+            keep_s.append(bs[j])
+            if lbl is not None:
+                keep_l.append(lbl[j])
+        bs[:] = keep_s
+        return keep_b, keep_l
+
+    boxes_m, labels = to_model(boxes_s, labels)
+    ign_m, _ = to_model(ign_s, None)
+    return ImageTargets(
+        labeled=bool(ann.findings),
+        weak=bool(weak_kinds),
+        has_lesion=has_lesion,
+        boxes_stored=boxes_s,
+        boxes=boxes_m,
+        labels=labels,
+        ignore_stored=ign_s,
+        ignore=ign_m,
+        weak_kinds=sorted(set(weak_kinds)),
+    )
+
+
+def match_annotations(
+    aset: AnnotationSet | None,
+    entries: Iterable[tuple[str, str, str | None, Geometry]],
+) -> tuple[dict[str, ImageTargets], list[Skip]]:
+    """Attach annotations to ingested images.
+
+    Args:
+        aset: parsed annotations (``None``: the site has none; all unlabeled).
+        entries: ``(key, source_rel, sop_instance_uid, geometry)`` per cached
+            image; ``source_rel`` is the path relative to ``SITE_DIR``.
+
+    Returns:
+        ``(targets by key, skips)``; references matching no image are skipped
+        with a logged reason naming the row(s).
+    """
+    entries = list(entries)
+    skips: list[Skip] = []
+    if aset is None:
+        return {k: ImageTargets.unlabeled() for k, _, _, _ in entries}, skips
+    by_ref: dict[str, str] = {}
+    for key, rel, uid, _ in entries:
+        by_ref[normalize_ref(rel)] = key
+        if uid:
+            by_ref.setdefault(uid.strip(), key)
+    per_key: dict[str, ImageAnnotations] = {}
+    for ref, ann in aset.images.items():
+        hit = by_ref.get(ref)
+        if hit is None:
+            rows = [f.row for f in ann.findings if f.row is not None]
+            s = Skip(
+                aset.source,
+                rows[0] if rows else None,
+                "image",
+                ref,
+                f"unknown image (no ingested file or SOPInstanceUID; rows {rows})",
+            )
+            skips.append(s)
+            log.warning("annotation skipped: %s", s.message())
+            continue
+        merged = per_key.setdefault(hit, ImageAnnotations(ref))
+        merged.findings.extend(ann.findings)
+    out: dict[str, ImageTargets] = {}
+    for key, rel, _, geom in entries:
+        found = per_key.get(key)
+        out[key] = (
+            ImageTargets.unlabeled()
+            if found is None
+            else targets_for(found, geom, f"{aset.source} [{rel}]", skips)
+        )
+    return out, skips

@@ -1,0 +1,378 @@
+"""The site cache: ingested images in model space, keyed by content hash.
+
+Layout of ``CACHE_DIR``::
+
+    images/<key>.npz        pixels (uint16 scaled from [0, 1], or float16),
+                            model space, shape [H, W]
+    images/<key>.json       {"key", "source" (path relative to SITE_DIR),
+                             "size", "mtime_ns", "working_spacing_mm",
+                             "spacing_mm", "geometry" (Geometry.to_dict()),
+                             "meta" (ImageMeta.to_dict()), "format",
+                             "pixel_sha256" (see pixel_digest)}
+    annotations.json        {key: ImageTargets.to_dict()}: boxes in stored and
+                            model space, labels, ignore regions, labeled/weak
+                            flags; rebuilt on every ingest from the site's
+                            annotation file and the cached geometries
+    split.json              {patient_id: "train" | "test"} from SITE_DIR/split.csv
+                            (absent when the site has none)
+    manifest.csv            one row per image (common.keys.MANIFEST_COLUMNS)
+    ingest_report.json      {"ingested": [...], "skipped": [...], ...}
+    resolved_config.yaml    the site config used
+
+``key`` = sha256 of the file's bytes followed by the working spacing written
+with ``repr(float)``, so the same file ingested at another spacing is another
+entry. Writes go to a temporary name and are renamed, so a killed ingest never
+leaves a half-written entry.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.fileio import atomic_write_text as _atomic_write_text
+from common.imaging.annotations import ImageTargets
+from common.imaging.geometry import Geometry
+from common.imaging.image import ImageMeta, MammoImage
+from common.keys import INGEST_REPORT_JSON, MANIFEST_COLUMNS, MANIFEST_CSV
+
+log = logging.getLogger(__name__)
+
+#: Bumped when the entry format changes; entries of another format are redone.
+CACHE_FORMAT = 1
+IMAGES_DIR = "images"
+ANNOTATIONS_JSON = "annotations.json"
+SPLIT_JSON = "split.json"
+_HASH_CHUNK = 1 << 20
+
+
+def content_key(path: str | Path, working_spacing_mm: float, extra: str = "") -> str:
+    """Hex sha256 of the file bytes, ``repr(working_spacing_mm)`` and ``extra``.
+
+    ``extra`` carries reader options that change the result (sidecar spacing,
+    laterality...), so changing them re-ingests the file.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+    h.update(repr(float(working_spacing_mm)).encode())
+    h.update(extra.encode())
+    return h.hexdigest()
+
+
+def pixel_digest(stored: np.ndarray) -> str:
+    """Hex sha256 of a stored pixel array (dtype, shape and bytes).
+
+    Two entries with the same digest hold the same model-space image: the
+    duplicate rule of the ingest compares it (see ``client.ingest``).
+    """
+    arr = np.ascontiguousarray(stored)
+    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a cache file atomically (no fsync: a cache can be rebuilt)."""
+    _atomic_write_text(path, text, fsync=False)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """The JSON part of one cache entry (no pixels).
+
+    Attributes:
+        key: content key (see :func:`content_key`).
+        source: file path relative to ``SITE_DIR`` (``/`` separators).
+        size, mtime_ns: stat of the source when ingested (fast change check).
+        working_spacing_mm: the spacing the entry was made for.
+        spacing_mm: mm per model-space pixel.
+        geometry: stored -> model space mapping.
+        meta: header facts.
+        options: reader options used (JSON-safe; part of the key).
+        pixel_sha256: :func:`pixel_digest` of the stored pixels (``None`` for
+            entries written before it existed; :meth:`SiteCache.with_pixel_digest`
+            fills it in).
+    """
+
+    key: str
+    source: str
+    size: int
+    mtime_ns: int
+    working_spacing_mm: float
+    spacing_mm: float
+    geometry: Geometry
+    meta: ImageMeta
+    options: dict[str, Any] = field(default_factory=dict)
+    pixel_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form."""
+        return {
+            "pixel_sha256": self.pixel_sha256,
+            "format": CACHE_FORMAT,
+            "key": self.key,
+            "source": self.source,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "working_spacing_mm": self.working_spacing_mm,
+            "spacing_mm": self.spacing_mm,
+            "geometry": self.geometry.to_dict(),
+            "meta": self.meta.to_dict(),
+            "options": dict(self.options),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CacheEntry:
+        """Inverse of :meth:`to_dict`; ``ValueError``/``KeyError`` if malformed."""
+        if d.get("format") != CACHE_FORMAT:
+            raise ValueError(f"cache format {d.get('format')!r} != {CACHE_FORMAT}")
+        return cls(
+            key=str(d["key"]),
+            source=str(d["source"]),
+            size=int(d["size"]),
+            mtime_ns=int(d["mtime_ns"]),
+            working_spacing_mm=float(d["working_spacing_mm"]),
+            spacing_mm=float(d["spacing_mm"]),
+            geometry=Geometry.from_dict(d["geometry"]),
+            meta=ImageMeta.from_dict(dict(d["meta"])),
+            options=dict(d.get("options") or {}),
+            pixel_sha256=(
+                str(d["pixel_sha256"]) if d.get("pixel_sha256") is not None else None
+            ),
+        )
+
+
+class SiteCache:
+    """Read and write one ``CACHE_DIR`` (layout in the module docstring)."""
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.root = Path(cache_dir)
+        self.images_dir = self.root / IMAGES_DIR
+
+    # --- entries -----------------------------------------------------------
+    def pixels_path(self, key: str) -> Path:
+        """``images/<key>.npz``."""
+        return self.images_dir / f"{key}.npz"
+
+    def entry_path(self, key: str) -> Path:
+        """``images/<key>.json``."""
+        return self.images_dir / f"{key}.json"
+
+    def has(self, key: str) -> bool:
+        """Whether both files of the entry exist."""
+        return self.entry_path(key).is_file() and self.pixels_path(key).is_file()
+
+    def write(
+        self,
+        key: str,
+        image: MammoImage,
+        *,
+        source: str,
+        size: int,
+        mtime_ns: int,
+        working_spacing_mm: float,
+        pixel_dtype: str = "uint16",
+        options: Mapping[str, Any] | None = None,
+    ) -> CacheEntry:
+        """Store ``image`` (pixels float32[H, W] in [0, 1], model space) under ``key``.
+
+        ``pixel_dtype`` ``"uint16"`` stores ``round(p * 65535)``; ``"float16"``
+        stores the values as half floats.
+        """
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        px = np.clip(np.asarray(image.pixels, dtype=np.float32), 0.0, 1.0)
+        if pixel_dtype == "uint16":
+            stored = np.rint(px * 65535.0).astype(np.uint16)
+        elif pixel_dtype == "float16":
+            stored = px.astype(np.float16)
+        else:
+            raise ValueError(
+                f"pixel_dtype must be uint16 or float16, got {pixel_dtype!r}"
+            )
+        if stored.shape != tuple(image.geometry.model_shape):
+            raise ValueError(
+                f"{source}: pixels shape {stored.shape} != geometry model_shape "
+                f"{image.geometry.model_shape}"
+            )
+        ppath = self.pixels_path(key)
+        tmp = ppath.with_name(f".{key}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, pixels=stored)
+        os.replace(tmp, ppath)
+        entry = CacheEntry(
+            key=key,
+            source=source,
+            size=size,
+            mtime_ns=mtime_ns,
+            working_spacing_mm=float(working_spacing_mm),
+            spacing_mm=float(image.spacing_mm),
+            geometry=image.geometry,
+            meta=image.meta,
+            options=json.loads(json.dumps(dict(options or {}), sort_keys=True)),
+            pixel_sha256=pixel_digest(stored),
+        )
+        atomic_write_text(self.entry_path(key), json.dumps(entry.to_dict(), indent=1))
+        return entry
+
+    def relabel(
+        self, entry: CacheEntry, *, source: str, size: int, mtime_ns: int
+    ) -> CacheEntry:
+        """Rewrite an entry's JSON for a moved/touched file with the same content."""
+        new = replace(entry, source=source, size=size, mtime_ns=mtime_ns)
+        atomic_write_text(
+            self.entry_path(entry.key), json.dumps(new.to_dict(), indent=1)
+        )
+        return new
+
+    def with_pixel_digest(self, entry: CacheEntry) -> CacheEntry:
+        """``entry`` with ``pixel_sha256`` set, computing and saving it if absent."""
+        if entry.pixel_sha256 is not None:
+            return entry
+        with np.load(self.pixels_path(entry.key)) as z:
+            digest = pixel_digest(z["pixels"])
+        new = replace(entry, pixel_sha256=digest)
+        atomic_write_text(
+            self.entry_path(entry.key), json.dumps(new.to_dict(), indent=1)
+        )
+        return new
+
+    def read_entry(self, key: str) -> CacheEntry:
+        """The JSON part of entry ``key``.
+
+        Raises:
+            FileNotFoundError, ValueError: missing or malformed entry.
+        """
+        path = self.entry_path(key)
+        try:
+            return CacheEntry.from_dict(json.loads(path.read_text()))
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: malformed cache entry: {exc}") from exc
+
+    def load_pixels(self, key: str) -> np.ndarray:
+        """Pixels float32[H, W] in [0, 1], model space."""
+        with np.load(self.pixels_path(key)) as z:
+            px = z["pixels"]
+        if px.dtype == np.uint16:
+            return px.astype(np.float32) / np.float32(65535.0)
+        return px.astype(np.float32)
+
+    def keys(self) -> list[str]:
+        """Keys of all entries with a JSON file, sorted."""
+        if not self.images_dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.images_dir.glob("*.json"))
+
+    def iter_entries(self) -> Iterator[CacheEntry]:
+        """Every readable entry; malformed ones are logged and skipped."""
+        for key in self.keys():
+            try:
+                yield self.read_entry(key)
+            except (OSError, ValueError) as exc:
+                log.warning("cache entry %s unreadable, ignored: %s", key, exc)
+
+    def remove(self, key: str) -> None:
+        """Delete both files of entry ``key`` (missing files are fine)."""
+        for p in (self.entry_path(key), self.pixels_path(key)):
+            p.unlink(missing_ok=True)
+
+    # --- site-level files -----------------------------------------------------
+    def write_annotations(self, targets: Mapping[str, ImageTargets]) -> None:
+        """Write ``annotations.json`` (all keys, model- and stored-space boxes)."""
+        data = {k: t.to_dict() for k, t in sorted(targets.items())}
+        atomic_write_text(self.root / ANNOTATIONS_JSON, json.dumps(data))
+
+    def read_annotations(self) -> dict[str, ImageTargets]:
+        """``annotations.json`` as targets by key; ``{}`` when absent."""
+        path = self.root / ANNOTATIONS_JSON
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+            return {k: ImageTargets.from_dict(v) for k, v in data.items()}
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: malformed annotations cache: {exc}") from exc
+
+    def write_split(self, split: Mapping[str, str] | None) -> None:
+        """Write ``split.json`` (patient -> train|test), or remove it for ``None``."""
+        path = self.root / SPLIT_JSON
+        if split is None:
+            path.unlink(missing_ok=True)
+            return
+        atomic_write_text(path, json.dumps(dict(sorted(split.items())), indent=1))
+
+    def read_split(self) -> dict[str, str] | None:
+        """The site's own split, or ``None`` when the site gave none."""
+        path = self.root / SPLIT_JSON
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return {str(k): str(v) for k, v in data.items()}
+
+    def write_manifest(self, rows: list[dict[str, Any]]) -> Path:
+        """Write ``manifest.csv`` with :data:`common.keys.MANIFEST_COLUMNS`."""
+        path = self.root / MANIFEST_CSV
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(MANIFEST_COLUMNS))
+            w.writeheader()
+            for r in rows:
+                w.writerow(
+                    {
+                        c: ("" if r.get(c) is None else r.get(c))
+                        for c in MANIFEST_COLUMNS
+                    }
+                )
+        os.replace(tmp, path)
+        return path
+
+    def read_manifest(self) -> list[dict[str, str]]:
+        """Rows of ``manifest.csv`` (strings); ``[]`` when absent."""
+        path = self.root / MANIFEST_CSV
+        if not path.is_file():
+            return []
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+
+    def write_report(self, report: Mapping[str, Any]) -> Path:
+        """Write ``ingest_report.json``."""
+        path = self.root / INGEST_REPORT_JSON
+        atomic_write_text(path, json.dumps(report, indent=1))
+        return path
+
+
+def _cell(v: Any) -> Any:
+    return "" if v is None else v
+
+
+def manifest_row(entry: CacheEntry, labeled: bool) -> dict[str, Any]:
+    """One ``manifest.csv`` row for a cache entry (``spacing_mm`` = stored spacing)."""
+    m = entry.meta
+    return {
+        "key": entry.key,
+        "source": entry.source,
+        "sop_instance_uid": m.sop_instance_uid,
+        "patient_id": m.patient_id,
+        "manufacturer": m.manufacturer,
+        "model": m.model,
+        "view": m.view,
+        "laterality": m.laterality,
+        "laterality_source": m.laterality_source,
+        "spacing_mm": m.stored_spacing_mm,
+        "spacing_source": m.spacing_source,
+        "presentation_intent": m.presentation_intent,
+        "photometric": m.photometric,
+        "rows": m.rows,
+        "cols": m.cols,
+        "labeled": int(bool(labeled)),
+    }

@@ -1,0 +1,750 @@
+"""Read a mammography DICOM file into a standardized :class:`MammoImage`.
+
+Three layers, each usable alone:
+
+* :func:`read_header` -- header facts (laterality, view, intent, photometric,
+  spacing and its source) without decoding pixels;
+* :func:`decode_pixels` -- stored-space float32[rows, cols] in ``[0, 1]``, dense
+  tissue bright (Modality LUT, then VOI or FOR PROCESSING normalization, then
+  MONOCHROME1 / INVERSE inversion);
+* :func:`read_dicom` -- both, then :func:`common.imaging.preprocess.standardize`.
+
+Anything that must not be guessed raises :class:`common.errors.RefusedImage`
+with a one-line reason. The documented choices are in ``docs/dicom.md``.
+
+Hostile input: files are parsed with large values deferred, so nothing of the
+pixel data is read before :func:`check_pixel_budget` has compared the header's
+Rows x Columns x NumberOfFrames x SamplesPerPixel with the budget; colour
+images (:func:`check_greyscale`) and Modality LUTs giving non-finite values or
+an image without dynamic range are refused, naming the field and its value.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.uid import UID
+
+from common.config.site import DEFAULT_MAX_PIXELS
+from common.errors import RefusedImage
+from common.imaging.image import ImageMeta, MammoImage
+from common.imaging.preprocess import standardize
+from common.keys import (
+    FOR_PRESENTATION,
+    FOR_PROCESSING,
+    LEFT,
+    RIGHT,
+    SPACING_CONFIG,
+    SPACING_IMAGER,
+    SPACING_IMAGER_MAG,
+    SPACING_PIXEL,
+    VIEW_CC,
+    VIEW_MLO,
+)
+
+log = logging.getLogger(__name__)
+
+#: Plausible mm per pixel for a mammogram; values outside are treated as absent.
+MIN_SPACING_MM = 0.01
+MAX_SPACING_MM = 1.0
+#: A pixel array smaller than this on either side is not a mammogram.
+MIN_SIDE_PX = 64
+#: ``laterality_source`` values set here (``"breast-side"`` comes from preprocess).
+LATERALITY_IMAGE = "ImageLaterality"
+LATERALITY_SERIES = "Laterality"
+#: :func:`read_header` only: the header does not say and pixels were not read.
+LATERALITY_UNKNOWN = "unknown"
+#: Values larger than this are read from the file only when used (PixelData):
+#: the header checks run before any pixel byte is read.
+DEFER_SIZE = "64 KB"
+#: The only photometric interpretations read (greyscale).
+GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+#: Percentiles used to normalize FOR PROCESSING images after the log transform.
+PROCESSING_PERCENTILES = (0.01, 99.99)
+
+#: SOP classes that are mammography by definition.
+MAMMO_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image - For Processing",
+}
+#: Projection-radiography modalities accepted when BodyPartExamined is BREAST.
+PROJECTION_MODALITIES = frozenset({"MG", "RG", "DX", "CR", "OT", "SC", ""})
+
+#: Which package decodes which transfer syntax (for the refusal message).
+DECODER_PACKAGES: dict[str, str] = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg or gdcm",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg or gdcm",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg or gdcm",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg or gdcm",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg-libjpeg, pyjpegls or gdcm",
+    "1.2.840.10008.1.2.4.81": "pylibjpeg-libjpeg, pyjpegls or gdcm",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg or gdcm",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg or gdcm",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle (or pydicom's own RLE decoder)",
+}
+
+#: ViewCodeSequence codes (SNOMED-RT and SNOMED CT) -> view word.
+VIEW_CODES: dict[str, str] = {
+    "R-10242": VIEW_CC,
+    "399162004": VIEW_CC,
+    "R-10226": VIEW_MLO,
+    "399368009": VIEW_MLO,
+    "R-10224": "ML",
+    "399260004": "ML",
+    "R-10236": "LM",
+    "399352003": "LM",
+}
+#: CodeMeaning (lower case, hyphens and spaces removed) -> view word.
+VIEW_MEANINGS: dict[str, str] = {
+    "craniocaudal": VIEW_CC,
+    "mediolateraloblique": VIEW_MLO,
+    "mediolateral": "ML",
+    "lateromedial": "LM",
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    """First line of an exception's message, prefixed with its type."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _str(ds: Dataset, keyword: str) -> str:
+    """A header string, stripped; ``""`` when absent or empty."""
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        value = value[0] if len(value) else ""
+    return str(value).strip()
+
+
+def is_dicom(path: str | Path) -> bool:
+    """Whether ``path`` is a DICOM file, judged by content, not by suffix.
+
+    True when bytes 128..132 are ``DICM``, or when pydicom (forced) parses a
+    dataset holding at least one of SOPClassUID, Modality or Rows.
+    """
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    try:
+        ds = pydicom.dcmread(p, force=True, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
+        return False
+    return any(k in ds for k in ("SOPClassUID", "Modality", "Rows"))
+
+
+def _read_dataset(path: str | Path) -> Dataset:
+    """Parse a file, deferring values over :data:`DEFER_SIZE` (PixelData).
+
+    Deferred values are read from the file when first used, so header checks
+    cost no pixel memory. Unreadable or non-DICOM files are refused.
+    """
+    try:
+        return pydicom.dcmread(path, force=True, defer_size=DEFER_SIZE)
+    except FileNotFoundError as exc:
+        raise RefusedImage(str(path), f"file not found: {_one_line(exc)}") from exc
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
+        raise RefusedImage(
+            str(path), f"unreadable DICOM (truncated or corrupt): {_one_line(exc)}"
+        ) from exc
+
+
+def check_breast_image(ds: Dataset, path: str | Path) -> None:
+    """Refuse a dataset that is not a breast projection image.
+
+    Accepted when Modality is MG, or the SOP class is a digital mammography
+    class, or BodyPartExamined is BREAST on a projection modality (RG, DX, CR,
+    OT or blank, e.g. digitised film stored as Secondary Capture). A CT, MR or
+    ultrasound of the breast is refused.
+    """
+    modality = _str(ds, "Modality").upper()
+    sop = _str(ds, "SOPClassUID")
+    body = _str(ds, "BodyPartExamined").upper()
+    if modality == "MG" or sop in MAMMO_SOP_CLASSES:
+        return
+    if body == "BREAST" and modality in PROJECTION_MODALITIES:
+        return
+    sop_name = UID(sop).name if sop else "absent"
+    raise RefusedImage(
+        str(path),
+        f"not a breast projection image: Modality={modality or 'absent'!r}, "
+        f"SOPClassUID={sop or 'absent'} ({sop_name}), "
+        f"BodyPartExamined={body or 'absent'!r}",
+    )
+
+
+def _valid_spacing(values: Any, keyword: str, path: str | Path) -> float | None:
+    """Row spacing in mm from a 2-valued spacing tag, or ``None`` if implausible."""
+    try:
+        row, col = (float(v) for v in values)
+    except (TypeError, ValueError):
+        log.warning("%s: %s=%r is not two numbers: ignored", path, keyword, values)
+        return None
+    for v in (row, col):
+        if not (math.isfinite(v) and MIN_SPACING_MM <= v <= MAX_SPACING_MM):
+            log.warning(
+                "%s: %s=[%s, %s] mm outside [%s, %s]: treated as absent",
+                path,
+                keyword,
+                row,
+                col,
+                MIN_SPACING_MM,
+                MAX_SPACING_MM,
+            )
+            return None
+    if abs(row - col) > 0.01 * row:
+        log.warning(
+            "%s: %s=[%s, %s] is anisotropic: using the row spacing %s mm",
+            path,
+            keyword,
+            row,
+            col,
+            row,
+        )
+    return row
+
+
+def resolve_spacing(
+    ds: Dataset, path: str | Path, default_spacing_mm: float | None = None
+) -> tuple[float, str]:
+    """``(mm per stored pixel, source)`` with source one of ``common.keys.SPACING_*``.
+
+    Order: PixelSpacing; ImagerPixelSpacing divided by
+    EstimatedRadiographicMagnificationFactor when present (and plausible);
+    the site default; else refuse. Implausible values are logged and skipped.
+    """
+    if "PixelSpacing" in ds and ds.PixelSpacing is not None:
+        mm = _valid_spacing(ds.PixelSpacing, "PixelSpacing", path)
+        if mm is not None:
+            return mm, SPACING_PIXEL
+    if "ImagerPixelSpacing" in ds and ds.ImagerPixelSpacing is not None:
+        mm = _valid_spacing(ds.ImagerPixelSpacing, "ImagerPixelSpacing", path)
+        if mm is not None:
+            mag_raw = _str(ds, "EstimatedRadiographicMagnificationFactor")
+            if mag_raw:
+                try:
+                    mag = float(mag_raw)
+                except ValueError:
+                    mag = float("nan")
+                if math.isfinite(mag) and 0.5 <= mag <= 5.0:
+                    mm_mag = mm / mag
+                    if MIN_SPACING_MM <= mm_mag <= MAX_SPACING_MM:
+                        return mm_mag, SPACING_IMAGER_MAG
+                log.warning(
+                    "%s: EstimatedRadiographicMagnificationFactor=%r implausible: "
+                    "using ImagerPixelSpacing unchanged",
+                    path,
+                    mag_raw,
+                )
+            return mm, SPACING_IMAGER
+    if default_spacing_mm is not None:
+        if not (MIN_SPACING_MM <= default_spacing_mm <= MAX_SPACING_MM):
+            raise ValueError(
+                f"default_spacing_mm={default_spacing_mm} outside "
+                f"[{MIN_SPACING_MM}, {MAX_SPACING_MM}] mm"
+            )
+        return float(default_spacing_mm), SPACING_CONFIG
+    raise RefusedImage(
+        str(path),
+        "no usable pixel spacing (PixelSpacing/ImagerPixelSpacing absent or "
+        "implausible) and no site default_spacing_mm",
+    )
+
+
+def resolve_laterality(ds: Dataset) -> tuple[str | None, str | None]:
+    """``(laterality, source)`` from ImageLaterality then Laterality; else Nones."""
+    for keyword, source in (
+        ("ImageLaterality", LATERALITY_IMAGE),
+        ("Laterality", LATERALITY_SERIES),
+    ):
+        value = _str(ds, keyword).upper()
+        if value in (LEFT, RIGHT):
+            return value, source
+    return None, None
+
+
+def resolve_view(ds: Dataset) -> str | None:
+    """View word from ViewPosition, else from ViewCodeSequence; ``None`` if neither.
+
+    ViewPosition is returned upper-case as written (``CC``, ``MLO``, ``ML``, ...).
+    ViewCodeSequence is mapped by CodeValue (SNOMED-RT ``R-10242``/SNOMED CT
+    ``399162004`` -> CC, ``R-10226``/``399368009`` -> MLO, ML, LM), then by
+    CodeMeaning (``cranio-caudal``, ``medio-lateral oblique``, ...).
+    """
+    vp = _str(ds, "ViewPosition").upper()
+    if vp:
+        return vp
+    seq = ds.get("ViewCodeSequence")
+    if not seq:
+        return None
+    item = seq[0]
+    code = str(item.get("CodeValue", "")).strip()
+    if code in VIEW_CODES:
+        return VIEW_CODES[code]
+    meaning = str(item.get("CodeMeaning", "")).lower()
+    key = meaning.replace("-", "").replace(" ", "")
+    return VIEW_MEANINGS.get(key)
+
+
+def chest_wall_hint(ds: Dataset) -> str | None:
+    """``"left"``/``"right"`` from PatientOrientation's row direction, else ``None``.
+
+    Row direction ``A`` (columns run towards the nipple) puts the chest wall at
+    the left edge; ``P`` at the right edge. Other values say nothing.
+    """
+    po = ds.get("PatientOrientation")
+    if not po:
+        return None
+    first = str(po[0]).strip().upper()
+    if first.startswith("A"):
+        return "left"
+    if first.startswith("P"):
+        return "right"
+    return None
+
+
+def read_header(
+    path: str | Path, *, default_spacing_mm: float | None = None
+) -> ImageMeta:
+    """Header facts of a DICOM file without decoding its pixels.
+
+    Checks that the file is a breast image and that a spacing can be found; it
+    does not require pixel data (so shrunk or pixel-less test files still expose
+    their metadata). When the header gives no laterality, ``laterality`` is
+    ``""`` and ``laterality_source`` is :data:`LATERALITY_UNKNOWN` (the pixel
+    reader infers it from the breast side).
+
+    Raises:
+        RefusedImage: unreadable file, not a breast image, no usable spacing.
+    """
+    ds = _read_dataset(path)
+    return _meta(ds, path, default_spacing_mm)
+
+
+def _meta(ds: Dataset, path: str | Path, default_spacing_mm: float | None) -> ImageMeta:
+    """Build the ImageMeta of a parsed dataset (no pixel access)."""
+    check_breast_image(ds, path)
+    spacing, spacing_source = resolve_spacing(ds, path, default_spacing_mm)
+    laterality, lat_source = resolve_laterality(ds)
+    intent = _str(ds, "PresentationIntentType").upper() or None
+    photometric = _str(ds, "PhotometricInterpretation").upper() or None
+    return ImageMeta(
+        source=str(path),
+        sop_instance_uid=_str(ds, "SOPInstanceUID") or None,
+        patient_id=_str(ds, "PatientID") or None,
+        manufacturer=_str(ds, "Manufacturer"),
+        model=_str(ds, "ManufacturerModelName"),
+        view=resolve_view(ds),
+        laterality=laterality or "",
+        laterality_source=lat_source or LATERALITY_UNKNOWN,
+        stored_spacing_mm=float(spacing),
+        spacing_source=spacing_source,
+        presentation_intent=intent,
+        photometric=photometric,
+        rows=int(ds.get("Rows", 0) or 0),
+        cols=int(ds.get("Columns", 0) or 0),
+    )
+
+
+def _header_int(ds: Dataset, keyword: str, path: str | Path, default: int) -> int:
+    """An integer header value (``default`` when absent or empty).
+
+    Raises:
+        RefusedImage: the value is not an integer or is negative (naming both).
+    """
+    try:
+        raw = ds.get(keyword)
+        if isinstance(raw, pydicom.multival.MultiValue):
+            raw = raw[0] if len(raw) else None
+        if raw is None or str(raw).strip() == "":
+            return default
+        value = int(raw)
+    except (TypeError, ValueError, OverflowError) as exc:
+        shown = ds[keyword].value if keyword in ds else None
+        raise RefusedImage(
+            str(path), f"{keyword}={shown!r} is not an integer: {_one_line(exc)}"
+        ) from exc
+    if value < 0:
+        raise RefusedImage(str(path), f"{keyword}={value} is negative")
+    return value
+
+
+def check_pixel_budget(
+    ds: Dataset, path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> None:
+    """Refuse a file whose decoded pixels would exceed the budget (header only).
+
+    ``samples`` = Rows x Columns x NumberOfFrames x SamplesPerPixel and decoded
+    bytes = ``samples`` x ceil(BitsAllocated / 8), from the header alone (no
+    pixel byte is read or decoded). Refused when ``samples > max_pixels`` or
+    the bytes exceed ``2 * max_pixels`` (16 bits a sample). ``None`` disables
+    the check.
+
+    Raises:
+        RefusedImage: over budget, naming the fields and their values.
+    """
+    if max_pixels is None:
+        return
+    rows = _header_int(ds, "Rows", path, 0)
+    cols = _header_int(ds, "Columns", path, 0)
+    frames = _header_int(ds, "NumberOfFrames", path, 1)
+    spp = _header_int(ds, "SamplesPerPixel", path, 1)
+    bits = _header_int(ds, "BitsAllocated", path, 16)
+    samples = rows * cols * frames * spp
+    nbytes = samples * max(1, math.ceil(bits / 8))
+    if samples > max_pixels or nbytes > 2 * max_pixels:
+        raise RefusedImage(
+            str(path),
+            f"over the pixel budget: Rows x Columns x NumberOfFrames x "
+            f"SamplesPerPixel = {rows} x {cols} x {frames} x {spp} = {samples} "
+            f"samples, {nbytes} bytes decoded at BitsAllocated={bits} "
+            f"(max_pixels={max_pixels}: at most {max_pixels} samples and "
+            f"{2 * max_pixels} bytes)",
+        )
+
+
+def check_greyscale(ds: Dataset, path: str | Path) -> None:
+    """Refuse colour data (SamplesPerPixel != 1, or not MONOCHROME1/2).
+
+    Refused: SamplesPerPixel other than 1, and any PhotometricInterpretation
+    but MONOCHROME1 and MONOCHROME2 (RGB, YBR_*, PALETTE COLOR, absent...).
+
+    Raises:
+        RefusedImage: naming the field and its value.
+    """
+    spp = _header_int(ds, "SamplesPerPixel", path, 1)
+    if spp != 1:
+        raise RefusedImage(
+            str(path), f"not greyscale: SamplesPerPixel={spp} (expected 1)"
+        )
+    photometric = _str(ds, "PhotometricInterpretation").upper()
+    if photometric not in GREYSCALE:
+        raise RefusedImage(
+            str(path),
+            f"not greyscale: PhotometricInterpretation={photometric or 'absent'!r} "
+            f"(expected {' or '.join(GREYSCALE)})",
+        )
+
+
+def check_pixel_data(
+    ds: Dataset, path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> None:
+    """Refuse what cannot or should not be decoded, before decoding.
+
+    No PixelData; over the pixel budget (:func:`check_pixel_budget`); a
+    transfer syntax with no installed decoder (naming the UID, its name and the
+    package that would decode it); multi-frame or colour data
+    (:func:`check_greyscale`); a grid smaller than :data:`MIN_SIDE_PX` on a
+    side. Reads the header only.
+    """
+    if "PixelData" not in ds:
+        raise RefusedImage(str(path), "no pixel data (PixelData element missing)")
+    check_pixel_budget(ds, path, max_pixels)
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is not None:
+        ts = UID(str(ts))
+        package = DECODER_PACKAGES.get(str(ts), "no known package")
+        known = ts.is_transfer_syntax
+        label = f"{ts.name} ({ts})" if known else f"unknown/private syntax {ts}"
+        try:
+            decoder = get_decoder(ts)
+        except NotImplementedError as exc:
+            needs = (
+                f"needs {package}"
+                if package != "no known package"
+                else ("no installed pixel decoder handles it")
+            )
+            raise RefusedImage(
+                str(path), f"unsupported transfer syntax {label}: {needs}"
+            ) from exc
+        if not decoder.is_available:
+            raise RefusedImage(
+                str(path), f"transfer syntax {label} needs {package}, none installed"
+            )
+    frames = _header_int(ds, "NumberOfFrames", path, 1)
+    if frames > 1:
+        raise RefusedImage(
+            str(path), f"multi-frame image (NumberOfFrames={frames}) not supported"
+        )
+    check_greyscale(ds, path)
+    rows, cols = _header_int(ds, "Rows", path, 0), _header_int(ds, "Columns", path, 0)
+    if rows < MIN_SIDE_PX or cols < MIN_SIDE_PX:
+        raise RefusedImage(
+            str(path),
+            f"pixel array {rows}x{cols} (Rows x Columns) too small for a mammogram "
+            f"(< {MIN_SIDE_PX} px a side)",
+        )
+
+
+def _window(
+    values: np.ndarray, center: float, width: float, function: str
+) -> np.ndarray:
+    """PS3.3 C.11.2.1.2 windowing to ``[0, 1]`` (LINEAR, LINEAR_EXACT, SIGMOID)."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    if width <= 1:
+        return (values > center - 0.5).astype(np.float64)
+    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _voi_lut(values: np.ndarray, item: Dataset, path: str | Path) -> np.ndarray:
+    """Apply one VOI LUT Sequence item; output scaled to ``[0, 1]``."""
+    try:
+        n, first, bits = (int(v) for v in item.LUTDescriptor)
+        raw = item.LUTData
+        if isinstance(raw, bytes | bytearray):
+            # LUTData may be stored as OW: 16-bit little-endian words.
+            data = np.frombuffer(bytes(raw), dtype="<u2").astype(np.float64)
+        else:
+            data = np.asarray(raw, dtype=np.float64).ravel()
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise RefusedImage(
+            str(path), f"VOILUTSequence item unusable: {_one_line(exc)}"
+        ) from exc
+    n = n or 65536
+    if data.size < 1:
+        raise RefusedImage(str(path), "VOILUTSequence item has empty LUTData")
+    n = min(n, data.size)
+    idx = np.clip(np.rint(values - first), 0, n - 1).astype(np.int64)
+    out = data[idx]
+    top = max(float(2**bits - 1), float(data[:n].max()), 1.0)
+    return out / top
+
+
+def _invert(ds: Dataset) -> bool:
+    """Whether low stored values mean bright: MONOCHROME1, or MONOCHROME2 + INVERSE.
+
+    DICOM requires PresentationLUTShape INVERSE together with MONOCHROME1 for
+    DX/MG, and both describe the same single inversion; INVERSE on a MONOCHROME2
+    image inverts it.
+    """
+    photometric = _str(ds, "PhotometricInterpretation").upper()
+    shape = _str(ds, "PresentationLUTShape").upper()
+    return photometric == "MONOCHROME1" or (
+        photometric == "MONOCHROME2" and shape == "INVERSE"
+    )
+
+
+def _rescale_text(ds: Dataset) -> str:
+    """``RescaleSlope=..., RescaleIntercept=...`` as written in the header."""
+    parts = []
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        if keyword in ds:
+            parts.append(f"{keyword}={str(ds[keyword].value).strip()!r}")
+        else:
+            parts.append(f"{keyword} absent")
+    return ", ".join(parts)
+
+
+def check_rescale(ds: Dataset, path: str | Path) -> None:
+    """Refuse a RescaleSlope/RescaleIntercept that is not a finite number.
+
+    A slope of 0 is refused too (every pixel would get the same value).
+
+    Raises:
+        RefusedImage: naming the field and its value.
+    """
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        if keyword not in ds:
+            continue
+        text = ""
+        try:
+            raw = ds[keyword].value
+            if isinstance(raw, pydicom.multival.MultiValue):
+                raw = raw[0] if len(raw) else ""
+            text = str(raw).strip()
+            value = float(text) if text else None
+        except (TypeError, ValueError, IndexError) as exc:
+            raise RefusedImage(
+                str(path), f"Modality LUT: {keyword}={text!r} is not a number"
+            ) from exc
+        if value is None:
+            continue
+        if not math.isfinite(value) or (keyword == "RescaleSlope" and value == 0):
+            what = "non-zero number" if keyword == "RescaleSlope" else "number"
+            raise RefusedImage(
+                str(path), f"Modality LUT: {keyword}={text!r} is not a finite {what}"
+            )
+
+
+def to_unit_range(arr: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarray:
+    """Stored values float[rows, cols] -> float32 ``[0, 1]``, dense tissue bright.
+
+    Modality LUT first. FOR PROCESSING: ``log1p(v - min)`` then percentiles
+    :data:`PROCESSING_PERCENTILES` to 0..1. Otherwise (FOR PRESENTATION or no
+    intent): the first window (WindowCenter/WindowWidth with VOILUTFunction),
+    else the first VOILUTSequence item, else min..max. Finally MONOCHROME1 (or
+    MONOCHROME2 with INVERSE) is inverted.
+
+    Raises:
+        RefusedImage: the Modality LUT is not finite (:func:`check_rescale`) or
+            gives a value that is not finite (e.g. RescaleSlope=1e308).
+    """
+    check_rescale(ds, path)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    lo_v, hi_v = float(values.min()), float(values.max())
+    if not (math.isfinite(lo_v) and math.isfinite(hi_v)):
+        raise RefusedImage(
+            str(path),
+            f"Modality LUT gives non-finite values (min {lo_v}, max {hi_v}): "
+            f"{_rescale_text(ds)}",
+        )
+    intent = _str(ds, "PresentationIntentType").upper()
+    if intent == FOR_PROCESSING:
+        logv = np.log1p(np.maximum(values - values.min(), 0.0))
+        lo, hi = np.percentile(logv, PROCESSING_PERCENTILES)
+        out = (logv - lo) / (hi - lo) if hi > lo else np.zeros_like(logv)
+    else:
+        if intent and intent != FOR_PRESENTATION:
+            log.warning(
+                "%s: PresentationIntentType=%r unknown: windowing", path, intent
+            )
+        out = _presentation(values, ds, path)
+    out = np.clip(out, 0.0, 1.0)
+    if _invert(ds):
+        out = 1.0 - out
+    return out.astype(np.float32)
+
+
+def _presentation(values: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarray:
+    """VOI transform of a FOR PRESENTATION image to ``[0, 1]`` (see to_unit_range)."""
+    centers = ds.get("WindowCenter")
+    widths = ds.get("WindowWidth")
+    if centers is not None and widths is not None:
+        try:
+            c = float(
+                centers[0]
+                if isinstance(centers, pydicom.multival.MultiValue)
+                else centers
+            )
+            w = float(
+                widths[0] if isinstance(widths, pydicom.multival.MultiValue) else widths
+            )
+        except (TypeError, ValueError, IndexError):
+            c, w = float("nan"), float("nan")
+        if math.isfinite(c) and math.isfinite(w) and w > 0:
+            function = _str(ds, "VOILUTFunction").upper() or "LINEAR"
+            if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+                log.warning("%s: VOILUTFunction=%r unknown: LINEAR", path, function)
+                function = "LINEAR"
+            return _window(values, c, w, function)
+        log.warning(
+            "%s: WindowCenter=%r WindowWidth=%r unusable: trying VOILUTSequence",
+            path,
+            centers,
+            widths,
+        )
+    seq = ds.get("VOILUTSequence")
+    if seq:
+        return _voi_lut(values, seq[0], path)
+    lo, hi = float(values.min()), float(values.max())
+    return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+
+
+def decode_pixels(
+    ds: Dataset, path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode and normalize to float32[rows, cols] in ``[0, 1]``, stored space.
+
+    Dense tissue is bright. The header is checked (:func:`check_pixel_data`,
+    with the pixel budget ``max_pixels``) before any pixel byte is read.
+
+    Raises:
+        RefusedImage: see :func:`check_pixel_data` and :func:`to_unit_range`;
+            the decoder failed (truncated or corrupt pixel data); or the result
+            has no dynamic range (every pixel equal: never an all-zero or
+            constant training image).
+        MemoryError: passed on (the ingest reports it per file).
+    """
+    check_pixel_data(ds, path, max_pixels=max_pixels)
+    try:
+        arr = ds.pixel_array
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - decoder errors have many types
+        raise RefusedImage(
+            str(path), f"pixel data cannot be decoded: {_one_line(exc)}"
+        ) from exc
+    if arr.ndim != 2:
+        raise RefusedImage(
+            str(path), f"pixel array has shape {arr.shape}, expected 2-D"
+        )
+    unit = to_unit_range(arr, ds, path)
+    lo, hi = float(unit.min()), float(unit.max())
+    if not hi > lo:
+        raise RefusedImage(
+            str(path),
+            f"no dynamic range after the Modality LUT and VOI: every pixel is {lo} "
+            f"(stored values {arr.min()}..{arr.max()}; {_rescale_text(ds)})",
+        )
+    return unit
+
+
+def read_dicom(
+    path: str | Path,
+    *,
+    working_spacing_mm: float,
+    default_spacing_mm: float | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> MammoImage:
+    """Read, decode and standardize one DICOM mammogram.
+
+    Returns a :class:`MammoImage` whose pixels are float32[H, W] in ``[0, 1]`` in
+    model space (cropped, breast on the left, at ``working_spacing_mm``) and whose
+    Geometry maps boxes between the file's stored grid and model space. Every
+    header check, the pixel budget ``max_pixels`` included, runs before the
+    pixel data is read from the file.
+
+    Raises:
+        RefusedImage: one-line reason (unreadable, not a breast image, no pixel
+            data, over the pixel budget, colour, no decoder, too small, no
+            spacing, non-finite Modality LUT, no dynamic range, decode failure).
+    """
+    ds = _read_dataset(path)
+    check_breast_image(ds, path)
+    check_pixel_data(ds, path, max_pixels=max_pixels)
+    meta = _meta(ds, path, default_spacing_mm)
+    unit = decode_pixels(ds, path, max_pixels=max_pixels)
+    pixels, geometry, laterality, lat_source = standardize(
+        unit,
+        stored_spacing_mm=meta.stored_spacing_mm,
+        laterality=meta.laterality or None,
+        working_spacing_mm=working_spacing_mm,
+        chest_wall_hint=chest_wall_hint(ds),
+        laterality_source=meta.laterality_source,
+    )
+    meta = ImageMeta(
+        **{**meta.to_dict(), "laterality": laterality, "laterality_source": lat_source}
+    )
+    log.debug(
+        "%s: %s %s %s, %s mm (%s) -> %s",
+        path,
+        meta.laterality,
+        meta.view,
+        meta.presentation_intent,
+        meta.stored_spacing_mm,
+        meta.spacing_source,
+        geometry,
+    )
+    return MammoImage(pixels, float(working_spacing_mm), geometry, meta)

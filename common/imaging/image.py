@@ -1,0 +1,73 @@
+"""The in-memory form of one mammogram after decoding and standardization."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from common.imaging.geometry import Geometry
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What the file said (or what was inferred, with its source named).
+
+    Attributes:
+        source: path of the file as given to the reader.
+        sop_instance_uid: DICOM SOPInstanceUID, ``None`` for research images.
+        patient_id: DICOM PatientID (or the dataset's woman id); groups splits.
+        manufacturer, model: strings from the header ("" when blank).
+        view: ``"CC"``, ``"MLO"``, another ViewPosition word, or ``None``.
+        laterality: ``"L"`` or ``"R"``.
+        laterality_source: ``"ImageLaterality"``, ``"Laterality"``,
+            ``"breast-side"`` or ``"table"``.
+        stored_spacing_mm: mm per stored pixel (row spacing; columns assumed equal).
+        spacing_source: one of ``common.keys.SPACING_*``.
+        presentation_intent: ``"FOR PRESENTATION"``, ``"FOR PROCESSING"`` or ``None``.
+        photometric: ``"MONOCHROME1"``, ``"MONOCHROME2"`` or ``None``.
+        rows, cols: stored grid size.
+    """
+
+    source: str
+    sop_instance_uid: str | None
+    patient_id: str | None
+    manufacturer: str
+    model: str
+    view: str | None
+    laterality: str
+    laterality_source: str
+    stored_spacing_mm: float
+    spacing_source: str
+    presentation_intent: str | None
+    photometric: str | None
+    rows: int
+    cols: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImageMeta:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class MammoImage:
+    """A standardized mammogram in model space.
+
+    Attributes:
+        pixels: float32[H, W] in ``[0, 1]``, model space: cropped to the breast,
+            breast on the left (chest wall at x = 0), dense tissue bright.
+        spacing_mm: mm per model-space pixel (the working spacing).
+        geometry: maps boxes between the file's stored grid and ``pixels``.
+        meta: header facts and their provenance.
+    """
+
+    pixels: np.ndarray
+    spacing_mm: float
+    geometry: Geometry
+    meta: ImageMeta

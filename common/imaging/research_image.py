@@ -1,0 +1,150 @@
+"""Read research images (PNG/TIFF, 8 or 16 bit greyscale) into a :class:`MammoImage`.
+
+Research sets (e.g. mini-MIAS) carry no header: the spacing comes from the
+dataset table or the site config, laterality from the table or from the breast
+side. Pixel values are taken as they are (dense bright), scaled by the bit
+depth's full range to ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from common.errors import RefusedImage
+from common.imaging.image import ImageMeta, MammoImage
+from common.imaging.preprocess import standardize
+from common.keys import LEFT, RIGHT, SPACING_TABLE
+
+log = logging.getLogger(__name__)
+
+#: Suffixes read by :func:`read_research_image` (lower case).
+RESEARCH_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
+#: ``laterality_source`` when the caller (a dataset table) gives the laterality.
+LATERALITY_TABLE = "table"
+#: Smallest plausible side, as for DICOM.
+MIN_SIDE_PX = 64
+
+
+def load_grey01(path: str | Path) -> np.ndarray:
+    """Decode a PNG/TIFF to float32[H, W] in ``[0, 1]`` (stored space).
+
+    8-bit images are divided by 255, 16-bit by 65535 (or by the next power of
+    two above the maximum when the data visibly uses fewer bits, e.g. 12-bit
+    data in a 16-bit PNG), float images are clipped to ``[0, 1]``. RGB images
+    whose channels are equal are accepted as greyscale.
+
+    Raises:
+        RefusedImage: unreadable file, colour image, unsupported mode, too small.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            arr = np.asarray(img)
+    except FileNotFoundError as exc:
+        raise RefusedImage(str(path), f"file not found: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise RefusedImage(str(path), f"unreadable image: {exc}") from exc
+    if arr.ndim == 3:
+        channels = arr[..., :3]
+        if not (
+            np.array_equal(channels[..., 0], channels[..., 1])
+            and np.array_equal(channels[..., 0], channels[..., 2])
+        ):
+            raise RefusedImage(
+                str(path), f"colour image (mode {mode}): expected greyscale"
+            )
+        arr = channels[..., 0]
+    if arr.ndim != 2:
+        raise RefusedImage(str(path), f"image has shape {arr.shape}, expected 2-D")
+    rows, cols = arr.shape
+    if rows < MIN_SIDE_PX or cols < MIN_SIDE_PX:
+        raise RefusedImage(
+            str(path),
+            f"image {rows}x{cols} too small for a mammogram "
+            f"(< {MIN_SIDE_PX} px a side)",
+        )
+    if arr.dtype == np.uint8 or arr.dtype == bool:
+        out = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr
+    elif arr.dtype.kind in "ui":
+        top = float(arr.max())
+        full = float(np.iinfo(arr.dtype).max)
+        bits = max(8, int(np.ceil(np.log2(top + 1)))) if top > 0 else 8
+        denom = min(full, float(2**bits - 1))
+        if denom < full:
+            log.debug(
+                "%s: %s data uses %d bits: scaling by %d", path, arr.dtype, bits, denom
+            )
+        out = arr.astype(np.float32) / denom
+    elif arr.dtype.kind == "f":
+        out = arr.astype(np.float32)
+    else:
+        raise RefusedImage(
+            str(path), f"unsupported pixel type {arr.dtype} (mode {mode})"
+        )
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def read_research_image(
+    path: str | Path,
+    *,
+    spacing_mm: float,
+    working_spacing_mm: float,
+    laterality: str | None = None,
+    view: str | None = None,
+    patient_id: str | None = None,
+) -> MammoImage:
+    """Read and standardize a PNG/TIFF research mammogram.
+
+    Args:
+        path: the image file.
+        spacing_mm: mm per stored pixel (from the dataset table or site config).
+        working_spacing_mm: mm per model-space pixel.
+        laterality: ``"L"``/``"R"`` from the dataset table, or ``None`` to infer
+            it from the breast side.
+        view: view word (``"CC"``, ``"MLO"``...) if known.
+        patient_id: the woman's id (groups the patient-level split).
+
+    Returns:
+        MammoImage with float32[H, W] model-space pixels in ``[0, 1]``.
+
+    Raises:
+        RefusedImage: unreadable/colour/too small image.
+        ValueError: non-positive spacing or a laterality other than L/R/None.
+    """
+    if not spacing_mm > 0:
+        raise ValueError(f"{path}: spacing_mm must be positive, got {spacing_mm}")
+    if laterality is not None and laterality not in (LEFT, RIGHT):
+        raise ValueError(
+            f"{path}: laterality must be 'L', 'R' or None, got {laterality!r}"
+        )
+    unit = load_grey01(path)
+    pixels, geometry, lat, lat_source = standardize(
+        unit,
+        stored_spacing_mm=spacing_mm,
+        laterality=laterality,
+        working_spacing_mm=working_spacing_mm,
+        laterality_source=LATERALITY_TABLE,
+    )
+    rows, cols = unit.shape
+    meta = ImageMeta(
+        source=str(path),
+        sop_instance_uid=None,
+        patient_id=patient_id,
+        manufacturer="",
+        model="",
+        view=view,
+        laterality=lat,
+        laterality_source=lat_source,
+        stored_spacing_mm=float(spacing_mm),
+        spacing_source=SPACING_TABLE,
+        presentation_intent=None,
+        photometric=None,
+        rows=rows,
+        cols=cols,
+    )
+    return MammoImage(pixels, float(working_spacing_mm), geometry, meta)

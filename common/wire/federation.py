@@ -1,0 +1,450 @@
+"""What the federation's two sides agree on: config schema, record keys, metrics.
+
+Both ``server/`` and ``client/`` import this module; neither imports the other.
+
+* :class:`FederationConfig` is the typed form of ``configs/federation/*.yaml``
+  (frozen dataclasses, validated by :func:`common.config.load_config`).
+* Run-config and node-config keys (what ``flwr run --run-config`` and
+  ``flower-supernode --node-config`` carry) are constants here.
+* :class:`FitInstructions` is the typed form of the ``ConfigRecord`` the server
+  sends with every train/evaluate message.
+* :data:`METRIC_WHITELIST` is the only set of metric names a site may send.
+* :func:`arrays_to_record` / :func:`record_to_arrays` convert between
+  ``dict[str, numpy.ndarray]`` and Flower's ``ArrayRecord``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from common.config.loader import bounded, from_mapping, load_yaml, path_field
+from common.errors import ConfigError
+from common.keys import (
+    CPM_CALCIFICATION,
+    CPM_MASS,
+    CPM_MEAN,
+    DP_EPSILON,
+    LOCAL_EPOCHS,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    SKIPPED_STEPS,
+    TRAIN_LOSS,
+)
+
+if TYPE_CHECKING:  # Flower is imported where records are built, not at import
+    from flwr.app import ArrayRecord, ConfigRecord
+
+# --- metric names only the federation uses --------------------------------
+EVAL_LOSS = "eval-loss"
+ACCURACY = "accuracy"
+
+#: Every scalar metric name a site may put in a reply's MetricRecord. A reply
+#: with any other name is refused by the client guard and dropped by the server.
+METRIC_WHITELIST: frozenset[str] = frozenset(
+    {
+        NUM_EXAMPLES,
+        TRAIN_LOSS,
+        SKIPPED_STEPS,
+        EVAL_LOSS,
+        ACCURACY,
+        CPM_MASS,
+        CPM_CALCIFICATION,
+        CPM_MEAN,
+        DP_EPSILON,
+    }
+)
+
+# --- ConfigRecord keys (server -> client instructions) ---------------------
+LEARNING_RATE = "learning-rate"
+BATCH_SIZE = "batch-size"
+LOCAL_NORM = "local-norm"
+PERSONAL_HEAD = "personal-head"
+TRAINER = "trainer"
+
+# --- run config keys ([tool.flwr.app.config], `flwr run --run-config`) ------
+RUN_FEDERATION_CONFIG = "federation-config"
+RUN_FEDERATION_JSON = "federation-json"
+RUN_DIR = "run-dir"
+
+# --- node config keys (`flower-supernode --node-config`) ------------------
+NODE_SITE_CONFIG = "site-config"
+NODE_SITE = "site"
+NODE_DATA_DIR = "data-dir"
+NODE_STATE_DIR = "state-dir"
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+
+def round_problems(row: Mapping[str, Any], *, rejected: bool = True) -> list[str]:
+    """One line per node that failed (train or evaluate) in a ``rounds.jsonl`` row.
+
+    ``"round R PHASE node N (CHECK): REASON"``; with ``rejected`` also the
+    train updates the server's validation dropped; sampled nodes that never
+    replied read ``(silent)``. Missing sections are empty.
+    """
+    kinds = [(phase, "failed") for phase in ("train", "evaluate")]
+    if rejected:
+        kinds.append(("train", "rejected"))
+    lines = [
+        f"round {row.get('round')} {phase} node {f.get('node')} "
+        f"({f.get('check')}): {f.get('reason')}"
+        for phase, kind in kinds
+        for f in (row.get(phase) or {}).get(kind) or []
+    ]
+    return lines + [
+        f"round {row.get('round')} {phase} node {node} (silent): no reply before "
+        "the round timeout"
+        for phase in ("train", "evaluate")
+        for node in (row.get(phase) or {}).get("silent") or []
+    ]
+
+
+@dataclass(frozen=True)
+class PersonalizationConfig:
+    """Which state each site keeps to itself.
+
+    Attributes:
+        local_norm: FedBN: normalization layers (weights and running
+            statistics) stay on the site and are never sent.
+        personal_head: FedPer: the prediction head stays on the site.
+    """
+
+    local_norm: bool = False
+    personal_head: bool = False
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server strategy choice (registry name in ``server.strategies``).
+
+    Attributes:
+        name: ``fedavg``, ``fedprox``, ``personalized``, or a robust aggregator:
+            ``fedmedian`` (coordinate-wise median) or ``fedtrimmedavg``
+            (coordinate-wise trimmed mean); the robust ones work with or
+            without personalization (they aggregate the shared arrays only).
+        proximal_mu: FedProx proximal weight (sent to clients; they apply it).
+        trim_beta: ``fedtrimmedavg`` cuts ``floor(trim_beta * n)`` of the ``n``
+            values at each end of every coordinate; the default 0.34 cuts one
+            of 3 or 4 updates, two of 6 (0.2, Flower's default, cuts none below
+            5 updates).
+    """
+
+    name: str = "fedavg"
+    proximal_mu: float = field(default=0.0, metadata=bounded(0.0, None))
+    trim_beta: float = field(default=0.34, metadata=bounded(0.0, 0.49))
+
+
+@dataclass(frozen=True)
+class ParticipationConfig:
+    """Who takes part in a round, and how long anyone waits.
+
+    Attributes:
+        fraction_train: fraction of connected nodes sampled for training.
+        fraction_evaluate: fraction sampled for evaluation (0 skips it).
+        min_train_nodes: at least this many nodes are sampled for training.
+        min_evaluate_nodes: at least this many for evaluation.
+        min_available_nodes: a round starts only when this many are connected.
+        wait_for_nodes_s: longest wait for ``min_available_nodes`` per round;
+            after it the round is skipped (previous global kept). Never infinite.
+        round_timeout_s: longest wait for replies in one phase of a round.
+        min_valid_updates: a round with fewer valid updates keeps the previous
+            global model.
+    """
+
+    fraction_train: float = field(default=1.0, metadata=bounded(0.0, 1.0))
+    fraction_evaluate: float = field(default=1.0, metadata=bounded(0.0, 1.0))
+    min_train_nodes: int = field(default=2, metadata=bounded(1, None))
+    min_evaluate_nodes: int = field(default=1, metadata=bounded(0, None))
+    min_available_nodes: int = field(default=2, metadata=bounded(1, None))
+    wait_for_nodes_s: float = field(default=120.0, metadata=bounded(0.0, 86400.0))
+    round_timeout_s: float = field(default=600.0, metadata=bounded(1.0, 86400.0))
+    min_valid_updates: int = field(default=1, metadata=bounded(1, None))
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Checks every update passes before aggregation (``server.validation``).
+
+    Attributes:
+        max_relative_update_norm: ``||w_site - w_global|| / max(||w_global||,
+            eps)`` over all shared arrays must not exceed this.
+        max_abs_value: no array value may exceed this in magnitude.
+        max_num_examples: a reply claiming more examples is dropped (an
+            inflated weight would let one site dominate the average).
+        clip_factor: robust aggregation: every accepted update whose delta
+            ``||w_site - w_global||_2`` (all shared arrays) exceeds
+            ``clip_factor x`` the round's lower median of the valid updates'
+            delta norms is scaled down to that bound (``0`` turns clipping off).
+        cap_num_examples: robust aggregation: a node's ``num-examples`` is
+            capped at what it declared in its first accepted train reply of the
+            run (trust on first use; see docs/federation.md).
+    """
+
+    max_relative_update_norm: float = field(default=5.0, metadata=bounded(1e-9, None))
+    max_abs_value: float = field(default=1e6, metadata=bounded(1e-9, None))
+    max_num_examples: int = field(default=10_000_000, metadata=bounded(1, None))
+    clip_factor: float = field(default=2.0, metadata=bounded(0.0, None))
+    cap_num_examples: bool = True
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Local training settings sent to sites each round.
+
+    Attributes:
+        name: registry name in ``client.trainer.TRAINERS`` (``toy``, ...).
+        local_epochs: epochs per round on each site.
+        learning_rate: local optimizer step size.
+        batch_size: local batch size.
+        options: trainer-specific settings (scalars only), e.g. the toy
+            trainer's ``num_examples``.
+    """
+
+    name: str = "toy"
+    local_epochs: int = field(default=1, metadata=bounded(1, 1000))
+    learning_rate: float = field(default=0.05, metadata=bounded(0.0, 10.0))
+    batch_size: int = field(default=16, metadata=bounded(1, 4096))
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """One federated run (``configs/federation/*.yaml``).
+
+    Attributes:
+        name: run name (default run directory ``runs/<name>``).
+        num_rounds: total rounds, counted across resumes.
+        seed: seed of model initialization and node sampling.
+        strategy, participation, validation, trainer, personalization: see
+            the nested classes.
+        sites: simulation only: ``partition-id`` ``i`` plays ``sites[i]``.
+        state_dir: where sites keep their state when their node config names
+            none (simulation and tests); ``<state_dir>/<site>/``.
+        run_dir: where the server writes checkpoints and ``rounds.jsonl``.
+        resume: continue from the last checkpoint in ``run_dir`` if present.
+        initial_arrays: optional ``.npz`` of initial shared arrays (names and
+            shapes must equal the model's shared arrays).
+        initial_checkpoint: optional detector checkpoint
+            (:mod:`common.detector.checkpoint`) whose weights start the run; its model
+            config must match ``trainer.options``. Without either, the server
+            builds the model from ``trainer`` with ``seed``; a node never
+            supplies the initial model.
+    """
+
+    name: str = "demo"
+    num_rounds: int = field(default=3, metadata=bounded(1, 100_000))
+    seed: int = 0
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    personalization: PersonalizationConfig = field(
+        default_factory=PersonalizationConfig
+    )
+    sites: tuple[str, ...] = ()
+    state_dir: Path | None = field(default=None, metadata=path_field(False))
+    run_dir: Path | None = field(default=None, metadata=path_field(False))
+    resume: bool = True
+    initial_arrays: Path | None = field(default=None, metadata=path_field(True))
+    initial_checkpoint: Path | None = field(default=None, metadata=path_field(True))
+
+    def __post_init__(self) -> None:
+        if self.initial_arrays is not None and self.initial_checkpoint is not None:
+            raise ValueError(
+                "initial_checkpoint: set initial_arrays or initial_checkpoint, not "
+                f"both (got {str(self.initial_checkpoint)!r} and "
+                f"{str(self.initial_arrays)!r})"
+            )
+        if not self.name or "/" in self.name or self.name.strip() != self.name:
+            raise ValueError(f"name: must be a plain word, got {self.name!r}")
+        for i, site in enumerate(self.sites):
+            if not site or "/" in site or site.strip() != site:
+                raise ValueError(f"sites[{i}]: must be a plain word, got {site!r}")
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"sites: names must be unique, got {list(self.sites)!r}")
+        p = self.participation
+        if p.min_train_nodes > p.min_available_nodes:
+            raise ValueError(
+                "participation.min_train_nodes: must be <= min_available_nodes "
+                f"({p.min_available_nodes}), got {p.min_train_nodes!r}"
+            )
+        if p.min_valid_updates > p.min_train_nodes:
+            raise ValueError(
+                "participation.min_valid_updates: must be <= min_train_nodes "
+                f"({p.min_train_nodes}), got {p.min_valid_updates!r}"
+            )
+        for key, value in self.trainer.options.items():
+            if not isinstance(value, int | float | str | bool):
+                raise ValueError(
+                    f"trainer.options.{key}: must be a scalar, got {value!r}"
+                )
+
+
+def load_federation_config(path: str | Path) -> FederationConfig:
+    """Load and validate a federation YAML (errors name file, key and value)."""
+    p = Path(path)
+    return from_mapping(
+        load_yaml(p), FederationConfig, source=str(p), base_dir=p.resolve().parent
+    )
+
+
+def federation_config_from_run_config(
+    run_config: Mapping[str, Any], app_root: Path
+) -> FederationConfig:
+    """Typed :class:`FederationConfig` from a Flower ``run_config``.
+
+    ``federation-json`` (a JSON object, as ``mammofed-server run`` sends it)
+    wins over ``federation-config`` (a YAML path, relative to ``app_root``, the
+    folder holding ``configs/``). ``run-dir``, when non-empty, overrides the
+    file's ``run_dir``.
+    """
+    inline = str(run_config.get(RUN_FEDERATION_JSON, "") or "")
+    if inline:
+        try:
+            data = json.loads(inline)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                "run_config", RUN_FEDERATION_JSON, f"is not valid JSON: {exc}"
+            ) from exc
+        cfg = from_mapping(
+            data, FederationConfig, source=f"run_config:{RUN_FEDERATION_JSON}"
+        )
+    else:
+        raw = str(run_config.get(RUN_FEDERATION_CONFIG, "") or "")
+        if not raw:
+            raise ConfigError(
+                "run_config",
+                RUN_FEDERATION_CONFIG,
+                f"is missing (set {RUN_FEDERATION_CONFIG} or {RUN_FEDERATION_JSON})",
+            )
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = app_root / path
+        cfg = load_federation_config(path)
+    run_dir = str(run_config.get(RUN_DIR, "") or "")
+    if run_dir:
+        cfg = dataclasses.replace(cfg, run_dir=Path(run_dir).expanduser())
+    return cfg
+
+
+def federation_config_to_json(cfg: FederationConfig) -> str:
+    """JSON form of ``cfg`` (absolute paths) for ``federation-json``."""
+    from common.config.loader import config_to_dict
+
+    return json.dumps(config_to_dict(cfg), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class FitInstructions:
+    """What the server tells a site for one round (the message's ConfigRecord).
+
+    Attributes:
+        server_round: round number, from 1.
+        local_epochs, learning_rate, batch_size: local training settings.
+        proximal_mu: FedProx weight; 0 means no proximal term.
+        local_norm, personal_head: personalization the server expects.
+        trainer: registry name of the local trainer.
+    """
+
+    server_round: int
+    local_epochs: int = 1
+    learning_rate: float = 0.05
+    batch_size: int = 16
+    proximal_mu: float = 0.0
+    local_norm: bool = False
+    personal_head: bool = False
+    trainer: str = "toy"
+
+    @classmethod
+    def from_federation(
+        cls, cfg: FederationConfig, server_round: int
+    ) -> FitInstructions:
+        """Instructions for ``server_round`` from the run's config."""
+        return cls(
+            server_round=server_round,
+            local_epochs=cfg.trainer.local_epochs,
+            learning_rate=cfg.trainer.learning_rate,
+            batch_size=cfg.trainer.batch_size,
+            proximal_mu=cfg.strategy.proximal_mu,
+            local_norm=cfg.personalization.local_norm,
+            personal_head=cfg.personalization.personal_head,
+            trainer=cfg.trainer.name,
+        )
+
+    def to_config_record(self) -> ConfigRecord:
+        """The ConfigRecord form (keys from :mod:`common.keys` / this module)."""
+        from flwr.app import ConfigRecord
+
+        return ConfigRecord(
+            {
+                SERVER_ROUND: self.server_round,
+                LOCAL_EPOCHS: self.local_epochs,
+                LEARNING_RATE: float(self.learning_rate),
+                BATCH_SIZE: self.batch_size,
+                PROXIMAL_MU: float(self.proximal_mu),
+                LOCAL_NORM: self.local_norm,
+                PERSONAL_HEAD: self.personal_head,
+                TRAINER: self.trainer,
+            }
+        )
+
+    @classmethod
+    def from_config_record(
+        cls, record: Mapping[str, Any], source: str = "message"
+    ) -> FitInstructions:
+        """Parse a received ConfigRecord; missing optional keys take defaults."""
+        if SERVER_ROUND not in record:
+            raise ConfigError(source, SERVER_ROUND, "is required but missing")
+        kinds: dict[str, tuple[str, type | tuple[type, ...]]] = {
+            SERVER_ROUND: ("server_round", int),
+            LOCAL_EPOCHS: ("local_epochs", int),
+            LEARNING_RATE: ("learning_rate", (int, float)),
+            BATCH_SIZE: ("batch_size", int),
+            PROXIMAL_MU: ("proximal_mu", (int, float)),
+            LOCAL_NORM: ("local_norm", bool),
+            PERSONAL_HEAD: ("personal_head", bool),
+            TRAINER: ("trainer", str),
+        }
+        kwargs: dict[str, Any] = {}
+        for key, (attr, tp) in kinds.items():
+            if key not in record:
+                continue
+            value = record[key]
+            bad_bool = tp is int and isinstance(value, bool)
+            if not isinstance(value, tp) or bad_bool:
+                raise ConfigError(source, key, f"has the wrong type: {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(source, key, f"must be finite, got {value!r}")
+            kwargs[attr] = float(cast(float, value)) if tp == (int, float) else value
+        mu = kwargs.get("proximal_mu", 0.0)
+        if mu < 0:
+            raise ConfigError(source, PROXIMAL_MU, f"must be >= 0, got {mu!r}")
+        return cls(**kwargs)
+
+
+def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """ArrayRecord holding exactly ``arrays`` (names kept, order kept)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord(
+        {name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()}
+    )
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """``{name: ndarray}`` from an ArrayRecord."""
+    return {name: arr.numpy() for name, arr in record.items()}
+
+
+def spec_of(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of a dict of arrays."""
+    return {name: tuple(int(d) for d in a.shape) for name, a in arrays.items()}
