@@ -68,7 +68,7 @@ def test_pooled_difference_and_emitted_lines(tmp_path: Path) -> None:
     assert one["diff"] == pytest.approx(want)
     assert one["ci95"] == pytest.approx(want_ci)
 
-    rows = robust_cost.compare(runs, n_boot=200)
+    rows = robust_cost.compare(runs, n_boot=100)
     assert {(r["site"], r["class"]) for r in rows} == {
         (s, c) for s in "AB" for c in ("mass", "calcification")
     }
