@@ -39,7 +39,7 @@ from client.state import META_JSON
 from common import __version__
 from common.detector.checkpoint import Checkpoint
 from common.errors import MammofedError
-from common.fileio import atomic_write_text, read_jsonl
+from common.fileio import atomic_write_text, read_json_document, read_jsonl
 from common.keys import CLASSES, NUM_EXAMPLES
 from common.wire.runfolder import ROUNDS_JSONL
 
@@ -447,15 +447,9 @@ def verify_card(model_path: str | Path) -> dict[str, Any]:
             f"{jpath}: model card does not exist; {model.name} cannot be checked "
             "and is refused (export it with mammofed-client, which writes the card)"
         )
-    try:
-        card = json.loads(jpath.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelIntegrityError(f"{jpath}: unreadable model card: {exc}") from exc
-    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
-        got = card.get("format") if isinstance(card, dict) else type(card).__name__
-        raise ModelIntegrityError(
-            f"{jpath}: field 'format' is {got!r}, expected {CARD_FORMAT!r}"
-        )
+    card = read_json_document(
+        jpath, "model card", ModelIntegrityError, format_id=CARD_FORMAT
+    )
     files = card.get("files")
     if not isinstance(files, list) or not files or files[0].get("name") != model.name:
         raise ModelIntegrityError(

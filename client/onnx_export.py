@@ -58,7 +58,7 @@ from client.model_card import (
 from client.predict import detections_to_stored
 from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.checkpoint import Checkpoint, load_model
-from common.fileio import atomic_write_text
+from common.fileio import atomic_write_text, read_json_document
 from common.imaging.geometry import Geometry
 from common.imaging.image_io import read_any
 from common.keys import CLASSES
@@ -587,16 +587,9 @@ def _record(
 
 
 def _read_contract(path: Path) -> dict[str, Any]:
-    try:
-        c = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{path}: unreadable ONNX contract: {exc}") from exc
-    if not isinstance(c, dict) or c.get("format") != CONTRACT_FORMAT:
-        got = c.get("format") if isinstance(c, dict) else type(c).__name__
-        raise ExportError(
-            f"{path}: field 'format' is {got!r}, expected {CONTRACT_FORMAT!r}"
-        )
-    return c
+    return read_json_document(
+        path, "ONNX contract", ExportError, format_id=CONTRACT_FORMAT
+    )
 
 
 # --- parity -------------------------------------------------------------------

@@ -71,6 +71,35 @@ def read_jsonl(path: str | Path) -> list[Any]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+def read_json_document(
+    path: str | Path,
+    what: str,
+    error: type[Exception],
+    *,
+    format_id: str | None = None,
+) -> dict[str, Any]:
+    """A JSON object read from ``path``, optionally with ``"format": format_id``.
+
+    Raises:
+        error: the file cannot be read or parsed (``"{path}: unreadable {what}:
+            ..."``), is not an object, or (with ``format_id``) names another
+            format (``"{path}: field 'format' is ..., expected ..."``).
+    """
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise error(f"{p}: unreadable {what}: {exc}") from exc
+    if format_id is not None and (
+        not isinstance(doc, dict) or doc.get("format") != format_id
+    ):
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise error(f"{p}: field 'format' is {got!r}, expected {format_id!r}")
+    if not isinstance(doc, dict):
+        raise error(f"{p}: {what} is not a JSON object")
+    return doc
+
+
 def tail_text(path: str | Path, lines: int = 30, missing: str | None = None) -> str:
     """The last ``lines`` lines of a text file (a log), for an error message.
 

@@ -25,3 +25,25 @@ def test_tail_text_last_lines_or_a_note(tmp_path):
     missing = tmp_path / "none.log"
     assert tail_text(missing) == f"({missing} not written)"
     assert tail_text(missing, missing="(no log)") == "(no log)"
+
+
+def test_read_json_document_checks_format_and_shape(tmp_path):
+    import pytest
+
+    from common.fileio import read_json_document
+
+    good = tmp_path / "a.json"
+    good.write_text('{"format": "x/1", "v": 2}')
+    assert read_json_document(good, "card", KeyError, format_id="x/1")["v"] == 2
+    with pytest.raises(KeyError, match="field 'format' is 'x/1', expected 'y/1'"):
+        read_json_document(good, "card", KeyError, format_id="y/1")
+    bad = tmp_path / "b.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="b.json: unreadable card"):
+        read_json_document(bad, "card", ValueError)
+    arr = tmp_path / "c.json"
+    arr.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="card is not a JSON object"):
+        read_json_document(arr, "card", ValueError)
+    with pytest.raises(ValueError, match="field 'format' is 'list'"):
+        read_json_document(arr, "card", ValueError, format_id="x/1")
