@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from common.detector.checkpoint import save_checkpoint
-from common.detector.model import ModelConfig, build_detector
 from common.imaging.annotations import ImageTargets
 from common.imaging.cache import SiteCache
 from common.imaging.geometry import Geometry
@@ -68,11 +66,3 @@ def make_site_cache(root: Path, n_patients: int = 6) -> Path:
 @pytest.fixture
 def site_cache(tmp_path: Path) -> Path:
     return make_site_cache(tmp_path / "siteA")
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="tiny", working_spacing_mm=0.4)
-    model = build_detector(cfg)
-    return save_checkpoint(tmp_path / "tiny.pt", model, cfg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,18 +12,8 @@ import pytest
 
 
 def _load_factory() -> ModuleType:
-    """Import tests/dicom/factory.py by path (tests run with importlib mode)."""
-    name = "mammofed_tests_dicom_factory"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).with_name("factory.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """tests/dicom/factory.py, loaded once by the project-wide conftest."""
+    return sys.modules["mammofed_tests_dicom_factory"]  # tests/conftest.py
 
 
 @pytest.fixture(scope="session")

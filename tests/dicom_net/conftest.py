@@ -7,7 +7,6 @@ Every process a test starts goes through :func:`started`, which stops it in a
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import socket
 import subprocess
@@ -21,11 +20,7 @@ from types import ModuleType, SimpleNamespace
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.uid import generate_uid
-
-from common.detector.checkpoint import save_checkpoint
-from common.detector.model import ModelConfig, build_detector
 
 #: (ImageLaterality, ViewPosition, breast side in the stored image) per view.
 FOUR_VIEWS = (("L", "CC", "left"), ("L", "MLO", "left"), ("R", "CC", "right"),
@@ -43,17 +38,8 @@ needs_dcmtk = pytest.mark.skipif(
 
 
 def load_factory() -> ModuleType:
-    """Import tests/dicom/factory.py by path (tests run with importlib mode)."""
-    name = "mammofed_tests_dicom_factory"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parents[1] / "dicom" / "factory.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """tests/dicom/factory.py, loaded once by the project-wide conftest."""
+    return sys.modules["mammofed_tests_dicom_factory"]  # tests/conftest.py
 
 
 def _add_study(path: Path, study_uid: str, series_uid: str, number: int) -> None:
@@ -104,14 +90,6 @@ def write_ct(path: Path) -> Path:
     )  # fmt: skip
     _add_study(path, generate_uid(), generate_uid(), 1)
     return path
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path: Path) -> Path:
-    """An untrained ``tiny`` detector at 0.4 mm."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="tiny", working_spacing_mm=0.4)
-    return save_checkpoint(tmp_path / "tiny.pt", build_detector(cfg), cfg)
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ block) and get the patient, study and series attributes a modality writes.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,9 +17,6 @@ import pytest
 import torch
 from pydicom.uid import generate_uid
 
-from common.detector.checkpoint import save_checkpoint
-from common.detector.model import ModelConfig, build_detector
-
 #: (ImageLaterality, ViewPosition, breast side in the stored image) per view.
 FOUR_VIEWS = (("L", "CC", "left"), ("L", "MLO", "left"), ("R", "CC", "right"),
               ("R", "MLO", "right"))  # fmt: skip
@@ -28,17 +24,8 @@ ROWS, COLS = 128, 96
 
 
 def _load_factory() -> ModuleType:
-    """Import tests/dicom/factory.py by path (tests run with importlib mode)."""
-    name = "mammofed_tests_dicom_factory"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parents[1] / "dicom" / "factory.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """tests/dicom/factory.py, loaded once by the project-wide conftest."""
+    return sys.modules["mammofed_tests_dicom_factory"]  # tests/conftest.py
 
 
 @dataclass(frozen=True)
@@ -104,11 +91,3 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path: Path) -> Path:
-    """An untrained ``tiny`` detector at 0.4 mm (scores above 0.01 everywhere)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="tiny", working_spacing_mm=0.4)
-    return save_checkpoint(tmp_path / "tiny.pt", build_detector(cfg), cfg)
