@@ -31,16 +31,14 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from benchmarks.common import emit
+from benchmarks.synthetic import mg_dataset
 from client.ingest import find_candidates, ingest_site, pool_context
 from common.config.site import SiteConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
-MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 
 
 def bare_decode(path: str) -> tuple[int, int]:
@@ -78,14 +76,7 @@ def write_full_size(
         ) ** 2
         img = np.where(inside < 1, 9000.0, 300.0) + rng.normal(0, 250, (rows, cols))
         arr = np.clip(img, 0, 2**14 - 1).astype(np.uint16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = UID(MG_FOR_PRESENTATION)
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = MG_FOR_PRESENTATION
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds = mg_dataset()
         ds.Modality = "MG"
         ds.PatientID = f"B{i // 2}"
         ds.Manufacturer = "BENCH"

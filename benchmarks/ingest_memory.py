@@ -2,10 +2,11 @@
 
 The site folder holds that file (a real RLE Lossless frame of zeros that
 decodes to a 512 MB uint16 array) and one normal full-field mammogram
-(``--rows`` x ``--cols``, 16-bit, uncompressed, written with the test factory).
-Two runs of :func:`client.ingest.ingest_site`, each in its own child process
-tree under ``RLIMIT_AS`` (``--limit-gb``, inherited by the decode processes,
-so this shared machine is never asked for the 7+ GB an unbounded decode takes):
+(``--rows`` x ``--cols``, 16-bit, uncompressed, from
+:mod:`benchmarks.synthetic`). Two runs of :func:`client.ingest.ingest_site`,
+each in its own child process tree under ``RLIMIT_AS`` (``--limit-gb``,
+inherited by the decode processes, so this shared machine is never asked for
+the 7+ GB an unbounded decode takes):
 
 * ``budget``: the default site config (``max_pixels`` =
   :data:`common.config.site.DEFAULT_MAX_PIXELS`);
@@ -27,7 +28,6 @@ Run: ``.venv/bin/python -m benchmarks.ingest_memory [--limit-gb 6]``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -37,38 +37,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from benchmarks.common import emit
+from benchmarks.synthetic import write_mammo, write_rle_bomb
 from common.config.site import DEFAULT_MAX_PIXELS
 
 REPO = Path(__file__).resolve().parents[1]
-FACTORY = REPO / "tests" / "dicom" / "factory.py"
 BENCH = "ingest_memory"
 SAMPLE_S = 0.02
-
-
-def _factory() -> ModuleType:
-    """The test factory of synthetic DICOM files (one writer for tests and here)."""
-    name = "mammofed_bench_factory"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, FACTORY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_site(folder: Path, rows: int, cols: int) -> Path:
     """``folder/site`` with ``bomb_16384.dcm`` and ``normal.dcm``."""
     site = folder / "site"
     site.mkdir(parents=True)
-    f = _factory()
-    f.write_rle_bomb(site / "bomb_16384.dcm", full=True)
-    f.write_mammo(site / "normal.dcm", rows=rows, cols=cols)
+    write_rle_bomb(site / "bomb_16384.dcm", full=True)
+    write_mammo(site / "normal.dcm", rows=rows, cols=cols)
     return site
 
 
@@ -173,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         side = math.isqrt(DEFAULT_MAX_PIXELS)
         edge = Path(tmp) / "edge"
         edge.mkdir()
-        _factory().write_mammo(edge / f"normal_{side}.dcm", rows=side, cols=side)
+        write_mammo(edge / f"normal_{side}.dcm", rows=side, cols=side)
         runs = [("budget", site, True), ("no-budget", site, False)]
         runs.append(("at-budget", edge, True))
         for name, folder, budget in runs:

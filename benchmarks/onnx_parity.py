@@ -43,6 +43,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import emit, rounded  # noqa: E402
+from benchmarks.synthetic import spread_model  # noqa: E402
 from client.onnx_export import (  # noqa: E402
     OnnxDetector,
     compare_detections,
@@ -52,7 +53,7 @@ from client.predict import predict_paths  # noqa: E402
 from common.config import from_mapping  # noqa: E402
 from common.detector.checkpoint import load_model, save_checkpoint  # noqa: E402
 from common.detector.engine import predict_images  # noqa: E402
-from common.detector.model import ModelConfig, build_detector  # noqa: E402
+from common.detector.model import ModelConfig  # noqa: E402
 from common.imaging.image_io import read_any  # noqa: E402
 
 BENCH = "onnx_parity"
@@ -70,19 +71,6 @@ FLOOR = 0.01
 def recipe_model() -> ModelConfig:
     raw = yaml.safe_load(RECIPE.read_text())["model"]
     return from_mapping(raw, ModelConfig, source=str(RECIPE), prefix="model")
-
-
-def spread_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    """Random weights, head convs N(0, 0.1), class bias -1 (see module doc)."""
-    torch.manual_seed(seed)
-    model = build_detector(cfg)
-    with torch.no_grad():
-        for name, p in model.head.named_parameters():
-            if p.dim() == 4:
-                p.normal_(0.0, 0.1)
-            elif name.endswith("cls_logits.bias"):
-                p.fill_(-1.0)
-    return model.eval()
 
 
 def torch_docs(ck: Path, files: list[Path], out: Path, spacing: float | None) -> list:

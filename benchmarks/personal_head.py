@@ -76,7 +76,7 @@ def score_site(
     """
     out: dict[str, Any] = {}
     out[STORED] = trainer.evaluate_detailed(shared, n_boot=n_boot, seed=seed)
-    trainer._load(shared, personal_head=False)
+    trainer.compose(shared, personal_head=False)
     view = trainer._view(trainer.opts.eval_view, train=False)
     out[GLOBAL] = evaluate_detailed(
         trainer.model, view, trainer.device, n_boot=n_boot, seed=seed
@@ -88,7 +88,7 @@ def score_site(
             trainer.model, view, trainer.device, n_boot=n_boot, seed=seed
         )
     for e in ft_epochs:
-        trainer._load(shared, personal_head=False)
+        trainer.compose(shared, personal_head=False)
         seed_everything(seed)
         head = trainer._finetune_personal_head(from_global=True, epochs=e)
         assert head is not None

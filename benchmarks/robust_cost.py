@@ -8,8 +8,7 @@ seeds and the mean paired difference ``robust - fedavg``, with a percentile
 bootstrap interval that resamples BOTH seeds and images: each resample draws
 the seeds with replacement (fedavg and robust of one seed stay a pair) and the
 test images with replacement (the same multiplicities for every seed and both
-aggregators, as :func:`common.detector.froc.paired_cpm_difference` does for one pair).
-With one seed the interval is exactly that of ``paired_cpm_difference``.
+aggregators): :func:`common.detector.froc.pooled_paired_cpm_difference`.
 
 Usage::
 
@@ -28,88 +27,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks.common import emit, rounded
 from benchmarks.seed_spread import parse_run
-from common.detector.froc import (
-    FrocImage,
-    _collect,
-    _cpm_from,
-    _percentile_bootstrap,
-)
+from common.detector.froc import pooled_paired_cpm_difference
 from common.keys import CLASSES
 from common.wire import runfolder as RF
 from simulation.report import load_detections
 
 BENCH = "robust_cost"
 BASELINE = "fedavg"
-
-
-def _ordered(images: Sequence[FrocImage], keys: list[str], where: str) -> list:
-    by_key = {im.key: im for im in images}
-    if len(by_key) != len(images) or sorted(by_key) != sorted(keys):
-        raise ValueError(f"{where}: scored other test images than the first run")
-    return [by_key[k] for k in keys]
-
-
-def pooled_paired_difference(
-    base: Sequence[Sequence[FrocImage]],
-    other: Sequence[Sequence[FrocImage]],
-    label: int,
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> dict[str, Any]:
-    """Mean over seeds of ``CPM(other_s) - CPM(base_s)``; seeds and images resampled.
-
-    ``base[s]`` and ``other[s]`` are the two aggregators' detections of seed
-    ``s`` on one image set (every seed the same keys, any order). Returns
-    ``{"diff", "ci95", "cpm_base", "cpm_other", "runs_base", "runs_other"}``:
-    means over seeds and the per-seed CPMs (NaN when the class has no lesion).
-
-    Raises:
-        ValueError: no seeds, unequal seed counts, or differing image sets.
-    """
-    if not base or len(base) != len(other):
-        raise ValueError(f"need the same number of runs, got {len(base)}, {len(other)}")
-    keys = [im.key for im in base[0]]  # the first run's order, as paired_cpm_difference
-    if len(set(keys)) != len(keys):
-        raise ValueError("pooled_paired_difference: repeated image keys")
-    oa = [
-        _collect(_ordered(r, keys, f"base run {i}"), label) for i, r in enumerate(base)
-    ]
-    ob = [
-        _collect(_ordered(r, keys, f"other run {i}"), label)
-        for i, r in enumerate(other)
-    ]
-    s = len(oa)
-    cpm_a = [_cpm_from(o)[0] for o in oa]
-    cpm_b = [_cpm_from(o)[0] for o in ob]
-    diff = statistics.fmean(b - a for a, b in zip(cpm_a, cpm_b, strict=True))
-    seed_rng = np.random.default_rng([seed, 1])
-
-    def pooled(w: np.ndarray) -> float:
-        # the seed draw of this resample; the image weights w come from the helper
-        draw = seed_rng.integers(0, s, size=s) if s > 1 else np.zeros(1, np.int64)
-        per = {i: _cpm_from(ob[i], w)[0] - _cpm_from(oa[i], w)[0] for i in set(draw)}
-        return float(np.mean([per[i] for i in draw]))
-
-    ci = _percentile_bootstrap(len(keys), pooled, n_boot, seed, alpha)
-    return {
-        "diff": diff,
-        "ci95": ci,
-        "cpm_base": statistics.fmean(cpm_a),
-        "cpm_other": statistics.fmean(cpm_b),
-        "runs_base": cpm_a,
-        "runs_other": cpm_b,
-    }
 
 
 def compare(
@@ -144,7 +73,7 @@ def compare(
         sites = sorted(set.intersection(*(set(d) for d in base + other)))
         for site in sites:
             for label, cls in enumerate(CLASSES):
-                r = pooled_paired_difference(
+                r = pooled_paired_cpm_difference(
                     [d[site] for d in base],
                     [d[site] for d in other],
                     label,
@@ -158,10 +87,10 @@ def compare(
                         "site": site,
                         "class": cls,
                         "diff": r["diff"],
-                        "cpm_fedavg": rounded(r["cpm_base"]),
-                        "cpm_robust": rounded(r["cpm_other"]),
-                        "runs_fedavg": [rounded(x) for x in r["runs_base"]],
-                        "runs_robust": [rounded(x) for x in r["runs_other"]],
+                        "cpm_fedavg": rounded(r["cpm_a"]),
+                        "cpm_robust": rounded(r["cpm_b"]),
+                        "runs_fedavg": [rounded(x) for x in r["runs_a"]],
+                        "runs_robust": [rounded(x) for x in r["runs_b"]],
                         "paired_ci95": [rounded(lo), rounded(hi)],
                         "excludes_zero": bool(lo > 0 or hi < 0)
                         if not (math.isnan(lo) or math.isnan(hi))

@@ -5,7 +5,8 @@ Reads what pytest wrote (``--junitxml``) and what coverage wrote
 ``benchmarks/results/``, and writes one Markdown document people can read:
 
 * the machine and the versions the run used;
-* tests by part (``tests/<part>/``): passed, failed, skipped, seconds;
+* tests by part (``tests/<package>/...``, mirroring the packages): passed,
+  failed, skipped, seconds;
 * every skip with its reason (a missing tool, no GPU...);
 * line coverage of each package (``common``, ``client``, ``server``,
   ``simulation``); code run only in child processes (SuperLink, SuperNodes,
@@ -120,12 +121,21 @@ class Case:
 
 
 def _part(classname: str, file: str | None) -> str:
+    """The folder of a test below ``tests/``, which mirrors the packages.
+
+    ``tests/common/imaging/test_dicom.py`` (classname
+    ``tests.common.imaging.test_dicom[.TestClass]``) is part ``common/imaging``;
+    a test module directly in ``tests/`` is ``(top)``.
+    """
     if file:
-        bits = Path(file).parts
-        if len(bits) >= 2 and bits[0] == "tests":
-            return bits[1] if len(bits) > 2 else "(top)"
-    bits = classname.split(".")
-    return bits[1] if len(bits) > 2 and bits[0] == "tests" else bits[0]
+        bits = list(Path(file).parts[:-1])
+    else:
+        bits = classname.split(".")
+        module = [i for i, b in enumerate(bits) if b.startswith("test_")]
+        bits = bits[: module[0]] if module else bits[:1]
+    if bits and bits[0] == "tests":
+        return "/".join(bits[1:]) or "(top)"
+    return bits[0] if bits else "(top)"
 
 
 def read_junit(path: Path) -> list[Case]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from common.keys import (
     LOCAL_SECONDS,
     METRICS_KEY,
     NUM_EXAMPLES,
+    PERSONAL_DEFAULTS_KEY,
     SERVER_ROUND,
 )
 from common.wire.faults import (
@@ -170,6 +171,10 @@ def _received_shared(msg: Message, trainer: LocalTrainer) -> dict:
         raise ConfigError(
             "server message", ARRAYS_KEY, f"global arrays do not fit the model: {diff}"
         )
+    defaults = msg.content.array_records.get(PERSONAL_DEFAULTS_KEY)
+    site_model = getattr(trainer, "site_model", None)
+    if defaults is not None and site_model is not None:
+        site_model.set_defaults(record_to_arrays(defaults), "server message")
     return arrays
 
 
@@ -309,31 +314,21 @@ def error_reply(msg: Message, exc: Exception, phase: str) -> Message:
     return Message(Error(code=code, reason=reply_error_message(code)), reply_to=msg)
 
 
+def _entry(
+    handler: Callable[[Message, Context], Message], phase: str
+) -> Callable[[Message, Context], Message]:
+    """Flower's ``phase`` entry: ``handler``, or :func:`error_reply` if it raises."""
+
+    def entry(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            return error_reply(msg, exc, phase)
+
+    return entry
+
+
 app = ClientApp()
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Flower train entry point."""
-    try:
-        return handle_train(msg, context)
-    except Exception as exc:
-        return error_reply(msg, exc, "train")
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Flower evaluate entry point."""
-    try:
-        return handle_evaluate(msg, context)
-    except Exception as exc:
-        return error_reply(msg, exc, "evaluate")
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """Flower query entry point (initial shared arrays)."""
-    try:
-        return handle_query(msg, context)
-    except Exception as exc:
-        return error_reply(msg, exc, "query")
+train = app.train()(_entry(handle_train, "train"))
+evaluate = app.evaluate()(_entry(handle_evaluate, "evaluate"))
+query = app.query()(_entry(handle_query, "query"))

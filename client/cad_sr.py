@@ -67,7 +67,6 @@ every source image.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -81,8 +80,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from common import __version__
-from common.fileio import atomic_write_bytes
-from common.imaging.dicom import resolve_laterality, resolve_view
+from common.fileio import atomic_write
+from common.imaging.dicom import header_text, resolve_laterality, resolve_view
 from common.keys import CALCIFICATION, CLASSES, LEFT, MASS, RIGHT
 
 log = logging.getLogger(__name__)
@@ -245,9 +244,13 @@ def _code_item(
     return _children(ds, items)
 
 
-def _text(relationship: str, name: Code, value: str) -> Dataset:
-    ds = _item("TEXT", relationship, name)
-    ds.TextValue = value
+#: The attribute holding the value of a TEXT, DATE or TIME content item.
+_VALUE_KEYWORDS = {"TEXT": "TextValue", "DATE": "Date", "TIME": "Time"}
+
+
+def _string(value_type: str, relationship: str, name: Code, value: str) -> Dataset:
+    ds = _item(value_type, relationship, name)
+    setattr(ds, _VALUE_KEYWORDS[value_type], value)
     return ds
 
 
@@ -261,26 +264,18 @@ def _num(relationship: str, name: Code, value: float, unit: Code) -> Dataset:
     return ds
 
 
-def _date(relationship: str, name: Code, value: str) -> Dataset:
-    ds = _item("DATE", relationship, name)
-    ds.Date = value
-    return ds
-
-
-def _time(relationship: str, name: Code, value: str) -> Dataset:
-    ds = _item("TIME", relationship, name)
-    ds.Time = value
-    return ds
+def _sop_reference(source: Dataset) -> Dataset:
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return ref
 
 
 def _image(
     relationship: str, source: Dataset, items: Sequence[Dataset] = ()
 ) -> Dataset:
     ds = _item("IMAGE", relationship, None)
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = source.SOPClassUID
-    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    ds.ReferencedSOPSequence = DicomSequence([ref])
+    ds.ReferencedSOPSequence = DicomSequence([_sop_reference(source)])
     return _children(ds, items)
 
 
@@ -304,31 +299,26 @@ def _by_reference(relationship: str, path: Sequence[int]) -> Dataset:
 
 
 # --- validation ---------------------------------------------------------------
-def _text_of(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    return "" if value is None else str(value).strip()
-
-
 def _check_sources(sources: Sequence[Dataset]) -> str:
     """The common StudyInstanceUID of ``sources``; ValueError otherwise."""
     if not sources:
         raise ValueError("build_cad_sr needs at least one source image, got none")
     seen: dict[str, int] = {}
     for i, ds in enumerate(sources):
-        missing = [k for k in _REQUIRED_SOURCE_ATTRIBUTES if not _text_of(ds, k)]
+        missing = [k for k in _REQUIRED_SOURCE_ATTRIBUTES if not header_text(ds, k)]
         if missing:
             raise ValueError(
-                f"source {i} (SOPInstanceUID={_text_of(ds, 'SOPInstanceUID')!r}) "
+                f"source {i} (SOPInstanceUID={header_text(ds, 'SOPInstanceUID')!r}) "
                 f"lacks {', '.join(missing)}: cannot reference it from an SR"
             )
-        uid = _text_of(ds, "SOPInstanceUID")
+        uid = header_text(ds, "SOPInstanceUID")
         if uid in seen:
             raise ValueError(
                 f"sources {seen[uid]} and {i} are the same image "
                 f"(SOPInstanceUID={uid!r})"
             )
         seen[uid] = i
-    studies = sorted({_text_of(ds, "StudyInstanceUID") for ds in sources})
+    studies = sorted({header_text(ds, "StudyInstanceUID") for ds in sources})
     if len(studies) != 1:
         raise ValueError(
             f"one CAD SR covers one study; sources span {len(studies)} "
@@ -345,7 +335,7 @@ def _check_detection(
     ``None`` (with a warning) for a box of zero width or height: a detector
     can emit one after clipping and rounding, and it has no outline to draw.
     """
-    sop = _text_of(source, "SOPInstanceUID")
+    sop = header_text(source, "SOPInstanceUID")
     where = f"detection {index} of SOPInstanceUID={sop}"
     label = det.get("label")
     if label not in CLASSES:
@@ -389,50 +379,43 @@ def _check_detection(
 # --- the tree -------------------------------------------------------------------
 def _library_entry(source: Dataset) -> Dataset:
     """TID 4020 CAD Image Library Entry: what the source header tells."""
+    acq = "HAS ACQ CONTEXT"
     ctx: list[Dataset] = []
     laterality, _ = resolve_laterality(source)
     if laterality in _LATERALITY_CODES:
-        ctx.append(
-            _code_item(
-                "HAS ACQ CONTEXT", IMAGE_LATERALITY, _LATERALITY_CODES[laterality]
-            )
-        )
+        ctx.append(_code_item(acq, IMAGE_LATERALITY, _LATERALITY_CODES[laterality]))
     view = resolve_view(source)
     if view in _VIEW_CODES:
-        ctx.append(_code_item("HAS ACQ CONTEXT", IMAGE_VIEW, _VIEW_CODES[view]))
+        ctx.append(_code_item(acq, IMAGE_VIEW, _VIEW_CODES[view]))
     orientation = source.get("PatientOrientation")
     if orientation is not None and len(orientation) == 2:
         row, column = (str(v).strip() for v in orientation)
         if row and column:
-            ctx.append(_text("HAS ACQ CONTEXT", ORIENTATION_ROW, row))
-            ctx.append(_text("HAS ACQ CONTEXT", ORIENTATION_COLUMN, column))
-    for keyword, name, make in (
-        ("StudyDate", STUDY_DATE, _date),
-        ("StudyTime", STUDY_TIME, _time),
-        ("ContentDate", CONTENT_DATE, _date),
-        ("ContentTime", CONTENT_TIME, _time),
+            ctx.append(_string("TEXT", acq, ORIENTATION_ROW, row))
+            ctx.append(_string("TEXT", acq, ORIENTATION_COLUMN, column))
+    for keyword, name, value_type in (
+        ("StudyDate", STUDY_DATE, "DATE"),
+        ("StudyTime", STUDY_TIME, "TIME"),
+        ("ContentDate", CONTENT_DATE, "DATE"),
+        ("ContentTime", CONTENT_TIME, "TIME"),
     ):
-        value = _text_of(source, keyword)
+        value = header_text(source, keyword)
         if value:
-            ctx.append(make("HAS ACQ CONTEXT", name, value))
+            ctx.append(_string(value_type, acq, name, value))
     spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
     if spacing is not None and len(spacing) == 2:
         row_mm, col_mm = float(spacing[0]), float(spacing[1])
         if row_mm > 0 and col_mm > 0:
-            ctx.append(
-                _num("HAS ACQ CONTEXT", HORIZONTAL_SPACING, col_mm * 1000.0, MICROMETER)
-            )
-            ctx.append(
-                _num("HAS ACQ CONTEXT", VERTICAL_SPACING, row_mm * 1000.0, MICROMETER)
-            )
+            ctx.append(_num(acq, HORIZONTAL_SPACING, col_mm * 1000.0, MICROMETER))
+            ctx.append(_num(acq, VERTICAL_SPACING, row_mm * 1000.0, MICROMETER))
     return _image("CONTAINS", source, ctx)
 
 
 def _algorithm(name: str, version: str) -> list[Dataset]:
     """TID 4019 Algorithm Identification (new items: no dataset sits in two trees)."""
     return [
-        _text("HAS CONCEPT MOD", ALGORITHM_NAME, name),
-        _text("HAS CONCEPT MOD", ALGORITHM_VERSION, version),
+        _string("TEXT", "HAS CONCEPT MOD", ALGORITHM_NAME, name),
+        _string("TEXT", "HAS CONCEPT MOD", ALGORITHM_VERSION, version),
     ]
 
 
@@ -574,14 +557,11 @@ def build_cad_sr(
         analyses_summary,
     ]
     ds = _header(sources, study_uid, algorithm_name, algorithm_version)
-    ds.ValueType = "CONTAINER"
-    ds.ConceptNameCodeSequence = DicomSequence([_coded(MAMMOGRAPHY_CAD_REPORT)])
-    ds.ContinuityOfContent = "SEPARATE"
+    ds.update(_container(None, MAMMOGRAPHY_CAD_REPORT, root_items))
     template = Dataset()
     template.MappingResource = "DCMR"
     template.TemplateIdentifier = "4000"
     ds.ContentTemplateSequence = DicomSequence([template])
-    ds.ContentSequence = DicomSequence(root_items)
     n = sum(len(d) for d in checked)
     log.debug("CAD SR for study %s: %d images, %d findings", study_uid, len(sources), n)
     return ds
@@ -632,10 +612,8 @@ def _evidence(sources: Sequence[Dataset], study_uid: str) -> DicomSequence:
     """SOP Instance Reference Macro: the source images by series."""
     by_series: dict[str, list[Dataset]] = {}
     for src in sources:
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = src.SOPClassUID
-        ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
-        by_series.setdefault(_text_of(src, "SeriesInstanceUID"), []).append(ref)
+        series = by_series.setdefault(header_text(src, "SeriesInstanceUID"), [])
+        series.append(_sop_reference(src))
     series_items = []
     for series_uid, refs in by_series.items():
         item = Dataset()
@@ -667,8 +645,6 @@ def write_cad_sr(ds: Dataset, path: Path) -> Path:
     meta.MediaStorageSOPInstanceUID = UID(str(ds.SOPInstanceUID))
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
     out = Path(path)
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_write(out, lambda fh: ds.save_as(fh, enforce_file_format=True))
     return out

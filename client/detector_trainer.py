@@ -18,19 +18,7 @@ through :class:`client.state.SiteState`:
 What leaves the site is exactly :meth:`DetectorTrainer.shared_spec` plus the
 metric names of :meth:`DetectorTrainer.metric_names`.
 
-``trainer.options`` keys (all optional): ``arch`` (``tiny``), ``norm``
-(``batch``), ``fpn_channels`` (32), ``head_convs`` (2), ``working_spacing_mm``
-(0.4), ``lesion_prob`` (0.6), ``max_steps`` (0 = whole epoch), ``head_epochs``
-(1), ``ssl`` (false), ``fewshot`` (true: a site below
-``adapt.fewshot_max_labeled`` labeled images trains the head only; false: every
-site trains every layer, as plain FedAvg does), ``ssl_threshold`` (0.5),
-``ema_decay`` (0.99),
-``standardize`` (false), ``threads`` (0 = torch default), ``device`` (``auto``),
-``cache_root`` (folder holding ``<site>/`` caches when the node config names no
-data dir), ``eval_view`` (``test``), ``n_boot`` (0), ``dp`` (false),
-``dp_epsilon`` (8.0), ``dp_delta`` (0 = ``1 / n_women ** 1.1``),
-``dp_max_grad_norm`` (1.0), ``dp_patients_per_step`` (8),
-``dp_share_train_stats`` (false).
+``trainer.options`` (all optional) are the fields of :class:`DetectorOptions`.
 
 With ``dp: true`` the shared weights are trained by :class:`PrivateRound`
 (per-woman DP-SGD, ``common.detector.dp``) in place of the normal epoch loop, the train
@@ -83,6 +71,7 @@ from common.detector.recipe import (
 from common.errors import ConfigError, MammofedError
 from common.imaging.data import SiteDataset, collate
 from common.keys import (
+    CLASSES,
     CPM_CALCIFICATION,
     CPM_MASS,
     CPM_MEAN,
@@ -108,11 +97,16 @@ _MODEL = DetectorModelOptions()
 
 @dataclass(frozen=True)
 class DetectorOptions:
-    """Typed ``trainer.options`` of the detector trainer (see module docstring).
+    """Typed ``trainer.options`` of the detector trainer; defaults as declared.
 
     The model fields (``arch`` ... ``working_spacing_mm``) are validated by
     :class:`ModelConfig` through :meth:`model_config`, with the defaults of
-    ``common.detector.model.initial.DetectorModelOptions``.
+    ``common.detector.model.initial.DetectorModelOptions``. ``max_steps`` 0 is
+    a whole epoch; ``fewshot`` lets a site below ``adapt.fewshot_max_labeled``
+    labeled images train the head only (false: every site trains every layer,
+    as plain FedAvg does); ``threads`` 0 is torch's default; ``cache_root``
+    holds the ``<site>/`` caches when the node config names no data dir;
+    ``dp_delta`` 0 is ``1 / n_women ** 1.1``.
     """
 
     arch: str = _MODEL.arch
@@ -167,10 +161,7 @@ class DetectorOptions:
         return AdaptConfig(
             ssl_enabled=self.ssl,
             ema_decay=self.ema_decay,
-            score_thresholds={
-                "mass": self.ssl_threshold,
-                "calcification": self.ssl_threshold,
-            },
+            score_thresholds=dict.fromkeys(CLASSES, self.ssl_threshold),
             standardize=self.standardize,
             seed=seed,
         )
@@ -346,17 +337,13 @@ class DetectorTrainer:
         self.device = resolve_device(self.opts.device)
         if self.opts.threads > 0:
             torch.set_num_threads(self.opts.threads)
-        self.personalization = Personalization(
-            local_norm=fed_cfg.personalization.local_norm,
-            personal_head=fed_cfg.personalization.personal_head,
-        )
+        self.personalization = fed_cfg.personalization
         check_private_training(self.opts, self.personalization)
         seed_everything(fed_cfg.seed)
         self.model = build_detector(self.opts.model_config())
         #: composes the site's model and owns its personal files
         self.site_model = SiteModel(self.model, self.personalization, self.state)
         self.shared_keys = self.site_model.shared_keys
-        self.personal_keys = self.site_model.personal_keys
         self.head_keys = self.site_model.head_keys
         self._dataset: SiteDataset | None = None
         self._standardizer: HistogramStandardizer | None = None
@@ -434,15 +421,16 @@ class DetectorTrainer:
         return base
 
     # --- model assembly -----------------------------------------------------------
-    def _load(self, shared: Arrays, *, personal_head: bool) -> None:
-        """Load ``shared`` plus this site's personal arrays into ``self.model``."""
-        self.site_model.compose(shared, personal_head=personal_head)
-        self.model.to(self.device)
+    def compose(
+        self, shared: Arrays, *, personal_head: bool | None = None
+    ) -> nn.Module:
+        """``self.model`` on its device: global ``shared`` + the site's personal arrays.
 
-    def compose(self, shared: Arrays) -> nn.Module:
-        """The site's own model: global shared arrays + everything personal."""
-        self._load(shared, personal_head=self.personalization.personal_head)
-        return self.model
+        ``personal_head``: compose the personal head too (default: when the run
+        has one); see :meth:`SiteModel.compose`.
+        """
+        self.site_model.compose(shared, personal_head=personal_head)
+        return self.model.to(self.device)
 
     # --- federated rounds ---------------------------------------------------------
     def fit(self, shared: Arrays, config: FitInstructions) -> tuple[Arrays, Metrics]:
@@ -457,7 +445,7 @@ class DetectorTrainer:
         server accepts) and nothing is trained, the personal head included.
         """
         seed_everything(self.fed_cfg.seed + config.server_round)
-        self._load(shared, personal_head=False)
+        self.compose(shared, personal_head=False)
         labeled = self._view("labeled", train=True)
         n_lab = len(labeled)  # type: ignore[arg-type]
         if n_lab == 0:
@@ -541,11 +529,6 @@ class DetectorTrainer:
         )
         return keys
 
-    def _steps(self, n_lab: int, batch_size: int) -> int:
-        """Steps of one local epoch: a pass over the labeled images, capped."""
-        steps = math.ceil(n_lab / batch_size)
-        return min(steps, self.opts.max_steps) if self.opts.max_steps else steps
-
     def _standard_round(
         self,
         labeled: Dataset[Any],
@@ -559,7 +542,9 @@ class DetectorTrainer:
         seeded ``seed + e``): one round on one site is one central epoch.
         """
         recipe = self.opts.recipe(config.learning_rate, config.batch_size)
-        steps = self._steps(len(labeled), recipe.batch_size)  # type: ignore[arg-type]
+        # one epoch: a pass over the labeled images, capped at max_steps
+        steps = math.ceil(len(labeled) / recipe.batch_size)  # type: ignore[arg-type]
+        steps = min(steps, self.opts.max_steps or steps)
         seed = self.fed_cfg.seed
         if self.opts.ssl and len(self.dataset.indices("unlabeled")) > 0:
             runs = [
@@ -659,12 +644,9 @@ class DetectorTrainer:
             return None
         sd = self.model.state_dict()
         global_head = {k: sd[k].detach().clone() for k in self.head_keys}
-        personal = {} if from_global else (self.state.load_personal() or {})
-        for k in self.head_keys:
-            pk = PERSONAL_HEAD_PREFIX + k
-            if pk in personal:
-                sd[k] = torch.as_tensor(personal[pk]).to(sd[k].dtype)
-        self.model.load_state_dict(sd)
+        stored = {} if from_global else (self.state.load_personal() or {})
+        heads = {k: v for k, v in stored.items() if k.startswith(PERSONAL_HEAD_PREFIX)}
+        self.site_model.compose({}, personal_head=True, personal=heads)
         frozen = [k for k in sd if k not in set(self.head_keys)]
         fs.finetune_head(
             self.model, self._view("labeled", train=False), frozen, self.adapt,
@@ -687,17 +669,10 @@ class DetectorTrainer:
                 self.site,
                 self.opts.eval_view,
             )
-            nan = float("nan")
-            return {
-                NUM_EXAMPLES: 0,
-                CPM_MASS: nan,
-                CPM_CALCIFICATION: nan,
-                CPM_MEAN: nan,
-            }
-        result = self.evaluate_detailed(shared)
-        m = result.metrics
+            return {k: 0 if k == NUM_EXAMPLES else math.nan for k in EVAL_METRICS}
+        m = self.evaluate_detailed(shared).metrics
         return {
-            k: float(m[k]) if k != NUM_EXAMPLES else int(m[k]) for k in EVAL_METRICS
+            k: int(m[k]) if k == NUM_EXAMPLES else float(m[k]) for k in EVAL_METRICS
         }
 
     def evaluate_detailed(self, shared: Arrays, **kwargs: Any) -> Any:
@@ -708,13 +683,5 @@ class DetectorTrainer:
         return evaluate_detailed(model, view, self.device, **kwargs)
 
 
-@register_trainer("detector")
-def make_detector_trainer(
-    site: str,
-    state_dir: Path,
-    fed_cfg: FederationConfig,
-    data_dir: Path | None = None,
-    adapt_overrides: Mapping[str, Any] | None = None,
-) -> DetectorTrainer:
-    """Registry factory of the detector trainer."""
-    return DetectorTrainer(site, state_dir, fed_cfg, data_dir, adapt_overrides)
+#: The ``detector`` trainer's registry factory.
+make_detector_trainer = register_trainer("detector")(DetectorTrainer)

@@ -18,11 +18,10 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from client.export import checkpoint_standardizer
+from client.export import load_detector
 from common import __version__
 from common.config.loader import config_to_dict, write_resolved
-from common.detector.checkpoint import load_model
-from common.detector.engine import evaluate_detailed, prepare_model, resolve_device
+from common.detector.engine import evaluate_detailed, resolve_device
 from common.detector.recipe import Transformed
 from common.imaging.data import SiteDataset
 
@@ -56,9 +55,7 @@ def evaluate_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    model, ck = load_model(checkpoint, use_ema=use_ema)
-    std = checkpoint_standardizer(ck)
-    prepare_model(model, dev)
+    model, ck, std = load_detector(checkpoint, dev, use_ema=use_ema)
     write_resolved(
         {
             "checkpoint": str(checkpoint),

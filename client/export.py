@@ -31,20 +31,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
 
 from client.detector_trainer import DetectorOptions
 from client.site_model import SiteModel
 from client.state import SiteState, plain_site_name
 from common.config.loader import from_mapping
 from common.detector.adapt.standardize import HistogramStandardizer
-from common.detector.checkpoint import Checkpoint, save_checkpoint
-from common.detector.model import Personalization, build_detector
+from common.detector.checkpoint import Checkpoint, load_model, save_checkpoint
+from common.detector.engine import prepare_model
+from common.detector.model import build_detector
 from common.errors import CheckpointMismatch, ConfigError, MammofedError
 from common.fileio import load_arrays
 from common.wire.federation import FederationConfig
@@ -111,11 +113,8 @@ class ExportResult:
 
     path: Path
     round: int
-    site: str | None
     kind: str  # "site" or "global"
-    head: str  # "personal" or "global"
     standardized: bool
-    extra: dict[str, Any]
 
 
 # --- 1. the server's round files ----------------------------------------------
@@ -168,8 +167,7 @@ def read_global_round(path: str | Path) -> GlobalRound:
     try:
         meta = CheckpointMeta.read(json_path)
     except RunFolderError as exc:
-        msg = str(exc).replace("cannot read JSON", "unreadable round file")
-        raise ExportError(msg) from exc
+        raise ExportError(str(exc)) from exc
     if not meta.config:
         raise ExportError(
             f"{json_path}: field 'config' is missing or empty; the round does "
@@ -225,11 +223,7 @@ def global_model(g: GlobalRound, state: SiteState | None) -> SiteModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(g.fed_cfg.seed)
         model = build_detector(g.options.model_config())
-    pers = g.fed_cfg.personalization
-    personalization = Personalization(
-        local_norm=pers.local_norm, personal_head=pers.personal_head
-    )
-    site_model = SiteModel(model, personalization, state)
+    site_model = SiteModel(model, g.fed_cfg.personalization, state)
     site_model.check_shared(g.arrays, g.npz_path, g.options_source)
     return site_model
 
@@ -313,12 +307,12 @@ def site_personal(
 
 
 def site_standardizer(
-    g: GlobalRound, site_model: SiteModel | None
+    g: GlobalRound, site_model: SiteModel
 ) -> HistogramStandardizer | None:
-    """The site's fitted standardizer when the run used one."""
+    """The site's fitted standardizer when the run used one (and a site is named)."""
     if not g.options.standardize:
         return None
-    if site_model is None or site_model.state is None:
+    if site_model.state is None:
         log.warning(
             "%s: the run standardized intensities (trainer.options.standardize) "
             "but no site is named, so the checkpoint carries no standardizer",
@@ -395,7 +389,7 @@ def export_model(
         g.arrays, personal_head=use_head, personal=personal if composed else {}
     )
     model.eval()
-    std = site_standardizer(g, site_model if state is not None else None)
+    std = site_standardizer(g, site_model)
     kind = "global" if global_only else "site"
     provenance = _provenance(g, site, state, kind, use_head, std is not None)
     extra: dict[str, Any] = {EXTRA_EXPORT: provenance}
@@ -411,15 +405,7 @@ def export_model(
         ", standardized" if std is not None else "",
         path,
     )
-    return ExportResult(
-        path=path,
-        round=g.round,
-        site=site,
-        kind=kind,
-        head=str(provenance["head"]),
-        standardized=std is not None,
-        extra=extra,
-    )
+    return ExportResult(path, g.round, kind, standardized=std is not None)
 
 
 def _provenance(
@@ -443,10 +429,7 @@ def _provenance(
         "state_dir": str(Path(state.dir).parent.resolve()) if state else None,
         "site_last_round": None if last is None else int(last),
         "strategy": cfg.strategy.name,
-        "personalization": {
-            "local_norm": cfg.personalization.local_norm,
-            "personal_head": cfg.personalization.personal_head,
-        },
+        "personalization": asdict(cfg.personalization),
         "head": "personal" if personal_head else "global",
         "norm": "site" if (cfg.personalization.local_norm and site) else "global",
         "standardized": standardized,
@@ -476,3 +459,25 @@ def checkpoint_standardizer(ck: Checkpoint) -> HistogramStandardizer | None:
         raise CheckpointMismatch(
             f"{ck.path}: field 'extra.{EXTRA_STANDARDIZER}': {exc}"
         ) from exc
+
+
+def load_detector(
+    checkpoint: str | Path,
+    device: torch.device,
+    *,
+    use_ema: bool = False,
+    score_floor: float | None = None,
+) -> tuple[nn.Module, Checkpoint, HistogramStandardizer | None]:
+    """``(model on device in eval mode, checkpoint, its standardizer)``.
+
+    ``score_floor``, when given, replaces the model's own score threshold.
+
+    Raises:
+        CheckpointMismatch: an unusable checkpoint or standardizer field.
+    """
+    model, ck = load_model(checkpoint, use_ema=use_ema)
+    std = checkpoint_standardizer(ck)
+    prepare_model(model, device)
+    if score_floor is not None:
+        model.score_thresh = float(score_floor)  # type: ignore[assignment]
+    return model, ck, std

@@ -54,7 +54,7 @@ from typing import Any
 
 from common.config import write_resolved
 from common.config.site import SiteConfig
-from common.errors import MammofedError, RefusedImage
+from common.errors import MammofedError, RefusedImage, one_line
 from common.imaging.annotations import (
     ANNOTATIONS_JSON,
     Skip,
@@ -65,6 +65,7 @@ from common.imaging.annotations import (
 )
 from common.imaging.cache import CacheEntry, SiteCache, atomic_write_text, manifest_row
 from common.imaging.image import MammoImage
+from common.imaging.research_image import RESEARCH_SUFFIXES
 from common.keys import (
     ANNOTATIONS_CSV,
     LEFT,
@@ -77,13 +78,6 @@ log = logging.getLogger(__name__)
 
 #: Sidecar table of research images in ``SITE_DIR``.
 IMAGES_CSV = "images.csv"
-IMAGES_CSV_COLUMNS: tuple[str, ...] = (
-    "image",
-    "patient_id",
-    "laterality",
-    "view",
-    "spacing_mm",
-)
 SPLIT_COLUMNS: tuple[str, ...] = ("patient_id", "split")
 SPLIT_VALUES = ("train", "test")
 #: Remembered refusals (key -> {"file", "reason"}) so unchanged bad files are
@@ -91,7 +85,6 @@ SPLIT_VALUES = ("train", "test")
 REFUSED_JSON = "refused.json"
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima"})
-RESEARCH_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
 #: Suffixes never looked at (documentation, tables, configs...).
 NON_IMAGE_SUFFIXES = frozenset(
     {
@@ -123,19 +116,19 @@ class SidecarRow:
     spacing_mm: float | None
 
 
-def _skip(
-    skips: list[Skip], file: str, row: int | None, fld: str, value: Any, why: str
-) -> None:
-    s = Skip(file, row, fld, str(value), why)
-    skips.append(s)
-    log.warning("skipped: %s", s.message())
+class _Table:
+    """The stripped rows of a site CSV table, and the rows skipped (logged)."""
 
+    def __init__(self, path: str | Path, columns: Sequence[str]) -> None:
+        self.file = str(Path(path))
+        self.skips: list[Skip] = []
+        self.rows = [
+            (i, {k: (v or "").strip() for k, v in rec.items() if isinstance(k, str)})
+            for i, rec in read_csv_records(Path(path), columns)
+        ]
 
-def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
-    return [
-        (i, {k: (v or "").strip() for k, v in rec.items() if isinstance(k, str)})
-        for i, rec in read_csv_records(path, columns)
-    ]
+    def skip(self, row: int, fld: str, value: Any, why: str) -> None:
+        Skip(self.file, row, fld, str(value), why).add_to(self.skips)
 
 
 def read_images_csv(path: str | Path) -> tuple[dict[str, SidecarRow], list[Skip]]:
@@ -147,17 +140,17 @@ def read_images_csv(path: str | Path) -> tuple[dict[str, SidecarRow], list[Skip]
     Raises:
         MammofedError: unreadable file or missing columns.
     """
-    p = Path(path)
+    table = _Table(path, ("image",))
+    skip = table.skip
     out: dict[str, SidecarRow] = {}
-    skips: list[Skip] = []
-    for i, rec in _read_csv(p, ("image",)):
+    for i, rec in table.rows:
         ref = normalize_ref(rec.get("image", ""))
         if not ref:
-            _skip(skips, str(p), i, "image", rec.get("image", ""), "empty image path")
+            skip(i, "image", rec.get("image", ""), "empty image path")
             continue
         lat = rec.get("laterality", "").upper() or None
         if lat is not None and lat not in (LEFT, RIGHT):
-            _skip(skips, str(p), i, "laterality", lat, "must be L, R or empty")
+            skip(i, "laterality", lat, "must be L, R or empty")
             continue
         spacing: float | None = None
         raw = rec.get("spacing_mm", "")
@@ -167,12 +160,10 @@ def read_images_csv(path: str | Path) -> tuple[dict[str, SidecarRow], list[Skip]
             except ValueError:
                 spacing = math.nan
             if not (math.isfinite(spacing) and 0.01 <= spacing <= 5.0):
-                _skip(
-                    skips, str(p), i, "spacing_mm", raw, "must be a number in [0.01, 5]"
-                )
+                skip(i, "spacing_mm", raw, "must be a number in [0.01, 5]")
                 continue
         if ref in out:
-            _skip(skips, str(p), i, "image", ref, "duplicate row (first one kept)")
+            skip(i, "image", ref, "duplicate row (first one kept)")
             continue
         out[ref] = SidecarRow(
             patient_id=rec.get("patient_id") or None,
@@ -180,7 +171,7 @@ def read_images_csv(path: str | Path) -> tuple[dict[str, SidecarRow], list[Skip]
             view=rec.get("view", "").upper() or None,
             spacing_mm=spacing,
         )
-    return out, skips
+    return out, table.skips
 
 
 def read_split_csv(path: str | Path) -> tuple[dict[str, str], list[Skip]]:
@@ -189,35 +180,24 @@ def read_split_csv(path: str | Path) -> tuple[dict[str, str], list[Skip]]:
     Raises:
         MammofedError: unreadable file or missing columns.
     """
-    p = Path(path)
+    table = _Table(path, SPLIT_COLUMNS)
+    skip = table.skip
     out: dict[str, str] = {}
-    skips: list[Skip] = []
-    for i, rec in _read_csv(p, SPLIT_COLUMNS):
+    for i, rec in table.rows:
         pid, split = rec.get("patient_id", ""), rec.get("split", "").lower()
         if not pid:
-            _skip(skips, str(p), i, "patient_id", pid, "empty patient id")
+            skip(i, "patient_id", pid, "empty patient id")
         elif split not in SPLIT_VALUES:
-            _skip(
-                skips, str(p), i, "split", rec.get("split", ""), "must be train or test"
-            )
+            skip(i, "split", rec.get("split", ""), "must be train or test")
         elif pid in out and out[pid] != split:
-            _skip(
-                skips, str(p), i, "split", split, f"conflicts with earlier {out[pid]!r}"
-            )
+            skip(i, "split", split, f"conflicts with earlier {out[pid]!r}")
         else:
             out[pid] = split
-    return out, skips
+    return out, table.skips
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    if len(head) == 132 and head[128:132] == b"DICM":
-        return True
-    from common.imaging.dicom import is_dicom  # deferred: pydicom import is slow
+def _is_dicom(path: Path) -> bool:
+    from common.imaging.dicom import is_dicom  # deferred: its imports take seconds
 
     return is_dicom(path)
 
@@ -247,9 +227,7 @@ def find_candidates(site_dir: str | Path, exclude: Iterable[Path] = ()) -> list[
             suffix = p.suffix.lower()
             if suffix in DICOM_SUFFIXES or suffix in RESEARCH_SUFFIXES:
                 found.append(p)
-            elif suffix in NON_IMAGE_SUFFIXES:
-                log.debug("not an image, passed over: %s", p)
-            elif _looks_like_dicom(p):
+            elif suffix not in NON_IMAGE_SUFFIXES and _is_dicom(p):
                 found.append(p)
             else:
                 log.debug("not an image, passed over: %s", p)
@@ -270,14 +248,12 @@ class _Job:
     max_pixels: int | None
 
 
-def _default_reader() -> Reader:
-    from common.imaging.image_io import read_any
-
-    return read_any
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
+def _failed(
+    job: _Job, reason: str, *, transient: bool = False, fatal: bool = False
+) -> dict[str, Any]:
+    """The outcome of a file that was not cached (``transient``: try it next run)."""
+    return {"rel": job.rel, "key": job.key, "ok": False, "reason": reason,
+            "transient": transient, "fatal": fatal}  # fmt: skip
 
 
 def _run_job(job: _Job, reader: Reader | None) -> dict[str, Any]:
@@ -287,10 +263,13 @@ def _run_job(job: _Job, reader: Reader | None) -> dict[str, Any]:
     to exit after reporting: after a ``MemoryError`` or a ``BaseException``
     from native code (e.g. pyo3's ``PanicException``) its state is not trusted.
     """
-    rd = reader or _default_reader()
+    if reader is None:
+        from common.imaging.image_io import read_any
+
+        reader = read_any
     t0 = time.perf_counter()
     try:
-        img = rd(
+        img = reader(
             job.path,
             working_spacing_mm=job.working_spacing_mm,
             max_pixels=job.max_pixels,
@@ -307,34 +286,18 @@ def _run_job(job: _Job, reader: Reader | None) -> dict[str, Any]:
             options=job.options,
         )
     except RefusedImage as exc:
-        return {"rel": job.rel, "key": job.key, "ok": False, "reason": exc.reason}
+        return _failed(job, exc.reason)
     except MemoryError:
-        return {
-            "rel": job.rel,
-            "key": job.key,
-            "ok": False,
-            "reason": "out of memory while decoding (MemoryError)",
-            "transient": True,
-            "fatal": True,
-        }
+        reason = "out of memory while decoding (MemoryError)"
+        return _failed(job, reason, transient=True, fatal=True)
     except Exception as exc:  # noqa: BLE001 - one bad file must not abort the walk
-        return {
-            "rel": job.rel,
-            "key": job.key,
-            "ok": False,
-            "reason": f"unexpected {type(exc).__name__}: {_first_line(exc)}",
-            "transient": True,
-        }
+        reason = f"unexpected {one_line(exc)}"
+        return _failed(job, reason, transient=True)
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - native aborts (PanicException)
-        return {
-            "rel": job.rel,
-            "key": job.key,
-            "ok": False,
-            "reason": f"decoder aborted: {type(exc).__name__}: {_first_line(exc)}",
-            "fatal": True,
-        }
+        reason = f"decoder aborted: {one_line(exc)}"
+        return _failed(job, reason, fatal=True)
     return {
         "rel": job.rel,
         "key": job.key,
@@ -467,7 +430,7 @@ def ingest_site(
             run.table_skips += sk
         run.annotations = read_site_annotations(site, cfg.finding_kind)
     except MammofedError as exc:
-        run.result.status, run.result.error = "failed", _error_text(exc)
+        run.result.status, run.result.error = "failed", one_line(exc)
         run.result.seconds = time.perf_counter() - t_start
         run.result.report_path = cache.write_report(
             {"site": cfg.name, "site_dir": str(site), "status": "failed",
@@ -479,7 +442,7 @@ def ingest_site(
         _walk(run, sidecar, nworkers, reader, force)
         run.walked = True
     except BaseException as exc:
-        run.result.status, run.result.error = STATUS_INTERRUPTED, _error_text(exc)
+        run.result.status, run.result.error = STATUS_INTERRUPTED, one_line(exc)
         log.error("ingest stopped by %s: writing the partial results", run.result.error)
         try:
             _finish(run)
@@ -488,10 +451,6 @@ def ingest_site(
         raise
     _finish(run)
     return run.result
-
-
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": ")
 
 
 def _walk(
@@ -532,28 +491,24 @@ def _walk(
         try:
             st = p.stat()
             opts = _options_for(p, rel, cfg, sidecar)
+            opts_text = json.dumps(opts, sort_keys=True)
             prev = by_source.get(rel)
             if (
                 not force
                 and prev is not None
                 and prev.size == st.st_size
                 and prev.mtime_ns == st.st_mtime_ns
-                and prev.options == _json_norm(opts)
+                and prev.options == json.loads(opts_text)
             ):
                 key = prev.key
             else:
-                key = content_key(p, cfg.working_spacing_mm, extra=_options_text(opts))
+                key = content_key(p, cfg.working_spacing_mm, extra=opts_text)
         except OSError as exc:
             result.skipped.append({"file": rel, "reason": f"cannot read file: {exc}"})
             continue
         if key in seen_keys:
-            result.skipped.append(
-                {
-                    "file": rel,
-                    "reason": f"duplicate: byte-identical to {seen_keys[key]} "
-                    "(first file kept)",
-                }
-            )
+            why = f"duplicate: byte-identical to {seen_keys[key]} (first file kept)"
+            result.skipped.append({"file": rel, "reason": why})
             continue
         seen_keys[key] = rel
         if not force and key in old:
@@ -565,12 +520,8 @@ def _walk(
             run.keep[key] = e
             result.reused.append(key)
             continue
-        known = refused.get(key)
-        if (
-            not force
-            and known is not None
-            and known.get("max_pixels") == cfg.max_pixels
-        ):
+        known = refused.get(key)  # empty with ``force``
+        if known is not None and known.get("max_pixels") == cfg.max_pixels:
             run.refused[key] = {**known, "file": rel}
             result.skipped.append({"file": rel, "reason": str(known["reason"])})
             continue
@@ -737,14 +688,6 @@ def resolve_duplicates(
     return kept, skips
 
 
-def _json_norm(opts: dict[str, Any]) -> dict[str, Any]:
-    return dict(json.loads(json.dumps(opts, sort_keys=True)))
-
-
-def _options_text(opts: dict[str, Any]) -> str:
-    return json.dumps(opts, sort_keys=True)
-
-
 def pool_context() -> multiprocessing.context.BaseContext:
     """Process start method for decode processes: ``forkserver``, readers preloaded.
 
@@ -804,7 +747,7 @@ def _start_slot(
     except Exception as exc:
         parent.close()
         raise MammofedError(
-            f"cannot start a decode process: {_error_text(exc)} (reader "
+            f"cannot start a decode process: {one_line(exc)} (reader "
             f"{getattr(reader, '__qualname__', 'default')}; a custom reader must "
             "be a module-level function)"
         ) from exc
@@ -864,8 +807,7 @@ def decode_isolated(
 
     def fail(job: _Job, reason: str, transient: bool) -> dict[str, Any]:
         log.warning("skipped: %s: %s", job.rel, reason)
-        out = {"rel": job.rel, "key": job.key, "ok": False, "reason": reason}
-        return {**out, "transient": True} if transient else out
+        return _failed(job, reason, transient=transient)
 
     def assign(slot: _Slot) -> _Slot:
         job = pending.popleft()
@@ -958,7 +900,7 @@ def _run_jobs(
 def _report(
     result: IngestResult, targets: dict[str, Any], cfg: SiteConfig, site: Path
 ) -> dict[str, Any]:
-    new = set(result.new)
+    new, rss = set(result.new), result.decode_peak_rss_mb
     ingested = []
     for e in result.entries:
         m, t = e.meta, targets[e.key]
@@ -991,11 +933,7 @@ def _report(
         "error": result.error,
         "working_spacing_mm": cfg.working_spacing_mm,
         "max_pixels": cfg.max_pixels,
-        "decode_peak_rss_mb": (
-            None
-            if result.decode_peak_rss_mb is None
-            else round(result.decode_peak_rss_mb, 1)
-        ),
+        "decode_peak_rss_mb": None if rss is None else round(rss, 1),
         "seconds": round(result.seconds, 3),
         "counts": {
             "ingested": len(result.entries),

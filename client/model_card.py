@@ -21,13 +21,11 @@ is refused (the ONNX runner calls it before loading a graph).
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
 import platform
-from collections.abc import Mapping, Sequence
-from importlib import metadata
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +35,15 @@ from client.evaluate import METRICS_JSON
 from client.export import EXTRA_EXPORT, EXTRA_STANDARDIZER, ExportError
 from client.state import META_JSON
 from common import __version__
+from common.cli import package_version
 from common.detector.checkpoint import Checkpoint
 from common.errors import MammofedError
-from common.fileio import atomic_write_text, read_json_document, read_jsonl
+from common.fileio import (
+    atomic_write_text,
+    read_json_document,
+    read_jsonl,
+    sha256_file,
+)
 from common.keys import CLASSES, NUM_EXAMPLES
 from common.wire.runfolder import ROUNDS_JSONL
 
@@ -83,45 +87,28 @@ def card_paths(model_path: str | Path) -> tuple[Path, Path]:
     return p.with_name(p.name + CARD_JSON_SUFFIX), p.with_name(p.name + CARD_MD_SUFFIX)
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def software_versions() -> dict[str, str]:
     """Installed versions of :data:`CARD_PACKAGES` (``absent`` if not installed)."""
     out = {"python": platform.python_version(), "common.__version__": __version__}
-    for name in CARD_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+    return {**out, **{name: package_version(name) for name in CARD_PACKAGES}}
 
 
 # --- training -----------------------------------------------------------------
-def _read_json(path: Path) -> Any:
+def _read_file(path: Path, parse: Callable[[str], Any] = json.loads) -> Any:
+    """``parse`` of the file's text, or ``None`` (logged) when it is unreadable."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        return parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as exc:
         log.warning("%s: unreadable, left out of the model card: %s", path, exc)
         return None
 
 
 def _federation_training(export: Mapping[str, Any]) -> dict[str, Any]:
     """What the export provenance, its round file, rounds.jsonl and the site say."""
+    copied = ("run", "round", "kind", "strategy", "personalization", "head")
     out: dict[str, Any] = {
         "source": "federated run (mammofed-client export)",
-        "run": export.get("run", UNKNOWN),
-        "round": export.get("round", UNKNOWN),
-        "kind": export.get("kind", UNKNOWN),
-        "strategy": export.get("strategy", UNKNOWN),
-        "personalization": export.get("personalization", UNKNOWN),
-        "head": export.get("head", UNKNOWN),
+        **{k: export.get(k, UNKNOWN) for k in copied},
         "sites": UNKNOWN,
         "nodes_per_round": UNKNOWN,
         "examples_last_round_per_node": UNKNOWN,
@@ -132,12 +119,8 @@ def _federation_training(export: Mapping[str, Any]) -> dict[str, Any]:
     round_file = export.get("round_file")
     rnd = export.get("round")
     if isinstance(round_file, str) and Path(round_file).is_file():
-        meta = _read_json(Path(round_file))
-        sites = (
-            (meta or {}).get("config", {}).get("sites")
-            if isinstance(meta, dict)
-            else None
-        )
+        meta = _read_file(Path(round_file))
+        sites = meta.get("config", {}).get("sites") if isinstance(meta, dict) else None
         if sites:  # simulation names its sites; a deployment does not record them
             out["sites"] = list(sites)
         rounds_path = Path(round_file).parent.parent / ROUNDS_JSONL
@@ -169,7 +152,7 @@ def _federation_training(export: Mapping[str, Any]) -> dict[str, Any]:
     state_dir, site = export.get("state_dir"), export.get("site")
     if isinstance(state_dir, str) and isinstance(site, str):
         meta_path = Path(state_dir) / site / META_JSON
-        meta = _read_json(meta_path) if meta_path.is_file() else None
+        meta = _read_file(meta_path) if meta_path.is_file() else None
         if isinstance(meta, dict):
             trains = [
                 h
@@ -197,11 +180,7 @@ def _central_training(ck: Checkpoint) -> dict[str, Any]:
     }
     cfg_path = ck.extra.get("train_config")
     if isinstance(cfg_path, str) and Path(cfg_path).is_file():
-        try:
-            cfg = yaml.safe_load(Path(cfg_path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            log.warning("%s: unreadable, left out of the card: %s", cfg_path, exc)
-            cfg = None
+        cfg = _read_file(Path(cfg_path), yaml.safe_load)
         if isinstance(cfg, dict) and isinstance(cfg.get("caches"), list):
             out["caches"] = [str(c) for c in cfg["caches"]]
     return out
@@ -243,11 +222,8 @@ def evaluation_section(
             f"{path}: does not exist; --eval takes the output folder of "
             "'mammofed-client evaluate' (it holds metrics.json)"
         )
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{path}: unreadable evaluation result: {exc}") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("classes"), dict):
+    doc = read_json_document(path, "evaluation result", ExportError)
+    if not isinstance(doc.get("classes"), dict):
         raise ExportError(
             f"{path}: field 'classes' is missing or not a mapping; not a "
             "'mammofed-client evaluate' result"
@@ -255,8 +231,7 @@ def evaluation_section(
     evaluated = doc.get("checkpoint")
     match: bool | str = "unverified (the evaluated file no longer exists)"
     if isinstance(evaluated, str) and Path(evaluated).is_file():
-        same = sha256_file(evaluated) == sha256_file(checkpoint)
-        if not same:
+        if sha256_file(evaluated) != sha256_file(checkpoint):
             raise ExportError(
                 f"{path}: field 'checkpoint' names {evaluated}, a different model "
                 f"from {checkpoint} (SHA-256 differs); evaluate this model first"
@@ -287,62 +262,6 @@ def evaluation_section(
 
 
 # --- the card -----------------------------------------------------------------
-def build_card(
-    model_path: str | Path,
-    ck: Checkpoint,
-    *,
-    kind: str,
-    extra_files: Sequence[str | Path] = (),
-    eval_dir: str | Path | None = None,
-    notes: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The card of ``model_path`` (and ``extra_files``) exported from ``ck``.
-
-    Args:
-        model_path: the exported model file.
-        ck: the checkpoint it was made from (``ck.path`` is hashed too).
-        kind: ``"torch-checkpoint"`` or ``"onnx"``.
-        extra_files: files that belong to the model (same folder), hashed too.
-        eval_dir: optional ``mammofed-client evaluate`` output folder.
-        notes: free-form JSON-safe facts added under ``notes`` (e.g. the
-            ONNX parity tolerance).
-    """
-    model = Path(model_path)
-    files = [model, *map(Path, extra_files)]
-    cfg = ck.model_config
-    return {
-        "format": CARD_FORMAT,
-        "model": {
-            "file": model.name,
-            "kind": kind,
-            "arch": cfg.arch,
-            "norm": cfg.norm,
-            "fpn_channels": cfg.fpn_channels,
-            "head_convs": cfg.head_convs,
-            "working_spacing_mm": cfg.working_spacing_mm,
-            "classes": list(CLASSES),
-            "standardizer": EXTRA_STANDARDIZER in ck.extra,
-        },
-        "files": [
-            {"name": f.name, "sha256": sha256_file(f), "bytes": f.stat().st_size}
-            for f in files
-        ],
-        "source_checkpoint": {
-            "path": str(ck.path.resolve()),
-            "sha256": sha256_file(ck.path),
-            "written_by": ck.version or UNKNOWN,
-        },
-        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "software": software_versions(),
-        "training": training_section(ck),
-        "evaluation": evaluation_section(eval_dir, ck.path)
-        or "none given (no --eval folder)",
-        "intended_use": INTENDED_USE,
-        "limitations": list(LIMITATIONS),
-        "notes": dict(notes or {}),
-    }
-
-
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
@@ -416,15 +335,51 @@ def write_model_card(
     eval_dir: str | Path | None = None,
     notes: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``M.card.json`` and ``M.card.md`` beside ``model_path``; returns them."""
-    card = build_card(
-        model_path,
-        ck,
-        kind=kind,
-        extra_files=extra_files,
-        eval_dir=eval_dir,
-        notes=notes,
-    )
+    """Write ``M.card.json`` and ``M.card.md`` beside ``model_path``; returns them.
+
+    Args:
+        model_path: the exported model file.
+        ck: the checkpoint it was made from (``ck.path`` is hashed too).
+        kind: ``"torch-checkpoint"`` or ``"onnx"``.
+        extra_files: files that belong to the model (same folder), hashed too.
+        eval_dir: optional ``mammofed-client evaluate`` output folder.
+        notes: free-form JSON-safe facts added under ``notes`` (e.g. the
+            ONNX parity tolerance).
+    """
+    model = Path(model_path)
+    files = [model, *map(Path, extra_files)]
+    cfg = ck.model_config
+    card = {
+        "format": CARD_FORMAT,
+        "model": {
+            "file": model.name,
+            "kind": kind,
+            "arch": cfg.arch,
+            "norm": cfg.norm,
+            "fpn_channels": cfg.fpn_channels,
+            "head_convs": cfg.head_convs,
+            "working_spacing_mm": cfg.working_spacing_mm,
+            "classes": list(CLASSES),
+            "standardizer": EXTRA_STANDARDIZER in ck.extra,
+        },
+        "files": [
+            {"name": f.name, "sha256": sha256_file(f), "bytes": f.stat().st_size}
+            for f in files
+        ],
+        "source_checkpoint": {
+            "path": str(ck.path.resolve()),
+            "sha256": sha256_file(ck.path),
+            "written_by": ck.version or UNKNOWN,
+        },
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "software": software_versions(),
+        "training": training_section(ck),
+        "evaluation": evaluation_section(eval_dir, ck.path)
+        or "none given (no --eval folder)",
+        "intended_use": INTENDED_USE,
+        "limitations": list(LIMITATIONS),
+        "notes": dict(notes or {}),
+    }
     jpath, mpath = card_paths(model_path)
     atomic_write_text(jpath, json.dumps(card, indent=2) + "\n")
     atomic_write_text(mpath, card_markdown(card))

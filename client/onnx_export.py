@@ -55,12 +55,10 @@ from client.model_card import (
     verify_card,
     write_model_card,
 )
-from client.predict import detections_to_stored
+from client.predict import detect_files, stored_record
 from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.checkpoint import Checkpoint, load_model
 from common.fileio import atomic_write_text, read_json_document
-from common.imaging.geometry import Geometry
-from common.imaging.image_io import read_any
 from common.keys import CLASSES
 
 log = logging.getLogger(__name__)
@@ -74,7 +72,7 @@ SIZE_DIVISIBLE = 32
 INPUT_NAME = "image"
 #: Anchor size (model pixels) of FPN levels P3..P7 (torchvision FCOS default).
 ANCHOR_SIZES: tuple[int, ...] = (8, 16, 32, 64, 128)
-#: Parity of onnxruntime with torch, checked by tests/onnx and stated in docs:
+#: Parity of onnxruntime with torch, checked by tests/client/onnx and in docs:
 #: boxes within this many STORED pixels, scores within SCORE_TOL.
 BOX_TOL_STORED_PX = 0.5
 SCORE_TOL = 1e-4
@@ -299,8 +297,7 @@ def export_onnx(
     names = _output_names(len(ANCHOR_SIZES))
     dummy = torch.full((1, 1, 128, 96), 0.5)
     axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
-    for n in names:
-        axes[n] = {0: "batch", 2: f"{n}_h", 3: f"{n}_w"}
+    axes.update({n: {0: "batch", 2: f"{n}_h", 3: f"{n}_w"} for n in names})
     tmp = out_path.with_name(out_path.name + ".tmp")
     with torch.no_grad(), warnings.catch_warnings():
         # The norm layers' check that a map has more than one value per channel
@@ -487,7 +484,9 @@ class OnnxDetector:
                 f"{card_paths(self.path)[0]}: field 'files' does not list the "
                 f"contract {cpath.name}, so it cannot be trusted"
             )
-        self.contract = _read_contract(cpath)
+        self.contract = read_json_document(
+            cpath, "ONNX contract", ExportError, format_id=CONTRACT_FORMAT
+        )
         c = self.contract
         try:
             self.working_spacing_mm = float(c["preprocessing"]["working_spacing_mm"])
@@ -549,47 +548,18 @@ class OnnxDetector:
         stored pixels). Files are read with :func:`common.imaging.image_io.read_any`
         and scored ``batch_size`` at a time; unreadable files raise.
         """
-        images = [
-            read_any(
-                p,
+        return [
+            stored_record(p, im, detections)
+            for p, im, detections in detect_files(
+                self.detect,
+                paths,
+                score_floor=self.post.score_thresh,
+                batch_size=batch_size,
                 working_spacing_mm=self.working_spacing_mm,
                 default_spacing_mm=default_spacing_mm,
                 spacing_mm=spacing_mm,
             )
-            for p in paths
         ]
-        out: list[dict[str, Any]] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            dets = self.detect([im.pixels for im in chunk])
-            for p, im, d in zip(
-                paths[start : start + batch_size], chunk, dets, strict=True
-            ):
-                out.append(_record(p, im.geometry, im.meta, d, self.post.score_thresh))
-        return out
-
-
-def _record(
-    path: str | Path,
-    geometry: Geometry,
-    meta: Any,
-    dets: Mapping[str, np.ndarray],
-    floor: float,
-) -> dict[str, Any]:
-    return {
-        "source": str(path),
-        "sop_instance_uid": meta.sop_instance_uid,
-        "laterality": meta.laterality,
-        "box_space": "stored",
-        "stored_shape": list(geometry.stored_shape),
-        "detections": detections_to_stored(dict(dets), geometry, score_floor=floor),
-    }
-
-
-def _read_contract(path: Path) -> dict[str, Any]:
-    return read_json_document(
-        path, "ONNX contract", ExportError, format_id=CONTRACT_FORMAT
-    )
 
 
 # --- parity -------------------------------------------------------------------

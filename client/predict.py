@@ -33,28 +33,32 @@ has it applied to every model-space image before the model.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pydicom
 import torch
 from pydicom.dataset import Dataset
+from torch import nn
 
 from client.cad_sr import DEFAULT_SCORE_FLOOR, build_cad_sr, write_cad_sr
-from client.export import checkpoint_standardizer
+from client.export import load_detector
 from common.config.loader import config_to_dict, write_resolved
-from common.detector.checkpoint import load_model
-from common.detector.engine import predict_images, prepare_model, resolve_device
+from common.detector.adapt.standardize import HistogramStandardizer
+from common.detector.engine import predict_images, resolve_device
 from common.errors import RefusedImage
-from common.imaging.dicom import decode_pixels, is_dicom
+from common.imaging.dicom import decode_pixels, header_text, is_dicom, read_dataset
 from common.imaging.geometry import Geometry
+from common.imaging.image import MammoImage
 from common.imaging.image_io import read_any
+from common.imaging.preprocess import block_mean
 from common.imaging.research_image import load_grey01
 from common.keys import CALCIFICATION, CLASSES, MASS
 
@@ -112,17 +116,98 @@ def detections_to_stored(
     labels = np.asarray(dets["labels"], dtype=np.int64).reshape(-1)
     keep = scores >= score_floor
     stored = geometry.to_stored(boxes[keep])
-    out: list[dict[str, Any]] = []
-    for b, s, lab in zip(stored, scores[keep], labels[keep], strict=True):
-        out.append(
-            {
-                "label": CLASSES[int(lab)],
-                "score": round(float(s), 6),
-                "box": [round(float(v), 3) for v in b],
-            }
-        )
-    out.sort(key=lambda d: -float(d["score"]))
-    return out
+    out = [
+        {
+            "label": CLASSES[int(lab)],
+            "score": round(float(s), 6),
+            "box": [round(float(v), 3) for v in b],
+        }
+        for b, s, lab in zip(stored, scores[keep], labels[keep], strict=True)
+    ]
+    return sorted(out, key=lambda d: -float(d["score"]))
+
+
+def stored_record(
+    source: str | Path,
+    image: MammoImage,
+    detections: list[dict[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The JSON record of one image's detections (``extra`` before ``detections``).
+
+    ``detections`` as :func:`detections_to_stored` returns them: boxes in the
+    stored pixels of ``source`` (see the module docstring for the layout).
+    """
+    return {
+        "source": str(source),
+        "sop_instance_uid": image.meta.sop_instance_uid,
+        "laterality": image.meta.laterality,
+        "box_space": "stored",
+        "stored_shape": list(image.geometry.stored_shape),
+        **extra,
+        "detections": detections,
+    }
+
+
+#: ``detect(model-space pixels of a batch)``: model-space detections per image
+#: (``boxes``, ``scores``, ``labels``), as ``common.detector.engine.predict_images``.
+Detect = Callable[[list[np.ndarray]], list[dict[str, np.ndarray]]]
+#: A file: a path, or its name as the caller gave it.
+_F = TypeVar("_F", bound=str | Path)
+
+
+def torch_detect(
+    model: nn.Module, device: torch.device, std: HistogramStandardizer | None
+) -> Detect:
+    """A torch detector as a :data:`Detect` (standardized by ``std`` when given)."""
+
+    def detect(pixels: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        tensors = [
+            torch.from_numpy(np.ascontiguousarray(p)).unsqueeze(0) for p in pixels
+        ]
+        if std is not None:  # the site's intensity standardization (export)
+            tensors = [std.apply(t) for t in tensors]
+        return predict_images(model, tensors, device)
+
+    return detect
+
+
+def detect_files(
+    detect: Detect,
+    files: Iterable[_F],
+    *,
+    score_floor: float,
+    on_unreadable: Callable[[_F, Exception], None] | None = None,
+    batch_size: int = 4,
+    **read_options: Any,
+) -> Iterator[tuple[_F, MammoImage, list[dict[str, Any]]]]:
+    """``(file, image, detections)`` of every readable file, in input order.
+
+    Files are decoded one by one with :func:`common.imaging.image_io.read_any`
+    (``read_options``: ``working_spacing_mm`` and the spacing options) and
+    detected ``batch_size`` at a time (4: a four-view exam in one forward pass).
+    ``detections``: :func:`detections_to_stored` at ``score_floor`` (stored-space
+    boxes). A file that ``read_any`` refuses (``RefusedImage`` or
+    ``ValueError``) goes to ``on_unreadable``; without one the error propagates.
+    """
+
+    def readable() -> Iterator[tuple[_F, MammoImage]]:
+        for f in files:
+            try:
+                image = read_any(f, **read_options)
+            except (RefusedImage, ValueError) as exc:
+                if on_unreadable is None:
+                    raise
+                on_unreadable(f, exc)
+                continue
+            yield f, image
+
+    images = readable()
+    while batch := list(itertools.islice(images, batch_size)):
+        outs = detect([im.pixels for _, im in batch])
+        for (f, im), dets in zip(batch, outs, strict=True):
+            stored = detections_to_stored(dets, im.geometry, score_floor=score_floor)
+            yield f, im, stored
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
@@ -168,23 +253,12 @@ def stored_display_pixels(
         raise ValueError(f"max_side must be >= 1, got {max_side!r}")
     p = Path(path)
     if is_dicom(p):
-        try:
-            ds = pydicom.dcmread(p)
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types
-            raise RefusedImage(str(p), f"unreadable DICOM: {exc}") from exc
-        unit = decode_pixels(ds, p)
+        unit = decode_pixels(read_dataset(p), p)
     else:
         unit = load_grey01(p)
-    rows, cols = unit.shape
-    factor = max(1, math.ceil(max(rows, cols) / max_side))
-    if factor > 1:
-        pad_r = (-rows) % factor
-        pad_c = (-cols) % factor
-        padded = np.pad(unit, ((0, pad_r), (0, pad_c)), mode="edge")
-        h, w = padded.shape[0] // factor, padded.shape[1] // factor
-        unit = padded.reshape(h, factor, w, factor).mean(axis=(1, 3))
-    grey = np.clip(np.round(unit * 255.0), 0, 255).astype(np.uint8)
-    return grey, factor
+    factor = max(1, math.ceil(max(unit.shape) / max_side))
+    grey = np.clip(np.round(block_mean(unit, factor) * 255.0), 0, 255)
+    return grey.astype(np.uint8), factor
 
 
 def write_overlay(
@@ -253,11 +327,8 @@ def _sr_header(f: Path) -> tuple[Dataset | None, str]:
         header = pydicom.dcmread(f, stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types
         return None, f"header unreadable: {exc}"
-    missing = [
-        k
-        for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-        if not str(header.get(k, "")).strip()
-    ]
+    uids = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    missing = [k for k in uids if not header_text(header, k)]
     if missing:
         return None, f"no {', '.join(missing)}: an SR cannot reference it"
     return header, ""
@@ -338,11 +409,9 @@ def predict_paths(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    model, ck = load_model(checkpoint, use_ema=use_ema)
-    std = checkpoint_standardizer(ck)
-    prepare_model(model, dev)
-    model.score_thresh = float(score_floor)  # type: ignore[assignment]
-    working = ck.model_config.working_spacing_mm
+    model, ck, std = load_detector(
+        checkpoint, dev, use_ema=use_ema, score_floor=score_floor
+    )
     write_resolved(
         {
             "checkpoint": str(checkpoint),
@@ -359,37 +428,29 @@ def predict_paths(
     )
     result = PredictResult()
     used: set[str] = set()
-    pending: list[tuple[Path, Any]] = []
     studies: dict[str, list[_StudyEntry]] = {}
 
-    def flush() -> None:
-        # One forward pass per batch (a four-view exam by default).
-        if not pending:
-            return
-        tensors = [
-            torch.from_numpy(np.ascontiguousarray(im.pixels)).unsqueeze(0)
-            for _, im in pending
-        ]
-        if std is not None:  # the site's intensity standardization (export)
-            tensors = [std.apply(t) for t in tensors]
-        for (f, image), dets in zip(
-            pending, predict_images(model, tensors, dev), strict=True
-        ):
-            _write_one(f, image, dets)
-        pending.clear()
+    def skip(f: Path, exc: Exception) -> None:
+        log.warning("skipped %s: %s", f, exc)
+        result.skipped.append((str(f), str(exc)))
 
-    def _write_one(f: Path, image: Any, dets: dict[str, np.ndarray]) -> None:
-        detections = detections_to_stored(dets, image.geometry, score_floor=score_floor)
-        doc: dict[str, Any] = {
-            "source": str(f),
-            "sop_instance_uid": image.meta.sop_instance_uid,
-            "laterality": image.meta.laterality,
-            "box_space": "stored",
-            "stored_shape": list(image.geometry.stored_shape),
-            "model_spacing_mm": image.spacing_mm,
-            "checkpoint": str(checkpoint),
-            "detections": detections,
-        }
+    for f, image, detections in detect_files(
+        torch_detect(model, dev, std),
+        expand_inputs(paths),
+        score_floor=score_floor,
+        on_unreadable=skip,
+        batch_size=batch_size,
+        working_spacing_mm=ck.model_config.working_spacing_mm,
+        default_spacing_mm=default_spacing_mm,
+        spacing_mm=spacing_mm,
+    ):
+        doc = stored_record(
+            f,
+            image,
+            detections,
+            model_spacing_mm=image.spacing_mm,
+            checkpoint=str(checkpoint),
+        )
         name = _unique_name(f.stem, used)
         jpath = out / f"{name}.json"
         jpath.write_text(json.dumps(doc, indent=2))
@@ -410,23 +471,6 @@ def predict_paths(
             else:
                 entry = _StudyEntry(f, header, detections)
                 studies.setdefault(str(header.StudyInstanceUID), []).append(entry)
-
-    for f in expand_inputs(paths):
-        try:
-            image = read_any(
-                f,
-                working_spacing_mm=working,
-                default_spacing_mm=default_spacing_mm,
-                spacing_mm=spacing_mm,
-            )
-        except (RefusedImage, ValueError) as exc:
-            log.warning("skipped %s: %s", f, exc)
-            result.skipped.append((str(f), str(exc)))
-            continue
-        pending.append((f, image))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
     if output_format == FORMAT_SR:
         _write_study_reports(studies, out, result, score_floor=sr_display_floor)
     return result

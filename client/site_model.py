@@ -19,7 +19,7 @@ Training (``client.detector_trainer``), evaluation and
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,45 +29,12 @@ from torch import nn
 
 from client.state import SiteState
 from common.detector.model import Personalization, head_keys, shared_and_personal
-from common.errors import CheckpointMismatch
+from common.errors import CheckpointMismatch, ConfigError
 
 #: Prefix of the personal head's arrays in ``personal.npz``.
 PERSONAL_HEAD_PREFIX = "personal-head/"
 TEACHER_FILE = "teacher.pt"
 STANDARDIZER_FILE = "standardizer.json"
-
-
-def load_site_arrays(
-    model: nn.Module,
-    shared: Mapping[str, Any],
-    personal: Mapping[str, np.ndarray] | None,
-    *,
-    personal_keys: Sequence[str],
-    personal_head_keys: Sequence[str] = (),
-) -> nn.Module:
-    """Load global ``shared`` arrays plus a site's ``personal`` arrays into ``model``.
-
-    The one composition rule of a site's own model: every ``personal_keys``
-    entry found in ``personal`` (FedBN norm layers, BatchNorm counters) replaces
-    the global value, and every ``personal_head_keys`` key whose personal copy
-    ``PERSONAL_HEAD_PREFIX + key`` is in ``personal`` replaces the global head
-    tensor (FedPer; pass ``()`` for the global head). Keys missing from both keep
-    the model's current values; names the model does not have are ignored.
-    Values are cast to the model's dtypes. Returns ``model``.
-    """
-    sd = model.state_dict()
-    new = {k: torch.as_tensor(np.asarray(v)) for k, v in shared.items()}
-    own = personal or {}
-    for k in personal_keys:
-        if k in own:
-            new[k] = torch.as_tensor(own[k])
-    for k in personal_head_keys:
-        pk = PERSONAL_HEAD_PREFIX + k
-        if pk in own:
-            new[k] = torch.as_tensor(own[pk])
-    sd.update({k: v.to(sd[k].dtype) for k, v in new.items() if k in sd})
-    model.load_state_dict(sd)
-    return model
 
 
 def check_shapes(
@@ -114,6 +81,9 @@ class SiteModel:
             model, personalization
         )
         self.head_keys = head_keys(model)
+        #: the initial model's personal arrays (server-sent): used where the
+        #: site has no personal copy yet
+        self.defaults: dict[str, np.ndarray] = {}
 
     # --- locating ---------------------------------------------------------------
     def _dir(self) -> Path:
@@ -205,6 +175,28 @@ class SiteModel:
         check_shapes(personal, names, sd, src, what)
         return bool(have)
 
+    def set_defaults(self, arrays: Mapping[str, np.ndarray], source: str) -> None:
+        """Keep the server's personal defaults (the initial model's norm layers).
+
+        Only this model's float personal tensors, of their shapes and finite,
+        are accepted; anything else raises :class:`ConfigError` naming
+        ``source``, the array and the value, and nothing is kept.
+        """
+        sd = self.model.state_dict()
+        allowed = {k for k in self.personal_keys if sd[k].is_floating_point()}
+        for name, value in arrays.items():
+            v = np.asarray(value)
+            if name not in allowed:
+                why = f"{name!r} is not a personal norm array of this model"
+            elif v.shape != tuple(sd[name].shape):
+                why = f"{name!r} has shape {v.shape}, the model {tuple(sd[name].shape)}"
+            elif not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all():
+                why = f"{name!r} is not finite floating point ({v.dtype})"
+            else:
+                continue
+            raise ConfigError(source, "personal defaults", why)
+        self.defaults = {k: np.asarray(v) for k, v in arrays.items()}
+
     # --- composing --------------------------------------------------------------
     def compose(
         self,
@@ -213,20 +205,32 @@ class SiteModel:
         personal_head: bool | None = None,
         personal: Mapping[str, np.ndarray] | None = None,
     ) -> nn.Module:
-        """Load ``shared`` + the site's personal arrays; returns the model.
+        """Load global ``shared`` + the site's personal arrays; returns the model.
 
-        ``personal_head``: use the personal head (default: when the run has
-        one); ``personal``: arrays already read (default: the committed ones).
+        The one composition rule of a site's own model (training, evaluation
+        and export): every personal key found in ``personal`` (default: the
+        committed arrays; FedBN norm layers, BatchNorm counters) replaces the
+        global value, and with ``personal_head`` (default: when the run has
+        one) every head key whose personal copy ``PERSONAL_HEAD_PREFIX + key``
+        is in ``personal`` replaces the global head tensor (FedPer). Keys
+        missing from both keep the model's current values; names the model
+        does not have are ignored. Values are cast to the model's dtypes.
         """
         if personal_head is None:
             personal_head = self.personalization.personal_head
-        return load_site_arrays(
-            self.model,
-            shared,
-            self.personal() if personal is None else personal,
-            personal_keys=self.personal_keys,
-            personal_head_keys=self.head_keys if personal_head else (),
-        )
+        own = (self.personal() if personal is None else personal) or {}
+        sd = self.model.state_dict()
+        shared = {**self.defaults, **shared}
+        new = {k: torch.as_tensor(np.asarray(v)) for k, v in shared.items()}
+        for k in self.personal_keys:
+            if k in own:
+                new[k] = torch.as_tensor(own[k])
+        for k in self.head_keys if personal_head else ():
+            if PERSONAL_HEAD_PREFIX + k in own:
+                new[k] = torch.as_tensor(own[PERSONAL_HEAD_PREFIX + k])
+        sd.update({k: v.to(sd[k].dtype) for k, v in new.items() if k in sd})
+        self.model.load_state_dict(sd)
+        return self.model
 
     # --- saving -----------------------------------------------------------------
     def save_personal(self, head: Mapping[str, np.ndarray] | None) -> None:

@@ -8,7 +8,6 @@ SuperNode's gRPC health service. Nothing is sent anywhere.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 from client.state import PERSONAL_NPZ, SiteState, SiteStateError
 from common.config.site import SiteConfig
 from common.errors import MammofedError
+from common.fileio import sha256_file
 
 #: Below this much free space on the state folder's disk, health reports it.
 MIN_FREE_BYTES = 1 << 30
@@ -94,7 +94,18 @@ class SiteStatus:
 
     def to_text(self) -> str:
         """Human form, one fact per line."""
-        m = self.model
+        m, d, o = self.model, self.dp, self.outbox
+        dp = (
+            "not training under DP"
+            if d is None
+            else f"epsilon {d.epsilon:.3f} of {d.target_epsilon:g} "
+            f"(delta {d.delta:.2g}, {d.steps} steps)"
+        )
+        outbox = (
+            "no DICOM node configured"
+            if o is None
+            else f"{o.queued} queued, {o.failed} failed ({o.queue_dir})"
+        )
         lines = [
             f"site:            {self.site}",
             f"state folder:    {self.state_dir}",
@@ -103,25 +114,12 @@ class SiteStatus:
             f"model version:   round {m.round}, personal state "
             + (f"sha256 {m.sha256}" if m.sha256 else "none")
             + (f", round {m.pending_round} pending" if m.pending_round else ""),
+            f"DP budget:       {dp}",
+            f"DICOM outbox:    {outbox}",
+            f"SuperNode:       {self.supernode}",
+            "health:          " + ("ok" if self.healthy else "PROBLEMS"),
+            *(f"  - {p}" for p in self.problems),
         ]
-        if self.dp is None:
-            lines.append("DP budget:       not training under DP")
-        else:
-            d = self.dp
-            lines.append(
-                f"DP budget:       epsilon {d.epsilon:.3f} of {d.target_epsilon:g} "
-                f"(delta {d.delta:.2g}, {d.steps} steps)"
-            )
-        if self.outbox is None:
-            lines.append("DICOM outbox:    no DICOM node configured")
-        else:
-            o = self.outbox
-            lines.append(
-                f"DICOM outbox:    {o.queued} queued, {o.failed} failed ({o.queue_dir})"
-            )
-        lines.append(f"SuperNode:       {self.supernode}")
-        lines.append("health:          " + ("ok" if self.healthy else "PROBLEMS"))
-        lines += [f"  - {p}" for p in self.problems]
         return "\n".join(lines)
 
 
@@ -172,14 +170,6 @@ def supernode_health(address: str, timeout_s: float = 2.0) -> str:
     return f"not serving at {address} (status {res.status})"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def site_status(site: SiteConfig, health_address: str | None = None) -> SiteStatus:
     """Collect the status of ``site`` (a loaded site config).
 
@@ -212,7 +202,7 @@ def site_status(site: SiteConfig, health_address: str | None = None) -> SiteStat
         if personal.is_file():
             try:
                 state.load_personal()
-                sha = _sha256(personal)
+                sha = sha256_file(personal)[:16]
             except SiteStateError as exc:
                 problems.append(str(exc))
         free = shutil.disk_usage(site_dir).free

@@ -38,7 +38,12 @@ from typing import Any
 import numpy as np
 
 from common.errors import MammofedError
-from common.fileio import atomic_write_bytes, load_arrays, save_arrays
+from common.fileio import (
+    atomic_write_bytes,
+    load_arrays,
+    read_json_document,
+    save_arrays,
+)
 from common.wire.faults import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -74,38 +79,27 @@ class SiteState:
     Args:
         root: the state directory (``SiteConfig.state_dir`` or node config).
         site: the site name (a plain word; keys the sub-folder).
+
+    Attributes:
+        dir: ``root/<site>/`` (created); personal_path, meta_path: its
+            committed personal arrays and metadata; pending_path, pending_dir:
+            the pending round's marker and personal files.
     """
 
     def __init__(self, root: str | Path, site: str) -> None:
         self.site = plain_site_name(site, root)
         self.dir = Path(root) / site
         self.dir.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def personal_path(self) -> Path:
-        """Path of the personal arrays file."""
-        return self.dir / PERSONAL_NPZ
-
-    @property
-    def meta_path(self) -> Path:
-        """Path of the JSON metadata file."""
-        return self.dir / META_JSON
+        self.personal_path = self.dir / PERSONAL_NPZ
+        self.meta_path = self.dir / META_JSON
+        self.pending_path = self.dir / PENDING_JSON
+        self.pending_dir = self.dir / PENDING_DIR
 
     def save_personal(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Atomically replace the personal arrays (pending ones during a round)."""
         save_arrays(self.write_path(PERSONAL_NPZ), arrays)
 
     # --- pending rounds ------------------------------------------------------
-    @property
-    def pending_path(self) -> Path:
-        """Path of the pending round's marker."""
-        return self.dir / PENDING_JSON
-
-    @property
-    def pending_dir(self) -> Path:
-        """Folder of the pending round's personal files."""
-        return self.dir / PENDING_DIR
-
     def write_path(self, name: str) -> Path:
         """Where a personal file ``name`` is written now (pending while a round is)."""
         if self.pending_path.is_file():
@@ -196,23 +190,12 @@ class SiteState:
         """The metadata mapping (empty when none was written yet)."""
         if not self.meta_path.is_file():
             return {}
-        try:
-            data = json.loads(self.meta_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise SiteStateError(f"{self.meta_path}: unreadable: {exc}") from exc
-        if not isinstance(data, dict):
-            raise SiteStateError(f"{self.meta_path}: must hold an object, got {data!r}")
-        return data
+        return read_json_document(self.meta_path, "site metadata", SiteStateError)
 
     def write_meta(self, meta: Mapping[str, Any]) -> None:
         """Atomically replace the metadata."""
         payload = json.dumps(dict(meta), indent=2, sort_keys=True).encode()
         atomic_write_bytes(self.meta_path, payload)
-
-    @property
-    def last_round(self) -> int:
-        """Last server round this site completed (0 if none)."""
-        return int(self.read_meta().get("last_round", 0))
 
     def record_round(
         self, server_round: int, phase: str, metrics: Mapping[str, float | int]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch import nn
 
 from client.state import SiteState
 from client.trainer import Arrays, Metrics, register_trainer
-from common.detector.model.toy import ToyNet, toy_shared_keys
+from common.detector.model.toy import ToyNet, ToyOptions, toy_shared_keys
 from common.errors import ConfigError
 from common.keys import NUM_EXAMPLES, SKIPPED_STEPS, TRAIN_LOSS
 from common.wire.federation import (
@@ -76,39 +75,26 @@ def synthetic_site_data(
 class ToyTrainer:
     """:class:`client.trainer.LocalTrainer` over :class:`ToyNet` and synthetic data.
 
-    ``trainer.options`` keys: ``num_examples`` (train set size, default 64),
-    ``channels`` (default 8), ``threads`` (torch threads, default 1).
+    ``trainer.options``: :class:`common.detector.model.toy.ToyOptions`.
     """
 
-    def __init__(self, site: str, state_dir: Path, fed_cfg: FederationConfig) -> None:
-        opts = dict(fed_cfg.trainer.options)
-        known = {"num_examples", "channels", "threads"}
-        for key, value in opts.items():
-            if key not in known:
-                raise ConfigError(
-                    "federation config",
-                    f"trainer.options.{key}",
-                    f"unknown toy option (valid: {', '.join(sorted(known))})",
-                )
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(
-                    "federation config",
-                    f"trainer.options.{key}",
-                    f"must be a positive integer, got {value!r}",
-                )
+    def __init__(
+        self, site: str, state_dir: Path, fed_cfg: FederationConfig, **_: Any
+    ) -> None:
+        opts = ToyOptions.parse(fed_cfg.trainer.options)
         self.site = site
         self.seed = fed_cfg.seed
         self.local_norm = fed_cfg.personalization.local_norm
         self.personal_head = fed_cfg.personalization.personal_head
         self.state = SiteState(state_dir, site)
-        torch.set_num_threads(int(opts.get("threads", 1)))
+        torch.set_num_threads(opts.threads)
         torch.manual_seed(fed_cfg.seed)  # same initial model on every site
-        self.model = ToyNet(int(opts.get("channels", 8)))
+        self.model = ToyNet(opts.channels)
         self._initial = {
             k: v.detach().cpu().numpy().copy()
             for k, v in self.model.state_dict().items()
         }
-        n = int(opts.get("num_examples", 64))
+        n = opts.num_examples
         self.train_x, self.train_y = synthetic_site_data(site, self.seed, n, "train")
         self.test_x, self.test_y = synthetic_site_data(
             site, self.seed, max(n // 2, 8), "test"
@@ -154,18 +140,6 @@ class ToyTrainer:
                 full[key] = torch.from_numpy(init.copy())
         self.model.load_state_dict(full)
 
-    def _personal_arrays(self) -> Arrays:
-        sd = self.model.state_dict()
-        return {
-            k: v.detach().cpu().numpy().copy()
-            for k, v in sd.items()
-            if k not in self._shared_keys
-        }
-
-    def _shared_arrays(self) -> Arrays:
-        sd = self.model.state_dict()
-        return {k: sd[k].detach().cpu().numpy().copy() for k in self._shared_keys}
-
     # --- protocol ------------------------------------------------------------
     def fit(self, shared: Arrays, config: FitInstructions) -> tuple[Arrays, Metrics]:
         """Local SGD for ``config.local_epochs`` epochs (+ FedProx term if mu > 0)."""
@@ -205,13 +179,19 @@ class ToyTrainer:
                 opt.step()
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
-        self.state.save_personal(self._personal_arrays())
+        arrays = {
+            k: v.detach().cpu().numpy().copy()
+            for k, v in self.model.state_dict().items()
+        }
+        self.state.save_personal(
+            {k: v for k, v in arrays.items() if k not in self._shared_keys}
+        )
         metrics: Metrics = {
             NUM_EXAMPLES: n,
             TRAIN_LOSS: total / count if count else math.nan,
             SKIPPED_STEPS: skipped,
         }
-        return self._shared_arrays(), metrics
+        return {k: arrays[k] for k in self._shared_keys}, metrics
 
     @torch.no_grad()
     def evaluate(self, shared: Arrays, config: FitInstructions) -> Metrics:
@@ -229,13 +209,6 @@ class ToyTrainer:
         }
 
 
-@register_trainer("toy")
-def build_toy(
-    site: str,
-    state_dir: Path,
-    fed_cfg: FederationConfig,
-    data_dir: Path | None = None,
-    adapt_overrides: Mapping[str, Any] | None = None,
-) -> ToyTrainer:
-    """Factory of the ``toy`` trainer (``data_dir``, ``adapt_overrides`` unused)."""
-    return ToyTrainer(site, state_dir, fed_cfg)
+#: The ``toy`` trainer's registry factory (its ``data_dir`` and
+#: ``adapt_overrides`` keywords are ignored).
+build_toy = register_trainer("toy")(ToyTrainer)

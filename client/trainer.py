@@ -82,15 +82,11 @@ def register_trainer(name: str) -> Callable[[TrainerFactory], TrainerFactory]:
     return deco
 
 
-def _import_trainer_modules() -> None:
+def available_trainers() -> tuple[str, ...]:
+    """Registered trainer names (importing the known trainer modules first)."""
     for mod in TRAINER_MODULES:
         if importlib.util.find_spec(mod) is not None:
             importlib.import_module(mod)
-
-
-def available_trainers() -> tuple[str, ...]:
-    """Registered trainer names (importing the known trainer modules first)."""
-    _import_trainer_modules()
     return tuple(sorted(TRAINERS))
 
 

@@ -28,6 +28,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from importlib import metadata
 from types import FrameType
 
 from common.errors import MammofedError
@@ -71,23 +72,22 @@ def sigterm_raises() -> Iterator[None]:
 VERSIONED_PACKAGES = ("mammofed", "torch", "flwr")
 
 
-def version_string(prog: str) -> str:
-    """``PROG 0.1.0 (torch 2.x, flwr 1.42.0)``; an absent package reads ``absent``.
+def package_version(name: str) -> str:
+    """Installed version of distribution ``name`` (``absent`` if not installed).
 
-    Versions come from the installed distributions' metadata, so nothing heavy
-    (torch) is imported to print them.
+    Read from the distribution's metadata: nothing heavy (torch) is imported.
     """
-    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
 
-    def _version(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "absent"
 
+def version_string(prog: str) -> str:
+    """``PROG 0.1.0 (torch 2.x, flwr 1.42.0)``; an absent package reads ``absent``."""
     own, *deps = VERSIONED_PACKAGES
-    rest = ", ".join(f"{name} {_version(name)}" for name in deps)
-    return f"{prog} {_version(own)} ({rest})"
+    rest = ", ".join(f"{name} {package_version(name)}" for name in deps)
+    return f"{prog} {package_version(own)} ({rest})"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -6,19 +6,24 @@ A reader never sees a half-written file; checkpoints and site state use
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
+#: Mode of a private file (a key): read and write by the owner only.
+PRIVATE_MODE = 0o600
 
-def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder.
+
+def atomic_write(
+    path: str | Path, write: Callable[[IO[bytes]], object], *, fsync: bool = True
+) -> None:
+    """Write ``path`` with ``write(file)`` through a temporary file in its folder.
 
     The temporary file is renamed over ``path`` (``os.replace``), so ``path``
     holds either the old or the new content. ``fsync`` also flushes the data to
@@ -30,7 +35,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> 
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -40,17 +45,71 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> 
         raise
 
 
+def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
+    """:func:`atomic_write` of ``data``."""
+    atomic_write(path, lambda fh: fh.write(data), fsync=fsync)
+
+
 def atomic_write_text(path: str | Path, text: str, *, fsync: bool = True) -> None:
     """UTF-8 text form of :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
+def refuse_existing(paths: Iterable[Path], error: type[Exception]) -> None:
+    """Raise ``error`` naming the first of ``paths`` that exists (a CLI hint)."""
+    for p in paths:
+        if Path(p).exists():
+            raise error(f"{p} exists (pass --overwrite to replace it)")
+
+
+def write_new_file(
+    path: Path, data: bytes, *, private: bool, overwrite: bool, error: type[Exception]
+) -> None:
+    """Write ``data`` as a new ``path`` (an existing one only with ``overwrite``).
+
+    Mode 0600 if ``private`` (never wider, even briefly), else 0644, whatever
+    the umask. An existing ``path`` without ``overwrite`` raises ``error``.
+    """
+    path = Path(path)
+    if not overwrite:
+        refuse_existing([path], error)
+    path.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = PRIVATE_MODE if private else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(path, mode)
+
+
+def has_dicom_preamble(path: str | Path) -> bool:
+    """Whether bytes 128..132 of ``path`` are ``DICM`` (unreadable: ``False``).
+
+    The cheap first test of "is this DICOM?", without importing pydicom.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def sha256_file(path: str | Path, *extra: bytes) -> str:
+    """Hex SHA-256 of a file's bytes, followed by the ``extra`` bytes if any."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    for b in extra:
+        h.update(b)
+    return h.hexdigest()
+
+
 def save_arrays(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Atomically write named arrays as an uncompressed ``.npz`` (fsync'd)."""
-    buf = io.BytesIO()
     payload = {k: np.asarray(v) for k, v in arrays.items()}
-    np.savez(buf, **payload)  # type: ignore[arg-type]
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, lambda fh: np.savez(fh, **payload))  # type: ignore[arg-type]
 
 
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
@@ -87,7 +146,7 @@ def read_json_document(
     """
     p = Path(path)
     try:
-        doc = json.loads(p.read_text())
+        doc = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise error(f"{p}: unreadable {what}: {exc}") from exc
     if format_id is not None and (

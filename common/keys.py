@@ -70,6 +70,9 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
+#: Server -> site only: the initial model's personal norm layers, which a site
+#: that has no personal copy yet starts from (two-phase protocol under FedBN).
+PERSONAL_DEFAULTS_KEY = "personal-defaults"
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"

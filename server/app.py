@@ -24,11 +24,6 @@ APP_ROOT = Path(__file__).resolve().parents[1]
 app = ServerApp()
 
 
-def default_run_dir(name: str) -> Path:
-    """``./runs/<name>`` relative to the working directory."""
-    return Path.cwd() / "runs" / name
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point: config from run_config, then the run loop."""
@@ -36,6 +31,6 @@ def main(grid: Grid, context: Context) -> None:
         logging.basicConfig(level=logging.INFO)
     logging.getLogger("server").setLevel(logging.INFO)
     cfg = federation_config_from_run_config(context.run_config, APP_ROOT)
-    run_dir = cfg.run_dir or default_run_dir(cfg.name)
+    run_dir = cfg.run_dir or Path.cwd() / "runs" / cfg.name
     log.info("federation %s: run dir %s", cfg.name, run_dir)
     run_federation(grid, cfg, run_dir)

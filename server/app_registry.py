@@ -118,11 +118,9 @@ def sign_app(app_dir: Path, key_path: Path, apps_dir: Path) -> SignedApp:
         raise AppSigningError(f"{app_dir}: no pyproject.toml (not a Flower app)")
     fab = build_fab_from_disk(Path(app_dir))
     signed = write_signed_app(apps_dir, fab, [sign_fab(fab, key)])
+    key_id = signed.verifications[0].public_key_id
     log.info(
-        "signed %s (sha256 %s) with %s",
-        signed.spec,
-        signed.fab_sha256[:12],
-        signed.verifications[0].public_key_id,
+        "signed %s (sha256 %s) with %s", signed.spec, signed.fab_sha256[:12], key_id
     )
     return signed
 
@@ -190,14 +188,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"detail": f"{app_id}=={version} is not a signed app here"})
             return
         port = self.server.server_address[1]
-        self._json(
-            200,
-            {
-                "fab_url": f"http://{REGISTRY_HOST}:{port}{FAB_PATH}"
-                f"{app.fab_sha256}.fab",
-                "verifications": [s.to_json() for s in app.verifications],
-            },
-        )
+        url = f"http://{REGISTRY_HOST}:{port}{FAB_PATH}{app.fab_sha256}.fab"
+        signatures = [s.to_json() for s in app.verifications]
+        self._json(200, {"fab_url": url, "verifications": signatures})
 
     def do_GET(self) -> None:  # noqa: N802
         name = self.path[len(FAB_PATH) :] if self.path.startswith(FAB_PATH) else ""
@@ -228,10 +221,10 @@ class _RegistryServer(ThreadingHTTPServer):
     def find(self, app_id: str, version: object) -> SignedApp | None:
         if not isinstance(version, str):  # no "latest": runs name their version
             return None
-        matches = [
-            a for a in self.apps() if a.app_id == app_id and a.app_version == version
-        ]
-        return matches[0] if matches else None
+        return next(
+            (a for a in self.apps() if (a.app_id, a.app_version) == (app_id, version)),
+            None,
+        )
 
     def by_sha(self, sha: str) -> SignedApp | None:
         return next((a for a in self.apps() if a.fab_sha256 == sha), None)

@@ -99,8 +99,7 @@ class ModelTracker:
 
     def stamp(self, config: ConfigRecord) -> ConfigRecord:
         """``config`` with ``model-round`` and ``model-nodes`` set (in place)."""
-        for key, value in self.version.to_config().items():
-            config[key] = value
+        config.update(self.version.to_config())
         return config
 
     def as_dict(self) -> dict[str, Any]:

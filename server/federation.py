@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from common.config.loader import config_to_dict, write_resolved
-from common.errors import CheckpointMismatch, MammofedError
+from common.errors import CheckpointMismatch
 from common.wire.federation import (
     FederationConfig,
     FitInstructions,
@@ -41,15 +41,11 @@ from common.wire.federation import (
 from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
 from server.checkpoints import CheckpointStore
 from server.faults import ModelTracker, attribute_replies, silent_nodes, write_outcome
-from server.initial import initial_global_arrays
+from server.initial import initial_global_arrays, initial_personal_defaults
 from server.strategies import GuardedFedAvg, build_strategy
-from server.validation import Screened
+from server.validation import Screened, node_of
 
 log = logging.getLogger(__name__)
-
-
-class FederationError(MammofedError):
-    """The run cannot go on (no initial model, incompatible checkpoint...)."""
 
 
 @dataclass
@@ -68,15 +64,12 @@ def _metrics_dict(record: MetricRecord | None) -> dict[str, Any]:
     return {} if record is None else {k: v for k, v in record.items()}
 
 
-def _screen_summary(screened: Screened | None) -> dict[str, Any]:
-    if screened is None:
-        return {
-            "valid": 0,
-            "per_node": {},
-            "rejected": [],
-            "failed": [],
-            "adjusted": [],
-        }
+def _screened(strategy: GuardedFedAvg, phase: str) -> Screened:
+    """The last screening of ``phase`` (empty when the phase sent nothing)."""
+    return strategy.last.get(phase) or Screened([], [], {}, [])
+
+
+def _screen_summary(screened: Screened) -> dict[str, Any]:
     return {
         "valid": len(screened.valid),
         "per_node": {str(k): v for k, v in sorted(screened.per_node.items())},
@@ -84,13 +77,6 @@ def _screen_summary(screened: Screened | None) -> dict[str, Any]:
         "failed": [r.as_dict() for r in screened.failed],
         "adjusted": [a.as_dict() for a in screened.adjusted],
     }
-
-
-def _valid_nodes(screened: Screened | None) -> list[int]:
-    """Node ids of the updates that passed screening (those aggregated)."""
-    if screened is None:
-        return []
-    return sorted(int(m.metadata.src_node_id) for m in screened.valid)
 
 
 def _exchange(grid: Grid, msgs: list[Message], timeout: float) -> list[Message]:
@@ -109,12 +95,11 @@ def _check_resume(cfg: FederationConfig, meta: Mapping[str, Any], where: Path) -
                 f"{where}: checkpoint was made with {key} {old[key]!r}, "
                 f"config asks for {want!r}"
             )
-    if "personalization" in old and old["personalization"] != config_to_dict(
-        cfg.personalization
-    ):
+    pers = config_to_dict(cfg.personalization)
+    if "personalization" in old and old["personalization"] != pers:
         raise CheckpointMismatch(
             f"{where}: checkpoint personalization {old['personalization']!r} differs "
-            f"from config {config_to_dict(cfg.personalization)!r}"
+            f"from config {pers!r}"
         )
 
 
@@ -134,23 +119,26 @@ def run_federation(
     strategy.summary()
     cfg_dict = config_to_dict(cfg)
 
+    defaults = initial_personal_defaults(cfg)
+    if defaults:
+        strategy.personal_defaults = arrays_to_record(defaults)
+        log.info(
+            "sites without personal norms start from the initial model's %d",
+            len(defaults),
+        )
+    # model: which aggregation made the global arrays; sites commit a round's
+    # personal state only when the server kept their update (ModelVersion)
     last = store.latest() if cfg.resume else None
     if last is not None:
         _check_resume(cfg, last.meta, store.paths(last.round)[1])
         arrays, start = last.arrays, last.round
+        model = ModelTracker.from_checkpoint_meta(last.meta, start)
         log.info("resuming from round %d (%s)", start, store.paths(start)[0])
     else:
         arrays = initial_global_arrays(cfg)  # never from a node's reply
-        start = 0
+        start, model = 0, ModelTracker()
         store.save(0, arrays, metrics={}, config=cfg_dict)
     summary = RunSummary(run_dir=run_dir, start_round=start, last_round=start)
-    # which aggregation made the global arrays: sites commit a round's personal
-    # state only when the server kept their update (common.wire.faults.ModelVersion)
-    model = (
-        ModelTracker.from_checkpoint_meta(last.meta, start)
-        if last is not None
-        else ModelTracker()
-    )
     jsonl = run_dir / ROUNDS_JSONL
     timeout = cfg.participation.round_timeout_s
 
@@ -165,7 +153,7 @@ def run_federation(
         status = "aggregated" if agg_arrays is not None else "kept-previous"
         if agg_arrays is not None:
             arrays = record_to_arrays(agg_arrays)
-            model.aggregated(rnd, _valid_nodes(strategy.last.get("train")))
+            model.aggregated(rnd, map(node_of, _screened(strategy, "train").valid))
         eval_record = arrays_to_record(arrays)
         eval_config = model.stamp(ins.to_config_record())
         emsgs = list(strategy.configure_evaluate(rnd, eval_record, eval_config, grid))
@@ -177,10 +165,10 @@ def run_federation(
             "seconds": round(time.monotonic() - t0, 3),
             "train_sampled": strategy.sampled.get("train", []),
             "train_replies": len(replies),
-            "train": _screen_summary(strategy.last.get("train")),
+            "train": _screen_summary(_screened(strategy, "train")),
             "train_aggregated": _metrics_dict(agg_train),
             "evaluate_sampled": strategy.sampled.get("evaluate", []),
-            "evaluate": _screen_summary(strategy.last.get("evaluate")),
+            "evaluate": _screen_summary(_screened(strategy, "evaluate")),
             "evaluate_aggregated": _metrics_dict(agg_eval),
             "model": model.as_dict(),
         }

@@ -174,21 +174,17 @@ class FleetGateway:
 
     def start(self, timeout_s: float = 30.0) -> FleetGateway:
         """Start serving; raises :class:`ProcessError` if it does not come up."""
+        cfg = self.cfg
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
                 raise ProcessError(
-                    f"Fleet gateway did not start on {self.cfg.host}:{self.cfg.port}"
+                    f"Fleet gateway did not start on {cfg.host}:{cfg.port}"
                 )
             time.sleep(0.05)
-        log.info(
-            "Fleet gateway on %s:%d -> %s",
-            self.cfg.host,
-            self.cfg.port,
-            self.cfg.upstream,
-        )
+        log.info("Fleet gateway on %s:%d -> %s", cfg.host, cfg.port, cfg.upstream)
         return self
 
     def stop(self) -> None:

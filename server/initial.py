@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from common.detector.model.initial import (
+    checkpoint_arrays,
     checkpoint_shared_arrays,
     initial_shared_arrays,
 )
@@ -108,3 +109,23 @@ def initial_global_arrays(cfg: FederationConfig) -> Arrays:
         cfg.seed,
     )
     return built
+
+
+def initial_personal_defaults(cfg: FederationConfig) -> Arrays:
+    """The initial checkpoint's personal norm arrays (``{}`` when there are none).
+
+    Sent with every round (``common.keys.PERSONAL_DEFAULTS_KEY``) so that under
+    FedBN a site without a personal copy starts from the base model's norm
+    layers instead of fresh ones; never aggregated, and a site that has its
+    own copy ignores them. Only a detector run with ``initial_checkpoint`` and
+    ``local_norm`` has any.
+    """
+    if cfg.initial_checkpoint is None or not cfg.personalization.local_norm:
+        return {}
+    arrays = checkpoint_arrays(cfg.initial_checkpoint, cfg)[1]
+    for name, value in arrays.items():
+        if not np.all(np.isfinite(value)):
+            raise InitialModelError(
+                f"{cfg.initial_checkpoint}: array {name!r} has NaN or Inf values"
+            )
+    return arrays

@@ -21,6 +21,7 @@ from typing import Any
 
 import tomli_w
 
+from common.fileio import read_jsonl
 from common.flower_cli import flower_bin, flower_env
 from common.wire.federation import (
     RUN_DIR,
@@ -50,12 +51,22 @@ class Connection:
     root_certificates: Path | None = None
 
 
-def _flwr(args: list[str], home: Path, timeout_s: float) -> str:
+def run_flwr(
+    args: Sequence[str],
+    env: Mapping[str, str],
+    timeout_s: float,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``flwr *args`` (output captured), whatever its exit code.
+
+    Raises :class:`ProcessError` when it does not end within ``timeout_s``.
+    """
     cmd = [flower_bin("flwr"), *args]
     try:
-        res = subprocess.run(
+        return subprocess.run(
             cmd,
-            env=flower_env(home),
+            env=dict(env),
+            cwd=cwd,
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -63,28 +74,30 @@ def _flwr(args: list[str], home: Path, timeout_s: float) -> str:
         )
     except subprocess.TimeoutExpired as exc:
         raise ProcessError(f"{' '.join(cmd)}: no answer in {timeout_s:.0f} s") from exc
+
+
+def _flwr(args: list[str], home: Path, timeout_s: float) -> str:
+    res = run_flwr(args, flower_env(home), timeout_s)
     if res.returncode != 0:
         tail = (res.stdout + res.stderr).strip().splitlines()[-5:]
-        raise ProcessError(f"{' '.join(cmd)} failed ({res.returncode}): {tail}")
+        raise ProcessError(f"{' '.join(res.args)} failed ({res.returncode}): {tail}")
     return res.stdout
 
 
 def find_json(text: str) -> dict[str, Any] | None:
     """The last JSON object ``flwr --format json`` printed (``None`` if none)."""
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return dict(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    try:
-        return dict(json.loads(text))
-    except json.JSONDecodeError:
-        return None
+    lines = [ln.strip() for ln in reversed(text.strip().splitlines())]
+    for candidate in [*(ln for ln in lines if ln.startswith("{")), text]:
+        try:
+            return dict(json.loads(candidate))
+        except json.JSONDecodeError:
+            continue
+    return None
 
 
-def _last_json(text: str) -> dict[str, Any]:
+def _flwr_json(args: list[str], home: Path, timeout_s: float) -> dict[str, Any]:
+    """The JSON object ``flwr *args --format json`` printed."""
+    text = _flwr([*args, "--format", "json"], home, timeout_s)
     found = find_json(text)
     if found is None:
         raise ProcessError(f"flwr printed no JSON: {text[-300:]!r}")
@@ -148,20 +161,8 @@ def submit_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     home = prepare_home(run_dir, conn)
     run_toml = write_run_config(cfg, run_dir)
-    out = _flwr(
-        [
-            "run",
-            app or str(app_dir),
-            "mammofed",
-            "--run-config",
-            str(run_toml),
-            "--format",
-            "json",
-        ],
-        home,
-        timeout_s,
-    )
-    payload = _last_json(out)
+    args = ["run", app or str(app_dir), "mammofed", "--run-config", str(run_toml)]
+    payload = _flwr_json(args, home, timeout_s)
     if not payload.get("success") or payload.get("run-id") is None:
         raise ProcessError(f"flwr run did not start a run: {payload}")
     run_id = int(payload["run-id"])
@@ -171,13 +172,7 @@ def submit_run(
 
 def run_status(run_id: int, home: Path, timeout_s: float = 60.0) -> dict[str, Any]:
     """The ``flwr ls --run-id`` JSON row of ``run_id``."""
-    payload = _last_json(
-        _flwr(
-            ["ls", "mammofed", "--run-id", str(run_id), "--format", "json"],
-            home,
-            timeout_s,
-        )
-    )
+    payload = _flwr_json(["ls", "mammofed", "--run-id", str(run_id)], home, timeout_s)
     _require_success(payload, f"flwr ls --run-id {run_id}")
     runs = payload.get("runs") or []
     if not runs:
@@ -187,7 +182,7 @@ def run_status(run_id: int, home: Path, timeout_s: float = 60.0) -> dict[str, An
 
 def list_runs(home: Path, timeout_s: float = 60.0) -> list[dict[str, Any]]:
     """All runs the SuperLink knows (``flwr ls --format json``)."""
-    payload = _last_json(_flwr(["ls", "mammofed", "--format", "json"], home, timeout_s))
+    payload = _flwr_json(["ls", "mammofed"], home, timeout_s)
     _require_success(payload, "flwr ls")
     return [dict(r) for r in payload.get("runs") or []]
 
@@ -211,31 +206,26 @@ def follow_run(
     SuperLink; ``flwr stop`` ends it).
     """
     home = run_dir / FLWR_HOME_DIR
-    jsonl = run_dir / ROUNDS_JSONL
-    seen = 0
     deadline = time.monotonic() + timeout_s
-    status = "unknown"
-    asked = -math.inf
+    seen, status, asked = 0, "unknown", -math.inf
     while True:
         if time.monotonic() - asked >= status_every_s:
             asked = time.monotonic()
             status = str(run_status(run_id, home).get("status", "unknown"))
-        if jsonl.is_file():
-            lines = jsonl.read_text().splitlines()
-            for line in lines[seen:]:
-                row = json.loads(line)
-                log.info(
-                    "run %d round %s %s: train %s eval %s, rejected %s",
-                    run_id,
-                    row.get("round"),
-                    row.get("status"),
-                    row.get("train_aggregated"),
-                    row.get("evaluate_aggregated"),
-                    row.get("train", {}).get("rejected"),
-                )
-                for problem in round_problems(row, rejected=False):
-                    log.warning("run %d %s", run_id, problem)
-            seen = len(lines)
+        rows = read_jsonl(run_dir / ROUNDS_JSONL)
+        for row in rows[seen:]:
+            log.info(
+                "run %d round %s %s: train %s eval %s, rejected %s",
+                run_id,
+                row.get("round"),
+                row.get("status"),
+                row.get("train_aggregated"),
+                row.get("evaluate_aggregated"),
+                row.get("train", {}).get("rejected"),
+            )
+            for problem in round_problems(row, rejected=False):
+                log.warning("run %d %s", run_id, problem)
+        seen = len(rows)
         if status.startswith("finished"):
             return outcome_status(status, run_dir)
         if time.monotonic() > deadline:
@@ -270,7 +260,7 @@ def register_supernode(
         args += ["--name", name]
     with tempfile.TemporaryDirectory(prefix="mammofed-register-") as tmp:
         home = prepare_home(Path(tmp), conn)
-        payload = _last_json(_flwr([*args, "--format", "json"], home, timeout_s))
+        payload = _flwr_json(args, home, timeout_s)
     if payload.get("success") and payload.get("node-id") is not None:
         node_id = int(payload["node-id"])
         log.info("registered SuperNode %s (%s) as node %d", name, public_key, node_id)
@@ -295,8 +285,7 @@ def register_supernodes(
     already registered).
     """
     host, _, port = conn.address.rpartition(":")
-    host = host.strip("[]")
-    if not wait_for_port(host, int(port), ready_timeout_s):
+    if not wait_for_port(host.strip("[]"), int(port), ready_timeout_s):
         raise ProcessError(
             f"SuperLink at {conn.address} not up after {ready_timeout_s:.0f} s; "
             "no SuperNode key registered"

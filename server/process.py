@@ -7,6 +7,7 @@ can end it together with whatever it spawned (``flower-superexec``,
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -157,10 +158,8 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None
         pgid = None
     for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
         if pgid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
-            except ProcessLookupError:
-                pass
         try:
             proc.wait(timeout=wait)
             if pgid is None:
@@ -207,11 +206,13 @@ def write_flower_config(
     insecure: bool,
     root_certificates: Path | None = None,
     connection: str = "mammofed",
+    options: Mapping[str, object] | None = None,
 ) -> Path:
     """Write ``$FLWR_HOME/config.toml`` with one default SuperLink connection.
 
     ``address`` is the SuperLink's ``host:port`` (Control API; one listener in
-    Flower 1.42 serves Control, Fleet and Runtime APIs).
+    Flower 1.42 serves Control, Fleet and Runtime APIs), or ``:local:`` for
+    the simulation SuperLink ``flwr run`` starts (set up by ``options``).
     """
     import tomli_w
 
@@ -221,6 +222,8 @@ def write_flower_config(
         conn["insecure"] = True
     elif root_certificates is not None:
         conn["root-certificates"] = str(Path(root_certificates).resolve())
+    if options is not None:
+        conn["options"] = dict(options)
     path = flwr_home / "config.toml"
     path.write_text(
         tomli_w.dumps({"superlink": {"default": connection, connection: conn}})

@@ -86,7 +86,8 @@ class UpdateRejected(Exception):
         super().__init__(f"{check}: {reason}")
 
 
-def _node(msg: Message) -> int:
+def node_of(msg: Message) -> int:
+    """The id of the node that sent ``msg``."""
     return int(msg.metadata.src_node_id)
 
 
@@ -106,11 +107,7 @@ def check_metrics(record: MetricRecord, cfg: ValidationConfig) -> dict[str, floa
     n = record.get(NUM_EXAMPLES)
     if n is None:
         raise UpdateRejected("metrics", f"{NUM_EXAMPLES!r} is missing")
-    if (
-        not isinstance(n, int)
-        or isinstance(n, bool)
-        or not 1 <= n <= cfg.max_num_examples
-    ):
+    if type(n) is not int or not 1 <= n <= cfg.max_num_examples:  # bools fail too
         raise UpdateRejected(
             "metrics",
             f"{NUM_EXAMPLES!r} must be an integer in [1, {cfg.max_num_examples}], "
@@ -217,7 +214,7 @@ def screen_replies(
     failed: list[Rejection] = []
     per_node: dict[int, dict[str, float]] = {}
     for msg in replies:
-        node = _node(msg)
+        node = node_of(msg)
         if msg.has_error():
             # only the code is recorded: a node's error text never reaches a file
             rej = Rejection(node, "client-error", describe_reply_error(msg.error.code))
@@ -230,26 +227,19 @@ def screen_replies(
             else:
                 metrics = check_train_content(msg, global_arrays, cfg)
         except UpdateRejected as exc:
-            rej = Rejection(node, exc.check, exc.reason)
-            rejected.append(rej)
-            log.warning(
-                "%s: dropped update of node %d: check %s: %s",
-                phase,
-                node,
-                exc.check,
-                exc.reason,
-            )
+            rejected.append(Rejection(node, exc.check, exc.reason))
+            log.warning("%s: dropped update of node %d: check %s", phase, node, exc)
             continue
         valid.append(msg)
         per_node[node] = metrics
     # train replies must agree on their metric names (Flower's weighted average
     # needs it); an evaluate reply may lack a metric undefined on its site
     if valid and global_arrays is not None:
-        keysets = Counter(frozenset(per_node[_node(m)]) for m in valid)
+        keysets = Counter(frozenset(per_node[node_of(m)]) for m in valid)
         majority = keysets.most_common(1)[0][0]
         kept = []
         for msg in valid:
-            node = _node(msg)
+            node = node_of(msg)
             if frozenset(per_node[node]) != majority:
                 reason = (
                     f"metric names {sorted(per_node[node])} differ from the "

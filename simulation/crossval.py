@@ -37,40 +37,36 @@ Written into ``out_dir``:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from common.config import config_to_dict, write_resolved
 from common.detector.engine import (
     EPOCH_LOG,
+    evaluate_detailed,
     flat_metrics,
     json_safe,
-    predict_images,
     resolve_device,
     seed_everything,
 )
 from common.detector.froc import ClassMetrics, FrocImage, froc_all, plot_froc
 from common.errors import MammofedError
-from common.imaging.data import SiteDataset, SiteView, collate
+from common.imaging.data import SiteDataset
 from common.keys import CLASSES
-from simulation.train import (
-    TrainConfig,
-    few_label_subset,
-    train_model,
-)
+from simulation.train import TrainConfig, few_label_subset, train_model
 
 log = logging.getLogger(__name__)
 
+EvalFn = Callable[[torch.nn.Module], dict[str, Any]]
 CV_METRICS_JSON = "cv_metrics.json"
 OOF_PREDICTIONS_JSON = "oof_predictions.json"
 FOLD_JSON = "fold.json"
@@ -99,63 +95,38 @@ def make_folds(sites: dict[str, SiteDataset], k: int, seed: int) -> list[Fold]:
     return [Fold(f, {name: per_site[name][f] for name in sites}) for f in range(k)]
 
 
-def _predict_view(
-    model: torch.nn.Module,
-    view: SiteView,
-    device: torch.device,
-    *,
-    amp: bool,
-    batch_size: int,
-    prefix: str = "",
-) -> list[FrocImage]:
-    loader = DataLoader(view, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    out: list[FrocImage] = []
-    for imgs, targets in loader:
-        dets = predict_images(model, imgs, device, amp=amp)
-        for d, t in zip(dets, targets, strict=True):
-            out.append(
-                FrocImage(
-                    key=f"{prefix}{t['key']}",
-                    spacing_mm=float(t["spacing_mm"]),
-                    gt_boxes=t["boxes"].numpy().astype(np.float64).reshape(-1, 4),
-                    gt_labels=t["labels"].numpy().astype(np.int64).reshape(-1),
-                    ignore_boxes=t["ignore"].numpy().astype(np.float64).reshape(-1, 4),
-                    det_boxes=d["boxes"],
-                    det_scores=d["scores"],
-                    det_labels=d["labels"],
-                )
-            )
-    return out
+def _record_ids(
+    sites: dict[str, SiteDataset], indices: dict[str, list[int]], attr: str
+) -> list[str]:
+    """Sorted distinct ``<site>/<record.attr>`` of the records at ``indices``."""
+    return sorted(
+        {
+            f"{name}/{getattr(sites[name].records[i], attr)}"
+            for name, ix in indices.items()
+            for i in ix
+        }
+    )
 
 
-def _num(v: float) -> float | None:
-    return None if isinstance(v, float) and not math.isfinite(v) else float(v)
-
-
-def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
-    v = [x for x in values if math.isfinite(x)]
+def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    v = [x for x in values if x is not None]
     if not v:
         return None, None
     sd = float(np.std(v, ddof=1)) if len(v) > 1 else None
     return float(np.mean(v)), sd
 
 
-class _EpochLogger:
+def _epoch_logger(fold: int, k: int, epochs: int, epoch_log: Path) -> EvalFn:
     """``fit`` eval hook that logs one progress line per epoch of a fold."""
+    # a resumed fold continues after the epochs already logged
+    logged = len(epoch_log.read_text().splitlines()) if epoch_log.is_file() else 0
+    done = itertools.count(logged + 1)
 
-    def __init__(self, fold: int, k: int, epochs: int, epoch_log: Path) -> None:
-        self.fold, self.k, self.epochs = fold, k, epochs
-        # a resumed fold continues after the epochs already logged
-        self.done = (
-            len(epoch_log.read_text().splitlines()) if epoch_log.is_file() else 0
-        )
-
-    def __call__(self, _model: torch.nn.Module) -> dict[str, Any]:
-        self.done += 1
-        log.info(
-            "fold %d/%d epoch %d/%d done", self.fold + 1, self.k, self.done, self.epochs
-        )
+    def hook(_model: torch.nn.Module) -> dict[str, Any]:
+        log.info("fold %d/%d epoch %d/%d done", fold + 1, k, next(done), epochs)
         return {}
+
+    return hook
 
 
 def _fold_file_handler(path: Path) -> logging.Handler:
@@ -189,12 +160,7 @@ def run_crossval(
     write_resolved(cfg, out)
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
-    sites = {
-        Path(c).name: SiteDataset(
-            c, test_fraction=cfg.test_fraction, seed=cfg.split_seed
-        )
-        for c in cfg.caches
-    }
+    sites = cfg.sites()
     folds = make_folds(sites, k, cfg.split_seed)
     bad = sorted(set(only or ()) - set(range(k)))
     if bad:
@@ -216,18 +182,9 @@ def run_crossval(
             continue
         fdir = out / f"fold-{f}"
         fdir.mkdir(parents=True, exist_ok=True)
-        val_keys = sorted(
-            f"{name}/{sites[name].records[i].key}"
-            for name, (_, val) in fold.parts.items()
-            for i in val
-        )
-        val_patients = sorted(
-            {
-                f"{name}/{sites[name].records[i].patient_id}"
-                for name, (_, val) in fold.parts.items()
-                for i in val
-            }
-        )
+        val_idx = {name: val for name, (_, val) in fold.parts.items()}
+        val_keys = _record_ids(sites, val_idx, "key")
+        val_patients = _record_ids(sites, val_idx, "patient_id")
         train_idx = {
             name: (
                 tr
@@ -238,13 +195,7 @@ def run_crossval(
             )
             for name, (tr, _) in fold.parts.items()
         }
-        train_patients = sorted(
-            {
-                f"{name}/{sites[name].records[i].patient_id}"
-                for name, tr in train_idx.items()
-                for i in tr
-            }
-        )
+        train_patients = _record_ids(sites, train_idx, "patient_id")
         fold_info = {
             "fold": f,
             "k": k,
@@ -253,13 +204,11 @@ def run_crossval(
             "val_patients": val_patients,
         }
         fj = fdir / FOLD_JSON
-        if fj.is_file():
-            prev = json.loads(fj.read_text())
-            if prev != fold_info:
-                raise MammofedError(
-                    f"{fdir}: holds a run of a different fold (k, seed or data "
-                    "changed); use a new --out or remove it"
-                )
+        if fj.is_file() and json.loads(fj.read_text()) != fold_info:
+            raise MammofedError(
+                f"{fdir}: holds a run of a different fold (k, seed or data "
+                "changed); use a new --out or remove it"
+            )
         fj.write_text(json.dumps(fold_info, indent=1))
 
         handler = _fold_file_handler(fdir / "train.log")
@@ -267,18 +216,11 @@ def run_crossval(
         t0 = time.perf_counter()
         try:
             seed_everything(cfg.seed)
-            gen = (
-                torch.Generator().manual_seed(cfg.seed)
-                if cfg.num_workers == 0
-                else None
-            )
-            transform = cfg.recipe().transform(gen)
+            transform = cfg.train_transform()
             train_views = [
                 sites[name].subset(tr, transform) for name, tr in train_idx.items()
             ]
-            val_views = {
-                name: sites[name].subset(val) for name, (_, val) in fold.parts.items()
-            }
+            val_views = {name: sites[name].subset(val) for name, val in val_idx.items()}
             n_train = sum(len(v) for v in train_views)
             n_val = sum(len(v) for v in val_views.values())
             log.info(
@@ -286,23 +228,18 @@ def run_crossval(
                 "(%d patients)",
                 f + 1, k, n_train, len(train_patients), n_val, len(val_patients),
             )  # fmt: skip
-            progress = _EpochLogger(f, k, cfg.epochs, fdir / EPOCH_LOG)
+            progress = _epoch_logger(f, k, cfg.epochs, fdir / EPOCH_LOG)
             model = train_model(cfg, train_views, fdir, device, eval_fn=progress)
-            images: list[FrocImage] = []
-            for name, v in val_views.items():
-                if len(v):
-                    images.extend(
-                        _predict_view(
-                            model,
-                            v,
-                            device,
-                            amp=cfg.amp,
-                            batch_size=cfg.batch_size,
-                            prefix=f"{name}/",
-                        )
-                    )
+            images = [
+                replace(im, key=f"{name}/{im.key}")
+                for name, v in val_views.items()
+                if len(v)
+                for im in evaluate_detailed(
+                    model, v, device, batch_size=cfg.batch_size, n_boot=0, amp=cfg.amp
+                ).images
+            ]
             per_class = froc_all(images, n_boot=0, seed=cfg.seed)
-            cpm = {name: _num(r.cpm) for name, r in per_class.items()}
+            cpm = json_safe({name: float(r.cpm) for name, r in per_class.items()})
             seconds = time.perf_counter() - t0
             log.info(
                 "fold %d/%d: CPM mass %s calcification %s (%d images, %.0f s)",
@@ -332,16 +269,12 @@ def run_crossval(
         log.info("folds %s trained; run without --only-folds to pool", sorted(only))
         return {"k": k, "partial": True, "folds": fold_docs}
     pooled = froc_all(oof, n_boot=cfg.n_boot, seed=cfg.seed)
-    for name, r in pooled.items():
-        plot_froc(
-            [r],
-            out / f"froc-{name}.png",
-            title=f"{k}-fold CV (out-of-fold): {name}",
-        )
     classes: dict[str, Any] = {}
     for name, r in pooled.items():
+        title = f"{k}-fold CV (out-of-fold): {name}"
+        plot_froc([r], out / f"froc-{name}.png", title=title)
         fold_cpm = [d["cpm"][name] for d in fold_docs]
-        mean, sd = _mean_sd([math.nan if c is None else c for c in fold_cpm])
+        mean, sd = _mean_sd(fold_cpm)
         classes[name] = {
             **ClassMetrics.from_result(r).to_json(),
             "fold_cpm": fold_cpm,
@@ -368,12 +301,10 @@ def run_crossval(
             [{**im.to_json(), "fold": fi} for im, fi in zip(oof, oof_fold, strict=True)]
         )
     )
-    m = classes
+    mass, calc = (classes[name] for name in CLASSES)
     log.info(
         "CV %d folds, %d images: CPM mass %s [%s, %s] calcification %s [%s, %s]",
-        k, len(oof),
-        _fmt(m[CLASSES[0]]["cpm"]), *_ci(m[CLASSES[0]]),
-        _fmt(m[CLASSES[1]]["cpm"]), *_ci(m[CLASSES[1]]),
+        k, len(oof), _fmt(mass["cpm"]), *_ci(mass), _fmt(calc["cpm"]), *_ci(calc),
     )  # fmt: skip
     return doc
 
@@ -396,45 +327,37 @@ def load_oof_images(cfg: TrainConfig) -> list[FrocImage]:
     if not path.is_file():
         raise MammofedError(f"{path}: missing; run the CV without --only-folds first")
     rows = json.loads(path.read_text())
-    if all("gt_boxes" in row for row in rows):
-        try:
-            return [FrocImage.from_json(row) for row in rows]
-        except ValueError as exc:
-            raise MammofedError(f"{path}: {exc}") from exc
-    records = {}
-    for c in cfg.caches:
-        site = SiteDataset(c, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
-        for rec in site.records:
-            records[f"{Path(c).name}/{rec.key}"] = rec
-    images: list[FrocImage] = []
-    for row in rows:
-        r = records.get(row["key"])
-        if r is None:
-            raise MammofedError(
-                f"{path}: key {row['key']!r} is no image of caches "
-                f"{[str(c) for c in cfg.caches]}"
+    if not all("gt_boxes" in row for row in rows):  # an older, detections-only file
+        records = {
+            f"{name}/{rec.key}": rec
+            for name, site in cfg.sites().items()
+            for rec in site.records
+        }
+        for row in rows:
+            r = records.get(row["key"])
+            if r is None:
+                raise MammofedError(
+                    f"{path}: key {row['key']!r} is no image of caches "
+                    f"{[str(c) for c in cfg.caches]}"
+                )
+            row.update(
+                spacing_mm=r.spacing_mm,
+                gt_boxes=r.boxes,
+                gt_labels=r.labels,
+                ignore_boxes=r.ignore,
+                det_boxes=row["boxes"],
+                det_scores=row["scores"],
+                det_labels=row["labels"],
             )
-        images.append(
-            FrocImage(
-                key=row["key"],
-                spacing_mm=float(r.spacing_mm),
-                gt_boxes=np.asarray(r.boxes, np.float64).reshape(-1, 4),
-                gt_labels=np.asarray(r.labels, np.int64).reshape(-1),
-                ignore_boxes=np.asarray(r.ignore, np.float64).reshape(-1, 4),
-                det_boxes=np.asarray(row["boxes"], np.float64).reshape(-1, 4),
-                det_scores=np.asarray(row["scores"], np.float64).reshape(-1),
-                det_labels=np.asarray(row["labels"], np.int64).reshape(-1),
-            )
-        )
-    return images
+    try:
+        return [FrocImage.from_json(row) for row in rows]
+    except ValueError as exc:
+        raise MammofedError(f"{path}: {exc}") from exc
 
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def _ci(c: dict[str, Any]) -> tuple[str, str]:
-    ci = c.get("cpm_ci95")
-    if not ci:
-        return ("n/a", "n/a")
-    return (_fmt(ci[0]), _fmt(ci[1]))
+def _ci(c: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(map(_fmt, c.get("cpm_ci95") or (None, None)))

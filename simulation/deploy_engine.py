@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 #: Sub-folder of the regime's server run dir with the processes' homes and logs.
 DEPLOY_DIR = "deploy"
+SUPERLINK_LOG = "superlink.log"
 #: The state a finished run reports (``flwr ls``).
 FINISHED_OK = "finished:completed"
 #: A run with a round that aggregated nothing (``server.faults.outcome_status``).
@@ -62,17 +63,6 @@ FINISHED_DEGRADED = "finished:degraded"
 
 class DeploymentEngineError(MammofedError):
     """The loopback deployment failed, timed out or could not be started."""
-
-
-def supernode_command(
-    site: str, superlink_port: int, state_dir: Path, data_dir: Path
-) -> list[str]:
-    """The ``flower-supernode`` command line of one site on loopback."""
-    return supernode_argv(
-        f"127.0.0.1:{superlink_port}",
-        {NODE_SITE: site, NODE_STATE_DIR: str(state_dir), NODE_DATA_DIR: str(data_dir)},
-        free_port(),
-    )
 
 
 def run_federated_deployment(
@@ -104,35 +94,29 @@ def run_federated_deployment(
     homes: list[Path] = []
     port = free_port()
     t0 = time.monotonic()
-    try:
-        home = base / "home-superlink"
-        homes.append(home)
+
+    def start(cmd: list[str], name: str, log_name: str) -> None:
+        """Start ``cmd`` with ``FLWR_HOME`` ``base/home-<name>``, output to a log."""
+        homes.append(base / f"home-{name}")
         start_process(
-            superlink_command(port=port, insecure=True),
-            log_path=base / "superlink.log",
-            env=flower_env(home),
-            cwd=base,
+            cmd, log_path=base / log_name, env=flower_env(homes[-1]), cwd=base
         )
+
+    def failure(what: str) -> DeploymentEngineError:
+        tail = tail_text(base / SUPERLINK_LOG)
+        return DeploymentEngineError(f"{what}; SuperLink log:\n{tail}")
+
+    try:
+        start(superlink_command(port=port, insecure=True), "superlink", SUPERLINK_LOG)
         if not wait_for_port("127.0.0.1", port, 60):
-            raise DeploymentEngineError(
-                "SuperLink did not come up in 60 s:\n"
-                + tail_text(base / "superlink.log")
-            )
+            raise failure("SuperLink did not come up in 60 s")
+        # absolute paths: the ClientApp runs in its own process and folder
+        state_dir = str(Path(fed.state_dir).resolve())
         for site in fed.sites:
-            home = base / f"home-{site}"
-            homes.append(home)
-            start_process(
-                # absolute: the ClientApp runs in its own process and folder
-                supernode_command(
-                    site,
-                    port,
-                    Path(fed.state_dir).resolve(),
-                    Path(caches[site]).resolve(),
-                ),
-                log_path=base / f"supernode-{site}.log",
-                env=flower_env(home),
-                cwd=base,
-            )
+            data_dir = str(Path(caches[site]).resolve())
+            node = {NODE_SITE: site, NODE_STATE_DIR: state_dir, NODE_DATA_DIR: data_dir}
+            cmd = supernode_argv(f"127.0.0.1:{port}", node, free_port())
+            start(cmd, site, f"supernode-{site}.log")
         conn = Connection(f"127.0.0.1:{port}", insecure=True)
         run_id = submit_run(fed, run_dir, conn)
         log.info(
@@ -145,16 +129,11 @@ def run_federated_deployment(
         try:
             status = follow_run(run_id, run_dir, timeout_s=left, poll_s=1.0)
         except ProcessError as exc:
-            raise DeploymentEngineError(
-                f"{exc}; SuperLink log:\n" + tail_text(base / "superlink.log")
-            ) from exc
+            raise failure(str(exc)) from exc
         if status == FINISHED_DEGRADED:  # as in-process: some round aggregated
             log.warning("deployment: run %d ended degraded (outcome.json)", run_id)
         elif status != FINISHED_OK:
-            raise DeploymentEngineError(
-                f"run {run_id} ended {status!r}; SuperLink log:\n"
-                + tail_text(base / "superlink.log")
-            )
+            raise failure(f"run {run_id} ended {status!r}")
         log.info("deployment: run %d finished in %.0f s", run_id, time.monotonic() - t0)
         return run_dir
     finally:

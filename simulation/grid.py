@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -47,11 +47,8 @@ class ReplyLog:
 
 def array_bytes(content: RecordDict) -> int:
     """Bytes of every array a reply carries (what crosses the network)."""
-    total = 0
-    for record in content.array_records.values():
-        for arr in record.values():
-            total += len(arr.data)
-    return total
+    records = content.array_records.values()
+    return sum(len(arr.data) for record in records for arr in record.values())
 
 
 class InProcessGrid(Grid):
@@ -135,12 +132,9 @@ class InProcessGrid(Grid):
         return out
 
     def _record(self, msg: Message, reply: Message, node: int, seconds: float) -> None:
-        rnd = 0
-        cfg = msg.content.config_records.get(CONFIG_KEY)
-        if cfg is not None and SERVER_ROUND in cfg:
-            rnd = int(cfg[SERVER_ROUND])  # type: ignore[arg-type]
+        cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
         entry = ReplyLog(
-            round=rnd,
+            round=int(cfg.get(SERVER_ROUND, 0)),  # type: ignore[arg-type]
             phase=str(msg.metadata.message_type),
             node=node,
             site=self.site_of.get(node, "?"),
@@ -150,9 +144,8 @@ class InProcessGrid(Grid):
         if reply.has_error():
             entry.error = str(reply.error.reason)
         else:
-            entry.bytes_sent = array_bytes(reply.content)
+            if ARRAYS_KEY in reply.content.array_records:
+                entry.bytes_sent = array_bytes(reply.content)
             m = reply.content.metric_records.get(METRICS_KEY)
             entry.metrics = dict(m) if m is not None else {}
-            if ARRAYS_KEY not in reply.content.array_records:
-                entry.bytes_sent = 0
         self.log.append(entry)

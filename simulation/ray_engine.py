@@ -28,27 +28,32 @@ it), found through ``/proc``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from common.errors import MammofedError
 from common.fileio import tail_text
-from common.flower_cli import flower_bin, flower_env
+from common.flower_cli import flower_env
 from common.wire.federation import FederationConfig
-from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
-from server.launch import APP_DIR, FLWR_HOME_DIR, find_json, write_run_config
+from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL, complete_rounds
+from server.launch import (
+    APP_DIR,
+    FLWR_HOME_DIR,
+    find_json,
+    run_flwr,
+    write_run_config,
+)
+from server.process import ProcessError, free_port, wait_for_port, write_flower_config
 
 log = logging.getLogger(__name__)
 
@@ -78,38 +83,18 @@ def cache_root_of(caches: Mapping[str, Path]) -> Path:
     return parents.pop()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def write_local_config(home: Path, num_supernodes: int, num_cpus: int = 1) -> Path:
     """``$FLWR_HOME/config.toml`` with one ``:local:`` simulation connection."""
-    home.mkdir(parents=True, exist_ok=True)
-    conn = {
-        "address": ":local:",
-        "options": {
-            "num-supernodes": int(num_supernodes),
-            "backend": {
-                "name": "ray",
-                "client-resources": {"num-cpus": num_cpus, "num-gpus": 0.0},
-            },
+    options = {
+        "num-supernodes": int(num_supernodes),
+        "backend": {
+            "name": "ray",
+            "client-resources": {"num-cpus": num_cpus, "num-gpus": 0.0},
         },
     }
-    path = home / "config.toml"
-    path.write_text(
-        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}})
+    return write_flower_config(
+        home, ":local:", insecure=False, connection=CONNECTION, options=options
     )
-    return path
 
 
 def engine_env(home: Path, http_port: int, control_port: int) -> dict[str, str]:
@@ -124,21 +109,25 @@ def engine_env(home: Path, http_port: int, control_port: int) -> dict[str, str]:
 
 
 # --- processes ----------------------------------------------------------------------
+def _pids(keep: Callable[[int], bool]) -> list[int]:
+    """PIDs (other than this process) for which ``keep(pid)``, ascending."""
+    me = os.getpid()
+    found = (int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit())
+    return sorted(pid for pid in found if pid != me and keep(pid))
+
+
 def processes_of_home(home: Path) -> list[int]:
     """PIDs (this user's) whose environment has ``FLWR_HOME=<home>``."""
     needle = f"FLWR_HOME={home}".encode()
-    me = os.getpid()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
+
+    def has_home(pid: int) -> bool:
         try:
-            env = (entry / "environ").read_bytes()
+            env = (Path("/proc") / str(pid) / "environ").read_bytes()
         except OSError:  # gone, or not ours
-            continue
-        if needle in env.split(b"\0"):
-            pids.append(int(entry.name))
-    return sorted(pids)
+            return False
+        return needle in env.split(b"\0")
+
+    return _pids(has_home)
 
 
 def _alive(pid: int) -> bool:
@@ -154,17 +143,6 @@ def _session_of(pid: int) -> int | None:
         return os.getsid(pid)
     except OSError:
         return None
-
-
-def _processes_in_sessions(sessions: set[int]) -> list[int]:
-    """PIDs (other than this process) whose session id is in ``sessions``."""
-    me = os.getpid()
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != me:
-            if _session_of(int(entry.name)) in sessions:
-                out.append(int(entry.name))
-    return sorted(out)
 
 
 def kill_home_processes(home: Path, grace_s: float = 10.0) -> list[int]:
@@ -184,7 +162,8 @@ def kill_home_processes(home: Path, grace_s: float = 10.0) -> list[int]:
         pids = processes_of_home(home)
         sessions.update(s for p in pids if (s := _session_of(p)) is not None)
         sessions.discard(own)  # type: ignore[arg-type]
-        return sorted(set(pids) | set(_processes_in_sessions(sessions)))
+        in_sessions = _pids(lambda p: _session_of(p) in sessions)
+        return sorted(set(pids) | set(in_sessions))
 
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         pids = [p for p in members() if _alive(p)]
@@ -192,10 +171,8 @@ def kill_home_processes(home: Path, grace_s: float = 10.0) -> list[int]:
             break
         found.update(pids)
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.2)
@@ -208,27 +185,16 @@ def kill_home_processes(home: Path, grace_s: float = 10.0) -> list[int]:
 def _flwr(
     args: list[str], env: Mapping[str, str], timeout_s: float
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [flower_bin("flwr"), *args]
     try:
-        return subprocess.run(
-            cmd,
-            env=dict(env),
-            cwd=str(APP_DIR),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise RayEngineError(
-            f"{' '.join(cmd)}: no answer in {timeout_s:.0f} s"
-        ) from exc
+        return run_flwr(args, env, timeout_s, cwd=APP_DIR)
+    except ProcessError as exc:
+        raise RayEngineError(str(exc)) from exc
 
 
 def log_tail(home: Path, lines: int = 40) -> str:
-    """The last ``lines`` lines of the managed SuperLink's log (or a note)."""
+    """The last ``lines`` lines of the managed SuperLink's log, under its path."""
     path = home / SUPERLINK_LOG
-    return tail_text(path, lines, missing=f"(no SuperLink log at {path})")
+    return f"SuperLink log ({path}):\n{tail_text(path, lines)}"
 
 
 def _run_row(run_id: int, env: Mapping[str, str]) -> dict[str, Any]:
@@ -246,7 +212,7 @@ def _stop(home: Path, env: Mapping[str, str], run_id: int | None, port: int) -> 
     ``flwr stop`` is sent only while our SuperLink answers: against a dead
     ``:local:`` connection ``flwr`` would start a fresh SuperLink.
     """
-    if run_id is not None and _port_answers(port):
+    if run_id is not None and wait_for_port("127.0.0.1", port, 0.5):
         try:
             res = _flwr(["stop", str(run_id), CONNECTION], env, 30.0)
             log.info("flwr stop %d: rc %d", run_id, res.returncode)
@@ -258,10 +224,8 @@ def _stop(home: Path, env: Mapping[str, str], run_id: int | None, port: int) -> 
 
 # --- the run ------------------------------------------------------------------------
 def _done(run_dir: Path, rounds: int) -> bool:
-    from server.checkpoints import CheckpointStore
-
     ckpt = run_dir / CHECKPOINT_DIR
-    return ckpt.is_dir() and rounds in CheckpointStore(ckpt).rounds()
+    return ckpt.is_dir() and rounds in complete_rounds(ckpt)
 
 
 def _jsonl_has(run_dir: Path, rounds: int) -> bool:
@@ -303,22 +267,18 @@ def run_federated_ray(
     if home.exists():
         kill_home_processes(home)
         shutil.rmtree(home)
-    opts = dict(fed.trainer.options)
-    opts["cache_root"] = str(cache_root_of(caches))
-    fed = dataclasses.replace(
-        fed,
-        trainer=dataclasses.replace(fed.trainer, options=opts),
-        run_dir=run_dir,
-    )
+    opts = {**fed.trainer.options, "cache_root": str(cache_root_of(caches))}
+    trainer = dataclasses.replace(fed.trainer, options=opts)
+    fed = dataclasses.replace(fed, trainer=trainer, run_dir=run_dir)
     write_local_config(home, len(fed.sites))
-    http_port, control_port = _free_port(), _free_port()
+    http_port, control_port = free_port(), free_port()
     while control_port == http_port:
-        control_port = _free_port()
+        control_port = free_port()
     env = engine_env(home, http_port, control_port)
     run_toml = write_run_config(fed, run_dir)
-    deadline = time.monotonic() + timeout_s
-    run_id: int | None = None
     t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    run_id: int | None = None
     try:
         res = _flwr(
             ["run", str(APP_DIR), CONNECTION, "--run-config", str(run_toml)]
@@ -330,8 +290,7 @@ def run_federated_ray(
         if res.returncode != 0 or not payload.get("success"):
             out = (res.stdout + res.stderr).strip().splitlines()[-8:]
             raise RayEngineError(
-                f"flwr run failed (rc {res.returncode}): {out}\n"
-                f"SuperLink log ({home / SUPERLINK_LOG}):\n{log_tail(home)}"
+                f"flwr run failed (rc {res.returncode}): {out}\n{log_tail(home)}"
             )
         run_id = int(payload["run-id"])
         log.info(
@@ -359,12 +318,12 @@ def run_federated_ray(
                     f"[{fed.name}] run {run_id}: no checkpoint of round "
                     f"{fed.num_rounds} in {run_dir / CHECKPOINT_DIR} after "
                     f"{timeout_s:.0f} s (status {last_status or 'unknown'})\n"
-                    f"SuperLink log:\n{log_tail(home)}"
+                    + log_tail(home)
                 )
-            if not _port_answers(http_port):
+            if not wait_for_port("127.0.0.1", http_port, 0.5):
                 raise RayEngineError(
                     f"[{fed.name}] the local SuperLink on port {http_port} is gone\n"
-                    f"SuperLink log:\n{log_tail(home)}"
+                    + log_tail(home)
                 )
             if now >= next_status:
                 # each `flwr ls` is a new Python process: poll it sparingly
@@ -377,8 +336,7 @@ def run_federated_ray(
                 if status.startswith("finished") and not _done(run_dir, fed.num_rounds):
                     raise RayEngineError(
                         f"[{fed.name}] run {run_id} {status} without a checkpoint "
-                        f"of round {fed.num_rounds}: {row}\n"
-                        f"SuperLink log:\n{log_tail(home)}"
+                        f"of round {fed.num_rounds}: {row}\n{log_tail(home)}"
                     )
             time.sleep(poll_s)
         # the round's rounds.jsonl line follows its checkpoint: give it a moment

@@ -29,13 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.config import (
-    bounded,
-    load_config,
-    path_field,
-    replace_validated,
-    write_resolved,
-)
+from common.config import bounded, load_config, path_field, write_resolved
 from common.detector.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from common.detector.engine import (
     evaluate_detailed,
@@ -48,6 +42,7 @@ from common.detector.engine import (
 from common.detector.model import ModelConfig, build_detector
 from common.detector.recipe import AugmentConfig, Pooled, Recipe
 from common.detector.sampling import lesion_flags
+from common.detector.transforms import Compose
 from common.imaging.data import SiteDataset, SiteView
 
 log = logging.getLogger(__name__)
@@ -142,6 +137,25 @@ class TrainConfig:
             augment=self.augment,
         )
 
+    def train_transform(self) -> Compose:
+        """The recipe's augmentation, from a ``seed``-ed generator without workers.
+
+        With workers, the global RNG (seeded per worker by the DataLoader)
+        drives it: a shared generator would repeat one stream in every worker.
+        """
+        seeded = self.num_workers == 0
+        gen = torch.Generator().manual_seed(self.seed) if seeded else None
+        return self.recipe().transform(gen)
+
+    def sites(self) -> dict[str, SiteDataset]:
+        """Every cache by folder name, split by ``test_fraction``/``split_seed``."""
+        return {
+            Path(c).name: SiteDataset(
+                c, test_fraction=self.test_fraction, seed=self.split_seed
+            )
+            for c in self.caches
+        }
+
 
 def load_train_config(path: str | Path) -> TrainConfig:
     """Load and validate a :class:`TrainConfig` YAML file."""
@@ -206,11 +220,9 @@ def train_model(
     The recipe of :func:`run_training`: lesion-balanced sampler, AdamW with
     warmup + cosine, optional EMA, gradient clipping, ``cfg.epochs`` epochs via
     :func:`common.detector.engine.fit` (``out_dir/last.pt`` and ``epochs.jsonl``;
-    resumes
-    from a compatible ``last.pt``). The model is built from the global torch RNG,
-    so call :func:`common.detector.engine.seed_everything` first for a reproducible run.
-    ``eval_fn`` is called after each epoch (see ``fit``).
-
+    resumes from a compatible ``last.pt``). The model is built from the global
+    torch RNG, so call :func:`common.detector.engine.seed_everything` first for
+    a reproducible run. ``eval_fn`` is called after each epoch (see ``fit``).
     The detector starts from ``cfg.init_checkpoint`` when set.
 
     Returns the final model (the EMA module when ``cfg.ema_decay`` is set).
@@ -262,35 +274,25 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     write_resolved(cfg, out)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    # with workers, the global RNG (seeded per worker by the DataLoader) drives
-    # augmentation; a shared Generator would repeat one stream in every worker
-    gen = torch.Generator().manual_seed(cfg.seed) if cfg.num_workers == 0 else None
-    transform = cfg.recipe().transform(gen)
-    sites = {
-        Path(c).name: SiteDataset(
-            c, test_fraction=cfg.test_fraction, seed=cfg.split_seed
-        )
-        for c in cfg.caches
-    }
+    transform = cfg.train_transform()
+    sites = cfg.sites()
+    test_views = {name: s.view("test") for name, s in sites.items()}
     train_views: list[SiteView] = []
-    for s in sites.values():
+    for name, s in sites.items():
         idx = s.indices("labeled")
         if cfg.labeled_patients is not None:
             idx = few_label_subset(s, idx, cfg.labeled_patients, cfg.split_seed)
-        train_views.append(s.subset(idx, transform))
-    test_views = {name: s.view("test") for name, s in sites.items()}
-    for name, v in zip(sites, train_views, strict=True):
-        f = lesion_flags(v)
+        train_views.append(v := s.subset(idx, transform))
         log.info(
             "site %s: %d labeled training images (%d with lesions), %d test images",
-            name, len(v), sum(f), len(test_views[name]),
+            name, len(v), sum(lesion_flags(v)), len(test_views[name]),
         )  # fmt: skip
 
     epoch_counter = {"n": 0}
 
     def eval_fn(m: torch.nn.Module) -> dict[str, Any]:
         epoch_counter["n"] += 1
-        if cfg.eval_every <= 0 or epoch_counter["n"] % cfg.eval_every:
+        if epoch_counter["n"] % cfg.eval_every:
             return {}
         return {
             name: evaluate_detailed(m, v, device, n_boot=0, amp=cfg.amp).metrics
@@ -339,16 +341,3 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         )  # fmt: skip
     (out / METRICS_JSON).write_text(json.dumps(json_safe(results), indent=2))
     return results
-
-
-def with_overrides(
-    cfg: TrainConfig, source: str = "command line", **overrides: Any
-) -> TrainConfig:
-    """``cfg`` with the non-``None`` overrides applied (CLI flags).
-
-    The result is validated like the YAML (bounds, types, paths that must
-    exist): ``--epochs 0`` is a :class:`common.errors.ConfigError` naming
-    ``source`` and ``epochs``.
-    """
-    kw = {k: v for k, v in overrides.items() if v is not None}
-    return replace_validated(cfg, source, **kw)

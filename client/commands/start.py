@@ -14,6 +14,7 @@ command with status 0 (SIGTERM) or 130 (Ctrl-C). Flower's gRPC health service
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -212,10 +213,8 @@ def _stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> int:
         except subprocess.TimeoutExpired:
             continue
     # the leader is gone; make sure nothing of its group outlives it
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     return proc.wait()
 
 
@@ -240,10 +239,8 @@ def supervise(
     def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         stop.set()
         if proc is not None and proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from common.imaging.dicom import MAMMO_SOP_CLASSES
+from common.imaging.dicom import MAMMO_SOP_CLASSES, header_text
 
 #: Refused: SOP Class not supported (PS3.7 C.5.x, valid in a C-STORE-RSP).
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -75,11 +75,6 @@ def is_valid_uid(value: str) -> bool:
     return len(value) <= 64 and _UID_RE.match(value) is not None
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    v = ds.get(keyword)
-    return "" if v is None else str(v).strip()
-
-
 def check_received(ds: Dataset, request_sop_class: str | None = None) -> Refusal | None:
     """``None`` when ``ds`` is a mammogram the node takes; else the refusal.
 
@@ -87,7 +82,7 @@ def check_received(ds: Dataset, request_sop_class: str | None = None) -> Refusal
         ds: the received data set (header needed; pixels are not decoded).
         request_sop_class: Affected SOP Class UID of the C-STORE request.
     """
-    sop = _text(ds, "SOPClassUID")
+    sop = header_text(ds, "SOPClassUID")
     if sop not in MAMMO_SOP_CLASSES:
         name = UID(sop).name if sop else "absent"
         return Refusal(
@@ -104,7 +99,7 @@ def check_received(ds: Dataset, request_sop_class: str | None = None) -> Refusal
             sop,
             f"differs from the request's Affected SOP Class {request_sop_class}",
         )
-    modality = _text(ds, "Modality")
+    modality = header_text(ds, "Modality")
     if modality != "MG":
         return Refusal(
             STATUS_DATASET_MISMATCH,
@@ -117,7 +112,7 @@ def check_received(ds: Dataset, request_sop_class: str | None = None) -> Refusal
             STATUS_DATASET_MISMATCH, "PixelData", "absent", "not an image (no pixels)"
         )
     for keyword in ("SOPInstanceUID", "StudyInstanceUID"):
-        uid = _text(ds, keyword)
+        uid = header_text(ds, keyword)
         if not is_valid_uid(uid):
             return Refusal(
                 STATUS_DATASET_MISMATCH,

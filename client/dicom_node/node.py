@@ -48,6 +48,7 @@ from client.dicom_node.checks import (
 from client.dicom_node.exams import ExamTracker
 from client.dicom_node.outbox import Outbox, RetryPolicy, c_store_file
 from client.dicom_node.scoring import ExamScorer
+from common import __version__
 from common.config.dicom_node import DicomNodeConfig
 from common.config.site import SiteConfig
 from common.errors import ConfigError, MammofedError
@@ -66,14 +67,6 @@ ALGORITHM_NAME = "mammofed"
 def _peer(assoc: Any) -> str:
     req = assoc.requestor
     return f"{req.address}:{req.port}"
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-    except ValueError:
-        return False
-    return True
 
 
 class DicomNode:
@@ -119,14 +112,14 @@ class DicomNode:
                 "no model: set it or pass --checkpoint",
             )
         incoming = node.incoming_dir or site.data_dir / DEFAULT_INCOMING
-        if not _inside(incoming, site.data_dir):
+        if not incoming.resolve().is_relative_to(site.data_dir.resolve()):
             raise ConfigError(
                 source,
                 "dicom_node.incoming_dir",
                 f"must lie inside data_dir ({site.data_dir}) so that ingest keeps "
                 f"its images, got {str(incoming)!r}",
             )
-        if _inside(incoming, site.cache_dir):
+        if incoming.resolve().is_relative_to(site.cache_dir.resolve()):
             raise ConfigError(
                 source,
                 "dicom_node.incoming_dir",
@@ -373,7 +366,7 @@ class DicomNode:
             sources,
             [s.detections for s in res.scored],
             algorithm_name=ALGORITHM_NAME,
-            algorithm_version=self._algorithm_version(),
+            algorithm_version=f"{__version__} model {self.scorer.model_sha256[:12]}",
             score_floor=self.cfg.score_floor,
         )
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{sr.SOPInstanceUID}"
@@ -387,11 +380,6 @@ class DicomNode:
             len(res.refused), queued.name,
         )  # fmt: skip
         return queued
-
-    def _algorithm_version(self) -> str:
-        from common import __version__
-
-        return f"{__version__} model {self.scorer.model_sha256[:12]}"
 
     def ingest(self) -> None:
         """Ingest the site folder so received images join the cache (unlabeled)."""

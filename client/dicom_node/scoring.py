@@ -3,17 +3,14 @@
 :class:`ExamScorer` is the "site's current model" of the storage node: the
 checkpoint is read at the first exam and again whenever its size or
 modification time changes (a new ``mammofed-client export`` replaces it), so
-the daemon never needs a restart for a new model. It reuses the pieces of
-``mammofed-client predict``: :func:`common.detector.checkpoint.load_model` (safe
-loading), the checkpoint's intensity standardizer,
-:func:`common.imaging.image_io.read_any`,
-:func:`common.detector.engine.predict_images` and
-:func:`client.predict.detections_to_stored`.
+the daemon never needs a restart for a new model. It scores as
+``mammofed-client predict`` does: :func:`client.export.load_detector` (safe
+loading, the checkpoint's intensity standardizer) and
+:func:`client.predict.detect_files`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -21,19 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from client.export import checkpoint_standardizer
-from client.predict import detections_to_stored
-from common.detector.checkpoint import load_model
-from common.detector.engine import predict_images, prepare_model, resolve_device
+from client.export import load_detector
+from client.predict import detect_files, torch_detect
+from common.detector.engine import resolve_device
 from common.errors import MammofedError, RefusedImage
-from common.imaging.image_io import read_any
+from common.fileio import sha256_file
 
 log = logging.getLogger(__name__)
-
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -60,15 +53,6 @@ class ScoreResult:
 
     scored: list[ScoredImage]
     refused: list[tuple[Path, str]]
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ExamScorer:
@@ -129,12 +113,11 @@ class ExamScorer:
         sig = (st.st_size, st.st_mtime_ns)
         if self._model is not None and sig == self._signature:
             return self._model
-        model, ck = load_model(self.checkpoint)
-        self._std = checkpoint_standardizer(ck)
-        prepare_model(model, self.device)
-        model.score_thresh = self.score_floor  # type: ignore[assignment]
+        model, ck, self._std = load_detector(
+            self.checkpoint, self.device, score_floor=self.score_floor
+        )
         self._working = float(ck.model_config.working_spacing_mm)
-        self.model_sha256 = file_sha256(self.checkpoint)
+        self.model_sha256 = sha256_file(self.checkpoint)
         self._model, self._signature = model, sig
         log.info(
             "model %s loaded (sha256 %s, %s, working spacing %.3g mm)",
@@ -151,46 +134,23 @@ class ExamScorer:
         """
         with self._lock:
             model = self._ensure_model()
-            scored: list[ScoredImage] = []
             refused: list[tuple[Path, str]] = []
-            batch: list[tuple[Path, Any]] = []
 
-            def flush() -> None:
-                if not batch:
-                    return
-                tensors = [
-                    torch.from_numpy(np.ascontiguousarray(im.pixels)).unsqueeze(0)
-                    for _, im in batch
-                ]
-                if self._std is not None:
-                    tensors = [self._std.apply(t) for t in tensors]
-                outs = predict_images(model, tensors, self.device)
-                for (p, im), dets in zip(batch, outs, strict=True):
-                    scored.append(
-                        ScoredImage(
-                            p,
-                            im.meta.sop_instance_uid,
-                            detections_to_stored(
-                                dets, im.geometry, score_floor=self.score_floor
-                            ),
-                        )
-                    )
-                batch.clear()
+            def refuse(p: Path, exc: Exception) -> None:
+                reason = exc.reason if isinstance(exc, RefusedImage) else str(exc)
+                log.warning("not scored: %s: %s", p, reason)
+                refused.append((p, reason))
 
-            for p in map(Path, paths):
-                try:
-                    image = read_any(
-                        p,
-                        working_spacing_mm=self._working,
-                        default_spacing_mm=self.default_spacing_mm,
-                    )
-                except (RefusedImage, ValueError) as exc:
-                    reason = exc.reason if isinstance(exc, RefusedImage) else str(exc)
-                    log.warning("not scored: %s: %s", p, reason)
-                    refused.append((p, reason))
-                    continue
-                batch.append((p, image))
-                if len(batch) >= self.batch_size:
-                    flush()
-            flush()
+            scored = [
+                ScoredImage(p, image.meta.sop_instance_uid, detections)
+                for p, image, detections in detect_files(
+                    torch_detect(model, self.device, self._std),
+                    map(Path, paths),
+                    score_floor=self.score_floor,
+                    on_unreadable=refuse,
+                    batch_size=self.batch_size,
+                    working_spacing_mm=self._working,
+                    default_spacing_mm=self.default_spacing_mm,
+                )
+            ]
             return ScoreResult(scored, refused)

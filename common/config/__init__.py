@@ -1,8 +1,8 @@
 """Typed configuration: YAML -> frozen dataclasses, validated once at the edge.
 
-Schemas live beside the role that owns them (``common.config.schema`` for what
-both sides share). Load with :func:`load_config`; write the resolved form next to
-results with :func:`write_resolved`.
+Schemas live beside the role that owns them (``common.wire.federation`` for
+what both sides share). Load with :func:`load_config`; write the resolved form
+next to results with :func:`write_resolved`.
 """
 
 from common.config.loader import (

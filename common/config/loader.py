@@ -129,6 +129,16 @@ def _check_meta(value: Any, meta: Mapping[str, Any], source: str, key: str) -> N
         raise ConfigError(source, key, f"path does not exist: {str(value)!r}")
 
 
+#: scalar type -> (what a value may be, what the error says it must be).
+_SCALARS: dict[Any, tuple[type | tuple[type, ...], str]] = {
+    bool: (bool, "true or false"),
+    int: (int, "an integer"),
+    float: ((int, float), "a number"),
+    str: (str, "a string"),
+    Path: ((str, Path), "a path string"),
+}
+
+
 def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) -> Any:
     origin = get_origin(tp)
     args = get_args(tp)
@@ -140,14 +150,11 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # ``X | None``: X's own error names the inner key
             return _convert(value, options[0], source, key, base_dir)
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in options:
             try:
                 return _convert(value, arg, source, key, base_dir)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(
             source, key, f"has the wrong type: {value!r} (expected {_name(tp)})"
         )
@@ -161,9 +168,9 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
         return value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return from_mapping(value, tp, source=source, base_dir=base_dir, prefix=key)
+    if origin in (tuple, list) and not isinstance(value, list | tuple):
+        raise ConfigError(source, key, f"must be a list, got {value!r}")
     if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(source, key, f"must be a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(
                 _convert(v, args[0], source, f"{key}[{i}]", base_dir)
@@ -178,8 +185,6 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
             for i, (a, v) in enumerate(zip(args, value, strict=True))
         )
     if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(source, key, f"must be a list, got {value!r}")
         return [
             _convert(v, args[0], source, f"{key}[{i}]", base_dir)
             for i, v in enumerate(value)
@@ -194,29 +199,17 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
             )
             for k, v in value.items()
         }
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(source, key, f"must be true or false, got {value!r}")
+    if tp in _SCALARS:
+        kinds, what = _SCALARS[tp]
+        ok = isinstance(value, kinds) and (tp is bool or not isinstance(value, bool))
+        if not ok:
+            raise ConfigError(source, key, f"must be {what}, got {value!r}")
+        if tp is float:
+            return float(value)
+        if tp is Path:
+            p = Path(value).expanduser()
+            return base_dir / p if not p.is_absolute() and base_dir is not None else p
         return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(source, key, f"must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(source, key, f"must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(source, key, f"must be a string, got {value!r}")
-        return value
-    if tp is Path:
-        if not isinstance(value, str | Path):
-            raise ConfigError(source, key, f"must be a path string, got {value!r}")
-        p = Path(value).expanduser()
-        if not p.is_absolute() and base_dir is not None:
-            p = base_dir / p
-        return p
     raise TypeError(f"config type {tp!r} at {key} is not supported by the loader")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common.config.dicom_node import DicomNodeConfig
-from common.config.loader import bounded, from_mapping, load_config, path_field
+from common.config.loader import bounded, load_config, path_field
 from common.keys import CALCIFICATION, IGNORE, MASS, NONE_FINDING
 
 #: Default ingest pixel budget (:attr:`SiteConfig.max_pixels`): 32 Mi samples
@@ -149,8 +149,3 @@ def load_site_config(path: str | Path | None = None) -> SiteConfig:
     if path is None:
         return SiteConfig()
     return load_config(path, SiteConfig)
-
-
-def site_config_from_mapping(data: dict[str, object], source: str) -> SiteConfig:
-    """Build a :class:`SiteConfig` from a plain mapping (e.g. a federation file)."""
-    return from_mapping(data, SiteConfig, source=source)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,8 @@ from torch import nn
 from common import __version__
 from common.config import config_to_dict, from_mapping
 from common.detector.model.config import ModelConfig
-from common.errors import CheckpointMismatch, ConfigError, UnsafeCheckpoint
+from common.errors import CheckpointMismatch, ConfigError, UnsafeCheckpoint, one_line
+from common.fileio import atomic_write
 from common.keys import CLASSES
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,6 @@ def save_checkpoint(
 ) -> Path:
     """Write ``model`` (+ optional resume state) atomically to ``path``."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     # weights_path only initialises a fresh model; the file may not exist where
     # the checkpoint is loaded, so it is kept as provenance in ``extra``.
     cfg_dict = config_to_dict(dataclasses.replace(cfg, weights_path=None))
@@ -115,16 +114,9 @@ def save_checkpoint(
         "epoch": int(epoch),
         "extra": extra,
     }
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out)
+    atomic_write(out, lambda fh: torch.save(payload, fh), fsync=False)
     log.info("saved checkpoint %s (epoch %d)", out, epoch)
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _field(path: Path, payload: dict[str, Any], name: str) -> Any:
@@ -154,7 +146,7 @@ def load_checkpoint(
     except pickle.UnpicklingError as exc:  # a foreign object in the pickle
         raise UnsafeCheckpoint(
             f"{p}: refused: the file holds objects other than tensors and plain "
-            f"containers (a crafted or foreign pickle): {_first_line(exc)}"
+            f"containers (a crafted or foreign pickle): {one_line(exc)}"
         ) from exc
     except Exception as exc:  # corrupt or foreign file
         raise CheckpointMismatch(f"{p}: not a readable checkpoint: {exc}") from exc

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from common.detector.recipe import targets_to_device
 from common.errors import MammofedError
 from common.fileio import atomic_write_text
+from common.imaging.data import item_targets
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +154,14 @@ def poisson_sample(n: int, q: float, rng: np.random.Generator) -> list[int]:
 
 
 def patient_groups(view: Any) -> list[list[int]]:
-    """Item indices of ``view`` grouped by woman (``target(i)["patient_id"]``).
+    """Item indices of ``view`` grouped by woman (the target's ``patient_id``).
 
-    Groups are ordered by patient id; ``view`` needs ``__len__`` and a cheap
-    ``target(i)`` (``common.imaging.data.SiteView`` and the trainer's wrappers).
+    Groups are ordered by patient id; targets are read without pixels where
+    ``view`` offers ``target(i)`` (:func:`common.imaging.data.item_targets`).
     """
     by: dict[str, list[int]] = {}
-    for i in range(len(view)):
-        by.setdefault(str(view.target(i)["patient_id"]), []).append(i)
+    for i, t in enumerate(item_targets(view)):
+        by.setdefault(str(t["patient_id"]), []).append(i)
     return [by[p] for p in sorted(by)]
 
 
@@ -279,16 +280,10 @@ def dp_sgd_step(
     optimizer.zero_grad(set_to_none=True)
     for p, s in zip(params, summed, strict=True):
         if std > 0:
-            s.add_(
-                torch.normal(
-                    0.0,
-                    std,
-                    size=tuple(s.shape),
-                    generator=generator,
-                    device=s.device,
-                    dtype=s.dtype,
-                )
+            z = torch.randn(
+                s.shape, generator=generator, device=s.device, dtype=s.dtype
             )
+            s.add_(z, alpha=std)
         p.grad = s.div_(float(expected_batch_size))
     if regularizer is not None:
         regularizer(model).backward()
@@ -618,8 +613,7 @@ class PatientDPSGD:
             )
         model.train()
         expected = q * n
-        losses: list[float] = []
-        women = images = skipped = clipped = 0
+        done: list[DPStepStats] = []
         for _ in range(steps):
             chosen = poisson_sample(n, q, self._rng)
             batches = [self._batch(dataset, groups[j]) for j in chosen]
@@ -635,34 +629,31 @@ class PatientDPSGD:
                 regularizer=regularizer,
             )
             acc.step(sigma, q)
-            losses += s.losses
-            women += s.patients
-            images += s.images
-            skipped += s.skipped
-            clipped += s.clipped
+            done.append(s)
         eps = acc.epsilon(delta)
         acc.rounds.append({"label": label, "steps": steps, "epsilon": eps})
         acc.save()
-        result = DPRoundResult(
+        losses = [x for s in done for x in s.losses]
+        r = DPRoundResult(
             trained=True,
             epsilon=eps,
             delta=delta,
             steps=steps,
-            women=women,
-            images=images,
+            women=sum(s.patients for s in done),
+            images=sum(s.images for s in done),
             mean_loss=float(np.mean(losses)) if losses else float("nan"),
-            skipped=skipped,
-            clipped=clipped,
+            skipped=sum(s.skipped for s in done),
+            clipped=sum(s.clipped for s in done),
             expected_women=steps * expected,
             seconds=time.perf_counter() - t0,
         )
         log.info(
             "%s DP round: %d steps, %d women drawn (%d clipped, %d skipped), "
             "epsilon %.3f of %g at delta %.3g (sigma %.4g, q %.3g)",
-            label, steps, women, clipped, skipped, eps, st.target_epsilon, delta,
-            sigma, q,
+            label, steps, r.women, r.clipped, r.skipped, eps, st.target_epsilon,
+            delta, sigma, q,
         )  # fmt: skip
-        return result
+        return r
 
     def _batch(self, dataset: Any, indices: Sequence[int]) -> Batch:
         items = [dataset[i] for i in indices]

@@ -121,26 +121,6 @@ def predict_images(
     return res
 
 
-def predict(
-    model: nn.Module,
-    loader: Iterable[tuple[Sequence[Tensor], Sequence[dict[str, Any]]]],
-    device: torch.device | str = "cpu",
-    *,
-    amp: bool = True,
-) -> list[dict[str, Any]]:
-    """Detections for every image of ``loader`` (eval mode, no gradients).
-
-    Returns one dict per image: ``key`` (from the target), ``boxes``
-    float32[K, 4] model space, ``scores`` float32[K], ``labels`` int64[K].
-    """
-    out: list[dict[str, Any]] = []
-    for imgs, targets in loader:
-        dets = predict_images(model, imgs, device, amp=amp)
-        for d, t in zip(dets, targets, strict=True):
-            out.append({"key": str(t.get("key", len(out))), **d})
-    return out
-
-
 def _np(t: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     if t is None:
         return np.zeros(shape, dtype=dtype)
@@ -160,10 +140,7 @@ class EvalResult:
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form: flat metrics plus a summary per class."""
         return {
-            "metrics": {
-                k: (None if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in self.metrics.items()
-            },
+            "metrics": json_safe(self.metrics),
             "classes": {
                 k: ClassMetrics.from_result(r).to_json()
                 for k, r in self.per_class.items()

@@ -96,11 +96,8 @@ class FrocImage:
             raise ValueError(
                 f"FrocImage {k!r}: spacing_mm must be > 0, got {self.spacing_mm!r}"
             )
-        object.__setattr__(self, "gt_boxes", _boxes(self.gt_boxes, "gt_boxes", k))
-        object.__setattr__(
-            self, "ignore_boxes", _boxes(self.ignore_boxes, "ignore_boxes", k)
-        )
-        object.__setattr__(self, "det_boxes", _boxes(self.det_boxes, "det_boxes", k))
+        for name in ("gt_boxes", "ignore_boxes", "det_boxes"):
+            object.__setattr__(self, name, _boxes(getattr(self, name), name, k))
         gl = np.asarray(self.gt_labels, dtype=np.int64).reshape(-1)
         ds = np.asarray(self.det_scores, dtype=np.float64).reshape(-1)
         dl = np.asarray(self.det_labels, dtype=np.int64).reshape(-1)
@@ -173,8 +170,7 @@ def match_image(image: FrocImage, label: int) -> tuple[np.ndarray, np.ndarray, i
         ``HIT``, ``DUPLICATE``, ``IGNORED`` or ``FALSE_POSITIVE`` (module
         docstring) and ``n_lesions`` counts this class's lesions.
     """
-    gmask = image.gt_labels == label
-    gt = image.gt_boxes[gmask]
+    gt = image.gt_boxes[image.gt_labels == label]
     dmask = image.det_labels == label
     dets = image.det_boxes[dmask]
     scores = image.det_scores[dmask]
@@ -256,16 +252,12 @@ class _Outcomes:
 
 
 def _collect(images: Sequence[FrocImage], label: int) -> _Outcomes:
-    s_all, o_all, i_all, lesions = [], [], [], []
-    for idx, im in enumerate(images):
-        s, o, n = match_image(im, label)
-        s_all.append(s)
-        o_all.append(o)
-        i_all.append(np.full(len(s), idx, dtype=np.int64))
-        lesions.append(n)
-    scores = np.concatenate(s_all) if s_all else np.zeros(0)
-    outc = np.concatenate(o_all) if o_all else np.zeros(0, np.int64)
-    img = np.concatenate(i_all) if i_all else np.zeros(0, np.int64)
+    matched = [match_image(im, label) for im in images]
+    of_image = [np.full(len(s), i, np.int64) for i, (s, _, _) in enumerate(matched)]
+    none = [np.zeros(0, np.int64)]
+    scores = np.concatenate([s for s, _, _ in matched] or [np.zeros(0)])
+    outc = np.concatenate([o for _, o, _ in matched] or none)
+    img = np.concatenate(of_image or none)
     order = np.argsort(-scores, kind="stable")
     scores, outc, img = scores[order], outc[order], img[order]
     if len(scores):
@@ -278,15 +270,18 @@ def _collect(images: Sequence[FrocImage], label: int) -> _Outcomes:
         tp=(outc == HIT).astype(np.float64),
         fp=(outc == FALSE_POSITIVE).astype(np.float64),
         image_of=img,
-        lesions=np.asarray(lesions, dtype=np.int64),
+        lesions=np.asarray([n for _, _, n in matched], dtype=np.int64),
         group_end=group_end,
     )
 
 
 def _curve(
     oc: _Outcomes, weights: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """Cumulative (TP, FP) at each score group, with image weights (bootstrap)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """Cumulative (TP, FP) at each score group, with image weights (bootstrap).
+
+    Returns ``(tp, fp, thresholds, n_images, n_lesions)`` (weighted counts).
+    """
     w_img = np.ones(len(oc.lesions)) if weights is None else weights
     w = w_img[oc.image_of] if len(oc.image_of) else np.zeros(0)
     ctp = np.cumsum(oc.tp * w)[oc.group_end] if len(w) else np.zeros(0)
@@ -296,15 +291,12 @@ def _curve(
     tp = np.concatenate([[0.0], ctp])
     fp = np.concatenate([[0.0], cfp])
     thr = np.concatenate([[np.inf], oc.scores[oc.group_end]])
-    return tp, fp, thr, np.array([n_img]), n_les
+    return tp, fp, thr, n_img, n_les
 
 
 def _sens_at(fp_rate: np.ndarray, sens: np.ndarray, rates: Sequence[float]) -> list:
-    out = []
-    for f in rates:
-        ok = fp_rate <= f + 1e-12
-        out.append(float(np.max(sens[ok])) if ok.any() else 0.0)
-    return out
+    """Best sensitivity at ``FP/image <= f`` for each rate (0 when none is)."""
+    return [float(np.max(sens[fp_rate <= f + 1e-12], initial=0.0)) for f in rates]
 
 
 def _ap(tp: np.ndarray, fp: np.ndarray, n_les: float) -> float:
@@ -323,8 +315,7 @@ def _ap(tp: np.ndarray, fp: np.ndarray, n_les: float) -> float:
 def _cpm_from(
     oc: _Outcomes, weights: np.ndarray | None = None
 ) -> tuple[float, list[float]]:
-    tp, fp, _, n_img_arr, n_les = _curve(oc, weights)
-    n_img = float(n_img_arr[0])
+    tp, fp, _, n_img, n_les = _curve(oc, weights)
     if n_les <= 0 or n_img <= 0:
         return float("nan"), [float("nan")] * len(FROC_FP_RATES)
     sens = tp / n_les
@@ -354,13 +345,15 @@ def froc_class(
     oc = _collect(images, label)
     tp, fp, thr, _, n_les = _curve(oc)
     n_img = len(images)
-    if n_les > 0:
-        sens = tp / n_les
-    else:
-        sens = np.full(len(tp), np.nan)
+    sens = tp / n_les if n_les > 0 else np.full(len(tp), np.nan)
     fpr = fp / n_img
     cpm, at = _cpm_from(oc)
-    ci = bootstrap_ci(oc, n_boot, seed, alpha) if n_boot > 0 else None
+    ci = None
+    if n_boot > 0:
+        n = len(oc.lesions)
+        ci = _percentile_bootstrap(
+            n, lambda w: _cpm_from(oc, w)[0], n_boot, seed, alpha
+        )
     return FrocResult(
         label=label,
         name=CLASSES[label],
@@ -374,15 +367,6 @@ def froc_class(
         n_lesions=int(n_les),
         n_detections=int(len(oc.scores)),
         cpm_ci=ci,
-    )
-
-
-def bootstrap_ci(
-    oc: _Outcomes, n_boot: int, seed: int, alpha: float = 0.05
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the CPM over images (NaN if undefined)."""
-    return _percentile_bootstrap(
-        len(oc.lesions), lambda w: _cpm_from(oc, w)[0], n_boot, seed, alpha
     )
 
 
@@ -433,22 +417,10 @@ def paired_cpm_difference(
     Raises:
         ValueError: the two lists do not hold the same image keys, exactly once each.
     """
-    ka, kb = [im.key for im in a], [im.key for im in b]
-    if len(set(ka)) != len(ka) or sorted(ka) != sorted(kb):
-        raise ValueError(
-            "paired_cpm_difference: the two image sets differ or repeat keys "
-            f"({len(ka)} and {len(kb)} images, "
-            f"{len(set(ka) ^ set(kb))} keys in only one)"
-        )
-    order_b = {k: i for i, k in enumerate(kb)}
-    b_sorted = [b[order_b[k]] for k in ka]
-    oa, ob = _collect(a, label), _collect(b_sorted, label)
-    diff = _cpm_from(ob)[0] - _cpm_from(oa)[0]
-
-    def paired(w: np.ndarray) -> float:
-        return _cpm_from(ob, w)[0] - _cpm_from(oa, w)[0]
-
-    return diff, _percentile_bootstrap(len(ka), paired, n_boot, seed, alpha)
+    r = pooled_paired_cpm_difference(
+        [a], [b], label, n_boot=n_boot, seed=seed, alpha=alpha
+    )
+    return r["diff"], r["ci95"]
 
 
 def froc_all(
@@ -503,9 +475,7 @@ class ClassMetrics:
             n_images=r.n_images,
             n_lesions=r.n_lesions,
             n_detections=r.n_detections,
-            curve=FrocCurve(
-                [float(x) for x in r.fp_per_image], [float(x) for x in r.sensitivity]
-            )
+            curve=FrocCurve(r.fp_per_image.tolist(), r.sensitivity.tolist())
             if curve
             else None,
         )
@@ -555,3 +525,65 @@ def plot_froc(
     finally:
         plt.close(fig)
     return out
+
+
+def pooled_paired_cpm_difference(
+    a_runs: Sequence[Sequence[FrocImage]],
+    b_runs: Sequence[Sequence[FrocImage]],
+    label: int,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Mean over runs (seeds) of ``CPM(b_s) - CPM(a_s)``; runs and images resampled.
+
+    ``a_runs[s]`` and ``b_runs[s]`` are two detectors' outputs of run ``s`` on
+    one image set (every run the same keys, any order). Each bootstrap
+    resample draws the runs with replacement (a and b of one run stay a pair)
+    and the images with replacement (the same multiplicities for every run
+    and both detectors), so the interval holds both the training noise and
+    the test-set noise. With one run it is :func:`paired_cpm_difference`.
+    Returns ``{"diff", "ci95", "cpm_a", "cpm_b", "runs_a", "runs_b"}``: means
+    over runs and the per-run CPMs (NaN when the class has no lesion).
+
+    Raises:
+        ValueError: no runs, unequal run counts, or differing image sets.
+    """
+    if not a_runs or len(a_runs) != len(b_runs):
+        raise ValueError(
+            f"need the same number of runs, got {len(a_runs)} and {len(b_runs)}"
+        )
+    keys = [im.key for im in a_runs[0]]
+
+    def ordered(images: Sequence[FrocImage], where: str) -> list[FrocImage]:
+        by_key = {im.key: im for im in images}
+        if len(by_key) != len(images) or sorted(by_key) != sorted(keys):
+            raise ValueError(
+                f"{where}: scored other images than run 0 (a), or a key twice: the "
+                f"image sets differ ({len(images)} and {len(keys)} images, "
+                f"{len(set(by_key) ^ set(keys))} keys in only one)"
+            )
+        return [by_key[k] for k in keys]
+
+    oa = [_collect(ordered(r, f"run {i} (a)"), label) for i, r in enumerate(a_runs)]
+    ob = [_collect(ordered(r, f"run {i} (b)"), label) for i, r in enumerate(b_runs)]
+    n = len(oa)
+    cpm_a = [_cpm_from(o)[0] for o in oa]
+    cpm_b = [_cpm_from(o)[0] for o in ob]
+    diff = float(np.mean([b - a for a, b in zip(cpm_a, cpm_b, strict=True)]))
+    run_rng = np.random.default_rng([seed, 1])
+
+    def pooled(w: np.ndarray) -> float:
+        draw = run_rng.integers(0, n, size=n) if n > 1 else np.zeros(1, np.int64)
+        per = {i: _cpm_from(ob[i], w)[0] - _cpm_from(oa[i], w)[0] for i in set(draw)}
+        return float(np.mean([per[i] for i in draw]))
+
+    return {
+        "diff": diff,
+        "ci95": _percentile_bootstrap(len(keys), pooled, n_boot, seed, alpha),
+        "cpm_a": float(np.mean(cpm_a)),
+        "cpm_b": float(np.mean(cpm_b)),
+        "runs_a": cpm_a,
+        "runs_b": cpm_b,
+    }

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
+from common.imaging.data import item_targets
+
 log = logging.getLogger(__name__)
 
 
@@ -55,15 +57,7 @@ def lesion_flags(dataset: Dataset) -> list[bool]:
     fn = getattr(dataset, "lesion_flags", None)
     if callable(fn):
         return [bool(x) for x in fn()]
-    target_fn = getattr(dataset, "target", None)
-    if callable(target_fn):
-        n = len(dataset)  # type: ignore[arg-type]
-        return [int(target_fn(i)["boxes"].shape[0]) > 0 for i in range(n)]
-    flags = []
-    for i in range(len(dataset)):  # type: ignore[arg-type]
-        _, target = dataset[i]
-        flags.append(int(target["boxes"].shape[0]) > 0)
-    return flags
+    return [int(t["boxes"].shape[0]) > 0 for t in item_targets(dataset)]
 
 
 def balanced_sampler(

@@ -58,29 +58,6 @@ class Compose:
         return image, target
 
 
-class HorizontalFlip:
-    """Mirror left-right with probability ``p``; ``x -> W - x``."""
-
-    def __init__(
-        self, p: float = 0.5, generator: torch.Generator | None = None
-    ) -> None:
-        self.p, self.gen = p, generator
-
-    def __call__(
-        self, image: torch.Tensor, target: Target
-    ) -> tuple[torch.Tensor, Target]:
-        """Flip ``image [1, H, W]`` and its boxes (model space)."""
-        _check(image)
-        if _rand(self.gen) >= self.p:
-            return image, target
-        w = image.shape[-1]
-
-        def fn(b: torch.Tensor) -> torch.Tensor:
-            return torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
-
-        return image.flip(-1), _map_boxes(target, fn)
-
-
 class VerticalFlip:
     """Mirror top-bottom with probability ``p``; ``y -> H - y``."""
 
@@ -124,11 +101,7 @@ def resize(
     ).squeeze(0)
     sx, sy = nw / w, nh / h
     scale = torch.tensor([sx, sy, sx, sy])
-
-    def fn(b: torch.Tensor) -> torch.Tensor:
-        return b * scale.to(b.dtype)
-
-    t = _map_boxes(target, fn)
+    t = _map_boxes(target, lambda b: b * scale.to(b.dtype))
     if "spacing_mm" in t:
         t["spacing_mm"] = float(t["spacing_mm"]) / math.sqrt(sx * sy)
     return out.clamp(0.0, 1.0), t
@@ -157,30 +130,6 @@ class RandomResize:
         s = _uniform(*self.range, self.gen)
         h, w = image.shape[-2:]
         return resize(image, target, (max(1, round(h * s)), max(1, round(w * s))))
-
-
-class PadToMultiple:
-    """Zero-pad bottom and right so H and W are multiples of ``multiple``.
-
-    Boxes do not move (padding is after the image, origin top-left).
-    """
-
-    def __init__(self, multiple: int = 32, value: float = 0.0) -> None:
-        if multiple < 1:
-            raise ValueError(f"multiple must be >= 1, got {multiple}")
-        self.multiple, self.value = multiple, value
-
-    def __call__(
-        self, image: torch.Tensor, target: Target
-    ) -> tuple[torch.Tensor, Target]:
-        """Pad ``image [1, H, W]`` to ``[1, ceil(H/m)*m, ceil(W/m)*m]``."""
-        _check(image)
-        h, w = image.shape[-2:]
-        m = self.multiple
-        ph, pw = (-h) % m, (-w) % m
-        if ph == 0 and pw == 0:
-            return image, target
-        return F.pad(image, (0, pw, 0, ph), value=self.value), dict(target)
 
 
 class IntensityJitter:

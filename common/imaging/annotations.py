@@ -37,17 +37,17 @@ the explicit statement); an annotation without ``bbox`` is an image-level label.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from common.errors import AnnotationError, MammofedError
+from common.fileio import read_json_document
 from common.imaging.geometry import Geometry
 from common.keys import (
     ANNOTATION_COLUMNS,
@@ -86,18 +86,17 @@ class Skip:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form for reports."""
-        return {
-            "file": self.file,
-            "row": self.row,
-            "field": self.field,
-            "value": self.value,
-            "reason": self.reason,
-        }
+        return asdict(self)
 
     def message(self) -> str:
         """One line naming file, row, field and value."""
         where = f"{self.file}" + (f" row {self.row}" if self.row is not None else "")
         return f"{where}: {self.field}={self.value!r}: {self.reason}"
+
+    def add_to(self, skips: list[Skip]) -> None:
+        """Append to ``skips`` and log :meth:`message` as a warning."""
+        skips.append(self)
+        log.warning("skipped: %s", self.message())
 
 
 @dataclass(frozen=True)
@@ -150,19 +149,13 @@ class AnnotationSet:
 
     def skip(self, row: int | None, field_name: str, value: Any, reason: str) -> None:
         """Record and log a skipped row."""
-        s = Skip(self.source, row, field_name, str(value), reason)
-        self.skipped.append(s)
-        log.warning("annotation skipped: %s", s.message())
+        Skip(self.source, row, field_name, str(value), reason).add_to(self.skipped)
 
 
 def normalize_ref(ref: str) -> str:
     """Canonical form of an ``image`` reference (backslashes, ``./`` removed)."""
-    r = ref.strip().replace("\\", "/")
-    if not r:
-        return r
-    p = PurePosixPath(r)
-    parts = [x for x in p.parts if x not in (".", "")]
-    return "/".join(parts)
+    parts = PurePosixPath(ref.strip().replace("\\", "/")).parts
+    return "/".join(x for x in parts if x not in (".", ""))
 
 
 def _parse_float(text: str) -> float | None:
@@ -193,12 +186,10 @@ def _parse_box(
             aset.skip(row, n, raw[n], "not a finite number")
             return False, None
         vals[n] = v
-    if vals["xmin"] >= vals["xmax"]:
-        aset.skip(row, "xmin", raw["xmin"], f"xmin >= xmax ({raw['xmax']})")
-        return False, None
-    if vals["ymin"] >= vals["ymax"]:
-        aset.skip(row, "ymin", raw["ymin"], f"ymin >= ymax ({raw['ymax']})")
-        return False, None
+    for lo, hi in (("xmin", "xmax"), ("ymin", "ymax")):
+        if vals[lo] >= vals[hi]:
+            aset.skip(row, lo, raw[lo], f"{lo} >= {hi} ({raw[hi]})")
+            return False, None
     return True, (vals["xmin"], vals["ymin"], vals["xmax"], vals["ymax"])
 
 
@@ -283,12 +274,7 @@ def read_coco_json(path: str | Path, mapper: FindingMapper) -> AnnotationSet:
     """
     p = Path(path)
     aset = AnnotationSet(str(p))
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnnotationError(f"{p}: cannot read COCO JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise AnnotationError(f"{p}: top level must be an object")
+    data = read_json_document(p, "COCO JSON", AnnotationError)
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise AnnotationError(f"{p}: '{key}' must be a list, got {data.get(key)!r}")
@@ -427,19 +413,10 @@ def targets_for(
         x0, y0, x1, y1 = f.box
         c = [max(0.0, x0), max(0.0, y0), min(float(cols), x1), min(float(rows), y1)]
         if c[0] >= c[2] or c[1] >= c[3]:
-            s = Skip(
-                source,
-                f.row,
-                "box",
-                str(list(f.box)),
-                f"box lies outside the stored image ({cols}x{rows} px)",
-            )
-            skips.append(s)
-            log.warning("annotation skipped: %s", s.message())
-            if f.kind != IGNORE:
-                weak_kinds.append(
-                    f.kind
-                )  # a lesion we cannot place: no box supervision
+            why = f"box lies outside the stored image ({cols}x{rows} px)"
+            Skip(source, f.row, "box", str(list(f.box)), why).add_to(skips)
+            if f.kind != IGNORE:  # a lesion we cannot place: no box supervision
+                weak_kinds.append(f.kind)
             continue
         if f.kind == IGNORE:
             ign_s.append(c)
@@ -456,15 +433,8 @@ def targets_for(
         keep_b, keep_s, keep_l = [], [], []
         for j, b in enumerate(m):
             if b[0] >= b[2] or b[1] >= b[3]:
-                s = Skip(
-                    source,
-                    None,
-                    "box",
-                    str(bs[j]),
-                    "box lies outside the breast crop (model space)",
-                )
-                skips.append(s)
-                log.warning("annotation skipped: %s", s.message())
+                why = "box lies outside the breast crop (model space)"
+                Skip(source, None, "box", str(bs[j]), why).add_to(skips)
                 if lbl is not None:
                     weak_kinds.append(CLASSES[lbl[j]])
                 continue
@@ -519,15 +489,10 @@ def match_annotations(
         hit = by_ref.get(ref)
         if hit is None:
             rows = [f.row for f in ann.findings if f.row is not None]
-            s = Skip(
-                aset.source,
-                rows[0] if rows else None,
-                "image",
-                ref,
-                f"unknown image (no ingested file or SOPInstanceUID; rows {rows})",
+            why = f"unknown image (no ingested file or SOPInstanceUID; rows {rows})"
+            Skip(aset.source, rows[0] if rows else None, "image", ref, why).add_to(
+                skips
             )
-            skips.append(s)
-            log.warning("annotation skipped: %s", s.message())
             continue
         merged = per_key.setdefault(hit, ImageAnnotations(ref))
         merged.findings.extend(ann.findings)

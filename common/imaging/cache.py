@@ -29,16 +29,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
-import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.fileio import atomic_write, sha256_file
 from common.fileio import atomic_write_text as _atomic_write_text
 from common.imaging.annotations import ImageTargets
 from common.imaging.geometry import Geometry
@@ -52,7 +53,6 @@ CACHE_FORMAT = 1
 IMAGES_DIR = "images"
 ANNOTATIONS_JSON = "annotations.json"
 SPLIT_JSON = "split.json"
-_HASH_CHUNK = 1 << 20
 
 
 def content_key(path: str | Path, working_spacing_mm: float, extra: str = "") -> str:
@@ -61,13 +61,7 @@ def content_key(path: str | Path, working_spacing_mm: float, extra: str = "") ->
     ``extra`` carries reader options that change the result (sidecar spacing,
     laterality...), so changing them re-ingests the file.
     """
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            h.update(chunk)
-    h.update(repr(float(working_spacing_mm)).encode())
-    h.update(extra.encode())
-    return h.hexdigest()
+    return sha256_file(path, repr(float(working_spacing_mm)).encode(), extra.encode())
 
 
 def pixel_digest(stored: np.ndarray) -> str:
@@ -119,17 +113,10 @@ class CacheEntry:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form."""
         return {
-            "pixel_sha256": self.pixel_sha256,
+            **asdict(self),
             "format": CACHE_FORMAT,
-            "key": self.key,
-            "source": self.source,
-            "size": self.size,
-            "mtime_ns": self.mtime_ns,
-            "working_spacing_mm": self.working_spacing_mm,
-            "spacing_mm": self.spacing_mm,
             "geometry": self.geometry.to_dict(),
             "meta": self.meta.to_dict(),
-            "options": dict(self.options),
         }
 
     @classmethod
@@ -205,10 +192,9 @@ class SiteCache:
                 f"{source}: pixels shape {stored.shape} != geometry model_shape "
                 f"{image.geometry.model_shape}"
             )
-        ppath = self.pixels_path(key)
-        tmp = ppath.with_name(f".{key}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, pixels=stored)
-        os.replace(tmp, ppath)
+        atomic_write(
+            self.pixels_path(key), lambda fh: np.savez(fh, pixels=stored), fsync=False
+        )
         entry = CacheEntry(
             key=key,
             source=source,
@@ -221,18 +207,13 @@ class SiteCache:
             options=json.loads(json.dumps(dict(options or {}), sort_keys=True)),
             pixel_sha256=pixel_digest(stored),
         )
-        atomic_write_text(self.entry_path(key), json.dumps(entry.to_dict(), indent=1))
-        return entry
+        return self._save(entry)
 
     def relabel(
         self, entry: CacheEntry, *, source: str, size: int, mtime_ns: int
     ) -> CacheEntry:
         """Rewrite an entry's JSON for a moved/touched file with the same content."""
-        new = replace(entry, source=source, size=size, mtime_ns=mtime_ns)
-        atomic_write_text(
-            self.entry_path(entry.key), json.dumps(new.to_dict(), indent=1)
-        )
-        return new
+        return self._save(replace(entry, source=source, size=size, mtime_ns=mtime_ns))
 
     def with_pixel_digest(self, entry: CacheEntry) -> CacheEntry:
         """``entry`` with ``pixel_sha256`` set, computing and saving it if absent."""
@@ -240,11 +221,13 @@ class SiteCache:
             return entry
         with np.load(self.pixels_path(entry.key)) as z:
             digest = pixel_digest(z["pixels"])
-        new = replace(entry, pixel_sha256=digest)
+        return self._save(replace(entry, pixel_sha256=digest))
+
+    def _save(self, entry: CacheEntry) -> CacheEntry:
         atomic_write_text(
-            self.entry_path(entry.key), json.dumps(new.to_dict(), indent=1)
+            self.entry_path(entry.key), json.dumps(entry.to_dict(), indent=1)
         )
-        return new
+        return entry
 
     def read_entry(self, key: str) -> CacheEntry:
         """The JSON part of entry ``key``.
@@ -321,19 +304,11 @@ class SiteCache:
     def write_manifest(self, rows: list[dict[str, Any]]) -> Path:
         """Write ``manifest.csv`` with :data:`common.keys.MANIFEST_COLUMNS`."""
         path = self.root / MANIFEST_CSV
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(MANIFEST_COLUMNS))
-            w.writeheader()
-            for r in rows:
-                w.writerow(
-                    {
-                        c: ("" if r.get(c) is None else r.get(c))
-                        for c in MANIFEST_COLUMNS
-                    }
-                )
-        os.replace(tmp, path)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(MANIFEST_COLUMNS))
+        w.writeheader()
+        w.writerows({c: _cell(r.get(c)) for c in MANIFEST_COLUMNS} for r in rows)
+        atomic_write_text(path, buf.getvalue())
         return path
 
     def read_manifest(self) -> list[dict[str, str]]:
@@ -357,22 +332,11 @@ def _cell(v: Any) -> Any:
 
 def manifest_row(entry: CacheEntry, labeled: bool) -> dict[str, Any]:
     """One ``manifest.csv`` row for a cache entry (``spacing_mm`` = stored spacing)."""
-    m = entry.meta
+    meta = entry.meta.to_dict()
     return {
+        **{c: meta.get(c) for c in MANIFEST_COLUMNS},  # the header facts, in order
         "key": entry.key,
         "source": entry.source,
-        "sop_instance_uid": m.sop_instance_uid,
-        "patient_id": m.patient_id,
-        "manufacturer": m.manufacturer,
-        "model": m.model,
-        "view": m.view,
-        "laterality": m.laterality,
-        "laterality_source": m.laterality_source,
-        "spacing_mm": m.stored_spacing_mm,
-        "spacing_source": m.spacing_source,
-        "presentation_intent": m.presentation_intent,
-        "photometric": m.photometric,
-        "rows": m.rows,
-        "cols": m.cols,
+        "spacing_mm": meta["stored_spacing_mm"],
         "labeled": int(bool(labeled)),
     }

@@ -30,7 +30,6 @@ FloatTensor[M, 4] (model space), ``key`` str, ``spacing_mm`` float,
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +47,6 @@ from common.imaging.image import ImageMeta
 
 log = logging.getLogger(__name__)
 
-ViewName = Literal["labeled", "unlabeled", "test", "train", "all"]
-VIEWS: tuple[str, ...] = ("labeled", "unlabeled", "test", "train", "all")
 Target = dict[str, Any]
 Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 
@@ -94,6 +91,17 @@ class ImageRecord:
     def box_labeled(self) -> bool:
         """Whether the image can supervise boxes (labeled, not weak)."""
         return self.labeled and not self.weak
+
+
+#: view name -> whether a record is in it (see the module docstring).
+_IN_VIEW: dict[str, Callable[[ImageRecord], bool]] = {
+    "labeled": lambda r: r.split == "train" and r.box_labeled,
+    "unlabeled": lambda r: r.split == "train" and not r.box_labeled,
+    "test": lambda r: r.split == "test" and r.box_labeled,
+    "train": lambda r: r.split == "train",
+    "all": lambda r: True,
+}
+VIEWS: tuple[str, ...] = tuple(_IN_VIEW)
 
 
 def _boxes(values: list[list[float]]) -> np.ndarray:
@@ -181,7 +189,7 @@ class SiteView(Dataset[tuple[torch.Tensor, Target]]):
         if not 0 <= i < len(self.indices):
             raise IndexError(f"index {i} out of range for view of {len(self)} items")
         r = self.site.records[self.indices[i]]
-        image = torch.from_numpy(self.site.pixels(r.key)).unsqueeze(0)
+        image = torch.from_numpy(self.site.cache.load_pixels(r.key)).unsqueeze(0)
         target = self.target(i)
         if self.transform is not None:
             image, target = self.transform(image, target)
@@ -195,8 +203,8 @@ class SiteDataset:
         cache_dir: a folder written by ``mammofed-client ingest``.
         test_fraction: used when the cache holds no site split.
         seed: split seed.
-        cache_pixels: keep up to this many decoded images in memory (per
-            process); 0 loads every item from disk (lazy, bounded memory).
+
+    Pixels are read from disk when an item is read (lazy, bounded memory).
 
     Raises:
         MammofedError: the folder holds no cache entries.
@@ -208,15 +216,12 @@ class SiteDataset:
         *,
         test_fraction: float = 0.2,
         seed: int = 0,
-        cache_pixels: int = 0,
     ) -> None:
         if not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
         self.cache = SiteCache(cache_dir)
         self.test_fraction = test_fraction
         self.seed = seed
-        self.cache_pixels = int(cache_pixels)
-        self._pixels: OrderedDict[str, np.ndarray] = OrderedDict()
         entries = sorted(self.cache.iter_entries(), key=lambda e: e.source)
         if not entries:
             raise MammofedError(
@@ -277,34 +282,11 @@ class SiteDataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def pixels(self, key: str) -> np.ndarray:
-        """Model-space float32[H, W] in [0, 1] of entry ``key`` (optionally cached)."""
-        if self.cache_pixels > 0 and key in self._pixels:
-            self._pixels.move_to_end(key)
-            return self._pixels[key]
-        px = self.cache.load_pixels(key)
-        if self.cache_pixels > 0:
-            self._pixels[key] = px
-            while len(self._pixels) > self.cache_pixels:
-                self._pixels.popitem(last=False)
-        return px
-
     def indices(self, name: str) -> list[int]:
         """Record indices of view ``name`` (see module docstring)."""
-        rs = self.records
-        if name == "all":
-            return list(range(len(rs)))
-        if name == "train":
-            return [i for i, r in enumerate(rs) if r.split == "train"]
-        if name == "labeled":
-            return [i for i, r in enumerate(rs) if r.split == "train" and r.box_labeled]
-        if name == "unlabeled":
-            return [
-                i for i, r in enumerate(rs) if r.split == "train" and not r.box_labeled
-            ]
-        if name == "test":
-            return [i for i, r in enumerate(rs) if r.split == "test" and r.box_labeled]
-        raise ValueError(f"unknown view {name!r}; valid views: {', '.join(VIEWS)}")
+        if name not in _IN_VIEW:
+            raise ValueError(f"unknown view {name!r}; valid views: {', '.join(VIEWS)}")
+        return [i for i, r in enumerate(self.records) if _IN_VIEW[name](r)]
 
     def view(self, name: str, transform: Transform | None = None) -> SiteView:
         """A torch dataset of view ``name`` with an optional box-aware transform."""
@@ -372,16 +354,33 @@ class SiteDataset:
             for j, pi in enumerate(rng.permutation(len(stratum))):
                 fold_of[stratum[int(pi)]] = (j + offset) % k
             offset += len(stratum)
-        out = []
-        for f in range(k):
-            val = sorted(
-                i for p, ii in by_patient.items() if fold_of[p] == f for i in ii
-            )
-            train = sorted(
-                i for p, ii in by_patient.items() if fold_of[p] != f for i in ii
-            )
-            out.append((train, val))
-        return out
+        return fold_splits(idx, [fold_of[self.records[i].patient_id] for i in idx], k)
+
+
+def fold_splits(
+    items: Sequence[int], fold: Sequence[int], k: int
+) -> list[tuple[list[int], list[int]]]:
+    """``[(train, val)] * k`` of ``items``: ``items[j]`` validates in fold ``fold[j]``.
+
+    Both lists keep the order of ``items``.
+    """
+    return [
+        (
+            [i for i, f in zip(items, fold, strict=True) if f != v],
+            [i for i, f in zip(items, fold, strict=True) if f == v],
+        )
+        for v in range(k)
+    ]
+
+
+def item_targets(dataset: Dataset[Any]) -> list[Target]:
+    """Every item's target; no pixels decoded when ``dataset`` has ``target(i)``.
+
+    :class:`SiteView` and the recipe's wrappers offer it; else items are read.
+    """
+    fn = getattr(dataset, "target", None)
+    n = len(dataset)  # type: ignore[arg-type]
+    return [fn(i) if callable(fn) else dataset[i][1] for i in range(n)]
 
 
 def collate(

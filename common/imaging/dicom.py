@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,9 @@ from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.uid import UID
 
 from common.config.site import DEFAULT_MAX_PIXELS
-from common.errors import RefusedImage
-from common.imaging.image import ImageMeta, MammoImage
+from common.errors import RefusedImage, one_line
+from common.fileio import has_dicom_preamble
+from common.imaging.image import ImageMeta, MammoImage, check_min_side
 from common.imaging.preprocess import standardize
 from common.keys import (
     FOR_PRESENTATION,
@@ -55,8 +57,6 @@ log = logging.getLogger(__name__)
 #: Plausible mm per pixel for a mammogram; values outside are treated as absent.
 MIN_SPACING_MM = 0.01
 MAX_SPACING_MM = 1.0
-#: A pixel array smaller than this on either side is not a mammogram.
-MIN_SIDE_PX = 64
 #: ``laterality_source`` values set here (``"breast-side"`` comes from preprocess).
 LATERALITY_IMAGE = "ImageLaterality"
 LATERALITY_SERIES = "Laterality"
@@ -114,20 +114,23 @@ VIEW_MEANINGS: dict[str, str] = {
 }
 
 
-def _one_line(exc: BaseException) -> str:
-    """First line of an exception's message, prefixed with its type."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+def _first(value: Any) -> Any:
+    """The first item of a multi-valued element (``None`` if empty), else ``value``."""
+    if isinstance(value, pydicom.multival.MultiValue):
+        return value[0] if len(value) else None
+    return value
+
+
+def header_text(ds: Dataset, keyword: str) -> str:
+    """A header value as stripped text (all its values); ``""`` when absent."""
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
 
 
 def _str(ds: Dataset, keyword: str) -> str:
     """A header string, stripped; ``""`` when absent or empty."""
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, pydicom.multival.MultiValue):
-        value = value[0] if len(value) else ""
-    return str(value).strip()
+    value = _first(ds.get(keyword))
+    return "" if value is None else str(value).strip()
 
 
 def is_dicom(path: str | Path) -> bool:
@@ -136,22 +139,16 @@ def is_dicom(path: str | Path) -> bool:
     True when bytes 128..132 are ``DICM``, or when pydicom (forced) parses a
     dataset holding at least one of SOPClassUID, Modality or Rows.
     """
-    p = Path(path)
-    try:
-        with p.open("rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    if len(head) == 132 and head[128:132] == b"DICM":
+    if has_dicom_preamble(path):
         return True
     try:
-        ds = pydicom.dcmread(p, force=True, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
     except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
         return False
     return any(k in ds for k in ("SOPClassUID", "Modality", "Rows"))
 
 
-def _read_dataset(path: str | Path) -> Dataset:
+def read_dataset(path: str | Path) -> Dataset:
     """Parse a file, deferring values over :data:`DEFER_SIZE` (PixelData).
 
     Deferred values are read from the file when first used, so header checks
@@ -160,10 +157,10 @@ def _read_dataset(path: str | Path) -> Dataset:
     try:
         return pydicom.dcmread(path, force=True, defer_size=DEFER_SIZE)
     except FileNotFoundError as exc:
-        raise RefusedImage(str(path), f"file not found: {_one_line(exc)}") from exc
+        raise RefusedImage(str(path), f"file not found: {one_line(exc)}") from exc
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
         raise RefusedImage(
-            str(path), f"unreadable DICOM (truncated or corrupt): {_one_line(exc)}"
+            str(path), f"unreadable DICOM (truncated or corrupt): {one_line(exc)}"
         ) from exc
 
 
@@ -198,27 +195,15 @@ def _valid_spacing(values: Any, keyword: str, path: str | Path) -> float | None:
     except (TypeError, ValueError):
         log.warning("%s: %s=%r is not two numbers: ignored", path, keyword, values)
         return None
-    for v in (row, col):
-        if not (math.isfinite(v) and MIN_SPACING_MM <= v <= MAX_SPACING_MM):
-            log.warning(
-                "%s: %s=[%s, %s] mm outside [%s, %s]: treated as absent",
-                path,
-                keyword,
-                row,
-                col,
-                MIN_SPACING_MM,
-                MAX_SPACING_MM,
-            )
-            return None
+    where = f"{path}: {keyword}=[{row}, {col}]"
+    if not all(
+        math.isfinite(v) and MIN_SPACING_MM <= v <= MAX_SPACING_MM for v in (row, col)
+    ):
+        lo, hi = MIN_SPACING_MM, MAX_SPACING_MM
+        log.warning("%s mm outside [%s, %s]: treated as absent", where, lo, hi)
+        return None
     if abs(row - col) > 0.01 * row:
-        log.warning(
-            "%s: %s=[%s, %s] is anisotropic: using the row spacing %s mm",
-            path,
-            keyword,
-            row,
-            col,
-            row,
-        )
+        log.warning("%s is anisotropic: using the row spacing %s mm", where, row)
     return row
 
 
@@ -295,13 +280,10 @@ def resolve_view(ds: Dataset) -> str | None:
     seq = ds.get("ViewCodeSequence")
     if not seq:
         return None
-    item = seq[0]
-    code = str(item.get("CodeValue", "")).strip()
-    if code in VIEW_CODES:
-        return VIEW_CODES[code]
-    meaning = str(item.get("CodeMeaning", "")).lower()
-    key = meaning.replace("-", "").replace(" ", "")
-    return VIEW_MEANINGS.get(key)
+    code = str(seq[0].get("CodeValue", "")).strip()
+    meaning = str(seq[0].get("CodeMeaning", "")).lower()
+    meaning = meaning.replace("-", "").replace(" ", "")
+    return VIEW_CODES.get(code) or VIEW_MEANINGS.get(meaning)
 
 
 def chest_wall_hint(ds: Dataset) -> str | None:
@@ -335,7 +317,7 @@ def read_header(
     Raises:
         RefusedImage: unreadable file, not a breast image, no usable spacing.
     """
-    ds = _read_dataset(path)
+    ds = read_dataset(path)
     return _meta(ds, path, default_spacing_mm)
 
 
@@ -344,8 +326,6 @@ def _meta(ds: Dataset, path: str | Path, default_spacing_mm: float | None) -> Im
     check_breast_image(ds, path)
     spacing, spacing_source = resolve_spacing(ds, path, default_spacing_mm)
     laterality, lat_source = resolve_laterality(ds)
-    intent = _str(ds, "PresentationIntentType").upper() or None
-    photometric = _str(ds, "PhotometricInterpretation").upper() or None
     return ImageMeta(
         source=str(path),
         sop_instance_uid=_str(ds, "SOPInstanceUID") or None,
@@ -357,8 +337,8 @@ def _meta(ds: Dataset, path: str | Path, default_spacing_mm: float | None) -> Im
         laterality_source=lat_source or LATERALITY_UNKNOWN,
         stored_spacing_mm=float(spacing),
         spacing_source=spacing_source,
-        presentation_intent=intent,
-        photometric=photometric,
+        presentation_intent=_str(ds, "PresentationIntentType").upper() or None,
+        photometric=_str(ds, "PhotometricInterpretation").upper() or None,
         rows=int(ds.get("Rows", 0) or 0),
         cols=int(ds.get("Columns", 0) or 0),
     )
@@ -371,16 +351,14 @@ def _header_int(ds: Dataset, keyword: str, path: str | Path, default: int) -> in
         RefusedImage: the value is not an integer or is negative (naming both).
     """
     try:
-        raw = ds.get(keyword)
-        if isinstance(raw, pydicom.multival.MultiValue):
-            raw = raw[0] if len(raw) else None
+        raw = _first(ds.get(keyword))
         if raw is None or str(raw).strip() == "":
             return default
         value = int(raw)
     except (TypeError, ValueError, OverflowError) as exc:
         shown = ds[keyword].value if keyword in ds else None
         raise RefusedImage(
-            str(path), f"{keyword}={shown!r} is not an integer: {_one_line(exc)}"
+            str(path), f"{keyword}={shown!r} is not an integer: {one_line(exc)}"
         ) from exc
     if value < 0:
         raise RefusedImage(str(path), f"{keyword}={value} is negative")
@@ -452,8 +430,8 @@ def check_pixel_data(
     No PixelData; over the pixel budget (:func:`check_pixel_budget`); a
     transfer syntax with no installed decoder (naming the UID, its name and the
     package that would decode it); multi-frame or colour data
-    (:func:`check_greyscale`); a grid smaller than :data:`MIN_SIDE_PX` on a
-    side. Reads the header only.
+    (:func:`check_greyscale`); a grid too small for a mammogram
+    (:func:`common.imaging.image.check_min_side`). Reads the header only.
     """
     if "PixelData" not in ds:
         raise RefusedImage(str(path), "no pixel data (PixelData element missing)")
@@ -461,23 +439,22 @@ def check_pixel_data(
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is not None:
         ts = UID(str(ts))
-        package = DECODER_PACKAGES.get(str(ts), "no known package")
+        package = DECODER_PACKAGES.get(str(ts))
         known = ts.is_transfer_syntax
         label = f"{ts.name} ({ts})" if known else f"unknown/private syntax {ts}"
         try:
             decoder = get_decoder(ts)
         except NotImplementedError as exc:
-            needs = (
-                f"needs {package}"
-                if package != "no known package"
-                else ("no installed pixel decoder handles it")
-            )
+            none = "no installed pixel decoder handles it"
+            needs = f"needs {package}" if package else none
             raise RefusedImage(
                 str(path), f"unsupported transfer syntax {label}: {needs}"
             ) from exc
         if not decoder.is_available:
             raise RefusedImage(
-                str(path), f"transfer syntax {label} needs {package}, none installed"
+                str(path),
+                f"transfer syntax {label} needs {package or 'no known package'}, "
+                "none installed",
             )
     frames = _header_int(ds, "NumberOfFrames", path, 1)
     if frames > 1:
@@ -486,12 +463,7 @@ def check_pixel_data(
         )
     check_greyscale(ds, path)
     rows, cols = _header_int(ds, "Rows", path, 0), _header_int(ds, "Columns", path, 0)
-    if rows < MIN_SIDE_PX or cols < MIN_SIDE_PX:
-        raise RefusedImage(
-            str(path),
-            f"pixel array {rows}x{cols} (Rows x Columns) too small for a mammogram "
-            f"(< {MIN_SIDE_PX} px a side)",
-        )
+    check_min_side(path, rows, cols, f"pixel array {rows}x{cols} (Rows x Columns)")
 
 
 def _window(
@@ -519,7 +491,7 @@ def _voi_lut(values: np.ndarray, item: Dataset, path: str | Path) -> np.ndarray:
             data = np.asarray(raw, dtype=np.float64).ravel()
     except (AttributeError, TypeError, ValueError) as exc:
         raise RefusedImage(
-            str(path), f"VOILUTSequence item unusable: {_one_line(exc)}"
+            str(path), f"VOILUTSequence item unusable: {one_line(exc)}"
         ) from exc
     n = n or 65536
     if data.size < 1:
@@ -547,13 +519,10 @@ def _invert(ds: Dataset) -> bool:
 
 def _rescale_text(ds: Dataset) -> str:
     """``RescaleSlope=..., RescaleIntercept=...`` as written in the header."""
-    parts = []
-    for keyword in ("RescaleSlope", "RescaleIntercept"):
-        if keyword in ds:
-            parts.append(f"{keyword}={str(ds[keyword].value).strip()!r}")
-        else:
-            parts.append(f"{keyword} absent")
-    return ", ".join(parts)
+    return ", ".join(
+        f"{k}={str(ds[k].value).strip()!r}" if k in ds else f"{k} absent"
+        for k in ("RescaleSlope", "RescaleIntercept")
+    )
 
 
 def check_rescale(ds: Dataset, path: str | Path) -> None:
@@ -565,16 +534,11 @@ def check_rescale(ds: Dataset, path: str | Path) -> None:
         RefusedImage: naming the field and its value.
     """
     for keyword in ("RescaleSlope", "RescaleIntercept"):
-        if keyword not in ds:
-            continue
         text = ""
-        try:
-            raw = ds[keyword].value
-            if isinstance(raw, pydicom.multival.MultiValue):
-                raw = raw[0] if len(raw) else ""
-            text = str(raw).strip()
+        try:  # reading the element converts it: an unparseable DS raises here
+            text = _str(ds, keyword)
             value = float(text) if text else None
-        except (TypeError, ValueError, IndexError) as exc:
+        except (TypeError, ValueError) as exc:
             raise RefusedImage(
                 str(path), f"Modality LUT: {keyword}={text!r} is not a number"
             ) from exc
@@ -633,15 +597,8 @@ def _presentation(values: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarr
     widths = ds.get("WindowWidth")
     if centers is not None and widths is not None:
         try:
-            c = float(
-                centers[0]
-                if isinstance(centers, pydicom.multival.MultiValue)
-                else centers
-            )
-            w = float(
-                widths[0] if isinstance(widths, pydicom.multival.MultiValue) else widths
-            )
-        except (TypeError, ValueError, IndexError):
+            c, w = float(_first(centers)), float(_first(widths))
+        except (TypeError, ValueError):
             c, w = float("nan"), float("nan")
         if math.isfinite(c) and math.isfinite(w) and w > 0:
             function = _str(ds, "VOILUTFunction").upper() or "LINEAR"
@@ -684,7 +641,7 @@ def decode_pixels(
         raise
     except Exception as exc:  # noqa: BLE001 - decoder errors have many types
         raise RefusedImage(
-            str(path), f"pixel data cannot be decoded: {_one_line(exc)}"
+            str(path), f"pixel data cannot be decoded: {one_line(exc)}"
         ) from exc
     if arr.ndim != 2:
         raise RefusedImage(
@@ -721,7 +678,7 @@ def read_dicom(
             data, over the pixel budget, colour, no decoder, too small, no
             spacing, non-finite Modality LUT, no dynamic range, decode failure).
     """
-    ds = _read_dataset(path)
+    ds = read_dataset(path)
     check_breast_image(ds, path)
     check_pixel_data(ds, path, max_pixels=max_pixels)
     meta = _meta(ds, path, default_spacing_mm)
@@ -734,9 +691,7 @@ def read_dicom(
         chest_wall_hint=chest_wall_hint(ds),
         laterality_source=meta.laterality_source,
     )
-    meta = ImageMeta(
-        **{**meta.to_dict(), "laterality": laterality, "laterality_source": lat_source}
-    )
+    meta = replace(meta, laterality=laterality, laterality_source=lat_source)
     log.debug(
         "%s: %s %s %s, %s mm (%s) -> %s",
         path,

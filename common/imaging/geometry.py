@@ -68,43 +68,26 @@ class Geometry:
         ch, cw = self.crop_shape
         return (self.model_shape[1] / cw, self.model_shape[0] / ch)
 
-    def with_model_shape(self, model_shape: tuple[int, int]) -> Geometry:
-        """The same crop and flip, resampled to another model shape."""
-        return Geometry(
-            self.stored_shape,
-            self.crop,
-            self.flip,
-            (int(model_shape[0]), int(model_shape[1])),
-        )
-
     def to_model(self, boxes: np.ndarray) -> np.ndarray:
         """Map boxes float[N, 4] from stored space to model space."""
-        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
         x0, y0, _, _ = self.crop
-        cw = self.crop_shape[1]
         sx, sy = self.scale
-        xs = b[:, [0, 2]] - x0
-        ys = b[:, [1, 3]] - y0
-        if self.flip:
-            xs = cw - xs[:, ::-1]
-        out = np.empty_like(b)
-        out[:, [0, 2]] = xs * sx
-        out[:, [1, 3]] = ys * sy
-        return out
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) - [x0, y0, x0, y0]
+        return self._flip_crop(b) * [sx, sy, sx, sy]
 
     def to_stored(self, boxes: np.ndarray) -> np.ndarray:
         """Map boxes float[N, 4] from model space back to stored space."""
-        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
         x0, y0, _, _ = self.crop
-        cw = self.crop_shape[1]
         sx, sy = self.scale
-        xs = b[:, [0, 2]] / sx
-        ys = b[:, [1, 3]] / sy
-        if self.flip:
-            xs = cw - xs[:, ::-1]
-        out = np.empty_like(b)
-        out[:, [0, 2]] = xs + x0
-        out[:, [1, 3]] = ys + y0
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / [sx, sy, sx, sy]
+        return self._flip_crop(b) + [x0, y0, x0, y0]
+
+    def _flip_crop(self, b: np.ndarray) -> np.ndarray:
+        """Boxes in crop pixels mirrored left-right when :attr:`flip` (else as is)."""
+        if not self.flip:
+            return b
+        out = b.copy()
+        out[:, [0, 2]] = self.crop_shape[1] - b[:, [2, 0]]
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,23 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import RefusedImage
 from common.imaging.geometry import Geometry
+
+#: A pixel array smaller than this on either side is not a mammogram.
+MIN_SIDE_PX = 64
+
+
+def check_min_side(path: object, rows: int, cols: int, what: str) -> None:
+    """Refuse a ``rows x cols`` grid under :data:`MIN_SIDE_PX` on a side.
+
+    Raises:
+        RefusedImage: ``"<what> too small for a mammogram (< 64 px a side)"``.
+    """
+    if rows < MIN_SIDE_PX or cols < MIN_SIDE_PX:
+        raise RefusedImage(
+            str(path), f"{what} too small for a mammogram (< {MIN_SIDE_PX} px a side)"
+        )
 
 
 @dataclass(frozen=True)

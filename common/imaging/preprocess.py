@@ -70,7 +70,7 @@ class BreastRegion:
     found: bool
 
 
-def _block_mean(img: np.ndarray, factor: int) -> np.ndarray:
+def block_mean(img: np.ndarray, factor: int) -> np.ndarray:
     """Average ``factor x factor`` blocks of float[H, W] (edges replicated)."""
     if factor <= 1:
         return img
@@ -108,7 +108,7 @@ def find_breast(pixels01: np.ndarray) -> BreastRegion:
     h, w = pixels01.shape
     full = (0, 0, w, h)
     factor = max(1, math.ceil(max(h, w) / DETECT_MAX_SIDE))
-    small = _block_mean(pixels01.astype(np.float32, copy=False), factor)
+    small = block_mean(pixels01.astype(np.float32, copy=False), factor)
     small = ndimage.uniform_filter(small, size=3, mode="nearest")
     lo, hi = float(small.min()), float(small.max())
     if hi - lo < 1e-6:
@@ -181,17 +181,6 @@ def resample(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out[0, 0].numpy()
 
 
-def model_shape_for(
-    crop_shape: tuple[int, int], stored_spacing_mm: float, working_spacing_mm: float
-) -> tuple[int, int]:
-    """``(rows, cols)`` of a crop resampled from stored to working spacing (>= 1)."""
-    ratio = stored_spacing_mm / working_spacing_mm
-    return (
-        max(1, round(crop_shape[0] * ratio)),
-        max(1, round(crop_shape[1] * ratio)),
-    )
-
-
 def standardize(
     pixels01: np.ndarray,
     *,
@@ -250,7 +239,8 @@ def standardize(
     flip = side == "right"
     if flip:
         crop = crop[:, ::-1]
-    shape = model_shape_for(crop.shape, stored_spacing_mm, working_spacing_mm)
+    ratio = stored_spacing_mm / working_spacing_mm
+    shape = (max(1, round(crop.shape[0] * ratio)), max(1, round(crop.shape[1] * ratio)))
     out = np.clip(resample(crop, shape), 0.0, 1.0).astype(np.float32, copy=False)
     geometry = Geometry(pixels01.shape, region.bbox, flip, shape)  # type: ignore[arg-type]
     return out, geometry, laterality, lat_source

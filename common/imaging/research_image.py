@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import RefusedImage
-from common.imaging.image import ImageMeta, MammoImage
+from common.imaging.image import ImageMeta, MammoImage, check_min_side
 from common.imaging.preprocess import standardize
 from common.keys import LEFT, RIGHT, SPACING_TABLE
 
@@ -25,8 +25,6 @@ log = logging.getLogger(__name__)
 RESEARCH_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
 #: ``laterality_source`` when the caller (a dataset table) gives the laterality.
 LATERALITY_TABLE = "table"
-#: Smallest plausible side, as for DICOM.
-MIN_SIDE_PX = 64
 
 
 def load_grey01(path: str | Path) -> np.ndarray:
@@ -62,12 +60,7 @@ def load_grey01(path: str | Path) -> np.ndarray:
     if arr.ndim != 2:
         raise RefusedImage(str(path), f"image has shape {arr.shape}, expected 2-D")
     rows, cols = arr.shape
-    if rows < MIN_SIDE_PX or cols < MIN_SIDE_PX:
-        raise RefusedImage(
-            str(path),
-            f"image {rows}x{cols} too small for a mammogram "
-            f"(< {MIN_SIDE_PX} px a side)",
-        )
+    check_min_side(path, rows, cols, f"image {rows}x{cols}")
     if arr.dtype == np.uint8 or arr.dtype == bool:
         out = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr
     elif arr.dtype.kind in "ui":

@@ -7,7 +7,7 @@ exactly this: an Ed25519 signature over ``signed_at`` (8 bytes, big-endian
 Unix seconds) followed by ``sha256(fab)``, stored base64url in the FAB's
 verification record under the signer's key id. This module makes the
 coordinator's key, the site's trusted-entities file, and the signatures in
-that format, and checks them the same way the SuperNode does.
+that format; the SuperNode checks them.
 
 Files (``mammofed-server signing-key --out DIR``):
 
@@ -24,21 +24,22 @@ import base64
 import hashlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from common.config import load_yaml
 from common.errors import ConfigError, MammofedError
+from common.fileio import refuse_existing, write_new_file
 
 SIGNING_KEY = "app-signing.key"
 SIGNING_PUB = "app-signing.pub"
 TRUSTED_ENTITIES = "trusted-entities.yaml"
 KEY_ID_PREFIX = "mammofed-"
-KEY_MODE = 0o600
 
 
 class AppSigningError(MammofedError):
@@ -69,11 +70,7 @@ class FabSignature:
 
     def to_json(self) -> dict[str, str | int]:
         """The record as the app registry serves it (Flower Hub's field names)."""
-        return {
-            "public_key_id": self.public_key_id,
-            "signature": self.signature,
-            "signed_at": self.signed_at,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, row: Mapping[str, object], source: str) -> FabSignature:
@@ -108,11 +105,9 @@ def openssh_public(public_key: ed25519.Ed25519PublicKey, comment: str) -> str:
 
 
 def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise AppSigningError(f"{path} exists (pass --overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    path.chmod(KEY_MODE if private else 0o644)
+    write_new_file(
+        path, data, private=private, overwrite=overwrite, error=AppSigningError
+    )
 
 
 def generate_signing_key(out_dir: Path, *, overwrite: bool = False) -> SigningKeyFiles:
@@ -124,9 +119,7 @@ def generate_signing_key(out_dir: Path, *, overwrite: bool = False) -> SigningKe
     out_dir = Path(out_dir)
     paths = [out_dir / n for n in (SIGNING_KEY, SIGNING_PUB, TRUSTED_ENTITIES)]
     if not overwrite:
-        for p in paths:
-            if p.exists():
-                raise AppSigningError(f"{p} exists (pass --overwrite to replace it)")
+        refuse_existing(paths, AppSigningError)
     key = ed25519.Ed25519PrivateKey.generate()
     key_id = key_id_of(key.public_key())
     private = key.private_bytes(
@@ -180,14 +173,7 @@ def read_trusted_entities(path: Path) -> dict[str, ed25519.Ed25519PublicKey]:
     Raises :class:`ConfigError` naming the file, the key id and the bad value
     (Flower itself only exits with a code).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), "<file>", "does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(path), "<file>", f"not YAML: {exc}") from exc
-    return _check_entities(raw, str(path))
+    return _check_entities(load_yaml(path), str(path))
 
 
 def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
@@ -224,29 +210,3 @@ def sign_fab(
     when = int(time.time()) if signed_at is None else int(signed_at)
     signature = key.sign(_message(fab, when))
     return FabSignature(key_id_of(key.public_key()), _b64url(signature), when)
-
-
-def verify_fab(
-    fab: bytes,
-    signatures: list[FabSignature],
-    trusted: Mapping[str, ed25519.Ed25519PublicKey],
-) -> str | None:
-    """Key id of the first trusted signer whose signature holds, else ``None``.
-
-    The same rule as Flower's SuperNode: a record counts only when its key id
-    is trusted and its signature verifies with that id's key.
-    """
-    for sig in signatures:
-        public = trusted.get(sig.public_key_id)
-        if public is None:
-            continue
-        pad = "=" * (-len(sig.signature) % 4)
-        try:
-            public.verify(
-                base64.urlsafe_b64decode(sig.signature + pad),
-                _message(fab, sig.signed_at),
-            )
-        except (InvalidSignature, ValueError):
-            continue
-        return sig.public_key_id
-    return None

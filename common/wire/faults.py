@@ -86,17 +86,14 @@ def drop_non_finite(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], list[st
     its test split) is absent from the reply rather than NaN. ``num-examples``
     is never dropped: a non-finite count is an error the guard refuses.
     """
-    kept: dict[str, Any] = {}
-    dropped: list[str] = []
-    for name, value in metrics.items():
-        non_finite = (
-            isinstance(value, float) and not math.isfinite(value)
-        ) and name != NUM_EXAMPLES
-        if non_finite:
-            dropped.append(name)
-        else:
-            kept[name] = value
-    return kept, sorted(dropped)
+    dropped = {
+        name
+        for name, value in metrics.items()
+        if isinstance(value, float)
+        and not math.isfinite(value)
+        and name != NUM_EXAMPLES
+    }
+    return {k: v for k, v in metrics.items() if k not in dropped}, sorted(dropped)
 
 
 # --- model version ---------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from common.config.loader import bounded, from_mapping, load_yaml, path_field
+from common.config.loader import bounded, from_mapping, load_config, path_field
 from common.errors import ConfigError
 from common.keys import (
     CPM_CALCIFICATION,
@@ -81,7 +81,6 @@ NODE_SITE = "site"
 NODE_DATA_DIR = "data-dir"
 NODE_STATE_DIR = "state-dir"
 PARTITION_ID = "partition-id"
-NUM_PARTITIONS = "num-partitions"
 
 
 def round_problems(row: Mapping[str, Any], *, rejected: bool = True) -> list[str]:
@@ -110,12 +109,13 @@ def round_problems(row: Mapping[str, Any], *, rejected: bool = True) -> list[str
 
 @dataclass(frozen=True)
 class PersonalizationConfig:
-    """Which state each site keeps to itself.
+    """Which state each site keeps to itself (alias ``detector.model.Personalization``).
 
     Attributes:
         local_norm: FedBN: normalization layers (weights and running
             statistics) stay on the site and are never sent.
-        personal_head: FedPer: the prediction head stays on the site.
+        personal_head: FedPer: the site keeps a personal copy of the prediction
+            head; the global head is still shared and aggregated.
     """
 
     local_norm: bool = False
@@ -291,10 +291,7 @@ class FederationConfig:
 
 def load_federation_config(path: str | Path) -> FederationConfig:
     """Load and validate a federation YAML (errors name file, key and value)."""
-    p = Path(path)
-    return from_mapping(
-        load_yaml(p), FederationConfig, source=str(p), base_dir=p.resolve().parent
-    )
+    return load_config(path, FederationConfig)
 
 
 def federation_config_from_run_config(
@@ -343,6 +340,21 @@ def federation_config_to_json(cfg: FederationConfig) -> str:
     return json.dumps(config_to_dict(cfg), sort_keys=True)
 
 
+#: A ConfigRecord number: an int is accepted where a float is expected.
+_NUMBER = (int, float)
+#: ConfigRecord key -> (FitInstructions field, accepted type).
+_RECORD_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    SERVER_ROUND: ("server_round", int),
+    LOCAL_EPOCHS: ("local_epochs", int),
+    LEARNING_RATE: ("learning_rate", _NUMBER),
+    BATCH_SIZE: ("batch_size", int),
+    PROXIMAL_MU: ("proximal_mu", _NUMBER),
+    LOCAL_NORM: ("local_norm", bool),
+    PERSONAL_HEAD: ("personal_head", bool),
+    TRAINER: ("trainer", str),
+}
+
+
 @dataclass(frozen=True)
 class FitInstructions:
     """What the server tells a site for one round (the message's ConfigRecord).
@@ -386,14 +398,10 @@ class FitInstructions:
 
         return ConfigRecord(
             {
-                SERVER_ROUND: self.server_round,
-                LOCAL_EPOCHS: self.local_epochs,
-                LEARNING_RATE: float(self.learning_rate),
-                BATCH_SIZE: self.batch_size,
-                PROXIMAL_MU: float(self.proximal_mu),
-                LOCAL_NORM: self.local_norm,
-                PERSONAL_HEAD: self.personal_head,
-                TRAINER: self.trainer,
+                key: float(getattr(self, attr))
+                if tp == _NUMBER
+                else getattr(self, attr)
+                for key, (attr, tp) in _RECORD_FIELDS.items()
             }
         )
 
@@ -404,18 +412,8 @@ class FitInstructions:
         """Parse a received ConfigRecord; missing optional keys take defaults."""
         if SERVER_ROUND not in record:
             raise ConfigError(source, SERVER_ROUND, "is required but missing")
-        kinds: dict[str, tuple[str, type | tuple[type, ...]]] = {
-            SERVER_ROUND: ("server_round", int),
-            LOCAL_EPOCHS: ("local_epochs", int),
-            LEARNING_RATE: ("learning_rate", (int, float)),
-            BATCH_SIZE: ("batch_size", int),
-            PROXIMAL_MU: ("proximal_mu", (int, float)),
-            LOCAL_NORM: ("local_norm", bool),
-            PERSONAL_HEAD: ("personal_head", bool),
-            TRAINER: ("trainer", str),
-        }
         kwargs: dict[str, Any] = {}
-        for key, (attr, tp) in kinds.items():
+        for key, (attr, tp) in _RECORD_FIELDS.items():
             if key not in record:
                 continue
             value = record[key]
@@ -424,7 +422,7 @@ class FitInstructions:
                 raise ConfigError(source, key, f"has the wrong type: {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(source, key, f"must be finite, got {value!r}")
-            kwargs[attr] = float(cast(float, value)) if tp == (int, float) else value
+            kwargs[attr] = float(cast(float, value)) if tp == _NUMBER else value
         mu = kwargs.get("proximal_mu", 0.0)
         if mu < 0:
             raise ConfigError(source, PROXIMAL_MU, f"must be >= 0, got {mu!r}")

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 from common.detector.froc import ClassMetrics, FrocResult
 from common.errors import MammofedError
+from common.fileio import read_json_document
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")
@@ -92,12 +93,10 @@ def round_number(path: Path) -> int | None:
 
 def complete_rounds(folder: Path) -> list[int]:
     """Rounds in ``folder`` whose ``.json`` and ``.npz`` both exist, ascending."""
-    out = []
-    for p in Path(folder).iterdir():
-        n = round_number(p)
-        if n is not None and round_paths(folder, n)[0].is_file():
-            out.append(n)
-    return sorted(out)
+    found = (round_number(p) for p in Path(folder).iterdir())
+    return sorted(
+        n for n in found if n is not None and round_paths(folder, n)[0].is_file()
+    )
 
 
 @dataclass(frozen=True)
@@ -117,9 +116,7 @@ class CheckpointMeta:
     @classmethod
     def read(cls, path: Path) -> CheckpointMeta:
         """Read a round file; errors name the file and the field."""
-        d = read_json(path)
-        if not isinstance(d, dict):
-            raise RunFolderError(f"{path}: must hold a JSON object, got {d!r}")
+        d = read_json_document(path, "round file", RunFolderError)
         try:
             rnd = int(d["round"])
         except (KeyError, TypeError, ValueError) as exc:

@@ -22,10 +22,10 @@ Private keys are created with mode 0600 and never overwritten unless asked.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import ConfigError, MammofedError
+from common.fileio import refuse_existing, write_new_file
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -47,7 +48,6 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 #: What the coordinator's own ``flwr`` calls dial (``start --register-keys``).
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1")
 DEFAULT_DAYS = 365
-KEY_MODE = 0o600
 COMMAND_LINE = "command line"
 
 
@@ -72,10 +72,6 @@ class CertFiles:
     ca_key: Path
     server_cert: Path
     server_key: Path
-
-    def tls_files(self) -> TlsFiles:
-        """The three files the SuperLink is started with."""
-        return TlsFiles(self.ca_cert, self.server_cert, self.server_key)
 
 
 @dataclass(frozen=True)
@@ -108,16 +104,7 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
 
 
 def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
-    """Write ``data``; private files are created 0600 (never wider, even briefly)."""
-    if path.exists():
-        if not overwrite:
-            raise TlsError(f"{path} exists (pass --overwrite to replace it)")
-        path.unlink()
-    mode = KEY_MODE if private else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, mode)  # exactly this mode, whatever the umask
+    write_new_file(path, data, private=private, overwrite=overwrite, error=TlsError)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -125,6 +112,46 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
+    )
+
+
+def _cert_builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    start: datetime.datetime,
+    end: datetime.datetime,
+    *,
+    ca: bool,
+) -> x509.CertificateBuilder:
+    """Subject, issuer, key, validity, basic constraints and key usage.
+
+    A CA signs certificates (path length 0); a server certificate does key
+    agreement. Both sign (ECDSA).
+    """
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not ca,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(
+            x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True
+        )
+        .add_extension(usage, critical=True)
     )
 
 
@@ -154,9 +181,7 @@ def generate_certificates(
         out_dir / CA_CERT, out_dir / CA_KEY, out_dir / SERVER_CERT, out_dir / SERVER_KEY
     )
     if not overwrite:
-        for path in (files.ca_cert, files.ca_key, files.server_cert, files.server_key):
-            if path.exists():
-                raise TlsError(f"{path} exists (pass --overwrite to replace it)")
+        refuse_existing(dataclasses.astuple(files), TlsError)
 
     now = datetime.datetime.now(datetime.UTC)
     start = now - datetime.timedelta(minutes=5)  # tolerate small clock skew
@@ -166,58 +191,15 @@ def generate_certificates(
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mammofed CA")])
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        _cert_builder(ca_name, ca_name, ca_key, start, end, ca=True)
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA384())
     )
 
     server_key = ec.generate_private_key(ec.SECP384R1())
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(hosts[0]))])
     server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(hosts[0]))])
-        )
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        _cert_builder(server_name, ca_name, server_key, start, end, ca=False)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
         )
@@ -234,15 +216,13 @@ def generate_certificates(
     )
 
     pem = serialization.Encoding.PEM
-    _write(files.ca_key, _pem_key(ca_key), private=True, overwrite=overwrite)
-    _write(files.server_key, _pem_key(server_key), private=True, overwrite=overwrite)
-    _write(files.ca_cert, ca_cert.public_bytes(pem), private=False, overwrite=overwrite)
-    _write(
-        files.server_cert,
-        server_cert.public_bytes(pem),
-        private=False,
-        overwrite=overwrite,
-    )
+    for path, data, private in (
+        (files.ca_key, _pem_key(ca_key), True),
+        (files.server_key, _pem_key(server_key), True),
+        (files.ca_cert, ca_cert.public_bytes(pem), False),
+        (files.server_cert, server_cert.public_bytes(pem), False),
+    ):
+        _write(path, data, private=private, overwrite=overwrite)
     return files
 
 
@@ -270,9 +250,7 @@ def generate_node_key(
     """
     files = node_key_files(out_dir, site)
     if not overwrite:
-        for path in (files.private_key, files.public_key):
-            if path.exists():
-                raise TlsError(f"{path} exists (pass --overwrite to replace it)")
+        refuse_existing(dataclasses.astuple(files), TlsError)
     out_dir.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
@@ -280,17 +258,35 @@ def generate_node_key(
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    public = (
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + f" mammofed-{site}\n".encode()
     )
     _write(files.private_key, private, private=True, overwrite=overwrite)
-    _write(
-        files.public_key,
-        public + f" mammofed-{site}\n".encode(),
-        private=False,
-        overwrite=overwrite,
-    )
+    _write(files.public_key, public, private=False, overwrite=overwrite)
     return files
+
+
+def _check_key_file(
+    path: Path,
+    flag: str,
+    load: Callable[[bytes], object],
+    kind: type,
+    names: tuple[str, str],
+) -> Path:
+    """``path`` if ``load`` reads a ``kind`` key from it; ``names``: (format, kind)."""
+    path = _existing(path, flag)
+    try:
+        key = load(path.read_bytes())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(
+            COMMAND_LINE, flag, f"{path} is not {names[0]}: {exc}"
+        ) from exc
+    if not isinstance(key, kind):
+        raise ConfigError(COMMAND_LINE, flag, f"{path} is not {names[1]}")
+    return path
 
 
 def check_node_private_key(path: Path, flag: str = "--auth-key") -> Path:
@@ -299,34 +295,24 @@ def check_node_private_key(path: Path, flag: str = "--auth-key") -> Path:
     Flower exits with a bare "Unable to parse the private key file." otherwise;
     this names the flag and the file instead.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(COMMAND_LINE, flag, f"file does not exist: {path}")
-    try:
-        key = serialization.load_ssh_private_key(path.read_bytes(), None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(
-            COMMAND_LINE, flag, f"{path} is not an unencrypted OpenSSH key: {exc}"
-        ) from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ConfigError(COMMAND_LINE, flag, f"{path} is not an EC key")
-    return path
+    return _check_key_file(
+        path,
+        flag,
+        lambda data: serialization.load_ssh_private_key(data, None),
+        ec.EllipticCurvePrivateKey,
+        ("an unencrypted OpenSSH key", "an EC key"),
+    )
 
 
 def check_node_public_key(path: Path, flag: str = "--register-keys") -> Path:
     """``path`` if it holds an OpenSSH EC public key (what Flower registers)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(COMMAND_LINE, flag, f"file does not exist: {path}")
-    try:
-        key = serialization.load_ssh_public_key(path.read_bytes())
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(
-            COMMAND_LINE, flag, f"{path} is not an OpenSSH public key: {exc}"
-        ) from exc
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ConfigError(COMMAND_LINE, flag, f"{path} is not an EC public key")
-    return path
+    return _check_key_file(
+        path,
+        flag,
+        serialization.load_ssh_public_key,
+        ec.EllipticCurvePublicKey,
+        ("an OpenSSH public key", "an EC public key"),
+    )
 
 
 def public_keys_in(paths: Sequence[Path], flag: str = "--register-keys") -> list[Path]:
@@ -385,11 +371,8 @@ def server_tls_from_flags(
         d = Path(tls_dir)
         if not d.is_dir():
             raise ConfigError(COMMAND_LINE, "--tls-dir", f"not a directory: {d}")
-        return TlsFiles(
-            _existing(d / CA_CERT, "--tls-dir"),
-            _existing(d / SERVER_CERT, "--tls-dir"),
-            _existing(d / SERVER_KEY, "--tls-dir"),
-        )
+        names = (CA_CERT, SERVER_CERT, SERVER_KEY)
+        return TlsFiles(*(_existing(d / n, "--tls-dir") for n in names))
     if not given:
         raise ConfigError(
             COMMAND_LINE,

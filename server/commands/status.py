@@ -7,7 +7,6 @@ never an empty list.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -25,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print one line per run, then the run dir's last round if asked."""
+    from common.fileio import read_jsonl
     from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
     from common.wire.tls import client_tls_from_flags
     from server.checkpoints import CheckpointStore
@@ -52,16 +52,13 @@ def run(args: argparse.Namespace) -> int:
         store = CheckpointStore(args.run_dir / CHECKPOINT_DIR)
         rounds = store.rounds()
         print(f"{args.run_dir}: checkpoints for rounds {rounds}")
-        jsonl = args.run_dir / ROUNDS_JSONL
-        if jsonl.is_file():
-            lines = jsonl.read_text().splitlines()
-            if lines:
-                last = json.loads(lines[-1])
-                print(
-                    f"last round {last['round']} {last['status']}: "
-                    f"train {last['train_aggregated']} "
-                    f"eval {last['evaluate_aggregated']}"
-                )
+        rows = read_jsonl(args.run_dir / ROUNDS_JSONL)
+        if rows:
+            last = rows[-1]
+            print(
+                f"last round {last['round']} {last['status']}: "
+                f"train {last['train_aggregated']} eval {last['evaluate_aggregated']}"
+            )
         outcome = read_outcome(args.run_dir)
         if outcome is not None:
             print(

@@ -40,7 +40,14 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.keys import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, PROXIMAL_MU, SERVER_ROUND
+from common.keys import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    NUM_EXAMPLES,
+    PERSONAL_DEFAULTS_KEY,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+)
 from common.wire.federation import FederationConfig, record_to_arrays
 from server.faults import aggregate_present_metrics
 from server.strategies.bounds import cap_num_examples, clip_updates
@@ -59,8 +66,7 @@ def reply_digest(msg: Message) -> str:
             h.update(f"{rec_name}/{key}".encode())
             h.update(record[key].data)
     for rec_name in sorted(content.metric_records):
-        metrics = content.metric_records[rec_name]
-        h.update(repr(sorted(metrics.items())).encode())
+        h.update(repr(sorted(content.metric_records[rec_name].items())).encode())
     return h.hexdigest()
 
 
@@ -87,10 +93,8 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
     last_logged = 0.0
     while True:
         nodes = sorted(int(n) for n in grid.get_node_ids())
-        if len(nodes) >= minimum:
-            return nodes
         now = time.monotonic()
-        if now >= deadline:
+        if len(nodes) >= minimum or now >= deadline:
             return nodes
         if now - last_logged > 10.0:
             log.info(
@@ -131,6 +135,9 @@ class GuardedFedAvg(FedAvg):
         self.sampled: dict[str, list[int]] = {}
         #: node id -> num-examples of its first accepted train reply (the cap)
         self.declared_examples: dict[int, int] = {}
+        #: the initial model's personal arrays, sent with every message so a
+        #: site without a personal copy starts from them (never aggregated)
+        self.personal_defaults: ArrayRecord | None = None
 
     # --- sampling -----------------------------------------------------------
     def _sample(
@@ -154,14 +161,23 @@ class GuardedFedAvg(FedAvg):
         log.info("%s: sampled %d of %d nodes: %s", phase, size, len(nodes), chosen)
         return chosen
 
-    def _messages(
+    def _configure(
         self,
+        phase: str,
         server_round: int,
         arrays: ArrayRecord,
         config: ConfigRecord,
-        node_ids: list[int],
-        message_type: str,
+        grid: Grid,
     ) -> list[Message]:
+        """Sample ``phase``'s nodes (bounded wait) and build their messages."""
+        self.last.pop(phase, None)
+        train = phase == "train"
+        fraction = self.fraction_train if train else self.fraction_evaluate
+        min_nodes = self.min_train_nodes if train else self.min_evaluate_nodes
+        ids = self._sample(grid, fraction, min_nodes, phase) if fraction else []
+        self.sampled[phase] = ids
+        if not ids:
+            return []
         config[SERVER_ROUND] = server_round
         mu = getattr(self, "proximal_mu", None)
         if mu is not None:
@@ -169,34 +185,23 @@ class GuardedFedAvg(FedAvg):
         record = RecordDict(
             {self.arrayrecord_key: arrays, self.configrecord_key: config}
         )
-        return list(self._construct_messages(record, node_ids, message_type))
+        if self.personal_defaults is not None:
+            record[PERSONAL_DEFAULTS_KEY] = self.personal_defaults
+        message_type = MessageType.TRAIN if train else MessageType.EVALUATE
+        return list(self._construct_messages(record, ids, message_type))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample (bounded wait) and build the train messages."""
         self._global = record_to_arrays(arrays)
-        self.last.pop("train", None)
-        if self.fraction_train == 0.0:
-            self.sampled["train"] = []
-            return []
-        ids = self._sample(grid, self.fraction_train, self.min_train_nodes, "train")
-        self.sampled["train"] = ids
-        return self._messages(server_round, arrays, config, ids, MessageType.TRAIN)
+        return self._configure("train", server_round, arrays, config, grid)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample (bounded wait) and build the evaluate messages."""
-        self.last.pop("evaluate", None)
-        if self.fraction_evaluate == 0.0:
-            self.sampled["evaluate"] = []
-            return []
-        ids = self._sample(
-            grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate"
-        )
-        self.sampled["evaluate"] = ids
-        return self._messages(server_round, arrays, config, ids, MessageType.EVALUATE)
+        return self._configure("evaluate", server_round, arrays, config, grid)
 
     # --- aggregation ----------------------------------------------------------
     def aggregate_train(
@@ -217,14 +222,10 @@ class GuardedFedAvg(FedAvg):
                 need,
             )
             return None, None
-        vcfg = self.fed_cfg.validation
-        screened.adjusted.extend(
-            cap_num_examples(screened.valid, self.declared_examples, vcfg)
-        )
-        screened.adjusted.extend(
-            clip_updates(screened.valid, self._global, vcfg.clip_factor)
-        )
-        return super().aggregate_train(server_round, canonical_order(screened.valid))
+        valid, vcfg = screened.valid, self.fed_cfg.validation
+        screened.adjusted += cap_num_examples(valid, self.declared_examples, vcfg)
+        screened.adjusted += clip_updates(valid, self._global, vcfg.clip_factor)
+        return super().aggregate_train(server_round, canonical_order(valid))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -238,3 +239,19 @@ class GuardedFedAvg(FedAvg):
             return None
         contents = [m.content for m in canonical_order(screened.valid)]
         return aggregate_present_metrics(contents, self.weighted_by_key)
+
+
+class PersonalizedSummary(GuardedFedAvg):
+    """A guarded strategy that logs the personalization mode in its summary."""
+
+    def summary(self) -> None:
+        """Log the personalization mode, then Flower's summary."""
+        pers = self.fed_cfg.personalization
+        log.info(
+            "%s: local_norm (FedBN)=%s, personal_head (FedPer)=%s; aggregating the "
+            "shared arrays only",
+            self.name,
+            pers.local_norm,
+            pers.personal_head,
+        )
+        super().summary()

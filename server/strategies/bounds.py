@@ -35,7 +35,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from common.keys import NUM_EXAMPLES
 from common.wire.federation import ValidationConfig
-from server.validation import Adjustment
+from server.validation import Adjustment, node_of
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ __all__ = [
     "delta_norm",
     "lower_median",
 ]
-
-
-def _node(msg: Message) -> int:
-    return int(msg.metadata.src_node_id)
 
 
 def _only(records: Mapping[str, object], what: str) -> str:
@@ -106,7 +102,7 @@ def clip_updates(
             new = ref + (site.astype(np.float64) - ref) * scale
             clipped[name] = Array(np.ascontiguousarray(new.astype(site.dtype)))
         msg.content[key] = clipped
-        adj = Adjustment(_node(msg), "clip", norm, bound)
+        adj = Adjustment(node_of(msg), "clip", norm, bound)
         out.append(adj)
         log.warning(
             "train: clipped update of node %d: delta norm %.4g > %.3g x lower "
@@ -133,7 +129,7 @@ def cap_num_examples(
         return []
     out: list[Adjustment] = []
     for msg in replies:
-        node = _node(msg)
+        node = node_of(msg)
         key = _only(msg.content.metric_records, "MetricRecord")
         record = msg.content.metric_records[key]
         claimed = int(record[NUM_EXAMPLES])  # type: ignore[arg-type]

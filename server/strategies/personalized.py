@@ -9,29 +9,15 @@ config so a site running a different split refuses the round loudly.
 
 from __future__ import annotations
 
-import logging
-
 from common.errors import ConfigError
 from common.wire.federation import FederationConfig
-from server.strategies.base import GuardedFedAvg
-
-log = logging.getLogger(__name__)
+from server.strategies.base import PersonalizedSummary
 
 
-class PersonalizedFedAvg(GuardedFedAvg):
+class PersonalizedFedAvg(PersonalizedSummary):
     """FedAvg over shared arrays only; personal layers stay on the sites."""
 
     name = "personalized"
-
-    def summary(self) -> None:
-        """Log the personalization mode, then FedAvg's summary."""
-        pers = self.fed_cfg.personalization
-        log.info(
-            "personalized: local_norm (FedBN)=%s, personal_head (FedPer)=%s",
-            pers.local_norm,
-            pers.personal_head,
-        )
-        super().summary()
 
 
 def build_personalized(cfg: FederationConfig) -> PersonalizedFedAvg:

@@ -20,47 +20,22 @@ lies (the median of two is their mean): then the norm clip is the bound.
 
 from __future__ import annotations
 
-import logging
-
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 
 from common.wire.federation import FederationConfig
-from server.strategies.base import GuardedFedAvg
-
-log = logging.getLogger(__name__)
+from server.strategies.base import PersonalizedSummary
 
 
-def _log_personalization(name: str, cfg: FederationConfig) -> None:
-    pers = cfg.personalization
-    log.info(
-        "%s: local_norm (FedBN)=%s, personal_head (FedPer)=%s; aggregating the "
-        "shared arrays only",
-        name,
-        pers.local_norm,
-        pers.personal_head,
-    )
-
-
-class GuardedFedMedian(GuardedFedAvg, FedMedian):
+class GuardedFedMedian(PersonalizedSummary, FedMedian):
     """Coordinate-wise median of the valid (capped, clipped) updates."""
 
     name = "fedmedian"
 
-    def summary(self) -> None:
-        """Log the personalization mode, then Flower's summary."""
-        _log_personalization(self.name, self.fed_cfg)
-        super().summary()
 
-
-class GuardedFedTrimmedAvg(GuardedFedAvg, FedTrimmedAvg):
+class GuardedFedTrimmedAvg(PersonalizedSummary, FedTrimmedAvg):
     """Coordinate-wise trimmed mean (``strategy.trim_beta`` cut at each end)."""
 
     name = "fedtrimmedavg"
-
-    def summary(self) -> None:
-        """Log the personalization mode, then Flower's summary (with beta)."""
-        _log_personalization(self.name, self.fed_cfg)
-        super().summary()
 
 
 def build_fedmedian(cfg: FederationConfig) -> GuardedFedMedian:

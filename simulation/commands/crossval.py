@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from common.errors import MammofedError
@@ -23,7 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=int, default=5, help="number of folds k")
     parser.add_argument(
         "--only-folds",
-        default=None,
         help="comma-separated fold indices (0-based, as in fold-<f>/) to train "
         "without pooling, so several processes can share the folds; a last run "
         "without it pools them",
@@ -36,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from simulation.crossval import run_crossval
     from simulation.train import load_train_config
 
-    cfg = load_train_config(args.config)
-    cfg = apply_overrides(cfg, args)
+    cfg = apply_overrides(load_train_config(args.config), args)
     if args.folds < 2:
         raise MammofedError(f"--folds must be >= 2, got {args.folds}")
     only = None
@@ -51,14 +48,11 @@ def run(args: argparse.Namespace) -> int:
             ) from exc
     doc = run_crossval(cfg, k=args.folds, only=only)
     if doc.get("partial"):
-        sys.stdout.write(json.dumps({"out_dir": str(cfg.out_dir), **doc}) + "\n")
+        print(json.dumps({"out_dir": str(cfg.out_dir), **doc}))
         return 0
     summary = {
         name: {"cpm": c["cpm"], "cpm_ci95": c["cpm_ci95"]}
         for name, c in doc["classes"].items()
     }
-    sys.stdout.write(
-        json.dumps({"out_dir": str(cfg.out_dir), "k": doc["k"], "classes": summary})
-        + "\n"
-    )
+    print(json.dumps({"out_dir": str(cfg.out_dir), "k": doc["k"], "classes": summary}))
     return 0

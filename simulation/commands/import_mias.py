@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 NAME = "import-mias"
 HELP = "convert a mini-MIAS folder (png/ + Info.txt) into a site folder"
-
-log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -68,26 +68,19 @@ class _Bar:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the sites (and/or the preview); returns the exit status."""
+    from common.errors import MammofedError
     from simulation.phantom import generate_scenario, load_scenario
     from simulation.phantom.preview import write_preview
 
     if args.workers < 1:
-        print(
-            f"mammofed-sim phantom: --workers must be >= 1, got {args.workers}",
-            file=sys.stderr,
-        )
-        return 2
+        raise MammofedError(f"--workers must be >= 1, got {args.workers}")
     scenario = load_scenario(args.scenario)
-    if args.site_name:
-        names = [s.name for s in scenario.sites]
-        unknown = [n for n in args.site_name if n not in names]
-        if unknown:
-            print(
-                f"mammofed-sim phantom: unknown --site-name {unknown}; scenario "
-                f"{args.scenario} has {names}",
-                file=sys.stderr,
-            )
-            return 2
+    names = [s.name for s in scenario.sites]
+    unknown = [n for n in args.site_name or () if n not in names]
+    if unknown:
+        raise MammofedError(
+            f"unknown --site-name {unknown}; scenario {args.scenario} has {names}"
+        )
     if not args.preview_only:
         progress = True if args.no_progress or not sys.stderr.isatty() else _Bar()
         sites = generate_scenario(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,8 +15,6 @@ if TYPE_CHECKING:
 NAME = "train"
 HELP = "train the detector centrally on site caches (base / local / oracle regimes)"
 
-log = logging.getLogger(__name__)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mammofed-sim train``."""
@@ -28,21 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags overriding the TrainConfig (:func:`apply_overrides`); also crossval's."""
-    parser.add_argument("--out", type=Path, default=None, help="override out_dir")
-    parser.add_argument("--epochs", type=int, default=None, help="override epochs")
-    parser.add_argument(
-        "--device", default=None, help="override device (auto/cpu/cuda)"
-    )
+    parser.add_argument("--out", type=Path, help="override out_dir")
+    parser.add_argument("--epochs", type=int, help="override epochs")
+    parser.add_argument("--device", help="override device (auto/cpu/cuda)")
     parser.add_argument(
         "--init-checkpoint",
         type=Path,
-        default=None,
         help="override init_checkpoint: start from this pretrained model file",
     )
     parser.add_argument(
         "--labeled-patients",
         type=int,
-        default=None,
         help="override labeled_patients: train on at most N labeled women per cache",
     )
 
@@ -54,33 +46,30 @@ def apply_overrides(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     ``--labeled-patients 0`` or an ``--init-checkpoint`` that is not a file
     raise :class:`common.errors.ConfigError` naming the flag's field).
     """
-    from simulation.train import with_overrides
+    from common.config import replace_validated
 
     if args.init_checkpoint is not None and not args.init_checkpoint.is_file():
         raise MammofedError(f"--init-checkpoint: no such file {args.init_checkpoint}")
-    return with_overrides(
-        cfg,
-        "command-line flags",
-        out_dir=args.out,
-        epochs=args.epochs,
-        device=args.device,
-        init_checkpoint=args.init_checkpoint,
-        labeled_patients=args.labeled_patients,
-    )
+    flags = {
+        "out_dir": args.out,
+        "epochs": args.epochs,
+        "device": args.device,
+        "init_checkpoint": args.init_checkpoint,
+        "labeled_patients": args.labeled_patients,
+    }
+    given = {k: v for k, v in flags.items() if v is not None}
+    return replace_validated(cfg, "command-line flags", **given)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, train, evaluate; print the per-site CPMs as JSON."""
     from simulation.train import load_train_config, run_training
 
-    cfg = load_train_config(args.config)
-    cfg = apply_overrides(cfg, args)
+    cfg = apply_overrides(load_train_config(args.config), args)
     results = run_training(cfg)
     summary = {
         site: None if r is None else r["metrics"].get("cpm-mean")
         for site, r in results.items()
     }
-    sys.stdout.write(
-        json.dumps({"out_dir": str(cfg.out_dir), "cpm_mean": summary}) + "\n"
-    )
+    print(json.dumps({"out_dir": str(cfg.out_dir), "cpm_mean": summary}))
     return 0

@@ -61,9 +61,8 @@ def expose(
     noisy = rng.poisson(expected).astype(np.float32)
     blurred = gaussian_blur(noisy, vendor.blur_sigma_mm / detector_pitch_mm)
     if vendor.electronic_noise > 0:
-        blurred += rng.normal(0.0, vendor.electronic_noise, blurred.shape).astype(
-            np.float32
-        )
+        noise = rng.normal(0.0, vendor.electronic_noise, blurred.shape)
+        blurred += noise.astype(np.float32)
     return Exposure(quanta=blurred, open_field=q0, heel=heel, mask=mask)
 
 

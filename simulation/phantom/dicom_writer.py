@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from common.keys import FOR_PROCESSING, LEFT, VIEW_CC, VIEW_MLO
+from common.keys import FOR_PROCESSING, VIEW_CC, VIEW_MLO
 from simulation.phantom.scenario import Scenario, SiteSpec, VendorProfile
 from simulation.phantom.vendors import Encoded
 
@@ -163,25 +163,19 @@ def build_dataset(
     ds.RescaleSlope = "1"
     ds.RescaleType = "US"
 
-    det_pitch = scenario.detector_pitch_mm(vendor)
+    det_pitch = _ds(scenario.detector_pitch_mm(vendor))
+    ds.ImagerPixelSpacing = [det_pitch, det_pitch]
     if vendor.spacing_tags == "both":
-        ds.PixelSpacing = [_ds(det_pitch), _ds(det_pitch)]
-        ds.ImagerPixelSpacing = [_ds(det_pitch), _ds(det_pitch)]
-    elif vendor.spacing_tags == "imager":
-        ds.ImagerPixelSpacing = [_ds(det_pitch), _ds(det_pitch)]
-    else:
-        ds.ImagerPixelSpacing = [_ds(det_pitch), _ds(det_pitch)]
+        ds.PixelSpacing = [det_pitch, det_pitch]
+    elif vendor.spacing_tags == "imager_mag":
         ds.EstimatedRadiographicMagnificationFactor = _ds(vendor.magnification)
 
     voi = encoded.voi
     if voi.lut is not None:
         lut_item = Dataset()
-        n = int(voi.lut.size)
-        lut_item.add(
-            DataElement(
-                0x00283002, "US", [n if n < 65536 else 0, voi.lut_first, voi.lut_bits]
-            )
-        )
+        n = int(voi.lut.size)  # LUTDescriptor: entries (0 means 65536), first, bits
+        descriptor = [n if n < 65536 else 0, voi.lut_first, voi.lut_bits]
+        lut_item.add(DataElement(0x00283002, "US", descriptor))
         lut_item.LUTExplanation = "PHANTOM S-CURVE"
         lut_item.add(DataElement(0x00283006, "US", [int(v) for v in voi.lut]))
         ds.VOILUTSequence = Sequence([lut_item])
@@ -210,8 +204,3 @@ def write_dicom(ds: Dataset, path: str | Path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(p, enforce_file_format=True)
     return p
-
-
-def is_left(laterality: str) -> bool:
-    """Whether ``laterality`` is the left breast (chest wall on the stored left)."""
-    return laterality == LEFT

@@ -25,9 +25,11 @@ from __future__ import annotations
 import csv
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,8 @@ RESOLVED_SCENARIO = "scenario_resolved.yaml"
 
 #: ``progress(site, done, total)`` callback type.
 Progress = Callable[[str, int, int], None]
+#: One image's annotation rows: as its site sees them, and the oracle's.
+ImageRows = tuple[list[list[str]], list[list[str]]]
 
 
 @dataclass(frozen=True)
@@ -254,25 +258,14 @@ def render_image(
     vendor = scenario.vendor_of(site)
     pitch = scenario.stored_pitch_mm(vendor)
     shape = canonical_shape(scenario.anatomy, pitch)
-    w_spec = draw_woman(
-        scenario.anatomy, image_rng(scenario, site.name, woman, "woman")
-    )
-    tag = f"{laterality}{view}"
-    b_spec = draw_breast(
-        scenario.anatomy, w_spec, view, image_rng(scenario, site.name, woman, tag, "a")
-    )
-    maps = build_anatomy(
-        scenario.anatomy,
-        b_spec,
-        shape,
-        pitch,
-        image_rng(scenario, site.name, woman, tag, "tissue"),
-    )
+    anatomy = scenario.anatomy
+    woman_rng = partial(image_rng, scenario, site.name, woman)
+    rng = partial(woman_rng, f"{laterality}{view}")  # this image's draws
+    w_spec = draw_woman(anatomy, woman_rng("woman"))
+    b_spec = draw_breast(anatomy, w_spec, view, rng("a"))
+    maps = build_anatomy(anatomy, b_spec, shape, pitch, rng("tissue"))
     if lesions is None:
-        lesions = draw_lesions(
-            scenario.lesions, maps, image_rng(scenario, site.name, woman, tag, "les")
-        )
-    mu = scenario.anatomy.mu_per_cm
+        lesions = draw_lesions(scenario.lesions, maps, rng("les"))
     les_att = np.zeros(shape, dtype=np.float32)
     rendered: list[RenderedLesion] = []
     for spec in lesions:
@@ -281,17 +274,12 @@ def render_image(
             continue
         rendered.append(r)
         sl = np.s_[r.y0 : r.y0 + r.path.shape[0], r.x0 : r.x0 + r.path.shape[1]]
-        mu_l = mu[MASS] if spec.kind == MASS else mu["calcification"]
+        mu_l = anatomy.mu_per_cm[spec.kind]  # keys "mass" and "calcification"
         path = np.minimum(r.path, maps.tissue_mm[sl])
         les_att[sl] += 0.1 * (mu_l - maps.mu_background[sl]) * path
     att = maps.attenuation + les_att
-    exposure = expose(
-        att,
-        maps.mask,
-        vendor,
-        scenario.detector_pitch_mm(vendor),
-        image_rng(scenario, site.name, woman, tag, "noise"),
-    )
+    det_pitch = scenario.detector_pitch_mm(vendor)
+    exposure = expose(att, maps.mask, vendor, det_pitch, rng("noise"))
     img = present(exposure, vendor, pitch)
     enc = encode(img, maps.mask, vendor)
     flip = laterality == RIGHT
@@ -331,9 +319,7 @@ def _annotation_rows(
     return [[plan.relpath, f.finding, *(str(v) for v in f.box)] for f in findings]
 
 
-def write_image(
-    scenario: Scenario, plan: ImagePlan, site_dir: Path
-) -> tuple[list[list[str]], list[list[str]]]:
+def write_image(scenario: Scenario, plan: ImagePlan, site_dir: Path) -> ImageRows:
     """Render and write one planned image.
 
     Returns its annotation rows as the site sees them (none when unlabeled) and
@@ -351,24 +337,13 @@ def write_image(
         age=int(image_rng(scenario, site.name, plan.woman, "age").integers(40, 76)),
         thickness_mm=img.breast.thickness_mm,
     )
-    enc = Encoded(
-        pixels=img.pixels,
-        voi=img.voi,
-        photometric=img.photometric,
-        bits_stored=img.bits_stored,
-    )
+    enc = Encoded(img.pixels, img.voi, img.photometric, img.bits_stored)
     ds = build_dataset(enc, identity, scenario, site, vendor)
     write_dicom(ds, site_dir / plan.relpath)
     return (
         _annotation_rows(plan, img.findings),
         _annotation_rows(plan, img.findings, oracle=True),
     )
-
-
-def _work(
-    args: tuple[Scenario, ImagePlan, Path],
-) -> tuple[list[list[str]], list[list[str]]]:
-    return write_image(*args)
 
 
 #: Folder (under the scenario output) of the oracle's complete annotations.
@@ -404,39 +379,34 @@ def generate_site(
         if stale not in wanted:
             log.info("removing stale file %s", stale)
             stale.unlink()
-    tasks = [(scenario, p, site_dir) for p in plans]
-    rows: list[tuple[list[list[str]], list[list[str]]]] = []
-    if workers <= 1:
-        for i, t in enumerate(tasks):
-            rows.append(_work(t))
+    write = partial(write_image, scenario, site_dir=site_dir)
+    rows: list[ImageRows] = []
+    with ExitStack() as stack:
+        results: Iterator[ImageRows] = map(write, plans)
+        if workers > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+            results = pool.map(write, plans, chunksize=2)
+        for r in results:
+            rows.append(r)
             if progress:
-                progress(site.name, i + 1, len(tasks))
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for i, r in enumerate(pool.map(_work, tasks, chunksize=2)):
-                rows.append(r)
-                if progress:
-                    progress(site.name, i + 1, len(tasks))
+                progress(site.name, len(rows), len(plans))
     oracle_dir = Path(out_dir) / ORACLE_DIR / site.name
     oracle_dir.mkdir(parents=True, exist_ok=True)
-    for path, which in (
-        (site_dir / ANNOTATIONS_CSV, 0),
-        (oracle_dir / ANNOTATIONS_CSV, 1),
-    ):
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            wr = csv.writer(fh, lineterminator="\n")
-            wr.writerow(ANNOTATION_COLUMNS)
-            for r in rows:
-                wr.writerows(r[which])
-    with open(site_dir / SPLIT_CSV, "w", newline="", encoding="utf-8") as fh:
-        wr = csv.writer(fh, lineterminator="\n")
-        wr.writerow(SPLIT_COLUMNS)
-        seen: set[str] = set()
-        for p in plans:
-            if p.patient_id not in seen:
-                seen.add(p.patient_id)
-                wr.writerow([p.patient_id, p.split])
+    for folder, which in ((site_dir, 0), (oracle_dir, 1)):
+        annotations = [row for r in rows for row in r[which]]
+        _write_csv(folder / ANNOTATIONS_CSV, ANNOTATION_COLUMNS, annotations)
+    splits = {p.patient_id: p.split for p in plans}
+    _write_csv(site_dir / SPLIT_CSV, SPLIT_COLUMNS, list(splits.items()))
     return site_dir
+
+
+def _write_csv(
+    path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]
+) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        wr = csv.writer(fh, lineterminator="\n")
+        wr.writerow(header)
+        wr.writerows(rows)
 
 
 def generate_scenario(
@@ -464,15 +434,9 @@ def generate_scenario(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(scenario, out, RESOLVED_SCENARIO)
-    cb: Progress | None
-    if progress is True:
-        cb = _log_progress
-    elif progress is False:
-        cb = None
-    else:
-        cb = progress
+    cb = _log_progress if progress is True else progress or None
     names = [s.name for s in scenario.sites] if sites is None else list(sites)
-    result: dict[str, Path] = {}
-    for name in names:
-        result[name] = generate_site(scenario, name, out, workers=workers, progress=cb)
-    return result
+    return {
+        name: generate_site(scenario, name, out, workers=workers, progress=cb)
+        for name in names
+    }

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -208,31 +208,16 @@ def draw_lesion_shape(
     angle = float(rng.uniform(0, np.pi))
     if kind == CALCIFICATION:
         n = int(rng.integers(specks[0], specks[1] + 1))
-        aspect = float(rng.uniform(1.0, 1.6))
+        stretch = np.sqrt(rng.uniform(1.0, 1.6))  # sqrt of the cluster's aspect
+        c, s = np.cos(angle), np.sin(angle)
         pts = []
         for _ in range(n):
             rad = d / 2.0 * np.sqrt(rng.uniform(0, 1))
             th = rng.uniform(0, 2 * np.pi)
-            lx, ly = (
-                rad * np.cos(th) * np.sqrt(aspect),
-                rad * np.sin(th) / np.sqrt(aspect),
-            )
-            c, s = np.cos(angle), np.sin(angle)
-            pts.append(
-                (
-                    float(lx * c - ly * s),
-                    float(lx * s + ly * c),
-                    float(rng.uniform(speck_diameter[0], speck_diameter[1])),
-                )
-            )
-        return LesionSpec(
-            kind=CALCIFICATION,
-            margin="",
-            center_mm=center_mm,
-            diameter_mm=d,
-            angle=angle,
-            specks=tuple(pts),
-        )
+            lx, ly = rad * np.cos(th) * stretch, rad * np.sin(th) / stretch
+            diam = float(rng.uniform(speck_diameter[0], speck_diameter[1]))
+            pts.append((float(lx * c - ly * s), float(lx * s + ly * c), diam))
+        return LesionSpec(CALCIFICATION, "", center_mm, d, angle, specks=tuple(pts))
     names = sorted(margin_weights)
     p = np.asarray([margin_weights[k] for k in names], dtype=float)
     margin = names[int(rng.choice(len(names), p=p / p.sum()))]
@@ -259,16 +244,7 @@ def draw_lesion_shape(
             )
             for _ in range(n)
         )
-    return LesionSpec(
-        kind=MASS,
-        margin=margin,
-        center_mm=center_mm,
-        diameter_mm=d,
-        angle=angle,
-        aspect=aspect,
-        harmonics=harmonics,
-        strands=strands,
-    )
+    return LesionSpec(MASS, margin, center_mm, d, angle, aspect, harmonics, strands)
 
 
 def place(
@@ -295,16 +271,6 @@ def place(
         x, y = (c + 0.5) * pitch_mm, (r + 0.5) * pitch_mm
         if all(np.hypot(x - tx, y - ty) > ext + te + 2.0 for tx, ty, te in taken):
             taken.append((x, y, ext))
-            return LesionSpec(
-                kind=spec.kind,
-                margin=spec.margin,
-                center_mm=(float(x), float(y)),
-                diameter_mm=spec.diameter_mm,
-                angle=spec.angle,
-                aspect=spec.aspect,
-                harmonics=spec.harmonics,
-                strands=spec.strands,
-                specks=spec.specks,
-            )
+            return replace(spec, center_mm=(float(x), float(y)))
     log.debug("no room for a %s of extent %.1f mm; skipped", spec.kind, ext)
     return None

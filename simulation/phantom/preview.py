@@ -60,25 +60,15 @@ def write_preview(scenario: Scenario, path: str | Path) -> Path:
         for i, view in enumerate((VIEW_CC, VIEW_MLO)):
             img, caption = pick_image(scenario, site_name, view)
             ax = axes[i][j]
-            ax.imshow(
-                display(img.pixels, img.voi, img.photometric),
-                cmap="gray",
-                vmin=0.0,
-                vmax=1.0,
-                interpolation="lanczos",
-            )
+            shown = display(img.pixels, img.voi, img.photometric)
+            ax.imshow(shown, cmap="gray", vmin=0.0, vmax=1.0, interpolation="lanczos")
             for f in img.findings:
                 x0, y0, x1, y1 = f.box
-                ax.add_patch(
-                    Rectangle(
-                        (x0, y0),
-                        x1 - x0,
-                        y1 - y0,
-                        fill=False,
-                        lw=1.0,
-                        ec=_COLORS.get(f.finding, _DEFAULT_COLOR),
-                    )
+                color = _COLORS.get(f.finding, _DEFAULT_COLOR)
+                box = Rectangle(
+                    (x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.0, ec=color
                 )
+                ax.add_patch(box)
             ax.set_title(
                 f"{vendor.manufacturer} (site {site_name})\n{caption}", fontsize=8
             )

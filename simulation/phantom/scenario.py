@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from common.config import bounded, from_mapping, load_config, load_yaml, path_field
+from common.config import bounded, load_config, path_field
 from common.errors import ConfigError
 from common.keys import FOR_PROCESSING
 
@@ -252,13 +252,9 @@ class Lesions:
     def __post_init__(self) -> None:
         from simulation.phantom.lesions import MARGINS
 
-        for key in (
-            "mass_diameter_mm",
-            "speck_diameter_mm",
-            "specks",
-            "cluster_diameter_mm",
-        ):
+        for key in ("mass_diameter_mm", "speck_diameter_mm", "cluster_diameter_mm"):
             _check_pair(key, getattr(self, key))
+        _check_pair("specks", self.specks)
 
         unknown = set(self.margins) - set(MARGINS)
         if unknown:
@@ -377,20 +373,3 @@ def load_scenario(path: str | Path) -> Scenario:
             )
         profiles[site.vendor] = profile
     return dataclasses.replace(scenario, vendor_profiles=profiles)
-
-
-def scenario_from_mapping(data: dict[str, object], *, base_dir: Path) -> Scenario:
-    """Build a scenario from a mapping (tests); vendors resolved as in the loader."""
-    scenario = from_mapping(data, Scenario, source="<mapping>", base_dir=base_dir)
-    profiles = dict(scenario.vendor_profiles)
-    for site in scenario.sites:
-        if site.vendor not in profiles:
-            profiles[site.vendor] = load_vendor(
-                scenario.vendors_dir / f"{site.vendor}.yaml"
-            )
-    return dataclasses.replace(scenario, vendor_profiles=profiles)
-
-
-def read_raw(path: str | Path) -> dict[str, object]:
-    """The scenario file as a plain mapping (for recording next to outputs)."""
-    return load_yaml(path)

@@ -15,7 +15,7 @@ does (used by the preview and the tests, independently of the project reader).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -117,14 +117,7 @@ def _voi_lut(lo: float, hi: float, maxv: int) -> Voi:
     level = LUT_BREAST_FLOOR + (1.0 - LUT_BREAST_FLOOR) * _scurve(t)
     level = np.where(v < WINDOW_FLOOR * lo, 0.0, level)
     table = np.round(level * (2**12 - 1)).astype(np.uint16)
-    return Voi(
-        center=(lo + hi) / 2.0,
-        width=max(hi - lo, 2.0),
-        function=None,
-        lut_first=0,
-        lut_bits=12,
-        lut=table,
-    )
+    return Voi((lo + hi) / 2.0, max(hi - lo, 2.0), None, lut_bits=12, lut=table)
 
 
 #: VOI encoders by profile ``voi`` name: ``(low, high, max value) -> Voi``.
@@ -160,24 +153,12 @@ def encode(image01: np.ndarray, mask: np.ndarray, vendor: VendorProfile) -> Enco
     voi = VOI_ENCODERS[vendor.voi](lo, hi, maxv)
     if vendor.photometric == "MONOCHROME1":
         stored = maxv - stored
-        if voi.lut is None:
-            voi = Voi(center=maxv - voi.center, width=voi.width, function=voi.function)
-        else:
-            voi = Voi(
-                center=maxv - voi.center,
-                width=voi.width,
-                function=None,
-                lut_first=voi.lut_first,
-                lut_bits=voi.lut_bits,
-                # viewer: 1 - LUT'[maxv - s] must equal LUT[s]
-                lut=((2**voi.lut_bits - 1) - voi.lut[::-1]).astype(np.uint16),
-            )
-    return Encoded(
-        pixels=np.clip(stored, 0, maxv).astype(np.uint16),
-        voi=voi,
-        photometric=vendor.photometric,
-        bits_stored=bits,
-    )
+        lut = voi.lut
+        if lut is not None:  # viewer: 1 - LUT'[maxv - s] must equal LUT[s]
+            lut = ((2**voi.lut_bits - 1) - lut[::-1]).astype(np.uint16)
+        voi = replace(voi, center=maxv - voi.center, lut=lut)
+    pixels = np.clip(stored, 0, maxv).astype(np.uint16)
+    return Encoded(pixels, voi, vendor.photometric, bits)
 
 
 def display(pixels: np.ndarray, voi: Voi, photometric: str) -> np.ndarray:

@@ -156,7 +156,7 @@ def test_timeout_raises_and_stops_superlink_and_ray(
     req = RunRequest(scenario=SCENARIO, federation=FEDERATION, out=tmp_path)
     sites = ["A", "B", "C", "D", "E"]
     cfg = dataclasses.replace(
-        _regime_config(fed, R.FEDAVG, req, tmp_path, sites), num_rounds=50
+        _regime_config(fed, R.FEDAVG, req, tmp_path, sites), num_rounds=1000
     )
     assert cfg.run_dir is not None
     caches = {s: ray_study.parent / "data" / "cache" / s for s in sites}

@@ -28,10 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Target = dict[str, Any]
-
-#: Box keys that move with the geometry (model-space boxes).
-BOX_KEYS: tuple[str, ...] = ("boxes", "ignore")
+from common.detector.transforms import BOX_KEYS, Target
 
 
 @dataclass(frozen=True)
@@ -75,16 +72,7 @@ class Affine:
         """
         if boxes.numel() == 0:
             return boxes.reshape(0, 4).clone(), torch.zeros(0, dtype=torch.bool)
-        x1, y1, x2, y2 = boxes.unbind(1)
-        corners = torch.stack(
-            [
-                torch.stack([x1, y1], 1),
-                torch.stack([x2, y1], 1),
-                torch.stack([x1, y2], 1),
-                torch.stack([x2, y2], 1),
-            ],
-            1,
-        )  # [N, 4, 2]
+        corners = boxes[:, [0, 1, 2, 1, 0, 3, 2, 3]].reshape(-1, 4, 2)  # [N, 4, (x, y)]
         moved = self.apply_points(corners.reshape(-1, 2)).reshape(-1, 4, 2)
         lo = moved.min(dim=1).values
         hi = moved.max(dim=1).values

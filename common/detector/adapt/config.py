@@ -17,19 +17,7 @@ from common.keys import CALCIFICATION, CLASSES, MASS
 
 #: Percentiles (of breast pixels) used as histogram landmarks by default:
 #: the Nyúl–Udupa ends (1, 99) plus the deciles.
-DEFAULT_PERCENTILES: tuple[float, ...] = (
-    1.0,
-    10.0,
-    20.0,
-    30.0,
-    40.0,
-    50.0,
-    60.0,
-    70.0,
-    80.0,
-    90.0,
-    99.0,
-)
+DEFAULT_PERCENTILES: tuple[float, ...] = (1.0, *(10.0 * d for d in range(1, 10)), 99.0)
 #: Common intensity scale (values in ``[0, 1]``) the landmarks map to; same
 #: length as :data:`DEFAULT_PERCENTILES`. Overridden by the scenario/server
 #: config so every site maps to the same scale.

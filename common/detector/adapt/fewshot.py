@@ -43,7 +43,7 @@ from common.detector.recipe import (
     targets_to_device,
     train_one_epoch,
 )
-from common.imaging.data import collate
+from common.imaging.data import collate, fold_splits, item_targets
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +135,6 @@ def _train_mode(model: nn.Module, frozen_norms: Sequence[nn.Module]) -> None:
         m.eval()
 
 
-def _patient_ids(view: Dataset[Any]) -> list[str]:
-    """``patient_id`` of each item, without pixels when the view allows it."""
-    n = len(view)  # type: ignore[arg-type]
-    getter = getattr(view, "target", None)
-    if callable(getter):
-        return [str(getter(i)["patient_id"]) for i in range(n)]
-    return [str(view[i][1]["patient_id"]) for i in range(n)]
-
-
 def grouped_folds(
     patient_ids: Sequence[str], k: int, seed: int = 0
 ) -> list[tuple[list[int], list[int]]]:
@@ -158,12 +149,7 @@ def grouped_folds(
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(patients), generator=g).tolist()
     fold_of = {patients[j]: i % k for i, j in enumerate(order)}
-    out = []
-    for f in range(k):
-        val = [i for i, p in enumerate(patient_ids) if fold_of[p] == f]
-        train = [i for i, p in enumerate(patient_ids) if fold_of[p] != f]
-        out.append((train, val))
-    return out
+    return fold_splits(range(len(patient_ids)), [fold_of[p] for p in patient_ids], k)
 
 
 def _epoch(
@@ -173,14 +159,10 @@ def _epoch(
     norms: Sequence[nn.Module],
     dev: torch.device,
 ) -> float:
-    def mode(m: nn.Module) -> None:
-        _train_mode(m, norms)
-
-    stats = train_one_epoch(
-        model, loader, optimizer, device=dev, amp=False, train_mode=mode,
-        progress=False,
-    )  # fmt: skip
-    return stats.mean_loss
+    return train_one_epoch(
+        model, loader, optimizer, device=dev, amp=False, progress=False,
+        train_mode=lambda m: _train_mode(m, norms),
+    ).mean_loss  # fmt: skip
 
 
 @torch.no_grad()
@@ -190,12 +172,10 @@ def validation_loss(
     """Mean FCOS loss on ``loader`` with no gradient and frozen norm statistics."""
     dev = torch.device(device)
     was_training = model.training
-    model.train()
     norms = [
         m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
     ]
-    for m in norms:
-        m.eval()
+    _train_mode(model, norms)
     total, n = 0.0, 0
     for imgs, ts in loader:
         losses = model([im.to(dev) for im in imgs], targets_to_device(ts, dev))
@@ -281,7 +261,7 @@ def finetune_head(
     use_head_only = choose_head_only(n, cfg, head_only)
     keys = list(shared_keys) if use_head_only else []
     aug = augment if augment is not None else StrongAugment(seed=cfg.seed)
-    pids = _patient_ids(dataset_view)
+    pids = [str(t["patient_id"]) for t in item_targets(dataset_view)]
     n_patients = len(set(pids))
     g = torch.Generator().manual_seed(cfg.seed)
 

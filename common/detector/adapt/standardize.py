@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from common.detector.adapt.config import AdaptConfig
+from common.fileio import atomic_write_text, read_json_document
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,12 @@ class HistogramStandardizer:
         Raises:
             ValueError: when no image has enough breast pixels.
         """
-        rows = []
-        skipped = 0
-        for img in images:
-            lm = image_landmarks(img, cfg.percentiles, cfg.breast_threshold)
-            if lm is None:
-                skipped += 1
-                continue
-            rows.append(lm)
+        found = [
+            image_landmarks(img, cfg.percentiles, cfg.breast_threshold)
+            for img in images
+        ]
+        rows = [lm for lm in found if lm is not None]
+        skipped = len(found) - len(rows)
         if not rows:
             raise ValueError(
                 "HistogramStandardizer.fit: no image has breast pixels above "
@@ -132,14 +131,8 @@ class HistogramStandardizer:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (for the site state dir only)."""
-        return {
-            "format": _FORMAT,
-            "percentiles": list(self.percentiles),
-            "landmarks": list(self.landmarks),
-            "standard_scale": list(self.standard_scale),
-            "breast_threshold": self.breast_threshold,
-            "n_images": self.n_images,
-        }
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {"format": _FORMAT, **d}
 
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> HistogramStandardizer:
@@ -166,19 +159,11 @@ class HistogramStandardizer:
 
     def save(self, path: str | Path) -> Path:
         """Write the state as JSON (atomically) and return the path."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(p)
-        return p
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1), fsync=False)
+        return Path(path)
 
     @staticmethod
     def load(path: str | Path) -> HistogramStandardizer:
         """Read a state written by :meth:`save`."""
-        p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{p}: cannot read standardizer state ({exc})") from exc
+        data = read_json_document(path, "standardizer state", ValueError)
         return HistogramStandardizer.from_dict(data)

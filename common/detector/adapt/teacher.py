@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 from common.detector.adapt.augment import StrongAugment, WeakAugment
 from common.detector.adapt.config import AdaptConfig
 from common.detector.recipe import ModelEMA, guarded_step, targets_to_device
+from common.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +91,15 @@ class MeanTeacher(ModelEMA):
 
     def save(self, path: str | Path, *, step: int) -> Path:
         """Write teacher weights, update count and the ramp-up ``step``."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        torch.save(
-            {
-                "format": _FORMAT,
-                "state_dict": self.state_dict(),
-                "updates": self.updates,
-                "decay": self.decay,
-                "step": int(step),
-            },
-            tmp,
-        )
-        tmp.replace(p)
-        return p
+        state = {
+            "format": _FORMAT,
+            "state_dict": self.state_dict(),
+            "updates": self.updates,
+            "decay": self.decay,
+            "step": int(step),
+        }
+        atomic_write(path, lambda fh: torch.save(state, fh), fsync=False)
+        return Path(path)
 
     @classmethod
     def load(
@@ -156,14 +151,14 @@ def pseudo_labels(
     out = []
     for det in detections:
         labels = det["labels"].long()
-        thr = torch.as_tensor(thresholds, dtype=det["scores"].dtype)
-        thr = thr.to(det["scores"].device)
-        keep = det["scores"] >= thr[labels]
+        scores = det["scores"]
+        thr = torch.as_tensor(thresholds, dtype=scores.dtype, device=scores.device)
+        keep = scores >= thr[labels]
         out.append(
             {
                 "boxes": det["boxes"][keep].detach().float().reshape(-1, 4),
                 "labels": labels[keep].detach(),
-                "scores": det["scores"][keep].detach(),
+                "scores": scores[keep].detach(),
             }
         )
     return out
@@ -200,8 +195,7 @@ class UnlabeledImages(Dataset[tuple[Tensor, Mapping[str, Any]]]):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> tuple[Tensor, Mapping[str, Any]]:
-        item = self.dataset[i]
-        return item[0], _NoLabels()
+        return self.dataset[i][0], _NoLabels()
 
 
 def head_outputs(model: nn.Module, images: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -429,13 +423,12 @@ def local_round(
         c.steps += 1
         c.sup += float(sup.detach())
         c.unsup += float(unsup.detach())
-    n = max(c.steps, 1)
     stats = RoundStats(
         steps=c.steps,
         skipped_steps=c.skipped,
         step=step,
-        sup_loss=c.sup / n if c.steps else float("nan"),
-        unsup_loss=c.unsup / n if c.steps else float("nan"),
+        sup_loss=c.sup / c.steps if c.steps else float("nan"),
+        unsup_loss=c.unsup / c.steps if c.steps else float("nan"),
         unsup_weight=w,
         pseudo_per_image=c.pseudo / c.unlabeled if c.unlabeled else 0.0,
         labeled_images=c.labeled,

@@ -13,6 +13,7 @@ from typing import Literal
 
 from common.config import bounded, path_field
 from common.keys import CLASSES
+from common.wire.federation import PersonalizationConfig
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class ModelConfig:
 
     arch: str = "tiny"
     norm: Literal["batch", "group"] = "batch"
-    fpn_channels: int = field(default=64, metadata=bounded(8, 1024))
+    fpn_channels: int = field(default=32, metadata=bounded(8, 1024))
     head_convs: int = field(default=2, metadata=bounded(0, 8))
     score_thresh: float = field(default=0.01, metadata=bounded(0.0, 1.0))
     detections_per_img: int = field(default=100, metadata=bounded(1, 10000))
@@ -56,7 +57,7 @@ class ModelConfig:
     center_sampling_radius: float = field(default=1.5, metadata=bounded(0.0, 10.0))
     image_mean: float = 0.5
     image_std: float = field(default=0.25, metadata=bounded(1e-6, None))
-    working_spacing_mm: float = field(default=0.2, metadata=bounded(1e-4, 10.0))
+    working_spacing_mm: float = field(default=0.4, metadata=bounded(1e-4, 10.0))
     weights_path: Path | None = field(default=None, metadata=path_field(True))
     num_classes: int = len(CLASSES)
 
@@ -74,19 +75,7 @@ class ModelConfig:
             )
 
 
-@dataclass(frozen=True)
-class Personalization:
-    """Which state stays on the site.
-
-    See :func:`common.detector.model.shared_and_personal`.
-
-    Attributes:
-        local_norm: FedBN: every normalization layer's parameters and buffers
-            (running statistics included) stay personal.
-        personal_head: FedPer: the site keeps a personal copy of the head. The
-            global head is still shared and aggregated; the personal copy's keys
-            are :func:`common.detector.model.head_keys`, handled by the federation code.
-    """
-
-    local_norm: bool = False
-    personal_head: bool = False
+#: Which state stays on the site: the federation config's own record, so a
+#: run's ``personalization`` is passed as is (its keys:
+#: :func:`common.detector.model.shared_and_personal` and ``head_keys``).
+Personalization = PersonalizationConfig

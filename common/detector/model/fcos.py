@@ -237,8 +237,7 @@ class MammoFCOS(FCOS):
 
     ``self.cfg`` keeps the config; :meth:`parameter_groups` names which
     ``state_dict`` keys belong to ``backbone`` (``backbone.body.*``), ``neck``
-    (``backbone.fpn.*``) and ``head`` (``head.*``); :meth:`norm_keys` lists the
-    keys of normalization layers (params and buffers).
+    (``backbone.fpn.*``) and ``head`` (``head.*``).
     """
 
     cfg: ModelConfig
@@ -273,10 +272,6 @@ class MammoFCOS(FCOS):
             else:
                 raise RuntimeError(f"state_dict key {key!r} is in no parameter group")
         return groups
-
-    def norm_keys(self) -> list[str]:
-        """``state_dict`` keys (params and buffers) of normalization layers."""
-        return norm_keys(self)
 
 
 def _fcos(cfg: ModelConfig, body: nn.Module, in_channels: list[int]) -> MammoFCOS:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from common.config import from_mapping
-from common.detector.model.config import ModelConfig, Personalization
+from common.detector.model.config import ModelConfig
 from common.errors import ConfigError
 from common.wire.federation import FederationConfig
 
@@ -31,6 +31,7 @@ __all__ = [
     "DETECTOR_MODEL_OPTIONS",
     "INITIAL_MODELS",
     "DetectorModelOptions",
+    "checkpoint_arrays",
     "checkpoint_shared_arrays",
     "detector_model_config",
     "initial_shared_arrays",
@@ -41,19 +42,23 @@ Arrays = dict[str, np.ndarray]
 InitialBuilder = Callable[[FederationConfig], Arrays]
 
 
+_MODEL = ModelConfig()
+
+
 @dataclasses.dataclass(frozen=True)
 class DetectorModelOptions:
     """The model part of the detector trainer's ``trainer.options``.
 
-    Same names and defaults as ``client.detector_trainer.DetectorOptions``
-    (a test checks that both give the same :class:`ModelConfig`).
+    Defaults are :class:`ModelConfig`'s (one source), and
+    ``client.detector_trainer.DetectorOptions`` takes its model fields from
+    here (a test checks that both give the same :class:`ModelConfig`).
     """
 
-    arch: str = "tiny"
-    norm: str = "batch"
-    fpn_channels: int = 32
-    head_convs: int = 2
-    working_spacing_mm: float = 0.4
+    arch: str = _MODEL.arch
+    norm: str = _MODEL.norm
+    fpn_channels: int = _MODEL.fpn_channels
+    head_convs: int = _MODEL.head_convs
+    working_spacing_mm: float = _MODEL.working_spacing_mm
 
 
 #: ``trainer.options`` keys that shape the detector (the others steer training).
@@ -83,11 +88,7 @@ def _state_arrays(state: Mapping[str, torch.Tensor], keys: Any) -> Arrays:
 def _detector_shared(model: torch.nn.Module, cfg: FederationConfig) -> Arrays:
     from common.detector.model.params import shared_and_personal
 
-    pers = Personalization(
-        local_norm=cfg.personalization.local_norm,
-        personal_head=cfg.personalization.personal_head,
-    )
-    shared, _ = shared_and_personal(model, pers)
+    shared, _ = shared_and_personal(model, cfg.personalization)
     return _state_arrays(model.state_dict(), shared)
 
 
@@ -102,15 +103,9 @@ def _detector_initial(cfg: FederationConfig) -> Arrays:
 
 
 def _toy_initial(cfg: FederationConfig) -> Arrays:
-    from common.detector.model.toy import ToyNet, toy_shared_keys
+    from common.detector.model.toy import ToyNet, ToyOptions, toy_shared_keys
 
-    channels = cfg.trainer.options.get("channels", 8)
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ConfigError(
-            "federation config",
-            "trainer.options.channels",
-            f"must be a positive integer, got {channels!r}",
-        )
+    channels = ToyOptions.parse(cfg.trainer.options).channels
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = ToyNet(channels)
@@ -159,6 +154,17 @@ def checkpoint_shared_arrays(path: str | Path, cfg: FederationConfig) -> Arrays:
         common.errors.CheckpointMismatch: unreadable file, another model
             config, or weights that do not fit the model.
     """
+    return checkpoint_arrays(path, cfg)[0]
+
+
+def checkpoint_arrays(path: str | Path, cfg: FederationConfig) -> tuple[Arrays, Arrays]:
+    """``(shared, personal defaults)`` of the detector checkpoint at ``path``.
+
+    The personal defaults are the checkpoint's float personal arrays (FedBN
+    norm layers; empty without ``local_norm``): what a site that has no
+    personal copy yet starts from, so that a base model's normalization is not
+    replaced by a fresh one. Checked as :func:`checkpoint_shared_arrays`.
+    """
     if cfg.trainer.name != "detector":
         raise ConfigError(
             "federation config",
@@ -167,9 +173,13 @@ def checkpoint_shared_arrays(path: str | Path, cfg: FederationConfig) -> Arrays:
             f"{cfg.trainer.name!r} with {str(path)!r}",
         )
     from common.detector.checkpoint import load_model
+    from common.detector.model.params import shared_and_personal
 
     model, _ = load_model(path, detector_model_config(cfg.trainer.options))
-    return _detector_shared(model, cfg)
+    shared, personal = shared_and_personal(model, cfg.personalization)
+    state = model.state_dict()
+    floats = [k for k in personal if state[k].is_floating_point()]
+    return _state_arrays(state, shared), _state_arrays(state, floats)
 
 
 def with_initial_checkpoint(

@@ -6,14 +6,36 @@ initial global model from it (:mod:`common.detector.model.initial`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["TOY_HEAD_PREFIX", "ToyNet", "toy_shared_keys"]
+from common.config import bounded, from_mapping
+
+__all__ = ["TOY_HEAD_PREFIX", "ToyNet", "ToyOptions", "toy_shared_keys"]
 
 #: ``state_dict`` prefix of the toy head (personal under ``personal_head``).
 TOY_HEAD_PREFIX = "head."
+
+
+@dataclass(frozen=True)
+class ToyOptions:
+    """``trainer.options`` of the toy trainer: site images, net width, threads."""
+
+    num_examples: int = field(default=64, metadata=bounded(1, None))
+    channels: int = field(default=8, metadata=bounded(1, None))
+    threads: int = field(default=1, metadata=bounded(1, None))
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any]) -> ToyOptions:
+        """Validated options; errors name ``trainer.options.<key>`` and the value."""
+        return from_mapping(
+            dict(options), cls, source="federation config", prefix="trainer.options"
+        )
 
 
 class ToyNet(nn.Module):

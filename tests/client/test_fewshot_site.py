@@ -1,0 +1,156 @@
+"""Few-shot sites in the federation and per-site adaptation settings.
+
+A site with fewer labeled images than ``adapt.fewshot_max_labeled`` trains
+only the detection head on top of the federated shared layers (TFA-style):
+its reply carries the received non-head arrays bit-identical. The site
+config's ``adapt`` section overrides the adaptation settings for that site,
+validated when the file is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.app import resolve_site
+from client.detector_trainer import DetectorTrainer
+from common.config.site import load_site_config
+from common.detector.adapt import fewshot_frozen_keys
+from common.detector.model import head_keys
+from common.errors import ConfigError
+from common.keys import CLASSES
+from common.wire.federation import (
+    FederationConfig,
+    FitInstructions,
+    PersonalizationConfig,
+)
+from tests.client.conftest import SITE, one_site_config
+from tests.conftest import make_site_cache
+
+
+def _fed(root: Path, *, local_norm: bool = True) -> FederationConfig:
+    return one_site_config(
+        root, name="fewshot-test",
+        strategy="personalized" if local_norm else "fedavg", learning_rate=1e-2,
+        personalization=PersonalizationConfig(local_norm=local_norm),
+        max_steps=2, head_epochs=0,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_site_cache(tmp_path_factory.mktemp("fs") / SITE, n_patients=3)
+
+
+def _fit(root: Path, cache: Path, overrides: dict | None = None, **kw):
+    cfg = _fed(root, **kw)
+    trainer = DetectorTrainer(SITE, root / "state", cfg, cache, overrides)
+    shared = trainer.initial_shared()
+    out, metrics = trainer.fit(shared, FitInstructions.from_federation(cfg, 1))
+    return trainer, shared, out, metrics
+
+
+@pytest.mark.parametrize("local_norm", [True, False])
+def test_few_labeled_images_train_the_head_only(tmp_path, cache, local_norm):
+    trainer, before, after, metrics = _fit(tmp_path, cache, local_norm=local_norm)
+    assert metrics["num-examples"] > 0
+    frozen = set(fewshot_frozen_keys(trainer.model, trainer.personalization))
+    heads = set(head_keys(trainer.model))
+    shared_frozen = [k for k in before if k in frozen]
+    assert shared_frozen, "nothing frozen"
+    for k in shared_frozen:  # BatchNorm running stats included (fedavg case)
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    moved = [
+        k for k in before if k in heads and not np.array_equal(after[k], before[k])
+    ]
+    assert moved, "the head did not train"
+
+
+def test_site_config_can_force_full_training(tmp_path, cache):
+    trainer, before, after, _ = _fit(tmp_path, cache, {"head_only": False})
+    heads = set(head_keys(trainer.model))
+    backbone = [k for k in before if k not in heads and k.endswith("weight")]
+    assert any(not np.array_equal(after[k], before[k]) for k in backbone)
+    # the automatic rule, switched off by the threshold, gives the same
+    _, _, after2, _ = _fit(tmp_path / "b", cache, {"fewshot_max_labeled": 0})
+    for k in before:
+        np.testing.assert_array_equal(after2[k], after[k], err_msg=k)
+
+
+def test_fewshot_option_off_trains_every_layer(tmp_path, cache):
+    """Plain FedAvg / personalized regimes switch the automatic rule off."""
+    import dataclasses
+
+    cfg = _fed(tmp_path / "a")
+    opts = {**cfg.trainer.options, "fewshot": False}
+    cfg = dataclasses.replace(
+        cfg, trainer=dataclasses.replace(cfg.trainer, options=opts)
+    )
+    trainer = DetectorTrainer(SITE, tmp_path / "a" / "state", cfg, cache, None)
+    before = trainer.initial_shared()
+    after, _ = trainer.fit(before, FitInstructions.from_federation(cfg, 1))
+    _, _, forced, _ = _fit(tmp_path / "b", cache, {"head_only": False})
+    for k in before:
+        np.testing.assert_array_equal(after[k], forced[k], err_msg=k)
+
+
+def test_only_the_adaptation_regime_tunes_few_shot_heads(tmp_path):
+    from simulation import regimes as R
+    from simulation.run import RunRequest, _regime_config
+
+    base = _fed(tmp_path)
+    req = RunRequest(scenario=tmp_path / "s.yaml", federation=tmp_path / "f.yaml",
+                     out=tmp_path / "out")  # fmt: skip
+    for regime in sorted(R.FEDERATED):
+        cfg = _regime_config(base, regime, req, tmp_path / "run", [SITE])
+        want = regime == R.PERSONALIZED_SSL
+        assert cfg.trainer.options["fewshot"] is want, regime
+
+
+def test_site_config_adapt_overrides_reach_the_trainer(tmp_path, cache):
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(
+        f"name: {SITE}\nstate_dir: {tmp_path / 'state'}\ncache_dir: {cache}\n"
+        "adapt:\n  rampup_steps: 7\n  unlabeled_ratio: 2\n"
+        "  score_thresholds: {mass: 0.3, calcification: 0.6}\n"
+    )
+    cfg = _fed(tmp_path)
+    binding = resolve_site({"site-config": str(site_yaml)}, cfg)
+    assert binding.adapt["rampup_steps"] == 7
+    trainer = DetectorTrainer(SITE, binding.state_dir, cfg, cache, binding.adapt)
+    assert trainer.adapt.rampup_steps == 7 and trainer.adapt.unlabeled_ratio == 2
+    assert trainer.adapt.score_thresholds == {"mass": 0.3, "calcification": 0.6}
+    assert set(trainer.adapt.score_thresholds) == set(CLASSES)
+    # what the site does not override still comes from the federation
+    assert trainer.adapt.ema_decay == trainer.opts.ema_decay
+
+
+@pytest.mark.parametrize(
+    ("adapt", "needle"),
+    [
+        ("{rampup: 3}", "adapt.rampup: unknown key"),
+        ("{unlabeled_ratio: -1}", "adapt.unlabeled_ratio: must be >= 0"),
+        ("{head_only: maybe}", "adapt.head_only"),
+        ("{ssl_enabled: false}", "adapt.ssl_enabled: is set for every site"),
+    ],
+)
+def test_bad_site_adapt_section_names_file_and_key(tmp_path, adapt, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"name: x\nadapt: {adapt}\n")
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_shipped_adapt_configs_validate():
+    from common.config import load_config
+    from common.detector.adapt import AdaptConfig
+
+    repo = Path(__file__).resolve().parents[2]
+    paths = sorted((repo / "configs" / "adapt").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = load_config(path, AdaptConfig)
+        assert set(cfg.score_thresholds) == set(CLASSES)

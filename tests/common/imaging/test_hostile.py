@@ -1,0 +1,221 @@
+"""Hostile DICOM headers through ``common.imaging.dicom``.
+
+Pixel budget, colour, Modality LUT.
+
+Each file is small; a header may declare a huge image. The budget must refuse
+it from the header alone, before any pixel byte is read or decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset
+
+from common.config.site import DEFAULT_MAX_PIXELS, SiteConfig
+from common.errors import RefusedImage
+from common.imaging import dicom
+from common.imaging.dicom import read_dicom
+from common.imaging.image_io import read_any
+from tests.conftest import REPO
+
+WORKING = 0.2
+
+
+def _edit(path: Path, **values: Any) -> Path:
+    """Rewrite header elements of ``path`` (raw strings allowed, not validated)."""
+    ds = pydicom.dcmread(path)
+    for keyword, value in values.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    with pydicom_config.disable_value_validation():
+        ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_default_budget_is_the_site_default() -> None:
+    """One default, shared by the reader and the site config."""
+    assert SiteConfig().max_pixels == DEFAULT_MAX_PIXELS
+    assert 29_000_000 < DEFAULT_MAX_PIXELS < 40_000_000  # 28 Mpx detectors fit
+
+
+def test_budget_refuses_declared_16k_before_reading_pixels(
+    tmp_path: Path, factory: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 8.4 MB RLE file declaring 16384^2 pixels: refused from the header.
+
+    Neither the (deferred) PixelData is read from the file nor a decoder run.
+    """
+    path = factory.write_rle_bomb(tmp_path / "bomb.dcm", full=True)
+    deferred: list[str] = []
+    real = pydicom.filereader.read_deferred_data_element
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        deferred.append(str(args[1]))  # (opener, filename, timestamp, elem)
+        return real(*args, **kwargs)
+
+    def no_decode(self: Dataset) -> np.ndarray:
+        raise AssertionError("pixel data decoded despite the budget")
+
+    monkeypatch.setattr(pydicom.filereader, "read_deferred_data_element", spy)
+    monkeypatch.setattr(Dataset, "pixel_array", property(no_decode))
+    with pytest.raises(RefusedImage) as exc:
+        read_dicom(path, working_spacing_mm=WORKING)
+    reason = exc.value.reason
+    assert "over the pixel budget" in reason
+    assert "16384 x 16384 x 1 x 1 = 268435456 samples" in reason
+    assert "BitsAllocated=16" in reason and f"max_pixels={DEFAULT_MAX_PIXELS}" in reason
+    assert deferred == []
+    with pytest.raises(RefusedImage, match="over the pixel budget"):
+        read_any(path, working_spacing_mm=WORKING)
+    assert deferred == []
+    assert len(dicom.read_dataset(path).PixelData) > 0  # the spy sees reads
+    assert deferred == [str(path)]
+
+
+def test_budget_is_configurable_and_counts_bytes(write_mammo) -> None:
+    """128 x 96 = 12288 samples: over a 10000 budget; 32-bit pixels count double."""
+    path, _ = write_mammo()
+    assert read_dicom(path, working_spacing_mm=WORKING, max_pixels=12288).pixels.size
+    with pytest.raises(RefusedImage, match=r"128 x 96 x 1 x 1 = 12288 samples"):
+        read_dicom(path, working_spacing_mm=WORKING, max_pixels=10000)
+    ds = pydicom.dcmread(path)
+    ds.BitsAllocated = 32  # header only: the budget does not look at the pixels
+    with pytest.raises(RefusedImage, match=r"49152 bytes decoded at BitsAllocated=32"):
+        dicom.check_pixel_budget(ds, path, 20000)
+    dicom.check_pixel_budget(ds, path, 24576)
+    dicom.check_pixel_budget(ds, path, None)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("NumberOfFrames", "4", "128 x 96 x 4 x 1 = 49152 samples"),
+        ("Rows", "abc", "Rows="),
+        ("NumberOfFrames", "-3", "NumberOfFrames=-3 is negative"),
+    ],
+)
+def test_budget_reads_frames_and_refuses_bad_numbers(
+    write_mammo, field: str, value: str, needle: str
+) -> None:
+    """Frames multiply the budget; unparsable header numbers are refused by name."""
+    path, _ = write_mammo()
+    ds = pydicom.dcmread(path)
+    with pydicom_config.disable_value_validation():
+        ds[field] = pydicom.DataElement(
+            pydicom.datadict.tag_for_keyword(field),
+            pydicom.datadict.dictionary_VR(field),
+            value,
+        )
+    with pytest.raises(RefusedImage, match=needle):
+        dicom.check_pixel_budget(ds, path, 40000)
+
+
+def test_budget_keeps_peak_memory_small_on_a_real_8mb_bomb(
+    tmp_path: Path, factory: ModuleType
+) -> None:
+    """The full 8.4 MB RLE frame of 16384^2 (512 MB decoded): reading the file
+    under the default budget adds almost nothing to the process's peak RSS."""
+    path = factory.write_rle_bomb(tmp_path / "bomb.dcm", full=True)
+    assert 8_000_000 < path.stat().st_size < 9_000_000
+    script = textwrap.dedent(
+        f"""
+        import json, resource
+        from common.imaging.dicom import read_dicom
+        from common.errors import RefusedImage
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            read_dicom({str(path)!r}, working_spacing_mm=0.4)
+            reason = None
+        except RefusedImage as exc:
+            reason = exc.reason
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({{"reason": reason, "grew_kb": after - before}}))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["reason"] and "over the pixel budget" in got["reason"]
+    assert got["grew_kb"] < 64 * 1024, got  # decoding would add > 512 MB
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"PhotometricInterpretation": "PALETTE COLOR"}, "'PALETTE COLOR'"),
+        ({"PhotometricInterpretation": "RGB"}, "PhotometricInterpretation='RGB'"),
+        ({"PhotometricInterpretation": "YBR_FULL"}, "'YBR_FULL'"),
+        ({"SamplesPerPixel": 3, "PhotometricInterpretation": "RGB"}, "Samples"),
+        ({"PhotometricInterpretation": None}, "PhotometricInterpretation='absent'"),
+    ],
+    ids=["palette", "rgb-1-sample", "ybr", "rgb-3-samples", "absent"],
+)
+def test_colour_images_are_refused(
+    write_mammo, values: dict[str, Any], needle: str
+) -> None:
+    """Anything but MONOCHROME1/2 with one sample is refused, naming the field."""
+    path, _ = write_mammo()
+    _edit(path, **values)
+    with pytest.raises(RefusedImage, match="not greyscale") as exc:
+        read_dicom(path, working_spacing_mm=WORKING)
+    assert needle in exc.value.reason
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"RescaleSlope": "NaN"}, "RescaleSlope='NaN' is not a finite"),
+        ({"RescaleSlope": "inf"}, "RescaleSlope='inf' is not a finite"),
+        ({"RescaleIntercept": "-Infinity"}, "RescaleIntercept='-Infinity'"),
+        ({"RescaleSlope": "0"}, "RescaleSlope='0' is not a finite non-zero"),
+        ({"RescaleSlope": "1e308"}, "non-finite values"),
+        ({"RescaleIntercept": "1e308", "RescaleSlope": "1e308"}, "1e308"),
+    ],
+    ids=["nan", "inf", "intercept-inf", "zero", "1e308", "both-1e308"],
+)
+def test_non_finite_modality_lut_is_refused(
+    write_mammo, values: dict[str, str], needle: str
+) -> None:
+    """A slope or intercept giving NaN/Inf is refused, never an all-zero image."""
+    path, _ = write_mammo()
+    _edit(path, **values)
+    with pytest.raises(RefusedImage, match="Modality LUT") as exc:
+        read_dicom(path, working_spacing_mm=WORKING)
+    assert needle in exc.value.reason
+
+
+def test_constant_image_has_no_dynamic_range(write_mammo) -> None:
+    """Every stored pixel equal: refused, naming the values (not a blank image)."""
+    path, _ = write_mammo()
+    ds = pydicom.dcmread(path)
+    ds.PixelData = np.full((ds.Rows, ds.Columns), 700, np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(RefusedImage, match="no dynamic range") as exc:
+        read_dicom(path, working_spacing_mm=WORKING)
+    assert "stored values 700..700" in exc.value.reason
+
+
+def test_normal_file_still_reads(write_mammo) -> None:
+    """The checks refuse nothing that is fine: a small greyscale file reads."""
+    path, _ = write_mammo()
+    img = read_dicom(path, working_spacing_mm=WORKING)
+    assert np.isfinite(img.pixels).all() and img.pixels.max() > img.pixels.min()

@@ -1,0 +1,301 @@
+"""Validation, strategy registry, checkpoints, site state, config parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.state import SiteState
+from common.errors import ConfigError
+from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
+from common.wire.federation import (
+    FederationConfig,
+    FitInstructions,
+    ValidationConfig,
+    arrays_to_record,
+    load_federation_config,
+)
+from server.checkpoints import CheckpointStore
+from server.strategies import STRATEGIES, build_strategy
+from server.validation import screen_replies
+from tests.conftest import TEST_YAML
+
+GLOBAL = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+
+
+def _reply(
+    node: int, arrays: dict, metrics: dict, extra: dict | None = None
+) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, node, 1
+    instr = Message(RecordDict({}), 1, "train")
+    content = {ARRAYS_KEY: arrays_to_record(arrays), METRICS_KEY: MetricRecord(metrics)}
+    content.update(extra or {})
+    msg = Message(RecordDict(content), reply_to=instr)
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+def _ok(node: int, scale: float = 1.1) -> Message:
+    arrays = {k: v * scale + 0.01 for k, v in GLOBAL.items()}
+    return _reply(node, arrays, {NUM_EXAMPLES: 10, TRAIN_LOSS: 0.5})
+
+
+def _screen(*msgs: Message, cfg: ValidationConfig | None = None):
+    return screen_replies(list(msgs), cfg or ValidationConfig(), GLOBAL, "train")
+
+
+def test_valid_update_accepted() -> None:
+    out = _screen(_ok(5), _ok(6))
+    assert len(out.valid) == 2 and not out.rejected
+    assert out.per_node[5][NUM_EXAMPLES] == 10
+
+
+def test_nan_update_dropped_with_reason() -> None:
+    bad = {k: v.copy() for k, v in GLOBAL.items()}
+    bad["w"][0, 0] = np.nan
+    out = _screen(_ok(5), _reply(7, bad, {NUM_EXAMPLES: 10, TRAIN_LOSS: 0.5}))
+    assert [m.metadata.src_node_id for m in out.valid] == [5]
+    (rej,) = out.rejected
+    assert rej.node_id == 7 and rej.check == "finite" and "'w'" in rej.reason
+
+
+def test_wrong_shape_dropped() -> None:
+    bad = dict(GLOBAL, w=np.ones((2, 3), np.float32))
+    out = _screen(_reply(8, bad, {NUM_EXAMPLES: 1, TRAIN_LOSS: 0.1}))
+    assert not out.valid and out.rejected[0].check == "shape"
+
+
+def test_unknown_and_missing_key_dropped() -> None:
+    extra = dict(GLOBAL, bn_running_mean=np.zeros(2, np.float32))
+    missing = {"w": GLOBAL["w"]}
+    out = _screen(
+        _reply(1, extra, {NUM_EXAMPLES: 1, TRAIN_LOSS: 0.1}),
+        _reply(2, missing, {NUM_EXAMPLES: 1, TRAIN_LOSS: 0.1}),
+    )
+    assert not out.valid
+    assert [r.check for r in out.rejected] == ["keys", "keys"]
+    assert "bn_running_mean" in out.rejected[0].reason
+    assert "'b'" in out.rejected[1].reason
+
+
+def test_norm_bound() -> None:
+    huge = {k: v * 100 for k, v in GLOBAL.items()}
+    cfg = ValidationConfig(max_relative_update_norm=5.0)
+    out = _screen(_ok(1), _reply(2, huge, {NUM_EXAMPLES: 1, TRAIN_LOSS: 0.1}), cfg=cfg)
+    assert len(out.valid) == 1 and out.rejected[0].check == "norm"
+    # the same update passes a looser bound: the check is the bound, not the data
+    loose = _screen(
+        _reply(2, huge, {NUM_EXAMPLES: 1, TRAIN_LOSS: 0.1}),
+        cfg=ValidationConfig(max_relative_update_norm=1000.0),
+    )
+    assert len(loose.valid) == 1
+
+
+def test_metric_checks() -> None:
+    out = _screen(
+        _reply(1, GLOBAL, {NUM_EXAMPLES: 10, "patient-count": 3}),
+        _reply(2, GLOBAL, {NUM_EXAMPLES: 0, TRAIN_LOSS: 0.1}),
+        _reply(3, GLOBAL, {TRAIN_LOSS: 0.1}),
+    )
+    assert not out.valid
+    assert {r.check for r in out.rejected} == {"metrics"}
+
+
+def test_config_record_in_reply_dropped() -> None:
+    leak = {"cfg": ConfigRecord({"path": "/data/patient1.dcm"})}
+    out = _screen(_reply(4, GLOBAL, {NUM_EXAMPLES: 1, TRAIN_LOSS: 0.1}, leak))
+    assert not out.valid and out.rejected[0].check == "structure"
+
+
+def test_non_uniform_metric_keys_dropped() -> None:
+    odd = _reply(9, GLOBAL, {NUM_EXAMPLES: 10})
+    out = _screen(_ok(1), _ok(2), odd)
+    assert len(out.valid) == 2
+    assert out.rejected[0].node_id == 9 and out.rejected[0].check == "uniform"
+
+
+def test_strategy_registry(test_cfg: FederationConfig) -> None:
+    assert set(STRATEGIES) == {
+        "fedavg",
+        "fedprox",
+        "personalized",
+        "fedmedian",
+        "fedtrimmedavg",
+    }
+    s = build_strategy(test_cfg)
+    assert type(s).name == "personalized"
+    plain = dataclasses.replace(
+        test_cfg,
+        personalization=dataclasses.replace(test_cfg.personalization, local_norm=False),
+    )
+    with pytest.raises(ConfigError, match="personalized needs"):
+        build_strategy(plain)
+    from flwr.serverapp.strategy import FedAvg, FedProx
+
+    assert isinstance(
+        build_strategy(
+            dataclasses.replace(
+                plain, strategy=dataclasses.replace(plain.strategy, name="fedavg")
+            )
+        ),
+        FedAvg,
+    )
+    prox_cfg = dataclasses.replace(
+        plain,
+        strategy=dataclasses.replace(plain.strategy, name="fedprox", proximal_mu=0.1),
+    )
+    assert isinstance(build_strategy(prox_cfg), FedProx)
+    with pytest.raises(
+        ConfigError,
+        match="valid names: fedavg, fedmedian, fedprox, fedtrimmedavg, personalized",
+    ):
+        build_strategy(
+            dataclasses.replace(
+                plain, strategy=dataclasses.replace(plain.strategy, name="fedsgd")
+            )
+        )
+    with pytest.raises(ConfigError, match="proximal_mu"):
+        build_strategy(
+            dataclasses.replace(
+                plain, strategy=dataclasses.replace(plain.strategy, name="fedprox")
+            )
+        )
+
+
+def test_fedprox_sends_mu(test_cfg: FederationConfig) -> None:
+    cfg = dataclasses.replace(
+        test_cfg,
+        strategy=dataclasses.replace(
+            test_cfg.strategy, name="fedprox", proximal_mu=0.3
+        ),
+        personalization=dataclasses.replace(test_cfg.personalization, local_norm=False),
+    )
+    strat = build_strategy(cfg)
+
+    class G:
+        def get_node_ids(self):
+            return [11, 12]
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    msgs = list(
+        strat.configure_train(
+            3, arrays_to_record(GLOBAL), FitInstructions(3).to_config_record(), G()
+        )
+    )
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]
+    ins = FitInstructions.from_config_record(msgs[0].content["config"])
+    assert ins.proximal_mu == pytest.approx(0.3) and ins.server_round == 3
+
+
+def test_sampling_wait_is_bounded(test_cfg: FederationConfig) -> None:
+    import time
+
+    strat = build_strategy(test_cfg)
+
+    class G:
+        def get_node_ids(self):
+            return [11]  # fewer than min_available_nodes (2)
+
+    t0 = time.monotonic()
+    msgs = list(
+        strat.configure_train(
+            1, arrays_to_record(GLOBAL), FitInstructions(1).to_config_record(), G()
+        )
+    )
+    assert msgs == [] and time.monotonic() - t0 < 5
+
+
+def test_too_few_valid_keeps_previous(test_cfg: FederationConfig) -> None:
+    # plain FedAvg arithmetic: no norm clipping (tests/server/test_robust.py)
+    unclipped = dataclasses.replace(test_cfg.validation, clip_factor=0.0)
+    strat = build_strategy(dataclasses.replace(test_cfg, validation=unclipped))
+    strat._global = dict(GLOBAL)
+    bad = {k: v.copy() for k, v in GLOBAL.items()}
+    bad["b"][:] = np.inf
+    arrays, metrics = strat.aggregate_train(1, [_reply(3, bad, {NUM_EXAMPLES: 1})])
+    assert arrays is None and metrics is None
+    arrays, _ = strat.aggregate_train(1, [_ok(1, 1.0), _ok(2, 3.0)])
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), GLOBAL["w"] * 2 + 0.01, rtol=1e-5)
+
+
+def test_aggregate_does_not_depend_on_the_order_replies_arrive(
+    test_cfg: FederationConfig,
+) -> None:
+    import itertools
+
+    strat = build_strategy(test_cfg)
+    strat._global = dict(GLOBAL)
+    rng = np.random.default_rng(0)
+    replies = []
+    for node in (1, 2, 3, 4):
+        arrays = {
+            k: (v + rng.normal(0, 0.3, v.shape)).astype(np.float32)
+            for k, v in GLOBAL.items()
+        }
+        n = int(rng.integers(1, 997))
+        replies.append(_reply(node, arrays, {NUM_EXAMPLES: n, TRAIN_LOSS: 0.5}))
+    # float32 sums in list order differ in the last bits between orders;
+    # canonical_order makes every order give the very same bytes
+    results = set()
+    for perm in itertools.permutations(replies):
+        arrays, _ = strat.aggregate_train(1, list(perm))
+        assert arrays is not None
+        results.add(b"".join(arrays[k].numpy().tobytes() for k in sorted(arrays)))
+    assert len(results) == 1
+
+
+def test_checkpoint_roundtrip_and_latest(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    assert store.latest() is None
+    store.save(0, GLOBAL, config={"name": "x"})
+    store.save(1, {k: v + 1 for k, v in GLOBAL.items()}, metrics={"a": 1})
+    (tmp_path / "round-00002.npz").write_bytes(b"half written")  # no JSON: ignored
+    last = store.latest()
+    assert last is not None and last.round == 1 and last.meta["metrics"] == {"a": 1}
+    np.testing.assert_array_equal(last.arrays["w"], GLOBAL["w"] + 1)
+    (tmp_path / "round-00001.npz").write_bytes(b"garbage")
+    with pytest.raises(Exception, match="round-00001.npz"):
+        store.load(1)
+
+
+def test_site_state_survives_restart(tmp_path: Path) -> None:
+    st = SiteState(tmp_path, "hosp-a")
+    assert st.load_personal() is None and st.read_meta() == {}
+    st.save_personal({"bn.weight": np.arange(3.0)})
+    st.record_round(4, "train", {NUM_EXAMPLES: 5})
+    again = SiteState(tmp_path, "hosp-a")  # "restarted daemon"
+    assert again.read_meta()["last_round"] == 4
+    np.testing.assert_array_equal(again.load_personal()["bn.weight"], np.arange(3.0))
+    assert not list((tmp_path / "hosp-a").glob("*.tmp"))
+    with pytest.raises(Exception, match="plain word"):
+        SiteState(tmp_path, "../escape")
+
+
+def test_config_errors_name_key_and_value(tmp_path: Path) -> None:
+    cfg = load_federation_config(TEST_YAML)
+    assert cfg.num_rounds == 2 and cfg.personalization.local_norm
+    bad = tmp_path / "f.yaml"
+    bad.write_text("num_rounds: 0\n")
+    with pytest.raises(ConfigError, match=r"f.yaml: num_rounds: must be >= 1, got 0"):
+        load_federation_config(bad)
+    bad.write_text("participation: {min_train_nodes: 5, min_available_nodes: 2}\n")
+    with pytest.raises(ConfigError, match="min_train_nodes"):
+        load_federation_config(bad)
+    with pytest.raises(ConfigError, match="server-round"):
+        FitInstructions.from_config_record({})
+    with pytest.raises(ConfigError, match="local-epochs"):
+        FitInstructions.from_config_record({"server-round": 1, "local-epochs": "3"})
+
+
+@pytest.mark.parametrize(
+    "path", sorted((TEST_YAML.parent).glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_federation_configs_load(path: Path) -> None:
+    cfg = load_federation_config(path)
+    build_strategy(cfg)  # strategy and personalization agree

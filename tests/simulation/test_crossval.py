@@ -1,0 +1,166 @@
+"""mammofed-sim crossval: patient-level k-fold CV on a tiny synthetic cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.imaging.data import SiteDataset
+from common.keys import CLASSES
+from simulation.cli import main as sim_main
+from simulation.crossval import CV_METRICS_JSON, OOF_PREDICTIONS_JSON, make_folds
+from simulation.train import TrainConfig
+from tests.conftest import make_site_cache, write_train_yaml
+
+
+def _cv_yaml(tmp_path: Path, caches: list[Path]) -> Path:
+    return write_train_yaml(
+        tmp_path, caches, out_dir=str(tmp_path / "cv"), n_boot=20,
+        test_fraction=0.0, ema_decay=0.9,
+    )  # fmt: skip
+
+
+def test_folds_are_patient_grouped_and_cover_every_image(tmp_path):
+    caches = [
+        make_site_cache(tmp_path / "siteA", n_patients=4),
+        make_site_cache(tmp_path / "siteB", n_patients=3),
+    ]
+    sites = {c.name: SiteDataset(c, test_fraction=0.0) for c in caches}
+    folds = make_folds(sites, 2, seed=0)
+    for name, s in sites.items():
+        seen: list[int] = []
+        for fold in folds:
+            tr, val = fold.parts[name]
+            tr_p = {s.records[i].patient_id for i in tr}
+            val_p = {s.records[i].patient_id for i in val}
+            assert tr_p and val_p and not tr_p & val_p
+            seen.extend(val)
+        box_labeled = [i for i, r in enumerate(s.records) if r.box_labeled]
+        assert sorted(seen) == box_labeled  # each image validated exactly once
+
+
+def test_crossval_cli_writes_metrics_and_is_deterministic(tmp_path, capsys):
+    caches = [
+        make_site_cache(tmp_path / "siteA", n_patients=4),
+        make_site_cache(tmp_path / "siteB", n_patients=2),
+    ]
+    cfg = _cv_yaml(tmp_path, caches)
+    out1, out2 = tmp_path / "r1", tmp_path / "r2"
+    argv = ["crossval", "--config", str(cfg), "--folds", "2"]
+    assert sim_main([*argv, "--out", str(out1)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["k"] == 2 and set(line["classes"]) == set(CLASSES)
+
+    doc = json.loads((out1 / CV_METRICS_JSON).read_text())
+    for key in ("k", "seed", "fold_seed", "config", "classes", "folds", "metrics"):
+        assert key in doc
+    assert doc["k"] == 2 and doc["n_images"] == 12 and doc["n_patients"] == 6
+    for name in CLASSES:
+        c = doc["classes"][name]
+        for key in ("cpm", "cpm_ci95", "sensitivity_at_fp", "ap", "n_lesions"):
+            assert key in c
+        assert len(c["fold_cpm"]) == 2
+        assert (out1 / f"froc-{name}.png").is_file()
+    assert doc["classes"][CLASSES[0]]["n_lesions"] == 6  # one mass per patient
+    assert doc["classes"][CLASSES[0]]["cpm"] is not None
+    assert doc["config"]["epochs"] == 1
+    assert (out1 / "resolved_config.yaml").is_file()
+
+    # out-of-fold predictions: every box-labeled image exactly once
+    oof = json.loads((out1 / OOF_PREDICTIONS_JSON).read_text())
+    keys = [o["key"] for o in oof]
+    expected = sorted(
+        f"{c.name}/{r.key}"
+        for c in caches
+        for r in SiteDataset(c, test_fraction=0.0).records
+    )
+    assert sorted(keys) == expected and len(set(keys)) == len(keys)
+
+    # no patient in both parts of a fold; per-fold logs
+    for f, fd in enumerate(doc["folds"]):
+        fdir = out1 / f"fold-{f}"
+        assert (fdir / "epochs.jsonl").is_file() and (fdir / "train.log").is_file()
+        fold_info = json.loads((fdir / "fold.json").read_text())
+        assert fold_info["val_patients"] == fd["val_patients"]
+        val_keys = set(fold_info["val_keys"])
+        assert {o["key"] for o in oof if o["fold"] == f} == val_keys
+    val_sets = [set(fd["val_patients"]) for fd in doc["folds"]]
+    assert not val_sets[0] & val_sets[1] and len(val_sets[0] | val_sets[1]) == 6
+
+    assert sim_main([*argv, "--out", str(out2)]) == 0
+    doc2 = json.loads((out2 / CV_METRICS_JSON).read_text())
+    for name in CLASSES:
+        assert doc2["classes"][name]["cpm"] == doc["classes"][name]["cpm"]
+        assert doc2["classes"][name]["fold_cpm"] == doc["classes"][name]["fold_cpm"]
+    assert doc2["metrics"] == doc["metrics"]
+
+    # a rerun into the same folder resumes the finished folds (no retraining)
+    assert sim_main([*argv, "--out", str(out1)]) == 0
+    doc3 = json.loads((out1 / CV_METRICS_JSON).read_text())
+    assert doc3["metrics"] == doc["metrics"]
+    assert len((out1 / "fold-0" / "epochs.jsonl").read_text().splitlines()) == 1
+
+
+def test_only_folds_split_work_then_pool_matches_one_run(tmp_path, capsys):
+    caches = [make_site_cache(tmp_path / "siteA", n_patients=4)]
+    cfg = _cv_yaml(tmp_path, caches)
+    argv = ["crossval", "--config", str(cfg), "--folds", "2"]
+    one, split = tmp_path / "one", tmp_path / "split"
+    assert sim_main([*argv, "--out", str(one)]) == 0
+    # two "processes": fold 1 first, then fold 0, then the pooling run
+    assert sim_main([*argv, "--out", str(split), "--only-folds", "1"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["partial"] is True and [f["fold"] for f in line["folds"]] == [1]
+    assert not (split / CV_METRICS_JSON).exists()
+    assert not (split / "fold-0").exists()
+    assert sim_main([*argv, "--out", str(split), "--only-folds", "0"]) == 0
+    assert sim_main([*argv, "--out", str(split)]) == 0
+    a = json.loads((one / CV_METRICS_JSON).read_text())
+    b = json.loads((split / CV_METRICS_JSON).read_text())
+    assert a["metrics"] == b["metrics"]
+    for f in (0, 1):  # the pooling run trained nothing again
+        epochs = (split / f"fold-{f}" / "epochs.jsonl").read_text().splitlines()
+        assert len(epochs) == 1
+    assert sim_main([*argv, "--out", str(split), "--only-folds", "2"]) == 2
+    assert "no fold [2]" in capsys.readouterr().err
+
+
+def test_crossval_too_many_folds_is_a_clear_error(tmp_path, capsys):
+    cache = make_site_cache(tmp_path / "siteA", n_patients=2)
+    cfg = _cv_yaml(tmp_path, [cache])
+    assert sim_main(["crossval", "--config", str(cfg), "--folds", "3"]) == 2
+    assert "siteA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "arch"),
+    [
+        ("real/mini-mias-cv.yaml", "small"),
+        ("real/mini-mias.yaml", "small"),
+        ("real/mini-mias-cv-gpu.yaml", "resnet18"),
+        ("real/mini-mias-gpu.yaml", "resnet18"),
+    ],
+)
+def test_shipped_cv_configs_validate(tmp_path, site_cache, name, arch):
+    from common.config import from_mapping, load_yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    data = load_yaml(repo / "configs" / name)
+    data["caches"] = [str(site_cache)]
+    cfg = from_mapping(data, TrainConfig, source=name, base_dir=tmp_path)
+    assert cfg.test_fraction == 0.0
+    assert cfg.model.arch == arch
+
+
+def test_train_with_empty_test_view_warns_and_writes_no_metrics(tmp_path, caplog):
+    cache = make_site_cache(tmp_path / "siteA", n_patients=2)
+    cfg = _cv_yaml(tmp_path, [cache])
+    with caplog.at_level("WARNING"):
+        assert (
+            sim_main(["train", "--config", str(cfg), "--out", str(tmp_path / "t")]) == 0
+        )
+    assert "empty test view" in caplog.text
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text()) == {"siteA": None}
+    assert (tmp_path / "t" / "final.pt").is_file()

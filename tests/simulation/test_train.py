@@ -1,0 +1,69 @@
+"""mammofed-sim train on synthetic site caches: outputs, resume, config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.config import load_config
+from common.detector.checkpoint import load_checkpoint
+from common.errors import ConfigError
+from common.keys import CPM_MASS
+from simulation.cli import main as sim_main
+from simulation.train import TrainConfig
+from tests.conftest import REPO, make_site_cache, write_train_yaml
+
+
+def test_sim_train_writes_outputs_and_resumes(tmp_path, site_cache):
+    site_b = make_site_cache(tmp_path / "siteB", n_patients=3)
+    cfg_path = write_train_yaml(tmp_path, [site_cache, site_b], ema_decay=0.9)
+    assert sim_main(["train", "--config", str(cfg_path)]) == 0
+    run = tmp_path / "run"
+    for name in ("resolved_config.yaml", "last.pt", "final.pt", "epochs.jsonl"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"siteA", "siteB"}
+    m = metrics["siteA"]["metrics"]
+    assert 0.0 <= m[CPM_MASS] <= 1.0
+    assert (run / "siteA" / "froc-mass.png").is_file()
+    lines = (run / "epochs.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["steps"] >= 1
+    ck = load_checkpoint(run / "final.pt")
+    assert ck.model_config.arch == "tiny" and ck.extra["ema"] is True
+    # resume: a second call with 2 epochs trains only epoch 1
+    assert sim_main(["train", "--config", str(cfg_path), "--epochs", "2"]) == 0
+    epochs = [
+        json.loads(s)["epoch"] for s in (run / "epochs.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [0, 1]
+
+
+def test_train_config_errors_name_key(tmp_path, site_cache):
+    p = write_train_yaml(tmp_path, [tmp_path / "nope"])
+    with pytest.raises(ConfigError, match=r"train\.yaml.*caches\[0\].*nope"):
+        load_config(p, TrainConfig)
+    p = write_train_yaml(tmp_path, [site_cache], lesion_prob=2.0)
+    with pytest.raises(ConfigError, match="lesion_prob"):
+        load_config(p, TrainConfig)
+    p = write_train_yaml(tmp_path, [site_cache], model={"arch": "resnet7"})
+    assert sim_main(["train", "--config", str(p)]) == 2
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "real/mini-mias.yaml",
+        "real/mini-mias-gpu.yaml",
+        "train/base-site-a.yaml",
+        "train/smoke-tiny.yaml",
+    ],
+)
+def test_shipped_train_configs_validate(tmp_path, site_cache, name):
+    from common.config import from_mapping, load_yaml
+
+    data = load_yaml(REPO / "configs" / name)
+    data["caches"] = [str(site_cache)]  # the real caches need an ingest first
+    cfg = from_mapping(data, TrainConfig, source=name, base_dir=tmp_path)
+    assert cfg.model.working_spacing_mm == 0.4
+    assert cfg.epochs >= 1
