@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= out/demo
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test lint typecheck pytest bench clean test-report
+.PHONY: venv demo base-model test lint typecheck pytest bench clean test-report
 
 venv: $(STAMP)
 
@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	$(BIN)/python -m simulation.demo --out $(DEMO_OUT)
+
+# The demo's vendor-H base model (models/demo-base-h.pt), reproduced by the
+# committed recipe: the base regime of the demo study, 30 epochs on site A.
+base-model: venv
+	$(BIN)/mammofed-sim run --scenario configs/simulation/demo.yaml \
+	    --federation configs/federation/sim-demo.yaml --regime base --rounds 30 \
+	    --out out/base-model --data $(DEMO_OUT)/data
+	mkdir -p models && cp out/base-model/base/model.pt models/demo-base-h.pt
 
 lint: venv
 	$(BIN)/ruff check common client server simulation tests benchmarks

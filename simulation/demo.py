@@ -23,6 +23,9 @@ from simulation import regimes as R
 REPO = Path(__file__).resolve().parents[1]
 SCENARIO = REPO / "configs" / "simulation" / "demo.yaml"
 FEDERATION = REPO / "configs" / "federation" / "sim-demo.yaml"
+#: The project's vendor-H base model for the demo (``make base-model``): the
+#: demo starts where a real federation starts, from a model developed on H.
+BASE_MODEL = REPO / "models" / "demo-base-h.pt"
 DEMO_REGIMES = (
     R.BASE,
     R.LOCAL_ONLY,
@@ -58,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 workers=args.workers,
                 rounds=args.rounds,
                 n_boot=500,
+                base_checkpoint=BASE_MODEL if BASE_MODEL.is_file() else None,
             )
         )
         report = write_report([run], args.out / "report")

@@ -13,6 +13,13 @@ Steps (each logged with progress):
    * ``base``: trained on the base site (vendor H) alone, tested on every site;
    * ``local-only``: every site trains alone on its own labels;
    * ``oracle``: all sites' images with all labels pooled;
+
+   The brief's two-phase protocol is the default: the ``base`` model is made
+   first (trained, or ``--base-checkpoint``), written to ``base/model.pt``,
+   and every other regime starts from it (central ones load it, federated ones
+   get it as the server's ``initial_checkpoint``), so the comparison is fair
+   and each regime has the same budget after the base. ``--from-scratch``
+   starts every regime from a random model instead.
    * ``fedavg``, ``fedprox``, ``fedmedian``, ``fedtrimmedavg``,
      ``personalized`` (FedBN + personal heads),
      ``personalized-ssl`` (+ mean-teacher consistency on unlabeled images),
@@ -59,6 +66,7 @@ from common.config.loader import (
     write_resolved,
 )
 from common.config.site import SiteConfig
+from common.detector.checkpoint import save_checkpoint
 from common.detector.engine import (
     EvalResult,
     evaluate_detailed,
@@ -84,10 +92,13 @@ from common.wire.runfolder import RegimeMetrics, SiteMetrics
 from simulation import regimes as R
 from simulation.phantom import generate_scenario, load_scenario
 from simulation.phantom.generate import ORACLE_DIR
+from simulation.train import init_from_checkpoint
 
 log = logging.getLogger(__name__)
 
 ROLE_BASE = "base"
+#: The base model every regime of a two-phase study starts from (``<out>/base/``).
+BASE_MODEL = "model.pt"
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,12 @@ class RunRequest:
     engine_timeout_s: float = 3600.0
     #: Target epsilon of every site in the ``personalized-dp`` regime.
     dp_epsilon: float = 8.0
+    #: Two-phase protocol: every regime after ``base`` starts from the base
+    #: model; ``False``: each starts from a random model.
+    start_from_base: bool = True
+    #: A base model (detector checkpoint for the federation's model options)
+    #: used instead of training one on the base sites.
+    base_checkpoint: Path | None = None
 
 
 # --- sites ----------------------------------------------------------------------
@@ -220,15 +237,20 @@ def train_central(
     seed: int,
     device: torch.device,
     label: str,
+    init: Path | None = None,
 ) -> nn.Module:
     """Train one detector on the pooled labeled images of ``caches``.
 
     The federated site's recipe (:meth:`DetectorOptions.recipe`, steps per
     epoch capped at ``max_steps`` per cache): one epoch here on one cache is
-    one federated round of that site with the same seed.
+    one federated round of that site with the same seed. ``init``: start from
+    this checkpoint (checked against the options' model config).
     """
     seed_everything(seed)
-    model = build_detector(opts.model_config()).to(device)
+    model = build_detector(opts.model_config())
+    if init is not None:
+        init_from_checkpoint(model, opts.model_config(), init)
+    model = model.to(device)
     pooled = Pooled([SiteDataset(c, seed=seed).view("labeled") for c in caches])
     n = len(pooled)
     if n == 0:
@@ -249,6 +271,42 @@ def train_central(
         label=label,
     )
     return model
+
+
+def base_model(
+    req: RunRequest,
+    opts: DetectorOptions,
+    base_caches: list[Path],
+    out: Path,
+    **train_kw: Any,
+) -> tuple[nn.Module, Path]:
+    """Phase one: the base model, trained on ``base_caches`` or loaded.
+
+    Written to ``<out>/base/model.pt`` (the file every later regime starts
+    from); a ``req.base_checkpoint`` is checked against the federation's model
+    options and copied there. Returns ``(model, path)``.
+    """
+    path = out / R.BASE / BASE_MODEL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if req.base_checkpoint is not None:
+        model = build_detector(opts.model_config())
+        init_from_checkpoint(model, opts.model_config(), req.base_checkpoint)
+        if req.base_checkpoint.resolve() != path.resolve():
+            shutil.copyfile(req.base_checkpoint, path)
+        log.info("base model: %s (not trained here)", req.base_checkpoint)
+        return model.to(train_kw["device"]), path
+    model = train_central(base_caches, opts, label=R.BASE, **train_kw)
+    save_checkpoint(
+        path,
+        model,
+        opts.model_config(),
+        extra={
+            "trained_on": [str(c) for c in base_caches],
+            "epochs": train_kw["epochs"],
+            "seed": train_kw["seed"],
+        },
+    )
+    return model, path
 
 
 def _evaluate_on(
@@ -615,6 +673,15 @@ def run_study(req: RunRequest) -> Path:
         "each": {f"{R.LOCAL_ONLY}/{s}": ([caches[s]], [s]) for s in sites},
     }
     timings: dict[str, float] = {}
+    init: Path | None = None
+    base: nn.Module | None = None
+    if req.start_from_base or req.base_checkpoint is not None:
+        t0 = time.monotonic()
+        log.info("=== phase one: the base model ===")
+        base, init = base_model(req, opts, pools["base"][R.BASE][0], out, **common_kw)
+        timings["base-model"] = round(time.monotonic() - t0, 1)
+        if not req.start_from_base:
+            init = None
     for spec in [R.REGIMES[r] for r in R.ORDER if r in req.regimes]:
         regime = spec.name
         t0 = time.monotonic()
@@ -622,15 +689,22 @@ def run_study(req: RunRequest) -> Path:
         log.info("=== regime %s ===", label)
         dp = None
         metrics: dict[str, EvalResult | None] = {}
-        if spec.train_on is not None:
+        if spec.name == R.BASE and base is not None:
+            for s in sites:
+                metrics[s] = _evaluate_on(base, caches[s], fed.seed, req.n_boot, device)
+        elif spec.train_on is not None:
             for name, (train_on, tested) in pools[spec.train_on].items():
-                model = train_central(train_on, opts, label=name, **common_kw)
+                model = train_central(
+                    train_on, opts, label=name, init=init, **common_kw
+                )
                 for s in tested:
                     metrics[s] = _evaluate_on(
                         model, caches[s], fed.seed, req.n_boot, device
                     )
         else:
             cfg = _regime_config(fed, regime, req, out, sites)
+            if init is not None:
+                cfg = dataclasses.replace(cfg, initial_checkpoint=init.resolve())
             (out / regime).mkdir(parents=True, exist_ok=True)
             metrics = run_federated(
                 regime,
@@ -649,3 +723,32 @@ def run_study(req: RunRequest) -> Path:
     run = dataclasses.replace(run, seconds={**timings, "total": total})
     RF.write_record(out / RF.RUN_JSON, run)
     return out
+
+
+def run_seeds(req: RunRequest, seeds: tuple[int, ...] | None) -> list[Path]:
+    """Run the study once (``seeds`` None) or once per seed; returns the run folders.
+
+    Each seed runs into ``<out>/seed-<s>/`` with one data folder
+    (``req.data`` or ``<out>/data``), so every seed scores the same test women
+    and the report can pair regimes over seeds and images.
+    """
+    if not seeds:
+        return [run_study(req)]
+    data = req.data or req.out / "data"
+    runs = []
+    t0 = time.monotonic()
+    for i, seed in enumerate(seeds):
+        log.info("##### seed %d (%d of %d) #####", seed, i + 1, len(seeds))
+        runs.append(
+            run_study(
+                dataclasses.replace(
+                    req, seed=seed, data=data, out=req.out / f"seed-{seed}"
+                )
+            )
+        )
+        spent = time.monotonic() - t0
+        left = spent / (i + 1) * (len(seeds) - i - 1)
+        log.info(
+            "seeds done %d/%d in %.0f s; ETA %.0f s", i + 1, len(seeds), spent, left
+        )
+    return runs

@@ -36,6 +36,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override the federation's seed (initialisation, sampling, "
         "augmentation; the sites' train/test split stays the cache's)",
     )
+    parser.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        help="run every regime once per seed (comma-separated, e.g. 0,1,2) into "
+        "OUT/seed-<s>/ on the same test women; the report pools paired "
+        "differences over seeds and images",
+    )
+    parser.add_argument(
+        "--base-checkpoint",
+        type=Path,
+        help="the base model (a detector checkpoint for the federation's model "
+        "options) instead of training one on the base sites",
+    )
+    parser.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="start every regime from a random model (default: the two-phase "
+        "protocol, every regime starts from the base model)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="phantom/ingest workers")
     parser.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
     parser.add_argument(
@@ -65,11 +84,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the study, then write the report."""
-    from simulation.report import write_report
-    from simulation.run import RunRequest, run_study
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``; distinct non-negative integers."""
+    try:
+        seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--seeds: expected integers separated by commas, got {text!r}"
+        ) from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(
+            f"--seeds: expected distinct non-negative integers, got {text!r}"
+        )
+    return seeds
 
+
+def run(args: argparse.Namespace) -> int:
+    """Run the study (once, or once per seed), then write the report."""
+    from simulation.report import write_report
+    from simulation.run import RunRequest, run_seeds
+
+    if args.seeds is not None and args.seed is not None:
+        raise SystemExit("mammofed-sim run: give --seed or --seeds, not both")
     req = RunRequest(
         scenario=args.scenario,
         federation=args.federation,
@@ -83,9 +119,12 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine,
         engine_timeout_s=args.engine_timeout,
         dp_epsilon=args.dp_epsilon,
+        start_from_base=not args.from_scratch,
+        base_checkpoint=args.base_checkpoint,
     )
-    out = run_study(req)
-    report = write_report([out], args.report or out / "report")
-    print(f"run folder: {out}")
+    runs = run_seeds(req, args.seeds)
+    report = write_report(runs, args.report or args.out / "report")
+    for run_dir in runs:
+        print(f"run folder: {run_dir}")
     print(f"report: {report}")
     return 0

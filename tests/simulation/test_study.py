@@ -319,3 +319,26 @@ def test_seed_spread_summarises_runs_and_ratios(study: Path, tmp_path: Path) -> 
     figures = {d["figure"] for d in lines}
     assert {"personalized-cpm-mass", "oracle-cpm-mass"} <= figures
     assert "personalized-over-oracle-cpm-mass" in figures
+
+
+@pytest.mark.slow
+def test_two_phase_every_regime_starts_from_the_base_model(study: Path) -> None:
+    """The base model is written first and is every federated run's round 0."""
+    import dataclasses
+
+    from common.detector.model.initial import checkpoint_arrays
+    from simulation.run import BASE_MODEL, _regime_config
+
+    base = study / R.BASE / BASE_MODEL
+    assert base.is_file()
+    fed = load_federation_config(FEDERATION)
+    req = RunRequest(SCENARIO, FEDERATION, study)
+    for regime in (R.FEDAVG, R.PERSONALIZED):
+        cfg = _regime_config(fed, regime, req, study, ["A", "B", "C"])
+        cfg = dataclasses.replace(cfg, initial_checkpoint=base)
+        shared, defaults = checkpoint_arrays(base, cfg)
+        store = CheckpointStore(study / regime / "server" / "checkpoints")
+        first = store.load(0).arrays
+        assert set(first) == set(shared)
+        assert all(np.array_equal(first[k], shared[k]) for k in shared)
+        assert bool(defaults) == (regime == R.PERSONALIZED)  # FedBN norms

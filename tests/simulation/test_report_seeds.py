@@ -1,0 +1,103 @@
+"""The report over several seeds: table means, paired differences pooled over seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.detector.froc import FrocImage, froc_class
+from common.wire import runfolder as RF
+from common.wire.runfolder import SiteMetrics
+from simulation import regimes as R
+from simulation.commands.run import parse_seeds
+from simulation.report import write_report
+
+
+def _images(found: int, n: int = 40) -> list[FrocImage]:
+    """n images, half with a mass; the first ``found`` masses detected."""
+    out = []
+    for i in range(n):
+        gt = [[100.0, 100.0, 150.0, 150.0]] if i % 2 == 0 else []
+        det = [[115.0, 115.0, 135.0, 135.0]] if i % 2 == 0 and i // 2 < found else []
+        det += [[600.0, 600.0, 620.0, 620.0]]
+        out.append(
+            FrocImage(
+                key=f"im{i}",
+                spacing_mm=0.4,
+                gt_boxes=np.array(gt).reshape(-1, 4),
+                gt_labels=np.zeros(len(gt)),
+                det_boxes=np.array(det),
+                det_scores=np.linspace(0.9, 0.2, len(det)),
+                det_labels=np.zeros(len(det)),
+            )
+        )
+    return out
+
+
+def _run(root: Path, seed: int, found: dict[str, int]) -> Path:
+    run = root / f"seed-{seed}"
+    for regime, k in found.items():
+        d = run / regime
+        d.mkdir(parents=True)
+        images = _images(k)
+        m = SiteMetrics.from_results(
+            {
+                "mass": froc_class(images, 0, n_boot=20),
+                "calcification": froc_class(images, 1, n_boot=20),
+            }
+        )
+        RF.write_record(
+            d / RF.METRICS_JSON, RF.RegimeMetrics(regime, "central", {"B": m})
+        )
+        (d / RF.DETECTIONS_JSON).write_text(
+            json.dumps({"B": [im.to_json() for im in images]})
+        )
+    RF.write_record(run / RF.RUN_JSON, RF.StudyRun("t", ["A", "B"], [], 0.4, ["A"]))
+    return run
+
+
+def test_seeds_pool_in_table_and_paired_rows(tmp_path: Path) -> None:
+    # personalized finds 14, 16, 18 of 20 masses; local-only 6, 8, 10
+    runs = [
+        _run(
+            tmp_path,
+            s,
+            {R.PERSONALIZED: 14 + 2 * s, R.LOCAL_ONLY: 6 + 2 * s, R.BASE: 8},
+        )
+        for s in range(3)
+    ]
+    md = write_report(runs, tmp_path / "rep").read_text()
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    cell = data["table"]["B"][R.PERSONALIZED]["mass"]
+    runs_cpm = [froc_class(_images(k), 0).cpm for k in (14, 16, 18)]
+    assert cell["cpm_runs"] == pytest.approx(runs_cpm)
+    assert cell["cpm"] == pytest.approx(np.mean(runs_cpm))
+    assert cell["cpm_ci"] == pytest.approx([min(runs_cpm), max(runs_cpm)])
+    rows = {(r["regime"], r["against"], r["class"]): r for r in data["paired"]}
+    row = rows[(R.PERSONALIZED, R.LOCAL_ONLY, "mass")]
+    assert row["n_runs"] == 3 and row["resolved"]
+    local = [froc_class(_images(k), 0).cpm for k in (6, 8, 10)]
+    assert row["difference"] == pytest.approx(np.mean(runs_cpm) - np.mean(local))
+    assert row["ci95"][0] > 0
+    assert "personalized better" in md
+    assert rows[(R.LOCAL_ONLY, R.BASE, "mass")]["n_runs"] == 3
+
+
+def test_regimes_with_other_run_counts_are_not_paired(tmp_path: Path) -> None:
+    runs = [_run(tmp_path, 0, {R.PERSONALIZED: 10, R.LOCAL_ONLY: 5})]
+    runs.append(_run(tmp_path, 1, {R.PERSONALIZED: 12}))
+    write_report(runs, tmp_path / "rep")
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert not [r for r in data["paired"] if r["against"] == R.LOCAL_ONLY]
+
+
+@pytest.mark.parametrize("text", ["0,1,1", "a,b", "-1,2", ""])
+def test_bad_seed_lists_are_refused(text: str) -> None:
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="--seeds"):
+        parse_seeds(text)
+    assert parse_seeds("0,1,2") == (0, 1, 2)
