@@ -101,8 +101,8 @@ class HeadGraph(nn.Module):
     tuple ``(cls_logits [N, C, h, w], bbox_regression [N, 4, h, w],
     bbox_ctrness [N, 1, h, w])``, flattened over levels. Runs the very modules
     of ``model`` (``backbone``, ``head.classification_head``,
-    ``head.regression_head``); :func:`flatten_like_head` re-forms torchvision's
-    ``[N, HW, K]`` layout (a test checks the two agree).
+    ``head.regression_head``); re-formed to torchvision's ``[N, HW, K]``
+    layout they equal ``FCOSHead``'s outputs (tests/client/onnx/test_parity.py).
     """
 
     mean: Tensor
@@ -131,16 +131,6 @@ class HeadGraph(nn.Module):
             outs.append(nn.functional.relu(self.reg_head.bbox_reg(r)))
             outs.append(self.reg_head.bbox_ctrness(r))
         return tuple(outs)
-
-
-def flatten_like_head(outs: Sequence[Tensor]) -> dict[str, Tensor]:
-    """:class:`HeadGraph` outputs in ``FCOSHead``'s layout ``[N, HW, K]``."""
-    keys = ("cls_logits", "bbox_regression", "bbox_ctrness")
-    flat: dict[str, list[Tensor]] = {k: [] for k in keys}
-    for i, t in enumerate(outs):
-        n, k = t.shape[:2]
-        flat[keys[i % 3]].append(t.permute(0, 2, 3, 1).reshape(n, -1, k))
-    return {k: torch.cat(v, dim=1) for k, v in flat.items()}
 
 
 # --- contract -----------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -170,3 +171,14 @@ def tail_text(path: str | Path, lines: int = 30, missing: str | None = None) -> 
         return "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return missing if missing is not None else f"({p} not written)"
+
+
+def json_safe(v: Any) -> Any:
+    """``v`` with non-finite floats as ``None`` and keys as strings (strict JSON)."""
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [json_safe(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v

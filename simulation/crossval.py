@@ -54,12 +54,12 @@ from common.detector.engine import (
     EPOCH_LOG,
     evaluate_detailed,
     flat_metrics,
-    json_safe,
     resolve_device,
     seed_everything,
 )
 from common.detector.froc import ClassMetrics, FrocImage, froc_all, plot_froc
 from common.errors import MammofedError
+from common.fileio import json_safe
 from common.imaging.data import SiteDataset
 from common.keys import CLASSES
 from simulation.train import TrainConfig, few_label_subset, train_model

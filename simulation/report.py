@@ -32,6 +32,7 @@ from common.detector.froc import (  # noqa: E402
     FrocImage,
     pooled_paired_cpm_difference,
 )
+from common.fileio import json_safe  # noqa: E402
 from common.keys import CLASSES  # noqa: E402
 from common.wire import runfolder as RF  # noqa: E402
 from common.wire.runfolder import (  # noqa: E402
@@ -101,16 +102,6 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
 def _ordered(names: list[str]) -> list[str]:
     known = [r for r in R.ORDER if r in names]
     return known + sorted(n for n in names if n not in R.ORDER)
-
-
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
-    return x
 
 
 def _cpm(
@@ -530,6 +521,6 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
         "dp": data["dp"],
         "runs": [str(p) for p in run_dirs],
     }
-    (out_dir / "report.json").write_text(json.dumps(_nan_to_none(payload), indent=2))
+    (out_dir / "report.json").write_text(json.dumps(json_safe(payload), indent=2))
     log.info("report written to %s", report_md)
     return report_md

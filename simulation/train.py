@@ -34,7 +34,6 @@ from common.detector.checkpoint import load_checkpoint, load_weights, save_check
 from common.detector.engine import (
     evaluate_detailed,
     fit,
-    json_safe,
     prepare_model,
     resolve_device,
     seed_everything,
@@ -43,6 +42,7 @@ from common.detector.model import ModelConfig, build_detector
 from common.detector.recipe import AugmentConfig, Pooled, Recipe
 from common.detector.sampling import lesion_flags
 from common.detector.transforms import Compose
+from common.fileio import json_safe
 from common.imaging.data import SiteDataset, SiteView
 
 log = logging.getLogger(__name__)

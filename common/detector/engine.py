@@ -39,6 +39,7 @@ from common.detector.froc import (
 )
 from common.detector.model.config import ModelConfig
 from common.detector.recipe import ExtraLossFn, ModelEMA, autocast, train_one_epoch
+from common.fileio import json_safe
 from common.imaging.data import collate
 from common.keys import (
     CLASSES,
@@ -322,14 +323,3 @@ def fit(
             fh.write(json.dumps(json_safe(rec)) + "\n")
         records.append(rec)
     return records
-
-
-def json_safe(v: Any) -> Any:
-    """``v`` with non-finite floats as ``None`` and keys as strings (strict JSON)."""
-    if isinstance(v, dict):
-        return {str(k): json_safe(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [json_safe(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ from client.onnx_export import (
     compare_detections,
     contract_path,
     export_onnx,
-    flatten_like_head,
     postprocess,
 )
 from client.predict import predict_paths
@@ -31,6 +31,16 @@ from common.errors import CheckpointMismatch
 from common.keys import CLASSES
 
 FLOOR = 0.05
+
+
+def flatten_like_head(outs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:class:`HeadGraph` outputs in ``FCOSHead``'s layout ``[N, HW, K]``."""
+    keys = ("cls_logits", "bbox_regression", "bbox_ctrness")
+    flat: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    for i, t in enumerate(outs):
+        n, k = t.shape[:2]
+        flat[keys[i % 3]].append(t.permute(0, 2, 3, 1).reshape(n, -1, k))
+    return {k: torch.cat(v, dim=1) for k, v in flat.items()}
 
 
 def _torch_records(ck: Path, files: list[Path], out: Path, **kw) -> list[dict]:

@@ -14,7 +14,7 @@ from simulation.phantom.anatomy import (
     draw_breast,
     draw_woman,
 )
-from simulation.phantom.filters import gaussian_blur, power_law_field, psd_slope
+from simulation.phantom.filters import gaussian_blur, power_law_field
 from simulation.phantom.lesions import LesionSpec
 
 #: phantom.md: beta about 2.5-3.5 over 0.1-1 cycles/mm.
@@ -25,6 +25,47 @@ MASS_CNR_RANGE = (0.2, 3.0)
 #: Calcification speck CNR against the high-pass (quantum + fine texture) noise
 #: (measured 5-18 on the demo): small but bright.
 CALC_CNR_RANGE = (3.0, 40.0)
+
+
+# --- measuring the phantom: its power spectrum ---------------------------------
+def radial_psd(img: np.ndarray, pitch_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Radially averaged power spectrum of a square-ish ROI (Hann windowed).
+
+    Returns ``(f cycles/mm, power)`` for the radial bins (DC excluded).
+    """
+    a = np.asarray(img, dtype=np.float64)
+    a = a - a.mean()
+    h, w = a.shape
+    win = np.outer(np.hanning(h), np.hanning(w))
+    spec = np.abs(np.fft.fft2(a * win)) ** 2
+    fy = np.fft.fftfreq(h, d=pitch_mm)[:, None]
+    fx = np.fft.fftfreq(w, d=pitch_mm)[None, :]
+    f = np.sqrt(fy**2 + fx**2)
+    df = 1.0 / (max(h, w) * pitch_mm)
+    bins = np.floor(f / df).astype(int)
+    n = np.bincount(bins.ravel())
+    s = np.bincount(bins.ravel(), weights=spec.ravel())
+    k = np.arange(len(n))
+    keep = (n > 0) & (k > 0)
+    return (k[keep] * df), s[keep] / n[keep]
+
+
+def psd_slope(
+    img: np.ndarray, pitch_mm: float, f_lo: float = 0.1, f_hi: float = 1.0
+) -> float:
+    """``beta`` of a least-squares fit ``log P = c - beta log f`` over ``[f_lo, f_hi]``.
+
+    Raises ``ValueError`` when the band holds fewer than 4 frequency bins.
+    """
+    f, p = radial_psd(img, pitch_mm)
+    sel = (f >= f_lo) & (f <= f_hi) & (p > 0)
+    if sel.sum() < 4:
+        raise ValueError(
+            f"psd_slope: only {int(sel.sum())} bins in [{f_lo}, {f_hi}] cycles/mm "
+            f"for ROI {img.shape} at pitch {pitch_mm} mm"
+        )
+    slope, _ = np.polyfit(np.log(f[sel]), np.log(p[sel]), 1)
+    return float(-slope)
 
 
 def test_psd_estimator_recovers_known_slopes() -> None:
