@@ -12,7 +12,7 @@ default because the contract puts the breast on the left; vertical flips
 (CC and MLO are plausible upside down) are on.
 
 Intensity transforms mimic what distinguishes vendors' presentation
-processing (see ``shared/design/phantom.md``): gamma and sigmoid LUTs,
+processing (see docs/phantom.md): gamma and sigmoid LUTs,
 window/contrast changes, unsharp masking (multi-scale contrast enhancement),
 detector blur (indirect conversion MTF) and quantum plus electronic noise.
 """
