@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.errors import MammofedError
 from common.wire import runfolder as RF
 from server.checkpoints import CheckpointStore
 from simulation import regimes as R
-from simulation.deploy_engine import DeploymentEngineError, run_federated_deployment
-from simulation.run import RunRequest, _regime_config, run_study
+from simulation.run import RunRequest, _regime_config, run_federated, run_study
 
 from .test_ray_engine import FEDERATION, SCENARIO, _procs_under
 
@@ -91,12 +91,17 @@ def test_failure_stops_every_process(tmp_path: Path) -> None:
     cfg = _regime_config(
         load_federation_config(FEDERATION), R.FEDAVG, req, tmp_path / "run", sites
     )
-    # a cache folder that does not exist: the ClientApps fail, the run cannot
-    # finish in time, and the engine must still stop the SuperLink and nodes
+    # a cache folder that does not exist: every ClientApp fails. Whether the
+    # engine times out (DeploymentEngineError) or the run ends with no round
+    # aggregated, the study fails loudly naming the site error, and the engine
+    # must still stop the SuperLink and nodes.
     caches = {s: tmp_path / "missing" / s for s in sites}
     assert cfg.run_dir is not None
-    with pytest.raises(DeploymentEngineError):
-        run_federated_deployment(cfg, caches, cfg.run_dir, timeout_s=30.0)
+    with pytest.raises(MammofedError, match="after|site data missing"):
+        run_federated(
+            R.FEDAVG, cfg, caches, tmp_path / "run", 0,
+            engine=R.ENGINE_DEPLOYMENT, timeout_s=30.0,
+        )  # fmt: skip
     assert _procs_under(tmp_path) == {}
 
 
