@@ -104,11 +104,9 @@ def _ordered(names: list[str]) -> list[str]:
     return known + sorted(n for n in names if n not in R.ORDER)
 
 
-def _cpm(
-    metrics: dict[str, dict[str, SiteMetrics]], regime: str, site: str, cls: str
-) -> float:
+def _cpm(sites: dict[str, SiteMetrics], site: str, cls: str) -> float:
     try:
-        v = metrics[regime][site].classes[cls].cpm
+        v = sites[site].classes[cls].cpm
     except KeyError:
         return math.nan
     return math.nan if v is None else float(v)
@@ -141,7 +139,7 @@ def build_table(
 
     def cpm(regime: str, site: str, cls: str) -> tuple[float, list[float]]:
         runs = [
-            _cpm({regime: m}, regime, site, cls)
+            _cpm(m, site, cls)
             for m in seed_metrics.get(regime, [metrics.get(regime, {})])
         ]
         return (float(np.mean(runs)) if runs else math.nan), runs
