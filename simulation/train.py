@@ -137,15 +137,16 @@ class TrainConfig:
             augment=self.augment,
         )
 
-    def train_transform(self) -> Compose:
+    def train_transform(self, source: Dataset[Any] | None = None) -> Compose:
         """The recipe's augmentation, from a ``seed``-ed generator without workers.
 
         With workers, the global RNG (seeded per worker by the DataLoader)
         drives it: a shared generator would repeat one stream in every worker.
+        ``source``: the untransformed training images (lesion copy-paste).
         """
         seeded = self.num_workers == 0
         gen = torch.Generator().manual_seed(self.seed) if seeded else None
-        return self.recipe().transform(gen)
+        return self.recipe().transform(gen, source)
 
     def sites(self) -> dict[str, SiteDataset]:
         """Every cache by folder name, split by ``test_fraction``/``split_seed``."""
@@ -274,15 +275,20 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     write_resolved(cfg, out)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    transform = cfg.train_transform()
     sites = cfg.sites()
     test_views = {name: s.view("test") for name, s in sites.items()}
-    train_views: list[SiteView] = []
+    train_idx: dict[str, list[int]] = {}
     for name, s in sites.items():
         idx = s.indices("labeled")
         if cfg.labeled_patients is not None:
             idx = few_label_subset(s, idx, cfg.labeled_patients, cfg.split_seed)
-        train_views.append(v := s.subset(idx, transform))
+        train_idx[name] = idx
+    transform = cfg.train_transform(
+        Pooled([sites[n].subset(i) for n, i in train_idx.items()])
+    )
+    train_views: list[SiteView] = []
+    for name, s in sites.items():
+        train_views.append(v := s.subset(train_idx[name], transform))
         log.info(
             "site %s: %d labeled training images (%d with lesions), %d test images",
             name, len(v), sum(lesion_flags(v)), len(test_views[name]),

@@ -52,6 +52,7 @@ STRUCTURAL_FIELDS: tuple[str, ...] = (
     "image_mean",
     "image_std",
     "working_spacing_mm",
+    "speck_channel",
 )
 
 

@@ -40,7 +40,9 @@ from common.config.loader import bounded
 from common.detector.sampling import balanced_sampler, lesion_flags
 from common.detector.transforms import (
     Compose,
+    GrowSmallBoxes,
     IntensityJitter,
+    LesionPaste,
     RandomResize,
     VerticalFlip,
 )
@@ -60,7 +62,15 @@ class AugmentConfig:
 
     ``vflip``: up-down flip (p=0.5); ``scale``: random resize by a factor in
     ``[scale_min, scale_max]``; ``intensity``: gamma/contrast/noise jitter. There is no
-    left-right flip: images keep the breast on the left.
+    left-right flip: images keep the breast on the left. ``paste``: with
+    probability ``paste_p`` an image gets 1..``paste_max`` lesions cut from the
+    training images themselves (:class:`common.detector.transforms.LesionPaste`,
+    classes drawn equally often); needs the training set as ``source`` of
+    :func:`train_transform`. ``patch``: train on ``patch`` x ``patch`` crops
+    (:class:`common.detector.transforms.PatchCrop`; 0: whole images), a lesion
+    inside with probability ``patch_lesion_p``, else a random breast patch.
+    ``min_box_mm``: training boxes narrower than this are widened to it
+    (:class:`common.detector.transforms.GrowSmallBoxes`; 0: off).
     """
 
     vflip: bool = True
@@ -68,12 +78,22 @@ class AugmentConfig:
     scale_min: float = field(default=0.85, metadata=bounded(0.1, 10.0))
     scale_max: float = field(default=1.15, metadata=bounded(0.1, 10.0))
     intensity: bool = True
+    paste: bool = False
+    paste_p: float = field(default=0.5, metadata=bounded(0.0, 1.0))
+    paste_max: int = field(default=2, metadata=bounded(1, 16))
+    patch: int = field(default=0, metadata=bounded(0, 100_000))
+    patch_lesion_p: float = field(default=0.5, metadata=bounded(0.0, 1.0))
+    min_box_mm: float = field(default=0.0, metadata=bounded(0.0, 1000.0))
 
     def __post_init__(self) -> None:
         if self.scale_min > self.scale_max:
             raise ValueError(
                 f"augment.scale_min ({self.scale_min}) must be <= "
                 f"augment.scale_max ({self.scale_max})"
+            )
+        if 0 < self.patch < 32:
+            raise ValueError(
+                f"augment.patch: 0 or at least 32 pixels, got {self.patch}"
             )
 
 
@@ -108,9 +128,11 @@ class Recipe:
     amp: bool = True
     augment: AugmentConfig = SITE_AUGMENT
 
-    def transform(self, generator: torch.Generator | None) -> Compose:
+    def transform(
+        self, generator: torch.Generator | None, source: Dataset[Any] | None = None
+    ) -> Compose:
         """The training augmentation (see :func:`train_transform`)."""
-        return train_transform(self.augment, generator)
+        return train_transform(self.augment, generator, source)
 
     def loader(
         self, dataset: Dataset[Any], num_samples: int, seed: int, num_workers: int = 0
@@ -166,18 +188,30 @@ class Recipe:
         return self.grad_clip if self.grad_clip > 0 else None
 
 
-def train_transform(aug: AugmentConfig, generator: torch.Generator | None) -> Compose:
-    """Box-aware training transform described by ``aug`` (flip, resize, jitter).
+def train_transform(
+    aug: AugmentConfig,
+    generator: torch.Generator | None,
+    source: Dataset[Any] | None = None,
+) -> Compose:
+    """Box-aware training transform of ``aug`` (paste, patch, flip, resize, jitter).
 
     Randomness from ``generator`` (reproducible), else torch's global RNG.
+    ``source``: the untransformed training images, where ``aug.paste`` cuts
+    its lesions (without it, no pasting).
     """
     parts: list[Any] = []
+    if aug.paste and source is not None:
+        parts.append(
+            LesionPaste(source, aug.paste_p, aug.paste_max, generator=generator)
+        )
     if aug.vflip:
         parts.append(VerticalFlip(0.5, generator))
     if aug.scale:
         parts.append(RandomResize((aug.scale_min, aug.scale_max), generator))
     if aug.intensity:
         parts.append(IntensityJitter(generator=generator))
+    if aug.min_box_mm > 0:
+        parts.append(GrowSmallBoxes(aug.min_box_mm))
     return Compose(parts)
 
 

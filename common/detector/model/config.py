@@ -40,6 +40,11 @@ class ModelConfig:
             arrive in ``[0, 1]``.
         working_spacing_mm: mm per model-space pixel the model was built for
             (recorded in checkpoints; the model itself never resizes).
+        speck_channel: feed the backbone a second channel, the image's white
+            top-hat (``fcos.SpeckEnhance``: calcification specks without the
+            tissue behind them); changes ``conv1``'s shape.
+        tta_flip: in eval mode, also detect the up-down mirror and fuse
+            (``MammoFCOS.forward``); inference only, twice the time.
         weights_path: optional LOCAL file with ResNet backbone weights (a
             torchvision ResNet ``state_dict``; a 3-channel ``conv1`` is summed to
             one channel). Never downloaded.
@@ -58,6 +63,8 @@ class ModelConfig:
     image_mean: float = 0.5
     image_std: float = field(default=0.25, metadata=bounded(1e-6, None))
     working_spacing_mm: float = field(default=0.4, metadata=bounded(1e-4, 10.0))
+    speck_channel: bool = False
+    tta_flip: bool = False
     weights_path: Path | None = field(default=None, metadata=path_field(True))
     num_classes: int = len(CLASSES)
 

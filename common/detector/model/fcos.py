@@ -22,6 +22,7 @@ Tensor contract (model space = the working-spacing grid of the site cache):
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -187,6 +188,61 @@ class TinyResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
+class SpeckEnhance(nn.Module):
+    """Adds a white top-hat channel: ``[x, x - opening(x)]`` (no parameters).
+
+    The classic microcalcification enhancement of CAD: grey-level opening with
+    a ``size`` x ``size`` square removes bright specks narrower than it, so
+    ``x - opening(x)`` keeps the specks and drops the tissue behind them. Made
+    of max-pools only (exports to ONNX). FloatTensor[B, 1, H, W] ->
+    FloatTensor[B, 2, H, W].
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        if size < 3 or size % 2 == 0:
+            raise ValueError(f"speck opening size must be odd and >= 3, got {size}")
+        self.size = size
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Stack the image and its white top-hat."""
+        k, p = self.size, self.size // 2
+        eroded = -nn.functional.max_pool2d(-x, k, stride=1, padding=p)
+        opened = nn.functional.max_pool2d(eroded, k, stride=1, padding=p)
+        return torch.cat([x, x - opened], dim=1)
+
+
+def speck_size(spacing_mm: float, speck_mm: float = 1.0) -> int:
+    """Odd opening size (pixels, >= 3) wider than a ``speck_mm`` speck."""
+    n = max(3, math.ceil(speck_mm / spacing_mm))
+    return n if n % 2 else n + 1
+
+
+def with_speck_channel(body: nn.Module, spacing_mm: float) -> nn.Module:
+    """``body`` behind a :class:`SpeckEnhance` (its ``conv1`` takes 2 channels).
+
+    The children keep their names (``enhance`` first), so the FPN extractor
+    and the state_dict keys of every other layer are unchanged.
+    """
+    conv = body.conv1
+    assert isinstance(conv, nn.Conv2d)
+    wide = nn.Conv2d(
+        2,
+        conv.out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        bias=conv.bias is not None,
+    )
+    nn.init.kaiming_normal_(wide.weight, mode="fan_out", nonlinearity="relu")
+    out = nn.Module()
+    out.add_module("enhance", SpeckEnhance(speck_size(spacing_mm)))
+    for name, child in body.named_children():
+        out.add_module(name, wide if name == "conv1" else child)
+    out.widths = getattr(body, "widths", None)  # type: ignore[assignment]
+    return out
+
+
 def _resnet_body(depth: int, norm_layer: NormFactory) -> tuple[nn.Module, list[int]]:
     builders: dict[int, Callable[..., tv_resnet.ResNet]] = {
         18: tv_resnet.resnet18,
@@ -259,6 +315,49 @@ class MammoFCOS(FCOS):
         self.transform = NoResizeTransform(cfg.image_mean, cfg.image_std)
         self.cfg = cfg
 
+    def forward(  # type: ignore[override]
+        self,
+        images: list[Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> Any:
+        """FCOS; in eval mode with ``cfg.tta_flip``, fused with the up-down flip.
+
+        Flip test-time augmentation: the image and its up-down mirror are both
+        detected; each detection's score becomes the mean of its own and of
+        the best same-class match (IoU >= 0.3) in the other view (0 without
+        one), so a lesion seen in both keeps its score and a view-specific
+        false positive loses half; then per-class NMS over both views.
+        """
+        if self.training or not self.cfg.tta_flip:
+            return super().forward(images, targets)
+        plain = super().forward(images)
+        flipped = super().forward([im.flip(-2) for im in images])
+        out = []
+        for im, a, b in zip(images, plain, flipped, strict=True):
+            h = im.shape[-2]
+            fb = b["boxes"].clone()
+            fb[:, 1], fb[:, 3] = h - b["boxes"][:, 3], h - b["boxes"][:, 1]
+            out.append(self._fuse(a, {**b, "boxes": fb}))
+        return out
+
+    def _fuse(self, a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
+        from torchvision.ops import batched_nms, box_iou
+
+        def agreed(x: dict[str, Tensor], y: dict[str, Tensor]) -> Tensor:
+            if not len(x["boxes"]) or not len(y["boxes"]):
+                return x["scores"] / 2
+            iou = box_iou(x["boxes"], y["boxes"])
+            iou[x["labels"][:, None] != y["labels"][None, :]] = 0.0
+            partner = torch.where(iou >= 0.3, y["scores"][None, :], 0.0)
+            return (x["scores"] + partner.max(dim=1).values) / 2
+
+        boxes = torch.cat([a["boxes"], b["boxes"]])
+        scores = torch.cat([agreed(a, b), agreed(b, a)])
+        labels = torch.cat([a["labels"], b["labels"]])
+        keep = batched_nms(boxes, scores, labels, self.nms_thresh)
+        keep = keep[: self.detections_per_img]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
     def parameter_groups(self) -> dict[str, list[str]]:
         """``{"backbone": keys, "neck": keys, "head": keys}`` over ``state_dict``."""
         groups: dict[str, list[str]] = {"backbone": [], "neck": [], "head": []}
@@ -290,14 +389,18 @@ def _fcos(cfg: ModelConfig, body: nn.Module, in_channels: list[int]) -> MammoFCO
 def _small_fcos(cfg: ModelConfig, widths: tuple[int, int, int, int]) -> MammoFCOS:
     if cfg.weights_path is not None:
         raise CheckpointMismatch(f"weights_path is not supported for arch {cfg.arch!r}")
-    body = TinyResNet(norm_factory(cfg.norm), widths)
-    return _fcos(cfg, body, list(body.widths[1:]))
+    body: nn.Module = TinyResNet(norm_factory(cfg.norm), widths)
+    if cfg.speck_channel:
+        body = with_speck_channel(body, cfg.working_spacing_mm)
+    return _fcos(cfg, body, list(widths[1:]))
 
 
 def _resnet_fcos(cfg: ModelConfig, depth: int) -> MammoFCOS:
     body, in_channels = _resnet_body(depth, norm_factory(cfg.norm))
     if cfg.weights_path is not None:
         load_backbone_weights(body, cfg.weights_path)
+    if cfg.speck_channel:
+        body = with_speck_channel(body, cfg.working_spacing_mm)
     return _fcos(cfg, body, in_channels)
 
 

@@ -59,6 +59,8 @@ class DetectorModelOptions:
     fpn_channels: int = _MODEL.fpn_channels
     head_convs: int = _MODEL.head_convs
     working_spacing_mm: float = _MODEL.working_spacing_mm
+    speck_channel: bool = _MODEL.speck_channel
+    tta_flip: bool = _MODEL.tta_flip
 
 
 #: ``trainer.options`` keys that shape the detector (the others steer training).
