@@ -46,6 +46,10 @@ if TYPE_CHECKING:  # Flower is imported where records are built, not at import
 # --- metric names only the federation uses --------------------------------
 EVAL_LOSS = "eval-loss"
 ACCURACY = "accuracy"
+#: Evaluate metric of a site that chooses its own model (``trainer.options.
+#: select``): the index of its choice in ``client.selection.CANDIDATES``, a
+#: small integer that names no image, woman or file.
+SELECTED_MODEL = "selected-model"
 
 #: Every scalar metric name a site may put in a reply's MetricRecord. A reply
 #: with any other name is refused by the client guard and dropped by the server.
@@ -60,6 +64,7 @@ METRIC_WHITELIST: frozenset[str] = frozenset(
         CPM_CALCIFICATION,
         CPM_MEAN,
         DP_EPSILON,
+        SELECTED_MODEL,
     }
 )
 
@@ -130,17 +135,38 @@ class StrategyConfig:
         name: ``fedavg``, ``fedprox``, ``personalized``, or a robust aggregator:
             ``fedmedian`` (coordinate-wise median) or ``fedtrimmedavg``
             (coordinate-wise trimmed mean); the robust ones work with or
-            without personalization (they aggregate the shared arrays only).
+            without personalization (they aggregate the shared arrays only);
+            or a server optimizer over FedAvg: ``fedavgm``, ``fedadam`` (any
+            personalization; docs/federation.md, "Server optimizers").
         proximal_mu: FedProx proximal weight (sent to clients; they apply it).
         trim_beta: ``fedtrimmedavg`` cuts ``floor(trim_beta * n)`` of the ``n``
             values at each end of every coordinate; the default 0.34 cuts one
             of 3 or 4 updates, two of 6 (0.2, Flower's default, cuts none below
             5 updates).
+        server_learning_rate, server_momentum: ``fedavgm`` (Hsu et al. 2019):
+            ``m_t = server_momentum * m_{t-1} + (avg_t - x_t)``, ``x_{t+1} =
+            x_t + server_learning_rate * m_t``; momentum 0 and rate 1 is FedAvg.
+        eta, beta_1, beta_2, tau: ``fedadam`` (Reddi et al. 2021, Flower's
+            ``FedAdam``): server step size, first and second moment decay, and
+            the adaptivity floor added to ``sqrt(v_t)``. The client learning
+            rate (Flower's ``eta_l``) is ``trainer.learning_rate``.
     """
 
     name: str = "fedavg"
     proximal_mu: float = field(default=0.0, metadata=bounded(0.0, None))
     trim_beta: float = field(default=0.34, metadata=bounded(0.0, 0.49))
+    server_learning_rate: float = field(default=1.0, metadata=bounded(1e-6, 10.0))
+    server_momentum: float = field(default=0.7, metadata=bounded(0.0, 0.999))
+    eta: float = field(default=0.03, metadata=bounded(1e-6, 10.0))
+    beta_1: float = field(default=0.9, metadata=bounded(0.0, 0.9999))
+    beta_2: float = field(default=0.99, metadata=bounded(0.0, 0.99999))
+    tau: float = field(default=1e-3, metadata=bounded(1e-9, 1.0))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name}: must be finite, got {value!r}")
 
 
 @dataclass(frozen=True)

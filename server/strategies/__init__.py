@@ -15,6 +15,7 @@ from server.strategies.fedavg import build_fedavg
 from server.strategies.fedprox import build_fedprox
 from server.strategies.personalized import build_personalized
 from server.strategies.robust import build_fedmedian, build_fedtrimmedavg
+from server.strategies.serveropt import build_fedadam, build_fedavgm
 
 StrategyFactory = Callable[[FederationConfig], GuardedFedAvg]
 
@@ -24,6 +25,8 @@ STRATEGIES: dict[str, StrategyFactory] = {
     "personalized": build_personalized,
     "fedmedian": build_fedmedian,
     "fedtrimmedavg": build_fedtrimmedavg,
+    "fedavgm": build_fedavgm,
+    "fedadam": build_fedadam,
 }
 
 

@@ -126,6 +126,8 @@ def test_strategy_registry(test_cfg: FederationConfig) -> None:
         "personalized",
         "fedmedian",
         "fedtrimmedavg",
+        "fedavgm",
+        "fedadam",
     }
     s = build_strategy(test_cfg)
     assert type(s).name == "personalized"
@@ -152,7 +154,8 @@ def test_strategy_registry(test_cfg: FederationConfig) -> None:
     assert isinstance(build_strategy(prox_cfg), FedProx)
     with pytest.raises(
         ConfigError,
-        match="valid names: fedavg, fedmedian, fedprox, fedtrimmedavg, personalized",
+        match="valid names: fedadam, fedavg, fedavgm, fedmedian, fedprox, "
+        "fedtrimmedavg, personalized",
     ):
         build_strategy(
             dataclasses.replace(
