@@ -1,12 +1,17 @@
-"""Evaluate a detector checkpoint on a site cache: FROC metrics and plots.
+"""Evaluate a detector checkpoint on a site cache: FROC metrics, plots, errors.
 
 :func:`evaluate_checkpoint` writes ``OUT/metrics.json`` (CPM per class with its
 95% bootstrap interval, sensitivity at each FP rate of
-``common.keys.FROC_FP_RATES``, AP, counts, and the flat federation metrics) and
-``OUT/froc-<class>.png``. Distances are in mm at each image's model-space
-spacing (the hit rule of :mod:`common.detector.froc`). A checkpoint's
-``extra["standardizer"]`` (from ``mammofed-client export``) standardizes every
-image before the model.
+``common.keys.FROC_FP_RATES``, AP, counts, the flat federation metrics, and,
+at 1 FP/image, sensitivity by lesion size under ``by_size``, by breast
+density under ``by_density`` when some image has one, and the cases of the
+error gallery under ``errors``), ``OUT/froc-<class>.png`` and
+``OUT/errors-<class>.png`` (missed lesions and top false positives, see
+:mod:`common.detector.errors`). Distances are in mm at each image's
+model-space spacing (the hit rule of :mod:`common.detector.froc`). A
+checkpoint's ``extra["standardizer"]`` (from ``mammofed-client export``)
+standardizes every image before the model; the gallery shows the cached
+model-space pixels, not standardized.
 """
 
 from __future__ import annotations
@@ -22,12 +27,18 @@ from client.export import load_detector
 from common import __version__
 from common.config.loader import config_to_dict, write_resolved
 from common.detector.engine import evaluate_detailed, resolve_device
+from common.detector.errors import GALLERY_N, write_error_outputs
 from common.detector.recipe import Transformed
+from common.errors import MammofedError
 from common.imaging.data import SiteDataset
 
 log = logging.getLogger(__name__)
 
 METRICS_JSON = "metrics.json"
+
+
+class NothingToEvaluate(MammofedError, ValueError):
+    """The view chosen for evaluation holds no image (the message names both)."""
 
 
 def evaluate_checkpoint(
@@ -43,15 +54,25 @@ def evaluate_checkpoint(
     device: str = "auto",
     batch_size: int = 2,
     use_ema: bool = False,
+    gallery_missed: int = GALLERY_N,
+    gallery_fp: int = GALLERY_N,
 ) -> dict[str, Any]:
     """FROC evaluation of ``checkpoint`` on ``view`` of the site cache.
+
+    ``gallery_missed`` and ``gallery_fp`` cap the missed lesions and false
+    positives shown per class in ``errors-<class>.png`` (both 0: no gallery;
+    the size table is written either way).
 
     Returns the JSON document written to ``out_dir/metrics.json``.
 
     Raises:
         CheckpointMismatch: unusable checkpoint.
-        MammofedError: no cache entries; ValueError: empty view / unknown view.
+        MammofedError: no cache entries; NothingToEvaluate (a ValueError): the
+            view holds no image; ValueError: unknown view, negative gallery size.
     """
+    for name, n in (("gallery_missed", gallery_missed), ("gallery_fp", gallery_fp)):
+        if n < 0:
+            raise ValueError(f"{name} must be >= 0, got {n!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
@@ -67,6 +88,8 @@ def evaluate_checkpoint(
             "n_boot": n_boot,
             "seed": seed,
             "use_ema": use_ema,
+            "gallery_missed": gallery_missed,
+            "gallery_fp": gallery_fp,
             "standardizer": std.to_dict() if std is not None else None,
         },
         out,
@@ -75,7 +98,7 @@ def evaluate_checkpoint(
     images = site.view(view)
     n_images = len(images)
     if n_images == 0:
-        raise ValueError(f"{cache_dir}: view {view!r} has no images to evaluate")
+        raise NothingToEvaluate(f"{cache_dir}: view {view!r} has no images to evaluate")
     ds: Dataset[Any] = images
     if std is not None:  # the site's intensity standardization (export)
         ds = Transformed(images, std)
@@ -89,6 +112,15 @@ def evaluate_checkpoint(
         plot_dir=out,
         title=f"{Path(cache_dir).name} ({view})",
     )
+    errors = write_error_outputs(
+        res.images,
+        out,
+        site.cache.load_pixels,
+        title=f"{Path(cache_dir).name} ({view})",
+        n_missed=gallery_missed,
+        n_fp=gallery_fp,
+        densities={r.key: r.meta.density for r in site.records},
+    )
     doc: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "site": str(cache_dir),
@@ -98,6 +130,7 @@ def evaluate_checkpoint(
         "software_version": __version__,
         "checkpoint_version": ck.version,
         **res.to_json(),
+        **errors,
     }
     (out / METRICS_JSON).write_text(json.dumps(doc, indent=2))
     for name, r in res.per_class.items():

@@ -3,8 +3,9 @@
 What :func:`ingest_site` does, in order:
 
 1. reads ``SITE_DIR/images.csv`` (research images: ``image, patient_id,
-   laterality, view, spacing_mm``) and ``SITE_DIR/split.csv`` (``patient_id,
-   split``), skipping broken rows with a logged reason;
+   laterality, view, spacing_mm``), ``SITE_DIR/split.csv`` (``patient_id,
+   split``) and ``SITE_DIR/density.csv`` (any image: ``image, density``),
+   skipping broken rows with a logged reason;
 2. walks the tree; DICOM files (known suffix, or recognised by content) and
    PNG/TIFF files are candidates, everything else (``annotations.csv``,
    ``split.csv``, ``images.csv``, text, licences...) is passed over quietly;
@@ -20,7 +21,9 @@ What :func:`ingest_site` does, in order:
 4. drops entries whose source disappeared or changed;
 5. resolves duplicates (:func:`resolve_duplicates`: one image, one patient,
    one set of labels);
-6. rebuilds ``annotations.json`` (cheap: from the annotation file and the cached
+6. sets each entry's breast density (``meta.density``) from ``density.csv``
+   (:func:`apply_density`: JSON only, no pixels; no row: unknown) and rebuilds
+   ``annotations.json`` (cheap: from the annotation file and the cached
    geometries, no pixels), ``split.json``, ``manifest.csv``,
    ``ingest_report.json`` and ``resolved_config.yaml``.
 
@@ -64,7 +67,12 @@ from common.imaging.annotations import (
     read_site_annotations,
 )
 from common.imaging.cache import CacheEntry, SiteCache, atomic_write_text, manifest_row
-from common.imaging.image import MammoImage
+from common.imaging.image import (
+    DENSITY_COLUMNS,
+    DENSITY_CSV,
+    DENSITY_VALUES,
+    MammoImage,
+)
 from common.imaging.research_image import RESEARCH_SUFFIXES
 from common.keys import (
     ANNOTATIONS_CSV,
@@ -92,7 +100,9 @@ NON_IMAGE_SUFFIXES = frozenset(
         ".html", ".pdf", ".py", ".zip", ".gz", ".tmp", ".npz", ".log",
     }
 )  # fmt: skip
-SITE_FILES = frozenset({ANNOTATIONS_CSV, ANNOTATIONS_JSON, SPLIT_CSV, IMAGES_CSV})
+SITE_FILES = frozenset(
+    {ANNOTATIONS_CSV, ANNOTATIONS_JSON, SPLIT_CSV, IMAGES_CSV, DENSITY_CSV}
+)
 
 #: ``reader(path, *, working_spacing_mm, default_spacing_mm, spacing_mm,
 #: laterality, view, patient_id, max_pixels) -> MammoImage``; runs in a decode
@@ -142,6 +152,9 @@ def read_images_csv(path: str | Path) -> tuple[dict[str, SidecarRow], list[Skip]
     """
     table = _Table(path, ("image",))
     skip = table.skip
+    if any("density" in rec for _, rec in table.rows[:1]):
+        skip(1, "density", "(column)", f"not read here: breast density goes in "
+             f"{DENSITY_CSV} (image,density), for any image format")  # fmt: skip
     out: dict[str, SidecarRow] = {}
     for i, rec in table.rows:
         ref = normalize_ref(rec.get("image", ""))
@@ -172,6 +185,91 @@ def read_images_csv(path: str | Path) -> tuple[dict[str, SidecarRow], list[Skip]
             spacing_mm=spacing,
         )
     return out, table.skips
+
+
+@dataclass(frozen=True)
+class DensityRow:
+    """One usable row of ``density.csv``: its row number and density as given."""
+
+    row: int
+    density: str
+
+
+def read_density_csv(path: str | Path) -> tuple[dict[str, DensityRow], list[Skip]]:
+    """Parse ``density.csv`` (``image, density``); bad rows are skipped with a reason.
+
+    ``image`` is a path relative to ``SITE_DIR`` or a SOPInstanceUID (as in
+    the annotation file); ``density`` one of
+    :data:`common.imaging.image.DENSITY_VALUES` as written (BI-RADS ``a``-``d``
+    or MIAS ``F``/``G``/``D``; case matters). An empty or other value, an empty
+    image, or a second row for the same image is skipped (logged).
+
+    Returns:
+        ``({normalized reference: row}, skips)``.
+
+    Raises:
+        MammofedError: unreadable file or missing columns.
+    """
+    table = _Table(path, DENSITY_COLUMNS)
+    skip = table.skip
+    out: dict[str, DensityRow] = {}
+    for i, rec in table.rows:
+        ref = normalize_ref(rec.get("image", ""))
+        value = rec.get("density", "")
+        if not ref:
+            skip(i, "image", rec.get("image", ""), "empty image path")
+        elif value not in DENSITY_VALUES:
+            skip(i, "density", value, "must be a, b, c, d (BI-RADS) or F, G, D "
+                 "(MIAS), as written (case matters): image ingested, density "
+                 "unknown")  # fmt: skip
+        elif ref in out:
+            skip(i, "image", ref, f"second row (row {out[ref].row} kept)")
+        else:
+            out[ref] = DensityRow(i, value)
+    return out, table.skips
+
+
+def apply_density(
+    cache: SiteCache,
+    entries: Iterable[CacheEntry],
+    table: dict[str, DensityRow] | None,
+    source: str = DENSITY_CSV,
+) -> tuple[list[CacheEntry], list[Skip]]:
+    """Give every entry the density of its ``density.csv`` row (``None``: no row).
+
+    A row matches an entry by path relative to ``SITE_DIR`` or by
+    SOPInstanceUID. Changed entries are saved (JSON only). Rows that match no
+    entry, or an entry another row already gave a density, are skipped (file
+    ``source``, row, value, reason; logged). ``table`` ``None`` (the site has
+    no ``density.csv``) clears every density.
+
+    Returns:
+        ``(entries in the given order, skips)``.
+    """
+    entries = list(entries)
+    skips: list[Skip] = []
+    by_ref: dict[str, str] = {}
+    for e in entries:
+        by_ref[normalize_ref(e.source)] = e.key
+        uid = (e.meta.sop_instance_uid or "").strip()
+        if uid:
+            by_ref.setdefault(uid, e.key)
+    per_key: dict[str, DensityRow] = {}
+    for ref, row in sorted((table or {}).items(), key=lambda t: t[1].row):
+        key = by_ref.get(ref)
+        if key is None:
+            why = "no ingested image has this path or SOPInstanceUID: row not used"
+            Skip(source, row.row, "image", ref, why).add_to(skips)
+        elif key in per_key:
+            why = f"same image as row {per_key[key].row} (that row kept)"
+            Skip(source, row.row, "image", ref, why).add_to(skips)
+        else:
+            per_key[key] = row
+    out = [
+        cache.with_density(e, per_key[e.key].density if e.key in per_key else None)
+        for e in entries
+    ]
+    return out, skips
 
 
 def read_split_csv(path: str | Path) -> tuple[dict[str, str], list[Skip]]:
@@ -369,6 +467,7 @@ class _Run:
     result: IngestResult
     t_start: float
     split: dict[str, str] | None = None
+    density: dict[str, DensityRow] | None = None
     annotations: Any = None
     table_skips: list[Skip] = field(default_factory=list)
     keep: dict[str, CacheEntry] = field(default_factory=dict)
@@ -402,7 +501,8 @@ def ingest_site(
 
     Raises:
         MammofedError: ``site_dir`` is not a folder, or a site table
-            (``images.csv``, ``split.csv``, the annotation file) is unreadable
+            (``images.csv``, ``split.csv``, ``density.csv``, the annotation
+            file) is unreadable
             as a whole (the report then says ``"failed"``; the previous
             manifest is left as it was).
         BaseException: whatever stopped the walk (``KeyboardInterrupt``...),
@@ -427,6 +527,9 @@ def ingest_site(
             run.table_skips += sk
         if (site / SPLIT_CSV).is_file():
             run.split, sk = read_split_csv(site / SPLIT_CSV)
+            run.table_skips += sk
+        if (site / DENSITY_CSV).is_file():
+            run.density, sk = read_density_csv(site / DENSITY_CSV)
             run.table_skips += sk
         run.annotations = read_site_annotations(site, cfg.finding_kind)
     except MammofedError as exc:
@@ -585,6 +688,10 @@ def _finish(run: _Run) -> None:
 
     # --- site-level files ------------------------------------------------------
     entries = sorted(kept, key=lambda e: e.source)
+    entries, density_skips = apply_density(
+        cache, entries, run.density, str(run.site / DENSITY_CSV)
+    )
+    run.table_skips += density_skips
     targets, ann_skips = match_annotations(
         run.annotations,
         ((e.key, e.source, e.meta.sop_instance_uid, e.geometry) for e in entries),
@@ -918,6 +1025,7 @@ def _report(
                 "spacing_source": m.spacing_source,
                 "presentation_intent": m.presentation_intent,
                 "patient_id": m.patient_id,
+                "density": m.density,
                 "rows": m.rows,
                 "cols": m.cols,
                 "model_shape": list(e.geometry.model_shape),
@@ -967,6 +1075,8 @@ def log_summary(result: IngestResult, targets: dict[str, Any]) -> None:
     log.info("by vendor: %s", _fmt(Counter(e.meta.manufacturer for e in es)))
     log.info("by view: %s", _fmt(Counter(str(e.meta.view or "") for e in es)))
     log.info("by laterality: %s", _fmt(Counter(e.meta.laterality for e in es)))
+    if any(e.meta.density for e in es):
+        log.info("by density: %s", _fmt(Counter(e.meta.density or "" for e in es)))
     if result.skipped:
         log.info("skipped %d files:", len(result.skipped))
         for s in result.skipped:

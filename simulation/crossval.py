@@ -24,8 +24,14 @@ threshold sweep; the per-fold CPMs (mean ± sd) are reported next to it.
 Written into ``out_dir``:
 
 * ``resolved_config.yaml``: the TrainConfig as used;
-* ``cv_metrics.json``: pooled per-class FROC summary, per-fold CPMs, folds;
+* ``cv_metrics.json``: pooled per-class FROC summary, per-fold CPMs, folds,
+  and from the pooled out-of-fold detections at 1 FP/image the sensitivity by
+  lesion size (``by_size``), by breast density (``by_density``, when some
+  image has one) and the gallery's cases (``errors``), as
+  ``mammofed-client evaluate`` writes them (:mod:`common.detector.errors`; the
+  one pooled threshold spans the folds' models, like the pooled FROC);
 * ``froc-<class>.png``: the pooled FROC curves;
+* ``errors-<class>.png``: the pooled missed lesions and top false positives;
 * ``oof_predictions.json``: every out-of-fold image as
   :meth:`common.detector.froc.FrocImage.to_json` (key ``<site>/<cache key>``, spacing,
   ground truth, ignore regions, model-space detections) plus its ``fold``:
@@ -57,7 +63,9 @@ from common.detector.engine import (
     resolve_device,
     seed_everything,
 )
+from common.detector.errors import write_error_outputs
 from common.detector.froc import ClassMetrics, FrocImage, froc_all, plot_froc
+from common.detector.recipe import Pooled
 from common.errors import MammofedError
 from common.fileio import json_safe
 from common.imaging.data import SiteDataset
@@ -216,7 +224,10 @@ def run_crossval(
         t0 = time.perf_counter()
         try:
             seed_everything(cfg.seed)
-            transform = cfg.train_transform()
+            # lesions to paste come from this fold's training women only
+            transform = cfg.train_transform(
+                Pooled([sites[name].subset(tr) for name, tr in train_idx.items()])
+            )
             train_views = [
                 sites[name].subset(tr, transform) for name, tr in train_idx.items()
             ]
@@ -281,6 +292,7 @@ def run_crossval(
             "fold_cpm_mean": mean,
             "fold_cpm_sd": sd,
         }
+    errors = _pooled_errors(sites, oof, out, f"{k}-fold CV (out-of-fold)")
     doc: dict[str, Any] = {
         "k": k,
         "seed": cfg.seed,
@@ -291,6 +303,7 @@ def run_crossval(
         "classes": classes,
         "metrics": flat_metrics(pooled, len(oof)),
         "folds": fold_docs,
+        **errors,
         "seconds": round(time.perf_counter() - t_start, 2),
         "config": config_to_dict(cfg),
     }
@@ -307,6 +320,31 @@ def run_crossval(
         k, len(oof), _fmt(mass["cpm"]), *_ci(mass), _fmt(calc["cpm"]), *_ci(calc),
     )  # fmt: skip
     return doc
+
+
+def _pooled_errors(
+    sites: dict[str, SiteDataset], oof: list[FrocImage], out: Path, title: str
+) -> dict[str, Any]:
+    """Error galleries, size and density tables of the pooled out-of-fold images.
+
+    Keys ``<site>/<cache key>`` name the pixels in their site's cache.
+    """
+    where = {
+        f"{name}/{r.key}": (site, r.key)
+        for name, site in sites.items()
+        for r in site.records
+    }
+
+    def load(key: str) -> np.ndarray:
+        site, cache_key = where[key]
+        return site.cache.load_pixels(cache_key)
+
+    densities = {
+        f"{name}/{r.key}": r.meta.density
+        for name, site in sites.items()
+        for r in site.records
+    }
+    return write_error_outputs(oof, out, load, title=title, densities=densities)
 
 
 def load_oof_images(cfg: TrainConfig) -> list[FrocImage]:

@@ -1,4 +1,4 @@
-"""``mammofed-client evaluate``: FROC metrics of a checkpoint on a site cache."""
+"""``mammofed-client evaluate``: FROC metrics and error galleries of a checkpoint."""
 
 from __future__ import annotations
 
@@ -6,10 +6,25 @@ import argparse
 import logging
 from pathlib import Path
 
-NAME = "evaluate"
-HELP = "evaluate a detector checkpoint on a site cache (FROC, CPM, AP, plots)"
+from common.detector.errors import GALLERY_N  # numpy only: --help stays fast
 
+NAME = "evaluate"
+HELP = (
+    "evaluate a detector checkpoint on a site cache (FROC, CPM, AP, plots, "
+    "error galleries, sensitivity by lesion size and breast density)"
+)
 log = logging.getLogger(__name__)
+
+
+def _count(text: str) -> int:
+    """An integer >= 0 (argparse type)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,10 +43,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boot-seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda...")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights")
+    parser.add_argument(
+        "--gallery-missed",
+        type=_count,
+        default=GALLERY_N,
+        metavar="N",
+        help="missed lesions (at 1 FP/image) shown per class in errors-<class>.png, "
+        "largest first",
+    )
+    parser.add_argument(
+        "--gallery-fp",
+        type=_count,
+        default=GALLERY_N,
+        metavar="N",
+        help="top-scoring false positives shown per class; 0 for both: no gallery",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate and write ``OUT/metrics.json`` and FROC plots."""
+    """Evaluate and write ``OUT/metrics.json``, FROC plots and error galleries."""
     from client.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(
@@ -45,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.boot_seed,
         device=args.device,
         use_ema=args.ema,
+        gallery_missed=args.gallery_missed,
+        gallery_fp=args.gallery_fp,
     )
     log.info("wrote %s", args.out / "metrics.json")
     return 0

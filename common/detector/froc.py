@@ -170,14 +170,32 @@ def match_image(image: FrocImage, label: int) -> tuple[np.ndarray, np.ndarray, i
         ``HIT``, ``DUPLICATE``, ``IGNORED`` or ``FALSE_POSITIVE`` (module
         docstring) and ``n_lesions`` counts this class's lesions.
     """
+    scores, outcomes, hit_by = match_image_lesions(image, label)
+    return scores, outcomes, int(len(hit_by))
+
+
+def match_image_lesions(
+    image: FrocImage, label: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`match_image`, plus which detection hit each lesion of ``label``.
+
+    Returns:
+        ``(scores float[K], outcomes int[K], hit_by int[N])``: the first two as
+        in :func:`match_image` (detections of class ``label`` in their original
+        order), and for each lesion of the class (in ``gt_boxes`` order among
+        that class's lesions) the index into those K detections of the one
+        that hit it, or ``-1`` when none did. A lesion hit by detection ``i``
+        is found at every threshold ``<= scores[i]`` and missed above it.
+    """
     gt = image.gt_boxes[image.gt_labels == label]
     dmask = image.det_labels == label
     dets = image.det_boxes[dmask]
     scores = image.det_scores[dmask]
     order = np.argsort(-scores, kind="stable")
     outcomes = np.full(len(dets), FALSE_POSITIVE, dtype=np.int64)
+    hit_by = np.full(len(gt), -1, dtype=np.int64)
     if len(dets) == 0:
-        return scores, outcomes, int(len(gt))
+        return scores, outcomes, hit_by
     sp = image.spacing_mm
     dc = _centres(dets) * sp
     if len(gt):
@@ -197,6 +215,7 @@ def match_image(image: FrocImage, label: int) -> tuple[np.ndarray, np.ndarray, i
             d = np.where(free, dist[i], np.inf)
             j = int(np.argmin(d))
             hit[j] = True
+            hit_by[j] = i
             outcomes[i] = HIT
         elif reach[i].any():
             outcomes[i] = DUPLICATE
@@ -207,7 +226,7 @@ def match_image(image: FrocImage, label: int) -> tuple[np.ndarray, np.ndarray, i
             & (dc[i, 1] <= ig[:, 3])
         ):
             outcomes[i] = IGNORED
-    return scores, outcomes, int(len(gt))
+    return scores, outcomes, hit_by
 
 
 @dataclass(frozen=True)

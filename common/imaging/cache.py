@@ -7,7 +7,9 @@ Layout of ``CACHE_DIR``::
     images/<key>.json       {"key", "source" (path relative to SITE_DIR),
                              "size", "mtime_ns", "working_spacing_mm",
                              "spacing_mm", "geometry" (Geometry.to_dict()),
-                             "meta" (ImageMeta.to_dict()), "format",
+                             "meta" (ImageMeta.to_dict(); its "density"
+                             comes from SITE_DIR/density.csv, absent or
+                             null: unknown), "format",
                              "pixel_sha256" (see pixel_digest)}
     annotations.json        {key: ImageTargets.to_dict()}: boxes in stored and
                             model space, labels, ignore regions, labeled/weak
@@ -22,7 +24,9 @@ Layout of ``CACHE_DIR``::
 ``key`` = sha256 of the file's bytes followed by the working spacing written
 with ``repr(float)``, so the same file ingested at another spacing is another
 entry. Writes go to a temporary name and are renamed, so a killed ingest never
-leaves a half-written entry.
+leaves a half-written entry. The breast density is no part of the key: a
+changed ``density.csv`` rewrites the entries' JSON (:meth:`SiteCache.with_density`)
+without decoding any pixels.
 """
 
 from __future__ import annotations
@@ -223,6 +227,17 @@ class SiteCache:
             digest = pixel_digest(z["pixels"])
         return self._save(replace(entry, pixel_sha256=digest))
 
+    def with_density(self, entry: CacheEntry, density: str | None) -> CacheEntry:
+        """``entry`` with ``meta.density = density``, saved when it changed.
+
+        Raises:
+            ValueError: ``density`` is not ``None`` or one of
+                :data:`common.imaging.image.DENSITY_VALUES`.
+        """
+        if entry.meta.density == density:
+            return entry
+        return self._save(replace(entry, meta=replace(entry.meta, density=density)))
+
     def _save(self, entry: CacheEntry) -> CacheEntry:
         atomic_write_text(
             self.entry_path(entry.key), json.dumps(entry.to_dict(), indent=1)
@@ -238,7 +253,7 @@ class SiteCache:
         path = self.entry_path(key)
         try:
             return CacheEntry.from_dict(json.loads(path.read_text()))
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError too
             raise ValueError(f"{path}: malformed cache entry: {exc}") from exc
 
     def load_pixels(self, key: str) -> np.ndarray:

@@ -13,6 +13,33 @@ from common.imaging.geometry import Geometry
 #: A pixel array smaller than this on either side is not a mammogram.
 MIN_SIDE_PX = 64
 
+#: BI-RADS breast composition (5th edition): almost entirely fatty,
+#: scattered fibroglandular, heterogeneously dense, extremely dense.
+BIRADS_DENSITIES: tuple[str, ...] = ("a", "b", "c", "d")
+#: mini-MIAS background tissue: fatty, fatty-glandular, dense-glandular.
+MIAS_TISSUES: tuple[str, ...] = ("F", "G", "D")
+#: Every breast density an image may carry, as written (case matters: ``d`` is
+#: BI-RADS "extremely dense", ``D`` MIAS "dense-glandular"; no mapping between
+#: the two scales is applied).
+DENSITY_VALUES: tuple[str, ...] = BIRADS_DENSITIES + MIAS_TISSUES
+#: The site's optional density table (``image,density``; see ``client.ingest``).
+DENSITY_CSV = "density.csv"
+DENSITY_COLUMNS: tuple[str, ...] = ("image", "density")
+
+
+def check_density(value: str | None) -> str | None:
+    """``value`` when it is ``None`` or one of :data:`DENSITY_VALUES`.
+
+    Raises:
+        ValueError: any other value, quoted, with the valid ones.
+    """
+    if value is not None and value not in DENSITY_VALUES:
+        raise ValueError(
+            f"breast density must be one of {', '.join(DENSITY_VALUES)} (BI-RADS "
+            f"a-d or MIAS F/G/D, case matters) or empty, got {value!r}"
+        )
+    return value
+
 
 def check_min_side(path: object, rows: int, cols: int, what: str) -> None:
     """Refuse a ``rows x cols`` grid under :data:`MIN_SIDE_PX` on a side.
@@ -44,6 +71,9 @@ class ImageMeta:
         presentation_intent: ``"FOR PRESENTATION"``, ``"FOR PROCESSING"`` or ``None``.
         photometric: ``"MONOCHROME1"``, ``"MONOCHROME2"`` or ``None``.
         rows, cols: stored grid size.
+        density: breast density from the site's ``density.csv``, one of
+            :data:`DENSITY_VALUES` as given, or ``None`` (unknown; also every
+            entry cached before the field existed).
     """
 
     source: str
@@ -60,6 +90,11 @@ class ImageMeta:
     photometric: str | None
     rows: int
     cols: int
+    density: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a density outside :data:`DENSITY_VALUES` (ValueError)."""
+        check_density(self.density)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form."""
@@ -67,7 +102,7 @@ class ImageMeta:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ImageMeta:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (no ``density`` key: unknown)."""
         return cls(**d)
 
 

@@ -19,7 +19,11 @@ Output (``OUT_SITE_DIR``):
   CALC -> calcification (the circle covers the cluster), ARCH/ASYM -> ignore,
   NORM -> a ``none`` row; abnormal rows without coordinates are kept as
   image-level labels (empty box). With ``keep_words=True`` the MIAS words are
-  written instead, for a site config to map.
+  written instead, for a site config to map;
+* ``density.csv``: ``image, density``, the background tissue of each image
+  with a table row, as MIAS writes it (``F`` fatty, ``G`` fatty-glandular,
+  ``D`` dense-glandular; not mapped to BI-RADS). An image's first row decides;
+  a later row of the same image with another tissue is logged and ignored.
 
 Malformed table rows are skipped with a warning naming the file, line and
 value; images without a table row are copied but get no annotation
@@ -39,6 +43,7 @@ from pathlib import Path
 from PIL import Image
 
 from common.errors import MammofedError
+from common.imaging.image import DENSITY_COLUMNS, DENSITY_CSV
 from common.keys import (
     ANNOTATION_COLUMNS,
     ANNOTATIONS_CSV,
@@ -212,6 +217,7 @@ class ImportSummary:
     images: int = 0
     annotation_rows: int = 0
     kinds: Counter[str] = field(default_factory=Counter)
+    densities: Counter[str] = field(default_factory=Counter)
     table_skipped: list[tuple[int, str, str]] = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)
     unlisted_images: list[str] = field(default_factory=list)
@@ -264,6 +270,7 @@ def import_mias(
             )  # fmt: skip
             summary.images += 1
     listed = set()
+    tissue: dict[str, MiasRow] = {}
     with open(out / ANNOTATIONS_CSV, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(ANNOTATION_COLUMNS)
@@ -276,6 +283,14 @@ def import_mias(
                 )  # fmt: skip
                 continue
             listed.add(row.image_id)
+            first = tissue.setdefault(row.image_id, row)
+            if first.tissue != row.tissue:
+                log.warning(
+                    "%s line %d: tissue %r of %s differs from %r on line %d; "
+                    "the first is written to %s",
+                    info, row.line, row.tissue, row.image_id, first.tissue,
+                    first.line, DENSITY_CSV,
+                )  # fmt: skip
             word = row.cls if keep_words else row.kind
             coords: list[str] = ["", "", "", ""]
             if row.x is not None and row.y is not None and row.radius is not None:
@@ -291,13 +306,21 @@ def import_mias(
             w.writerow([f"{row.image_id}.png", word, *coords])
             summary.annotation_rows += 1
             summary.kinds[row.kind] += 1
+    with open(out / DENSITY_CSV, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(DENSITY_COLUMNS)
+        for image_id, row in sorted(tissue.items()):
+            w.writerow([f"{image_id}.png", row.tissue])
+            summary.densities[row.tissue] += 1
     summary.unlisted_images = sorted(set(sizes) - listed)
     for stem in summary.unlisted_images:
         log.warning("%s.png has no row in %s: imported unlabeled", stem, info)
     log.info(
-        "imported %d images into %s: %d annotation rows (%s); %d table lines skipped",
+        "imported %d images into %s: %d annotation rows (%s); tissue %s; %d table "
+        "lines skipped",
         summary.images, out, summary.annotation_rows,
         ", ".join(f"{k}: {v}" for k, v in sorted(summary.kinds.items())),
+        ", ".join(f"{k}: {v}" for k, v in sorted(summary.densities.items())),
         len(summary.table_skipped),
     )  # fmt: skip
     return summary

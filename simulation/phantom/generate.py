@@ -5,6 +5,7 @@ Output per site (the site contract of docs/architecture.md)::
     OUT/<site>/<PatientID>/<L|R>_<CC|MLO>.dcm
     OUT/<site>/annotations.csv   image,finding,xmin,ymin,xmax,ymax (stored pixels)
     OUT/<site>/split.csv         patient_id,split (train | test)
+    OUT/<site>/density.csv       image,density (the woman's BI-RADS a-d, every image)
 
 plus ``OUT/scenario_resolved.yaml`` and ``OUT/_oracle/<site>/annotations.csv``:
 every image's true findings (unlabeled ones included), outside the site folder,
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import write_resolved
+from common.imaging.image import DENSITY_COLUMNS, DENSITY_CSV
 from common.keys import (
     ANNOTATION_COLUMNS,
     ANNOTATIONS_CSV,
@@ -176,6 +178,11 @@ def patient_id(site: str, woman: int) -> str:
     return f"PH-{site}-{woman:05d}"
 
 
+def woman_spec(scenario: Scenario, site_name: str, woman: int) -> WomanSpec:
+    """The draws shared by a woman's four images (density a-d, size, thickness)."""
+    return draw_woman(scenario.anatomy, image_rng(scenario, site_name, woman, "woman"))
+
+
 def plan_site(scenario: Scenario, site: SiteSpec) -> list[ImagePlan]:
     """Every image of ``site`` with its split and labeled flag, in file order.
 
@@ -261,7 +268,7 @@ def render_image(
     anatomy = scenario.anatomy
     woman_rng = partial(image_rng, scenario, site.name, woman)
     rng = partial(woman_rng, f"{laterality}{view}")  # this image's draws
-    w_spec = draw_woman(anatomy, woman_rng("woman"))
+    w_spec = woman_spec(scenario, site.name, woman)
     b_spec = draw_breast(anatomy, w_spec, view, rng("a"))
     maps = build_anatomy(anatomy, b_spec, shape, pitch, rng("tissue"))
     if lesions is None:
@@ -364,7 +371,7 @@ def generate_site(
     workers: int = 1,
     progress: Progress | None = None,
 ) -> Path:
-    """Write ``out_dir/<site_name>/`` (DICOM, annotations.csv, split.csv).
+    """Write ``out_dir/<site_name>/`` (DICOM, annotations.csv, split.csv, density.csv).
 
     Existing files are overwritten with identical content; ``.dcm`` files in the
     site folder that the plan does not produce are removed (the folder belongs
@@ -397,6 +404,12 @@ def generate_site(
         _write_csv(folder / ANNOTATIONS_CSV, ANNOTATION_COLUMNS, annotations)
     splits = {p.patient_id: p.split for p in plans}
     _write_csv(site_dir / SPLIT_CSV, SPLIT_COLUMNS, list(splits.items()))
+    density = {w: woman_spec(scenario, site.name, w).density for w in range(site.women)}
+    _write_csv(
+        site_dir / DENSITY_CSV,
+        DENSITY_COLUMNS,
+        [(p.relpath, density[p.woman]) for p in plans],
+    )
     return site_dir
 
 

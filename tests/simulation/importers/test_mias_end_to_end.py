@@ -47,3 +47,6 @@ def test_mias_subset_to_dataset(shared_data: Path, tmp_path: Path) -> None:
         ra, rb = rec[f"{a}.png"], rec[f"{b}.png"]
         assert ra.patient_id == rb.patient_id and ra.split == rb.split
     assert ds.indices("test") and ds.indices("labeled")
+    # background tissue (Info.txt) -> density.csv -> the cache's metadata
+    tissue = {"mdb003": "D", "mdb005": "F", "mdb055": "G"}
+    assert {k: rec[f"{k}.png"].meta.density for k in tissue} == tissue
