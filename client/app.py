@@ -13,7 +13,11 @@ The run's :class:`common.wire.federation.FederationConfig` comes from
 (train, query) and one MetricRecord with the trainer's declared metric names;
 :func:`client.guard.check_reply` refuses anything else before it is sent. A
 metric that is not finite (CPM of a class with no lesion in the site's test
-split) is left out of the reply rather than sent as NaN.
+split) is left out of the reply rather than sent as NaN. When the run's sites
+choose their own model (``trainer.options.select``), the trainer makes that
+choice at each evaluate message and keeps it in the site's state
+(:mod:`client.selection`); the reply carries only its index
+(``selected-model``).
 
 Faults: a handler that fails replies a Flower ``Error`` with one of the codes
 of :mod:`common.wire.faults` and its fixed message; the exception itself (whose

@@ -33,6 +33,7 @@ fine-tuning stays non-private: it never leaves the site. See docs/privacy.md.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -45,6 +46,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from client.selection import (
+    Selection,
+    SelectionStore,
+    Selector,
+    SelectSettings,
+    applicable,
+    candidate_index,
+    parse_candidates,
+    validation_women,
+)
 from client.site_model import PERSONAL_HEAD_PREFIX, SiteModel
 from client.state import SiteState
 from client.trainer import Arrays, Metrics, register_trainer
@@ -80,7 +91,7 @@ from common.keys import (
     SKIPPED_STEPS,
     TRAIN_LOSS,
 )
-from common.wire.federation import FederationConfig, FitInstructions
+from common.wire.federation import SELECTED_MODEL, FederationConfig, FitInstructions
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +118,15 @@ class DetectorOptions:
     as plain FedAvg does); ``threads`` 0 is torch's default; ``cache_root``
     holds the ``<site>/`` caches when the node config names no data dir;
     ``dp_delta`` 0 is ``1 / n_women ** 1.1``.
+
+    ``select`` turns on the site's choice of its own model
+    (:mod:`client.selection`): ``select_validation_fraction`` of the labeled
+    training women (per lesion stratum, at least one of two or more) are held
+    out of local training and score the candidates; a candidate replaces the
+    base model only when its CPM beats the base's by more than
+    ``select_margin``; ``select_candidates`` (comma-separated names, empty:
+    every candidate the run can build) limits them; ``select_head_epochs``
+    is the head tuning of the ``*-tuned`` candidates (0: none).
     """
 
     arch: str = _MODEL.arch
@@ -114,7 +134,11 @@ class DetectorOptions:
     fpn_channels: int = _MODEL.fpn_channels
     head_convs: int = _MODEL.head_convs
     working_spacing_mm: float = _MODEL.working_spacing_mm
+    speck_channel: bool = _MODEL.speck_channel
+    tta_flip: bool = _MODEL.tta_flip
     lesion_prob: float = field(default=0.6, metadata=bounded(0.0, 1.0))
+    paste: bool = False
+    min_box_mm: float = field(default=0.0, metadata=bounded(0.0, 1000.0))
     max_steps: int = field(default=0, metadata=bounded(0, None))
     head_epochs: int = field(default=1, metadata=bounded(0, 1000))
     ssl: bool = False
@@ -133,6 +157,17 @@ class DetectorOptions:
     dp_max_grad_norm: float = field(default=1.0, metadata=bounded(1e-6, 1e6))
     dp_patients_per_step: int = field(default=8, metadata=bounded(1, 1_000_000))
     dp_share_train_stats: bool = False
+    select: bool = False
+    select_validation_fraction: float = field(default=0.25, metadata=bounded(0.01, 0.9))
+    select_margin: float = field(default=0.0, metadata=bounded(0.0, 1.0))
+    select_candidates: str = ""
+    select_head_epochs: int = field(default=5, metadata=bounded(0, 1000))
+
+    def __post_init__(self) -> None:
+        try:
+            parse_candidates(self.select_candidates)
+        except ValueError as exc:
+            raise ValueError(f"select_candidates: {exc}") from None
 
     def dp_settings(self) -> DPSettings:
         """The DP-SGD settings these options imply (used when ``dp`` is on)."""
@@ -153,7 +188,13 @@ class DetectorOptions:
             lr=lr,
             batch_size=batch_size,
             lesion_prob=self.lesion_prob,
-            augment=SITE_AUGMENT,
+            # no pasting under DP: a lesion of one woman in another's image
+            # would escape the per-woman clipping
+            augment=dataclasses.replace(
+                SITE_AUGMENT,
+                paste=self.paste and not self.dp,
+                min_box_mm=self.min_box_mm,
+            ),
         )
 
     def adapt_config(self, seed: int) -> AdaptConfig:
@@ -361,6 +402,39 @@ class DetectorTrainer:
             )
             self._local_round = private
             self._extra_train_metrics = private.metric_names
+        #: the site's choice of its own model (``select``; ``client.selection``)
+        self.select_settings = self._select_settings()
+        self._held_out: frozenset[str] | None = None
+        self._selector: Selector | None = None
+
+    def _select_settings(self) -> SelectSettings | None:
+        """The choice's settings; a named candidate the run cannot build raises."""
+        if not self.opts.select:
+            return None
+        asked = self.opts.select_candidates
+        names, why = applicable(
+            parse_candidates(asked),
+            self.personalization,
+            batch_norm=any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm)
+                for m in self.model.modules()
+            ),
+            head_epochs=self.opts.select_head_epochs,
+        )
+        if asked.strip() and why:
+            name, reason = next(iter(why.items()))
+            raise ConfigError(
+                "federation config",
+                "trainer.options.select_candidates",
+                f"names {name!r} ({asked!r}) but this run cannot build it: {reason}",
+            )
+        return SelectSettings(
+            fraction=self.opts.select_validation_fraction,
+            margin=self.opts.select_margin,
+            candidates=names,
+            head_epochs=self.opts.select_head_epochs,
+            final_round=self.fed_cfg.num_rounds,
+        )
 
     # --- what crosses the network -------------------------------------------------
     def shared_spec(self) -> dict[str, tuple[int, ...]]:
@@ -372,6 +446,8 @@ class DetectorTrainer:
         """Metric names of ``train`` and ``evaluate`` replies (same on every site)."""
         if phase == "train":
             return TRAIN_METRICS + self._extra_train_metrics
+        if self.select_settings is not None and not self.opts.dp:
+            return (*EVAL_METRICS, SELECTED_MODEL)
         return EVAL_METRICS
 
     def initial_shared(self) -> Arrays:
@@ -402,22 +478,65 @@ class DetectorTrainer:
             if path.is_file():
                 self._standardizer = HistogramStandardizer.load(path)
             else:
-                view = self.dataset.view("train")
-                images = (view[i][0] for i in range(len(view)))
+                view = self._site_view("train")
+                n = len(view)  # type: ignore[arg-type]
+                images = (view[i][0] for i in range(n))
                 cfg = self.adapt
                 self._standardizer = HistogramStandardizer.fit(images, cfg)
                 self._standardizer.save(path)
                 log.info("site %s: fitted intensity standardizer", self.site)
         return self._standardizer
 
+    @property
+    def held_out(self) -> frozenset[str]:
+        """Validation women (patient ids) kept out of local training (``select``).
+
+        :func:`client.selection.validation_women` of the labeled training
+        women, seeded by the run's seed; empty without ``select``.
+        """
+        if self.select_settings is None:
+            return frozenset()
+        if self._held_out is None:
+            ds = self.dataset
+            women: dict[str, bool] = {}
+            for i in ds.indices("labeled"):
+                r = ds.records[i]
+                women[r.patient_id] = women.get(r.patient_id, False) or r.has_lesion
+            self._held_out = validation_women(
+                women, self.select_settings.fraction, self.fed_cfg.seed
+            )
+        return self._held_out
+
+    def _indices(self, name: str) -> list[int]:
+        """Record indices of view ``name`` without the held-out women."""
+        held = self.held_out
+        idx = self.dataset.indices(name)
+        return [i for i in idx if self.dataset.records[i].patient_id not in held]
+
+    def _site_view(self, name: str) -> Dataset[Any]:
+        """View ``name`` of the cache that local training may use."""
+        if not self.held_out:
+            return self.dataset.view(name)
+        return self.dataset.subset(self._indices(name), hide_labels=name == "unlabeled")
+
+    def validation_view(self) -> Dataset[Any]:
+        """The held-out women's labeled images (standardized like the others)."""
+        held = self.held_out
+        ds = self.dataset
+        idx = [i for i in ds.indices("labeled") if ds.records[i].patient_id in held]
+        base: Dataset[Any] = ds.subset(idx)
+        std = self.standardizer()
+        return base if std is None else Transformed(base, std)
+
     def _view(self, name: str, *, train: bool) -> Dataset[Any]:
-        base: Dataset[Any] = self.dataset.view(name)
+        base: Dataset[Any] = self._site_view(name)
         std = self.standardizer()
         if std is not None:
             base = Transformed(base, std)
         if train:
             g = torch.Generator().manual_seed(self.fed_cfg.seed)
-            base = Transformed(base, train_transform(SITE_AUGMENT, g))
+            recipe = self.opts.recipe(self.fed_cfg.trainer.learning_rate, 1)
+            base = Transformed(base, train_transform(recipe.augment, g, base))
         return base
 
     # --- model assembly -----------------------------------------------------------
@@ -443,7 +562,13 @@ class DetectorTrainer:
         sends ``proximal-mu > 0``. When the DP budget would be exceeded the
         received arrays go back unchanged (``num-examples`` 1, the least the
         server accepts) and nothing is trained, the personal head included.
+        With ``select`` the site first keeps what it received as its base
+        model (when it has none yet, or at round 1).
         """
+        if self.selector is not None:
+            self.selector.remember_base(
+                self._fresh_state, shared, first_round=config.server_round == 1
+            )
         seed_everything(self.fed_cfg.seed + config.server_round)
         self.compose(shared, personal_head=False)
         labeled = self._view("labeled", train=True)
@@ -507,7 +632,7 @@ class DetectorTrainer:
         the site config's ``adapt.head_only`` forces it either way. Never
         under DP (its clipping covers all trainable parameters as planned).
         """
-        has_unlabeled = self.opts.ssl and len(self.dataset.indices("unlabeled")) > 0
+        has_unlabeled = self.opts.ssl and len(self._indices("unlabeled")) > 0
         auto = (
             self.opts.fewshot
             and n_labeled < self.adapt.fewshot_max_labeled
@@ -546,7 +671,7 @@ class DetectorTrainer:
         steps = math.ceil(len(labeled) / recipe.batch_size)  # type: ignore[arg-type]
         steps = min(steps, self.opts.max_steps or steps)
         seed = self.fed_cfg.seed
-        if self.opts.ssl and len(self.dataset.indices("unlabeled")) > 0:
+        if self.opts.ssl and len(self._indices("unlabeled")) > 0:
             runs = [
                 self._ssl_epoch(
                     recipe.loader(labeled, steps * recipe.batch_size, seed + e),
@@ -646,38 +771,127 @@ class DetectorTrainer:
         global_head = {k: sd[k].detach().clone() for k in self.head_keys}
         stored = {} if from_global else (self.state.load_personal() or {})
         heads = {k: v for k, v in stored.items() if k.startswith(PERSONAL_HEAD_PREFIX)}
-        self.site_model.compose({}, personal_head=True, personal=heads)
-        frozen = [k for k in sd if k not in set(self.head_keys)]
+        # the head only: compose() would lay the server's personal defaults
+        # over the norm layers this round has just trained (FedBN)
+        self.site_model.load_head(heads)
+        head = {PERSONAL_HEAD_PREFIX + k: v for k, v in self._tune_head(epochs).items()}
+        sd = self.model.state_dict()
+        sd.update(global_head)
+        self.model.load_state_dict(sd)
+        return head
+
+    def _tune_head(self, epochs: int) -> dict[str, np.ndarray]:
+        """Tune the loaded model's head on the training labels; its tensors.
+
+        :func:`common.detector.adapt.finetune_head`, head only (every other
+        tensor frozen, norm layers in eval mode), ``epochs`` epochs on the
+        labeled view local training uses. Returns the head (model keys); the
+        model keeps it.
+        """
+        frozen = [k for k in self.model.state_dict() if k not in set(self.head_keys)]
         fs.finetune_head(
             self.model, self._view("labeled", train=False), frozen, self.adapt,
             device=self.device, head_only=True, epochs=epochs,
         )  # fmt: skip
         sd = self.model.state_dict()
-        head = {
-            PERSONAL_HEAD_PREFIX + k: sd[k].detach().cpu().numpy().copy()
-            for k in self.head_keys
-        }
-        sd.update(global_head)
-        self.model.load_state_dict(sd)
-        return head
+        return {k: sd[k].detach().cpu().numpy().copy() for k in self.head_keys}
+
+    # --- the site's choice of its own model (``select``) --------------------------
+    def _fresh_state(self) -> dict[str, np.ndarray]:
+        """Every tensor of a freshly seeded model (the global RNG is left alone)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.fed_cfg.seed)
+            sd = build_detector(self.opts.model_config()).state_dict()
+        return {k: v.detach().cpu().numpy().copy() for k, v in sd.items()}
+
+    def _score(self, model: nn.Module, view: Dataset[Any]) -> dict[str, float]:
+        """``{class: CPM}`` of ``model`` on ``view`` (NaN: no lesion of it)."""
+        r = evaluate_detailed(model, view, self.device, n_boot=0)
+        return {c: float(f.cpm) for c, f in r.per_class.items()}
+
+    @property
+    def selector(self) -> Selector | None:
+        """The site's :class:`client.selection.Selector` (``None``: no ``select``)."""
+        settings = self.select_settings
+        if settings is None:
+            return None
+        if self._selector is None:
+            self._selector = Selector(
+                self.site_model,
+                SelectionStore(self.state),
+                settings,
+                validation=self.validation_view(),
+                train_images=self._view("train", train=False),
+                evaluate=self._score,
+                tune_head=lambda: self._tune_head(settings.head_epochs),
+                device=self.device,
+            )
+        return self._selector
+
+    def select(self, shared: Arrays, server_round: int | None) -> Selection:
+        """The site's choice for the global ``shared`` arrays (made, or as recorded).
+
+        ``server_round`` ``None``: the recorded choice for these arrays, else
+        they are taken for the final round's. Raises without ``select``.
+        """
+        selector = self.selector
+        if selector is None:
+            raise MammofedError(
+                f"site {self.site}: trainer.options.select is off: no choice"
+            )
+        selector.remember_base(self._fresh_state, shared, first_round=False)
+        return selector.select(shared, server_round)
 
     def evaluate(self, shared: Arrays, config: FitInstructions) -> Metrics:
-        """CPM per class of the site's own model on its held-out test women."""
+        """CPM per class of the site's own model on its held-out test women.
+
+        With ``select`` the site first makes its choice for ``shared``
+        (:meth:`select`; its index is the ``selected-model`` metric, not sent
+        under DP) and scores the chosen model.
+        """
+        extra: Metrics = {}
+        if self.selector is not None:
+            choice = self.select(shared, config.server_round).choice
+            if SELECTED_MODEL in self.metric_names("evaluate"):
+                extra[SELECTED_MODEL] = candidate_index(choice)
         if not self.dataset.indices(self.opts.eval_view):
             log.warning(
                 "site %s: %s view is empty; CPM reported as NaN",
                 self.site,
                 self.opts.eval_view,
             )
-            return {k: 0 if k == NUM_EXAMPLES else math.nan for k in EVAL_METRICS}
-        m = self.evaluate_detailed(shared).metrics
+            nan = {k: 0 if k == NUM_EXAMPLES else math.nan for k in EVAL_METRICS}
+            return {**nan, **extra}
+        m = self.evaluate_detailed(shared, server_round=config.server_round).metrics
         return {
-            k: int(m[k]) if k == NUM_EXAMPLES else float(m[k]) for k in EVAL_METRICS
+            **{
+                k: int(m[k]) if k == NUM_EXAMPLES else float(m[k]) for k in EVAL_METRICS
+            },
+            **extra,
         }
 
-    def evaluate_detailed(self, shared: Arrays, **kwargs: Any) -> Any:
-        """Full :class:`common.detector.engine.EvalResult` of the site's own model."""
-        model = self.compose(shared)
+    def site_model_for(
+        self, shared: Arrays, server_round: int | None = None
+    ) -> nn.Module:
+        """The site's own model for ``shared`` on its device.
+
+        Without ``select``: the global arrays + the site's personal state
+        (:meth:`compose`); with it: the candidate the site chose
+        (:meth:`select`, :func:`client.selection.compose_candidate`).
+        """
+        selector = self.selector
+        if selector is None:
+            return self.compose(shared)
+        return selector.compose(shared, self.select(shared, server_round).choice)
+
+    def evaluate_detailed(
+        self, shared: Arrays, *, server_round: int | None = None, **kwargs: Any
+    ) -> Any:
+        """Full :class:`common.detector.engine.EvalResult` of the site's own model.
+
+        The model is :meth:`site_model_for` ``(shared, server_round)``.
+        """
+        model = self.site_model_for(shared, server_round)
         view = self._view(self.opts.eval_view, train=False)
         kwargs.setdefault("n_boot", self.opts.n_boot)
         return evaluate_detailed(model, view, self.device, **kwargs)

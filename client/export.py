@@ -16,7 +16,10 @@ them into a :mod:`common.detector.checkpoint` file that ``mammofed-client predic
    FedBN norm layers and BatchNorm counters, the FedPer personal head when the
    run has one. The global model (``global_only``) keeps the global head;
    under FedBN the global arrays hold no normalization layers (their
-   statistics exist only on the sites), so a site must lend its norm layers;
+   statistics exist only on the sites), so a site must lend its norm layers.
+   In a run whose sites choose their own model (``trainer.options.select``)
+   the site's model is the candidate it chose (:func:`site_choice`,
+   :func:`client.selection.compose_candidate`);
 4. :func:`site_standardizer`: when the run standardized intensities
    (``trainer.options.standardize``) the site's fitted landmarks go to
    ``extra["standardizer"]`` and predict / evaluate apply them before the
@@ -40,6 +43,13 @@ import torch
 from torch import nn
 
 from client.detector_trainer import DetectorOptions
+from client.selection import (
+    PERSONALIZED,
+    Selection,
+    SelectionStore,
+    arrays_sha256,
+    compose_candidate,
+)
 from client.site_model import SiteModel
 from client.state import SiteState, plain_site_name
 from common.config.loader import from_mapping
@@ -306,6 +316,36 @@ def site_personal(
     return personal, head
 
 
+def site_choice(g: GlobalRound, state: SiteState) -> Selection:
+    """The model the site chose (``trainer.options.select``), checked.
+
+    Raises:
+        ExportError: the site never recorded a choice (``selection.json``).
+        SiteStateError: an unreadable or malformed choice file (file, field
+            and value named).
+    """
+    store = SelectionStore(state)
+    choice = store.read()
+    if choice is None:
+        raise ExportError(
+            f"{store.selection_path}: does not exist: the run chose each site's "
+            f"model on its validation women ({g.json_path}: config.trainer.options."
+            f"select) but site {state.site!r} never recorded a choice (it never "
+            "evaluated a round)"
+        )
+    if choice.shared_sha256 != arrays_sha256(g.arrays):
+        log.warning(
+            "%s: site %s chose %r on the global arrays of round %d, not on those "
+            "of the exported round %d",
+            store.selection_path,
+            state.site,
+            choice.choice,
+            choice.round,
+            g.round,
+        )
+    return choice
+
+
 def site_standardizer(
     g: GlobalRound, site_model: SiteModel
 ) -> HistogramStandardizer | None:
@@ -383,15 +423,27 @@ def export_model(
     personal, use_head = None, False
     if state is not None:
         personal, use_head = site_personal(g, site_model, global_only=global_only)
-    # the one composition rule (the same call builds the site's model in training)
-    composed = site is not None and (local_norm or not global_only)
-    model = site_model.compose(
-        g.arrays, personal_head=use_head, personal=personal if composed else {}
-    )
+    choice = None
+    if state is not None and g.options.select and not global_only:
+        # the site chose its own model on its validation women: compose that
+        choice = site_choice(g, state)
+        model = compose_candidate(
+            site_model, g.arrays, choice.choice, SelectionStore(state)
+        )
+        use_head = use_head and choice.choice == PERSONALIZED
+    else:
+        # the one composition rule (the same call builds the site's model in
+        # training)
+        composed = site is not None and (local_norm or not global_only)
+        model = site_model.compose(
+            g.arrays, personal_head=use_head, personal=personal if composed else {}
+        )
     model.eval()
     std = site_standardizer(g, site_model)
     kind = "global" if global_only else "site"
     provenance = _provenance(g, site, state, kind, use_head, std is not None)
+    if choice is not None:
+        provenance["selection"] = choice.to_json()
     extra: dict[str, Any] = {EXTRA_EXPORT: provenance}
     if std is not None:
         extra[EXTRA_STANDARDIZER] = std.to_dict()

@@ -12,6 +12,9 @@ round's files stay pending until the server keeps the round)::
     teacher.pt          the mean teacher of semi-supervised training
     standardizer.json   the fitted histogram-landmark standardizer
     dp_accountant.json  the DP-SGD accountant (``common.detector.dp``)
+    base.npz, selection.json, selection-<candidate>.npz
+                        the site's choice of its own model on its validation
+                        women (``trainer.options.select``; ``client.selection``)
 
 Training (``client.detector_trainer``), evaluation and
 ``mammofed-client export`` compose a site's model with the same call.
@@ -41,7 +44,7 @@ def check_shapes(
     arrays: Mapping[str, np.ndarray],
     names: Mapping[str, str],
     sd: Mapping[str, torch.Tensor],
-    source: Path,
+    source: Path | str,
     what: str,
 ) -> None:
     """``names`` maps array name in ``arrays`` -> model key; shapes must agree.
@@ -229,6 +232,58 @@ class SiteModel:
             if PERSONAL_HEAD_PREFIX + k in own:
                 new[k] = torch.as_tensor(own[PERSONAL_HEAD_PREFIX + k])
         sd.update({k: v.to(sd[k].dtype) for k, v in new.items() if k in sd})
+        self.model.load_state_dict(sd)
+        return self.model
+
+    def load_arrays(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        source: Path | str,
+        *,
+        complete: bool = False,
+    ) -> nn.Module:
+        """Load named model tensors from ``source`` as they are; returns the model.
+
+        Every name must be a tensor of the model, of its shape; with
+        ``complete`` every tensor of the model must be there. Values are cast
+        to the model's dtypes; tensors not named keep their values.
+
+        Raises:
+            CheckpointMismatch: naming ``source`` and the array.
+        """
+        sd = self.model.state_dict()
+        unknown = sorted(set(arrays) - set(sd))
+        if unknown:
+            raise CheckpointMismatch(
+                f"{source}: array {unknown[0]!r} is not a tensor of this model "
+                f"({len(unknown)} such)"
+            )
+        if complete:
+            missing = [k for k in sd if k not in arrays]
+            if missing:
+                raise CheckpointMismatch(
+                    f"{source}: lacks {len(missing)} tensors of the model, e.g. "
+                    f"{missing[:3]}"
+                )
+        check_shapes(arrays, {k: k for k in arrays}, sd, source, "its config")
+        for k, v in arrays.items():
+            sd[k] = torch.as_tensor(np.asarray(v)).to(sd[k].dtype)
+        self.model.load_state_dict(sd)
+        return self.model
+
+    def load_head(self, head: Mapping[str, np.ndarray]) -> nn.Module:
+        """Swap in a head (``PERSONAL_HEAD_PREFIX`` keys); nothing else changes.
+
+        Head keys absent from ``head`` keep the model's current values; names
+        that are not this model's head keys are ignored. Unlike :meth:`compose`
+        this never applies the server's personal defaults, so the norm layers a
+        round has just trained stay as they are.
+        """
+        sd = self.model.state_dict()
+        for k in self.head_keys:
+            v = head.get(PERSONAL_HEAD_PREFIX + k)
+            if v is not None:
+                sd[k] = torch.as_tensor(np.asarray(v)).to(sd[k].dtype)
         self.model.load_state_dict(sd)
         return self.model
 

@@ -20,8 +20,12 @@ from common.wire.federation import PersonalizationConfig
 BASE = "base"
 LOCAL_ONLY = "local-only"
 FEDAVG = "fedavg"
+FEDAVG_SELECT = "fedavg-select"
+FEDAVGM = "fedavgm"
+FEDADAM = "fedadam"
 FEDPROX = "fedprox"
 PERSONALIZED = "personalized"
+PERSONALIZED_SELECT = "personalized-select"
 PERSONALIZED_SSL = "personalized-ssl"
 PERSONALIZED_DP = "personalized-dp"
 ORACLE = "oracle"
@@ -69,15 +73,28 @@ class Regime:
         """Whether the sites train with patient-level DP-SGD."""
         return bool(self.options.get("dp"))
 
+    @property
+    def selects(self) -> bool:
+        """Whether each site chooses its own model on validation women."""
+        return bool(self.options.get("select"))
+
 
 # few-shot head tuning belongs to the semi-supervised adaptation regime only
 # ("personalized + semi-supervised consistency (+ few-shot head tuning)"); the
 # baselines train every layer at every site. Under DP, SSL and the
-# standardizer would use data outside the per-woman clipping.
+# standardizer would use data outside the per-woman clipping. The ``-select``
+# regimes are their base regime with the site-level choice of its own model on
+# held-out validation women (``trainer.options.select``, client.selection).
 TABLE: tuple[Regime, ...] = (
     Regime(BASE, train_on="base"),
     Regime(LOCAL_ONLY, train_on="each"),
     Regime(FEDAVG, strategy="fedavg", options=_frozen(fewshot=False)),
+    Regime(
+        FEDAVG_SELECT, strategy="fedavg", options=_frozen(fewshot=False, select=True)
+    ),
+    # server optimizers over the same FedAvg (docs/federation.md)
+    Regime(FEDAVGM, strategy="fedavgm", options=_frozen(fewshot=False)),
+    Regime(FEDADAM, strategy="fedadam", options=_frozen(fewshot=False)),
     Regime(
         FEDPROX,
         strategy="fedprox",
@@ -91,6 +108,12 @@ TABLE: tuple[Regime, ...] = (
         strategy="personalized",
         personalization=_PERSONAL,
         options=_frozen(fewshot=False, ssl=False),
+    ),
+    Regime(
+        PERSONALIZED_SELECT,
+        strategy="personalized",
+        personalization=_PERSONAL,
+        options=_frozen(fewshot=False, ssl=False, select=True),
     ),
     Regime(
         PERSONALIZED_SSL,

@@ -8,8 +8,10 @@ Output (``out_dir``):
   [...], "rounds": ...}``; ``paired`` (:func:`paired_comparisons`) compares
   regimes image by image where the run kept ``<regime>/detections.json``.
 * ``report.md``: the CPM table (site x regime, with 95% intervals and "gap
-  closed" = (regime - base) / (oracle - base)), FROC plots per site, per-round
-  curves, bytes sent per round and the configs used.
+  closed" = (regime - base) / (oracle - base); in a ``-select`` regime's cells
+  the model each site chose), the sites' choices with their validation scores,
+  FROC plots per site, per-round curves, bytes sent per round and the configs
+  used.
 * ``froc_<site>.png``, ``rounds_<metric>.png``.
 """
 
@@ -28,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from client.selection import BASE, SELECTION_JSON, Selection  # noqa: E402
 from common.detector.froc import (  # noqa: E402
     FrocImage,
     pooled_paired_cpm_difference,
@@ -52,7 +55,10 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
     Returns ``{"metrics": {regime: {site: SiteMetrics}}, "seed_metrics":
     {regime: [{site: SiteMetrics} per run]}, "detections": {regime: [path of
     each run's detections.json]}, "rounds": {regime: [StudyRound]}, "configs":
-    [paths], "runs": [StudyRun], "dp": {regime: dp record}}``. Several runs of
+    [paths], "runs": [StudyRun], "dp": {regime: dp record}, "choices":
+    {regime: [{site: Selection} per run]}}``; ``choices`` holds the regimes
+    whose sites chose their model (``<regime>/site-state/<site>/selection.json``,
+    :class:`client.selection.Selection`). Several runs of
     one regime are its seeds (``mammofed-sim run --seeds``, the same test
     women): the table averages them and the paired comparisons pool them;
     ``metrics``, ``rounds`` and ``dp`` keep the last run given.
@@ -64,6 +70,7 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
     rounds: dict[str, list[StudyRound]] = {}
     configs: list[Path] = []
     runs: list[StudyRun] = []
+    choices: dict[str, list[dict[str, Selection]]] = {}
     for run in run_dirs:
         if not run.is_dir():
             raise RunFolderError(f"{run}: not a run folder")
@@ -86,6 +93,14 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
             rows_path = regime_dir / RF.ROUNDS_JSONL
             if rows_path.is_file():
                 rounds[name] = RF.read_rounds(rows_path)
+            chosen = {
+                p.parent.name: Selection.read(p)
+                for p in sorted(
+                    regime_dir.glob(f"{RF.SITE_STATE_DIR}/*/{SELECTION_JSON}")
+                )
+            }
+            if chosen:
+                choices.setdefault(name, []).append(chosen)
     # a regime pairs over runs only if every run of it kept its detections
     detections = {k: v for k, v in detections.items() if len(v) == len(seed_metrics[k])}
     return {
@@ -96,6 +111,7 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
         "configs": configs,
         "runs": runs,
         "dp": privacy,
+        "choices": choices,
     }
 
 
@@ -186,6 +202,11 @@ PAIRS: tuple[tuple[str, str], ...] = (
     (R.PERSONALIZED_SSL, R.LOCAL_ONLY),
     (R.PERSONALIZED_SSL, R.PERSONALIZED),
     (R.PERSONALIZED_DP, R.PERSONALIZED),
+    (R.PERSONALIZED_SELECT, R.BASE),
+    (R.PERSONALIZED_SELECT, R.LOCAL_ONLY),
+    (R.PERSONALIZED_SELECT, R.PERSONALIZED),
+    (R.FEDAVG_SELECT, R.BASE),
+    (R.FEDAVG_SELECT, R.FEDAVG),
 )
 
 #: The issue's goal: personalized reaches this fraction of the oracle's CPM.
@@ -344,6 +365,70 @@ def _cell(entry: dict[str, Any] | None) -> str:
     return text
 
 
+def chosen_counts(runs: list[dict[str, Selection]], site: str) -> str:
+    """``"global"`` or, over several runs, ``"base ×2, global"`` (choice order)."""
+    names = [r[site].choice for r in runs if site in r]
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    return ", ".join(n if c == 1 else f"{n} ×{c}" for n, c in counts.items())
+
+
+def choice_rows(
+    choices: dict[str, list[dict[str, Selection]]],
+) -> list[dict[str, Any]]:
+    """One row per (regime, run, site) of what the site chose and why.
+
+    ``{"regime", "run", "site", "choice", "round", "women", "images",
+    "base_score", "chosen_score", "reason"}``; scores are the validation
+    women's mean CPM (``None`` when undefined).
+    """
+    rows = []
+    for regime in _ordered(list(choices)):
+        for i, run in enumerate(choices[regime]):
+            for site, sel in sorted(run.items()):
+                base = sel.scores.get(BASE)
+                chosen = sel.scores.get(sel.choice)
+                rows.append(
+                    {
+                        "regime": regime,
+                        "run": i,
+                        "site": site,
+                        "choice": sel.choice,
+                        "round": sel.round,
+                        "women": sel.validation.get("women", 0),
+                        "images": sel.validation.get("images", 0),
+                        "base_score": None if base is None else base.value,
+                        "chosen_score": None if chosen is None else chosen.value,
+                        "reason": sel.reason,
+                    }
+                )
+    return rows
+
+
+def _choice_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## Site choices (validation women)",
+        "",
+        "In a `-select` regime each site holds some labeled training women out",
+        "of local training, scores its candidate models on them (mean of mass",
+        "and calcification CPM) and keeps the base model unless a candidate",
+        "beats it by more than the margin (docs/federation.md).",
+        "",
+        "| regime | run | site | choice | round | validation women (images) | "
+        "base score | chosen score | reason |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['regime']} | {r['run']} | {r['site']} | {r['choice']} | "
+            f"{r['round']} | {r['women']} ({r['images']}) | {_fmt(r['base_score'])} "
+            f"| {_fmt(r['chosen_score'])} | {r['reason']} |"
+        )
+    lines.append("")
+    return lines
+
+
 def plot_froc(
     metrics: dict[str, dict[str, SiteMetrics]], site: str, path: Path
 ) -> bool:
@@ -454,6 +539,10 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
         lines.append("| --- |" + " --- |" * len(regimes))
         for site in table["sites"]:
             cells = [_cell(table["table"][site].get(r, {}).get(cls)) for r in regimes]
+            for i, r in enumerate(regimes):
+                chose = chosen_counts(data["choices"].get(r, []), site)
+                if chose and cells[i] != "–":
+                    cells[i] += f" · chose {chose}"
             lines.append(f"| {site} | " + " | ".join(cells) + " |")
         lines.append("")
     for regime, dp in data["dp"].items():
@@ -465,6 +554,9 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
             f"per site: {spent or '–'}.",
             "",
         ]
+    chosen_rows = choice_rows(data["choices"])
+    if chosen_rows:
+        lines += _choice_lines(chosen_rows)
     paired = paired_comparisons(data["detections"])
     if paired:
         base_sites = {s for run in data["runs"] for s in run.base_sites}
@@ -516,6 +608,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
         **table,
         "bytes_per_round": bytes_table(data["rounds"]),
         "paired": paired,
+        "choices": chosen_rows,
         "dp": data["dp"],
         "runs": [str(p) for p in run_dirs],
     }

@@ -20,7 +20,9 @@ Steps (each logged with progress):
    get it as the server's ``initial_checkpoint``), so the comparison is fair
    and each regime has the same budget after the base. ``--from-scratch``
    starts every regime from a random model instead.
-   * ``fedavg``, ``fedprox``, ``fedmedian``, ``fedtrimmedavg``,
+   * ``fedavg``, ``fedprox``, ``fedmedian``, ``fedtrimmedavg``, ``fedavgm``,
+     ``fedadam`` (server optimizers), ``fedavg-select`` and
+     ``personalized-select`` (each site chooses its model on validation women),
      ``personalized`` (FedBN + personal heads),
      ``personalized-ssl`` (+ mean-teacher consistency on unlabeled images),
      ``personalized-dp`` (+ patient-level DP-SGD at ``dp_epsilon``, see
@@ -33,8 +35,9 @@ Steps (each logged with progress):
      Ray, one node per site; :mod:`simulation.ray_engine`).
 
 3. **Evaluation**: every site's own model (federated: global shared arrays +
-   that site's personal state; central: the regime's model) on that site's
-   held-out test women: FROC, CPM with a bootstrap interval, AP.
+   that site's personal state, or the model the site chose on its validation
+   women in the ``-select`` regimes; central: the regime's model) on that
+   site's held-out test women: FROC, CPM with a bootstrap interval, AP.
 
 The run folder is written as the records of :mod:`common.wire.runfolder`, which
 ``mammofed-sim report`` reads back.
@@ -261,7 +264,9 @@ def train_central(
         steps = min(steps, opts.max_steps * len(caches))
     train_epochs(
         model,
-        Transformed(pooled, recipe.transform(torch.Generator().manual_seed(seed))),
+        Transformed(
+            pooled, recipe.transform(torch.Generator().manual_seed(seed), pooled)
+        ),
         recipe,
         recipe.optimizer(model.parameters()),
         epochs=epochs,
@@ -556,8 +561,12 @@ def run_federated(
 ) -> dict[str, Any]:
     """One federated regime on ``engine``; returns each site's test evaluation.
 
-    A site is scored with its own final model: the last global round plus its
-    personal state (FedBN norms, personal head), as ``export`` would build it.
+    A site is scored with its own final model, as ``export`` would build it:
+    the last global round plus its personal state (FedBN norms, personal
+    head), or, when its sites choose (``trainer.options.select``), the
+    candidate the site chose on its validation women for that round
+    (:meth:`DetectorTrainer.select`: the choice recorded in its state by the
+    last evaluate message, made here with the same code when none was).
     """
     # Flower is needed only here: central regimes run without it (e.g. on a GPU
     # box that carries torch but not the Flower stack).
@@ -593,7 +602,7 @@ def run_federated(
             log.warning("[%s] site %s: no test images; not evaluated", regime, s)
             continue
         results[s] = trainer.evaluate_detailed(
-            last.arrays, n_boot=n_boot, seed=fed.seed
+            last.arrays, server_round=last.round, n_boot=n_boot, seed=fed.seed
         )
     return results
 
