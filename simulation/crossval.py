@@ -37,8 +37,15 @@ Written into ``out_dir``:
   ground truth, ignore regions, model-space detections) plus its ``fold``:
   self-contained, it can be re-scored without the caches;
 * ``fold-<f>/``: ``last.pt``, ``epochs.jsonl``, ``train.log``, ``fold.json``
-  (that fold's validation keys and patients). A rerun resumes a fold from its
-  ``last.pt`` (a finished fold is only re-predicted) when the fold is unchanged.
+  (that fold's validation keys and patients), and with ``rescore.enabled``
+  ``rescorer.pt``: the second stage (:mod:`common.detector.rescore`) trained
+  on the fold's model's candidates on that fold's training images only. The
+  held-out images are then scored re-scored, and ``cv_metrics.json`` adds
+  ``detector_only`` (the pooled FROC of the detector alone, per fold in
+  ``folds[].cpm_detector``) and ``rescore_gain`` (per class the paired CPM
+  difference re-scored minus detector alone, with its bootstrap interval).
+  A rerun resumes a fold from its ``last.pt`` (a finished fold is only
+  re-predicted, its ``rescorer.pt`` reused) when the fold is unchanged.
 """
 
 from __future__ import annotations
@@ -64,8 +71,15 @@ from common.detector.engine import (
     seed_everything,
 )
 from common.detector.errors import write_error_outputs
-from common.detector.froc import ClassMetrics, FrocImage, froc_all, plot_froc
+from common.detector.froc import (
+    ClassMetrics,
+    FrocImage,
+    froc_all,
+    paired_cpm_difference,
+    plot_froc,
+)
 from common.detector.recipe import Pooled
+from common.detector.rescore import RESCORER_FILE, RescoredDetector, fit_rescorer
 from common.errors import MammofedError
 from common.fileio import json_safe
 from common.imaging.data import SiteDataset
@@ -183,6 +197,7 @@ def run_crossval(
 
     oof: list[FrocImage] = []
     oof_fold: list[int] = []
+    oof_detector: list[FrocImage] = []
     fold_docs: list[dict[str, Any]] = []
     for fold in folds:
         f = fold.index
@@ -225,9 +240,8 @@ def run_crossval(
         try:
             seed_everything(cfg.seed)
             # lesions to paste come from this fold's training women only
-            transform = cfg.train_transform(
-                Pooled([sites[name].subset(tr) for name, tr in train_idx.items()])
-            )
+            source = Pooled([sites[name].subset(tr) for name, tr in train_idx.items()])
+            transform = cfg.train_transform(source)
             train_views = [
                 sites[name].subset(tr, transform) for name, tr in train_idx.items()
             ]
@@ -241,16 +255,18 @@ def run_crossval(
             )  # fmt: skip
             progress = _epoch_logger(f, k, cfg.epochs, fdir / EPOCH_LOG)
             model = train_model(cfg, train_views, fdir, device, eval_fn=progress)
-            images = [
-                replace(im, key=f"{name}/{im.key}")
-                for name, v in val_views.items()
-                if len(v)
-                for im in evaluate_detailed(
-                    model, v, device, batch_size=cfg.batch_size, n_boot=0, amp=cfg.amp
-                ).images
-            ]
+            scorer, detector_only = model, []
+            if cfg.rescore.enabled:
+                rescorer = fit_rescorer(
+                    model, source, cfg.rescore, cfg.model.working_spacing_mm,
+                    device, path=fdir / RESCORER_FILE, amp=cfg.amp,
+                    batch_size=cfg.batch_size,
+                )  # fmt: skip
+                scorer = RescoredDetector(model, rescorer)
+                detector_only = _predict(model, val_views, cfg, device)
+            images = _predict(scorer, val_views, cfg, device)
             per_class = froc_all(images, n_boot=0, seed=cfg.seed)
-            cpm = json_safe({name: float(r.cpm) for name, r in per_class.items()})
+            cpm = _cpm(per_class)
             seconds = time.perf_counter() - t0
             log.info(
                 "fold %d/%d: CPM mass %s calcification %s (%d images, %.0f s)",
@@ -262,6 +278,7 @@ def run_crossval(
             handler.close()
         oof.extend(images)
         oof_fold.extend([f] * len(images))
+        oof_detector.extend(detector_only)
         fold_docs.append(
             {
                 "fold": f,
@@ -273,6 +290,11 @@ def run_crossval(
                 "cpm": cpm,
                 "n_lesions": {name: r.n_lesions for name, r in per_class.items()},
                 "seconds": round(seconds, 2),
+                **(
+                    {"cpm_detector": _cpm(froc_all(detector_only, n_boot=0))}
+                    if detector_only
+                    else {}
+                ),
             }
         )
 
@@ -307,6 +329,8 @@ def run_crossval(
         "seconds": round(time.perf_counter() - t_start, 2),
         "config": config_to_dict(cfg),
     }
+    if oof_detector:
+        doc.update(_rescore_comparison(oof_detector, oof, cfg))
     doc = json_safe(doc)
     (out / CV_METRICS_JSON).write_text(json.dumps(doc, indent=2))
     (out / OOF_PREDICTIONS_JSON).write_text(
@@ -320,6 +344,51 @@ def run_crossval(
         k, len(oof), _fmt(mass["cpm"]), *_ci(mass), _fmt(calc["cpm"]), *_ci(calc),
     )  # fmt: skip
     return doc
+
+
+def _predict(
+    model: torch.nn.Module,
+    val_views: dict[str, Any],
+    cfg: TrainConfig,
+    device: torch.device,
+) -> list[FrocImage]:
+    """``model``'s FROC images of the held-out views, keyed ``<site>/<cache key>``."""
+    return [
+        replace(im, key=f"{name}/{im.key}")
+        for name, v in val_views.items()
+        if len(v)
+        for im in evaluate_detailed(
+            model, v, device, batch_size=cfg.batch_size, n_boot=0, amp=cfg.amp
+        ).images
+    ]
+
+
+def _cpm(per_class: dict[str, Any]) -> dict[str, Any]:
+    return json_safe({name: float(r.cpm) for name, r in per_class.items()})
+
+
+def _rescore_comparison(
+    detector_only: list[FrocImage], rescored: list[FrocImage], cfg: TrainConfig
+) -> dict[str, Any]:
+    """Pooled FROC of the detector alone and the paired gain of re-scoring."""
+    pooled = froc_all(detector_only, n_boot=cfg.n_boot, seed=cfg.seed)
+    gain = {}
+    for i, name in enumerate(CLASSES):
+        diff, ci = paired_cpm_difference(
+            detector_only, rescored, i, n_boot=cfg.n_boot, seed=cfg.seed
+        )
+        gain[name] = {"diff": diff, "ci95": list(ci)}
+        log.info(
+            "re-scoring %s: CPM of the detector alone %.3f, paired gain %.3f "
+            "[%.3f, %.3f]",
+            name, pooled[name].cpm, diff, *ci,
+        )  # fmt: skip
+    return {
+        "detector_only": {
+            name: ClassMetrics.from_result(r).to_json() for name, r in pooled.items()
+        },
+        "rescore_gain": gain,
+    }
 
 
 def _pooled_errors(

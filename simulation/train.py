@@ -10,7 +10,12 @@ regimes (:mod:`simulation.regimes`). :func:`run_training` writes into ``out_dir`
   optional test metrics when ``eval_every > 0``; logged only, never used to
   select a model);
 * ``metrics.json``: final FROC metrics on each site's test view, and
-  ``<site>/froc-<class>.png``.
+  ``<site>/froc-<class>.png``;
+* with ``rescore.enabled``: ``rescorer.pt``, the second stage trained on the
+  detector's candidates on the same training images
+  (:mod:`common.detector.rescore`); ``metrics.json`` then scores the
+  re-scored detector and ``metrics-detector.json`` the detector alone (no
+  bootstrap interval).
 
 Sites are named by their cache folder's name.
 """
@@ -40,6 +45,12 @@ from common.detector.engine import (
 )
 from common.detector.model import ModelConfig, build_detector
 from common.detector.recipe import AugmentConfig, Pooled, Recipe
+from common.detector.rescore import (
+    RESCORER_FILE,
+    RescoreConfig,
+    RescoredDetector,
+    fit_rescorer,
+)
 from common.detector.sampling import lesion_flags
 from common.detector.transforms import Compose
 from common.fileio import json_safe
@@ -49,6 +60,7 @@ log = logging.getLogger(__name__)
 
 FINAL_CHECKPOINT = "final.pt"
 METRICS_JSON = "metrics.json"
+DETECTOR_METRICS_JSON = "metrics-detector.json"
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,9 @@ class TrainConfig:
         labeled_patients: train on at most this many box-labeled women of each
             cache (a new site with few labels); :func:`few_label_subset` picks
             them with ``split_seed``. ``None``: every labeled woman.
+        rescore: the second stage (:class:`common.detector.rescore.RescoreConfig`):
+            when enabled, trained after the detector on its candidates on the
+            same training images, and applied before scoring.
     """
 
     caches: tuple[Path, ...]
@@ -111,6 +126,7 @@ class TrainConfig:
     num_workers: int = field(default=0, metadata=bounded(0, 64))
     init_checkpoint: Path | None = field(default=None, metadata=path_field(True))
     labeled_patients: int | None = field(default=None, metadata=bounded(1, None))
+    rescore: RescoreConfig = field(default_factory=RescoreConfig)
 
     def __post_init__(self) -> None:
         if not self.caches:
@@ -283,9 +299,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.labeled_patients is not None:
             idx = few_label_subset(s, idx, cfg.labeled_patients, cfg.split_seed)
         train_idx[name] = idx
-    transform = cfg.train_transform(
-        Pooled([sites[n].subset(i) for n, i in train_idx.items()])
-    )
+    source = Pooled([sites[n].subset(i) for n, i in train_idx.items()])
+    transform = cfg.train_transform(source)
     train_views: list[SiteView] = []
     for name, s in sites.items():
         train_views.append(v := s.subset(train_idx[name], transform))
@@ -323,6 +338,23 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             "ema": cfg.ema_decay is not None,
         },
     )
+    scorer = final_model
+    if cfg.rescore.enabled:
+        rescorer = fit_rescorer(
+            final_model, source, cfg.rescore, cfg.model.working_spacing_mm, device,
+            path=out / RESCORER_FILE, amp=cfg.amp,
+        )  # fmt: skip
+        scorer = RescoredDetector(final_model, rescorer)
+        detector_only = {
+            name: evaluate_detailed(final_model, v, device, n_boot=0, amp=cfg.amp)
+            for name, v in test_views.items()
+            if len(v)
+        }
+        (out / DETECTOR_METRICS_JSON).write_text(
+            json.dumps(
+                json_safe({n: r.to_json() for n, r in detector_only.items()}), indent=2
+            )
+        )
     results: dict[str, Any] = {}
     for name, v in test_views.items():
         if len(v) == 0:
@@ -330,7 +362,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             results[name] = None
             continue
         res = evaluate_detailed(
-            final_model,
+            scorer,
             v,
             device,
             n_boot=cfg.n_boot,
