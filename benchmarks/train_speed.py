@@ -6,6 +6,10 @@ Measured, not asserted. Configurations in one run (same machine, same size):
 * ``resnet18``   ResNet-18, 64-ch FPN, 2 head convs (the project default)
 * ``resnet18-tv-default-head``  ResNet-18, 256-ch FPN, 4 head convs: the
   torchvision default head, as the baseline
+* ``small-lesion-recipe``  the CPU lesion recipe's model (``small``, speck
+  channel, 0.2 mm), against ``small`` without the speck channel:
+  ``--models small,small-lesion-recipe --size 1024x640`` (a mini-MIAS image at
+  its native pitch) for inference, ``--size 384x384`` for the patch training
 
 Each figure is one JSON line (``benchmarks.common.emit``) appended to
 ``benchmarks/results/train_speed.jsonl``. On CUDA the model runs bf16 autocast
@@ -43,6 +47,12 @@ CONFIGS: dict[str, ModelConfig] = {
     "resnet18": ModelConfig(arch="resnet18", fpn_channels=64, head_convs=2),
     "resnet18-tv-default-head": ModelConfig(
         arch="resnet18", fpn_channels=256, head_convs=4
+    ),
+    # the CPU lesion recipe (docs/detector.md) and its baseline without the
+    # speck channel, at mini-MIAS's native 0.2 mm
+    "small": ModelConfig(arch="small", fpn_channels=64, working_spacing_mm=0.2),
+    "small-lesion-recipe": ModelConfig(
+        arch="small", fpn_channels=64, working_spacing_mm=0.2, speck_channel=True
     ),
 }
 
@@ -187,6 +197,7 @@ def bench_one(name, cfg, args, device, h, w):
         reps=args.infer_reps,
         note="model forward only, images already decoded",
     )
+    out("infer_s_per_image", s_exam / 4, "s", **ctx, reps=args.infer_reps)
     out("peak_rss_process_so_far", peak_rss_mib(), "MiB", **ctx)
     del model, opt
     if device.type == "cuda":
