@@ -154,3 +154,40 @@ def test_shipped_adapt_configs_validate():
     for path in paths:
         cfg = load_config(path, AdaptConfig)
         assert set(cfg.score_thresholds) == set(CLASSES)
+
+
+def _with_options(cfg, **options):  # noqa: ANN001, ANN202
+    import dataclasses
+
+    opts = {**cfg.trainer.options, **options}
+    return dataclasses.replace(
+        cfg, trainer=dataclasses.replace(cfg.trainer, options=opts)
+    )
+
+
+def test_a_site_pastes_its_own_lesions_and_never_under_dp(tmp_path, cache):
+    """The lesion recipe at a site: paste from its labeled training images only."""
+    from common.detector.transforms import GrowSmallBoxes, LesionPaste
+
+    cfg = _with_options(_fed(tmp_path / "a"), paste=True, min_box_mm=12.0)
+    trainer = DetectorTrainer(SITE, tmp_path / "a" / "state", cfg, cache, None)
+    view = trainer._view("labeled", train=True)
+    parts = view.transform.transforms  # type: ignore[attr-defined]
+    paste = next(p for p in parts if isinstance(p, LesionPaste))
+    assert any(isinstance(p, GrowSmallBoxes) for p in parts)
+    # the bank holds lesions of this site's labeled training images, nothing else
+    labeled = trainer._site_view("labeled")
+    assert paste.source is labeled or len(paste.source) == len(labeled)
+    assert sum(len(v) for v in paste.bank().values()) > 0
+    _, metrics = trainer.fit(
+        trainer.initial_shared(), FitInstructions.from_federation(cfg, 1)
+    )
+    assert metrics["skipped-steps"] == 0
+    assert trainer.opts.recipe(0.01, 1).augment.paste
+    dp = _with_options(cfg, dp=True)
+    assert (
+        DetectorTrainer(SITE, tmp_path / "b" / "state", dp, cache, None)
+        .opts.recipe(0.01, 1)
+        .augment.paste
+        is False
+    )
