@@ -3,8 +3,9 @@
 Generates the demo phantom scenario (four synthetic vendors: a base site, a
 few-shot site, a semi-supervised site and a partly labeled one), ingests every
 site, runs the base, local-only, FedAvg, personalized (FedBN + personal heads),
-personalized + semi-supervised and oracle regimes with the detector, and writes
-the comparison report. Usage: ``python -m simulation.demo --out out/demo``.
+personalized-select (each site keeps the best of base, global, personalized and
+tuned candidates on its own validation women) and oracle regimes with the
+detector, and writes the comparison report. Usage: ``python -m simulation.demo --out out/demo``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ DEMO_REGIMES = (
     R.LOCAL_ONLY,
     R.FEDAVG,
     R.PERSONALIZED,
-    R.PERSONALIZED_SSL,
+    R.PERSONALIZED_SELECT,
     R.ORACLE,
 )
 

@@ -138,6 +138,7 @@ def test_crossval_too_many_folds_is_a_clear_error(tmp_path, capsys):
     ("name", "arch"),
     [
         ("real/mini-mias-cv.yaml", "small"),
+        ("real/mini-mias-native-cv.yaml", "small"),
         ("real/mini-mias.yaml", "small"),
         ("real/mini-mias-cv-gpu.yaml", "resnet18"),
         ("real/mini-mias-gpu.yaml", "resnet18"),
