@@ -5,7 +5,8 @@ few-shot site, a semi-supervised site and a partly labeled one), ingests every
 site, runs the base, local-only, FedAvg, personalized (FedBN + personal heads),
 personalized-select (each site keeps the best of base, global, personalized and
 tuned candidates on its own validation women) and oracle regimes with the
-detector, and writes the comparison report. Usage: ``python -m simulation.demo --out out/demo``.
+detector, and writes the comparison report.
+Usage: ``python -m simulation.demo --out out/demo``.
 """
 
 from __future__ import annotations
