@@ -15,6 +15,7 @@ from common.detector.errors import (
     write_error_outputs,
 )
 from common.detector.froc import FrocImage, froc_class
+from tests.common.detector.test_errors import img  # one FrocImage builder
 
 MASS, CALC = 0, 1
 SP = 0.1  # mm per pixel
@@ -23,21 +24,6 @@ SP = 0.1  # mm per pixel
 def box(cx: float, cy: float, side_px: float = 80.0) -> list[float]:
     h = side_px / 2
     return [cx - h, cy - h, cx + h, cy + h]
-
-
-def img(key, gt=(), dets=(), scores=(), labels=None, gl=None) -> FrocImage:
-    gt, dets = list(gt), list(dets)
-    return FrocImage(
-        key=key,
-        spacing_mm=SP,
-        gt_boxes=np.array(gt, dtype=float).reshape(-1, 4),
-        gt_labels=np.array(gl if gl is not None else [MASS] * len(gt), np.int64),
-        det_boxes=np.array(dets, dtype=float).reshape(-1, 4),
-        det_scores=np.array(scores, dtype=float),
-        det_labels=np.array(
-            labels if labels is not None else [MASS] * len(dets), np.int64
-        ),
-    )
 
 
 #: k1 (a): mass hit at 0.9 (found), mass hit only at 0.05 (missed), four FPs
