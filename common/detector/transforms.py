@@ -406,6 +406,8 @@ class PatchCrop:
             raise ValueError(f"patch size must be >= 32 pixels, got {size}")
         if not 0.0 <= lesion_p <= 1.0:
             raise ValueError(f"patch lesion_p must be in [0, 1], got {lesion_p}")
+        if tries < 1:
+            raise ValueError(f"patch tries must be >= 1, got {tries}")
         self.size, self.lesion_p, self.min_visible = size, lesion_p, min_visible
         self.breast_level, self.tries, self.gen = breast_level, tries, generator
 

@@ -152,3 +152,11 @@ def test_grow_small_boxes_widens_only_small_boxes_about_their_centre() -> None:
     assert torch.equal(t["boxes"], boxes)  # input untouched
     _, same = GrowSmallBoxes(10.0)(img, {"boxes": boxes})  # no spacing: as is
     assert torch.equal(same["boxes"], boxes)
+
+
+def test_patch_crop_refuses_bad_settings() -> None:
+    import pytest
+
+    for kw in ({"size": 16}, {"size": 64, "lesion_p": 1.5}, {"size": 64, "tries": 0}):
+        with pytest.raises(ValueError, match="patch"):
+            PatchCrop(**kw)
