@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= out/demo
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo base-model test lint typecheck pytest bench clean test-report
+.PHONY: venv demo study base-model test lint typecheck pytest bench clean test-report
 
 venv: $(STAMP)
 
@@ -19,6 +19,18 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	$(BIN)/python -m simulation.demo --out $(DEMO_OUT)
+
+# The study (README, "The study"): every regime from the shipped vendor-H base
+# model on the demo's sites, three seeds, three seed processes at a time
+# (benchmarks/results/study_demo/). STUDY_OUT/report/report.md at the end.
+STUDY_OUT ?= out/study
+STUDY_REGIMES ?= base local-only fedavg fedprox personalized personalized-stats \
+	personalized-ssl personalized-dp oracle
+study: venv
+	$(BIN)/mammofed-sim run --scenario configs/simulation/demo.yaml \
+	    --federation configs/federation/sim-demo.yaml --base-checkpoint models/demo-base-h.pt \
+	    --data $(DEMO_OUT)/data --out $(STUDY_OUT) --seeds 0,1,2 --parallel 3 --threads 1 \
+	    $(addprefix --regime ,$(STUDY_REGIMES))
 
 # The demo's vendor-H base model (models/demo-base-h.pt), reproduced by the
 # committed recipe: the base regime of the demo study, 30 epochs on site A.

@@ -54,6 +54,7 @@ from client.selection import (
     applicable,
     candidate_index,
     parse_candidates,
+    reestimate_norm_stats,
     validation_women,
 )
 from client.site_model import PERSONAL_HEAD_PREFIX, SiteModel
@@ -127,6 +128,14 @@ class DetectorOptions:
     ``select_margin``; ``select_candidates`` (comma-separated names, empty:
     every candidate the run can build) limits them; ``select_head_epochs``
     is the head tuning of the ``*-tuned`` candidates (0: none).
+
+    ``reestimate_norm`` (FedBN only, never under DP): after each round's local
+    training the site re-estimates its BatchNorm running statistics on all its
+    training images (labeled and unlabeled, never the test women) with the
+    round's final weights, before its head is tuned and its state stored. With
+    a few local steps per round the momentum-averaged statistics lag behind
+    the weights the server keeps replacing (docs/federation.md, "Fresh norm
+    statistics"); the statistics stay on the site like every FedBN layer.
     """
 
     arch: str = _MODEL.arch
@@ -157,6 +166,7 @@ class DetectorOptions:
     dp_max_grad_norm: float = field(default=1.0, metadata=bounded(1e-6, 1e6))
     dp_patients_per_step: int = field(default=8, metadata=bounded(1, 1_000_000))
     dp_share_train_stats: bool = False
+    reestimate_norm: bool = False
     select: bool = False
     select_validation_fraction: float = field(default=0.25, metadata=bounded(0.01, 0.9))
     select_margin: float = field(default=0.0, metadata=bounded(0.0, 1.0))
@@ -245,6 +255,31 @@ def check_private_training(
             "trainer.options.standardize",
             "cannot be combined with trainer.options.dp: the standardizer is "
             "fitted on every training woman without noise",
+        )
+    if opts.reestimate_norm:
+        raise ConfigError(
+            src,
+            "trainer.options.reestimate_norm",
+            "cannot be combined with trainer.options.dp: the statistics are "
+            "estimated on every training woman without noise",
+        )
+
+
+def check_norm_reestimation(
+    opts: DetectorOptions, personalization: Personalization
+) -> None:
+    """Refuse ``reestimate_norm`` where the statistics would leave the site.
+
+    Re-estimated BatchNorm statistics describe the site's images; only FedBN
+    (``personalization.local_norm``) keeps the norm layers at home.
+    """
+    if opts.reestimate_norm and not personalization.local_norm:
+        raise ConfigError(
+            "federation config",
+            "trainer.options.reestimate_norm",
+            "needs personalization.local_norm: true (FedBN): without it the "
+            "re-estimated statistics of the site's images would be sent to the "
+            "server with the shared arrays",
         )
 
 
@@ -380,6 +415,7 @@ class DetectorTrainer:
             torch.set_num_threads(self.opts.threads)
         self.personalization = fed_cfg.personalization
         check_private_training(self.opts, self.personalization)
+        check_norm_reestimation(self.opts, self.personalization)
         seed_everything(fed_cfg.seed)
         self.model = build_detector(self.opts.model_config())
         #: composes the site's model and owns its personal files
@@ -590,6 +626,12 @@ class DetectorTrainer:
             for k in frozen_keys:
                 if k in out:
                     out[k] = np.asarray(shared[k]).copy()
+            if self.opts.reestimate_norm:
+                # the site's statistics for the weights it now has (FedBN keeps
+                # them at home); the head is tuned on top of them
+                reestimate_norm_stats(
+                    self.model, self._view("train", train=False), self.device
+                )
             self.site_model.save_personal(self._finetune_personal_head())
         else:
             log.warning(

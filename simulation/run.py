@@ -140,6 +140,9 @@ class RunRequest:
     #: A base model (detector checkpoint for the federation's model options)
     #: used instead of training one on the base sites.
     base_checkpoint: Path | None = None
+    #: Torch threads of every regime (the sites' ``trainer.options.threads``
+    #: too); ``None``: the federation config's, torch's default for central ones.
+    threads: int | None = None
 
 
 # --- sites ----------------------------------------------------------------------
@@ -622,6 +625,18 @@ def run_study(req: RunRequest) -> Path:
             if v is not None
         },
     )
+    if req.threads is not None:
+        if req.threads < 1:
+            raise ConfigError(
+                "mammofed-sim run", "--threads", f"must be >= 1, got {req.threads}"
+            )
+        torch.set_num_threads(req.threads)
+        fed = dataclasses.replace(
+            fed,
+            trainer=dataclasses.replace(
+                fed.trainer, options={**fed.trainer.options, "threads": req.threads}
+            ),
+        )
     if fed.trainer.name != "detector":
         raise ConfigError(
             str(req.federation),
@@ -734,30 +749,79 @@ def run_study(req: RunRequest) -> Path:
     return out
 
 
-def run_seeds(req: RunRequest, seeds: tuple[int, ...] | None) -> list[Path]:
+def run_seeds(
+    req: RunRequest, seeds: tuple[int, ...] | None, *, parallel: int = 1
+) -> list[Path]:
     """Run the study once (``seeds`` None) or once per seed; returns the run folders.
 
     Each seed runs into ``<out>/seed-<s>/`` with one data folder
     (``req.data`` or ``<out>/data``), so every seed scores the same test women
-    and the report can pair regimes over seeds and images.
+    and the report can pair regimes over seeds and images. ``parallel`` > 1
+    runs that many seeds at once, each in its own process (the sites are
+    generated and ingested once, first); each gets ``req.threads`` torch
+    threads, or the machine's cores shared out between them. A seed's result
+    does not depend on how many ran beside it.
     """
     if not seeds:
         return [run_study(req)]
+    if parallel < 1:
+        raise ConfigError(
+            "mammofed-sim run", "--parallel", f"must be >= 1, got {parallel}"
+        )
     data = req.data or req.out / "data"
-    runs = []
+    reqs = [
+        dataclasses.replace(req, seed=seed, data=data, out=req.out / f"seed-{seed}")
+        for seed in seeds
+    ]
     t0 = time.monotonic()
-    for i, seed in enumerate(seeds):
-        log.info("##### seed %d (%d of %d) #####", seed, i + 1, len(seeds))
-        runs.append(
-            run_study(
-                dataclasses.replace(
-                    req, seed=seed, data=data, out=req.out / f"seed-{seed}"
-                )
-            )
-        )
+
+    def done(i: int) -> None:
         spent = time.monotonic() - t0
-        left = spent / (i + 1) * (len(seeds) - i - 1)
-        log.info(
-            "seeds done %d/%d in %.0f s; ETA %.0f s", i + 1, len(seeds), spent, left
-        )
-    return runs
+        left = spent / i * (len(seeds) - i)
+        log.info("seeds done %d/%d in %.0f s; ETA %.0f s", i, len(seeds), spent, left)
+
+    if parallel == 1 or len(seeds) == 1:
+        runs = []
+        for i, r in enumerate(reqs):
+            log.info("##### seed %d (%d of %d) #####", r.seed, i + 1, len(seeds))
+            runs.append(run_study(r))
+            done(i + 1)
+        return runs
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    workers = min(parallel, len(seeds))
+    threads = req.threads or max(1, (os.cpu_count() or 1) // workers)
+    prepare_sites(req.scenario, data, req.workers)  # once, before the seeds race
+    reqs = [dataclasses.replace(r, threads=threads) for r in reqs]
+    log.info(
+        "##### seeds %s: %d at a time, %d torch thread(s) each #####",
+        ",".join(map(str, seeds)),
+        workers,
+        threads,
+    )
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_seed, r): r for r in reqs}
+        try:
+            for i, fut in enumerate(cf.as_completed(futures), 1):
+                log.info("##### seed %d finished #####", futures[fut].seed)
+                fut.result()
+                done(i)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return [r.out for r in reqs]
+
+
+def _run_seed(req: RunRequest) -> Path:
+    """One seed in a worker process (its log lines name the seed)."""
+    import logging as _logging
+    import sys
+
+    _logging.basicConfig(
+        level=_logging.INFO,
+        format=f"%(asctime)s %(levelname)s [seed {req.seed}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    return run_study(req)

@@ -55,6 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start every regime from a random model (default: the two-phase "
         "protocol, every regime starts from the base model)",
     )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="with --seeds: run this many seeds at once, one process each "
+        "(a regime mostly keeps one core busy; 2 on a 2-core machine)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per run (default: the federation config's "
+        "trainer.options.threads; with --parallel, the cores shared out)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="phantom/ingest workers")
     parser.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
     parser.add_argument(
@@ -121,8 +134,9 @@ def run(args: argparse.Namespace) -> int:
         dp_epsilon=args.dp_epsilon,
         start_from_base=not args.from_scratch,
         base_checkpoint=args.base_checkpoint,
+        threads=args.threads,
     )
-    runs = run_seeds(req, args.seeds)
+    runs = run_seeds(req, args.seeds, parallel=args.parallel)
     report = write_report(runs, args.report or args.out / "report")
     for run_dir in runs:
         print(f"run folder: {run_dir}")

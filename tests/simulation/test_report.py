@@ -119,18 +119,24 @@ def _images(hit_every: int, n: int = 40) -> list:
     return out
 
 
-def test_report_paired_comparisons_from_detections(tmp_path: Path) -> None:
+def _paired_report(tmp_path: Path, strong: set[str], weak: set[str]) -> tuple:
+    """A run of sites A (base) and B where ``strong`` regimes find every mass
+    and ``weak`` ones a third; its ``(report.md text, report.json)``."""
     run = tmp_path / "run"
-    strong, weak = _images(1), _images(3)
-    regimes = {R.BASE: weak, R.ORACLE: strong, R.PERSONALIZED: strong,
-               R.LOCAL_ONLY: weak}  # fmt: skip
-    for name, images in regimes.items():
+    for name in strong | weak:
+        images = _images(1 if name in strong else 3)
         _regime(run, name, {"A": (0.5, 0.1), "B": (0.5, 0.1)})
         dets = {s: [im.to_json() for im in images] for s in ("A", "B")}
         (run / name / RF.DETECTIONS_JSON).write_text(json.dumps(dets))
     _run_json(run, ["A"])
     md = write_report([run], tmp_path / "rep").read_text()
-    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    return md, json.loads((tmp_path / "rep" / "report.json").read_text())
+
+
+def test_report_paired_comparisons_from_detections(tmp_path: Path) -> None:
+    md, data = _paired_report(
+        tmp_path, {R.ORACLE, R.PERSONALIZED}, {R.BASE, R.LOCAL_ONLY}
+    )
     rows = {
         (r["site"], r["class"], r["regime"], r["against"]): r for r in data["paired"]
     }
@@ -140,7 +146,28 @@ def test_report_paired_comparisons_from_detections(tmp_path: Path) -> None:
     assert vs_oracle["difference"] == 0 and vs_oracle["ratio"] == 1.0
     assert ("B", "mass", R.PERSONALIZED, R.FEDAVG) not in rows  # no FedAvg run
     assert "## Paired comparisons" in md
-    assert "met on B." in md  # A is the base site: not part of the goal
+    assert "Goal met on B." in md  # A is the base site: not part of the goal
+    assert [g["site"] for g in data["goal"]] == ["B"]
+    assert data["goal"][0]["regime"] == R.PERSONALIZED  # no recommended run
+
+
+def test_goal_needs_the_recommended_regime_above_base_and_local_only(
+    tmp_path: Path,
+) -> None:
+    """The goal's three tests, each on the paired mass CPM of the recommended regime."""
+    md, data = _paired_report(
+        tmp_path,
+        {R.BASE, R.ORACLE, R.RECOMMENDED},
+        {R.LOCAL_ONLY, R.PERSONALIZED},
+    )
+    (goal,) = data["goal"]
+    assert goal["regime"] == R.RECOMMENDED
+    assert goal["beats_local"] is True and goal["beats_base"] is False
+    assert goal["oracle_ratio"] == 1.0 and goal["reaches_oracle"] is True
+    assert goal["met"] is False
+    assert "Goal met on no site." in md and f"**{R.RECOMMENDED}**" in md
+    rows = {(r["site"], r["regime"], r["against"]) for r in data["paired"]}
+    assert ("B", R.RECOMMENDED, R.PERSONALIZED) in rows
 
 
 def test_report_names_a_broken_detections_file(tmp_path: Path) -> None:

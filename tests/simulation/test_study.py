@@ -342,3 +342,34 @@ def test_two_phase_every_regime_starts_from_the_base_model(study: Path) -> None:
         assert set(first) == set(shared)
         assert all(np.array_equal(first[k], shared[k]) for k in shared)
         assert bool(defaults) == (regime == R.PERSONALIZED)  # FedBN norms
+
+
+@pytest.mark.slow
+def test_parallel_seeds_match_the_same_seeds_run_one_after_another(
+    study: Path, tmp_path: Path
+) -> None:
+    """``--parallel``: seeds in worker processes give what a lone run of each gives."""
+    from simulation.run import run_seeds
+
+    req = RunRequest(
+        scenario=SCENARIO,
+        federation=FEDERATION,
+        out=tmp_path / "par",
+        regimes=(R.BASE,),
+        data=study.parent / "data",
+        workers=1,
+        n_boot=0,
+        threads=1,
+    )
+    runs = run_seeds(req, (5, 6), parallel=2)
+    assert runs == [tmp_path / "par" / "seed-5", tmp_path / "par" / "seed-6"]
+    alone = run_study(
+        RunRequest(**{**req.__dict__, "out": tmp_path / "alone", "seed": 6})
+    )
+    par = (runs[1] / R.BASE / RF.DETECTIONS_JSON).read_text()
+    assert par == (alone / R.BASE / RF.DETECTIONS_JSON).read_text()
+    import yaml
+
+    for run, seed in zip(runs, (5, 6), strict=True):
+        fed = yaml.safe_load((run / "configs" / "federation.yaml").read_text())
+        assert fed["seed"] == seed and fed["trainer"]["options"]["threads"] == 1
