@@ -10,6 +10,12 @@ images) with other heads:
 
 * ``stored``: the run's own personal head (the regime's figure; a check that
   the benchmark reproduces ``metrics.json``);
+* ``stored-site-stats``: the stored model with its BatchNorm running
+  statistics re-estimated on the site's training images (never the test
+  women; :func:`client.selection.reestimate_norm_stats`): what
+  ``trainer.options.reestimate_norm`` (the ``personalized-stats`` regime)
+  does after every round, here once at the end (docs/federation.md, "Fresh
+  norm statistics");
 * ``global``: the last global head with the site's norms (FedBN alone);
 * ``global-ft<E>``: the last global head fine-tuned head-only for ``E`` epochs
   on the site's labeled images, with the same optimizer and sampler as the
@@ -43,6 +49,7 @@ from typing import Any
 
 from benchmarks.common import emit, rounded
 from client.detector_trainer import DetectorTrainer
+from client.selection import reestimate_norm_stats
 from client.site_model import PERSONAL_HEAD_PREFIX
 from client.state import SiteState
 from common.detector.engine import evaluate_detailed, seed_everything
@@ -55,6 +62,7 @@ from simulation import regimes as R
 
 BENCH = "personal_head"
 STORED = "stored"
+STORED_SITE_STATS = "stored-site-stats"
 GLOBAL = "global"
 
 log = logging.getLogger("benchmarks.personal_head")
@@ -76,8 +84,15 @@ def score_site(
     """
     out: dict[str, Any] = {}
     out[STORED] = trainer.evaluate_detailed(shared, n_boot=n_boot, seed=seed)
-    trainer.compose(shared, personal_head=False)
     view = trainer._view(trainer.opts.eval_view, train=False)
+    trainer.compose(shared)
+    reestimate_norm_stats(
+        trainer.model, trainer._view("train", train=False), trainer.device
+    )
+    out[STORED_SITE_STATS] = evaluate_detailed(
+        trainer.model, view, trainer.device, n_boot=n_boot, seed=seed
+    )
+    trainer.compose(shared, personal_head=False)
     out[GLOBAL] = evaluate_detailed(
         trainer.model, view, trainer.device, n_boot=n_boot, seed=seed
     )

@@ -215,7 +215,7 @@ def test_personal_head_benchmark_rescored_stored_arm_matches_the_run(
         assert (want is None and math.isnan(v)) or v == pytest.approx(want)
     figures = {(r["context"]["site"], r["figure"]) for r in rows}
     for site in stored:
-        for arm in ("global", "global-ft1"):
+        for arm in ("global", "global-ft1", "stored-site-stats"):
             assert (site, f"{arm}-minus-stored-cpm-mass") in figures
     # another site's norms are tried on every site but that one
     assert ("C", "norms-A-cpm-mass") in figures
