@@ -23,6 +23,8 @@ Steps (each logged with progress):
    * ``fedavg``, ``fedprox``, ``fedmedian``, ``fedtrimmedavg``, ``fedavgm``,
      ``fedadam`` (server optimizers), ``fedavg-select`` and
      ``personalized-select`` (each site chooses its model on validation women),
+     ``personalized-stats`` (+ the site's BatchNorm statistics re-estimated
+     on its training images after every round),
      ``personalized`` (FedBN + personal heads),
      ``personalized-ssl`` (+ mean-teacher consistency on unlabeled images),
      ``personalized-dp`` (+ patient-level DP-SGD at ``dp_epsilon``, see
