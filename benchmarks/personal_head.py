@@ -86,9 +86,7 @@ def score_site(
     out[STORED] = trainer.evaluate_detailed(shared, n_boot=n_boot, seed=seed)
     view = trainer._view(trainer.opts.eval_view, train=False)
     trainer.compose(shared)
-    reestimate_norm_stats(
-        trainer.model, trainer._view("train", train=False), trainer.device
-    )
+    reestimate_norm_stats(trainer.model, trainer.training_images(), trainer.device)
     out[STORED_SITE_STATS] = evaluate_detailed(
         trainer.model, view, trainer.device, n_boot=n_boot, seed=seed
     )

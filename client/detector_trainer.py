@@ -555,6 +555,14 @@ class DetectorTrainer:
             return self.dataset.view(name)
         return self.dataset.subset(self._indices(name), hide_labels=name == "unlabeled")
 
+    def training_images(self) -> Dataset[Any]:
+        """Every training image local work may use, standardized, not augmented.
+
+        Labeled or not; never a test woman, nor a held-out validation woman:
+        what BatchNorm statistics are re-estimated on.
+        """
+        return self._view("train", train=False)
+
     def validation_view(self) -> Dataset[Any]:
         """The held-out women's labeled images (standardized like the others)."""
         held = self.held_out
@@ -629,9 +637,7 @@ class DetectorTrainer:
             if self.opts.reestimate_norm:
                 # the site's statistics for the weights it now has (FedBN keeps
                 # them at home); the head is tuned on top of them
-                reestimate_norm_stats(
-                    self.model, self._view("train", train=False), self.device
-                )
+                reestimate_norm_stats(self.model, self.training_images(), self.device)
             self.site_model.save_personal(self._finetune_personal_head())
         else:
             log.warning(
@@ -863,7 +869,7 @@ class DetectorTrainer:
                 SelectionStore(self.state),
                 settings,
                 validation=self.validation_view(),
-                train_images=self._view("train", train=False),
+                train_images=self.training_images(),
                 evaluate=self._score,
                 tune_head=lambda: self._tune_head(settings.head_epochs),
                 device=self.device,

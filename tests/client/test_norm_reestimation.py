@@ -71,7 +71,7 @@ def test_statistics_are_re_estimated_on_training_images_and_never_sent(tmp_path,
     # the site's statistics are the ones its training images give (test women
     # excluded): recomputed independently on a copy of the trained model
     twin = copy.deepcopy(fresh.model)
-    reestimate_norm_stats(twin, fresh._view("train", train=False), fresh.device)
+    reestimate_norm_stats(twin, fresh.training_images(), fresh.device)
     want = _stats(twin)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)

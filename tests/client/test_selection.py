@@ -379,3 +379,12 @@ def test_a_corrupt_choice_file_stops_the_export(tmp_path: Path) -> None:
     path.unlink()
     with pytest.raises(ExportError, match=rf"{path}: does not exist.*never recorded"):
         export_model(run["ckdir"], tmp_path / "o.pt", site=SITE)
+
+
+def test_under_dp_the_choice_stays_on_the_site(tmp_path: Path) -> None:
+    """docs/privacy.md: the choice is made on noiseless CPMs, so it is not sent."""
+    private = _trainer(tmp_path / "dp", _cfg(tmp_path / "dp", dp=True))
+    assert private.select_settings is not None
+    assert SELECTED_MODEL not in private.metric_names("evaluate")
+    plain = _trainer(tmp_path / "plain", _cfg(tmp_path / "plain"))
+    assert SELECTED_MODEL in plain.metric_names("evaluate")
