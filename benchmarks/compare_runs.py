@@ -10,6 +10,15 @@ Usage::
     python -m benchmarks.compare_runs --a out/cpu-study/run/personalized \\
         --b out/cpu-study/run-deploy/personalized --label deployment-vs-inprocess
 
+Several folders per side are several seeds: the i-th of ``--a`` pairs with the
+i-th of ``--b`` and the difference is the mean over seeds, with an interval
+that resamples seeds and images
+(:func:`common.detector.froc.pooled_paired_cpm_difference`), e.g. a regime of
+one three-seed study against another study's::
+
+    python -m benchmarks.compare_runs --a out/study/seed-{0,1,2}/local-only \\
+        --b out/study-eps2/seed-{0,1,2}/personalized-dp --label dp-eps2-vs-local
+
 One JSON line per site and class in ``benchmarks/results/compare_runs.jsonl``:
 ``b-minus-a-cpm-<class>`` with the paired 95% interval, both CPMs, and the
 wall time of each run's regime (``run.json`` ``seconds``) where recorded.
@@ -22,7 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import emit, rounded
-from common.detector.froc import froc_class, paired_cpm_difference
+from common.detector.froc import (
+    froc_class,
+    paired_cpm_difference,
+    pooled_paired_cpm_difference,
+)
 from common.keys import CLASSES
 from common.wire import runfolder as RF
 from simulation.report import load_detections
@@ -39,30 +52,48 @@ def _seconds(regime_dir: Path) -> float | None:
 
 
 def compare(
-    a: Path, b: Path, *, n_boot: int = 1000, seed: int = 0
+    a: Path | list[Path], b: Path | list[Path], *, n_boot: int = 1000, seed: int = 0
 ) -> list[dict[str, Any]]:
     """Per (site, class): CPM of ``a`` and ``b`` and the paired ``b - a``.
 
+    ``a`` and ``b``: one regime folder each, or one per seed (same count; the
+    CPMs and the difference are then means over seeds).
+
     Raises:
-        ValueError: a site's two image sets differ (not the same test images).
+        ValueError: a site's two image sets differ (not the same test images),
+            or the two sides have different numbers of runs.
     """
-    da = load_detections(a / RF.DETECTIONS_JSON)
-    db = load_detections(b / RF.DETECTIONS_JSON)
+    runs_a = a if isinstance(a, list) else [a]
+    runs_b = b if isinstance(b, list) else [b]
+    if len(runs_a) != len(runs_b) or not runs_a:
+        raise ValueError(f"--a has {len(runs_a)} runs, --b {len(runs_b)}: not paired")
+    da = [load_detections(r / RF.DETECTIONS_JSON) for r in runs_a]
+    db = [load_detections(r / RF.DETECTIONS_JSON) for r in runs_b]
     rows = []
-    for site in sorted(set(da) & set(db)):
+    for site in sorted(set.intersection(*(set(d) for d in da + db))):
         for label, cls in enumerate(CLASSES):
-            diff, ci = paired_cpm_difference(
-                da[site], db[site], label, n_boot=n_boot, seed=seed
-            )
+            xa, xb = [d[site] for d in da], [d[site] for d in db]
+            if len(xa) == 1:
+                diff, ci = paired_cpm_difference(
+                    xa[0], xb[0], label, n_boot=n_boot, seed=seed
+                )
+                cpm_a = froc_class(xa[0], label).cpm
+                cpm_b = froc_class(xb[0], label).cpm
+            else:
+                r = pooled_paired_cpm_difference(
+                    xa, xb, label, n_boot=n_boot, seed=seed
+                )
+                diff, ci, cpm_a, cpm_b = r["diff"], r["ci95"], r["cpm_a"], r["cpm_b"]
             rows.append(
                 {
                     "site": site,
                     "class": cls,
-                    "cpm_a": rounded(froc_class(da[site], label).cpm),
-                    "cpm_b": rounded(froc_class(db[site], label).cpm),
+                    "cpm_a": rounded(cpm_a),
+                    "cpm_b": rounded(cpm_b),
                     "diff": diff,
                     "paired_ci95": [rounded(x) for x in ci],
-                    "n_images": len(da[site]),
+                    "n_images": len(xa[0]),
+                    "n_runs": len(xa),
                 }
             )
     return rows
@@ -71,18 +102,30 @@ def compare(
 def main(argv: list[str] | None = None) -> int:
     """Emit the paired comparison of two regime folders."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--a", type=Path, required=True, help="regime folder (baseline)")
-    p.add_argument("--b", type=Path, required=True, help="regime folder (compared)")
+    p.add_argument(
+        "--a",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="regime folder (baseline), or one per seed",
+    )
+    p.add_argument(
+        "--b",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="regime folder (compared), or one per seed (same order as --a)",
+    )
     p.add_argument("--label", default="b-vs-a", help="name of the comparison")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--results", type=Path, default=None)
     args = p.parse_args(argv)
     ctx = {
         "comparison": args.label,
-        "a": str(args.a),
-        "b": str(args.b),
-        "seconds_a": _seconds(args.a),
-        "seconds_b": _seconds(args.b),
+        "a": [str(x) for x in args.a] if len(args.a) > 1 else str(args.a[0]),
+        "b": [str(x) for x in args.b] if len(args.b) > 1 else str(args.b[0]),
+        "seconds_a": _seconds(args.a[0]) if len(args.a) == 1 else None,
+        "seconds_b": _seconds(args.b[0]) if len(args.b) == 1 else None,
     }
     for row in compare(args.a, args.b, n_boot=args.n_boot):
         emit(

@@ -198,11 +198,12 @@ class DetectorOptions:
             lr=lr,
             batch_size=batch_size,
             lesion_prob=self.lesion_prob,
-            # no pasting under DP: a lesion of one woman in another's image
-            # would escape the per-woman clipping
+            # under DP a woman's images only get her own lesions: a lesion of
+            # one woman in another's image would escape the per-woman clipping
             augment=dataclasses.replace(
                 SITE_AUGMENT,
-                paste=self.paste and not self.dp,
+                paste=self.paste,
+                paste_same_woman=self.dp,
                 min_box_mm=self.min_box_mm,
             ),
         )

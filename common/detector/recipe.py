@@ -69,6 +69,8 @@ class AugmentConfig:
     :func:`train_transform`. ``patch``: train on ``patch`` x ``patch`` crops
     (:class:`common.detector.transforms.PatchCrop`; 0: whole images), a lesion
     inside with probability ``patch_lesion_p``, else a random breast patch.
+    ``paste_same_woman``: an image only gets its own woman's lesions (the form
+    DP-SGD allows; on by itself under ``trainer.options.dp``).
     ``min_box_mm``: training boxes narrower than this are widened to it
     (:class:`common.detector.transforms.GrowSmallBoxes`; 0: off).
     """
@@ -81,6 +83,7 @@ class AugmentConfig:
     paste: bool = False
     paste_p: float = field(default=0.5, metadata=bounded(0.0, 1.0))
     paste_max: int = field(default=2, metadata=bounded(1, 16))
+    paste_same_woman: bool = False
     patch: int = field(default=0, metadata=bounded(0, 100_000))
     patch_lesion_p: float = field(default=0.5, metadata=bounded(0.0, 1.0))
     min_box_mm: float = field(default=0.0, metadata=bounded(0.0, 1000.0))
@@ -202,7 +205,13 @@ def train_transform(
     parts: list[Any] = []
     if aug.paste and source is not None:
         parts.append(
-            LesionPaste(source, aug.paste_p, aug.paste_max, generator=generator)
+            LesionPaste(
+                source,
+                aug.paste_p,
+                aug.paste_max,
+                generator=generator,
+                same_woman=aug.paste_same_woman,
+            )
         )
     if aug.vflip:
         parts.append(VerticalFlip(0.5, generator))

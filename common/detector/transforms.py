@@ -254,6 +254,12 @@ class LesionPaste:
     its box and label are appended to the target. Images whose target has no
     ``labels`` key (no supervision) pass through unchanged.
 
+    ``same_woman``: an image only gets lesions cut from its own woman's
+    images (the target's and the source's ``patient_id``; any class), and an
+    image of a woman without a lesion, or whose target names no woman, passes
+    through. This is the form DP-SGD allows: with one woman per microbatch,
+    her gradient then depends on her images only (docs/privacy.md).
+
     Args:
         source: a dataset of ``(image [1, H, W], target)`` with ``boxes`` and
             ``labels``; ``target(i)`` (no pixels) is used when it has one.
@@ -275,6 +281,7 @@ class LesionPaste:
         breast_fraction: float = 0.95,
         max_bank: int = 512,
         generator: torch.Generator | None = None,
+        same_woman: bool = False,
     ) -> None:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"paste p must be in [0, 1], got {p}")
@@ -284,7 +291,10 @@ class LesionPaste:
         self.margin, self.tries, self.max_bank = margin, tries, max_bank
         self.breast_level, self.breast_fraction = breast_level, breast_fraction
         self.gen = generator
+        self.same_woman = same_woman
         self._bank: dict[int, list[LesionPatch]] | None = None
+        #: ``{patient_id: [LesionPatch]}`` of the same bank (``same_woman``)
+        self._by_woman: dict[str, list[LesionPatch]] = {}
 
     def bank(self) -> dict[int, list[LesionPatch]]:
         """``{label: [LesionPatch]}`` cut from ``source`` (built on first use)."""
@@ -300,20 +310,26 @@ class LesionPaste:
                 if len(t.get("boxes", ())) == 0:
                     continue
                 image, t = self.source[i]
+                woman = t.get("patient_id")
                 for b, lab in zip(t["boxes"], t["labels"], strict=True):
                     patch = cut_lesion(image, b, int(lab), self.margin)
                     if patch is not None and n < self.max_bank:
                         bank.setdefault(patch.label, []).append(patch)
+                        if woman is not None:
+                            self._by_woman.setdefault(str(woman), []).append(patch)
                         n += 1
             self._bank = bank
         return self._bank
 
-    def _pick(self) -> LesionPatch:
-        bank = self.bank()
-        labels = sorted(bank)
-        lab = labels[int(torch.randint(len(labels), (), generator=self.gen))]
-        items = bank[lab]
-        patch = items[int(torch.randint(len(items), (), generator=self.gen))]
+    def _pick(self, own: list[LesionPatch] | None = None) -> LesionPatch:
+        if own is not None:
+            patch = own[int(torch.randint(len(own), (), generator=self.gen))]
+        else:
+            bank = self.bank()
+            labels = sorted(bank)
+            lab = labels[int(torch.randint(len(labels), (), generator=self.gen))]
+            items = bank[lab]
+            patch = items[int(torch.randint(len(items), (), generator=self.gen))]
         sig, box = patch.signal, patch.box.clone()
         ph, pw = sig.shape[-2:]
         if _rand(self.gen) < 0.5:
@@ -322,7 +338,7 @@ class LesionPaste:
         if _rand(self.gen) < 0.5:
             sig = sig.flip(-2)
             box = torch.stack([box[0], ph - box[3], box[2], ph - box[1]])
-        return LesionPatch(sig, box, lab)
+        return LesionPatch(sig, box, patch.label)
 
     def _free(self, box: torch.Tensor, target: Target) -> bool:
         for k in BOX_KEYS:
@@ -346,13 +362,18 @@ class LesionPaste:
         _check(image)
         if "labels" not in target or _rand(self.gen) >= self.p or not self.bank():
             return image, target
+        own: list[LesionPatch] | None = None
+        if self.same_woman:
+            own = self._by_woman.get(str(target.get("patient_id")))
+            if not own:
+                return image, target
         h, w = image.shape[-2:]
         out, t = image.clone(), dict(target)
         boxes = torch.as_tensor(t.get("boxes", torch.zeros(0, 4))).reshape(-1, 4)
         labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
         k = 1 + int(torch.randint(self.max_pastes, (), generator=self.gen))
         for _ in range(k):
-            patch = self._pick()
+            patch = self._pick(own)
             ph, pw = patch.signal.shape[-2:]
             if ph >= h or pw >= w:
                 continue

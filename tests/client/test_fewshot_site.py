@@ -165,7 +165,7 @@ def _with_options(cfg, **options):  # noqa: ANN001, ANN202
     )
 
 
-def test_a_site_pastes_its_own_lesions_and_never_under_dp(tmp_path, cache):
+def test_a_site_pastes_its_own_lesions_and_under_dp_each_womans_own(tmp_path, cache):
     """The lesion recipe at a site: paste from its labeled training images only."""
     from common.detector.transforms import GrowSmallBoxes, LesionPaste
 
@@ -183,11 +183,11 @@ def test_a_site_pastes_its_own_lesions_and_never_under_dp(tmp_path, cache):
         trainer.initial_shared(), FitInstructions.from_federation(cfg, 1)
     )
     assert metrics["skipped-steps"] == 0
-    assert trainer.opts.recipe(0.01, 1).augment.paste
+    aug = trainer.opts.recipe(0.01, 1).augment
+    assert aug.paste and not aug.paste_same_woman
     dp = _with_options(cfg, dp=True)
-    assert (
-        DetectorTrainer(SITE, tmp_path / "b" / "state", dp, cache, None)
-        .opts.recipe(0.01, 1)
-        .augment.paste
-        is False
-    )
+    private = DetectorTrainer(SITE, tmp_path / "b" / "state", dp, cache, None)
+    aug = private.opts.recipe(0.01, 1).augment
+    assert aug.paste and aug.paste_same_woman
+    parts = private._view("labeled", train=True).transform.transforms  # type: ignore[attr-defined]
+    assert next(p for p in parts if isinstance(p, LesionPaste)).same_woman

@@ -249,6 +249,14 @@ def test_compare_runs_pairs_two_regime_folders(study: Path, tmp_path: Path) -> N
     lines = (tmp_path / "compare_runs.jsonl").read_text().splitlines()
     assert len(lines) == len(rows)
     assert json.loads(lines[0])["context"]["seconds_a"] is not None
+    # several runs per side pool over seeds; the same run twice pools to 0
+    twice = [study / R.FEDAVG, study / R.FEDAVG]
+    pooled = compare_runs.compare(twice, [study / R.PERSONALIZED] * 2, n_boot=50)
+    for one, two in zip(rows, pooled, strict=True):
+        assert two["n_runs"] == 2 and two["cpm_a"] == one["cpm_a"]
+        assert two["diff"] == pytest.approx(one["diff"]) or math.isnan(one["diff"])
+    with pytest.raises(ValueError, match="not paired"):
+        compare_runs.compare(twice, [study / R.PERSONALIZED])
 
 
 @pytest.mark.slow

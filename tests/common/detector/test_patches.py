@@ -67,6 +67,30 @@ def test_paste_adds_a_lesion_inside_the_breast_with_its_box() -> None:
     assert torch.equal(image, _breast())  # the input was not modified
 
 
+def test_same_woman_paste_uses_only_that_womans_lesions() -> None:
+    """The DP form: an image gets its own woman's lesions, or nothing."""
+    src = _Source()
+    src.items[0][1]["patient_id"] = "W1"  # the lesion is W1's
+    src.items[1][1]["patient_id"] = "W2"  # W2 has none
+    paste = LesionPaste(
+        src, p=1.0, max_pastes=1, generator=torch.Generator().manual_seed(0),
+        same_woman=True,
+    )  # fmt: skip
+    image, target = src[1]
+    out, t = paste(image, dict(target))  # W2: nothing of hers to paste
+    assert torch.equal(out, image) and t["boxes"].shape == (0, 4)
+    mine = dict(target, patient_id="W1")  # another image of W1
+    out, t = paste(image, mine)
+    assert t["boxes"].shape == (1, 4) and t["labels"].tolist() == [1]
+    assert not torch.equal(out, image)
+    # a target that names no woman gets nothing either
+    anon = {k: v for k, v in target.items() if k != "patient_id"}
+    assert paste(image, anon)[1]["boxes"].shape == (0, 4)
+    # without same_woman, W2's image gets W1's lesion
+    shared = LesionPaste(src, p=1.0, max_pastes=1, generator=torch.Generator())
+    assert shared(image, dict(target))[1]["boxes"].shape == (1, 4)
+
+
 def test_paste_avoids_existing_boxes_and_skips_unsupervised_images() -> None:
     src = _Source()
     paste = LesionPaste(
