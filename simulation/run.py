@@ -806,8 +806,8 @@ def run_seeds(
         futures = {pool.submit(_run_seed, r): r for r in reqs}
         try:
             for i, fut in enumerate(cf.as_completed(futures), 1):
-                log.info("##### seed %d finished #####", futures[fut].seed)
                 fut.result()
+                log.info("##### seed %d finished #####", futures[fut].seed)
                 done(i)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -817,11 +817,10 @@ def run_seeds(
 
 def _run_seed(req: RunRequest) -> Path:
     """One seed in a worker process (its log lines name the seed)."""
-    import logging as _logging
     import sys
 
-    _logging.basicConfig(
-        level=_logging.INFO,
+    logging.basicConfig(
+        level=logging.INFO,
         format=f"%(asctime)s %(levelname)s [seed {req.seed}] %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
