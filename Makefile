@@ -21,15 +21,17 @@ demo: venv
 	$(BIN)/python -m simulation.demo --out $(DEMO_OUT)
 
 # The study (README, "The study"): every regime from the shipped vendor-H base
-# model on the demo's sites, three seeds, three seed processes at a time
-# (benchmarks/results/study_demo/). STUDY_OUT/report/report.md at the end.
+# model on the demo's sites with 60 test women each on B, C and D
+# (configs/simulation/study.yaml), three seeds, three seed processes at a time
+# (benchmarks/results/study/). STUDY_OUT/report/report.md at the end.
 STUDY_OUT ?= out/study
-STUDY_REGIMES ?= base local-only fedavg fedprox personalized personalized-stats \
+STUDY_DATA ?= out/study-data
+STUDY_REGIMES ?= base local-only fedavg fedavgm fedprox personalized \
 	personalized-ssl personalized-dp oracle
 study: venv
-	$(BIN)/mammofed-sim run --scenario configs/simulation/demo.yaml \
+	$(BIN)/mammofed-sim run --scenario configs/simulation/study.yaml \
 	    --federation configs/federation/sim-demo.yaml --base-checkpoint models/demo-base-h.pt \
-	    --data $(DEMO_OUT)/data --out $(STUDY_OUT) --seeds 0,1,2 --parallel 3 --threads 1 \
+	    --data $(STUDY_DATA) --out $(STUDY_OUT) --seeds 0,1,2 --parallel 3 --threads 1 \
 	    $(addprefix --regime ,$(STUDY_REGIMES))
 
 # The demo's vendor-H base model (models/demo-base-h.pt), reproduced by the

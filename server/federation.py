@@ -156,7 +156,14 @@ def run_federation(
             model.aggregated(rnd, map(node_of, _screened(strategy, "train").valid))
         eval_record = arrays_to_record(arrays)
         eval_config = model.stamp(ins.to_config_record())
-        emsgs = list(strategy.configure_evaluate(rnd, eval_record, eval_config, grid))
+        emsgs: list[Message] = []
+        if cfg.participation.evaluates(rnd, cfg.num_rounds):
+            emsgs = list(
+                strategy.configure_evaluate(rnd, eval_record, eval_config, grid)
+            )
+        else:  # not an evaluation round: nothing sampled, nothing screened
+            strategy.sampled["evaluate"] = []
+            strategy.last.pop("evaluate", None)
         ereplies = _exchange(grid, emsgs, timeout)
         agg_eval = strategy.aggregate_evaluate(rnd, ereplies)
         line: dict[str, Any] = {

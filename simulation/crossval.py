@@ -352,9 +352,12 @@ def _predict(
     cfg: TrainConfig,
     device: torch.device,
 ) -> list[FrocImage]:
-    """``model``'s FROC images of the held-out views, keyed ``<site>/<cache key>``."""
+    """``model``'s FROC images of the held-out views, keyed ``<site>/<cache key>``.
+
+    Cases (women) are named ``<site>/<patient_id>`` likewise.
+    """
     return [
-        replace(im, key=f"{name}/{im.key}")
+        replace(im, key=f"{name}/{im.key}", case=f"{name}/{im.case}" if im.case else "")
         for name, v in val_views.items()
         if len(v)
         for im in evaluate_detailed(

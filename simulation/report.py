@@ -313,7 +313,7 @@ def load_detections(path: Path) -> dict[str, list[FrocImage]]:
 def paired_comparisons(
     detections: Mapping[str, Path | list[Path]], *, n_boot: int = 1000, seed: int = 0
 ) -> list[dict[str, Any]]:
-    """CPM differences of :data:`PAIRS` per site and class, paired over images.
+    """CPM differences of :data:`PAIRS` per site and class, paired over women.
 
     ``detections``: each regime's ``detections.json``, or one per run (seed):
     the i-th run of one regime pairs with the i-th of the other, and the
@@ -388,8 +388,9 @@ def _paired_lines(rows: list[dict[str, Any]], base_sites: set[str]) -> list[str]
         "## Paired comparisons (same test images)",
         "",
         "Difference of CPM (regime − against) on each site's test images, with a",
-        "95% bootstrap interval that resamples the same images for both",
-        "regimes (and, with several seeds, the seeds too: the mean difference",
+        "95% bootstrap interval that resamples the same women (all of a",
+        "woman's images together) for both regimes (and, with several seeds,",
+        "the seeds too: the mean difference",
         "over seeds); an interval that excludes 0 is a difference the runs can",
         "resolve, and the winner is named. Ratio = CPM(regime) / CPM(against).",
         "",
@@ -589,7 +590,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
         ]
     lines += [
         "CPM (mean sensitivity at 0.25, 0.5, 1, 2, 4 FP/image) on each site's",
-        "held-out test women, 95% bootstrap interval over images in brackets",
+        "held-out test women, 95% bootstrap interval over women in brackets",
         "(with several seeds: the mean over seeds, lowest and highest seed in",
         "brackets),",
         "and in parentheses the gap closed = (regime − base) / (oracle − base),",

@@ -777,9 +777,12 @@ def run_seeds(
     ]
     t0 = time.monotonic()
 
-    def done(i: int) -> None:
+    def done(i: int, at_once: int = 1) -> None:
+        # seeds run in waves of ``at_once``: the i-th result ends wave
+        # ceil(i / at_once) (the rest of a wave is about to end with it)
         spent = time.monotonic() - t0
-        left = spent / i * (len(seeds) - i)
+        waves, wave = -(-len(seeds) // at_once), -(-i // at_once)
+        left = spent / wave * (waves - wave)
         log.info("seeds done %d/%d in %.0f s; ETA %.0f s", i, len(seeds), spent, left)
 
     if parallel == 1 or len(seeds) == 1:
@@ -808,7 +811,7 @@ def run_seeds(
             for i, fut in enumerate(cf.as_completed(futures), 1):
                 fut.result()
                 log.info("##### seed %d finished #####", futures[fut].seed)
-                done(i)
+                done(i, workers)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise

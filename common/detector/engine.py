@@ -220,6 +220,7 @@ def evaluate_detailed(
                     det_boxes=d["boxes"],
                     det_scores=d["scores"],
                     det_labels=d["labels"],
+                    case=str(t.get("patient_id", "")),
                 )
             )
     per_class = froc_all(images, n_boot=n_boot, seed=seed)

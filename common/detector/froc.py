@@ -33,8 +33,9 @@ curve starts at ``(0 FP/image, 0)`` (threshold above every score).
   from the right), one point per distinct score.
 * A class with no lesion in the image set has undefined sensitivity: every
   sensitivity, the CPM and the AP are ``NaN``.
-* The 95% CI of CPM is a percentile bootstrap over images (seeded; resamples
-  without any lesion are dropped).
+* The 95% CI of CPM is a percentile bootstrap over cases (seeded; resamples
+  without any lesion are dropped): a case is a woman (``FrocImage.case``), all
+  of her images drawn together; an image without a case is its own.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ class FrocImage:
         gt_boxes: float[N, 4] lesion boxes; ``gt_labels`` int[N] class indices.
         ignore_boxes: float[M, 4] regions where detections count for nothing.
         det_boxes: float[K, 4]; ``det_scores`` float[K]; ``det_labels`` int[K].
+        case: the case the image belongs to (the woman: her ``patient_id``).
+            Bootstrap intervals resample whole cases, because a woman's views
+            show the same lesions and are not independent; ``""``: the image
+            is a case of its own.
     """
 
     key: str
@@ -89,6 +94,7 @@ class FrocImage:
     det_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     det_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     det_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    case: str = ""
 
     def __post_init__(self) -> None:
         k = self.key
@@ -132,6 +138,7 @@ class FrocImage:
             "det_boxes": np.round(self.det_boxes, 2).tolist(),
             "det_scores": np.round(self.det_scores, 5).tolist(),
             "det_labels": self.det_labels.tolist(),
+            "case": self.case,
         }
 
     @classmethod
@@ -151,6 +158,7 @@ class FrocImage:
                 det_boxes=np.asarray(d["det_boxes"], np.float64).reshape(-1, 4),
                 det_scores=np.asarray(d["det_scores"], np.float64),
                 det_labels=np.asarray(d["det_labels"], np.int64),
+                case=str(d.get("case", "")),  # files written before cases: ""
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(
@@ -355,7 +363,8 @@ def froc_class(
     """FROC, sensitivities, CPM and AP of class ``label`` over ``images``.
 
     ``n_boot > 0`` adds a ``1 - alpha`` percentile bootstrap interval of the CPM
-    (images resampled with replacement, ``numpy.random.default_rng(seed)``).
+    (cases, :attr:`FrocImage.case`, resampled with replacement,
+    ``numpy.random.default_rng(seed)``).
     """
     if not 0 <= label < len(CLASSES):
         raise ValueError(f"label must be in [0, {len(CLASSES)}), got {label!r}")
@@ -369,9 +378,8 @@ def froc_class(
     cpm, at = _cpm_from(oc)
     ci = None
     if n_boot > 0:
-        n = len(oc.lesions)
         ci = _percentile_bootstrap(
-            n, lambda w: _cpm_from(oc, w)[0], n_boot, seed, alpha
+            case_index(images), lambda w: _cpm_from(oc, w)[0], n_boot, seed, alpha
         )
     return FrocResult(
         label=label,
@@ -389,8 +397,23 @@ def froc_class(
     )
 
 
+def case_index(images: Sequence[FrocImage]) -> np.ndarray:
+    """int[I]: the case of each image, numbered in order of first appearance.
+
+    An image without a :attr:`FrocImage.case` is a case of its own.
+    """
+    ids: dict[str, int] = {}
+    return np.asarray(
+        [
+            ids.setdefault(im.case if im.case else f"\0{i}", len(ids))
+            for i, im in enumerate(images)
+        ],
+        dtype=np.int64,
+    )
+
+
 def _percentile_bootstrap(
-    n: int,
+    cases: np.ndarray,
     statistic: Callable[[np.ndarray], float],
     n_boot: int,
     seed: int,
@@ -398,15 +421,18 @@ def _percentile_bootstrap(
 ) -> tuple[float, float]:
     """``1 - alpha`` percentile interval of ``statistic(image weights)``.
 
-    Each resample draws ``n`` images with replacement
-    (``numpy.random.default_rng(seed)``) and passes their multiplicities as
-    float weights; NaN statistics are left out, and all-NaN gives NaN bounds.
+    ``cases`` int[I] numbers each image's case (:func:`case_index`). Each
+    resample draws as many cases as there are, with replacement
+    (``numpy.random.default_rng(seed)``); every image weighs its case's
+    multiplicity. With one image per case this is the image bootstrap. NaN
+    statistics are left out, and all-NaN gives NaN bounds.
     """
     rng = np.random.default_rng(seed)
+    n = int(cases.max()) + 1 if len(cases) else 0
     vals = []
     for _ in range(n_boot):
         counts = np.bincount(rng.integers(0, n, size=n), minlength=n)
-        v = statistic(counts.astype(np.float64))
+        v = statistic(counts[cases].astype(np.float64))
         if not math.isnan(v):
             vals.append(v)
     if not vals:
@@ -555,14 +581,15 @@ def pooled_paired_cpm_difference(
     seed: int = 0,
     alpha: float = 0.05,
 ) -> dict[str, Any]:
-    """Mean over runs (seeds) of ``CPM(b_s) - CPM(a_s)``; runs and images resampled.
+    """Mean over runs (seeds) of ``CPM(b_s) - CPM(a_s)``; runs and cases resampled.
 
     ``a_runs[s]`` and ``b_runs[s]`` are two detectors' outputs of run ``s`` on
     one image set (every run the same keys, any order). Each bootstrap
     resample draws the runs with replacement (a and b of one run stay a pair)
-    and the images with replacement (the same multiplicities for every run
-    and both detectors), so the interval holds both the training noise and
-    the test-set noise. With one run it is :func:`paired_cpm_difference`.
+    and the cases (:attr:`FrocImage.case`, the women) with replacement (the
+    same multiplicities for every run and both detectors), so the interval
+    holds both the training noise and the test-set noise. With one run it is
+    :func:`paired_cpm_difference`.
     Returns ``{"diff", "ci95", "cpm_a", "cpm_b", "runs_a", "runs_b"}``: means
     over runs and the per-run CPMs (NaN when the class has no lesion).
 
@@ -600,7 +627,9 @@ def pooled_paired_cpm_difference(
 
     return {
         "diff": diff,
-        "ci95": _percentile_bootstrap(len(keys), pooled, n_boot, seed, alpha),
+        "ci95": _percentile_bootstrap(
+            case_index(ordered(a_runs[0], "run 0 (a)")), pooled, n_boot, seed, alpha
+        ),
         "cpm_a": float(np.mean(cpm_a)),
         "cpm_b": float(np.mean(cpm_b)),
         "runs_a": cpm_a,

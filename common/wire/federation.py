@@ -184,6 +184,10 @@ class ParticipationConfig:
         round_timeout_s: longest wait for replies in one phase of a round.
         min_valid_updates: a round with fewer valid updates keeps the previous
             global model.
+        evaluate_every: federated evaluation in every N-th round and always in
+            the last one (1: every round). Evaluation scores each site's test
+            women, so a study with large test sets sets it higher; the final
+            models are scored either way.
     """
 
     fraction_train: float = field(default=1.0, metadata=bounded(0.0, 1.0))
@@ -194,6 +198,11 @@ class ParticipationConfig:
     wait_for_nodes_s: float = field(default=120.0, metadata=bounded(0.0, 86400.0))
     round_timeout_s: float = field(default=600.0, metadata=bounded(1.0, 86400.0))
     min_valid_updates: int = field(default=1, metadata=bounded(1, None))
+    evaluate_every: int = field(default=1, metadata=bounded(1, 100_000))
+
+    def evaluates(self, server_round: int, num_rounds: int) -> bool:
+        """Whether ``server_round`` of ``num_rounds`` runs federated evaluation."""
+        return server_round % self.evaluate_every == 0 or server_round >= num_rounds
 
 
 @dataclass(frozen=True)

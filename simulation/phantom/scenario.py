@@ -276,6 +276,11 @@ class SiteSpec:
         women: number of synthetic women (4 images each: L/R x CC/MLO).
         labeled_fraction: fraction of the *training* women's images labeled.
         test_fraction: fraction of women held out as test (always labeled).
+        extra_test_women: test-only women added after the first ``women``
+            (they are drawn like every other woman, from their own index). The
+            first ``women``, their split and their labels do not change, so a
+            study can score on a larger test set with a model trained on the
+            smaller scenario (``configs/simulation/study.yaml``).
     """
 
     name: str
@@ -284,6 +289,12 @@ class SiteSpec:
     women: int = field(default=10, metadata=bounded(1, 100000))
     labeled_fraction: float = field(default=1.0, metadata=bounded(0.0, 1.0))
     test_fraction: float = field(default=0.25, metadata=bounded(0.0, 1.0))
+    extra_test_women: int = field(default=0, metadata=bounded(0, 100000))
+
+    @property
+    def all_women(self) -> int:
+        """``women`` plus ``extra_test_women``: every woman the site writes."""
+        return self.women + self.extra_test_women
 
 
 @dataclass(frozen=True)

@@ -200,3 +200,27 @@ def test_resolve_site_variants(test_cfg: FederationConfig, tmp_path: Path) -> No
     site_yaml.write_text("name: hosp-x\n")
     with pytest.raises(ConfigError, match="state_dir"):
         resolve_site({"site-config": str(site_yaml)}, test_cfg)
+
+
+def test_evaluate_every_skips_evaluation_between_its_rounds(
+    test_cfg: FederationConfig, tmp_path: Path
+) -> None:
+    part = dataclasses.replace(test_cfg.participation, evaluate_every=2)
+    cfg = dataclasses.replace(test_cfg, num_rounds=3, participation=part)
+    grid, _ = _run(cfg, tmp_path)
+    lines = (tmp_path / "run" / ROUNDS_JSONL).read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    evaluated = [r["round"] for r in rows if r["evaluate_sampled"]]
+    assert evaluated == [2, 3]  # every 2nd round, and always the last
+    assert not rows[0]["evaluate_aggregated"] and rows[0]["train"]["valid"] == 2
+    kinds = [r.metadata.message_type for r in grid.replies]
+    assert kinds.count("evaluate") == 2 * len(SITES)
+    assert kinds.count("train") == 3 * len(SITES)
+
+
+def test_evaluate_every_is_at_least_one() -> None:
+    from common.config.loader import from_mapping
+
+    raw = {"participation": {"evaluate_every": 0}}
+    with pytest.raises(ConfigError, match="evaluate_every"):
+        from_mapping(raw, FederationConfig, source="fed.yaml")

@@ -56,6 +56,7 @@ def test_every_regime_writes_per_site_metrics(study: Path) -> None:
         assert set(dets) == set(data["sites"])
         for name, images in dets.items():
             assert len(images) == data["sites"][name]["n_images"]
+            assert all(im.case.startswith(f"PH-{name}-") for im in images)
             want = data["sites"][name]["classes"]["mass"]["cpm"]
             got = froc_class(images, 0).cpm
             assert (want is None and math.isnan(got)) or got == pytest.approx(want)

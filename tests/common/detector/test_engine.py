@@ -136,6 +136,8 @@ def test_evaluate_metrics_keys_and_plot(tmp_path):
     assert math.isnan(m[CPM_CALCIFICATION])  # no calcification in the set
     assert m[CPM_MEAN] == m[CPM_MASS]
     assert "sens-mass-at-0.125" in m and "ap-mass" in m
+    # each image carries its woman, so intervals resample women
+    assert [im.case for im in res.images] == [f"p{i}" for i in range(4)]
     assert (tmp_path / "froc-mass.png").is_file()
     assert (tmp_path / "froc-calcification.png").is_file()
     js = res.to_json()

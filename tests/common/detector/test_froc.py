@@ -290,3 +290,52 @@ def test_froc_image_json_round_trip_and_bad_record():
     assert froc_class([back], CALC).cpm == froc_class([im], CALC).cpm
     with pytest.raises(ValueError, match="'k2'.*gt_boxes"):
         FrocImage.from_json({"key": "k2", "spacing_mm": 0.1})
+
+
+def _as_cases(images: list[FrocImage], per_case: int) -> list[FrocImage]:
+    """The same images, every ``per_case`` consecutive ones one woman."""
+    from dataclasses import replace
+
+    return [replace(im, case=f"w{i // per_case}") for i, im in enumerate(images)]
+
+
+def test_bootstrap_resamples_whole_cases_not_images():
+    from common.detector.froc import case_index, paired_cpm_difference
+
+    # 4 copies of each image = 4 views of one woman that agree: an image
+    # bootstrap takes them for 4x the evidence; the case bootstrap does not
+    base = _study(2, 0)
+    views = [im for im in base for _ in range(4)]
+    views = [
+        FrocImage.from_json({**im.to_json(), "key": f"{im.key}/{j % 4}"})
+        for j, im in enumerate(views)
+    ]
+    strong = _study(1, 0)
+    strong_views = [
+        FrocImage.from_json({**im.to_json(), "key": f"{im.key}/{j}"})
+        for im in strong
+        for j in range(4)
+    ]
+    a_img, b_img = views, strong_views
+    a_case, b_case = _as_cases(views, 4), _as_cases(strong_views, 4)
+    assert case_index(a_case).tolist()[:9] == [0, 0, 0, 0, 1, 1, 1, 1, 2]
+    assert case_index(a_img).tolist() == list(range(len(a_img)))
+    d_img, (lo_i, hi_i) = paired_cpm_difference(a_img, b_img, MASS, n_boot=400)
+    d_case, (lo_c, hi_c) = paired_cpm_difference(a_case, b_case, MASS, n_boot=400)
+    assert d_img == pytest.approx(d_case)  # the point estimate does not change
+    # the honest interval is about sqrt(4) = 2x wider
+    assert (hi_c - lo_c) > 1.6 * (hi_i - lo_i)
+    # the case bootstrap of the 4-view set matches the image bootstrap of one view
+    d1, (lo1, hi1) = paired_cpm_difference(base, strong, MASS, n_boot=400)
+    assert d1 == pytest.approx(d_case)
+    assert (hi_c - lo_c) == pytest.approx(hi1 - lo1, abs=0.1)
+    r_img = froc_class(a_img, MASS, n_boot=300, seed=2).cpm_ci
+    r_case = froc_class(a_case, MASS, n_boot=300, seed=2).cpm_ci
+    assert (r_case[1] - r_case[0]) > 1.6 * (r_img[1] - r_img[0])
+
+
+def test_case_survives_the_json_round_trip_and_old_records_read_as_no_case():
+    im = FrocImage(key="k", spacing_mm=0.1, case="PH-B-00003")
+    assert FrocImage.from_json(im.to_json()).case == "PH-B-00003"
+    old = {k: v for k, v in im.to_json().items() if k != "case"}
+    assert FrocImage.from_json(old).case == ""

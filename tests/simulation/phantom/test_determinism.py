@@ -52,3 +52,31 @@ def test_other_seed_other_bytes(test_scenario: Scenario, tmp_path: Path) -> None
     ta, tb = _tree(a["B"]), _tree(b["B"])
     dcm = [k for k in ta if k.endswith(".dcm")]
     assert dcm and all(ta[k] != tb[k] for k in dcm)
+
+
+def test_extra_test_women_keep_the_first_women_split_labels_and_bytes(
+    test_scenario: Scenario, generated: dict[str, Path], tmp_path: Path
+) -> None:
+    from simulation.phantom.generate import plan_site
+
+    site = test_scenario.site("B")
+    bigger = dataclasses.replace(site, extra_test_women=2)
+    more = dataclasses.replace(
+        test_scenario,
+        sites=tuple(bigger if s.name == "B" else s for s in test_scenario.sites),
+    )
+    before, after = plan_site(test_scenario, site), plan_site(more, bigger)
+    assert after[: len(before)] == before  # same women, split and labels
+    extra = after[len(before) :]
+    assert len(extra) == 4 * 2 and {p.woman for p in extra} == {
+        site.women,
+        site.women + 1,
+    }
+    assert all(p.split == "test" and p.labeled for p in extra)
+    out = generate_scenario(more, tmp_path, progress=False, sites=["B"])
+    old, new = _tree(generated["B"]), _tree(out["B"])
+    dcm = [k for k in old if k.endswith(".dcm")]
+    assert all(new[k] == old[k] for k in dcm)  # the first women's files unchanged
+    assert len([k for k in new if k.endswith(".dcm")]) == len(dcm) + 8
+    split = (out["B"] / "split.csv").read_text()
+    assert f"PH-B-{site.women + 1:05d},test" in split

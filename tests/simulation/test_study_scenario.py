@@ -1,0 +1,40 @@
+"""The study's scenario is the demo's plus test-only women, nothing else.
+
+The shipped base model (models/demo-base-h.pt) was trained on the demo's
+site A, and every regime of the study trains on the demo's training women: a
+drift between the two files would silently compare models trained on other
+data. The larger test sets are what lets the study's intervals resolve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from simulation.phantom import load_scenario
+from simulation.phantom.generate import plan_site
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "simulation"
+
+
+def test_study_is_the_demo_plus_test_only_women() -> None:
+    demo = load_scenario(CONFIGS / "demo.yaml")
+    study = load_scenario(CONFIGS / "study.yaml")
+    same = dataclasses.replace(
+        study,
+        name=demo.name,
+        sites=tuple(dataclasses.replace(s, extra_test_women=0) for s in study.sites),
+    )
+    assert same == demo
+    for site in demo.sites:
+        plans = plan_site(demo, site)
+        assert plan_site(study, study.site(site.name))[: len(plans)] == plans
+
+
+def test_study_test_sets_are_large_on_the_sites_it_compares() -> None:
+    study = load_scenario(CONFIGS / "study.yaml")
+    for site in study.sites:
+        if site.role == "base":
+            continue
+        test_women = {p.woman for p in plan_site(study, site) if p.split == "test"}
+        assert len(test_women) >= 60, site.name
