@@ -23,11 +23,11 @@ demo: venv
 # The study (README, "The study"): every regime from the shipped vendor-H base
 # model on the demo's sites with 60 test women each on B, C and D
 # (configs/simulation/study.yaml), three seeds, three seed processes at a time
-# (benchmarks/results/study/). STUDY_OUT/report/report.md at the end.
+# (benchmarks/results/study/), about 65 min. STUDY_OUT/report/report.md at the end.
 STUDY_OUT ?= out/study
 STUDY_DATA ?= out/study-data
 STUDY_REGIMES ?= base local-only fedavg fedavgm fedprox personalized \
-	personalized-ssl personalized-dp oracle
+	personalized-ssl personalized-dp personalized-dp+local oracle
 study: venv
 	$(BIN)/mammofed-sim run --scenario configs/simulation/study.yaml \
 	    --federation configs/federation/sim-demo.yaml --base-checkpoint models/demo-base-h.pt \

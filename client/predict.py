@@ -25,6 +25,12 @@ spacing) :func:`predict_paths` writes
   naming the file, listed in ``PredictResult.sr_skipped``; its JSON is still
   written.
 
+Several checkpoints run together: each model detects on the same model-space
+image and their findings are fused (:func:`fused_detect`,
+``common.detector.ensemble``), e.g. the federation's personalized model and
+the one the site trained alone, the recommended regime. They must work at one
+spacing.
+
 Files that cannot be read are skipped with a log line naming the file and the
 reason; the result lists them. A checkpoint that carries a site's intensity
 standardizer (``extra["standardizer"]``, written by ``mammofed-client export``)
@@ -53,7 +59,7 @@ from client.export import load_detector
 from common.config.loader import config_to_dict, write_resolved
 from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.engine import predict_images, resolve_device
-from common.errors import RefusedImage
+from common.errors import CheckpointMismatch, RefusedImage
 from common.imaging.dicom import decode_pixels, header_text, is_dicom, read_dataset
 from common.imaging.geometry import Geometry
 from common.imaging.image import MammoImage
@@ -168,6 +174,24 @@ def torch_detect(
         if std is not None:  # the site's intensity standardization (export)
             tensors = [std.apply(t) for t in tensors]
         return predict_images(model, tensors, device)
+
+    return detect
+
+
+def fused_detect(detects: Sequence[Detect], spacing_mm: float) -> Detect:
+    """Several :data:`Detect` on the same images, findings fused per image.
+
+    ``spacing_mm``: mm per model-space pixel (the fusion's reach is in mm);
+    see :func:`common.detector.ensemble.fuse_detections`.
+    """
+    from common.detector.ensemble import fuse_detections
+
+    def detect(pixels: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        outs = [d(pixels) for d in detects]
+        return [
+            fuse_detections([o[i] for o in outs], spacing_mm)
+            for i in range(len(pixels))
+        ]
 
     return detect
 
@@ -363,7 +387,7 @@ def _write_study_reports(
 
 
 def predict_paths(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     paths: Sequence[str | Path],
     out_dir: str | Path,
     *,
@@ -380,6 +404,8 @@ def predict_paths(
 ) -> PredictResult:
     """Detect lesions in every input file; write one JSON (+ overlay) per image.
 
+    ``checkpoint``: one model file, or several run together with their
+    findings fused (:func:`fused_detect`; they must share the working spacing).
     ``score_floor`` lowers/raises the model's own score threshold for this run.
     ``spacing_mm`` is the stored pixel spacing of PNG/TIFF inputs;
     ``default_spacing_mm`` the fallback for DICOM without spacing. Overlays draw
@@ -395,6 +421,8 @@ def predict_paths(
     Raises:
         ValueError: ``score_floor`` or ``sr_display_floor`` outside [0, 1], or an
             unknown ``output_format``.
+        CheckpointMismatch: an unusable checkpoint, or checkpoints that work
+            at different spacings.
     """
     if not 0.0 <= score_floor <= 1.0:
         raise ValueError(f"score_floor must be in [0, 1], got {score_floor!r}")
@@ -409,12 +437,30 @@ def predict_paths(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    model, ck, std = load_detector(
-        checkpoint, dev, use_ema=use_ema, score_floor=score_floor
-    )
+    paths_in = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
+    if not paths_in:
+        raise ValueError("predict_paths: no checkpoint given")
+    loaded = [
+        load_detector(c, dev, use_ema=use_ema, score_floor=score_floor)
+        for c in paths_in
+    ]
+    ck = loaded[0][1]
+    spacing = ck.model_config.working_spacing_mm
+    for c, (_, other, _) in zip(paths_in, loaded, strict=True):
+        if other.model_config.working_spacing_mm != spacing:
+            raise CheckpointMismatch(
+                f"{c}: works at {other.model_config.working_spacing_mm} mm, "
+                f"{paths_in[0]} at {spacing} mm: models run together must share "
+                "the working spacing"
+            )
+    detects = [torch_detect(m, dev, std) for m, _, std in loaded]
+    detect = detects[0] if len(detects) == 1 else fused_detect(detects, spacing)
+    std = loaded[0][2]
+    names = ", ".join(map(str, paths_in))
     write_resolved(
         {
-            "checkpoint": str(checkpoint),
+            "checkpoint": names,
+            "checkpoints": [str(c) for c in paths_in],
             "model": config_to_dict(ck.model_config),
             "score_floor": score_floor,
             "spacing_mm": spacing_mm,
@@ -435,7 +481,7 @@ def predict_paths(
         result.skipped.append((str(f), str(exc)))
 
     for f, image, detections in detect_files(
-        torch_detect(model, dev, std),
+        detect,
         expand_inputs(paths),
         score_floor=score_floor,
         on_unreadable=skip,
@@ -449,7 +495,7 @@ def predict_paths(
             image,
             detections,
             model_spacing_mm=image.spacing_mm,
-            checkpoint=str(checkpoint),
+            checkpoint=names,
         )
         name = _unique_name(f.stem, used)
         jpath = out / f"{name}.json"

@@ -3,10 +3,12 @@
 Generates the demo phantom scenario (four synthetic vendors: a base site, a
 few-shot site, a semi-supervised site and a partly labeled one), ingests every
 site, runs the base, local-only, recommended (``simulation.regimes.RECOMMENDED``:
-FedBN + personal heads trained with patient-level DP-SGD at epsilon 8) and
-oracle regimes with the detector from the shipped vendor-H base model, and
-writes the comparison report: per site, base vs local-only vs the recommended
-regime with paired intervals on the same test women. FedAvg and the other
+each site runs the federation's personalized model, FedBN + personal heads
+trained with patient-level DP-SGD at epsilon 8, and its own local-only model,
+findings fused; the personalized-dp member is run and reported too) and oracle
+regimes with the detector from the shipped vendor-H base model, and writes
+the comparison report: per site, base vs local-only vs the recommended regime
+with paired intervals on the same test women. FedAvg and the other
 regimes are in the three-seed study (``make study``, README, "The study"); one
 seed of them does not fit the demo's 15 minutes.
 Usage: ``python -m simulation.demo --out out/demo``.

@@ -234,6 +234,31 @@ def _write_regime(
         log.info("[%s] site %s: CPM %s", spec.name, site, cpms)
 
 
+def ensemble_results(
+    members: list[dict[str, EvalResult | None]], n_boot: int, seed: int
+) -> dict[str, EvalResult | None]:
+    """Each site's members' scored test images fused (an ensemble regime).
+
+    A site that one member did not score is not scored (``None``).
+    """
+    from common.detector.engine import flat_metrics
+    from common.detector.ensemble import fuse
+    from common.detector.froc import froc_all
+
+    out: dict[str, EvalResult | None] = {}
+    for site in members[0]:
+        results = [m.get(site) for m in members]
+        if any(r is None for r in results):
+            out[site] = None
+            continue
+        images = fuse([r.images for r in results if r is not None])
+        per_class = froc_all(images, n_boot=n_boot, seed=seed)
+        out[site] = EvalResult(
+            flat_metrics(per_class, len(images)), per_class, tuple(images)
+        )
+    return out
+
+
 # --- central regimes ----------------------------------------------------------------
 def train_central(
     caches: list[Path],
@@ -658,6 +683,12 @@ def run_study(req: RunRequest) -> Path:
             "--regime",
             f"unknown regime {unknown[0]!r} (valid: {', '.join(R.ORDER)})",
         )
+    regimes = R.with_members(req.regimes)
+    if len(regimes) > len(set(req.regimes)):
+        log.info(
+            "running %s too: the ensemble regimes fuse their models",
+            ", ".join(r for r in regimes if r not in req.regimes),
+        )
     scenario, caches, oracle = prepare_sites(req.scenario, data, req.workers)
     opts = from_mapping(
         dict(fed.trainer.options),
@@ -673,11 +704,11 @@ def run_study(req: RunRequest) -> Path:
     run = RF.StudyRun(
         scenario=scenario.name,
         sites=sites,
-        regimes=list(req.regimes),
+        regimes=list(regimes),
         working_spacing_mm=scenario.working_spacing_mm,
         base_sites=base_sites,
         dp_epsilon=req.dp_epsilon
-        if any(R.REGIMES[r].private for r in req.regimes)
+        if any(R.REGIMES[r].private for r in regimes)
         else None,
     )
     RF.write_record(out / RF.RUN_JSON, run)
@@ -708,14 +739,19 @@ def run_study(req: RunRequest) -> Path:
         timings["base-model"] = round(time.monotonic() - t0, 1)
         if not req.start_from_base:
             init = None
-    for spec in [R.REGIMES[r] for r in R.ORDER if r in req.regimes]:
+    scored: dict[str, dict[str, EvalResult | None]] = {}
+    for spec in [R.REGIMES[r] for r in regimes]:
         regime = spec.name
         t0 = time.monotonic()
         label = f"{regime} (epsilon {req.dp_epsilon:g})" if spec.private else regime
         log.info("=== regime %s ===", label)
         dp = None
         metrics: dict[str, EvalResult | None] = {}
-        if spec.name == R.BASE and base is not None:
+        if spec.members:
+            metrics = ensemble_results(
+                [scored[m] for m in spec.members], req.n_boot, fed.seed
+            )
+        elif spec.name == R.BASE and base is not None:
             for s in sites:
                 metrics[s] = _evaluate_on(base, caches[s], fed.seed, req.n_boot, device)
         elif spec.train_on is not None:
@@ -743,6 +779,7 @@ def run_study(req: RunRequest) -> Path:
             )
             dp = dp_record(cfg, req.dp_epsilon) if spec.private else None
         _write_regime(out, spec, metrics, dp)
+        scored[regime] = metrics
         timings[regime] = round(time.monotonic() - t0, 1)
         log.info("=== regime %s done in %.0f s ===", regime, timings[regime])
     total = round(time.monotonic() - t_start, 1)

@@ -27,7 +27,15 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mammofed-client predict``."""
-    parser.add_argument("--checkpoint", required=True, type=Path, help="model file")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        action="append",
+        help="model file; give it again to run several models together, their "
+        "findings fused (the recommended regime: the federation's personalized "
+        "model and the site's own; docs/federation.md)",
+    )
     parser.add_argument("paths", nargs="+", type=Path, help="files or folders")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument(

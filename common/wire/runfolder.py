@@ -159,8 +159,9 @@ class SiteMetrics:
 class RegimeMetrics:
     """``<regime>/metrics.json``: every scored site of one regime.
 
-    ``kind`` is ``central`` or ``federated``; ``dp`` the privacy record of a DP
-    regime (``{"epsilon", "delta", "spent": {site: eps}, "sites"}``), else None.
+    ``kind`` is ``central``, ``federated`` or ``ensemble``; ``dp`` the privacy
+    record of a DP regime (``{"epsilon", "delta", "spent": {site: eps},
+    "sites"}``), else None.
     """
 
     regime: str

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from client.cli import main as client_main
@@ -134,3 +136,42 @@ def test_predict_batches_a_four_view_exam_like_single_images(tmp_path, tiny_chec
             assert x["label"] == y["label"]
             assert abs(x["score"] - y["score"]) < 1e-4
     assert "score_floor" in (tmp_path / "b4" / "resolved_config.yaml").read_text()
+
+
+def test_predict_runs_several_checkpoints_together_fused(tmp_path, tiny_checkpoint):
+    """Two models on one image: findings fused; a model with itself changes nothing."""
+    from common.detector.checkpoint import save_checkpoint
+    from common.detector.model import ModelConfig, build_detector
+    from common.errors import CheckpointMismatch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _right_breast_png(src / "r.png")
+    one = predict_paths(tiny_checkpoint, [src], tmp_path / "one", spacing_mm=0.2)
+    both = predict_paths(
+        [tiny_checkpoint, tiny_checkpoint], [src], tmp_path / "both", spacing_mm=0.2
+    )
+    d1 = json.loads(one.written[0].read_text())["detections"]
+    d2 = json.loads(both.written[0].read_text())["detections"]
+    assert len(d1) == len(d2) and d1
+    for x, y in zip(d1, d2, strict=True):
+        assert x["label"] == y["label"] and abs(x["score"] - y["score"]) < 1e-4
+        assert all(abs(a - b) < 1e-3 for a, b in zip(x["box"], y["box"], strict=True))
+    # another model: one detection list, its findings from both models
+    torch.manual_seed(1)
+    cfg = ModelConfig(arch="tiny", working_spacing_mm=0.4)
+    other = save_checkpoint(tmp_path / "other.pt", build_detector(cfg), cfg)
+    rc = client_main([
+        "predict", "--checkpoint", str(tiny_checkpoint), "--checkpoint", str(other),
+        str(src / "r.png"), "--out", str(tmp_path / "cli"), "--spacing-mm", "0.2",
+        "--device", "cpu",
+    ])  # fmt: skip
+    assert rc == 0
+    doc = json.loads((tmp_path / "cli" / "r.json").read_text())
+    assert str(other) in doc["checkpoint"] and str(tiny_checkpoint) in doc["checkpoint"]
+    assert doc["detections"]
+    # models at other spacings cannot be fused: refused by name
+    cfg2 = ModelConfig(arch="tiny", working_spacing_mm=0.2)
+    fine = save_checkpoint(tmp_path / "fine.pt", build_detector(cfg2), cfg2)
+    with pytest.raises(CheckpointMismatch, match="fine.pt.*0.2 mm"):
+        predict_paths([tiny_checkpoint, fine], [src], tmp_path / "x", spacing_mm=0.2)

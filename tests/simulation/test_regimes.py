@@ -29,10 +29,29 @@ def _req(tmp_path: Path) -> RunRequest:
 def test_table_is_the_one_list_of_regimes() -> None:
     assert R.ORDER == tuple(r.name for r in R.TABLE)
     assert len(set(R.ORDER)) == len(R.ORDER)
-    assert R.CENTRAL | R.FEDERATED == set(R.ORDER)
-    assert not R.CENTRAL & R.FEDERATED
-    for r in R.TABLE:  # a regime is central or federated, never both
-        assert (r.train_on is None) == (r.strategy is not None), r.name
+    assert R.CENTRAL | R.FEDERATED | R.ENSEMBLE == set(R.ORDER)
+    assert not R.CENTRAL & R.FEDERATED and not R.ENSEMBLE & (R.CENTRAL | R.FEDERATED)
+    for r in R.TABLE:  # a regime is central, federated or an ensemble, one only
+        assert [r.train_on is not None, r.strategy is not None, bool(r.members)].count(
+            True
+        ) == 1, r.name
+        # an ensemble's members are trained regimes listed before it
+        for m in r.members:
+            assert R.ORDER.index(m) < R.ORDER.index(r.name)
+            assert not R.REGIMES[m].members
+
+
+def test_an_ensemble_brings_its_members() -> None:
+    assert R.with_members([R.BASE, R.PERSONALIZED_DP_LOCAL, R.ORACLE]) == (
+        R.BASE,
+        R.LOCAL_ONLY,
+        R.PERSONALIZED_DP,
+        R.PERSONALIZED_DP_LOCAL,
+        R.ORACLE,
+    )
+    assert R.with_members([R.ORACLE, R.BASE]) == (R.BASE, R.ORACLE)
+    with pytest.raises(KeyError):
+        R.with_members(["no-such-regime"])
 
 
 @pytest.mark.parametrize("name", sorted(R.FEDERATED))
