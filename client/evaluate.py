@@ -11,7 +11,9 @@ error gallery under ``errors``), ``OUT/froc-<class>.png`` and
 model-space spacing (the hit rule of :mod:`common.detector.froc`). A
 checkpoint's ``extra["standardizer"]`` (from ``mammofed-client export``)
 standardizes every image before the model; the gallery shows the cached
-model-space pixels, not standardized.
+model-space pixels, not standardized. Several checkpoints are scored as the
+site would run them together: each model detects, the findings are fused
+(``common.detector.ensemble``) and the fused detections are scored.
 """
 
 from __future__ import annotations
@@ -23,11 +25,18 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from client.export import load_detector
+from client.export import load_detectors
 from common import __version__
 from common.config.loader import config_to_dict, write_resolved
-from common.detector.engine import evaluate_detailed, resolve_device
+from common.detector.engine import (
+    EvalResult,
+    evaluate_detailed,
+    flat_metrics,
+    resolve_device,
+)
+from common.detector.ensemble import fuse
 from common.detector.errors import GALLERY_N, write_error_outputs
+from common.detector.froc import froc_all, plot_froc
 from common.detector.recipe import Transformed
 from common.errors import MammofedError
 from common.imaging.data import SiteDataset
@@ -42,7 +51,7 @@ class NothingToEvaluate(MammofedError, ValueError):
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path,
+    checkpoint: str | Path | list[str | Path] | list[Path],
     cache_dir: str | Path,
     out_dir: str | Path,
     *,
@@ -58,6 +67,9 @@ def evaluate_checkpoint(
     gallery_fp: int = GALLERY_N,
 ) -> dict[str, Any]:
     """FROC evaluation of ``checkpoint`` on ``view`` of the site cache.
+
+    ``checkpoint``: one model file, or several whose findings are fused (they
+    must work at one spacing).
 
     ``gallery_missed`` and ``gallery_fp`` cap the missed lesions and false
     positives shown per class in ``errors-<class>.png`` (both 0: no gallery;
@@ -76,10 +88,13 @@ def evaluate_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    model, ck, std = load_detector(checkpoint, dev, use_ema=use_ema)
+    paths = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
+    loaded = load_detectors(paths, dev, use_ema=use_ema)
+    ck, std = loaded[0][1], loaded[0][2]
+    names = ", ".join(map(str, paths))
     write_resolved(
         {
-            "checkpoint": str(checkpoint),
+            "checkpoint": names,
             "cache_dir": str(cache_dir),
             "model": config_to_dict(ck.model_config),
             "view": view,
@@ -99,19 +114,37 @@ def evaluate_checkpoint(
     n_images = len(images)
     if n_images == 0:
         raise NothingToEvaluate(f"{cache_dir}: view {view!r} has no images to evaluate")
-    ds: Dataset[Any] = images
-    if std is not None:  # the site's intensity standardization (export)
-        ds = Transformed(images, std)
-    res = evaluate_detailed(
-        model,
-        ds,
-        dev,
-        batch_size=batch_size,
-        n_boot=n_boot,
-        seed=seed,
-        plot_dir=out,
-        title=f"{Path(cache_dir).name} ({view})",
-    )
+    title = f"{Path(cache_dir).name} ({view})"
+
+    def standardized(std: Any) -> Dataset[Any]:
+        # the site's intensity standardization (export), per model
+        return images if std is None else Transformed(images, std)
+
+    if len(loaded) == 1:
+        model = loaded[0][0]
+        res = evaluate_detailed(
+            model,
+            standardized(std),
+            dev,
+            batch_size=batch_size,
+            n_boot=n_boot,
+            seed=seed,
+            plot_dir=out,
+            title=title,
+        )
+    else:
+        fused = fuse(
+            [
+                evaluate_detailed(
+                    m, standardized(s), dev, batch_size=batch_size, n_boot=0
+                ).images
+                for m, _, s in loaded
+            ]
+        )
+        per_class = froc_all(fused, n_boot=n_boot, seed=seed)
+        for name, r in per_class.items():
+            plot_froc([r], out / f"froc-{name}.png", title=f"{title}: {name}")
+        res = EvalResult(flat_metrics(per_class, len(fused)), per_class, tuple(fused))
     errors = write_error_outputs(
         res.images,
         out,
@@ -122,7 +155,7 @@ def evaluate_checkpoint(
         densities={r.key: r.meta.density for r in site.records},
     )
     doc: dict[str, Any] = {
-        "checkpoint": str(checkpoint),
+        "checkpoint": names,
         "site": str(cache_dir),
         "view": view,
         "n_images": n_images,

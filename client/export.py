@@ -33,7 +33,7 @@ which input is missing, and the command line names its flag.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -533,3 +533,36 @@ def load_detector(
     if score_floor is not None:
         model.score_thresh = float(score_floor)  # type: ignore[assignment]
     return model, ck, std
+
+
+def load_detectors(
+    checkpoints: str | Path | Sequence[str | Path],
+    device: torch.device,
+    *,
+    use_ema: bool = False,
+    score_floor: float | None = None,
+) -> list[tuple[nn.Module, Checkpoint, HistogramStandardizer | None]]:
+    """:func:`load_detector` of one checkpoint or several run together.
+
+    Models whose findings are fused must see the same model-space image.
+
+    Raises:
+        CheckpointMismatch: an unusable checkpoint, none given, or checkpoints
+            that work at different spacings (both named).
+    """
+    paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
+    if not paths:
+        raise CheckpointMismatch("no checkpoint given")
+    loaded = [
+        load_detector(c, device, use_ema=use_ema, score_floor=score_floor)
+        for c in paths
+    ]
+    spacing = loaded[0][1].model_config.working_spacing_mm
+    for c, (_, ck, _) in zip(paths, loaded, strict=True):
+        if ck.model_config.working_spacing_mm != spacing:
+            raise CheckpointMismatch(
+                f"{c}: works at {ck.model_config.working_spacing_mm} mm, "
+                f"{paths[0]} at {spacing} mm: models run together must share "
+                "the working spacing"
+            )
+    return loaded

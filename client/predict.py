@@ -55,11 +55,11 @@ from pydicom.dataset import Dataset
 from torch import nn
 
 from client.cad_sr import DEFAULT_SCORE_FLOOR, build_cad_sr, write_cad_sr
-from client.export import load_detector
+from client.export import load_detectors
 from common.config.loader import config_to_dict, write_resolved
 from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.engine import predict_images, resolve_device
-from common.errors import CheckpointMismatch, RefusedImage
+from common.errors import RefusedImage
 from common.imaging.dicom import decode_pixels, header_text, is_dicom, read_dataset
 from common.imaging.geometry import Geometry
 from common.imaging.image import MammoImage
@@ -438,21 +438,9 @@ def predict_paths(
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     paths_in = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
-    if not paths_in:
-        raise ValueError("predict_paths: no checkpoint given")
-    loaded = [
-        load_detector(c, dev, use_ema=use_ema, score_floor=score_floor)
-        for c in paths_in
-    ]
+    loaded = load_detectors(paths_in, dev, use_ema=use_ema, score_floor=score_floor)
     ck = loaded[0][1]
     spacing = ck.model_config.working_spacing_mm
-    for c, (_, other, _) in zip(paths_in, loaded, strict=True):
-        if other.model_config.working_spacing_mm != spacing:
-            raise CheckpointMismatch(
-                f"{c}: works at {other.model_config.working_spacing_mm} mm, "
-                f"{paths_in[0]} at {spacing} mm: models run together must share "
-                "the working spacing"
-            )
     detects = [torch_detect(m, dev, std) for m, _, std in loaded]
     detect = detects[0] if len(detects) == 1 else fused_detect(detects, spacing)
     std = loaded[0][2]

@@ -29,7 +29,14 @@ def _count(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mammofed-client evaluate``."""
-    parser.add_argument("--checkpoint", required=True, type=Path, help="model file")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        action="append",
+        help="model file; give it again to score several models run together, "
+        "findings fused (as predict runs them)",
+    )
     parser.add_argument(
         "--cache", required=True, type=Path, help="site cache folder (ingest --out)"
     )

@@ -39,6 +39,18 @@ def test_client_evaluate(tmp_path, site_cache, tiny_checkpoint):
         str(site_cache), "--out", str(out),
     ])  # fmt: skip
     assert rc == 2
+    # the same model twice, fused: the same figures as the model alone
+    both = tmp_path / "eval2"
+    rc = client_main([
+        "evaluate", "--checkpoint", str(tiny_checkpoint), "--checkpoint",
+        str(tiny_checkpoint), "--cache", str(site_cache), "--view", "all",
+        "--out", str(both), "--n-boot", "20",
+    ])  # fmt: skip
+    assert rc == 0
+    doc2 = json.loads((both / "metrics.json").read_text())
+    assert doc2["classes"]["mass"]["cpm"] == pytest.approx(mass["cpm"], abs=1e-3)
+    assert doc2["n_images"] == 12 and (both / "froc-mass.png").is_file()
+    assert doc2["checkpoint"].count(str(tiny_checkpoint)) == 2
 
 
 def _right_breast_png(path: Path) -> list[float]:
