@@ -427,7 +427,7 @@ def load_oof_images(cfg: TrainConfig) -> list[FrocImage]:
     (:func:`common.detector.froc.paired_cpm_difference`). Rows hold their ground truth
     (:meth:`common.detector.froc.FrocImage.to_json`); rows of older runs that hold
     only detections (``boxes``, ``scores``, ``labels``) take it (boxes,
-    labels, ignore regions, spacing) from their cache in ``cfg.caches``.
+    labels, ignore regions, spacing, the woman) from their cache in ``cfg.caches``.
 
     Raises:
         MammofedError: no ``oof_predictions.json`` (the CV did not pool), a
@@ -439,18 +439,20 @@ def load_oof_images(cfg: TrainConfig) -> list[FrocImage]:
     rows = json.loads(path.read_text())
     if not all("gt_boxes" in row for row in rows):  # an older, detections-only file
         records = {
-            f"{name}/{rec.key}": rec
+            f"{name}/{rec.key}": (name, rec)
             for name, site in cfg.sites().items()
             for rec in site.records
         }
         for row in rows:
-            r = records.get(row["key"])
-            if r is None:
+            found = records.get(row["key"])
+            if found is None:
                 raise MammofedError(
                     f"{path}: key {row['key']!r} is no image of caches "
                     f"{[str(c) for c in cfg.caches]}"
                 )
+            name, r = found
             row.update(
+                case=f"{name}/{r.patient_id}",
                 spacing_mm=r.spacing_mm,
                 gt_boxes=r.boxes,
                 gt_labels=r.labels,
