@@ -28,15 +28,9 @@ from torch.utils.data import Dataset
 from client.export import load_detectors
 from common import __version__
 from common.config.loader import config_to_dict, write_resolved
-from common.detector.engine import (
-    EvalResult,
-    evaluate_detailed,
-    flat_metrics,
-    resolve_device,
-)
+from common.detector.engine import evaluate_detailed, resolve_device, score_images
 from common.detector.ensemble import fuse
 from common.detector.errors import GALLERY_N, write_error_outputs
-from common.detector.froc import froc_all, plot_froc
 from common.detector.recipe import Transformed
 from common.errors import MammofedError
 from common.imaging.data import SiteDataset
@@ -120,31 +114,12 @@ def evaluate_checkpoint(
         # the site's intensity standardization (export), per model
         return images if std is None else Transformed(images, std)
 
-    if len(loaded) == 1:
-        model = loaded[0][0]
-        res = evaluate_detailed(
-            model,
-            standardized(std),
-            dev,
-            batch_size=batch_size,
-            n_boot=n_boot,
-            seed=seed,
-            plot_dir=out,
-            title=title,
-        )
-    else:
-        fused = fuse(
-            [
-                evaluate_detailed(
-                    m, standardized(s), dev, batch_size=batch_size, n_boot=0
-                ).images
-                for m, _, s in loaded
-            ]
-        )
-        per_class = froc_all(fused, n_boot=n_boot, seed=seed)
-        for name, r in per_class.items():
-            plot_froc([r], out / f"froc-{name}.png", title=f"{title}: {name}")
-        res = EvalResult(flat_metrics(per_class, len(fused)), per_class, tuple(fused))
+    runs = [
+        evaluate_detailed(m, standardized(s), dev, batch_size=batch_size, n_boot=0)
+        for m, _, s in loaded
+    ]
+    scored = runs[0].images if len(runs) == 1 else fuse([r.images for r in runs])
+    res = score_images(scored, n_boot=n_boot, seed=seed, plot_dir=out, title=title)
     errors = write_error_outputs(
         res.images,
         out,

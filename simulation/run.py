@@ -241,9 +241,8 @@ def ensemble_results(
 
     A site that one member did not score is not scored (``None``).
     """
-    from common.detector.engine import flat_metrics
+    from common.detector.engine import score_images
     from common.detector.ensemble import fuse
-    from common.detector.froc import froc_all
 
     out: dict[str, EvalResult | None] = {}
     for site in members[0]:
@@ -252,10 +251,7 @@ def ensemble_results(
             out[site] = None
             continue
         images = fuse([r.images for r in results if r is not None])
-        per_class = froc_all(images, n_boot=n_boot, seed=seed)
-        out[site] = EvalResult(
-            flat_metrics(per_class, len(images)), per_class, tuple(images)
-        )
+        out[site] = score_images(images, n_boot=n_boot, seed=seed)
     return out
 
 

@@ -223,6 +223,23 @@ def evaluate_detailed(
                     case=str(t.get("patient_id", "")),
                 )
             )
+    return score_images(
+        images, n_boot=n_boot, seed=seed, plot_dir=plot_dir, title=title
+    )
+
+
+def score_images(
+    images: Sequence[FrocImage],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    plot_dir: str | Path | None = None,
+    title: str = "FROC",
+) -> EvalResult:
+    """The :class:`EvalResult` of already scored images (a model's, or fused).
+
+    With ``plot_dir`` one ``froc-<class>.png`` per class is written there.
+    """
     per_class = froc_all(images, n_boot=n_boot, seed=seed)
     if plot_dir is not None:
         for name, r in per_class.items():

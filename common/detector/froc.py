@@ -612,7 +612,11 @@ def pooled_paired_cpm_difference(
             )
         return [by_key[k] for k in keys]
 
-    oa = [_collect(ordered(r, f"run {i} (a)"), label) for i, r in enumerate(a_runs)]
+    a0 = ordered(a_runs[0], "run 0 (a)")  # the image order every run follows
+    oa = [_collect(a0, label)] + [
+        _collect(ordered(r, f"run {i} (a)"), label)
+        for i, r in enumerate(a_runs[1:], start=1)
+    ]
     ob = [_collect(ordered(r, f"run {i} (b)"), label) for i, r in enumerate(b_runs)]
     n = len(oa)
     cpm_a = [_cpm_from(o)[0] for o in oa]
@@ -627,9 +631,7 @@ def pooled_paired_cpm_difference(
 
     return {
         "diff": diff,
-        "ci95": _percentile_bootstrap(
-            case_index(ordered(a_runs[0], "run 0 (a)")), pooled, n_boot, seed, alpha
-        ),
+        "ci95": _percentile_bootstrap(case_index(a0), pooled, n_boot, seed, alpha),
         "cpm_a": float(np.mean(cpm_a)),
         "cpm_b": float(np.mean(cpm_b)),
         "runs_a": cpm_a,
