@@ -713,7 +713,15 @@ def test_daemon_rejoins_after_superlink_restart_and_supernode_crash(
         _wait(lambda: _online_nodes(home), 120, "node did not rejoin", client_log)
         from client.site_status import supernode_health
 
-        assert supernode_health(health) == "serving"
+        # The SuperLink may still list the node from before the crash while
+        # the new SuperNode is starting: wait for its health service rather
+        # than read it once (under load it answers UNAVAILABLE for seconds).
+        _wait(
+            lambda: supernode_health(health) == "serving",
+            60,
+            "SuperNode health never serving",
+            client_log,
+        )
         # SIGTERM: clean stop, status 0, the SuperNode gone
         new_pid = int(
             [

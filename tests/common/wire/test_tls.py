@@ -416,7 +416,7 @@ def test_tls_node_auth_run_and_unregistered_key_refused(
 
     run_dir = tmp_path / "run"
     run_id = submit_run(cfg, run_dir, conn)
-    status = follow_run(run_id, run_dir, timeout_s=120, poll_s=1.0)
+    status = follow_run(run_id, run_dir, timeout_s=300, poll_s=1.0)
     assert status == "finished:completed", (tmp_path / "superlink.log").read_text()[
         -3000:
     ]
