@@ -8,7 +8,7 @@ One command runs the whole comparison on a phantom scenario::
 1. The scenario's sites are generated and ingested (reused when unchanged),
    each also with the oracle's complete labels (``simulation.run.prepare_sites``).
 2. The **base** detector is trained centrally on the ``role: base`` sites (the
-   home vendor H) with the study's recipe (``simulation.run.train_central``);
+   home vendor H) with the study's recipe (``client.local_training.train_central``);
    ``<data>/base.pt`` is reused when present. Every arm below starts from it,
    as a site joining the federation starts from the global model.
 3. Semi-supervised site (``role: semi-supervised``), same optimizer-step budget
@@ -158,7 +158,7 @@ def _base(
     opts: DetectorOptions,
     dev: torch.device,
 ) -> nn.Module:
-    from simulation.run import train_central
+    from client.local_training import train_central
 
     path = args.data / BASE_CKPT
     if path.is_file():

@@ -23,12 +23,13 @@ from pathlib import Path
 
 from benchmarks.common import emit
 from client.detector_trainer import DetectorOptions
+from client.local_training import train_central
 from common.config.loader import from_mapping
 from common.detector.engine import evaluate_detailed, resolve_device
 from common.imaging.data import SiteDataset
 from common.wire.federation import load_federation_config
 from common.wire.runfolder import SiteMetrics
-from simulation.run import prepare_sites, train_central
+from simulation.run import prepare_sites
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = "shift"

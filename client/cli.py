@@ -15,6 +15,7 @@ MODULES = (
     "client.commands.status",
     "client.commands.export",
     "client.commands.export_onnx",
+    "client.commands.train_local",
     "client.commands.evaluate",
     "client.commands.predict",
     "client.commands.serve",

@@ -712,7 +712,7 @@ class DetectorTrainer:
     ) -> LocalRun:
         """The normal local round: ``local_epochs`` lesion-balanced epochs (+ SSL).
 
-        The recipe of ``simulation.run.train_central`` (sampler of epoch ``e``
+        The recipe of ``client.local_training.train_central`` (sampler of epoch ``e``
         seeded ``seed + e``): one round on one site is one central epoch.
         """
         recipe = self.opts.recipe(config.learning_rate, config.batch_size)

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from client.export import load_detectors
+from client.export import checkpoint_paths, load_detectors
 from common import __version__
 from common.config.loader import config_to_dict, write_resolved
 from common.detector.engine import evaluate_detailed, resolve_device, score_images
@@ -82,7 +82,7 @@ def evaluate_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    paths = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
+    paths = checkpoint_paths(checkpoint)
     loaded = load_detectors(paths, dev, use_ema=use_ema)
     ck, std = loaded[0][1], loaded[0][2]
     names = ", ".join(map(str, paths))

@@ -535,6 +535,13 @@ def load_detector(
     return model, ck, std
 
 
+def checkpoint_paths(checkpoints: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One checkpoint path or several, as a list of paths (in order)."""
+    if isinstance(checkpoints, str | Path):
+        return [Path(checkpoints)]
+    return [Path(c) for c in checkpoints]
+
+
 def load_detectors(
     checkpoints: str | Path | Sequence[str | Path],
     device: torch.device,
@@ -550,7 +557,7 @@ def load_detectors(
         CheckpointMismatch: an unusable checkpoint, none given, or checkpoints
             that work at different spacings (both named).
     """
-    paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
+    paths = checkpoint_paths(checkpoints)
     if not paths:
         raise CheckpointMismatch("no checkpoint given")
     loaded = [

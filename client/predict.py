@@ -55,7 +55,7 @@ from pydicom.dataset import Dataset
 from torch import nn
 
 from client.cad_sr import DEFAULT_SCORE_FLOOR, build_cad_sr, write_cad_sr
-from client.export import load_detectors
+from client.export import checkpoint_paths, load_detectors
 from common.config.loader import config_to_dict, write_resolved
 from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.engine import predict_images, resolve_device
@@ -194,6 +194,22 @@ def fused_detect(detects: Sequence[Detect], spacing_mm: float) -> Detect:
         ]
 
     return detect
+
+
+def models_detect(
+    loaded: Sequence[tuple[nn.Module, Any, HistogramStandardizer | None]],
+    device: torch.device,
+) -> Detect:
+    """The :data:`Detect` of :func:`client.export.load_detectors`' models.
+
+    One model detects alone; several see the same images and their findings
+    are fused (:func:`fused_detect`, at the first model's working spacing,
+    which ``load_detectors`` checked they share).
+    """
+    detects = [torch_detect(m, device, std) for m, _, std in loaded]
+    if len(detects) == 1:
+        return detects[0]
+    return fused_detect(detects, loaded[0][1].model_config.working_spacing_mm)
 
 
 def detect_files(
@@ -437,13 +453,10 @@ def predict_paths(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    paths_in = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
+    paths_in = checkpoint_paths(checkpoint)
     loaded = load_detectors(paths_in, dev, use_ema=use_ema, score_floor=score_floor)
-    ck = loaded[0][1]
-    spacing = ck.model_config.working_spacing_mm
-    detects = [torch_detect(m, dev, std) for m, _, std in loaded]
-    detect = detects[0] if len(detects) == 1 else fused_detect(detects, spacing)
-    std = loaded[0][2]
+    ck, std = loaded[0][1], loaded[0][2]
+    detect = models_detect(loaded, dev)
     names = ", ".join(map(str, paths_in))
     write_resolved(
         {

@@ -43,7 +43,9 @@ Written into ``out_dir``:
   held-out images are then scored re-scored, and ``cv_metrics.json`` adds
   ``detector_only`` (the pooled FROC of the detector alone, per fold in
   ``folds[].cpm_detector``) and ``rescore_gain`` (per class the paired CPM
-  difference re-scored minus detector alone, with its bootstrap interval).
+  difference re-scored minus detector alone, with its bootstrap interval);
+  ``oof_predictions-detector.json`` then holds the detector alone's
+  out-of-fold images (to fuse runs with ``benchmarks.ensemble --oof``).
   A rerun resumes a fold from its ``last.pt`` (a finished fold is only
   re-predicted, its ``rescorer.pt`` reused) when the fold is unchanged.
 """
@@ -91,6 +93,7 @@ log = logging.getLogger(__name__)
 EvalFn = Callable[[torch.nn.Module], dict[str, Any]]
 CV_METRICS_JSON = "cv_metrics.json"
 OOF_PREDICTIONS_JSON = "oof_predictions.json"
+OOF_DETECTOR_JSON = "oof_predictions-detector.json"
 FOLD_JSON = "fold.json"
 
 
@@ -333,11 +336,9 @@ def run_crossval(
         doc.update(_rescore_comparison(oof_detector, oof, cfg))
     doc = json_safe(doc)
     (out / CV_METRICS_JSON).write_text(json.dumps(doc, indent=2))
-    (out / OOF_PREDICTIONS_JSON).write_text(
-        json.dumps(
-            [{**im.to_json(), "fold": fi} for im, fi in zip(oof, oof_fold, strict=True)]
-        )
-    )
+    _write_oof(out / OOF_PREDICTIONS_JSON, oof, oof_fold)
+    if oof_detector:  # the detector alone, e.g. to fuse runs before re-scoring
+        _write_oof(out / OOF_DETECTOR_JSON, oof_detector, oof_fold)
     mass, calc = (classes[name] for name in CLASSES)
     log.info(
         "CV %d folds, %d images: CPM mass %s [%s, %s] calcification %s [%s, %s]",
@@ -368,6 +369,12 @@ def _predict(
 
 def _cpm(per_class: dict[str, Any]) -> dict[str, Any]:
     return json_safe({name: float(r.cpm) for name, r in per_class.items()})
+
+
+def _write_oof(path: Path, images: list[FrocImage], folds: list[int]) -> None:
+    """Write out-of-fold images, each with its fold, as ``path`` (JSON)."""
+    rows = [{**im.to_json(), "fold": fi} for im, fi in zip(images, folds, strict=True)]
+    path.write_text(json.dumps(rows))
 
 
 def _rescore_comparison(

@@ -1,7 +1,7 @@
 """The regimes every study compares: one table line per regime, in report order.
 
 A central regime trains one model per :attr:`Regime.train_on` group with
-``simulation.run.train_central``; a federated regime runs the real server and
+``client.local_training.train_central``; a federated regime runs the real server and
 clients with :attr:`Regime.strategy`, :attr:`Regime.personalization` and
 :attr:`Regime.options` laid over the study's federation config (see
 ``simulation.run._regime_config``); an ensemble regime trains nothing: each

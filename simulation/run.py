@@ -63,23 +63,21 @@ from torch import nn
 
 from client.detector_trainer import DetectorOptions, DetectorTrainer
 from client.ingest import ingest_site
+from client.local_training import detector_options, train_central
 from common.config.loader import (
     config_to_dict,
-    from_mapping,
     load_yaml,
     replace_validated,
     write_resolved,
 )
 from common.config.site import SiteConfig
-from common.detector.checkpoint import save_checkpoint
+from common.detector.checkpoint import init_from_checkpoint, save_checkpoint
 from common.detector.engine import (
     EvalResult,
     evaluate_detailed,
     resolve_device,
-    seed_everything,
 )
 from common.detector.model import build_detector
-from common.detector.recipe import Pooled, Transformed, train_epochs
 from common.errors import ConfigError, MammofedError
 from common.fileio import read_jsonl
 from common.imaging.data import SiteDataset
@@ -97,7 +95,6 @@ from common.wire.runfolder import RegimeMetrics, SiteMetrics
 from simulation import regimes as R
 from simulation.phantom import generate_scenario, load_scenario
 from simulation.phantom.generate import ORACLE_DIR
-from simulation.train import init_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -256,54 +253,6 @@ def ensemble_results(
 
 
 # --- central regimes ----------------------------------------------------------------
-def train_central(
-    caches: list[Path],
-    opts: DetectorOptions,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    device: torch.device,
-    label: str,
-    init: Path | None = None,
-) -> nn.Module:
-    """Train one detector on the pooled labeled images of ``caches``.
-
-    The federated site's recipe (:meth:`DetectorOptions.recipe`, steps per
-    epoch capped at ``max_steps`` per cache): one epoch here on one cache is
-    one federated round of that site with the same seed. ``init``: start from
-    this checkpoint (checked against the options' model config).
-    """
-    seed_everything(seed)
-    model = build_detector(opts.model_config())
-    if init is not None:
-        init_from_checkpoint(model, opts.model_config(), init)
-    model = model.to(device)
-    pooled = Pooled([SiteDataset(c, seed=seed).view("labeled") for c in caches])
-    n = len(pooled)
-    if n == 0:
-        raise MammofedError(f"{label}: no labeled images in {[str(c) for c in caches]}")
-    recipe = opts.recipe(lr, batch_size)
-    steps = math.ceil(n / batch_size)
-    if opts.max_steps:
-        steps = min(steps, opts.max_steps * len(caches))
-    train_epochs(
-        model,
-        Transformed(
-            pooled, recipe.transform(torch.Generator().manual_seed(seed), pooled)
-        ),
-        recipe,
-        recipe.optimizer(model.parameters()),
-        epochs=epochs,
-        steps=steps,
-        seed=seed,
-        device=device,
-        label=label,
-    )
-    return model
-
-
 def base_model(
     req: RunRequest,
     opts: DetectorOptions,
@@ -686,12 +635,7 @@ def run_study(req: RunRequest) -> Path:
             ", ".join(r for r in regimes if r not in req.regimes),
         )
     scenario, caches, oracle = prepare_sites(req.scenario, data, req.workers)
-    opts = from_mapping(
-        dict(fed.trainer.options),
-        DetectorOptions,
-        source=str(req.federation),
-        prefix="trainer.options",
-    )
+    opts = detector_options(fed, str(req.federation))
     sites = [s.name for s in scenario.sites]
     base_sites = [s.name for s in scenario.sites if s.role == ROLE_BASE] or sites[:1]
     (out / RF.CONFIGS_DIR).mkdir(exist_ok=True)

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from common.config import bounded, load_config, path_field, write_resolved
-from common.detector.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from common.detector.checkpoint import init_from_checkpoint, save_checkpoint
 from common.detector.engine import (
     evaluate_detailed,
     fit,
@@ -209,19 +209,6 @@ def few_label_subset(
     chosen = set(rng.permutation(pos)[:n_pos].tolist())
     chosen |= set(rng.permutation(neg)[:n_neg].tolist())
     return [i for i in indices if site.records[i].patient_id in chosen]
-
-
-def init_from_checkpoint(model: torch.nn.Module, cfg: ModelConfig, path: Path) -> None:
-    """Load a pretrained detector's weights from ``path`` into ``model`` (strict).
-
-    Raises:
-        CheckpointMismatch: not a mammofed checkpoint, a structural field of
-            its model config differs from ``cfg`` (named with both values), or
-            its weights do not fit.
-    """
-    ck = load_checkpoint(path, expected_cfg=cfg)
-    load_weights(model, ck.state_dict, ck.path, cfg.arch)
-    log.info("detector initialised from %s (%d tensors)", path, len(ck.state_dict))
 
 
 def train_model(

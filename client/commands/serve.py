@@ -24,8 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
         type=Path,
+        action="append",
         default=None,
-        help="model file (default: dicom_node.checkpoint of the site config)",
+        help="model file; give it more than once to fuse several models' "
+        "findings (default: dicom_node.checkpoint and dicom_node.fuse_with of "
+        "the site config)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda...")
 

@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from client.dicom_node.checks import (
 from client.dicom_node.exams import ExamTracker
 from client.dicom_node.outbox import Outbox, RetryPolicy, c_store_file
 from client.dicom_node.scoring import ExamScorer
+from client.export import checkpoint_paths
 from common import __version__
 from common.config.dicom_node import DicomNodeConfig
 from common.config.site import SiteConfig
@@ -74,7 +76,8 @@ class DicomNode:
 
     Args:
         site: the site config; needs ``data_dir``, ``cache_dir`` and ``dicom_node``.
-        checkpoint: model file; overrides ``dicom_node.checkpoint``.
+        checkpoint: model file, or several whose findings are fused; replaces
+            ``dicom_node.checkpoint`` and ``dicom_node.fuse_with``.
         device: torch device for scoring (``auto``, ``cpu``, ``cuda``...).
         source: where ``site`` came from, for error messages (file name).
         poll_s: how often the worker looks for complete exams.
@@ -88,7 +91,7 @@ class DicomNode:
         self,
         site: SiteConfig,
         *,
-        checkpoint: str | Path | None = None,
+        checkpoint: str | Path | Sequence[str | Path] | None = None,
         device: str = "auto",
         source: str = "<site config>",
         poll_s: float = 0.2,
@@ -104,8 +107,19 @@ class DicomNode:
             raise ConfigError(
                 source, "cache_dir", "required by dicom_node (images are ingested)"
             )
-        model = Path(checkpoint) if checkpoint is not None else node.checkpoint
-        if model is None:
+        if checkpoint is not None:
+            models = checkpoint_paths(checkpoint)
+        elif node.checkpoint is not None:
+            models = [node.checkpoint, *node.fuse_with]
+        elif node.fuse_with:
+            raise ConfigError(
+                source,
+                "dicom_node.checkpoint",
+                "missing while fuse_with is set: name the site's main model",
+            )
+        else:
+            models = []
+        if not models:
             raise ConfigError(
                 source,
                 "dicom_node.checkpoint",
@@ -132,7 +146,7 @@ class DicomNode:
         self.poll_s = float(poll_s)
         self.tracker = ExamTracker(node.exam_settle_s, node.exam_idle_s)
         self.scorer = ExamScorer(
-            model,
+            models,
             score_floor=node.score_floor,
             default_spacing_mm=site.default_spacing_mm,
             device=device,
@@ -351,6 +365,7 @@ class DicomNode:
             "files": [f.name for f in files],
             "refused": {p.name: why for p, why in res.refused},
             "model_sha256": self.scorer.model_sha256,
+            "models": self.scorer.members(),
             "sr": None,
             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -366,7 +381,7 @@ class DicomNode:
             sources,
             [s.detections for s in res.scored],
             algorithm_name=ALGORITHM_NAME,
-            algorithm_version=f"{__version__} model {self.scorer.model_sha256[:12]}",
+            algorithm_version=f"{__version__} {self.scorer.model_label()}",
             score_floor=self.cfg.score_floor,
         )
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{sr.SOPInstanceUID}"

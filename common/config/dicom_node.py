@@ -95,6 +95,12 @@ class DicomNodeConfig:
             ingest keeps them (``None``: ``<data_dir>/incoming``).
         checkpoint: the site's current model (``mammofed-client export``);
             ``serve --checkpoint`` overrides it. Re-read when the file changes.
+        fuse_with: further models run on every exam beside ``checkpoint``,
+            their findings fused with its findings (weighted box fusion,
+            :mod:`common.detector.ensemble`): the recommended regime is the
+            federation's personalized model plus the site's local-only model.
+            They must share its working spacing. ``serve --checkpoint`` given
+            more than once replaces ``checkpoint`` and these together.
         exam_settle_s: an exam is complete once no association that sent its
             images is open and no image of it arrived for this long.
         exam_idle_s: an exam is complete after this long without a new image
@@ -117,6 +123,7 @@ class DicomNodeConfig:
         default=None, metadata=path_field(must_exist=False)
     )
     checkpoint: Path | None = field(default=None, metadata=path_field(must_exist=False))
+    fuse_with: tuple[Path, ...] = ()
     exam_settle_s: float = field(default=2.0, metadata=bounded(0.0, 3600.0))
     exam_idle_s: float = field(default=120.0, metadata=bounded(0.1, 86400.0))
     score_floor: float = field(default=0.3, metadata=bounded(0.0, 1.0))

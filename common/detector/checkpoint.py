@@ -225,3 +225,16 @@ def load_weights(
             f"{arch!r}: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+
+
+def init_from_checkpoint(model: nn.Module, cfg: ModelConfig, path: str | Path) -> None:
+    """Load a pretrained detector's weights from ``path`` into ``model`` (strict).
+
+    Raises:
+        CheckpointMismatch: not a mammofed checkpoint, a structural field of
+            its model config differs from ``cfg`` (named with both values), or
+            its weights do not fit.
+    """
+    ck = load_checkpoint(path, expected_cfg=cfg)
+    load_weights(model, ck.state_dict, ck.path, cfg.arch)
+    log.info("detector initialised from %s (%d tensors)", path, len(ck.state_dict))

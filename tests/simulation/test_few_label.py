@@ -10,14 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.detector.checkpoint import load_checkpoint
+from common.detector.checkpoint import init_from_checkpoint, load_checkpoint
 from common.detector.model import ModelConfig
 from common.errors import CheckpointMismatch
 from simulation.crossval import CV_METRICS_JSON, run_crossval
 from simulation.train import (
     TrainConfig,
     few_label_subset,
-    init_from_checkpoint,
     train_model,
 )
 from tests.conftest import make_site_cache

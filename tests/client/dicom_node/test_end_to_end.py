@@ -7,6 +7,7 @@ not installed (CI installs it).
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -15,8 +16,12 @@ from types import SimpleNamespace
 
 import pydicom
 import pytest
+import torch
 
 from client.dicom_node.outbox import PENDING_DIR
+from common.detector.checkpoint import save_checkpoint
+from common.detector.model import ModelConfig, build_detector
+from common.fileio import sha256_file
 from common.imaging.cache import SiteCache
 from common.imaging.data import SiteDataset
 
@@ -50,7 +55,13 @@ def test_exam_in_sr_out_refusals_logged(
 ) -> None:
     _needs_dcmtk()
     node_port, dest_port = kit.free_port(), kit.free_port()
-    cfg = kit.site_yaml(tmp_path, node_port, dest_port, tiny_checkpoint)
+    # the recommended regime: two models, their findings fused
+    torch.manual_seed(5)
+    mcfg = ModelConfig(arch="tiny", working_spacing_mm=0.4)
+    local = save_checkpoint(tmp_path / "local.pt", build_detector(mcfg), mcfg)
+    cfg = kit.site_yaml(
+        tmp_path, node_port, dest_port, tiny_checkpoint, fuse_with=f"[{local}]"
+    )
     exam = kit.write_exam(tmp_path / "send")
     uids = {str(pydicom.dcmread(p).SOPInstanceUID) for p in exam}
     study = str(pydicom.dcmread(exam[0]).StudyInstanceUID)
@@ -94,6 +105,14 @@ def test_exam_in_sr_out_refusals_logged(
     sr = pydicom.dcmread(sr_path)
     assert sr.SOPClassUID == CAD_SR and sr.StudyInstanceUID == study
     assert _referenced(sr) == uids
+    # provenance names both models: the SR's algorithm version, the study record
+    shas = [sha256_file(tiny_checkpoint), sha256_file(local)]
+    texts = [str(e.value) for e in sr.iterall() if e.tag == 0x0040A160]
+    assert f"models {shas[0][:12]}+{shas[1][:12]}" in " ".join(texts), texts
+    record = json.loads(
+        (tmp_path / "data" / "incoming" / study / ".scored.json").read_text()
+    )
+    assert [m["sha256"] for m in record["models"]] == shas
     if shutil.which("dciodvfy") is not None:
         check = subprocess.run(
             ["dciodvfy", str(sr_path)], capture_output=True, text=True, timeout=60

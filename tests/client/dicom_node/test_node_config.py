@@ -108,6 +108,40 @@ def test_node_needs_folders_and_a_model(tmp_path: Path) -> None:
         DicomNode(load_site_config(_write(tmp_path, outside)), checkpoint="m.pt")
 
 
+def test_fuse_with_adds_models_and_the_command_line_replaces_them(
+    tmp_path: Path,
+) -> None:
+    text = (
+        GOOD.format(root=tmp_path) + "  checkpoint: fed.pt\n  fuse_with: [local.pt]\n"
+    )
+    cfg = load_site_config(_write(tmp_path, text))
+    node = DicomNode(cfg)
+    # relative paths resolve against the site config's folder, in order
+    assert node.scorer.checkpoints == [tmp_path / "fed.pt", tmp_path / "local.pt"]
+    node = DicomNode(cfg, checkpoint=[tmp_path / "a.pt", tmp_path / "b.pt"])
+    assert node.scorer.checkpoints == [tmp_path / "a.pt", tmp_path / "b.pt"]
+    assert DicomNode(cfg, checkpoint="c.pt").scorer.checkpoints == [Path("c.pt")]
+    orphan = GOOD.format(root=tmp_path) + "  fuse_with: [local.pt]\n"
+    with pytest.raises(ConfigError, match="checkpoint: missing while fuse_with"):
+        DicomNode(load_site_config(_write(tmp_path, orphan)))
+    bad = GOOD.format(root=tmp_path) + "  checkpoint: a.pt\n  fuse_with: local.pt\n"
+    with pytest.raises(ConfigError, match="fuse_with: must be a list"):
+        load_site_config(_write(tmp_path, bad))
+
+
+def test_serve_takes_checkpoint_more_than_once() -> None:
+    import argparse
+
+    from client.commands import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(
+        ["--site-config", "s.yaml", "--checkpoint", "a.pt", "--checkpoint", "b.pt"]
+    )
+    assert args.checkpoint == [Path("a.pt"), Path("b.pt")]
+
+
 def test_node_config_is_frozen() -> None:
     cfg = DicomNodeConfig(
         allowed_calling_aes=("A",),

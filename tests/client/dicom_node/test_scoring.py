@@ -55,3 +55,58 @@ def test_missing_model_raises(tmp_path: Path, kit: SimpleNamespace) -> None:
 def test_bad_floor_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="1.5"):
         ExamScorer(tmp_path / "m.pt", score_floor=1.5)
+
+
+def _silent_checkpoint(path: Path, seed: int = 2) -> Path:
+    """A ``tiny`` detector at 0.4 mm that finds nothing (class logits -50)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch="tiny", working_spacing_mm=0.4)
+    model = build_detector(cfg)
+    with torch.no_grad():
+        model.head.classification_head.cls_logits.bias.fill_(-50.0)  # type: ignore[union-attr]
+    return save_checkpoint(path, model, cfg)
+
+
+def test_two_models_fuse_and_each_file_is_watched(
+    tmp_path: Path, tiny_checkpoint: Path, kit: SimpleNamespace
+) -> None:
+    files = kit.write_exam(tmp_path / "exam")
+    floor = 0.02
+    alone = ExamScorer(tiny_checkpoint, score_floor=floor, device="cpu").score(files)
+    silent = _silent_checkpoint(tmp_path / "silent.pt")
+    pair = ExamScorer([tiny_checkpoint, silent], score_floor=floor, device="cpu")
+    fused = pair.score(files)
+    assert [s.path for s in fused.scored] == files
+    for a, f in zip(alone.scored, fused.scored, strict=True):
+        # a finding only one of two models makes keeps half its score, its box;
+        # the floor applies to the fused score
+        kept = [d for d in a.detections if d["score"] / 2 >= floor]
+        assert len(f.detections) == len(kept) > 0
+        for da, df in zip(kept, f.detections, strict=True):
+            assert df["label"] == da["label"]
+            assert df["score"] == pytest.approx(da["score"] / 2, abs=1.5e-6)
+            assert df["box"] == pytest.approx(da["box"], abs=1e-3)
+    members = pair.members()
+    assert [m["path"] for m in members] == [str(tiny_checkpoint), str(silent)]
+    assert pair.model_label() == "models " + "+".join(m["sha256"][:12] for m in members)
+    first = pair.model_sha256
+    assert len(first) == 64 and first not in {m["sha256"] for m in members}
+    # replacing the second model (a new local model) reloads the pair
+    _silent_checkpoint(silent, seed=3)
+    st = silent.stat()
+    os.utime(silent, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    pair.score(files[:1])
+    assert pair.members()[1]["sha256"] != members[1]["sha256"]
+    assert pair.model_sha256 != first
+
+
+def test_models_at_different_spacings_are_refused(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    cfg = ModelConfig(arch="tiny", working_spacing_mm=0.2)
+    other = save_checkpoint(tmp_path / "fine.pt", build_detector(cfg), cfg)
+    scorer = ExamScorer([tiny_checkpoint, other], score_floor=0.3, device="cpu")
+    with pytest.raises(MammofedError, match="fine.pt: works at 0.2 mm"):
+        scorer.load()
+    with pytest.raises(ValueError, match="at least one model"):
+        ExamScorer([], score_floor=0.3)

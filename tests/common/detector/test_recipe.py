@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from client.detector_trainer import DetectorOptions, make_detector_trainer
+from client.local_training import train_central
 from common.config.loader import from_mapping
 from common.detector.recipe import Recipe, guarded_step
 from common.wire.federation import FitInstructions, load_federation_config
-from simulation.run import train_central
 from tests.conftest import REPO, make_site_cache
 
 

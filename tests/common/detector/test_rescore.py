@@ -434,6 +434,15 @@ def test_crossval_trains_a_rescorer_per_fold_and_reuses_it(tmp_path, caplog):
         assert set(doc["folds"][f]["cpm_detector"]) == {"mass", "calcification"}
     assert doc["detector_only"]["mass"]["n_lesions"] == 4
     assert set(doc["rescore_gain"]["mass"]) == {"diff", "ci95"}
+    # the detector alone's out-of-fold images are kept, and score as reported
+    from benchmarks.ensemble import load_oof
+    from common.detector.froc import froc_all
+    from simulation.crossval import OOF_DETECTOR_JSON
+
+    alone = load_oof(tmp_path / "cv" / OOF_DETECTOR_JSON)
+    assert len(alone) == doc["n_images"]
+    cpm = froc_all(alone, n_boot=0)["mass"].cpm
+    assert cpm == pytest.approx(doc["detector_only"]["mass"]["cpm"])
     with caplog.at_level(logging.INFO, logger="common.detector.rescore"):
         again = run_crossval(cfg, k=2)
     assert "reusing" in caplog.text

@@ -1,0 +1,70 @@
+"""``mammofed-client train-local``: the site's own model, from the base model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+NAME = "train-local"
+HELP = (
+    "train this site's own model on its labeled women alone, from the base "
+    "model, with the federation's recipe (the local half of the recommended "
+    "regime; fuse it with the exported model in predict / evaluate / serve)"
+)
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``mammofed-client train-local``."""
+    parser.add_argument(
+        "--site-config",
+        required=True,
+        type=Path,
+        help="site YAML (its name and cache_dir: run ingest first)",
+    )
+    parser.add_argument(
+        "--federation",
+        required=True,
+        type=Path,
+        help="the federation's config (recipe, learning rate, batch size, seed "
+        "and split; the coordinator ships it with the base model)",
+    )
+    parser.add_argument(
+        "--init",
+        required=True,
+        type=Path,
+        help="the coordinator's base model (checked against the federation's "
+        "model options)",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="model file to write")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs (default: num_rounds x local_epochs, as the "
+        "study's local-only regime)",
+    )
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda...")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and write the model; 0 when written."""
+    from client.local_training import train_local_model
+    from common.config.site import load_site_config
+    from common.wire.federation import load_federation_config
+
+    site = load_site_config(args.site_config)
+    fed = load_federation_config(args.federation)
+    train_local_model(
+        site,
+        fed,
+        init=args.init,
+        out=args.out,
+        epochs=args.epochs,
+        device=args.device,
+        source=str(args.federation),
+        site_source=str(args.site_config),
+    )
+    return 0

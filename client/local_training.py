@@ -1,0 +1,167 @@
+"""A site's own model: trained on its labeled women alone, from the base model.
+
+The recommended regime (``personalized-dp+local``, docs/federation.md) runs
+two models at a site and fuses their findings: the federation's personalized
+model (``mammofed-client export``) and a model the site trains **alone**, from
+the coordinator's base model, with the federation's recipe. This module
+trains that second model at the site: :func:`train_local_model` (the
+``mammofed-client train-local`` command). It is the study's ``local-only``
+regime (:func:`train_central` on one cache, the same options, epochs, seed and
+split), so what the study measured is what the hospital gets.
+
+Only the site's labeled training women are used: the test women of the
+site's split (``SiteDataset`` with the federation's seed, as the federated
+trainer splits) stay held out for ``mammofed-client evaluate --view test``.
+Nothing leaves the site.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from client.detector_trainer import DetectorOptions
+from common.config.loader import config_to_dict, from_mapping, write_resolved
+from common.config.site import SiteConfig
+from common.detector.checkpoint import init_from_checkpoint, save_checkpoint
+from common.detector.engine import resolve_device, seed_everything
+from common.detector.model import build_detector
+from common.detector.recipe import Pooled, Transformed, train_epochs
+from common.errors import ConfigError, MammofedError
+from common.fileio import sha256_file
+from common.imaging.data import SiteDataset
+from common.wire.federation import FederationConfig
+
+log = logging.getLogger(__name__)
+
+
+def train_central(
+    caches: list[Path],
+    opts: DetectorOptions,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    label: str,
+    init: Path | None = None,
+) -> nn.Module:
+    """Train one detector on the pooled labeled images of ``caches``.
+
+    The federated site's recipe (:meth:`DetectorOptions.recipe`, steps per
+    epoch capped at ``max_steps`` per cache): one epoch here on one cache is
+    one federated round of that site with the same seed. ``init``: start from
+    this checkpoint (checked against the options' model config).
+    """
+    seed_everything(seed)
+    model = build_detector(opts.model_config())
+    if init is not None:
+        init_from_checkpoint(model, opts.model_config(), init)
+    model = model.to(device)
+    pooled = Pooled([SiteDataset(c, seed=seed).view("labeled") for c in caches])
+    n = len(pooled)
+    if n == 0:
+        raise MammofedError(f"{label}: no labeled images in {[str(c) for c in caches]}")
+    recipe = opts.recipe(lr, batch_size)
+    steps = math.ceil(n / batch_size)
+    if opts.max_steps:
+        steps = min(steps, opts.max_steps * len(caches))
+    train_epochs(
+        model,
+        Transformed(
+            pooled, recipe.transform(torch.Generator().manual_seed(seed), pooled)
+        ),
+        recipe,
+        recipe.optimizer(model.parameters()),
+        epochs=epochs,
+        steps=steps,
+        seed=seed,
+        device=device,
+        label=label,
+    )
+    return model
+
+
+def detector_options(fed: FederationConfig, source: str) -> DetectorOptions:
+    """The federation's ``trainer.options`` as typed :class:`DetectorOptions`."""
+    return from_mapping(
+        dict(fed.trainer.options),
+        DetectorOptions,
+        source=source,
+        prefix="trainer.options",
+    )
+
+
+def train_local_model(
+    site: SiteConfig,
+    fed: FederationConfig,
+    *,
+    init: Path,
+    out: Path,
+    epochs: int | None = None,
+    device: str | None = None,
+    source: str = "<federation config>",
+    site_source: str = "<site config>",
+) -> Path:
+    """Train the site's own model from ``init`` and write it to ``out``.
+
+    ``fed``: the federation's config (its recipe, learning rate, batch size,
+    seed and split); ``epochs``: default ``num_rounds * local_epochs``, as the
+    study's local-only regime; ``device``: default the options' device.
+    The checkpoint's ``extra`` records the site, the epochs, the seed and the
+    base model's SHA-256; ``<out>.resolved.yaml`` the settings used.
+
+    Raises:
+        ConfigError: the site config names no cache, or epochs below 1.
+        CheckpointMismatch: ``init`` does not fit the federation's model.
+        MammofedError: the site's cache holds no labeled training image.
+    """
+    if site.cache_dir is None:
+        raise ConfigError(
+            site_source, "cache_dir", "required: the site's ingested images"
+        )
+    if epochs is None:
+        epochs = fed.num_rounds * fed.trainer.local_epochs
+    if epochs < 1:
+        raise ConfigError("--epochs", "epochs", f"must be >= 1, got {epochs}")
+    opts = detector_options(fed, source)
+    dev = resolve_device(device or opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    log.info(
+        "site %s: training its own model from %s, %d epochs on %s",
+        site.name, init, epochs, dev,
+    )  # fmt: skip
+    model = train_central(
+        [site.cache_dir],
+        opts,
+        epochs=epochs,
+        lr=fed.trainer.learning_rate,
+        batch_size=fed.trainer.batch_size,
+        seed=fed.seed,
+        device=dev,
+        label=f"local/{site.name}",
+        init=init,
+    )
+    settings: dict[str, Any] = {
+        "site": site.name,
+        "cache_dir": str(site.cache_dir),
+        "init": str(init),
+        "init_sha256": sha256_file(init),
+        "epochs": epochs,
+        "seed": fed.seed,
+        "learning_rate": fed.trainer.learning_rate,
+        "batch_size": fed.trainer.batch_size,
+        "options": config_to_dict(opts),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, model, opts.model_config(), extra={"local_model": settings})
+    write_resolved(settings, out.parent, f"{out.name}.resolved.yaml")
+    log.info("site %s: its own model written to %s", site.name, out)
+    return out

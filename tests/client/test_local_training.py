@@ -1,0 +1,97 @@
+"""The site's own model (``mammofed-client train-local``): the study's local-only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from client.cli import main
+from client.export import load_detector
+from client.local_training import detector_options, train_central, train_local_model
+from common.config.loader import config_to_dict
+from common.config.site import load_site_config
+from common.detector.checkpoint import save_checkpoint
+from common.detector.model import ModelConfig, build_detector
+from common.errors import CheckpointMismatch, ConfigError, MammofedError
+from common.fileio import sha256_file
+from common.wire.federation import load_federation_config
+from tests.client.conftest import one_site_config
+from tests.conftest import make_site_cache
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(site YAML, federation YAML, base model) of one tiny site on CPU."""
+    cache = make_site_cache(tmp_path / "cache", n_patients=4)
+    site = tmp_path / "site.yaml"
+    site.write_text(f"name: site-b\ncache_dir: {cache}\n")
+    fed = tmp_path / "federation.yaml"
+    doc = config_to_dict(one_site_config(tmp_path, paste=True, min_box_mm=12.0))
+    fed.write_text(yaml.safe_dump(doc))
+    opts = detector_options(load_federation_config(fed), str(fed))
+    torch.manual_seed(7)
+    base = save_checkpoint(
+        tmp_path / "base.pt", build_detector(opts.model_config()), opts.model_config()
+    )
+    return site, fed, base
+
+
+def test_the_site_model_is_the_studys_local_only_model(
+    tmp_path: Path, setup: tuple[Path, Path, Path]
+) -> None:
+    site_yaml, fed_yaml, base = setup
+    site, fed = load_site_config(site_yaml), load_federation_config(fed_yaml)
+    out = train_local_model(site, fed, init=base, out=tmp_path / "m" / "local.pt")
+    model, ck, _ = load_detector(out, torch.device("cpu"))
+    record = ck.extra["local_model"]
+    assert record["site"] == "site-b" and record["epochs"] == 1
+    assert record["init_sha256"] == sha256_file(base)
+    assert (tmp_path / "m" / "local.pt.resolved.yaml").is_file()
+    # the study's local-only regime on the same cache: the very same weights
+    opts = detector_options(fed, str(fed_yaml))
+    assert site.cache_dir is not None
+    study = train_central(
+        [site.cache_dir], opts, epochs=1, lr=fed.trainer.learning_rate,
+        batch_size=fed.trainer.batch_size, seed=fed.seed,
+        device=torch.device("cpu"), label="local-only", init=base,
+    )  # fmt: skip
+    want = study.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k].cpu()), k
+    # and it moved away from the base model
+    base_sd = load_detector(base, torch.device("cpu"))[0].state_dict()
+    assert any(not torch.equal(v, base_sd[k]) for k, v in want.items())
+
+
+def test_the_command_writes_a_model_and_refuses_bad_inputs(
+    tmp_path: Path, setup: tuple[Path, Path, Path]
+) -> None:
+    site_yaml, fed_yaml, base = setup
+    out = tmp_path / "local.pt"
+    argv = ["train-local", "--site-config", str(site_yaml), "--federation"]
+    argv += [str(fed_yaml), "--init", str(base), "--out", str(out)]
+    assert main(argv) == 0 and out.is_file()
+    site, fed = load_site_config(site_yaml), load_federation_config(fed_yaml)
+    # a base model of another architecture: refused, naming the field
+    other = ModelConfig(arch="small", working_spacing_mm=0.4)
+    wrong = save_checkpoint(tmp_path / "wrong.pt", build_detector(other), other)
+    with pytest.raises(CheckpointMismatch, match="arch"):
+        train_local_model(site, fed, init=wrong, out=tmp_path / "x.pt")
+    with pytest.raises(ConfigError, match="epochs: must be >= 1, got 0"):
+        train_local_model(site, fed, init=base, out=tmp_path / "x.pt", epochs=0)
+    no_cache = tmp_path / "nocache.yaml"
+    no_cache.write_text("name: site-b\n")
+    with pytest.raises(ConfigError, match="cache_dir: required"):
+        train_local_model(
+            load_site_config(no_cache), fed, init=base, out=tmp_path / "x.pt"
+        )
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(f"name: site-b\ncache_dir: {tmp_path / 'none'}\n")
+    with pytest.raises(MammofedError, match="no cache entries"):
+        train_local_model(
+            load_site_config(empty), fed, init=base, out=tmp_path / "x.pt"
+        )
+    assert not (tmp_path / "x.pt").exists()
