@@ -137,6 +137,9 @@ class RescoreConfig:
         weight: exponent of the re-scorer's probability in the final score
             (``det ** (1 - weight) * p ** weight``; 0.5: geometric mean).
         seed: seeds the network's initialisation, draws and augmentation.
+        classes: the classes whose detections are re-scored; the others keep
+            the detector's score (a second stage that helps one class and
+            hurts another is applied to the first only).
     """
 
     enabled: bool = False
@@ -154,6 +157,15 @@ class RescoreConfig:
     width: int = field(default=16, metadata=bounded(4, 256))
     weight: float = field(default=0.5, metadata=bounded(0.0, 1.0))
     seed: int = 0
+    classes: tuple[str, ...] = CLASSES
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.classes if c not in CLASSES]
+        if unknown or not self.classes:
+            raise ValueError(
+                f"classes: give one or more of {', '.join(CLASSES)}, "
+                f"got {list(self.classes)!r}"
+            )
 
 
 # --- mining -----------------------------------------------------------------
@@ -761,6 +773,12 @@ def _rescore(
     """Combined scores of one image's detections, re-sorted (high to low)."""
     p = rescorer(image, boxes, labels).to(scores.device)
     new = combine_scores(scores, p, rescorer.cfg.weight)
+    chosen = [i for i, c in enumerate(CLASSES) if c in rescorer.cfg.classes]
+    if len(chosen) < len(CLASSES):  # the other classes keep the detector's score
+        mask = torch.isin(
+            labels.to(scores.device), torch.tensor(chosen, device=scores.device)
+        )
+        new = torch.where(mask, new, scores.float())
     order = torch.argsort(-new, stable=True)
     return boxes[order], new[order], labels[order]
 

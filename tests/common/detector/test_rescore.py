@@ -394,6 +394,41 @@ def test_corrupt_and_foreign_files_are_refused_naming_the_file(trained, tmp_path
 # --- configuration and the training runs ------------------------------------
 
 
+def test_only_the_chosen_classes_are_rescored(trained):
+    images, frocs = _task(2, 4)
+    dets = [
+        {"boxes": f.det_boxes, "scores": f.det_scores, "labels": np.array([0, 1, 1])}
+        for f in frocs
+    ]
+    both = rescore_detections(trained, images, dets)
+    cfg = trained.cfg
+    try:
+        trained.cfg = dataclasses.replace(cfg, classes=("mass",))
+        mass_only = rescore_detections(trained, images, dets)
+    finally:
+        trained.cfg = cfg
+
+    def by_box(d):
+        return {
+            tuple(np.round(b, 3)): (int(lab), float(sc))
+            for b, sc, lab in zip(d["boxes"], d["scores"], d["labels"], strict=True)
+        }
+
+    changed = 0
+    for d, b, m in zip(dets, both, mass_only, strict=True):
+        old, new_all, new_mass = by_box(d), by_box(b), by_box(m)
+        for box, (label, score) in new_mass.items():
+            if label == 0:  # re-scored as with every class
+                assert score == pytest.approx(new_all[box][1])
+            else:  # the detector's score, untouched
+                assert score == pytest.approx(old[box][1])
+                changed += new_all[box][1] != pytest.approx(score)
+        assert np.all(np.diff(m["scores"]) <= 0)
+    assert changed > 0  # the calcifications would have moved
+    with pytest.raises(ValueError, match="classes: give one or more"):
+        RescoreConfig(classes=("cyst",))
+
+
 def test_the_rescore_section_is_validated_with_its_key(tmp_path, site_cache):
     p = write_train_yaml(tmp_path, [site_cache], rescore={"enabled": True, "patch": 8})
     with pytest.raises(ConfigError, match=r"train\.yaml: rescore\.patch"):
