@@ -155,6 +155,23 @@ def test_shipped_cv_configs_validate(tmp_path, site_cache, name, arch):
     assert cfg.model.arch == arch
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["real/mini-mias-native-cv.yaml", "real/mini-mias.yaml",
+     "real/mini-mias-cv-gpu.yaml", "real/mini-mias-gpu.yaml"],
+)  # fmt: skip
+def test_every_mias_config_uses_the_lesion_recipe(name):
+    """The CPU recipe's parts (docs/detector.md) are in every shipped variant."""
+    from common.config import load_yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    ref = load_yaml(repo / "configs" / "real" / "mini-mias-cv.yaml")
+    data = load_yaml(repo / "configs" / name)
+    assert data["model"]["speck_channel"] == ref["model"]["speck_channel"] is True
+    for key in ("paste", "min_box_mm"):
+        assert data["augment"][key] == ref["augment"][key], key
+
+
 def test_train_with_empty_test_view_warns_and_writes_no_metrics(tmp_path, caplog):
     cache = make_site_cache(tmp_path / "siteA", n_patients=2)
     cfg = _cv_yaml(tmp_path, [cache])
