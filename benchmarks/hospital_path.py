@@ -1,0 +1,159 @@
+"""Does a hospital get what the study measured? The recommended pair, by hand.
+
+The study scores ``personalized-dp+local`` from models it trains itself. A
+hospital gets the pair another way: ``mammofed-client train-local`` trains
+its own model from the base, ``mammofed-client export`` turns the
+federation's last round and its own personal layers into a model, and
+``mammofed-client evaluate`` with both ``--checkpoint`` flags scores them
+together on its held-out women. This benchmark runs those commands for one
+site of one seed of a study, and compares each CPM with the study's
+(``seed-<s>/<regime>/metrics.json``): the difference should be zero.
+
+Usage::
+
+    python -m benchmarks.hospital_path --study out/study --data out/study-data \\
+        --site C --seed 0
+
+One JSON line per arm (local, federated, pair), class and figure in
+``benchmarks/results/hospital_path.jsonl``; the step times beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import emit, rounded
+from client.cli import main as client_main
+from common.keys import CLASSES
+
+BENCH = "hospital_path"
+
+
+def _run(argv: list[str]) -> float:
+    """Run one ``mammofed-client`` command; its seconds. Raises on failure."""
+    t0 = time.perf_counter()
+    rc = client_main(argv)
+    if rc != 0:
+        raise RuntimeError(f"mammofed-client {' '.join(argv)}: exit status {rc}")
+    return time.perf_counter() - t0
+
+
+def _cpm(metrics: Path, site: str | None = None) -> dict[str, float | None]:
+    """Per-class CPM of an evaluate folder's or a study regime's ``metrics.json``.
+
+    ``None`` for a class without lesions on the site's test women.
+    """
+    doc = json.loads(metrics.read_text())
+    if site is not None:  # a study regime: {"sites": {site: {"classes": ...}}}
+        doc = doc["sites"][site]
+    return {c: doc["classes"][c]["cpm"] for c in CLASSES}
+
+
+def hospital_path(
+    study: Path, data: Path, site: str, seed: int, regime: str, work: Path
+) -> list[dict[str, Any]]:
+    """Rows ``{arm, class, cpm_hospital, cpm_study, seconds}`` of one site."""
+    run = study / f"seed-{seed}"
+    cache = data / "cache" / site
+    work.mkdir(parents=True, exist_ok=True)
+    site_yaml = work / f"site-{site}.yaml"
+    site_yaml.write_text(f"name: {site}\ncache_dir: {cache.resolve()}\n")
+    local, fed = work / "local.pt", work / "federated.pt"
+    seconds = {
+        "train-local": _run(
+            [
+                "train-local",
+                "--site-config",
+                str(site_yaml),
+                "--federation",
+                str(run / "configs" / "federation.yaml"),
+                "--init",
+                str(run / "base" / "model.pt"),
+                "--out",
+                str(local),
+            ]
+        ),  # fmt: skip
+        "export": _run(
+            [
+                "export",
+                "--checkpoint",
+                str(run / regime / "server" / "checkpoints"),
+                "--site-name",
+                site,
+                "--state-dir",
+                str(run / regime / "site-state"),
+                "--out",
+                str(fed),
+            ]
+        ),  # fmt: skip
+    }
+    arms = {
+        "local-only": [local],
+        regime: [fed],
+        f"{regime}+local": [fed, local],
+    }
+    rows: list[dict[str, Any]] = []
+    for arm, models in arms.items():
+        out = work / f"eval-{arm}"
+        argv = ["evaluate", "--cache", str(cache), "--out", str(out), "--n-boot", "0"]
+        argv += ["--split-seed", str(seed)]
+        for m in models:
+            argv += ["--checkpoint", str(m)]
+        seconds[f"evaluate {arm}"] = _run(argv)
+        got, want = _cpm(out / "metrics.json"), _cpm(run / arm / "metrics.json", site)
+        for cls in CLASSES:
+            a, b = got[cls], want[cls]
+            rows.append(
+                {
+                    "arm": arm,
+                    "class": cls,
+                    "cpm_hospital": None if a is None else rounded(a),
+                    "cpm_study": None if b is None else rounded(b),
+                    "abs_diff": None if a is None or b is None else rounded(abs(a - b)),
+                }
+            )
+    for step, s in seconds.items():
+        rows.append({"step": step, "seconds": round(s, 1)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Emit the hospital path's figures beside the study's."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--study", type=Path, required=True, help="folder of seed-<s>/")
+    p.add_argument("--data", type=Path, required=True, help="the study's data folder")
+    p.add_argument("--site", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--regime", default="personalized-dp")
+    p.add_argument("--work", type=Path, default=Path("out/hospital-path"))
+    p.add_argument("--results", type=Path, default=None)
+    args = p.parse_args(argv)
+    ctx = {"study": str(args.study), "site": args.site, "seed": args.seed}
+    for row in hospital_path(
+        args.study, args.data, args.site, args.seed, args.regime, args.work
+    ):
+        if "step" in row:
+            emit(BENCH, f"seconds-{row['step']}", row["seconds"], "s",
+                 results_dir=args.results, **ctx)  # fmt: skip
+            continue
+        if row["cpm_hospital"] is None:  # no lesion of the class: nothing to measure
+            continue
+        emit(
+            BENCH,
+            f"cpm-{row['arm']}-{row['class']}",
+            row["cpm_hospital"],
+            "cpm",
+            results_dir=args.results,
+            cpm_study=row["cpm_study"],
+            abs_diff=row["abs_diff"],
+            **ctx,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
