@@ -219,6 +219,18 @@ class DetectorOptions:
         )
 
 
+def detector_options(
+    fed: FederationConfig, source: str, prefix: str = "trainer.options"
+) -> DetectorOptions:
+    """A federation's ``trainer.options`` as typed :class:`DetectorOptions`.
+
+    Errors name ``source`` (the file) and the key under ``prefix``.
+    """
+    return from_mapping(
+        dict(fed.trainer.options), DetectorOptions, source=source, prefix=prefix
+    )
+
+
 def check_private_training(
     opts: DetectorOptions, personalization: Personalization
 ) -> None:
@@ -388,12 +400,7 @@ class DetectorTrainer:
         #: train metrics of the last :meth:`fit` that were NOT sent (their true
         #: values; the reply carries 0): recorded in the site's own history
         self.withheld: Metrics = {}
-        self.opts = from_mapping(
-            dict(fed_cfg.trainer.options),
-            DetectorOptions,
-            source="federation config",
-            prefix="trainer.options",
-        )
+        self.opts = detector_options(fed_cfg, "federation config")
         #: the site's adaptation settings: the federation's, then its own overrides
         self.adapt = apply_overrides(
             self.opts.adapt_config(fed_cfg.seed),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch.utils.data import Dataset
 from client.export import checkpoint_paths, load_detectors
 from common import __version__
 from common.config.loader import config_to_dict, write_resolved
-from common.detector.engine import evaluate_detailed, resolve_device, score_images
+from common.detector.engine import detect_dataset, resolve_device, score_images
 from common.detector.ensemble import fuse
 from common.detector.errors import GALLERY_N, write_error_outputs
 from common.detector.recipe import Transformed
@@ -45,7 +46,7 @@ class NothingToEvaluate(MammofedError, ValueError):
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path | list[str | Path] | list[Path],
+    checkpoint: str | Path | Sequence[str | Path],
     cache_dir: str | Path,
     out_dir: str | Path,
     *,
@@ -115,10 +116,10 @@ def evaluate_checkpoint(
         return images if std is None else Transformed(images, std)
 
     runs = [
-        evaluate_detailed(m, standardized(s), dev, batch_size=batch_size, n_boot=0)
+        detect_dataset(m, standardized(s), dev, batch_size=batch_size)
         for m, _, s in loaded
     ]
-    scored = runs[0].images if len(runs) == 1 else fuse([r.images for r in runs])
+    scored = runs[0] if len(runs) == 1 else fuse(runs)
     res = score_images(scored, n_boot=n_boot, seed=seed, plot_dir=out, title=title)
     errors = write_error_outputs(
         res.images,

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.detector_trainer import DetectorOptions
+from client.detector_trainer import DetectorOptions, detector_options
 from client.selection import (
     PERSONALIZED,
     Selection,
@@ -196,12 +196,7 @@ def read_global_round(path: str | Path) -> GlobalRound:
             f"is {fed_cfg.trainer.name!r}; only runs of the {DETECTOR_TRAINER!r} "
             "trainer produce a lesion detector that can be exported",
         )
-    options = from_mapping(
-        dict(fed_cfg.trainer.options),
-        DetectorOptions,
-        source=str(json_path),
-        prefix="config.trainer.options",
-    )
+    options = detector_options(fed_cfg, str(json_path), "config.trainer.options")
     try:
         arrays = load_arrays(npz_path)
     except (OSError, ValueError) as exc:

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from client.detector_trainer import DetectorOptions
-from common.config.loader import config_to_dict, from_mapping, write_resolved
+from client.detector_trainer import DetectorOptions, detector_options
+from common.config.loader import config_to_dict, write_resolved
 from common.config.site import SiteConfig
 from common.detector.checkpoint import init_from_checkpoint, save_checkpoint
 from common.detector.engine import resolve_device, seed_everything
@@ -86,16 +86,6 @@ def train_central(
         label=label,
     )
     return model
-
-
-def detector_options(fed: FederationConfig, source: str) -> DetectorOptions:
-    """The federation's ``trainer.options`` as typed :class:`DetectorOptions`."""
-    return from_mapping(
-        dict(fed.trainer.options),
-        DetectorOptions,
-        source=source,
-        prefix="trainer.options",
-    )
 
 
 def train_local_model(

@@ -67,7 +67,7 @@ import torch
 from common.config import config_to_dict, write_resolved
 from common.detector.engine import (
     EPOCH_LOG,
-    evaluate_detailed,
+    detect_dataset,
     flat_metrics,
     resolve_device,
     seed_everything,
@@ -361,9 +361,9 @@ def _predict(
         replace(im, key=f"{name}/{im.key}", case=f"{name}/{im.case}" if im.case else "")
         for name, v in val_views.items()
         if len(v)
-        for im in evaluate_detailed(
-            model, v, device, batch_size=cfg.batch_size, n_boot=0, amp=cfg.amp
-        ).images
+        for im in detect_dataset(
+            model, v, device, batch_size=cfg.batch_size, amp=cfg.amp
+        )
     ]
 
 

@@ -61,9 +61,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from client.detector_trainer import DetectorOptions, DetectorTrainer
+from client.detector_trainer import DetectorOptions, DetectorTrainer, detector_options
 from client.ingest import ingest_site
-from client.local_training import detector_options, train_central
+from client.local_training import train_central
 from common.config.loader import (
     config_to_dict,
     load_yaml,

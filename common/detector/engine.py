@@ -175,24 +175,20 @@ def flat_metrics(per_class: dict[str, FrocResult], n_images: int) -> dict[str, f
     return m
 
 
-def evaluate_detailed(
+def detect_dataset(
     model: nn.Module,
     dataset: Dataset,
     device: torch.device | str = "cpu",
     *,
     batch_size: int = 2,
     num_workers: int = 0,
-    n_boot: int = 1000,
-    seed: int = 0,
-    plot_dir: str | Path | None = None,
-    title: str = "FROC",
     amp: bool = True,
-) -> EvalResult:
-    """FROC per class of ``model`` on ``dataset`` (distances in mm per image).
+) -> list[FrocImage]:
+    """``model``'s detections on every item of ``dataset``, as :class:`FrocImage`.
 
     Each item's ``spacing_mm`` converts model-space pixels to mm; ``ignore``
-    boxes are honoured. With ``plot_dir`` one ``froc-<class>.png`` per class is
-    written there.
+    boxes are kept for the hit rule. Score them with :func:`score_images`
+    (after fusing several models' images, say).
     """
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("evaluate: the dataset view is empty")
@@ -223,6 +219,30 @@ def evaluate_detailed(
                     case=str(t.get("patient_id", "")),
                 )
             )
+    return images
+
+
+def evaluate_detailed(
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device | str = "cpu",
+    *,
+    batch_size: int = 2,
+    num_workers: int = 0,
+    n_boot: int = 1000,
+    seed: int = 0,
+    plot_dir: str | Path | None = None,
+    title: str = "FROC",
+    amp: bool = True,
+) -> EvalResult:
+    """FROC per class of ``model`` on ``dataset`` (distances in mm per image).
+
+    :func:`detect_dataset` then :func:`score_images`. With ``plot_dir`` one
+    ``froc-<class>.png`` per class is written there.
+    """
+    images = detect_dataset(
+        model, dataset, device, batch_size=batch_size, num_workers=num_workers, amp=amp
+    )
     return score_images(
         images, n_boot=n_boot, seed=seed, plot_dir=plot_dir, title=title
     )

@@ -74,7 +74,7 @@ from torchvision.ops import roi_align
 
 from common import __version__
 from common.config import bounded, config_to_dict, from_mapping
-from common.detector.engine import evaluate_detailed
+from common.detector.engine import detect_dataset
 from common.detector.froc import FALSE_POSITIVE, HIT, FrocImage, match_image_lesions
 from common.errors import (
     CheckpointMismatch,
@@ -721,7 +721,7 @@ def fit_rescorer(
 
     ``dataset`` yields ``(FloatTensor[1, H, W], target)`` with ground truth
     (``common.imaging.data`` items, untransformed). Candidates come from
-    :func:`common.detector.engine.evaluate_detailed` (the evaluation's path).
+    :func:`common.detector.engine.detect_dataset` (the evaluation's path).
     With ``path``, a re-scorer already there with the same ``cfg``, spacing and
     detector fingerprint is reused (a resumed run); else one is trained and
     written there.
@@ -748,9 +748,7 @@ def fit_rescorer(
                 return old
             log.info("re-scorer: %s was trained otherwise; training anew", path)
     t0 = time.perf_counter()
-    images = evaluate_detailed(
-        detector, dataset, device, batch_size=batch_size, n_boot=0, amp=amp
-    ).images
+    images = detect_dataset(detector, dataset, device, batch_size=batch_size, amp=amp)
     patches = collect_patches((dataset[i][0] for i in range(len(images))), images, cfg)
     log.info(
         "re-scorer: mined %d images in %.1f s: %d candidates that hit, %d false "

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from benchmarks.hospital_path import hospital_path
-from client.local_training import detector_options
+from client.detector_trainer import detector_options
 from common.config.loader import config_to_dict
 from common.detector.checkpoint import save_checkpoint
 from common.detector.model import build_detector

@@ -9,8 +9,9 @@ import torch
 import yaml
 
 from client.cli import main
+from client.detector_trainer import detector_options
 from client.export import load_detector
-from client.local_training import detector_options, train_central, train_local_model
+from client.local_training import train_central, train_local_model
 from common.config.loader import config_to_dict
 from common.config.site import load_site_config
 from common.detector.checkpoint import save_checkpoint
