@@ -142,6 +142,9 @@ class RunRequest:
     #: Torch threads of every regime (the sites' ``trainer.options.threads``
     #: too); ``None``: the federation config's, torch's default for central ones.
     threads: int | None = None
+    #: Overrides the federation's ``trainer.lr_schedule`` (``constant`` or
+    #: ``cosine`` over the rounds); ``None``: the config's.
+    lr_schedule: str | None = None
 
 
 # --- sites ----------------------------------------------------------------------
@@ -597,6 +600,15 @@ def run_study(req: RunRequest) -> Path:
             if v is not None
         },
     )
+    if req.lr_schedule is not None:
+        fed = dataclasses.replace(
+            fed,
+            trainer=replace_validated(
+                fed.trainer,
+                "mammofed-sim run --lr-schedule",
+                lr_schedule=req.lr_schedule,
+            ),
+        )
     if req.threads is not None:
         if req.threads < 1:
             raise ConfigError(

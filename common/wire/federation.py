@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -240,6 +240,14 @@ class TrainerConfig:
         local_epochs: epochs per round on each site.
         learning_rate: local optimizer step size.
         batch_size: local batch size.
+        lr_schedule: how the server changes the learning rate it sends over
+            the rounds: ``constant`` (every round ``learning_rate``) or
+            ``cosine`` (``learning_rate`` in round 1, falling along a half
+            cosine to ``lr_min_factor * learning_rate`` in the last round,
+            ``num_rounds``). The round number counts across resumes, so a
+            resumed run continues the same schedule.
+        lr_min_factor: the last round's fraction of ``learning_rate`` under
+            ``cosine``.
         options: trainer-specific settings (scalars only), e.g. the toy
             trainer's ``num_examples``.
     """
@@ -248,7 +256,23 @@ class TrainerConfig:
     local_epochs: int = field(default=1, metadata=bounded(1, 1000))
     learning_rate: float = field(default=0.05, metadata=bounded(0.0, 10.0))
     batch_size: int = field(default=16, metadata=bounded(1, 4096))
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min_factor: float = field(default=0.1, metadata=bounded(0.0, 1.0))
     options: dict[str, Any] = field(default_factory=dict)
+
+    def round_learning_rate(self, server_round: int, num_rounds: int) -> float:
+        """The learning rate the server sends in ``server_round`` (from 1).
+
+        ``constant``: ``learning_rate``. ``cosine``: ``learning_rate * (m + (1
+        - m) * (1 + cos(pi * t)) / 2)`` with ``m = lr_min_factor`` and ``t =
+        (server_round - 1) / (num_rounds - 1)`` clipped to [0, 1] (a round past
+        ``num_rounds`` keeps the last rate; one round: ``learning_rate``).
+        """
+        if self.lr_schedule == "constant" or num_rounds <= 1:
+            return self.learning_rate
+        t = min(max((server_round - 1) / (num_rounds - 1), 0.0), 1.0)
+        m = self.lr_min_factor
+        return self.learning_rate * (m + (1.0 - m) * (1.0 + math.cos(math.pi * t)) / 2)
 
 
 @dataclass(frozen=True)
@@ -415,11 +439,15 @@ class FitInstructions:
     def from_federation(
         cls, cfg: FederationConfig, server_round: int
     ) -> FitInstructions:
-        """Instructions for ``server_round`` from the run's config."""
+        """Instructions for ``server_round`` from the run's config.
+
+        The learning rate follows ``trainer.lr_schedule``
+        (:meth:`TrainerConfig.round_learning_rate`).
+        """
         return cls(
             server_round=server_round,
             local_epochs=cfg.trainer.local_epochs,
-            learning_rate=cfg.trainer.learning_rate,
+            learning_rate=cfg.trainer.round_learning_rate(server_round, cfg.num_rounds),
             batch_size=cfg.trainer.batch_size,
             proximal_mu=cfg.strategy.proximal_mu,
             local_norm=cfg.personalization.local_norm,

@@ -93,6 +93,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(patient-level DP-SGD; see docs/privacy.md)",
     )
     parser.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default=None,
+        help="the learning rate the server sends over the rounds (default: the "
+        "federation config's trainer.lr_schedule; docs/federation.md)",
+    )
+    parser.add_argument(
         "--report", type=Path, help="also write the report here (default OUT/report)"
     )
 
@@ -135,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         start_from_base=not args.from_scratch,
         base_checkpoint=args.base_checkpoint,
         threads=args.threads,
+        lr_schedule=args.lr_schedule,
     )
     runs = run_seeds(req, args.seeds, parallel=args.parallel)
     report = write_report(runs, args.report or args.out / "report")

@@ -224,3 +224,49 @@ def test_evaluate_every_is_at_least_one() -> None:
     raw = {"participation": {"evaluate_every": 0}}
     with pytest.raises(ConfigError, match="evaluate_every"):
         from_mapping(raw, FederationConfig, source="fed.yaml")
+
+
+def test_cosine_learning_rate_schedule_is_what_the_sites_receive(
+    test_cfg: FederationConfig, tmp_path: Path
+) -> None:
+    """``trainer.lr_schedule: cosine``: round 1 gets the full rate, the last
+    round ``lr_min_factor`` of it, in between a falling half cosine; every
+    site gets the same rate in a round."""
+    from common.keys import SERVER_ROUND
+    from common.wire.federation import LEARNING_RATE
+
+    trainer = dataclasses.replace(
+        test_cfg.trainer, lr_schedule="cosine", lr_min_factor=0.2
+    )
+    cfg = dataclasses.replace(test_cfg, num_rounds=3, trainer=trainer)
+    grid, _ = _run(cfg, tmp_path)
+    sent: dict[int, list[float]] = {}
+    for msg in grid.sent:
+        if msg.metadata.message_type == "train":
+            rec = msg.content["config"]
+            sent.setdefault(int(rec[SERVER_ROUND]), []).append(
+                float(rec[LEARNING_RATE])
+            )
+    lr = test_cfg.trainer.learning_rate
+    # cos(pi/2) = 0: round 2 of 3 is halfway, 0.2 + 0.8 / 2 = 0.6
+    want = {1: lr, 2: lr * 0.6, 3: lr * 0.2}
+    assert sorted(sent) == [1, 2, 3]
+    for rnd, rates in sent.items():
+        assert len(rates) == len(SITES)
+        assert rates == pytest.approx([want[rnd]] * len(SITES))
+
+
+def test_constant_schedule_sends_the_configured_rate(
+    test_cfg: FederationConfig, tmp_path: Path
+) -> None:
+    from common.wire.federation import LEARNING_RATE
+
+    grid, _ = _run(test_cfg, tmp_path)
+    rates = [
+        float(m.content["config"][LEARNING_RATE])
+        for m in grid.sent
+        if m.metadata.message_type == "train"
+    ]
+    assert rates and rates == pytest.approx(
+        [test_cfg.trainer.learning_rate] * len(rates)
+    )

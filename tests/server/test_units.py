@@ -290,6 +290,12 @@ def test_config_errors_name_key_and_value(tmp_path: Path) -> None:
     bad.write_text("participation: {min_train_nodes: 5, min_available_nodes: 2}\n")
     with pytest.raises(ConfigError, match="min_train_nodes"):
         load_federation_config(bad)
+    bad.write_text("trainer: {lr_schedule: linear}\n")
+    with pytest.raises(ConfigError, match=r"trainer.lr_schedule: .*'linear'"):
+        load_federation_config(bad)
+    bad.write_text("trainer: {lr_schedule: cosine, lr_min_factor: 1.5}\n")
+    with pytest.raises(ConfigError, match=r"trainer.lr_min_factor: must be <= 1"):
+        load_federation_config(bad)
     with pytest.raises(ConfigError, match="server-round"):
         FitInstructions.from_config_record({})
     with pytest.raises(ConfigError, match="local-epochs"):
@@ -302,3 +308,20 @@ def test_config_errors_name_key_and_value(tmp_path: Path) -> None:
 def test_shipped_federation_configs_load(path: Path) -> None:
     cfg = load_federation_config(path)
     build_strategy(cfg)  # strategy and personalization agree
+
+
+def test_round_learning_rate_schedules() -> None:
+    """Constant: the configured rate; cosine: full rate in round 1, the floor in
+    the last round, monotone between, held past the last round."""
+    from common.wire.federation import TrainerConfig
+
+    const = TrainerConfig(learning_rate=0.01)
+    assert {const.round_learning_rate(r, 12) for r in range(1, 13)} == {0.01}
+    cos = TrainerConfig(learning_rate=0.01, lr_schedule="cosine", lr_min_factor=0.1)
+    rates = [cos.round_learning_rate(r, 12) for r in range(1, 13)]
+    assert rates[0] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.001)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert cos.round_learning_rate(20, 12) == pytest.approx(0.001)  # past the end
+    assert cos.round_learning_rate(1, 1) == pytest.approx(0.01)  # one round
+    zero = dataclasses.replace(cos, lr_min_factor=0.0)
+    assert zero.round_learning_rate(12, 12) == pytest.approx(0.0)
