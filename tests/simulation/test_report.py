@@ -149,6 +149,9 @@ def test_report_paired_comparisons_from_detections(tmp_path: Path) -> None:
     assert "Goal met on B." in md  # A is the base site: not part of the goal
     assert [g["site"] for g in data["goal"]] == ["B"]
     assert data["goal"][0]["regime"] == R.PERSONALIZED  # no recommended run
+    # the oracle finds every mass, base and local-only a third: no ceiling
+    assert data["goal"][0]["oracle_beats_base"] is True
+    assert "the oracle itself does not pass" not in md
 
 
 def test_goal_needs_the_recommended_regime_above_base_and_local_only(
@@ -165,6 +168,9 @@ def test_goal_needs_the_recommended_regime_above_base_and_local_only(
     assert goal["beats_local"] is True and goal["beats_base"] is False
     assert goal["oracle_ratio"] == 1.0 and goal["reaches_oracle"] is True
     assert goal["met"] is False
+    # the ceiling: the oracle (strong, like the base) does not beat the base
+    assert goal["oracle_beats_base"] is False and goal["oracle_beats_local"] is True
+    assert "the oracle itself does not pass one of them" in md
     assert "Goal met on no site." in md and f"**{R.RECOMMENDED}**" in md
     rows = {(r["site"], r["regime"], r["against"]) for r in data["paired"]}
     assert ("B", R.RECOMMENDED, R.PERSONALIZED) in rows
