@@ -21,9 +21,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint",
         required=True,
         type=Path,
-        help="model checkpoint (.pt from 'export' or 'mammofed-sim train')",
+        action="append",
+        help="model checkpoint (.pt from 'export' or 'mammofed-sim train'); give "
+        "it twice or more for an ensemble whose findings are fused (the "
+        "recommended pair: the federation's model and the site's own)",
     )
-    parser.add_argument("--out", required=True, type=Path, help=".onnx file to write")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help=".onnx file to write; with several --checkpoint an .ensemble.json "
+        "manifest (members are written beside it as <name>.m<i>.onnx)",
+    )
     parser.add_argument(
         "--eval",
         type=Path,
@@ -42,8 +51,21 @@ def run(args: argparse.Namespace) -> int:
     """Export; exit 0 when the graph, its contract and its card were written."""
     from client.onnx_export import export_onnx
 
+    if len(args.checkpoint) > 1:
+        from client.onnx_ensemble import export_onnx_ensemble
+        from common.errors import ConfigError
+
+        if args.eval is not None:
+            raise ConfigError(
+                "command line", "--eval", "applies to one checkpoint, not an ensemble"
+            )
+        manifest = export_onnx_ensemble(
+            args.checkpoint, args.out, opset=args.opset, use_ema=args.ema
+        )
+        log.info("wrote %s and its %d members", manifest, len(args.checkpoint))
+        return 0
     res = export_onnx(
-        args.checkpoint,
+        args.checkpoint[0],
         args.out,
         opset=args.opset,
         use_ema=args.ema,
