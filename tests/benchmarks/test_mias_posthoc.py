@@ -1,0 +1,90 @@
+"""The post-hoc mini-MIAS analyses: rank rules, nested re-scoring, speck clusters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from benchmarks.mias_posthoc import (
+    CALC,
+    MASS,
+    nested_rescore,
+    rank_rule,
+    speck_clusters,
+    speck_peaks,
+)
+from common.detector.froc import FrocImage, froc_class
+
+
+def _image(i: int, hit_score: float, fp_score: float) -> FrocImage:
+    """One mass at (100, 100)-(150, 150); a hit on it and a false positive."""
+    return FrocImage(
+        key=f"im{i}",
+        spacing_mm=0.4,
+        gt_boxes=np.array([[100.0, 100.0, 150.0, 150.0]]),
+        gt_labels=np.array([MASS]),
+        det_boxes=np.array(
+            [
+                [110.0, 110.0, 140.0, 140.0],
+                [400.0, 400.0, 430.0, 430.0],
+                [10.0, 10.0, 20.0, 20.0],
+            ]
+        ),  # fmt: skip
+        det_scores=np.array([hit_score, fp_score, 0.9]),
+        det_labels=np.array([MASS, MASS, CALC]),
+        case=f"w{i}",
+    )
+
+
+def test_rank_rules_keep_the_top_mass_marks_and_every_cluster_mark() -> None:
+    ims = [_image(0, 0.3, 0.8)]
+    (top1,) = rank_rule(ims, "top1")
+    assert list(top1.det_scores) == [0.8, 0.9] and list(top1.det_labels) == [MASS, CALC]
+    (rel,) = rank_rule(ims, "rel")
+    assert rel.det_scores[1] == pytest.approx(0.8)  # the best keeps its score
+    assert rel.det_scores[0] == pytest.approx(0.3 * np.sqrt(0.3 / 0.8))
+    assert rel.det_scores[2] == pytest.approx(0.9)  # clusters untouched
+    with pytest.raises(ValueError, match="topK or rel"):
+        rank_rule(ims, "bottom")
+
+
+def test_nested_rescore_learns_a_feature_from_the_other_folds_only() -> None:
+    """Hits score below false positives, but a feature marks them: re-scored
+    out of fold, every mass is found before any false positive."""
+    rng = np.random.default_rng(0)
+    ims = [
+        _image(i, 0.2 + 0.1 * rng.random(), 0.6 + 0.1 * rng.random()) for i in range(20)
+    ]
+    folds = [i % 4 for i in range(20)]
+    mark = np.array([[0.0, 1.0], [0.0, -1.0], [0.0, 0.0]])
+    feats = [mark + rng.normal(0, 0.1, (3, 2)) for _ in ims]
+    before = froc_class(ims, MASS)
+    after = nested_rescore(ims, folds, feats, [1])
+    assert before.sens_at[0.25] == 0.0
+    assert froc_class(after, MASS).sens_at[0.25] == 1.0
+    assert [a.det_scores[2] for a in after] == [0.9] * 20  # other class untouched
+    healthy = [
+        dataclasses.replace(im, gt_boxes=np.zeros((0, 4)), gt_labels=np.zeros(0))
+        for im in ims[:2]
+    ]  # only false positives: nothing to learn from
+    with pytest.raises(ValueError, match="one outcome only"):
+        nested_rescore(healthy, [0, 1], feats[:2], [1])
+
+
+def test_speck_peaks_and_clusters_on_a_synthetic_film() -> None:
+    """Five bright specks within 2 mm make one cluster; a lone speck none."""
+    rng = np.random.default_rng(1)
+    img = np.full((400, 400), 120.0) + rng.normal(0, 2.0, (400, 400))
+    img[:, :20] = 0  # background beside the breast
+    for y, x in [(200, 200), (203, 206), (208, 201), (196, 209), (205, 212), (80, 320)]:
+        img[y - 1 : y + 1, x - 1 : x + 1] += 60.0
+    peaks = speck_peaks(img.astype(np.float32), (0, 0, 400, 400), spacing_mm=0.2)
+    strong = peaks[peaks[:, 2] > 8]
+    assert len(strong) == 6
+    boxes, scores = speck_clusters(peaks, z_min=8, link_px=25, k_min=3, min_box_px=30)
+    assert boxes.shape == (1, 4) and len(scores) == 1
+    cx, cy = (boxes[0, 0] + boxes[0, 2]) / 2, (boxes[0, 1] + boxes[0, 3]) / 2
+    assert abs(cx - 205) < 6 and abs(cy - 202) < 6
+    assert boxes[0, 2] - boxes[0, 0] >= 30
