@@ -46,7 +46,7 @@ from client.onnx_export import (
     contract_path,
     export_onnx,
 )
-from client.predict import detect_files, stored_record
+from client.predict import stored_records
 from common.detector.ensemble import fuse_detections
 from common.detector.froc import MIN_HIT_RADIUS_MM
 from common.fileio import atomic_write_text, read_json_document
@@ -247,18 +247,15 @@ class OnnxEnsemble:
         spacing_mm: float | None = None,
     ) -> list[dict[str, Any]]:
         """One record per readable file, as ``mammofed-client predict`` writes."""
-        return [
-            stored_record(p, im, detections)
-            for p, im, detections in detect_files(
-                self.detect,
-                paths,
-                score_floor=self.score_floor,
-                batch_size=batch_size,
-                working_spacing_mm=self.working_spacing_mm,
-                default_spacing_mm=default_spacing_mm,
-                spacing_mm=spacing_mm,
-            )
-        ]
+        return stored_records(
+            self.detect,
+            paths,
+            score_floor=self.score_floor,
+            working_spacing_mm=self.working_spacing_mm,
+            batch_size=batch_size,
+            default_spacing_mm=default_spacing_mm,
+            spacing_mm=spacing_mm,
+        )
 
 
 __all__ = [

@@ -55,7 +55,7 @@ from client.model_card import (
     verify_card,
     write_model_card,
 )
-from client.predict import detect_files, stored_record
+from client.predict import stored_records
 from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.checkpoint import Checkpoint, load_model
 from common.fileio import atomic_write_text, read_json_document
@@ -538,18 +538,15 @@ class OnnxDetector:
         stored pixels). Files are read with :func:`common.imaging.image_io.read_any`
         and scored ``batch_size`` at a time; unreadable files raise.
         """
-        return [
-            stored_record(p, im, detections)
-            for p, im, detections in detect_files(
-                self.detect,
-                paths,
-                score_floor=self.post.score_thresh,
-                batch_size=batch_size,
-                working_spacing_mm=self.working_spacing_mm,
-                default_spacing_mm=default_spacing_mm,
-                spacing_mm=spacing_mm,
-            )
-        ]
+        return stored_records(
+            self.detect,
+            paths,
+            score_floor=self.post.score_thresh,
+            working_spacing_mm=self.working_spacing_mm,
+            batch_size=batch_size,
+            default_spacing_mm=default_spacing_mm,
+            spacing_mm=spacing_mm,
+        )
 
 
 # --- parity -------------------------------------------------------------------

@@ -250,6 +250,34 @@ def detect_files(
             yield f, im, stored
 
 
+def stored_records(
+    detect: Detect,
+    paths: Sequence[str | Path],
+    *,
+    score_floor: float,
+    working_spacing_mm: float,
+    batch_size: int = 4,
+    default_spacing_mm: float | None = None,
+    spacing_mm: float | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`stored_record` of every file ``detect`` scores (:func:`detect_files`).
+
+    What the ONNX runners return; unreadable files raise.
+    """
+    return [
+        stored_record(p, im, detections)
+        for p, im, detections in detect_files(
+            detect,
+            paths,
+            score_floor=score_floor,
+            batch_size=batch_size,
+            working_spacing_mm=working_spacing_mm,
+            default_spacing_mm=default_spacing_mm,
+            spacing_mm=spacing_mm,
+        )
+    ]
+
+
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
     """Files as given plus image files found under given folders (sorted)."""
     from client.ingest import find_candidates
