@@ -28,7 +28,6 @@ is checked as :class:`client.onnx_export.OnnxDetector` checks it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -46,10 +45,10 @@ from client.onnx_export import (
     contract_path,
     export_onnx,
 )
-from client.predict import stored_records
-from common.detector.ensemble import fuse_detections
+from client.predict import fused_detect, stored_records
+from common.detector.checkpoint import load_checkpoint
 from common.detector.froc import MIN_HIT_RADIUS_MM
-from common.fileio import atomic_write_text, read_json_document
+from common.fileio import atomic_write_text, read_json_document, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +81,6 @@ def ensemble_member_path(out: Path, index: int) -> Path:
     return out.with_name(f"{stem}.m{index}.onnx")
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def export_onnx_ensemble(
     checkpoints: Sequence[str | Path],
     out: str | Path,
@@ -111,28 +106,30 @@ def export_onnx_ensemble(
             f"{out_path}: an ensemble needs at least two checkpoints, got "
             f"{len(checkpoints)}"
         )
-    members: list[dict[str, Any]] = []
-    spacing: float | None = None
-    for i, ck in enumerate(checkpoints):
-        exp = export_onnx(ck, ensemble_member_path(out_path, i), opset=opset,
-                          use_ema=use_ema)  # fmt: skip
-        contract = json.loads(exp.contract.read_text())
-        s = float(contract["preprocessing"]["working_spacing_mm"])
-        if spacing is not None and not math.isclose(s, spacing, rel_tol=1e-9):
+    # every member's spacing before any file is written: a refused ensemble
+    # leaves no member behind
+    spacing = load_checkpoint(checkpoints[0]).model_config.working_spacing_mm
+    for ck in checkpoints[1:]:
+        s = load_checkpoint(ck).model_config.working_spacing_mm
+        if not math.isclose(s, spacing, rel_tol=1e-9):
             raise ExportError(
                 f"{ck}: working_spacing_mm {s:g} differs from the first member's "
                 f"{spacing:g}; the members of an ensemble must share one model space"
             )
-        spacing = s
+    members: list[dict[str, Any]] = []
+    for i, ck in enumerate(checkpoints):
+        exp = export_onnx(
+            ck, ensemble_member_path(out_path, i), opset=opset, use_ema=use_ema
+        )
         members.append(
             {
                 "onnx": exp.onnx.name,
-                "onnx_sha256": _sha256(exp.onnx),
+                "onnx_sha256": sha256_file(exp.onnx),
                 "contract": exp.contract.name,
-                "contract_sha256": _sha256(exp.contract),
+                "contract_sha256": sha256_file(exp.contract),
                 "card": exp.card_json.name,
-                "card_sha256": _sha256(exp.card_json),
-                "checkpoint_sha256": _sha256(Path(ck)),
+                "card_sha256": sha256_file(exp.card_json),
+                "checkpoint_sha256": sha256_file(Path(ck)),
             }
         )
     manifest = {
@@ -194,7 +191,7 @@ class OnnxEnsemble:
                     )
                 if not p.is_file():
                     raise ExportError(f"{self.path}: members[{i}]: {p} is missing")
-                if _sha256(p) != digest:
+                if sha256_file(p) != digest:
                     raise ExportError(
                         f"{self.path}: members[{i}]: {p.name} does not match the "
                         "SHA-256 the manifest records; the file was changed"
@@ -217,6 +214,10 @@ class OnnxEnsemble:
                 )
             self.members.append(member)
         self.score_floor = min(m.post.score_thresh for m in self.members)
+        #: the members' findings fused as ``predict`` fuses several checkpoints
+        self._fused = fused_detect(
+            [m.detect for m in self.members], self.working_spacing_mm
+        )
 
     def with_score_floor(self, score_floor: float) -> OnnxEnsemble:
         """Set every member's score threshold and the fused findings' floor.
@@ -232,11 +233,7 @@ class OnnxEnsemble:
 
     def detect(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Model-space findings of every member, fused per image."""
-        outs = [m.detect(images) for m in self.members]
-        return [
-            fuse_detections([o[i] for o in outs], self.working_spacing_mm)
-            for i in range(len(images))
-        ]
+        return self._fused(list(images))
 
     def predict_files(
         self,

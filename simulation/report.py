@@ -303,7 +303,7 @@ def goal_lines(verdicts: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {v['site']} | {yes(v['beats_base'])} | {yes(v['beats_local'])} | "
             f"{_fmt(v['oracle_ratio'])} | {'met' if v['met'] else 'not met'} | "
-            f"{yes(v.get('oracle_beats_base'))} | {yes(v.get('oracle_beats_local'))} |"
+            f"{yes(v['oracle_beats_base'])} | {yes(v['oracle_beats_local'])} |"
         )
     met = [v["site"] for v in verdicts if v["met"]]
     lines += [
@@ -313,7 +313,7 @@ def goal_lines(verdicts: list[dict[str, Any]]) -> list[str]:
     capped = [
         v["site"]
         for v in verdicts
-        if v.get("oracle_beats_base") is False or v.get("oracle_beats_local") is False
+        if v["oracle_beats_base"] is False or v["oracle_beats_local"] is False
     ]
     if capped:
         lines += [

@@ -86,6 +86,7 @@ def test_export_refuses_mixed_spacings_and_bad_names(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="working_spacing_mm 0.2 differs"):
         export_onnx_ensemble(cks, tmp_path / "x.ensemble.json")
     assert not (tmp_path / "x.ensemble.json").exists()
+    assert not list(tmp_path.glob("x.m*"))  # refused before any member is written
     with pytest.raises(ExportError, match="ending in .ensemble.json"):
         export_onnx_ensemble(cks, tmp_path / "x.onnx")
     with pytest.raises(ExportError, match="at least two checkpoints"):
