@@ -68,11 +68,16 @@ def test_manifest_refuses_changed_or_missing_members(tmp_path: Path) -> None:
         OnnxEnsemble(manifest)
     member.write_bytes(data)
     doc = json.loads(manifest.read_text())
+    doc_members = json.loads(manifest.read_text())["members"]
     doc["members"][0]["onnx"] = "../elsewhere.onnx"
     manifest.write_text(json.dumps(doc))
     with pytest.raises(ExportError, match="not a file beside the manifest"):
         OnnxEnsemble(manifest)
-    doc["members"] = doc["members"][:1]
+    doc["members"] = [1, 2]  # not member records: malformed
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(ExportError, match="malformed manifest field"):
+        OnnxEnsemble(manifest)
+    doc["members"] = doc_members[:1]
     manifest.write_text(json.dumps(doc))
     with pytest.raises(ExportError, match="at least two"):
         OnnxEnsemble(manifest)
