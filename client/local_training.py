@@ -7,7 +7,9 @@ the coordinator's base model, with the federation's recipe. This module
 trains that second model at the site: :func:`train_local_model` (the
 ``mammofed-client train-local`` command). It is the study's ``local-only``
 regime (:func:`train_central` on one cache, the same options, epochs, seed and
-split), so what the study measured is what the hospital gets.
+split), so what the study measured is what the hospital gets; with
+``head_only`` (``train-local --head-only``) it is the ``local-head`` regime:
+the base model with only its detection head tuned on the site's labels.
 
 Only the site's labeled training women are used: the test women of the
 site's split (``SiteDataset`` with the federation's seed, as the federated
@@ -28,9 +30,10 @@ from torch import nn
 from client.detector_trainer import DetectorOptions, detector_options
 from common.config.loader import config_to_dict, write_resolved
 from common.config.site import SiteConfig
+from common.detector.adapt import fewshot as fs
 from common.detector.checkpoint import init_from_checkpoint, save_checkpoint
 from common.detector.engine import resolve_device, seed_everything
-from common.detector.model import build_detector
+from common.detector.model import Personalization, build_detector
 from common.detector.recipe import Pooled, Transformed, train_epochs
 from common.errors import ConfigError, MammofedError
 from common.fileio import sha256_file
@@ -51,6 +54,7 @@ def train_central(
     device: torch.device,
     label: str,
     init: Path | None = None,
+    head_only: bool = False,
 ) -> nn.Module:
     """Train one detector on the pooled labeled images of ``caches``.
 
@@ -58,6 +62,9 @@ def train_central(
     epoch capped at ``max_steps`` per cache): one epoch here on one cache is
     one federated round of that site with the same seed. ``init``: start from
     this checkpoint (checked against the options' model config).
+    ``head_only``: train the detection head only; every other tensor, the
+    norm layers' running statistics included, stays as ``init`` had it (the
+    few-shot site's TFA-style tuning, :mod:`common.detector.adapt.fewshot`).
     """
     seed_everything(seed)
     model = build_detector(opts.model_config())
@@ -72,19 +79,27 @@ def train_central(
     steps = math.ceil(n / batch_size)
     if opts.max_steps:
         steps = min(steps, opts.max_steps * len(caches))
-    train_epochs(
-        model,
-        Transformed(
-            pooled, recipe.transform(torch.Generator().manual_seed(seed), pooled)
-        ),
-        recipe,
-        recipe.optimizer(model.parameters()),
-        epochs=epochs,
-        steps=steps,
-        seed=seed,
-        device=device,
-        label=label,
-    )
+    frozen_keys = fs.fewshot_frozen_keys(model, Personalization()) if head_only else []
+    norms = fs.frozen_norms(model, set(frozen_keys))
+    if head_only:
+        log.info(
+            "%s: training the head only (%d tensors frozen)", label, len(frozen_keys)
+        )
+    with fs.frozen(model, frozen_keys):
+        train_epochs(
+            model,
+            Transformed(
+                pooled, recipe.transform(torch.Generator().manual_seed(seed), pooled)
+            ),
+            recipe,
+            recipe.optimizer(p for p in model.parameters() if p.requires_grad),
+            epochs=epochs,
+            steps=steps,
+            seed=seed,
+            device=device,
+            train_mode=lambda m: fs.train_mode_frozen(m, norms),
+            label=label,
+        )
     return model
 
 
@@ -95,6 +110,7 @@ def train_local_model(
     init: Path,
     out: Path,
     epochs: int | None = None,
+    head_only: bool = False,
     device: str | None = None,
     source: str = "<federation config>",
     site_source: str = "<site config>",
@@ -103,7 +119,8 @@ def train_local_model(
 
     ``fed``: the federation's config (its recipe, learning rate, batch size,
     seed and split); ``epochs``: default ``num_rounds * local_epochs``, as the
-    study's local-only regime; ``device``: default the options' device.
+    study's local-only regime; ``head_only``: tune the detection head only
+    (the study's ``local-head`` regime); ``device``: default the options' device.
     The checkpoint's ``extra`` records the site, the epochs, the seed and the
     base model's SHA-256; ``<out>.resolved.yaml`` the settings used.
 
@@ -138,6 +155,7 @@ def train_local_model(
         device=dev,
         label=f"local/{site.name}",
         init=init,
+        head_only=head_only,
     )
     settings: dict[str, Any] = {
         "site": site.name,
@@ -145,6 +163,7 @@ def train_local_model(
         "init": str(init),
         "init_sha256": sha256_file(init),
         "epochs": epochs,
+        "head_only": head_only,
         "seed": fed.seed,
         "learning_rate": fed.trainer.learning_rate,
         "batch_size": fed.trainer.batch_size,

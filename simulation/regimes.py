@@ -21,6 +21,7 @@ from common.wire.federation import PersonalizationConfig
 
 BASE = "base"
 LOCAL_ONLY = "local-only"
+LOCAL_HEAD = "local-head"
 FEDAVG = "fedavg"
 FEDAVG_SELECT = "fedavg-select"
 FEDAVGM = "fedavgm"
@@ -32,6 +33,7 @@ PERSONALIZED_SELECT = "personalized-select"
 PERSONALIZED_SSL = "personalized-ssl"
 PERSONALIZED_DP = "personalized-dp"
 PERSONALIZED_DP_LOCAL = "personalized-dp+local"
+PERSONALIZED_DP_LOCAL_HEAD = "personalized-dp+local-head"
 ORACLE = "oracle"
 FEDMEDIAN = "fedmedian"
 FEDTRIMMEDAVG = "fedtrimmedavg"
@@ -55,7 +57,9 @@ class Regime:
         strategy: the server strategy (``server.strategies``) of a federated
             regime.
         personalization: what each site keeps to itself (FedBN, FedPer).
-        options: ``trainer.options`` set for this regime (over the study's).
+        options: ``trainer.options`` set for this regime (over the study's);
+            a central regime reads ``head_only`` (train the detection head
+            only, from the base model).
         from_request: ``{trainer option or "strategy.<field>": RunRequest
             field}``: values the ``mammofed-sim run`` flags give.
         members: an ensemble regime's regimes, whose site models each site
@@ -83,6 +87,11 @@ class Regime:
         return bool(self.options.get("dp"))
 
     @property
+    def head_only(self) -> bool:
+        """Whether a central regime trains the detection head only."""
+        return bool(self.options.get("head_only"))
+
+    @property
     def selects(self) -> bool:
         """Whether each site chooses its own model on validation women."""
         return bool(self.options.get("select"))
@@ -97,6 +106,9 @@ class Regime:
 TABLE: tuple[Regime, ...] = (
     Regime(BASE, train_on="base"),
     Regime(LOCAL_ONLY, train_on="each"),
+    # the few-shot alternative: the base model with its head tuned on the
+    # site's labels, every other tensor (norm statistics included) the base's
+    Regime(LOCAL_HEAD, train_on="each", options=_frozen(head_only=True)),
     Regime(FEDAVG, strategy="fedavg", options=_frozen(fewshot=False)),
     Regime(
         FEDAVG_SELECT, strategy="fedavg", options=_frozen(fewshot=False, select=True)
@@ -148,6 +160,7 @@ TABLE: tuple[Regime, ...] = (
     # the site keeps the model it trains alone beside the federation's
     # personalized one and runs both, findings fused (weighted box fusion)
     Regime(PERSONALIZED_DP_LOCAL, members=(PERSONALIZED_DP, LOCAL_ONLY)),
+    Regime(PERSONALIZED_DP_LOCAL_HEAD, members=(PERSONALIZED_DP, LOCAL_HEAD)),
     Regime(ORACLE, train_on="oracle"),
 )
 REGIMES: Mapping[str, Regime] = MappingProxyType({r.name: r for r in TABLE})

@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training epochs (default: num_rounds x local_epochs, as the "
         "study's local-only regime)",
     )
+    parser.add_argument(
+        "--head-only",
+        action="store_true",
+        help="tune the base model's detection head only, every other tensor "
+        "kept (the study's local-head regime, for a site with few labeled women)",
+    )
     parser.add_argument("--device", default=None, help="auto, cpu, cuda...")
 
 
@@ -63,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         init=args.init,
         out=args.out,
         epochs=args.epochs,
+        head_only=args.head_only,
         device=args.device,
         source=str(args.federation),
         site_source=str(args.site_config),

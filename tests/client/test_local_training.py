@@ -15,7 +15,7 @@ from client.local_training import train_central, train_local_model
 from common.config.loader import config_to_dict
 from common.config.site import load_site_config
 from common.detector.checkpoint import save_checkpoint
-from common.detector.model import ModelConfig, build_detector
+from common.detector.model import ModelConfig, build_detector, head_keys
 from common.errors import CheckpointMismatch, ConfigError, MammofedError
 from common.fileio import sha256_file
 from common.wire.federation import load_federation_config
@@ -96,3 +96,29 @@ def test_the_command_writes_a_model_and_refuses_bad_inputs(
             load_site_config(empty), fed, init=base, out=tmp_path / "x.pt"
         )
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_head_only_tunes_the_head_and_keeps_every_other_tensor_of_the_base(
+    tmp_path: Path, setup: tuple[Path, Path, Path]
+) -> None:
+    site_yaml, fed_yaml, base = setup
+    site, fed = load_site_config(site_yaml), load_federation_config(fed_yaml)
+    out = train_local_model(
+        site, fed, init=base, out=tmp_path / "head.pt", head_only=True
+    )
+    model, ck, _ = load_detector(out, torch.device("cpu"))
+    assert ck.extra["local_model"]["head_only"] is True
+    base_model = load_detector(base, torch.device("cpu"))[0]
+    base_sd, sd = base_model.state_dict(), model.state_dict()
+    head = set(head_keys(model))
+    moved = {k for k, v in sd.items() if not torch.equal(v, base_sd[k])}
+    assert moved and moved <= head, sorted(moved - head)[:5]
+    # the backbone's BatchNorm statistics stayed the base's (eval mode)
+    stats = [k for k in sd if k.endswith("running_mean") and k not in head]
+    assert stats and all(torch.equal(sd[k], base_sd[k]) for k in stats)
+    # the command's flag reaches it
+    argv = ["train-local", "--site-config", str(site_yaml), "--federation"]
+    argv += [str(fed_yaml), "--init", str(base), "--out", str(tmp_path / "c.pt")]
+    assert main([*argv, "--head-only"]) == 0
+    c_sd = load_detector(tmp_path / "c.pt", torch.device("cpu"))[0].state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in c_sd.items())

@@ -96,3 +96,19 @@ def test_central_regime_is_not_a_federation(tmp_path: Path) -> None:
     for name in (*sorted(R.CENTRAL), "no-such-regime"):
         with pytest.raises(ConfigError, match="--regime"):
             _regime_config(base, name, _req(tmp_path), tmp_path / "run", ["A"])
+
+
+def test_a_head_only_regime_needs_the_base_model(tmp_path: Path) -> None:
+    import dataclasses
+
+    from simulation.run import run_study
+
+    assert R.REGIMES[R.LOCAL_HEAD].head_only and R.LOCAL_HEAD in R.CENTRAL
+    assert not R.REGIMES[R.LOCAL_ONLY].head_only
+    req = dataclasses.replace(
+        _req(tmp_path), regimes=(R.PERSONALIZED_DP_LOCAL_HEAD,), start_from_base=False
+    )
+    # refused before any site is generated or trained, naming the regime
+    with pytest.raises(ConfigError, match="local-head tunes the base model"):
+        run_study(req)
+    assert not (tmp_path / "out" / "data").exists()

@@ -95,7 +95,7 @@ def frozen(model: nn.Module, keys: Iterable[str]) -> Iterator[list[str]]:
     """Freeze the parameters named in ``keys`` for the ``with`` block.
 
     Yields the names of parameters left trainable. Keys that are buffers are
-    accepted (their modules are kept in eval mode by :func:`_train_mode`);
+    accepted (their modules are kept in eval mode by :func:`train_mode_frozen`);
     keys unknown to ``model.state_dict()`` raise ``KeyError``. The previous
     ``requires_grad`` flags are restored on exit.
     """
@@ -116,7 +116,7 @@ def frozen(model: nn.Module, keys: Iterable[str]) -> Iterator[list[str]]:
             p.requires_grad_(before[n])
 
 
-def _frozen_norms(model: nn.Module, keys: set[str]) -> list[nn.Module]:
+def frozen_norms(model: nn.Module, keys: set[str]) -> list[nn.Module]:
     """Norm modules whose own parameters and buffers are all in ``keys``."""
     out: list[nn.Module] = []
     for name, mod in model.named_modules():
@@ -129,9 +129,10 @@ def _frozen_norms(model: nn.Module, keys: set[str]) -> list[nn.Module]:
     return out
 
 
-def _train_mode(model: nn.Module, frozen_norms: Sequence[nn.Module]) -> None:
+def train_mode_frozen(model: nn.Module, norms: Sequence[nn.Module]) -> None:
+    """``model.train()`` with ``norms`` (:func:`frozen_norms`) kept in eval mode."""
     model.train()
-    for m in frozen_norms:
+    for m in norms:
         m.eval()
 
 
@@ -161,7 +162,7 @@ def _epoch(
 ) -> float:
     return train_one_epoch(
         model, loader, optimizer, device=dev, amp=False, progress=False,
-        train_mode=lambda m: _train_mode(m, norms),
+        train_mode=lambda m: train_mode_frozen(m, norms),
     ).mean_loss  # fmt: skip
 
 
@@ -175,7 +176,7 @@ def validation_loss(
     norms = [
         m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
     ]
-    _train_mode(model, norms)
+    train_mode_frozen(model, norms)
     total, n = 0.0, 0
     for imgs, ts in loader:
         losses = model([im.to(dev) for im in imgs], targets_to_device(ts, dev))
@@ -283,7 +284,7 @@ def finetune_head(
         for f, (tr, va) in enumerate(grouped_folds(pids, k, cfg.seed)):
             fold_model = copy.deepcopy(model).to(dev)
             with frozen(fold_model, keys):
-                norms = _frozen_norms(fold_model, set(keys))
+                norms = frozen_norms(fold_model, set(keys))
                 opt = _optimizer(fold_model, cfg)
                 tr_loader, va_loader = loader(tr, True), loader(va, False)
                 best, best_ep, since = float("inf"), 1, 0
@@ -308,7 +309,7 @@ def finetune_head(
         )
     model.to(dev)
     with frozen(model, keys) as trainable:
-        norms = _frozen_norms(model, set(keys))
+        norms = frozen_norms(model, set(keys))
         opt = _optimizer(model, cfg)
         all_loader = loader(range(n), True)
         last = float("nan")
