@@ -71,16 +71,28 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
     configs: list[Path] = []
     runs: list[StudyRun] = []
     choices: dict[str, list[dict[str, Selection]]] = {}
+    given = {r.resolve() for r in run_dirs}
     for run in run_dirs:
         if not run.is_dir():
             raise RunFolderError(f"{run}: not a run folder")
+        copied: dict[str, str] = {}
         if (run / RF.RUN_JSON).is_file():
             runs.append(RF.read_record(StudyRun, run / RF.RUN_JSON))
+            copied = runs[-1].reused
         configs.extend(sorted((run / RF.CONFIGS_DIR).glob("*.yaml")))
         found = sorted(p.parent for p in run.glob(f"*/{RF.METRICS_JSON}"))
         if not found:
             raise RunFolderError(f"{run}: no <regime>/{RF.METRICS_JSON} inside")
         for regime_dir in found:
+            source = copied.get(regime_dir.name)
+            if source is not None and Path(source).resolve() in given:
+                # the same scored images as that run's: one seed, counted once
+                log.info(
+                    "%s: read from %s, which is given too; counted once",
+                    regime_dir,
+                    source,
+                )
+                continue
             data = RF.read_record(RF.RegimeMetrics, regime_dir / RF.METRICS_JSON)
             name = data.regime
             metrics[name] = data.sites
@@ -219,6 +231,11 @@ PAIRS: tuple[tuple[str, str], ...] = (
     (R.RECOMMENDED, R.PERSONALIZED_SELECT),
     (R.FEDAVGM, R.FEDAVG),
     (R.FEDADAM, R.FEDAVG),
+    # the few-shot alternative for the site's own model: head only
+    (R.LOCAL_HEAD, R.LOCAL_ONLY),
+    (R.LOCAL_HEAD, R.BASE),
+    (R.PERSONALIZED_DP_LOCAL_HEAD, R.RECOMMENDED),
+    (R.PERSONALIZED_DP_LOCAL_HEAD, R.BASE),
     # the ceiling: what the goal's tests give the oracle (all labels pooled)
     (R.ORACLE, R.BASE),
     (R.ORACLE, R.LOCAL_ONLY),

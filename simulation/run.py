@@ -79,7 +79,7 @@ from common.detector.engine import (
 )
 from common.detector.model import build_detector
 from common.errors import ConfigError, MammofedError
-from common.fileio import read_jsonl
+from common.fileio import read_jsonl, sha256_file
 from common.imaging.data import SiteDataset
 from common.keys import CLASSES, LOCAL_SECONDS, SKIPPED_STEPS, TRAIN_LOSS
 from common.wire import runfolder as RF
@@ -145,6 +145,12 @@ class RunRequest:
     #: Overrides the federation's ``trainer.lr_schedule`` (``constant`` or
     #: ``cosine`` over the rounds); ``None``: the config's.
     lr_schedule: str | None = None
+    #: Finished runs of the same scenario, federation config, seed and base
+    #: model (with ``run_seeds``: the folders holding their ``seed-<s>/``):
+    #: a regime one of them scored (the first that did) is read from it, not
+    #: trained again (:func:`check_reuse`), so a study can gain a regime, or
+    #: an ensemble of its regimes, without repeating the rest.
+    reuse: tuple[Path, ...] = ()
 
 
 # --- sites ----------------------------------------------------------------------
@@ -232,6 +238,93 @@ def _write_regime(
     for site, m in sites.items():
         cpms = {c: m.classes[c].cpm for c in CLASSES}
         log.info("[%s] site %s: CPM %s", spec.name, site, cpms)
+
+
+def check_reuse(prior: Path, out: Path, init: Path | None) -> Path:
+    """``prior`` if its regimes may stand for this run's; else ``ConfigError``.
+
+    Its ``configs/scenario.yaml`` must equal this run's byte for byte and its
+    ``configs/federation.yaml`` (the resolved settings, seed and overrides
+    included) must read as the same settings (a field added since it was
+    written takes its default), and its base model (``base/model.pt``) must
+    be this run's ``init``: the regimes it trained started from the same
+    model, on the same women, with the same recipe.
+    """
+    if init is None:
+        raise ConfigError(
+            "mammofed-sim run",
+            "--reuse",
+            "needs the two-phase protocol (both runs start from the base model)",
+        )
+    where = str(prior)
+    if not (prior / RF.RUN_JSON).is_file():
+        raise ConfigError(where, RF.RUN_JSON, "missing: not a study run folder")
+
+    def settings(path: Path) -> Any:
+        if path.name == "federation.yaml":
+            return config_to_dict(load_federation_config(path))
+        return path.read_bytes()
+
+    for name in ("scenario.yaml", "federation.yaml"):
+        theirs, ours = prior / RF.CONFIGS_DIR / name, out / RF.CONFIGS_DIR / name
+        if not theirs.is_file() or settings(theirs) != settings(ours):
+            raise ConfigError(
+                where,
+                f"{RF.CONFIGS_DIR}/{name}",
+                f"differs from this run's {ours}: its regimes were trained on "
+                "other settings",
+            )
+    base = prior / R.BASE / BASE_MODEL
+    if not base.is_file() or sha256_file(base) != sha256_file(init):
+        raise ConfigError(
+            where, f"{R.BASE}/{BASE_MODEL}", f"is not this run's base model {init}"
+        )
+    return prior
+
+
+def reused_results(
+    prior: Path, spec: R.Regime, n_boot: int, seed: int, dp_epsilon: float
+) -> tuple[dict[str, EvalResult | None], dict[str, Any] | None]:
+    """A regime's scored test images read from a run :func:`check_reuse` accepted.
+
+    Each site's images are scored again (``n_boot``, ``seed``); a DP regime
+    keeps its privacy record, which must be for ``dp_epsilon``.
+    Returns ``(results, dp)``.
+    """
+    from common.detector.engine import score_images
+    from simulation.report import load_detections
+
+    d = prior / spec.name
+    dp = None
+    if spec.private:
+        dp = RF.read_record(RegimeMetrics, d / RF.METRICS_JSON).dp
+        eps = None if dp is None else dp.get("epsilon")
+        if eps != dp_epsilon:
+            raise ConfigError(
+                str(d / RF.METRICS_JSON),
+                "dp.epsilon",
+                f"{eps!r}, but this run asks for {dp_epsilon:g} (--dp-epsilon)",
+            )
+    images = load_detections(d / RF.DETECTIONS_JSON)
+    results: dict[str, EvalResult | None] = {
+        site: score_images(ims, n_boot=n_boot, seed=seed)
+        for site, ims in images.items()
+    }
+    log.info("regime %s: scored images read from %s", spec.name, d)
+    return results, dp
+
+
+def _copy_records(src: Path, dst: Path) -> None:
+    """A reused regime's per-round rows and sites' choices (the report reads them)."""
+    from client.selection import SELECTION_JSON
+
+    wanted = [src / RF.ROUNDS_JSONL]
+    wanted += sorted(src.glob(f"{RF.SITE_STATE_DIR}/*/{SELECTION_JSON}"))
+    for f in wanted:
+        if f.is_file():
+            target = dst / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
 
 
 def ensemble_results(
@@ -641,6 +734,14 @@ def run_study(req: RunRequest) -> Path:
             f"unknown regime {unknown[0]!r} (valid: {', '.join(R.ORDER)})",
         )
     regimes = R.with_members(req.regimes)
+    head_only = [r for r in regimes if R.REGIMES[r].head_only]
+    if head_only and not req.start_from_base:
+        raise ConfigError(
+            "mammofed-sim run",
+            "--regime",
+            f"{head_only[0]} tunes the base model's head: it needs the base "
+            "model (drop --from-scratch)",
+        )
     if len(regimes) > len(set(req.regimes)):
         log.info(
             "running %s too: the ensemble regimes fuse their models",
@@ -679,7 +780,7 @@ def run_study(req: RunRequest) -> Path:
     pools: dict[str, dict[str, tuple[list[Path], list[str]]]] = {
         "base": {R.BASE: ([caches[s] for s in base_sites], sites)},
         "oracle": {R.ORACLE: ([oracle[s] for s in sites], sites)},
-        "each": {f"{R.LOCAL_ONLY}/{s}": ([caches[s]], [s]) for s in sites},
+        "each": {s: ([caches[s]], [s]) for s in sites},
     }
     timings: dict[str, float] = {}
     init: Path | None = None
@@ -691,6 +792,8 @@ def run_study(req: RunRequest) -> Path:
         timings["base-model"] = round(time.monotonic() - t0, 1)
         if not req.start_from_base:
             init = None
+    priors = [check_reuse(p, out, init) for p in req.reuse]
+    reused: dict[str, str] = {}
     scored: dict[str, dict[str, EvalResult | None]] = {}
     for spec in [R.REGIMES[r] for r in regimes]:
         regime = spec.name
@@ -699,7 +802,16 @@ def run_study(req: RunRequest) -> Path:
         log.info("=== regime %s ===", label)
         dp = None
         metrics: dict[str, EvalResult | None] = {}
-        if spec.members:
+        prior = next(
+            (p for p in priors if (p / regime / RF.DETECTIONS_JSON).is_file()), None
+        )
+        if prior is not None and not spec.members:
+            metrics, dp = reused_results(
+                prior, spec, req.n_boot, fed.seed, req.dp_epsilon
+            )
+            reused[regime] = str(prior)
+            _copy_records(prior / regime, out / regime)
+        elif spec.members:
             metrics = ensemble_results(
                 [scored[m] for m in spec.members], req.n_boot, fed.seed
             )
@@ -709,7 +821,12 @@ def run_study(req: RunRequest) -> Path:
         elif spec.train_on is not None:
             for name, (train_on, tested) in pools[spec.train_on].items():
                 model = train_central(
-                    train_on, opts, label=name, init=init, **common_kw
+                    train_on,
+                    opts,
+                    label=f"{regime}/{name}" if spec.train_on == "each" else name,
+                    init=init,
+                    head_only=spec.head_only,
+                    **common_kw,
                 )
                 for s in tested:
                     metrics[s] = _evaluate_on(
@@ -735,7 +852,7 @@ def run_study(req: RunRequest) -> Path:
         timings[regime] = round(time.monotonic() - t0, 1)
         log.info("=== regime %s done in %.0f s ===", regime, timings[regime])
     total = round(time.monotonic() - t_start, 1)
-    run = dataclasses.replace(run, seconds={**timings, "total": total})
+    run = dataclasses.replace(run, seconds={**timings, "total": total}, reused=reused)
     RF.write_record(out / RF.RUN_JSON, run)
     return out
 
@@ -761,7 +878,13 @@ def run_seeds(
         )
     data = req.data or req.out / "data"
     reqs = [
-        dataclasses.replace(req, seed=seed, data=data, out=req.out / f"seed-{seed}")
+        dataclasses.replace(
+            req,
+            seed=seed,
+            data=data,
+            out=req.out / f"seed-{seed}",
+            reuse=tuple(p / f"seed-{seed}" for p in req.reuse),
+        )
         for seed in seeds
     ]
     t0 = time.monotonic()

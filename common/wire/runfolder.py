@@ -180,7 +180,9 @@ class RegimeMetrics:
 class StudyRun:
     """``run.json``: what a study ran, and how long each regime took (seconds).
 
-    ``dp_epsilon``: the target of the DP regime, when one ran.
+    ``dp_epsilon``: the target of the DP regime, when one ran; ``reused``:
+    ``{regime: run folder}`` of the regimes read from an earlier run
+    (``mammofed-sim run --reuse``) rather than trained.
     """
 
     scenario: str
@@ -190,6 +192,7 @@ class StudyRun:
     base_sites: list[str]
     dp_epsilon: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    reused: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> StudyRun:

@@ -50,6 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "options) instead of training one on the base sites",
     )
     parser.add_argument(
+        "--reuse",
+        type=Path,
+        action="append",
+        default=[],
+        help="a finished run of the same scenario, federation config and base "
+        "model (with --seeds: the folder of its seed-<s>/; repeatable, the "
+        "first that scored a regime gives it): the regimes it scored are read "
+        "from it, not trained again, e.g. to add one regime or an ensemble of "
+        "its regimes to a study",
+    )
+    parser.add_argument(
         "--from-scratch",
         action="store_true",
         help="start every regime from a random model (default: the two-phase "
@@ -141,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         dp_epsilon=args.dp_epsilon,
         start_from_base=not args.from_scratch,
         base_checkpoint=args.base_checkpoint,
+        reuse=tuple(args.reuse),
         threads=args.threads,
         lr_schedule=args.lr_schedule,
     )

@@ -29,7 +29,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
         scenario=SCENARIO,
         federation=FEDERATION,
         out=out / "run",
-        regimes=(R.BASE, R.FEDAVG, R.PERSONALIZED, R.ORACLE),
+        regimes=(R.BASE, R.LOCAL_HEAD, R.FEDAVG, R.PERSONALIZED, R.ORACLE),
         data=out / "data",
         workers=1,
         n_boot=20,
@@ -39,7 +39,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_every_regime_writes_per_site_metrics(study: Path) -> None:
-    for regime in (R.BASE, R.FEDAVG, R.PERSONALIZED, R.ORACLE):
+    for regime in (R.BASE, R.LOCAL_HEAD, R.FEDAVG, R.PERSONALIZED, R.ORACLE):
         data = json.loads((study / regime / RF.METRICS_JSON).read_text())
         assert data["regime"] == regime
         # sites A and C have test women in the test scenario
@@ -103,7 +103,13 @@ def test_report_from_study(study: Path, tmp_path: Path) -> None:
     text = md.read_text()
     assert "## CPM: mass" in text and "| A |" in text
     data = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert data["regimes"] == [R.BASE, R.FEDAVG, R.PERSONALIZED, R.ORACLE]
+    assert data["regimes"] == [
+        R.BASE,
+        R.LOCAL_HEAD,
+        R.FEDAVG,
+        R.PERSONALIZED,
+        R.ORACLE,
+    ]
 
 
 @pytest.mark.slow
@@ -382,3 +388,74 @@ def test_parallel_seeds_match_the_same_seeds_run_one_after_another(
     for run, seed in zip(runs, (5, 6), strict=True):
         fed = yaml.safe_load((run / "configs" / "federation.yaml").read_text())
         assert fed["seed"] == seed and fed["trainer"]["options"]["threads"] == 1
+
+
+@pytest.mark.slow
+def test_reuse_reads_scored_regimes_and_refuses_another_runs_settings(
+    study: Path, tmp_path: Path
+) -> None:
+    """``--reuse``: a regime the earlier run scored is read, the rest trained."""
+    from common.errors import ConfigError
+    from simulation.run import BASE_MODEL
+
+    base = study / R.BASE / BASE_MODEL
+    req = RunRequest(
+        scenario=SCENARIO,
+        federation=FEDERATION,
+        out=tmp_path / "more",
+        regimes=(R.BASE, R.FEDAVG, R.LOCAL_ONLY),
+        data=study.parent / "data",
+        workers=1,
+        n_boot=20,
+        base_checkpoint=base,
+        reuse=(study,),
+    )
+    more = run_study(req)
+    run = RF.read_record(RF.StudyRun, more / RF.RUN_JSON)
+    # base and fedavg come from the earlier run; local-only was not in it
+    assert run.reused == {R.BASE: str(study), R.FEDAVG: str(study)}
+    # not trained here: no server; its per-round rows copied for the report
+    assert not (more / R.FEDAVG / "server").exists()
+    assert (more / R.FEDAVG / RF.ROUNDS_JSONL).read_bytes() == (
+        study / R.FEDAVG / RF.ROUNDS_JSONL
+    ).read_bytes()
+    assert (more / R.LOCAL_ONLY / RF.METRICS_JSON).is_file()
+    for regime in (R.BASE, R.FEDAVG):
+        assert (more / regime / RF.DETECTIONS_JSON).read_text() == (
+            study / regime / RF.DETECTIONS_JSON
+        ).read_text()
+        theirs = json.loads((study / regime / RF.METRICS_JSON).read_text())
+        ours = json.loads((more / regime / RF.METRICS_JSON).read_text())
+        for site, m in ours["sites"].items():
+            for cls in ("mass", "calcification"):
+                assert (
+                    m["classes"][cls]["cpm"]
+                    == theirs["sites"][site]["classes"][cls]["cpm"]
+                )
+    # a report over both runs counts the copied regimes once (one seed each)
+    from simulation.report import collect
+
+    data = collect([study, more])
+    assert len(data["seed_metrics"][R.FEDAVG]) == 1
+    assert len(data["detections"][R.FEDAVG]) == 1
+    assert len(collect([more])["seed_metrics"][R.FEDAVG]) == 1
+    # other settings (another seed), another base model, or no run folder: refused
+    import dataclasses
+
+    with pytest.raises(ConfigError, match="federation.yaml"):
+        run_study(dataclasses.replace(req, out=tmp_path / "seed", seed=5))
+    import torch
+
+    from client.detector_trainer import detector_options
+    from common.detector.checkpoint import init_from_checkpoint, save_checkpoint
+
+    opts = detector_options(load_federation_config(FEDERATION), str(FEDERATION))
+    model = build_detector(opts.model_config())
+    init_from_checkpoint(model, opts.model_config(), base)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    other = save_checkpoint(tmp_path / "other-base.pt", model, opts.model_config())
+    with pytest.raises(ConfigError, match="base/model.pt"):
+        run_study(dataclasses.replace(req, out=tmp_path / "b2", base_checkpoint=other))
+    with pytest.raises(ConfigError, match="run.json"):
+        run_study(dataclasses.replace(req, out=tmp_path / "r", reuse=(tmp_path / "x",)))
