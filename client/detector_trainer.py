@@ -118,7 +118,10 @@ class DetectorOptions:
     labeled images train the head only (false: every site trains every layer,
     as plain FedAvg does); ``threads`` 0 is torch's default; ``cache_root``
     holds the ``<site>/`` caches when the node config names no data dir;
-    ``dp_delta`` 0 is ``1 / n_women ** 1.1``.
+    ``dp_delta`` 0 is ``1 / n_women ** 1.1``. ``ssl_rampup_steps``: the
+    site's optimizer steps over which the consistency loss's weight rises to
+    its full value (``AdaptConfig.rampup_steps``; a site with few labeled
+    images takes few steps a round, docs/adaptation.md).
 
     ``select`` turns on the site's choice of its own model
     (:mod:`client.selection`): ``select_validation_fraction`` of the labeled
@@ -153,6 +156,7 @@ class DetectorOptions:
     ssl: bool = False
     fewshot: bool = True
     ssl_threshold: float = field(default=0.5, metadata=bounded(0.0, 1.0))
+    ssl_rampup_steps: int = field(default=200, metadata=bounded(0, 1_000_000))
     ema_decay: float = field(default=0.99, metadata=bounded(0.0, 1.0))
     standardize: bool = False
     threads: int = field(default=0, metadata=bounded(0, 256))
@@ -213,6 +217,7 @@ class DetectorOptions:
         return AdaptConfig(
             ssl_enabled=self.ssl,
             ema_decay=self.ema_decay,
+            rampup_steps=self.ssl_rampup_steps,
             score_thresholds=dict.fromkeys(CLASSES, self.ssl_threshold),
             standardize=self.standardize,
             seed=seed,

@@ -191,3 +191,27 @@ def test_a_site_pastes_its_own_lesions_and_under_dp_each_womans_own(tmp_path, ca
     assert aug.paste and aug.paste_same_woman
     parts = private._view("labeled", train=True).transform.transforms  # type: ignore[attr-defined]
     assert next(p for p in parts if isinstance(p, LesionPaste)).same_woman
+
+
+def test_the_consistency_ramp_is_a_federation_option(tmp_path, cache):
+    """``trainer.options.ssl_rampup_steps`` reaches every site's AdaptConfig."""
+    import dataclasses
+
+    from client.detector_trainer import detector_options
+
+    cfg = _fed(tmp_path)
+    assert detector_options(cfg, "f.yaml").adapt_config(0).rampup_steps == 200
+    opts = {**cfg.trainer.options, "ssl": True, "ssl_rampup_steps": 12}
+    cfg = dataclasses.replace(
+        cfg, trainer=dataclasses.replace(cfg.trainer, options=opts)
+    )
+    trainer = DetectorTrainer(SITE, tmp_path / "state", cfg, cache, None)
+    assert trainer.adapt.rampup_steps == 12 and trainer.adapt.ssl_enabled
+    bad = dataclasses.replace(
+        cfg,
+        trainer=dataclasses.replace(
+            cfg.trainer, options={**opts, "ssl_rampup_steps": -1}
+        ),
+    )
+    with pytest.raises(ConfigError, match="ssl_rampup_steps"):
+        detector_options(bad, "f.yaml")
