@@ -26,8 +26,8 @@ demo: venv
 # (benchmarks/results/study/), about 65 min. STUDY_OUT/report/report.md at the end.
 STUDY_OUT ?= out/study
 STUDY_DATA ?= out/study-data
-STUDY_REGIMES ?= base local-only fedavg fedavgm fedprox personalized \
-	personalized-ssl personalized-dp personalized-dp+local oracle
+STUDY_REGIMES ?= base local-only local-head fedavg fedavgm fedprox personalized \
+	personalized-ssl personalized-dp personalized-dp+local personalized-dp+local-head oracle
 study: venv
 	$(BIN)/mammofed-sim run --scenario configs/simulation/study.yaml \
 	    --federation configs/federation/sim-demo.yaml --base-checkpoint models/demo-base-h.pt \
