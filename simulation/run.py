@@ -149,7 +149,8 @@ class RunRequest:
     #: model (with ``run_seeds``: the folders holding their ``seed-<s>/``):
     #: a regime one of them scored (the first that did) is read from it, not
     #: trained again (:func:`check_reuse`), so a study can gain a regime, or
-    #: an ensemble of its regimes, without repeating the rest.
+    #: an ensemble of its regimes, without repeating the rest. Without
+    #: ``base_checkpoint`` the first one's base model is this run's.
     reuse: tuple[Path, ...] = ()
 
 
@@ -785,6 +786,15 @@ def run_study(req: RunRequest) -> Path:
     timings: dict[str, float] = {}
     init: Path | None = None
     base: nn.Module | None = None
+    if req.reuse and req.base_checkpoint is None and req.start_from_base:
+        # the earlier run's base model: its regimes started from it
+        first = req.reuse[0] / R.BASE / BASE_MODEL
+        if not first.is_file():
+            raise ConfigError(
+                str(req.reuse[0]), f"{R.BASE}/{BASE_MODEL}", "missing: no base model"
+            )
+        req = dataclasses.replace(req, base_checkpoint=first)
+        log.info("base model: %s (the first --reuse run's)", first)
     if req.start_from_base or req.base_checkpoint is not None:
         t0 = time.monotonic()
         log.info("=== phase one: the base model ===")

@@ -395,6 +395,8 @@ def test_reuse_reads_scored_regimes_and_refuses_another_runs_settings(
     study: Path, tmp_path: Path
 ) -> None:
     """``--reuse``: a regime the earlier run scored is read, the rest trained."""
+    import dataclasses
+
     from common.errors import ConfigError
     from simulation.run import BASE_MODEL
 
@@ -439,9 +441,16 @@ def test_reuse_reads_scored_regimes_and_refuses_another_runs_settings(
     assert len(data["seed_metrics"][R.FEDAVG]) == 1
     assert len(data["detections"][R.FEDAVG]) == 1
     assert len(collect([more])["seed_metrics"][R.FEDAVG]) == 1
+    # without --base-checkpoint the earlier run's base model is taken
+    again = run_study(
+        dataclasses.replace(
+            req, out=tmp_path / "again", base_checkpoint=None, regimes=(R.FEDAVG,)
+        )
+    )
+    assert RF.read_record(RF.StudyRun, again / RF.RUN_JSON).reused == {
+        R.FEDAVG: str(study)
+    }
     # other settings (another seed), another base model, or no run folder: refused
-    import dataclasses
-
     with pytest.raises(ConfigError, match="federation.yaml"):
         run_study(dataclasses.replace(req, out=tmp_path / "seed", seed=5))
     import torch
