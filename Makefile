@@ -23,7 +23,8 @@ demo: venv
 # The study (README, "The study"): every regime from the shipped vendor-H base
 # model on the demo's sites with 60 test women each on B, C and D
 # (configs/simulation/study.yaml), three seeds, three seed processes at a time
-# (benchmarks/results/study/), about 65 min. STUDY_OUT/report/report.md at the end.
+# (benchmarks/results/study/), about 70 min (65 measured before local-head,
+# which adds about 90 s a seed). STUDY_OUT/report/report.md at the end.
 STUDY_OUT ?= out/study
 STUDY_DATA ?= out/study-data
 STUDY_REGIMES ?= base local-only local-head fedavg fedavgm fedprox personalized \
