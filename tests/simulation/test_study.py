@@ -450,6 +450,19 @@ def test_reuse_reads_scored_regimes_and_refuses_another_runs_settings(
     assert RF.read_record(RF.StudyRun, again / RF.RUN_JSON).reused == {
         R.FEDAVG: str(study)
     }
+    # the command line: --reuse repeatable, the report written at the end
+    from simulation.cli import main as sim_main
+
+    argv = ["run", "--scenario", str(SCENARIO), "--federation", str(FEDERATION)]
+    argv += ["--data", str(study.parent / "data"), "--out", str(tmp_path / "cli")]
+    argv += ["--regime", R.FEDAVG, "--n-boot", "0", "--workers", "1"]
+    assert (
+        sim_main([*argv, "--reuse", str(tmp_path / "more"), "--reuse", str(study)]) == 0
+    )
+    cli = RF.read_record(RF.StudyRun, tmp_path / "cli" / RF.RUN_JSON)
+    # the first --reuse run that scored the regime gives it
+    assert cli.reused == {R.FEDAVG: str(tmp_path / "more")}
+    assert (tmp_path / "cli" / "report" / "report.md").is_file()
     # other settings (another seed), another base model, or no run folder: refused
     with pytest.raises(ConfigError, match="federation.yaml"):
         run_study(dataclasses.replace(req, out=tmp_path / "seed", seed=5))
