@@ -819,7 +819,7 @@ def run_study(req: RunRequest) -> Path:
             metrics, dp = reused_results(
                 prior, spec, req.n_boot, fed.seed, req.dp_epsilon
             )
-            reused[regime] = str(prior)
+            reused[regime] = str(prior.resolve())
             _copy_records(prior / regime, out / regime)
         elif spec.members:
             metrics = ensemble_results(

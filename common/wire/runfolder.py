@@ -181,8 +181,8 @@ class StudyRun:
     """``run.json``: what a study ran, and how long each regime took (seconds).
 
     ``dp_epsilon``: the target of the DP regime, when one ran; ``reused``:
-    ``{regime: run folder}`` of the regimes read from an earlier run
-    (``mammofed-sim run --reuse``) rather than trained.
+    ``{regime: run folder (absolute)}`` of the regimes read from an earlier
+    run (``mammofed-sim run --reuse``) rather than trained.
     """
 
     scenario: str

@@ -392,7 +392,7 @@ def test_parallel_seeds_match_the_same_seeds_run_one_after_another(
 
 @pytest.mark.slow
 def test_reuse_reads_scored_regimes_and_refuses_another_runs_settings(
-    study: Path, tmp_path: Path
+    study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``--reuse``: a regime the earlier run scored is read, the rest trained."""
     import dataclasses
@@ -456,13 +456,16 @@ def test_reuse_reads_scored_regimes_and_refuses_another_runs_settings(
     argv = ["run", "--scenario", str(SCENARIO), "--federation", str(FEDERATION)]
     argv += ["--data", str(study.parent / "data"), "--out", str(tmp_path / "cli")]
     argv += ["--regime", R.FEDAVG, "--n-boot", "0", "--workers", "1"]
-    assert (
-        sim_main([*argv, "--reuse", str(tmp_path / "more"), "--reuse", str(study)]) == 0
-    )
+    monkeypatch.chdir(tmp_path)  # a relative --reuse is recorded absolute
+    assert sim_main([*argv, "--reuse", "more", "--reuse", str(study)]) == 0
     cli = RF.read_record(RF.StudyRun, tmp_path / "cli" / RF.RUN_JSON)
     # the first --reuse run that scored the regime gives it
-    assert cli.reused == {R.FEDAVG: str(tmp_path / "more")}
+    assert cli.reused == {R.FEDAVG: str((tmp_path / "more").resolve())}
     assert (tmp_path / "cli" / "report" / "report.md").is_file()
+    # a report made from elsewhere still counts the copied regime once
+    monkeypatch.chdir(REPO)
+    data = collect([tmp_path / "more", tmp_path / "cli"])
+    assert len(data["seed_metrics"][R.FEDAVG]) == 1
     # other settings (another seed), another base model, or no run folder: refused
     with pytest.raises(ConfigError, match="federation.yaml"):
         run_study(dataclasses.replace(req, out=tmp_path / "seed", seed=5))
