@@ -482,5 +482,16 @@ def test_reuse_reads_scored_regimes_and_refuses_another_runs_settings(
     other = save_checkpoint(tmp_path / "other-base.pt", model, opts.model_config())
     with pytest.raises(ConfigError, match="base/model.pt"):
         run_study(dataclasses.replace(req, out=tmp_path / "b2", base_checkpoint=other))
+    # an earlier run whose settings file is broken: refused, naming the file
+    bad = tmp_path / "bad"
+    (bad / RF.CONFIGS_DIR).mkdir(parents=True)
+    (bad / RF.RUN_JSON).write_bytes((study / RF.RUN_JSON).read_bytes())
+    for name in ("scenario.yaml", "federation.yaml"):
+        (bad / RF.CONFIGS_DIR / name).write_bytes(
+            (study / RF.CONFIGS_DIR / name).read_bytes()
+        )
+    (bad / RF.CONFIGS_DIR / "federation.yaml").write_text("trainer: [\n")
+    with pytest.raises(ConfigError, match=r"bad/configs/federation.yaml.*not valid"):
+        run_study(dataclasses.replace(req, out=tmp_path / "b3", reuse=(bad,)))
     with pytest.raises(ConfigError, match="run.json"):
         run_study(dataclasses.replace(req, out=tmp_path / "r", reuse=(tmp_path / "x",)))
