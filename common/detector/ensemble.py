@@ -94,6 +94,11 @@ def fuse_detections(
     }
 
 
+#: How far two records' lesion boxes may differ and still be one image's (px):
+#: the rounding of a stored record (0.005) with room for float error.
+_GT_ATOL = 0.006
+
+
 def fuse_images(models: Sequence[FrocImage]) -> FrocImage:
     """One scored image (:class:`FrocImage`) of every model, fused.
 
@@ -105,10 +110,14 @@ def fuse_images(models: Sequence[FrocImage]) -> FrocImage:
         raise ValueError("fuse_images: no model's detections given")
     first = models[0]
     for other in models[1:]:
+        # a record read back from detections.json has its boxes rounded to
+        # 0.01 px (FrocImage.to_json): the same lesion within that
         if (
             other.key != first.key
             or other.spacing_mm != first.spacing_mm
-            or not np.array_equal(other.gt_boxes, first.gt_boxes)
+            or other.gt_boxes.shape != first.gt_boxes.shape
+            or not np.array_equal(other.gt_labels, first.gt_labels)
+            or not np.allclose(other.gt_boxes, first.gt_boxes, rtol=0, atol=_GT_ATOL)
         ):
             raise ValueError(
                 f"fuse_images: {first.key!r} and {other.key!r} are not the same "

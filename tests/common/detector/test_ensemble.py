@@ -74,3 +74,26 @@ def test_other_images_are_refused_by_name():
         fuse([])
     kept = fuse_images([im("a", case="w1"), im("a", case="w1")])
     assert kept.case == "w1" and len(kept.det_scores) == 0
+
+
+def test_a_stored_record_fuses_with_the_freshly_scored_image_it_came_from():
+    """detections.json keeps boxes to 0.01 px: a regime read back (--reuse)
+    fuses with one scored in this run, while another lesion is still refused."""
+    fresh = im(
+        "k",
+        dets=[[10.123456, 10, 40, 40]],
+        scores=[0.7],
+        gt=[[10.004, 9.996, 40.3333, 40]],
+    )
+    stored = FrocImage.from_json(fresh.to_json())
+    assert not np.array_equal(stored.gt_boxes, fresh.gt_boxes)
+    fused = fuse_images([fresh, stored])
+    assert len(fused.det_scores) == 1 and fused.det_scores[0] == pytest.approx(
+        0.7, abs=1e-4
+    )
+    moved = im("k", gt=[[10.02, 10, 40.3333, 40]])
+    with pytest.raises(ValueError, match="not the same image"):
+        fuse_images([fresh, moved])
+    other_class = FrocImage.from_json({**fresh.to_json(), "gt_labels": [CALC]})
+    with pytest.raises(ValueError, match="not the same image"):
+        fuse_images([fresh, other_class])
