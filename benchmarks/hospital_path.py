@@ -1,13 +1,15 @@
-"""Does a hospital get what the study measured? The recommended pair, by hand.
+"""Does a hospital get what the study measured? The recommended regime, by hand.
 
-The study scores ``personalized-dp+local`` from models it trains itself. A
-hospital gets the pair another way: ``mammofed-client train-local`` trains
-its own model from the base, ``mammofed-client export`` turns the
-federation's last round and its own personal layers into a model, and
-``mammofed-client evaluate`` with both ``--checkpoint`` flags scores them
-together on its held-out women. This benchmark runs those commands for one
-site of one seed of a study, and compares each CPM with the study's
-(``seed-<s>/<regime>/metrics.json``): the difference should be zero.
+The study scores ``personalized-dp+tuned+local`` from models it trains
+itself. A hospital gets its three models another way: ``mammofed-client
+train-local`` trains its own model from the base, ``mammofed-client export``
+turns the federation's last round and its own personal layers into a model,
+``train-local --init <that model> --lr-factor 0.3`` fine-tunes it on the
+site's labels, and ``mammofed-client evaluate`` with several ``--checkpoint``
+flags scores them together on its held-out women. This benchmark runs those
+commands for one site of one seed of a study, and compares each CPM with the
+study's (``seed-<s>/<regime>/metrics.json``): the difference should be zero.
+The fine-tuned arms are run where the study ran ``<regime>-tuned``.
 
 Usage::
 
@@ -29,6 +31,8 @@ from typing import Any
 from benchmarks.common import emit, rounded
 from client.cli import main as client_main
 from common.keys import CLASSES
+from simulation import regimes as R
+from simulation.run import trained_in
 
 BENCH = "hospital_path"
 
@@ -62,7 +66,9 @@ def hospital_path(
     work.mkdir(parents=True, exist_ok=True)
     site_yaml = work / f"site-{site}.yaml"
     site_yaml.write_text(f"name: {site}\ncache_dir: {cache.resolve()}\n")
-    local, fed = work / "local.pt", work / "federated.pt"
+    local, fed, tuned = work / "local.pt", work / "federated.pt", work / "tuned.pt"
+    # a regime copied from an earlier run (--reuse) has its state there
+    src = trained_in(run, regime) / regime
     seconds = {
         "train-local": _run(
             [
@@ -81,11 +87,11 @@ def hospital_path(
             [
                 "export",
                 "--checkpoint",
-                str(run / regime / "server" / "checkpoints"),
+                str(src / "server" / "checkpoints"),
                 "--site-name",
                 site,
                 "--state-dir",
-                str(run / regime / "site-state"),
+                str(src / "site-state"),
                 "--out",
                 str(fed),
             ]
@@ -96,6 +102,27 @@ def hospital_path(
         regime: [fed],
         f"{regime}+local": [fed, local],
     }
+    tuned_regime = f"{regime}-tuned"
+    if (run / tuned_regime / "metrics.json").is_file():
+        factor = R.REGIMES[tuned_regime].lr_factor
+        seconds["train-local --init federated"] = _run(
+            [
+                "train-local",
+                "--site-config",
+                str(site_yaml),
+                "--federation",
+                str(run / "configs" / "federation.yaml"),
+                "--init",
+                str(fed),
+                "--lr-factor",
+                str(factor),
+                "--out",
+                str(tuned),
+            ]
+        )  # fmt: skip
+        arms[tuned_regime] = [tuned]
+        arms[f"{regime}+tuned"] = [fed, tuned]
+        arms[f"{regime}+tuned+local"] = [fed, tuned, local]
     rows: list[dict[str, Any]] = []
     for arm, models in arms.items():
         out = work / f"eval-{arm}"

@@ -111,6 +111,7 @@ def train_local_model(
     out: Path,
     epochs: int | None = None,
     head_only: bool = False,
+    lr_factor: float = 1.0,
     device: str | None = None,
     source: str = "<federation config>",
     site_source: str = "<site config>",
@@ -120,7 +121,10 @@ def train_local_model(
     ``fed``: the federation's config (its recipe, learning rate, batch size,
     seed and split); ``epochs``: default ``num_rounds * local_epochs``, as the
     study's local-only regime; ``head_only``: tune the detection head only
-    (the study's ``local-head`` regime); ``device``: default the options' device.
+    (the study's ``local-head`` regime); ``lr_factor``: the learning rate is
+    the federation's times this (0.3 when ``init`` is the site's exported
+    federated model: the study's ``personalized-dp-tuned`` regime, fine-tuning
+    after federation); ``device``: default the options' device.
     The checkpoint's ``extra`` records the site, the epochs, the seed and the
     base model's SHA-256; ``<out>.resolved.yaml`` the settings used.
 
@@ -137,6 +141,11 @@ def train_local_model(
         epochs = fed.num_rounds * fed.trainer.local_epochs
     if epochs < 1:
         raise ConfigError("--epochs", "epochs", f"must be >= 1, got {epochs}")
+    if not (math.isfinite(lr_factor) and 0 < lr_factor <= 10):
+        raise ConfigError(
+            "--lr-factor", "lr_factor", f"must be in (0, 10], got {lr_factor!r}"
+        )
+    lr = fed.trainer.learning_rate * lr_factor
     opts = detector_options(fed, source)
     dev = resolve_device(device or opts.device)
     if opts.threads:
@@ -149,7 +158,7 @@ def train_local_model(
         [site.cache_dir],
         opts,
         epochs=epochs,
-        lr=fed.trainer.learning_rate,
+        lr=lr,
         batch_size=fed.trainer.batch_size,
         seed=fed.seed,
         device=dev,
@@ -165,7 +174,8 @@ def train_local_model(
         "epochs": epochs,
         "head_only": head_only,
         "seed": fed.seed,
-        "learning_rate": fed.trainer.learning_rate,
+        "learning_rate": lr,
+        "lr_factor": lr_factor,
         "batch_size": fed.trainer.batch_size,
         "options": config_to_dict(opts),
     }

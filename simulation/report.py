@@ -234,8 +234,13 @@ PAIRS: tuple[tuple[str, str], ...] = (
     # the few-shot alternative for the site's own model: head only
     (R.LOCAL_HEAD, R.LOCAL_ONLY),
     (R.LOCAL_HEAD, R.BASE),
-    (R.PERSONALIZED_DP_LOCAL_HEAD, R.RECOMMENDED),
+    (R.PERSONALIZED_DP_LOCAL_HEAD, R.PERSONALIZED_DP_LOCAL),
     (R.PERSONALIZED_DP_LOCAL_HEAD, R.BASE),
+    # fine-tuning after federation, alone and in the ensembles
+    (R.RECOMMENDED, R.PERSONALIZED_DP_LOCAL),
+    (R.PERSONALIZED_DP_TUNED_PAIR, R.RECOMMENDED),
+    (R.PERSONALIZED_DP_TUNED, R.PERSONALIZED_DP),
+    (R.PERSONALIZED_DP_TUNED, R.LOCAL_ONLY),
     # the ceiling: what the goal's tests give the oracle (all labels pooled)
     (R.ORACLE, R.BASE),
     (R.ORACLE, R.LOCAL_ONLY),

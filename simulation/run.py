@@ -386,6 +386,88 @@ def base_model(
     return model, path
 
 
+def trained_in(run: Path, regime: str) -> Path:
+    """The run folder that trained ``regime``.
+
+    ``run`` itself, or the run it was copied from (``run.json``'s ``reused``),
+    followed through runs that copied it in turn.
+
+    Raises:
+        MammofedError: the ``reused`` records go round in a circle.
+    """
+    seen: list[Path] = []
+    while run.resolve() not in seen:
+        seen.append(run.resolve())
+        source = RF.read_record(RF.StudyRun, run / RF.RUN_JSON).reused.get(regime)
+        if source is None:
+            return run
+        run = Path(source)
+    raise MammofedError(
+        f"{regime}: the runs' 'reused' records go round in a circle "
+        f"({' -> '.join(map(str, seen))})"
+    )
+
+
+def tuned_start(
+    spec: R.Regime,
+    site: str,
+    source_run: Path,
+    source_cfg: FederationConfig,
+    cache: Path,
+    out: Path,
+) -> Path:
+    """Where ``spec`` (a :attr:`~R.Regime.tune_from` regime) starts ``site``.
+
+    The federated regime's final model of that site, as the site would export
+    it (its last global round plus its personal state), composed from the run
+    folder that trained it (``source_run``, or the run it was copied from) and
+    written to ``<out>/<regime>/start/<site>.pt``.
+
+    Raises:
+        MammofedError: that run kept no global checkpoint or no state of the site.
+    """
+    from server.checkpoints import CheckpointStore
+
+    assert spec.tune_from is not None
+    src = trained_in(source_run, spec.tune_from) / spec.tune_from
+    cfg = dataclasses.replace(
+        source_cfg,
+        state_dir=src / RF.SITE_STATE_DIR,
+        run_dir=src / RF.SERVER_DIR,
+    )
+    assert cfg.state_dir is not None and cfg.run_dir is not None
+    last = CheckpointStore(cfg.run_dir / RF.CHECKPOINT_DIR).latest()
+    if last is None:
+        raise MammofedError(
+            f"[{spec.name}] {cfg.run_dir / RF.CHECKPOINT_DIR}: no global checkpoint "
+            f"of {spec.tune_from} to start from"
+        )
+    if not (cfg.state_dir / site).is_dir():
+        raise MammofedError(
+            f"[{spec.name}] {cfg.state_dir / site}: no state of site {site} "
+            f"in {spec.tune_from}'s run to start from"
+        )
+    trainer = DetectorTrainer(site, cfg.state_dir, cfg, cache)
+    model = trainer.site_model_for(last.arrays, last.round)
+    path = out / spec.name / "start" / f"{site}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(
+        path,
+        model,
+        trainer.opts.model_config(),
+        extra={"regime": spec.tune_from, "round": last.round, "run": str(src)},
+    )
+    log.info(
+        "[%s] site %s starts from %s's round-%d model (%s)",
+        spec.name,
+        site,
+        spec.tune_from,
+        last.round,
+        src,
+    )
+    return path
+
+
 def _evaluate_on(
     model: nn.Module, cache: Path, seed: int, n_boot: int, device: torch.device
 ) -> EvalResult | None:
@@ -745,7 +827,7 @@ def run_study(req: RunRequest) -> Path:
         )
     if len(regimes) > len(set(req.regimes)):
         log.info(
-            "running %s too: the ensemble regimes fuse their models",
+            "running %s too: the regimes asked for are made from them",
             ", ".join(r for r in regimes if r not in req.regimes),
         )
     scenario, caches, oracle = prepare_sites(req.scenario, data, req.workers)
@@ -830,13 +912,23 @@ def run_study(req: RunRequest) -> Path:
                 metrics[s] = _evaluate_on(base, caches[s], fed.seed, req.n_boot, device)
         elif spec.train_on is not None:
             for name, (train_on, tested) in pools[spec.train_on].items():
+                start = init
+                if spec.tune_from is not None:
+                    start = tuned_start(
+                        spec,
+                        name,
+                        Path(reused.get(spec.tune_from, out)),
+                        _regime_config(fed, spec.tune_from, req, out, sites),
+                        caches[name],
+                        out,
+                    )
                 model = train_central(
                     train_on,
                     opts,
                     label=f"{regime}/{name}" if spec.train_on == "each" else name,
-                    init=init,
+                    init=start,
                     head_only=spec.head_only,
-                    **common_kw,
+                    **{**common_kw, "lr": common_kw["lr"] * spec.lr_factor},
                 )
                 for s in tested:
                     metrics[s] = _evaluate_on(

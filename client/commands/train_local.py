@@ -1,4 +1,8 @@
-"""``mammofed-client train-local``: the site's own model, from the base model."""
+"""``mammofed-client train-local``: the site's own model on its own labels.
+
+From the base model, or from the site's exported federated model
+(fine-tuning after federation).
+"""
 
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init",
         required=True,
         type=Path,
-        help="the coordinator's base model (checked against the federation's "
+        help="the model to start from: the coordinator's base model, or the "
+        "site's exported federated model (checked against the federation's "
         "model options)",
     )
     parser.add_argument("--out", required=True, type=Path, help="model file to write")
@@ -51,6 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="tune the base model's detection head only, every other tensor "
         "kept (the study's local-head regime, for a site with few labeled women)",
+    )
+    parser.add_argument(
+        "--lr-factor",
+        type=float,
+        default=1.0,
+        help="learning rate = the federation's x this (default 1); 0.3 with "
+        "--init the site's exported federated model: fine-tuning after "
+        "federation, the study's personalized-dp-tuned regime",
     )
     parser.add_argument("--device", default=None, help="auto, cpu, cuda...")
 
@@ -70,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         epochs=args.epochs,
         head_only=args.head_only,
+        lr_factor=args.lr_factor,
         device=args.device,
         source=str(args.federation),
         site_source=str(args.site_config),

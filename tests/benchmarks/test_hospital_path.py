@@ -12,18 +12,31 @@ import yaml
 from benchmarks.hospital_path import hospital_path
 from client.detector_trainer import detector_options
 from common.config.loader import config_to_dict
-from common.detector.checkpoint import save_checkpoint
+from common.detector.checkpoint import load_checkpoint, save_checkpoint
 from common.detector.model import build_detector
 from common.keys import CLASSES
+from common.wire import runfolder as RF
 from tests.client.conftest import SITE, one_site_config, train_one_round
 
 STUDY_CPM = 0.5
 
 
-def _fake_study(tmp_path: Path) -> Path:
-    """``study/seed-0``: a base model, one personalized round, fixed metrics."""
+TUNED_ARMS = (
+    "personalized-dp-tuned",
+    "personalized-dp+tuned",
+    "personalized-dp+tuned+local",
+)
+
+
+def _fake_study(tmp_path: Path, tuned: bool = False) -> Path:
+    """``study/seed-0``: a base model, one personalized round, fixed metrics.
+
+    ``tuned``: the fine-tuned arms too, and personalized-dp trained in another
+    run folder that ``run.json`` names (as ``mammofed-sim run --reuse`` leaves it).
+    """
     run = tmp_path / "study" / "seed-0"
-    regime = run / "personalized-dp"
+    trained = tmp_path / "earlier" if tuned else run
+    regime = trained / "personalized-dp"
     cfg = dataclasses.replace(
         one_site_config(regime, paste=True), run_dir=regime / "server"
     )
@@ -35,22 +48,35 @@ def _fake_study(tmp_path: Path) -> Path:
     )
     mcfg = detector_options(cfg, "test").model_config()
     save_checkpoint(run / "base" / "model.pt", build_detector(mcfg), mcfg)
+    record = RF.StudyRun(
+        scenario="fake",
+        sites=[SITE],
+        regimes=["personalized-dp"],
+        working_spacing_mm=mcfg.working_spacing_mm,
+        base_sites=[SITE],
+    )
+    RF.write_record(trained / RF.RUN_JSON, record)
+    if tuned:
+        reused = {"personalized-dp": str(trained)}
+        RF.write_record(run / RF.RUN_JSON, dataclasses.replace(record, reused=reused))
     metrics = {"classes": {c: {"cpm": STUDY_CPM} for c in CLASSES}}
-    for arm in ("local-only", "personalized-dp", "personalized-dp+local"):
+    arms = ("local-only", "personalized-dp", "personalized-dp+local")
+    for arm in arms + (TUNED_ARMS if tuned else ()):
         (run / arm).mkdir(parents=True, exist_ok=True)
         (run / arm / "metrics.json").write_text(json.dumps({"sites": {SITE: metrics}}))
     return tmp_path / "study"
 
 
-def test_the_three_arms_are_scored_against_the_study(tmp_path: Path) -> None:
-    study = _fake_study(tmp_path)
-    data = study / "seed-0" / "personalized-dp"  # its cache/<site>
+@pytest.mark.parametrize("tuned", [False, True])
+def test_every_arm_is_scored_against_the_study(tmp_path: Path, tuned: bool) -> None:
+    study = _fake_study(tmp_path, tuned)
+    # its cache/<site>
+    data = (tmp_path / "earlier" if tuned else study / "seed-0") / "personalized-dp"
     rows = hospital_path(study, data, SITE, 0, "personalized-dp", tmp_path / "work")
     scored = [r for r in rows if "arm" in r]
+    arms = ("local-only", "personalized-dp", "personalized-dp+local")
     assert {(r["arm"], r["class"]) for r in scored} == {
-        (a, c)
-        for a in ("local-only", "personalized-dp", "personalized-dp+local")
-        for c in CLASSES
+        (a, c) for a in arms + (TUNED_ARMS if tuned else ()) for c in CLASSES
     }
     for r in scored:
         assert r["cpm_study"] == STUDY_CPM
@@ -63,3 +89,11 @@ def test_the_three_arms_are_scored_against_the_study(tmp_path: Path) -> None:
     assert {"train-local", "export", "evaluate personalized-dp+local"} <= steps
     assert (tmp_path / "work" / "local.pt").is_file()
     assert (tmp_path / "work" / "federated.pt").is_file()
+    # the fine-tuned model: train-local from the exported one, at 0.3 x the rate
+    assert (tmp_path / "work" / "tuned.pt").is_file() is tuned
+    assert ("train-local --init federated" in steps) is tuned
+    if tuned:
+        ck = load_checkpoint(tmp_path / "work" / "tuned.pt")
+        record = ck.extra["local_model"]
+        assert record["lr_factor"] == 0.3
+        assert record["init"] == str(tmp_path / "work" / "federated.pt")

@@ -122,3 +122,36 @@ def test_head_only_tunes_the_head_and_keeps_every_other_tensor_of_the_base(
     assert main([*argv, "--head-only"]) == 0
     c_sd = load_detector(tmp_path / "c.pt", torch.device("cpu"))[0].state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in c_sd.items())
+
+
+def test_lr_factor_scales_the_learning_rate_as_the_tuned_regime_does(
+    tmp_path: Path, setup: tuple[Path, Path, Path]
+) -> None:
+    """``--lr-factor 0.3``: the study's personalized-dp-tuned training, same weights."""
+    site_yaml, fed_yaml, base = setup
+    site, fed = load_site_config(site_yaml), load_federation_config(fed_yaml)
+    argv = ["train-local", "--site-config", str(site_yaml), "--federation"]
+    argv += [str(fed_yaml), "--init", str(base), "--out", str(tmp_path / "t.pt")]
+    assert main([*argv, "--lr-factor", "0.3"]) == 0
+    model, ck, _ = load_detector(tmp_path / "t.pt", torch.device("cpu"))
+    record = ck.extra["local_model"]
+    assert record["lr_factor"] == 0.3
+    assert record["learning_rate"] == pytest.approx(0.3 * fed.trainer.learning_rate)
+    opts = detector_options(fed, str(fed_yaml))
+    assert site.cache_dir is not None
+    study = train_central(
+        [site.cache_dir], opts, epochs=1, lr=0.3 * fed.trainer.learning_rate,
+        batch_size=fed.trainer.batch_size, seed=fed.seed,
+        device=torch.device("cpu"), label="tuned", init=base,
+    )  # fmt: skip
+    want = study.state_dict()
+    assert all(torch.equal(v, want[k].cpu()) for k, v in model.state_dict().items())
+    full = train_local_model(site, fed, init=base, out=tmp_path / "full.pt")
+    full_sd = load_detector(full, torch.device("cpu"))[0].state_dict()
+    assert any(not torch.equal(v, full_sd[k]) for k, v in want.items())
+    for bad in (0.0, -1.0, float("nan"), 11.0):
+        with pytest.raises(ConfigError, match="lr_factor: must be in"):
+            train_local_model(
+                site, fed, init=base, out=tmp_path / "x.pt", lr_factor=bad
+            )
+    assert not (tmp_path / "x.pt").exists()

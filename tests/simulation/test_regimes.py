@@ -39,6 +39,10 @@ def test_table_is_the_one_list_of_regimes() -> None:
         for m in r.members:
             assert R.ORDER.index(m) < R.ORDER.index(r.name)
             assert not R.REGIMES[m].members
+        # a tuned regime starts each site from a federated regime listed before it
+        if r.tune_from is not None:
+            assert r.train_on == "each" and r.tune_from in R.FEDERATED, r.name
+            assert R.ORDER.index(r.tune_from) < R.ORDER.index(r.name)
 
 
 def test_an_ensemble_brings_its_members() -> None:
@@ -50,6 +54,15 @@ def test_an_ensemble_brings_its_members() -> None:
         R.ORACLE,
     )
     assert R.with_members([R.ORACLE, R.BASE]) == (R.BASE, R.ORACLE)
+    # and through a tuned member, the federated regime it starts from
+    assert R.with_members([R.PERSONALIZED_DP_TUNED_LOCAL]) == (
+        R.LOCAL_ONLY,
+        R.PERSONALIZED_DP,
+        R.PERSONALIZED_DP_TUNED,
+        R.PERSONALIZED_DP_TUNED_LOCAL,
+    )
+    assert R.REGIMES[R.PERSONALIZED_DP_TUNED].lr_factor == 0.3
+    assert R.REGIMES[R.LOCAL_ONLY].lr_factor == 1.0
     with pytest.raises(KeyError):
         R.with_members(["no-such-regime"])
 

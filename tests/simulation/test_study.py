@@ -495,3 +495,106 @@ def test_reuse_reads_scored_regimes_and_refuses_another_runs_settings(
         run_study(dataclasses.replace(req, out=tmp_path / "b3", reuse=(bad,)))
     with pytest.raises(ConfigError, match="run.json"):
         run_study(dataclasses.replace(req, out=tmp_path / "r", reuse=(tmp_path / "x",)))
+
+
+@pytest.mark.slow
+def test_tuned_regime_starts_from_each_sites_federated_model(
+    study: Path, tmp_path: Path
+) -> None:
+    """Fine-tuning after federation: each site starts from personalized-dp's
+    final model of that site, also when that regime was read from another run;
+    an ensemble fuses a member read back (--reuse) with one trained here."""
+    import dataclasses
+
+    import torch
+
+    from client.detector_trainer import detector_options
+    from common.detector.checkpoint import init_from_checkpoint, load_checkpoint
+    from common.errors import MammofedError
+    from simulation.run import BASE_MODEL, _evaluate_on, trained_in, tuned_start
+
+    req = RunRequest(
+        scenario=SCENARIO,
+        federation=FEDERATION,
+        out=tmp_path / "fed",
+        # local-head read from the fixture's run, personalized-dp trained here
+        regimes=(R.PERSONALIZED_DP_LOCAL_HEAD,),
+        data=study.parent / "data",
+        workers=1,
+        n_boot=0,
+        base_checkpoint=study / R.BASE / BASE_MODEL,
+        reuse=(study,),
+    )
+    fed = run_study(req)
+    assert RF.read_record(RF.StudyRun, fed / RF.RUN_JSON).reused == {
+        R.LOCAL_HEAD: str(study)
+    }
+    pair = json.loads(
+        (fed / R.PERSONALIZED_DP_LOCAL_HEAD / RF.METRICS_JSON).read_text()
+    )
+    assert {"A", "C"} <= set(pair["sites"])
+    # personalized-dp read from that run, the tuned regime trained from it
+    tuned = run_study(
+        dataclasses.replace(
+            req,
+            out=tmp_path / "tuned",
+            regimes=(R.PERSONALIZED_DP_TUNED_PAIR,),
+            reuse=(fed,),
+        )
+    )
+    run = RF.read_record(RF.StudyRun, tuned / RF.RUN_JSON)
+    assert run.reused == {R.PERSONALIZED_DP: str(fed)}
+    assert run.regimes == [
+        R.PERSONALIZED_DP,
+        R.PERSONALIZED_DP_TUNED,
+        R.PERSONALIZED_DP_TUNED_PAIR,
+    ]
+    assert trained_in(tuned, R.PERSONALIZED_DP) == fed
+    fcfg = load_federation_config(FEDERATION)
+    opts = detector_options(fcfg, str(FEDERATION))
+    cfg = opts.model_config()
+    dp_metrics = json.loads((fed / R.PERSONALIZED_DP / RF.METRICS_JSON).read_text())
+    for site in ("A", "C"):
+        start = tuned / R.PERSONALIZED_DP_TUNED / "start" / f"{site}.pt"
+        ck = load_checkpoint(start)
+        assert ck.extra["regime"] == R.PERSONALIZED_DP
+        assert ck.extra["run"] == str(fed / R.PERSONALIZED_DP)
+        # the start is the site's personalized-dp model: it scores the same
+        model = build_detector(cfg)
+        init_from_checkpoint(model, cfg, start)
+        got = _evaluate_on(
+            model,
+            study.parent / "data" / "cache" / site,
+            fcfg.seed,
+            0,
+            torch.device("cpu"),
+        )
+        assert got is not None
+        want = dp_metrics["sites"][site]["classes"]["mass"]["cpm"]
+        assert got.metrics["cpm-mass"] == pytest.approx(want, abs=1e-9)
+    # every site was tuned and scored; the pair fused both
+    for regime in (R.PERSONALIZED_DP_TUNED, R.PERSONALIZED_DP_TUNED_PAIR):
+        data = json.loads((tuned / regime / RF.METRICS_JSON).read_text())
+        assert {"A", "C"} <= set(data["sites"])
+    # a source run that kept no checkpoint is refused, naming the folder
+    gone = tmp_path / "gone"
+    (gone / R.PERSONALIZED_DP).mkdir(parents=True)
+    (gone / RF.RUN_JSON).write_bytes((fed / RF.RUN_JSON).read_bytes())
+    spec = R.REGIMES[R.PERSONALIZED_DP_TUNED]
+    with pytest.raises(MammofedError, match="gone/personalized-dp/server/checkpoints"):
+        tuned_start(
+            spec, "A", gone, fcfg, study.parent / "data" / "cache" / "A", tmp_path
+        )
+    # 'reused' records that go round in a circle are refused
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    (loop / RF.RUN_JSON).write_text(
+        json.dumps(
+            {
+                **json.loads((fed / RF.RUN_JSON).read_text()),
+                "reused": {R.PERSONALIZED_DP: str(loop)},
+            }
+        )
+    )
+    with pytest.raises(MammofedError, match="circle"):
+        trained_in(loop, R.PERSONALIZED_DP)
