@@ -23,12 +23,14 @@ demo: venv
 # The study (README, "The study"): every regime from the shipped vendor-H base
 # model on the demo's sites with 60 test women each on B, C and D
 # (configs/simulation/study.yaml), three seeds, three seed processes at a time
-# (benchmarks/results/study/), about 70 min (65 measured before local-head,
-# which adds about 90 s a seed). STUDY_OUT/report/report.md at the end.
+# (benchmarks/results/study/), about 75 min (65 measured before local-head,
+# which adds about 90 s a seed, and personalized-dp-tuned, about 3.5 min a
+# seed on one core). STUDY_OUT/report/report.md at the end.
 STUDY_OUT ?= out/study
 STUDY_DATA ?= out/study-data
 STUDY_REGIMES ?= base local-only local-head fedavg fedavgm fedprox personalized \
-	personalized-ssl personalized-dp personalized-dp+local personalized-dp+local-head oracle
+	personalized-ssl personalized-dp personalized-dp+local personalized-dp+local-head \
+	personalized-dp+tuned personalized-dp+tuned+local oracle
 study: venv
 	$(BIN)/mammofed-sim run --scenario configs/simulation/study.yaml \
 	    --federation configs/federation/sim-demo.yaml --base-checkpoint models/demo-base-h.pt \
