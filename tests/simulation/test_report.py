@@ -174,6 +174,17 @@ def test_goal_needs_the_recommended_regime_above_base_and_local_only(
     assert "Goal met on no site." in md and f"**{R.RECOMMENDED}**" in md
     rows = {(r["site"], r["regime"], r["against"]) for r in data["paired"]}
     assert ("B", R.RECOMMENDED, R.PERSONALIZED) in rows
+    assert "The oracle is not in these runs" not in md
+
+
+def test_goal_without_the_oracle_says_so(tmp_path: Path) -> None:
+    """The demo runs no oracle: the goal table says why × oracle is not run."""
+    md, data = _paired_report(tmp_path, {R.RECOMMENDED}, {R.BASE, R.LOCAL_ONLY})
+    (goal,) = data["goal"]
+    assert goal["beats_base"] is True and goal["beats_local"] is True
+    assert goal["reaches_oracle"] is None and goal["met"] is False
+    assert "| B | yes | yes | – | not met | not run | not run |" in md
+    assert "The oracle is not in these runs" in md
 
 
 def test_report_names_a_broken_detections_file(tmp_path: Path) -> None:
