@@ -69,20 +69,13 @@ def hospital_path(
     local, fed, tuned = work / "local.pt", work / "federated.pt", work / "tuned.pt"
     # a regime copied from an earlier run (--reuse) has its state there
     src = trained_in(run, regime) / regime
+    # mammofed-client train-local with the study's federation config
+    train = ["train-local", "--site-config", str(site_yaml), "--federation"]
+    train += [str(run / "configs" / "federation.yaml")]
     seconds = {
         "train-local": _run(
-            [
-                "train-local",
-                "--site-config",
-                str(site_yaml),
-                "--federation",
-                str(run / "configs" / "federation.yaml"),
-                "--init",
-                str(run / "base" / "model.pt"),
-                "--out",
-                str(local),
-            ]
-        ),  # fmt: skip
+            [*train, "--init", str(run / "base" / "model.pt"), "--out", str(local)]
+        ),
         "export": _run(
             [
                 "export",
@@ -104,22 +97,10 @@ def hospital_path(
     }
     tuned_regime = f"{regime}-tuned"
     if (run / tuned_regime / "metrics.json").is_file():
-        factor = R.REGIMES[tuned_regime].lr_factor
+        factor = str(R.REGIMES[tuned_regime].lr_factor)
         seconds["train-local --init federated"] = _run(
-            [
-                "train-local",
-                "--site-config",
-                str(site_yaml),
-                "--federation",
-                str(run / "configs" / "federation.yaml"),
-                "--init",
-                str(fed),
-                "--lr-factor",
-                str(factor),
-                "--out",
-                str(tuned),
-            ]
-        )  # fmt: skip
+            [*train, "--init", str(fed), "--lr-factor", factor, "--out", str(tuned)]
+        )
         arms[tuned_regime] = [tuned]
         arms[f"{regime}+tuned"] = [fed, tuned]
         arms[f"{regime}+tuned+local"] = [fed, tuned, local]
