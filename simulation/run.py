@@ -408,61 +408,42 @@ def trained_in(run: Path, regime: str) -> Path:
     )
 
 
-def tuned_start(
-    spec: R.Regime,
-    site: str,
-    source_run: Path,
-    source_cfg: FederationConfig,
-    cache: Path,
-    out: Path,
-) -> Path:
+def tuned_start(spec: R.Regime, site: str, source_run: Path, out: Path) -> Path:
     """Where ``spec`` (a :attr:`~R.Regime.tune_from` regime) starts ``site``.
 
-    The federated regime's final model of that site, as the site would export
-    it (its last global round plus its personal state), composed from the run
-    folder that trained it (``source_run``, or the run it was copied from) and
-    written to ``<out>/<regime>/start/<site>.pt``.
+    The federated regime's final model of that site, exported as the site
+    exports it (``client.export.export_model``: its last complete global round
+    plus its personal state) from the run folder that trained it
+    (``source_run``, or the run it was copied from), to
+    ``<out>/<regime>/start/<site>.pt``.
 
     Raises:
-        MammofedError: that run kept no global checkpoint or no state of the site.
+        MammofedError: that run kept no complete round or no state of the
+            site (the message names the folder).
     """
-    from server.checkpoints import CheckpointStore
+    from client.export import export_model
 
     assert spec.tune_from is not None
     src = trained_in(source_run, spec.tune_from) / spec.tune_from
-    cfg = dataclasses.replace(
-        source_cfg,
-        state_dir=src / RF.SITE_STATE_DIR,
-        run_dir=src / RF.SERVER_DIR,
-    )
-    assert cfg.state_dir is not None and cfg.run_dir is not None
-    last = CheckpointStore(cfg.run_dir / RF.CHECKPOINT_DIR).latest()
-    if last is None:
-        raise MammofedError(
-            f"[{spec.name}] {cfg.run_dir / RF.CHECKPOINT_DIR}: no global checkpoint "
-            f"of {spec.tune_from} to start from"
-        )
-    if not (cfg.state_dir / site).is_dir():
-        raise MammofedError(
-            f"[{spec.name}] {cfg.state_dir / site}: no state of site {site} "
-            f"in {spec.tune_from}'s run to start from"
-        )
-    trainer = DetectorTrainer(site, cfg.state_dir, cfg, cache)
-    model = trainer.site_model_for(last.arrays, last.round)
     path = out / spec.name / "start" / f"{site}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(
-        path,
-        model,
-        trainer.opts.model_config(),
-        extra={"regime": spec.tune_from, "round": last.round, "run": str(src)},
-    )
+    try:
+        done = export_model(
+            src / RF.SERVER_DIR / RF.CHECKPOINT_DIR,
+            path,
+            site=site,
+            state_dir=src / RF.SITE_STATE_DIR,
+        )
+    except MammofedError as exc:
+        raise MammofedError(
+            f"[{spec.name}] site {site} cannot start from {spec.tune_from}: {exc}"
+        ) from exc
     log.info(
         "[%s] site %s starts from %s's round-%d model (%s)",
         spec.name,
         site,
         spec.tune_from,
-        last.round,
+        done.round,
         src,
     )
     return path
@@ -914,14 +895,8 @@ def run_study(req: RunRequest) -> Path:
             for name, (train_on, tested) in pools[spec.train_on].items():
                 start = init
                 if spec.tune_from is not None:
-                    start = tuned_start(
-                        spec,
-                        name,
-                        Path(reused.get(spec.tune_from, out)),
-                        _regime_config(fed, spec.tune_from, req, out, sites),
-                        caches[name],
-                        out,
-                    )
+                    source = Path(reused.get(spec.tune_from, out))
+                    start = tuned_start(spec, name, source, out)
                 model = train_central(
                     train_on,
                     opts,

@@ -556,9 +556,12 @@ def test_tuned_regime_starts_from_each_sites_federated_model(
     dp_metrics = json.loads((fed / R.PERSONALIZED_DP / RF.METRICS_JSON).read_text())
     for site in ("A", "C"):
         start = tuned / R.PERSONALIZED_DP_TUNED / "start" / f"{site}.pt"
-        ck = load_checkpoint(start)
-        assert ck.extra["regime"] == R.PERSONALIZED_DP
-        assert ck.extra["run"] == str(fed / R.PERSONALIZED_DP)
+        # exported as the site exports it, from the run that trained it
+        export = load_checkpoint(start).extra["export"]
+        assert export["run"] == R.PERSONALIZED_DP and export["site"] == site
+        trained = (fed / R.PERSONALIZED_DP).resolve()
+        assert export["round_file"].startswith(str(trained / "server"))
+        assert export["state_dir"] == str(trained / "site-state")
         # the start is the site's personalized-dp model: it scores the same
         model = build_detector(cfg)
         init_from_checkpoint(model, cfg, start)
@@ -582,9 +585,10 @@ def test_tuned_regime_starts_from_each_sites_federated_model(
     (gone / RF.RUN_JSON).write_bytes((fed / RF.RUN_JSON).read_bytes())
     spec = R.REGIMES[R.PERSONALIZED_DP_TUNED]
     with pytest.raises(MammofedError, match="gone/personalized-dp/server/checkpoints"):
-        tuned_start(
-            spec, "A", gone, fcfg, study.parent / "data" / "cache" / "A", tmp_path
-        )
+        tuned_start(spec, "A", gone, tmp_path)
+    # a site that never trained in that run: refused, naming its state folder
+    with pytest.raises(MammofedError, match="personalized-dp/site-state/Z"):
+        tuned_start(spec, "Z", fed, tmp_path)
     # 'reused' records that go round in a circle are refused
     loop = tmp_path / "loop"
     loop.mkdir()
