@@ -26,18 +26,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from client.detector_trainer import DetectorOptions, detector_options
 from common.config.loader import config_to_dict, write_resolved
 from common.config.site import SiteConfig
 from common.detector.adapt import fewshot as fs
+from common.detector.adapt.config import AdaptConfig
+from common.detector.adapt.teacher import MeanTeacher, local_round
 from common.detector.checkpoint import init_from_checkpoint, save_checkpoint
 from common.detector.engine import resolve_device, seed_everything
 from common.detector.model import Personalization, build_detector
-from common.detector.recipe import Pooled, Transformed, train_epochs
+from common.detector.recipe import Pooled, Recipe, Transformed, train_epochs
 from common.errors import ConfigError, MammofedError
 from common.fileio import sha256_file
-from common.imaging.data import SiteDataset
+from common.imaging.data import SiteDataset, collate
 from common.wire.federation import FederationConfig
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ def train_central(
     label: str,
     init: Path | None = None,
     head_only: bool = False,
+    ssl: AdaptConfig | None = None,
 ) -> nn.Module:
     """Train one detector on the pooled labeled images of ``caches``.
 
@@ -65,7 +69,18 @@ def train_central(
     ``head_only``: train the detection head only; every other tensor, the
     norm layers' running statistics included, stays as ``init`` had it (the
     few-shot site's TFA-style tuning, :mod:`common.detector.adapt.fewshot`).
+    ``ssl`` (with ``ssl_enabled``): each step also takes a batch of the
+    caches' unlabeled training images and adds the mean teacher's
+    consistency loss (:func:`common.detector.adapt.teacher.local_round`; the
+    teacher starts as a copy of the model after ``init``); without unlabeled
+    images it is plain supervised training (logged).
+
+    Raises:
+        MammofedError: no labeled image, or ``head_only`` with ``ssl``.
     """
+    use_ssl = ssl is not None and ssl.ssl_enabled
+    if use_ssl and head_only:
+        raise MammofedError(f"{label}: head-only training takes no semi-supervision")
     seed_everything(seed)
     model = build_detector(opts.model_config())
     if init is not None:
@@ -85,14 +100,28 @@ def train_central(
         log.info(
             "%s: training the head only (%d tensors frozen)", label, len(frozen_keys)
         )
+    labeled = Transformed(
+        pooled, recipe.transform(torch.Generator().manual_seed(seed), pooled)
+    )
+    optimizer = recipe.optimizer(p for p in model.parameters() if p.requires_grad)
+    if use_ssl:
+        assert ssl is not None
+        unlabeled: Dataset[Any] = ConcatDataset(
+            [SiteDataset(c, seed=seed).view("unlabeled") for c in caches]
+        )
+        if len(unlabeled) > 0:  # type: ignore[arg-type]
+            _train_semi_supervised(
+                model, labeled, unlabeled, recipe, optimizer, ssl,
+                epochs=epochs, steps=steps, seed=seed, device=device, label=label,
+            )  # fmt: skip
+            return model
+        log.info("%s: no unlabeled images, supervised training only", label)
     with fs.frozen(model, frozen_keys):
         train_epochs(
             model,
-            Transformed(
-                pooled, recipe.transform(torch.Generator().manual_seed(seed), pooled)
-            ),
+            labeled,
             recipe,
-            recipe.optimizer(p for p in model.parameters() if p.requires_grad),
+            optimizer,
             epochs=epochs,
             steps=steps,
             seed=seed,
@@ -101,6 +130,62 @@ def train_central(
             label=label,
         )
     return model
+
+
+def _train_semi_supervised(
+    model: nn.Module,
+    labeled: Dataset[Any],
+    unlabeled: Dataset[Any],
+    recipe: Recipe,
+    optimizer: torch.optim.Optimizer,
+    cfg: AdaptConfig,
+    *,
+    epochs: int,
+    steps: int,
+    seed: int,
+    device: torch.device,
+    label: str,
+) -> None:
+    """``epochs`` epochs of ``steps`` steps: labeled loss + teacher consistency.
+
+    The labeled batches are the supervised recipe's (lesion-balanced sampler
+    of epoch ``e`` seeded ``seed + e``); each step adds ``cfg.unlabeled_ratio``
+    shuffled unlabeled batches; the consistency weight ramps up over
+    ``cfg.rampup_steps`` steps counted across epochs.
+    """
+    teacher = MeanTeacher(model, cfg.ema_decay)
+    unl_loader = DataLoader(
+        unlabeled,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    log.info(
+        "%s: semi-supervised, %d labeled and %d unlabeled images",
+        label, len(labeled), len(unlabeled),  # type: ignore[arg-type]
+    )  # fmt: skip
+    step = 0
+    for epoch in range(epochs):
+        loader = recipe.loader(labeled, steps * recipe.batch_size, seed + epoch)
+        stats = local_round(
+            model,
+            teacher,
+            loader,
+            unl_loader,
+            optimizer,
+            cfg,
+            device,
+            step,
+            max_steps=steps,
+            grad_clip=recipe.clip,
+        )
+        step = stats.step
+        log.info(
+            "[%s] epoch %d/%d: supervised %.4f, consistency %.4f x %.3f",
+            label, epoch + 1, epochs, stats.sup_loss, stats.unsup_loss,
+            stats.unsup_weight,
+        )  # fmt: skip
 
 
 def train_local_model(

@@ -31,11 +31,14 @@ PERSONALIZED = "personalized"
 PERSONALIZED_STATS = "personalized-stats"
 PERSONALIZED_SELECT = "personalized-select"
 PERSONALIZED_SSL = "personalized-ssl"
+PERSONALIZED_ALL_LABELS = "personalized-all-labels"
 PERSONALIZED_DP = "personalized-dp"
 PERSONALIZED_DP_LOCAL = "personalized-dp+local"
 PERSONALIZED_DP_LOCAL_HEAD = "personalized-dp+local-head"
 PERSONALIZED_DP_TUNED = "personalized-dp-tuned"
+PERSONALIZED_DP_TUNED_SSL = "personalized-dp-tuned-ssl"
 PERSONALIZED_DP_TUNED_PAIR = "personalized-dp+tuned"
+PERSONALIZED_DP_TUNED_SSL_LOCAL = "personalized-dp+tuned-ssl+local"
 PERSONALIZED_DP_TUNED_LOCAL = "personalized-dp+tuned+local"
 ORACLE = "oracle"
 FEDMEDIAN = "fedmedian"
@@ -62,12 +65,17 @@ class Regime:
         personalization: what each site keeps to itself (FedBN, FedPer).
         options: ``trainer.options`` set for this regime (over the study's);
             a central regime reads ``head_only`` (train the detection head
-            only, from the base model) and ``lr_factor`` (its learning rate
-            is the federation's times this).
+            only, from the base model), ``lr_factor`` (its learning rate
+            is the federation's times this) and ``ssl`` with the ``ssl_*``
+            settings (semi-supervision on the unlabeled training images).
         from_request: ``{trainer option or "strategy.<field>": RunRequest
             field}``: values the ``mammofed-sim run`` flags give.
         members: an ensemble regime's regimes, whose site models each site
             runs and fuses (they run in the same study).
+        all_labels: a federated regime whose sites train on their complete
+            labels (the oracle's annotations of every training woman, the
+            test women unchanged): the all-labels version of the regime
+            against which semi-supervision's gap closed is measured.
         tune_from: a central ``each`` regime that starts every site from
             this federated regime's final model of that site (its last
             global round plus the site's personal state) instead of the base
@@ -82,6 +90,7 @@ class Regime:
     from_request: Mapping[str, str] = field(default_factory=_frozen)
     members: tuple[str, ...] = ()
     tune_from: str | None = None
+    all_labels: bool = False
 
     @property
     def kind(self) -> str:
@@ -109,6 +118,11 @@ class Regime:
     def needs(self) -> tuple[str, ...]:
         """The regimes this one is made from: its members, the one it tunes."""
         return self.members + ((self.tune_from,) if self.tune_from else ())
+
+    @property
+    def ssl(self) -> bool:
+        """Whether a central regime adds the mean teacher's consistency loss."""
+        return self.kind == "central" and bool(self.options.get("ssl"))
 
     @property
     def selects(self) -> bool:
@@ -169,6 +183,15 @@ TABLE: tuple[Regime, ...] = (
         personalization=_PERSONAL,
         options=_frozen(fewshot=True, ssl=True),
     ),
+    # personalized with every training woman labeled (the scenario's complete
+    # annotations): the ceiling of personalized-ssl on the partly labeled site
+    Regime(
+        PERSONALIZED_ALL_LABELS,
+        strategy="personalized",
+        personalization=_PERSONAL,
+        options=_frozen(fewshot=False, ssl=False),
+        all_labels=True,
+    ),
     Regime(
         PERSONALIZED_DP,
         strategy="personalized",
@@ -185,6 +208,16 @@ TABLE: tuple[Regime, ...] = (
         tune_from=PERSONALIZED_DP,
         options=_frozen(lr_factor=0.3),
     ),
+    # the same, with the mean teacher's consistency on the site's unlabeled
+    # training women (none on a fully labeled site): DP keeps semi-supervision
+    # out of personalized-dp, not out of the on-site tuning. The teacher starts
+    # as the federated model, so the consistency weight is full from step 0.
+    Regime(
+        PERSONALIZED_DP_TUNED_SSL,
+        train_on="each",
+        tune_from=PERSONALIZED_DP,
+        options=_frozen(lr_factor=0.3, ssl=True, ssl_rampup_steps=0),
+    ),
     # the site keeps the model it trains alone beside the federation's
     # personalized one and runs both, findings fused (weighted box fusion)
     Regime(PERSONALIZED_DP_LOCAL, members=(PERSONALIZED_DP, LOCAL_ONLY)),
@@ -195,6 +228,10 @@ TABLE: tuple[Regime, ...] = (
     Regime(
         PERSONALIZED_DP_TUNED_LOCAL,
         members=(PERSONALIZED_DP, PERSONALIZED_DP_TUNED, LOCAL_ONLY),
+    ),
+    Regime(
+        PERSONALIZED_DP_TUNED_SSL_LOCAL,
+        members=(PERSONALIZED_DP, PERSONALIZED_DP_TUNED_SSL, LOCAL_ONLY),
     ),
     Regime(ORACLE, train_on="oracle"),
 )

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from client.selection import BASE, SELECTION_JSON, Selection  # noqa: E402
 from common.detector.froc import (  # noqa: E402
     FrocImage,
+    pooled_gap_closed,
     pooled_paired_cpm_difference,
 )
 from common.fileio import json_safe  # noqa: E402
@@ -222,6 +223,8 @@ PAIRS: tuple[tuple[str, str], ...] = (
     (R.PERSONALIZED_SSL, R.ORACLE),
     (R.PERSONALIZED_SSL, R.LOCAL_ONLY),
     (R.PERSONALIZED_SSL, R.PERSONALIZED),
+    (R.PERSONALIZED_ALL_LABELS, R.PERSONALIZED),
+    (R.PERSONALIZED_ALL_LABELS, R.PERSONALIZED_SSL),
     (R.PERSONALIZED_DP, R.PERSONALIZED),
     (R.PERSONALIZED_SELECT, R.BASE),
     (R.PERSONALIZED_SELECT, R.LOCAL_ONLY),
@@ -241,6 +244,9 @@ PAIRS: tuple[tuple[str, str], ...] = (
     (R.PERSONALIZED_DP_TUNED_PAIR, R.RECOMMENDED),
     (R.PERSONALIZED_DP_TUNED, R.PERSONALIZED_DP),
     (R.PERSONALIZED_DP_TUNED, R.LOCAL_ONLY),
+    # semi-supervision in the on-site tuning (measured, no gain)
+    (R.PERSONALIZED_DP_TUNED_SSL, R.PERSONALIZED_DP_TUNED),
+    (R.PERSONALIZED_DP_TUNED_SSL_LOCAL, R.RECOMMENDED),
     # the ceiling: what the goal's tests give the oracle (all labels pooled)
     (R.ORACLE, R.BASE),
     (R.ORACLE, R.LOCAL_ONLY),
@@ -300,6 +306,118 @@ def goal_verdicts(
         v["oracle_beats_local"] = above_zero(R.LOCAL_ONLY, of=R.ORACLE)
         out.append(v)
     return out
+
+
+#: Semi-supervision's test (issue 14): on the partly labeled site the
+#: semi-supervised regime closes at least this share of the gap between the
+#: same regime on the labeled women only and with every woman labeled.
+SSL_GAP_GOAL = 0.6
+#: (labeled women only, semi-supervised, every training woman labeled)
+SSL_GAP: tuple[str, str, str] = (
+    R.PERSONALIZED,
+    R.PERSONALIZED_SSL,
+    R.PERSONALIZED_ALL_LABELS,
+)
+
+
+def ssl_gap_rows(
+    detections: Mapping[str, list[Path]],
+    base_sites: set[str],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Share of the labels' gap that semi-supervision closes, per site and class.
+
+    ``detections``: each regime's ``detections.json`` per run; needs the
+    three regimes of :data:`SSL_GAP` with as many runs each (else ``[]``,
+    logged). Per non-base site and class: the three CPMs (means over runs),
+    ``gap`` = all labels − labeled only with its paired interval,
+    ``closed`` = (semi-supervised − labeled only) / gap with its interval
+    (:func:`common.detector.froc.pooled_gap_closed`), ``gap_resolved``
+    (the gap's interval above 0) and ``met`` (gap resolved and ``closed``
+    at least :data:`SSL_GAP_GOAL`). A site without unlabeled women has no
+    gap to close: its two label versions train on the same women.
+    """
+    if any(r not in detections for r in SSL_GAP):
+        return []
+    counts = {r: len(detections[r]) for r in SSL_GAP}
+    if len(set(counts.values())) != 1:
+        log.warning("semi-supervision gap: unequal run counts %s; not computed", counts)
+        return []
+    low, mid, high = ([load_detections(p) for p in detections[r]] for r in SSL_GAP)
+    sites = set.intersection(*(set(d) for d in low + mid + high)) - base_sites
+    rows: list[dict[str, Any]] = []
+    for site in sorted(sites):
+        for label, cls in enumerate(CLASSES):
+            runs = [[d[site] for d in x] for x in (low, mid, high)]
+            try:
+                gap = pooled_paired_cpm_difference(
+                    runs[0], runs[2], label, n_boot=n_boot, seed=seed
+                )
+                g = pooled_gap_closed(
+                    runs[0], runs[1], runs[2], label, n_boot=n_boot, seed=seed
+                )
+            except ValueError as exc:
+                log.warning("semi-supervision gap, site %s: %s", site, exc)
+                break
+            resolved = bool(gap["ci95"][0] > 0)
+            rows.append(
+                {
+                    "site": site,
+                    "class": cls,
+                    "cpm_labeled": g["cpm_low"],
+                    "cpm_ssl": g["cpm_mid"],
+                    "cpm_all": g["cpm_high"],
+                    "gap": gap["diff"],
+                    "gap_ci95": list(gap["ci95"]),
+                    "closed": g["closed"],
+                    "closed_ci95": list(g["ci95"]),
+                    "undefined": g["undefined"],
+                    "n_runs": counts[SSL_GAP[0]],
+                    "gap_resolved": resolved,
+                    "met": resolved and g["closed"] >= SSL_GAP_GOAL,
+                }
+            )
+    return rows
+
+
+def _ssl_gap_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    low, mid, high = SSL_GAP
+    lines = [
+        "## Semi-supervision: the gap it closes",
+        "",
+        f"`{mid}` against the same federation on the labeled women only "
+        f"(`{low}`) and with every training woman labeled (`{high}`, the "
+        "scenario's complete annotations; the test women are the same): "
+        f"closed = ({mid} − {low}) / ({high} − {low}), paired over the same "
+        "women and seeds. Goal (issue 14): at least "
+        f"{SSL_GAP_GOAL:.0%} on the partly labeled site. A gap whose interval "
+        "is not above 0 has nothing to close (a site without unlabeled women).",
+        "",
+        f"| site | class | {low} | {mid} | {high} | gap [95% CI] | closed [95% CI] | "
+        f"≥ {SSL_GAP_GOAL:.0%} |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lo, hi = r["gap_ci95"]
+        clo, chi = r["closed_ci95"]
+        verdict = (
+            ("yes" if r["met"] else "no") if r["gap_resolved"] else "no gap resolved"
+        )
+        lines.append(
+            f"| {r['site']} | {r['class']} | {_fmt(r['cpm_labeled'])} | "
+            f"{_fmt(r['cpm_ssl'])} | {_fmt(r['cpm_all'])} | {_fmt(r['gap'])} "
+            f"[{_fmt(lo)}, {_fmt(hi)}] | {_pct(r['closed'])} "
+            f"[{_pct(clo)}, {_pct(chi)}] | {verdict} |"
+        )
+    return [*lines, ""]
+
+
+def _pct(v: float) -> str:
+    return "–" if v is None or math.isnan(v) else f"{v:.0%}"
 
 
 def goal_lines(verdicts: list[dict[str, Any]]) -> list[str]:
@@ -687,6 +805,8 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     base_sites = {s for run in data["runs"] for s in run.base_sites}
     if paired:
         lines += _paired_lines(paired, base_sites)
+    ssl_gap = ssl_gap_rows(data["detections"], base_sites)
+    lines += _ssl_gap_lines(ssl_gap)
     lines += ["## FROC curves", ""]
     for site in table["sites"]:
         png = out_dir / f"froc_{site}.png"
@@ -735,6 +855,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
         "bytes_per_round": bytes_table(data["rounds"]),
         "paired": paired,
         "goal": goal_verdicts(paired, base_sites),
+        "ssl_gap": ssl_gap,
         "choices": chosen_rows,
         "dp": data["dp"],
         "runs": [str(p) for p in run_dirs],

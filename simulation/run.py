@@ -71,6 +71,7 @@ from common.config.loader import (
     write_resolved,
 )
 from common.config.site import SiteConfig
+from common.detector.adapt.config import AdaptConfig
 from common.detector.checkpoint import init_from_checkpoint, save_checkpoint
 from common.detector.engine import (
     EvalResult,
@@ -408,6 +409,17 @@ def trained_in(run: Path, regime: str) -> Path:
     )
 
 
+def central_ssl(spec: R.Regime, opts: DetectorOptions, seed: int) -> AdaptConfig | None:
+    """The semi-supervision of a central regime (``ssl``), else ``None``.
+
+    The study's options with the regime's ``ssl_*`` options laid over them.
+    """
+    if not spec.ssl:
+        return None
+    over = {k: v for k, v in spec.options.items() if k.startswith("ssl")}
+    return dataclasses.replace(opts, **over).adapt_config(seed)
+
+
 def tuned_start(spec: R.Regime, site: str, source_run: Path, out: Path) -> Path:
     """Where ``spec`` (a :attr:`~R.Regime.tune_from` regime) starts ``site``.
 
@@ -693,8 +705,12 @@ def run_federated(
     *,
     engine: str = "inprocess",
     timeout_s: float = 3600.0,
+    test_caches: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """One federated regime on ``engine``; returns each site's test evaluation.
+
+    The sites train on ``caches``; they are scored on the test women of
+    ``test_caches`` (default ``caches``), the same women under the same split.
 
     A site is scored with its own final model, as ``export`` would build it:
     the last global round plus its personal state (FedBN norms, personal
@@ -732,7 +748,7 @@ def run_federated(
         raise MammofedError(f"[{regime}] no global checkpoint was written")
     results: dict[str, EvalResult | None] = {}
     for s in sites:
-        trainer = DetectorTrainer(s, fed.state_dir, fed, caches[s])
+        trainer = DetectorTrainer(s, fed.state_dir, fed, (test_caches or caches)[s])
         if not trainer.dataset.indices("test"):
             log.warning("[%s] site %s: no test images; not evaluated", regime, s)
             continue
@@ -903,6 +919,7 @@ def run_study(req: RunRequest) -> Path:
                     label=f"{regime}/{name}" if spec.train_on == "each" else name,
                     init=start,
                     head_only=spec.head_only,
+                    ssl=central_ssl(spec, opts, fed.seed),
                     **{**common_kw, "lr": common_kw["lr"] * spec.lr_factor},
                 )
                 for s in tested:
@@ -917,11 +934,12 @@ def run_study(req: RunRequest) -> Path:
             metrics = run_federated(
                 regime,
                 cfg,
-                caches,
+                oracle if spec.all_labels else caches,
                 out,
                 req.n_boot,
                 engine=req.engine,
                 timeout_s=req.engine_timeout_s,
+                test_caches=caches,
             )
             dp = dp_record(cfg, req.dp_epsilon) if spec.private else None
         _write_regime(out, spec, metrics, dp)

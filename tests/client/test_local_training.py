@@ -155,3 +155,67 @@ def test_lr_factor_scales_the_learning_rate_as_the_tuned_regime_does(
                 site, fed, init=base, out=tmp_path / "x.pt", lr_factor=bad
             )
     assert not (tmp_path / "x.pt").exists()
+
+
+def _partly_labeled_cache(root: Path) -> Path:
+    """8 women, 2 images each; women 4-7 carry no annotation (unlabeled)."""
+    from common.imaging.annotations import ImageTargets
+    from tests.conftest import LESION, _image, write_site_cache
+
+    def targets(p: int, j: int) -> ImageTargets:
+        if p >= 4:
+            return ImageTargets(False, False, False, [], [], [], [], [], [])
+        if j == 0:
+            b = [list(LESION)]
+            return ImageTargets(True, False, True, b, b, [0], [], [], [])
+        return ImageTargets(True, False, False, [], [], [], [], [], [])
+
+    split = {f"P{p}": "train" for p in range(8)}
+    return write_site_cache(
+        root,
+        8,
+        lambda p, j: _image(2 * p + j, f"P{p}", j == 0 and p < 4),
+        targets,
+        split,
+    )
+
+
+def test_semi_supervised_tuning_uses_the_unlabeled_images_and_only_them(
+    tmp_path: Path, setup: tuple[Path, Path, Path]
+) -> None:
+    """``ssl``: the teacher's consistency on the unlabeled women moves the model;
+    without unlabeled women it is exactly the supervised training."""
+    from common.detector.adapt.config import AdaptConfig
+    from common.imaging.data import SiteDataset
+
+    _, fed_yaml, base = setup
+    fed = load_federation_config(fed_yaml)
+    opts = detector_options(fed, str(fed_yaml))
+    cache = _partly_labeled_cache(tmp_path / "partly")
+    ds = SiteDataset(cache, seed=fed.seed)
+    assert len(ds.view("unlabeled")) == 8 and len(ds.view("labeled")) == 8
+    kw = dict(
+        epochs=2, lr=fed.trainer.learning_rate, batch_size=2, seed=fed.seed,
+        device=torch.device("cpu"), init=base,
+    )  # fmt: skip
+    ssl = AdaptConfig(rampup_steps=0, seed=fed.seed)
+
+    def weights(caches: list[Path], label: str, cfg: AdaptConfig | None) -> dict:
+        m = train_central(caches, opts, label=label, ssl=cfg, **kw)  # type: ignore[arg-type]
+        return {k: v.clone() for k, v in m.state_dict().items()}
+
+    sup = weights([cache], "sup", None)
+    semi = weights([cache], "semi", ssl)
+    again = weights([cache], "semi", ssl)
+    assert any(not torch.equal(v, sup[k]) for k, v in semi.items())
+    assert all(torch.equal(v, again[k]) for k, v in semi.items())  # seeded
+    # switched off in the config: the supervised weights
+    off = weights([cache], "off", AdaptConfig(ssl_enabled=False, seed=fed.seed))
+    assert all(torch.equal(v, sup[k]) for k, v in off.items())
+    # a fully labeled site has no unlabeled images: supervised, same weights
+    full = make_site_cache(tmp_path / "full", n_patients=4)
+    a = weights([full], "full", None)
+    b = weights([full], "full", ssl)
+    assert all(torch.equal(v, a[k]) for k, v in b.items())
+    with pytest.raises(MammofedError, match="head-only training takes no semi"):
+        train_central([cache], opts, label="x", ssl=ssl, head_only=True, **kw)  # type: ignore[arg-type]

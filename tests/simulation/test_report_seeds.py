@@ -101,3 +101,37 @@ def test_bad_seed_lists_are_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="--seeds"):
         parse_seeds(text)
     assert parse_seeds("0,1,2") == (0, 1, 2)
+
+
+def test_the_report_states_the_share_of_the_labels_gap_semi_supervision_closes(
+    tmp_path: Path,
+) -> None:
+    from common.detector.froc import pooled_gap_closed
+    from simulation.report import SSL_GAP, SSL_GAP_GOAL
+
+    # labeled only finds 4-6 of 20 masses, semi-supervised 12-14, all labels 16-18
+    found = {R.PERSONALIZED: 4, R.PERSONALIZED_SSL: 12, R.PERSONALIZED_ALL_LABELS: 16}
+    runs = [_run(tmp_path, s, {r: k + s for r, k in found.items()}) for s in range(3)]
+    md = write_report(runs, tmp_path / "rep").read_text()
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    rows = {r["class"]: r for r in data["ssl_gap"]}
+    mass = rows["mass"]
+    want = pooled_gap_closed(
+        *([_images(found[r] + s) for s in range(3)] for r in SSL_GAP),
+        0,
+        n_boot=1000,
+    )
+    assert mass["site"] == "B" and mass["n_runs"] == 3
+    assert mass["closed"] == pytest.approx(want["closed"])
+    assert mass["closed_ci95"] == pytest.approx(list(want["ci95"]))
+    assert mass["gap_resolved"] and mass["gap_ci95"][0] > 0
+    assert mass["met"] == (want["closed"] >= SSL_GAP_GOAL) and mass["met"]
+    assert "## Semi-supervision: the gap it closes" in md
+    assert f"| B | mass | {mass['cpm_labeled']:.2f} |" in md
+    # no calcification anywhere: nothing to close, said so
+    assert not rows["calcification"]["gap_resolved"]
+    assert "no gap resolved" in md
+    # without the all-labels regime there is no section
+    runs2 = [_run(tmp_path / "two", 0, {R.PERSONALIZED: 4, R.PERSONALIZED_SSL: 9})]
+    md2 = write_report(runs2, tmp_path / "rep2").read_text()
+    assert "the gap it closes" not in md2

@@ -602,3 +602,53 @@ def test_tuned_regime_starts_from_each_sites_federated_model(
     )
     with pytest.raises(MammofedError, match="circle"):
         trained_in(loop, R.PERSONALIZED_DP)
+
+
+@pytest.mark.slow
+def test_all_labels_regime_trains_on_every_woman_and_scores_the_same_test_women(
+    study: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """personalized-all-labels: the sites train on the complete annotations
+    (the partly labeled site on more images), and are scored on the same test
+    women as personalized, so the two pair image by image."""
+    import logging
+    import re
+
+    from common.detector.froc import pooled_paired_cpm_difference
+    from common.imaging.data import SiteDataset
+    from simulation.report import load_detections
+    from simulation.run import BASE_MODEL
+
+    data = study.parent / "data"
+    fed = load_federation_config(FEDERATION)
+    labeled = {
+        kind: len(SiteDataset(data / kind / "C", seed=fed.seed).view("labeled"))
+        for kind in ("cache", "oracle")
+    }
+    assert labeled["oracle"] > labeled["cache"]
+    caplog.set_level(logging.INFO, logger="client.detector_trainer")
+    run = run_study(
+        RunRequest(
+            scenario=SCENARIO,
+            federation=FEDERATION,
+            out=tmp_path / "all",
+            regimes=(R.PERSONALIZED_ALL_LABELS,),
+            data=data,
+            workers=1,
+            n_boot=0,
+            base_checkpoint=study / R.BASE / BASE_MODEL,
+        )
+    )
+    said = r"site C round \d+: loss \S+ over (\d+) examples"
+    seen = {int(m.group(1)) for m in re.finditer(said, caplog.text)}
+    # the ceiling regime's site C trained on every training image, labeled
+    assert seen == {labeled["oracle"]}
+    ours = load_detections(run / R.PERSONALIZED_ALL_LABELS / RF.DETECTIONS_JSON)
+    theirs = load_detections(study / R.PERSONALIZED / RF.DETECTIONS_JSON)
+    assert set(ours) == set(theirs)
+    for site in ours:
+        keys = sorted(im.key for im in ours[site])
+        assert keys == sorted(im.key for im in theirs[site])
+        gt = {im.key: im.gt_boxes.tolist() for im in theirs[site]}
+        assert all(im.gt_boxes.tolist() == gt[im.key] for im in ours[site])
+        pooled_paired_cpm_difference([theirs[site]], [ours[site]], 0, n_boot=5)

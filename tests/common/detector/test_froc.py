@@ -339,3 +339,37 @@ def test_case_survives_the_json_round_trip_and_old_records_read_as_no_case():
     assert FrocImage.from_json(im.to_json()).case == "PH-B-00003"
     old = {k: v for k, v in im.to_json().items() if k != "case"}
     assert FrocImage.from_json(old).case == ""
+
+
+def test_gap_closed_is_the_share_of_the_difference_and_its_interval_pairs_runs():
+    from common.detector.froc import pooled_gap_closed
+
+    low, mid, high = _study(4, 0), _study(2, 0), _study(1, 0)
+    cpm = [froc_class(x, MASS).cpm for x in (low, mid, high)]
+    want = (cpm[1] - cpm[0]) / (cpm[2] - cpm[0])
+    assert 0.3 < want < 0.8
+    r = pooled_gap_closed([low], [mid], [high], MASS, n_boot=200, seed=3)
+    assert r["closed"] == pytest.approx(want)
+    assert r["cpm_low"] == pytest.approx(cpm[0]) and r["cpm_high"] == pytest.approx(
+        cpm[2]
+    )
+    lo, hi = r["ci95"]
+    assert lo <= want <= hi and hi - lo > 0 and r["undefined"] == 0
+    # two runs: the mean differences' ratio; the same again is seeded
+    r2 = pooled_gap_closed([low, low], [mid, high], [high, high], MASS, n_boot=100)
+    two = (cpm[1] - cpm[0] + cpm[2] - cpm[0]) / (2 * (cpm[2] - cpm[0]))
+    assert r2["closed"] == pytest.approx(two)
+    assert (
+        pooled_gap_closed([low, low], [mid, high], [high, high], MASS, n_boot=100) == r2
+    )
+    # mid at the top closes all of it; at the bottom none
+    assert pooled_gap_closed([low], [high], [high], MASS, n_boot=20)["closed"] == 1.0
+    assert pooled_gap_closed([low], [low], [high], MASS, n_boot=20)["closed"] == 0.0
+    # no gap (the labels' version no better): no ratio, every resample undefined
+    none = pooled_gap_closed([high], [mid], [low], MASS, n_boot=30)
+    assert math.isnan(none["closed"]) and none["undefined"] == 30
+    assert all(math.isnan(x) for x in none["ci95"])
+    with pytest.raises(ValueError, match="same number of runs"):
+        pooled_gap_closed([low], [mid, mid], [high], MASS)
+    with pytest.raises(ValueError, match=r"run 0 \(high\): scored other images"):
+        pooled_gap_closed([low], [mid], [high[1:]], MASS)
