@@ -103,7 +103,6 @@ def train_central(
     labeled = Transformed(
         pooled, recipe.transform(torch.Generator().manual_seed(seed), pooled)
     )
-    optimizer = recipe.optimizer(p for p in model.parameters() if p.requires_grad)
     if use_ssl:
         assert ssl is not None
         unlabeled: Dataset[Any] = ConcatDataset(
@@ -111,7 +110,7 @@ def train_central(
         )
         if len(unlabeled) > 0:  # type: ignore[arg-type]
             _train_semi_supervised(
-                model, labeled, unlabeled, recipe, optimizer, ssl,
+                model, labeled, unlabeled, recipe, ssl,
                 epochs=epochs, steps=steps, seed=seed, device=device, label=label,
             )  # fmt: skip
             return model
@@ -121,7 +120,7 @@ def train_central(
             model,
             labeled,
             recipe,
-            optimizer,
+            recipe.optimizer(p for p in model.parameters() if p.requires_grad),
             epochs=epochs,
             steps=steps,
             seed=seed,
@@ -137,7 +136,6 @@ def _train_semi_supervised(
     labeled: Dataset[Any],
     unlabeled: Dataset[Any],
     recipe: Recipe,
-    optimizer: torch.optim.Optimizer,
     cfg: AdaptConfig,
     *,
     epochs: int,
@@ -153,6 +151,7 @@ def _train_semi_supervised(
     shuffled unlabeled batches; the consistency weight ramps up over
     ``cfg.rampup_steps`` steps counted across epochs.
     """
+    optimizer = recipe.optimizer(model.parameters())
     teacher = MeanTeacher(model, cfg.ema_decay)
     unl_loader = DataLoader(
         unlabeled,
