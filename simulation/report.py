@@ -308,6 +308,9 @@ def goal_verdicts(
     return out
 
 
+#: The forest plot of the recommended regime's paired differences.
+PAIRED_PNG = "paired_recommended.png"
+
 #: Semi-supervision's test (issue 14): on the partly labeled site the
 #: semi-supervised regime closes at least this share of the gap between the
 #: same regime on the labeled women only and with every woman labeled.
@@ -708,6 +711,63 @@ def plot_froc(
     return drawn
 
 
+def plot_paired(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Forest plot of the recommended regime's paired differences.
+
+    One panel per class; per site, the difference of CPM (recommended −
+    base, − local-only, − oracle) with its 95% interval, from
+    :func:`paired_comparisons` rows. Returns whether anything was drawn
+    (nothing, no file, when those pairs were not run).
+    """
+    ran = {r["regime"] for r in rows}
+    regime = R.RECOMMENDED if R.RECOMMENDED in ran else R.PERSONALIZED
+    against = (R.BASE, R.LOCAL_ONLY, R.ORACLE)
+    want = [
+        r
+        for r in rows
+        if r["regime"] == regime
+        and r["against"] in against
+        and all(math.isfinite(v) for v in (r["difference"], *r["ci95"]))
+    ]
+    if not want:
+        return False
+    sites = sorted({r["site"] for r in want})
+    fig, axes = plt.subplots(
+        1, len(CLASSES), figsize=(5 * len(CLASSES), 0.9 + 0.75 * len(sites))
+    )
+    colours = {R.BASE: "tab:blue", R.LOCAL_ONLY: "tab:orange", R.ORACLE: "tab:gray"}
+    for ax, cls in zip(axes, CLASSES, strict=True):
+        for k, other in enumerate(against):
+            pts = [
+                (sites.index(r["site"]) + 0.22 * (k - 1), r)
+                for r in want
+                if r["class"] == cls and r["against"] == other
+            ]
+            if not pts:
+                continue
+            y = [p for p, _ in pts]
+            d = [r["difference"] for _, r in pts]
+            err = [
+                [r["difference"] - r["ci95"][0] for _, r in pts],
+                [r["ci95"][1] - r["difference"] for _, r in pts],
+            ]
+            ax.errorbar(
+                d, y, xerr=err, fmt="o", capsize=3, color=colours[other],
+                label=f"− {other}",
+            )  # fmt: skip
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(sites)), sites)
+        ax.invert_yaxis()
+        ax.set_xlabel("difference of CPM, 95% CI (women and seeds)")
+        ax.set_title(f"{regime}: {cls}", fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_rounds(rounds: dict[str, list[StudyRound]], metric: str, path: Path) -> bool:
     """Per-round curve of ``metric`` for every (federated regime, site)."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -805,6 +865,8 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     base_sites = {s for run in data["runs"] for s in run.base_sites}
     if paired:
         lines += _paired_lines(paired, base_sites)
+        if plot_paired(paired, out_dir / PAIRED_PNG):
+            lines += [f"![paired differences]({PAIRED_PNG})", ""]
     ssl_gap = ssl_gap_rows(data["detections"], base_sites)
     lines += _ssl_gap_lines(ssl_gap)
     lines += ["## FROC curves", ""]

@@ -84,6 +84,10 @@ def test_seeds_pool_in_table_and_paired_rows(tmp_path: Path) -> None:
     assert row["ci95"][0] > 0
     assert "personalized better" in md
     assert rows[(R.LOCAL_ONLY, R.BASE, "mass")]["n_runs"] == 3
+    # the forest plot of the regime's differences against base and local-only
+    png = tmp_path / "rep" / "paired_recommended.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![paired differences](paired_recommended.png)" in md
 
 
 def test_regimes_with_other_run_counts_are_not_paired(tmp_path: Path) -> None:
@@ -92,6 +96,8 @@ def test_regimes_with_other_run_counts_are_not_paired(tmp_path: Path) -> None:
     write_report(runs, tmp_path / "rep")
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert not [r for r in data["paired"] if r["against"] == R.LOCAL_ONLY]
+    # nothing paired: no forest plot
+    assert not (tmp_path / "rep" / "paired_recommended.png").exists()
 
 
 @pytest.mark.parametrize("text", ["0,1,1", "a,b", "-1,2", ""])
