@@ -732,6 +732,8 @@ def plot_paired(rows: list[dict[str, Any]], path: Path) -> bool:
     if not want:
         return False
     sites = sorted({r["site"] for r in want})
+    several = max(int(r.get("n_runs", 1)) for r in want) > 1
+    resampled = "women and seeds" if several else "women"
     fig, axes = plt.subplots(
         1, len(CLASSES), figsize=(5 * len(CLASSES), 0.9 + 0.75 * len(sites))
     )
@@ -758,7 +760,7 @@ def plot_paired(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(range(len(sites)), sites)
         ax.invert_yaxis()
-        ax.set_xlabel("difference of CPM, 95% CI (women and seeds)")
+        ax.set_xlabel(f"difference of CPM, 95% CI ({resampled})")
         ax.set_title(f"{regime}: {cls}", fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
         ax.legend(fontsize=7, loc="best")
