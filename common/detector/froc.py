@@ -572,6 +572,29 @@ def plot_froc(
     return out
 
 
+def _in_key_order(
+    images: Sequence[FrocImage], keys: Sequence[str], where: str, first: str
+) -> list[FrocImage]:
+    """``images`` in the order of ``keys`` (the image set of run ``first``).
+
+    Raises:
+        ValueError: another image set, or a key twice (``where`` named).
+    """
+    by_key = {im.key: im for im in images}
+    if len(by_key) != len(images) or sorted(by_key) != sorted(keys):
+        raise ValueError(
+            f"{where}: scored other images than {first}, or a key twice: the "
+            f"image sets differ ({len(images)} and {len(keys)} images, "
+            f"{len(set(by_key) ^ set(keys))} keys in only one)"
+        )
+    return [by_key[k] for k in keys]
+
+
+def _draw_runs(rng: np.random.Generator, n: int) -> np.ndarray:
+    """One bootstrap draw of ``n`` runs with replacement (one run: itself)."""
+    return rng.integers(0, n, size=n) if n > 1 else np.zeros(1, np.int64)
+
+
 def pooled_paired_cpm_difference(
     a_runs: Sequence[Sequence[FrocImage]],
     b_runs: Sequence[Sequence[FrocImage]],
@@ -603,14 +626,7 @@ def pooled_paired_cpm_difference(
     keys = [im.key for im in a_runs[0]]
 
     def ordered(images: Sequence[FrocImage], where: str) -> list[FrocImage]:
-        by_key = {im.key: im for im in images}
-        if len(by_key) != len(images) or sorted(by_key) != sorted(keys):
-            raise ValueError(
-                f"{where}: scored other images than run 0 (a), or a key twice: the "
-                f"image sets differ ({len(images)} and {len(keys)} images, "
-                f"{len(set(by_key) ^ set(keys))} keys in only one)"
-            )
-        return [by_key[k] for k in keys]
+        return _in_key_order(images, keys, where, "run 0 (a)")
 
     a0 = ordered(a_runs[0], "run 0 (a)")  # the image order every run follows
     oa = [_collect(a0, label)] + [
@@ -625,7 +641,7 @@ def pooled_paired_cpm_difference(
     run_rng = np.random.default_rng([seed, 1])
 
     def pooled(w: np.ndarray) -> float:
-        draw = run_rng.integers(0, n, size=n) if n > 1 else np.zeros(1, np.int64)
+        draw = _draw_runs(run_rng, n)
         per = {i: _cpm_from(ob[i], w)[0] - _cpm_from(oa[i], w)[0] for i in set(draw)}
         return float(np.mean([per[i] for i in draw]))
 
@@ -672,16 +688,10 @@ def pooled_gap_closed(
     keys = [im.key for im in low_runs[0]]
 
     def outcomes(runs: Sequence[Sequence[FrocImage]], name: str) -> list[_Outcomes]:
-        out = []
-        for i, images in enumerate(runs):
-            by_key = {im.key: im for im in images}
-            if len(by_key) != len(images) or sorted(by_key) != sorted(keys):
-                raise ValueError(
-                    f"run {i} ({name}): scored other images than run 0 (low), or "
-                    f"a key twice ({len(images)} and {len(keys)} images)"
-                )
-            out.append(_collect([by_key[k] for k in keys], label))
-        return out
+        return [
+            _collect(_in_key_order(r, keys, f"run {i} ({name})", "run 0 (low)"), label)
+            for i, r in enumerate(runs)
+        ]
 
     lo, mid, hi = (
         outcomes(low_runs, "low"),
@@ -704,8 +714,7 @@ def pooled_gap_closed(
 
     def resampled(w: np.ndarray) -> float:
         nonlocal undefined
-        draw = run_rng.integers(0, n, size=n) if n > 1 else np.zeros(1, np.int64)
-        v = ratio(w, [int(i) for i in draw])
+        v = ratio(w, [int(i) for i in _draw_runs(run_rng, n)])
         undefined += math.isnan(v)
         return v
 
