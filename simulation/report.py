@@ -258,6 +258,16 @@ PAIRS: tuple[tuple[str, str], ...] = (
 ORACLE_FRACTION_GOAL = 0.9
 
 
+def headline_regime(rows: list[dict[str, Any]]) -> str:
+    """The regime the goal and its plot are about.
+
+    :data:`simulation.regimes.RECOMMENDED`, or ``personalized`` in runs made
+    without it (``rows``: :func:`paired_comparisons` rows).
+    """
+    ran = {r["regime"] for r in rows}
+    return R.RECOMMENDED if R.RECOMMENDED in ran else R.PERSONALIZED
+
+
 def goal_verdicts(
     rows: list[dict[str, Any]], base_sites: set[str]
 ) -> list[dict[str, Any]]:
@@ -273,8 +283,7 @@ def goal_verdicts(
     regime is :data:`simulation.regimes.RECOMMENDED`, or ``personalized`` in
     runs made without it.
     """
-    ran = {r["regime"] for r in rows}
-    regime = R.RECOMMENDED if R.RECOMMENDED in ran else R.PERSONALIZED
+    regime = headline_regime(rows)
     mass = {
         (r["regime"], r["site"], r["against"]): r
         for r in rows
@@ -324,6 +333,7 @@ SSL_GAP: tuple[str, str, str] = (
 
 
 def ssl_gap_rows(
+    paired: list[dict[str, Any]],
     detections: Mapping[str, list[Path]],
     base_sites: set[str],
     *,
@@ -332,11 +342,13 @@ def ssl_gap_rows(
 ) -> list[dict[str, Any]]:
     """Share of the labels' gap that semi-supervision closes, per site and class.
 
+    ``paired``: :func:`paired_comparisons` rows (the gap, all labels −
+    labeled only, is one of :data:`PAIRS`, with its paired interval);
     ``detections``: each regime's ``detections.json`` per run; needs the
     three regimes of :data:`SSL_GAP` with as many runs each (else ``[]``,
-    logged). Per non-base site and class: the three CPMs (means over runs),
-    ``gap`` = all labels − labeled only with its paired interval,
-    ``closed`` = (semi-supervised − labeled only) / gap with its interval
+    logged). Per non-base site and class with a gap row: the three CPMs
+    (means over runs), ``gap`` and its interval, ``closed`` =
+    (semi-supervised − labeled only) / gap with its interval
     (:func:`common.detector.froc.pooled_gap_closed`), ``gap_resolved``
     (the gap's interval above 0) and ``met`` (gap resolved and ``closed``
     at least :data:`SSL_GAP_GOAL`). A site without unlabeled women has no
@@ -348,16 +360,21 @@ def ssl_gap_rows(
     if len(set(counts.values())) != 1:
         log.warning("semi-supervision gap: unequal run counts %s; not computed", counts)
         return []
+    gaps = {
+        (r["site"], r["class"]): r
+        for r in paired
+        if (r["regime"], r["against"]) == (SSL_GAP[2], SSL_GAP[0])
+    }
     low, mid, high = ([load_detections(p) for p in detections[r]] for r in SSL_GAP)
     sites = set.intersection(*(set(d) for d in low + mid + high)) - base_sites
     rows: list[dict[str, Any]] = []
     for site in sorted(sites):
         for label, cls in enumerate(CLASSES):
+            gap = gaps.get((site, cls))
+            if gap is None:  # not paired (logged by paired_comparisons)
+                continue
             runs = [[d[site] for d in x] for x in (low, mid, high)]
             try:
-                gap = pooled_paired_cpm_difference(
-                    runs[0], runs[2], label, n_boot=n_boot, seed=seed
-                )
                 g = pooled_gap_closed(
                     runs[0], runs[1], runs[2], label, n_boot=n_boot, seed=seed
                 )
@@ -372,7 +389,7 @@ def ssl_gap_rows(
                     "cpm_labeled": g["cpm_low"],
                     "cpm_ssl": g["cpm_mid"],
                     "cpm_all": g["cpm_high"],
-                    "gap": gap["diff"],
+                    "gap": gap["difference"],
                     "gap_ci95": list(gap["ci95"]),
                     "closed": g["closed"],
                     "closed_ci95": list(g["ci95"]),
@@ -719,8 +736,7 @@ def plot_paired(rows: list[dict[str, Any]], path: Path) -> bool:
     :func:`paired_comparisons` rows. Returns whether anything was drawn
     (nothing, no file, when those pairs were not run).
     """
-    ran = {r["regime"] for r in rows}
-    regime = R.RECOMMENDED if R.RECOMMENDED in ran else R.PERSONALIZED
+    regime = headline_regime(rows)
     against = (R.BASE, R.LOCAL_ONLY, R.ORACLE)
     want = [
         r
@@ -869,7 +885,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
         lines += _paired_lines(paired, base_sites)
         if plot_paired(paired, out_dir / PAIRED_PNG):
             lines += [f"![paired differences]({PAIRED_PNG})", ""]
-    ssl_gap = ssl_gap_rows(data["detections"], base_sites)
+    ssl_gap = ssl_gap_rows(paired, data["detections"], base_sites)
     lines += _ssl_gap_lines(ssl_gap)
     lines += ["## FROC curves", ""]
     for site in table["sites"]:
