@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 
 from common.config.loader import config_to_dict, write_resolved
 from common.errors import CheckpointMismatch
+from common.progress import Eta
 from common.wire.federation import (
     FederationConfig,
     FitInstructions,
@@ -141,6 +142,7 @@ def run_federation(
     summary = RunSummary(run_dir=run_dir, start_round=start, last_round=start)
     jsonl = run_dir / ROUNDS_JSONL
     timeout = cfg.participation.round_timeout_s
+    eta = Eta(max(1, cfg.num_rounds - start))
 
     for rnd in range(start + 1, cfg.num_rounds + 1):
         t0 = time.monotonic()
@@ -196,7 +198,7 @@ def run_federation(
             fh.write(json.dumps(line, sort_keys=True) + "\n")
         log.info(
             "round %d/%d %s: %d/%d valid updates, %d rejected, train %s, eval %s "
-            "(%.1f s)",
+            "(%.1f s; %s)",
             rnd,
             cfg.num_rounds,
             status,
@@ -206,6 +208,7 @@ def run_federation(
             line["train_aggregated"],
             line["evaluate_aggregated"],
             line["seconds"],
+            eta.step(),
         )
         summary.rounds.append(line)
         summary.last_round = rnd

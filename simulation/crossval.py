@@ -86,6 +86,7 @@ from common.errors import MammofedError
 from common.fileio import json_safe
 from common.imaging.data import SiteDataset
 from common.keys import CLASSES
+from common.progress import Eta
 from simulation.train import TrainConfig, few_label_subset, train_model
 
 log = logging.getLogger(__name__)
@@ -141,14 +142,21 @@ def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
     return float(np.mean(v)), sd
 
 
-def _epoch_logger(fold: int, k: int, epochs: int, epoch_log: Path) -> EvalFn:
-    """``fit`` eval hook that logs one progress line per epoch of a fold."""
+def _epoch_logger(fold: int, k: int, epochs: int, epoch_log: Path, eta: Eta) -> EvalFn:
+    """``fit`` eval hook that logs one progress line per epoch of a fold.
+
+    ``eta`` counts the epochs of every fold this run trains.
+    """
     # a resumed fold continues after the epochs already logged
     logged = len(epoch_log.read_text().splitlines()) if epoch_log.is_file() else 0
+    eta.skip(min(logged, epochs))
     done = itertools.count(logged + 1)
 
     def hook(_model: torch.nn.Module) -> dict[str, Any]:
-        log.info("fold %d/%d epoch %d/%d done", fold + 1, k, next(done), epochs)
+        log.info(
+            "fold %d/%d epoch %d/%d done (%s for the epochs left)",
+            fold + 1, k, next(done), epochs, eta.step(),
+        )  # fmt: skip
         return {}
 
     return hook
@@ -202,10 +210,10 @@ def run_crossval(
     oof_fold: list[int] = []
     oof_detector: list[FrocImage] = []
     fold_docs: list[dict[str, Any]] = []
-    for fold in folds:
+    to_train = [f for f in folds if only is None or f.index in only]
+    eta = Eta(max(1, len(to_train) * cfg.epochs))
+    for fold in to_train:
         f = fold.index
-        if only is not None and f not in only:
-            continue
         fdir = out / f"fold-{f}"
         fdir.mkdir(parents=True, exist_ok=True)
         val_idx = {name: val for name, (_, val) in fold.parts.items()}
@@ -256,7 +264,7 @@ def run_crossval(
                 "(%d patients)",
                 f + 1, k, n_train, len(train_patients), n_val, len(val_patients),
             )  # fmt: skip
-            progress = _epoch_logger(f, k, cfg.epochs, fdir / EPOCH_LOG)
+            progress = _epoch_logger(f, k, cfg.epochs, fdir / EPOCH_LOG, eta)
             model = train_model(cfg, train_views, fdir, device, eval_fn=progress)
             scorer, detector_only = model, []
             if cfg.rescore.enabled:

@@ -83,6 +83,7 @@ from common.errors import ConfigError, MammofedError
 from common.fileio import read_jsonl, sha256_file
 from common.imaging.data import SiteDataset
 from common.keys import CLASSES, LOCAL_SECONDS, SKIPPED_STEPS, TRAIN_LOSS
+from common.progress import Eta
 from common.wire import runfolder as RF
 from common.wire.federation import (
     RUN_FEDERATION_JSON,
@@ -884,16 +885,26 @@ def run_study(req: RunRequest) -> Path:
     priors = [check_reuse(p, out, init) for p in req.reuse]
     reused: dict[str, str] = {}
     scored: dict[str, dict[str, EvalResult | None]] = {}
-    for spec in [R.REGIMES[r] for r in regimes]:
+    specs = [R.REGIMES[r] for r in regimes]
+    found = {
+        s.name: next(
+            (p for p in priors if (p / s.name / RF.DETECTIONS_JSON).is_file()), None
+        )
+        for s in specs
+    }
+    weight = {
+        s.name: regime_weight(s, reused=found[s.name] is not None and not s.members)
+        for s in specs
+    }
+    eta = Eta(sum(weight.values()))
+    for k, spec in enumerate(specs, 1):
         regime = spec.name
         t0 = time.monotonic()
         label = f"{regime} (epsilon {req.dp_epsilon:g})" if spec.private else regime
-        log.info("=== regime %s ===", label)
+        log.info("=== regime %s (%d of %d) ===", label, k, len(specs))
         dp = None
         metrics: dict[str, EvalResult | None] = {}
-        prior = next(
-            (p for p in priors if (p / regime / RF.DETECTIONS_JSON).is_file()), None
-        )
+        prior = found[regime]
         if prior is not None and not spec.members:
             metrics, dp = reused_results(
                 prior, spec, req.n_boot, fed.seed, req.dp_epsilon
@@ -945,11 +956,49 @@ def run_study(req: RunRequest) -> Path:
         _write_regime(out, spec, metrics, dp)
         scored[regime] = metrics
         timings[regime] = round(time.monotonic() - t0, 1)
-        log.info("=== regime %s done in %.0f s ===", regime, timings[regime])
+        log.info(
+            "=== regime %s done in %.0f s (%d of %d; %s for the rest) ===",
+            regime, timings[regime], k, len(specs), eta.step(weight[regime]),
+        )  # fmt: skip
     total = round(time.monotonic() - t_start, 1)
     run = dataclasses.replace(run, seconds={**timings, "total": total}, reused=reused)
     RF.write_record(out / RF.RUN_JSON, run)
     return out
+
+
+#: Wall time of a regime relative to ``local-only``'s, measured in the study
+#: (``make study``: three seeds, three at a time on 2 cores): what the study's
+#: ETA weighs the regimes still to run by. A regime not named here is weighed
+#: by its kind (:func:`regime_weight`).
+MEASURED_WEIGHT: dict[str, float] = {
+    R.BASE: 0.16,
+    R.LOCAL_ONLY: 1.0,
+    R.FEDAVG: 1.64,
+    R.FEDPROX: 1.57,
+    R.PERSONALIZED: 2.55,
+    R.PERSONALIZED_SSL: 3.74,
+    R.PERSONALIZED_DP: 4.19,
+    R.ORACLE: 2.03,
+}
+
+
+def regime_weight(spec: R.Regime, *, reused: bool = False) -> float:
+    """How much of a study's time ``spec`` takes, in ``local-only`` units.
+
+    Measured ones from :data:`MEASURED_WEIGHT`; otherwise a reused or
+    ensemble regime (its members' detections fused) 0.05, a central one 1
+    (2 with semi-supervision), a federated one like ``personalized``'s
+    (``personalized-dp``'s when private).
+    """
+    if reused:
+        return 0.05
+    if spec.name in MEASURED_WEIGHT:
+        return MEASURED_WEIGHT[spec.name]
+    if spec.kind == "ensemble":
+        return 0.05
+    if spec.kind == "central":
+        return 2.0 if spec.ssl else 1.0
+    return MEASURED_WEIGHT[R.PERSONALIZED_DP if spec.private else R.PERSONALIZED]
 
 
 def run_seeds(

@@ -47,6 +47,7 @@ from common.detector.transforms import (
     VerticalFlip,
 )
 from common.imaging.data import collate
+from common.progress import Eta
 
 log = logging.getLogger(__name__)
 
@@ -520,6 +521,7 @@ def train_epochs(
     computation. Returns one :class:`TrainStats` per epoch.
     """
     out = []
+    eta = Eta(max(1, epochs))
     for epoch in range(epochs):
         loader = recipe.loader(dataset, steps * recipe.batch_size, seed + epoch)
         stats = train_one_epoch(
@@ -536,12 +538,13 @@ def train_epochs(
         )
         if label:
             log.info(
-                "[%s] epoch %d/%d: loss %.4f (%.1f img/s)",
+                "[%s] epoch %d/%d: loss %.4f (%.1f img/s; %s)",
                 label,
                 epoch + 1,
                 epochs,
                 stats.mean_loss,
                 stats.images_per_s,
+                eta.step(),
             )
         out.append(stats)
     return out

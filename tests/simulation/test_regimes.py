@@ -125,3 +125,21 @@ def test_a_head_only_regime_needs_the_base_model(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="local-head tunes the base model"):
         run_study(req)
     assert not (tmp_path / "out" / "data").exists()
+
+
+def test_every_regime_has_a_study_eta_weight() -> None:
+    """The study's ETA weighs each regime left; unmeasured ones by their kind."""
+    from simulation.run import MEASURED_WEIGHT, regime_weight
+
+    assert set(MEASURED_WEIGHT) <= set(R.REGIMES)
+    w = {r.name: regime_weight(r) for r in R.TABLE}
+    assert all(0 < v < 10 for v in w.values())
+    assert w[R.LOCAL_ONLY] == 1.0 and w[R.BASE] < w[R.LOCAL_ONLY] < w[R.ORACLE]
+    assert w[R.FEDAVGM] == w[R.PERSONALIZED]  # unmeasured federated
+    assert w[R.PERSONALIZED_STATS] == w[R.PERSONALIZED]
+    assert w[R.PERSONALIZED_ALL_LABELS] == w[R.PERSONALIZED]
+    assert w[R.PERSONALIZED_DP_TUNED] == 1.0  # central, each site
+    assert w[R.PERSONALIZED_DP_TUNED_SSL] == 2.0
+    assert w[R.RECOMMENDED] < 0.1  # an ensemble only fuses detections
+    # a reused regime is only copied and re-scored
+    assert regime_weight(R.REGIMES[R.PERSONALIZED_DP], reused=True) < 0.1
