@@ -81,6 +81,7 @@ from common.keys import (
     RIGHT,
     SPLIT_CSV,
 )
+from common.progress import Eta
 
 log = logging.getLogger(__name__)
 
@@ -995,13 +996,17 @@ def _run_jobs(
     if not total:
         return
     t0 = time.perf_counter()
+    eta = Eta(total)
     outcomes = decode_isolated(jobs, reader, min(workers, total), timeout_s)
     with contextlib.closing(outcomes):
         for done, out in enumerate(outcomes, start=1):
             yield out
+            text = eta.reach(done)
             if done % every == 0 or done == total:
                 rate = done / max(time.perf_counter() - t0, 1e-9)
-                log.info("decoded %d/%d files (%.1f files/s)", done, total, rate)
+                log.info(
+                    "decoded %d/%d files (%.1f files/s; %s)", done, total, rate, text
+                )
 
 
 def _report(

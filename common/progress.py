@@ -69,6 +69,12 @@ class Eta:
         self.done = min(self.total, self.done + units)
         return self.text()
 
+    def reach(self, done: float) -> str:
+        """Count ``done`` units in all (never backwards); returns :meth:`text`."""
+        if not math.isfinite(done):
+            raise ValueError(f"done: must be a finite number, got {done!r}")
+        return self.step(max(0.0, done - self.done))
+
     def skip(self, units: float) -> None:
         """Take ``units`` out of the work (done by an earlier, resumed run).
 

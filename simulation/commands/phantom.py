@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.progress import format_seconds
+
 NAME = "phantom"
 HELP = "generate synthetic multi-vendor mammography sites (DICOM + annotations)"
 PREVIEW_PNG = "preview.png"
@@ -56,9 +58,10 @@ class _Bar:
         width = 30
         fill = int(width * done / max(total, 1))
         rate = done / max(time.monotonic() - self.start, 1e-6)
+        left = format_seconds((total - done) / rate) if done < total else "0 s"
         sys.stderr.write(
             f"\rsite {site}: [{'#' * fill}{'.' * (width - fill)}] "
-            f"{done}/{total} ({rate:.1f} img/s)"
+            f"{done}/{total} ({rate:.1f} img/s, ETA {left})  "
         )
         if done == total:
             sys.stderr.write("\n")

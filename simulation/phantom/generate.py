@@ -49,6 +49,7 @@ from common.keys import (
     VIEW_CC,
     VIEW_MLO,
 )
+from common.progress import Eta
 from simulation.phantom.acquisition import expose
 from simulation.phantom.anatomy import (
     AnatomyMaps,
@@ -359,10 +360,23 @@ def write_image(scenario: Scenario, plan: ImagePlan, site_dir: Path) -> ImageRow
 ORACLE_DIR = "_oracle"
 
 
-def _log_progress(site: str, done: int, total: int) -> None:
-    step = max(1, total // 10)
-    if done == total or done % step == 0:
-        log.info("phantom site %s: %d/%d images", site, done, total)
+class _LogProgress:
+    """A progress line per tenth of each site's images, with the site's ETA."""
+
+    def __init__(self) -> None:
+        self._eta: dict[str, tuple[Eta, int]] = {}
+
+    def __call__(self, site: str, done: int, total: int) -> None:
+        if site not in self._eta:
+            # the clock starts at the site's first report: what was done
+            # before it is taken out of the work, not timed
+            eta = Eta(max(1, total))
+            eta.skip(done)
+            self._eta[site] = (eta, done)
+        eta, before = self._eta[site]
+        text = eta.reach(done - before)
+        if done == total or done % max(1, total // 10) == 0:
+            log.info("phantom site %s: %d/%d images (%s)", site, done, total, text)
 
 
 def generate_site(
@@ -451,7 +465,7 @@ def generate_scenario(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(scenario, out, RESOLVED_SCENARIO)
-    cb = _log_progress if progress is True else progress or None
+    cb = _LogProgress() if progress is True else progress or None
     names = [s.name for s in scenario.sites] if sites is None else list(sites)
     return {
         name: generate_site(scenario, name, out, workers=workers, progress=cb)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -26,9 +27,16 @@ def _manifest(cache: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_ingest_synthetic_site(synthetic_site: Path, tmp_path: Path) -> None:
+def test_ingest_synthetic_site(
+    synthetic_site: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cache = tmp_path / "cache"
-    res = ingest_site(synthetic_site, cache, SiteConfig(), workers=1)
+    with caplog.at_level(logging.INFO, logger="client.ingest"):
+        res = ingest_site(synthetic_site, cache, SiteConfig(), workers=1)
+    # progress: the last decode line says every file is done
+    progress = [m for m in caplog.messages if m.startswith("decoded ")]
+    assert progress and progress[-1].startswith("decoded 7/7 files (")
+    assert progress[-1].endswith("; done)")
     sources = sorted(e.source for e in res.entries)
     assert sources == [
         "p1/l_cc.dcm", "p1/r_cc.dcm", "p2/l_mlo.dcm", "p2/r_mlo.dcm",

@@ -86,3 +86,39 @@ def test_bad_units_are_refused(units: float) -> None:
     with pytest.raises(ValueError, match="units"):
         eta.skip(units)
     assert eta.done == 0 and eta.total == 3
+
+
+def test_reach_sets_the_count_and_never_goes_back() -> None:
+    clock = FakeClock()
+    eta = Eta(10, clock=clock)
+    clock.t += 10
+    assert eta.reach(5) == "ETA 10 s"
+    assert eta.reach(3) == "ETA 10 s" and eta.done == 5
+    assert eta.reach(10) == "done"
+    with pytest.raises(ValueError, match="done"):
+        eta.reach(math.nan)
+
+
+def test_phantom_progress_lines_carry_the_sites_eta(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A line per tenth of a site; a site first seen mid-way is timed from there."""
+    import logging
+
+    from simulation.phantom.generate import _LogProgress
+
+    cb = _LogProgress()
+    with caplog.at_level(logging.INFO, logger="simulation.phantom.generate"):
+        for done in range(1, 21):
+            cb("A", done, 20)
+        cb("B", 7, 8)
+        cb("B", 8, 8)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 12
+    assert lines[0].startswith("phantom site A: 2/20 images (ETA ")
+    assert lines[9] == "phantom site A: 20/20 images (done)"
+    # B's 7 images before its first report are not timed: no pace yet
+    assert lines[10:] == [
+        "phantom site B: 7/8 images (ETA ?)",
+        "phantom site B: 8/8 images (done)",
+    ]
