@@ -987,8 +987,9 @@ def regime_weight(spec: R.Regime, *, reused: bool = False) -> float:
 
     Measured ones from :data:`MEASURED_WEIGHT`; otherwise a reused or
     ensemble regime (its members' detections fused) 0.05, a central one 1
-    (2 with semi-supervision), a federated one like ``personalized``'s
-    (``personalized-dp``'s when private).
+    (2 with semi-supervision), a federated one like ``personalized-dp``
+    when private, else like ``personalized`` when the sites keep a personal
+    part, else like ``fedavg``.
     """
     if reused:
         return 0.05
@@ -998,7 +999,10 @@ def regime_weight(spec: R.Regime, *, reused: bool = False) -> float:
         return 0.05
     if spec.kind == "central":
         return 2.0 if spec.ssl else 1.0
-    return MEASURED_WEIGHT[R.PERSONALIZED_DP if spec.private else R.PERSONALIZED]
+    if spec.private:
+        return MEASURED_WEIGHT[R.PERSONALIZED_DP]
+    personal = spec.personalization.local_norm or spec.personalization.personal_head
+    return MEASURED_WEIGHT[R.PERSONALIZED if personal else R.FEDAVG]
 
 
 def run_seeds(

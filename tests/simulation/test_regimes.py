@@ -135,7 +135,7 @@ def test_every_regime_has_a_study_eta_weight() -> None:
     w = {r.name: regime_weight(r) for r in R.TABLE}
     assert all(0 < v < 10 for v in w.values())
     assert w[R.LOCAL_ONLY] == 1.0 and w[R.BASE] < w[R.LOCAL_ONLY] < w[R.ORACLE]
-    assert w[R.FEDAVGM] == w[R.PERSONALIZED]  # unmeasured federated
+    assert w[R.FEDAVGM] == w[R.FEDAVG]  # unmeasured federated, shared model
     assert w[R.PERSONALIZED_STATS] == w[R.PERSONALIZED]
     assert w[R.PERSONALIZED_ALL_LABELS] == w[R.PERSONALIZED]
     assert w[R.PERSONALIZED_DP_TUNED] == 1.0  # central, each site
