@@ -38,6 +38,7 @@ from common.detector.froc import (  # noqa: E402
 )
 from common.fileio import json_safe  # noqa: E402
 from common.keys import CLASSES  # noqa: E402
+from common.progress import Eta  # noqa: E402
 from common.wire import runfolder as RF  # noqa: E402
 from common.wire.runfolder import (  # noqa: E402
     RunFolderError,
@@ -534,9 +535,9 @@ def paired_comparisons(
         return loaded[regime]
 
     rows: list[dict[str, Any]] = []
-    for regime, against in PAIRS:
-        if regime not in paths or against not in paths:
-            continue
+    todo = [(r, a) for r, a in PAIRS if r in paths and a in paths]
+    eta = Eta(max(1, len(todo)))
+    for k, (regime, against) in enumerate(todo, 1):
         if len(paths[regime]) != len(paths[against]):
             log.warning(
                 "%s (%d runs) vs %s (%d runs): not paired",
@@ -545,40 +546,55 @@ def paired_comparisons(
                 against,
                 len(paths[against]),
             )
-            continue
-        a_runs, b_runs = get(regime), get(against)
-        common = set.intersection(*(set(d) for d in a_runs + b_runs))
-        for site in sorted(common):
-            for label, cls in enumerate(CLASSES):
-                try:
-                    r = pooled_paired_cpm_difference(
-                        [d[site] for d in b_runs],
-                        [d[site] for d in a_runs],
-                        label,
-                        n_boot=n_boot,
-                        seed=seed,
-                    )
-                except ValueError as exc:
-                    log.warning("%s vs %s, site %s: %s", regime, against, site, exc)
-                    break
-                lo, hi = r["ci95"]
-                rows.append(
-                    {
-                        "site": site,
-                        "class": cls,
-                        "regime": regime,
-                        "against": against,
-                        "cpm": r["cpm_b"],
-                        "cpm_against": r["cpm_a"],
-                        "difference": r["diff"],
-                        "ci95": [lo, hi],
-                        "ratio": r["cpm_b"] / r["cpm_a"]
-                        if r["cpm_a"] > 0
-                        else math.nan,
-                        "n_runs": len(a_runs),
-                        "resolved": bool(lo > 0 or hi < 0),
-                    }
+        else:
+            rows += _pair_rows(regime, against, get(regime), get(against), n_boot, seed)
+        log.info(
+            "paired comparison %d of %d: %s − %s (%s)",
+            k, len(todo), regime, against, eta.step(),
+        )  # fmt: skip
+    return rows
+
+
+def _pair_rows(
+    regime: str,
+    against: str,
+    a_runs: list[dict[str, list[FrocImage]]],
+    b_runs: list[dict[str, list[FrocImage]]],
+    n_boot: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """The rows of one pair of :func:`paired_comparisons`, every site and class."""
+    rows: list[dict[str, Any]] = []
+    common = set.intersection(*(set(d) for d in a_runs + b_runs))
+    for site in sorted(common):
+        for label, cls in enumerate(CLASSES):
+            try:
+                r = pooled_paired_cpm_difference(
+                    [d[site] for d in b_runs],
+                    [d[site] for d in a_runs],
+                    label,
+                    n_boot=n_boot,
+                    seed=seed,
                 )
+            except ValueError as exc:
+                log.warning("%s vs %s, site %s: %s", regime, against, site, exc)
+                break
+            lo, hi = r["ci95"]
+            rows.append(
+                {
+                    "site": site,
+                    "class": cls,
+                    "regime": regime,
+                    "against": against,
+                    "cpm": r["cpm_b"],
+                    "cpm_against": r["cpm_a"],
+                    "difference": r["diff"],
+                    "ci95": [lo, hi],
+                    "ratio": r["cpm_b"] / r["cpm_a"] if r["cpm_a"] > 0 else math.nan,
+                    "n_runs": len(a_runs),
+                    "resolved": bool(lo > 0 or hi < 0),
+                }
+            )
     return rows
 
 

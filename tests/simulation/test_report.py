@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -133,10 +134,19 @@ def _paired_report(tmp_path: Path, strong: set[str], weak: set[str]) -> tuple:
     return md, json.loads((tmp_path / "rep" / "report.json").read_text())
 
 
-def test_report_paired_comparisons_from_detections(tmp_path: Path) -> None:
-    md, data = _paired_report(
-        tmp_path, {R.ORACLE, R.PERSONALIZED}, {R.BASE, R.LOCAL_ONLY}
-    )
+def test_report_paired_comparisons_from_detections(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="simulation.report"):
+        md, data = _paired_report(
+            tmp_path, {R.ORACLE, R.PERSONALIZED}, {R.BASE, R.LOCAL_ONLY}
+        )
+    # one progress line a pair, the last one done
+    progress = [m for m in caplog.messages if m.startswith("paired comparison ")]
+    n = len({(r["regime"], r["against"]) for r in data["paired"]})
+    assert len(progress) == n > 1
+    assert progress[-1].startswith(f"paired comparison {n} of {n}: ")
+    assert progress[-1].endswith("(done)")
     rows = {
         (r["site"], r["class"], r["regime"], r["against"]): r for r in data["paired"]
     }
