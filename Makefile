@@ -23,14 +23,13 @@ demo: venv
 # The study (README, "The study"): every regime from the shipped vendor-H base
 # model on the demo's sites with 60 test women each on B, C and D
 # (configs/simulation/study.yaml), three seeds, three seed processes at a time
-# (benchmarks/results/study/). 64 min measured for its first nine regimes; a
-# run of a longer list at stop 26 ran 57 min to the end of personalized-ssl,
-# so this list with the report is estimated at about 85 min. local-head, its
+# (benchmarks/results/study/). 80 min measured end to end for this list with
+# the report at stop 28 (benchmarks/results/study_time.jsonl). local-head, its
 # pair and FedAvgM (measured, not better: README "Also measured") are left out
 # to stay within 90; add them with STUDY_REGIMES="... local-head fedavgm
 # personalized-dp+local-head". personalized-all-labels (the same federation
 # with every woman labeled: the ceiling of the report's section on the gap
-# semi-supervision closes, about 10 min more a seed) is left out the same way.
+# semi-supervision closes, about 10 min more) is left out the same way.
 # STUDY_OUT/report/report.md at the end.
 STUDY_OUT ?= out/study
 STUDY_DATA ?= out/study-data

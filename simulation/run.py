@@ -966,37 +966,39 @@ def run_study(req: RunRequest) -> Path:
     return out
 
 
-#: Wall time of a regime relative to ``local-only``'s, measured in the study
-#: (``make study``: three seeds, three at a time on 2 cores): what the study's
-#: ETA weighs the regimes still to run by. A regime not named here is weighed
-#: by its kind (:func:`regime_weight`).
+#: Wall time of a regime relative to ``local-only``'s, measured in ``make
+#: study`` (three seeds, three at a time on 2 cores, 80 min in all at stop 28;
+#: ``benchmarks/results/study_time.jsonl``): what the study's ETA weighs the
+#: regimes still to run by. A regime not named here is weighed by its kind
+#: (:func:`regime_weight`).
 MEASURED_WEIGHT: dict[str, float] = {
-    R.BASE: 0.16,
+    R.BASE: 0.18,
     R.LOCAL_ONLY: 1.0,
-    R.FEDAVG: 1.64,
-    R.FEDPROX: 1.57,
-    R.PERSONALIZED: 2.55,
-    R.PERSONALIZED_SSL: 3.74,
-    R.PERSONALIZED_DP: 4.19,
-    R.ORACLE: 2.03,
+    R.FEDAVG: 2.2,
+    R.FEDPROX: 1.7,
+    R.PERSONALIZED: 2.4,
+    R.PERSONALIZED_SSL: 2.3,
+    R.PERSONALIZED_DP: 2.7,
+    R.PERSONALIZED_DP_TUNED: 1.0,
+    R.ORACLE: 1.4,
 }
 
 
 def regime_weight(spec: R.Regime, *, reused: bool = False) -> float:
     """How much of a study's time ``spec`` takes, in ``local-only`` units.
 
-    Measured ones from :data:`MEASURED_WEIGHT`; otherwise a reused or
-    ensemble regime (its members' detections fused) 0.05, a central one 1
-    (2 with semi-supervision), a federated one like ``personalized-dp``
-    when private, else like ``personalized`` when the sites keep a personal
-    part, else like ``fedavg``.
+    Measured ones from :data:`MEASURED_WEIGHT`; otherwise a reused regime
+    0.05, an ensemble (its members' detections fused, then scored) 0.15, a
+    central one 1 (2 with semi-supervision), a federated one like
+    ``personalized-dp`` when private, else like ``personalized`` when the
+    sites keep a personal part, else like ``fedavg``.
     """
     if reused:
         return 0.05
     if spec.name in MEASURED_WEIGHT:
         return MEASURED_WEIGHT[spec.name]
     if spec.kind == "ensemble":
-        return 0.05
+        return 0.15
     if spec.kind == "central":
         return 2.0 if spec.ssl else 1.0
     if spec.private:
