@@ -77,15 +77,32 @@ def test_two_models_fuse_and_each_file_is_watched(
     pair = ExamScorer([tiny_checkpoint, silent], score_floor=floor, device="cpu")
     fused = pair.score(files)
     assert [s.path for s in fused.scored] == files
+    tol = 1.5e-6  # float32 rounding of the fused score
     for a, f in zip(alone.scored, fused.scored, strict=True):
         # a finding only one of two models makes keeps half its score, its box;
-        # the floor applies to the fused score
-        kept = [d for d in a.detections if d["score"] / 2 >= floor]
-        assert len(f.detections) == len(kept) > 0
-        for da, df in zip(kept, f.detections, strict=True):
-            assert df["label"] == da["label"]
-            assert df["score"] == pytest.approx(da["score"] / 2, abs=1.5e-6)
-            assert df["box"] == pytest.approx(da["box"], abs=1e-3)
+        # the floor applies to the fused score. The untrained model's scores
+        # nearly tie, so the two lists are matched finding by finding, not by
+        # rank (the order of near-ties follows float rounding, which depends on
+        # the threads torch runs with)
+        kept = [d for d in a.detections if d["score"] / 2 >= floor + tol]
+        edge = [d for d in a.detections if abs(d["score"] / 2 - floor) < tol]
+        assert len(kept) <= len(f.detections) <= len(kept) + len(edge)
+        assert f.detections
+        left = kept + edge
+        for df in f.detections:
+            match = next(
+                (
+                    da
+                    for da in left
+                    if da["label"] == df["label"]
+                    and df["score"] == pytest.approx(da["score"] / 2, abs=tol)
+                    and df["box"] == pytest.approx(da["box"], abs=1e-3)
+                ),
+                None,
+            )
+            assert match is not None, f"fused finding {df} has no single-model twin"
+            left.remove(match)
+        assert all(d in edge for d in left)  # every clear finding was fused
     members = pair.members()
     assert [m["path"] for m in members] == [str(tiny_checkpoint), str(silent)]
     assert pair.model_label() == "models " + "+".join(m["sha256"][:12] for m in members)
