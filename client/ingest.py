@@ -1001,12 +1001,12 @@ def _run_jobs(
     with contextlib.closing(outcomes):
         for done, out in enumerate(outcomes, start=1):
             yield out
-            text = eta.reach(done)
             if done % every == 0 or done == total:
                 rate = done / max(time.perf_counter() - t0, 1e-9)
                 log.info(
-                    "decoded %d/%d files (%.1f files/s; %s)", done, total, rate, text
-                )
+                    "decoded %d/%d files (%.1f files/s; %s)",
+                    done, total, rate, eta.reach(done),
+                )  # fmt: skip
 
 
 def _report(

@@ -373,9 +373,9 @@ class _LogProgress:
             eta = Eta(max(1, total))
             eta.skip(done)
             self._eta[site] = (eta, done)
-        eta, before = self._eta[site]
-        text = eta.reach(done - before)
         if done == total or done % max(1, total // 10) == 0:
+            eta, before = self._eta[site]
+            text = eta.reach(done - before)
             log.info("phantom site %s: %d/%d images (%s)", site, done, total, text)
 
 
