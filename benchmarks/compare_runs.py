@@ -19,9 +19,20 @@ one three-seed study against another study's::
     python -m benchmarks.compare_runs --a out/study/seed-{0,1,2}/local-only \\
         --b out/study-eps2/seed-{0,1,2}/personalized-dp --label dp-eps2-vs-local
 
+A side may also be a cross-validation run's out-of-fold file
+(``oof_predictions.json`` of ``mammofed-sim crossval``, or
+``oof_predictions-detector.json``, the detector alone where the run also
+re-scored): one "site", ``cv``, whose images are every out-of-fold image, e.g.
+a recipe at 60 epochs against the same folds at 25::
+
+    python -m benchmarks.compare_runs \
+        --a out/mias-rs-seed0/oof_predictions-detector.json \
+        --b out/mias-e60-seed0/oof_predictions.json --label mias-60-vs-25-epochs
+
 One JSON line per site and class in ``benchmarks/results/compare_runs.jsonl``:
-``b-minus-a-cpm-<class>`` with the paired 95% interval, both CPMs, and the
-wall time of each run's regime (``run.json`` ``seconds``) where recorded.
+``b-minus-a-cpm-<class>`` with the paired 95% interval, both CPMs and
+sensitivities at 1 FP/image (means over runs), and the wall time of each
+run's regime (``run.json`` ``seconds``) where recorded.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from typing import Any
 
 from benchmarks.common import emit, rounded
 from common.detector.froc import (
+    FrocImage,
     froc_class,
     paired_cpm_difference,
     pooled_paired_cpm_difference,
@@ -41,6 +53,24 @@ from common.wire import runfolder as RF
 from simulation.report import load_detections
 
 BENCH = "compare_runs"
+#: the "site" of a cross-validation run's out-of-fold images
+CV_SITE = "cv"
+
+
+def load_run(path: Path) -> dict[str, list[FrocImage]]:
+    """Per site, the scored test images of one run.
+
+    ``path``: a regime folder (its ``detections.json``), or a crossval run's
+    out-of-fold file (site :data:`CV_SITE`).
+
+    Raises:
+        ValueError: unreadable or malformed file (named).
+    """
+    if path.is_file():
+        from benchmarks.ensemble import load_oof
+
+        return {CV_SITE: load_oof(path)}
+    return load_detections(path / RF.DETECTIONS_JSON)
 
 
 def _seconds(regime_dir: Path) -> float | None:
@@ -51,26 +81,39 @@ def _seconds(regime_dir: Path) -> float | None:
     return RF.read_record(RF.StudyRun, meta).seconds.get(regime_dir.name)
 
 
+def _mean(values: list[float]) -> float:
+    """Mean of ``values`` (NaN stays NaN: a class without lesions)."""
+    return float(sum(values) / len(values))
+
+
 def compare(
     a: Path | list[Path], b: Path | list[Path], *, n_boot: int = 1000, seed: int = 0
 ) -> list[dict[str, Any]]:
     """Per (site, class): CPM of ``a`` and ``b`` and the paired ``b - a``.
 
-    ``a`` and ``b``: one regime folder each, or one per seed (same count; the
-    CPMs and the difference are then means over seeds).
+    ``a`` and ``b``: one run each (:func:`load_run`: a regime folder or an
+    out-of-fold file), or one per seed (same count; the CPMs, sensitivities
+    and the difference are then means over seeds).
 
     Raises:
         ValueError: a site's two image sets differ (not the same test images),
-            or the two sides have different numbers of runs.
+            no site is scored in every run, or the two sides have different
+            numbers of runs.
     """
     runs_a = a if isinstance(a, list) else [a]
     runs_b = b if isinstance(b, list) else [b]
     if len(runs_a) != len(runs_b) or not runs_a:
         raise ValueError(f"--a has {len(runs_a)} runs, --b {len(runs_b)}: not paired")
-    da = [load_detections(r / RF.DETECTIONS_JSON) for r in runs_a]
-    db = [load_detections(r / RF.DETECTIONS_JSON) for r in runs_b]
+    da = [load_run(r) for r in runs_a]
+    db = [load_run(r) for r in runs_b]
     rows = []
-    for site in sorted(set.intersection(*(set(d) for d in da + db))):
+    common = sorted(set.intersection(*(set(d) for d in da + db)))
+    if not common:
+        sites = [
+            f"{r}: {sorted(d)}" for r, d in zip(runs_a + runs_b, da + db, strict=True)
+        ]
+        raise ValueError("no site scored in every run: " + "; ".join(sites))
+    for site in common:
         for label, cls in enumerate(CLASSES):
             xa, xb = [d[site] for d in da], [d[site] for d in db]
             if len(xa) == 1:
@@ -84,12 +127,18 @@ def compare(
                     xa, xb, label, n_boot=n_boot, seed=seed
                 )
                 diff, ci, cpm_a, cpm_b = r["diff"], r["ci95"], r["cpm_a"], r["cpm_b"]
+            sens_a, sens_b = (
+                _mean([froc_class(x, label).sens_at[1.0] for x in side])
+                for side in (xa, xb)
+            )
             rows.append(
                 {
                     "site": site,
                     "class": cls,
                     "cpm_a": rounded(cpm_a),
                     "cpm_b": rounded(cpm_b),
+                    "sens_at_1fp_a": rounded(sens_a),
+                    "sens_at_1fp_b": rounded(sens_b),
                     "diff": diff,
                     "paired_ci95": [rounded(x) for x in ci],
                     "n_images": len(xa[0]),
@@ -107,14 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         nargs="+",
         required=True,
-        help="regime folder (baseline), or one per seed",
+        help="regime folder or crossval oof file (baseline), or one per seed",
     )
     p.add_argument(
         "--b",
         type=Path,
         nargs="+",
         required=True,
-        help="regime folder (compared), or one per seed (same order as --a)",
+        help="regime folder or crossval oof file (compared), or one per seed "
+        "(same order as --a)",
     )
     p.add_argument("--label", default="b-vs-a", help="name of the comparison")
     p.add_argument("--n-boot", type=int, default=1000)

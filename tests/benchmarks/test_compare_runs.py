@@ -1,0 +1,74 @@
+"""benchmarks.compare_runs on crossval out-of-fold files (no study needed).
+
+The regime-folder mode runs on a real study in tests/simulation/test_study.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare_runs
+from common.wire import runfolder as RF
+from tests.benchmarks.test_ensemble import _images
+
+
+def _oof(path: Path, found: set[int], seed: int) -> Path:
+    path.write_text(
+        json.dumps(
+            [
+                {**im.to_json(), "fold": i % 2}
+                for i, im in enumerate(_images(found, seed))
+            ]
+        )  # fmt: skip
+    )
+    return path
+
+
+def test_oof_files_pair_on_the_same_images(tmp_path: Path) -> None:
+    weak = _oof(tmp_path / "weak.json", {0, 1}, 0)
+    strong = _oof(tmp_path / "strong.json", {0, 1, 2, 3, 4, 5}, 1)
+    rows = compare_runs.compare(weak, strong, n_boot=50)
+    mass = next(r for r in rows if r["class"] == "mass")
+    assert mass["site"] == compare_runs.CV_SITE and mass["n_images"] == 8
+    # 2 of 8 masses against 6 of 8, each found with the image's top score
+    assert mass["sens_at_1fp_a"] == 0.25 and mass["sens_at_1fp_b"] == 0.75
+    assert mass["diff"] == pytest.approx(mass["cpm_b"] - mass["cpm_a"])
+    assert mass["diff"] > 0.3 and mass["paired_ci95"][0] > 0
+    calc = next(r for r in rows if r["class"] == "calcification")
+    assert calc["cpm_a"] is None and math.isnan(calc["diff"])
+    # two seeds a side: the means over seeds
+    two = compare_runs.compare([weak, strong], [strong, strong], n_boot=50)
+    m2 = next(r for r in two if r["class"] == "mass")
+    assert m2["n_runs"] == 2 and m2["sens_at_1fp_a"] == 0.5
+    assert m2["diff"] == pytest.approx(mass["diff"] / 2)
+    compare_runs.main(
+        ["--a", str(weak), "--b", str(strong), "--results", str(tmp_path / "r")]
+        + ["--n-boot", "20", "--label", "strong-vs-weak"]
+    )
+    line = json.loads(
+        (tmp_path / "r" / "compare_runs.jsonl").read_text().split("\n")[0]
+    )
+    assert line["figure"] == "b-minus-a-cpm-mass" and line["context"]["a"] == str(weak)
+
+
+def test_other_images_or_no_common_site_are_refused(tmp_path: Path) -> None:
+    a = _oof(tmp_path / "a.json", {0}, 0)
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(json.loads(a.read_text())[:5]))
+    with pytest.raises(ValueError, match="image sets differ"):
+        compare_runs.compare(a, fewer, n_boot=10)
+    regime = tmp_path / "study" / "local-only"
+    regime.mkdir(parents=True)
+    (regime / RF.DETECTIONS_JSON).write_text(
+        json.dumps({"B": json.loads(a.read_text())})
+    )
+    with pytest.raises(ValueError, match=r"no site scored in every run: .*\['B'\]"):
+        compare_runs.compare(a, regime, n_boot=10)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{]")
+    with pytest.raises(ValueError, match="bad.json"):
+        compare_runs.compare(a, bad, n_boot=10)
