@@ -25,8 +25,8 @@ A side may also be a cross-validation run's out-of-fold file
 re-scored): one "site", ``cv``, whose images are every out-of-fold image, e.g.
 a recipe at 60 epochs against the same folds at 25::
 
-    python -m benchmarks.compare_runs \
-        --a out/mias-rs-seed0/oof_predictions-detector.json \
+    python -m benchmarks.compare_runs \\
+        --a out/mias-rs-seed0/oof_predictions-detector.json \\
         --b out/mias-e60-seed0/oof_predictions.json --label mias-60-vs-25-epochs
 
 One JSON line per site and class in ``benchmarks/results/compare_runs.jsonl``:
@@ -61,12 +61,12 @@ def load_run(path: Path) -> dict[str, list[FrocImage]]:
     """Per site, the scored test images of one run.
 
     ``path``: a regime folder (its ``detections.json``), or a crossval run's
-    out-of-fold file (site :data:`CV_SITE`).
+    out-of-fold file (site :data:`CV_SITE`; any path ending in ``.json``).
 
     Raises:
         ValueError: unreadable or malformed file (named).
     """
-    if path.is_file():
+    if path.is_file() or path.suffix == ".json":
         from benchmarks.ensemble import load_oof
 
         return {CV_SITE: load_oof(path)}

@@ -68,6 +68,8 @@ def test_other_images_or_no_common_site_are_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"no site scored in every run: .*\['B'\]"):
         compare_runs.compare(a, regime, n_boot=10)
+    with pytest.raises(ValueError, match=r"missing\.json: not an oof"):
+        compare_runs.compare(a, tmp_path / "missing.json", n_boot=10)
     bad = tmp_path / "bad.json"
     bad.write_text("[{]")
     with pytest.raises(ValueError, match="bad.json"):
