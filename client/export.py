@@ -59,6 +59,7 @@ from common.detector.engine import prepare_model
 from common.detector.model import build_detector
 from common.errors import CheckpointMismatch, ConfigError, MammofedError
 from common.fileio import load_arrays
+from common.wire.faults import ModelVersion
 from common.wire.federation import FederationConfig
 from common.wire.runfolder import (
     CHECKPOINT_DIR,
@@ -262,6 +263,36 @@ def open_site_state(
     return SiteState(state_dir, site)
 
 
+def settle_for_export(g: GlobalRound, state: SiteState) -> None:
+    """Take the site's pending round for ``g`` when the server kept it.
+
+    A run that sent the site no message after its last round (no evaluation
+    there: ``fraction_evaluate: 0``, or the site not sampled or offline)
+    leaves that round's personal state pending (:mod:`client.state`). The
+    round file's saved :class:`ModelVersion` says whether the server
+    aggregated this node's update: then it is committed, as the next message
+    would have done; otherwise the last committed state is exported, with a
+    warning.
+    """
+    version = ModelVersion.from_checkpoint_metrics(g.metrics, g.round)
+    if state.commit_if_kept(version):
+        log.info(
+            "site %s: round %d's personal state was pending (no server message "
+            "after it); %s shows the server kept its update: committed",
+            state.site, g.round, g.json_path,
+        )  # fmt: skip
+        return
+    pend = state.pending()
+    if pend is not None and pend["round"] == g.round:
+        log.warning(
+            "site %s: round %d's personal state is pending and %s does not list "
+            "this node (%d) among the updates it kept (%s): exporting the last "
+            "committed personal state with round %d's global arrays",
+            state.site, g.round, g.json_path, pend["node"],
+            list(version.nodes) or "none recorded", g.round,
+        )  # fmt: skip
+
+
 def site_personal(
     g: GlobalRound, site_model: SiteModel, *, global_only: bool
 ) -> tuple[dict[str, np.ndarray] | None, bool]:
@@ -414,6 +445,8 @@ def export_model(
             "its norm layers",
         )
     state = None if site is None else open_site_state(g, site, state_dir)
+    if state is not None:
+        settle_for_export(g, state)
     site_model = global_model(g, state)
     personal, use_head = None, False
     if state is not None:

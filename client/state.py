@@ -160,6 +160,25 @@ class SiteState:
         self._drop_pending(why)
         return DISCARDED
 
+    def commit_if_kept(self, version: ModelVersion) -> bool:
+        """Commit the pending round when ``version`` kept this node's update.
+
+        For readers of a finished run (``export``): the last round of a run
+        that sent this site no evaluate message after it is still pending,
+        and the server's round file (its saved :class:`ModelVersion`) says
+        whether it was aggregated with this node's update. Unlike
+        :meth:`settle` it never discards: a reader may hold an older round.
+        Returns whether it committed.
+        """
+        pend = self.pending()
+        if (
+            pend is None
+            or version.round != pend["round"]
+            or pend["node"] not in version.nodes
+        ):
+            return False
+        return self.settle(version) == COMMITTED
+
     def _drop_pending(self, why: str) -> None:
         pend = self.pending()
         rnd = pend["round"] if pend is not None else -1

@@ -87,11 +87,12 @@ class ModelTracker:
         round with no node: sites then discard a pending round rather than
         keep one the server may not have used.
         """
-        saved = (meta.get("metrics") or {}).get("model")
-        if isinstance(saved, Mapping) and "round" in saved:
-            nodes = tuple(int(n) for n in saved.get("nodes") or [])
-            return cls(ModelVersion(int(saved["round"]), nodes))
-        return cls(ModelVersion(int(checkpoint_round), ()))
+        metrics = meta.get("metrics")
+        return cls(
+            ModelVersion.from_checkpoint_metrics(
+                metrics if isinstance(metrics, Mapping) else {}, checkpoint_round
+            )
+        )
 
     def aggregated(self, server_round: int, nodes: Iterable[int]) -> None:
         """Round ``server_round`` produced the global arrays from ``nodes``."""

@@ -136,6 +136,29 @@ class ModelVersion:
             )
         return cls(rnd, tuple(int(n) for n in nodes))
 
+    @classmethod
+    def from_checkpoint_metrics(
+        cls, metrics: Mapping[str, Any], checkpoint_round: int
+    ) -> ModelVersion:
+        """The version a server checkpoint saved (its ``metrics["model"]``).
+
+        A checkpoint written before versions were saved, or one whose record
+        is malformed, gives the checkpoint's round with no node: a site then
+        never takes a pending round for one the server kept.
+        """
+        saved = metrics.get("model")
+        if isinstance(saved, Mapping) and "round" in saved:
+            rnd, nodes = saved["round"], saved.get("nodes") or []
+            if (
+                isinstance(rnd, int)
+                and not isinstance(rnd, bool)
+                and rnd >= 0
+                and isinstance(nodes, list)
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in nodes)
+            ):
+                return cls(rnd, tuple(nodes))
+        return cls(int(checkpoint_round), ())
+
 
 # --- run outcome -----------------------------------------------------------------
 OUTCOME_JSON = "outcome.json"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from client.export import (
 )
 from client.predict import detections_to_stored, predict_paths
 from client.site_model import PERSONAL_HEAD_PREFIX, STANDARDIZER_FILE
-from client.state import SiteState
+from client.state import PENDING_DIR, PENDING_JSON, PERSONAL_NPZ, SiteState
 from common.config.loader import config_to_dict
 from common.detector.checkpoint import load_checkpoint, load_model
 from common.detector.engine import predict_images
@@ -362,3 +364,55 @@ def test_library_errors_say_what_is_missing_not_which_flag(run, tmp_path):
     with pytest.raises(ExportError, match="d: is a folder"):
         export_model(run.ckdir, tmp_path / "d", site=SITE, state_dir=run.state_dir)
     assert not out.exists()
+
+
+# --- a last round that no server message settled ------------------------------
+def _pending_state(run: Run, dst: Path, node: int) -> Path:
+    """A copy of the site's state whose round 1 is still pending for ``node``:
+    its personal layers in ``pending/``, none committed (the state a site has
+    when the run sent it no message after its last round)."""
+    state = _copy_state(run, dst)
+    site = state / SITE
+    (site / PENDING_DIR).mkdir()
+    os.replace(site / PERSONAL_NPZ, site / PENDING_DIR / PERSONAL_NPZ)
+    (site / PENDING_JSON).write_text(json.dumps({"round": 1, "node": node}))
+    return state
+
+
+def _round_kept_by(run: Run, dst: Path, nodes: list[int] | None) -> Path:
+    def version(doc: dict[str, Any]) -> None:
+        if nodes is not None:
+            doc["metrics"]["model"] = {"round": 1, "nodes": nodes}
+
+    return _copy_round(run.ckdir, dst, meta=version)
+
+
+def test_pending_last_round_is_committed_when_the_round_file_kept_it(
+    run, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="client.export")
+    state = _pending_state(run, tmp_path / "s", node=7)
+    round_file = _round_kept_by(run, tmp_path / "ck", nodes=[3, 7])
+    export_model(round_file, tmp_path / "a.pt", site=SITE, state_dir=state)
+    ck = load_checkpoint(tmp_path / "a.pt")
+    for k, v in run.composed.items():
+        assert torch.equal(ck.state_dict[k], v), k
+    s = SiteState(state, SITE)
+    assert s.pending() is None and (state / SITE / PERSONAL_NPZ).is_file()
+    assert "kept its update: committed" in caplog.text
+
+
+@pytest.mark.parametrize("nodes", [[3], None, ["7"]])
+def test_pending_last_round_is_kept_pending_when_not_shown_kept(
+    run, tmp_path, caplog, nodes
+):
+    """Another node's update, no version saved, or a malformed one: the
+    pending round is neither taken nor thrown away, and the export says so."""
+    state = _pending_state(run, tmp_path / "s", node=7)
+    round_file = _round_kept_by(run, tmp_path / "ck", nodes=nodes)
+    # nothing was ever committed in this copy: the export has no personal state
+    with pytest.raises(MammofedError, match=r"personal\.npz: does not exist"):
+        export_model(round_file, tmp_path / "a.pt", site=SITE, state_dir=state)
+    assert SiteState(state, SITE).pending() == {"round": 1, "node": 7}
+    assert (state / SITE / PENDING_DIR / PERSONAL_NPZ).is_file()
+    assert "does not list this node (7)" in caplog.text
