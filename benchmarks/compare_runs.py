@@ -45,7 +45,6 @@ from benchmarks.common import emit, rounded
 from common.detector.froc import (
     FrocImage,
     froc_class,
-    paired_cpm_difference,
     pooled_paired_cpm_difference,
 )
 from common.keys import CLASSES
@@ -116,17 +115,9 @@ def compare(
     for site in common:
         for label, cls in enumerate(CLASSES):
             xa, xb = [d[site] for d in da], [d[site] for d in db]
-            if len(xa) == 1:
-                diff, ci = paired_cpm_difference(
-                    xa[0], xb[0], label, n_boot=n_boot, seed=seed
-                )
-                cpm_a = froc_class(xa[0], label).cpm
-                cpm_b = froc_class(xb[0], label).cpm
-            else:
-                r = pooled_paired_cpm_difference(
-                    xa, xb, label, n_boot=n_boot, seed=seed
-                )
-                diff, ci, cpm_a, cpm_b = r["diff"], r["ci95"], r["cpm_a"], r["cpm_b"]
+            # one run a side is the plain paired bootstrap (the same function)
+            r = pooled_paired_cpm_difference(xa, xb, label, n_boot=n_boot, seed=seed)
+            diff, ci, cpm_a, cpm_b = r["diff"], r["ci95"], r["cpm_a"], r["cpm_b"]
             sens_a, sens_b = (
                 _mean([froc_class(x, label).sens_at[1.0] for x in side])
                 for side in (xa, xb)
