@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from benchmarks.common import emit, rounded
@@ -80,11 +81,6 @@ def _seconds(regime_dir: Path) -> float | None:
     return RF.read_record(RF.StudyRun, meta).seconds.get(regime_dir.name)
 
 
-def _mean(values: list[float]) -> float:
-    """Mean of ``values`` (NaN stays NaN: a class without lesions)."""
-    return float(sum(values) / len(values))
-
-
 def compare(
     a: Path | list[Path], b: Path | list[Path], *, n_boot: int = 1000, seed: int = 0
 ) -> list[dict[str, Any]]:
@@ -119,7 +115,7 @@ def compare(
             r = pooled_paired_cpm_difference(xa, xb, label, n_boot=n_boot, seed=seed)
             diff, ci, cpm_a, cpm_b = r["diff"], r["ci95"], r["cpm_a"], r["cpm_b"]
             sens_a, sens_b = (
-                _mean([froc_class(x, label).sens_at[1.0] for x in side])
+                fmean(froc_class(x, label).sens_at[1.0] for x in side)
                 for side in (xa, xb)
             )
             rows.append(
