@@ -11,7 +11,7 @@
 # epochs and seed override the config's; an empty epochs keeps it: "cfg.yaml,,1").
 # Two seeds a recipe: one run of the CPU recipe moves by about 0.05 mass CPM with the
 # seed (docs/detector.md), as much as any recipe change. The CPU recipe at 60 epochs
-# is measured on the CPU (no gain over 25), so it is not here.
+# is measured on the CPU (one seed, no gain over 25), so it is not here.
 # On the CPU (CI, a check of this script) give RECIPES with 1 epoch and FOLDS=2.
 # Writes $OUT/summary.txt and $OUT/results.tar (per recipe cv-<name>/: cv_metrics.json,
 # FROC and error-gallery PNGs, out-of-fold predictions for benchmarks.ensemble --oof).
