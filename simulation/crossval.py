@@ -17,7 +17,7 @@ many women of the other folds train it (a new site with few labels; drawn by
 :func:`simulation.train.few_label_subset` with ``split_seed + fold``), and
 with ``init_checkpoint`` it starts from a pretrained detector; the held-out
 fold is always whole. The out-of-fold detections of all
-images are then pooled into ONE FROC per class (bootstrap CI over images,
+images are then pooled into ONE FROC per class (bootstrap CI over women,
 ``cfg.n_boot`` resamples). Pooling compares scores of different models on one
 threshold sweep; the per-fold CPMs (mean ± sd) are reported next to it.
 

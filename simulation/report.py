@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from client.selection import BASE, SELECTION_JSON, Selection  # noqa: E402
 from common.detector.froc import (  # noqa: E402
+    ClassMetrics,
     FrocImage,
     pooled_gap_closed,
     pooled_paired_cpm_difference,
@@ -142,6 +143,20 @@ def _cpm(sites: dict[str, SiteMetrics], site: str, cls: str) -> float:
     return math.nan if v is None else float(v)
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    """Mean of the defined values; None when none is (e.g. a class without lesions)."""
+    defined = [float(v) for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(defined)) if defined else None
+
+
+def _mean_sensitivities(
+    runs: list[dict[str, float | None]],
+) -> dict[str, float | None]:
+    """Per FP/image rate, the mean sensitivity over the runs (:func:`_mean_or_none`)."""
+    rates = list(dict.fromkeys(k for r in runs for k in r))
+    return {k: _mean_or_none([r.get(k) for r in runs]) for k in rates}
+
+
 #: Smallest oracle - base CPM difference for which "gap closed" is reported;
 #: below it the ratio is dominated by noise (tiny test sets) and shown as "–".
 MIN_GAP = 0.05
@@ -167,12 +182,19 @@ def build_table(
     regimes = _ordered(list(metrics))
     sites = sorted({s for r in metrics.values() for s in r})
 
+    def runs_of(regime: str) -> list[dict[str, SiteMetrics]]:
+        return seed_metrics.get(regime, [metrics.get(regime, {})])
+
     def cpm(regime: str, site: str, cls: str) -> tuple[float, list[float]]:
-        runs = [
-            _cpm(m, site, cls)
-            for m in seed_metrics.get(regime, [metrics.get(regime, {})])
-        ]
+        runs = [_cpm(m, site, cls) for m in runs_of(regime)]
         return (float(np.mean(runs)) if runs else math.nan), runs
+
+    def class_runs(regime: str, site: str, cls: str) -> list[ClassMetrics]:
+        return [
+            c
+            for m in runs_of(regime)
+            if site in m and (c := m[site].classes.get(cls)) is not None
+        ]
 
     table: dict[str, Any] = {}
     for site in sites:
@@ -194,8 +216,14 @@ def build_table(
                     "cpm": mean,
                     "cpm_ci": ci,
                     "cpm_runs": runs,
-                    "sensitivity": c.sensitivity_at_fp,
-                    "ap": c.ap,
+                    # like the CPM, the mean over the runs (not the last run's)
+                    "sensitivity": _mean_sensitivities(
+                        [r.sensitivity_at_fp for r in class_runs(regime, site, cls)]
+                        or [c.sensitivity_at_fp]
+                    ),
+                    "ap": _mean_or_none(
+                        [r.ap for r in class_runs(regime, site, cls)] or [c.ap]
+                    ),
                     "gap_closed": gap_closed(
                         mean, cpm(R.BASE, site, cls)[0], cpm(R.ORACLE, site, cls)[0]
                     ),

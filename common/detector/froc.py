@@ -18,6 +18,11 @@ outcome:
   ignore box (closed interval ``xmin <= cx <= xmax``, same for y);
 * **false positive**: everything else.
 
+Detections of one image are matched highest score first; detections with
+the same score in order of their box (x1, y1, x2, y2), not of the list, so
+that which of two tied detections takes a lesion does not depend on the
+order a model returned them in.
+
 Because a detection's outcome depends only on detections scored at least as
 high, the threshold sweep uses these fixed outcomes. Thresholds are the
 distinct detection scores, high to low; all detections with the same score
@@ -124,10 +129,13 @@ class FrocImage:
         object.__setattr__(self, "det_labels", dl)
 
     def to_json(self) -> dict[str, object]:
-        """JSON-safe dict (boxes rounded to 0.01 px, scores to 1e-5).
+        """JSON-safe dict (boxes rounded to 0.01 px, scores exact).
 
         :meth:`from_json` reads it back; the rounding changes no hit or miss
-        at the 5 mm / box-centre rule beyond 0.01 px.
+        at the 5 mm / box-centre rule beyond 0.01 px. Scores are kept to the
+        last bit: rounded, two nearby scores could tie and move an FROC point,
+        so a curve re-scored from the file (paired comparisons, ``--reuse``)
+        would differ from the one scored in memory.
         """
         return {
             "key": self.key,
@@ -136,7 +144,7 @@ class FrocImage:
             "gt_labels": self.gt_labels.tolist(),
             "ignore_boxes": np.round(self.ignore_boxes, 2).tolist(),
             "det_boxes": np.round(self.det_boxes, 2).tolist(),
-            "det_scores": np.round(self.det_scores, 5).tolist(),
+            "det_scores": self.det_scores.tolist(),
             "det_labels": self.det_labels.tolist(),
             "case": self.case,
         }
@@ -199,7 +207,9 @@ def match_image_lesions(
     dmask = image.det_labels == label
     dets = image.det_boxes[dmask]
     scores = image.det_scores[dmask]
-    order = np.argsort(-scores, kind="stable")
+    # highest score first; ties broken by the box (not by list order), so the
+    # outcome does not depend on the order the detections were given in
+    order = np.lexsort((dets[:, 3], dets[:, 2], dets[:, 1], dets[:, 0], -scores))
     outcomes = np.full(len(dets), FALSE_POSITIVE, dtype=np.int64)
     hit_by = np.full(len(gt), -1, dtype=np.int64)
     if len(dets) == 0:
@@ -655,6 +665,12 @@ def pooled_paired_cpm_difference(
     }
 
 
+#: A gap (CPM ``high - low``) at or below this is no gap: means of CPMs that are
+#: fractions of few lesions can cancel to a rounding residue (~1e-17), and a
+#: ratio over it would be ~1e15.
+GAP_EPS = 1e-9
+
+
 def pooled_gap_closed(
     low_runs: Sequence[Sequence[FrocImage]],
     mid_runs: Sequence[Sequence[FrocImage]],
@@ -673,9 +689,10 @@ def pooled_gap_closed(
     labeled its semi-supervised version covers. The interval resamples runs
     (the three of one run stay together) and cases as
     :func:`pooled_paired_cpm_difference` does; a resample whose gap is not
-    above 0 has no ratio and is left out (counted in ``undefined``).
-    Returns ``{"closed", "ci95", "cpm_low", "cpm_mid", "cpm_high",
-    "undefined"}`` (``closed`` NaN when the gap is not above 0).
+    above :data:`GAP_EPS` has no ratio and is left out (counted in
+    ``undefined``). Returns ``{"closed", "ci95", "cpm_low", "cpm_mid",
+    "cpm_high", "undefined"}`` (``closed`` NaN when the gap is not above
+    :data:`GAP_EPS`).
 
     Raises:
         ValueError: no runs, unequal run counts, or differing image sets.
@@ -703,7 +720,7 @@ def pooled_gap_closed(
     def ratio(w: np.ndarray | None, draw: Sequence[int]) -> float:
         c = {i: [_cpm_from(o[i], w)[0] for o in (lo, mid, hi)] for i in set(draw)}
         gap = float(np.mean([c[i][2] - c[i][0] for i in draw]))
-        if not gap > 0:
+        if not gap > GAP_EPS:  # a gap of 0 can come out as a rounding residue
             return math.nan
         return float(np.mean([c[i][1] - c[i][0] for i in draw])) / gap
 

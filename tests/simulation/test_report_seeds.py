@@ -76,6 +76,12 @@ def test_seeds_pool_in_table_and_paired_rows(tmp_path: Path) -> None:
     assert cell["cpm_runs"] == pytest.approx(runs_cpm)
     assert cell["cpm"] == pytest.approx(np.mean(runs_cpm))
     assert cell["cpm_ci"] == pytest.approx([min(runs_cpm), max(runs_cpm)])
+    # the sensitivities and AP beside it are the same runs' means, not the
+    # last run's (16/20 is the middle seed's sensitivity at 1 FP/image)
+    runs_res = [froc_class(_images(k), 0) for k in (14, 16, 18)]
+    assert cell["sensitivity"]["1"] == pytest.approx(16 / 20)
+    assert cell["sensitivity"]["1"] != runs_res[-1].sens_at[1.0]
+    assert cell["ap"] == pytest.approx(np.mean([r.ap for r in runs_res]))
     rows = {(r["regime"], r["against"], r["class"]): r for r in data["paired"]}
     row = rows[(R.PERSONALIZED, R.LOCAL_ONLY, "mass")]
     assert row["n_runs"] == 3 and row["resolved"]
