@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -162,6 +163,10 @@ def _instructions(msg: Message, trainer_name: str) -> FitInstructions:
     return ins
 
 
+#: dtypes a global array may arrive in (:func:`_received_shared`)
+_GLOBAL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def _received_shared(msg: Message, trainer: LocalTrainer) -> dict:
     record = msg.content.array_records.get(ARRAYS_KEY)
     if record is None:
@@ -175,6 +180,17 @@ def _received_shared(msg: Message, trainer: LocalTrainer) -> dict:
         raise ConfigError(
             "server message", ARRAYS_KEY, f"global arrays do not fit the model: {diff}"
         )
+    for name, a in arrays.items():
+        # the model's parameters are float32 (float64 loads into them too);
+        # float16 would quantise them and float128 no torch tensor can hold
+        if a.dtype not in _GLOBAL_DTYPES:
+            raise ConfigError(
+                "server message", ARRAYS_KEY, f"array {name!r} has dtype {a.dtype}"
+            )
+        if not np.all(np.isfinite(a)):
+            raise ConfigError(
+                "server message", ARRAYS_KEY, f"array {name!r} has NaN or Inf values"
+            )
     defaults = msg.content.array_records.get(PERSONAL_DEFAULTS_KEY)
     site_model = getattr(trainer, "site_model", None)
     if defaults is not None and site_model is not None:

@@ -3,21 +3,28 @@
 A train reply is accepted only if, in this order (the first failing check is
 the one named in the log):
 
-1. ``structure``: exactly one ArrayRecord and one MetricRecord, nothing else;
+1. ``structure``: exactly one ArrayRecord named ``arrays`` and one
+   MetricRecord named ``metrics``, nothing else (Flower's aggregation
+   requires every reply's records to carry the same names; one node naming
+   its own would make it raise and stop the run);
 2. ``keys``: array names equal the current global's (no unknown, none missing);
-3. ``shape``: each array's shape (and a floating dtype) equals the global's;
+3. ``shape``: each array's shape and dtype equal the global's (a reply in
+   another float type would, aggregated first, turn the global model into
+   its type: float16 quantises it, float128 no site can load);
 4. ``finite``: every value finite and ``|v| <= max_abs_value``;
 5. ``metrics``: metric names whitelisted, values finite scalars,
    ``num-examples`` an integer in ``[1, max_num_examples]``;
 6. ``norm``: ``||w_site - w_global||_2 / max(||w_global||_2, 1e-12)`` over all
    shared arrays ``<= max_relative_update_norm``.
 
-Evaluate replies are checked for ``structure`` (one MetricRecord) and
-``metrics``. After per-reply checks, train replies whose metric names differ
-from the most common set among the valid ones are dropped (``uniform``), so
-Flower's aggregation never sees inconsistent replies; evaluate replies may lack
-a metric that is undefined on their site (it is averaged over the replies that
-carry it). An error reply is recorded by its code alone
+Evaluate replies are checked for ``structure`` (one MetricRecord named
+``metrics``, no arrays) and ``metrics``. After per-reply checks, the valid
+train replies' MetricRecords are cut down to the metric names they all
+carry, so Flower's aggregation never sees inconsistent replies; no update is
+dropped for its metric names (a node leaving one out must not be able to
+outvote an honest one; the names a node sent stay in its per-node record).
+Evaluate replies may lack a metric that is undefined on their site (it is
+averaged over the replies that carry it). An error reply is recorded by its code alone
 (:func:`common.wire.faults.describe_reply_error`), never by the text it carries.
 """
 
@@ -25,14 +32,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from common.keys import NUM_EXAMPLES
+from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
 from common.wire.faults import describe_reply_error
 from common.wire.federation import METRIC_WHITELIST, ValidationConfig
 
@@ -130,6 +136,7 @@ def check_train_content(
             f"ArrayRecord(s), {len(metrics)} MetricRecord(s), "
             f"{len(content.config_records)} ConfigRecord(s)",
         )
+    _check_record_names(content, {ARRAYS_KEY, METRICS_KEY})
     record: ArrayRecord = arrays[0]
     names, expected = set(record.keys()), set(global_arrays)
     if names != expected:
@@ -145,9 +152,10 @@ def check_train_content(
             raise UpdateRejected(
                 "shape", f"array {name!r} has shape {shape}, expected {ref.shape}"
             )
-        if not np.issubdtype(np.dtype(arr.dtype), np.floating):
+        if np.dtype(arr.dtype) != np.dtype(ref.dtype):
             raise UpdateRejected(
-                "shape", f"array {name!r} has dtype {arr.dtype}, expected float"
+                "shape",
+                f"array {name!r} has dtype {arr.dtype}, expected {ref.dtype}",
             )
         value = arr.numpy().astype(np.float64, copy=False)
         if not np.all(np.isfinite(value)):
@@ -181,9 +189,24 @@ def check_evaluate_content(msg: Message, cfg: ValidationConfig) -> dict[str, flo
             f"expected one MetricRecord, got {len(metrics)} MetricRecord(s) and "
             f"{len(content.config_records)} ConfigRecord(s)",
         )
-    if len(content.array_records) > 1:
-        raise UpdateRejected("structure", "more than one ArrayRecord")
+    if len(content.array_records) != 0:
+        raise UpdateRejected(
+            "structure",
+            f"an evaluate reply carries no arrays, got "
+            f"{len(content.array_records)} ArrayRecord(s)",
+        )
+    _check_record_names(content, {METRICS_KEY})
     return check_metrics(metrics[0], cfg)
+
+
+def _check_record_names(content: RecordDict, expected: set[str]) -> None:
+    """Raise ``structure`` unless the reply's records carry exactly ``expected``."""
+    names = set(content.keys())
+    if names != expected:
+        raise UpdateRejected(
+            "structure",
+            f"record names {sorted(names)!r}, expected {sorted(expected)!r}",
+        )
 
 
 @dataclass
@@ -233,24 +256,32 @@ def screen_replies(
         valid.append(msg)
         per_node[node] = metrics
     # train replies must agree on their metric names (Flower's weighted average
-    # needs it); an evaluate reply may lack a metric undefined on its site
+    # needs it): each is cut down to the names every valid reply carries
+    # (num-examples always); an evaluate reply may lack a metric undefined on
+    # its site
     if valid and global_arrays is not None:
-        keysets = Counter(frozenset(per_node[node_of(m)]) for m in valid)
-        majority = keysets.most_common(1)[0][0]
-        kept = []
-        for msg in valid:
-            node = node_of(msg)
-            if frozenset(per_node[node]) != majority:
-                reason = (
-                    f"metric names {sorted(per_node[node])} differ from the "
-                    f"round's {sorted(majority)}"
-                )
-                rejected.append(Rejection(node, "uniform", reason))
-                log.warning(
-                    "%s: dropped node %d: check uniform: %s", phase, node, reason
-                )
-                del per_node[node]
-            else:
-                kept.append(msg)
-        valid = kept
+        _keep_common_metrics(valid, per_node, phase)
     return Screened(valid=valid, rejected=rejected, per_node=per_node, failed=failed)
+
+
+def _keep_common_metrics(
+    valid: list[Message], per_node: dict[int, dict[str, float]], phase: str
+) -> None:
+    """Cut every valid train reply's MetricRecord to the names all of them carry.
+
+    Dropping a reply instead (the names of the majority) would let a node that
+    leaves a metric out, replying first among two, outvote the honest one.
+    """
+    common = frozenset.intersection(*(frozenset(per_node[node_of(m)]) for m in valid))
+    for msg in valid:
+        record = msg.content[METRICS_KEY]
+        extra = sorted(set(record.keys()) - common)
+        if extra:
+            log.info(
+                "%s: node %d: metrics %s not aggregated (not carried by every reply)",
+                phase,
+                node_of(msg),
+                extra,
+            )
+            for name in extra:
+                del record[name]

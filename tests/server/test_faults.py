@@ -745,3 +745,30 @@ def test_daemon_rejoins_after_superlink_restart_and_supernode_crash(
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+# --- a global model the site cannot load safely is refused -----------------------
+@pytest.mark.parametrize("poison", ["float16", "longdouble", "nan"])
+def test_global_arrays_of_another_dtype_or_not_finite_are_refused(
+    test_cfg: FederationConfig, tmp_path: Path, poison: str
+) -> None:
+    node_cfg = {NODE_SITE: "site-a", NODE_STATE_DIR: str(tmp_path / "state")}
+    good = _train_msg(test_cfg, 7)
+    reply = app(good, _context(test_cfg, node_cfg))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    shared = {k: np.array(v, copy=True) for k, v in record_to_arrays(
+        good.content[ARRAYS_KEY]).items()}  # fmt: skip
+    name = sorted(shared)[0]
+    if poison == "nan":
+        shared[name].flat[0] = np.nan
+    else:
+        shared[name] = shared[name].astype(getattr(np, poison))
+    bad = Message(
+        RecordDict(
+            {ARRAYS_KEY: arrays_to_record(shared), CONFIG_KEY: good.content[CONFIG_KEY]}
+        ),
+        dst_node_id=7,
+        message_type="train",
+    )
+    reply = app(bad, _context(test_cfg, node_cfg))
+    assert reply.has_error() and reply.error.code == SITE_CONFIG

@@ -40,6 +40,20 @@ def _reply(
     return msg
 
 
+def _named_reply(node: int, arrays_key: str, metrics_key: str) -> Message:
+    """A valid update whose records carry other names than the protocol's."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, node, 1
+    instr = Message(RecordDict({}), 1, "train")
+    arrays = {k: v * 1.1 + 0.01 for k, v in GLOBAL.items()}
+    content = {
+        arrays_key: arrays_to_record(arrays),
+        metrics_key: MetricRecord({NUM_EXAMPLES: 10, TRAIN_LOSS: 0.5}),
+    }
+    msg = Message(RecordDict(content), reply_to=instr)
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
 def _ok(node: int, scale: float = 1.1) -> Message:
     arrays = {k: v * scale + 0.01 for k, v in GLOBAL.items()}
     return _reply(node, arrays, {NUM_EXAMPLES: 10, TRAIN_LOSS: 0.5})
@@ -112,11 +126,51 @@ def test_config_record_in_reply_dropped() -> None:
     assert not out.valid and out.rejected[0].check == "structure"
 
 
-def test_non_uniform_metric_keys_dropped() -> None:
+def test_differing_metric_names_drop_no_update_and_are_cut_to_the_shared_ones() -> None:
+    # a node leaving train-loss out, first among two, used to outvote the
+    # honest one (the "majority" of a tie was the first); now both are kept
     odd = _reply(9, GLOBAL, {NUM_EXAMPLES: 10})
-    out = _screen(_ok(1), _ok(2), odd)
-    assert len(out.valid) == 2
-    assert out.rejected[0].node_id == 9 and out.rejected[0].check == "uniform"
+    for replies in ((odd, _ok(1)), (_ok(1), _ok(2), odd)):
+        out = _screen(*replies)
+        assert len(out.valid) == len(replies) and not out.rejected
+        for msg in out.valid:
+            assert set(msg.content[METRICS_KEY].keys()) == {NUM_EXAMPLES}
+        # what each node said is still on record
+        assert out.per_node[1] == {NUM_EXAMPLES: 10, TRAIN_LOSS: 0.5}
+
+
+def test_records_under_other_names_are_refused() -> None:
+    for arrays_key, metrics_key in (("zz", METRICS_KEY), (ARRAYS_KEY, "m")):
+        msg = _named_reply(3, arrays_key, metrics_key)
+        out = _screen(_ok(1), msg)
+        assert [m.metadata.src_node_id for m in out.valid] == [1]
+        (rej,) = out.rejected
+        assert rej.node_id == 3 and rej.check == "structure"
+        assert repr(arrays_key if arrays_key != ARRAYS_KEY else metrics_key) in (
+            rej.reason
+        )
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, np.longdouble])
+def test_an_array_in_another_float_type_is_refused(dtype: type) -> None:
+    other = {k: v.astype(dtype) for k, v in GLOBAL.items()}
+    out = _screen(_reply(6, other, {NUM_EXAMPLES: 1, TRAIN_LOSS: 0.1}), _ok(1))
+    assert [m.metadata.src_node_id for m in out.valid] == [1]
+    (rej,) = out.rejected
+    assert rej.check == "shape" and "float32" in rej.reason
+
+
+def test_an_evaluate_reply_with_arrays_is_refused() -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 4, 1
+    ins = Message(RecordDict({}), 4, "evaluate")
+    metrics = MetricRecord({NUM_EXAMPLES: 3})
+    ok = Message(RecordDict({METRICS_KEY: metrics}), reply_to=ins)
+    blob = arrays_to_record({"x": np.zeros(1 << 16, np.float32)})
+    bad = Message(RecordDict({ARRAYS_KEY: blob, METRICS_KEY: metrics}), reply_to=ins)
+    out = screen_replies([ok, bad], ValidationConfig(), None, "evaluate")
+    assert out.valid == [ok]
+    (rej,) = out.rejected
+    assert rej.check == "structure" and "no arrays" in rej.reason
 
 
 def test_strategy_registry(test_cfg: FederationConfig) -> None:
