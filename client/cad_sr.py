@@ -203,6 +203,10 @@ _COPIED_ATTRIBUTES = (
 )
 
 
+#: Attributes every source of one SR must agree on (one patient).
+_SAME_PATIENT_ATTRIBUTES = ("PatientID", "IssuerOfPatientID")
+
+
 # --- content items ----------------------------------------------------------
 def _coded(code: Code) -> Dataset:
     item = Dataset()
@@ -324,6 +328,21 @@ def _check_sources(sources: Sequence[Dataset]) -> str:
             f"one CAD SR covers one study; sources span {len(studies)} "
             f"StudyInstanceUIDs: {', '.join(studies)}"
         )
+    # the SR copies the patient from one source: images of one study that
+    # name different patients are a mix-up no finding may be filed under
+    # (the values are not quoted: an identifier has no place in a log)
+    for keyword in _SAME_PATIENT_ATTRIBUTES:
+        first = header_text(sources[0], keyword)
+        odd = [
+            header_text(ds, "SOPInstanceUID")
+            for ds in sources
+            if header_text(ds, keyword) != first
+        ]
+        if odd:
+            raise ValueError(
+                f"study {studies[0]}: {keyword} of source(s) {', '.join(odd)} "
+                f"differs from source 0's; one CAD SR is about one patient"
+            )
     return studies[0]
 
 

@@ -168,6 +168,18 @@ def test_mixed_studies_raise_naming_the_uids(tmp_path, exam, exam_writer):
     assert "1.2.3.4.5" in str(err.value) and srcs[0].StudyInstanceUID in str(err.value)
 
 
+@pytest.mark.parametrize("keyword", ["PatientID", "IssuerOfPatientID"])
+def test_one_study_naming_two_patients_is_refused_without_quoting_them(exam, keyword):
+    srcs = headers(exam)
+    setattr(srcs[2], keyword, "OTHER-PATIENT-77")
+    with pytest.raises(ValueError, match=f"{keyword} of source") as err:
+        build_cad_sr(srcs, [[], [], [], []])
+    assert srcs[2].SOPInstanceUID in str(err.value)
+    assert "OTHER-PATIENT-77" not in str(err.value)
+    pid = str(srcs[0].get("PatientID", ""))
+    assert pid and pid not in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("det", "match"),
     [
