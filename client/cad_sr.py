@@ -81,7 +81,13 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from common import __version__
 from common.fileio import atomic_write
-from common.imaging.dicom import header_text, resolve_laterality, resolve_view
+from common.imaging.dicom import (
+    MAX_SPACING_MM,
+    MIN_SPACING_MM,
+    header_text,
+    resolve_laterality,
+    resolve_view,
+)
 from common.keys import CALCIFICATION, CLASSES, LEFT, MASS, RIGHT
 
 log = logging.getLogger(__name__)
@@ -421,13 +427,32 @@ def _library_entry(source: Dataset) -> Dataset:
         value = header_text(source, keyword)
         if value:
             ctx.append(_string(value_type, acq, name, value))
-    spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
-    if spacing is not None and len(spacing) == 2:
-        row_mm, col_mm = float(spacing[0]), float(spacing[1])
-        if row_mm > 0 and col_mm > 0:
-            ctx.append(_num(acq, HORIZONTAL_SPACING, col_mm * 1000.0, MICROMETER))
-            ctx.append(_num(acq, VERTICAL_SPACING, row_mm * 1000.0, MICROMETER))
+    spacing = _plausible_spacing(source)
+    if spacing is not None:
+        row_mm, col_mm = spacing
+        ctx.append(_num(acq, HORIZONTAL_SPACING, col_mm * 1000.0, MICROMETER))
+        ctx.append(_num(acq, VERTICAL_SPACING, row_mm * 1000.0, MICROMETER))
     return _image("CONTAINS", source, ctx)
+
+
+def _plausible_spacing(source: Dataset) -> tuple[float, float] | None:
+    """(row, column) mm of PixelSpacing, else ImagerPixelSpacing, if plausible.
+
+    The reader's own range (``MIN_SPACING_MM`` to ``MAX_SPACING_MM``): a value
+    the reader treats as absent (e.g. 53.96 mm) is not written into the SR.
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        values = source.get(keyword)
+        try:
+            row_mm, col_mm = (float(v) for v in values)
+        except (TypeError, ValueError):
+            continue
+        if all(
+            math.isfinite(v) and MIN_SPACING_MM <= v <= MAX_SPACING_MM
+            for v in (row_mm, col_mm)
+        ):
+            return row_mm, col_mm
+    return None
 
 
 def _algorithm(name: str, version: str) -> list[Dataset]:

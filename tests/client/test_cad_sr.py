@@ -14,7 +14,9 @@ from pydicom.dataset import Dataset
 
 from client.cad_sr import (
     FINDING_CODES,
+    HORIZONTAL_SPACING,
     MAMMOGRAPHY_CAD_SR_STORAGE,
+    VERTICAL_SPACING,
     build_cad_sr,
     write_cad_sr,
 )
@@ -166,6 +168,32 @@ def test_mixed_studies_raise_naming_the_uids(tmp_path, exam, exam_writer):
     with pytest.raises(ValueError, match="2 StudyInstanceUIDs") as err:
         build_cad_sr(srcs, [[], [], []])
     assert "1.2.3.4.5" in str(err.value) and srcs[0].StudyInstanceUID in str(err.value)
+
+
+def _library_spacing(sr: Dataset) -> list[float]:
+    """The first image library entry's (horizontal, vertical) spacing in µm."""
+    entry = sr.ContentSequence[1].ContentSequence[0]
+    codes_ = (HORIZONTAL_SPACING.value, VERTICAL_SPACING.value)
+    return [
+        float(c.MeasuredValueSequence[0].NumericValue)
+        for c in entry.ContentSequence
+        if name_of(c) in codes_
+    ]
+
+
+def test_the_library_states_only_a_plausible_spacing(exam):
+    srcs = headers(exam[:1])
+    for k in ("PixelSpacing", "ImagerPixelSpacing"):
+        if k in srcs[0]:
+            delattr(srcs[0], k)
+    srcs[0].PixelSpacing = [0.07, 0.065]
+    assert _library_spacing(build_cad_sr(srcs, [[]])) == pytest.approx([65.0, 70.0])
+    # a spacing the reader treats as absent (a vendor's 53.96 mm) is left out,
+    # and ImagerPixelSpacing stands in for it where that one is plausible
+    srcs[0].PixelSpacing = [53.96, 53.96]
+    assert _library_spacing(build_cad_sr(srcs, [[]])) == []
+    srcs[0].ImagerPixelSpacing = [0.1, 0.1]
+    assert _library_spacing(build_cad_sr(srcs, [[]])) == pytest.approx([100.0, 100.0])
 
 
 @pytest.mark.parametrize("keyword", ["PatientID", "IssuerOfPatientID"])
