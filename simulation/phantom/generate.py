@@ -190,8 +190,8 @@ def plan_site(scenario: Scenario, site: SiteSpec) -> list[ImagePlan]:
     ``round(test_fraction * women)`` women are test (at least one when the
     fraction is positive, never all); of the training women's images exactly
     ``round(labeled_fraction * n)`` are labeled; test images are always labeled.
-    The ``extra_test_women`` after the first ``women`` are all test: they do
-    not move the split or the labels of the first ``women``.
+    The ``extra_test_women`` (women ``women + extra_test_from`` onwards) are
+    all test: they do not move the split or the labels of the first ``women``.
     """
     n = site.women
     order = image_rng(scenario, site.name, -1, "split").permutation(n)
@@ -204,7 +204,7 @@ def plan_site(scenario: Scenario, site: SiteSpec) -> list[ImagePlan]:
     perm = image_rng(scenario, site.name, -1, "labels").permutation(len(train_imgs))
     labeled = {train_imgs[int(i)] for i in perm[:n_lab]}
     plans = []
-    for w in range(site.all_women):
+    for w in site.woman_indices:
         pid = patient_id(site.name, w)
         for i, (lat, view) in enumerate(EXAM):
             is_test = w in test or w >= n
@@ -421,7 +421,7 @@ def generate_site(
     splits = {p.patient_id: p.split for p in plans}
     _write_csv(site_dir / SPLIT_CSV, SPLIT_COLUMNS, list(splits.items()))
     density = {
-        w: woman_spec(scenario, site.name, w).density for w in range(site.all_women)
+        w: woman_spec(scenario, site.name, w).density for w in site.woman_indices
     }
     _write_csv(
         site_dir / DENSITY_CSV,

@@ -281,6 +281,11 @@ class SiteSpec:
             first ``women``, their split and their labels do not change, so a
             study can score on a larger test set with a model trained on the
             smaller scenario (``configs/simulation/study.yaml``).
+        extra_test_from: the extra test women are women number
+            ``women + extra_test_from`` onwards (default 0: right after the
+            first ``women``). A second scenario with the same first ``women``
+            and another offset scores the same models on test women no one
+            has seen (``configs/simulation/study-confirm.yaml``).
     """
 
     name: str
@@ -290,11 +295,18 @@ class SiteSpec:
     labeled_fraction: float = field(default=1.0, metadata=bounded(0.0, 1.0))
     test_fraction: float = field(default=0.25, metadata=bounded(0.0, 1.0))
     extra_test_women: int = field(default=0, metadata=bounded(0, 100000))
+    extra_test_from: int = field(default=0, metadata=bounded(0, 100000))
 
     @property
     def all_women(self) -> int:
-        """``women`` plus ``extra_test_women``: every woman the site writes."""
+        """``women`` plus ``extra_test_women``: how many women the site writes."""
         return self.women + self.extra_test_women
+
+    @property
+    def woman_indices(self) -> list[int]:
+        """Every woman the site writes, by the index her draws derive from."""
+        first = self.women + self.extra_test_from
+        return [*range(self.women), *range(first, first + self.extra_test_women)]
 
 
 @dataclass(frozen=True)

@@ -38,3 +38,27 @@ def test_study_test_sets_are_large_on_the_sites_it_compares() -> None:
             continue
         test_women = {p.woman for p in plan_site(study, site) if p.split == "test"}
         assert len(test_women) >= 60, site.name
+
+
+def test_the_confirmation_shares_the_training_women_and_not_the_test_women() -> None:
+    study = load_scenario(CONFIGS / "study.yaml")
+    confirm = load_scenario(CONFIGS / "study-confirm.yaml")
+    moved = dataclasses.replace(
+        confirm,
+        name=study.name,
+        sites=tuple(dataclasses.replace(s, extra_test_from=0) for s in confirm.sites),
+    )
+    assert moved == study
+    for site in study.sites:
+        old = plan_site(study, site)
+        new = plan_site(confirm, confirm.site(site.name))
+        first = [p for p in old if p.woman < site.women]
+        assert [p for p in new if p.woman < site.women] == first
+        extra_old = {p.patient_id for p in old if p.woman >= site.women}
+        extra_new = {p.patient_id for p in new if p.woman >= site.women}
+        assert len(extra_new) == site.extra_test_women
+        assert not extra_old & extra_new, site.name
+        if site.role != "base":
+            assert extra_new and all(
+                p.split == "test" for p in new if p.woman >= site.women
+            )
