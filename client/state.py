@@ -5,7 +5,8 @@ Layout under ``<state_dir>/<site>/``::
     personal.npz   personal arrays (FedBN norm layers, FedPer head, ...)
     meta.json      {"site", "last_round", "last_phase", "history": [...],
                     "committed_round", "discarded_rounds"}
-    pending.json   {"round", "node"} while a trained round awaits the server
+    pending.json   {"round", "node"} while a trained round awaits the server,
+                   plus "committing": true once its commit has begun
     pending/       that round's personal files (personal.npz, teacher...)
 
 Every write goes to a temporary file in the same folder and is moved into place
@@ -24,6 +25,16 @@ round superseded it). The last round of a run is settled by its evaluate
 message; with ``fraction_evaluate: 0`` it stays pending until the next message
 (a new run starting at ``model-round`` 0 discards it). The DP accountant is
 never rolled back: privacy spent on a sent update stays spent.
+
+**A commit is all or nothing.** Committing moves several files one by one, so
+``pending.json`` is first rewritten (atomically) with ``"committing": true``;
+the marker is removed only after every file is in place and ``meta.json``
+names the round. A commit cut short (a crash, a full disk) is finished by the
+next call that reads the pending state (:meth:`SiteState.pending`,
+:meth:`SiteState.settle`, :meth:`SiteState.begin_round`,
+:meth:`SiteState.write_path`, :meth:`SiteState.commit_if_kept`), whatever model
+version the next message names: the round was kept, and it is never
+discarded half moved.
 """
 
 from __future__ import annotations
@@ -101,26 +112,57 @@ class SiteState:
 
     # --- pending rounds ------------------------------------------------------
     def write_path(self, name: str) -> Path:
-        """Where a personal file ``name`` is written now (pending while a round is)."""
-        if self.pending_path.is_file():
+        """Where a personal file ``name`` is written now (pending while a round is).
+
+        An interrupted commit is finished first (:meth:`pending`).
+        """
+        if self.pending() is not None:
             return self.pending_dir / name
         return self.dir / name
 
     def pending(self) -> dict[str, int] | None:
-        """``{"round", "node"}`` of the round awaiting the server, or ``None``."""
+        """``{"round", "node"}`` of the round awaiting the server, or ``None``.
+
+        A round whose commit was interrupted is committed here first, so it
+        is not pending any more (``None``).
+
+        Raises:
+            SiteStateError: ``pending.json`` unreadable, or the interrupted
+                commit cannot be finished; the message names the file.
+        """
+        rec = self._pending_record()
+        if rec is not None and rec["committing"]:
+            self._commit(rec)
+            return None
+        return None if rec is None else {"round": rec["round"], "node": rec["node"]}
+
+    def _pending_record(self) -> dict[str, Any] | None:
+        """``pending.json`` as ``{"round", "node", "committing"}``, or ``None``."""
         if not self.pending_path.is_file():
             return None
         try:
             data = json.loads(self.pending_path.read_text())
-            return {"round": int(data["round"]), "node": int(data["node"])}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            committing = data.get("committing", False)
+            rec = {
+                "round": int(data["round"]),
+                "node": int(data["node"]),
+                "committing": committing,
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SiteStateError(f"{self.pending_path}: unreadable: {exc}") from exc
+        if not isinstance(committing, bool):
+            raise SiteStateError(
+                f"{self.pending_path}: field 'committing' must be true or false, "
+                f"got {committing!r}"
+            )
+        return rec
 
     def begin_round(self, server_round: int, node_id: int) -> None:
         """Start writing round ``server_round``'s personal files under ``pending/``.
 
         A pending round left unsettled is discarded first (the caller settles
-        before it begins; this only happens after a crash).
+        before it begins; this only happens after a crash); one whose commit
+        was interrupted is committed instead.
         """
         if self.pending_path.is_file():
             self._drop_pending(f"superseded by round {server_round}")
@@ -134,22 +176,21 @@ class SiteState:
         """Commit or discard the pending round given the server's model version.
 
         Commits when ``version.round`` is the pending round and lists the
-        pending round's node; discards otherwise. Returns :data:`COMMITTED`,
-        :data:`DISCARDED`, or ``None`` when nothing was pending.
+        pending round's node; discards otherwise. A round whose commit was
+        interrupted is always committed (whatever ``version`` says: the
+        server kept it). Returns :data:`COMMITTED`, :data:`DISCARDED`, or
+        ``None`` when nothing was pending.
+
+        Raises:
+            SiteStateError: the state files cannot be read or moved (named);
+                a commit cut short is finished by the next call.
         """
-        pend = self.pending()
+        pend = self._pending_record()
         if pend is None:
             return None
-        if version.round == pend["round"] and pend["node"] in version.nodes:
-            # files first, marker last: a crash in between re-commits the rest
-            if self.pending_dir.is_dir():
-                for path in sorted(self.pending_dir.iterdir()):
-                    os.replace(path, self.dir / path.name)
-            self.pending_path.unlink()
-            meta = self.read_meta()
-            meta["committed_round"] = pend["round"]
-            self.write_meta(meta)
-            log.info("site %s: committed round %d", self.site, pend["round"])
+        kept = version.round == pend["round"] and pend["node"] in version.nodes
+        if kept or pend["committing"]:
+            self._commit(pend)
             return COMMITTED
         if version.round < pend["round"]:
             why = f"the server kept model round {version.round} (no aggregation)"
@@ -168,19 +209,57 @@ class SiteState:
         and the server's round file (its saved :class:`ModelVersion`) says
         whether it was aggregated with this node's update. Unlike
         :meth:`settle` it never discards: a reader may hold an older round.
-        Returns whether it committed.
+        An interrupted commit is finished whatever ``version`` says. Returns
+        whether round ``version.round`` is now committed from pending.
         """
-        pend = self.pending()
-        if (
-            pend is None
-            or version.round != pend["round"]
-            or pend["node"] not in version.nodes
-        ):
+        pend = self._pending_record()
+        if pend is None:
             return False
-        return self.settle(version) == COMMITTED
+        kept = version.round == pend["round"] and pend["node"] in version.nodes
+        if kept or pend["committing"]:
+            self._commit(pend)
+            return version.round == pend["round"]
+        return False
+
+    def _commit(self, pend: Mapping[str, Any]) -> None:
+        """Move the pending files of ``pend`` into place, then drop the marker.
+
+        The marker is first rewritten with ``"committing": true`` (atomically),
+        so a commit cut short anywhere after it is finished by the next reader
+        of the pending state rather than discarded: every step below may run
+        again (files already moved are no longer under ``pending/``).
+        """
+        rnd = int(pend["round"])
+        try:
+            if pend["committing"]:
+                log.warning(
+                    "site %s: finishing the interrupted commit of round %d",
+                    self.site,
+                    rnd,
+                )
+            else:
+                record = {"round": rnd, "node": int(pend["node"]), "committing": True}
+                atomic_write_bytes(self.pending_path, json.dumps(record).encode())
+            if self.pending_dir.is_dir():
+                for path in sorted(self.pending_dir.iterdir()):
+                    os.replace(path, self.dir / path.name)
+            meta = self.read_meta()
+            meta["committed_round"] = rnd
+            self.write_meta(meta)
+            self.pending_path.unlink()
+        except OSError as exc:
+            raise SiteStateError(
+                f"{self.pending_path}: commit of round {rnd} cut short (the next "
+                f"access finishes it): {exc}"
+            ) from exc
+        log.info("site %s: committed round %d", self.site, rnd)
 
     def _drop_pending(self, why: str) -> None:
-        pend = self.pending()
+        """Discard the pending round (never one whose commit began: finished)."""
+        pend = self._pending_record()
+        if pend is not None and pend["committing"]:
+            self._commit(pend)
+            return
         rnd = pend["round"] if pend is not None else -1
         if self.pending_dir.is_dir():
             for path in self.pending_dir.iterdir():

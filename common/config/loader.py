@@ -114,6 +114,21 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def check_bounds(cls: type, name: str, value: Any, source: str, key: str) -> None:
+    """Check ``value`` against the ``bounded`` range of field ``name`` of ``cls``.
+
+    The range a config file's value must keep, applied to the same setting
+    received another way (e.g. a server message); errors name ``source``,
+    ``key`` and the value.
+
+    Raises:
+        ConfigError: ``value`` is outside the range.
+        KeyError: ``cls`` has no field ``name`` (a programming error).
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_meta(value, fields[name].metadata, source, key)
+
+
 def _check_meta(value: Any, meta: Mapping[str, Any], source: str, key: str) -> None:
     if value is None:
         return

@@ -126,15 +126,53 @@ def _field(path: Path, payload: dict[str, Any], name: str) -> Any:
     return payload[name]
 
 
+def _shown(value: Any) -> str:
+    """``value`` for an error message: its type and a short repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _tensors(path: Path, name: str, value: Any) -> dict[str, torch.Tensor]:
+    """``value`` when it maps names to tensors, else :class:`CheckpointMismatch`."""
+    if not isinstance(value, dict):
+        raise CheckpointMismatch(
+            f"{path}: field {name!r} must map names to tensors, got {_shown(value)}"
+        )
+    for key, tensor in value.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise CheckpointMismatch(
+                f"{path}: field {name!r}: entry {key!r} must be a tensor under a "
+                f"name, got {_shown(tensor)}"
+            )
+    return value
+
+
+def _optional_dict(path: Path, payload: dict[str, Any], name: str) -> Any:
+    """``payload[name]`` when it is a dict or ``None`` (or absent), else raise."""
+    value = payload.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise CheckpointMismatch(
+            f"{path}: field {name!r} must be a mapping, got {_shown(value)}"
+        )
+    return value
+
+
 def load_checkpoint(
     path: str | Path, expected_cfg: ModelConfig | None = None
 ) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` from a LOCAL file.
 
+    Every field is type-checked: ``state_dict`` (and ``ema`` when present)
+    map names to tensors, ``optimizer`` and ``extra`` are mappings or absent,
+    ``epoch`` is an integer.
+
     Raises:
+        UnsafeCheckpoint: the pickle holds objects other than tensors and
+            plain containers (refused before any is built).
         CheckpointMismatch: not a file, not a mammofed checkpoint, other class
-            names, or (with ``expected_cfg``) a structural config field that
-            differs; the message names the field and both values.
+            names, a field of the wrong type, or (with ``expected_cfg``) a
+            structural config field that differs; the message names the
+            file, the field and the value.
     """
     p = Path(path)
     if not p.is_file():
@@ -176,15 +214,21 @@ def load_checkpoint(
                     f"{p}: field 'model_config.{name}' is {have!r} in the "
                     f"checkpoint but {want!r} is expected"
                 )
+    ema = payload.get("ema")
+    epoch = payload.get("epoch", -1)
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        raise CheckpointMismatch(
+            f"{p}: field 'epoch' must be an integer, got {_shown(epoch)}"
+        )
     return Checkpoint(
         path=p,
         model_config=cfg,
-        state_dict=_field(p, payload, "state_dict"),
+        state_dict=_tensors(p, "state_dict", _field(p, payload, "state_dict")),
         version=str(payload.get("version", "")),
-        optimizer=payload.get("optimizer"),
-        ema=payload.get("ema"),
-        epoch=int(payload.get("epoch", -1)),
-        extra=dict(payload.get("extra") or {}),
+        optimizer=_optional_dict(p, payload, "optimizer"),
+        ema=None if ema is None else _tensors(p, "ema", ema),
+        epoch=epoch,
+        extra=dict(_optional_dict(p, payload, "extra") or {}),
     )
 
 
@@ -216,9 +260,18 @@ def load_weights(
     """Load ``state`` (read from checkpoint ``path``) into ``model``, every key.
 
     Raises:
-        CheckpointMismatch: a key missing or unexpected (the first five named).
+        CheckpointMismatch: a key missing or unexpected (the first five named),
+            or a tensor that does not fit its parameter (shape).
     """
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatch: one line per parameter
+        lines = [x.strip() for x in str(exc).splitlines()[1:] if x.strip()]
+        more = f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
+        raise CheckpointMismatch(
+            f"{path}: field 'state_dict' does not fit model {arch!r}: "
+            f"{'; '.join(lines[:3]) or one_line(exc)}{more}"
+        ) from exc
     if missing or unexpected:
         raise CheckpointMismatch(
             f"{path}: field 'state_dict' does not fit model "

@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
-from common.config.loader import bounded, from_mapping, load_config, path_field
+from common.config.loader import (
+    bounded,
+    check_bounds,
+    from_mapping,
+    load_config,
+    path_field,
+)
 from common.errors import ConfigError
 from common.keys import (
     CPM_CALCIFICATION,
@@ -412,6 +418,17 @@ _RECORD_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     PERSONAL_HEAD: ("personal_head", bool),
     TRAINER: ("trainer", str),
 }
+#: ConfigRecord key -> (config class, field) whose ``bounded`` range a received
+#: value must keep: a message may ask no more of a site than a loaded
+#: federation config could. A round number is one of ``1..num_rounds`` (round
+#: 0 is the initial model; no train or evaluate message carries it).
+_RECORD_BOUNDS: dict[str, tuple[type, str]] = {
+    SERVER_ROUND: (FederationConfig, "num_rounds"),
+    LOCAL_EPOCHS: (TrainerConfig, "local_epochs"),
+    LEARNING_RATE: (TrainerConfig, "learning_rate"),
+    BATCH_SIZE: (TrainerConfig, "batch_size"),
+    PROXIMAL_MU: (StrategyConfig, "proximal_mu"),
+}
 
 
 @dataclass(frozen=True)
@@ -472,7 +489,18 @@ class FitInstructions:
     def from_config_record(
         cls, record: Mapping[str, Any], source: str = "message"
     ) -> FitInstructions:
-        """Parse a received ConfigRecord; missing optional keys take defaults."""
+        """Parse a received ConfigRecord; missing optional keys take defaults.
+
+        Each value must have its field's type, be finite, and keep the range
+        a federation config file enforces for the same setting
+        (``trainer.local_epochs``, ``trainer.learning_rate``,
+        ``trainer.batch_size``, ``strategy.proximal_mu``; ``server-round`` in
+        ``1..`` the largest ``num_rounds``).
+
+        Raises:
+            ConfigError: a missing ``server-round``, or a value of the wrong
+                type or out of range; names ``source``, the key and the value.
+        """
         if SERVER_ROUND not in record:
             raise ConfigError(source, SERVER_ROUND, "is required but missing")
         kwargs: dict[str, Any] = {}
@@ -485,10 +513,9 @@ class FitInstructions:
                 raise ConfigError(source, key, f"has the wrong type: {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(source, key, f"must be finite, got {value!r}")
+            if key in _RECORD_BOUNDS:
+                check_bounds(*_RECORD_BOUNDS[key], value, source, key)
             kwargs[attr] = float(cast(float, value)) if tp == _NUMBER else value
-        mu = kwargs.get("proximal_mu", 0.0)
-        if mu < 0:
-            raise ConfigError(source, PROXIMAL_MU, f"must be >= 0, got {mu!r}")
         return cls(**kwargs)
 
 

@@ -24,7 +24,13 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from client.app import app
 from client.commands.start import RestartPolicy, health_argv, supervise
 from client.guard import PrivacyGuardError, check_reply
-from client.state import COMMITTED, DISCARDED, PENDING_JSON, SiteState
+from client.state import (
+    COMMITTED,
+    DISCARDED,
+    PENDING_JSON,
+    SiteState,
+    SiteStateError,
+)
 from common.errors import ConfigError
 from common.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
 from common.wire.faults import (
@@ -298,6 +304,53 @@ def test_site_state_pending_commit_and_discard(tmp_path: Path) -> None:
     assert st.read_meta()["discarded_rounds"][-1] == 5
 
 
+@pytest.mark.parametrize(
+    "next_access", ["settle-later-round", "begin-round", "pending"]
+)
+def test_commit_cut_short_is_finished_not_discarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, next_access: str
+) -> None:
+    """A commit that dies between two file moves is finished by the next access
+    (a new SiteState, as after a restart), even when the next message names a
+    later model round: every committed file is from the same round."""
+    st = SiteState(tmp_path, "h")
+    st.save_personal({"bn": np.full(2, 2.0)})
+    (st.dir / "teacher.pt").write_bytes(b"t2")
+    st.begin_round(3, node_id=5)
+    st.save_personal({"bn": np.full(2, 3.0)})
+    st.write_path("teacher.pt").write_bytes(b"t3")
+    real, moved = os.replace, []
+
+    def dying_replace(src: Any, dst: Any) -> None:
+        if Path(src).parent == st.pending_dir:
+            moved.append(Path(src).name)
+            if len(moved) == 2:
+                raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises((OSError, SiteStateError)) as cut:
+        st.settle(ModelVersion(3, (5,)))
+    monkeypatch.setattr(os, "replace", real)
+    assert moved == ["personal.npz", "teacher.pt"]  # one moved, one not
+
+    again = SiteState(tmp_path, "h")
+    if next_access == "settle-later-round":
+        assert again.settle(ModelVersion(4, (8,))) == COMMITTED
+    elif next_access == "begin-round":
+        again.begin_round(4, node_id=5)
+    else:
+        assert again.pending() is None
+    personal = again.load_personal()
+    assert personal is not None
+    np.testing.assert_array_equal(personal["bn"], np.full(2, 3.0))
+    assert (again.dir / "teacher.pt").read_bytes() == b"t3"
+    meta = again.read_meta()
+    assert meta["committed_round"] == 3 and 3 not in meta.get("discarded_rounds", [])
+    assert isinstance(cut.value, SiteStateError)  # names the marker file
+    assert str(st.pending_path) in str(cut.value)
+
+
 def test_model_version_config_is_checked() -> None:
     assert ModelVersion.from_config({}) is None
     v = ModelVersion(3, (1, 2))
@@ -367,6 +420,44 @@ def test_error_replies_carry_a_code_and_no_exception_text(
         out.failed[0].reason == f"code {SITE_INTERNAL}: {REPLY_ERRORS[SITE_INTERNAL]}"
     )
     assert SECRET not in json.dumps([f.as_dict() for f in out.failed])
+
+
+def test_out_of_range_instructions_get_a_site_config_error(
+    test_cfg: FederationConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message asking for 10**12 epochs at learning rate 1e30 (or round -4,
+    batch size -1) is refused before any training: error SITE_CONFIG."""
+    from client.toy import ToyTrainer
+    from common.wire.federation import FitInstructions
+
+    fits: list[int] = []
+    real_fit = ToyTrainer.fit
+
+    def counting_fit(self: ToyTrainer, shared: Any, config: Any) -> Any:
+        fits.append(config.server_round)
+        return real_fit(self, shared, config)
+
+    monkeypatch.setattr(ToyTrainer, "fit", counting_fit)
+    node_cfg = {NODE_SITE: "site-a", NODE_STATE_DIR: str(tmp_path / "state")}
+    good = _train_msg(test_cfg, 7)
+    for key, value in (
+        ("server-round", -4),
+        ("local-epochs", 10**12),
+        ("learning-rate", 1e30),
+        ("batch-size", -1),
+    ):
+        config = FitInstructions.from_federation(test_cfg, 1).to_config_record()
+        config[key] = value
+        bad = Message(
+            RecordDict({ARRAYS_KEY: good.content[ARRAYS_KEY], CONFIG_KEY: config}),
+            dst_node_id=7,
+            message_type="train",
+        )
+        reply = app(bad, _context(test_cfg, node_cfg))
+        assert reply.has_error() and reply.error.code == SITE_CONFIG, key
+    assert fits == []
+    reply = app(good, _context(test_cfg, node_cfg))  # a normal message still runs
+    assert not reply.has_error() and fits == [1]
 
 
 # --- NaN metrics become absent ---------------------------------------------------

@@ -357,6 +357,42 @@ def test_config_errors_name_key_and_value(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("key", "value", "rule"),
+    [
+        ("server-round", -4, "must be >= 1"),
+        ("server-round", 0, "must be >= 1"),  # round 0 is the initial model
+        ("local-epochs", 10**12, "must be <= 1000"),
+        ("local-epochs", 0, "must be >= 1"),
+        ("learning-rate", 1e30, "must be <= 10"),
+        ("learning-rate", -0.1, "must be >= 0"),
+        ("batch-size", -1, "must be >= 1"),
+        ("batch-size", 10**6, "must be <= 4096"),
+        ("proximal-mu", -1.0, "must be >= 0"),
+    ],
+)
+def test_instructions_out_of_range_are_refused_by_name(
+    key: str, value: float, rule: str
+) -> None:
+    """A server message may ask no more of a site than a federation config
+    file could: the same ranges, the source, key and value named."""
+    record = {**FitInstructions(3).to_config_record(), key: value}
+    with pytest.raises(ConfigError) as info:
+        FitInstructions.from_config_record(record, source="msg")
+    assert str(info.value).startswith(f"msg: {key}: {rule}")
+    assert str(info.value).endswith(f"got {value!r}")
+
+
+def test_instructions_in_range_still_parse() -> None:
+    cfg = load_federation_config(TEST_YAML)
+    sent = FitInstructions.from_federation(cfg, cfg.num_rounds)
+    assert FitInstructions.from_config_record(sent.to_config_record()) == sent
+    edge = {"server-round": 1, "local-epochs": 1000, "learning-rate": 0,
+            "batch-size": 4096, "proximal-mu": 0.0}  # fmt: skip
+    ins = FitInstructions.from_config_record(edge)
+    assert (ins.local_epochs, ins.learning_rate, ins.batch_size) == (1000, 0.0, 4096)
+
+
+@pytest.mark.parametrize(
     "path", sorted((TEST_YAML.parent).glob("*.yaml")), ids=lambda p: p.name
 )
 def test_shipped_federation_configs_load(path: Path) -> None:

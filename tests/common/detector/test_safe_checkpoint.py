@@ -118,3 +118,34 @@ def test_resume_state_survives_the_safe_loader(tmp_path, tiny_checkpoint):
     ck = load_checkpoint(p)
     assert ck.epoch == 3 and ck.optimizer is not None and ck.ema is not None
     assert ck.extra["ema_updates"] == 7
+
+
+def _shrunk(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every weight cut to its first row: right names, wrong shapes."""
+    return {k: v[:1] if v.ndim else v for k, v in state.items()}
+
+
+@pytest.mark.parametrize(
+    ("field", "change"),
+    [
+        ("state_dict", lambda p: {"state_dict": "hello"}),
+        ("state_dict", lambda p: {"state_dict": _shrunk(p["state_dict"])}),
+        ("epoch", lambda p: {"epoch": "x"}),
+        ("extra", lambda p: {"extra": [1, 2, 3]}),
+    ],
+    ids=["state_dict-is-str", "tensor-wrong-shape", "epoch-not-int", "extra-is-list"],
+)
+def test_malformed_fields_are_a_mismatch_naming_the_file(
+    tmp_path, tiny_checkpoint, field, change
+):
+    """A checkpoint of plain data but the wrong field types or shapes is refused
+    with CheckpointMismatch naming the file and the field, never a raw
+    TypeError / ValueError / RuntimeError from deep inside torch."""
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    payload.update(change(payload))
+    bad = tmp_path / "malformed.pt"
+    torch.save(payload, bad)
+    with pytest.raises(CheckpointMismatch) as info:
+        load_model(bad)
+    assert not isinstance(info.value, UnsafeCheckpoint)
+    assert str(bad) in str(info.value) and f"field {field!r}" in str(info.value)
