@@ -29,6 +29,14 @@ a recipe at 60 epochs against the same folds at 25::
         --a out/mias-rs-seed0/oof_predictions-detector.json \\
         --b out/mias-e60-seed0/oof_predictions.json --label mias-60-vs-25-epochs
 
+``--cases REGEX`` keeps only the images of the women whose case (patient)
+matches (``re.search``), e.g. the confirmation study's new test women, who
+are numbered from 1000 on (``configs/simulation/study-confirm.yaml``)::
+
+    python -m benchmarks.compare_runs --cases 'PH-[BCD]-01' \
+        --a out/confirm/seed-{0,1,2}/local-only \
+        --b out/confirm/seed-{0,1,2}/personalized-dp+tuned+local
+
 One JSON line per site and class in ``benchmarks/results/compare_runs.jsonl``:
 ``b-minus-a-cpm-<class>`` with the paired 95% interval, both CPMs and
 sensitivities at 1 FP/image (means over runs), and the wall time of each
@@ -38,6 +46,7 @@ run's regime (``run.json`` ``seconds``) where recorded.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -81,19 +90,47 @@ def _seconds(regime_dir: Path) -> float | None:
     return RF.read_record(RF.StudyRun, meta).seconds.get(regime_dir.name)
 
 
+def only_cases(
+    run: dict[str, list[FrocImage]], pattern: str, where: Path
+) -> dict[str, list[FrocImage]]:
+    """``run`` with only the images whose case (woman) matches ``pattern``.
+
+    An image without a case is matched by its key. Sites left without an
+    image are dropped.
+
+    Raises:
+        ValueError: ``pattern`` matches no image of the run (named).
+    """
+    rx = re.compile(pattern)
+    kept = {
+        site: [im for im in images if rx.search(im.case or im.key)]
+        for site, images in run.items()
+    }
+    kept = {site: images for site, images in kept.items() if images}
+    if not kept:
+        raise ValueError(f"{where}: --cases {pattern!r} matches no scored image")
+    return kept
+
+
 def compare(
-    a: Path | list[Path], b: Path | list[Path], *, n_boot: int = 1000, seed: int = 0
+    a: Path | list[Path],
+    b: Path | list[Path],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    cases: str | None = None,
 ) -> list[dict[str, Any]]:
     """Per (site, class): CPM of ``a`` and ``b`` and the paired ``b - a``.
 
     ``a`` and ``b``: one run each (:func:`load_run`: a regime folder or an
     out-of-fold file), or one per seed (same count; the CPMs, sensitivities
-    and the difference are then means over seeds).
+    and the difference are then means over seeds). ``cases``: a regular
+    expression; only the women it matches are scored (:func:`only_cases`).
 
     Raises:
         ValueError: a site's two image sets differ (not the same test images),
-            no site is scored in every run, or the two sides have different
-            numbers of runs.
+            no site is scored in every run, the two sides have different
+            numbers of runs, or ``cases`` matches nothing in a run.
     """
     runs_a = a if isinstance(a, list) else [a]
     runs_b = b if isinstance(b, list) else [b]
@@ -101,6 +138,9 @@ def compare(
         raise ValueError(f"--a has {len(runs_a)} runs, --b {len(runs_b)}: not paired")
     da = [load_run(r) for r in runs_a]
     db = [load_run(r) for r in runs_b]
+    if cases is not None:
+        da = [only_cases(d, cases, r) for d, r in zip(da, runs_a, strict=True)]
+        db = [only_cases(d, cases, r) for d, r in zip(db, runs_b, strict=True)]
     rows = []
     common = sorted(set.intersection(*(set(d) for d in da + db)))
     if not common:
@@ -154,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         "(same order as --a)",
     )
     p.add_argument("--label", default="b-vs-a", help="name of the comparison")
+    p.add_argument(
+        "--cases",
+        default=None,
+        help="regular expression: score only the women (cases) it matches",
+    )
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--results", type=Path, default=None)
     args = p.parse_args(argv)
@@ -164,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_a": _seconds(args.a[0]) if len(args.a) == 1 else None,
         "seconds_b": _seconds(args.b[0]) if len(args.b) == 1 else None,
     }
-    for row in compare(args.a, args.b, n_boot=args.n_boot):
+    if args.cases is not None:
+        ctx["cases"] = args.cases
+    for row in compare(args.a, args.b, n_boot=args.n_boot, cases=args.cases):
         emit(
             BENCH,
             f"b-minus-a-cpm-{row['class']}",

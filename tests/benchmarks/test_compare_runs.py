@@ -74,3 +74,25 @@ def test_other_images_or_no_common_site_are_refused(tmp_path: Path) -> None:
     bad.write_text("[{]")
     with pytest.raises(ValueError, match="bad.json"):
         compare_runs.compare(a, bad, n_boot=10)
+
+
+def test_cases_keeps_only_the_women_it_matches(tmp_path: Path) -> None:
+    # weak finds women 0, 1; strong 0-5: on women 4-7 weak finds none and
+    # strong two of four
+    weak = _oof(tmp_path / "weak.json", {0, 1}, 0)
+    strong = _oof(tmp_path / "strong.json", {0, 1, 2, 3, 4, 5}, 1)
+    rows = compare_runs.compare(weak, strong, n_boot=50, cases="^w[4-7]$")
+    mass = next(r for r in rows if r["class"] == "mass")
+    assert mass["n_images"] == 4
+    assert mass["sens_at_1fp_a"] == 0.0 and mass["sens_at_1fp_b"] == 0.5
+    with pytest.raises(
+        ValueError, match=r"weak\.json: --cases '\^nobody\$' matches no"
+    ):
+        compare_runs.compare(weak, strong, n_boot=10, cases="^nobody$")
+    compare_runs.main(
+        ["--a", str(weak), "--b", str(strong), "--results", str(tmp_path / "r")]
+        + ["--n-boot", "20", "--cases", "^w[4-7]$"]
+    )
+    text = (tmp_path / "r" / "compare_runs.jsonl").read_text()
+    line = json.loads(text.splitlines()[0])
+    assert line["context"]["cases"] == "^w[4-7]$" and line["context"]["n_images"] == 4
