@@ -1,7 +1,9 @@
 """Synthetic inputs with a known answer, for the tests and the benchmarks.
 
 Small mammograms written as DICOM with pydicom (:func:`write_mammo`), hostile
-RLE files (:func:`write_rle_bomb`), and a random detector whose scores spread
+RLE files (:func:`write_rle_bomb`), JPEG 2000 files whose codestream is larger
+than their header (:func:`write_j2k_size_bomb`), broken header values
+(:func:`break_header`), and a random detector whose scores spread
 like a trained one's (:func:`spread_model`). Unlike :mod:`simulation.phantom`
 (realistic sites for the study), every attribute here is a parameter, so a
 test can write exactly the header it checks.
@@ -20,11 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import torch
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.tag import Tag
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
 
 from common.detector.model import ModelConfig, build_detector
 
@@ -234,6 +245,60 @@ def write_rle_bomb(
     ds.PixelData = encapsulate([frame])
     ds["PixelData"].VR = "OB"
     path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_j2k_size_bomb(
+    path: Path, *, rows: int = 256, cols: int = 256, declared: int = 20000
+) -> Path:
+    """An MG file, JPEG 2000 Lossless, whose header and codestream disagree.
+
+    The header says ``rows x cols`` (inside any pixel budget); the frame is
+    the real encoding of that image with its SIZ segment rewritten to
+    ``declared x declared`` (image and single tile), which openjpeg would
+    allocate (``declared=20000``: 1.6 GB of int32) before failing.
+    """
+    write_mammo(path, rows=rows, cols=cols, compress=JPEG2000Lossless)
+    ds = pydicom.dcmread(path)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    at = frame.index(b"\xff\x51")  # SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz XTsiz..
+    frame[at + 6 : at + 14] = struct.pack(">II", declared, declared)
+    frame[at + 22 : at + 30] = struct.pack(">II", declared, declared)
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+#: :func:`break_header` kinds: header values pydicom parses but cannot use.
+HEADER_BREAKS = (
+    "modality-lut-without-descriptor",
+    "modality-lut-12-bit-entries",
+    "rows-3-bytes",
+)
+
+
+def break_header(path: Path, kind: str) -> Path:
+    """Rewrite the :func:`write_mammo` file at ``path`` with one broken value.
+
+    ``kind`` (:data:`HEADER_BREAKS`): a ModalityLUTSequence item without
+    LUTDescriptor; one whose LUTDescriptor says 12 bits per entry (only 8
+    and 16 exist); a Rows element 3 bytes long (US is 2 bytes a value).
+    """
+    ds = pydicom.dcmread(path)
+    if kind.startswith("modality-lut-"):
+        item = Dataset()
+        item.ModalityLUTType = "US"
+        if kind == "modality-lut-12-bit-entries":
+            item.add_new(0x00283002, "US", [TOP + 1, 0, BITS])
+        item.add_new(0x00283006, "US", list(range(TOP + 1)))
+        ds.ModalityLUTSequence = Sequence([item])
+        del ds.RescaleSlope, ds.RescaleIntercept
+    elif kind == "rows-3-bytes":
+        tag = Tag(0x00280010)
+        ds[tag] = RawDataElement(tag, "US", 3, b"\x80\x00\x00", 0, False, True)
+    else:
+        raise ValueError(f"kind={kind!r}; known: {', '.join(HEADER_BREAKS)}")
     ds.save_as(path, enforce_file_format=True)
     return path
 

@@ -21,9 +21,11 @@ spacing) :func:`predict_paths` writes
 * with ``output_format="sr"``, also one Mammography CAD SR per exam:
   DICOM inputs are grouped by StudyInstanceUID and each study gets
   ``OUT/<StudyInstanceUID>.sr.dcm`` (:mod:`client.cad_sr`). A PNG/TIFF input
-  (or a DICOM without the UIDs an SR needs) cannot have one: logged skip
-  naming the file, listed in ``PredictResult.sr_skipped``; its JSON is still
-  written.
+  (or a DICOM without the UIDs an SR needs, or whose Study, Series or SOP
+  Instance UID is not a valid DICOM UID, e.g. ``../x`` or ``1.2/3``) cannot
+  have one: logged skip naming the file (and the field and value), listed in
+  ``PredictResult.sr_skipped``; its JSON is still written. No SR is ever
+  written outside ``OUT``.
 
 Several checkpoints run together: each model detects on the same model-space
 image and their findings are fused (:func:`fused_detect`,
@@ -32,9 +34,11 @@ the one the site trained alone, the recommended regime. They must work at one
 spacing.
 
 Files that cannot be read are skipped with a log line naming the file and the
-reason; the result lists them. A checkpoint that carries a site's intensity
-standardizer (``extra["standardizer"]``, written by ``mammofed-client export``)
-has it applied to every model-space image before the model.
+reason; the result lists them. That holds for any error reading one file
+(a hostile header included), so one bad image never stops the others. A
+checkpoint that carries a site's intensity standardizer
+(``extra["standardizer"]``, written by ``mammofed-client export``) has it
+applied to every model-space image before the model.
 """
 
 from __future__ import annotations
@@ -59,8 +63,14 @@ from client.export import checkpoint_paths, load_detectors
 from common.config.loader import config_to_dict, write_resolved
 from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.engine import predict_images, resolve_device
-from common.errors import RefusedImage
-from common.imaging.dicom import decode_pixels, header_text, is_dicom, read_dataset
+from common.errors import RefusedImage, one_line
+from common.imaging.dicom import (
+    decode_pixels,
+    header_text,
+    is_dicom,
+    is_valid_uid,
+    read_dataset,
+)
 from common.imaging.geometry import Geometry
 from common.imaging.image import MammoImage
 from common.imaging.image_io import read_any
@@ -228,16 +238,27 @@ def detect_files(
     detected ``batch_size`` at a time (4: a four-view exam in one forward pass).
     ``detections``: :func:`detections_to_stored` at ``score_floor`` (stored-space
     boxes). A file that ``read_any`` refuses (``RefusedImage`` or
-    ``ValueError``) goes to ``on_unreadable``; without one the error propagates.
+    ``ValueError``) goes to ``on_unreadable``, and so does one on which it
+    fails with any other ``Exception`` (a header pydicom cannot convert...),
+    passed as a ``RefusedImage`` naming the file and the error; the next files
+    are still read. Without ``on_unreadable`` the error propagates;
+    ``MemoryError`` (and ``KeyboardInterrupt``) always does.
     """
 
     def readable() -> Iterator[tuple[_F, MammoImage]]:
         for f in files:
             try:
                 image = read_any(f, **read_options)
-            except (RefusedImage, ValueError) as exc:
+            except MemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one bad file, not the batch
                 if on_unreadable is None:
                     raise
+                if not isinstance(exc, RefusedImage | ValueError):
+                    why = f"cannot be read: {one_line(exc)}"
+                    refused = RefusedImage(str(f), why)
+                    refused.__cause__ = exc
+                    exc = refused
                 on_unreadable(f, exc)
                 continue
             yield f, image
@@ -388,7 +409,12 @@ class _StudyEntry:
 
 
 def _sr_header(f: Path) -> tuple[Dataset | None, str]:
-    """``(header, "")`` of a DICOM input an SR can reference, else ``(None, why)``."""
+    """``(header, "")`` of a DICOM input an SR can reference, else ``(None, why)``.
+
+    Its Study, Series and SOP Instance UIDs must be present and valid DICOM
+    UIDs (:func:`common.imaging.dicom.is_valid_uid`); ``why`` names the field
+    and the value.
+    """
     if not is_dicom(f):
         return None, "not a DICOM file: a DICOM CAD SR can only reference DICOM images"
     try:
@@ -399,6 +425,13 @@ def _sr_header(f: Path) -> tuple[Dataset | None, str]:
     missing = [k for k in uids if not header_text(header, k)]
     if missing:
         return None, f"no {', '.join(missing)}: an SR cannot reference it"
+    for keyword in uids:  # the Study UID names the SR file: no '/' nor '..'
+        uid = header_text(header, keyword)
+        if not is_valid_uid(uid):
+            return None, (
+                f"{keyword}={uid!r} is not a valid DICOM UID (digits and dots, "
+                "at most 64 characters): an SR cannot reference it"
+            )
     return header, ""
 
 
@@ -409,7 +442,12 @@ def _write_study_reports(
     *,
     score_floor: float,
 ) -> None:
-    """One ``OUT/<StudyInstanceUID>.sr.dcm`` per study; failures are logged skips."""
+    """One ``OUT/<StudyInstanceUID>.sr.dcm`` per study; failures are logged skips.
+
+    A file name that would place the SR in another folder than ``out``
+    (``..``, ``/`` in the UID) is a logged skip too, whatever
+    :func:`_sr_header` let through: nothing is written outside ``out``.
+    """
     for study_uid, entries in studies.items():
         files = ", ".join(str(e.source) for e in entries)
         try:
@@ -422,7 +460,13 @@ def _write_study_reports(
             log.warning("no CAD SR for study %s (%s): %s", study_uid, files, exc)
             result.sr_skipped.append((f"study {study_uid}: {files}", str(exc)))
             continue
-        path = write_cad_sr(ds, out / f"{study_uid}{SR_SUFFIX}")
+        target = out / f"{study_uid}{SR_SUFFIX}"
+        if target.parent.resolve() != out.resolve():  # second layer: UIDs checked
+            why = f"SR file {target} would resolve outside {out}: not written"
+            log.error("no CAD SR for study %r (%s): %s", study_uid, files, why)
+            result.sr_skipped.append((f"study {study_uid}: {files}", why))
+            continue
+        path = write_cad_sr(ds, target)
         result.sr_written.append(path)
         n = sum(len(e.detections) for e in entries)
         log.info(
@@ -545,7 +589,8 @@ def predict_paths(
                 result.sr_skipped.append((str(f), why))
             else:
                 entry = _StudyEntry(f, header, detections)
-                studies.setdefault(str(header.StudyInstanceUID), []).append(entry)
+                study = header_text(header, "StudyInstanceUID")  # checked UID
+                studies.setdefault(study, []).append(entry)
     if output_format == FORMAT_SR:
         _write_study_reports(studies, out, result, score_floor=sr_display_floor)
     return result

@@ -23,13 +23,12 @@ status      meaning (PS3.4 B.2.3, PS3.7 C)         when
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from common.imaging.dicom import MAMMO_SOP_CLASSES, header_text
+from common.imaging.dicom import MAMMO_SOP_CLASSES, header_text, is_valid_uid
 
 #: Refused: SOP Class not supported (PS3.7 C.5.x, valid in a C-STORE-RSP).
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -41,9 +40,6 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_OUT_OF_RESOURCES = 0xA700
 #: Success.
 STATUS_SUCCESS = 0x0000
-
-#: PS3.5 9.1: components of digits separated by dots, no leading zero, <= 64.
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 @dataclass(frozen=True)
@@ -68,11 +64,6 @@ class Refusal:
             f"refused SOP Instance {sop_instance_uid}: {self.field}={self.value!r}: "
             f"{self.reason} (status 0x{self.status:04X})"
         )
-
-
-def is_valid_uid(value: str) -> bool:
-    """Whether ``value`` is a syntactically valid DICOM UID (safe as a file name)."""
-    return len(value) <= 64 and _UID_RE.match(value) is not None
 
 
 def check_received(ds: Dataset, request_sop_class: str | None = None) -> Refusal | None:

@@ -17,12 +17,18 @@ pixel data is read before :func:`check_pixel_budget` has compared the header's
 Rows x Columns x NumberOfFrames x SamplesPerPixel with the budget; colour
 images (:func:`check_greyscale`) and Modality LUTs giving non-finite values or
 an image without dynamic range are refused, naming the field and its value.
+A header value that cannot be read (a US element of odd length, a Modality
+LUT item without or with an unusable LUTDescriptor) is refused the same way,
+never passed on as another exception. A compressed frame must declare the
+header's size (:func:`check_codestream`): decoders allocate what the
+codestream says, so a small header cannot smuggle in a huge frame.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,13 +36,20 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 
 from common.config.site import DEFAULT_MAX_PIXELS
 from common.errors import RefusedImage, one_line
 from common.fileio import has_dicom_preamble
+from common.imaging.codestream import codestream_shape
 from common.imaging.image import ImageMeta, MammoImage, check_min_side
 from common.imaging.preprocess import standardize
 from common.keys import (
@@ -69,6 +82,19 @@ DEFER_SIZE = "64 KB"
 GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 #: Percentiles used to normalize FOR PROCESSING images after the log transform.
 PROCESSING_PERCENTILES = (0.01, 99.99)
+
+#: Transfer syntaxes whose frames declare their own size (JPEG, JPEG-LS, JPEG
+#: 2000 and HTJ2K), checked by :func:`check_codestream` before decoding.
+SIZED_CODESTREAMS = frozenset(
+    str(uid)
+    for uid in (
+        *JPEGTransferSyntaxes,
+        *JPEGLSTransferSyntaxes,
+        *JPEG2000TransferSyntaxes,
+    )
+)
+#: PS3.5 9.1: components of digits separated by dots, no leading zero, <= 64.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 #: SOP classes that are mammography by definition.
 MAMMO_SOP_CLASSES: dict[str, str] = {
@@ -125,6 +151,15 @@ def header_text(ds: Dataset, keyword: str) -> str:
     """A header value as stripped text (all its values); ``""`` when absent."""
     value = ds.get(keyword)
     return "" if value is None else str(value).strip()
+
+
+def is_valid_uid(value: str) -> bool:
+    """Whether ``value`` is a syntactically valid DICOM UID (safe as a file name).
+
+    PS3.5 9.1: at most 64 characters, digits in dot-separated components, no
+    component with a leading zero; so never ``/``, ``..`` or an empty string.
+    """
+    return len(value) <= 64 and _UID_RE.match(value) is not None
 
 
 def _str(ds: Dataset, keyword: str) -> str:
@@ -339,26 +374,43 @@ def _meta(ds: Dataset, path: str | Path, default_spacing_mm: float | None) -> Im
         spacing_source=spacing_source,
         presentation_intent=_str(ds, "PresentationIntentType").upper() or None,
         photometric=_str(ds, "PhotometricInterpretation").upper() or None,
-        rows=int(ds.get("Rows", 0) or 0),
-        cols=int(ds.get("Columns", 0) or 0),
+        rows=_header_int(ds, "Rows", path, 0),
+        cols=_header_int(ds, "Columns", path, 0),
     )
+
+
+def _shown(ds: Dataset, keyword: str) -> Any:
+    """A header value for a message: converted if it can be, else its raw bytes."""
+    try:
+        return ds[keyword].value if keyword in ds else None
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - the value is what failed to convert
+        return getattr(ds.get_item(keyword), "value", None)
 
 
 def _header_int(ds: Dataset, keyword: str, path: str | Path, default: int) -> int:
     """An integer header value (``default`` when absent or empty).
 
+    Any failure to read the value (not an integer, a binary element of the
+    wrong length such as a 3-byte US: pydicom's ``BytesLengthException``...)
+    is a refusal; only ``MemoryError`` passes.
+
     Raises:
-        RefusedImage: the value is not an integer or is negative (naming both).
+        RefusedImage: the value cannot be read, is not an integer or is
+            negative (naming the field and the value, raw bytes if need be).
     """
     try:
         raw = _first(ds.get(keyword))
         if raw is None or str(raw).strip() == "":
             return default
         value = int(raw)
-    except (TypeError, ValueError, OverflowError) as exc:
-        shown = ds[keyword].value if keyword in ds else None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - BytesLengthException, TypeError...
         raise RefusedImage(
-            str(path), f"{keyword}={shown!r} is not an integer: {one_line(exc)}"
+            str(path),
+            f"{keyword}={_shown(ds, keyword)!r} is not an integer: {one_line(exc)}",
         ) from exc
     if value < 0:
         raise RefusedImage(str(path), f"{keyword}={value} is negative")
@@ -466,6 +518,67 @@ def check_pixel_data(
     check_min_side(path, rows, cols, f"pixel array {rows}x{cols} (Rows x Columns)")
 
 
+def check_codestream(ds: Dataset, path: str | Path) -> None:
+    """Refuse compressed frames that do not declare the header's size.
+
+    For JPEG, JPEG-LS, JPEG 2000 and HTJ2K transfer syntaxes
+    (:data:`SIZED_CODESTREAMS`), every frame pydicom would decode (split as
+    its decoder splits them: Basic or Extended Offset Table, NumberOfFrames)
+    must declare, in its own SIZ or SOF segment
+    (:func:`common.imaging.codestream.codestream_shape`), the header's
+    Rows x Columns x SamplesPerPixel: the decoder allocates what the
+    codestream says, so the header's pixel budget only holds if they agree.
+    Reads the (compressed) pixel data, decodes nothing. Other syntaxes
+    (native, RLE, deflated) are not looked at: their decoded size follows
+    from the header.
+
+    Raises:
+        RefusedImage: the encapsulation cannot be split into frames, a frame's
+            size cannot be read, or it differs from the header (naming both).
+    """
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is None or str(ts) not in SIZED_CODESTREAMS:
+        return
+    header = (
+        _header_int(ds, "Rows", path, 0),
+        _header_int(ds, "Columns", path, 0),
+        _header_int(ds, "SamplesPerPixel", path, 1),
+    )
+    rows, cols, spp = header
+    declared = f"Rows x Columns x SamplesPerPixel = {rows} x {cols} x {spp}"
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    try:
+        frames = generate_frames(
+            ds.PixelData,
+            number_of_frames=_header_int(ds, "NumberOfFrames", path, 1) or 1,
+            extended_offsets=offsets,
+        )
+        for index, frame in enumerate(frames):
+            shape = codestream_shape(frame)
+            if shape is None:
+                raise RefusedImage(
+                    str(path),
+                    f"compressed frame {index} ({UID(str(ts)).name}): no readable "
+                    f"SIZ/SOF segment giving its size (header: {declared})",
+                )
+            if shape != header:
+                got = " x ".join(map(str, shape))
+                raise RefusedImage(
+                    str(path),
+                    f"compressed frame {index} ({UID(str(ts)).name}) declares "
+                    f"rows x columns x components = {got} in its codestream, "
+                    f"the header {declared}",
+                )
+    except (RefusedImage, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt encapsulation, many types
+        raise RefusedImage(
+            str(path), f"encapsulated pixel data unreadable: {one_line(exc)}"
+        ) from exc
+
+
 def _window(
     values: np.ndarray, center: float, width: float, function: str
 ) -> np.ndarray:
@@ -489,7 +602,9 @@ def _voi_lut(values: np.ndarray, item: Dataset, path: str | Path) -> np.ndarray:
             data = np.frombuffer(bytes(raw), dtype="<u2").astype(np.float64)
         else:
             data = np.asarray(raw, dtype=np.float64).ravel()
-    except (AttributeError, TypeError, ValueError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - absent, mistyped or wrong-length
         raise RefusedImage(
             str(path), f"VOILUTSequence item unusable: {one_line(exc)}"
         ) from exc
@@ -523,6 +638,26 @@ def _rescale_text(ds: Dataset) -> str:
         f"{k}={str(ds[k].value).strip()!r}" if k in ds else f"{k} absent"
         for k in ("RescaleSlope", "RescaleIntercept")
     )
+
+
+def _modality_lut_text(ds: Dataset) -> str:
+    """The Modality LUT fields as written, for a refusal (never raises).
+
+    The first ModalityLUTSequence item's LUTDescriptor (or ``absent``), else
+    RescaleSlope/RescaleIntercept.
+    """
+    try:
+        seq = ds.get("ModalityLUTSequence")
+        if not seq:
+            return _rescale_text(ds)
+        item = seq[0]
+        if "LUTDescriptor" not in item:
+            return "ModalityLUTSequence[0].LUTDescriptor absent"
+        return f"ModalityLUTSequence[0].LUTDescriptor={_shown(item, 'LUTDescriptor')!r}"
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the message must not fail too
+        return f"ModalityLUTSequence unreadable ({one_line(exc)})"
 
 
 def check_rescale(ds: Dataset, path: str | Path) -> None:
@@ -561,12 +696,23 @@ def to_unit_range(arr: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarray:
     MONOCHROME2 with INVERSE) is inverted.
 
     Raises:
-        RefusedImage: the Modality LUT is not finite (:func:`check_rescale`) or
-            gives a value that is not finite (e.g. RescaleSlope=1e308).
+        RefusedImage: the Modality LUT is not finite (:func:`check_rescale`),
+            cannot be applied (a ModalityLUTSequence item without
+            LUTDescriptor, or with 12 bits per entry: naming the field and
+            value), or gives a value that is not finite (RescaleSlope=1e308).
     """
     check_rescale(ds, path)
-    with np.errstate(over="ignore", invalid="ignore"):
-        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types here
+        raise RefusedImage(
+            str(path),
+            f"Modality LUT cannot be applied: {_modality_lut_text(ds)}: "
+            f"{one_line(exc)}",
+        ) from exc
     lo_v, hi_v = float(values.min()), float(values.max())
     if not (math.isfinite(lo_v) and math.isfinite(hi_v)):
         raise RefusedImage(
@@ -625,16 +771,20 @@ def decode_pixels(
     """Decode and normalize to float32[rows, cols] in ``[0, 1]``, stored space.
 
     Dense tissue is bright. The header is checked (:func:`check_pixel_data`,
-    with the pixel budget ``max_pixels``) before any pixel byte is read.
+    with the pixel budget ``max_pixels``) before any pixel byte is read, and a
+    compressed frame's own size (:func:`check_codestream`) before it is
+    decoded.
 
     Raises:
-        RefusedImage: see :func:`check_pixel_data` and :func:`to_unit_range`;
+        RefusedImage: see :func:`check_pixel_data`, :func:`check_codestream`
+            and :func:`to_unit_range`;
             the decoder failed (truncated or corrupt pixel data); or the result
             has no dynamic range (every pixel equal: never an all-zero or
             constant training image).
         MemoryError: passed on (the ingest reports it per file).
     """
     check_pixel_data(ds, path, max_pixels=max_pixels)
+    check_codestream(ds, path)
     try:
         arr = ds.pixel_array
     except MemoryError:

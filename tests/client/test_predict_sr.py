@@ -1,4 +1,5 @@
-"""``mammofed-client predict --format sr`` and the source-orientation overlay."""
+"""``mammofed-client predict --format sr``, the source-orientation overlay, and
+hostile inputs (a broken image in an exam, a UID that is a path)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pydicom
 import pytest
 from PIL import Image
 
+from benchmarks import synthetic
+from client import predict as predict_mod
 from client.cli import main as client_main
 from client.predict import (
     OVERLAY_COLOURS,
@@ -20,6 +23,7 @@ from client.predict import (
     stored_display_pixels,
     write_overlay,
 )
+from common.errors import RefusedImage
 from common.keys import CALCIFICATION, MASS
 
 RED = OVERLAY_COLOURS[MASS]
@@ -176,3 +180,121 @@ def test_sr_for_a_real_vendor_file_passes_dciodvfy(
     text = res.stdout + res.stderr
     assert "MammographyCADSR" in text
     assert [ln for ln in text.splitlines() if ln.startswith("Error")] == [], text
+
+
+@pytest.mark.parametrize(
+    ("kind", "needle"),
+    [
+        ("modality-lut-without-descriptor", "LUTDescriptor absent"),
+        ("modality-lut-12-bit-entries", "LUTDescriptor=[4096, 0, 12]"),
+        ("rows-3-bytes", "Rows=b'\\x80\\x00\\x00'"),
+    ],
+)
+def test_one_broken_image_does_not_stop_the_exam(
+    tmp_path, exam, tiny_checkpoint, kind, needle
+):
+    """A header value pydicom cannot use: that image is a skip with its reason;
+    the three others get their JSON and the study its SR."""
+    bad = synthetic.break_header(exam[3].path, kind)
+    res = predict_paths(
+        tiny_checkpoint, [im.path for im in exam], tmp_path / "pred",
+        device="cpu", output_format="sr", overlay=False,
+    )  # fmt: skip
+    assert [p.stem for p in res.written] == [im.path.stem for im in exam[:3]]
+    [(skipped, reason)] = res.skipped
+    assert skipped == str(bad) and str(bad) in reason and needle in reason
+    study = pydicom.dcmread(exam[0].path).StudyInstanceUID
+    assert [p.name for p in res.sr_written] == [f"{study}{SR_SUFFIX}"]
+    refs = pydicom.dcmread(res.sr_written[0]).CurrentRequestedProcedureEvidenceSequence
+    cited = {
+        sop.ReferencedSOPInstanceUID
+        for series in refs[0].ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert cited == {pydicom.dcmread(im.path).SOPInstanceUID for im in exam[:3]}
+
+
+@pytest.mark.parametrize("uid", ["../../escaped", "1.2/3", "/abs/x"])
+def test_sr_is_never_written_outside_out(
+    tmp_path, exam, exam_writer, tiny_checkpoint, uid, caplog, monkeypatch
+):
+    """A StudyInstanceUID that is no UID: logged skip naming file, field and
+    value; no file outside OUT; the normal exam next to it still gets its SR.
+    With the UID check off, the path check alone keeps the SR inside OUT.
+    (The absolute UID points into ``tmp_path``: a regression must not write
+    to ``/abs``.)"""
+    if uid.startswith("/"):
+        uid = f"{tmp_path}{uid}"
+    bad = exam_writer(tmp_path / "bad")[0].path
+    ds = pydicom.dcmread(bad)
+    ds.StudyInstanceUID = uid
+    ds.save_as(bad, enforce_file_format=True)
+    study = pydicom.dcmread(exam[0].path).StudyInstanceUID
+    inputs = [im.path for im in exam] + [bad]
+    for run, uid_check in (("checked", True), ("unchecked", False)):
+        if not uid_check:
+            monkeypatch.setattr("client.predict.is_valid_uid", lambda value: True)
+        out = tmp_path / run / "a" / "b" / "out"
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="client.predict"):
+            res = predict_paths(
+                tiny_checkpoint, inputs, out, device="cpu", output_format="sr",
+                overlay=False,
+            )  # fmt: skip
+        assert len(res.written) == 5 and res.skipped == []
+        assert [p.name for p in res.sr_written] == [f"{study}{SR_SUFFIX}"]
+        assert res.sr_written[0].parent == out
+        [(where, why)] = res.sr_skipped
+        if uid_check:
+            assert where == str(bad)
+            assert f"StudyInstanceUID={uid!r} is not a valid DICOM UID" in why
+        else:
+            assert str(bad) in where and "would resolve outside" in why
+        assert str(bad) in caplog.text and uid in caplog.text
+    srs = set(tmp_path.rglob(f"*{SR_SUFFIX}"))
+    assert srs == {
+        tmp_path / r / "a/b/out" / f"{study}{SR_SUFFIX}"
+        for r in ("checked", "unchecked")
+    }
+
+
+def test_any_error_reading_one_file_goes_to_on_unreadable(exam, monkeypatch):
+    """An error ``read_any`` lets through (not RefusedImage/ValueError) costs that
+    file only: on_unreadable gets a RefusedImage naming the file and the error;
+    MemoryError and a missing on_unreadable still propagate."""
+    real = predict_mod.read_any
+    bad, oom = exam[1].path, exam[2].path
+
+    def read_any(path, **options):
+        if path == bad:
+            raise RuntimeError("decoder state corrupt")
+        if path == oom:
+            raise MemoryError
+        return real(path, **options)
+
+    def detect(pixels):
+        return [
+            {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0)}
+            for _ in pixels
+        ]
+
+    monkeypatch.setattr(predict_mod, "read_any", read_any)
+    files = [exam[0].path, bad, exam[3].path]
+    unreadable = []
+    got = predict_mod.detect_files(
+        detect, files, score_floor=0.0, working_spacing_mm=0.4,
+        on_unreadable=lambda f, exc: unreadable.append((f, exc)),
+    )  # fmt: skip
+    assert [f for f, _, _ in got] == [exam[0].path, exam[3].path]
+    [(f, exc)] = unreadable
+    assert f == bad and isinstance(exc, RefusedImage) and exc.path == str(bad)
+    assert exc.reason == "cannot be read: RuntimeError: decoder state corrupt"
+    assert isinstance(exc.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError, match="decoder state corrupt"):
+        list(predict_mod.detect_files(detect, files, score_floor=0.0,
+                                      working_spacing_mm=0.4))  # fmt: skip
+    with pytest.raises(MemoryError):
+        list(predict_mod.detect_files(
+            detect, [oom], score_floor=0.0, working_spacing_mm=0.4,
+            on_unreadable=lambda f, exc: None,
+        ))  # fmt: skip

@@ -1,6 +1,7 @@
 """Hostile DICOM headers through ``common.imaging.dicom``.
 
-Pixel budget, colour, Modality LUT.
+Pixel budget, colour, Modality LUT, unusable header values, compressed frames
+larger than their header.
 
 Each file is small; a header may declare a huge image. The budget must refuse
 it from the header alone, before any pixel byte is read or decoded.
@@ -21,6 +22,7 @@ import pydicom
 import pytest
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
 
 from common.config.site import DEFAULT_MAX_PIXELS, SiteConfig
 from common.errors import RefusedImage
@@ -219,3 +221,78 @@ def test_normal_file_still_reads(write_mammo) -> None:
     path, _ = write_mammo()
     img = read_dicom(path, working_spacing_mm=WORKING)
     assert np.isfinite(img.pixels).all() and img.pixels.max() > img.pixels.min()
+
+
+@pytest.mark.parametrize(
+    ("kind", "needle"),
+    [
+        (
+            "modality-lut-without-descriptor",
+            "Modality LUT cannot be applied: ModalityLUTSequence[0].LUTDescriptor "
+            "absent: AttributeError",
+        ),
+        (
+            "modality-lut-12-bit-entries",
+            "ModalityLUTSequence[0].LUTDescriptor=[4096, 0, 12]: TypeError",
+        ),
+        ("rows-3-bytes", r"Rows=b'\x80\x00\x00' is not an integer"),
+    ],
+)
+def test_unusable_header_values_are_refused_naming_field_and_value(
+    write_mammo, factory: ModuleType, kind: str, needle: str
+) -> None:
+    """Values pydicom parses but cannot use: RefusedImage, not its own error."""
+    path, _ = write_mammo()
+    factory.break_header(path, kind)
+    with pytest.raises(RefusedImage) as exc:
+        read_any(path, working_spacing_mm=WORKING)
+    assert exc.value.path == str(path)
+    assert needle in exc.value.reason
+    if kind == "rows-3-bytes":  # the header alone is refused the same way
+        with pytest.raises(RefusedImage, match="Rows="):
+            dicom.read_header(path)
+
+
+def _no_decode(self: Dataset) -> np.ndarray:
+    raise AssertionError("pixel data decoded despite the codestream check")
+
+
+def test_j2k_codestream_larger_than_its_header_is_refused_before_decoding(
+    tmp_path: Path, factory: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Header 256 x 256 (inside the budget), SIZ 20000 x 20000: openjpeg would
+    allocate the SIZ's size; the frame's own size is read and refused first."""
+    path = factory.write_j2k_size_bomb(tmp_path / "bomb.dcm", declared=20000)
+    intact = factory.write_j2k_size_bomb(tmp_path / "ok.dcm", declared=256)
+    assert read_dicom(intact, working_spacing_mm=WORKING).pixels.size  # control
+    monkeypatch.setattr(Dataset, "pixel_array", property(_no_decode))
+    with pytest.raises(RefusedImage) as exc:
+        read_dicom(path, working_spacing_mm=WORKING)
+    reason = exc.value.reason
+    assert "compressed frame 0 (JPEG 2000 Image Compression (Lossless Only))" in reason
+    assert "rows x columns x components = 20000 x 20000 x 1 in its codestream" in reason
+    assert "Rows x Columns x SamplesPerPixel = 256 x 256 x 1" in reason
+
+
+def test_every_frame_the_decoder_would_see_is_checked(
+    tmp_path: Path, factory: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Basic Offset Table splitting the data in two frames makes pydicom
+    decode the second (excess) frame too: its size is checked as well, and
+    unreadable frames (no SIZ) are refused."""
+    bomb = factory.write_j2k_size_bomb(tmp_path / "bomb.dcm", declared=20000)
+    intact = factory.write_j2k_size_bomb(tmp_path / "ok.dcm", declared=256)
+    frames = [
+        next(generate_frames(pydicom.dcmread(p).PixelData, number_of_frames=1))
+        for p in (intact, bomb)
+    ]
+    ds = pydicom.dcmread(intact)
+    ds.PixelData = encapsulate(frames, has_bot=True)
+    ds.save_as(tmp_path / "two.dcm", enforce_file_format=True)
+    ds.PixelData = encapsulate([b"\x00" * 64])
+    ds.save_as(tmp_path / "blank.dcm", enforce_file_format=True)
+    monkeypatch.setattr(Dataset, "pixel_array", property(_no_decode))
+    with pytest.raises(RefusedImage, match="compressed frame 1 .* 20000 x 20000"):
+        read_dicom(tmp_path / "two.dcm", working_spacing_mm=WORKING)
+    with pytest.raises(RefusedImage, match="frame 0 .*: no readable SIZ/SOF"):
+        read_dicom(tmp_path / "blank.dcm", working_spacing_mm=WORKING)

@@ -1,0 +1,53 @@
+"""In-process node: one image pydicom cannot use costs that image, not the exam."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pydicom
+import pytest
+
+from benchmarks import synthetic
+from client.dicom_node import DicomNode
+from client.dicom_node.node import SCORED_JSON
+from common.config.site import load_site_config
+
+
+@pytest.mark.parametrize("kind", synthetic.HEADER_BREAKS)
+def test_exam_with_a_broken_image_gets_an_sr_for_the_others(
+    tmp_path: Path, tiny_checkpoint: Path, kit: SimpleNamespace, kind: str
+) -> None:
+    cfg_path = kit.site_yaml(
+        tmp_path, kit.free_port(), kit.free_port(), tiny_checkpoint
+    )
+    files = kit.write_exam(tmp_path / "exam")
+    synthetic.break_header(files[3], kind)
+    node = DicomNode(load_site_config(cfg_path), source=str(cfg_path), device="cpu")
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    study = str(headers[0].StudyInstanceUID)
+    folder = node.incoming / study
+    folder.mkdir(parents=True)
+    for f, ds in zip(files, headers, strict=True):
+        shutil.copy(f, folder / f"{ds.SOPInstanceUID}.dcm")
+
+    queued = node.process_study(study)
+
+    assert queued is not None and queued.parent == tmp_path / "outbox" / "pending"
+    sr = pydicom.dcmread(queued)
+    assert str(sr.StudyInstanceUID) == study
+    cited = {
+        str(sop.ReferencedSOPInstanceUID)
+        for series in sr.CurrentRequestedProcedureEvidenceSequence[
+            0
+        ].ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert cited == {str(ds.SOPInstanceUID) for ds in headers[:3]}
+    record = json.loads((folder / SCORED_JSON).read_text())
+    assert record["sr"] == str(sr.SOPInstanceUID)
+    [(name, why)] = record["refused"].items()
+    assert name == f"{headers[3].SOPInstanceUID}.dcm"
+    assert ("LUTDescriptor" if kind.startswith("modality-lut") else "Rows=") in why
