@@ -141,14 +141,15 @@ def read_json_document(
     """A JSON object read from ``path``, optionally with ``"format": format_id``.
 
     Raises:
-        error: the file cannot be read or parsed (``"{path}: unreadable {what}:
-            ..."``), is not an object, or (with ``format_id``) names another
-            format (``"{path}: field 'format' is ..., expected ..."``).
+        error: the file cannot be read or parsed or nests too deeply
+            (``"{path}: unreadable {what}: ..."``), is not an object, or (with
+            ``format_id``) names another format (``"{path}: field 'format' is
+            ..., expected ..."``).
     """
     p = Path(path)
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise error(f"{p}: unreadable {what}: {exc}") from exc
     if format_id is not None and (
         not isinstance(doc, dict) or doc.get("format") != format_id

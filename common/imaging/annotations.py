@@ -24,14 +24,25 @@ Meaning of rows per image:
 
 Every broken row is skipped with a warning naming the file, row number, field
 and value (bad numbers, ``xmin >= xmax``, unknown finding word, partly filled
-coordinates); the rest is kept. Whether the ``image`` exists is checked later,
-by :func:`match_annotations`, against the ingested images.
+coordinates); the rest is kept. A file that is not valid CSV (e.g. a field over
+128 KiB) or names a column twice is refused (:class:`AnnotationError`). Whether
+the ``image`` exists is checked later, by :func:`match_annotations`, against
+the ingested images, and boxes are checked against the image there
+(:func:`targets_for`): an overhang of up to :data:`CLIP_TOLERANCE_PX` px is
+clipped silently, a larger one is clipped with a warning, and a lesion box with
+more than half its area outside the image is skipped (the image keeps the
+lesion as an image-level label).
 
 COCO input (``annotations.json``): ``images[{id, file_name}]``,
 ``annotations[{image_id, category_id, bbox: [x, y, w, h]}]`` (stored pixels,
-origin top-left), ``categories[{id, name}]``; ``name`` is a finding word. An
-image listed in ``images`` with no annotation is labeled normal (listing it is
-the explicit statement); an annotation without ``bbox`` is an image-level label.
+origin top-left), ``categories[{id, name}]``; ``name`` is a finding word. Ids
+are strings or integers (not ``true``/``false``); bbox values are numbers (not
+booleans) finite as floats. An image listed in ``images`` with no annotation is
+labeled normal (listing it is the explicit statement), but one whose every
+annotation was skipped is left unlabeled (a skip says so), never normal. An
+annotation without ``bbox`` is an image-level label. A repeated image id skips
+the later entry; a category id given twice with different names refuses the
+file (:class:`AnnotationError`), as does JSON nested too deeply to parse.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -76,7 +87,7 @@ Box = tuple[float, float, float, float]
 
 @dataclass(frozen=True)
 class Skip:
-    """One row (or reference) that was not used, and why."""
+    """One row (or reference) not used, or used in part (a clipped box), and why."""
 
     file: str
     row: int | None
@@ -204,23 +215,35 @@ def read_csv_records(
 
     Row numbers are as in the file (the header is row 1); header names are
     stripped; a row with more fields than the header keeps them under the key
-    ``None`` (``csv.DictReader``). An unreadable file or a missing column raises
-    ``error`` naming the file and the header.
+    ``None`` (``csv.DictReader``). An unreadable file (also a malformed CSV, e.g.
+    a field over :func:`csv.field_size_limit`), a missing column or a column
+    named twice raises ``error`` naming the file and the header.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"{path}: cannot read {what}: {exc}") from exc
     reader = csv.DictReader(text.splitlines())
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in columns if c not in header]
-    if missing:
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        dup = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
+        if dup is not None:
+            raise error(
+                f"{path}: header {header!r} names column {dup!r} twice "
+                "(which one holds the value is ambiguous)"
+            )
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise error(
+                f"{path}: header {header!r} lacks column(s) {', '.join(missing)} "
+                f"(expected {', '.join(columns)})"
+            )
+        reader.fieldnames = header
+        return list(enumerate(reader, start=2))
+    except csv.Error as exc:
         raise error(
-            f"{path}: header {header!r} lacks column(s) {', '.join(missing)} "
-            f"(expected {', '.join(columns)})"
-        )
-    reader.fieldnames = header
-    return list(enumerate(reader, start=2))
+            f"{path}: unreadable {what} (CSV line {reader.reader.line_num}): {exc}"
+        ) from exc
 
 
 def read_annotations_csv(path: str | Path, mapper: FindingMapper) -> AnnotationSet:
@@ -266,11 +289,41 @@ def read_annotations_csv(path: str | Path, mapper: FindingMapper) -> AnnotationS
     return aset
 
 
+def _is_id(v: Any) -> TypeGuard[str | int]:
+    """Whether ``v`` can be a COCO id: a string or an integer (not a bool)."""
+    return isinstance(v, str | int) and not isinstance(v, bool)
+
+
+def _coco_box(bbox: Any) -> Box | None:
+    """``(xmin, ymin, xmax, ymax)`` of a COCO ``[x, y, w, h]``; None if invalid.
+
+    Valid: four numbers (``bool`` is not a number), each and the far corner
+    finite as floats (an integer too large for a float is invalid), ``w, h > 0``.
+    """
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        return None
+    vals: list[float] = []
+    for v in bbox:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return None
+        try:
+            f = float(v)
+        except OverflowError:
+            return None
+        vals.append(f)
+    x, y, w, h = vals
+    box = (x, y, x + w, y + h)
+    if not (w > 0 and h > 0 and all(math.isfinite(c) for c in (*vals, *box))):
+        return None
+    return box
+
+
 def read_coco_json(path: str | Path, mapper: FindingMapper) -> AnnotationSet:
     """Parse COCO-style JSON (see module docstring) into an :class:`AnnotationSet`.
 
     Raises:
-        AnnotationError: unreadable JSON or missing top-level lists.
+        AnnotationError: unreadable or too deeply nested JSON, missing top-level
+            lists, or a category id given twice with different names.
     """
     p = Path(path)
     aset = AnnotationSet(str(p))
@@ -278,59 +331,101 @@ def read_coco_json(path: str | Path, mapper: FindingMapper) -> AnnotationSet:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise AnnotationError(f"{p}: '{key}' must be a list, got {data.get(key)!r}")
-    images: dict[Any, str] = {}
+    try:
+        _parse_coco(data, mapper, aset)
+    except RecursionError as exc:
+        raise AnnotationError(f"{p}: COCO JSON nested too deeply") from exc
+    return aset
+
+
+def _parse_coco(
+    data: dict[str, Any], mapper: FindingMapper, aset: AnnotationSet
+) -> None:
+    """The body of :func:`read_coco_json`: fills ``aset``."""
+    images: dict[str | int, str] = {}
     for i, im in enumerate(data["images"]):
-        if not isinstance(im, dict) or "id" not in im or not im.get("file_name"):
-            aset.skip(i, "images", im, "image entry needs 'id' and 'file_name'")
+        if (
+            not isinstance(im, dict)
+            or not _is_id(im.get("id"))
+            or not isinstance(im.get("file_name"), str)
+            or not im["file_name"].strip()
+        ):
+            why = "image entry needs 'id' (string or integer) and 'file_name' (text)"
+            aset.skip(i, "images", im, why)
             continue
-        images[im["id"]] = normalize_ref(str(im["file_name"]))
-    cats: dict[Any, str] = {}
+        if im["id"] in images:
+            kept = images[im["id"]]
+            why = f"image id {im['id']!r} repeated (first entry kept: {kept})"
+            aset.skip(i, "images", im, why)
+            continue
+        images[im["id"]] = normalize_ref(im["file_name"])
+    cats: dict[str | int, str] = {}
     for i, c in enumerate(data["categories"]):
-        if not isinstance(c, dict) or "id" not in c or "name" not in c:
-            aset.skip(i, "categories", c, "category needs 'id' and 'name'")
+        if not isinstance(c, dict) or not _is_id(c.get("id")) or "name" not in c:
+            why = "category needs 'id' (string or integer) and 'name'"
+            aset.skip(i, "categories", c, why)
             continue
-        cats[c["id"]] = str(c["name"])
+        name = str(c["name"])
+        if cats.get(c["id"], name) != name:
+            raise AnnotationError(
+                f"{aset.source}: categories[{i}]: category id {c['id']!r} is given "
+                f"twice, as {cats[c['id']]!r} and {name!r} (labels would be ambiguous)"
+            )
+        cats[c["id"]] = name
     annotated: set[str] = set()
+    dropped: dict[str, list[int]] = {}  # image -> indices of its skipped annotations
+    by_text: dict[str, list[str]] = {}  # str(image id) -> images
+    for k, name in images.items():
+        by_text.setdefault(str(k), []).append(name)
     for i, a in enumerate(data["annotations"]):
         if not isinstance(a, dict):
             aset.skip(i, "annotations", a, "annotation must be an object")
             continue
-        ref = images.get(a.get("image_id"))
+        image_id = a.get("image_id")
+        ref = images.get(image_id) if _is_id(image_id) else None
         if ref is None:
-            aset.skip(i, "image_id", a.get("image_id"), "unknown image id")
+            aset.skip(i, "image_id", image_id, "unknown image id")
+            for near in by_text.get(str(image_id), []):  # "1" for 1: not normal
+                dropped.setdefault(near, []).append(i)
             continue
-        word = cats.get(a.get("category_id"))
+        cat_id = a.get("category_id")
+        word = cats.get(cat_id) if _is_id(cat_id) else None
         if word is None:
-            aset.skip(i, "category_id", a.get("category_id"), "unknown category id")
+            aset.skip(i, "category_id", cat_id, "unknown category id")
+            dropped.setdefault(ref, []).append(i)
             continue
         kind = mapper(word)
         if kind is None:
             aset.skip(i, "category", word, _UNKNOWN_WORD)
+            dropped.setdefault(ref, []).append(i)
             continue
         bbox = a.get("bbox")
         box: Box | None = None
-        if bbox not in (None, []):
-            ok = (
-                isinstance(bbox, list)
-                and len(bbox) == 4
-                and all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)
-            )
-            if not ok or bbox[2] <= 0 or bbox[3] <= 0:
-                aset.skip(i, "bbox", bbox, "bbox must be [x, y, w, h] with w, h > 0")
+        if bbox is not None and bbox != []:
+            box = _coco_box(bbox)
+            if box is None:
+                why = "bbox must be [x, y, w, h]: finite numbers, w, h > 0"
+                aset.skip(i, "bbox", bbox, why)
+                dropped.setdefault(ref, []).append(i)
                 continue
-            x, y, w, h = (float(v) for v in bbox)
-            box = (x, y, x + w, y + h)
         if kind == NONE_FINDING and box is not None:
             aset.skip(i, "category", word, "a 'none' annotation must not carry a box")
+            dropped.setdefault(ref, []).append(i)
             continue
         aset.add(ref, Finding(kind, box, i, word))
         annotated.add(ref)
     for ref in images.values():
-        if ref not in annotated:
-            aset.add(
-                ref, Finding(NONE_FINDING, None, None, "<listed without annotations>")
+        if ref in annotated:
+            continue
+        if ref in dropped:
+            rows = dropped[ref]
+            why = (
+                f"every annotation of this image was skipped (indices {rows}): "
+                "left unlabeled, not marked normal"
             )
-    return aset
+            aset.skip(rows[0], "image", ref, why)
+            continue
+        aset.add(ref, Finding(NONE_FINDING, None, None, "<listed without annotations>"))
 
 
 def read_site_annotations(
@@ -387,6 +482,19 @@ class ImageTargets:
         return cls(False, False, False, [], [], [], [], [], [])
 
 
+#: A box edge beyond the stored image by at most this many pixels is clipped
+#: silently (rounding); more is logged, see :func:`targets_for`.
+CLIP_TOLERANCE_PX = 2.0
+
+
+def _outside_fraction(box: Box, clipped: Sequence[float]) -> float:
+    """Share of ``box``'s area outside ``clipped`` (its clip to the image), 0..1."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    cw, ch = max(0.0, clipped[2] - clipped[0]), max(0.0, clipped[3] - clipped[1])
+    # ratios per axis: no overflow to inf * 0 for huge boxes
+    return 1.0 - (cw / w) * (ch / h)
+
+
 def targets_for(
     ann: ImageAnnotations, geometry: Geometry, source: str, skips: list[Skip]
 ) -> ImageTargets:
@@ -394,6 +502,13 @@ def targets_for(
 
     Boxes are clipped to the stored image and then to the model grid; a box that
     lies entirely outside either is skipped (logged, appended to ``skips``).
+
+    Against the stored image: an edge beyond it by at most
+    :data:`CLIP_TOLERANCE_PX` is clipped silently (rounding); a box clipped by
+    more is kept, clipped, with a logged :class:`Skip`-style warning. A lesion
+    box with more than half its area outside is refused as if entirely outside
+    (skipped, the lesion kept as an image-level label, so ``weak``); an ignore
+    region is only clipped (ignoring its inside part is the safe side).
     """
     rows, cols = geometry.stored_shape
     mh, mw = geometry.model_shape
@@ -412,12 +527,28 @@ def targets_for(
             continue
         x0, y0, x1, y1 = f.box
         c = [max(0.0, x0), max(0.0, y0), min(float(cols), x1), min(float(rows), y1)]
-        if c[0] >= c[2] or c[1] >= c[3]:
-            why = f"box lies outside the stored image ({cols}x{rows} px)"
+        empty = c[0] >= c[2] or c[1] >= c[3]
+        moved = max(abs(a - b) for a, b in zip(f.box, c, strict=True))
+        outside = _outside_fraction(f.box, c)
+        big = moved > CLIP_TOLERANCE_PX
+        if empty or (big and outside > 0.5 and f.kind != IGNORE):
+            why = (
+                f"box lies outside the stored image ({cols}x{rows} px)"
+                if empty
+                else f"{outside:.0%} of the box lies outside the stored image "
+                f"({cols}x{rows} px): coordinates look wrong"
+            )
             Skip(source, f.row, "box", str(list(f.box)), why).add_to(skips)
             if f.kind != IGNORE:  # a lesion we cannot place: no box supervision
                 weak_kinds.append(f.kind)
             continue
+        if big:
+            why = (
+                f"box overhangs the stored image ({cols}x{rows} px) by more than "
+                f"{CLIP_TOLERANCE_PX:g} px ({outside:.0%} of its area): kept, "
+                f"clipped to {c}"
+            )
+            Skip(source, f.row, "box", str(list(f.box)), why).add_to(skips)
         if f.kind == IGNORE:
             ign_s.append(c)
         else:

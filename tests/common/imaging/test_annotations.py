@@ -140,3 +140,184 @@ def test_match_maps_to_model_space_and_flags_unknown(tmp_path: Path) -> None:
     assert "outside" in reasons["box"].reason
     none_targets, none_skips = match_annotations(None, entries)
     assert not any(t.labeled for t in none_targets.values()) and none_skips == []
+
+
+# --- hostile / ambiguous input ------------------------------------------------
+
+
+def _coco(tmp_path: Path, images: list, anns: list, cats: list | None = None) -> Path:
+    cats = [{"id": 1, "name": "mass"}] if cats is None else cats
+    p = tmp_path / "annotations.json"
+    p.write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats})
+    )
+    return p
+
+
+def test_coco_image_whose_annotations_were_skipped_is_not_normal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = _coco(
+        tmp_path,
+        [
+            {"id": 1, "file_name": "a.dcm"},
+            {"id": 2, "file_name": "b.dcm"},
+            {"id": 3, "file_name": "c.dcm"},
+            {"id": 4, "file_name": "d.dcm"},
+        ],
+        [
+            {"image_id": 1, "category_id": 7, "bbox": [10, 10, 50, 50]},
+            {"image_id": 3, "category_id": 1, "bbox": [1, 1, 0, 5]},
+            {"image_id": "4", "category_id": 1, "bbox": [1, 1, 5, 5]},  # "4" != 4
+        ],
+        [{"id": 7, "name": "MASSE_UNMAPPED"}, {"id": 1, "name": "mass"}],
+    )
+    s = read_coco_json(p, MAP)
+    assert list(s.images) == ["b.dcm"]  # a, c, d: unlabeled, not normal
+    assert s.images["b.dcm"].normal  # listed without annotations: still normal
+    left = {sk.value: sk for sk in s.skipped if sk.field == "image"}
+    assert set(left) == {"a.dcm", "c.dcm", "d.dcm"}
+    assert "not marked normal" in left["a.dcm"].reason and left["a.dcm"].row == 0
+    assert "a.dcm" in caplog.text
+    targets, _ = match_annotations(
+        s, [("ka", "a.dcm", None, Geometry.identity((9, 9)))]
+    )
+    assert not targets["ka"].labeled
+
+
+@pytest.mark.parametrize(
+    ("images", "anns", "field", "value"),
+    [
+        ([{"id": [1], "file_name": "a.dcm"}], [], "images", "[1]"),
+        ([{"id": True, "file_name": "a.dcm"}], [], "images", "True"),
+        ([{"id": 1, "file_name": ["a"]}], [], "images", "['a']"),
+        ([], [{"image_id": [1], "category_id": 1}], "image_id", "[1]"),
+        ([], [{"image_id": 9, "category_id": {}}], "category_id", "{}"),
+        ([], [{"image_id": 9, "category_id": True}], "category_id", "True"),
+        ([], [{"image_id": 9, "category_id": 1, "bbox": [True, 1, 5, 5]}], "bbox", ""),
+        (
+            [],
+            [{"image_id": 9, "category_id": 1, "bbox": [1e308, 1, 1e308, 5]}],
+            "bbox",
+            "",
+        ),
+    ],
+)
+def test_coco_wrong_types_are_skipped_naming_them(
+    tmp_path: Path, images: list, anns: list, field: str, value: str
+) -> None:
+    good = {"id": 9, "file_name": "ok.dcm"}
+    p = _coco(tmp_path, [good, *images], [{"image_id": 9, "category_id": 1}, *anns])
+    s = read_coco_json(p, MAP)
+    assert s.images["ok.dcm"].findings[0].kind == "mass"  # the rest is kept
+    sk = next(sk for sk in s.skipped if sk.field == field)
+    assert sk.file == str(p) and value in sk.value
+    assert all(f.box is None for a in s.images.values() for f in a.findings)
+
+
+def test_coco_integer_too_large_for_float_is_skipped(tmp_path: Path) -> None:
+    p = tmp_path / "annotations.json"
+    big = "1" + "0" * 400
+    p.write_text(
+        '{"images":[{"id":1,"file_name":"a.dcm"}],"categories":[{"id":1,"name":"mass"}],'
+        '"annotations":[{"image_id":1,"category_id":1,"bbox":[0,0,' + big + ",5]}]}"
+    )
+    s = read_coco_json(p, MAP)
+    assert "a.dcm" not in s.images  # not normal either
+    assert [sk.field for sk in s.skipped] == ["bbox", "image"]
+    assert big in s.skipped[0].value
+
+
+def test_deeply_nested_json_is_an_annotation_error(tmp_path: Path) -> None:
+    p = tmp_path / "annotations.json"
+    n = 200_000
+    p.write_text(
+        '{"images":' + "[" * n + "]" * n + ',"annotations":[],"categories":[]}'
+    )
+    with pytest.raises(AnnotationError, match=str(p)):
+        read_coco_json(p, MAP)
+
+
+def test_coco_repeated_image_id_skips_the_second_entry(tmp_path: Path) -> None:
+    p = _coco(
+        tmp_path,
+        [{"id": 1, "file_name": "a.dcm"}, {"id": 1, "file_name": "b.dcm"}],
+        [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 5, 5]}],
+    )
+    s = read_coco_json(p, MAP)
+    assert list(s.images) == ["a.dcm"]  # the lesion stays on the first file
+    (sk,) = s.skipped
+    assert (sk.row, sk.field) == (1, "images") and "b.dcm" in sk.value
+    assert "repeated" in sk.reason
+
+
+def test_coco_repeated_category_id_refuses_the_file(tmp_path: Path) -> None:
+    images = [{"id": 1, "file_name": "a.dcm"}]
+    anns = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 5, 5]}]
+    cats = [{"id": 1, "name": "mass"}, {"id": 1, "name": "calcification"}]
+    p = _coco(tmp_path, images, anns, cats)
+    with pytest.raises(
+        AnnotationError, match=r"category id 1 .*'mass'.*'calcification'"
+    ):
+        read_coco_json(p, MAP)
+    same = _coco(tmp_path, images, anns, [cats[0], cats[0]])  # harmless repeat
+    assert read_coco_json(same, MAP).images["a.dcm"].findings[0].kind == "mass"
+
+
+def test_csv_field_over_the_limit_is_an_annotation_error(tmp_path: Path) -> None:
+    p = _csv(
+        tmp_path, "a.dcm,mass,1,1,5,5\n" + '"' + "x" * 200_000 + '",mass,1,1,5,5\n'
+    )
+    with pytest.raises(AnnotationError, match=r"annotations\.csv.*line 3"):
+        read_annotations_csv(p, MAP)
+
+
+def test_csv_repeated_column_is_an_annotation_error(tmp_path: Path) -> None:
+    p = tmp_path / "annotations.csv"
+    p.write_text("image,finding,xmin,ymin,xmax,ymax,xmin\na.dcm,mass,1,1,5,5,0\n")
+    with pytest.raises(AnnotationError, match="'xmin' twice"):
+        read_annotations_csv(p, MAP)
+    p.write_text("image,finding,xmin,ymin,xmax,ymax,,\na.dcm,mass,1,1,5,5,,\n")
+    assert read_annotations_csv(p, MAP).images["a.dcm"].findings  # empty names: ok
+
+
+def test_broken_annotation_file_fails_ingest_with_a_report(tmp_path: Path) -> None:
+    from client.ingest import ingest_site
+    from common.errors import MammofedError
+
+    site, cache = tmp_path / "site", tmp_path / "cache"
+    site.mkdir()
+    n = 200_000
+    (site / "annotations.json").write_text("[" * n + "]" * n)
+    with pytest.raises(MammofedError, match="annotations.json"):
+        ingest_site(site, cache, SiteConfig(), workers=1)
+    report = json.loads((cache / "ingest_report.json").read_text())
+    assert report["status"] == "failed" and "annotations.json" in report["error"]
+
+
+def test_box_clipping_tolerance_warning_and_refusal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = _csv(
+        tmp_path,
+        "a.png,mass,-1e9,-1e9,79.5,99.5\n"  # almost all outside: refused
+        "b.png,mass,70,90,4000,4000\n"  # idem
+        "c.png,mass,-1,-1.5,81,101\n"  # overhang <= 2 px: rounding, silent
+        "d.png,calcification,60,80,90,105\n"  # 10 px over, 47% outside: kept, warned
+        "e.png,ignore,70,90,4000,4000\n",  # ignore region: clipped, warned, kept
+    )
+    s = read_annotations_csv(p, MAP)
+    g = Geometry.identity((100, 80))
+    entries = [(k, f"{k}.png", None, g) for k in "abcde"]
+    t, skips = match_annotations(s, entries)
+    for k in "ab":  # refused like a box entirely outside: lesion kept, image-level
+        assert t[k].boxes == [] and t[k].weak and t[k].has_lesion
+    assert t["c"].boxes_stored == [[0.0, 0.0, 80.0, 100.0]] and not t["c"].weak
+    assert t["d"].boxes_stored == [[60.0, 80.0, 80.0, 100.0]] and not t["d"].weak
+    assert t["e"].ignore_stored == [[70.0, 90.0, 80.0, 100.0]] and not t["e"].weak
+    by_file = {sk.file.rsplit("[", 1)[1].rstrip("]"): sk for sk in skips}
+    assert set(by_file) == {"a.png", "b.png", "d.png", "e.png"}  # c: silent
+    assert by_file["b.png"].row == 3 and "outside" in by_file["b.png"].reason
+    assert by_file["b.png"].value == "[70.0, 90.0, 4000.0, 4000.0]"
+    assert "kept, clipped" in by_file["d.png"].reason and by_file["d.png"].row == 5
+    assert "[70.0, 90.0, 4000.0, 4000.0]" in caplog.text
