@@ -27,6 +27,14 @@ entry. Writes go to a temporary name and are renamed, so a killed ingest never
 leaves a half-written entry. The breast density is no part of the key: a
 changed ``density.csv`` rewrites the entries' JSON (:meth:`SiteCache.with_density`)
 without decoding any pixels.
+
+Reading checks what training would otherwise trust (a tampered or damaged
+file raises :class:`CacheError` naming it): ``split.json`` must map patient
+ids to :data:`SPLITS`; ``annotations.json`` must hold finite 4-value boxes
+with ``xmin < xmax``, ``ymin < ymax``, one label per box among
+:data:`common.keys.CLASSES`; a pixel file's ``.npy`` header must give the
+shape of the entry's ``geometry.model_shape`` and a stored dtype (uint16 or
+float16) before anything is decompressed, and its values must lie in [0, 1].
 """
 
 from __future__ import annotations
@@ -36,19 +44,24 @@ import hashlib
 import io
 import json
 import logging
+import math
+import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npy_format
 
+from common.errors import MammofedError
 from common.fileio import atomic_write, sha256_file
 from common.fileio import atomic_write_text as _atomic_write_text
 from common.imaging.annotations import ImageTargets
 from common.imaging.geometry import Geometry
 from common.imaging.image import ImageMeta, MammoImage
-from common.keys import INGEST_REPORT_JSON, MANIFEST_COLUMNS, MANIFEST_CSV
+from common.keys import CLASSES, INGEST_REPORT_JSON, MANIFEST_COLUMNS, MANIFEST_CSV
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +70,79 @@ CACHE_FORMAT = 1
 IMAGES_DIR = "images"
 ANNOTATIONS_JSON = "annotations.json"
 SPLIT_JSON = "split.json"
+#: The split names of ``split.json`` (and of ``SITE_DIR/split.csv``).
+SPLITS: tuple[str, ...] = ("train", "test")
+#: dtypes :meth:`SiteCache.write` stores pixels in.
+PIXEL_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.uint16), np.dtype(np.float16))
+#: The array member of a pixel file (``np.savez(fh, pixels=...)``).
+_PIXELS_MEMBER = "pixels.npy"
+#: What reading a damaged zip member / ``.npy`` header can raise.
+_NPZ_ERRORS = (
+    OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error,
+    NotImplementedError, RuntimeError,
+)  # fmt: skip
+
+
+class CacheError(MammofedError, ValueError):
+    """A cache file that is damaged or tampered with.
+
+    The message names the file (and the key, field and value where there is one).
+    """
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """``path`` parsed, or :class:`CacheError` naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CacheError(f"{path}: unreadable {what}: {exc}") from exc
+
+
+def _check_targets(path: Path, key: str, t: ImageTargets) -> None:
+    """Raise :class:`CacheError` unless ``t`` is well-formed (module docstring)."""
+
+    def bad(field: str, value: Any, why: str) -> CacheError:
+        return CacheError(f"{path}: {key}: {field} {_short(value)}: {why}")
+
+    for name in ("labeled", "weak", "has_lesion"):
+        if not isinstance(getattr(t, name), bool):
+            raise bad(name, getattr(t, name), "must be true or false")
+    for name in ("boxes_stored", "boxes", "ignore_stored", "ignore"):
+        boxes = getattr(t, name)
+        if not isinstance(boxes, list):
+            raise bad(name, boxes, "must be a list of boxes")
+        for b in boxes:
+            ok = isinstance(b, list) and len(b) == 4
+            ok = ok and all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in b
+            )
+            try:
+                ok = ok and all(math.isfinite(float(v)) for v in b)
+            except OverflowError:  # an integer beyond float range
+                ok = False
+            if not ok:
+                raise bad(name, b, "a box must be 4 finite numbers")
+            if not (b[0] < b[2] and b[1] < b[3]):
+                raise bad(name, b, "a box needs xmin < xmax and ymin < ymax")
+    labels = t.labels
+    if not isinstance(labels, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(CLASSES)
+        for v in labels
+    ):
+        raise bad("labels", labels, f"labels must be indices into {list(CLASSES)}")
+    if not len(labels) == len(t.boxes) == len(t.boxes_stored):
+        raise bad("labels", labels, "needs one label and stored box per box")
+    if len(t.ignore) != len(t.ignore_stored):
+        raise bad("ignore", t.ignore, "needs one stored region per ignore region")
+    if not isinstance(t.weak_kinds, list) or not all(
+        isinstance(v, str) for v in t.weak_kinds
+    ):
+        raise bad("weak_kinds", t.weak_kinds, "must be a list of finding kinds")
 
 
 def content_key(path: str | Path, working_spacing_mm: float, extra: str = "") -> str:
@@ -223,8 +309,7 @@ class SiteCache:
         """``entry`` with ``pixel_sha256`` set, computing and saving it if absent."""
         if entry.pixel_sha256 is not None:
             return entry
-        with np.load(self.pixels_path(entry.key)) as z:
-            digest = pixel_digest(z["pixels"])
+        digest = pixel_digest(self._read_stored(entry.key, entry.geometry.model_shape))
         return self._save(replace(entry, pixel_sha256=digest))
 
     def with_density(self, entry: CacheEntry, density: str | None) -> CacheEntry:
@@ -256,13 +341,74 @@ class SiteCache:
         except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError too
             raise ValueError(f"{path}: malformed cache entry: {exc}") from exc
 
-    def load_pixels(self, key: str) -> np.ndarray:
-        """Pixels float32[H, W] in [0, 1], model space."""
-        with np.load(self.pixels_path(key)) as z:
-            px = z["pixels"]
+    def load_pixels(
+        self, key: str, model_shape: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        """Pixels float32[H, W] in [0, 1], model space.
+
+        Args:
+            key: entry key.
+            model_shape: the entry's ``geometry.model_shape`` when the caller
+                has it; else it is read from the entry's JSON.
+
+        Raises:
+            CacheError: the pixel file is unreadable, its array is not of
+                ``model_shape`` and a stored dtype (checked on the ``.npy``
+                header, before decompressing), or holds values outside [0, 1]
+                (NaN, infinities).
+            ValueError, OSError: the entry's JSON is missing or malformed.
+        """
+        if model_shape is None:
+            model_shape = self.read_entry(key).geometry.model_shape
+        px = self._read_stored(key, model_shape)
         if px.dtype == np.uint16:
             return px.astype(np.float32) / np.float32(65535.0)
-        return px.astype(np.float32)
+        out = px.astype(np.float32)
+        if not (out.min() >= 0.0 and out.max() <= 1.0):  # False for NaN too
+            raise CacheError(
+                f"{self.pixels_path(key)}: pixel values outside [0, 1] "
+                f"(min {out.min()}, max {out.max()}; NaN or infinite values?)"
+            )
+        return out
+
+    def _read_stored(self, key: str, model_shape: tuple[int, int]) -> np.ndarray:
+        """The stored array of entry ``key`` (a :data:`PIXEL_DTYPES` dtype).
+
+        The ``.npy`` header is checked against ``model_shape`` first, so a file
+        claiming a huge array is refused without decompressing it.
+        """
+        path = self.pixels_path(key)
+        want = (int(model_shape[0]), int(model_shape[1]))
+        try:
+            with zipfile.ZipFile(path) as zf, zf.open(_PIXELS_MEMBER) as fh:
+                version = npy_format.read_magic(fh)
+                if version == (1, 0):
+                    shape, fortran, dtype = npy_format.read_array_header_1_0(fh)
+                elif version == (2, 0):
+                    shape, fortran, dtype = npy_format.read_array_header_2_0(fh)
+                else:
+                    raise CacheError(f"{path}: unsupported .npy version {version}")
+                if dtype not in PIXEL_DTYPES or tuple(shape) != want:
+                    raise CacheError(
+                        f"{path}: pixel array {tuple(shape)} {dtype} does not match "
+                        f"the entry (geometry model_shape {want}, dtype uint16 or "
+                        "float16)"
+                    )
+                n = want[0] * want[1] * dtype.itemsize
+                data = fh.read(n)
+                extra = fh.read(1)  # reaches the end: the zip CRC is checked
+        except CacheError:
+            raise
+        except _NPZ_ERRORS as exc:
+            raise CacheError(f"{path}: unreadable pixel file: {exc}") from exc
+        if len(data) != n or extra:
+            raise CacheError(
+                f"{path}: pixel data is {'longer' if extra else 'shorter'} than its "
+                f"header {want} {dtype} says"
+            )
+        return np.frombuffer(data, dtype=dtype).reshape(
+            want, order="F" if fortran else "C"
+        )
 
     def keys(self) -> list[str]:
         """Keys of all entries with a JSON file, sorted."""
@@ -290,15 +436,31 @@ class SiteCache:
         atomic_write_text(self.root / ANNOTATIONS_JSON, json.dumps(data))
 
     def read_annotations(self) -> dict[str, ImageTargets]:
-        """``annotations.json`` as targets by key; ``{}`` when absent."""
+        """``annotations.json`` as targets by key; ``{}`` when absent.
+
+        Raises:
+            CacheError: unreadable, or a record is malformed (module docstring).
+        """
         path = self.root / ANNOTATIONS_JSON
         if not path.is_file():
             return {}
-        try:
-            data = json.loads(path.read_text())
-            return {k: ImageTargets.from_dict(v) for k, v in data.items()}
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: malformed annotations cache: {exc}") from exc
+        data = _read_json(path, "annotations cache")
+        if not isinstance(data, dict):
+            raise CacheError(
+                f"{path}: expected an object {{key: targets}}, got "
+                f"{type(data).__name__}"
+            )
+        out: dict[str, ImageTargets] = {}
+        for k, v in data.items():
+            try:
+                t = ImageTargets.from_dict(v)
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise CacheError(
+                    f"{path}: {k}: malformed targets {_short(v)}: {exc!r}"
+                ) from exc
+            _check_targets(path, k, t)
+            out[k] = t
+        return out
 
     def write_split(self, split: Mapping[str, str] | None) -> None:
         """Write ``split.json`` (patient -> train|test), or remove it for ``None``."""
@@ -309,12 +471,28 @@ class SiteCache:
         atomic_write_text(path, json.dumps(dict(sorted(split.items())), indent=1))
 
     def read_split(self) -> dict[str, str] | None:
-        """The site's own split, or ``None`` when the site gave none."""
+        """The site's own split, or ``None`` when the site gave none.
+
+        Raises:
+            CacheError: ``split.json`` is unreadable, not an object, or gives a
+                patient a split other than :data:`SPLITS`.
+        """
         path = self.root / SPLIT_JSON
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
-        return {str(k): str(v) for k, v in data.items()}
+        data = _read_json(path, "split")
+        if not isinstance(data, dict):
+            raise CacheError(
+                f"{path}: expected an object {{patient_id: split}}, got "
+                f"{type(data).__name__}"
+            )
+        for k, v in data.items():
+            if not isinstance(v, str) or v not in SPLITS:
+                raise CacheError(
+                    f"{path}: patient {k!r}: split {_short(v)} is not one of "
+                    f"{', '.join(SPLITS)}"
+                )
+        return dict(data)
 
     def write_manifest(self, rows: list[dict[str, Any]]) -> Path:
         """Write ``manifest.csv`` with :data:`common.keys.MANIFEST_COLUMNS`."""

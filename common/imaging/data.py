@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from common.errors import MammofedError
 from common.imaging.annotations import ImageTargets
-from common.imaging.cache import SiteCache
+from common.imaging.cache import ANNOTATIONS_JSON, CacheError, SiteCache
 from common.imaging.geometry import Geometry
 from common.imaging.image import ImageMeta
 
@@ -106,6 +106,20 @@ VIEWS: tuple[str, ...] = tuple(_IN_VIEW)
 
 def _boxes(values: list[list[float]]) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).reshape(-1, 4)
+
+
+def _check_in_image(path: Path, key: str, t: ImageTargets, g: Geometry) -> None:
+    """Raise :class:`CacheError` when a model-space box leaves the model image.
+
+    (``targets_for`` clips every box to it, so only a tampered file does.)
+    """
+    h, w = g.model_shape
+    for name in ("boxes", "ignore"):
+        for b in getattr(t, name):
+            if not (0 <= b[0] and 0 <= b[1] and b[2] <= w and b[3] <= h):
+                raise CacheError(
+                    f"{path}: {key}: {name} {b!r}: outside the {w}x{h} model image"
+                )
 
 
 def patient_split(
@@ -189,7 +203,8 @@ class SiteView(Dataset[tuple[torch.Tensor, Target]]):
         if not 0 <= i < len(self.indices):
             raise IndexError(f"index {i} out of range for view of {len(self)} items")
         r = self.site.records[self.indices[i]]
-        image = torch.from_numpy(self.site.cache.load_pixels(r.key)).unsqueeze(0)
+        px = self.site.cache.load_pixels(r.key, r.geometry.model_shape)
+        image = torch.from_numpy(px).unsqueeze(0)
         target = self.target(i)
         if self.transform is not None:
             image, target = self.transform(image, target)
@@ -237,6 +252,7 @@ class SiteDataset:
                     "%s: no annotation record for %s; unlabeled", cache_dir, e.source
                 )
                 t = ImageTargets.unlabeled()
+            _check_in_image(self.cache.root / ANNOTATIONS_JSON, e.key, t, e.geometry)
             pid = e.meta.patient_id or f"key:{e.key}"
             pre.append((e, t, pid))
         self.split = self._split(pre, site_split)

@@ -15,7 +15,11 @@ Output (``OUT_SITE_DIR``):
 * ``annotations.csv``: the site contract. A circle becomes its bounding box in
   stored pixels (pixel-edge coordinates, origin top-left): the centre pixel
   ``(x, H-1-y)`` has its centre at ``(x + 0.5, H - 1 - y + 0.5)`` and the box is
-  that point +- radius, clipped to the image. Classes: CIRC/SPIC/MISC -> mass,
+  that point +- radius, clipped to the image. A circle whose centre lies
+  outside the image or whose radius exceeds the image's larger side, or a
+  coordinate of more than ``MAX_COORD_DIGITS`` digits, is logged (file, line,
+  value) and its coordinates dropped: the row is kept as an image-level label.
+  Classes: CIRC/SPIC/MISC -> mass,
   CALC -> calcification (the circle covers the cluster), ARCH/ASYM -> ignore,
   NORM -> a ``none`` row; abnormal rows without coordinates are kept as
   image-level labels (empty box). With ``keep_words=True`` the MIAS words are
@@ -27,7 +31,10 @@ Output (``OUT_SITE_DIR``):
 
 Malformed table rows are skipped with a warning naming the file, line and
 value; images without a table row are copied but get no annotation
-(unlabeled); table rows without an image are skipped with a warning.
+(unlabeled); table rows without an image are skipped with a warning. A PNG
+that PIL cannot decode is not imported (warning naming it; its table rows are
+skipped); the other images are. An output folder that is the source folder or
+lies inside it is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import csv
 import logging
 import re
 import shutil
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +83,19 @@ MIAS_CLASSES: dict[str, str] = {
 TISSUES = frozenset({"F", "G", "D"})
 SEVERITIES = frozenset({"B", "M"})
 _ID = re.compile(r"^mdb(\d{3})$")
+#: Longest ``x``, ``y`` or ``radius`` accepted (MIAS images are 1024 pixels).
+MAX_COORD_DIGITS = 5
+#: What PIL raises on a file it cannot decode.
+_PIL_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, struct.error,
+    Image.DecompressionBombError,
+)  # fmt: skip
+
+
+def _short(value: str, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters for the log."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(value)} chars)"
 
 
 @dataclass(frozen=True)
@@ -141,7 +162,7 @@ def parse_info(path: str | Path) -> MiasTable:
 
     def skip(n: int, value: str, reason: str) -> None:
         table.skipped.append((n, value, reason))
-        log.warning("%s line %d: %r: %s", p, n, value, reason)
+        log.warning("%s line %d: %s: %s", p, n, _short(value), reason)
 
     for n, line in enumerate(lines, start=1):
         tok = line.split()
@@ -166,14 +187,27 @@ def parse_info(path: str | Path) -> MiasTable:
             severity = rest[0].upper()
             rest = rest[1:]
         x = y = r = None
-        if len(rest) >= 3 and all(re.fullmatch(r"\d+", t) for t in rest[:3]):
+        numeric = len(rest) >= 3 and all(re.fullmatch(r"\d+", t) for t in rest[:3])
+        too_long = [t for t in rest[:3] if len(t) > MAX_COORD_DIGITS] if numeric else []
+        if numeric and not too_long:
             x, y, r = (int(t) for t in rest[:3])
             if len(rest) > 3:
-                log.warning("%s line %d: extra fields ignored: %r", p, n, rest[3:])
+                log.warning(
+                    "%s line %d: extra fields ignored: %s",
+                    p,
+                    n,
+                    _short(" ".join(rest[3:])),
+                )
+        elif too_long:
+            log.warning(
+                "%s line %d: coordinate %s has more than %d digits; coordinates "
+                "dropped, kept as an image-level label",
+                p, n, _short(too_long[0]), MAX_COORD_DIGITS,
+            )  # fmt: skip
         elif rest:
             log.warning(
-                "%s line %d: %r are not coordinates; kept as an image-level label",
-                p, n, " ".join(rest),
+                "%s line %d: %s are not coordinates; kept as an image-level label",
+                p, n, _short(" ".join(rest)),
             )  # fmt: skip
         if cls == "NORM" and x is not None:
             skip(n, line.strip(), "NORM row with coordinates")
@@ -198,9 +232,11 @@ def circle_box(
 
     Returns:
         ``(xmin, ymin, xmax, ymax)`` clipped to the image, or ``None`` when the
-        circle lies outside it.
+        centre lies outside the image or the radius exceeds its larger side.
     """
     w, h = size
+    if not (0 <= x < w and 0 <= y < h) or radius > max(w, h):
+        return None
     cx, cy = x + 0.5, (h - 1 - y) + 0.5
     box = (max(0.0, cx - radius), max(0.0, cy - radius),
            min(float(w), cx + radius), min(float(h), cy + radius))  # fmt: skip
@@ -221,6 +257,8 @@ class ImportSummary:
     table_skipped: list[tuple[int, str, str]] = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)
     unlisted_images: list[str] = field(default_factory=list)
+    #: ids of PNGs PIL could not decode (not imported).
+    unreadable_images: list[str] = field(default_factory=list)
 
 
 def import_mias(
@@ -238,12 +276,19 @@ def import_mias(
         Counts of images, annotation rows per finding and skipped rows.
 
     Raises:
-        MammofedError: no ``Info.txt`` or no images.
+        MammofedError: no ``Info.txt``, no images, or ``out_dir`` is ``src`` or
+            inside it (refused before anything is written).
     """
     src_p, out = Path(src), Path(out_dir)
     info = src_p / INFO_TXT
     if not info.is_file():
         raise MammofedError(f"{src_p}: no {INFO_TXT} (not a mini-MIAS folder)")
+    src_r, out_r = src_p.resolve(), out.resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise MammofedError(
+            f"{out}: output folder is the source folder {src_p} or inside it "
+            "(would overwrite or mix with the inputs); choose one outside it"
+        )
     png_dir = src_p / PNG_DIR if (src_p / PNG_DIR).is_dir() else src_p
     pngs = {p.stem: p for p in sorted(png_dir.glob("mdb*.png"))}
     if not pngs:
@@ -261,8 +306,15 @@ def import_mias(
                 log.warning("%s: not an mdbNNN name, not imported", p)
                 continue
             number = int(m.group(1))
-            with Image.open(p) as im:
-                sizes[stem] = im.size
+            try:
+                with Image.open(p) as im:
+                    im.load()
+                    size = im.size
+            except _PIL_ERRORS as exc:
+                summary.unreadable_images.append(stem)
+                log.warning("%s: cannot decode the PNG, not imported: %s", p, exc)
+                continue
+            sizes[stem] = size
             shutil.copyfile(p, out / p.name)
             w.writerow(
                 [p.name, woman_id(number), laterality_of(number), VIEW_MLO,
@@ -275,6 +327,12 @@ def import_mias(
         w = csv.writer(fh)
         w.writerow(ANNOTATION_COLUMNS)
         for row in table.rows:
+            if row.image_id in summary.unreadable_images:
+                log.warning(
+                    "%s line %d: image %s.png could not be decoded; row skipped",
+                    info, row.line, row.image_id,
+                )  # fmt: skip
+                continue
             if row.image_id not in sizes:
                 summary.missing_images.append(row.image_id)
                 log.warning(
@@ -297,9 +355,11 @@ def import_mias(
                 box = circle_box(row.x, row.y, row.radius, sizes[row.image_id])
                 if box is None:
                     log.warning(
-                        "%s line %d: circle (%d, %d, r=%d) outside the image; "
-                        "kept as an image-level label",
+                        "%s line %d: circle (%d, %d, r=%d) does not fit the %dx%d "
+                        "image (centre outside or radius larger than the image); "
+                        "coordinates dropped, kept as an image-level label",
                         info, row.line, row.x, row.y, row.radius,
+                        *sizes[row.image_id],
                     )  # fmt: skip
                 else:
                     coords = [f"{v:g}" for v in box]
