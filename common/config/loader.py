@@ -8,6 +8,13 @@ file, the dotted key path and the offending value):
   ``Literal[...]``, ``X | None``, ``tuple[X, ...]``, ``list[X]``,
   ``dict[str, X]``, ``pathlib.Path`` and nested dataclasses;
 * ranges come from field metadata: ``field(metadata=bounded(lo, hi))``;
+  ``float`` values must be finite (``.nan`` and ``.inf`` are refused);
+* names used as one folder or file name are marked
+  ``field(metadata=plain_name())``: not empty, not ``.`` or ``..``, no ``/``,
+  backslash or NUL, no surrounding spaces;
+* files must be UTF-8; YAML aliases (``*name``) and repeated keys are refused
+  (aliases let a small file expand into a huge value, "billion laughs");
+* values are shortened in error messages (:mod:`reprlib`);
 * paths marked ``path_field(must_exist=True)`` must exist; relative paths are
   resolved against the config file's folder.
 """
@@ -15,6 +22,8 @@ file, the dotted key path and the offending value):
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -30,6 +39,21 @@ T = TypeVar("T")
 _MIN = "min"
 _MAX = "max"
 _MUST_EXIST = "must_exist"
+_PLAIN_NAME = "plain_name"
+
+#: Shortens values quoted in error messages (a config value may be huge).
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 160
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 10
+_REPR.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, shortened for an error message."""
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return f"<{type(value).__name__} too long to show>"
 
 
 def bounded(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
@@ -42,15 +66,111 @@ def path_field(must_exist: bool = True) -> dict[str, Any]:
     return {_MUST_EXIST: must_exist}
 
 
+def plain_name() -> dict[str, Any]:
+    """Field metadata for a name used as one folder or file name (a site name)."""
+    return {_PLAIN_NAME: True}
+
+
+def check_plain_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is one plain folder or file name.
+
+    Refused: empty, ``.``, ``..``, a ``/``, backslash or NUL anywhere (so no
+    absolute path either), spaces around it.
+    """
+    if (
+        not name
+        or name in (".", "..")
+        or any(c in name for c in "/\\\0")
+        or name.strip() != name
+    ):
+        raise ValueError(
+            "must be a plain name (not empty, '.' or '..'; no '/', '\\', NUL or "
+            f"surrounding spaces), got {_short(name)}"
+        )
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases.
+
+    An alias repeats its anchor's value without copying it, so nine nested
+    levels of nine aliases make a file of a few hundred bytes that every walk
+    over the value (validation, ``repr``) expands a billion-fold. No config
+    needs them; refused before anything is built.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"found alias *{event.anchor}: aliases are not allowed in config "
+                "files (write the value out)",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def _check_unique_keys(
+    loader: _ConfigLoader, node: yaml.Node, source: str, key: str
+) -> None:
+    """Raise ``ConfigError`` for a mapping key given twice anywhere in ``node``."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(loader, item, source, f"{key}[{i}]")
+    elif isinstance(node, yaml.MappingNode):
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            name: Any = "<<"
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != (
+                "tag:yaml.org,2002:merge"
+            ):
+                name = loader.construct_object(key_node)
+                first = seen.setdefault(name, key_node)
+                if first is not key_node:
+                    raise ConfigError(
+                        source,
+                        _join(key, str(name)),
+                        f"is given twice (lines {first.start_mark.line + 1} and "
+                        f"{key_node.start_mark.line + 1})",
+                    )
+            _check_unique_keys(loader, value_node, source, _join(key, str(name)))
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """The one YAML document in ``text``, read with :class:`_ConfigLoader`."""
+    loader = _ConfigLoader(text)
+    loader.name = source  # YAML error marks name the file
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(loader, node, source, "")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; errors name the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(str(p), "<file>", "does not exist")
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            str(p), "<file>", f"is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
+    try:
+        data = _parse_yaml(text, str(p))
+    except ConfigError:
+        raise
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int too long
         raise ConfigError(str(p), "<file>", f"is not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(str(p), "<file>", "is nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -79,7 +199,7 @@ def from_mapping(
         raise TypeError(f"{cls!r} is not a dataclass")
     if not isinstance(data, Mapping):
         raise ConfigError(
-            source, prefix or "<root>", f"must be a mapping, got {data!r}"
+            source, prefix or "<root>", f"must be a mapping, got {_short(data)}"
         )
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -136,12 +256,19 @@ def _check_meta(value: Any, meta: Mapping[str, Any], source: str, key: str) -> N
     values = value if isinstance(value, tuple | list) else (value,)
     for v in values:
         if isinstance(v, int | float) and not isinstance(v, bool):
+            if isinstance(v, float) and not math.isfinite(v):  # NaN passes < and >
+                raise ConfigError(source, key, f"must be a finite number, got {v!r}")
             if lo is not None and v < lo:
-                raise ConfigError(source, key, f"must be >= {lo}, got {v!r}")
+                raise ConfigError(source, key, f"must be >= {lo}, got {_short(v)}")
             if hi is not None and v > hi:
-                raise ConfigError(source, key, f"must be <= {hi}, got {v!r}")
+                raise ConfigError(source, key, f"must be <= {hi}, got {_short(v)}")
+        if meta.get(_PLAIN_NAME) and isinstance(v, str):
+            try:
+                check_plain_name(v)
+            except ValueError as exc:
+                raise ConfigError(source, key, str(exc)) from None
     if meta.get(_MUST_EXIST) and isinstance(value, Path) and not value.exists():
-        raise ConfigError(source, key, f"path does not exist: {str(value)!r}")
+        raise ConfigError(source, key, f"path does not exist: {_short(str(value))}")
 
 
 #: scalar type -> (what a value may be, what the error says it must be).
@@ -171,20 +298,20 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
             except ConfigError:
                 pass
         raise ConfigError(
-            source, key, f"has the wrong type: {value!r} (expected {_name(tp)})"
+            source, key, f"has the wrong type: {_short(value)} (expected {_name(tp)})"
         )
     if origin is Literal:
         if value not in args:
             raise ConfigError(
                 source,
                 key,
-                f"must be one of {', '.join(map(repr, args))}; got {value!r}",
+                f"must be one of {', '.join(map(repr, args))}; got {_short(value)}",
             )
         return value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return from_mapping(value, tp, source=source, base_dir=base_dir, prefix=key)
     if origin in (tuple, list) and not isinstance(value, list | tuple):
-        raise ConfigError(source, key, f"must be a list, got {value!r}")
+        raise ConfigError(source, key, f"must be a list, got {_short(value)}")
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(
@@ -193,7 +320,7 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
             )
         if len(args) != len(value):
             raise ConfigError(
-                source, key, f"must have {len(args)} items, got {value!r}"
+                source, key, f"must have {len(args)} items, got {_short(value)}"
             )
         return tuple(
             _convert(v, a, source, f"{key}[{i}]", base_dir)
@@ -206,7 +333,7 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
         ]
     if origin in (dict, Mapping, typing.Mapping):
         if not isinstance(value, Mapping):
-            raise ConfigError(source, key, f"must be a mapping, got {value!r}")
+            raise ConfigError(source, key, f"must be a mapping, got {_short(value)}")
         kt, vt = args if args else (str, Any)
         return {
             _convert(k, kt, source, key, base_dir): _convert(
@@ -218,9 +345,17 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
         kinds, what = _SCALARS[tp]
         ok = isinstance(value, kinds) and (tp is bool or not isinstance(value, bool))
         if not ok:
-            raise ConfigError(source, key, f"must be {what}, got {value!r}")
+            raise ConfigError(source, key, f"must be {what}, got {_short(value)}")
         if tp is float:
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int past the float range
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(
+                    source, key, f"must be a finite number, got {_short(value)}"
+                )
+            return number
         if tp is Path:
             p = Path(value).expanduser()
             return base_dir / p if not p.is_absolute() and base_dir is not None else p

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from common.config import bounded, load_config, path_field
+from common.config.loader import check_plain_name, plain_name
 from common.errors import ConfigError
 from common.keys import FOR_PROCESSING
 
@@ -270,7 +271,8 @@ class SiteSpec:
     """One synthetic hospital.
 
     Attributes:
-        name: site name (folder name under the output dir).
+        name: site name (folder name under the output dir): a plain name, no
+            ``/`` or backslash, not ``.`` or ``..``.
         vendor: vendor profile name (a file stem under ``vendors_dir``).
         role: free text role (``base``, ``few-shot``, ``semi-supervised``...).
         women: number of synthetic women (4 images each: L/R x CC/MLO).
@@ -288,14 +290,20 @@ class SiteSpec:
             has seen (``configs/simulation/study-confirm.yaml``).
     """
 
-    name: str
-    vendor: str
+    name: str = field(metadata=plain_name())
+    vendor: str = field(metadata=plain_name())
     role: str = ""
     women: int = field(default=10, metadata=bounded(1, 100000))
     labeled_fraction: float = field(default=1.0, metadata=bounded(0.0, 1.0))
     test_fraction: float = field(default=0.25, metadata=bounded(0.0, 1.0))
     extra_test_women: int = field(default=0, metadata=bounded(0, 100000))
     extra_test_from: int = field(default=0, metadata=bounded(0, 100000))
+
+    def __post_init__(self) -> None:
+        try:
+            check_plain_name(self.name)
+        except ValueError as exc:
+            raise ValueError(f"name: {exc}") from None
 
     @property
     def all_women(self) -> int:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,7 @@ from common.config import (
     path_field,
     write_resolved,
 )
+from common.config.loader import check_bounds, check_plain_name, plain_name
 from common.errors import ConfigError
 
 
@@ -101,3 +103,138 @@ def test_fixed_length_tuple_converts_each_item_with_its_type(tmp_path: Path) -> 
         load_config(_write(tmp_path, "pair: [1.0, 2.5]\n"), Pair)
     with pytest.raises(ConfigError, match="2 items"):
         load_config(_write(tmp_path, "pair: [1.0]\n"), Pair)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("name: x\ninner: {lr: .nan}\n", "inner.lr"),
+        ("name: x\ninner: {lr: .inf}\n", "inner.lr"),
+        ("name: x\ninner: {lr: -.inf}\n", "inner.lr"),
+        ("name: x\nextra: {a: .nan}\n", "extra.a"),
+        ("name: x\nextra: {a: 1" + "0" * 400 + "}\n", "extra.a"),
+    ],
+)
+def test_non_finite_floats_are_refused(tmp_path: Path, text: str, key: str) -> None:
+    # NaN passes both ``v < lo`` and ``v > hi``: it must be refused before them.
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"cfg.yaml: {key}: must be a finite"):
+        load_config(p, Outer)
+
+
+def test_check_bounds_refuses_nan() -> None:
+    with pytest.raises(ConfigError, match="lr: must be a finite number, got nan"):
+        check_bounds(Inner, "lr", float("nan"), "server", "lr")
+
+
+@pytest.mark.parametrize(
+    ("loader", "text", "key"),
+    [
+        ("site", "working_spacing_mm: .nan\n", "working_spacing_mm"),
+        ("site", "decode_timeout_s: .inf\n", "decode_timeout_s"),
+        ("site", "adapt: {unsup_weight: .nan}\n", "adapt.unsup_weight"),
+        ("fed", "trainer: {learning_rate: .nan}\n", "trainer.learning_rate"),
+        (
+            "fed",
+            "validation: {max_relative_update_norm: .nan}\n",
+            "validation.max_relative_update_norm",
+        ),
+        ("fed", "validation: {clip_factor: .inf}\n", "validation.clip_factor"),
+        (
+            "fed",
+            "participation: {fraction_train: .nan}\n",
+            "participation.fraction_train",
+        ),
+    ],
+)
+def test_shipped_config_classes_refuse_non_finite(
+    tmp_path: Path, loader: str, text: str, key: str
+) -> None:
+    from common.config.site import load_site_config
+    from common.wire.federation import load_federation_config
+
+    load = load_site_config if loader == "site" else load_federation_config
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load(p)
+    assert str(p) in str(exc.value)
+    assert key in str(exc.value)
+    assert "must be a finite number" in str(exc.value)
+
+
+def _bomb(levels: int = 9) -> str:
+    """A "billion laughs" document: ``levels`` nested lists of 9 aliases each."""
+    lines = ["  - &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels):
+        lines.append(f"  - &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return "name: x\nbogus:\n" + "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_is_refused_before_expansion(tmp_path: Path) -> None:
+    # Under an unknown key so that, without the alias check, the load ends fast
+    # with "unknown key" instead of expanding 9**9 items.
+    p = _write(tmp_path, _bomb())
+    with pytest.raises(ConfigError, match=r"cfg.yaml: <file>: .*alias \*a0"):
+        load_config(p, Outer)
+    p = _write(tmp_path, "name: &n x\ninner: {mode: *n}\n")
+    with pytest.raises(ConfigError, match="aliases are not allowed"):
+        load_config(p, Outer)
+
+
+def test_long_values_are_shortened_in_errors(tmp_path: Path) -> None:
+    p = _write(tmp_path, "name: [" + "x" * 100_000 + "]\n")
+    with pytest.raises(ConfigError, match="name: must be a string") as exc:
+        load_config(p, Outer)
+    assert len(str(exc.value)) < 500
+
+
+def test_not_utf8_names_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "cfg.yaml"
+    p.write_bytes(b"name: h\xf6spital\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: <file>: is not UTF-8"):
+        load_config(p, Outer)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("name: a\nname: b\n", "name"),
+        ("name: x\ninner: {lr: 0.1, mode: a, lr: 0.2}\n", "inner.lr"),
+        ("name: x\nextra:\n  1: 1.0\n  1: 2.0\n", "extra.1"),
+    ],
+)
+def test_repeated_key_is_refused(tmp_path: Path, text: str, key: str) -> None:
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"cfg.yaml: {key}: is given twice"):
+        load_config(p, Outer)
+
+
+def test_too_deep_or_too_long_is_a_config_error(tmp_path: Path) -> None:
+    p = _write(tmp_path, "name: x\nsizes: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(p, Outer)
+    p = _write(tmp_path, "name: x\nrounds: " + "1" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p, Outer)
+
+
+@dataclass(frozen=True)
+class Named:
+    names: tuple[str, ...] = field(default=(), metadata=plain_name())
+
+
+@pytest.mark.parametrize(
+    "bad", ["", ".", "..", "a/b", "/abs", "../up", "a\\b", " a", "a\x00b"]
+)
+def test_plain_name_refuses_path_like_names(tmp_path: Path, bad: str) -> None:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(f"names: [ok, {json.dumps(bad)}]\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: names: must be a plain"):
+        load_config(p, Named)
+    with pytest.raises(ValueError, match="plain name"):
+        check_plain_name(bad)
+    assert load_config(_write(tmp_path, "names: [A, site-2, b.c]\n"), Named).names == (
+        "A",
+        "site-2",
+        "b.c",
+    )
