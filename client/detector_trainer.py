@@ -106,6 +106,26 @@ EVAL_METRICS: tuple[str, ...] = (NUM_EXAMPLES, CPM_MASS, CPM_CALCIFICATION, CPM_
 #: the model options' defaults (one source: ``common.detector.model.initial``)
 _MODEL = DetectorModelOptions()
 
+#: Share of a site's box-labeled women held out as its test women when its
+#: cache has no ``split.json`` (the site's ``split.csv``), per lesion stratum,
+#: seeded by the federation's seed: the federated trainer and ``train-local``
+#: split alike (:func:`common.imaging.data.patient_split`).
+TEST_FRACTION = 0.2
+#: ``extra`` key of a checkpoint trained on site caches: the split its training
+#: used (:func:`training_split`); ``mammofed-client evaluate`` scores the test
+#: women of that split.
+EXTRA_SPLIT = "split"
+
+
+def training_split(seed: int, test_fraction: float = TEST_FRACTION) -> dict[str, Any]:
+    """``extra["split"]`` of a model trained with ``SiteDataset(cache, seed=...)``.
+
+    ``{"seed": seed, "test_fraction": test_fraction}``: with the cache's own
+    ``split.json`` (which decides for the women it lists) this names every
+    woman the training could see, and so the test women it never saw.
+    """
+    return {"seed": int(seed), "test_fraction": float(test_fraction)}
+
 
 @dataclass(frozen=True)
 class DetectorOptions:
@@ -515,7 +535,9 @@ class DetectorTrainer:
                 raise MammofedError(
                     f"site {self.site}: data dir {self.data_dir} does not exist"
                 )
-            self._dataset = SiteDataset(self.data_dir, seed=self.fed_cfg.seed)
+            self._dataset = SiteDataset(
+                self.data_dir, test_fraction=TEST_FRACTION, seed=self.fed_cfg.seed
+            )
         return self._dataset
 
     def standardizer(self) -> HistogramStandardizer | None:

@@ -14,35 +14,165 @@ standardizes every image before the model; the gallery shows the cached
 model-space pixels, not standardized. Several checkpoints are scored as the
 site would run them together: each model detects, the findings are fused
 (``common.detector.ensemble``) and the fused detections are scored.
+
+``metrics.json`` names what was scored: ``checkpoint`` (the list of model
+files, in order; files written before it was a list hold one string),
+``checkpoint_sha256`` (theirs), ``use_ema`` (EMA weights or not) and
+``split`` (the patient split whose ``test`` women were scored).
+
+The split: a checkpoint trained on site caches records the split its training
+used (``extra["split"]``: seed and test fraction,
+:func:`client.detector_trainer.training_split`; ``mammofed-client export``
+and ``train-local`` write it), and the ``test`` view is that split's test
+women, so a woman the model was trained on is never scored as a test woman.
+An explicit ``split_seed`` / ``test_fraction`` that differs is refused
+(:class:`SplitMismatch`) unless ``allow_other_split``; models recording
+different splits are refused together; a model trained with test fraction 0
+(every woman of a cache without ``split.json``) has no test women. A
+checkpoint that records no split is split by the arguments (default seed
+:data:`DEFAULT_SPLIT_SEED`, fraction :data:`DEFAULT_TEST_FRACTION`), with a
+warning.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
+from client.detector_trainer import EXTRA_SPLIT
 from client.export import checkpoint_paths, load_detectors
 from common import __version__
 from common.config.loader import config_to_dict, write_resolved
+from common.detector.checkpoint import Checkpoint
 from common.detector.engine import detect_dataset, resolve_device, score_images
 from common.detector.ensemble import fuse
 from common.detector.errors import GALLERY_N, write_error_outputs
 from common.detector.recipe import Transformed
-from common.errors import MammofedError
+from common.errors import CheckpointMismatch, MammofedError
+from common.fileio import sha256_file
 from common.imaging.data import SiteDataset
 
 log = logging.getLogger(__name__)
 
 METRICS_JSON = "metrics.json"
+#: The split of a checkpoint that records none (``SiteDataset``'s defaults).
+DEFAULT_TEST_FRACTION = 0.2
+DEFAULT_SPLIT_SEED = 0
+#: Command-line flags of the split arguments, for messages.
+_FLAGS = {"seed": "--split-seed", "test_fraction": "--test-fraction"}
 
 
 class NothingToEvaluate(MammofedError, ValueError):
     """The view chosen for evaluation holds no image (the message names both)."""
+
+
+class SplitMismatch(MammofedError, ValueError):
+    """A split asked for is not the one the model was trained under."""
+
+
+def recorded_split(cks: Sequence[Checkpoint]) -> dict[str, Any] | None:
+    """The training split the checkpoints record (``extra["split"]``), checked.
+
+    ``None`` when none records one; a checkpoint without the record beside
+    others that have it is logged (its training split is unknown).
+
+    Raises:
+        CheckpointMismatch: a malformed ``extra.split`` (file, field, value).
+        SplitMismatch: two checkpoints record different splits (both named).
+    """
+    found: list[tuple[Path, dict[str, Any]]] = []
+    missing: list[str] = []
+    for ck in cks:
+        rec = ck.extra.get(EXTRA_SPLIT)
+        if rec is None:
+            missing.append(str(ck.path))
+            continue
+        seed = rec.get("seed") if isinstance(rec, Mapping) else None
+        frac = rec.get("test_fraction") if isinstance(rec, Mapping) else None
+        if (
+            not isinstance(seed, int)
+            or isinstance(seed, bool)
+            or not isinstance(frac, int | float)
+            or isinstance(frac, bool)
+            or not 0.0 <= frac < 1.0
+        ):
+            raise CheckpointMismatch(
+                f"{ck.path}: field 'extra.{EXTRA_SPLIT}' must be {{seed: integer, "
+                f"test_fraction: number in [0, 1)}}, got {rec!r}"
+            )
+        found.append((ck.path, {"seed": seed, "test_fraction": float(frac)}))
+    if not found:
+        return None
+    first_path, first = found[0]
+    for path, rec in found[1:]:
+        if rec != first:
+            raise SplitMismatch(
+                f"{path}: field 'extra.{EXTRA_SPLIT}' is {rec} but {first_path} "
+                f"records {first}: models trained under different splits have no "
+                "common test women (a woman one held out, the other trained on)"
+            )
+    if missing:
+        log.warning(
+            "%s: records no training split; scored by the split %s records (%s)",
+            ", ".join(missing), first_path, first,
+        )  # fmt: skip
+    return first
+
+
+def resolve_split(
+    recorded: dict[str, Any] | None,
+    *,
+    test_fraction: float | None,
+    split_seed: int | None,
+    allow_other_split: bool,
+    where: str,
+) -> dict[str, Any]:
+    """``{seed, test_fraction, source}`` of the split to score (see module doc).
+
+    Raises:
+        SplitMismatch: an asked value that differs from ``recorded`` without
+            ``allow_other_split``; the message names both.
+    """
+    asked = {"seed": split_seed, "test_fraction": test_fraction}
+    if recorded is None:
+        given = any(v is not None for v in asked.values())
+        return {
+            "seed": DEFAULT_SPLIT_SEED if split_seed is None else int(split_seed),
+            "test_fraction": DEFAULT_TEST_FRACTION
+            if test_fraction is None
+            else float(test_fraction),
+            "source": "command line" if given else "default",
+        }
+    differ = {
+        k: v
+        for k, v in asked.items()
+        if v is not None and not math.isclose(float(v), float(recorded[k]))
+    }
+    if not differ:
+        return {**recorded, "source": "checkpoint"}
+    text = ", ".join(
+        f"{_FLAGS[k]} {v!r} (trained under {recorded[k]!r})" for k, v in differ.items()
+    )
+    if not allow_other_split:
+        raise SplitMismatch(
+            f"{where}: field 'extra.{EXTRA_SPLIT}' records the split the model "
+            f"was trained under ({recorded}) but {text} was asked: the test "
+            "women of another split include women the model was trained on; "
+            "leave the flag out to score its own test women, or add "
+            "--other-split to score that split anyway"
+        )
+    log.warning(
+        "%s: scoring another split than the model was trained under: %s; some "
+        "of these 'test' women were trained on and the metrics are optimistic",
+        where, text,
+    )  # fmt: skip
+    return {**recorded, **differ, "source": "command line (not the training split)"}
 
 
 def evaluate_checkpoint(
@@ -51,8 +181,9 @@ def evaluate_checkpoint(
     out_dir: str | Path,
     *,
     view: str = "test",
-    test_fraction: float = 0.2,
-    split_seed: int = 0,
+    test_fraction: float | None = None,
+    split_seed: int | None = None,
+    allow_other_split: bool = False,
     n_boot: int = 1000,
     seed: int = 0,
     device: str = "auto",
@@ -66,6 +197,11 @@ def evaluate_checkpoint(
     ``checkpoint``: one model file, or several whose findings are fused (they
     must work at one spacing).
 
+    ``test_fraction`` / ``split_seed``: the patient split (``None``: the one
+    the checkpoints record, else :data:`DEFAULT_TEST_FRACTION` /
+    :data:`DEFAULT_SPLIT_SEED`); a value that differs from the recorded one
+    needs ``allow_other_split`` (module docstring).
+
     ``gallery_missed`` and ``gallery_fp`` cap the missed lesions and false
     positives shown per class in ``errors-<class>.png`` (both 0: no gallery;
     the size table is written either way).
@@ -73,9 +209,12 @@ def evaluate_checkpoint(
     Returns the JSON document written to ``out_dir/metrics.json``.
 
     Raises:
-        CheckpointMismatch: unusable checkpoint.
+        CheckpointMismatch: unusable checkpoint, ``use_ema`` without EMA weights.
+        SplitMismatch: a split other than the model's training split, or
+            models trained under different splits.
         MammofedError: no cache entries; NothingToEvaluate (a ValueError): the
-            view holds no image; ValueError: unknown view, negative gallery size.
+            view holds no image, or the model was trained on every woman;
+            ValueError: unknown view, negative gallery size.
     """
     for name, n in (("gallery_missed", gallery_missed), ("gallery_fp", gallery_fp)):
         if n < 0:
@@ -86,15 +225,30 @@ def evaluate_checkpoint(
     paths = checkpoint_paths(checkpoint)
     loaded = load_detectors(paths, dev, use_ema=use_ema)
     ck, std = loaded[0][1], loaded[0][2]
-    names = ", ".join(map(str, paths))
+    names = [str(p) for p in paths]
+    recorded = recorded_split([c for _, c, _ in loaded])
+    where = ", ".join(names)
+    split = resolve_split(
+        recorded,
+        test_fraction=test_fraction,
+        split_seed=split_seed,
+        allow_other_split=allow_other_split,
+        where=where,
+    )
+    if recorded is None and view == "test":
+        log.warning(
+            "%s: records no training split (extra.%s); its test women are "
+            "those of split seed %d, test fraction %g: if it was trained under "
+            "another seed (the federation's), some of them were trained on",
+            where, EXTRA_SPLIT, split["seed"], split["test_fraction"],
+        )  # fmt: skip
     write_resolved(
         {
             "checkpoint": names,
             "cache_dir": str(cache_dir),
             "model": config_to_dict(ck.model_config),
             "view": view,
-            "test_fraction": test_fraction,
-            "split_seed": split_seed,
+            "split": split,
             "n_boot": n_boot,
             "seed": seed,
             "use_ema": use_ema,
@@ -104,7 +258,21 @@ def evaluate_checkpoint(
         },
         out,
     )
-    site = SiteDataset(cache_dir, test_fraction=test_fraction, seed=split_seed)
+    site = SiteDataset(
+        cache_dir, test_fraction=split["test_fraction"], seed=split["seed"]
+    )
+    site_split = site.cache.read_split() is not None
+    if (
+        view == "test"
+        and recorded is not None
+        and recorded["test_fraction"] == 0.0
+        and not site_split
+    ):
+        raise NothingToEvaluate(
+            f"{where}: field 'extra.{EXTRA_SPLIT}' records test_fraction 0: the "
+            f"model was trained on every woman of a cache without split.json, so "
+            f"{cache_dir} holds no test women for it (view 'test')"
+        )
     images = site.view(view)
     n_images = len(images)
     if n_images == 0:
@@ -132,6 +300,9 @@ def evaluate_checkpoint(
     )
     doc: dict[str, Any] = {
         "checkpoint": names,
+        "checkpoint_sha256": [sha256_file(p) for p in paths],
+        "use_ema": use_ema,
+        "split": {**split, "site_split": site_split},
         "site": str(cache_dir),
         "view": view,
         "n_images": n_images,

@@ -24,7 +24,8 @@ them into a :mod:`common.detector.checkpoint` file that ``mammofed-client predic
    (``trainer.options.standardize``) the site's fitted landmarks go to
    ``extra["standardizer"]`` and predict / evaluate apply them before the
    model (:func:`checkpoint_standardizer`); provenance goes to
-   ``extra["export"]``. No image data is read.
+   ``extra["export"]`` and the sites' patient split (the federation's seed)
+   to ``extra["split"]``, which evaluate scores by. No image data is read.
 
 Errors are domain errors naming files and fields; :class:`ExportNeeds` says
 which input is missing, and the command line names its flag.
@@ -42,7 +43,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.detector_trainer import DetectorOptions, detector_options
+from client.detector_trainer import (
+    EXTRA_SPLIT,
+    DetectorOptions,
+    detector_options,
+    training_split,
+)
 from client.selection import (
     PERSONALIZED,
     Selection,
@@ -472,7 +478,11 @@ def export_model(
     provenance = _provenance(g, site, state, kind, use_head, std is not None)
     if choice is not None:
         provenance["selection"] = choice.to_json()
-    extra: dict[str, Any] = {EXTRA_EXPORT: provenance}
+    extra: dict[str, Any] = {
+        EXTRA_EXPORT: provenance,
+        # the sites' split (the federation's seed): evaluate scores its test women
+        EXTRA_SPLIT: training_split(g.fed_cfg.seed),
+    }
     if std is not None:
         extra[EXTRA_STANDARDIZER] = std.to_dict()
     path = save_checkpoint(out_path, model, g.options.model_config(), extra=extra)

@@ -28,7 +28,13 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from client.detector_trainer import DetectorOptions, detector_options
+from client.detector_trainer import (
+    EXTRA_SPLIT,
+    TEST_FRACTION,
+    DetectorOptions,
+    detector_options,
+    training_split,
+)
 from common.config.loader import config_to_dict, write_resolved
 from common.config.site import SiteConfig
 from common.detector.adapt import fewshot as fs
@@ -44,6 +50,11 @@ from common.imaging.data import SiteDataset, collate
 from common.wire.federation import FederationConfig
 
 log = logging.getLogger(__name__)
+
+
+def _site(cache: Path, seed: int) -> SiteDataset:
+    """A cache split as the federated trainer splits it (:data:`TEST_FRACTION`)."""
+    return SiteDataset(cache, test_fraction=TEST_FRACTION, seed=seed)
 
 
 def train_central(
@@ -86,7 +97,7 @@ def train_central(
     if init is not None:
         init_from_checkpoint(model, opts.model_config(), init)
     model = model.to(device)
-    pooled = Pooled([SiteDataset(c, seed=seed).view("labeled") for c in caches])
+    pooled = Pooled([_site(c, seed).view("labeled") for c in caches])
     n = len(pooled)
     if n == 0:
         raise MammofedError(f"{label}: no labeled images in {[str(c) for c in caches]}")
@@ -106,7 +117,7 @@ def train_central(
     if use_ssl:
         assert ssl is not None
         unlabeled: Dataset[Any] = ConcatDataset(
-            [SiteDataset(c, seed=seed).view("unlabeled") for c in caches]
+            [_site(c, seed).view("unlabeled") for c in caches]
         )
         if len(unlabeled) > 0:  # type: ignore[arg-type]
             _train_semi_supervised(
@@ -210,7 +221,9 @@ def train_local_model(
     federated model: the study's ``personalized-dp-tuned`` regime, fine-tuning
     after federation); ``device``: default the options' device.
     The checkpoint's ``extra`` records the site, the epochs, the seed and the
-    base model's SHA-256; ``<out>.resolved.yaml`` the settings used.
+    base model's SHA-256 (``local_model``) and the site split the training
+    used (``split``, :func:`client.detector_trainer.training_split`, which
+    ``evaluate`` scores by); ``<out>.resolved.yaml`` the settings used.
 
     Raises:
         ConfigError: the site config names no cache, or epochs below 1.
@@ -264,7 +277,8 @@ def train_local_model(
         "options": config_to_dict(opts),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out, model, opts.model_config(), extra={"local_model": settings})
+    extra = {"local_model": settings, EXTRA_SPLIT: training_split(fed.seed)}
+    save_checkpoint(out, model, opts.model_config(), extra=extra)
     write_resolved(settings, out.parent, f"{out.name}.resolved.yaml")
     log.info("site %s: its own model written to %s", site.name, out)
     return out

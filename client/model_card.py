@@ -49,6 +49,8 @@ from common.wire.runfolder import ROUNDS_JSONL
 
 log = logging.getLogger(__name__)
 
+#: ``extra`` key of a ``train-local`` checkpoint (:mod:`client.local_training`).
+EXTRA_LOCAL_MODEL = "local_model"
 CARD_FORMAT = "mammofed-model-card/1"
 CARD_JSON_SUFFIX = ".card.json"
 CARD_MD_SUFFIX = ".card.md"
@@ -186,11 +188,26 @@ def _central_training(ck: Checkpoint) -> dict[str, Any]:
     return out
 
 
+def _local_training(local: Mapping[str, Any]) -> dict[str, Any]:
+    """What a ``mammofed-client train-local`` checkpoint records (``local_model``)."""
+    copied = (
+        "site", "cache_dir", "init", "init_sha256", "epochs", "head_only",
+        "seed", "learning_rate", "lr_factor", "batch_size",
+    )  # fmt: skip
+    return {
+        "source": "site's own model (mammofed-client train-local)",
+        **{k: local.get(k, UNKNOWN) for k in copied},
+    }
+
+
 def training_section(ck: Checkpoint) -> dict[str, Any]:
     """The card's ``training`` section from what the checkpoint and its run record."""
     export = ck.extra.get(EXTRA_EXPORT)
     if isinstance(export, Mapping):
         return _federation_training(export)
+    local = ck.extra.get(EXTRA_LOCAL_MODEL)
+    if isinstance(local, Mapping):
+        return _local_training(local)
     return _central_training(ck)
 
 
@@ -199,18 +216,44 @@ def _num(v: Any) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
+def _evaluated_files(path: Path, doc: Mapping[str, Any]) -> list[str]:
+    """The checkpoints scored together, from field ``checkpoint`` of metrics.json.
+
+    A list since evaluate records one; before, one string, several models
+    joined by ``", "`` (split unless the string names an existing file).
+    """
+    evaluated = doc.get("checkpoint")
+    if isinstance(evaluated, str):
+        if Path(evaluated).is_file() or ", " not in evaluated:
+            return [evaluated]
+        return evaluated.split(", ")
+    if (
+        isinstance(evaluated, list)
+        and evaluated
+        and all(isinstance(e, str) for e in evaluated)
+    ):
+        return list(evaluated)
+    raise ExportError(
+        f"{path}: field 'checkpoint' must name the evaluated model file(s), got "
+        f"{evaluated!r}"
+    )
+
+
 def evaluation_section(
-    eval_dir: str | Path | None, checkpoint: str | Path
+    eval_dir: str | Path | None, checkpoint: str | Path, *, use_ema: bool = False
 ) -> dict[str, Any] | None:
     """CPM with 95% intervals from a ``mammofed-client evaluate`` output folder.
 
-    The evaluated checkpoint (field ``checkpoint`` of ``metrics.json``) must be
-    the same file as ``checkpoint`` (same SHA-256) when it still exists; when it
-    is gone the card says the match is unverified.
+    The evaluation must be of ``checkpoint`` alone (field ``checkpoint`` of
+    ``metrics.json`` names one file), of the same file (the SHA-256 it records
+    in ``checkpoint_sha256``, or the evaluated file's own while it exists; an
+    older result whose file is gone is marked unverified) and of the same
+    weights (field ``use_ema`` equal to ``use_ema``; unknown in older results).
 
     Raises:
         ExportError: no ``metrics.json``, a malformed one, or the evaluation of
-            another model; the message names the file and field.
+            several models run together, of another model or of its other
+            weights (EMA or not); the message names the file and field.
     """
     if eval_dir is None:
         return None
@@ -228,15 +271,34 @@ def evaluation_section(
             f"{path}: field 'classes' is missing or not a mapping; not a "
             "'mammofed-client evaluate' result"
         )
-    evaluated = doc.get("checkpoint")
+    files = _evaluated_files(path, doc)
+    if len(files) > 1:
+        raise ExportError(
+            f"{path}: field 'checkpoint' names {len(files)} models scored together "
+            f"(findings fused: {', '.join(files)}), not {checkpoint} alone; "
+            "evaluate this model alone first"
+        )
+    evaluated = files[0]
+    sums = doc.get("checkpoint_sha256")
+    recorded = sums[0] if isinstance(sums, list) and len(sums) == 1 else None
+    if recorded is None and Path(evaluated).is_file():
+        recorded = sha256_file(evaluated)
     match: bool | str = "unverified (the evaluated file no longer exists)"
-    if isinstance(evaluated, str) and Path(evaluated).is_file():
-        if sha256_file(evaluated) != sha256_file(checkpoint):
+    if recorded is not None:
+        if recorded != sha256_file(checkpoint):
             raise ExportError(
                 f"{path}: field 'checkpoint' names {evaluated}, a different model "
                 f"from {checkpoint} (SHA-256 differs); evaluate this model first"
             )
         match = True
+    ema = doc.get("use_ema", UNKNOWN)
+    if isinstance(ema, bool) and ema != use_ema:
+        which = {True: "EMA weights (--ema)", False: "raw weights (no --ema)"}
+        raise ExportError(
+            f"{path}: field 'use_ema' is {str(ema).lower()}: the evaluation scored "
+            f"the {which[ema]} of {evaluated}, but this model is made of its "
+            f"{which[use_ema]}; evaluate those weights first"
+        )
     classes: dict[str, Any] = {}
     for name in CLASSES:
         r = doc["classes"].get(name)
@@ -253,6 +315,7 @@ def evaluation_section(
         "result_file": str(path.resolve()),
         "evaluated_checkpoint": evaluated,
         "same_model": match,
+        "ema_weights": ema,
         "data": doc.get("site", UNKNOWN),
         "view": doc.get("view", UNKNOWN),
         "n_images": doc.get("n_images", UNKNOWN),
@@ -306,7 +369,8 @@ def card_markdown(card: Mapping[str, Any]) -> str:
     if isinstance(ev, dict):
         lines.append(
             f"- data: {ev['data']} (view {ev['view']}, {_fmt(ev['n_images'])} images); "
-            f"same model as evaluated: {ev['same_model']}"
+            f"same model as evaluated: {ev['same_model']}; EMA weights "
+            f"evaluated: {_fmt(ev.get('ema_weights', UNKNOWN))}"
         )
         for name, r in ev["classes"].items():
             ci = r["cpm_ci95"]
@@ -333,6 +397,7 @@ def write_model_card(
     kind: str,
     extra_files: Sequence[str | Path] = (),
     eval_dir: str | Path | None = None,
+    use_ema: bool = False,
     notes: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``M.card.json`` and ``M.card.md`` beside ``model_path``; returns them.
@@ -343,6 +408,8 @@ def write_model_card(
         kind: ``"torch-checkpoint"`` or ``"onnx"``.
         extra_files: files that belong to the model (same folder), hashed too.
         eval_dir: optional ``mammofed-client evaluate`` output folder.
+        use_ema: the model is made of the checkpoint's EMA weights (the
+            evaluation must have scored those).
         notes: free-form JSON-safe facts added under ``notes`` (e.g. the
             ONNX parity tolerance).
     """
@@ -374,7 +441,7 @@ def write_model_card(
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "software": software_versions(),
         "training": training_section(ck),
-        "evaluation": evaluation_section(eval_dir, ck.path)
+        "evaluation": evaluation_section(eval_dir, ck.path, use_ema=use_ema)
         or "none given (no --eval folder)",
         "intended_use": INTENDED_USE,
         "limitations": list(LIMITATIONS),

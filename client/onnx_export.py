@@ -270,7 +270,10 @@ def export_onnx(
 
     Raises:
         ExportError: an output path that is a folder or lacks ``.onnx``, an
-            opset out of range; CheckpointMismatch: an unusable checkpoint.
+            opset out of range, a checkpoint whose model fuses a mirrored view
+            (``tta_flip``: the graph and contract do not reproduce it), an
+            ``eval_dir`` of another model or weights; CheckpointMismatch: an
+            unusable checkpoint, ``use_ema`` without EMA weights.
     """
     out_path = Path(out)
     if out_path.suffix != ".onnx" or out_path.is_dir():
@@ -281,7 +284,15 @@ def export_onnx(
             f"exporter's range for this graph), got {opset!r}"
         )
     model, ck = load_model(checkpoint, use_ema=use_ema)
-    evaluation_section(eval_dir, ck.path)  # refuse a wrong --eval before writing
+    if ck.model_config.tta_flip:
+        raise ExportError(
+            f"{ck.path}: field 'model_config.tta_flip' is true: the torch model "
+            "also detects the up-down mirror of each image and fuses both, which "
+            "the ONNX graph and its contract do not reproduce (its detections "
+            "would differ from predict's); such a model is not exported"
+        )
+    # refuse a wrong --eval before writing
+    evaluation_section(eval_dir, ck.path, use_ema=use_ema)
     graph = HeadGraph(model).eval()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     names = _output_names(len(ANCHOR_SIZES))
@@ -314,6 +325,7 @@ def export_onnx(
         kind="onnx",
         extra_files=[cpath],
         eval_dir=eval_dir,
+        use_ema=use_ema,
         notes={
             "onnx_opset": opset,
             "ema_weights": use_ema,

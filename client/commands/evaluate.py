@@ -44,8 +44,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--view", default="test", choices=("test", "all"), help="images to score"
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="test women")
-    parser.add_argument("--split-seed", type=int, default=0, help="test split seed")
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help="share of women held out as test in a cache without split.json "
+        "(default: the one the checkpoint was trained under, else 0.2)",
+    )
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="seed of that split (default: the one the checkpoint was trained "
+        "under, the federation's seed; else 0)",
+    )
+    parser.add_argument(
+        "--other-split",
+        action="store_true",
+        help="score the split of --split-seed / --test-fraction although the "
+        "checkpoint records another training split (some 'test' women were "
+        "then trained on); without it that is refused",
+    )
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws")
     parser.add_argument("--boot-seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda...")
@@ -78,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         view=args.view,
         test_fraction=args.test_fraction,
         split_seed=args.split_seed,
+        allow_other_split=args.other_split,
         n_boot=args.n_boot,
         seed=args.boot_seed,
         device=args.device,

@@ -8,9 +8,13 @@ Example (``configs/sites/hospital-a.yaml``)::
     name: hospital-a
     working_spacing_mm: 0.4
     findings: {MASSE: mass, MIKROKALK: calcification}
-    test_fraction: 0.2
-    split_seed: 0
     workers: 2
+
+A site's patient split is not set here: the federated trainer and
+``train-local`` split the cache by its ``split.json`` (the site's
+``split.csv``) and, for women it does not list, by the federation's seed
+(``client.detector_trainer.training_split``); the checkpoint records that
+split and ``mammofed-client evaluate`` scores its test women.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common.config.dicom_node import DicomNodeConfig
-from common.config.loader import bounded, load_config, path_field
+from common.config.loader import bounded, check_plain_name, load_config, path_field
 from common.keys import CALCIFICATION, IGNORE, MASS, NONE_FINDING
 
 #: Default ingest pixel budget (:attr:`SiteConfig.max_pixels`): 32 Mi samples
@@ -59,7 +63,7 @@ def _default_findings() -> dict[str, FindingKind]:
 
 @dataclass(frozen=True)
 class SiteConfig:
-    """One site's ingest and split settings.
+    """One site's ingest, training and serving settings.
 
     Attributes:
         name: site name (keys per-site state, appears in reports).
@@ -68,9 +72,6 @@ class SiteConfig:
             ``images.csv`` sidecar) gives none; ``None`` means refuse such files.
         findings: site words -> ``mass | calcification | ignore | none``; merged
             over :data:`DEFAULT_FINDINGS` (site entries win), keys lower-cased.
-        test_fraction: fraction of labeled patients held out as the test split
-            when the site has no ``split.csv``.
-        split_seed: seed of that patient-grouped split.
         workers: decode processes for ingest (each file is decoded in one of
             them, never in the ingest process).
         progress_every: log a progress line every this many files.
@@ -100,8 +101,6 @@ class SiteConfig:
     working_spacing_mm: float = field(default=0.4, metadata=bounded(0.05, 5.0))
     default_spacing_mm: float | None = field(default=None, metadata=bounded(0.01, 5.0))
     findings: dict[str, FindingKind] = field(default_factory=_default_findings)
-    test_fraction: float = field(default=0.2, metadata=bounded(0.0, 0.9))
-    split_seed: int = 0
     workers: int = field(default=1, metadata=bounded(1, 256))
     progress_every: int = field(default=50, metadata=bounded(1, None))
     pixel_dtype: Literal["uint16", "float16"] = "uint16"
@@ -116,8 +115,10 @@ class SiteConfig:
     dicom_node: DicomNodeConfig | None = None
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name.strip() != self.name:
-            raise ValueError(f"name must be a plain non-empty word, got {self.name!r}")
+        try:
+            check_plain_name(self.name)  # it names the site's state folder
+        except ValueError as exc:
+            raise ValueError(f"name: {exc}") from None
         merged: dict[str, str] = dict(DEFAULT_FINDINGS)
         for word, kind in self.findings.items():
             key = str(word).strip().lower()

@@ -242,13 +242,23 @@ def load_model(
 
     The model is returned in eval mode on CPU. ``weights_path`` of the stored
     config is dropped (the checkpoint already holds the weights).
+
+    Raises:
+        CheckpointMismatch: as :func:`load_checkpoint`; with ``use_ema``, a
+            checkpoint that holds no EMA weights (never the raw ones instead).
     """
     from common.detector.model.registry import build_detector
 
     ck = load_checkpoint(path, expected_cfg)
+    if use_ema and ck.ema is None:
+        raise CheckpointMismatch(
+            f"{ck.path}: field 'ema' is empty: the checkpoint holds no EMA "
+            "weights, so they cannot be used (--ema); leave --ema out to use "
+            "its weights"
+        )
     cfg = dataclasses.replace(ck.model_config, weights_path=None)
     model = build_detector(cfg)
-    state = ck.ema if (use_ema and ck.ema is not None) else ck.state_dict
+    state = ck.ema if use_ema and ck.ema is not None else ck.state_dict
     load_weights(model, state, ck.path, cfg.arch)
     model.eval()
     return model, ck

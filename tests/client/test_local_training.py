@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from client.cli import main
 from client.detector_trainer import detector_options
 from client.export import load_detector
 from client.local_training import train_central, train_local_model
+from client.model_card import write_model_card
 from common.config.loader import config_to_dict
 from common.config.site import load_site_config
 from common.detector.checkpoint import save_checkpoint
@@ -51,6 +53,12 @@ def test_the_site_model_is_the_studys_local_only_model(
     assert record["site"] == "site-b" and record["epochs"] == 1
     assert record["init_sha256"] == sha256_file(base)
     assert (tmp_path / "m" / "local.pt.resolved.yaml").is_file()
+    # its model card tells what train-local recorded, not "unknown"
+    card_json, _ = write_model_card(out, ck, kind="torch-checkpoint")
+    training = json.loads(card_json.read_text())["training"]
+    assert training["source"] == "site's own model (mammofed-client train-local)"
+    assert training["epochs"] == record["epochs"] and training["site"] == "site-b"
+    assert training["init_sha256"] == record["init_sha256"]
     # the study's local-only regime on the same cache: the very same weights
     opts = detector_options(fed, str(fed_yaml))
     assert site.cache_dir is not None

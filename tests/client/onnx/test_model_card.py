@@ -7,10 +7,15 @@ from typing import Any
 
 import pytest
 
+from benchmarks.synthetic import spread_model
 from client.cli import main as client_main
 from client.evaluate import evaluate_checkpoint
+from client.export import ExportError
 from client.model_card import UNKNOWN, card_paths, verify_card
 from client.onnx_export import OnnxDetector, contract_path, export_onnx
+from common.detector.checkpoint import save_checkpoint
+from common.detector.model import ModelConfig
+from common.errors import CheckpointMismatch
 from common.fileio import sha256_file
 from common.keys import CLASSES, NUM_EXAMPLES
 from common.wire.federation import (
@@ -18,6 +23,7 @@ from common.wire.federation import (
 )
 from common.wire.runfolder import ROUNDS_JSONL
 from tests.client.conftest import SITE, one_site_config, train_one_round
+from tests.conftest import make_site_cache
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +149,78 @@ def test_export_command_line_mistakes(fed_run, tmp_path, capsys):
     assert rc == 2
     assert "--onnx: must end in .onnx" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+def _eval(ck, cache, out, **kw):
+    return evaluate_checkpoint(
+        ck, cache, out, view="all", n_boot=0, device="cpu", gallery_missed=0,
+        gallery_fp=0, **kw,
+    )  # fmt: skip
+
+
+def test_eval_of_models_run_together_is_refused(make_checkpoint, tmp_path):
+    """A fused ensemble's CPM is not a single model's, in new and old results."""
+    cache = make_site_cache(tmp_path / "cache")
+    a = make_checkpoint("a.pt")
+    b = make_checkpoint("b.pt", score_thresh=0.02)
+    doc = _eval([a, b], cache, tmp_path / "pair")
+    assert doc["checkpoint"] == [str(a), str(b)] and len(doc["checkpoint_sha256"]) == 2
+    for ck in (a, b):
+        with pytest.raises(ExportError, match="'checkpoint' names 2 models scored"):
+            export_onnx(ck, tmp_path / "m.onnx", eval_dir=tmp_path / "pair")
+    # a result written before the field was a list: one joined string
+    path = tmp_path / "pair" / "metrics.json"
+    old = {k: v for k, v in doc.items() if k not in ("checkpoint_sha256", "use_ema")}
+    path.write_text(json.dumps({**old, "checkpoint": f"{a}, {b}"}))
+    with pytest.raises(ExportError, match="'checkpoint' names 2 models scored"):
+        export_onnx(a, tmp_path / "m.onnx", eval_dir=tmp_path / "pair")
+    assert not (tmp_path / "m.onnx").exists()
+    # an old single-model result still works, and so does a moved-away file:
+    # the recorded SHA-256 identifies the evaluated model
+    path.write_text(json.dumps({**old, "checkpoint": str(a)}))
+    card = json.loads(
+        export_onnx(a, tmp_path / "m.onnx", eval_dir=path.parent).card_json.read_text()
+    )
+    assert card["evaluation"]["same_model"] is True
+    assert card["evaluation"]["ema_weights"] == UNKNOWN
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(a.read_bytes())
+    _eval(copy, cache, tmp_path / "copy")
+    copy.unlink()
+    exp = export_onnx(a, tmp_path / "c.onnx", eval_dir=tmp_path / "copy")
+    assert json.loads(exp.card_json.read_text())["evaluation"]["same_model"] is True
+
+
+def test_eval_of_other_weights_is_refused(tmp_path):
+    """The card's CPM is of the exported weights: EMA or not, as evaluated."""
+    cache = make_site_cache(tmp_path / "cache")
+    cfg = ModelConfig(arch="tiny", working_spacing_mm=0.4)
+    ck = save_checkpoint(
+        tmp_path / "m.pt", spread_model(cfg), cfg, ema=spread_model(cfg, seed=7)
+    )
+    assert _eval(ck, cache, tmp_path / "ema", use_ema=True)["use_ema"] is True
+    assert _eval(ck, cache, tmp_path / "raw")["use_ema"] is False
+    with pytest.raises(ExportError, match="field 'use_ema' is true"):
+        export_onnx(ck, tmp_path / "a.onnx", eval_dir=tmp_path / "ema")
+    with pytest.raises(ExportError, match="field 'use_ema' is false"):
+        export_onnx(ck, tmp_path / "a.onnx", use_ema=True, eval_dir=tmp_path / "raw")
+    assert not (tmp_path / "a.onnx").exists()
+    exp = export_onnx(ck, tmp_path / "a.onnx", use_ema=True, eval_dir=tmp_path / "ema")
+    card = json.loads(exp.card_json.read_text())
+    assert card["evaluation"]["ema_weights"] is True
+    assert card["notes"]["ema_weights"] is True
+
+
+def test_ema_of_a_checkpoint_without_ema_is_refused(make_checkpoint, tmp_path, capsys):
+    ck = make_checkpoint("noema.pt")
+    with pytest.raises(CheckpointMismatch, match=r"noema\.pt: field 'ema' is empty"):
+        export_onnx(ck, tmp_path / "m.onnx", use_ema=True)
+    assert not (tmp_path / "m.onnx").exists()
+    cache = make_site_cache(tmp_path / "cache")
+    for argv in (
+        ["evaluate", "--cache", str(cache), "--out", str(tmp_path / "e")],
+        ["predict", str(tmp_path / "none.png"), "--out", str(tmp_path / "p")],
+    ):
+        rc = client_main([*argv, "--checkpoint", str(ck), "--ema", "--device", "cpu"])
+        assert rc == 2
+        assert "noema.pt: field 'ema' is empty" in capsys.readouterr().err

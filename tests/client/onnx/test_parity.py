@@ -220,4 +220,8 @@ def test_export_refuses_bad_inputs(make_checkpoint, tmp_path):
         export_onnx(ck, tmp_path / "m.onnx", opset=9)
     with pytest.raises(CheckpointMismatch, match="does not exist"):
         export_onnx(tmp_path / "none.pt", tmp_path / "m.onnx")
+    # flip TTA fuses a mirrored view: neither graph nor contract reproduce it
+    tta = make_checkpoint("tta.pt", tta_flip=True)
+    with pytest.raises(ExportError, match=r"tta\.pt: field 'model_config\.tta_flip'"):
+        export_onnx(tta, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()

@@ -45,11 +45,13 @@ def test_site_words_override_defaults(tmp_path: Path) -> None:
         ("working_spacing_mm: -1\n", "working_spacing_mm", "-1"),
         ("working_spacing_mm: fine\n", "working_spacing_mm", "fine"),
         ("findings: {herd: tumour}\n", "findings.herd", "tumour"),
-        ("test_fraction: 1.5\n", "test_fraction", "1.5"),
+        ("progress_every: 0\n", "progress_every", "0"),
         ("workers: 0\n", "workers", "0"),
         ("wrokers: 2\n", "wrokers", ""),
         ("pixel_dtype: int8\n", "pixel_dtype", "int8"),
         ("name: 'a/b'\n", "<root>", "a/b"),
+        ("name: '..'\n", "<root>", ".."),
+        ("name: 'a\\b'\n", "<root>", "a"),
     ],
 )
 def test_bad_config_names_file_key_value(
@@ -66,3 +68,13 @@ def test_bad_config_names_file_key_value(
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_site_config("/nonexistent/site.yaml")
+
+
+@pytest.mark.parametrize("key", ["test_fraction", "split_seed"])
+def test_split_keys_are_not_site_settings(tmp_path: Path, key: str) -> None:
+    """The split is the federation's, recorded in the model (evaluate reads it)."""
+    p = tmp_path / "site.yaml"
+    p.write_text(f"name: x\n{key}: 1\n")
+    with pytest.raises(ConfigError, match=f"{key}: unknown key") as exc:
+        load_site_config(p)
+    assert str(p) in str(exc.value)
