@@ -28,6 +28,7 @@ import numpy as np
 from common.config.loader import (
     bounded,
     check_bounds,
+    check_plain_name,
     from_mapping,
     load_config,
     path_field,
@@ -329,11 +330,14 @@ class FederationConfig:
                 f"both (got {str(self.initial_checkpoint)!r} and "
                 f"{str(self.initial_arrays)!r})"
             )
-        if not self.name or "/" in self.name or self.name.strip() != self.name:
-            raise ValueError(f"name: must be a plain word, got {self.name!r}")
-        for i, site in enumerate(self.sites):
-            if not site or "/" in site or site.strip() != site:
-                raise ValueError(f"sites[{i}]: must be a plain word, got {site!r}")
+        # the run's and each site's name become folder names (runs/, state)
+        for key, name in (("name", self.name), *(
+            (f"sites[{i}]", site) for i, site in enumerate(self.sites)
+        )):  # fmt: skip
+            try:
+                check_plain_name(name)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
         if len(set(self.sites)) != len(self.sites):
             raise ValueError(f"sites: names must be unique, got {list(self.sites)!r}")
         p = self.participation
@@ -351,6 +355,10 @@ class FederationConfig:
             if not isinstance(value, int | float | str | bool):
                 raise ValueError(
                     f"trainer.options.{key}: must be a scalar, got {value!r}"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(
+                    f"trainer.options.{key}: must be a finite number, got {value!r}"
                 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -415,3 +416,21 @@ def test_round_learning_rate_schedules() -> None:
     assert cos.round_learning_rate(1, 1) == pytest.approx(0.01)  # one round
     zero = dataclasses.replace(cos, lr_min_factor=0.0)
     assert zero.round_learning_rate(12, 12) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("name: '..'\n", "name"),
+        ("sites: [a, '..']\n", "sites[1]"),
+        ("sites: ['a\\b']\n", "sites[0]"),
+        ("trainer: {options: {lr: .nan}}\n", "trainer.options.lr"),
+    ],
+)
+def test_federation_names_are_plain_and_options_finite(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    bad = tmp_path / "f.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_federation_config(bad)
