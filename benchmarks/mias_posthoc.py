@@ -340,6 +340,14 @@ def analyse(
     """Every analysis's rows for one OOF file (the detector's own rows first)."""
     images = load_oof(oof)
     folds = [int(r.get("fold", -1)) for r in json.loads(oof.read_text())]
+    if any(f < 0 for f in folds):
+        # the nested re-scorer fits on the other folds: without folds it would
+        # fit on nothing and score NaN without a word
+        missing = sum(f < 0 for f in folds)
+        raise ValueError(
+            f"{oof}: {missing} of {len(folds)} records have no 'fold' (written "
+            "before crossval recorded it); rerun the cross-validation"
+        )
     rows: list[dict[str, Any]] = []
     for label in (MASS, CALC):
         rows.append(

@@ -66,7 +66,13 @@ from common.imaging.annotations import (
     read_csv_records,
     read_site_annotations,
 )
-from common.imaging.cache import CacheEntry, SiteCache, atomic_write_text, manifest_row
+from common.imaging.cache import (
+    SPLITS,
+    CacheEntry,
+    SiteCache,
+    atomic_write_text,
+    manifest_row,
+)
 from common.imaging.image import (
     DENSITY_COLUMNS,
     DENSITY_CSV,
@@ -88,7 +94,6 @@ log = logging.getLogger(__name__)
 #: Sidecar table of research images in ``SITE_DIR``.
 IMAGES_CSV = "images.csv"
 SPLIT_COLUMNS: tuple[str, ...] = ("patient_id", "split")
-SPLIT_VALUES = ("train", "test")
 #: Remembered refusals (key -> {"file", "reason"}) so unchanged bad files are
 #: not decoded again.
 REFUSED_JSON = "refused.json"
@@ -286,7 +291,7 @@ def read_split_csv(path: str | Path) -> tuple[dict[str, str], list[Skip]]:
         pid, split = rec.get("patient_id", ""), rec.get("split", "").lower()
         if not pid:
             skip(i, "patient_id", pid, "empty patient id")
-        elif split not in SPLIT_VALUES:
+        elif split not in SPLITS:
             skip(i, "split", rec.get("split", ""), "must be train or test")
         elif pid in out and out[pid] != split:
             skip(i, "split", split, f"conflicts with earlier {out[pid]!r}")

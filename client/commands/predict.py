@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", type=Path, help="files or folders")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument(
-        "--score-floor", type=float, default=0.01, help="drop detections below"
+        "--score-floor", type=_unit, default=0.01, help="drop detections below"
     )
     parser.add_argument(
         "--spacing-mm",
@@ -65,11 +65,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--sr-display-floor",
-        type=float,
+        type=_unit,
         default=SR_DISPLAY_FLOOR,
         help="in the SR, findings scoring at least this are 'Presentation "
         "Required', lower ones 'Presentation Optional'",
     )
+
+
+def _unit(text: str) -> float:
+    """A score in [0, 1] (argparse type)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= x <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return x
 
 
 def run(args: argparse.Namespace) -> int:

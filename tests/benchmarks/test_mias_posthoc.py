@@ -88,3 +88,16 @@ def test_speck_peaks_and_clusters_on_a_synthetic_film() -> None:
     cx, cy = (boxes[0, 0] + boxes[0, 2]) / 2, (boxes[0, 1] + boxes[0, 3]) / 2
     assert abs(cx - 205) < 6 and abs(cy - 202) < 6
     assert boxes[0, 2] - boxes[0, 0] >= 30
+
+
+def test_an_oof_file_without_folds_is_refused_not_scored_nan(tmp_path) -> None:
+    import json
+
+    from benchmarks.mias_posthoc import analyse
+
+    oof = tmp_path / "oof_predictions.json"
+    records = [_image(i, 0.8, 0.3).to_json() for i in range(4)]
+    records[2]["fold"] = 1  # one record has its fold, three do not
+    oof.write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"oof_predictions\.json: 3 of 4 records"):
+        analyse(oof, tmp_path / "no-cache", analyses=["rank"], n_boot=10)

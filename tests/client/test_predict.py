@@ -122,6 +122,17 @@ def test_predict_cli_writes_json_and_overlay(tmp_path, tiny_checkpoint):
     assert all(d["score"] >= 0.5 for d in doc2["detections"])
 
 
+@pytest.mark.parametrize("flag", ["--score-floor", "--sr-display-floor"])
+@pytest.mark.parametrize("value", ["2", "-0.1", "nan", "high"])
+def test_predict_refuses_a_floor_outside_0_1_by_name(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_:
+        client_main(["predict", "--checkpoint", "m.pt", str(tmp_path),
+                     "--out", str(tmp_path / "o"), flag, value])  # fmt: skip
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and value in err and "Traceback" not in err
+
+
 def test_predict_batches_a_four_view_exam_like_single_images(tmp_path, tiny_checkpoint):
     src = tmp_path / "exam"
     src.mkdir()
