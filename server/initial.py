@@ -43,7 +43,11 @@ class InitialModelError(MammofedError):
 def check_initial_arrays(
     arrays: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], where: Path
 ) -> None:
-    """Refuse ``arrays`` unless names, shapes and dtype kind match ``expected``.
+    """Refuse ``arrays`` unless names, shapes and dtypes match ``expected``.
+
+    The dtype must be the model's own: the global model's dtype is the one
+    every reply is checked against (``server.validation``), so a float64
+    file would have the sites' float32 updates refused in every round.
 
     Raises:
         InitialModelError: naming the file, the array and both values.
@@ -61,10 +65,10 @@ def check_initial_arrays(
                 f"{where}: array {name!r} has shape {shapes[name]}, the model "
                 f"expects {ref[name]}"
             )
-        if not np.issubdtype(arrays[name].dtype, np.floating):
+        if arrays[name].dtype != expected[name].dtype:
             raise InitialModelError(
-                f"{where}: array {name!r} has dtype {arrays[name].dtype}, "
-                "expected float"
+                f"{where}: array {name!r} has dtype {arrays[name].dtype}, the "
+                f"model's is {expected[name].dtype}"
             )
         if not np.all(np.isfinite(arrays[name])):
             raise InitialModelError(f"{where}: array {name!r} has NaN or Inf values")

@@ -334,6 +334,14 @@ def test_initial_arrays_must_fit_the_model(tmp_path: Path) -> None:
         initial_global_arrays(
             dataclasses.replace(cfg, initial_arrays=tmp_path / "w.npz")
         )
+    # another float type would become the global's, and every site's float32
+    # update would then be refused as of another dtype
+    f64 = dict(arrays, **{name: arrays[name].astype(np.float64)})
+    np.savez(tmp_path / "f64.npz", **f64)
+    with pytest.raises(InitialModelError, match=f"array '{name}' has dtype float64"):
+        initial_global_arrays(
+            dataclasses.replace(cfg, initial_arrays=tmp_path / "f64.npz")
+        )
     np.savez(tmp_path / "ok.npz", **arrays)
     out = initial_global_arrays(
         dataclasses.replace(cfg, initial_arrays=tmp_path / "ok.npz")
