@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from common.config.loader import check_plain_name
 from common.errors import MammofedError
 from common.fileio import (
     atomic_write_bytes,
@@ -75,12 +76,17 @@ class SiteStateError(MammofedError):
 def plain_site_name(site: str, root: str | Path = "") -> str:
     """``site`` when it is a plain word (it names a sub-folder), else raise.
 
+    The configs' own rule (:func:`common.config.loader.check_plain_name`).
+
     Raises:
-        SiteStateError: empty, a path, ``.``/``..`` or padded with spaces.
+        SiteStateError: empty, a path (``/``, a backslash), ``.``/``..``, a
+            NUL or padded with spaces.
     """
-    if not site or "/" in site or site in (".", "..") or site.strip() != site:
+    try:
+        check_plain_name(site)
+    except ValueError as exc:
         where = f"{root}: " if root else ""
-        raise SiteStateError(f"{where}site name must be a plain word: {site!r}")
+        raise SiteStateError(f"{where}site name must be a plain word: {exc}") from None
     return site
 
 

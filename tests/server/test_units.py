@@ -331,8 +331,9 @@ def test_site_state_survives_restart(tmp_path: Path) -> None:
     assert again.read_meta()["last_round"] == 4
     np.testing.assert_array_equal(again.load_personal()["bn.weight"], np.arange(3.0))
     assert not list((tmp_path / "hosp-a").glob("*.tmp"))
-    with pytest.raises(Exception, match="plain word"):
-        SiteState(tmp_path, "../escape")
+    for bad in ("../escape", "a\\b", "nul\0"):
+        with pytest.raises(Exception, match="plain word"):
+            SiteState(tmp_path, bad)
 
 
 def test_config_errors_name_key_and_value(tmp_path: Path) -> None:
