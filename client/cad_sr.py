@@ -82,11 +82,11 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from common import __version__
 from common.fileio import atomic_write
 from common.imaging.dicom import (
-    MAX_SPACING_MM,
-    MIN_SPACING_MM,
     header_text,
+    plausible_spacing,
     resolve_laterality,
     resolve_view,
+    spacing_pair,
 )
 from common.keys import CALCIFICATION, CLASSES, LEFT, MASS, RIGHT
 
@@ -438,20 +438,14 @@ def _library_entry(source: Dataset) -> Dataset:
 def _plausible_spacing(source: Dataset) -> tuple[float, float] | None:
     """(row, column) mm of PixelSpacing, else ImagerPixelSpacing, if plausible.
 
-    The reader's own range (``MIN_SPACING_MM`` to ``MAX_SPACING_MM``): a value
-    the reader treats as absent (e.g. 53.96 mm) is not written into the SR.
+    The reader's own rule (:func:`common.imaging.dicom.plausible_spacing`): a
+    value the reader treats as absent (e.g. 53.96 mm) is not written into the
+    SR.
     """
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        values = source.get(keyword)
-        try:
-            row_mm, col_mm = (float(v) for v in values)
-        except (TypeError, ValueError):
-            continue
-        if all(
-            math.isfinite(v) and MIN_SPACING_MM <= v <= MAX_SPACING_MM
-            for v in (row_mm, col_mm)
-        ):
-            return row_mm, col_mm
+        pair = spacing_pair(source.get(keyword))
+        if pair is not None and plausible_spacing(pair):
+            return pair
     return None
 
 

@@ -223,17 +223,29 @@ def check_breast_image(ds: Dataset, path: str | Path) -> None:
     )
 
 
-def _valid_spacing(values: Any, keyword: str, path: str | Path) -> float | None:
-    """Row spacing in mm from a 2-valued spacing tag, or ``None`` if implausible."""
+def spacing_pair(values: Any) -> tuple[float, float] | None:
+    """``(row, column)`` mm of a 2-valued spacing tag; ``None`` if not two numbers."""
     try:
         row, col = (float(v) for v in values)
     except (TypeError, ValueError):
+        return None
+    return row, col
+
+
+def plausible_spacing(pair: tuple[float, float]) -> bool:
+    """Both values finite and in ``[MIN_SPACING_MM, MAX_SPACING_MM]``."""
+    return all(math.isfinite(v) and MIN_SPACING_MM <= v <= MAX_SPACING_MM for v in pair)
+
+
+def _valid_spacing(values: Any, keyword: str, path: str | Path) -> float | None:
+    """Row spacing in mm from a 2-valued spacing tag, or ``None`` if implausible."""
+    pair = spacing_pair(values)
+    if pair is None:
         log.warning("%s: %s=%r is not two numbers: ignored", path, keyword, values)
         return None
+    row, col = pair
     where = f"{path}: {keyword}=[{row}, {col}]"
-    if not all(
-        math.isfinite(v) and MIN_SPACING_MM <= v <= MAX_SPACING_MM for v in (row, col)
-    ):
+    if not plausible_spacing(pair):
         lo, hi = MIN_SPACING_MM, MAX_SPACING_MM
         log.warning("%s mm outside [%s, %s]: treated as absent", where, lo, hi)
         return None
