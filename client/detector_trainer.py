@@ -81,7 +81,7 @@ from common.detector.recipe import (
     train_transform,
 )
 from common.errors import ConfigError, MammofedError
-from common.imaging.data import SiteDataset, collate
+from common.imaging.data import DEFAULT_TEST_FRACTION, SiteDataset, collate
 from common.keys import (
     CLASSES,
     CPM_CALCIFICATION,
@@ -106,11 +106,9 @@ EVAL_METRICS: tuple[str, ...] = (NUM_EXAMPLES, CPM_MASS, CPM_CALCIFICATION, CPM_
 #: the model options' defaults (one source: ``common.detector.model.initial``)
 _MODEL = DetectorModelOptions()
 
-#: Share of a site's box-labeled women held out as its test women when its
-#: cache has no ``split.json`` (the site's ``split.csv``), per lesion stratum,
-#: seeded by the federation's seed: the federated trainer and ``train-local``
-#: split alike (:func:`common.imaging.data.patient_split`).
-TEST_FRACTION = 0.2
+#: The test share the federated trainer and ``train-local`` split a site by,
+#: seeded by the federation's seed (one value: the data module's default).
+TEST_FRACTION = DEFAULT_TEST_FRACTION
 #: ``extra`` key of a checkpoint trained on site caches: the split its training
 #: used (:func:`training_split`); ``mammofed-client evaluate`` scores the test
 #: women of that split.

@@ -56,13 +56,13 @@ from common.detector.errors import GALLERY_N, write_error_outputs
 from common.detector.recipe import Transformed
 from common.errors import CheckpointMismatch, MammofedError
 from common.fileio import sha256_file
-from common.imaging.data import SiteDataset
+from common.imaging.data import DEFAULT_TEST_FRACTION, SiteDataset
 
 log = logging.getLogger(__name__)
 
 METRICS_JSON = "metrics.json"
-#: The split of a checkpoint that records none (``SiteDataset``'s defaults).
-DEFAULT_TEST_FRACTION = 0.2
+#: The split of a checkpoint that records none (``SiteDataset``'s defaults:
+#: ``common.imaging.data.DEFAULT_TEST_FRACTION``, seed 0).
 DEFAULT_SPLIT_SEED = 0
 #: Command-line flags of the split arguments, for messages.
 _FLAGS = {"seed": "--split-seed", "test_fraction": "--test-fraction"}
@@ -152,7 +152,8 @@ def resolve_split(
     differ = {
         k: v
         for k, v in asked.items()
-        if v is not None and not math.isclose(float(v), float(recorded[k]))
+        if v is not None
+        and (v != recorded[k] if k == "seed" else not math.isclose(v, recorded[k]))
     }
     if not differ:
         return {**recorded, "source": "checkpoint"}

@@ -211,6 +211,12 @@ class SiteView(Dataset[tuple[torch.Tensor, Target]]):
         return image, target
 
 
+#: Share of a site's box-labeled women held out as test women when its cache
+#: has no ``split.json`` (the site's ``split.csv``): every trainer, ``train-local``
+#: and ``evaluate`` split by it (``client.detector_trainer.training_split``).
+DEFAULT_TEST_FRACTION = 0.2
+
+
 class SiteDataset:
     """A site cache as records, views, a patient-grouped split and k folds.
 
@@ -229,7 +235,7 @@ class SiteDataset:
         self,
         cache_dir: str | Path,
         *,
-        test_fraction: float = 0.2,
+        test_fraction: float = DEFAULT_TEST_FRACTION,
         seed: int = 0,
     ) -> None:
         if not 0.0 <= test_fraction < 1.0:
