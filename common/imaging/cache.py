@@ -486,10 +486,11 @@ class SiteCache:
                 f"{path}: expected an object {{patient_id: split}}, got "
                 f"{type(data).__name__}"
             )
-        for k, v in data.items():
+        for i, v in enumerate(data.values()):
             if not isinstance(v, str) or v not in SPLITS:
+                # the entry's position, not the patient id (no identifier in logs)
                 raise CacheError(
-                    f"{path}: patient {k!r}: split {_short(v)} is not one of "
+                    f"{path}: entry {i + 1}: split {_short(v)} is not one of "
                     f"{', '.join(SPLITS)}"
                 )
         return dict(data)

@@ -40,8 +40,8 @@ def test_good_cache_still_reads(cache: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ('{"P00": "holdout", "P01": "test"}', r"split\.json: patient 'P00'.*holdout"),
-        ('{"P00": 1}', r"split\.json: patient 'P00': split 1 "),
+        ('{"P00": "holdout", "P01": "test"}', r"split\.json: entry 1: .*holdout"),
+        ('{"P00": 1}', r"split\.json: entry 1: split 1 "),
         ("[1, 2]", r"split\.json: expected an object.*list"),
         ("{bad", r"split\.json: unreadable split"),
     ],
