@@ -84,9 +84,12 @@ def plain_site_name(site: str, root: str | Path = "") -> str:
     """
     try:
         check_plain_name(site)
-    except ValueError as exc:
+    except ValueError:
         where = f"{root}: " if root else ""
-        raise SiteStateError(f"{where}site name must be a plain word: {exc}") from None
+        raise SiteStateError(
+            f"{where}site name must be a plain word: {site!r} (not empty, '.' or "
+            "'..'; no '/', backslash, NUL or surrounding spaces)"
+        ) from None
     return site
 
 
