@@ -93,6 +93,16 @@ def plain_site_name(site: str, root: str | Path = "") -> str:
     return site
 
 
+def _to_commit(pend: Mapping[str, Any], version: ModelVersion) -> bool:
+    """Whether the pending round ``pend`` is committed given ``version``.
+
+    Yes when the server's model of that round was aggregated with this
+    node's update, and always when its commit already began (it was kept).
+    """
+    kept = version.round == pend["round"] and pend["node"] in version.nodes
+    return kept or bool(pend["committing"])
+
+
 class SiteState:
     """Persistent per-site state under ``root/<site>/``.
 
@@ -197,8 +207,7 @@ class SiteState:
         pend = self._pending_record()
         if pend is None:
             return None
-        kept = version.round == pend["round"] and pend["node"] in version.nodes
-        if kept or pend["committing"]:
+        if _to_commit(pend, version):
             self._commit(pend)
             return COMMITTED
         if version.round < pend["round"]:
@@ -222,13 +231,10 @@ class SiteState:
         whether round ``version.round`` is now committed from pending.
         """
         pend = self._pending_record()
-        if pend is None:
+        if pend is None or not _to_commit(pend, version):
             return False
-        kept = version.round == pend["round"] and pend["node"] in version.nodes
-        if kept or pend["committing"]:
-            self._commit(pend)
-            return version.round == pend["round"]
-        return False
+        self._commit(pend)
+        return version.round == pend["round"]
 
     def _commit(self, pend: Mapping[str, Any]) -> None:
         """Move the pending files of ``pend`` into place, then drop the marker.
