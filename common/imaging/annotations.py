@@ -24,7 +24,10 @@ Meaning of rows per image:
 
 Every broken row is skipped with a warning naming the file, row number, field
 and value (bad numbers, ``xmin >= xmax``, unknown finding word, partly filled
-coordinates); the rest is kept. A file that is not valid CSV (e.g. a field over
+coordinates); the rest is kept. A skipped row may have been a lesion, so its
+image claims no more than is known (:func:`_settle_skipped`): with nothing
+else, or only a ``none`` row, it is left *unlabeled*, not normal; beside kept
+lesions it is made *weakly labeled*, so no lesion is learned as background. A file that is not valid CSV (e.g. a field over
 128 KiB) or names a column twice is refused (:class:`AnnotationError`). Whether
 the ``image`` exists is checked later, by :func:`match_annotations`, against
 the ingested images, and boxes are checked against the image there
@@ -38,8 +41,8 @@ COCO input (``annotations.json``): ``images[{id, file_name}]``,
 origin top-left), ``categories[{id, name}]``; ``name`` is a finding word. Ids
 are strings or integers (not ``true``/``false``); bbox values are numbers (not
 booleans) finite as floats. An image listed in ``images`` with no annotation is
-labeled normal (listing it is the explicit statement), but one whose every
-annotation was skipped is left unlabeled (a skip says so), never normal. An
+labeled normal (listing it is the explicit statement); skipped annotations
+settle the image as skipped CSV rows do. An
 annotation without ``bbox`` is an image-level label. A repeated image id skips
 the later entry; a category id given twice with different names refuses the
 file (:class:`AnnotationError`), as does JSON nested too deeply to parse.
@@ -264,6 +267,7 @@ def read_annotations_csv(path: str | Path, mapper: FindingMapper) -> AnnotationS
     rows = read_csv_records(
         p, ANNOTATION_COLUMNS, error=AnnotationError, what="annotations"
     )
+    dropped: dict[str, list[int]] = {}  # image -> its skipped rows
     for i, rec in rows:
         if rec is None or all(not (v or "").strip() for v in rec.values() if v):
             continue
@@ -278,15 +282,54 @@ def read_annotations_csv(path: str | Path, mapper: FindingMapper) -> AnnotationS
         kind = mapper(word) if word else None
         if kind is None:
             aset.skip(i, "finding", word, _UNKNOWN_WORD)
+            dropped.setdefault(ref, []).append(i)
             continue
         ok, box = _parse_box(rec, aset, i)
         if not ok:
+            dropped.setdefault(ref, []).append(i)
             continue
         if kind == NONE_FINDING and box is not None:
             aset.skip(i, "finding", word, "a 'none' row must not carry a box")
+            dropped.setdefault(ref, []).append(i)
             continue
         aset.add(ref, Finding(kind, box, i, word))
+    _settle_skipped(aset, dropped)
     return aset
+
+
+def _settle_skipped(aset: AnnotationSet, dropped: Mapping[str, list[int]]) -> None:
+    """What an image whose rows were partly skipped may still say.
+
+    ``dropped`` maps an image reference to the rows (indices) of it that were
+    skipped. A skipped row may have been a lesion, so what is left of the
+    image must not claim more than it knows:
+
+    * nothing left, or only ``none`` rows: the image is left **unlabeled**
+      (a normal image would teach the lost lesion as background);
+    * lesions or ignore regions left: they are kept, and the image is made
+      **weakly labeled** (an ``ignore`` finding without a box), so its boxes
+      are not used for box supervision, which would learn the lost lesion as
+      background.
+
+    Each decision is logged as a :class:`Skip` naming the image and its rows.
+    """
+    for ref, rows in dropped.items():
+        ann = aset.images.get(ref)
+        if ann is None or all(f.kind == NONE_FINDING for f in ann.findings):
+            aset.images.pop(ref, None)
+            said = " and a 'none' row" if ann is not None else ""
+            why = (
+                f"rows {rows} of this image were skipped{said}: left unlabeled, "
+                "not marked normal"
+            )
+            aset.skip(rows[0], "image", ref, why)
+            continue
+        why = (
+            f"rows {rows} of this image were skipped: its other findings are "
+            "kept as a weak label (no box supervision)"
+        )
+        aset.skip(rows[0], "image", ref, why)
+        ann.findings.append(Finding(IGNORE, None, rows[0], "<skipped rows>"))
 
 
 def _is_id(v: Any) -> TypeGuard[str | int]:
@@ -415,17 +458,11 @@ def _parse_coco(
         aset.add(ref, Finding(kind, box, i, word))
         annotated.add(ref)
     for ref in images.values():
-        if ref in annotated:
-            continue
-        if ref in dropped:
-            rows = dropped[ref]
-            why = (
-                f"every annotation of this image was skipped (indices {rows}): "
-                "left unlabeled, not marked normal"
+        if ref not in annotated and ref not in dropped:
+            aset.add(
+                ref, Finding(NONE_FINDING, None, None, "<listed without annotations>")
             )
-            aset.skip(rows[0], "image", ref, why)
-            continue
-        aset.add(ref, Finding(NONE_FINDING, None, None, "<listed without annotations>"))
+    _settle_skipped(aset, dropped)
 
 
 def read_site_annotations(

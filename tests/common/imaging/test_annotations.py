@@ -67,10 +67,72 @@ def test_broken_row_is_skipped_naming_row_field_value(
     p = _csv(tmp_path, "ok.dcm,mass,1,2,3,4\n" + row + "\n")
     s = read_annotations_csv(p, MAP)
     assert list(s.images) == ["ok.dcm"]  # the good row is kept
-    assert len(s.skipped) == 1
     sk = s.skipped[0]
     assert (sk.file, sk.row, sk.field, sk.value) == (str(p), 3, field, value)
     assert str(p) in caplog.text and "row 3" in caplog.text
+    # a.dcm had no other row: it is left unlabeled, and the log says why
+    assert [(k.field, k.value) for k in s.skipped[1:]] == (
+        [("image", "a.dcm")] if row.startswith("a.dcm") else []
+    )
+
+
+@pytest.mark.parametrize("fmt", ["csv", "coco"])
+def test_a_skipped_row_beside_none_or_lesions_claims_no_more_than_is_known(
+    tmp_path: Path, fmt: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A skipped row may have been a lesion: beside a 'none' row the image is
+    not normal (unlabeled), beside a kept lesion the image gets no box
+    supervision (weak), so the lost lesion is never learned as background."""
+    if fmt == "csv":
+        p = _csv(
+            tmp_path,
+            "n.dcm,none,,,,\n"
+            "n.dcm,mass,1,2,nan,20\n"  # row 3: skipped
+            "l.dcm,mass,1,2,10,20\n"
+            "l.dcm,tumour,30,30,40,40\n"  # row 5: skipped
+            "ok.dcm,none,,,,\n",
+        )
+        s = read_annotations_csv(p, MAP)
+        rows = {"n.dcm": 3, "l.dcm": 5}
+    else:
+        p = _coco(
+            tmp_path,
+            [
+                {"id": 1, "file_name": "n.dcm"},
+                {"id": 2, "file_name": "l.dcm"},
+                {"id": 3, "file_name": "ok.dcm"},
+            ],
+            [
+                {"image_id": 1, "category_id": 5},  # none
+                {"image_id": 1, "category_id": 1, "bbox": [1, 1, 0, 5]},  # skipped
+                {"image_id": 2, "category_id": 1, "bbox": [1, 2, 9, 18]},
+                {"image_id": 2, "category_id": 7, "bbox": [30, 30, 10, 10]},  # skipped
+                {"image_id": 3, "category_id": 5},
+            ],
+            [
+                {"id": 1, "name": "mass"},
+                {"id": 5, "name": "none"},
+                {"id": 7, "name": "tumour"},
+            ],
+        )
+        s = read_coco_json(p, MAP)
+        rows = {"n.dcm": 1, "l.dcm": 3}
+    assert "n.dcm" not in s.images  # not normal: unlabeled
+    assert s.images["ok.dcm"].normal
+    said = {k.value: k for k in s.skipped if k.field == "image"}
+    assert set(said) == {"n.dcm", "l.dcm"}
+    assert "left unlabeled" in said["n.dcm"].reason
+    assert "weak" in said["l.dcm"].reason
+    assert {v: k.row for v, k in said.items()} == rows
+    geom = Geometry.identity((64, 64))
+    targets, _ = match_annotations(
+        s, [(k, k, None, geom) for k in ("n.dcm", "l.dcm", "ok.dcm")]
+    )
+    assert not targets["n.dcm"].labeled
+    lesion = targets["l.dcm"]
+    assert lesion.labeled and lesion.weak and lesion.has_lesion
+    assert len(lesion.boxes) == 1  # the readable lesion is still there
+    assert targets["ok.dcm"].labeled and not targets["ok.dcm"].weak
 
 
 def test_missing_column_raises(tmp_path: Path) -> None:
@@ -101,7 +163,8 @@ def test_coco_input(tmp_path: Path) -> None:
     assert s.images["a.dcm"].findings[0].box == (10.0, 20.0, 15.0, 26.0)
     assert s.images["b.dcm"].weak
     assert s.images["c.dcm"].normal  # listed without annotations
-    assert {sk.field for sk in s.skipped} == {"bbox", "image_id"}
+    assert s.images["a.dcm"].weak  # its second mass was skipped: no box supervision
+    assert {sk.field for sk in s.skipped} == {"bbox", "image_id", "image"}
     assert read_site_annotations(tmp_path, MAP) is not None
     (tmp_path / "annotations.json").write_text("{not json")
     with pytest.raises(AnnotationError):
