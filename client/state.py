@@ -11,7 +11,9 @@ Layout under ``<state_dir>/<site>/``::
 
 Every write goes to a temporary file in the same folder and is moved into place
 with :func:`os.replace`, so a crash leaves either the old or the new file, never
-a torn one. ``context.state`` in the ClientApp is only a cache of this.
+a torn one; data and folder entries are flushed to disk (``fsync``) before the
+next step relies on them, so a power cut does too. ``context.state`` in the
+ClientApp is only a cache of this.
 
 **A round the server threw away is not kept.** While the ClientApp trains round
 ``R`` (:meth:`SiteState.begin_round`), personal files are written under
@@ -52,6 +54,7 @@ from common.config.loader import check_plain_name
 from common.errors import MammofedError
 from common.fileio import (
     atomic_write_bytes,
+    fsync_dir,
     load_arrays,
     read_json_document,
     save_arrays,
@@ -258,6 +261,7 @@ class SiteState:
             if self.pending_dir.is_dir():
                 for path in sorted(self.pending_dir.iterdir()):
                     os.replace(path, self.dir / path.name)
+                fsync_dir(self.dir)  # the moves reach the disk before meta says so
             meta = self.read_meta()
             meta["committed_round"] = rnd
             self.write_meta(meta)

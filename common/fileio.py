@@ -28,8 +28,8 @@ def atomic_write(
 
     The temporary file is renamed over ``path`` (``os.replace``), so ``path``
     holds either the old or the new content. ``fsync`` also flushes the data to
-    disk before the rename (state that must survive a crash); a failed write
-    removes the temporary file.
+    disk before the rename and the folder's entry after it (state that must
+    survive a crash or a power cut); a failed write removes the temporary file.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +44,27 @@ def atomic_write(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if fsync:
+        fsync_dir(p.parent)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush ``folder``'s entries (renames into it) to disk.
+
+    A rename is durable across a power cut only once its folder is flushed;
+    a process crash needs no flush. A no-op where folders cannot be opened
+    (Windows).
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot flush folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:

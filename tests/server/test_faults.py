@@ -304,6 +304,40 @@ def test_site_state_pending_commit_and_discard(tmp_path: Path) -> None:
     assert st.read_meta()["discarded_rounds"][-1] == 5
 
 
+def test_commit_reaches_the_disk_before_meta_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut must not leave meta.json naming a round whose files' moves
+    were still in the page cache: the state folder is flushed (fsync of the
+    folder itself) after the moves and before meta.json is replaced, and every
+    atomic write flushes its folder after its rename."""
+    import stat
+
+    st = SiteState(tmp_path, "h")
+    st.begin_round(3, node_id=5)
+    st.save_personal({"bn": np.full(2, 3.0)})
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            folder = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            events.append(("fsync-dir", folder.name))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(("replace", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert st.settle(ModelVersion(3, (5,))) == COMMITTED
+    moved = events.index(("replace", "personal.npz"))
+    meta = events.index(("replace", "meta.json"))
+    assert ("fsync-dir", "h") in events[moved + 1 : meta]
+    assert events[meta + 1] == ("fsync-dir", "h")  # meta's own rename flushed
+
+
 @pytest.mark.parametrize(
     "next_access", ["settle-later-round", "begin-round", "pending"]
 )
