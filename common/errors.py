@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 
 def one_line(exc: BaseException) -> str:
     """``Type: first line of the message`` (only ``Type`` when it has none)."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for a message, about ``limit`` characters at most.
+
+    The one way an error or a log line quotes a value from outside: a long
+    string keeps its head and tail and says its length; a big container shows
+    its first items (its full repr is never built); an integer past Python's
+    digit limit for ``str`` is named, not shown.
+    """
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = max(limit, 8)
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 10
+    r.maxlevel = 3
+    try:
+        text = r.repr(value)
+    except ValueError:  # an int past the digit limit for str()
+        return f"<{type(value).__name__} too long to show>"
+    if isinstance(value, str | bytes) and len(repr(value)) > r.maxstring:
+        text += f" ({len(value)} chars)"
+    return text
 
 
 class MammofedError(Exception):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -32,7 +31,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from common.errors import ConfigError
+from common.errors import ConfigError, shown
 
 T = TypeVar("T")
 
@@ -41,21 +40,8 @@ _MAX = "max"
 _MUST_EXIST = "must_exist"
 _PLAIN_NAME = "plain_name"
 
+
 #: Shortens values quoted in error messages (a config value may be huge).
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 160
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 10
-_REPR.maxlevel = 3
-
-
-def _short(value: Any) -> str:
-    """``repr(value)``, shortened for an error message."""
-    try:
-        return _REPR.repr(value)
-    except ValueError:  # an int past Python's digit limit for str()
-        return f"<{type(value).__name__} too long to show>"
-
-
 def bounded(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
     """Field metadata for an inclusive numeric range ``lo <= value <= hi``."""
     return {_MIN: lo, _MAX: hi}
@@ -85,7 +71,7 @@ def check_plain_name(name: str) -> None:
     ):
         raise ValueError(
             "must be a plain name (not empty, '.' or '..'; no '/', '\\', NUL or "
-            f"surrounding spaces), got {_short(name)}"
+            f"surrounding spaces), got {shown(name)}"
         )
 
 
@@ -199,7 +185,7 @@ def from_mapping(
         raise TypeError(f"{cls!r} is not a dataclass")
     if not isinstance(data, Mapping):
         raise ConfigError(
-            source, prefix or "<root>", f"must be a mapping, got {_short(data)}"
+            source, prefix or "<root>", f"must be a mapping, got {shown(data)}"
         )
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -259,16 +245,16 @@ def _check_meta(value: Any, meta: Mapping[str, Any], source: str, key: str) -> N
             if isinstance(v, float) and not math.isfinite(v):  # NaN passes < and >
                 raise ConfigError(source, key, f"must be a finite number, got {v!r}")
             if lo is not None and v < lo:
-                raise ConfigError(source, key, f"must be >= {lo}, got {_short(v)}")
+                raise ConfigError(source, key, f"must be >= {lo}, got {shown(v)}")
             if hi is not None and v > hi:
-                raise ConfigError(source, key, f"must be <= {hi}, got {_short(v)}")
+                raise ConfigError(source, key, f"must be <= {hi}, got {shown(v)}")
         if meta.get(_PLAIN_NAME) and isinstance(v, str):
             try:
                 check_plain_name(v)
             except ValueError as exc:
                 raise ConfigError(source, key, str(exc)) from None
     if meta.get(_MUST_EXIST) and isinstance(value, Path) and not value.exists():
-        raise ConfigError(source, key, f"path does not exist: {_short(str(value))}")
+        raise ConfigError(source, key, f"path does not exist: {shown(str(value))}")
 
 
 #: scalar type -> (what a value may be, what the error says it must be).
@@ -298,20 +284,20 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
             except ConfigError:
                 pass
         raise ConfigError(
-            source, key, f"has the wrong type: {_short(value)} (expected {_name(tp)})"
+            source, key, f"has the wrong type: {shown(value)} (expected {_name(tp)})"
         )
     if origin is Literal:
         if value not in args:
             raise ConfigError(
                 source,
                 key,
-                f"must be one of {', '.join(map(repr, args))}; got {_short(value)}",
+                f"must be one of {', '.join(map(repr, args))}; got {shown(value)}",
             )
         return value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return from_mapping(value, tp, source=source, base_dir=base_dir, prefix=key)
     if origin in (tuple, list) and not isinstance(value, list | tuple):
-        raise ConfigError(source, key, f"must be a list, got {_short(value)}")
+        raise ConfigError(source, key, f"must be a list, got {shown(value)}")
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(
@@ -320,7 +306,7 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
             )
         if len(args) != len(value):
             raise ConfigError(
-                source, key, f"must have {len(args)} items, got {_short(value)}"
+                source, key, f"must have {len(args)} items, got {shown(value)}"
             )
         return tuple(
             _convert(v, a, source, f"{key}[{i}]", base_dir)
@@ -333,7 +319,7 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
         ]
     if origin in (dict, Mapping, typing.Mapping):
         if not isinstance(value, Mapping):
-            raise ConfigError(source, key, f"must be a mapping, got {_short(value)}")
+            raise ConfigError(source, key, f"must be a mapping, got {shown(value)}")
         kt, vt = args if args else (str, Any)
         return {
             _convert(k, kt, source, key, base_dir): _convert(
@@ -345,7 +331,7 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
         kinds, what = _SCALARS[tp]
         ok = isinstance(value, kinds) and (tp is bool or not isinstance(value, bool))
         if not ok:
-            raise ConfigError(source, key, f"must be {what}, got {_short(value)}")
+            raise ConfigError(source, key, f"must be {what}, got {shown(value)}")
         if tp is float:
             try:
                 number = float(value)
@@ -353,7 +339,7 @@ def _convert(value: Any, tp: Any, source: str, key: str, base_dir: Path | None) 
                 number = math.inf
             if not math.isfinite(number):
                 raise ConfigError(
-                    source, key, f"must be a finite number, got {_short(value)}"
+                    source, key, f"must be a finite number, got {shown(value)}"
                 )
             return number
         if tp is Path:

@@ -33,7 +33,13 @@ from torch import nn
 from common import __version__
 from common.config import config_to_dict, from_mapping
 from common.detector.model.config import ModelConfig
-from common.errors import CheckpointMismatch, ConfigError, UnsafeCheckpoint, one_line
+from common.errors import (
+    CheckpointMismatch,
+    ConfigError,
+    UnsafeCheckpoint,
+    one_line,
+    shown,
+)
 from common.fileio import atomic_write
 from common.keys import CLASSES
 
@@ -128,8 +134,7 @@ def _field(path: Path, payload: dict[str, Any], name: str) -> Any:
 
 def _shown(value: Any) -> str:
     """``value`` for an error message: its type and a short repr."""
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+    return f"{type(value).__name__} {shown(value, 60)}"
 
 
 def _tensors(path: Path, name: str, value: Any) -> dict[str, torch.Tensor]:

@@ -27,8 +27,9 @@ and value (bad numbers, ``xmin >= xmax``, unknown finding word, partly filled
 coordinates); the rest is kept. A skipped row may have been a lesion, so its
 image claims no more than is known (:func:`_settle_skipped`): with nothing
 else, or only a ``none`` row, it is left *unlabeled*, not normal; beside kept
-lesions it is made *weakly labeled*, so no lesion is learned as background. A file that is not valid CSV (e.g. a field over
-128 KiB) or names a column twice is refused (:class:`AnnotationError`). Whether
+lesions it is made *weakly labeled*, so no lesion is learned as background.
+A file that is not valid CSV (e.g. a field over 128 KiB) or names a column
+twice is refused (:class:`AnnotationError`). Whether
 the ``image`` exists is checked later, by :func:`match_annotations`, against
 the ingested images, and boxes are checked against the image there
 (:func:`targets_for`): an overhang of up to :data:`CLIP_TOLERANCE_PX` px is

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npy_format
 
-from common.errors import MammofedError
+from common.errors import MammofedError, shown
 from common.fileio import atomic_write, sha256_file
 from common.fileio import atomic_write_text as _atomic_write_text
 from common.imaging.annotations import ImageTargets
@@ -90,11 +90,6 @@ class CacheError(MammofedError, ValueError):
     """
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
-
-
 def _read_json(path: Path, what: str) -> Any:
     """``path`` parsed, or :class:`CacheError` naming it."""
     try:
@@ -107,7 +102,7 @@ def _check_targets(path: Path, key: str, t: ImageTargets) -> None:
     """Raise :class:`CacheError` unless ``t`` is well-formed (module docstring)."""
 
     def bad(field: str, value: Any, why: str) -> CacheError:
-        return CacheError(f"{path}: {key}: {field} {_short(value)}: {why}")
+        return CacheError(f"{path}: {key}: {field} {shown(value)}: {why}")
 
     for name in ("labeled", "weak", "has_lesion"):
         if not isinstance(getattr(t, name), bool):
@@ -456,7 +451,7 @@ class SiteCache:
                 t = ImageTargets.from_dict(v)
             except (KeyError, TypeError, AttributeError) as exc:
                 raise CacheError(
-                    f"{path}: {k}: malformed targets {_short(v)}: {exc!r}"
+                    f"{path}: {k}: malformed targets {shown(v)}: {exc!r}"
                 ) from exc
             _check_targets(path, k, t)
             out[k] = t
@@ -490,7 +485,7 @@ class SiteCache:
             if not isinstance(v, str) or v not in SPLITS:
                 # the entry's position, not the patient id (no identifier in logs)
                 raise CacheError(
-                    f"{path}: entry {i + 1}: split {_short(v)} is not one of "
+                    f"{path}: entry {i + 1}: split {shown(v)} is not one of "
                     f"{', '.join(SPLITS)}"
                 )
         return dict(data)

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from common.config import load_yaml
-from common.errors import ConfigError, MammofedError
+from common.errors import ConfigError, MammofedError, shown
 from common.fileio import refuse_existing, write_new_file
 
 SIGNING_KEY = "app-signing.key"
@@ -152,17 +152,17 @@ def _check_entities(raw: object, source: str) -> dict[str, ed25519.Ed25519Public
     keys: dict[str, ed25519.Ed25519PublicKey] = {}
     for key_id, value in raw.items():
         if not isinstance(key_id, str) or not isinstance(value, str):
-            raise ConfigError(source, str(key_id), f"expected a string key: {value!r}")
+            why = f"expected a string key: {shown(value)}"
+            raise ConfigError(source, str(key_id), why)
         try:
             public = serialization.load_ssh_public_key(value.encode("utf-8"))
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise ConfigError(
-                source, key_id, f"not an OpenSSH public key: {value[:40]!r}"
+                source, key_id, f"not an OpenSSH public key: {shown(value, 40)}"
             ) from exc
         if not isinstance(public, ed25519.Ed25519PublicKey):
-            raise ConfigError(
-                source, key_id, f"not an Ed25519 key (Flower needs one): {value[:40]!r}"
-            )
+            why = f"not an Ed25519 key (Flower needs one): {shown(value, 40)}"
+            raise ConfigError(source, key_id, why)
         keys[key_id] = public
     return keys
 

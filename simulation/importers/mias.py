@@ -50,7 +50,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from common.errors import MammofedError
+from common.errors import MammofedError, shown
 from common.imaging.image import DENSITY_COLUMNS, DENSITY_CSV
 from common.keys import (
     ANNOTATION_COLUMNS,
@@ -90,12 +90,6 @@ _PIL_ERRORS = (
     OSError, SyntaxError, ValueError, EOFError, struct.error,
     Image.DecompressionBombError,
 )  # fmt: skip
-
-
-def _short(value: str, limit: int = 40) -> str:
-    """``repr(value)``, cut to ``limit`` characters for the log."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(value)} chars)"
 
 
 @dataclass(frozen=True)
@@ -162,7 +156,7 @@ def parse_info(path: str | Path) -> MiasTable:
 
     def skip(n: int, value: str, reason: str) -> None:
         table.skipped.append((n, value, reason))
-        log.warning("%s line %d: %s: %s", p, n, _short(value), reason)
+        log.warning("%s line %d: %s: %s", p, n, shown(value), reason)
 
     for n, line in enumerate(lines, start=1):
         tok = line.split()
@@ -196,18 +190,18 @@ def parse_info(path: str | Path) -> MiasTable:
                     "%s line %d: extra fields ignored: %s",
                     p,
                     n,
-                    _short(" ".join(rest[3:])),
+                    shown(" ".join(rest[3:])),
                 )
         elif too_long:
             log.warning(
                 "%s line %d: coordinate %s has more than %d digits; coordinates "
                 "dropped, kept as an image-level label",
-                p, n, _short(too_long[0]), MAX_COORD_DIGITS,
+                p, n, shown(too_long[0]), MAX_COORD_DIGITS,
             )  # fmt: skip
         elif rest:
             log.warning(
                 "%s line %d: %s are not coordinates; kept as an image-level label",
-                p, n, _short(" ".join(rest)),
+                p, n, shown(" ".join(rest)),
             )  # fmt: skip
         if cls == "NORM" and x is not None:
             skip(n, line.strip(), "NORM row with coordinates")
