@@ -37,6 +37,15 @@ are numbered from 1000 on (``configs/simulation/study-confirm.yaml``)::
         --a out/confirm/seed-{0,1,2}/local-only \
         --b out/confirm/seed-{0,1,2}/personalized-dp+tuned+local
 
+``--mid`` adds the share of the gap ``b - a`` that a third regime closes,
+e.g. semi-supervision between its labeled-only and all-labels versions
+(``mid-closes-gap-<class>`` lines, :func:`gap_closed`)::
+
+    python -m benchmarks.compare_runs --cases 'PH-[BCD]-01' \
+        --a out/confirm-ssl/seed-{0,1,2}/personalized \
+        --mid out/confirm-ssl/seed-{0,1,2}/personalized-ssl \
+        --b out/confirm-ssl/seed-{0,1,2}/personalized-all-labels
+
 One JSON line per site and class in ``benchmarks/results/compare_runs.jsonl``:
 ``b-minus-a-cpm-<class>`` with the paired 95% interval, both CPMs and
 sensitivities at 1 FP/image (means over runs), and the wall time of each
@@ -55,6 +64,7 @@ from benchmarks.common import emit, rounded
 from common.detector.froc import (
     FrocImage,
     froc_class,
+    pooled_gap_closed,
     pooled_paired_cpm_difference,
 )
 from common.keys import CLASSES
@@ -112,6 +122,79 @@ def only_cases(
     return kept
 
 
+def _load_sides(
+    sides: dict[str, Path | list[Path]], cases: str | None
+) -> tuple[list[list[dict[str, list[FrocImage]]]], list[str]]:
+    """Each side's runs (:func:`load_run`, cut to ``cases``) and the sites all score.
+
+    Raises:
+        ValueError: sides with different numbers of runs, an empty side, or no
+            site scored in every run.
+    """
+    runs = {k: v if isinstance(v, list) else [v] for k, v in sides.items()}
+    counts = {k: len(v) for k, v in runs.items()}
+    if len(set(counts.values())) != 1 or not min(counts.values()):
+        said = ", ".join(f"{k} has {n} runs" for k, n in counts.items())
+        raise ValueError(f"{said}: not paired")
+    loaded = []
+    for side in runs.values():
+        d = [load_run(r) for r in side]
+        if cases is not None:
+            d = [only_cases(x, cases, r) for x, r in zip(d, side, strict=True)]
+        loaded.append(d)
+    every = [x for d in loaded for x in d]
+    common = sorted(set.intersection(*(set(x) for x in every)))
+    if not common:
+        paths = [r for side in runs.values() for r in side]
+        sites = [f"{r}: {sorted(x)}" for r, x in zip(paths, every, strict=True)]
+        raise ValueError("no site scored in every run: " + "; ".join(sites))
+    return loaded, common
+
+
+def gap_closed(
+    a: Path | list[Path],
+    mid: Path | list[Path],
+    b: Path | list[Path],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    cases: str | None = None,
+) -> list[dict[str, Any]]:
+    """Per (site, class): the share of the gap ``b - a`` that ``mid`` closes.
+
+    E.g. ``a`` a regime on its labeled women, ``mid`` its semi-supervised
+    version, ``b`` the same regime with every woman labeled, all on the same
+    test women (and seeds, in the same order): ``(CPM(mid) - CPM(a)) /
+    (CPM(b) - CPM(a))`` with the interval of
+    :func:`common.detector.froc.pooled_gap_closed` (women and seeds
+    resampled). ``closed`` is NaN when the gap is not above zero.
+
+    Raises:
+        ValueError: as :func:`compare`, for three sides.
+    """
+    (da, dm, db), common = _load_sides({"--a": a, "--mid": mid, "--b": b}, cases)
+    rows = []
+    for site in common:
+        for label, cls in enumerate(CLASSES):
+            xa, xm, xb = ([d[site] for d in side] for side in (da, dm, db))
+            g = pooled_gap_closed(xa, xm, xb, label, n_boot=n_boot, seed=seed)
+            rows.append(
+                {
+                    "site": site,
+                    "class": cls,
+                    "cpm_a": rounded(g["cpm_low"]),
+                    "cpm_mid": rounded(g["cpm_mid"]),
+                    "cpm_b": rounded(g["cpm_high"]),
+                    "closed": g["closed"],
+                    "closed_ci95": [rounded(x) for x in g["ci95"]],
+                    "undefined_resamples": g["undefined"],
+                    "n_images": len(xa[0]),
+                    "n_runs": len(xa),
+                }
+            )
+    return rows
+
+
 def compare(
     a: Path | list[Path],
     b: Path | list[Path],
@@ -132,22 +215,8 @@ def compare(
             no site is scored in every run, the two sides have different
             numbers of runs, or ``cases`` matches nothing in a run.
     """
-    runs_a = a if isinstance(a, list) else [a]
-    runs_b = b if isinstance(b, list) else [b]
-    if len(runs_a) != len(runs_b) or not runs_a:
-        raise ValueError(f"--a has {len(runs_a)} runs, --b {len(runs_b)}: not paired")
-    da = [load_run(r) for r in runs_a]
-    db = [load_run(r) for r in runs_b]
-    if cases is not None:
-        da = [only_cases(d, cases, r) for d, r in zip(da, runs_a, strict=True)]
-        db = [only_cases(d, cases, r) for d, r in zip(db, runs_b, strict=True)]
+    (da, db), common = _load_sides({"--a": a, "--b": b}, cases)
     rows = []
-    common = sorted(set.intersection(*(set(d) for d in da + db)))
-    if not common:
-        sites = [
-            f"{r}: {sorted(d)}" for r, d in zip(runs_a + runs_b, da + db, strict=True)
-        ]
-        raise ValueError("no site scored in every run: " + "; ".join(sites))
     for site in common:
         for label, cls in enumerate(CLASSES):
             xa, xb = [d[site] for d in da], [d[site] for d in db]
@@ -193,6 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         help="regime folder or crossval oof file (compared), or one per seed "
         "(same order as --a)",
     )
+    p.add_argument(
+        "--mid",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="also: the share of the gap b - a that these runs close (e.g. a "
+        "semi-supervised regime between its labeled-only and all-labels "
+        "versions), one per seed in --a's order",
+    )
     p.add_argument("--label", default="b-vs-a", help="name of the comparison")
     p.add_argument(
         "--cases",
@@ -221,6 +299,20 @@ def main(argv: list[str] | None = None) -> int:
             **row,
             **ctx,
         )
+    if args.mid is not None:
+        ctx["mid"] = [str(x) for x in args.mid]
+        for row in gap_closed(
+            args.a, args.mid, args.b, n_boot=args.n_boot, cases=args.cases
+        ):
+            emit(
+                BENCH,
+                f"mid-closes-gap-{row['class']}",
+                row.pop("closed"),
+                "fraction",
+                results_dir=args.results,
+                **row,
+                **ctx,
+            )
     return 0
 
 

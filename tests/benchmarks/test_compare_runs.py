@@ -96,3 +96,33 @@ def test_cases_keeps_only_the_women_it_matches(tmp_path: Path) -> None:
     text = (tmp_path / "r" / "compare_runs.jsonl").read_text()
     line = json.loads(text.splitlines()[0])
     assert line["context"]["cases"] == "^w[4-7]$" and line["context"]["n_images"] == 4
+
+
+def test_mid_gives_the_share_of_the_gap_it_closes(tmp_path: Path) -> None:
+    # a finds 2 of 8 masses, b 6 of 8, mid 4 of 8 (all at the image's top
+    # score): mid is half-way on sensitivity, so it closes about half the gap
+    a = _oof(tmp_path / "a.json", {0, 1}, 0)
+    mid = _oof(tmp_path / "mid.json", {0, 1, 2, 3}, 2)
+    b = _oof(tmp_path / "b.json", {0, 1, 2, 3, 4, 5}, 1)
+    rows = compare_runs.gap_closed(a, mid, b, n_boot=50)
+    mass = next(r for r in rows if r["class"] == "mass")
+    assert mass["cpm_a"] < mass["cpm_mid"] < mass["cpm_b"]
+    want = (mass["cpm_mid"] - mass["cpm_a"]) / (mass["cpm_b"] - mass["cpm_a"])
+    assert mass["closed"] == pytest.approx(want, abs=1e-3)
+    assert 0.3 < mass["closed"] < 0.7
+    lo, hi = mass["closed_ci95"]
+    assert lo <= mass["closed"] <= hi
+    calc = next(r for r in rows if r["class"] == "calcification")
+    assert math.isnan(calc["closed"])  # no gap: no ratio
+    with pytest.raises(ValueError, match=r"--a has 1 runs, --mid has 2 runs"):
+        compare_runs.gap_closed(a, [mid, mid], b, n_boot=10)
+    compare_runs.main(
+        ["--a", str(a), "--mid", str(mid), "--b", str(b)]
+        + ["--results", str(tmp_path / "r"), "--n-boot", "20", "--cases", "^w"]
+    )
+    lines = [
+        json.loads(x)
+        for x in (tmp_path / "r" / "compare_runs.jsonl").read_text().splitlines()
+    ]
+    gap = next(x for x in lines if x["figure"] == "mid-closes-gap-mass")
+    assert gap["context"]["mid"] == [str(mid)] and gap["unit"] == "fraction"
