@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import pydicom
 import torch
 from pydicom.dataset import Dataset
 from torch import nn
@@ -65,6 +64,7 @@ from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.engine import predict_images, resolve_device
 from common.errors import RefusedImage, one_line
 from common.imaging.dicom import (
+    dcmread_bounded,
     decode_pixels,
     header_text,
     is_dicom,
@@ -418,7 +418,7 @@ def _sr_header(f: Path) -> tuple[Dataset | None, str]:
     if not is_dicom(f):
         return None, "not a DICOM file: a DICOM CAD SR can only reference DICOM images"
     try:
-        header = pydicom.dcmread(f, stop_before_pixels=True)
+        header = dcmread_bounded(f, stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types
         return None, f"header unreadable: {exc}"
     uids = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")

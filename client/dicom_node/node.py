@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from pydicom.dataset import Dataset
 
 from client.cad_sr import build_cad_sr, write_cad_sr
@@ -55,6 +54,7 @@ from common.config.dicom_node import DicomNodeConfig
 from common.config.site import SiteConfig
 from common.errors import ConfigError, MammofedError
 from common.fileio import atomic_write_text
+from common.imaging.dicom import dcmread_bounded
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ class DicomNode:
             )  # fmt: skip
             _write_scored(folder, record)
             return None
-        sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in res.scored]
+        sources = [dcmread_bounded(s.path, stop_before_pixels=True) for s in res.scored]
         sr = build_cad_sr(
             sources,
             [s.detections for s in res.scored],

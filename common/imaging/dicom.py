@@ -20,8 +20,10 @@ an image without dynamic range are refused, naming the field and its value.
 A header value that cannot be read (a US element of odd length, a Modality
 LUT item without or with an unusable LUTDescriptor) is refused the same way,
 never passed on as another exception. A compressed frame must declare the
-header's size (:func:`check_codestream`): decoders allocate what the
-codestream says, so a small header cannot smuggle in a huge frame.
+header's size and a bounded JPEG 2000 tile grid (:func:`check_codestream`):
+decoders allocate what the codestream says, so a small header cannot smuggle
+in a huge frame. A deflated data set is inflated once, bounded, before pydicom
+sees it (:func:`check_deflated`): pydicom inflates it whole, without a limit.
 """
 
 from __future__ import annotations
@@ -29,18 +31,28 @@ from __future__ import annotations
 import logging
 import math
 import re
+import zlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
+
+# pydicom's own readers of what precedes a deflated data set (private: an
+# upgrade that renames them fails here, at import, not silently).
+from pydicom.filereader import (
+    _read_command_set_elements,
+    _read_file_meta_info,
+    read_preamble,
+)
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
     JPEGLSTransferSyntaxes,
     JPEGTransferSyntaxes,
@@ -49,7 +61,7 @@ from pydicom.uid import (
 from common.config.site import DEFAULT_MAX_PIXELS
 from common.errors import RefusedImage, one_line
 from common.fileio import has_dicom_preamble
-from common.imaging.codestream import codestream_shape
+from common.imaging.codestream import codestream_shape, codestream_tiling
 from common.imaging.image import ImageMeta, MammoImage, check_min_side
 from common.imaging.preprocess import standardize
 from common.keys import (
@@ -80,6 +92,14 @@ LATERALITY_UNKNOWN = "unknown"
 DEFER_SIZE = "64 KB"
 #: The only photometric interpretations read (greyscale).
 GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+#: A deflated data set (Deflated Explicit VR Little Endian) may inflate to at
+#: most this many bytes. pydicom inflates it whole in memory; a few kB of
+#: deflate can say gigabytes. The default pixel budget admits at most 64 MiB of
+#: pixels (a 5000 x 4000 x 2-byte mammogram is 40 MB), so 512 MiB refuses no
+#: real mammogram.
+MAX_INFLATED_BYTES = 512 * 2**20
+#: Bytes read from the file, and inflated, per step of :func:`check_deflated`.
+_INFLATE_STEP = 2**20
 #: Percentiles used to normalize FOR PROCESSING images after the log transform.
 PROCESSING_PERCENTILES = (0.01, 99.99)
 
@@ -173,27 +193,142 @@ def is_dicom(path: str | Path) -> bool:
 
     True when bytes 128..132 are ``DICM``, or when pydicom (forced) parses a
     dataset holding at least one of SOPClassUID, Modality or Rows.
+    A file meta group whose deflated data set is over
+    :data:`MAX_INFLATED_BYTES` counts as DICOM (the reader refuses it, saying
+    why); nothing is inflated past that bound.
     """
     if has_dicom_preamble(path):
         return True
     try:
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        ds = dcmread_bounded(path, force=True, stop_before_pixels=True)
+    except RefusedImage:  # a deflate bomb behind a file meta group
+        return True
     except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
         return False
     return any(k in ds for k in ("SOPClassUID", "Modality", "Rows"))
+
+
+def _inflated_size(fp: BinaryIO, limit: int) -> int:
+    """Bytes the raw deflate stream from ``fp``'s position inflates to.
+
+    Inflates :data:`_INFLATE_STEP` bytes at a time and keeps none of them;
+    stops at the end of the stream, or as soon as more than ``limit`` bytes
+    came out (the count returned is then ``> limit``, not the full size).
+
+    Raises:
+        zlib.error: the stream is corrupt.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    while not inflater.eof:
+        pending = fp.read(_INFLATE_STEP)
+        if not pending:
+            break
+        while True:
+            out = inflater.decompress(pending, _INFLATE_STEP)
+            total += len(out)
+            if total > limit:
+                return total
+            pending = inflater.unconsumed_tail
+            if not pending and len(out) < _INFLATE_STEP:
+                break  # input used up and output drained
+    return total + len(inflater.flush())
+
+
+def check_deflated(path: str | Path) -> None:
+    """Refuse a deflated data set that would inflate past the bound.
+
+    Reads the preamble, the file meta group (never deflated) and any command
+    group exactly as :func:`pydicom.dcmread` (forced) does; when the
+    TransferSyntaxUID is Deflated Explicit VR Little Endian, the rest of the
+    file is inflated in steps, keeping nothing, and counted up to
+    :data:`MAX_INFLATED_BYTES`. pydicom itself would inflate it whole in one
+    allocation. Anything that is not a deflated data set, or whose file meta
+    cannot be read, is left to pydicom (which then fails as before, before
+    inflating anything).
+
+    Raises:
+        RefusedImage: the deflated data set inflates to more than
+            :data:`MAX_INFLATED_BYTES`, or is not a valid deflate stream
+            (naming TransferSyntaxUID and the sizes).
+    """
+    limit = MAX_INFLATED_BYTES
+    with open(path, "rb") as fp:
+        try:
+            read_preamble(fp, True)
+            ts = _read_file_meta_info(fp).get("TransferSyntaxUID")
+            if ts != DeflatedExplicitVRLittleEndian:
+                return
+            _read_command_set_elements(fp)
+        except MemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - pydicom reports its own parse errors
+            return
+        start = fp.tell()
+        where = f"TransferSyntaxUID={ts} ({UID(str(ts)).name})"
+        try:
+            inflated = _inflated_size(fp, limit)
+        except zlib.error as exc:
+            raise RefusedImage(
+                str(path),
+                f"{where}: the deflated data set (from byte {start}) is not a "
+                f"valid deflate stream: {one_line(exc)}",
+            ) from exc
+        if inflated > limit:
+            deflated = fp.seek(0, 2) - start
+            raise RefusedImage(
+                str(path),
+                f"{where}: the deflated data set ({deflated} bytes from byte "
+                f"{start}) inflates to more than MAX_INFLATED_BYTES = {limit} "
+                "bytes: refused before pydicom inflates it",
+            )
+
+
+def dcmread_bounded(
+    path: str | Path,
+    *,
+    force: bool = False,
+    stop_before_pixels: bool = False,
+    defer_size: str | int | None = None,
+) -> pydicom.FileDataset:
+    """:func:`pydicom.dcmread` of a file, after :func:`check_deflated`.
+
+    For every file that is not a deflate bomb the result is ``dcmread``'s,
+    and so are its errors; a legitimate deflated file is read by pydicom as
+    before (inflated a second time, now known to be bounded).
+
+    Raises:
+        RefusedImage: see :func:`check_deflated`.
+    """
+    check_deflated(path)
+    return pydicom.dcmread(
+        path,
+        force=force,
+        stop_before_pixels=stop_before_pixels,
+        defer_size=defer_size,
+    )
 
 
 def read_dataset(path: str | Path) -> Dataset:
     """Parse a file, deferring values over :data:`DEFER_SIZE` (PixelData).
 
     Deferred values are read from the file when first used, so header checks
-    cost no pixel memory. Unreadable or non-DICOM files are refused.
+    cost no pixel memory. Unreadable or non-DICOM files are refused, and so is
+    a deflated data set larger than :data:`MAX_INFLATED_BYTES`
+    (:func:`check_deflated`).
     """
     try:
-        return pydicom.dcmread(path, force=True, defer_size=DEFER_SIZE)
+        return dcmread_bounded(path, force=True, defer_size=DEFER_SIZE)
     except FileNotFoundError as exc:
         raise RefusedImage(str(path), f"file not found: {one_line(exc)}") from exc
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
+    except (
+        InvalidDicomError,
+        OSError,
+        ValueError,
+        EOFError,
+        KeyError,
+        zlib.error,
+    ) as exc:
         raise RefusedImage(
             str(path), f"unreadable DICOM (truncated or corrupt): {one_line(exc)}"
         ) from exc
@@ -540,13 +675,18 @@ def check_codestream(ds: Dataset, path: str | Path) -> None:
     (:func:`common.imaging.codestream.codestream_shape`), the header's
     Rows x Columns x SamplesPerPixel: the decoder allocates what the
     codestream says, so the header's pixel budget only holds if they agree.
+    A JPEG 2000 / HTJ2K frame must also declare a valid tile grid of at most
+    :data:`common.imaging.codestream.MAX_J2K_TILES` tiles (openjpeg allocates
+    per tile, and SIZ may ask for 65,535 tiles of one pixel).
     Reads the (compressed) pixel data, decodes nothing. Other syntaxes
     (native, RLE, deflated) are not looked at: their decoded size follows
     from the header.
 
     Raises:
         RefusedImage: the encapsulation cannot be split into frames, a frame's
-            size cannot be read, or it differs from the header (naming both).
+            size cannot be read, or it differs from the header (naming both),
+            or its SIZ tile grid is invalid or too fine (naming the SIZ
+            fields and the tile count).
     """
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is None or str(ts) not in SIZED_CODESTREAMS:
@@ -582,6 +722,14 @@ def check_codestream(ds: Dataset, path: str | Path) -> None:
                     f"compressed frame {index} ({UID(str(ts)).name}) declares "
                     f"rows x columns x components = {got} in its codestream, "
                     f"the header {declared}",
+                )
+            tiling = codestream_tiling(frame)
+            problem = tiling.problem() if tiling is not None else None
+            if problem is not None:
+                raise RefusedImage(
+                    str(path),
+                    f"compressed frame {index} ({UID(str(ts)).name}): SIZ tiles: "
+                    f"{problem}",
                 )
     except (RefusedImage, MemoryError):
         raise

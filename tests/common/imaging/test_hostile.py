@@ -1,7 +1,8 @@
 """Hostile DICOM headers through ``common.imaging.dicom``.
 
 Pixel budget, colour, Modality LUT, unusable header values, compressed frames
-larger than their header.
+larger than their header or cut into too many JPEG 2000 tiles. (Deflate bombs:
+``test_deflate``.)
 
 Each file is small; a header may declare a huge image. The budget must refuse
 it from the header alone, before any pixel byte is read or decoded.
@@ -10,6 +11,7 @@ it from the header alone, before any pixel byte is read or decoded.
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 import textwrap
@@ -23,10 +25,12 @@ import pytest
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import JPEG2000Lossless
 
 from common.config.site import DEFAULT_MAX_PIXELS, SiteConfig
 from common.errors import RefusedImage
 from common.imaging import dicom
+from common.imaging.codestream import MAX_J2K_TILES
 from common.imaging.dicom import read_dicom
 from common.imaging.image_io import read_any
 from tests.conftest import REPO
@@ -296,3 +300,45 @@ def test_every_frame_the_decoder_would_see_is_checked(
         read_dicom(tmp_path / "two.dcm", working_spacing_mm=WORKING)
     with pytest.raises(RefusedImage, match="frame 0 .*: no readable SIZ/SOF"):
         read_dicom(tmp_path / "blank.dcm", working_spacing_mm=WORKING)
+
+
+def _retile(path: Path, xtsiz: int, ytsiz: int) -> Path:
+    """Rewrite XTsiz/YTsiz in the SIZ of the file's one JPEG 2000 frame."""
+    ds = pydicom.dcmread(path)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    at = frame.index(b"\xff\x51")  # SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz XTsiz..
+    frame[at + 22 : at + 30] = struct.pack(">II", xtsiz, ytsiz)
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("tile", "needle"),
+    [
+        (
+            (2, 2),
+            "SIZ tiles: XTsiz x YTsiz = 2 x 2 from XTOsiz, YTOsiz = 0, 0 over "
+            "Xsiz x Ysiz = 256 x 256 gives 128 x 128 = 16384 tiles, more than "
+            f"MAX_J2K_TILES = {MAX_J2K_TILES}",
+        ),
+        ((0, 256), "SIZ tiles: XTsiz x YTsiz = 0 x 256: a tile size of 0"),
+    ],
+    ids=["16384-tiles", "xtsiz-0"],
+)
+def test_j2k_tile_grid_too_fine_is_refused_before_decoding(
+    write_mammo, monkeypatch: pytest.MonkeyPatch, tile: tuple[int, int], needle: str
+) -> None:
+    """Header and SIZ agree on 256 x 256, but SIZ cuts it into 2 x 2 tiles
+    (openjpeg allocates a structure per tile) or gives a tile width of 0:
+    refused from the SIZ, naming the fields, before any decoding."""
+    path, _ = write_mammo(rows=256, cols=256, compress=JPEG2000Lossless)
+    assert read_dicom(path, working_spacing_mm=WORKING).pixels.size  # control
+    _retile(path, *tile)
+    monkeypatch.setattr(Dataset, "pixel_array", property(_no_decode))
+    with pytest.raises(RefusedImage) as exc:
+        read_dicom(path, working_spacing_mm=WORKING)
+    assert exc.value.path == str(path)
+    reason = exc.value.reason
+    assert "compressed frame 0 (JPEG 2000 Image Compression (Lossless Only))" in reason
+    assert needle in reason
