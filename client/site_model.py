@@ -33,6 +33,7 @@ from torch import nn
 from client.state import SiteState
 from common.detector.model import Personalization, head_keys, shared_and_personal
 from common.errors import CheckpointMismatch, ConfigError
+from common.wire.federation import WIRE_FLOATS, array_fault
 
 #: Prefix of the personal head's arrays in ``personal.npz``.
 PERSONAL_HEAD_PREFIX = "personal-head/"
@@ -188,16 +189,13 @@ class SiteModel:
         sd = self.model.state_dict()
         allowed = {k for k in self.personal_keys if sd[k].is_floating_point()}
         for name, value in arrays.items():
-            v = np.asarray(value)
             if name not in allowed:
                 why = f"{name!r} is not a personal norm array of this model"
-            elif v.shape != tuple(sd[name].shape):
-                why = f"{name!r} has shape {v.shape}, the model {tuple(sd[name].shape)}"
-            elif not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all():
-                why = f"{name!r} is not finite floating point ({v.dtype})"
-            else:
-                continue
-            raise ConfigError(source, "personal defaults", why)
+                raise ConfigError(source, "personal defaults", why)
+            shape = tuple(sd[name].shape)
+            fault = array_fault(name, np.asarray(value), shape, WIRE_FLOATS)
+            if fault is not None:
+                raise ConfigError(source, "personal defaults", fault[1])
         self.defaults = {k: np.asarray(v) for k, v in arrays.items()}
 
     # --- composing --------------------------------------------------------------

@@ -29,7 +29,7 @@ from common.detector.model.initial import (
 )
 from common.errors import MammofedError
 from common.fileio import load_arrays
-from common.wire.federation import FederationConfig, spec_of
+from common.wire.federation import FederationConfig, array_fault
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +58,11 @@ def check_initial_arrays(
             f"{where}: arrays do not match the model's shared arrays: unknown "
             f"{sorted(have - want)[:5]}, missing {sorted(want - have)[:5]}"
         )
-    shapes, ref = spec_of(arrays), spec_of(expected)
     for name in sorted(want):
-        if shapes[name] != ref[name]:
-            raise InitialModelError(
-                f"{where}: array {name!r} has shape {shapes[name]}, the model "
-                f"expects {ref[name]}"
-            )
-        if arrays[name].dtype != expected[name].dtype:
-            raise InitialModelError(
-                f"{where}: array {name!r} has dtype {arrays[name].dtype}, the "
-                f"model's is {expected[name].dtype}"
-            )
-        if not np.all(np.isfinite(arrays[name])):
-            raise InitialModelError(f"{where}: array {name!r} has NaN or Inf values")
+        ref = expected[name]
+        fault = array_fault(name, arrays[name], ref.shape, np.dtype(ref.dtype))
+        if fault is not None:
+            raise InitialModelError(f"{where}: does not fit the model: {fault[1]}")
 
 
 def initial_global_arrays(cfg: FederationConfig) -> Arrays:
@@ -128,8 +119,7 @@ def initial_personal_defaults(cfg: FederationConfig) -> Arrays:
         return {}
     arrays = checkpoint_arrays(cfg.initial_checkpoint, cfg)[1]
     for name, value in arrays.items():
-        if not np.all(np.isfinite(value)):
-            raise InitialModelError(
-                f"{cfg.initial_checkpoint}: array {name!r} has NaN or Inf values"
-            )
+        fault = array_fault(name, value, value.shape, np.dtype(value.dtype))
+        if fault is not None:
+            raise InitialModelError(f"{cfg.initial_checkpoint}: {fault[1]}")
     return arrays

@@ -40,7 +40,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
 from common.wire.faults import describe_reply_error
-from common.wire.federation import METRIC_WHITELIST, ValidationConfig
+from common.wire.federation import METRIC_WHITELIST, ValidationConfig, array_fault
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +148,21 @@ def check_train_content(
     for name, arr in record.items():
         ref = global_arrays[name]
         shape = tuple(int(d) for d in arr.shape)
-        if shape != tuple(ref.shape):
-            raise UpdateRejected(
-                "shape", f"array {name!r} has shape {shape}, expected {ref.shape}"
-            )
-        if np.dtype(arr.dtype) != np.dtype(ref.dtype):
+        # what the record declares, before its bytes are decoded ...
+        if shape != tuple(ref.shape) or np.dtype(arr.dtype) != np.dtype(ref.dtype):
             raise UpdateRejected(
                 "shape",
-                f"array {name!r} has dtype {arr.dtype}, expected {ref.dtype}",
+                f"array {name!r} declares shape {shape} and dtype {arr.dtype}, "
+                f"expected {tuple(ref.shape)} and {ref.dtype}",
             )
-        value = arr.numpy().astype(np.float64, copy=False)
-        if not np.all(np.isfinite(value)):
-            raise UpdateRejected("finite", f"array {name!r} has NaN or Inf values")
+        # ... and what its bytes hold: the declaration is the sender's word, and
+        # a (1,) array under a (10,) declaration would be broadcast by FedAvg
+        decoded = arr.numpy()
+        fault = array_fault(name, decoded, tuple(ref.shape), np.dtype(ref.dtype))
+        if fault is not None:
+            kind, why = fault
+            raise UpdateRejected("finite" if kind == "finite" else "shape", why)
+        value = decoded.astype(np.float64, copy=False)
         peak = float(np.max(np.abs(value))) if value.size else 0.0
         if peak > cfg.max_abs_value:
             raise UpdateRejected(

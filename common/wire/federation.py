@@ -544,3 +544,35 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 def spec_of(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     """``{name: shape}`` of a dict of arrays."""
     return {name: tuple(int(d) for d in a.shape) for name, a in arrays.items()}
+
+
+#: The dtypes a site loads model arrays from the server in (float32 models;
+#: float64 loads into them exactly). float16 would quantise them, and float128
+#: no torch tensor can hold.
+WIRE_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def array_fault(
+    name: str,
+    value: np.ndarray,
+    shape: tuple[int, ...],
+    dtypes: tuple[np.dtype, ...] | np.dtype,
+) -> tuple[Literal["shape", "dtype", "finite"], str] | None:
+    """The one rule for an array that crosses the wire (a model's or a site's).
+
+    ``value`` must have ``shape``, one of ``dtypes``, and only finite values.
+    Returns ``None``, or the first fault as ``(kind, why)``: ``kind`` is
+    ``"shape"``, ``"dtype"`` or ``"finite"`` and ``why`` names the array and
+    its value (``"array 'w' has dtype float16, expected float32"``); each
+    caller raises its own error with it.
+    """
+    allowed = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+    got = tuple(int(d) for d in value.shape)
+    if got != tuple(shape):
+        return "shape", f"array {name!r} has shape {got}, expected {tuple(shape)}"
+    if np.dtype(value.dtype) not in [np.dtype(d) for d in allowed]:
+        want = " or ".join(str(np.dtype(d)) for d in allowed)
+        return "dtype", f"array {name!r} has dtype {value.dtype}, expected {want}"
+    if not np.issubdtype(value.dtype, np.number) or not np.all(np.isfinite(value)):
+        return "finite", f"array {name!r} has NaN or Inf values"
+    return None

@@ -103,6 +103,7 @@ def test_a_site_takes_defaults_only_where_it_has_no_personal_copy(
         {"backbone.body.conv1.weight": shared["backbone.body.conv1.weight"]},
         {name: np.zeros((3, 3), np.float32)},
         {name: np.full(defaults[name].shape, np.nan, np.float32)},
+        {name: np.zeros(defaults[name].shape, np.float16)},  # would quantise
     ]
     for arrays in bad:
         with pytest.raises(ConfigError, match="personal defaults"):

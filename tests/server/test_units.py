@@ -435,3 +435,47 @@ def test_federation_names_are_plain_and_options_finite(
     bad.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(key)):
         load_federation_config(bad)
+
+
+def _lying(arrays: dict, actual: dict) -> Message:
+    """A reply whose records declare ``arrays``' shapes but carry ``actual``'s bytes."""
+    from flwr.app import Array, ArrayRecord
+
+    msg = _reply(9, arrays, {NUM_EXAMPLES: 10, TRAIN_LOSS: 0.5})
+    record = ArrayRecord(
+        {
+            name: Array(
+                dtype=str(a.dtype),
+                shape=tuple(a.shape),
+                stype="numpy.ndarray",
+                data=Array(actual.get(name, a)).data,
+            )
+            for name, a in arrays.items()
+        }
+    )
+    msg.content.array_records[ARRAYS_KEY] = record
+    return msg
+
+
+@pytest.mark.parametrize(
+    "actual",
+    [
+        {"w": np.float32([1.05])},  # one value, FedAvg would broadcast it
+        {"w": np.ones((2, 3), np.float32)},  # the right size, another shape
+        {"b": np.zeros(3, np.float32)},  # FedAvg would fail on it
+        {"w": np.ones((3, 2), np.float16)},  # another dtype under float32
+        {"w": np.array([["a", "b"]] * 3)},  # not numbers at all
+    ],
+    ids=["scalar", "transposed", "longer", "float16", "strings"],
+)
+def test_an_array_whose_bytes_are_not_what_it_declares_is_refused(
+    actual: dict,
+) -> None:
+    """The declaration (shape, dtype) is the sender's word: the decoded array
+    must match the global model too, else FedAvg broadcasts or fails."""
+    honest = {k: v * 1.1 for k, v in GLOBAL.items()}
+    out = _screen(_lying(honest, actual), _ok(1))
+    assert [m.metadata.src_node_id for m in out.valid] == [1]
+    (rej,) = out.rejected
+    assert rej.node_id == 9 and rej.check == "shape"
+    assert repr(next(iter(actual))) in rej.reason
