@@ -417,14 +417,14 @@ def _pooled_errors(
     Keys ``<site>/<cache key>`` name the pixels in their site's cache.
     """
     where = {
-        f"{name}/{r.key}": (site, r.key)
+        f"{name}/{r.key}": (site, r)
         for name, site in sites.items()
         for r in site.records
     }
 
     def load(key: str) -> np.ndarray:
-        site, cache_key = where[key]
-        return site.cache.load_pixels(cache_key)
+        site, r = where[key]
+        return site.cache.load_pixels(r.key, r.geometry.model_shape)
 
     densities = {
         f"{name}/{r.key}": r.meta.density
