@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from common.config import load_yaml
 from common.errors import ConfigError, MammofedError, shown
 from common.fileio import refuse_existing, write_new_file
+from common.wire.tls import shared_key_problem
 
 SIGNING_KEY = "app-signing.key"
 SIGNING_PUB = "app-signing.pub"
@@ -177,12 +178,18 @@ def read_trusted_entities(path: Path) -> dict[str, ed25519.Ed25519PublicKey]:
 
 
 def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
-    """The coordinator's OpenSSH Ed25519 private key; raises naming the file."""
+    """The coordinator's OpenSSH Ed25519 private key; raises naming the file.
+
+    A key file every user of the host may access is refused
+    (:func:`common.wire.tls.shared_key_problem`).
+    """
     path = Path(path)
     try:
-        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+        data = path.read_bytes()
     except FileNotFoundError as exc:
         raise AppSigningError(f"{path}: signing key does not exist") from exc
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise AppSigningError(
             f"{path}: not an unencrypted OpenSSH private key ({exc})"
@@ -192,6 +199,9 @@ def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
             f"{path}: not an Ed25519 key ({type(key).__name__}); "
             "make one with `mammofed-server signing-key`"
         )
+    problem = shared_key_problem(path)
+    if problem is not None:
+        raise AppSigningError(problem)
     return key
 
 

@@ -17,7 +17,9 @@ What Flower 1.42 needs, and what this module makes:
   registered cannot activate. :func:`generate_node_key` writes such a pair
   (NIST P-384, as the Flower docs use).
 
-Private keys are created with mode 0600 and never overwritten unless asked.
+Private keys are created with mode 0600 and never overwritten unless asked;
+one that any user of the host may read or write (mode ``o+rwx`` bits) is
+refused where it is used (:func:`shared_key_problem`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import ipaddress
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +52,9 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1")
 DEFAULT_DAYS = 365
 COMMAND_LINE = "command line"
+#: Mode bits that let every user of the host use a private key (a group may
+#: read one: docs/install.md gives node.key root:mammofed 0640).
+OTHERS_ACCESS = 0o007
 
 
 class TlsError(MammofedError):
@@ -269,6 +275,29 @@ def generate_node_key(
     return files
 
 
+def shared_key_problem(path: Path) -> str | None:
+    """Why private key ``path`` must not be used (any user may access it), or None.
+
+    Only the mode is checked (``path`` must exist): ``chmod o-rwx`` fixes it.
+    """
+    mode = stat.S_IMODE(Path(path).stat().st_mode)
+    if mode & OTHERS_ACCESS:
+        return (
+            f"{path} is a private key open to every user of this host (mode "
+            f"{mode:04o}); restrict it: chmod o-rwx {path}"
+        )
+    return None
+
+
+def _private_key_file(path: Path, flag: str) -> Path:
+    """``path`` (existing) unless every user of the host may access it."""
+    path = _existing(path, flag)
+    problem = shared_key_problem(path)
+    if problem is not None:
+        raise ConfigError(COMMAND_LINE, flag, problem)
+    return path
+
+
 def _check_key_file(
     path: Path,
     flag: str,
@@ -293,15 +322,17 @@ def check_node_private_key(path: Path, flag: str = "--auth-key") -> Path:
     """``path`` if it holds an unencrypted OpenSSH EC private key.
 
     Flower exits with a bare "Unable to parse the private key file." otherwise;
-    this names the flag and the file instead.
+    this names the flag and the file instead. A key every user of the host may
+    access is refused (:func:`shared_key_problem`).
     """
-    return _check_key_file(
+    _check_key_file(
         path,
         flag,
         lambda data: serialization.load_ssh_private_key(data, None),
         ec.EllipticCurvePrivateKey,
         ("an unencrypted OpenSSH key", "an EC key"),
     )
+    return _private_key_file(path, flag)
 
 
 def check_node_public_key(path: Path, flag: str = "--register-keys") -> Path:
@@ -348,7 +379,8 @@ def server_tls_from_flags(
 
     Exactly one of ``--insecure``, ``--tls-dir`` (holding ``ca.crt``,
     ``server.pem``, ``server.key``) or all three ``--ssl-*`` files; every file
-    must exist. Raises :class:`ConfigError` naming the offending flag.
+    must exist, and the private key must not be open to every user of the
+    host. Raises :class:`ConfigError` naming the offending flag.
     """
     explicit = {
         "--ssl-ca-certfile": ca_certfile,
@@ -371,8 +403,11 @@ def server_tls_from_flags(
         d = Path(tls_dir)
         if not d.is_dir():
             raise ConfigError(COMMAND_LINE, "--tls-dir", f"not a directory: {d}")
-        names = (CA_CERT, SERVER_CERT, SERVER_KEY)
-        return TlsFiles(*(_existing(d / n, "--tls-dir") for n in names))
+        return TlsFiles(
+            _existing(d / CA_CERT, "--tls-dir"),
+            _existing(d / SERVER_CERT, "--tls-dir"),
+            _private_key_file(d / SERVER_KEY, "--tls-dir"),
+        )
     if not given:
         raise ConfigError(
             COMMAND_LINE,
@@ -389,7 +424,7 @@ def server_tls_from_flags(
     return TlsFiles(
         _existing(ca_certfile, "--ssl-ca-certfile"),
         _existing(certfile, "--ssl-certfile"),
-        _existing(keyfile, "--ssl-keyfile"),
+        _private_key_file(keyfile, "--ssl-keyfile"),
     )
 
 

@@ -132,6 +132,16 @@ def run(args: argparse.Namespace) -> int:
                 "--fleet-host",
                 f"{args.fleet_host}: a public Fleet gateway needs TLS, not --insecure",
             )
+        if not args.enable_supernode_auth and not is_loopback(args.fleet_host):
+            # without it the SuperLink lets any caller register a node: anyone
+            # holding the public ca.crt would get every round's global model
+            # and could send updates
+            raise ConfigError(
+                COMMAND_LINE,
+                "--fleet-host",
+                f"{args.fleet_host}: a public Fleet gateway needs "
+                "--enable-supernode-auth (only registered node keys may join)",
+            )
         gateway_cfg = GatewayConfig(args.fleet_host, args.fleet_port, args.port, tls)
     env = flower_env(args.flwr_home)
 

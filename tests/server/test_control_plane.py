@@ -379,6 +379,45 @@ def test_cli_start_refuses_public_control_api(
     )
 
 
+def test_cli_start_refuses_public_gateway_without_node_auth(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without node auth the SuperLink lets any caller register a node: a public
+    gateway would hand every round's global model to anyone holding ca.crt.
+    Nothing is started here (gateway and SuperLink are stand-ins)."""
+    import contextlib
+
+    import server.fleet_gateway
+    import server.process
+    from server.cli import main as server_main
+
+    started: list[str] = []
+
+    def gateway(cfg: GatewayConfig) -> contextlib.AbstractContextManager[None]:
+        started.append(f"gateway {cfg.host}")
+        return contextlib.nullcontext()
+
+    def superlink(cmd: list[str], **_: object) -> int:
+        started.append("superlink")
+        return 0
+
+    monkeypatch.setattr(server.fleet_gateway, "FleetGateway", gateway)
+    monkeypatch.setattr(server.process, "run_foreground", superlink)
+    generate_certificates(tmp_path / "pki", ["localhost", "127.0.0.1"])
+    start = ["start", "--tls-dir", str(tmp_path / "pki"), "--fleet-host"]
+    assert server_main([*start, "0.0.0.0"]) == 2
+    assert "--fleet-host: 0.0.0.0: a public Fleet gateway needs " in (
+        capsys.readouterr().err
+    )
+    assert started == []
+    # loopback (tests, an SSH tunnel) and public with node auth are accepted
+    assert server_main([*start, "127.0.0.1"]) == 0
+    assert server_main([*start, "0.0.0.0", "--enable-supernode-auth"]) == 0
+    assert started == ["gateway 127.0.0.1", "superlink", "gateway 0.0.0.0", "superlink"]
+
+
 def test_cli_signing_key_and_sign_app(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,6 +23,7 @@ from common.errors import ConfigError
 from common.flower_cli import flower_env
 from common.wire.tls import (
     TlsError,
+    check_node_private_key,
     check_superlink_auth_flags,
     client_tls_from_flags,
     generate_certificates,
@@ -307,6 +308,42 @@ def test_client_tls_flags(certs: Path, tmp_path: Path) -> None:
     for kwargs, named in cases:
         with pytest.raises(ConfigError, match=named):
             client_tls_from_flags(**kwargs)
+
+
+def test_private_keys_open_to_every_user_are_refused(tmp_path: Path) -> None:
+    """A key any user of the host may read (or swap) is refused where it is used;
+    a group may read one (install.md: node.key root:mammofed 0640)."""
+    from common.wire.app_signing import (
+        AppSigningError,
+        generate_signing_key,
+        load_signing_key,
+    )
+
+    pki = tmp_path / "pki"
+    certs = generate_certificates(pki, ["localhost"])
+    node = generate_node_key(tmp_path, "site-a")
+    signing = generate_signing_key(tmp_path / "sign")
+    for path in (node.private_key, certs.server_key, signing.private_key):
+        path.chmod(0o640)
+    assert check_node_private_key(node.private_key) == node.private_key
+    accepted = _server_tls(tls_dir=pki)
+    assert accepted is not None and accepted.keyfile == certs.server_key
+    load_signing_key(signing.private_key)
+    for mode in (0o644, 0o602, 0o601):
+        for path in (node.private_key, certs.server_key, signing.private_key):
+            path.chmod(mode)
+        with pytest.raises(ConfigError, match="--auth-key: .* open to every user"):
+            check_node_private_key(node.private_key)
+        with pytest.raises(ConfigError, match="--tls-dir: .* open to every user"):
+            _server_tls(tls_dir=pki)
+        with pytest.raises(ConfigError, match="--ssl-keyfile: .* open to every"):
+            _server_tls(
+                ca_certfile=certs.ca_cert,
+                certfile=certs.server_cert,
+                keyfile=certs.server_key,
+            )
+        with pytest.raises(AppSigningError, match=f"{mode:04o}.*chmod o-rwx"):
+            load_signing_key(signing.private_key)
 
 
 def test_supernode_command_with_tls_and_auth(certs: Path, tmp_path: Path) -> None:
