@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from common.errors import shown
 from common.imaging.dicom import MAMMO_SOP_CLASSES, header_text, is_valid_uid
 
 #: Refused: SOP Class not supported (PS3.7 C.5.x, valid in a C-STORE-RSP).
@@ -59,9 +60,16 @@ class Refusal:
     reason: str
 
     def message(self, sop_instance_uid: str) -> str:
-        """Log line naming the instance, the field, the value and the status."""
+        """Log line naming the instance, the field, the value and the status.
+
+        Values from the sender are quoted bounded (:func:`common.errors.shown`):
+        a header element may be megabytes long.
+        """
+        uid = sop_instance_uid
+        if uid != "absent" and not is_valid_uid(uid):
+            uid = shown(uid)
         return (
-            f"refused SOP Instance {sop_instance_uid}: {self.field}={self.value!r}: "
+            f"refused SOP Instance {uid}: {self.field}={shown(self.value)}: "
             f"{self.reason} (status 0x{self.status:04X})"
         )
 
@@ -75,7 +83,12 @@ def check_received(ds: Dataset, request_sop_class: str | None = None) -> Refusal
     """
     sop = header_text(ds, "SOPClassUID")
     if sop not in MAMMO_SOP_CLASSES:
-        name = UID(sop).name if sop else "absent"
+        if not sop:
+            name = "absent"
+        elif is_valid_uid(sop):
+            name = UID(sop).name
+        else:
+            name = "not a valid UID"
         return Refusal(
             STATUS_SOP_CLASS_NOT_SUPPORTED,
             "SOPClassUID",
@@ -88,7 +101,8 @@ def check_received(ds: Dataset, request_sop_class: str | None = None) -> Refusal
             STATUS_DATASET_MISMATCH,
             "SOPClassUID",
             sop,
-            f"differs from the request's Affected SOP Class {request_sop_class}",
+            f"differs from the request's Affected SOP Class "
+            f"{shown(str(request_sop_class))}",
         )
     modality = header_text(ds, "Modality")
     if modality != "MG":

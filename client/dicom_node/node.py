@@ -8,7 +8,8 @@
   service-user, "calling AE title not recognized") and logged with the title and
   the peer address; associations addressed to another called AE title are
   rejected the same way ("called AE title not recognized"). Every storage SOP
-  class is negotiated (any transfer syntax), so a wrong object gets a C-STORE
+  class is negotiated (any transfer syntax but deflated, which pynetdicom
+  would inflate without a bound), so a wrong object gets a C-STORE
   failure status rather than a failed negotiation: see
   :mod:`client.dicom_node.checks`. Accepted images go to
   ``<incoming_dir>/<StudyInstanceUID>/<SOPInstanceUID>.dcm``. C-ECHO answers.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -52,9 +54,9 @@ from client.export import checkpoint_paths
 from common import __version__
 from common.config.dicom_node import DicomNodeConfig
 from common.config.site import SiteConfig
-from common.errors import ConfigError, MammofedError
+from common.errors import ConfigError, MammofedError, shown
 from common.fileio import atomic_write_text
-from common.imaging.dicom import dcmread_bounded
+from common.imaging.dicom import dcmread_bounded, header_text
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,11 @@ ALGORITHM_NAME = "mammofed"
 def _peer(assoc: Any) -> str:
     req = assoc.requestor
     return f"{req.address}:{req.port}"
+
+
+def _why(exc: BaseException) -> str:
+    """An error about a sender's data, its text bounded (it may quote the bytes)."""
+    return f"{type(exc).__name__}: {shown(str(exc), 300)}"
 
 
 class DicomNode:
@@ -174,6 +181,7 @@ class DicomNode:
         Raises:
             MammofedError: the model cannot be loaded or the port not opened.
         """
+        from pydicom.uid import DeflatedExplicitVRLittleEndian
         from pynetdicom import (
             AE,
             ALL_TRANSFER_SYNTAXES,
@@ -189,9 +197,15 @@ class DicomNode:
         ae.require_calling_aet = list(self.cfg.allowed_calling_aes)
         ae.require_called_aet = True
         ae.acse_timeout = ae.dimse_timeout = self.cfg.timeout_s
+        # not deflated: pynetdicom inflates a C-STORE's data set whole, without
+        # a limit, so a few kB could say gigabytes (senders fall back to an
+        # uncompressed syntax, which every storage SCU proposes as well)
+        syntaxes = [
+            ts for ts in ALL_TRANSFER_SYNTAXES if ts != DeflatedExplicitVRLittleEndian
+        ]
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
-                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+                ae.add_supported_context(cx.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
@@ -296,19 +310,36 @@ class DicomNode:
         except Exception as exc:  # noqa: BLE001 - any decode failure is the sender's
             log.warning(
                 "refused an instance from %s: data set cannot be decoded: %s "
-                "(status 0x%04X)", who, exc, STATUS_CANNOT_UNDERSTAND,
+                "(status 0x%04X)", who, _why(exc), STATUS_CANNOT_UNDERSTAND,
             )  # fmt: skip
             return STATUS_CANNOT_UNDERSTAND
-        sop_uid = str(ds.get("SOPInstanceUID", "absent"))
-        refusal = check_received(ds, event.request.AffectedSOPClassUID)
+        try:
+            sop_uid = header_text(ds, "SOPInstanceUID") or "absent"
+            refusal = check_received(ds, event.request.AffectedSOPClassUID)
+        except Exception as exc:  # noqa: BLE001 - a header pydicom cannot convert
+            log.warning(
+                "refused an instance from %s: header cannot be read: %s "
+                "(status 0x%04X)", who, _why(exc), STATUS_CANNOT_UNDERSTAND,
+            )  # fmt: skip
+            return STATUS_CANNOT_UNDERSTAND
         if refusal is not None:
             log.warning("%s; from %s", refusal.message(sop_uid), who)
             return refusal.status
-        study = str(ds.StudyInstanceUID)
+        study = header_text(ds, "StudyInstanceUID")
         folder = self.incoming / study
         path = folder / f"{sop_uid}.dcm"
         tmp = folder / f".{sop_uid}.{threading.get_ident()}.tmp"
         try:
+            free_mb = shutil.disk_usage(self.incoming).free / 2**20
+            if free_mb < self.cfg.min_free_mb:
+                log.error(
+                    "refused SOP Instance %s (study %s) from %s: %.0f MiB free on "
+                    "the disk of %s, below dicom_node.min_free_mb = %g "
+                    "(status 0x%04X)",
+                    sop_uid, study, who, free_mb, self.incoming,
+                    self.cfg.min_free_mb, STATUS_OUT_OF_RESOURCES,
+                )  # fmt: skip
+                return STATUS_OUT_OF_RESOURCES
             folder.mkdir(parents=True, exist_ok=True)
             ds.save_as(tmp, enforce_file_format=True)
             os.replace(tmp, path)

@@ -137,8 +137,14 @@ class RetryPolicy:
         )
 
     def delay_s(self, attempts: int) -> float:
-        """Wait after ``attempts`` failed attempts."""
-        d = self.interval_s * self.backoff ** max(attempts - 1, 0)
+        """Wait after ``attempts`` failed attempts (``max_interval_s`` at most).
+
+        Never overflows: ``2.0 ** 1024`` does, and ``max_attempts`` may be 100000.
+        """
+        try:
+            d = self.interval_s * self.backoff ** max(attempts - 1, 0)
+        except OverflowError:
+            return float(self.max_interval_s)
         return float(min(d, self.max_interval_s))
 
 
@@ -194,7 +200,7 @@ class Outbox:
                 float(data["next_attempt_at"]),
                 None if data.get("last_error") is None else str(data["last_error"]),
             )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, OverflowError) as exc:
             log.warning("%s: unreadable retry state (%s); starting over", sp, exc)
             return ItemState()
 
@@ -289,6 +295,9 @@ class Outbox:
                 due = self.next_due_in()
             except OSError as exc:
                 log.error("outbox %s: %s", self.root, exc)
+                due = None
+            except Exception:  # noqa: BLE001 - the sender must outlive one bad pass
+                log.exception("outbox %s: unexpected error; sending goes on", self.root)
                 due = None
             wait = poll_s if due is None else min(max(due, 0.05), poll_s)
             self._wake.wait(wait)

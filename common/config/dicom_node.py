@@ -111,6 +111,10 @@ class DicomNodeConfig:
         retry_max_interval_s: longest wait between two attempts.
         max_attempts: sends tried before the SR is moved to ``failed/``.
         timeout_s: network timeout (connect, association, DIMSE) of one send.
+        min_free_mb: an image is refused (C-STORE status 0xA700, out of
+            resources) while the disk holding ``incoming_dir`` has less free
+            space than this, in MiB, so that a sender cannot fill the disk the
+            outbox and the cache need (0: never refused for space).
     """
 
     allowed_calling_aes: tuple[str, ...]
@@ -134,6 +138,7 @@ class DicomNodeConfig:
     )
     max_attempts: int = field(default=20, metadata=bounded(1, 100000))
     timeout_s: float = field(default=30.0, metadata=bounded(0.1, 3600.0))
+    min_free_mb: float = field(default=1024.0, metadata=bounded(0.0, 1e9))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", check_ae_title(self.ae_title, "ae_title"))

@@ -114,7 +114,7 @@ SIZED_CODESTREAMS = frozenset(
     )
 )
 #: PS3.5 9.1: components of digits separated by dots, no leading zero, <= 64.
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 #: SOP classes that are mammography by definition.
 MAMMO_SOP_CLASSES: dict[str, str] = {
@@ -179,7 +179,7 @@ def is_valid_uid(value: str) -> bool:
     PS3.5 9.1: at most 64 characters, digits in dot-separated components, no
     component with a leading zero; so never ``/``, ``..`` or an empty string.
     """
-    return len(value) <= 64 and _UID_RE.match(value) is not None
+    return len(value) <= 64 and _UID_RE.fullmatch(value) is not None
 
 
 def _str(ds: Dataset, keyword: str) -> str:

@@ -86,5 +86,5 @@ def test_request_class_must_match(mg: pydicom.Dataset) -> None:
 def test_uid_syntax() -> None:
     assert is_valid_uid("1.2.840.10008.5.1.4.1.1.1.2")
     assert is_valid_uid("0.1")
-    for bad in ("", "1..2", "1.2.", "01.2", "1.2a", "../1", "1." * 40 + "1"):
+    for bad in ("", "1..2", "1.2.", "01.2", "1.2a", "../1", "1." * 40 + "1", "1.2\n"):
         assert not is_valid_uid(bad), bad

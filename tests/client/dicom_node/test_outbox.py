@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from client.dicom_node.outbox import Outbox, RetryPolicy, SendError
+from client.dicom_node.outbox import ItemState, Outbox, RetryPolicy, SendError
 
 
 class Clock:
@@ -157,3 +157,71 @@ def test_bad_item_name_refused(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "q", Destination(), POLICY)
     with pytest.raises(ValueError, match="'../x'"):
         box.enqueue(_ds(), "../x", _write)
+
+
+def test_backoff_never_overflows() -> None:
+    # max_attempts may be 100000 ("never give up"); 2.0 ** 1024 overflows
+    policy = RetryPolicy(30.0, 2.0, 3600.0, 100000)
+    assert policy.delay_s(1025) == policy.delay_s(99999) == 3600.0
+    assert RetryPolicy(30.0, 10.0, 3600.0, 100000).delay_s(400) == 3600.0
+
+
+def test_long_outage_keeps_retrying(tmp_path: Path) -> None:
+    clock, dest = Clock(), Destination()
+    policy = RetryPolicy(30.0, 2.0, 3600.0, 100000)
+    box = Outbox(tmp_path / "q", dest, policy, clock=clock)
+    item = box.enqueue(_ds(), "a", _write)
+    box._write_state(item, ItemState(1500, 0.0, "down"))  # a month of outage
+    assert box.process_due() == 0
+    st = box.state(item)
+    assert st.attempts == 1501 and st.next_attempt_at == clock.t + 3600.0
+
+
+def test_retry_state_with_an_infinite_count_starts_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock, dest = Clock(), Destination()
+    box = Outbox(tmp_path / "q", dest, POLICY, clock=clock)
+    item = box.enqueue(_ds(), "a", _write)
+    (item.parent / f"{item.name}.json").write_text(
+        '{"attempts": 1e999, "next_attempt_at": 0, "last_error": null}'
+    )
+    with caplog.at_level(logging.WARNING):
+        assert box.state(item) == ItemState()
+    assert "unreadable retry state" in caplog.text
+    dest.up = True
+    assert box.process_due() == 1
+
+
+def test_sender_thread_survives_an_unexpected_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dest = Destination()
+    dest.up = True
+    box = Outbox(tmp_path / "q", dest, RetryPolicy(0.05, 1.0, 0.05, 3))
+    real = box.process_due
+    calls: list[int] = []
+
+    def flaky() -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in one pass")
+        return real()
+
+    box.process_due = flaky  # type: ignore[method-assign]
+    box.enqueue(_ds(), "a", _write)
+    stop = threading.Event()
+    t = threading.Thread(target=box.run, args=(stop, 0.05))
+    with caplog.at_level(logging.ERROR):
+        t.start()
+        try:
+            for _ in range(100):
+                if dest.received:
+                    break
+                threading.Event().wait(0.05)
+        finally:
+            stop.set()
+            box.wake()
+            t.join(timeout=10)
+    assert len(dest.received) == 1
+    assert "unexpected error; sending goes on" in caplog.text
