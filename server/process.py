@@ -8,7 +8,6 @@ can end it together with whatever it spawned (``flower-superexec``,
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from common.errors import MammofedError
 from common.flower_cli import flower_bin
-from common.wire.tls import TlsFiles
+from common.wire.tls import TlsFiles, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +79,6 @@ def superlink_command(
     if enable_supernode_auth:
         cmd.append("--enable-supernode-auth")
     return cmd + list(extra)
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and addresses in 127.0.0.0/8 or ``::1``."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def connect_address(host: str, port: int) -> str:

@@ -101,7 +101,12 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
     from client.supernode import supernode_argv
     from common.config.site import load_site_config
     from common.wire.federation import NODE_SITE_CONFIG
-    from common.wire.tls import client_tls_from_flags
+    from common.wire.tls import (
+        COMMAND_LINE,
+        client_tls_from_flags,
+        is_loopback,
+        split_host,
+    )
 
     site_path = Path(args.site_config).resolve()
     site = load_site_config(site_path)
@@ -112,6 +117,17 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         root_certificates=args.root_certificates,
         auth_key=args.auth_key,
     )
+    host = split_host(str(args.superlink))
+    if ca is None and not is_loopback(host):
+        # --insecure is for tests and demos on one machine: a site's updates
+        # and the global model would cross the network in the clear, and any
+        # machine on the path could pose as the SuperLink
+        raise ConfigError(
+            COMMAND_LINE,
+            "--insecure",
+            f"only to a SuperLink on this machine (loopback), not {host!r}; "
+            "a remote one needs --root-certificates (the coordinator's ca.crt)",
+        )
     trusted = trusted_entities_from_flags(
         tls=ca is not None,
         trusted_entities=getattr(args, "trusted_entities", None),

@@ -275,6 +275,24 @@ def generate_node_key(
     return files
 
 
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and addresses in 127.0.0.0/8 or ``::1``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host(address: str) -> str:
+    """The host of ``host:port`` (``[::1]:9092`` -> ``::1``; no port: all of it)."""
+    if address.startswith("["):
+        return address[1 : address.find("]")] if "]" in address else address
+    host, sep, port = address.rpartition(":")
+    return host if sep and port.isdigit() and ":" not in host else address
+
+
 def shared_key_problem(path: Path) -> str | None:
     """Why private key ``path`` must not be used (any user may access it), or None.
 

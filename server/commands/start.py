@@ -92,17 +92,13 @@ def run(args: argparse.Namespace) -> int:
     from common.wire.tls import (
         COMMAND_LINE,
         check_superlink_auth_flags,
+        is_loopback,
         server_tls_from_flags,
     )
     from server.app_registry import HUB_URL_ENV, AppRegistry
     from server.fleet_gateway import FleetGateway, GatewayConfig
     from server.launch import Connection, register_supernodes
-    from server.process import (
-        connect_address,
-        is_loopback,
-        run_foreground,
-        superlink_command,
-    )
+    from server.process import connect_address, run_foreground, superlink_command
 
     tls = server_tls_from_flags(
         insecure=args.insecure,

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,18 @@ def test_exit_codes_of_a_subcommand(monkeypatch, capsys):
         assert "prog: error: bad input x.dcm" in capsys.readouterr().err
     finally:
         sys.modules.pop(name, None)
+
+
+def test_flower_children_never_get_the_legacy_listener_switches(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With these set, a SuperLink also opens the Control and Fleet APIs on
+    every interface: the environment handed to Flower drops them."""
+    from common.flower_cli import LEGACY_LISTENERS, flower_env
+
+    for name in LEGACY_LISTENERS:
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("MAMMOFED_KEEP", "yes")
+    env = flower_env(tmp_path)
+    assert not set(LEGACY_LISTENERS) & set(env)
+    assert env["MAMMOFED_KEEP"] == "yes" and env["FLWR_HOME"] == str(tmp_path)

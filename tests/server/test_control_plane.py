@@ -320,6 +320,44 @@ def test_superlink_command_refuses_public_host() -> None:
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
 
 
+@pytest.mark.parametrize(
+    ("superlink", "allowed"),
+    [
+        ("127.0.0.1:9092", True),
+        ("localhost:9092", True),
+        ("[::1]:9092", True),
+        ("coordinator.example.org:9092", False),
+        ("10.0.0.5:9092", False),
+        ("[2001:db8::1]:9092", False),
+    ],
+)
+def test_client_start_insecure_only_to_a_loopback_superlink(
+    tmp_path: Path, superlink: str, allowed: bool
+) -> None:
+    """--insecure would send a site's updates in the clear and let any machine
+    on the path pose as the SuperLink: refused unless the SuperLink is local."""
+    from client.commands.start import supernode_command
+
+    site = tmp_path / "site.yaml"
+    site.write_text("name: site-a\nstate_dir: state\n")
+    args = argparse.Namespace(
+        site_config=site,
+        superlink=superlink,
+        insecure=True,
+        root_certificates=None,
+        auth_key=None,
+        port=9094,
+        flwr_home=None,
+        trusted_entities=None,
+        allow_unsigned_apps=False,
+    )
+    if allowed:
+        assert "--insecure" in supernode_command(args)
+    else:
+        with pytest.raises(ConfigError, match="--insecure: only to a SuperLink on"):
+            supernode_command(args)
+
+
 def test_client_start_requires_trusted_entities_with_tls(tmp_path: Path) -> None:
     from client.commands.start import supernode_command
 
