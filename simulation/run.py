@@ -1081,7 +1081,11 @@ def run_seeds(
 
 
 def _run_seed(req: RunRequest) -> Path:
-    """One seed in a worker process (its log lines name the seed)."""
+    """One seed in a worker process (its log lines name the seed).
+
+    A worker runs several seeds one after the other, so the log format is
+    replaced for each (``force``), else every line would name its first seed.
+    """
     import sys
 
     logging.basicConfig(
@@ -1089,5 +1093,6 @@ def _run_seed(req: RunRequest) -> Path:
         format=f"%(asctime)s %(levelname)s [seed {req.seed}] %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
+        force=True,
     )
     return run_study(req)

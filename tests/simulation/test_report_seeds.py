@@ -147,3 +147,32 @@ def test_the_report_states_the_share_of_the_labels_gap_semi_supervision_closes(
     runs2 = [_run(tmp_path / "two", 0, {R.PERSONALIZED: 4, R.PERSONALIZED_SSL: 9})]
     md2 = write_report(runs2, tmp_path / "rep2").read_text()
     assert "the gap it closes" not in md2
+
+
+def test_a_worker_that_runs_two_seeds_names_each_in_its_log(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--parallel reuses a worker process for the next seed: its log lines must
+    name that seed, not the worker's first one."""
+    import logging
+    import types
+
+    from simulation import run as sim_run
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+
+    def study(req: object) -> Path:
+        logging.getLogger("simulation.run").info("working")
+        return Path(".")
+
+    monkeypatch.setattr(sim_run, "run_study", study)
+    try:
+        for seed in (0, 2):
+            sim_run._run_seed(types.SimpleNamespace(seed=seed))  # type: ignore[arg-type]
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    err = capsys.readouterr().err
+    assert "[seed 0] simulation.run: working" in err
+    assert "[seed 2] simulation.run: working" in err
