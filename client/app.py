@@ -44,8 +44,8 @@ from flwr.clientapp import ClientApp
 
 from client.guard import PrivacyGuardError, check_reply
 from client.state import SiteState, SiteStateError
-from client.trainer import LocalTrainer, build_trainer
-from common.config.site import load_site_config
+from client.trainer import LocalTrainer, build_trainer, check_privacy_floor
+from common.config.site import SitePrivacy, load_site_config
 from common.errors import CheckpointMismatch, ConfigError, MammofedError
 from common.keys import (
     ARRAYS_KEY,
@@ -97,6 +97,9 @@ class SiteBinding:
     data_dir: Path | None = None
     #: the site config's ``adapt`` overrides (deployment only; validated)
     adapt: Mapping[str, Any] = field(default_factory=dict)
+    #: the site config's own privacy floor, and that file (deployment only)
+    privacy: SitePrivacy | None = None
+    source: str = "node_config"
 
 
 def resolve_site(node_config: dict, fed_cfg: FederationConfig) -> SiteBinding:
@@ -108,7 +111,14 @@ def resolve_site(node_config: dict, fed_cfg: FederationConfig) -> SiteBinding:
         if site_cfg.state_dir is None:
             raise ConfigError(str(path), "state_dir", "is required for federation")
         data = site_cfg.cache_dir or site_cfg.data_dir
-        return SiteBinding(site_cfg.name, site_cfg.state_dir, data, site_cfg.adapt)
+        return SiteBinding(
+            site_cfg.name,
+            site_cfg.state_dir,
+            data,
+            site_cfg.adapt,
+            site_cfg.privacy,
+            str(path),
+        )
     if NODE_SITE in node_config:
         site = str(node_config[NODE_SITE])
         state = node_config.get(NODE_STATE_DIR) or fed_cfg.state_dir
@@ -140,6 +150,7 @@ def resolve_site(node_config: dict, fed_cfg: FederationConfig) -> SiteBinding:
 def _setup(context: Context) -> tuple[FederationConfig, SiteBinding, LocalTrainer]:
     fed_cfg = federation_config_from_run_config(context.run_config, APP_ROOT)
     binding = resolve_site(dict(context.node_config), fed_cfg)
+    check_privacy_floor(fed_cfg, binding.privacy, binding.source)
     trainer = build_trainer(
         fed_cfg.trainer.name,
         binding.site,

@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from common.config.site import SitePrivacy
 from common.errors import ConfigError
 from common.wire.federation import FederationConfig, FitInstructions
 
@@ -119,3 +120,47 @@ def build_trainer(
     )
     log.info("site %s: built trainer %s", site, name)
     return trainer
+
+
+def check_privacy_floor(
+    fed_cfg: FederationConfig, floor: SitePrivacy | None, source: str
+) -> None:
+    """Refuse a run whose privacy is below this site's own floor.
+
+    ``floor`` comes from the site config (``source``), not from the run: the
+    run's ``trainer.options`` are chosen by whoever launches it. With
+    ``floor.max_epsilon`` the run must train with patient-level DP-SGD
+    (``dp: true``, the detector trainer) at a target ``dp_epsilon`` of at most
+    that. Checked before the trainer is built, so nothing of the site is read.
+
+    Raises:
+        PrivacyError: the run trains without DP-SGD or asks a larger epsilon
+            (the site answers error ``SITE_PRIVACY``; names the run's setting and
+            the site's floor, file and key).
+    """
+    if floor is None or floor.max_epsilon is None:
+        return
+    from common.detector.dp import PrivacyError
+
+    limit = f"{source}: privacy.max_epsilon = {floor.max_epsilon:g}"
+    eps = run_dp_epsilon(fed_cfg)
+    if eps is None:
+        raise PrivacyError(
+            f"the run trains without DP-SGD (trainer {fed_cfg.trainer.name!r}, "
+            f"trainer.options.dp off), below this site's floor ({limit})"
+        )
+    if eps > floor.max_epsilon:
+        raise PrivacyError(
+            f"the run asks trainer.options.dp_epsilon = {eps:g}, above this "
+            f"site's floor ({limit})"
+        )
+
+
+def run_dp_epsilon(fed_cfg: FederationConfig) -> float | None:
+    """The target epsilon a run's trainer promises each site; None without DP."""
+    if fed_cfg.trainer.name != "detector":
+        return None
+    from client.detector_trainer import detector_options
+
+    opts = detector_options(fed_cfg, "run config")
+    return float(opts.dp_epsilon) if opts.dp else None

@@ -62,6 +62,24 @@ def _default_findings() -> dict[str, FindingKind]:
 
 
 @dataclass(frozen=True)
+class SitePrivacy:
+    """What this site requires of every federated run it trains in.
+
+    The run's settings (``trainer.options``) are chosen by whoever launches the
+    run on the SuperLink; this floor is the site's own, read from its config
+    on its own disk, and checked before any of its images is read
+    (:func:`client.trainer.check_privacy_floor`).
+
+    Attributes:
+        max_epsilon: train only under patient-level DP-SGD
+            (``trainer.options.dp``) with a target epsilon
+            (``trainer.options.dp_epsilon``) of at most this; ``None``: no floor.
+    """
+
+    max_epsilon: float | None = field(default=None, metadata=bounded(0.01, 1000.0))
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """One site's ingest, training and serving settings.
 
@@ -95,6 +113,8 @@ class SiteConfig:
             when the file is loaded.
         dicom_node: the DICOM storage node of ``mammofed-client serve``
             (:class:`common.config.dicom_node.DicomNodeConfig`); ``None``: no node.
+        privacy: this site's own floor for every run it trains in
+            (:class:`SitePrivacy`); ``None``: none.
     """
 
     name: str = "site"
@@ -113,6 +133,7 @@ class SiteConfig:
     state_dir: Path | None = field(default=None, metadata=path_field(must_exist=False))
     adapt: dict[str, Any] = field(default_factory=dict)
     dicom_node: DicomNodeConfig | None = None
+    privacy: SitePrivacy | None = None
 
     def __post_init__(self) -> None:
         try:

@@ -38,6 +38,7 @@ from common.wire.faults import (
     REPLY_ERRORS,
     SITE_CONFIG,
     SITE_INTERNAL,
+    SITE_PRIVACY,
     ModelVersion,
     drop_non_finite,
     run_outcome,
@@ -62,7 +63,7 @@ from server.faults import (
 )
 from server.federation import run_federation
 from server.validation import screen_replies
-from tests.conftest import LocalGrid, make_contexts
+from tests.conftest import TEST_YAML, LocalGrid, make_contexts
 
 SITES = ["site-a", "site-b"]
 SECRET = "patient P-00417 at /data/hospital-a/secret"
@@ -421,6 +422,58 @@ def _context(cfg: FederationConfig, node_config: dict[str, Any]) -> Context:
         state=RecordDict(),
         run_config={RUN_FEDERATION_JSON: federation_config_to_json(cfg)},
     )
+
+
+def test_a_site_refuses_a_run_below_its_own_privacy_floor(
+    test_cfg: FederationConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's settings are the launcher's; the floor in the site's own config
+    refuses a run without DP-SGD before the trainer is built (nothing of the
+    site is read), with the privacy error code."""
+    import client.app as client_app
+
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        f"name: site-a\nstate_dir: {tmp_path / 'state'}\nprivacy:\n  max_epsilon: 8\n"
+    )
+    built: list[str] = []
+    monkeypatch.setattr(client_app, "build_trainer", lambda *a, **k: built.append("x"))
+    ctx = _context(test_cfg, {NODE_SITE_CONFIG: str(site)})
+    reply = app(_train_msg(test_cfg, 7), ctx)
+    assert reply.has_error() and reply.error.code == SITE_PRIVACY
+    assert built == []  # refused before the trainer (and the site's data)
+
+
+@pytest.mark.parametrize(
+    ("options", "refused"),
+    [
+        ({"dp": False}, "without DP-SGD"),
+        ({"dp": True, "dp_epsilon": 16.0}, "dp_epsilon = 16, above"),
+        ({"dp": True}, None),  # the default target, 8
+        ({"dp": True, "dp_epsilon": 2.0}, None),
+    ],
+)
+def test_the_privacy_floor_reads_the_runs_dp_settings(
+    options: dict[str, Any], refused: str | None
+) -> None:
+    from client.trainer import check_privacy_floor
+    from common.config.site import SitePrivacy
+    from common.detector.dp import PrivacyError
+    from common.wire.federation import load_federation_config
+
+    base = load_federation_config(TEST_YAML.parent / "sim-demo.yaml")
+    opts = {k: v for k, v in base.trainer.options.items() if not k.startswith("dp")}
+    cfg = dataclasses.replace(
+        base, trainer=dataclasses.replace(base.trainer, options={**opts, **options})
+    )
+    floor = SitePrivacy(max_epsilon=8.0)
+    check_privacy_floor(cfg, None, "site.yaml")  # no floor: anything goes
+    if refused is None:
+        check_privacy_floor(cfg, floor, "site.yaml")
+    else:
+        with pytest.raises(PrivacyError, match=refused) as err:
+            check_privacy_floor(cfg, floor, "site.yaml")
+        assert "site.yaml: privacy.max_epsilon = 8" in str(err.value)
 
 
 def test_error_replies_carry_a_code_and_no_exception_text(
