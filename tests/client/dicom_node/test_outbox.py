@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -52,6 +54,27 @@ def _write(ds: Dataset, path: Path) -> Path:
 
 
 POLICY = RetryPolicy(interval_s=10.0, backoff=2.0, max_interval_s=25.0, max_attempts=4)
+
+
+def _sender_until_received(
+    box: Any, dest: Any, then: Callable[[], object] = lambda: None
+) -> threading.Thread:
+    """Run ``box``'s sender thread, call ``then``, wait (5 s at most) until
+    ``dest`` received something, stop the thread; returns it, joined."""
+    stop = threading.Event()
+    t = threading.Thread(target=box.run, args=(stop, 0.05))
+    t.start()
+    try:
+        then()
+        for _ in range(100):
+            if dest.received:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        stop.set()
+        box.wake()
+        t.join(timeout=10)
+    return t
 
 
 def test_backoff_delays() -> None:
@@ -137,19 +160,7 @@ def test_run_thread_delivers_and_stops(tmp_path: Path) -> None:
     dest = Destination()
     dest.up = True
     box = Outbox(tmp_path / "q", dest, RetryPolicy(0.05, 1.0, 0.05, 3))
-    stop = threading.Event()
-    t = threading.Thread(target=box.run, args=(stop, 0.05))
-    t.start()
-    try:
-        box.enqueue(_ds(), "a", _write)
-        for _ in range(100):
-            if dest.received:
-                break
-            threading.Event().wait(0.05)
-    finally:
-        stop.set()
-        box.wake()
-        t.join(timeout=10)
+    t = _sender_until_received(box, dest, lambda: box.enqueue(_ds(), "a", _write))
     assert not t.is_alive() and len(dest.received) == 1
 
 
@@ -210,18 +221,7 @@ def test_sender_thread_survives_an_unexpected_error(
 
     box.process_due = flaky  # type: ignore[method-assign]
     box.enqueue(_ds(), "a", _write)
-    stop = threading.Event()
-    t = threading.Thread(target=box.run, args=(stop, 0.05))
     with caplog.at_level(logging.ERROR):
-        t.start()
-        try:
-            for _ in range(100):
-                if dest.received:
-                    break
-                threading.Event().wait(0.05)
-        finally:
-            stop.set()
-            box.wake()
-            t.join(timeout=10)
+        _sender_until_received(box, dest)
     assert len(dest.received) == 1
     assert "unexpected error; sending goes on" in caplog.text
