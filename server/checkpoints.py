@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,9 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import CheckpointMismatch
+from common.errors import CheckpointMismatch, shown
 from common.fileio import atomic_write_bytes, load_arrays, save_arrays
-from common.wire.runfolder import CheckpointMeta, complete_rounds, round_paths
+from common.wire.runfolder import (
+    CheckpointMeta,
+    RunFolderError,
+    complete_rounds,
+    round_paths,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +79,58 @@ class CheckpointStore:
         return complete_rounds(self.dir)
 
     def load(self, server_round: int) -> Checkpoint:
-        """Load round ``server_round``; a broken file raises naming it."""
+        """Load round ``server_round``.
+
+        Raises:
+            CheckpointMismatch: a file that is missing, unreadable (truncated,
+                not a ``.npz``), malformed (a field of the ``.json``) or for
+                another round; the message names the file and the field.
+        """
         npz, meta_path = self.paths(server_round)
         try:
-            meta = json.loads(meta_path.read_text())
+            record = CheckpointMeta.read(meta_path)
+        except RunFolderError as exc:
+            raise CheckpointMismatch(str(exc)) from exc
+        if record.round != server_round:
+            raise CheckpointMismatch(
+                f"{meta_path}: field 'round' is {record.round}, the file name "
+                f"says {server_round}"
+            )
+        try:
             arrays = load_arrays(npz)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
             raise CheckpointMismatch(f"{npz}: unreadable checkpoint: {exc}") from exc
-        names = meta.get("array_names")
+        names = record.array_names
         if names is not None and set(names) != set(arrays):
             raise CheckpointMismatch(
-                f"{npz}: arrays {sorted(arrays)} differ from {meta_path}'s {names}"
+                f"{npz}: arrays {sorted(arrays)[:5]} differ from field 'array_names' "
+                f"of {meta_path}: {shown(names)}"
             )
-        return Checkpoint(round=int(meta["round"]), arrays=arrays, meta=meta)
+        return Checkpoint(round=record.round, arrays=arrays, meta=asdict(record))
 
     def latest(self) -> Checkpoint | None:
         """The newest complete checkpoint, or ``None``."""
         rounds = self.rounds()
         return self.load(rounds[-1]) if rounds else None
+
+    def latest_readable(self) -> Checkpoint | None:
+        """The newest checkpoint that loads, or ``None`` when there is none.
+
+        A newer one that cannot be loaded (truncated by a crash, edited) is
+        skipped with a warning naming the file and why, so a resumed run
+        repeats that round rather than stopping or starting over.
+
+        Raises:
+            CheckpointMismatch: checkpoints exist but none loads (the newest's
+                error): a run never silently restarts from scratch.
+        """
+        first: CheckpointMismatch | None = None
+        for rnd in reversed(self.rounds()):
+            try:
+                return self.load(rnd)
+            except CheckpointMismatch as exc:
+                log.warning("checkpoint of round %d skipped: %s", rnd, exc)
+                first = first or exc
+        if first is not None:
+            raise first
+        return None

@@ -23,8 +23,10 @@ from typing import Any, cast
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.fileio import atomic_write_bytes, read_jsonl
+from common.errors import shown
+from common.fileio import atomic_write_bytes
 from common.wire.faults import OUTCOME_JSON, RUN_DEGRADED, ModelVersion, run_outcome
+from common.wire.runfolder import iter_round_rows
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +111,12 @@ class ModelTracker:
 
 
 def write_outcome(run_dir: Path, rounds_jsonl: Path, num_rounds: int) -> dict[str, Any]:
-    """Write ``<run_dir>/outcome.json`` from every row of ``rounds_jsonl``."""
-    rows = read_jsonl(rounds_jsonl) if rounds_jsonl.is_file() else []
-    outcome = run_outcome(rows, num_rounds)
+    """Write ``<run_dir>/outcome.json`` from every row of ``rounds_jsonl``.
+
+    A line that is not a row (torn by a crash) is skipped with a warning; its
+    round then counts as missing unless a later row has it.
+    """
+    outcome = run_outcome(list(iter_round_rows(rounds_jsonl)), num_rounds)
     payload = json.dumps(outcome, indent=2, sort_keys=True).encode()
     atomic_write_bytes(Path(run_dir) / OUTCOME_JSON, payload)
     if outcome["status"] == RUN_DEGRADED:
@@ -126,16 +131,39 @@ def write_outcome(run_dir: Path, rounds_jsonl: Path, num_rounds: int) -> dict[st
 
 
 def read_outcome(run_dir: Path) -> dict[str, Any] | None:
-    """``<run_dir>/outcome.json``, or ``None`` when the run wrote none (yet)."""
+    """``<run_dir>/outcome.json``, or ``None`` when the run wrote none (yet).
+
+    A file that is unreadable, or whose ``status`` (a string),
+    ``rounds_without_update`` (a list) or ``faults`` (an object keyed by round
+    numbers) is malformed, gives ``None`` with a warning naming file and field.
+    """
     path = Path(run_dir) / OUTCOME_JSON
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        log.warning("%s: unreadable; run outcome unknown", path)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        log.warning("%s: unreadable (%s); run outcome unknown", path, exc)
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        log.warning("%s: not a JSON object; run outcome unknown", path)
+        return None
+    faults = data.get("faults")
+    checks = {
+        "status": isinstance(data.get("status"), str),
+        "rounds_without_update": isinstance(data.get("rounds_without_update"), list),
+        "faults": isinstance(faults, dict) and all(str(k).isdecimal() for k in faults),
+    }
+    for key, ok in checks.items():
+        if not ok:
+            log.warning(
+                "%s: field %r is malformed (%s); run outcome unknown",
+                path,
+                key,
+                shown(data.get(key)),
+            )
+            return None
+    return data
 
 
 def aggregate_present_metrics(

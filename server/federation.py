@@ -7,9 +7,15 @@ the right round number. Each round:
 1. train: sample (bounded wait) -> send -> screen replies -> FedAvg, or keep
    the previous global model when too few updates are valid;
 2. evaluate: sample -> send -> screen -> weighted average of metrics;
-3. checkpoint the global arrays (+ config, round, metrics);
-4. append one JSON line to ``<run_dir>/rounds.jsonl`` (per-node metrics,
-   rejections with node and check) and log one progress line.
+3. append one JSON line to ``<run_dir>/rounds.jsonl`` (per-node metrics,
+   rejections with node and check);
+4. checkpoint the global arrays (+ config, round, metrics) and log one
+   progress line.
+
+A resumed run starts from the newest checkpoint that loads (a broken newer
+one is logged and its round repeated; the last row of a round wins in
+``rounds.jsonl``) and refuses one made for another strategy,
+personalization, trainer or model shape.
 
 Round 0 is the initial global model: from the last checkpoint (resume), or
 made by the server itself (:mod:`server.initial`: ``initial_checkpoint``,
@@ -19,7 +25,6 @@ node's reply.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -31,7 +36,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from common.config.loader import config_to_dict, write_resolved
-from common.errors import CheckpointMismatch
+from common.detector.model.initial import initial_shared_arrays
+from common.errors import CheckpointMismatch, shown
 from common.progress import Eta
 from common.wire.federation import (
     FederationConfig,
@@ -39,10 +45,15 @@ from common.wire.federation import (
     arrays_to_record,
     record_to_arrays,
 )
-from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
+from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL, append_round_row
 from server.checkpoints import CheckpointStore
 from server.faults import ModelTracker, attribute_replies, silent_nodes, write_outcome
-from server.initial import initial_global_arrays, initial_personal_defaults
+from server.initial import (
+    InitialModelError,
+    check_initial_arrays,
+    initial_global_arrays,
+    initial_personal_defaults,
+)
 from server.strategies import GuardedFedAvg, build_strategy
 from server.validation import Screened, node_of
 
@@ -91,6 +102,10 @@ def _check_resume(cfg: FederationConfig, meta: Mapping[str, Any], where: Path) -
     old = meta.get("config", {})
     for key in ("strategy", "personalization", "trainer"):
         want = config_to_dict(getattr(cfg, key))
+        if key in old and not isinstance(old[key], Mapping):
+            raise CheckpointMismatch(
+                f"{where}: field 'config.{key}' is not an object: {shown(old[key])}"
+            )
         if key in old and old[key].get("name", None) != want.get("name", None):
             raise CheckpointMismatch(
                 f"{where}: checkpoint was made with {key} {old[key]!r}, "
@@ -129,9 +144,20 @@ def run_federation(
         )
     # model: which aggregation made the global arrays; sites commit a round's
     # personal state only when the server kept their update (ModelVersion)
-    last = store.latest() if cfg.resume else None
+    last = store.latest_readable() if cfg.resume else None
     if last is not None:
-        _check_resume(cfg, last.meta, store.paths(last.round)[1])
+        npz, meta_path = store.paths(last.round)
+        _check_resume(cfg, last.meta, meta_path)
+        # a checkpoint of another model (trainer.options changed) would fail
+        # at every site in every round: refuse it here, naming the file
+        try:
+            check_initial_arrays(last.arrays, initial_shared_arrays(cfg), npz)
+        except InitialModelError as exc:
+            raise CheckpointMismatch(
+                f"cannot resume from round {last.round} with this config's model "
+                f"(trainer {cfg.trainer.name!r}, options {cfg.trainer.options!r}): "
+                f"{exc}"
+            ) from exc
         arrays, start = last.arrays, last.round
         model = ModelTracker.from_checkpoint_meta(last.meta, start)
         log.info("resuming from round %d (%s)", start, store.paths(start)[0])
@@ -184,6 +210,9 @@ def run_federation(
         # sampled nodes that sent nothing at all before the timeout
         line["train"]["silent"] = silent_nodes(line["train_sampled"], replies)
         line["evaluate"]["silent"] = silent_nodes(line["evaluate_sampled"], ereplies)
+        # the row first: a crash before the checkpoint repeats the round on
+        # resume (its later row wins); the other order would lose the row
+        append_round_row(jsonl, line)
         store.save(
             rnd,
             arrays,
@@ -194,8 +223,6 @@ def run_federation(
             },
             config=cfg_dict,
         )
-        with jsonl.open("a") as fh:
-            fh.write(json.dumps(line, sort_keys=True) + "\n")
         log.info(
             "round %d/%d %s: %d/%d valid updates, %d rejected, train %s, eval %s "
             "(%.1f s; %s)",

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from common.detector.froc import ClassMetrics, FrocResult
-from common.errors import MammofedError
+from common.errors import MammofedError, shown
 from common.fileio import read_json_document
 
 log = logging.getLogger(__name__)
@@ -124,12 +124,124 @@ class CheckpointMeta:
                 f"{path}: field 'round' is missing or not an integer"
             ) from exc
         names, metrics, config = d.get("array_names"), d.get("metrics"), d.get("config")
+        if names is not None and (
+            not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+        ):
+            raise RunFolderError(
+                f"{path}: field 'array_names' is not a list of names: {shown(names)}"
+            )
+        for key, value in (("metrics", metrics), ("config", config)):
+            if value is not None and not isinstance(value, Mapping):
+                raise RunFolderError(
+                    f"{path}: field {key!r} is not an object: {shown(value)}"
+                )
         return cls(
             round=rnd,
             array_names=None if names is None else list(names),
-            metrics=dict(metrics) if isinstance(metrics, Mapping) else {},
-            config=dict(config) if isinstance(config, Mapping) else {},
+            metrics=dict(metrics or {}),
+            config=dict(config or {}),
         )
+
+
+# --- server rounds.jsonl -----------------------------------------------------------
+#: ``mammofed-server status`` reads at most this many bytes from the end of
+#: ``rounds.jsonl`` to find its last row.
+ROUNDS_TAIL_BYTES = 1 << 20
+#: A ``rounds.jsonl`` line longer than this is not a row (skipped, logged).
+MAX_ROW_BYTES = 16 << 20
+
+
+def _round_row(where: str, raw: bytes) -> dict[str, Any] | None:
+    """One ``rounds.jsonl`` line as a row, or ``None`` (logged) when it is not one.
+
+    A row is a JSON object whose ``round`` is an integer >= 0. A line torn by
+    a crash, edited or not UTF-8 is skipped with a warning naming ``where``.
+    """
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        log.warning("%s: not a JSON line, skipped: %s", where, exc)
+        return None
+    if not isinstance(row, dict):
+        log.warning("%s: not a JSON object, skipped: %s", where, shown(row))
+        return None
+    rnd = row.get("round")
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
+        log.warning(
+            "%s: field 'round' is not a round number, skipped: %s", where, shown(rnd)
+        )
+        return None
+    return row
+
+
+def iter_round_rows(path: Path) -> Iterable[dict[str, Any]]:
+    """The rows of a server's ``rounds.jsonl``, read one line at a time.
+
+    Blank lines are ignored; a line that is not a row (torn by a crash,
+    edited, over :data:`MAX_ROW_BYTES`) is skipped with a warning naming the
+    file and the line. A missing file has no rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    with path.open("rb") as fh:
+        i = 0
+        while raw := fh.readline(MAX_ROW_BYTES + 1):
+            i += 1
+            if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+                while (rest := fh.readline(MAX_ROW_BYTES)) and not rest.endswith(b"\n"):
+                    pass
+                log.warning(
+                    "%s line %d: over %d bytes, skipped", path, i, MAX_ROW_BYTES
+                )
+                continue
+            if raw.strip():
+                row = _round_row(f"{path} line {i}", raw)
+                if row is not None:
+                    yield row
+
+
+def last_round_row(
+    path: Path, max_bytes: int = ROUNDS_TAIL_BYTES
+) -> dict[str, Any] | None:
+    """The last row of a server's ``rounds.jsonl`` (``None`` when it has none).
+
+    Reads at most ``max_bytes`` from the end of the file, whatever its size;
+    lines that are not rows are skipped as by :func:`iter_round_rows`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with path.open("rb") as fh:
+        size = fh.seek(0, 2)
+        start = max(0, size - max_bytes)
+        fh.seek(start)
+        lines = fh.read(size - start).split(b"\n")
+    if start > 0:
+        lines = lines[1:]  # the first may be the end of a longer line
+    for raw in reversed(lines):
+        if raw.strip():
+            row = _round_row(f"{path} (last lines)", raw)
+            if row is not None:
+                return row
+    return None
+
+
+def append_round_row(path: Path, row: Mapping[str, Any]) -> None:
+    """Append ``row`` as one line of a server's ``rounds.jsonl``.
+
+    A file whose last line was torn by a crash (no final newline) is first
+    ended with one, so the torn line stays alone and the new row is whole.
+    """
+    path = Path(path)
+    line = (json.dumps(row, sort_keys=True) + "\n").encode("utf-8")
+    with path.open("ab+") as fh:
+        if fh.seek(0, 2) > 0:
+            fh.seek(-1, 2)
+            if fh.read(1) != b"\n":
+                log.warning("%s: last line is incomplete (torn by a crash?)", path)
+                line = b"\n" + line
+        fh.write(line)
 
 
 # --- metrics ----------------------------------------------------------------------

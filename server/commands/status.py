@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 NAME = "status"
 HELP = "list the SuperLink's runs; with --run-dir, that run's last round"
@@ -22,12 +23,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, help="show this run's progress")
 
 
+def _brief(value: Any, limit: int = 2000) -> str:
+    """``value`` as printed (a string as is), shortened when over ``limit`` chars.
+
+    A row of ``rounds.jsonl`` is read from disk: a value edited to be huge is
+    quoted in part (:func:`common.errors.shown`), never in full.
+    """
+    from common.errors import shown
+
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else shown(value, limit)
+
+
 def run(args: argparse.Namespace) -> int:
     """Print one line per run, then the run dir's last round if asked."""
-    from common.fileio import read_jsonl
-    from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
+    from common.wire.runfolder import (
+        CHECKPOINT_DIR,
+        ROUNDS_JSONL,
+        RunFolderError,
+        complete_rounds,
+        last_round_row,
+    )
     from common.wire.tls import client_tls_from_flags
-    from server.checkpoints import CheckpointStore
     from server.faults import read_outcome
     from server.launch import Connection, list_runs, prepare_home
     from server.process import ProcessError
@@ -49,21 +66,24 @@ def run(args: argparse.Namespace) -> int:
         for r in runs:
             print(f"run {r.get('run-id')}: {r.get('status')} ({r.get('elapsed')})")
     if args.run_dir is not None:
-        store = CheckpointStore(args.run_dir / CHECKPOINT_DIR)
-        rounds = store.rounds()
+        if not args.run_dir.is_dir():
+            raise RunFolderError(f"{args.run_dir}: run folder does not exist")
+        # read only: a mistyped --run-dir must not create folders
+        ckpt_dir = args.run_dir / CHECKPOINT_DIR
+        rounds = complete_rounds(ckpt_dir) if ckpt_dir.is_dir() else []
         print(f"{args.run_dir}: checkpoints for rounds {rounds}")
-        rows = read_jsonl(args.run_dir / ROUNDS_JSONL)
-        if rows:
-            last = rows[-1]
+        last = last_round_row(args.run_dir / ROUNDS_JSONL)
+        if last is not None:
             print(
-                f"last round {last['round']} {last['status']}: "
-                f"train {last['train_aggregated']} eval {last['evaluate_aggregated']}"
+                f"last round {last['round']} {_brief(last.get('status'))}: "
+                f"train {_brief(last.get('train_aggregated'))} "
+                f"eval {_brief(last.get('evaluate_aggregated'))}"
             )
         outcome = read_outcome(args.run_dir)
         if outcome is not None:
             print(
-                f"outcome {outcome['status']}: rounds without an aggregated update "
-                f"{outcome['rounds_without_update']}, rounds with faults "
-                f"{sorted(outcome['faults'], key=int)}"
+                f"outcome {_brief(outcome['status'])}: rounds without an aggregated "
+                f"update {_brief(outcome['rounds_without_update'])}, rounds with "
+                f"faults {_brief(sorted(outcome['faults'], key=int))}"
             )
     return 0
