@@ -21,7 +21,6 @@ from typing import Any
 
 import tomli_w
 
-from common.fileio import read_jsonl
 from common.flower_cli import flower_bin, flower_env
 from common.wire.federation import (
     RUN_DIR,
@@ -30,7 +29,7 @@ from common.wire.federation import (
     federation_config_to_json,
     round_problems,
 )
-from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL
+from common.wire.runfolder import CHECKPOINT_DIR, ROUNDS_JSONL, iter_round_rows
 from server.faults import outcome_status
 from server.process import ProcessError, wait_for_port, write_flower_config
 
@@ -212,7 +211,8 @@ def follow_run(
         if time.monotonic() - asked >= status_every_s:
             asked = time.monotonic()
             status = str(run_status(run_id, home).get("status", "unknown"))
-        rows = read_jsonl(run_dir / ROUNDS_JSONL)
+        # the server may be appending: a half-written last line is skipped
+        rows = list(iter_round_rows(run_dir / ROUNDS_JSONL))
         for row in rows[seen:]:
             log.info(
                 "run %d round %s %s: train %s eval %s, rejected %s",

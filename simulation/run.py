@@ -80,7 +80,7 @@ from common.detector.engine import (
 )
 from common.detector.model import build_detector
 from common.errors import ConfigError, MammofedError
-from common.fileio import read_jsonl, sha256_file
+from common.fileio import sha256_file
 from common.imaging.data import SiteDataset
 from common.keys import CLASSES, LOCAL_SECONDS, SKIPPED_STEPS, TRAIN_LOSS
 from common.progress import Eta
@@ -617,7 +617,7 @@ def rows_from_site_states(fed: FederationConfig) -> list[dict[str, Any]]:
     rounds: list[int] = []
     jsonl = fed.run_dir / RF.ROUNDS_JSONL
     if jsonl.is_file():
-        rounds = [int(json.loads(x)["round"]) for x in jsonl.read_text().splitlines()]
+        rounds = [int(row["round"]) for row in RF.iter_round_rows(jsonl)]
     rows: dict[tuple[int, str], dict[str, Any]] = {}
     # every round's global model has the same names and shapes (the server
     # validates them), so one checkpoint gives the bytes of every reply
@@ -686,7 +686,7 @@ def _require_an_aggregated_round(regime: str, server_dir: Path) -> None:
     first failures (node, check, reason) from the server's ``rounds.jsonl``.
     """
     path = server_dir / RF.ROUNDS_JSONL
-    rows = read_jsonl(path)
+    rows = list(RF.iter_round_rows(path))
     if any(r.get("status") == "aggregated" for r in rows):
         return
     problems = [p for r in rows for p in round_problems(r)]

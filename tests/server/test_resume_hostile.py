@@ -258,3 +258,21 @@ def test_status_of_a_hostile_run_dir_reports_without_a_traceback(
     (run / ROUNDS_JSONL).write_text('{"round": 1, "status": "' + "x" * 10**5 + '"}\n')
     code, out, _ = status(run)
     assert code == 0 and len(out) < 5000
+
+
+def test_following_a_run_survives_a_half_written_last_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``mammofed-server run`` follows rounds.jsonl while the server appends to
+    it: a half-written last line is skipped, not a crash of the follower."""
+    from server import launch
+
+    row = {"round": 1, "status": "aggregated", "train": {}, "evaluate": {}}
+    (tmp_path / "rounds.jsonl").write_text(json.dumps(row) + '\n{"round": 2, "sta')
+    monkeypatch.setattr(
+        launch, "run_status", lambda *a, **k: {"status": "finished:completed"}
+    )
+    with caplog.at_level(logging.INFO):
+        status = launch.follow_run(7, tmp_path, timeout_s=5, poll_s=0.01)
+    assert status == "finished:completed"
+    assert "run 7 round 1 aggregated" in caplog.text
