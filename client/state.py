@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from common.config.loader import check_plain_name
-from common.errors import MammofedError
+from common.errors import MammofedError, shown
 from common.fileio import (
     atomic_write_bytes,
     fsync_dir,
@@ -70,6 +70,21 @@ PENDING_DIR = "pending"
 #: what :meth:`SiteState.settle` did with a pending round
 COMMITTED = "committed"
 DISCARDED = "discarded"
+
+
+def _round_number(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= -1
+
+
+#: Fields of ``meta.json`` and the check each value must pass when present.
+_META_FIELDS: dict[str, Any] = {
+    "site": lambda v: isinstance(v, str),
+    "last_round": _round_number,
+    "committed_round": _round_number,
+    "last_phase": lambda v: v is None or isinstance(v, str),
+    "history": lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v),
+    "discarded_rounds": lambda v: isinstance(v, list) and all(map(_round_number, v)),
+}
 
 
 class SiteStateError(MammofedError):
@@ -304,10 +319,21 @@ class SiteState:
             raise SiteStateError(f"{self.personal_path}: unreadable: {exc}") from exc
 
     def read_meta(self) -> dict[str, Any]:
-        """The metadata mapping (empty when none was written yet)."""
+        """The metadata mapping (empty when none was written yet).
+
+        Raises:
+            SiteStateError: the file is unreadable, or a field this module
+                writes has another type (naming the file, field and value).
+        """
         if not self.meta_path.is_file():
             return {}
-        return read_json_document(self.meta_path, "site metadata", SiteStateError)
+        meta = read_json_document(self.meta_path, "site metadata", SiteStateError)
+        for key, ok in _META_FIELDS.items():
+            if key in meta and not ok(meta[key]):
+                raise SiteStateError(
+                    f"{self.meta_path}: field {key!r} is malformed: {shown(meta[key])}"
+                )
+        return meta
 
     def write_meta(self, meta: Mapping[str, Any]) -> None:
         """Atomically replace the metadata."""

@@ -45,7 +45,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from common.detector.recipe import targets_to_device
-from common.errors import MammofedError
+from common.errors import MammofedError, shown
 from common.fileio import atomic_write_text
 from common.imaging.data import item_targets
 
@@ -370,14 +370,33 @@ class PrivacyAccountant:
 
     def _load(self) -> None:
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError(f"not a JSON object: {shown(data)}")
             if data.get("mechanism") != MECHANISM:
-                raise ValueError(f"mechanism {data.get('mechanism')!r}, not rdp")
+                raise ValueError(f"mechanism {shown(data.get('mechanism'))}, not rdp")
             self.history = [(float(s), float(q), int(n)) for s, q, n in data["history"]]
+            for s, q, n in self.history:
+                # a NaN sigma would make every epsilon NaN, and a NaN budget is
+                # never spent
+                if not (math.isfinite(s) and s > 0 and 0 < q <= 1 and n >= 0):
+                    raise ValueError(f"history entry {(s, q, n)} is not a valid step")
             plan = data.get("plan")
             self.plan = DPPlan(**plan) if plan else None
+            if self.plan is not None and not all(
+                isinstance(v, int | float) and math.isfinite(v)
+                for v in astuple(self.plan)
+            ):
+                raise ValueError(f"plan has a value that is not finite: {plan}")
             self.rounds = list(data.get("rounds", []))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            RecursionError,
+        ) as exc:
             raise PrivacyError(
                 f"{self.path}: unreadable DP accountant ({exc}); the spent budget "
                 "is unknown, so this site cannot train under DP until it is fixed"

@@ -479,3 +479,29 @@ def test_an_array_whose_bytes_are_not_what_it_declares_is_refused(
     (rej,) = out.rejected
     assert rej.node_id == 9 and rej.check == "shape"
     assert repr(next(iter(actual))) in rej.reason
+
+
+@pytest.mark.parametrize(
+    ("meta", "field"),
+    [
+        ({"last_round": "x"}, "last_round"),
+        ({"committed_round": 1.5}, "committed_round"),
+        ({"history": [1, 2]}, "history"),
+        ({"discarded_rounds": ["a"]}, "discarded_rounds"),
+        ({"last_phase": {"a": 1}}, "last_phase"),
+    ],
+)
+def test_malformed_site_metadata_is_refused_naming_the_field(
+    tmp_path: Path, meta: dict, field: str
+) -> None:
+    """meta.json is the site's own file, but a crash, a disk fault or a hand
+    edit must give a SiteStateError naming the field, not a TypeError later."""
+    import json
+
+    from client.state import SiteStateError
+
+    st = SiteState(tmp_path, "h")
+    st.meta_path.parent.mkdir(parents=True, exist_ok=True)
+    st.meta_path.write_text(json.dumps(meta))
+    with pytest.raises(SiteStateError, match=f"field '{field}' is malformed"):
+        st.read_meta()

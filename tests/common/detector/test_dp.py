@@ -217,6 +217,32 @@ def test_accountant_matches_opacus_and_survives_on_disk(tmp_path: Path) -> None:
     assert again.steps == 6
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("[1]", "not a JSON object"),
+        ('{"mechanism": "rdp", "history": [[NaN, 0.1, 5]]}', "not a valid step"),
+        ('{"mechanism": "rdp", "history": [[1.0, 2.0, 5]]}', "not a valid step"),
+        ('{"mechanism": "rdp", "history": [], "plan": {"bogus": 1}}', "bogus"),
+        ("\udcff", "unreadable"),
+    ],
+    ids=["list", "nan-sigma", "rate-above-1", "plan-fields", "not-utf8"],
+)
+def test_a_malformed_accountant_is_refused_naming_it(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    """The spent budget must be known: a malformed file is a PrivacyError
+    (the site stops training under DP), never a crash or a NaN epsilon that
+    no budget check would ever stop."""
+    from common.detector.dp import PrivacyError
+
+    path = tmp_path / DP_ACCOUNTANT_JSON
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(PrivacyError, match="unreadable DP accountant") as err:
+        PrivacyAccountant(path)
+    assert str(path) in str(err.value) and said in str(err.value)
+
+
 def test_calibrated_noise_reaches_the_target_and_delta_default() -> None:
     sigma = calibrate_noise(4.0, 1e-3, 0.2, 50)
     acc = PrivacyAccountant(Path("/nonexistent/dp.json"))
