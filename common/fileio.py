@@ -11,6 +11,8 @@ import json
 import math
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -137,11 +139,15 @@ def save_arrays(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` file (pickles refused).
 
-    Raises ``OSError`` / ``ValueError`` on a missing or broken file; callers
+    Raises ``OSError`` / ``ValueError`` on a missing or broken file (also a
+    truncated or corrupt zip, which numpy reports in other types); callers
     wrap them in their own error naming the file.
     """
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise ValueError(f"not a readable .npz: {type(exc).__name__}: {exc}") from exc
 
 
 def read_jsonl(path: str | Path) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from common.fileio import atomic_write_text, load_arrays, save_arrays, tail_text
 
@@ -47,3 +48,18 @@ def test_read_json_document_checks_format_and_shape(tmp_path):
         read_json_document(arr, "card", ValueError)
     with pytest.raises(ValueError, match="field 'format' is 'list'"):
         read_json_document(arr, "card", ValueError, format_id="x/1")
+
+
+def test_a_truncated_or_corrupt_npz_is_a_value_error(tmp_path):
+    """numpy reports a broken zip as BadZipFile / EOFError / zlib.error: every
+    caller catches OSError and ValueError, so load_arrays turns them into one."""
+    good = tmp_path / "a.npz"
+    save_arrays(good, {"w": np.arange(1000, dtype=np.float32)})
+    data = good.read_bytes()
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(data[: len(data) // 2])
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    for bad in (cut, junk):
+        with pytest.raises(ValueError):
+            load_arrays(bad)
