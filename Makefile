@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= out/demo
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo study study-confirm base-model test lint typecheck pytest bench clean test-report
+.PHONY: venv demo study study-confirm study-confirm-ssl base-model test lint typecheck pytest bench clean test-report
 
 venv: $(STAMP)
 
@@ -65,6 +65,30 @@ study-confirm: venv
 	        --label confirm-new-women-recommended-vs-$$a \
 	        --results benchmarks/results/study_confirm || exit 1; \
 	done
+
+# The same new women for semi-supervision's share of the labels' gap and DP's
+# price (issue 14's other two figures): personalized, personalized-ssl and
+# personalized-all-labels trained, the rest read from $(CONFIRM_OUT) (run
+# study-confirm first). 41 min on 2 cores (stop 31); the figures on the
+# new women only go to benchmarks/results/study_confirm/compare_runs.jsonl.
+CONFIRM_SSL_OUT ?= out/confirm-ssl
+CONFIRM_SEEDS = seed-0 seed-1 seed-2
+study-confirm-ssl: venv
+	$(BIN)/mammofed-sim run --scenario configs/simulation/study-confirm.yaml \
+	    --federation configs/federation/sim-demo.yaml --base-checkpoint models/demo-base-h.pt \
+	    --data $(CONFIRM_DATA) --out $(CONFIRM_SSL_OUT) --reuse $(CONFIRM_OUT) \
+	    --seeds 0,1,2 --parallel 2 --threads 1 \
+	    $(addprefix --regime ,base local-only personalized personalized-ssl \
+	        personalized-all-labels personalized-dp personalized-dp+tuned+local oracle)
+	$(BIN)/python -m benchmarks.compare_runs --cases='-01[0-9]{3}$$' \
+	    --a $(addsuffix /personalized,$(addprefix $(CONFIRM_SSL_OUT)/,$(CONFIRM_SEEDS))) \
+	    --mid $(addsuffix /personalized-ssl,$(addprefix $(CONFIRM_SSL_OUT)/,$(CONFIRM_SEEDS))) \
+	    --b $(addsuffix /personalized-all-labels,$(addprefix $(CONFIRM_SSL_OUT)/,$(CONFIRM_SEEDS))) \
+	    --label confirm-new-women-ssl-gap --results benchmarks/results/study_confirm
+	$(BIN)/python -m benchmarks.compare_runs --cases='-01[0-9]{3}$$' \
+	    --a $(addsuffix /personalized,$(addprefix $(CONFIRM_SSL_OUT)/,$(CONFIRM_SEEDS))) \
+	    --b $(addsuffix /personalized-dp,$(addprefix $(CONFIRM_SSL_OUT)/,$(CONFIRM_SEEDS))) \
+	    --label confirm-new-women-dp-price --results benchmarks/results/study_confirm
 
 # The demo's vendor-H base model (models/demo-base-h.pt), reproduced by the
 # committed recipe: the base regime of the demo study, 30 epochs on site A.
