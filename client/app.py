@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -73,8 +72,10 @@ from common.wire.federation import (
     NODE_SITE_CONFIG,
     NODE_STATE_DIR,
     PARTITION_ID,
+    WIRE_FLOATS,
     FederationConfig,
     FitInstructions,
+    array_fault,
     arrays_to_record,
     federation_config_from_run_config,
     record_to_arrays,
@@ -174,10 +175,6 @@ def _instructions(msg: Message, trainer_name: str) -> FitInstructions:
     return ins
 
 
-#: dtypes a global array may arrive in (:func:`_received_shared`)
-_GLOBAL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
 def _received_shared(msg: Message, trainer: LocalTrainer) -> dict:
     record = msg.content.array_records.get(ARRAYS_KEY)
     if record is None:
@@ -192,16 +189,9 @@ def _received_shared(msg: Message, trainer: LocalTrainer) -> dict:
             "server message", ARRAYS_KEY, f"global arrays do not fit the model: {diff}"
         )
     for name, a in arrays.items():
-        # the model's parameters are float32 (float64 loads into them too);
-        # float16 would quantise them and float128 no torch tensor can hold
-        if a.dtype not in _GLOBAL_DTYPES:
-            raise ConfigError(
-                "server message", ARRAYS_KEY, f"array {name!r} has dtype {a.dtype}"
-            )
-        if not np.all(np.isfinite(a)):
-            raise ConfigError(
-                "server message", ARRAYS_KEY, f"array {name!r} has NaN or Inf values"
-            )
+        fault = array_fault(name, a, want[name], WIRE_FLOATS)
+        if fault is not None:
+            raise ConfigError("server message", ARRAYS_KEY, fault[1])
     defaults = msg.content.array_records.get(PERSONAL_DEFAULTS_KEY)
     site_model = getattr(trainer, "site_model", None)
     if defaults is not None and site_model is not None:
