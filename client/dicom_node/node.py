@@ -60,6 +60,9 @@ from common.imaging.dicom import dcmread_bounded, header_text
 
 log = logging.getLogger(__name__)
 
+#: First byte of a P-DATA-TF PDU (PS3.8 9.3.5), which carries DIMSE messages.
+_P_DATA_TF = b"\x04"
+
 #: Per-study record of what was scored and which SR was made.
 SCORED_JSON = ".scored.json"
 #: Folder under ``data_dir`` holding received images when not configured.
@@ -152,6 +155,9 @@ class DicomNode:
         self.incoming = Path(incoming)
         self.poll_s = float(poll_s)
         self.tracker = ExamTracker(node.exam_settle_s, node.exam_idle_s)
+        # P-DATA bytes per association since its last stored instance (_on_data)
+        self._recv_lock = threading.Lock()
+        self._recv_bytes: dict[int, int] = {}
         self.scorer = ExamScorer(
             models,
             score_floor=node.score_floor,
@@ -209,6 +215,7 @@ class DicomNode:
         ae.add_supported_context(Verification)
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_DATA_RECV, self._on_data),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, self._on_closed),
@@ -281,6 +288,36 @@ class DicomNode:
 
     def _on_closed(self, event: Any) -> None:
         self.tracker.association_ended(id(event.assoc))
+        with self._recv_lock:
+            self._recv_bytes.pop(id(event.assoc), None)
+
+    def _on_data(self, event: Any) -> None:
+        """Count what an association sends towards its current instance.
+
+        pynetdicom assembles a C-STORE's data set in memory, whole, before
+        :meth:`_on_store` sees it, so a sender could exhaust the node's memory
+        with one huge instance. P-DATA bytes since the association's last
+        stored instance (:meth:`_on_store` resets the count) over
+        ``dicom_node.max_instance_mb`` abort the association; nothing of that
+        instance is kept. Runs in pynetdicom's reactor thread: it only counts
+        and queues the abort.
+        """
+        data = event.data
+        if data[:1] != _P_DATA_TF:
+            return
+        key = id(event.assoc)
+        with self._recv_lock:
+            total = self._recv_bytes.get(key, 0) + len(data)
+            self._recv_bytes[key] = total
+        cap = self.cfg.max_instance_mb * 2**20
+        if total > cap and not event.assoc.is_aborted:
+            log.error(
+                "aborted the association from %s at %s: over %.0f MiB sent towards "
+                "one instance, above dicom_node.max_instance_mb = %g",
+                event.assoc.requestor.ae_title, _peer(event.assoc),
+                total / 2**20, self.cfg.max_instance_mb,
+            )  # fmt: skip
+            event.assoc.abort(block=False)
 
     def _on_rejected(self, event: Any) -> None:
         assoc = event.assoc
@@ -303,6 +340,8 @@ class DicomNode:
 
     def _on_store(self, event: Any) -> int:
         assoc = event.assoc
+        with self._recv_lock:  # the next instance is counted from here
+            self._recv_bytes[id(assoc)] = 0
         who = f"{str(assoc.requestor.ae_title).strip()} at {_peer(assoc)}"
         try:
             ds: Dataset = event.dataset

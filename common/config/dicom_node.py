@@ -111,6 +111,10 @@ class DicomNodeConfig:
         retry_max_interval_s: longest wait between two attempts.
         max_attempts: sends tried before the SR is moved to ``failed/``.
         timeout_s: network timeout (connect, association, DIMSE) of one send.
+        max_instance_mb: an association that sends more than this many MiB
+            towards one instance is aborted, and nothing of it is kept
+            (pynetdicom holds a received data set in memory, whole, before
+            the node sees it; a 2-D mammogram is at most about 50 MiB).
         min_free_mb: an image is refused (C-STORE status 0xA700, out of
             resources) while the disk holding ``incoming_dir`` has less free
             space than this, in MiB, so that a sender cannot fill the disk the
@@ -138,6 +142,7 @@ class DicomNodeConfig:
     )
     max_attempts: int = field(default=20, metadata=bounded(1, 100000))
     timeout_s: float = field(default=30.0, metadata=bounded(0.1, 3600.0))
+    max_instance_mb: float = field(default=512.0, metadata=bounded(0.01, 1e6))
     min_free_mb: float = field(default=1024.0, metadata=bounded(0.0, 1e9))
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -191,3 +192,42 @@ def test_deflated_transfer_syntax_is_not_negotiated(
             assoc.release()
     assert accepted == [ExplicitVRLittleEndian]
     assert rejected == [DeflatedExplicitVRLittleEndian]
+
+
+def test_an_instance_over_max_instance_mb_aborts_the_association(
+    tmp_path: Path, tiny_checkpoint: Path, kit: SimpleNamespace, mg: Dataset
+) -> None:
+    """pynetdicom holds a received data set in memory, whole: a sender that
+    sends more than max_instance_mb towards one instance is aborted while it
+    sends, nothing of it is kept, and the next association is served."""
+    import numpy as np
+    from pynetdicom import AE, build_context
+
+    mg_class = "1.2.840.10008.5.1.4.1.1.1.2"
+    big = pydicom.dcmread(kit.write_exam(tmp_path / "big")[0])
+    big.PixelData = np.zeros(2 * 2**20, np.uint16).tobytes()  # 4 MiB
+    big.Rows, big.Columns = 1024, 2048
+
+    def send(ds: Dataset) -> tuple[bool, int | None]:
+        scu = AE(ae_title="MG_ROOM1")
+        scu.requested_contexts = [build_context(mg_class, [ExplicitVRLittleEndian])]
+        assoc = scu.associate("127.0.0.1", node.port, ae_title=node.cfg.ae_title)
+        assert assoc.is_established
+        rsp = assoc.send_c_store(ds)
+        status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+        if status is None:  # no response: the node's A-ABORT is on its way
+            for _ in range(100):
+                if assoc.is_aborted or not assoc.is_established:
+                    break
+                threading.Event().wait(0.05)
+        aborted = assoc.is_aborted
+        if assoc.is_established:
+            assoc.release()
+        return aborted, status
+
+    with _node(tmp_path, tiny_checkpoint, kit, max_instance_mb=1) as node:
+        aborted, status = send(big)
+        assert aborted and status is None
+        assert _stored(node) == []
+        assert send(mg) == (False, STATUS_SUCCESS)  # a normal image still passes
+        assert [p.name for p in _stored(node)] == [f"{mg.SOPInstanceUID}.dcm"]
