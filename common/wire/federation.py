@@ -225,7 +225,8 @@ class ValidationConfig:
         clip_factor: robust aggregation: every accepted update whose delta
             ``||w_site - w_global||_2`` (all shared arrays) exceeds
             ``clip_factor x`` the round's lower median of the valid updates'
-            delta norms is scaled down to that bound (``0`` turns clipping off).
+            delta norms (the smallest nonzero norm when that median is 0) is
+            scaled down to that bound (``0`` turns clipping off).
         cap_num_examples: robust aggregation: a node's ``num-examples`` is
             capped at what it declared in its first accepted train reply of the
             run (trust on first use; see docs/federation.md).

@@ -16,7 +16,8 @@ changes these things, nothing else:
   arrived (bit-identical across engines and reruns);
 * before aggregation, each node's ``num-examples`` is capped at its first
   accepted claim and each update delta is clipped to ``clip_factor x`` the
-  round's lower median delta norm (:mod:`server.strategies.bounds`).
+  round's lower median delta norm, or its smallest nonzero one when that
+  median is 0 (:mod:`server.strategies.bounds`).
 """
 
 from __future__ import annotations

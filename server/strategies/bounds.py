@@ -15,7 +15,12 @@ under every strategy, robust aggregators included):
   that with two nodes ``m`` is the smaller norm and a single large update
   cannot raise its own bound), every update with ``||d_i|| > c * m`` becomes
   ``w_global + d_i * c * m / ||d_i||``: a convex combination of the global
-  model and the site's, so BatchNorm variances stay positive.
+  model and the site's, so BatchNorm variances stay positive. When ``m`` is 0
+  (half the replies or more are the global model unchanged: sites that did
+  not train, e.g. with their DP budget spent), ``m`` is the smallest nonzero
+  ``||d_i||`` instead: a median of 0 would scale every update that moved to
+  nothing and freeze the model. With one attacker, ``m <= h`` still holds
+  whenever one honest node's update moved.
 
 Consequence (the bound the tests and ``benchmarks/attacks.py`` check): with
 every delta at most ``c * m`` long and honest deltas at most ``h`` long
@@ -77,7 +82,9 @@ def clip_updates(
 ) -> list[Adjustment]:
     """Scale every update longer than ``factor x`` the lower median norm, in place.
 
-    ``factor <= 0`` changes nothing. Returns one
+    When that median is 0 (at least half the replies are the global model
+    unchanged), the reference is the smallest nonzero norm instead; when every
+    norm is 0 nothing is clipped. ``factor <= 0`` changes nothing. Returns one
     :class:`server.validation.Adjustment` per clipped reply; each is also logged
     with the node id.
     """
@@ -88,7 +95,16 @@ def clip_updates(
         delta_norm(m.content.array_records[k], global_arrays)
         for m, k in zip(replies, keys, strict=True)
     ]
-    bound = factor * lower_median(norms)
+    reference = lower_median(norms)
+    if reference == 0.0:
+        # half the replies or more are the global model itself (sites that did
+        # not train: a spent DP budget): a norm of 0 says nothing about how long
+        # an update may be, and would scale every update that moved to nothing
+        moved = [n for n in norms if n > 0.0]
+        if not moved:
+            return []
+        reference = min(moved)
+    bound = factor * reference
     out: list[Adjustment] = []
     for msg, key, norm in zip(replies, keys, norms, strict=True):
         if norm <= bound:
@@ -105,8 +121,8 @@ def clip_updates(
         adj = Adjustment(node_of(msg), "clip", norm, bound)
         out.append(adj)
         log.warning(
-            "train: clipped update of node %d: delta norm %.4g > %.3g x lower "
-            "median %.4g, scaled to %.4g",
+            "train: clipped update of node %d: delta norm %.4g > %.3g x reference "
+            "norm %.4g, scaled to %.4g",
             adj.node_id,
             norm,
             factor,
