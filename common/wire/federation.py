@@ -156,7 +156,10 @@ class StrategyConfig:
         eta, beta_1, beta_2, tau: ``fedadam`` (Reddi et al. 2021, Flower's
             ``FedAdam``): server step size, first and second moment decay, and
             the adaptivity floor added to ``sqrt(v_t)``. The client learning
-            rate (Flower's ``eta_l``) is ``trainer.learning_rate``.
+            rate (Flower's ``eta_l``) is ``trainer.learning_rate``. A ``tau``
+            far below the default (Flower's 1e-9) lets Adam amplify float32
+            rounding in the average into steps of about ``eta`` per
+            coordinate even when no site moved; keep it near 1e-3.
     """
 
     name: str = "fedavg"
