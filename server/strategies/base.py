@@ -136,6 +136,7 @@ class GuardedFedAvg(FedAvg):
         self.sampled: dict[str, list[int]] = {}
         #: node id -> num-examples of its first accepted train reply (the cap)
         self.declared_examples: dict[int, int] = {}
+        self.declared_eval_examples: dict[int, int] = {}
         #: the initial model's personal arrays, sent with every message so a
         #: site without a personal copy starts from them (never aggregated)
         self.personal_defaults: ArrayRecord | None = None
@@ -238,6 +239,12 @@ class GuardedFedAvg(FedAvg):
         self.last["evaluate"] = screened
         if not screened.valid:
             return None
+        screened.adjusted += cap_num_examples(
+            screened.valid,
+            self.declared_eval_examples,
+            self.fed_cfg.validation,
+            phase="evaluate",
+        )
         contents = [m.content for m in canonical_order(screened.valid)]
         return aggregate_present_metrics(contents, self.weighted_by_key)
 

@@ -133,13 +133,18 @@ def clip_updates(
 
 
 def cap_num_examples(
-    replies: Sequence[Message], declared: dict[int, int], cfg: ValidationConfig
+    replies: Sequence[Message],
+    declared: dict[int, int],
+    cfg: ValidationConfig,
+    phase: str = "train",
 ) -> list[Adjustment]:
     """Record first claims in ``declared``; lower later larger claims, in place.
 
     Only with ``cfg.cap_num_examples``; returns one
     :class:`server.validation.Adjustment` per lowered claim (also logged with
-    the node id).
+    the node id and ``phase``). The train and evaluate phases keep their own
+    ``declared`` (a site's test women are not its training women): in
+    evaluate the cap bounds one node's weight in the reported metrics.
     """
     if not cfg.cap_num_examples:
         return []
@@ -151,7 +156,7 @@ def cap_num_examples(
         claimed = int(record[NUM_EXAMPLES])  # type: ignore[arg-type]
         if node not in declared:
             declared[node] = claimed
-            log.info("train: node %d declares %d examples", node, claimed)
+            log.info("%s: node %d declares %d examples", phase, node, claimed)
             continue
         allowed = declared[node]
         if claimed <= allowed:
@@ -162,7 +167,8 @@ def cap_num_examples(
         adj = Adjustment(node, "cap", float(claimed), float(allowed))
         out.append(adj)
         log.warning(
-            "train: node %d claims %d examples, declared %d: capped",
+            "%s: node %d claims %d examples, declared %d: capped",
+            phase,
             node,
             claimed,
             allowed,

@@ -505,3 +505,26 @@ def test_malformed_site_metadata_is_refused_naming_the_field(
     st.meta_path.write_text(json.dumps(meta))
     with pytest.raises(SiteStateError, match=f"field '{field}' is malformed"):
         st.read_meta()
+
+
+def test_one_node_cannot_outweigh_the_others_in_the_reported_metrics() -> None:
+    """Evaluate replies are weighted by num-examples; a node's later claims are
+    capped at its first one, as in train, so a lie cannot dominate the
+    federation's reported CPM."""
+    cfg = FederationConfig(name="eval-cap")
+    strategy = build_strategy(cfg)
+
+    def reply(node: int, n: int, cpm: float) -> Message:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, node, 1
+        ins = Message(RecordDict({}), node, "evaluate")
+        metrics = MetricRecord({NUM_EXAMPLES: n, "eval-loss": 1.0, "accuracy": cpm})
+        msg = Message(RecordDict({METRICS_KEY: metrics}), reply_to=ins)
+        msg.metadata.__dict__["_src_node_id"] = node
+        return msg
+
+    first = strategy.aggregate_evaluate(1, [reply(1, 10, 0.9), reply(2, 10, 0.1)])
+    assert first is not None and first["accuracy"] == pytest.approx(0.5)
+    lied = strategy.aggregate_evaluate(2, [reply(1, 10, 0.9), reply(2, 1_000_000, 0.1)])
+    assert lied is not None and lied["accuracy"] == pytest.approx(0.5)
+    (adj,) = strategy.last["evaluate"].adjusted
+    assert (adj.node_id, adj.kind, adj.after) == (2, "cap", 10.0)
