@@ -47,6 +47,23 @@ class CheckpointStore:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
 
+    def remove_leftovers(self) -> list[Path]:
+        """Delete temporary files an interrupted write left (``.*.tmp``).
+
+        Every write goes to a hidden temporary file that is renamed into
+        place; a process killed mid-write leaves one behind, a whole
+        checkpoint's size. Only the run's writer calls this, at its start
+        (no write of its own is in flight then). Returns what was removed
+        (each logged).
+        """
+        removed = []
+        for tmp in sorted(self.dir.glob(".*.tmp")):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                log.info("removed %s, left by an interrupted write", tmp)
+                removed.append(tmp)
+        return removed
+
     def paths(self, server_round: int) -> tuple[Path, Path]:
         """The ``.npz`` and ``.json`` paths of ``server_round``."""
         return round_paths(self.dir, server_round)

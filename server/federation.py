@@ -131,6 +131,7 @@ def run_federation(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, run_dir)
     store = CheckpointStore(run_dir / CHECKPOINT_DIR)
+    store.remove_leftovers()
     strategy = strategy or build_strategy(cfg)
     strategy.summary()
     cfg_dict = config_to_dict(cfg)

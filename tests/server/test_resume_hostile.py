@@ -126,6 +126,23 @@ def test_resume_skips_a_truncated_last_checkpoint(
     assert CheckpointStore(npz.parent).load(2).round == 2  # rewritten whole
 
 
+def test_resume_removes_what_a_killed_write_left_behind(
+    test_cfg: FederationConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process killed mid-write leaves a hidden temporary file as big as a
+    checkpoint; the next run of the same folder removes it, and only it."""
+    _run(test_cfg, tmp_path, 1)
+    folder = _ckpt(tmp_path, 1, "npz").parent
+    leftover = folder / ".round-00002.npz.abc123.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    keep = folder / "notes.txt"
+    keep.write_text("the operator's")
+    with caplog.at_level(logging.INFO):
+        s = _run(test_cfg, tmp_path, 2)
+    assert s.last_round == 2 and not leftover.exists() and keep.exists()
+    assert f"removed {leftover}" in caplog.text
+
+
 def test_resume_does_not_restart_from_round_0_for_an_edited_round(
     test_cfg: FederationConfig, tmp_path: Path
 ) -> None:
