@@ -33,7 +33,7 @@ from common.config.loader import (
     load_config,
     path_field,
 )
-from common.errors import ConfigError
+from common.errors import ConfigError, shown
 from common.keys import (
     CPM_CALCIFICATION,
     CPM_MASS,
@@ -378,8 +378,9 @@ def federation_config_from_run_config(
 
     ``federation-json`` (a JSON object, as ``mammofed-server run`` sends it)
     wins over ``federation-config`` (a YAML path, relative to ``app_root``, the
-    folder holding ``configs/``). ``run-dir``, when non-empty, overrides the
-    file's ``run_dir``.
+    folder holding ``configs/``, and inside it: a run may not make a site read
+    another file). ``run-dir``, when non-empty, overrides the file's
+    ``run_dir``.
     """
     inline = str(run_config.get(RUN_FEDERATION_JSON, "") or "")
     if inline:
@@ -400,9 +401,19 @@ def federation_config_from_run_config(
                 RUN_FEDERATION_CONFIG,
                 f"is missing (set {RUN_FEDERATION_CONFIG} or {RUN_FEDERATION_JSON})",
             )
-        path = Path(raw).expanduser()
+        path = Path(raw)
         if not path.is_absolute():
             path = app_root / path
+        # whoever launches a run sets this: it may only name a file of the app
+        # (its configs/), not any YAML file on the site's machine
+        root = Path(app_root).resolve()
+        if not path.resolve().is_relative_to(root):
+            raise ConfigError(
+                "run_config",
+                RUN_FEDERATION_CONFIG,
+                f"{shown(raw)} is outside the app ({root}): only the app's own "
+                f"config files may be named (or send {RUN_FEDERATION_JSON})",
+            )
         cfg = load_federation_config(path)
     run_dir = str(run_config.get(RUN_DIR, "") or "")
     if run_dir:

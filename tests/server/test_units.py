@@ -528,3 +528,21 @@ def test_one_node_cannot_outweigh_the_others_in_the_reported_metrics() -> None:
     assert lied is not None and lied["accuracy"] == pytest.approx(0.5)
     (adj,) = strategy.last["evaluate"].adjusted
     assert (adj.node_id, adj.kind, adj.after) == (2, "cap", 10.0)
+
+
+def test_a_run_may_name_only_the_apps_own_federation_config(tmp_path: Path) -> None:
+    """federation-config comes from whoever launches the run: it may name a
+    config file of the app, not any YAML file on the site's machine."""
+    from common.wire.federation import (
+        RUN_FEDERATION_CONFIG,
+        federation_config_from_run_config,
+    )
+
+    app_root = TEST_YAML.parents[2]  # the folder holding configs/
+    rel = str(TEST_YAML.relative_to(app_root))
+    assert federation_config_from_run_config({RUN_FEDERATION_CONFIG: rel}, app_root)
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text(TEST_YAML.read_text())
+    for raw in (str(outside), "../" * 12 + str(outside).lstrip("/")):
+        with pytest.raises(ConfigError, match="is outside the app"):
+            federation_config_from_run_config({RUN_FEDERATION_CONFIG: raw}, app_root)
