@@ -16,7 +16,6 @@ No node supplies it (a node's reply would otherwise become everyone's model):
 from __future__ import annotations
 
 import logging
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -88,7 +87,7 @@ def initial_global_arrays(cfg: FederationConfig) -> Arrays:
     if cfg.initial_arrays is not None:
         try:
             arrays = load_arrays(cfg.initial_arrays)
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError) as exc:  # a broken zip too (load_arrays)
             raise InitialModelError(
                 f"{cfg.initial_arrays}: cannot read initial arrays: {exc}"
             ) from exc

@@ -41,7 +41,6 @@ _MUST_EXIST = "must_exist"
 _PLAIN_NAME = "plain_name"
 
 
-#: Shortens values quoted in error messages (a config value may be huge).
 def bounded(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
     """Field metadata for an inclusive numeric range ``lo <= value <= hi``."""
     return {_MIN: lo, _MAX: hi}
