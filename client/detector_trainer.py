@@ -87,6 +87,7 @@ from common.keys import (
     CPM_CALCIFICATION,
     CPM_MASS,
     CPM_MEAN,
+    DETECTOR_TRAINER,
     DP_EPSILON,
     NUM_EXAMPLES,
     SKIPPED_STEPS,
@@ -979,4 +980,4 @@ class DetectorTrainer:
 
 
 #: The ``detector`` trainer's registry factory.
-make_detector_trainer = register_trainer("detector")(DetectorTrainer)
+make_detector_trainer = register_trainer(DETECTOR_TRAINER)(DetectorTrainer)

@@ -65,6 +65,7 @@ from common.detector.engine import prepare_model
 from common.detector.model import build_detector
 from common.errors import CheckpointMismatch, ConfigError, MammofedError
 from common.fileio import load_arrays
+from common.keys import DETECTOR_TRAINER
 from common.wire.faults import ModelVersion
 from common.wire.federation import FederationConfig
 from common.wire.runfolder import (
@@ -82,8 +83,6 @@ log = logging.getLogger(__name__)
 EXTRA_EXPORT = "export"
 EXTRA_STANDARDIZER = "standardizer"
 EXPORT_FORMAT = "mammofed-export/1"
-#: The only trainer whose arrays form a detector checkpoint.
-DETECTOR_TRAINER = "detector"
 
 
 class ExportError(MammofedError):

@@ -24,6 +24,7 @@ import numpy as np
 
 from common.config.site import SitePrivacy
 from common.errors import ConfigError
+from common.keys import DETECTOR_TRAINER
 from common.wire.federation import FederationConfig, FitInstructions
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def check_privacy_floor(
 
 def run_dp_epsilon(fed_cfg: FederationConfig) -> float | None:
     """The target epsilon a run's trainer promises each site; None without DP."""
-    if fed_cfg.trainer.name != "detector":
+    if fed_cfg.trainer.name != DETECTOR_TRAINER:
         return None
     from client.detector_trainer import detector_options
 

@@ -29,6 +29,10 @@ SPACING_IMAGER_MAG = "ImagerPixelSpacing/EstimatedRadiographicMagnificationFacto
 SPACING_CONFIG = "site-config"
 SPACING_TABLE = "dataset-table"
 
+#: Registry name of the lesion detector's trainer (``client.trainer``): the
+#: only trainer whose arrays form a detector or that trains under DP-SGD.
+DETECTOR_TRAINER = "detector"
+
 # --- site contract files --------------------------------------------------
 ANNOTATIONS_CSV = "annotations.csv"
 SPLIT_CSV = "split.csv"

@@ -82,7 +82,13 @@ from common.detector.model import build_detector
 from common.errors import ConfigError, MammofedError
 from common.fileio import sha256_file
 from common.imaging.data import SiteDataset
-from common.keys import CLASSES, LOCAL_SECONDS, SKIPPED_STEPS, TRAIN_LOSS
+from common.keys import (
+    CLASSES,
+    DETECTOR_TRAINER,
+    LOCAL_SECONDS,
+    SKIPPED_STEPS,
+    TRAIN_LOSS,
+)
 from common.progress import Eta
 from common.wire import runfolder as RF
 from common.wire.federation import (
@@ -795,7 +801,7 @@ def run_study(req: RunRequest) -> Path:
                 fed.trainer, options={**fed.trainer.options, "threads": req.threads}
             ),
         )
-    if fed.trainer.name != "detector":
+    if fed.trainer.name != DETECTOR_TRAINER:
         raise ConfigError(
             str(req.federation),
             "trainer.name",

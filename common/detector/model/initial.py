@@ -25,6 +25,7 @@ import torch
 from common.config import from_mapping
 from common.detector.model.config import ModelConfig
 from common.errors import ConfigError
+from common.keys import DETECTOR_TRAINER
 from common.wire.federation import FederationConfig
 
 __all__ = [
@@ -122,7 +123,7 @@ def _toy_initial(cfg: FederationConfig) -> Arrays:
 #: trainer name -> builder of the seeded initial shared arrays.
 INITIAL_MODELS: dict[str, InitialBuilder] = {
     "toy": _toy_initial,
-    "detector": _detector_initial,
+    DETECTOR_TRAINER: _detector_initial,
 }
 
 
@@ -167,7 +168,7 @@ def checkpoint_arrays(path: str | Path, cfg: FederationConfig) -> tuple[Arrays, 
     personal copy yet starts from, so that a base model's normalization is not
     replaced by a fresh one. Checked as :func:`checkpoint_shared_arrays`.
     """
-    if cfg.trainer.name != "detector":
+    if cfg.trainer.name != DETECTOR_TRAINER:
         raise ConfigError(
             "federation config",
             "initial_checkpoint",
