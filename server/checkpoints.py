@@ -4,6 +4,8 @@
 ``round-NNNNN.json`` beside it a :class:`common.wire.runfolder.CheckpointMeta`. The
 JSON is written last, so a checkpoint counts only once both files are
 complete; :meth:`CheckpointStore.latest` ignores half-written ones.
+:meth:`CheckpointStore.prune` keeps round 0 (the model the run started from)
+and the newest rounds when the run's ``keep_checkpoints`` bounds the disk.
 """
 
 from __future__ import annotations
@@ -88,6 +90,27 @@ class CheckpointStore:
         atomic_write_bytes(meta_path, json.dumps(meta, indent=2, default=str).encode())
         log.debug("checkpoint round %d written to %s", server_round, npz)
         return meta_path
+
+    def prune(self, keep: int) -> list[int]:
+        """Delete all but round 0 and the ``keep`` newest complete checkpoints.
+
+        ``keep`` 0 keeps every round. Each pruned round's ``.json`` goes
+        first, so a prune cut short leaves a ``.npz`` no reader counts
+        (:meth:`rounds`), never a record naming a missing file. Only the
+        run's writer calls this, after a round's checkpoint is written.
+        Returns the rounds removed.
+        """
+        if keep <= 0:
+            return []
+        rounds = self.rounds()
+        doomed = [r for r in rounds[:-keep] if r != 0]
+        for rnd in doomed:
+            npz, meta_path = self.paths(rnd)
+            meta_path.unlink(missing_ok=True)
+            npz.unlink(missing_ok=True)
+        if doomed:
+            log.debug("checkpoints of rounds %s pruned (keep %d)", doomed, keep)
+        return doomed
 
     def rounds(self) -> list[int]:
         """Rounds with a complete checkpoint, ascending."""

@@ -224,6 +224,7 @@ def run_federation(
             },
             config=cfg_dict,
         )
+        store.prune(cfg.keep_checkpoints)
         log.info(
             "round %d/%d %s: %d/%d valid updates, %d rejected, train %s, eval %s "
             "(%.1f s; %s)",

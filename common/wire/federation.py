@@ -301,6 +301,10 @@ class FederationConfig:
             none (simulation and tests); ``<state_dir>/<site>/``.
         run_dir: where the server writes checkpoints and ``rounds.jsonl``.
         resume: continue from the last checkpoint in ``run_dir`` if present.
+        keep_checkpoints: 0 keeps every round's checkpoint; ``N`` >= 2 keeps
+            round 0 (the initial model) and the ``N`` newest, so a long run's
+            disk use is bounded. At least 2, so that a resume still has an
+            older round when the newest will not load.
         initial_arrays: optional ``.npz`` of initial shared arrays (names and
             shapes must equal the model's shared arrays).
         initial_checkpoint: optional detector checkpoint
@@ -324,6 +328,7 @@ class FederationConfig:
     state_dir: Path | None = field(default=None, metadata=path_field(False))
     run_dir: Path | None = field(default=None, metadata=path_field(False))
     resume: bool = True
+    keep_checkpoints: int = field(default=0, metadata=bounded(0, 1_000_000))
     initial_arrays: Path | None = field(default=None, metadata=path_field(True))
     initial_checkpoint: Path | None = field(default=None, metadata=path_field(True))
 
@@ -333,6 +338,11 @@ class FederationConfig:
                 "initial_checkpoint: set initial_arrays or initial_checkpoint, not "
                 f"both (got {str(self.initial_checkpoint)!r} and "
                 f"{str(self.initial_arrays)!r})"
+            )
+        if self.keep_checkpoints == 1:
+            raise ValueError(
+                "keep_checkpoints: 0 (every round) or at least 2, so that a "
+                "resume has an older round when the newest will not load; got 1"
             )
         # the run's and each site's name become folder names (runs/, state)
         for key, name in (("name", self.name), *(

@@ -158,6 +158,18 @@ def test_resume_continues_from_last_checkpoint(
         assert meta["last_round"] == 2
 
 
+def test_keep_checkpoints_bounds_the_folder_and_resume_still_works(
+    test_cfg: FederationConfig, tmp_path: Path
+) -> None:
+    cfg = dataclasses.replace(test_cfg, num_rounds=3, keep_checkpoints=2)
+    _run(dataclasses.replace(cfg, num_rounds=2), tmp_path)
+    store = CheckpointStore(tmp_path / "run" / CHECKPOINT_DIR)
+    assert store.rounds() == [0, 1, 2]
+    _, summary = _run(cfg, tmp_path)
+    assert (summary.start_round, summary.last_round) == (2, 3)
+    assert store.rounds() == [0, 2, 3]  # round 0, the model the run started from
+
+
 def test_poisoned_update_dropped_and_round_kept(
     test_cfg: FederationConfig, tmp_path: Path
 ) -> None:

@@ -322,6 +322,32 @@ def test_checkpoint_roundtrip_and_latest(tmp_path: Path) -> None:
         store.load(1)
 
 
+def test_prune_keeps_round_zero_and_the_newest(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    for rnd in range(6):
+        store.save(rnd, {k: v + rnd for k, v in GLOBAL.items()})
+    assert store.prune(0) == [] and store.rounds() == [0, 1, 2, 3, 4, 5]
+    assert store.prune(2) == [1, 2, 3]
+    assert store.rounds() == [0, 4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"round-{r:05d}.{ext}" for r in (0, 4, 5) for ext in ("json", "npz")
+    ]
+    np.testing.assert_array_equal(store.load(0).arrays["w"], GLOBAL["w"])
+    # a prune cut short after the .json went: the lone .npz is not a round
+    (tmp_path / "round-00004.json").unlink()
+    assert store.rounds() == [0, 5] and store.latest_readable().round == 5
+
+
+def test_keep_checkpoints_of_one_is_refused(tmp_path: Path) -> None:
+    from common.config import from_mapping
+    from common.wire.federation import FederationConfig
+
+    with pytest.raises(ValueError, match="keep_checkpoints.*at least 2.*got 1"):
+        FederationConfig(keep_checkpoints=1)
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        from_mapping({"keep_checkpoints": -3}, FederationConfig, source="x.yaml")
+
+
 def test_site_state_survives_restart(tmp_path: Path) -> None:
     st = SiteState(tmp_path, "hosp-a")
     assert st.load_personal() is None and st.read_meta() == {}
