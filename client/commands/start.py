@@ -133,6 +133,14 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         trusted_entities=getattr(args, "trusted_entities", None),
         allow_unsigned=getattr(args, "allow_unsigned_apps", False),
     )
+    policy = None if site.apps is None else site.apps.policy()
+    if policy is not None and policy.active and trusted is None:
+        raise ConfigError(
+            str(site_path),
+            "apps",
+            "limits when apps were signed, which needs --trusted-entities "
+            "(the coordinator's trusted-entities.yaml)",
+        )
     return supernode_argv(
         args.superlink,
         {NODE_SITE_CONFIG: str(site_path)},
@@ -140,6 +148,7 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         root_certificates=ca,
         auth_key=None if args.auth_key is None else Path(args.auth_key).resolve(),
         trusted_entities=trusted,
+        app_policy=policy,
     )
 
 

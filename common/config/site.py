@@ -21,11 +21,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from common.config.dicom_node import DicomNodeConfig
 from common.config.loader import bounded, check_plain_name, load_config, path_field
+from common.errors import shown
 from common.keys import CALCIFICATION, IGNORE, MASS, NONE_FINDING
+
+if TYPE_CHECKING:
+    from common.wire.app_signing import AppAgePolicy
 
 #: Default ingest pixel budget (:attr:`SiteConfig.max_pixels`): 32 Mi samples
 #: (Rows x Columns x NumberOfFrames x SamplesPerPixel). The largest FFDM
@@ -80,6 +84,57 @@ class SitePrivacy:
 
 
 @dataclass(frozen=True)
+class SiteApps:
+    """When the federated apps this site runs may have been signed.
+
+    The coordinator signs each app release (``mammofed-server sign-app``);
+    Flower runs any release a trusted key ever signed. These limits are the
+    site's own (``mammofed-client start`` enforces them in the SuperNode,
+    :mod:`client.supernode_main`):
+
+    Attributes:
+        signed_after: ISO 8601 date-time with a time zone, quoted in YAML
+            (``"2026-12-01T00:00:00Z"``): releases signed before it are
+            refused, e.g. every release before a security fix.
+        max_age_days: releases signed longer ago are refused, so a signature
+            expires and the coordinator re-signs (``sign-app``) what it
+            still runs.
+    """
+
+    signed_after: str | None = None
+    max_age_days: float | None = field(default=None, metadata=bounded(1.0, 36500.0))
+
+    def __post_init__(self) -> None:
+        if self.signed_after is not None:
+            self.signed_after_unix()  # raises naming the value
+
+    def signed_after_unix(self) -> int | None:
+        """``signed_after`` in Unix seconds (``None`` when unset)."""
+        import datetime as dt
+
+        if self.signed_after is None:
+            return None
+        text = self.signed_after.strip().replace("Z", "+00:00")
+        try:
+            when = dt.datetime.fromisoformat(text)
+        except ValueError:
+            when = None
+        if when is None or when.tzinfo is None:
+            raise ValueError(
+                "signed_after: expected an ISO 8601 date-time with a time zone, "
+                f'e.g. "2026-12-01T00:00:00Z"; got {shown(self.signed_after)}'
+            )
+        return int(when.timestamp())
+
+    def policy(self) -> AppAgePolicy:
+        """The limits as :class:`common.wire.app_signing.AppAgePolicy`."""
+        from common.wire.app_signing import AppAgePolicy
+
+        age = None if self.max_age_days is None else self.max_age_days * 86400.0
+        return AppAgePolicy(self.signed_after_unix(), age)
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """One site's ingest, training and serving settings.
 
@@ -115,6 +170,8 @@ class SiteConfig:
             (:class:`common.config.dicom_node.DicomNodeConfig`); ``None``: no node.
         privacy: this site's own floor for every run it trains in
             (:class:`SitePrivacy`); ``None``: none.
+        apps: when the apps this site runs may have been signed
+            (:class:`SiteApps`); ``None``: any release a trusted key signed.
     """
 
     name: str = "site"
@@ -134,6 +191,7 @@ class SiteConfig:
     adapt: dict[str, Any] = field(default_factory=dict)
     dicom_node: DicomNodeConfig | None = None
     privacy: SitePrivacy | None = None
+    apps: SiteApps | None = None
 
     def __post_init__(self) -> None:
         try:

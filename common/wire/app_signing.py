@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -211,6 +211,104 @@ def _message(fab: bytes, signed_at: int) -> bytes:
 
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+#: How far in the future a signature's ``signed_at`` may lie (clock skew
+#: between the coordinator and a site) before the site refuses it.
+MAX_CLOCK_SKEW_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class AppAgePolicy:
+    """A site's limits on when the apps it runs were signed.
+
+    Flower checks that a trusted key signed the FAB; it does not look at
+    ``signed_at``, so an app signed once runs for ever, and an older release
+    with a since-fixed flaw can be sent again (rolled back) by whoever
+    controls the SuperLink. A site sets either limit in its config
+    (``apps``): ``signed_after`` (Unix seconds) revokes every release
+    signed before it; ``max_age_s`` makes signatures expire. A signature
+    dated more than :data:`MAX_CLOCK_SKEW_S` ahead of the site's clock is
+    refused too (it would outlive ``max_age_s``).
+    """
+
+    signed_after: int | None = None
+    max_age_s: float | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether any limit is set."""
+        return self.signed_after is not None or self.max_age_s is not None
+
+    def problem(self, signed_at: int, now: float) -> str | None:
+        """Why a signature of ``signed_at`` is refused at ``now``, or ``None``."""
+        if signed_at > now + MAX_CLOCK_SKEW_S:
+            return f"signed_at {signed_at} is in the future (site clock {int(now)})"
+        if self.signed_after is not None and signed_at < self.signed_after:
+            return (
+                f"signed_at {signed_at} is before this site's apps.signed_after "
+                f"{self.signed_after}"
+            )
+        if self.max_age_s is not None and now - signed_at > self.max_age_s:
+            days = (now - signed_at) / 86400
+            return (
+                f"signed {days:.1f} days ago, older than this site's "
+                f"apps.max_age_days {self.max_age_s / 86400:g}"
+            )
+        return None
+
+
+def check_fab_signature(
+    fab: bytes,
+    verifications: Mapping[str, str],
+    trusted: Mapping[str, str],
+    policy: AppAgePolicy,
+    *,
+    now: float | None = None,
+) -> str | None:
+    """``None`` when a trusted key signed ``fab`` within ``policy``; else why not.
+
+    ``verifications`` is the FAB's record as Flower's SuperNode holds it
+    (key id -> JSON ``{"signature", "signed_at"}``; ``valid_license`` is
+    not a signature); ``trusted`` the site's trusted entities (key id ->
+    ``ssh-ed25519 ...``). The signature is verified here too, so a record
+    whose date was edited fails; every malformed record is skipped.
+    """
+    import json
+
+    when = time.time() if now is None else now
+    reasons: list[str] = []
+    for key_id, raw in verifications.items():
+        if key_id == "valid_license" or key_id not in trusted:
+            continue
+        try:
+            record = json.loads(raw)
+            signed_at = record["signed_at"]
+            signature = _b64url_decode(str(record["signature"]))
+            if not isinstance(signed_at, int) or isinstance(signed_at, bool):
+                raise TypeError(f"signed_at {shown(signed_at)}")
+            public = serialization.load_ssh_public_key(trusted[key_id].encode())
+            if not isinstance(public, ed25519.Ed25519PublicKey):
+                raise TypeError("not an Ed25519 key")
+            public.verify(signature, _message(fab, signed_at))
+        except (
+            ValueError,  # JSON, base64, the key
+            TypeError,
+            KeyError,
+            InvalidSignature,
+            UnsupportedAlgorithm,
+        ) as exc:  # a hostile record is never a reason to run
+            reasons.append(f"{key_id}: not a valid signature ({shown(exc, 80)})")
+            continue
+        why = policy.problem(signed_at, when)
+        if why is None:
+            return None
+        reasons.append(f"{key_id}: {why}")
+    return "; ".join(reasons) or "no signature by a trusted key"
 
 
 def sign_fab(

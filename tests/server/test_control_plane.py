@@ -31,6 +31,7 @@ from client.supernode import supernode_argv
 from common.errors import ConfigError
 from common.flower_cli import flower_bin, flower_env
 from common.wire.app_signing import (
+    AppAgePolicy,
     AppSigningError,
     FabSignature,
     generate_signing_key,
@@ -581,6 +582,9 @@ def federation(
                     root_certificates=pki.ca_cert.resolve(),
                     auth_key=node.private_key.resolve(),
                     trusted_entities=signing.trusted_entities.resolve(),
+                    # the site's apps limits: releases signed over a day ago
+                    # are refused (client.supernode_main wraps Flower's check)
+                    app_policy=AppAgePolicy(signed_after=int(time.time()) - 86400),
                 ),
                 log_path=hospital_log,
                 env=flower_env(tmp / "home-hospital"),
@@ -706,6 +710,18 @@ def test_signed_app_runs_unsigned_and_resigned_are_refused(
     run_id = _run(fed, resigned.spec, home)
     assert list(_server_codes(fed, run_id).values()) == [7]
     assert not _ran_at_hospital(fed, run_id)
+
+    # signed by the coordinator's key, but two days ago, before the site's
+    # apps.signed_after: a rolled-back release is refused, its code never run
+    old_fab = build_fab_from_disk(write_probe_app(fed.tmp / "old", version="1.0.3"))
+    stale = sign_fab(
+        old_fab, load_signing_key(fed.signing_key), signed_at=int(time.time()) - 172800
+    )
+    rolled_back = write_signed_app(fed.apps, old_fab, [stale])
+    run_id = _run(fed, rolled_back.spec, home)
+    assert list(_server_codes(fed, run_id).values()) == [7]
+    assert not _ran_at_hospital(fed, run_id)
     log = fed.hospital_log.read_text()
     assert "FAB verification failed" in log
     assert "App verification is not supported" in log  # the unsigned one
+    assert "refused by this site's apps limits" in log and "signed_after" in log
