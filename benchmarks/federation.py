@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -98,10 +97,7 @@ def main() -> None:
         )
         assert fed.run_dir is not None
         run_federation(grid, fed, fed.run_dir)
-        rounds = [
-            json.loads(x)
-            for x in (fed.run_dir / RF.ROUNDS_JSONL).read_text().splitlines()
-        ]
+        rounds = list(RF.iter_round_rows(fed.run_dir / RF.ROUNDS_JSONL))
     opts = DetectorOptions(**dict(fed.trainer.options))
     model = build_detector(opts.model_config())
     model_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
@@ -178,10 +174,7 @@ def _deployment(args: argparse.Namespace) -> None:
         run_federated(args.regime, fed, caches, out / "run", 0, engine="deployment")
         assert fed.run_dir is not None
         rows = rows_from_site_states(fed)
-        rounds = [
-            json.loads(x)
-            for x in (fed.run_dir / RF.ROUNDS_JSONL).read_text().splitlines()
-        ]
+        rounds = list(RF.iter_round_rows(fed.run_dir / RF.ROUNDS_JSONL))
     ctx = {
         "scenario": Path(args.scenario).name,
         "federation": Path(args.federation).name,
@@ -228,7 +221,7 @@ def _from_run(regime_dir: Path) -> None:
     """The deployment figures of a finished ``mammofed-sim run`` regime folder."""
     rows = read_jsonl(regime_dir / RF.ROUNDS_JSONL)
     server = regime_dir / RF.SERVER_DIR
-    rounds = read_jsonl(server / RF.ROUNDS_JSONL)
+    rounds = list(RF.iter_round_rows(server / RF.ROUNDS_JSONL))
     if not rows or not rounds:
         raise SystemExit(f"{regime_dir}: no rounds recorded (not a finished run?)")
     fed = load_federation_config(server / "resolved_config.yaml")

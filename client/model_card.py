@@ -41,11 +41,10 @@ from common.errors import MammofedError
 from common.fileio import (
     atomic_write_text,
     read_json_document,
-    read_jsonl,
     sha256_file,
 )
 from common.keys import CLASSES, NUM_EXAMPLES
-from common.wire.runfolder import ROUNDS_JSONL
+from common.wire.runfolder import ROUNDS_JSONL, iter_round_rows
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +104,14 @@ def _read_file(path: Path, parse: Callable[[str], Any] = json.loads) -> Any:
         return None
 
 
+def _count(row: object, key: str) -> int | None:
+    """``row[key]`` when it is a count (an int >= 0), else ``None``."""
+    value = row.get(key) if isinstance(row, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
 def _federation_training(export: Mapping[str, Any]) -> dict[str, Any]:
     """What the export provenance, its round file, rounds.jsonl and the site say."""
     copied = ("run", "round", "kind", "strategy", "personalization", "head")
@@ -126,31 +133,24 @@ def _federation_training(export: Mapping[str, Any]) -> dict[str, Any]:
         if sites:  # simulation names its sites; a deployment does not record them
             out["sites"] = list(sites)
         rounds_path = Path(round_file).parent.parent / ROUNDS_JSONL
-        if rounds_path.is_file():
-            try:
-                lines = [
-                    r
-                    for r in read_jsonl(rounds_path)
-                    if isinstance(r, dict)
-                    and isinstance(rnd, int)
-                    and int(r.get("round", 0)) <= rnd
-                ]
-            except (OSError, ValueError) as exc:
-                log.warning(
-                    "%s: unreadable, left out of the card: %s", rounds_path, exc
-                )
-                lines = []
-            valid = [int(r.get("train", {}).get("valid", 0)) for r in lines]
-            if valid:
-                out["nodes_per_round"] = {"min": min(valid), "max": max(valid)}
-                per_node = lines[-1].get("train", {}).get("per_node", {})
-                counts = sorted(
-                    int(m[NUM_EXAMPLES])
-                    for m in per_node.values()
-                    if isinstance(m, dict) and NUM_EXAMPLES in m
-                )
-                if counts:
-                    out["examples_last_round_per_node"] = counts
+        # a torn or edited line costs that line only (iter_round_rows)
+        lines = [
+            r
+            for r in iter_round_rows(rounds_path)
+            if isinstance(rnd, int) and r["round"] <= rnd
+        ]
+        valid = [v for r in lines if (v := _count(r.get("train"), "valid")) is not None]
+        if valid:
+            out["nodes_per_round"] = {"min": min(valid), "max": max(valid)}
+            per_node = lines[-1].get("train", {}).get("per_node", {})
+            per_node = per_node if isinstance(per_node, dict) else {}
+            counts = sorted(
+                n
+                for m in per_node.values()
+                if (n := _count(m, NUM_EXAMPLES)) is not None
+            )
+            if counts:
+                out["examples_last_round_per_node"] = counts
     state_dir, site = export.get("state_dir"), export.get("site")
     if isinstance(state_dir, str) and isinstance(site, str):
         meta_path = Path(state_dir) / site / META_JSON

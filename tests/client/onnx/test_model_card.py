@@ -40,7 +40,28 @@ def fed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     line = {"round": 1, "train": {"valid": 1, "per_node": {"7": r.metrics}}}
     (cfg.run_dir / ROUNDS_JSONL).write_text(json.dumps(line) + "\n")
     examples = int(r.metrics[NUM_EXAMPLES])
-    return {"ckdir": r.ckdir, "cache": r.cache, "examples": examples}
+    return {
+        "ckdir": r.ckdir,
+        "cache": r.cache,
+        "examples": examples,
+        "rounds": cfg.run_dir / ROUNDS_JSONL,
+    }
+
+
+def test_a_torn_or_hostile_rounds_line_costs_that_line_only(fed_run, tmp_path):
+    rounds = fed_run["rounds"]
+    good = rounds.read_text()
+    hostile = {"round": 0, "train": {"valid": "many", "per_node": {"7": {}}}}
+    try:
+        rounds.write_text(json.dumps(hostile) + "\n" + good + '{"round": 1, "tr\n')
+        out = tmp_path / "model.pt"
+        args = ["export", "--checkpoint", str(fed_run["ckdir"]), "--out", str(out)]
+        assert client_main([*args, "--site-name", SITE]) == 0
+        tr = verify_card(out)["training"]
+        assert tr["nodes_per_round"] == {"min": 1, "max": 1}
+        assert tr["examples_last_round_per_node"] == [fed_run["examples"]]
+    finally:
+        rounds.write_text(good)
 
 
 def test_export_writes_cards_for_pt_and_onnx(fed_run, tmp_path, write_exam):
