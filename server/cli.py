@@ -13,6 +13,7 @@ MODULES = (
     "server.commands.sign_app",
     "server.commands.start",
     "server.commands.register_node",
+    "server.commands.unregister_node",
     "server.commands.run",
     "server.commands.status",
 )

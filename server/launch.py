@@ -272,6 +272,25 @@ def register_supernode(
     raise ProcessError(f"flwr supernode register {public_key}: {message}")
 
 
+def unregister_supernode(
+    node_id: int, conn: Connection, *, timeout_s: float = 60.0
+) -> None:
+    """Remove node ``node_id`` from the federation (``flwr supernode unregister``).
+
+    The SuperLink then refuses the node's key: its SuperNode can no longer
+    pull messages or send replies, and it is not sampled. A key kept in a
+    ``start --register-keys`` folder is registered again when the
+    coordinator restarts without ``--database``: remove the file too.
+    Raises :class:`ProcessError` naming the node when the SuperLink refuses
+    (an unknown id, say).
+    """
+    args = ["supernode", "unregister", str(int(node_id)), "mammofed"]
+    with tempfile.TemporaryDirectory(prefix="mammofed-unregister-") as tmp:
+        payload = _flwr_json(args, prepare_home(Path(tmp), conn), timeout_s)
+    _require_success(payload, f"flwr supernode unregister {node_id}")
+    log.info("unregistered SuperNode %d", node_id)
+
+
 def register_supernodes(
     public_keys: Sequence[Path],
     conn: Connection,

@@ -444,8 +444,7 @@ def test_tls_node_auth_run_and_unregistered_key_refused(
         return proc
 
     intruder = supernode("rogue", rogue.private_key)
-    for site, pair in keys.items():
-        supernode(site, pair.private_key)
+    nodes = {site: supernode(site, pair.private_key) for site, pair in keys.items()}
     # registering again is harmless (a restarted coordinator does this)
     assert register_supernodes([keys["site-a"].public_key], conn) == {
         keys["site-a"].public_key: None
@@ -468,3 +467,17 @@ def test_tls_node_auth_run_and_unregistered_key_refused(
     for site in keys:
         assert "SuperNode ID" in (tmp_path / f"{site}.log").read_text()
     assert wait_for_port("127.0.0.1", port, 1)  # SuperLink still serving
+
+    # the coordinator removes site-b (a hospital leaving, a key compromised):
+    # its SuperNode is refused from then on and exits; site-a stays
+    gone = registered[keys["site-b"].public_key]
+    ca = str(files.ca_cert)
+    args = ["--superlink", address, "--root-certificates", ca]
+    assert server_main(["unregister-node", str(gone), *args]) == 0
+    deadline = time.monotonic() + 90
+    while nodes["site-b"].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    b_log = (tmp_path / "site-b.log").read_text()
+    assert nodes["site-b"].poll() is not None, b_log[-2000:]
+    assert nodes["site-a"].poll() is None
+    assert server_main(["unregister-node", "987654321", *args]) == 1
