@@ -3,8 +3,10 @@
 Which site this node plays comes from ``context.node_config``:
 
 * deployment: ``site-config`` = path of a ``configs/sites/*.yaml``
-  (:class:`common.config.site.SiteConfig`; its ``name`` and ``state_dir``), or
-  the keys ``site`` and ``state-dir`` (and optionally ``data-dir``) directly;
+  (:class:`common.config.site.SiteConfig`; its ``name`` and ``state_dir``, and
+  its ``cache_dir``/``data_dir`` when the run sets ``trainer.options.
+  cache_root``: the run never chooses a configured site's folders), or the
+  keys ``site`` and ``state-dir`` (required; optionally ``data-dir``) directly;
 * simulation: ``partition-id`` indexes the run's ``sites`` list, and the
   state lives under the federation config's ``state_dir``.
 
@@ -45,7 +47,7 @@ from client.guard import PrivacyGuardError, check_reply
 from client.state import SiteState, SiteStateError
 from client.trainer import LocalTrainer, build_trainer, check_privacy_floor
 from common.config.site import SitePrivacy, load_site_config
-from common.errors import CheckpointMismatch, ConfigError, MammofedError
+from common.errors import CheckpointMismatch, ConfigError, MammofedError, shown
 from common.keys import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -112,6 +114,15 @@ def resolve_site(node_config: dict, fed_cfg: FederationConfig) -> SiteBinding:
         if site_cfg.state_dir is None:
             raise ConfigError(str(path), "state_dir", "is required for federation")
         data = site_cfg.cache_dir or site_cfg.data_dir
+        cache_root = fed_cfg.trainer.options.get("cache_root")
+        if data is None and cache_root:
+            # the run's launcher would choose which folder this site reads
+            raise ConfigError(
+                str(path),
+                "cache_dir",
+                "is required: the site's images are named by its own config, "
+                f"not by the run's trainer.options.cache_root = {shown(cache_root)}",
+            )
         return SiteBinding(
             site_cfg.name,
             site_cfg.state_dir,
@@ -122,7 +133,9 @@ def resolve_site(node_config: dict, fed_cfg: FederationConfig) -> SiteBinding:
         )
     if NODE_SITE in node_config:
         site = str(node_config[NODE_SITE])
-        state = node_config.get(NODE_STATE_DIR) or fed_cfg.state_dir
+        # the node's own folder, never the run's state_dir: whoever launches a
+        # run could point the site at a fresh DP accountant or any folder
+        state = node_config.get(NODE_STATE_DIR)
         if not state:
             raise ConfigError(src, NODE_STATE_DIR, f"missing for site {site!r}")
         data = node_config.get(NODE_DATA_DIR)
@@ -149,7 +162,7 @@ def resolve_site(node_config: dict, fed_cfg: FederationConfig) -> SiteBinding:
 
 
 def _setup(context: Context) -> tuple[FederationConfig, SiteBinding, LocalTrainer]:
-    fed_cfg = federation_config_from_run_config(context.run_config, APP_ROOT)
+    fed_cfg = federation_config_from_run_config(context.run_config, APP_ROOT, site=True)
     binding = resolve_site(dict(context.node_config), fed_cfg)
     check_privacy_floor(fed_cfg, binding.privacy, binding.source)
     trainer = build_trainer(
@@ -231,8 +244,28 @@ def handle_train(msg: Message, context: Context) -> Message:
     ins = _instructions(msg, fed_cfg.trainer.name)
     shared = _received_shared(msg, trainer)
     state = SiteState(binding.state_dir, binding.site)
-    if _settle(msg, state) is not None:
-        state.begin_round(ins.server_round, int(context.node_id))
+    if _settle(msg, state) is None:
+        return _train(msg, context, binding, trainer, shared, ins, state)
+    state.begin_round(ins.server_round, int(context.node_id))
+    try:
+        return _train(msg, context, binding, trainer, shared, ins, state)
+    except BaseException:
+        # no reply of this round leaves the site: whatever model version a
+        # later message names, nothing of this round may become its state
+        state.abandon_round(f"round {ins.server_round} failed on this site")
+        raise
+
+
+def _train(
+    msg: Message,
+    context: Context,
+    binding: SiteBinding,
+    trainer: LocalTrainer,
+    shared: dict,
+    ins: FitInstructions,
+    state: SiteState,
+) -> Message:
+    """:func:`handle_train` from the training on (a failure here sends no reply)."""
     t0 = time.perf_counter()
     new_shared, metrics = trainer.fit(shared, ins)
     seconds = time.perf_counter() - t0

@@ -65,7 +65,14 @@ from common.detector.adapt import fewshot as fs
 from common.detector.adapt.config import AdaptConfig, apply_overrides
 from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.adapt.teacher import load_or_create_teacher, local_round
-from common.detector.dp import DPRoundResult, DPSettings, PatientDPSGD
+from common.detector.dp import (
+    DPRoundResult,
+    DPSettings,
+    PatientDPSGD,
+    PrivacyError,
+    default_delta,
+    patient_groups,
+)
 from common.detector.engine import evaluate_detailed, resolve_device, seed_everything
 from common.detector.model import (
     ModelConfig,
@@ -347,6 +354,41 @@ LocalRound = Callable[
 ]
 
 
+def check_dp_delta(dp: PatientDPSGD, n_women: int) -> float:
+    """The delta ``dp`` would account at, when it is below ``1 / n_women``.
+
+    The stored plan's delta (kept for the life of the site's accountant;
+    against ``1 / n`` of the women it was planned for), else
+    ``trainer.options.dp_delta``, else :func:`common.detector.dp.default_delta`
+    (always below ``1 / n``). DP needs ``delta < 1 / n``: at ``delta`` 0.5 a
+    mechanism may publish half the women's data and still claim any epsilon,
+    so the site's ``privacy.max_epsilon`` floor would mean nothing.
+
+    Raises:
+        PrivacyError: the delta is at least ``1 / n_women``; names the run's
+            setting or the accountant file, and the value.
+    """
+    n = max(int(n_women), 1)
+    plan = dp.accountant().plan
+    if plan is not None:
+        # judged by the women it was planned for (a site that grew since keeps
+        # its plan's default delta)
+        n, delta = max(int(plan.n_patients), 1), plan.delta
+        what = f"{dp.accountant_path}: the stored DP plan's delta {delta:g}"
+        fix = "; it is kept for the life of that file (remove it on purpose)"
+    elif dp.settings.delta > 0:
+        delta = dp.settings.delta
+        what, fix = f"trainer.options.dp_delta = {delta:g}", ""
+    else:
+        return default_delta(n)
+    if delta >= 1.0 / n:
+        raise PrivacyError(
+            f"{what} is not below 1/n = {1.0 / n:.3g} (n = {n} training women): "
+            f"at such a delta epsilon guarantees nothing{fix}"
+        )
+    return float(delta)
+
+
 class PrivateRound:
     """Patient-level DP-SGD in place of the normal epochs (``trainer.options.dp``).
 
@@ -386,6 +428,9 @@ class PrivateRound:
         config: FitInstructions,
     ) -> LocalRun:
         """Train one round under DP (or nothing when the budget would be exceeded)."""
+        # a delta the run (or an earlier run's stored plan) chose may not void
+        # the epsilon the site's floor checks; refused before any image is read
+        check_dp_delta(self.dp, len(patient_groups(labeled)))
 
         def regularizer(model: nn.Module) -> Tensor:
             return extra(model, [], [])  # type: ignore[no-any-return]

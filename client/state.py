@@ -144,8 +144,29 @@ class SiteState:
         self.pending_dir = self.dir / PENDING_DIR
 
     def save_personal(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Atomically replace the personal arrays (pending ones during a round)."""
+        """Atomically replace the personal arrays (pending ones during a round).
+
+        Raises:
+            SiteStateError: an array holds NaN or Inf (a diverged round, or
+                absurd global arrays from the server): nothing is written, so
+                the site keeps its last finite personal state.
+        """
+        for name, value in arrays.items():
+            a = np.asarray(value)
+            if np.issubdtype(a.dtype, np.number) and not np.isfinite(a).all():
+                raise SiteStateError(
+                    f"{self.dir}: personal array {shown(name)} has NaN or Inf "
+                    "values; not saved (the last finite personal state is kept)"
+                )
         save_arrays(self.write_path(PERSONAL_NPZ), arrays)
+
+    def abandon_round(self, why: str) -> None:
+        """Discard the pending round: its reply was never sent (``why``).
+
+        A round whose commit already began is finished instead (it was kept).
+        """
+        if self.pending_path.is_file():
+            self._drop_pending(why)
 
     # --- pending rounds ------------------------------------------------------
     def write_path(self, name: str) -> Path:

@@ -31,6 +31,7 @@ from common.config.loader import (
     check_plain_name,
     from_mapping,
     load_config,
+    load_yaml,
     path_field,
 )
 from common.errors import ConfigError, shown
@@ -381,8 +382,23 @@ def load_federation_config(path: str | Path) -> FederationConfig:
     return load_config(path, FederationConfig)
 
 
+#: Fields only the server reads (round 0's model); a site never looks at them.
+SERVER_ONLY_PATHS: tuple[str, ...] = ("initial_arrays", "initial_checkpoint")
+
+
+def _site_view(data: Any) -> Any:
+    """``data`` without :data:`SERVER_ONLY_PATHS` (a mapping; else as it is).
+
+    They must exist where loaded; checked on a site, a run naming any path
+    would learn from the reply whether it exists on the site's disk.
+    """
+    if not isinstance(data, Mapping):
+        return data
+    return {k: v for k, v in data.items() if k not in SERVER_ONLY_PATHS}
+
+
 def federation_config_from_run_config(
-    run_config: Mapping[str, Any], app_root: Path
+    run_config: Mapping[str, Any], app_root: Path, *, site: bool = False
 ) -> FederationConfig:
     """Typed :class:`FederationConfig` from a Flower ``run_config``.
 
@@ -390,7 +406,8 @@ def federation_config_from_run_config(
     wins over ``federation-config`` (a YAML path, relative to ``app_root``, the
     folder holding ``configs/``, and inside it: a run may not make a site read
     another file). ``run-dir``, when non-empty, overrides the file's
-    ``run_dir``.
+    ``run_dir``. ``site``: read for a site, which leaves out (never checks)
+    the server-only :data:`SERVER_ONLY_PATHS`.
     """
     inline = str(run_config.get(RUN_FEDERATION_JSON, "") or "")
     if inline:
@@ -401,7 +418,9 @@ def federation_config_from_run_config(
                 "run_config", RUN_FEDERATION_JSON, f"is not valid JSON: {exc}"
             ) from exc
         cfg = from_mapping(
-            data, FederationConfig, source=f"run_config:{RUN_FEDERATION_JSON}"
+            _site_view(data) if site else data,
+            FederationConfig,
+            source=f"run_config:{RUN_FEDERATION_JSON}",
         )
     else:
         raw = str(run_config.get(RUN_FEDERATION_CONFIG, "") or "")
@@ -424,7 +443,15 @@ def federation_config_from_run_config(
                 f"{shown(raw)} is outside the app ({root}): only the app's own "
                 f"config files may be named (or send {RUN_FEDERATION_JSON})",
             )
-        cfg = load_federation_config(path)
+        if site:
+            cfg = from_mapping(
+                _site_view(load_yaml(path)),
+                FederationConfig,
+                source=str(path),
+                base_dir=path.resolve().parent,
+            )
+        else:
+            cfg = load_federation_config(path)
     run_dir = str(run_config.get(RUN_DIR, "") or "")
     if run_dir:
         cfg = dataclasses.replace(cfg, run_dir=Path(run_dir).expanduser())
