@@ -580,7 +580,10 @@ class DetectorTrainer:
                     f"site {self.site}: data dir {self.data_dir} does not exist"
                 )
             self._dataset = SiteDataset(
-                self.data_dir, test_fraction=TEST_FRACTION, seed=self.fed_cfg.seed
+                self.data_dir,
+                test_fraction=TEST_FRACTION,
+                seed=self.fed_cfg.seed,
+                model_spacing_mm=self.opts.working_spacing_mm,
             )
         return self._dataset
 

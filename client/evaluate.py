@@ -260,7 +260,10 @@ def evaluate_checkpoint(
         out,
     )
     site = SiteDataset(
-        cache_dir, test_fraction=split["test_fraction"], seed=split["seed"]
+        cache_dir,
+        test_fraction=split["test_fraction"],
+        seed=split["seed"],
+        model_spacing_mm=ck.model_config.working_spacing_mm,
     )
     site_split = site.cache.read_split() is not None
     if (

@@ -52,9 +52,14 @@ from common.wire.federation import FederationConfig
 log = logging.getLogger(__name__)
 
 
-def _site(cache: Path, seed: int) -> SiteDataset:
-    """A cache split as the federated trainer splits it (:data:`TEST_FRACTION`)."""
-    return SiteDataset(cache, test_fraction=TEST_FRACTION, seed=seed)
+def _site(cache: Path, seed: int, spacing_mm: float) -> SiteDataset:
+    """A cache split as the federated trainer splits it (:data:`TEST_FRACTION`).
+
+    ``spacing_mm``: the model's working spacing, checked against the cache's.
+    """
+    return SiteDataset(
+        cache, test_fraction=TEST_FRACTION, seed=seed, model_spacing_mm=spacing_mm
+    )
 
 
 def train_central(
@@ -97,7 +102,8 @@ def train_central(
     if init is not None:
         init_from_checkpoint(model, opts.model_config(), init)
     model = model.to(device)
-    pooled = Pooled([_site(c, seed).view("labeled") for c in caches])
+    spacing = opts.working_spacing_mm
+    pooled = Pooled([_site(c, seed, spacing).view("labeled") for c in caches])
     n = len(pooled)
     if n == 0:
         raise MammofedError(f"{label}: no labeled images in {[str(c) for c in caches]}")
@@ -117,7 +123,7 @@ def train_central(
     if use_ssl:
         assert ssl is not None
         unlabeled: Dataset[Any] = ConcatDataset(
-            [_site(c, seed).view("unlabeled") for c in caches]
+            [_site(c, seed, spacing).view("unlabeled") for c in caches]
         )
         if len(unlabeled) > 0:  # type: ignore[arg-type]
             _train_semi_supervised(

@@ -168,7 +168,10 @@ class TrainConfig:
         """Every cache by folder name, split by ``test_fraction``/``split_seed``."""
         return {
             Path(c).name: SiteDataset(
-                c, test_fraction=self.test_fraction, seed=self.split_seed
+                c,
+                test_fraction=self.test_fraction,
+                seed=self.split_seed,
+                model_spacing_mm=self.model.working_spacing_mm,
             )
             for c in self.caches
         }

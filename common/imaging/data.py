@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.errors import MammofedError
+from common.errors import ConfigError, MammofedError
 from common.imaging.annotations import ImageTargets
 from common.imaging.cache import ANNOTATIONS_JSON, CacheError, SiteCache
 from common.imaging.geometry import Geometry
@@ -217,6 +217,21 @@ class SiteView(Dataset[tuple[torch.Tensor, Target]]):
 DEFAULT_TEST_FRACTION = 0.2
 
 
+def _check_spacing(root: Path, entries: Sequence[Any], model_mm: float) -> None:
+    """Raise ``ConfigError`` unless every entry was made for ``model_mm``."""
+    made = sorted({float(e.working_spacing_mm) for e in entries})
+    off = [m for m in made if abs(m - float(model_mm)) > 1e-6]
+    if off:
+        raise ConfigError(
+            str(root),
+            "working_spacing_mm",
+            f"the cache's images were ingested at {', '.join(f'{m:g}' for m in made)}"
+            f" mm per pixel, the model works at {float(model_mm):g} mm "
+            "(model.working_spacing_mm): ingest into another cache with a site "
+            "config of that working_spacing_mm, or set the model to match",
+        )
+
+
 class SiteDataset:
     """A site cache as records, views, a patient-grouped split and k folds.
 
@@ -224,11 +239,18 @@ class SiteDataset:
         cache_dir: a folder written by ``mammofed-client ingest``.
         test_fraction: used when the cache holds no site split.
         seed: split seed.
+        model_spacing_mm: the ``working_spacing_mm`` of the model that will
+            train on or be scored on these images, when known: the cache's
+            entries must have been made for it.
 
     Pixels are read from disk when an item is read (lazy, bounded memory).
 
     Raises:
         MammofedError: the folder holds no cache entries.
+        ConfigError: ``model_spacing_mm`` differs from the spacing the
+            entries were ingested for (the site config's
+            ``working_spacing_mm``): a model told 0.8 mm would otherwise
+            train on 0.4 mm pixels, its mm-sized settings off by 2x, silently.
     """
 
     def __init__(
@@ -237,6 +259,7 @@ class SiteDataset:
         *,
         test_fraction: float = DEFAULT_TEST_FRACTION,
         seed: int = 0,
+        model_spacing_mm: float | None = None,
     ) -> None:
         if not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
@@ -248,6 +271,8 @@ class SiteDataset:
             raise MammofedError(
                 f"{self.cache.root}: no cache entries (run ingest first)"
             )
+        if model_spacing_mm is not None:
+            _check_spacing(self.cache.root, entries, model_spacing_mm)
         targets = self.cache.read_annotations()
         site_split = self.cache.read_split()
         pre: list[tuple[Any, ImageTargets, str]] = []

@@ -29,7 +29,13 @@ def _central(cache: Path, fed, seed: int) -> dict[str, torch.Tensor]:
 def test_federated_round_equals_central_epoch(tmp_path: Path) -> None:
     cache = make_site_cache(tmp_path / "siteA")
     base = load_federation_config(REPO / "configs" / "federation" / "sim-test.yaml")
-    options = {**base.trainer.options, "fewshot": False, "max_steps": 3}
+    # the model at the spacing make_site_cache ingested at (sim-test.yaml: 0.8 mm)
+    options = {
+        **base.trainer.options,
+        "fewshot": False,
+        "max_steps": 3,
+        "working_spacing_mm": 0.4,
+    }
     fed = dataclasses.replace(
         base, seed=7, trainer=dataclasses.replace(base.trainer, options=options)
     )

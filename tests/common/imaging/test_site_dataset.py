@@ -144,3 +144,21 @@ def test_folds_partition_patients(tmp_path: Path) -> None:
 def test_empty_cache_raises(tmp_path: Path) -> None:
     with pytest.raises(MammofedError, match="no cache entries"):
         SiteDataset(tmp_path)
+
+
+def test_a_model_of_another_working_spacing_is_refused(tmp_path: Path) -> None:
+    from common.errors import ConfigError
+    from tests.conftest import make_site_cache, write_train_yaml
+
+    cache = make_site_cache(tmp_path / "cache")  # ingested at 0.4 mm
+    assert len(SiteDataset(cache, model_spacing_mm=0.4)) == 12
+    with pytest.raises(ConfigError, match=r"ingested at 0\.4 mm.*works at 0\.8 mm"):
+        SiteDataset(cache, model_spacing_mm=0.8)
+    # what silently trained a "0.8 mm" model on 0.4 mm pixels before
+    from simulation.train import load_train_config
+
+    yaml = write_train_yaml(
+        tmp_path, [cache], model={"arch": "tiny", "working_spacing_mm": 0.8}
+    )
+    with pytest.raises(ConfigError, match="working_spacing_mm"):
+        load_train_config(yaml).sites()
