@@ -67,6 +67,7 @@ from common.imaging.annotations import (
     read_site_annotations,
 )
 from common.imaging.cache import (
+    SITE_ROOT_TXT,
     SPLITS,
     CacheEntry,
     SiteCache,
@@ -481,6 +482,37 @@ class _Run:
     walked: bool = False
 
 
+def _check_site_root(cache: SiteCache, site: Path) -> None:
+    """Refuse to fill a cache that mirrors another site folder; else record ``site``.
+
+    A whole walk drops every entry whose file is not in the folder walked,
+    so ingesting another folder into a site's cache (a DICOM node's
+    ``data_dir`` after a manual ingest of some other tree, say) would delete
+    every labeled image of the first. A cache written before the record
+    existed adopts the first folder ingested into it.
+    """
+    recorded = cache.read_site_root()
+    here = site.resolve()
+    if next(site.iterdir(), None) is None and any(cache.keys()):
+        # an unmounted share reads as an empty folder: a walk of it would
+        # drop every entry
+        raise MammofedError(
+            f"{site} is empty but the cache {cache.root} holds images: nothing "
+            "ingested, nothing removed (is the folder mounted? delete the cache "
+            "to empty it on purpose)"
+        )
+    if recorded is not None and recorded != here and any(cache.keys()):
+        n = sum(1 for _ in cache.keys())
+        raise MammofedError(
+            f"{cache.root} mirrors site folder {recorded} ({n} images; "
+            f"{SITE_ROOT_TXT}); ingesting {here} into it would remove them. "
+            "Ingest into another cache, or delete the cache (or its "
+            f"{SITE_ROOT_TXT}) to let {here} replace it"
+        )
+    if recorded != here:
+        cache.write_site_root(here)
+
+
 def ingest_site(
     site_dir: str | Path,
     cache_dir: str | Path,
@@ -524,6 +556,7 @@ def ingest_site(
         raise MammofedError(f"{site}: SITE_DIR is not a folder")
     cache = SiteCache(cache_dir)
     cache.root.mkdir(parents=True, exist_ok=True)
+    _check_site_root(cache, site)  # before anything is read or written
     run = _Run(site, cache, cfg, IngestResult(), t_start)
 
     try:

@@ -478,9 +478,11 @@ class DicomNode:
         except MammofedError as exc:
             log.error("ingest of %s failed: %s", self.site.data_dir, exc)
             return
-        log.info(
-            "site cache %s: %d images (%d new)",
-            self.site.cache_dir, len(res.entries), len(res.new),
+        log.log(
+            logging.WARNING if res.removed else logging.INFO,
+            "site cache %s: %d images (%d new, %d removed: their files left %s)",
+            self.site.cache_dir, len(res.entries), len(res.new), len(res.removed),
+            self.site.data_dir,
         )  # fmt: skip
 
 

@@ -20,6 +20,9 @@ Layout of ``CACHE_DIR``::
     manifest.csv            one row per image (common.keys.MANIFEST_COLUMNS)
     ingest_report.json      {"ingested": [...], "skipped": [...], ...}
     resolved_config.yaml    the site config used
+    site_root.txt           the absolute SITE_DIR this cache mirrors (ingest
+                            drops entries whose file left that folder, so it
+                            refuses to fill the cache from another one)
 
 ``key`` = sha256 of the file's bytes followed by the working spacing written
 with ``repr(float)``, so the same file ingested at another spacing is another
@@ -70,6 +73,7 @@ CACHE_FORMAT = 1
 IMAGES_DIR = "images"
 ANNOTATIONS_JSON = "annotations.json"
 SPLIT_JSON = "split.json"
+SITE_ROOT_TXT = "site_root.txt"
 #: The split names of ``split.json`` (and of ``SITE_DIR/split.csv``).
 SPLITS: tuple[str, ...] = ("train", "test")
 #: dtypes :meth:`SiteCache.write` stores pixels in.
@@ -507,6 +511,21 @@ class SiteCache:
             return []
         with open(path, newline="", encoding="utf-8") as fh:
             return list(csv.DictReader(fh))
+
+    def read_site_root(self) -> Path | None:
+        """The site folder this cache mirrors (``None``: not recorded yet)."""
+        path = self.root / SITE_ROOT_TXT
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CacheError(f"{path}: unreadable: {exc}") from exc
+        return Path(text) if text else None
+
+    def write_site_root(self, site_dir: Path) -> None:
+        """Record ``site_dir`` (absolute) as the folder this cache mirrors."""
+        atomic_write_text(self.root / SITE_ROOT_TXT, str(Path(site_dir).resolve()))
 
     def write_report(self, report: Mapping[str, Any]) -> Path:
         """Write ``ingest_report.json``."""

@@ -131,6 +131,36 @@ def test_rerun_change_delete_and_annotation_refresh(
     assert "research/a.png" not in {r["source"] for r in _manifest(cache)}
 
 
+def test_another_folder_or_an_empty_one_never_empties_the_cache(
+    synthetic_site: Path, tmp_path: Path
+) -> None:
+    """A DICOM node's data_dir ingested into a cache another tree filled used to
+    remove every image of that tree (its files were 'gone' from the walk)."""
+    cache = tmp_path / "cache"
+    first = ingest_site(synthetic_site, cache, SiteConfig(), workers=1)
+    keys = set(SiteCache(cache).keys())
+    assert len(keys) == len(first.entries) > 0
+    other = tmp_path / "incoming"
+    shutil.copytree(synthetic_site / "p1", other / "p1")
+    with pytest.raises(MammofedError, match="mirrors site folder .*would remove"):
+        ingest_site(other, cache, SiteConfig(), workers=1)
+    assert set(SiteCache(cache).keys()) == keys
+    # an unmounted share is an empty folder: refused, nothing removed
+    shutil.rmtree(other / "p1")
+    shutil.move(str(synthetic_site), str(tmp_path / "moved"))
+    synthetic_site.mkdir()
+    with pytest.raises(MammofedError, match="is empty but the cache"):
+        ingest_site(synthetic_site, cache, SiteConfig(), workers=1)
+    assert set(SiteCache(cache).keys()) == keys
+    # the same folder back: nothing new, nothing removed; another cache is fine
+    synthetic_site.rmdir()
+    shutil.move(str(tmp_path / "moved"), str(synthetic_site))
+    again = ingest_site(synthetic_site, cache, SiteConfig(), workers=1)
+    assert again.removed == [] and again.new == []
+    shutil.copytree(synthetic_site / "p1", other / "p1")
+    assert ingest_site(other, tmp_path / "cache-2", SiteConfig(), workers=1).new
+
+
 def test_sidecar_change_reingests_research_image(
     synthetic_site: Path, tmp_path: Path
 ) -> None:
