@@ -22,6 +22,7 @@ Training (``client.detector_trainer``), evaluation and
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from client.state import SiteState
 from common.detector.model import Personalization, head_keys, shared_and_personal
 from common.errors import CheckpointMismatch, ConfigError
 from common.wire.federation import WIRE_FLOATS, array_fault
+
+log = logging.getLogger(__name__)
 
 #: Prefix of the personal head's arrays in ``personal.npz``.
 PERSONAL_HEAD_PREFIX = "personal-head/"
@@ -117,8 +120,31 @@ class SiteModel:
 
     # --- reading ----------------------------------------------------------------
     def personal(self) -> dict[str, np.ndarray] | None:
-        """The committed personal arrays (``None``: no site, or none saved yet)."""
-        return None if self.state is None else self.state.load_personal()
+        """The committed personal arrays; ``None``: none, or another model's.
+
+        ``None`` also without a site or before the first save. A site keeps
+        its personal layers across runs; a later run may build another model
+        (other ``arch`` or widths). Arrays whose shapes do not fit this model
+        are then not used (logged, naming the first): the
+        run starts from the global arrays and the server's defaults, and its
+        first committed round replaces them.
+        """
+        arrays = None if self.state is None else self.state.load_personal()
+        if not arrays:
+            return arrays
+        sd = self.model.state_dict()
+        for name, value in arrays.items():
+            key = name.removeprefix(PERSONAL_HEAD_PREFIX)
+            if key in sd and tuple(np.shape(value)) != tuple(sd[key].shape):
+                log.warning(
+                    "%s: personal arrays of another model (%s %s, this model's "
+                    "%s): not used; this run's model starts from the global and "
+                    "default arrays",
+                    self.state.dir if self.state is not None else "site state",
+                    name, tuple(np.shape(value)), tuple(sd[key].shape),
+                )  # fmt: skip
+                return None
+        return arrays
 
     def check_shared(
         self, arrays: Mapping[str, np.ndarray], source: Path, what: str

@@ -86,3 +86,38 @@ def test_incomplete_personal_state_is_named(tmp_path: Path) -> None:
     assert not site.check_personal(norms, head=True, what="test")  # no head: global
     with pytest.raises(CheckpointMismatch, match="shared arrays"):
         site.check_shared({}, tmp_path / "round.npz", "test")
+
+
+def test_another_models_personal_state_is_not_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run with another model at a site whose state holds the last run's
+    layers failed every round with a size mismatch, until someone moved the
+    state folder away."""
+    old = _site_model(SiteState(tmp_path, "A"))
+    old.save_personal(None)  # FedBN layers of a tiny model, 16 FPN channels
+    torch.manual_seed(0)
+    wider = build_detector(ModelConfig(arch="tiny", fpn_channels=32, head_convs=1))
+    site = SiteModel(wider, FEDBN_FEDPER, SiteState(tmp_path, "A"))
+    shared = _arrays(site, site.shared_keys)
+    with caplog.at_level("WARNING"):
+        assert site.personal() is None
+        site.compose(shared)  # the global and default arrays
+    assert "personal arrays of another model" in caplog.text
+    site.save_personal(None)  # the new run's first committed round
+    assert site.personal() is not None
+
+
+def test_another_models_teacher_is_rebuilt(tmp_path: Path) -> None:
+    from common.detector.adapt.config import AdaptConfig
+    from common.detector.adapt.teacher import MeanTeacher, load_or_create_teacher
+
+    small = build_detector(ModelConfig(arch="tiny", fpn_channels=16, head_convs=1))
+    MeanTeacher(small, 0.99).save(tmp_path / "teacher.pt", step=7)
+    wider = build_detector(ModelConfig(arch="tiny", fpn_channels=32, head_convs=1))
+    teacher, step = load_or_create_teacher(
+        tmp_path / "teacher.pt", wider, AdaptConfig()
+    )
+    assert step == 0 and teacher is not None
+    same, step = load_or_create_teacher(tmp_path / "teacher.pt", small, AdaptConfig())
+    assert step == 7

@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 from common.detector.adapt.augment import StrongAugment, WeakAugment
 from common.detector.adapt.config import AdaptConfig
 from common.detector.recipe import ModelEMA, guarded_step, targets_to_device
+from common.errors import shown
 from common.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,16 @@ def load_or_create_teacher(
     """The site's teacher from ``path`` if it exists, else a copy of ``student``."""
     p = Path(path)
     if p.is_file():
-        teacher, step = MeanTeacher.load(p, student, cfg.ema_decay)
+        try:
+            teacher, step = MeanTeacher.load(p, student, cfg.ema_decay)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            # another model's teacher (a later run with another arch), or a
+            # damaged file: the teacher is an average of the student, rebuilt
+            log.warning(
+                "mean teacher at %s not used (%s): created from the student",
+                p, shown(str(exc).splitlines()[0] if str(exc) else exc, 160),
+            )  # fmt: skip
+            return MeanTeacher(student, cfg.ema_decay), 0
         log.info("mean teacher loaded from %s (step %d)", p, step)
         return teacher, step
     log.info("mean teacher created from the student (no state at %s)", p)
