@@ -45,7 +45,7 @@ SITE_PRIVACY = 104
 #: Anything else; the details are only in the site's own log.
 SITE_INTERNAL = 199
 
-#: code -> fixed message. Codes 0-5 are Flower's (``flwr.common.constant.ErrorCode``).
+#: code -> fixed message. Codes 0-8 are Flower's (``flwr.common.constant.ErrorCode``).
 REPLY_ERRORS: Mapping[int, str] = {
     0: "unknown error",
     1: "the ClientApp could not be loaded on the node",
@@ -53,6 +53,10 @@ REPLY_ERRORS: Mapping[int, str] = {
     3: "message unavailable",
     4: "no reply before the message expired",
     5: "node unavailable (no heartbeat)",
+    6: "a mod of the ClientApp refused the message",
+    7: "the node refused the app (not signed by a key it trusts, or outside its "
+    "apps limits)",
+    8: "the ClientApp process crashed",
     SITE_CONFIG: "site configuration or server instructions invalid",
     SITE_DATA: "site data missing or unreadable",
     SITE_STATE: "site state unreadable",

@@ -950,3 +950,12 @@ def test_global_arrays_of_another_dtype_or_not_finite_are_refused(
     )
     reply = app(bad, _context(test_cfg, node_cfg))
     assert reply.has_error() and reply.error.code == SITE_CONFIG
+
+
+def test_flowers_own_codes_are_named_in_the_round_log() -> None:
+    from common.wire.faults import describe_reply_error
+
+    # a site whose SuperNode refused the app (unsigned, outside its apps limits)
+    assert "refused the app" in describe_reply_error(7)
+    assert describe_reply_error(8) == "code 8: the ClientApp process crashed"
+    assert describe_reply_error(77) == "code 77: unknown error code"
