@@ -364,10 +364,15 @@ class SiteState:
     def record_round(
         self, server_round: int, phase: str, metrics: Mapping[str, float | int]
     ) -> None:
-        """Remember that ``phase`` of ``server_round`` completed with ``metrics``."""
+        """Remember that ``phase`` of ``server_round`` completed with ``metrics``.
+
+        ``last_round`` is the round of the latest message, not the largest
+        ever: a later run counts from round 1 again, and its model is the
+        one the site now holds.
+        """
         meta = self.read_meta()
         meta["site"] = self.site
-        meta["last_round"] = max(int(meta.get("last_round", 0)), int(server_round))
+        meta["last_round"] = int(server_round)
         meta["last_phase"] = phase
         history = list(meta.get("history", []))
         history.append({"round": int(server_round), "phase": phase, **dict(metrics)})

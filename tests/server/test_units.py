@@ -355,6 +355,8 @@ def test_site_state_survives_restart(tmp_path: Path) -> None:
     st.record_round(4, "train", {NUM_EXAMPLES: 5})
     again = SiteState(tmp_path, "hosp-a")  # "restarted daemon"
     assert again.read_meta()["last_round"] == 4
+    again.record_round(1, "train", {NUM_EXAMPLES: 5})  # a later run, from round 1
+    assert again.read_meta()["last_round"] == 1
     np.testing.assert_array_equal(again.load_personal()["bn.weight"], np.arange(3.0))
     assert not list((tmp_path / "hosp-a").glob("*.tmp"))
     for bad in ("../escape", "a\\b", "nul\0"):
