@@ -493,7 +493,8 @@ def _check_site_root(cache: SiteCache, site: Path) -> None:
     """
     recorded = cache.read_site_root()
     here = site.resolve()
-    if next(site.iterdir(), None) is None and any(cache.keys()):
+    held = sum(1 for _ in cache.keys())  # one listing of the cache
+    if held and next(site.iterdir(), None) is None:
         # an unmounted share reads as an empty folder: a walk of it would
         # drop every entry
         raise MammofedError(
@@ -501,10 +502,9 @@ def _check_site_root(cache: SiteCache, site: Path) -> None:
             "ingested, nothing removed (is the folder mounted? delete the cache "
             "to empty it on purpose)"
         )
-    if recorded is not None and recorded != here and any(cache.keys()):
-        n = sum(1 for _ in cache.keys())
+    if held and recorded is not None and recorded != here:
         raise MammofedError(
-            f"{cache.root} mirrors site folder {recorded} ({n} images; "
+            f"{cache.root} mirrors site folder {recorded} ({held} images; "
             f"{SITE_ROOT_TXT}); ingesting {here} into it would remove them. "
             "Ingest into another cache, or delete the cache (or its "
             f"{SITE_ROOT_TXT}) to let {here} replace it"

@@ -129,21 +129,28 @@ class SiteModel:
         run starts from the global arrays and the server's defaults, and its
         first committed round replaces them.
         """
-        arrays = None if self.state is None else self.state.load_personal()
+        if self.state is None:
+            return None
+        arrays = self.state.load_personal()
         if not arrays:
             return arrays
         sd = self.model.state_dict()
-        for name, value in arrays.items():
-            key = name.removeprefix(PERSONAL_HEAD_PREFIX)
-            if key in sd and tuple(np.shape(value)) != tuple(sd[key].shape):
-                log.warning(
-                    "%s: personal arrays of another model (%s %s, this model's "
-                    "%s): not used; this run's model starts from the global and "
-                    "default arrays",
-                    self.state.dir if self.state is not None else "site state",
-                    name, tuple(np.shape(value)), tuple(sd[key].shape),
-                )  # fmt: skip
-                return None
+        names = {n: n.removeprefix(PERSONAL_HEAD_PREFIX) for n in arrays}
+        try:
+            check_shapes(
+                arrays,
+                {n: k for n, k in names.items() if k in sd},
+                sd,
+                self.state.personal_path,
+                "this run's trainer options",
+            )
+        except CheckpointMismatch as exc:
+            log.warning(
+                "personal arrays of another model, not used (this run's model "
+                "starts from the global and default arrays): %s",
+                exc,
+            )
+            return None
         return arrays
 
     def check_shared(
