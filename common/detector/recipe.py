@@ -43,6 +43,7 @@ from common.detector.transforms import (
     GrowSmallBoxes,
     IntensityJitter,
     LesionPaste,
+    PatchCrop,
     RandomResize,
     VerticalFlip,
 )
@@ -214,6 +215,10 @@ def train_transform(
                 same_woman=aug.paste_same_woman,
             )
         )
+    if aug.patch > 0:
+        # after the paste (so a pasted lesion can be the patch's lesion) and
+        # before the resize (the patch is `patch` pixels at the working spacing)
+        parts.append(PatchCrop(aug.patch, aug.patch_lesion_p, generator=generator))
     if aug.vflip:
         parts.append(VerticalFlip(0.5, generator))
     if aug.scale:

@@ -121,6 +121,31 @@ def test_train_transform_pastes_only_with_a_source() -> None:
     assert isinstance(train_transform(aug, None, _Source()).transforms[0], LesionPaste)
 
 
+def test_train_transform_trains_on_patches_when_augment_patch_is_set() -> None:
+    """``augment.patch`` was once validated and then never applied: every
+    "patch" run trained on whole images. The transform must crop."""
+    img = torch.full((1, 300, 200), 0.5)
+    target = {
+        "boxes": torch.tensor([[100.0, 200.0, 120.0, 230.0]]),
+        "labels": torch.tensor([0]),
+    }
+    aug = AugmentConfig(
+        vflip=False, scale=False, intensity=False, patch=64, patch_lesion_p=1.0
+    )
+    tf = train_transform(aug, torch.Generator().manual_seed(0))
+    assert any(isinstance(p, PatchCrop) for p in tf.transforms)
+    for _ in range(5):
+        out, t = tf(img, dict(target))
+        assert tuple(out.shape) == (1, 64, 64)
+        assert len(t["boxes"]) == 1  # lesion_p=1: the lesion is in the patch
+        b = t["boxes"][0]
+        assert float(b[2] - b[0]) == 20.0 and float(b[3] - b[1]) == 30.0
+    whole = train_transform(
+        AugmentConfig(vflip=False, scale=False, intensity=False), None
+    )
+    assert tuple(whole(img, dict(target))[0].shape) == (1, 300, 200)
+
+
 def _big(h: int = 300, w: int = 200) -> tuple[torch.Tensor, dict]:
     img = torch.zeros(1, h, w)
     img[:, :, :150] = 0.5  # breast on the left, air on the right
