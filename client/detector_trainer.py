@@ -858,7 +858,8 @@ class DetectorTrainer:
         cfg = self.adapt
         teacher_path = self.site_model.teacher_path
         teacher, step = load_or_create_teacher(teacher_path, self.model, cfg)
-        teacher.sync_shared(self.model, self.shared_keys)
+        if cfg.teacher_sync == "copy_shared":
+            teacher.sync_shared(self.model, self.shared_keys)
         unl = self._view("unlabeled", train=False)
         unl_loader = DataLoader(
             unl, batch_size=loader.batch_size, shuffle=True, collate_fn=collate

@@ -81,7 +81,6 @@ class VendorProfile:
             attenuation (automatic exposure control target); sets quantum noise.
         electronic_noise: additive Gaussian noise, std in quanta per pixel.
         heel_effect: fractional intensity drop from chest wall to the far edge.
-        counts_per_quantum: raw detector gain (FOR PROCESSING counts).
         bits_stored: DICOM BitsStored (12-16).
         presentation_intent: ``FOR PRESENTATION`` or ``FOR PROCESSING``.
         photometric: ``MONOCHROME1`` (high value dark) or ``MONOCHROME2``.
@@ -107,7 +106,6 @@ class VendorProfile:
     quanta_per_mm2: float = field(metadata=bounded(10.0, 1e8))
     electronic_noise: float = field(default=2.0, metadata=bounded(0.0, 1e5))
     heel_effect: float = field(default=0.1, metadata=bounded(0.0, 0.5))
-    counts_per_quantum: float = field(default=0.1, metadata=bounded(1e-6, 1e3))
     bits_stored: int = field(default=14, metadata=bounded(12, 16))
     presentation_intent: Literal["FOR PRESENTATION", "FOR PROCESSING"] = (
         "FOR PRESENTATION"

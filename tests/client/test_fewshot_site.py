@@ -215,3 +215,46 @@ def test_the_consistency_ramp_is_a_federation_option(tmp_path, cache):
     )
     with pytest.raises(ConfigError, match="ssl_rampup_steps"):
         detector_options(bad, "f.yaml")
+
+
+@pytest.mark.parametrize("sync", ["copy_shared", "keep"])
+def test_teacher_sync_decides_whether_the_teacher_takes_the_global_layers(
+    tmp_path, monkeypatch, sync
+):
+    """``adapt.teacher_sync: keep`` was once read by nobody: the teacher always
+    took the new global layers. Now only ``copy_shared`` copies them."""
+    import dataclasses
+
+    from common.detector.adapt.teacher import MeanTeacher
+    from common.imaging.annotations import ImageTargets
+    from tests.conftest import LESION, _image, write_site_cache
+
+    def targets(p: int, j: int) -> ImageTargets:
+        if p >= 2:  # women 2 and 3: unlabeled
+            return ImageTargets(False, False, False, [], [], [], [], [], [])
+        b = [list(LESION)] if j == 0 else []
+        return ImageTargets(True, False, j == 0, b, b, [0] if b else [], [], [], [])
+
+    cache = write_site_cache(
+        tmp_path / SITE, 4, lambda p, j: _image(2 * p + j, f"P{p}", j == 0), targets
+    )
+    calls: list[int] = []
+    real = MeanTeacher.sync_shared
+
+    def spy(self, student, keys):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(self, student, keys)
+
+    monkeypatch.setattr(MeanTeacher, "sync_shared", spy)
+    cfg = _fed(tmp_path)
+    opts = {**cfg.trainer.options, "ssl": True, "ssl_rampup_steps": 0}
+    cfg = dataclasses.replace(
+        cfg, trainer=dataclasses.replace(cfg.trainer, options=opts)
+    )
+    trainer = DetectorTrainer(
+        SITE, tmp_path / "state", cfg, cache, {"teacher_sync": sync}
+    )
+    assert trainer.adapt.teacher_sync == sync
+    trainer.fit(trainer.initial_shared(), FitInstructions.from_federation(cfg, 1))
+    assert trainer.site_model.teacher_path.is_file()  # the SSL round ran
+    assert len(calls) == (1 if sync == "copy_shared" else 0)
