@@ -250,6 +250,11 @@ class DetectorOptions:
         )
 
 
+def round_seed(seed: int, server_round: int) -> int:
+    """The augmentation seed of ``server_round`` (round 1: ``seed`` itself)."""
+    return int(seed) + 1_000_003 * (int(server_round) - 1)
+
+
 def detector_options(
     fed: FederationConfig, source: str, prefix: str = "trainer.options"
 ) -> DetectorOptions:
@@ -654,13 +659,22 @@ class DetectorTrainer:
         std = self.standardizer()
         return base if std is None else Transformed(base, std)
 
-    def _view(self, name: str, *, train: bool) -> Dataset[Any]:
+    def _view(self, name: str, *, train: bool, server_round: int = 1) -> Dataset[Any]:
+        """The site's ``name`` view, standardized.
+
+        ``train``: with the recipe's augmentations, drawn from a generator of
+        the run's seed and ``server_round`` (round 1: the run's seed, as
+        central training's first epoch), so that every round augments
+        differently.
+        """
         base: Dataset[Any] = self._site_view(name)
         std = self.standardizer()
         if std is not None:
             base = Transformed(base, std)
         if train:
-            g = torch.Generator().manual_seed(self.fed_cfg.seed)
+            g = torch.Generator().manual_seed(
+                round_seed(self.fed_cfg.seed, server_round)
+            )
             recipe = self.opts.recipe(self.fed_cfg.trainer.learning_rate, 1)
             base = Transformed(base, train_transform(recipe.augment, g, base))
         return base
@@ -697,7 +711,7 @@ class DetectorTrainer:
             )
         seed_everything(self.fed_cfg.seed + config.server_round)
         self.compose(shared, personal_head=False)
-        labeled = self._view("labeled", train=True)
+        labeled = self._view("labeled", train=True, server_round=config.server_round)
         n_lab = len(labeled)  # type: ignore[arg-type]
         if n_lab == 0:
             raise MammofedError(f"site {self.site}: no labeled training images")
@@ -794,22 +808,26 @@ class DetectorTrainer:
         """The normal local round: ``local_epochs`` lesion-balanced epochs (+ SSL).
 
         The recipe of ``client.local_training.train_central`` (sampler of epoch ``e``
-        seeded ``seed + e``): one round on one site is one central epoch.
+        seeded ``seed + e``): one round on one site is one central epoch. Local
+        epoch ``e`` of round ``r`` draws as central epoch ``(r - 1) *
+        local_epochs + e`` would: a round once drew the same images in the same
+        order every time, and about a third of a site's labeled images (the
+        sampler draws with replacement) never trained the federation.
         """
         recipe = self.opts.recipe(config.learning_rate, config.batch_size)
         # one epoch: a pass over the labeled images, capped at max_steps
         steps = math.ceil(len(labeled) / recipe.batch_size)  # type: ignore[arg-type]
         steps = min(steps, self.opts.max_steps or steps)
-        seed = self.fed_cfg.seed
+        seed = self.fed_cfg.seed + (config.server_round - 1) * config.local_epochs
         if self.opts.ssl and len(self._indices("unlabeled")) > 0:
-            runs = [
-                self._ssl_epoch(
-                    recipe.loader(labeled, steps * recipe.batch_size, seed + e),
-                    optimizer,
-                    steps,
-                )
-                for e in range(config.local_epochs)
-            ]
+            runs = self._ssl_epochs(
+                [
+                    recipe.loader(labeled, steps * recipe.batch_size, seed + e)
+                    for e in range(config.local_epochs)
+                ],
+                optimizer,
+                steps,
+            )
         else:
             runs = [
                 (s.mean_loss, s.skipped_steps, s.images)
@@ -845,14 +863,18 @@ class DetectorTrainer:
 
         return prox
 
-    def _ssl_epoch(
+    def _ssl_epochs(
         self,
-        loader: DataLoader,
+        loaders: list[DataLoader],
         optimizer: torch.optim.Optimizer,
         steps: int,
-    ) -> tuple[float, int, int]:
-        """One semi-supervised pass: labeled FCOS loss + teacher consistency.
+    ) -> list[tuple[float, int, int]]:
+        """The round's semi-supervised passes, one per labeled loader (epoch).
 
+        Each pass: labeled FCOS loss + teacher consistency. One teacher per
+        round: loaded once (and with ``teacher_sync: copy_shared`` given the
+        new global layers once, before the first pass), carried with its EMA
+        and its ramp-up step through every local epoch, saved after the last.
         The FedProx term is not applied here (``local_round`` takes none).
         """
         cfg = self.adapt
@@ -861,25 +883,29 @@ class DetectorTrainer:
         if cfg.teacher_sync == "copy_shared":
             teacher.sync_shared(self.model, self.shared_keys)
         unl = self._view("unlabeled", train=False)
-        unl_loader = DataLoader(
-            unl, batch_size=loader.batch_size, shuffle=True, collate_fn=collate
-        )
-        stats = local_round(
-            self.model,
-            teacher,
-            loader,
-            unl_loader,
-            optimizer,
-            cfg,
-            self.device,
-            step,
-            max_steps=steps,
-        )
+        runs = []
+        for loader in loaders:
+            unl_loader = DataLoader(
+                unl, batch_size=loader.batch_size, shuffle=True, collate_fn=collate
+            )
+            stats = local_round(
+                self.model,
+                teacher,
+                loader,
+                unl_loader,
+                optimizer,
+                cfg,
+                self.device,
+                step,
+                max_steps=steps,
+            )
+            step = stats.step
+            loss = stats.sup_loss + stats.unsup_weight * stats.unsup_loss
+            images = stats.labeled_images + stats.unlabeled_images
+            runs.append((float(loss), int(stats.skipped_steps), int(images)))
         # pending until the server keeps this round (client.state)
-        teacher.save(self.site_model.teacher_write_path(), step=stats.step)
-        loss = stats.sup_loss + stats.unsup_weight * stats.unsup_loss
-        images = stats.labeled_images + stats.unlabeled_images
-        return float(loss), int(stats.skipped_steps), int(images)
+        teacher.save(self.site_model.teacher_write_path(), step=step)
+        return runs
 
     def _finetune_personal_head(
         self, *, from_global: bool = False, epochs: int | None = None
