@@ -820,6 +820,14 @@ class DetectorTrainer:
         steps = min(steps, self.opts.max_steps or steps)
         seed = self.fed_cfg.seed + (config.server_round - 1) * config.local_epochs
         if self.opts.ssl and len(self._indices("unlabeled")) > 0:
+            if config.proximal_mu > 0:
+                log.warning(
+                    "site %s round %d: the server sent proximal-mu %g, but a "
+                    "semi-supervised round has no proximal term: trained without it",
+                    self.site,
+                    config.server_round,
+                    config.proximal_mu,
+                )
             runs = self._ssl_epochs(
                 [
                     recipe.loader(labeled, steps * recipe.batch_size, seed + e)

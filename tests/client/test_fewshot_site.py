@@ -217,15 +217,10 @@ def test_the_consistency_ramp_is_a_federation_option(tmp_path, cache):
         detector_options(bad, "f.yaml")
 
 
-@pytest.mark.parametrize("sync", ["copy_shared", "keep"])
-def test_teacher_sync_decides_whether_the_teacher_takes_the_global_layers(
-    tmp_path, monkeypatch, sync
-):
-    """``adapt.teacher_sync: keep`` was once read by nobody: the teacher always
-    took the new global layers. Now only ``copy_shared`` copies them."""
+def _ssl_site(root: Path, **options: object):
+    """A site of 2 labeled and 2 unlabeled women under a federation with ``ssl``."""
     import dataclasses
 
-    from common.detector.adapt.teacher import MeanTeacher
     from common.imaging.annotations import ImageTargets
     from tests.conftest import LESION, _image, write_site_cache
 
@@ -236,8 +231,25 @@ def test_teacher_sync_decides_whether_the_teacher_takes_the_global_layers(
         return ImageTargets(True, False, j == 0, b, b, [0] if b else [], [], [], [])
 
     cache = write_site_cache(
-        tmp_path / SITE, 4, lambda p, j: _image(2 * p + j, f"P{p}", j == 0), targets
+        root / SITE, 4, lambda p, j: _image(2 * p + j, f"P{p}", j == 0), targets
     )
+    cfg = _fed(root)
+    opts = {**cfg.trainer.options, "ssl": True, "ssl_rampup_steps": 0, **options}
+    cfg = dataclasses.replace(
+        cfg, trainer=dataclasses.replace(cfg.trainer, options=opts)
+    )
+    return cfg, cache
+
+
+@pytest.mark.parametrize("sync", ["copy_shared", "keep"])
+def test_teacher_sync_decides_whether_the_teacher_takes_the_global_layers(
+    tmp_path, monkeypatch, sync
+):
+    """``adapt.teacher_sync: keep`` was once read by nobody: the teacher always
+    took the new global layers. Now only ``copy_shared`` copies them."""
+    from common.detector.adapt.teacher import MeanTeacher
+
+    cfg, cache = _ssl_site(tmp_path)
     calls: list[int] = []
     real = MeanTeacher.sync_shared
 
@@ -246,11 +258,6 @@ def test_teacher_sync_decides_whether_the_teacher_takes_the_global_layers(
         return real(self, student, keys)
 
     monkeypatch.setattr(MeanTeacher, "sync_shared", spy)
-    cfg = _fed(tmp_path)
-    opts = {**cfg.trainer.options, "ssl": True, "ssl_rampup_steps": 0}
-    cfg = dataclasses.replace(
-        cfg, trainer=dataclasses.replace(cfg.trainer, options=opts)
-    )
     trainer = DetectorTrainer(
         SITE, tmp_path / "state", cfg, cache, {"teacher_sync": sync}
     )
@@ -258,3 +265,15 @@ def test_teacher_sync_decides_whether_the_teacher_takes_the_global_layers(
     trainer.fit(trainer.initial_shared(), FitInstructions.from_federation(cfg, 1))
     assert trainer.site_model.teacher_path.is_file()  # the SSL round ran
     assert len(calls) == (1 if sync == "copy_shared" else 0)
+
+
+def test_a_semi_supervised_round_says_it_drops_the_proximal_term(tmp_path, caplog):
+    """FedProx's term is not in the semi-supervised round: the site says so."""
+    import dataclasses
+
+    cfg, cache = _ssl_site(tmp_path)
+    trainer = DetectorTrainer(SITE, tmp_path / "state", cfg, cache, None)
+    fit = dataclasses.replace(FitInstructions.from_federation(cfg, 1), proximal_mu=0.01)
+    with caplog.at_level("WARNING", logger="client.detector_trainer"):
+        trainer.fit(trainer.initial_shared(), fit)
+    assert "proximal-mu 0.01" in caplog.text and "no proximal term" in caplog.text
