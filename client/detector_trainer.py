@@ -147,7 +147,10 @@ class DetectorOptions:
     ``dp_delta`` 0 is ``1 / n_women ** 1.1``. ``ssl_rampup_steps``: the
     site's optimizer steps over which the consistency loss's weight rises to
     its full value (``AdaptConfig.rampup_steps``; a site with few labeled
-    images takes few steps a round, docs/adaptation.md).
+    images takes few steps a round, docs/adaptation.md). ``ssl_threshold``:
+    the teacher score a pseudo box needs, every class; it acts only where a
+    site's ``adapt.consistency`` is ``pseudo_boxes`` (the default, ``dense``,
+    thresholds nothing).
 
     ``select`` turns on the site's choice of its own model
     (:mod:`client.selection`): ``select_validation_fraction`` of the labeled

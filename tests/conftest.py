@@ -125,6 +125,22 @@ def make_site_cache(root: Path, n_patients: int = 6) -> Path:
     return write_site_cache(root, n_patients, image, targets)
 
 
+def make_ssl_site_cache(root: Path, n_labeled: int = 2, n_unlabeled: int = 2) -> Path:
+    """A site cache for semi-supervision: ``n_labeled`` labeled women (a mass
+    on each first image) and then ``n_unlabeled`` women without labels."""
+
+    def targets(p: int, j: int) -> ImageTargets:
+        if p >= n_labeled:
+            return ImageTargets(False, False, False, [], [], [], [], [], [])
+        b = [list(LESION)] if j == 0 else []
+        return ImageTargets(True, False, j == 0, b, b, [0] if b else [], [], [], [])
+
+    def image(p: int, j: int) -> MammoImage:
+        return _image(2 * p + j, f"P{p}", j == 0)
+
+    return write_site_cache(root, n_labeled + n_unlabeled, image, targets)
+
+
 def write_train_yaml(tmp_path: Path, caches: list[Path], **kw: Any) -> Path:
     """``tmp_path/train.yaml``: 1 epoch of ``tiny`` on ``caches``; ``kw`` overrides."""
     doc = {

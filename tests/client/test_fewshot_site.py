@@ -221,18 +221,9 @@ def _ssl_site(root: Path, **options: object):
     """A site of 2 labeled and 2 unlabeled women under a federation with ``ssl``."""
     import dataclasses
 
-    from common.imaging.annotations import ImageTargets
-    from tests.conftest import LESION, _image, write_site_cache
+    from tests.conftest import make_ssl_site_cache
 
-    def targets(p: int, j: int) -> ImageTargets:
-        if p >= 2:  # women 2 and 3: unlabeled
-            return ImageTargets(False, False, False, [], [], [], [], [], [])
-        b = [list(LESION)] if j == 0 else []
-        return ImageTargets(True, False, j == 0, b, b, [0] if b else [], [], [], [])
-
-    cache = write_site_cache(
-        root / SITE, 4, lambda p, j: _image(2 * p + j, f"P{p}", j == 0), targets
-    )
+    cache = make_ssl_site_cache(root / SITE)
     cfg = _fed(root)
     opts = {**cfg.trainer.options, "ssl": True, "ssl_rampup_steps": 0, **options}
     cfg = dataclasses.replace(

@@ -219,20 +219,11 @@ def test_a_semi_supervised_round_keeps_one_teacher_through_its_local_epochs(
     locally trained layers into the teacher (not a new global model)."""
     from client.detector_trainer import DetectorTrainer
     from common.detector.adapt.teacher import MeanTeacher
-    from common.imaging.annotations import ImageTargets
     from common.wire.federation import FitInstructions, PersonalizationConfig
     from tests.client.conftest import SITE, one_site_config
-    from tests.conftest import LESION, _image, write_site_cache
+    from tests.conftest import make_ssl_site_cache
 
-    def targets(p: int, j: int) -> ImageTargets:
-        if p >= 2:  # women 2 and 3: unlabeled
-            return ImageTargets(False, False, False, [], [], [], [], [], [])
-        b = [list(LESION)] if j == 0 else []
-        return ImageTargets(True, False, j == 0, b, b, [0] if b else [], [], [], [])
-
-    cache = write_site_cache(
-        tmp_path / SITE, 4, lambda p, j: _image(2 * p + j, f"P{p}", j == 0), targets
-    )
+    cache = make_ssl_site_cache(tmp_path / SITE)
     syncs: list[int] = []
     real = MeanTeacher.sync_shared
 
