@@ -40,6 +40,8 @@ PERSONALIZED_DP_TUNED_SSL = "personalized-dp-tuned-ssl"
 PERSONALIZED_DP_TUNED_PAIR = "personalized-dp+tuned"
 PERSONALIZED_DP_TUNED_SSL_LOCAL = "personalized-dp+tuned-ssl+local"
 PERSONALIZED_DP_TUNED_LOCAL = "personalized-dp+tuned+local"
+PERSONALIZED_TUNED = "personalized-tuned"
+PERSONALIZED_TUNED_LOCAL = "personalized+tuned+local"
 ORACLE = "oracle"
 FEDMEDIAN = "fedmedian"
 FEDTRIMMEDAVG = "fedtrimmedavg"
@@ -232,6 +234,20 @@ TABLE: tuple[Regime, ...] = (
     Regime(
         PERSONALIZED_DP_TUNED_SSL_LOCAL,
         members=(PERSONALIZED_DP, PERSONALIZED_DP_TUNED_SSL, LOCAL_ONLY),
+    ),
+    # the recommended regime's recipe without DP (stop 33: non-DP sites drew
+    # the same images every round before; fixed, personalized gained 0.05 to
+    # 0.18 mass CPM on new women): personalized fine-tuned on site, fused with
+    # it and local-only
+    Regime(
+        PERSONALIZED_TUNED,
+        train_on="each",
+        tune_from=PERSONALIZED,
+        options=_frozen(lr_factor=0.3),
+    ),
+    Regime(
+        PERSONALIZED_TUNED_LOCAL,
+        members=(PERSONALIZED, PERSONALIZED_TUNED, LOCAL_ONLY),
     ),
     Regime(ORACLE, train_on="oracle"),
 )

@@ -62,6 +62,15 @@ def test_an_ensemble_brings_its_members() -> None:
         R.PERSONALIZED_DP_TUNED_LOCAL,
     )
     assert R.REGIMES[R.PERSONALIZED_DP_TUNED].lr_factor == 0.3
+    # the same recipe without DP (stop 33)
+    assert R.with_members([R.PERSONALIZED_TUNED_LOCAL]) == (
+        R.LOCAL_ONLY,
+        R.PERSONALIZED,
+        R.PERSONALIZED_TUNED,
+        R.PERSONALIZED_TUNED_LOCAL,
+    )
+    tuned = R.REGIMES[R.PERSONALIZED_TUNED]
+    assert tuned.tune_from == R.PERSONALIZED and tuned.lr_factor == 0.3
     assert R.REGIMES[R.LOCAL_ONLY].lr_factor == 1.0
     with pytest.raises(KeyError):
         R.with_members(["no-such-regime"])
