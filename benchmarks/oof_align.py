@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from common.detector.froc import FrocImage
+from common.imaging.cache import SiteCache
+from common.keys import MANIFEST_CSV
 
 #: Fields taken from the reference image (the run keeps its detections).
 REF_FIELDS = ("key", "spacing_mm", "gt_boxes", "gt_labels", "ignore_boxes", "case")
@@ -44,12 +46,13 @@ REF_FIELDS = ("key", "spacing_mm", "gt_boxes", "gt_labels", "ignore_boxes", "cas
 
 def _sources(cache: Path) -> dict[str, str]:
     """``{key: source}`` of ``cache/manifest.csv``; a source listed twice is refused."""
-    path = Path(cache) / "manifest.csv"
+    path = Path(cache) / MANIFEST_CSV
     try:
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError as exc:
+        rows = SiteCache(cache).read_manifest()
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ValueError(f"{path}: cannot read the cache manifest: {exc}") from exc
+    if not rows:
+        raise ValueError(f"{path}: missing or empty cache manifest")
     out: dict[str, str] = {}
     seen: dict[str, str] = {}
     for i, r in enumerate(rows, start=2):

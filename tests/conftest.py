@@ -141,6 +141,22 @@ def make_ssl_site_cache(root: Path, n_labeled: int = 2, n_unlabeled: int = 2) ->
     return write_site_cache(root, n_labeled + n_unlabeled, image, targets)
 
 
+@pytest.fixture
+def sync_shared_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts ``MeanTeacher.sync_shared`` calls (the teacher still syncs)."""
+    from common.detector.adapt.teacher import MeanTeacher
+
+    calls: list[int] = []
+    real = MeanTeacher.sync_shared
+
+    def spy(self, student, keys):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(self, student, keys)
+
+    monkeypatch.setattr(MeanTeacher, "sync_shared", spy)
+    return calls
+
+
 def write_train_yaml(tmp_path: Path, caches: list[Path], **kw: Any) -> Path:
     """``tmp_path/train.yaml``: 1 epoch of ``tiny`` on ``caches``; ``kw`` overrides."""
     doc = {

@@ -82,6 +82,9 @@ def test_missing_or_doubled_sources_are_refused_by_name(pair, tmp_path):
     )
     with pytest.raises(ValueError, match="'m1.png' listed twice"):
         align(**pair)
+    (pair["run_cache"] / "manifest.csv").unlink()
+    with pytest.raises(ValueError, match="manifest.csv: missing or empty"):
+        align(**pair)
     pair["run"].write_text("{not json")
     with pytest.raises(ValueError, match="run.json: not an oof_predictions.json"):
         align(**pair)

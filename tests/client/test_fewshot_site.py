@@ -234,21 +234,12 @@ def _ssl_site(root: Path, **options: object):
 
 @pytest.mark.parametrize("sync", ["copy_shared", "keep"])
 def test_teacher_sync_decides_whether_the_teacher_takes_the_global_layers(
-    tmp_path, monkeypatch, sync
+    tmp_path, sync_shared_calls, sync
 ):
     """``adapt.teacher_sync: keep`` was once read by nobody: the teacher always
     took the new global layers. Now only ``copy_shared`` copies them."""
-    from common.detector.adapt.teacher import MeanTeacher
-
     cfg, cache = _ssl_site(tmp_path)
-    calls: list[int] = []
-    real = MeanTeacher.sync_shared
-
-    def spy(self, student, keys):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return real(self, student, keys)
-
-    monkeypatch.setattr(MeanTeacher, "sync_shared", spy)
+    calls = sync_shared_calls
     trainer = DetectorTrainer(
         SITE, tmp_path / "state", cfg, cache, {"teacher_sync": sync}
     )

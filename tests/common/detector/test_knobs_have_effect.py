@@ -211,27 +211,19 @@ def test_consistency_loss_honours_dense_top_fraction_and_unsup_losses() -> None:
 
 
 def test_a_semi_supervised_round_keeps_one_teacher_through_its_local_epochs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sync_shared_calls: list[int]
 ) -> None:
     """With ``trainer.local_epochs`` 2, every epoch of a round once reloaded the
     round's *committed* teacher: the first epoch's EMA and ramp-up steps were
     thrown away, and ``teacher_sync: copy_shared`` copied the student's own
     locally trained layers into the teacher (not a new global model)."""
     from client.detector_trainer import DetectorTrainer
-    from common.detector.adapt.teacher import MeanTeacher
     from common.wire.federation import FitInstructions, PersonalizationConfig
     from tests.client.conftest import SITE, one_site_config
     from tests.conftest import make_ssl_site_cache
 
     cache = make_ssl_site_cache(tmp_path / SITE)
-    syncs: list[int] = []
-    real = MeanTeacher.sync_shared
-
-    def spy(self, student, keys):  # type: ignore[no-untyped-def]
-        syncs.append(1)
-        return real(self, student, keys)
-
-    monkeypatch.setattr(MeanTeacher, "sync_shared", spy)
+    syncs = sync_shared_calls
     cfg = one_site_config(
         tmp_path, strategy="personalized", learning_rate=1e-2,
         personalization=PersonalizationConfig(local_norm=True),
