@@ -62,6 +62,28 @@ def _site(cache: Path, seed: int, spacing_mm: float) -> SiteDataset:
     )
 
 
+def check_central_options(opts: DetectorOptions, source: str) -> None:
+    """Refuse the federated options this module's training does not carry out.
+
+    ``standardize`` (the federated site's histogram-landmark intensity
+    standardizer, :mod:`common.detector.adapt.standardize`) is fitted and kept
+    per site by the federated trainer only; a central or site-alone model would
+    train on unstandardized images while the run's settings say otherwise.
+
+    Raises:
+        ConfigError: ``trainer.options.standardize`` is set (named, with
+            ``source``).
+    """
+    if opts.standardize:
+        raise ConfigError(
+            source,
+            "trainer.options.standardize",
+            "true, but central and site-alone training (train-local, the base, "
+            "local-only, oracle and tuned regimes) do not standardize "
+            "intensities; set it to false",
+        )
+
+
 def train_central(
     caches: list[Path],
     opts: DetectorOptions,
@@ -93,7 +115,10 @@ def train_central(
 
     Raises:
         MammofedError: no labeled image, or ``head_only`` with ``ssl``.
+        ConfigError: options this training does not carry out
+            (:func:`check_central_options`).
     """
+    check_central_options(opts, label)
     use_ssl = ssl is not None and ssl.ssl_enabled
     if use_ssl and head_only:
         raise MammofedError(f"{label}: head-only training takes no semi-supervision")
@@ -232,7 +257,9 @@ def train_local_model(
     ``evaluate`` scores by); ``<out>.resolved.yaml`` the settings used.
 
     Raises:
-        ConfigError: the site config names no cache, or epochs below 1.
+        ConfigError: the site config names no cache, epochs below 1, or
+            options site-alone training does not carry out
+            (:func:`check_central_options`).
         CheckpointMismatch: ``init`` does not fit the federation's model.
         MammofedError: the site's cache holds no labeled training image.
     """
@@ -250,6 +277,7 @@ def train_local_model(
         )
     lr = fed.trainer.learning_rate * lr_factor
     opts = detector_options(fed, source)
+    check_central_options(opts, source)
     dev = resolve_device(device or opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)

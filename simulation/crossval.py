@@ -52,11 +52,10 @@ Written into ``out_dir``:
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,7 @@ import torch
 from common.config import config_to_dict, write_resolved
 from common.detector.engine import (
     EPOCH_LOG,
+    EpochHook,
     detect_dataset,
     flat_metrics,
     resolve_device,
@@ -91,7 +91,6 @@ from simulation.train import TrainConfig, few_label_subset, train_model
 
 log = logging.getLogger(__name__)
 
-EvalFn = Callable[[torch.nn.Module], dict[str, Any]]
 CV_METRICS_JSON = "cv_metrics.json"
 OOF_PREDICTIONS_JSON = "oof_predictions.json"
 OOF_DETECTOR_JSON = "oof_predictions-detector.json"
@@ -142,7 +141,9 @@ def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
     return float(np.mean(v)), sd
 
 
-def _epoch_logger(fold: int, k: int, epochs: int, epoch_log: Path, eta: Eta) -> EvalFn:
+def _epoch_logger(
+    fold: int, k: int, epochs: int, epoch_log: Path, eta: Eta
+) -> EpochHook:
     """``fit`` eval hook that logs one progress line per epoch of a fold.
 
     ``eta`` counts the epochs of every fold this run trains.
@@ -150,12 +151,11 @@ def _epoch_logger(fold: int, k: int, epochs: int, epoch_log: Path, eta: Eta) -> 
     # a resumed fold continues after the epochs already logged
     logged = len(epoch_log.read_text().splitlines()) if epoch_log.is_file() else 0
     eta.skip(min(logged, epochs))
-    done = itertools.count(logged + 1)
 
-    def hook(_model: torch.nn.Module) -> dict[str, Any]:
+    def hook(_model: torch.nn.Module, epoch: int) -> dict[str, Any]:
         log.info(
             "fold %d/%d epoch %d/%d done (%s for the epochs left)",
-            fold + 1, k, next(done), epochs, eta.step(),
+            fold + 1, k, epoch + 1, epochs, eta.step(),
         )  # fmt: skip
         return {}
 

@@ -63,7 +63,7 @@ from torch import nn
 
 from client.detector_trainer import DetectorOptions, DetectorTrainer, detector_options
 from client.ingest import ingest_site
-from client.local_training import train_central
+from client.local_training import check_central_options, train_central
 from common.config.loader import (
     config_to_dict,
     load_yaml,
@@ -834,8 +834,12 @@ def run_study(req: RunRequest) -> Path:
             "running %s too: the regimes asked for are made from them",
             ", ".join(r for r in regimes if r not in req.regimes),
         )
-    scenario, caches, oracle = prepare_sites(req.scenario, data, req.workers)
     opts = detector_options(fed, str(req.federation))
+    if any(R.REGIMES[r].kind == "central" for r in regimes):
+        # before any work: the base, local-only and oracle regimes would
+        # otherwise stop the study part-way
+        check_central_options(opts, str(req.federation))
+    scenario, caches, oracle = prepare_sites(req.scenario, data, req.workers)
     sites = [s.name for s in scenario.sites]
     base_sites = [s.name for s in scenario.sites if s.role == ROLE_BASE] or sites[:1]
     (out / RF.CONFIGS_DIR).mkdir(exist_ok=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from common.config import bounded, load_config, path_field, write_resolved
 from common.detector.checkpoint import init_from_checkpoint, save_checkpoint
 from common.detector.engine import (
+    EpochHook,
     evaluate_detailed,
     fit,
     prepare_model,
@@ -220,7 +221,7 @@ def train_model(
     out_dir: str | Path,
     device: torch.device,
     *,
-    eval_fn: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+    eval_fn: EpochHook | None = None,
 ) -> torch.nn.Module:
     """Train a fresh detector on the pooled ``train_views`` with ``cfg``'s recipe.
 
@@ -299,11 +300,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             name, len(v), sum(lesion_flags(v)), len(test_views[name]),
         )  # fmt: skip
 
-    epoch_counter = {"n": 0}
-
-    def eval_fn(m: torch.nn.Module) -> dict[str, Any]:
-        epoch_counter["n"] += 1
-        if epoch_counter["n"] % cfg.eval_every:
+    def eval_fn(m: torch.nn.Module, epoch: int) -> dict[str, Any]:
+        # by the epoch's own number, so a resumed run keeps the same cadence
+        if (epoch + 1) % cfg.eval_every:
             return {}
         return {
             name: evaluate_detailed(m, v, device, n_boot=0, amp=cfg.amp).metrics

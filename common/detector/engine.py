@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.pt"
 EPOCH_LOG = "epochs.jsonl"
 
+#: ``fit``'s per-epoch hook: ``(model or EMA module, epoch) -> metrics``, with
+#: ``epoch`` the 0-based index of the epoch just trained (a resumed run goes on
+#: counting where it stopped).
+EpochHook = Callable[[nn.Module, int], dict[str, Any]]
+
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) RNGs.
@@ -293,7 +298,7 @@ def fit(
     ema: ModelEMA | None = None,
     scheduler: Any | None = None,
     extra_loss_fn: ExtraLossFn | None = None,
-    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    eval_fn: EpochHook | None = None,
     resume: bool = True,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -302,8 +307,9 @@ def fit(
     Writes ``out_dir/last.pt`` (model, optimizer, EMA, scheduler, epoch) and one
     JSON line per epoch to ``out_dir/epochs.jsonl``. With ``resume`` and an
     existing ``last.pt`` whose config matches ``cfg``, training continues after
-    the recorded epoch. ``eval_fn(model_or_ema_module)`` (optional) adds
-    metrics to the epoch record. Returns the epoch records of this call.
+    the recorded epoch. ``eval_fn(model_or_ema_module, epoch)`` (optional;
+    ``epoch`` counts from 0 across resumes) adds metrics to the epoch record.
+    Returns the epoch records of this call.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -342,7 +348,7 @@ def fit(
         rec["lr"] = float(optimizer.param_groups[0]["lr"])
         if eval_fn is not None:
             target = ema.module if ema is not None else model
-            rec["eval"] = eval_fn(target)
+            rec["eval"] = eval_fn(target, epoch)
         extra: dict[str, Any] = (
             {"scheduler": scheduler.state_dict()} if scheduler is not None else {}
         )

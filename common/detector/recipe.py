@@ -524,7 +524,21 @@ def train_epochs(
     The sampler of epoch ``e`` is seeded with ``seed + e``; a federated round
     and a central epoch with the same data, seed and recipe are the same
     computation. Returns one :class:`TrainStats` per epoch.
+
+    The learning rate is constant and no EMA is kept: a federated round is
+    one call, so a schedule or an average would start again every round
+    (:func:`common.detector.engine.fit` runs them for central training).
+
+    Raises:
+        ValueError: ``recipe`` asks for a schedule or an EMA (named).
     """
+    if recipe.schedule != "constant" or recipe.ema_decay is not None:
+        raise ValueError(
+            f"train_epochs{f' ({label})' if label else ''}: recipe.schedule="
+            f"{recipe.schedule!r}, recipe.ema_decay={recipe.ema_decay!r}: this "
+            "path trains at a constant learning rate without an EMA (a federated "
+            "round restarts each call); use engine.fit for a scheduled run"
+        )
     out = []
     eta = Eta(max(1, epochs))
     for epoch in range(epochs):

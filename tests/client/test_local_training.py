@@ -106,6 +106,26 @@ def test_the_command_writes_a_model_and_refuses_bad_inputs(
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_site_alone_training_refuses_the_standardize_option_it_does_not_apply(
+    tmp_path: Path, setup: tuple[Path, Path, Path]
+) -> None:
+    site_yaml, fed_yaml, base = setup
+    doc = yaml.safe_load(fed_yaml.read_text())
+    doc["trainer"].setdefault("options", {})["standardize"] = True
+    fed_yaml.write_text(yaml.safe_dump(doc))
+    site, fed = load_site_config(site_yaml), load_federation_config(fed_yaml)
+    with pytest.raises(ConfigError, match="trainer.options.standardize: true"):
+        train_local_model(site, fed, init=base, out=tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+    opts = detector_options(fed, str(fed_yaml))
+    assert site.cache_dir is not None
+    with pytest.raises(ConfigError, match="local-only: trainer.options.standardize"):
+        train_central(
+            [site.cache_dir], opts, epochs=1, lr=1e-3, batch_size=2, seed=0,
+            device=torch.device("cpu"), label="local-only", init=base,
+        )  # fmt: skip
+
+
 def test_head_only_tunes_the_head_and_keeps_every_other_tensor_of_the_base(
     tmp_path: Path, setup: tuple[Path, Path, Path]
 ) -> None:

@@ -136,6 +136,26 @@ def test_a_head_only_regime_needs_the_base_model(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "data").exists()
 
 
+def test_a_study_with_central_regimes_refuses_standardize_before_any_work(
+    tmp_path: Path,
+) -> None:
+    """Central training does not standardize: refused by name, not ignored."""
+    import dataclasses
+
+    import yaml
+
+    from simulation.run import run_study
+
+    doc = yaml.safe_load(FEDERATION.read_text())
+    doc.setdefault("trainer", {}).setdefault("options", {})["standardize"] = True
+    fed = tmp_path / "fed.yaml"
+    fed.write_text(yaml.safe_dump(doc))
+    req = dataclasses.replace(_req(tmp_path), federation=fed, regimes=(R.LOCAL_ONLY,))
+    with pytest.raises(ConfigError, match=r"fed.yaml: trainer.options.standardize"):
+        run_study(req)
+    assert not (tmp_path / "out" / "data").exists()
+
+
 def test_every_regime_has_a_study_eta_weight() -> None:
     """The study's ETA weighs each regime left; unmeasured ones by their kind."""
     from simulation.run import MEASURED_WEIGHT, regime_weight

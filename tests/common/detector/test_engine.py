@@ -197,10 +197,10 @@ def test_fit_resumes(tmp_path):
         out_dir=tmp_path,
         progress=False,
         ema=ModelEMA(model2, 0.9),
-        eval_fn=lambda m: {"x": 1.0},
+        eval_fn=lambda m, epoch: {"x": float(epoch)},
     )
     assert [r["epoch"] for r in recs2] == [1]
-    assert recs2[0]["eval"] == {"x": 1.0}
+    assert recs2[0]["eval"] == {"x": 1.0}  # the resumed epoch's own number
     lines = (tmp_path / "epochs.jsonl").read_text().splitlines()
     assert [json.loads(s)["epoch"] for s in lines] == [0, 1]
     assert load_checkpoint(tmp_path / "last.pt").ema is not None

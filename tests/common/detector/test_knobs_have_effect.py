@@ -177,6 +177,33 @@ def test_central_run_draws_samples_per_epoch_and_evaluates_every_n(
     assert "cpm-mass" in rows[1]["eval"]["siteA"]
 
 
+def test_resumed_central_run_keeps_its_eval_every_cadence(tmp_path: Path) -> None:
+    """Epochs count from the run's start, not from the resume (was: from 1 again)."""
+    from simulation.train import load_train_config, run_training
+
+    cache = make_site_cache(tmp_path / "siteA", n_patients=3)
+
+    def train(epochs: int) -> list[dict[str, Any]]:
+        cfg = load_train_config(
+            write_train_yaml(
+                tmp_path,
+                [cache],
+                epochs=epochs,
+                samples_per_epoch=2,
+                eval_every=2,
+                n_boot=0,
+            )  # fmt: skip
+        )
+        run_training(cfg)
+        log = Path(cfg.out_dir) / "epochs.jsonl"
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    assert train(1)[0]["eval"] == {}  # epoch 1: not evaluated
+    rows = train(2)  # resumes from last.pt after epoch 1
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert set(rows[1]["eval"]) == {"siteA"}  # epoch 2 of the run: evaluated
+
+
 # --- semi-supervision (AdaptConfig) --------------------------------------------
 def test_consistency_loss_honours_dense_top_fraction_and_unsup_losses() -> None:
     from common.detector.adapt.config import AdaptConfig

@@ -85,3 +85,19 @@ def test_recipe_schedule() -> None:
         sched.step()
     assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
     assert lrs[3] < 1.0 and lrs[-1] < lrs[3]
+
+
+@pytest.mark.parametrize(
+    "fields", [{"schedule": "warmup_cosine", "warmup_steps": 2}, {"ema_decay": 0.99}]
+)
+def test_train_epochs_refuses_a_schedule_or_ema_it_would_not_run(fields) -> None:
+    """The round/site-alone path is constant-rate, EMA-free: refused, not ignored."""
+    from common.detector.recipe import train_epochs
+
+    model = torch.nn.Linear(2, 1)
+    recipe = Recipe(lr=0.1, **fields)
+    with pytest.raises(ValueError, match=r"train_epochs \(site A\): recipe.schedule="):
+        train_epochs(
+            model, [], recipe, recipe.optimizer(model.parameters()), epochs=1,
+            steps=1, seed=0, device=torch.device("cpu"), label="site A",
+        )  # fmt: skip
