@@ -26,6 +26,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from common.fileio import json_safe
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Environment variable that redirects every ``emit`` (smoke runs, tests).
 RESULTS_ENV = "MAMMOFED_BENCH_RESULTS"
@@ -116,7 +118,8 @@ def emit(
         "context": _jsonable(context),
         "machine": machine_info(),
     }
-    line = json.dumps(record, sort_keys=False)
+    # strict JSON: an undefined figure (e.g. the share of a gap of 0) is null
+    line = json.dumps(json_safe(record), sort_keys=False, allow_nan=False)
     if results_dir is None:
         results_dir = os.environ.get(RESULTS_ENV) or RESULTS_DIR
     out_dir = Path(results_dir)
