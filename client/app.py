@@ -176,14 +176,30 @@ def _setup(context: Context) -> tuple[FederationConfig, SiteBinding, LocalTraine
     return fed_cfg, binding, trainer
 
 
-def _instructions(msg: Message, trainer_name: str) -> FitInstructions:
+def _instructions(msg: Message, fed_cfg: FederationConfig) -> FitInstructions:
+    """The round's instructions, checked against the site's run config.
+
+    Raises:
+        ConfigError: another trainer, or another personalization split
+            (``local-norm`` / ``personal-head``) than the site runs: what stays
+            at home and what is shared would differ from what both sides think.
+    """
     cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
     ins = FitInstructions.from_config_record(cfg, source="server message config")
+    trainer_name = fed_cfg.trainer.name
     if ins.trainer != trainer_name:
         raise ConfigError(
             "server message config",
             "trainer",
             f"server asks for {ins.trainer!r}, run config says {trainer_name!r}",
+        )
+    mine = (fed_cfg.personalization.local_norm, fed_cfg.personalization.personal_head)
+    if (ins.local_norm, ins.personal_head) != mine:
+        raise ConfigError(
+            "server message config",
+            "local-norm/personal-head",
+            f"server sent ({ins.local_norm}, {ins.personal_head}) but the site's "
+            f"run config says {mine}",
         )
     return ins
 
@@ -241,7 +257,7 @@ def _cache(context: Context, site: str, server_round: int) -> None:
 def handle_train(msg: Message, context: Context) -> Message:
     """Train on the site from the received global arrays; reply shared + metrics."""
     fed_cfg, binding, trainer = _setup(context)
-    ins = _instructions(msg, fed_cfg.trainer.name)
+    ins = _instructions(msg, fed_cfg)
     shared = _received_shared(msg, trainer)
     state = SiteState(binding.state_dir, binding.site)
     if _settle(msg, state) is None:
@@ -294,7 +310,7 @@ def _train(
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global arrays + personal state; reply metrics only."""
     fed_cfg, binding, trainer = _setup(context)
-    ins = _instructions(msg, fed_cfg.trainer.name)
+    ins = _instructions(msg, fed_cfg)
     shared = _received_shared(msg, trainer)
     state = SiteState(binding.state_dir, binding.site)
     _settle(msg, state)

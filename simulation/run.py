@@ -94,7 +94,6 @@ from common.wire import runfolder as RF
 from common.wire.federation import (
     RUN_FEDERATION_JSON,
     FederationConfig,
-    StrategyConfig,
     federation_config_to_json,
     load_federation_config,
     round_problems,
@@ -493,12 +492,18 @@ def _regime_config(
             "mammofed-sim run", "--regime", f"{regime!r} is not federated"
         )
     asked = {k: getattr(req, attr) for k, attr in spec.from_request.items()}
-    strategy = StrategyConfig(
-        name=spec.strategy,
+    # the federation file's strategy settings (server optimizer, trimming)
+    # hold for every regime; the regime sets the name and, for fedprox, mu
+    strategy = dataclasses.replace(
+        base.strategy,
         **{
-            k.removeprefix("strategy."): v
-            for k, v in asked.items()
-            if k.startswith("strategy.")
+            "name": spec.strategy,
+            "proximal_mu": 0.0,
+            **{
+                k.removeprefix("strategy."): v
+                for k, v in asked.items()
+                if k.startswith("strategy.")
+            },
         },
     )
     opts = {

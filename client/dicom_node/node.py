@@ -162,6 +162,7 @@ class DicomNode:
             models,
             score_floor=node.score_floor,
             default_spacing_mm=site.default_spacing_mm,
+            max_pixels=site.max_pixels,
             device=device,
         )
         self.outbox = Outbox(

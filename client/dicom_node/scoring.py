@@ -23,6 +23,7 @@ from typing import Any
 
 from client.export import checkpoint_paths, load_detectors
 from client.predict import Detect, detect_files, models_detect
+from common.config.site import DEFAULT_MAX_PIXELS
 from common.detector.engine import resolve_device
 from common.errors import MammofedError, RefusedImage
 from common.fileio import sha256_file
@@ -67,6 +68,9 @@ class ExamScorer:
             score threshold).
         default_spacing_mm: stored spacing for DICOM files without one (the
             site config's); ``None`` refuses them.
+        max_pixels: the site's pixel budget (``SiteConfig.max_pixels``),
+            checked from each file's header before it is decoded; a file over
+            it is refused, not scored. ``None``: no budget.
         device: ``auto``, ``cpu``, ``cuda``...
         batch_size: images per forward pass (4: a four-view exam at once).
 
@@ -81,6 +85,7 @@ class ExamScorer:
         *,
         score_floor: float,
         default_spacing_mm: float | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         device: str = "auto",
         batch_size: int = 4,
     ) -> None:
@@ -93,6 +98,7 @@ class ExamScorer:
             raise ValueError("checkpoint: give at least one model file")
         self.score_floor = float(score_floor)
         self.default_spacing_mm = default_spacing_mm
+        self.max_pixels = max_pixels
         self.device = resolve_device(device)
         self.batch_size = int(batch_size)
         self._lock = threading.Lock()
@@ -187,6 +193,7 @@ class ExamScorer:
                     batch_size=self.batch_size,
                     working_spacing_mm=self._working,
                     default_spacing_mm=self.default_spacing_mm,
+                    max_pixels=self.max_pixels,
                 )
             ]
             return ScoreResult(scored, refused)

@@ -147,6 +147,8 @@ class StrategyConfig:
             or a server optimizer over FedAvg: ``fedavgm``, ``fedadam`` (any
             personalization; docs/federation.md, "Server optimizers").
         proximal_mu: FedProx proximal weight (sent to clients; they apply it).
+            Only ``fedprox`` takes one: another strategy with a weight above 0
+            is refused (the sites would silently train as FedProx).
         trim_beta: ``fedtrimmedavg`` cuts ``floor(trim_beta * n)`` of the ``n``
             values at each end of every coordinate; the default 0.34 cuts one
             of 3 or 4 updates, two of 6 (0.2, Flower's default, cuts none below
@@ -178,6 +180,11 @@ class StrategyConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name}: must be finite, got {value!r}")
+        if self.proximal_mu > 0 and self.name != "fedprox":
+            raise ValueError(
+                f"proximal_mu: {self.proximal_mu!r}, but only fedprox takes a "
+                f"proximal term (strategy {self.name!r}); set it to 0 or use fedprox"
+            )
 
 
 @dataclass(frozen=True)

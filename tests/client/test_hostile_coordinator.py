@@ -22,7 +22,7 @@ from client.app import app, resolve_site
 from client.state import PENDING_JSON, SiteState, SiteStateError
 from common.errors import ConfigError
 from common.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
-from common.wire.faults import SITE_STATE, ModelVersion
+from common.wire.faults import SITE_CONFIG, SITE_STATE, ModelVersion
 from common.wire.federation import (
     NODE_SITE,
     NODE_SITE_CONFIG,
@@ -323,3 +323,25 @@ def test_server_only_paths_of_the_run_are_not_probed_on_the_site(
         reply = app(_msg(cfg, shared, 1, ModelVersion(0, ())), ctx)
         outcomes.append(reply.error.code if reply.has_error() else "ok")
     assert outcomes == ["ok", "ok"]
+
+
+# --- a message whose personalization split is not the site's run config -----------
+@pytest.mark.parametrize("field", ["local_norm", "personal_head"])
+def test_a_round_with_another_personalization_split_is_refused_by_the_app(
+    tmp_path: Path, field: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checked in the ClientApp for every trainer (was: by the toy trainer only)."""
+    cfg = _cfg()
+    ctx = _context(cfg, tmp_path / "state")
+    flipped = dataclasses.replace(
+        cfg,
+        personalization=dataclasses.replace(
+            cfg.personalization, **{field: not getattr(cfg.personalization, field)}
+        ),
+    )
+    reply = app(_msg(flipped, _initial(cfg, tmp_path), 1, ModelVersion(0, ())), ctx)
+    # the reply names no detail (no free text leaves the site); the log does
+    assert reply.has_error() and reply.error.code == SITE_CONFIG
+    assert "local-norm/personal-head" in caplog.text
+    assert "the site's run config says" in caplog.text
+    assert not (tmp_path / "state" / "site-a" / "personal.npz").exists()

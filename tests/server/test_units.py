@@ -574,3 +574,18 @@ def test_a_run_may_name_only_the_apps_own_federation_config(tmp_path: Path) -> N
     for raw in (str(outside), "../" * 12 + str(outside).lstrip("/")):
         with pytest.raises(ConfigError, match="is outside the app"):
             federation_config_from_run_config({RUN_FEDERATION_CONFIG: raw}, app_root)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "personalized", "fedadam"])
+def test_a_proximal_weight_outside_fedprox_is_refused_by_name(
+    tmp_path: Path, name: str
+) -> None:
+    """It was sent to the sites, which trained as FedProx under another name."""
+    p = tmp_path / "fed.yaml"
+    p.write_text(f"name: x\nstrategy: {{name: {name}, proximal_mu: 0.5}}\n")
+    with pytest.raises(
+        ConfigError, match=rf"fed.yaml: strategy: proximal_mu: 0.5, .*'{name}'"
+    ):
+        load_federation_config(p)
+    p.write_text("name: x\nstrategy: {name: fedprox, proximal_mu: 0.5}\n")
+    assert load_federation_config(p).strategy.proximal_mu == 0.5

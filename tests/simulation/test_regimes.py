@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,25 @@ def test_request_values_reach_their_regimes_only(tmp_path: Path) -> None:
     assert cfg(R.FEDTRIMMEDAVG).strategy.name == "fedtrimmedavg"
     assert R.REGIMES[R.PERSONALIZED_DP].private
     assert not any(R.REGIMES[r].private for r in R.ORDER if r != R.PERSONALIZED_DP)
+
+
+def test_the_federation_files_strategy_settings_reach_every_regime(
+    tmp_path: Path,
+) -> None:
+    """A study's server optimizer settings were replaced by the defaults."""
+    base = load_federation_config(FEDERATION)
+    tuned = dataclasses.replace(
+        base, strategy=dataclasses.replace(base.strategy, eta=0.01, trim_beta=0.2)
+    )
+    req = _req(tmp_path)
+
+    def strategy(name: str):  # noqa: ANN202
+        return _regime_config(tuned, name, req, tmp_path / "run", ["A"]).strategy
+
+    assert strategy(R.FEDADAM).eta == 0.01
+    assert strategy(R.FEDTRIMMEDAVG).trim_beta == 0.2
+    assert strategy(R.FEDPROX).proximal_mu == 0.05 and strategy(R.FEDPROX).eta == 0.01
+    assert strategy(R.PERSONALIZED).proximal_mu == 0.0
 
 
 def test_central_regime_is_not_a_federation(tmp_path: Path) -> None:

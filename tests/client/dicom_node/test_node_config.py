@@ -131,6 +131,20 @@ def test_fuse_with_adds_models_and_the_command_line_replaces_them(
         load_site_config(_write(tmp_path, bad))
 
 
+def test_the_node_scores_under_the_sites_pixel_budget(tmp_path: Path) -> None:
+    """Received images are decoded for scoring under ``max_pixels`` (was: 32 Mi)."""
+    text = "max_pixels: 1000000\n" + GOOD.format(root=tmp_path) + "  checkpoint: m.pt\n"
+    node = DicomNode(load_site_config(_write(tmp_path, text)))
+    assert node.scorer.max_pixels == 1_000_000
+    unbounded = (
+        "max_pixels: null\n" + GOOD.format(root=tmp_path) + "  checkpoint: m.pt\n"
+    )
+    assert (
+        DicomNode(load_site_config(_write(tmp_path, unbounded))).scorer.max_pixels
+        is None
+    )
+
+
 def test_serve_takes_checkpoint_more_than_once() -> None:
     import argparse
 

@@ -46,6 +46,20 @@ def test_scores_exam_in_stored_space_and_reloads(
     assert scorer.model_sha256 != first
 
 
+def test_an_image_over_the_pixel_budget_is_refused_not_decoded(
+    tmp_path: Path, tiny_checkpoint: Path, kit: SimpleNamespace
+) -> None:
+    files = kit.write_exam(tmp_path / "exam")
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    budget = int(ds.Rows) * int(ds.Columns) - 1
+    scorer = ExamScorer(
+        tiny_checkpoint, score_floor=0.0, device="cpu", max_pixels=budget
+    )
+    res = scorer.score(files)
+    assert res.scored == [] and [p for p, _ in res.refused] == files
+    assert f"max_pixels={budget}" in res.refused[0][1]
+
+
 def test_missing_model_raises(tmp_path: Path, kit: SimpleNamespace) -> None:
     scorer = ExamScorer(tmp_path / "none.pt", score_floor=0.3, device="cpu")
     with pytest.raises(MammofedError, match="none.pt: model checkpoint unreadable"):
