@@ -608,7 +608,12 @@ def _walk(
     old: dict[str, CacheEntry] = {}
     by_source: dict[str, CacheEntry] = {}
     for e in cache.iter_entries():
-        if e.working_spacing_mm == cfg.working_spacing_mm and cache.has(e.key):
+        if (
+            e.working_spacing_mm == cfg.working_spacing_mm
+            and cache.has(e.key)
+            # stored as the site now asks (pixel_dtype); else decoded again
+            and cache.stored_dtype(e.key) == cfg.pixel_dtype
+        ):
             old[e.key] = e
             by_source[e.source] = e
     refused_path = cache.root / REFUSED_JSON

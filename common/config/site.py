@@ -148,7 +148,8 @@ class SiteConfig:
         workers: decode processes for ingest (each file is decoded in one of
             them, never in the ingest process).
         progress_every: log a progress line every this many files.
-        pixel_dtype: how cache entries store model-space pixels.
+        pixel_dtype: how cache entries store model-space pixels; after a
+            change the next ingest decodes every entry stored otherwise again.
         max_pixels: pixel budget checked from the header before decoding:
             a file with Rows x Columns x NumberOfFrames x SamplesPerPixel above
             it, or with more decoded bytes (that product x ceil(BitsAllocated

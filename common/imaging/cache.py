@@ -229,6 +229,16 @@ class CacheEntry:
         )
 
 
+def _npy_header(fh: Any, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` from an open ``.npy`` member's header."""
+    version = npy_format.read_magic(fh)
+    if version == (1, 0):
+        return npy_format.read_array_header_1_0(fh)
+    if version == (2, 0):
+        return npy_format.read_array_header_2_0(fh)
+    raise CacheError(f"{path}: unsupported .npy version {version}")
+
+
 class SiteCache:
     """Read and write one ``CACHE_DIR`` (layout in the module docstring)."""
 
@@ -370,6 +380,20 @@ class SiteCache:
             )
         return out
 
+    def stored_dtype(self, key: str) -> str | None:
+        """``"uint16"`` or ``"float16"``: how entry ``key``'s pixels are stored.
+
+        Read from the ``.npy`` header only; ``None`` when the file is missing,
+        unreadable or holds another dtype.
+        """
+        path = self.pixels_path(key)
+        try:
+            with zipfile.ZipFile(path) as zf, zf.open(_PIXELS_MEMBER) as fh:
+                dtype = _npy_header(fh, path)[2]
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile, CacheError):
+            return None
+        return dtype.name if dtype in PIXEL_DTYPES else None
+
     def _read_stored(self, key: str, model_shape: tuple[int, int]) -> np.ndarray:
         """The stored array of entry ``key`` (a :data:`PIXEL_DTYPES` dtype).
 
@@ -380,13 +404,7 @@ class SiteCache:
         want = (int(model_shape[0]), int(model_shape[1]))
         try:
             with zipfile.ZipFile(path) as zf, zf.open(_PIXELS_MEMBER) as fh:
-                version = npy_format.read_magic(fh)
-                if version == (1, 0):
-                    shape, fortran, dtype = npy_format.read_array_header_1_0(fh)
-                elif version == (2, 0):
-                    shape, fortran, dtype = npy_format.read_array_header_2_0(fh)
-                else:
-                    raise CacheError(f"{path}: unsupported .npy version {version}")
+                shape, fortran, dtype = _npy_header(fh, path)
                 if dtype not in PIXEL_DTYPES or tuple(shape) != want:
                     raise CacheError(
                         f"{path}: pixel array {tuple(shape)} {dtype} does not match "

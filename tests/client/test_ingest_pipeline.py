@@ -87,6 +87,26 @@ def test_ingest_synthetic_site(
     assert px.shape == geom.model_shape and 0.0 <= px.min() and px.max() <= 1.0
 
 
+def test_a_new_pixel_dtype_is_honoured_without_force(
+    synthetic_site: Path, tmp_path: Path
+) -> None:
+    """Entries stored as another dtype are decoded again (were kept as they were)."""
+    cache = tmp_path / "cache"
+    first = ingest_site(synthetic_site, cache, SiteConfig(), workers=1)
+    c = SiteCache(cache)
+    assert {c.stored_dtype(k) for k in first.new} == {"uint16"}
+    half = ingest_site(
+        synthetic_site, cache, SiteConfig(pixel_dtype="float16"), workers=1
+    )
+    assert half.reused == [] and sorted(half.new) == sorted(first.new)
+    assert {c.stored_dtype(e.key) for e in half.entries} == {"float16"}
+    again = ingest_site(
+        synthetic_site, cache, SiteConfig(pixel_dtype="float16"), workers=1
+    )
+    assert again.new == [] and len(again.reused) == 6
+    assert c.stored_dtype("no-such-key") is None
+
+
 def test_rerun_change_delete_and_annotation_refresh(
     synthetic_site: Path, tmp_path: Path
 ) -> None:
