@@ -455,8 +455,9 @@ class PrivateRound:
         metrics: Metrics = {DP_EPSILON: float(r.epsilon)}
         if not r.trained:
             return LocalRun(False, 0.0, 0, 1, metrics, r.reason)
-        # a round whose draws were all empty has no loss: 0 keeps the reply valid
-        loss = r.mean_loss if math.isfinite(r.mean_loss) else 0.0
+        # a round whose draws were all empty has no loss: NaN, which the site's
+        # history keeps and a reply leaves out (never a made-up 0)
+        loss = r.mean_loss
         examples = max(1, round(r.expected_women))
         return LocalRun(True, loss, r.skipped, examples, metrics)
 

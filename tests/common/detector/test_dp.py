@@ -375,6 +375,31 @@ def test_dp_metric_only_when_dp_is_on(tmp_path: Path) -> None:
     assert on.metric_names("evaluate") == off.metric_names("evaluate")
 
 
+def test_a_dp_round_that_drew_no_woman_keeps_nan_and_sends_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its loss is undefined: the site's history says NaN, never a made-up 0.
+
+    (Poisson draws from OS entropy make this rare and unseeded in a real run;
+    the federated test below met it in CI once.)"""
+    from client.detector_trainer import DetectorTrainer
+    from common.detector.dp import DPRoundResult, PatientDPSGD
+    from common.keys import SKIPPED_STEPS, TRAIN_LOSS
+    from common.wire.federation import FitInstructions
+
+    def empty_round(self, *args: Any, **kwargs: Any) -> DPRoundResult:
+        return DPRoundResult(trained=True, epsilon=0.5, delta=1e-3, steps=2)
+
+    monkeypatch.setattr(PatientDPSGD, "run_round", empty_round)
+    cfg = dp_config(tmp_path)
+    cache = make_site_cache(tmp_path / "cache" / "siteA", n_patients=3)
+    trainer = DetectorTrainer("siteA", tmp_path / "state", cfg, cache)
+    shared = trainer.initial_shared()
+    _, metrics = trainer.fit(shared, FitInstructions.from_federation(cfg, 1))
+    assert metrics[TRAIN_LOSS] == 0.0 and metrics[SKIPPED_STEPS] == 0  # sent
+    assert math.isnan(trainer.withheld[TRAIN_LOSS])  # kept on the site
+
+
 def test_federated_dp_rounds_send_only_declared_arrays_and_whitelisted_metrics(
     tmp_path: Path,
 ) -> None:
