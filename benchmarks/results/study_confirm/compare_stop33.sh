@@ -27,6 +27,6 @@ $P -m benchmarks.compare_runs --cases="$C" --a $(side out/confirm-fix personaliz
 $P -m benchmarks.compare_runs --cases="$C" --a $(side out/confirm-fix personalized) --b $(side out/confirm-fix personalized-ssl) \
    --label confirm-new-women-ssl-vs-labeled-fixed --results $R
 # the stop-33 screen of ensembles with the fixed personalized model:
-#   python benchmarks/results/study_confirm/fuse_screen_stop33.py  (writes out/join33/seed-*/<ensemble>/detections.json)
+#   python benchmarks/results/study_confirm/fuse_screen.py stop33  (writes out/join33/seed-*/<ensemble>/detections.json)
 #   then compare_runs --cases "$C" --a out/confirm/seed-*/base (local-only; out/confirm-ssl: oracle,
 #   personalized-dp+tuned+local) --b out/join33/seed-*/<ensemble> --label screen33-<ensemble>-vs-<a>
