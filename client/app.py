@@ -193,14 +193,7 @@ def _instructions(msg: Message, fed_cfg: FederationConfig) -> FitInstructions:
             "trainer",
             f"server asks for {ins.trainer!r}, run config says {trainer_name!r}",
         )
-    mine = (fed_cfg.personalization.local_norm, fed_cfg.personalization.personal_head)
-    if (ins.local_norm, ins.personal_head) != mine:
-        raise ConfigError(
-            "server message config",
-            "local-norm/personal-head",
-            f"server sent ({ins.local_norm}, {ins.personal_head}) but the site's "
-            f"run config says {mine}",
-        )
+    ins.check_split(fed_cfg.personalization, "the site")
     return ins
 
 

@@ -611,8 +611,9 @@ def _walk(
         if (
             e.working_spacing_mm == cfg.working_spacing_mm
             and cache.has(e.key)
-            # stored as the site now asks (pixel_dtype); else decoded again
-            and cache.stored_dtype(e.key) == cfg.pixel_dtype
+            # stored as the site now asks (pixel_dtype); else decoded again.
+            # Entries written before the field existed: read from the header
+            and (e.pixel_dtype or cache.stored_dtype(e.key)) == cfg.pixel_dtype
         ):
             old[e.key] = e
             by_source[e.source] = e

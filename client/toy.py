@@ -27,7 +27,6 @@ from torch import nn
 from client.state import SiteState
 from client.trainer import Arrays, Metrics, register_trainer
 from common.detector.model.toy import ToyNet, ToyOptions, toy_shared_keys
-from common.errors import ConfigError
 from common.keys import NUM_EXAMPLES, SKIPPED_STEPS, TRAIN_LOSS
 from common.wire.federation import (
     ACCURACY,
@@ -84,8 +83,7 @@ class ToyTrainer:
         opts = ToyOptions.parse(fed_cfg.trainer.options)
         self.site = site
         self.seed = fed_cfg.seed
-        self.local_norm = fed_cfg.personalization.local_norm
-        self.personal_head = fed_cfg.personalization.personal_head
+        self.personalization = fed_cfg.personalization
         self.state = SiteState(state_dir, site)
         torch.set_num_threads(opts.threads)
         torch.manual_seed(fed_cfg.seed)  # same initial model on every site
@@ -100,7 +98,9 @@ class ToyTrainer:
             site, self.seed, max(n // 2, 8), "test"
         )
         self._shared_keys = toy_shared_keys(
-            self.model, local_norm=self.local_norm, personal_head=self.personal_head
+            self.model,
+            local_norm=self.personalization.local_norm,
+            personal_head=self.personalization.personal_head,
         )
 
     def shared_spec(self) -> dict[str, tuple[int, ...]]:
@@ -117,16 +117,7 @@ class ToyTrainer:
 
     # --- state -------------------------------------------------------------
     def _check_instructions(self, config: FitInstructions) -> None:
-        if (config.local_norm, config.personal_head) != (
-            self.local_norm,
-            self.personal_head,
-        ):
-            raise ConfigError(
-                "message config",
-                "local-norm/personal-head",
-                f"server sent ({config.local_norm}, {config.personal_head}) but site "
-                f"{self.site} runs ({self.local_norm}, {self.personal_head})",
-            )
+        config.check_split(self.personalization, f"site {self.site}")
 
     def _load(self, shared: Arrays) -> None:
         personal = self.state.load_personal() or {}

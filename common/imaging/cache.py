@@ -10,7 +10,8 @@ Layout of ``CACHE_DIR``::
                              "meta" (ImageMeta.to_dict(); its "density"
                              comes from SITE_DIR/density.csv, absent or
                              null: unknown), "format",
-                             "pixel_sha256" (see pixel_digest)}
+                             "pixel_sha256" (see pixel_digest),
+                             "pixel_dtype" (uint16 or float16)}
     annotations.json        {key: ImageTargets.to_dict()}: boxes in stored and
                             model space, labels, ignore regions, labeled/weak
                             flags; rebuilt on every ingest from the site's
@@ -186,6 +187,9 @@ class CacheEntry:
         pixel_sha256: :func:`pixel_digest` of the stored pixels (``None`` for
             entries written before it existed; :meth:`SiteCache.with_pixel_digest`
             fills it in).
+        pixel_dtype: ``"uint16"`` or ``"float16"``, how the pixels are stored
+            (``None`` for entries written before it existed:
+            :meth:`SiteCache.stored_dtype` reads it from the array's header).
     """
 
     key: str
@@ -198,6 +202,7 @@ class CacheEntry:
     meta: ImageMeta
     options: dict[str, Any] = field(default_factory=dict)
     pixel_sha256: str | None = None
+    pixel_dtype: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form."""
@@ -225,6 +230,9 @@ class CacheEntry:
             options=dict(d.get("options") or {}),
             pixel_sha256=(
                 str(d["pixel_sha256"]) if d.get("pixel_sha256") is not None else None
+            ),
+            pixel_dtype=(
+                str(d["pixel_dtype"]) if d.get("pixel_dtype") is not None else None
             ),
         )
 
@@ -305,6 +313,7 @@ class SiteCache:
             meta=image.meta,
             options=json.loads(json.dumps(dict(options or {}), sort_keys=True)),
             pixel_sha256=pixel_digest(stored),
+            pixel_dtype=pixel_dtype,
         )
         return self._save(entry)
 

@@ -539,6 +539,24 @@ class FitInstructions:
             trainer=cfg.trainer.name,
         )
 
+    def check_split(self, personalization: PersonalizationConfig, site: str) -> None:
+        """Refuse a round whose personalization split is not ``site``'s own.
+
+        What stays at home and what is shared would differ from what both
+        sides think.
+
+        Raises:
+            ConfigError: ``local-norm`` / ``personal-head`` differ (both named).
+        """
+        mine = (personalization.local_norm, personalization.personal_head)
+        if (self.local_norm, self.personal_head) != mine:
+            raise ConfigError(
+                "server message config",
+                "local-norm/personal-head",
+                f"server sent ({self.local_norm}, {self.personal_head}) but "
+                f"{site}'s run config says {mine}",
+            )
+
     def to_config_record(self) -> ConfigRecord:
         """The ConfigRecord form (keys from :mod:`common.keys` / this module)."""
         from flwr.app import ConfigRecord

@@ -95,6 +95,15 @@ def test_a_new_pixel_dtype_is_honoured_without_force(
     first = ingest_site(synthetic_site, cache, SiteConfig(), workers=1)
     c = SiteCache(cache)
     assert {c.stored_dtype(k) for k in first.new} == {"uint16"}
+    assert {e.pixel_dtype for e in first.entries} == {"uint16"}
+    # an entry written before the field existed: judged by its array's header
+    legacy = c.entry_path(first.new[0])
+    doc = json.loads(legacy.read_text())
+    del doc["pixel_dtype"]
+    legacy.write_text(json.dumps(doc))
+    assert c.read_entry(first.new[0]).pixel_dtype is None
+    same = ingest_site(synthetic_site, cache, SiteConfig(), workers=1)
+    assert same.new == [] and len(same.reused) == 6  # not decoded again
     half = ingest_site(
         synthetic_site, cache, SiteConfig(pixel_dtype="float16"), workers=1
     )
