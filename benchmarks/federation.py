@@ -47,7 +47,7 @@ from common.fileio import read_jsonl
 from common.wire import runfolder as RF
 from common.wire.federation import FederationConfig, load_federation_config
 from simulation import regimes as R
-from simulation.run import RunRequest, _regime_config, prepare_sites
+from simulation.run import RunRequest, prepare_sites, regime_config
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = "federation"
@@ -149,7 +149,7 @@ def _regime(
     base = load_federation_config(args.federation)
     req = RunRequest(Path(args.scenario), Path(args.federation), out / "run")
     sites = [s.name for s in scenario.sites]
-    fed = _regime_config(base, args.regime, req, out / "run", sites)
+    fed = regime_config(base, args.regime, req, out / "run", sites)
     opts = dict(fed.trainer.options)
     if args.threads:
         opts["threads"] = args.threads

@@ -4,7 +4,7 @@ A central regime trains one model per :attr:`Regime.train_on` group with
 ``client.local_training.train_central``; a federated regime runs the real server and
 clients with :attr:`Regime.strategy`, :attr:`Regime.personalization` and
 :attr:`Regime.options` laid over the study's federation config (see
-``simulation.run._regime_config``); an ensemble regime trains nothing: each
+``simulation.run.regime_config``); an ensemble regime trains nothing: each
 site runs the models of its :attr:`Regime.members` and fuses their findings
 (``common.detector.ensemble``). Values taken from ``mammofed-sim run``
 flags are named in :attr:`Regime.from_request` (option -> ``RunRequest`` field).

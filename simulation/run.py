@@ -478,7 +478,7 @@ def _evaluate_on(
 
 
 # --- the study ----------------------------------------------------------------------
-def _regime_config(
+def regime_config(
     base: FederationConfig,
     regime: str,
     req: RunRequest,
@@ -953,7 +953,7 @@ def run_study(req: RunRequest) -> Path:
                         model, caches[s], fed.seed, req.n_boot, device
                     )
         else:
-            cfg = _regime_config(fed, regime, req, out, sites)
+            cfg = regime_config(fed, regime, req, out, sites)
             if init is not None:
                 cfg = dataclasses.replace(cfg, initial_checkpoint=init.resolve())
             (out / regime).mkdir(parents=True, exist_ok=True)

@@ -98,13 +98,13 @@ def test_fewshot_option_off_trains_every_layer(tmp_path, cache):
 
 def test_only_the_adaptation_regime_tunes_few_shot_heads(tmp_path):
     from simulation import regimes as R
-    from simulation.run import RunRequest, _regime_config
+    from simulation.run import RunRequest, regime_config
 
     base = _fed(tmp_path)
     req = RunRequest(scenario=tmp_path / "s.yaml", federation=tmp_path / "f.yaml",
                      out=tmp_path / "out")  # fmt: skip
     for regime in sorted(R.FEDERATED):
-        cfg = _regime_config(base, regime, req, tmp_path / "run", [SITE])
+        cfg = regime_config(base, regime, req, tmp_path / "run", [SITE])
         want = regime == R.PERSONALIZED_SSL
         assert cfg.trainer.options["fewshot"] is want, regime
 

@@ -109,12 +109,12 @@ def test_settings_that_would_leak_the_statistics_are_refused(
 
 def test_the_regime_turns_it_on_and_only_it(tmp_path):
     from simulation import regimes as R
-    from simulation.run import RunRequest, _regime_config
+    from simulation.run import RunRequest, regime_config
 
     base = dataclasses.replace(_cfg(tmp_path), sites=(SITE,))
     req = RunRequest(scenario=tmp_path / "s.yaml", federation=tmp_path / "f.yaml",
                      out=tmp_path / "out")  # fmt: skip
     for regime in sorted(R.FEDERATED):
-        cfg = _regime_config(base, regime, req, tmp_path / "run", [SITE])
+        cfg = regime_config(base, regime, req, tmp_path / "run", [SITE])
         want = regime == R.PERSONALIZED_STATS
         assert bool(cfg.trainer.options.get("reestimate_norm")) is want, regime

@@ -16,7 +16,7 @@ from common.errors import MammofedError
 from common.wire import runfolder as RF
 from server.checkpoints import CheckpointStore
 from simulation import regimes as R
-from simulation.run import RunRequest, _regime_config, run_federated, run_study
+from simulation.run import RunRequest, regime_config, run_federated, run_study
 
 from .test_ray_engine import FEDERATION, SCENARIO, _procs_under
 
@@ -88,7 +88,7 @@ def test_failure_stops_every_process(tmp_path: Path) -> None:
         regimes=(R.FEDAVG,),
     )
     sites = ["A", "B"]
-    cfg = _regime_config(
+    cfg = regime_config(
         load_federation_config(FEDERATION), R.FEDAVG, req, tmp_path / "run", sites
     )
     # a cache folder that does not exist: every ClientApp fails. Whether the

@@ -30,7 +30,7 @@ from simulation.ray_engine import (  # noqa: E402
     run_federated_ray,
     write_local_config,
 )
-from simulation.run import RunRequest, _regime_config, run_study  # noqa: E402
+from simulation.run import RunRequest, regime_config, run_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIO = REPO / "configs" / "simulation" / "test.yaml"
@@ -156,7 +156,7 @@ def test_timeout_raises_and_stops_superlink_and_ray(
     req = RunRequest(scenario=SCENARIO, federation=FEDERATION, out=tmp_path)
     sites = ["A", "B", "C", "D", "E"]
     cfg = dataclasses.replace(
-        _regime_config(fed, R.FEDAVG, req, tmp_path, sites), num_rounds=1000
+        regime_config(fed, R.FEDAVG, req, tmp_path, sites), num_rounds=1000
     )
     assert cfg.run_dir is not None
     caches = {s: ray_study.parent / "data" / "cache" / s for s in sites}

@@ -11,7 +11,7 @@ from common.errors import ConfigError
 from common.wire.federation import load_federation_config
 from server.strategies import build_strategy
 from simulation import regimes as R
-from simulation.run import RunRequest, _regime_config
+from simulation.run import RunRequest, regime_config
 
 REPO = Path(__file__).resolve().parents[2]
 FEDERATION = REPO / "configs" / "federation" / "sim-test.yaml"
@@ -83,7 +83,7 @@ def test_federated_regime_config_follows_its_table_line(
 ) -> None:
     base = load_federation_config(FEDERATION)
     spec = R.REGIMES[name]
-    cfg = _regime_config(base, name, _req(tmp_path), tmp_path / "run", ["A", "B"])
+    cfg = regime_config(base, name, _req(tmp_path), tmp_path / "run", ["A", "B"])
     assert cfg.strategy.name == spec.strategy
     assert cfg.personalization == spec.personalization
     for k, v in spec.options.items():
@@ -102,7 +102,7 @@ def test_request_values_reach_their_regimes_only(tmp_path: Path) -> None:
     req = _req(tmp_path)
 
     def cfg(name: str):  # noqa: ANN202
-        return _regime_config(base, name, req, tmp_path / "run", ["A"])
+        return regime_config(base, name, req, tmp_path / "run", ["A"])
 
     assert cfg(R.FEDPROX).strategy.proximal_mu == 0.05
     assert cfg(R.FEDAVG).strategy.proximal_mu == 0.0
@@ -125,7 +125,7 @@ def test_the_federation_files_strategy_settings_reach_every_regime(
     req = _req(tmp_path)
 
     def strategy(name: str):  # noqa: ANN202
-        return _regime_config(tuned, name, req, tmp_path / "run", ["A"]).strategy
+        return regime_config(tuned, name, req, tmp_path / "run", ["A"]).strategy
 
     assert strategy(R.FEDADAM).eta == 0.01
     assert strategy(R.FEDTRIMMEDAVG).trim_beta == 0.2
@@ -137,7 +137,7 @@ def test_central_regime_is_not_a_federation(tmp_path: Path) -> None:
     base = load_federation_config(FEDERATION)
     for name in (*sorted(R.CENTRAL), "no-such-regime"):
         with pytest.raises(ConfigError, match="--regime"):
-            _regime_config(base, name, _req(tmp_path), tmp_path / "run", ["A"])
+            regime_config(base, name, _req(tmp_path), tmp_path / "run", ["A"])
 
 
 def test_a_head_only_regime_needs_the_base_model(tmp_path: Path) -> None:

@@ -128,12 +128,12 @@ def test_detector_clients_send_only_declared_arrays_and_whitelisted_metrics(
     )
     from server.federation import run_federation
     from simulation.grid import InProcessGrid
-    from simulation.run import _regime_config
+    from simulation.run import regime_config
 
     caches = {s: study.parent / "data" / "cache" / s for s in ("A", "B", "C")}
     base = load_federation_config(FEDERATION)
     req = RunRequest(SCENARIO, FEDERATION, tmp_path)
-    fed = _regime_config(base, R.PERSONALIZED, req, tmp_path, list(caches))
+    fed = regime_config(base, R.PERSONALIZED, req, tmp_path, list(caches))
     sent: list[Message] = []
 
     def spy(msg: Message, ctx: Context) -> Message:
@@ -342,14 +342,14 @@ def test_two_phase_every_regime_starts_from_the_base_model(study: Path) -> None:
     import dataclasses
 
     from common.detector.model.initial import checkpoint_arrays
-    from simulation.run import BASE_MODEL, _regime_config
+    from simulation.run import BASE_MODEL, regime_config
 
     base = study / R.BASE / BASE_MODEL
     assert base.is_file()
     fed = load_federation_config(FEDERATION)
     req = RunRequest(SCENARIO, FEDERATION, study)
     for regime in (R.FEDAVG, R.PERSONALIZED):
-        cfg = _regime_config(fed, regime, req, study, ["A", "B", "C"])
+        cfg = regime_config(fed, regime, req, study, ["A", "B", "C"])
         cfg = dataclasses.replace(cfg, initial_checkpoint=base)
         shared, defaults = checkpoint_arrays(base, cfg)
         store = CheckpointStore(study / regime / "server" / "checkpoints")
