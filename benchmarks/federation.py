@@ -44,6 +44,7 @@ import numpy as np
 from benchmarks.common import emit
 from common.detector.model import build_detector
 from common.fileio import read_jsonl
+from common.keys import RESOLVED_CONFIG_YAML
 from common.wire import runfolder as RF
 from common.wire.federation import FederationConfig, load_federation_config
 from simulation import regimes as R
@@ -224,7 +225,7 @@ def _from_run(regime_dir: Path) -> None:
     rounds = list(RF.iter_round_rows(server / RF.ROUNDS_JSONL))
     if not rows or not rounds:
         raise SystemExit(f"{regime_dir}: no rounds recorded (not a finished run?)")
-    fed = load_federation_config(server / "resolved_config.yaml")
+    fed = load_federation_config(server / RESOLVED_CONFIG_YAML)
     opts = dict(fed.trainer.options)
     ctx = {
         "run": str(regime_dir),

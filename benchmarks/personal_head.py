@@ -54,7 +54,7 @@ from client.site_model import PERSONAL_HEAD_PREFIX
 from client.state import SiteState
 from common.detector.engine import evaluate_detailed, seed_everything
 from common.detector.froc import paired_cpm_difference
-from common.keys import CLASSES
+from common.keys import CLASSES, RESOLVED_CONFIG_YAML
 from common.wire import runfolder as RF
 from common.wire.federation import load_federation_config
 from server.checkpoints import CheckpointStore
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ft_epochs = [int(x) for x in args.ft_epochs.split(",") if x.strip()]
     args.norms_from = [x for x in args.norms_from.split(",") if x.strip()]
     server = args.run / args.regime / RF.SERVER_DIR
-    fed = load_federation_config(server / "resolved_config.yaml")
+    fed = load_federation_config(server / RESOLVED_CONFIG_YAML)
     if not fed.personalization.personal_head:
         raise SystemExit(f"{server}: the run has no personal head")
     last = CheckpointStore(server / RF.CHECKPOINT_DIR).latest()

@@ -1,7 +1,7 @@
 """Turn a federation's result into a self-describing model checkpoint.
 
 The server keeps one global checkpoint per round
-(``RUN/server/checkpoints/round-NNNNN.npz`` with the SHARED arrays only and
+(``RUN/checkpoints/round-NNNNN.npz`` with the SHARED arrays only and
 ``round-NNNNN.json``, a :class:`common.wire.runfolder.CheckpointMeta` whose
 ``config`` is the resolved federation config); each site keeps its personal
 state on its own disk (:mod:`client.site_model`). :func:`export_model` joins
@@ -150,7 +150,8 @@ def resolve_round_files(path: str | Path) -> tuple[Path, Path]:
             raise ExportError(
                 f"{folder}: no complete round checkpoint in this folder "
                 "(expected round-NNNNN.json with its round-NNNNN.npz, as the "
-                "server writes under RUN/server/checkpoints/)"
+                "server writes under RUN/checkpoints/; in a study: "
+                "REGIME/server/checkpoints/)"
             )
         npz, js = round_paths(folder, rounds[-1])
         return js, npz
@@ -158,7 +159,7 @@ def resolve_round_files(path: str | Path) -> tuple[Path, Path]:
         p = p.with_suffix(".json")
     if round_number(p) is None:
         raise ExportError(
-            f"{path}: not a round checkpoint: give RUN/server/checkpoints "
+            f"{path}: not a round checkpoint: give RUN/checkpoints "
             "(last complete round) or one round-NNNNN.json in it"
         )
     npz = p.with_suffix(".npz")

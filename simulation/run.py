@@ -86,6 +86,7 @@ from common.keys import (
     CLASSES,
     DETECTOR_TRAINER,
     LOCAL_SECONDS,
+    RESOLVED_CONFIG_YAML,
     SKIPPED_STEPS,
     TRAIN_LOSS,
 )
@@ -288,6 +289,39 @@ def check_reuse(prior: Path, out: Path, init: Path | None) -> Path:
             where, f"{R.BASE}/{BASE_MODEL}", f"is not this run's base model {init}"
         )
     return prior
+
+
+def check_requested(prior: Path, spec: R.Regime, req: RunRequest) -> None:
+    """A reused federated regime was trained with this run's flag values.
+
+    ``--fedprox-mu``, ``--dp-epsilon`` and the other values a regime takes
+    from :class:`RunRequest` (:attr:`Regime.from_request`) are not in
+    ``configs/federation.yaml``, so :func:`check_reuse` cannot see them: they
+    are read from the regime's ``server/resolved_config.yaml``. A missing
+    file or value, or another value, is a ``ConfigError`` naming them.
+    """
+    if not spec.from_request or spec.kind != "federated":
+        return
+    path = prior / spec.name / RF.SERVER_DIR / RESOLVED_CONFIG_YAML
+    raw = load_yaml(path)
+    for key, attr in spec.from_request.items():
+        section, field = (
+            ("strategy", key.removeprefix("strategy."))
+            if key.startswith("strategy.")
+            else ("trainer.options", key)
+        )
+        node: Any = raw
+        for part in (*section.split("."), field):
+            node = node.get(part) if isinstance(node, dict) else None
+        asked = getattr(req, attr)
+        if node != asked:
+            flag = "--" + attr.replace("_", "-")
+            raise ConfigError(
+                str(path),
+                f"{section}.{field}",
+                f"{node!r}, but this run asks for {asked!r} ({flag}): "
+                f"its {spec.name} regime was trained with another value",
+            )
 
 
 def reused_results(
@@ -921,6 +955,7 @@ def run_study(req: RunRequest) -> Path:
         metrics: dict[str, EvalResult | None] = {}
         prior = found[regime]
         if prior is not None and not spec.members:
+            check_requested(prior, spec, req)
             metrics, dp = reused_results(
                 prior, spec, req.n_boot, fed.seed, req.dp_epsilon
             )

@@ -56,6 +56,7 @@ from common.detector.sampling import lesion_flags
 from common.detector.transforms import Compose
 from common.fileio import json_safe
 from common.imaging.data import SiteDataset, SiteView
+from common.keys import RESOLVED_CONFIG_YAML
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         cfg.model,
         epoch=cfg.epochs - 1,
         extra={
-            "train_config": str(out / "resolved_config.yaml"),
+            "train_config": str(out / RESOLVED_CONFIG_YAML),
             "ema": cfg.ema_decay is not None,
         },
     )

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint",
         required=True,
         type=Path,
-        help="RUN/server/checkpoints (last complete round) or a round-NNNNN.json",
+        help="RUN/checkpoints (last complete round) or a round-NNNNN.json",
     )
     parser.add_argument("--out", required=True, type=Path, help="model file to write")
     who = parser.add_mutually_exclusive_group()

@@ -32,6 +32,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from common.errors import ConfigError, shown
+from common.keys import RESOLVED_CONFIG_YAML
 
 T = TypeVar("T")
 
@@ -389,7 +390,7 @@ def replace_validated(cfg: T, source: str, **changes: Any) -> T:
 
 
 def write_resolved(
-    cfg: Any, out_dir: str | Path, name: str = "resolved_config.yaml"
+    cfg: Any, out_dir: str | Path, name: str = RESOLVED_CONFIG_YAML
 ) -> Path:
     """Write the resolved config next to results; returns the file written."""
     out = Path(out_dir)

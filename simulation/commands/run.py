@@ -104,6 +104,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(patient-level DP-SGD; see docs/privacy.md)",
     )
     parser.add_argument(
+        "--fedprox-mu",
+        type=_positive_float,
+        default=0.01,
+        help="weight of FedProx's proximal term in the fedprox regime "
+        "(strategy.proximal_mu; docs/federation.md)",
+    )
+    parser.add_argument(
         "--lr-schedule",
         choices=("constant", "cosine"),
         default=None,
@@ -113,6 +120,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report", type=Path, help="also write the report here (default OUT/report)"
     )
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -150,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine,
         engine_timeout_s=args.engine_timeout,
         dp_epsilon=args.dp_epsilon,
+        fedprox_mu=args.fedprox_mu,
         start_from_base=not args.from_scratch,
         base_checkpoint=args.base_checkpoint,
         reuse=tuple(args.reuse),

@@ -192,3 +192,47 @@ def test_every_regime_has_a_study_eta_weight() -> None:
     assert w[R.RECOMMENDED] < 0.2  # an ensemble only fuses detections
     # a reused regime is only copied and re-scored
     assert regime_weight(R.REGIMES[R.PERSONALIZED_DP], reused=True) < 0.1
+
+
+def test_fedprox_mu_flag_reaches_the_fedprox_regime_and_refuses_non_positive() -> None:
+    import argparse
+
+    from simulation.commands import run as run_cmd
+
+    parser = argparse.ArgumentParser()
+    run_cmd.add_arguments(parser)
+    need = ["--scenario", "s.yaml", "--federation", "f.yaml", "--out", "o"]
+    assert parser.parse_args(need).fedprox_mu == 0.01
+    assert parser.parse_args([*need, "--fedprox-mu", "0.2"]).fedprox_mu == 0.2
+    for bad in ("0", "-1", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*need, "--fedprox-mu", bad])
+
+
+def test_a_reused_regime_must_have_been_trained_with_this_runs_flag_values(
+    tmp_path: Path,
+) -> None:
+    """--reuse: --fedprox-mu and --dp-epsilon are not in configs/federation.yaml,
+    so they are checked against the regime's own resolved config."""
+    from common.config.loader import write_resolved
+    from common.wire import runfolder as RF
+    from simulation.run import check_requested
+
+    base = load_federation_config(FEDERATION)
+    req = _req(tmp_path)  # fedprox_mu 0.05, dp_epsilon 3
+    prior = tmp_path / "prior"
+    for name in (R.FEDPROX, R.PERSONALIZED_DP):
+        cfg = regime_config(base, name, req, prior, ["A"])
+        write_resolved(cfg, prior / name / RF.SERVER_DIR)
+    for name in (R.FEDPROX, R.PERSONALIZED_DP, R.FEDAVG):  # FedAvg takes no flag
+        check_requested(prior, R.REGIMES[name], req)
+    with pytest.raises(ConfigError, match=r"strategy\.proximal_mu.*0\.05.*0\.2"):
+        check_requested(
+            prior, R.REGIMES[R.FEDPROX], dataclasses.replace(req, fedprox_mu=0.2)
+        )
+    dp = R.REGIMES[R.PERSONALIZED_DP]
+    with pytest.raises(ConfigError, match=r"options\.dp_epsilon.*--dp-epsilon"):
+        check_requested(prior, dp, dataclasses.replace(req, dp_epsilon=8.0))
+    (prior / R.FEDPROX / RF.SERVER_DIR / "resolved_config.yaml").unlink()
+    with pytest.raises(ConfigError, match="resolved_config.yaml"):
+        check_requested(prior, R.REGIMES[R.FEDPROX], req)
