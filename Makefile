@@ -24,7 +24,8 @@ demo: venv
 # model on the demo's sites with 60 test women each on B, C and D
 # (configs/simulation/study.yaml), three seeds, three seed processes at a time
 # (benchmarks/results/study/). 80 min measured end to end for this list with
-# the report at stop 28 (benchmarks/results/study_time.jsonl). local-head, its
+# the report at stop 28, 44 min on a faster host at stop 35
+# (benchmarks/results/study_time.jsonl, study_make/). local-head, its
 # pair and FedAvgM (measured, not better: README "Also measured") are left out
 # to stay within 90; add them with STUDY_REGIMES="... local-head fedavgm
 # personalized-dp+local-head". personalized-all-labels (the same federation
