@@ -25,7 +25,10 @@ demo: venv
 # (configs/simulation/study.yaml), three seeds, three seed processes at a time
 # (benchmarks/results/study/). 80 min measured end to end for this list with
 # the report at stop 28, 44 min on a faster host at stop 35
-# (benchmarks/results/study_time.jsonl, study_make/). local-head, its
+# (benchmarks/results/study_time.jsonl, study_make/), before the stop-35
+# recommendation's two regimes (personalized-ssl-tuned and
+# personalized-ssl+tuned+local), 5 min more when run apart (commands in
+# benchmarks/results/study35/commands_stop35.sh). local-head, its
 # pair and FedAvgM (measured, not better: README "Also measured") are left out
 # to stay within 90; add them with STUDY_REGIMES="... local-head fedavgm
 # personalized-dp+local-head". personalized-all-labels (the same federation
@@ -39,6 +42,7 @@ demo: venv
 STUDY_OUT ?= out/study
 STUDY_DATA ?= out/study-data
 STUDY_REGIMES ?= base local-only fedavg fedprox personalized personalized-ssl \
+	personalized-ssl-tuned personalized-ssl+tuned+local \
 	personalized-dp personalized-dp+local personalized-dp+tuned \
 	personalized-dp+tuned+local oracle
 study: venv
@@ -55,8 +59,11 @@ study: venv
 # the paired figures on the new women only go to
 # benchmarks/results/study_confirm/compare_runs.jsonl.
 CONFIRM_OUT ?= out/confirm
+CONFIRM_SEEDS = seed-0 seed-1 seed-2
 CONFIRM_DATA ?= out/confirm-data
-CONFIRM_REGIMES ?= base local-only personalized-dp personalized-dp-tuned \
+RECOMMENDED = personalized-ssl+tuned+local
+CONFIRM_REGIMES ?= base local-only personalized-ssl personalized-ssl-tuned \
+	$(RECOMMENDED) personalized-dp personalized-dp-tuned \
 	personalized-dp+tuned+local oracle
 study-confirm: venv
 	$(BIN)/mammofed-sim run --scenario configs/simulation/study-confirm.yaml \
@@ -66,7 +73,7 @@ study-confirm: venv
 	for a in base local-only oracle; do \
 	    $(BIN)/python -m benchmarks.compare_runs --cases='-01[0-9]{3}$$' \
 	        --a $(CONFIRM_OUT)/seed-0/$$a $(CONFIRM_OUT)/seed-1/$$a $(CONFIRM_OUT)/seed-2/$$a \
-	        --b $(addprefix $(CONFIRM_OUT)/seed-,0/personalized-dp+tuned+local 1/personalized-dp+tuned+local 2/personalized-dp+tuned+local) \
+	        --b $(addsuffix /$(RECOMMENDED),$(addprefix $(CONFIRM_OUT)/,$(CONFIRM_SEEDS))) \
 	        --label confirm-new-women-recommended-vs-$$a \
 	        --results benchmarks/results/study_confirm || exit 1; \
 	done
@@ -77,14 +84,13 @@ study-confirm: venv
 # study-confirm first). 41 min on 2 cores (stop 31); the figures on the
 # new women only go to benchmarks/results/study_confirm/compare_runs.jsonl.
 CONFIRM_SSL_OUT ?= out/confirm-ssl
-CONFIRM_SEEDS = seed-0 seed-1 seed-2
 study-confirm-ssl: venv
 	$(BIN)/mammofed-sim run --scenario configs/simulation/study-confirm.yaml \
 	    --federation configs/federation/sim-demo.yaml --base-checkpoint models/demo-base-h.pt \
 	    --data $(CONFIRM_DATA) --out $(CONFIRM_SSL_OUT) --reuse $(CONFIRM_OUT) \
 	    --seeds 0,1,2 --parallel 2 --threads 1 \
 	    $(addprefix --regime ,base local-only personalized personalized-ssl \
-	        personalized-all-labels personalized-dp personalized-dp+tuned+local oracle)
+	        personalized-all-labels personalized-dp $(RECOMMENDED) oracle)
 	$(BIN)/python -m benchmarks.compare_runs --cases='-01[0-9]{3}$$' \
 	    --a $(addsuffix /personalized,$(addprefix $(CONFIRM_SSL_OUT)/,$(CONFIRM_SEEDS))) \
 	    --mid $(addsuffix /personalized-ssl,$(addprefix $(CONFIRM_SSL_OUT)/,$(CONFIRM_SEEDS))) \

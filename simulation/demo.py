@@ -5,9 +5,10 @@ few-shot site, a semi-supervised site and a partly labeled one), ingests every
 site, runs the base, local-only and recommended regimes
 (``simulation.regimes.RECOMMENDED``: each site runs three models and fuses
 their findings: the federation's personalized model, FedBN + personal heads
-trained with patient-level DP-SGD at epsilon 8; that model fine-tuned on the
-site's own labels; and its own local-only model; the personalized-dp and
-personalized-dp-tuned members are reported too) with the detector from the
+with few-shot head tuning where labels are few and the mean teacher's
+consistency on unlabeled images; that model fine-tuned on the site's own
+labels; and its own local-only model; the personalized-ssl and
+personalized-ssl-tuned members are reported too) with the detector from the
 shipped vendor-H base model, and writes the comparison report: per site, base
 vs local-only vs the recommended regime with paired intervals on the same
 test women. The oracle, FedAvg and the other regimes are in the three-seed

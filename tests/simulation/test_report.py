@@ -187,6 +187,22 @@ def test_goal_needs_the_recommended_regime_above_base_and_local_only(
     assert "The oracle is not in these runs" not in md
 
 
+def test_goal_of_a_run_made_before_the_recommendation_changed(tmp_path: Path) -> None:
+    """Runs made before stop 35 (its recommended regime, the DP recipe, and no
+    personalized-ssl+tuned+local) keep their goal on the regime of their time;
+    with both in a run the goal is on the current one."""
+    old = R.PERSONALIZED_DP_TUNED_LOCAL
+    assert old != R.RECOMMENDED
+    _, data = _paired_report(tmp_path / "a", {old}, {R.BASE, R.LOCAL_ONLY})
+    assert data["goal"][0]["regime"] == old
+    _, data = _paired_report(
+        tmp_path / "b", {old, R.RECOMMENDED}, {R.BASE, R.LOCAL_ONLY}
+    )
+    assert data["goal"][0]["regime"] == R.RECOMMENDED
+    rows = {(r["regime"], r["against"]) for r in data["paired"]}
+    assert (R.RECOMMENDED, old) in rows and (old, R.BASE) in rows
+
+
 def test_goal_without_the_oracle_says_so(tmp_path: Path) -> None:
     """The demo runs no oracle: the goal table says why × oracle is not run."""
     md, data = _paired_report(tmp_path, {R.RECOMMENDED}, {R.BASE, R.LOCAL_ONLY})
