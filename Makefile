@@ -34,8 +34,9 @@ demo: venv
 # personalized-dp+local-head". personalized-all-labels (the same federation
 # with every woman labeled: the ceiling of the report's section on the gap
 # semi-supervision closes, about 10 min more) is left out the same way, and
-# so is the recommended recipe without DP (personalized-tuned and
-# personalized+tuned+local, about 7 min more; it scores the same). Stop 34's
+# so is the recipe around the plain federation (personalized-tuned and
+# personalized+tuned+local, about 7 min more; it scores the same as the DP
+# recipe). Stop 34's
 # re-run of all of them with the round-draw fix, joined with --reuse:
 # benchmarks/results/study_fix/ (commands_stop34.sh).
 # STUDY_OUT/report/report.md at the end.

@@ -1,6 +1,8 @@
-"""Does a hospital get what the study measured? The recommended regime, by hand.
+"""Does a hospital get what the study measured? A three-model recipe, by hand.
 
-The study scores ``personalized-dp+tuned+local`` from models it trains
+The study scores ``<regime>+tuned+local`` (``--regime personalized-dp``, the
+DP recipe, measured at stop 34; ``--regime personalized-ssl``, the
+recommended one since stop 35, runs the same commands) from models it trains
 itself. A hospital gets its three models another way: ``mammofed-client
 train-local`` trains its own model from the base, ``mammofed-client export``
 turns the federation's last round and its own personal layers into a model,

@@ -250,8 +250,9 @@ def train_local_model(
     study's local-only regime; ``head_only``: tune the detection head only
     (the study's ``local-head`` regime); ``lr_factor``: the learning rate is
     the federation's times this (0.3 when ``init`` is the site's exported
-    federated model: the study's ``personalized-dp-tuned`` regime, fine-tuning
-    after federation); ``device``: default the options' device.
+    federated model: the study's ``personalized-ssl-tuned`` and
+    ``personalized-dp-tuned`` regimes, fine-tuning after federation);
+    ``device``: default the options' device.
     The checkpoint's ``extra`` records the site, the epochs, the seed and the
     base model's SHA-256 (``local_model``) and the site split the training
     used (``split``, :func:`client.detector_trainer.training_split`, which

@@ -1,7 +1,8 @@
-"""Several ONNX detectors run as one: the recommended pair outside mammofed.
+"""Several ONNX detectors run as one: the recommended regime outside mammofed.
 
-The study's recommended regime runs two models at a site (the federation's
-personalized model and the site's own) and fuses their findings
+The study's recommended regime runs three models at a site (the federation's
+personalized model, that model fine-tuned on the site's labels, and the
+site's own) and fuses their findings
 (:mod:`common.detector.ensemble`). :func:`export_onnx_ensemble` writes, for
 ``OUT.ensemble.json``:
 

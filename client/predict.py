@@ -29,8 +29,9 @@ spacing) :func:`predict_paths` writes
 
 Several checkpoints run together: each model detects on the same model-space
 image and their findings are fused (:func:`fused_detect`,
-``common.detector.ensemble``), e.g. the federation's personalized model and
-the one the site trained alone, the recommended regime. They must work at one
+``common.detector.ensemble``), e.g. the recommended regime: the federation's
+personalized model, that model fine-tuned on the site's labels and the one
+the site trained alone. They must work at one
 spacing.
 
 Files that cannot be read are skipped with a log line naming the file and the

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="model checkpoint (.pt from 'export' or 'mammofed-sim train'); give "
         "it twice or more for an ensemble whose findings are fused (the "
-        "recommended pair: the federation's model and the site's own)",
+        "recommended regime: the federation's model, that model fine-tuned "
+        "here, and the site's own)",
     )
     parser.add_argument(
         "--out",

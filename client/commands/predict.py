@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="model file; give it again to run several models together, their "
         "findings fused (the recommended regime: the federation's personalized "
-        "model and the site's own; docs/federation.md)",
+        "model, that model fine-tuned here and the site's own; "
+        "docs/federation.md)",
     )
     parser.add_argument("paths", nargs="+", type=Path, help="files or folders")
     parser.add_argument("--out", required=True, type=Path, help="output folder")

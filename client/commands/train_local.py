@@ -13,8 +13,9 @@ from pathlib import Path
 NAME = "train-local"
 HELP = (
     "train this site's own model on its labeled women alone, from the base "
-    "model, with the federation's recipe (the local half of the recommended "
-    "regime; fuse it with the exported model in predict / evaluate / serve)"
+    "model or, with --init the exported federated model, fine-tune that one "
+    "(two of the recommended regime's three models; fuse them with the "
+    "exported model in predict / evaluate / serve)"
 )
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="learning rate = the federation's x this (default 1); 0.3 with "
         "--init the site's exported federated model: fine-tuning after "
-        "federation, the study's personalized-dp-tuned regime",
+        "federation, the study's personalized-ssl-tuned regime",
     )
     parser.add_argument("--device", default=None, help="auto, cpu, cuda...")
 

@@ -4,8 +4,9 @@
 checkpoint is read at the first exam and again whenever its size or
 modification time changes (a new ``mammofed-client export`` replaces it), so
 the daemon never needs a restart for a new model. Several checkpoints (the
-recommended regime: the federation's personalized model and the site's
-local-only model) run on every image and their findings are fused. It scores
+recommended regime: the federation's personalized model, that model
+fine-tuned on the site's labels and the site's local-only model) run on
+every image and their findings are fused. It scores
 as ``mammofed-client predict`` does: :func:`client.export.load_detectors`
 (safe loading, each checkpoint's intensity standardizer),
 :func:`client.predict.models_detect` and :func:`client.predict.detect_files`.

@@ -98,7 +98,8 @@ class DicomNodeConfig:
         fuse_with: further models run on every exam beside ``checkpoint``,
             their findings fused with its findings (weighted box fusion,
             :mod:`common.detector.ensemble`): the recommended regime is the
-            federation's personalized model plus the site's local-only model.
+            federation's personalized model plus that model fine-tuned on the
+            site's labels and the site's local-only model.
             They must share its working spacing. ``serve --checkpoint`` given
             more than once replaces ``checkpoint`` and these together.
         exam_settle_s: an exam is complete once no association that sent its

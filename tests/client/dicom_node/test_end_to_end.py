@@ -55,7 +55,7 @@ def test_exam_in_sr_out_refusals_logged(
 ) -> None:
     _needs_dcmtk()
     node_port, dest_port = kit.free_port(), kit.free_port()
-    # the recommended regime: two models, their findings fused
+    # several models, their findings fused (the recommended regime runs three)
     torch.manual_seed(5)
     mcfg = ModelConfig(arch="tiny", working_spacing_mm=0.4)
     local = save_checkpoint(tmp_path / "local.pt", build_detector(mcfg), mcfg)
