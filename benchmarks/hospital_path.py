@@ -106,6 +106,11 @@ def hospital_path(
         arms[tuned_regime] = [tuned]
         arms[f"{regime}+tuned"] = [fed, tuned]
         arms[f"{regime}+tuned+local"] = [fed, tuned, local]
+    # arms the study did not run (a pair of this recipe it left out) are skipped
+    skipped = [a for a in arms if not (run / a / "metrics.json").is_file()]
+    for arm in skipped:
+        print(f"hospital_path: {run / arm}: not in the study, arm skipped")
+        del arms[arm]
     rows: list[dict[str, Any]] = []
     for arm, models in arms.items():
         out = work / f"eval-{arm}"

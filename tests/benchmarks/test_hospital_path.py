@@ -97,3 +97,25 @@ def test_every_arm_is_scored_against_the_study(tmp_path: Path, tuned: bool) -> N
         record = ck.extra["local_model"]
         assert record["lr_factor"] == 0.3
         assert record["init"] == str(tmp_path / "work" / "federated.pt")
+
+
+def test_arms_the_study_did_not_run_are_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A study that ran the three-model recipe but not its pairs (as the
+    stop-35 one did) is scored on the arms it has, not refused."""
+    study = _fake_study(tmp_path, tuned=True)
+    for pair in ("personalized-dp+local", "personalized-dp+tuned"):
+        (study / "seed-0" / pair / "metrics.json").unlink()
+    data = tmp_path / "earlier" / "personalized-dp"
+    rows = hospital_path(study, data, SITE, 0, "personalized-dp", tmp_path / "work")
+    assert {r["arm"] for r in rows if "arm" in r} == {
+        "local-only",
+        "personalized-dp",
+        "personalized-dp-tuned",
+        "personalized-dp+tuned+local",
+    }
+    assert (
+        "personalized-dp+local: not in the study, arm skipped"
+        in capsys.readouterr().out
+    )

@@ -39,3 +39,8 @@ mammofed-sim run --scenario configs/simulation/study.yaml $FLAGS --parallel 2 \
     --regime personalized-dp --regime personalized-dp+local --regime personalized-dp+tuned \
     --regime personalized-dp+tuned+local --regime oracle --regime personalized-dp-tuned
 cp out/study35-all/report/* benchmarks/results/study35/
+
+# 5. the recommended regime as a hospital gets it (site B, seed 0): every CPM
+#    the study's (benchmarks/results/hospital_path.jsonl)
+python -m benchmarks.hospital_path --study out/study35-ssl --data out/study35-data \
+    --site B --seed 0 --regime personalized-ssl --work out/hp35
