@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,16 @@ def test_a_reused_regime_must_have_been_trained_with_this_runs_flag_values(
     dp = R.REGIMES[R.PERSONALIZED_DP]
     with pytest.raises(ConfigError, match=r"options\.dp_epsilon.*--dp-epsilon"):
         check_requested(prior, dp, dataclasses.replace(req, dp_epsilon=8.0))
-    (prior / R.FEDPROX / RF.SERVER_DIR / "resolved_config.yaml").unlink()
+    resolved = prior / R.FEDPROX / RF.SERVER_DIR / "resolved_config.yaml"
+    # a hostile or broken file: refused by name, never taken as a match
+    for text, field in (
+        ("strategy: [1, 2\n", "<file>"),  # not YAML
+        ("strategy: [0.05]\n", "strategy.proximal_mu"),  # not a mapping
+        ("strategy: {proximal_mu: '0.05'}\n", "strategy.proximal_mu"),  # a string
+    ):
+        resolved.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(field)):
+            check_requested(prior, R.REGIMES[R.FEDPROX], req)
+    resolved.unlink()
     with pytest.raises(ConfigError, match="resolved_config.yaml"):
         check_requested(prior, R.REGIMES[R.FEDPROX], req)
