@@ -147,7 +147,11 @@ class DetectorOptions:
     ``dp_delta`` 0 is ``1 / n_women ** 1.1``. ``ssl_rampup_steps``: the
     site's optimizer steps over which the consistency loss's weight rises to
     its full value (``AdaptConfig.rampup_steps``; a site with few labeled
-    images takes few steps a round, docs/adaptation.md). ``ssl_threshold``:
+    images takes few steps a round, docs/adaptation.md). ``ssl_unsup_weight``:
+    that full value (``AdaptConfig.unsup_weight``; 0 keeps the unlabeled
+    images' passes through the student, and so their share of a FedBN site's
+    norm statistics, without the consistency loss's gradient: the control
+    that tells the two apart, docs/adaptation.md). ``ssl_threshold``:
     the teacher score a pseudo box needs, every class; it acts only where a
     site's ``adapt.consistency`` is ``pseudo_boxes`` (the default, ``dense``,
     thresholds nothing).
@@ -186,6 +190,7 @@ class DetectorOptions:
     fewshot: bool = True
     ssl_threshold: float = field(default=0.5, metadata=bounded(0.0, 1.0))
     ssl_rampup_steps: int = field(default=200, metadata=bounded(0, 1_000_000))
+    ssl_unsup_weight: float = field(default=1.0, metadata=bounded(0.0, 100.0))
     ema_decay: float = field(default=0.99, metadata=bounded(0.0, 1.0))
     standardize: bool = False
     threads: int = field(default=0, metadata=bounded(0, 256))
@@ -247,6 +252,7 @@ class DetectorOptions:
             ssl_enabled=self.ssl,
             ema_decay=self.ema_decay,
             rampup_steps=self.ssl_rampup_steps,
+            unsup_weight=self.ssl_unsup_weight,
             score_thresholds=dict.fromkeys(CLASSES, self.ssl_threshold),
             standardize=self.standardize,
             seed=seed,

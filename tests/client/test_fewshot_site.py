@@ -194,7 +194,8 @@ def test_a_site_pastes_its_own_lesions_and_under_dp_each_womans_own(tmp_path, ca
 
 
 def test_the_consistency_ramp_is_a_federation_option(tmp_path, cache):
-    """``trainer.options.ssl_rampup_steps`` reaches every site's AdaptConfig."""
+    """``trainer.options.ssl_rampup_steps`` and ``ssl_unsup_weight`` reach
+    every site's AdaptConfig; values out of range are refused by name."""
     import dataclasses
 
     from client.detector_trainer import detector_options
@@ -215,6 +216,21 @@ def test_the_consistency_ramp_is_a_federation_option(tmp_path, cache):
     )
     with pytest.raises(ConfigError, match="ssl_rampup_steps"):
         detector_options(bad, "f.yaml")
+    assert trainer.adapt.unsup_weight == 1.0
+    opts = {**opts, "ssl_unsup_weight": 0.0}
+    cfg = dataclasses.replace(
+        cfg, trainer=dataclasses.replace(cfg.trainer, options=opts)
+    )
+    assert detector_options(cfg, "f.yaml").adapt_config(0).unsup_weight == 0.0
+    for value in (-0.5, "heavy"):
+        bad = dataclasses.replace(
+            cfg,
+            trainer=dataclasses.replace(
+                cfg.trainer, options={**opts, "ssl_unsup_weight": value}
+            ),
+        )
+        with pytest.raises(ConfigError, match="ssl_unsup_weight"):
+            detector_options(bad, "f.yaml")
 
 
 def _ssl_site(root: Path, **options: object):

@@ -133,6 +133,37 @@ def test_ssl_off_is_plain_supervised(tiny_model, toy) -> None:
     assert stats.steps == 3
 
 
+def test_unsup_weight_zero_keeps_the_passes_and_drops_the_gradient(
+    tiny_model, toy
+) -> None:
+    """``unsup_weight`` 0 (``trainer.options.ssl_unsup_weight``) is the control
+    of what the unlabeled images give through the norm statistics alone: the
+    student still runs them (its BatchNorm running statistics move), but its
+    parameters end where supervised training alone puts them; weight 1 moves
+    them elsewhere."""
+
+    def run(**kw: Any) -> tuple[dict[str, torch.Tensor], Any]:
+        model = copy.deepcopy(tiny_model)
+        cfg = AdaptConfig(consistency="dense", rampup_steps=0, **kw)
+        teacher = MeanTeacher(model, 0.9)
+        labeled, unl = _loaders(toy)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        stats = local_round(model, teacher, labeled, unl, opt, cfg)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, stats
+
+    off, _ = run(ssl_enabled=False)
+    zero, stats0 = run(unsup_weight=0.0)
+    one, stats1 = run(unsup_weight=1.0)
+    assert stats0.unlabeled_images == stats1.unlabeled_images > 0
+    assert stats0.unsup_loss > 0 and stats0.unsup_weight == 0.0
+    params = {k for k, _ in tiny_model.named_parameters()}
+    stats_keys = [k for k in off if k.endswith("running_mean")]
+    assert params and stats_keys
+    assert all(torch.allclose(zero[k], off[k], atol=1e-7) for k in params)
+    assert any(not torch.allclose(zero[k], off[k]) for k in stats_keys)
+    assert any(not torch.allclose(one[k], off[k], atol=1e-6) for k in params)
+
+
 def test_teacher_state_round_trip_and_sync(tmp_path, tiny_model) -> None:
     cfg = AdaptConfig(ema_decay=0.8)
     path = tmp_path / "site" / "teacher.pt"
