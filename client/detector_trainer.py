@@ -151,7 +151,9 @@ class DetectorOptions:
     that full value (``AdaptConfig.unsup_weight``; 0 keeps the unlabeled
     images' passes through the student, and so their share of a FedBN site's
     norm statistics, without the consistency loss's gradient: the control
-    that tells the two apart, docs/adaptation.md). ``ssl_threshold``:
+    that tells the two apart, docs/adaptation.md). ``ssl_unlabeled_ratio``:
+    unlabeled batches per labeled batch in a step (``AdaptConfig.unlabeled_ratio``).
+    ``ssl_threshold``:
     the teacher score a pseudo box needs, every class; it acts only where a
     site's ``adapt.consistency`` is ``pseudo_boxes`` (the default, ``dense``,
     thresholds nothing).
@@ -191,6 +193,7 @@ class DetectorOptions:
     ssl_threshold: float = field(default=0.5, metadata=bounded(0.0, 1.0))
     ssl_rampup_steps: int = field(default=200, metadata=bounded(0, 1_000_000))
     ssl_unsup_weight: float = field(default=1.0, metadata=bounded(0.0, 100.0))
+    ssl_unlabeled_ratio: int = field(default=1, metadata=bounded(1, 64))
     ema_decay: float = field(default=0.99, metadata=bounded(0.0, 1.0))
     standardize: bool = False
     threads: int = field(default=0, metadata=bounded(0, 256))
@@ -253,6 +256,7 @@ class DetectorOptions:
             ema_decay=self.ema_decay,
             rampup_steps=self.ssl_rampup_steps,
             unsup_weight=self.ssl_unsup_weight,
+            unlabeled_ratio=self.ssl_unlabeled_ratio,
             score_thresholds=dict.fromkeys(CLASSES, self.ssl_threshold),
             standardize=self.standardize,
             seed=seed,

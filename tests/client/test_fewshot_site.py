@@ -194,8 +194,9 @@ def test_a_site_pastes_its_own_lesions_and_under_dp_each_womans_own(tmp_path, ca
 
 
 def test_the_consistency_ramp_is_a_federation_option(tmp_path, cache):
-    """``trainer.options.ssl_rampup_steps`` and ``ssl_unsup_weight`` reach
-    every site's AdaptConfig; values out of range are refused by name."""
+    """``trainer.options.ssl_rampup_steps``, ``ssl_unsup_weight`` and
+    ``ssl_unlabeled_ratio`` reach every site's AdaptConfig; values out of
+    range or of the wrong type are refused by name."""
     import dataclasses
 
     from client.detector_trainer import detector_options
@@ -222,14 +223,22 @@ def test_the_consistency_ramp_is_a_federation_option(tmp_path, cache):
         cfg, trainer=dataclasses.replace(cfg.trainer, options=opts)
     )
     assert detector_options(cfg, "f.yaml").adapt_config(0).unsup_weight == 0.0
-    for value in (-0.5, "heavy"):
+    opts = {**opts, "ssl_unlabeled_ratio": 3}
+    cfg = dataclasses.replace(
+        cfg, trainer=dataclasses.replace(cfg.trainer, options=opts)
+    )
+    assert detector_options(cfg, "f.yaml").adapt_config(0).unlabeled_ratio == 3
+    for key, value in (
+        ("ssl_unsup_weight", -0.5),
+        ("ssl_unsup_weight", "heavy"),
+        ("ssl_unlabeled_ratio", 0),
+        ("ssl_unlabeled_ratio", 1.5),
+    ):
         bad = dataclasses.replace(
             cfg,
-            trainer=dataclasses.replace(
-                cfg.trainer, options={**opts, "ssl_unsup_weight": value}
-            ),
+            trainer=dataclasses.replace(cfg.trainer, options={**opts, key: value}),
         )
-        with pytest.raises(ConfigError, match="ssl_unsup_weight"):
+        with pytest.raises(ConfigError, match=key):
             detector_options(bad, "f.yaml")
 
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Stop 36: what semi-supervision's gain on the partly labeled site comes from
+# (docs/adaptation.md, "What the unlabeled images give"). 2 cores; the study's
+# data and runs of stop 35 (benchmarks/results/study35/commands_stop35.sh) and
+# the confirmation runs of stops 33-34 (out/confirm-fix).
+set -euo pipefail
+FLAGS="--base-checkpoint models/demo-base-h.pt --seeds 0,1,2 --parallel 2 --threads 1"
+R=benchmarks/results
+
+# 1. personalized-ssl with the consistency loss's weight at 0 (9 min a set)
+mammofed-sim run --scenario configs/simulation/study.yaml $FLAGS \
+    --federation configs/federation/sim-demo-ssl-bn.yaml \
+    --data out/study35-data --out out/ssl-bn --regime personalized-ssl
+mammofed-sim run --scenario configs/simulation/study-confirm.yaml $FLAGS \
+    --federation configs/federation/sim-demo-ssl-bn.yaml \
+    --data out/confirm-data --out out/confirm-ssl-bn --regime personalized-ssl
+for a in personalized-ssl personalized; do
+    python -m benchmarks.compare_runs --a out/study35/seed-{0,1,2}/$a \
+        --b out/ssl-bn/seed-{0,1,2}/personalized-ssl --label stop36-ssl-bn-vs-$a --results $R
+done
+for a in personalized-ssl personalized personalized-all-labels; do
+    python -m benchmarks.compare_runs --cases='-01[0-9]{3}$' --a out/confirm-fix/seed-{0,1,2}/$a \
+        --b out/confirm-ssl-bn/seed-{0,1,2}/personalized-ssl \
+        --label stop36-confirm-ssl-bn-vs-$a --results $R
+done
+
+# 2. how right the federated model's pseudo boxes are on the unlabeled women
+#    (40 s)
+python -m benchmarks.pseudo_precision --study out/study35-ssl --data out/study35-data \
+    --regime personalized-ssl --site C --site D --threads 2 --results $R
+
+# 3. four unlabeled batches per labeled one (ssl_unlabeled_ratio 4)
+mammofed-sim run --scenario configs/simulation/study.yaml $FLAGS \
+    --federation configs/federation/sim-demo-ssl-ratio4.yaml \
+    --data out/study35-data --out out/ssl-r4 --regime personalized-ssl
+for a in personalized-ssl personalized; do
+    python -m benchmarks.compare_runs --a out/study35/seed-{0,1,2}/$a \
+        --b out/ssl-r4/seed-{0,1,2}/personalized-ssl --label stop36-ssl-ratio4-vs-$a --results $R
+done
+python -m benchmarks.compare_runs --a out/ssl-r4/seed-{0,1,2}/personalized-ssl \
+    --b out/study34/seed-{0,1,2}/personalized-all-labels --label stop36-ssl-ratio4-gap --results $R
