@@ -6,7 +6,8 @@
 # Usage (repo root):
 #   mkdir -p .devcarry && cp -r ../shared/data/mini-mias .devcarry/   # 47 MB, ignored
 #   OUT=dir T=seconds bash benchmarks/gpu_mias.sh
-# carry: .devcarry (and .whl: cp312 wheels of pydicom and pyyaml where the box lacks them).
+# carry: .devcarry (and .whl: cp312 wheels of pydicom and pyyaml where the box lacks them;
+# `PKGS="pydicom pyyaml" bash benchmarks/gpu_wheels.sh` makes them).
 # RECIPES: space-separated "name=config[,epochs[,seed]]" (configs under configs/real/;
 # epochs and seed override the config's; an empty epochs keeps it: "cfg.yaml,,1").
 # Two seeds a recipe: one run of the CPU recipe moves by about 0.05 mass CPM with the

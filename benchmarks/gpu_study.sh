@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The study's main question at GPU scale, in one device call (CI never has a
-# GPU; every path here also runs on CPU, see the smoke test below).
+# The study's main question at GPU scale, in one device call. CI never has a
+# GPU: the same path runs on CPU at test size in tests/benchmarks/test_gpu_study.py.
 #
 # MODE=recommended (default): the study scenario (configs/simulation/study.yaml,
 #   60 test women per non-H site) with the GPU federation
@@ -9,24 +9,32 @@
 #   (personalized-ssl+tuned+local, simulation.regimes.RECOMMENDED) with its
 #   members, and the oracle: the issue's main test (the recommended regime
 #   against the base and local-only, and its share of the oracle). Regimes
-#   run in the report's order (simulation.regimes.ORDER); a report over what
-#   finished (paired intervals over women and seeds) is written even when T
-#   cuts the run. REGIMES="... personalized personalized-all-labels" adds
-#   the labels' gap of semi-supervision.
+#   run in the report's order (simulation.regimes.ORDER, the oracle last); a
+#   report over what finished (paired intervals over women and seeds) is
+#   written even when T cuts the run. REGIMES="... personalized
+#   personalized-all-labels" adds the labels' gap of semi-supervision.
 # MODE=shift: the earlier vendor-shift study (base, local-only and oracle of
 #   the demo scenario, one seed; about 150 s on an H100 after a 20 s set-up).
 #
+# The device has torch, torchvision and numpy only: carry `.whl`, the cp312
+# wheels of Flower, pydicom and PyYAML and their dependencies, made here by
+# `bash benchmarks/gpu_wheels.sh` (about 36 MB of the 64 MiB a call carries).
+#
 # Usage (repo root): OUT=dir T=seconds [W=workers] [MODE=...] bash benchmarks/gpu_study.sh
-#   T: seconds the study may run (default 480: one 10-minute device call
-#   leaves room for the set-up and the report). Overrides for other sizes
-#   and for the CPU smoke test (tests/benchmarks/test_gpu_study.py):
-#   SCENARIO, FED, SEEDS (comma-separated), REGIMES (space-separated),
-#   PARALLEL (seeds at once), N_BOOT, EXTRA (more mammofed-sim run flags).
-#   Work folders go under WORK (default /tmp/gpustudy).
+#   T: seconds the study may run (default 420; with the set-up, the cut and
+#   the report it stays inside one 10-minute call). Writes three files to
+#   OUT (the device returns at most eight): summary.txt (exit, timings, the
+#   CPM lines), report.md and results.tar (every seed's metrics.json, the
+#   report's JSON and PNGs, the run log). Overrides for other sizes and for
+#   the CPU test: SCENARIO, FED, SEEDS (comma-separated), REGIMES
+#   (space-separated), PARALLEL (seeds at once), N_BOOT, EXTRA (more
+#   mammofed-sim run flags), PYTHON, WHEELS (empty: install none). Work folders go under WORK (default
+#   /tmp/gpustudy; the phantom data there is reused, the run is not).
 set -euo pipefail
-if [ -d .whl ]; then
+WHEELS=${WHEELS-.whl}  # WHEELS= (empty): use this Python's own packages
+if [ -n "$WHEELS" ] && [ -d "$WHEELS" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --upgrade --target /tmp/site .whl/*.whl
+        --upgrade --target /tmp/site "$WHEELS"/*.whl
     export PYTHONPATH=/tmp/site:$PWD
 else
     export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
@@ -37,7 +45,7 @@ OUTD=${OUT:-/tmp/gpuout}
 WORK=${WORK:-/tmp/gpustudy}
 mkdir -p "$OUTD" "$WORK"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
-    | tee "$OUTD/device.txt"
+    | tee "$WORK/device.txt"
 
 MODE=${MODE:-recommended}
 case "$MODE" in
@@ -61,56 +69,45 @@ shift)
     ;;
 esac
 RUN=$WORK/run
+rm -rf "$RUN" "$WORK/report"  # a warm machine's last run is not this one's
 FLAGS=(--scenario "$SCENARIO" --federation "$FED" --out "$RUN" --data "$WORK/data"
        --seeds "$SEEDS" --parallel "$PARALLEL" --workers "${W:-16}" --n-boot "${N_BOOT:-500}")
 for r in $REGIMES; do FLAGS+=(--regime "$r"); done
 # shellcheck disable=SC2206  # EXTRA is flags, split on purpose
 FLAGS+=(${EXTRA:-})
-echo "mammofed-sim run ${FLAGS[*]} (limit ${T:-480} s)" | tee "$OUTD/command.txt"
+echo "mammofed-sim run ${FLAGS[*]} (limit ${T:-420} s)" > "$WORK/command.txt"
 t0=$(date +%s)
 rc=0
 # timeout signals the whole process group: the seeds' worker processes too
-timeout --kill-after=20 "${T:-480}" "$PY" -m simulation.cli run "${FLAGS[@]}" \
+timeout --kill-after=15 "${T:-420}" "$PY" -m simulation.cli run "${FLAGS[@]}" \
     > "$WORK/run.log" 2>&1 || rc=$?
-echo "run exit $rc after $(( $(date +%s) - t0 )) s" | tee "$OUTD/exit.txt"
-grep -E "CPM|done in|regime .* \(|rror" "$WORK/run.log" > "$OUTD/summary.txt" || true
-tail -80 "$WORK/run.log" > "$OUTD/log.txt"
+{
+    cat "$WORK/device.txt" "$WORK/command.txt"
+    echo "run exit $rc after $(( $(date +%s) - t0 )) s"
+    grep -E "CPM|done in|rror" "$WORK/run.log" || true
+} > "$OUTD/summary.txt"
 
-# what finished: each seed's regimes with a metrics.json, and their report
+# what finished: the seeds with at least one scored regime, and their report
+# (run.json lists every regime a seed planned; the report reads the regimes
+# from their metrics.json, so a seed cut by T reports what it finished)
 shopt -s nullglob
-seeds=("$RUN"/seed-*)
-[ ${#seeds[@]} -eq 0 ] && [ -f "$RUN/run.json" ] && seeds=("$RUN")
-for s in "${seeds[@]}"; do
-    for m in "$s"/*/metrics.json; do
-        d=$OUTD/$(basename "$s")/$(basename "$(dirname "$m")")
-        mkdir -p "$d" && cp "$m" "$d/"
-    done
+seeds=()
+for s in "$RUN"/seed-*; do
+    scored=("$s"/*/metrics.json)
+    [ ${#scored[@]} -gt 0 ] && seeds+=("$s")
 done
-if [ -f "$RUN/report/report.md" ]; then
-    cp "$RUN"/report/report.md "$RUN"/report/report.json "$OUTD/"
-    cp "$RUN"/report/*.png "$OUTD/" 2>/dev/null || true
-elif [ ${#seeds[@]} -gt 0 ]; then
-    # cut by T: report what the seeds finished (run.json is written at the
-    # end of a seed, so an unfinished seed is reported from its regimes)
-    for s in "${seeds[@]}"; do
-        [ -f "$s/run.json" ] || "$PY" - "$s" "$SCENARIO" <<'EOF' || true
-import sys
-from pathlib import Path
-from common.wire import runfolder as RF
-run, scenario = Path(sys.argv[1]), sys.argv[2]
-done = sorted(p.parent.name for p in run.glob("*/metrics.json"))
-if done:
-    import yaml
-    sc = yaml.safe_load(Path(scenario).read_text())
-    sites = [s["name"] for s in sc["sites"]]
-    base = [s["name"] for s in sc["sites"] if s.get("role") == "base"]
-    RF.write_record(run / RF.RUN_JSON, RF.StudyRun(
-        scenario=sc["name"], sites=sites, regimes=done,
-        working_spacing_mm=float(sc["working_spacing_mm"]), base_sites=base))
-EOF
-    done
-    timeout 300 "$PY" -m simulation.cli report --out "$WORK/report" "${seeds[@]}" \
-        > "$WORK/report.log" 2>&1 && cp "$WORK"/report/report.md "$WORK"/report/report.json "$OUTD/" \
-        || tail -20 "$WORK/report.log" >> "$OUTD/log.txt"
+REPORT=$RUN/report
+if [ ! -f "$REPORT/report.md" ] && [ ${#seeds[@]} -gt 0 ]; then
+    REPORT=$WORK/report
+    timeout 90 "$PY" -m simulation.cli report --out "$REPORT" "${seeds[@]}" \
+        > "$WORK/report.log" 2>&1 || echo "report of the finished regimes failed: $(tail -3 "$WORK/report.log")" >> "$OUTD/summary.txt"
 fi
+[ -f "$REPORT/report.md" ] && cp "$REPORT/report.md" "$OUTD/"
+files=("$WORK/device.txt" "$WORK/command.txt" "$WORK/run.log")
+for s in "${seeds[@]}"; do files+=("$s"/*/metrics.json "$s"/run.json); done
+files+=("$REPORT"/report.json "$REPORT"/*.png "$WORK"/report.log)
+# paths inside the archive relative to WORK (run/seed-0/base/metrics.json ...)
+tar -cf "$OUTD/results.tar" -C "$WORK" --ignore-failed-read "${files[@]#"$WORK"/}" \
+    2>/dev/null || true
+echo "seeds reported: ${#seeds[@]}" >> "$OUTD/summary.txt"
 ls "$OUTD"

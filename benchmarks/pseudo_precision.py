@@ -1,11 +1,12 @@
-"""How good would a site's pseudo boxes be? Teacher precision on unlabeled women.
+"""How good would a site's pseudo boxes be? Its model's precision on unlabeled women.
 
 Self-training (STAC, Unbiased Teacher, Noisy Student) turns a teacher's
 confident detections on unlabeled images into boxes to train on. It can only
 help where those boxes are mostly right. This benchmark measures that for a
-study's federated model: for each seed and site, the site's final model of
-``--regime`` (its last global round plus its personal layers, exported as the
-site exports it, ``client.export.export_model``) detects on the site's
+study's federated model (the model a site's teacher tracks): for each seed
+and site, the site's final model of ``--regime`` (its last global round plus
+its personal layers, exported as the site exports it,
+``client.export.export_model``) detects on the site's
 **unlabeled training women**; every detection at or above a threshold is a
 pseudo box, scored against the scenario's complete annotations of those
 women (the oracle cache, which the site never sees) with the FROC hit rule.

@@ -152,7 +152,9 @@ class DetectorOptions:
     images' passes through the student, and so their share of a FedBN site's
     norm statistics, without the consistency loss's gradient: the control
     that tells the two apart, docs/adaptation.md). ``ssl_unlabeled_ratio``:
-    unlabeled batches per labeled batch in a step (``AdaptConfig.unlabeled_ratio``).
+    unlabeled batches per labeled batch in a step (``AdaptConfig.unlabeled_ratio``;
+    the unlabeled images a round runs count toward the site's ``num-examples``,
+    its averaging weight, unless ``ssl_unsup_weight`` is 0).
     ``ssl_threshold``:
     the teacher score a pseudo box needs, every class; it acts only where a
     site's ``adapt.consistency`` is ``pseudo_boxes`` (the default, ``dense``,
@@ -923,7 +925,12 @@ class DetectorTrainer:
             )
             step = stats.step
             loss = stats.sup_loss + stats.unsup_weight * stats.unsup_loss
-            images = stats.labeled_images + stats.unlabeled_images
+            # an unlabeled image counts toward the site's averaging weight only
+            # where its loss reaches the update: with ``ssl_unsup_weight`` 0 the
+            # shared layers learn from the labeled images alone (the unlabeled
+            # ones move only the site's own norm statistics)
+            counted = stats.unlabeled_images if cfg.unsup_weight > 0 else 0
+            images = stats.labeled_images + counted
             runs.append((float(loss), int(stats.skipped_steps), int(images)))
         # pending until the server keeps this round (client.state)
         teacher.save(self.site_model.teacher_write_path(), step=step)

@@ -44,6 +44,9 @@ PERSONALIZED_TUNED = "personalized-tuned"
 PERSONALIZED_TUNED_LOCAL = "personalized+tuned+local"
 PERSONALIZED_SSL_TUNED = "personalized-ssl-tuned"
 PERSONALIZED_SSL_TUNED_LOCAL = "personalized-ssl+tuned+local"
+LOCAL_ONLY_UNLAB = "local-only-unlab"
+PERSONALIZED_SSL_TUNED_UNLAB = "personalized-ssl-tuned-unlab"
+PERSONALIZED_SSL_TUNED_LOCAL_UNLAB = "personalized-ssl+tuned+local-unlab"
 ORACLE = "oracle"
 FEDMEDIAN = "fedmedian"
 FEDTRIMMEDAVG = "fedtrimmedavg"
@@ -258,6 +261,29 @@ TABLE: tuple[Regime, ...] = (
     Regime(
         PERSONALIZED_SSL_TUNED_LOCAL,
         members=(PERSONALIZED_SSL, PERSONALIZED_SSL_TUNED, LOCAL_ONLY),
+    ),
+    # the recommended recipe whose two on-site members also run the site's
+    # unlabeled training images, so that those shape their norm statistics as
+    # they do the federated member's (stop 36: that share of the statistics,
+    # not the consistency loss, is what semi-supervision gains in the
+    # federation, docs/adaptation.md); the loss's weight is 0. A fully
+    # labeled site trains them as the plain members.
+    Regime(
+        LOCAL_ONLY_UNLAB,
+        train_on="each",
+        options=_frozen(ssl=True, ssl_rampup_steps=0, ssl_unsup_weight=0.0),
+    ),
+    Regime(
+        PERSONALIZED_SSL_TUNED_UNLAB,
+        train_on="each",
+        tune_from=PERSONALIZED_SSL,
+        options=_frozen(
+            lr_factor=0.3, ssl=True, ssl_rampup_steps=0, ssl_unsup_weight=0.0
+        ),
+    ),
+    Regime(
+        PERSONALIZED_SSL_TUNED_LOCAL_UNLAB,
+        members=(PERSONALIZED_SSL, PERSONALIZED_SSL_TUNED_UNLAB, LOCAL_ONLY_UNLAB),
     ),
     Regime(ORACLE, train_on="oracle"),
 )

@@ -284,3 +284,27 @@ def test_a_semi_supervised_round_says_it_drops_the_proximal_term(tmp_path, caplo
     with caplog.at_level("WARNING", logger="client.detector_trainer"):
         trainer.fit(trainer.initial_shared(), fit)
     assert "proximal-mu 0.01" in caplog.text and "no proximal term" in caplog.text
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.0])
+def test_unlabeled_images_count_toward_the_averaging_weight_only_with_their_loss(
+    tmp_path, weight
+):
+    """``num-examples`` (the server's FedAvg weight) counts the unlabeled images
+    a round ran only where their loss reaches the update: with
+    ``ssl_unsup_weight`` 0 the shared layers learn from the labeled images
+    alone, and the site weighs as much as a labeled-only site would."""
+    from common.keys import NUM_EXAMPLES
+
+    cfg, cache = _ssl_site(tmp_path, ssl_unsup_weight=weight, max_steps=0)
+    trainer = DetectorTrainer(SITE, tmp_path / "state", cfg, cache, None)
+    n_lab = len(trainer._view("labeled", train=False))
+    steps = -(-n_lab // cfg.trainer.batch_size)
+    _, metrics = trainer.fit(
+        trainer.initial_shared(), FitInstructions.from_federation(cfg, 1)
+    )
+    labeled = steps * cfg.trainer.batch_size * cfg.trainer.local_epochs
+    if weight > 0:
+        assert metrics[NUM_EXAMPLES] > labeled  # the unlabeled passes count
+    else:
+        assert metrics[NUM_EXAMPLES] == labeled

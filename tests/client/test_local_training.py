@@ -245,5 +245,15 @@ def test_semi_supervised_tuning_uses_the_unlabeled_images_and_only_them(
     a = weights([full], "full", None)
     b = weights([full], "full", ssl)
     assert all(torch.equal(v, a[k]) for k, v in b.items())
+    # the loss's weight at 0 (the ``-unlab`` regimes): the unlabeled images
+    # run through the model and move its norm statistics, nothing else; every
+    # parameter is the supervised one to the bit, so the two differ only in
+    # the statistics their evaluation normalizes with
+    unlab = weights([cache], "unlab", AdaptConfig(rampup_steps=0, unsup_weight=0.0))
+    params = {k for k, _ in build_detector(opts.model_config()).named_parameters()}
+    stats = [k for k in sup if k.endswith(("running_mean", "running_var"))]
+    assert params and stats
+    assert all(torch.equal(unlab[k], sup[k]) for k in params)
+    assert any(not torch.equal(unlab[k], sup[k]) for k in stats)
     with pytest.raises(MammofedError, match="head-only training takes no semi"):
         train_central([cache], opts, label="x", ssl=ssl, head_only=True, **kw)  # type: ignore[arg-type]

@@ -247,3 +247,29 @@ def test_a_reused_regime_must_have_been_trained_with_this_runs_flag_values(
     resolved.unlink()
     with pytest.raises(ConfigError, match="resolved_config.yaml"):
         check_requested(prior, R.REGIMES[R.FEDPROX], req)
+
+
+def test_the_unlab_members_run_the_unlabeled_images_without_the_loss() -> None:
+    """``local-only-unlab`` and ``personalized-ssl-tuned-unlab``: central
+    semi-supervision with the consistency loss's weight at 0 (the unlabeled
+    images shape the norm statistics only), fused as the recommended recipe."""
+    from client.detector_trainer import DetectorOptions
+    from simulation.run import central_ssl
+
+    assert R.with_members([R.PERSONALIZED_SSL_TUNED_LOCAL_UNLAB]) == (
+        R.PERSONALIZED_SSL,
+        R.LOCAL_ONLY_UNLAB,
+        R.PERSONALIZED_SSL_TUNED_UNLAB,
+        R.PERSONALIZED_SSL_TUNED_LOCAL_UNLAB,
+    )
+    members = R.REGIMES[R.PERSONALIZED_SSL_TUNED_LOCAL_UNLAB].members
+    assert members == (
+        R.PERSONALIZED_SSL, R.PERSONALIZED_SSL_TUNED_UNLAB, R.LOCAL_ONLY_UNLAB
+    )  # fmt: skip
+    for name, lr in ((R.LOCAL_ONLY_UNLAB, 1.0), (R.PERSONALIZED_SSL_TUNED_UNLAB, 0.3)):
+        spec = R.REGIMES[name]
+        assert spec.kind == "central" and spec.ssl and spec.lr_factor == lr
+        cfg = central_ssl(spec, DetectorOptions(), seed=4)
+        assert cfg is not None and cfg.ssl_enabled
+        assert cfg.unsup_weight == 0.0 and cfg.rampup_steps == 0 and cfg.seed == 4
+    assert R.REGIMES[R.PERSONALIZED_SSL_TUNED_UNLAB].tune_from == R.PERSONALIZED_SSL

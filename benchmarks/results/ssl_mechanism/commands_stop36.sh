@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Stop 36: what semi-supervision's gain on the partly labeled site comes from
 # (docs/adaptation.md, "What the unlabeled images give"). 2 cores; the study's
-# data and runs of stop 35 (benchmarks/results/study35/commands_stop35.sh) and
-# the confirmation runs of stops 33-34 (out/confirm-fix).
+# data and runs of stop 35 (benchmarks/results/study35/commands_stop35.sh:
+# out/study35, out/study35-ssl, out/study35-data), stop 34's study
+# (out/study34: personalized-all-labels; benchmarks/results/study_fix/) and the
+# confirmation runs of stops 33-34 (out/confirm-fix, out/confirm-data). The
+# runs were made in two checkouts (/tmp/cf/main and /work/main), so the
+# result lines name absolute paths for some of them; the folders are these.
 set -euo pipefail
 FLAGS="--base-checkpoint models/demo-base-h.pt --seeds 0,1,2 --parallel 2 --threads 1"
 R=benchmarks/results
 
-# 1. personalized-ssl with the consistency loss's weight at 0 (9 min a set)
+# 1. personalized-ssl with the consistency loss's weight at 0 (9 min a set).
+#    These two runs were made at commit 3ad479d, when a site still counted
+#    the unlabeled images in its averaging weight with the loss off; since
+#    then it does not (step 4 is the same run with the rule).
 mammofed-sim run --scenario configs/simulation/study.yaml $FLAGS \
     --federation configs/federation/sim-demo-ssl-bn.yaml \
     --data out/study35-data --out out/ssl-bn --regime personalized-ssl
@@ -39,3 +46,35 @@ for a in personalized-ssl personalized; do
 done
 python -m benchmarks.compare_runs --a out/ssl-r4/seed-{0,1,2}/personalized-ssl \
     --b out/study34/seed-{0,1,2}/personalized-all-labels --label stop36-ssl-ratio4-gap --results $R
+
+# 4. weight 0 with the averaging weight from the labeled images only (the
+#    rule since 3ad479d; 9 min)
+mammofed-sim run --scenario configs/simulation/study.yaml $FLAGS \
+    --federation configs/federation/sim-demo-ssl-bn.yaml \
+    --data out/study35-data --out out/ssl-bn2 --regime personalized-ssl
+for a in personalized-ssl personalized; do
+    python -m benchmarks.compare_runs --a out/study35/seed-{0,1,2}/$a \
+        --b out/ssl-bn2/seed-{0,1,2}/personalized-ssl \
+        --label stop36-ssl-bn-labeled-weight-vs-$a --results $R
+done
+python -m benchmarks.compare_runs --a out/ssl-bn/seed-{0,1,2}/personalized-ssl \
+    --b out/ssl-bn2/seed-{0,1,2}/personalized-ssl \
+    --label stop36-ssl-bn-labeled-weight-vs-ssl-bn --results $R
+
+# 5. the norm statistics alone, in central training: the site's own model and
+#    the recommended recipe's tuned member with the unlabeled images run
+#    through them, loss weight 0 (the -unlab regimes; 20 min, one seed at a
+#    time beside other work)
+mammofed-sim run --scenario configs/simulation/study.yaml \
+    --federation configs/federation/sim-demo.yaml --base-checkpoint models/demo-base-h.pt \
+    --seeds 0,1,2 --parallel 1 --threads 1 --data out/study35-data --out out/unlab \
+    --reuse out/study35-ssl --regime base --regime local-only --regime personalized-ssl \
+    --regime personalized-ssl-tuned --regime personalized-ssl+tuned+local \
+    --regime local-only-unlab --regime personalized-ssl-tuned-unlab \
+    --regime personalized-ssl+tuned+local-unlab --regime oracle
+for p in "local-only local-only-unlab" "personalized-ssl-tuned personalized-ssl-tuned-unlab" \
+         "personalized-ssl+tuned+local personalized-ssl+tuned+local-unlab"; do
+    set -- $p
+    python -m benchmarks.compare_runs --a out/unlab/seed-{0,1,2}/$1 \
+        --b out/unlab/seed-{0,1,2}/$2 --label stop36-$2-vs-$1 --results $R
+done
