@@ -16,13 +16,15 @@
 # MODE=shift: the earlier vendor-shift study (base, local-only and oracle of
 #   the demo scenario, one seed; about 150 s on an H100 after a 20 s set-up).
 #
-# The device has torch, torchvision and numpy only: carry `.whl`, the cp312
-# wheels of Flower, pydicom and PyYAML and their dependencies, made here by
-# `bash benchmarks/gpu_wheels.sh` (about 36 MB of the 64 MiB a call carries).
+# The device's image lacks Flower and pydicom (and may hold other versions of
+# their dependencies): carry `.whl`, the cp312 wheels of Flower, pydicom and
+# PyYAML and their dependencies, made here by `bash benchmarks/gpu_wheels.sh`
+# (37 MB of the 64 MiB a call carries); they go first on PYTHONPATH.
 #
 # Usage (repo root): OUT=dir T=seconds [W=workers] [MODE=...] bash benchmarks/gpu_study.sh
-#   T: seconds the study may run (default 420; with the set-up, the cut and
-#   the report it stays inside one 10-minute call). Writes three files to
+#   T: seconds the study may run (default 330: with the set-up, the cut and
+#   a report of what finished (up to 180 s; three seeds' report took 131 s
+#   on the 2-core CPU) it stays inside one 10-minute call). Writes three files to
 #   OUT (the device returns at most eight): summary.txt (exit, timings, the
 #   CPM lines), report.md and results.tar (every seed's metrics.json, the
 #   report's JSON and PNGs, the run log). Overrides for other sizes and for
@@ -31,16 +33,16 @@
 #   mammofed-sim run flags), PYTHON, WHEELS (empty: install none). Work folders go under WORK (default
 #   /tmp/gpustudy; the phantom data there is reused, the run is not).
 set -euo pipefail
+PY=${PYTHON:-python3}
 WHEELS=${WHEELS-.whl}  # WHEELS= (empty): use this Python's own packages
-if [ -n "$WHEELS" ] && [ -d "$WHEELS" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target /tmp/site "$WHEELS"/*.whl
     export PYTHONPATH=/tmp/site:$PWD
 else
     export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 fi
 export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
 OUTD=${OUT:-/tmp/gpuout}
 WORK=${WORK:-/tmp/gpustudy}
 mkdir -p "$OUTD" "$WORK"
@@ -75,11 +77,11 @@ FLAGS=(--scenario "$SCENARIO" --federation "$FED" --out "$RUN" --data "$WORK/dat
 for r in $REGIMES; do FLAGS+=(--regime "$r"); done
 # shellcheck disable=SC2206  # EXTRA is flags, split on purpose
 FLAGS+=(${EXTRA:-})
-echo "mammofed-sim run ${FLAGS[*]} (limit ${T:-420} s)" > "$WORK/command.txt"
+echo "mammofed-sim run ${FLAGS[*]} (limit ${T:-330} s)" > "$WORK/command.txt"
 t0=$(date +%s)
 rc=0
 # timeout signals the whole process group: the seeds' worker processes too
-timeout --kill-after=15 "${T:-420}" "$PY" -m simulation.cli run "${FLAGS[@]}" \
+timeout --kill-after=15 "${T:-330}" "$PY" -m simulation.cli run "${FLAGS[@]}" \
     > "$WORK/run.log" 2>&1 || rc=$?
 {
     cat "$WORK/device.txt" "$WORK/command.txt"
@@ -99,7 +101,7 @@ done
 REPORT=$RUN/report
 if [ ! -f "$REPORT/report.md" ] && [ ${#seeds[@]} -gt 0 ]; then
     REPORT=$WORK/report
-    timeout 90 "$PY" -m simulation.cli report --out "$REPORT" "${seeds[@]}" \
+    timeout 180 "$PY" -m simulation.cli report --out "$REPORT" "${seeds[@]}" \
         > "$WORK/report.log" 2>&1 || echo "report of the finished regimes failed: $(tail -3 "$WORK/report.log")" >> "$OUTD/summary.txt"
 fi
 [ -f "$REPORT/report.md" ] && cp "$REPORT/report.md" "$OUTD/"

@@ -8,7 +8,7 @@
 # PKGS overrides the list: gpu_mias.sh needs only `PKGS="pydicom pyyaml"` (1 MB,
 # beside the 47 MB of mini-MIAS it carries).
 # numpy, torch and uv are left out (the device has the first two; Flower's
-# in-process engine does not run uv), which keeps .whl near 36 MB of the
+# in-process engine does not run uv), which keeps .whl near 37 MB of the
 # 64 MiB a call carries.
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}

@@ -150,8 +150,8 @@ class DetectorOptions:
     images takes few steps a round, docs/adaptation.md). ``ssl_unsup_weight``:
     that full value (``AdaptConfig.unsup_weight``; 0 keeps the unlabeled
     images' passes through the student, and so their share of a FedBN site's
-    norm statistics, without the consistency loss's gradient: the control
-    that tells the two apart, docs/adaptation.md). ``ssl_unlabeled_ratio``:
+    norm statistics, without the consistency loss's gradient or a share of
+    the site's averaging weight, docs/adaptation.md). ``ssl_unlabeled_ratio``:
     unlabeled batches per labeled batch in a step (``AdaptConfig.unlabeled_ratio``;
     the unlabeled images a round runs count toward the site's ``num-examples``,
     its averaging weight, unless ``ssl_unsup_weight`` is 0).
