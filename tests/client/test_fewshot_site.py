@@ -286,18 +286,24 @@ def test_a_semi_supervised_round_says_it_drops_the_proximal_term(tmp_path, caplo
     assert "proximal-mu 0.01" in caplog.text and "no proximal term" in caplog.text
 
 
-@pytest.mark.parametrize("weight", [1.0, 0.0])
+@pytest.mark.parametrize(
+    ("weight", "site_override"), [(1.0, None), (0.0, None), (1.0, 0.0)]
+)
 def test_unlabeled_images_count_toward_the_averaging_weight_only_with_their_loss(
-    tmp_path, weight
+    tmp_path, weight, site_override
 ):
     """``num-examples`` (the server's FedAvg weight) counts the unlabeled images
     a round ran only where their loss reaches the update: with
     ``ssl_unsup_weight`` 0 the shared layers learn from the labeled images
-    alone, and the site weighs as much as a labeled-only site would."""
+    alone, and the site weighs as much as a labeled-only site would. A site
+    config's ``adapt.unsup_weight`` is the weight that decides."""
     from common.keys import NUM_EXAMPLES
 
     cfg, cache = _ssl_site(tmp_path, ssl_unsup_weight=weight, max_steps=0)
-    trainer = DetectorTrainer(SITE, tmp_path / "state", cfg, cache, None)
+    over = None if site_override is None else {"unsup_weight": site_override}
+    trainer = DetectorTrainer(SITE, tmp_path / "state", cfg, cache, over)
+    if site_override is not None:
+        weight = site_override
     n_lab = len(trainer._view("labeled", train=False))
     steps = -(-n_lab // cfg.trainer.batch_size)
     _, metrics = trainer.fit(
