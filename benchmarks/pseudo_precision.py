@@ -29,10 +29,12 @@ One JSON line per figure in ``benchmarks/results/pseudo_precision.jsonl``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import tempfile
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,39 +82,24 @@ class Tally:
         }
 
 
-@dataclass
-class SiteTallies:
-    """``{(view, class, threshold): Tally}`` of one site (one seed or pooled)."""
-
-    by_key: dict[tuple[str, str, float], Tally] = field(default_factory=dict)
-
-    def get(self, key: tuple[str, str, float]) -> Tally:
-        """The tally of ``key`` (created empty)."""
-        return self.by_key.setdefault(key, Tally())
+#: ``{(view, class, threshold): Tally}`` of one site (one seed or pooled).
+Tallies = dict[tuple[str, str, float], Tally]
 
 
-def tally(
-    images: Sequence[FrocImage], truth: dict[str, FrocImage], label: int, thr: float
-) -> Tally:
-    """Pseudo boxes of class ``label`` at ``thr`` on ``images``, scored on ``truth``.
+def tally(images: Sequence[FrocImage], label: int, thr: float) -> Tally:
+    """Pseudo boxes of class ``label`` at ``thr`` on ``images``, scored.
 
-    ``truth[key]`` carries the complete annotations of image ``key`` (its
-    ``gt_*`` and ``ignore_boxes``); the detections are ``images``'.
+    ``images`` carry the complete annotations (``gt_*``, ``ignore_boxes``) and
+    the model's detections; a detection at or above ``thr`` is a pseudo box.
     """
     t = Tally()
     for im in images:
-        gt = truth[im.key]
         keep = im.det_scores >= thr
-        scored = FrocImage(
-            key=im.key,
-            spacing_mm=im.spacing_mm,
-            gt_boxes=gt.gt_boxes,
-            gt_labels=gt.gt_labels,
-            ignore_boxes=gt.ignore_boxes,
+        scored = dataclasses.replace(
+            im,
             det_boxes=im.det_boxes[keep],
             det_scores=im.det_scores[keep],
             det_labels=im.det_labels[keep],
-            case=im.case,
         )
         _, outcomes, hit_by = match_image_lesions(scored, label)
         t.images += 1
@@ -123,23 +110,10 @@ def tally(
     return t
 
 
-def _truth(oracle_cache: Path, seed: int) -> dict[str, FrocImage]:
-    """Every image of the oracle cache as a :class:`FrocImage` of its labels."""
+def _oracle_index(oracle_cache: Path, seed: int) -> tuple[SiteDataset, dict[str, int]]:
+    """The oracle cache (every image labeled) and its record index by key."""
     ds = SiteDataset(oracle_cache, seed=seed)
-    out = {}
-    for r in ds.records:
-        out[r.key] = FrocImage(
-            key=r.key,
-            spacing_mm=float(r.spacing_mm),
-            gt_boxes=np.asarray(r.boxes, dtype=np.float64).reshape(-1, 4),
-            gt_labels=np.asarray(r.labels, dtype=np.int64),
-            ignore_boxes=np.asarray(r.ignore, dtype=np.float64).reshape(-1, 4),
-            det_boxes=np.zeros((0, 4), np.float32),
-            det_scores=np.zeros(0, np.float32),
-            det_labels=np.zeros(0, np.int64),
-            case=r.patient_id,
-        )
-    return out
+    return ds, {r.key: i for i, r in enumerate(ds.records)}
 
 
 def measure_seed(
@@ -149,11 +123,11 @@ def measure_seed(
     sites: Sequence[str],
     thresholds: Sequence[float],
     work: Path,
-) -> dict[str, SiteTallies]:
+) -> dict[str, Tallies]:
     """The tallies of each site of one seed's run folder."""
     seed = load_federation_config(run / RF.CONFIGS_DIR / "federation.yaml").seed
     src = trained_in(run, regime) / regime
-    out: dict[str, SiteTallies] = {}
+    out: dict[str, Tallies] = {}
     for site in sites:
         ckpt = work / f"{run.name}-{site}.pt"
         export_model(
@@ -163,37 +137,39 @@ def measure_seed(
             state_dir=src / RF.SITE_STATE_DIR,
         )
         model, _ = load_model(ckpt)
-        truth = _truth(data / "oracle" / site, seed)
+        oracle, index = _oracle_index(data / "oracle" / site, seed)
         ds = SiteDataset(data / "cache" / site, seed=seed)
-        tallies = SiteTallies()
+        tallies: Tallies = defaultdict(Tally)
         for view in VIEWS:
-            items = ds.view(view)
-            if len(items) == 0:
+            keys = [r.key for r in ds.view(view).records]
+            if not keys:
                 log.info("%s site %s: no %s images, view skipped", run, site, view)
                 continue
-            images = detect_dataset(model, items, "cpu")
-            missing = sorted({im.key for im in images} - set(truth))
+            missing = [k for k in keys if k not in index]
             if missing:
                 raise ValueError(
                     f"{data / 'oracle' / site}: no image {missing[0]!r} of "
                     f"{data / 'cache' / site} ({len(missing)} missing): not the "
                     "same scenario's oracle cache"
                 )
+            # the same images (the cache is keyed by content), with every label
+            items = oracle.subset([index[k] for k in keys])
+            images = detect_dataset(model, items, "cpu")
             for label, name in enumerate(CLASSES):
                 for thr in thresholds:
-                    tallies.get((view, name, thr)).add(tally(images, truth, label, thr))
+                    tallies[(view, name, thr)].add(tally(images, label, thr))
         out[site] = tallies
     return out
 
 
 def _emit(
-    tallies: SiteTallies,
+    tallies: Tallies,
     site: str,
     seed: str,
     ctx: dict[str, object],
     results: Path | None,
 ) -> None:
-    for (view, name, thr), t in sorted(tallies.by_key.items()):
+    for (view, name, thr), t in sorted(tallies.items()):
         for figure, value in t.figures().items():
             if np.isnan(value):  # no box (precision) or no lesion (recall)
                 continue
@@ -237,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--study {args.study}: no seed-<s> folder")
     torch.set_num_threads(args.threads)
     ctx: dict[str, object] = {"study": str(args.study), "regime": args.regime}
-    pooled = {s: SiteTallies() for s in args.sites}
+    pooled: dict[str, Tallies] = {s: defaultdict(Tally) for s in args.sites}
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
             per_site = measure_seed(
@@ -245,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             for site, tallies in per_site.items():
                 _emit(tallies, site, run.name, ctx, args.results)
-                for key, t in tallies.by_key.items():
-                    pooled[site].get(key).add(t)
+                for key, t in tallies.items():
+                    pooled[site][key].add(t)
     for site, tallies in pooled.items():
         _emit(tallies, site, "pooled", ctx, args.results)
     return 0

@@ -32,27 +32,27 @@ def _image(
 
 
 def test_a_second_box_on_a_found_lesion_and_a_miss_count_against_precision() -> None:
-    truth = dataclasses.replace(
-        _image([], [], []),
-        gt_boxes=np.array([[10.0, 10, 30, 30], [100, 100, 120, 120]]),
-        gt_labels=np.array([0, 0]),
-    )
     dets = _image(
         [[12, 12, 28, 28], [11, 11, 29, 29], [300, 300, 320, 320], [101, 101, 119, 119],
          [100, 100, 120, 120]],
         [0.9, 0.8, 0.7, 0.2, 0.6],
         [0, 0, 0, 0, 1],
     )  # fmt: skip
-    t = tally([dets], {"k": truth}, 0, 0.5)
+    image = dataclasses.replace(
+        dets,
+        gt_boxes=np.array([[10.0, 10, 30, 30], [100, 100, 120, 120]]),
+        gt_labels=np.array([0, 0]),
+    )
+    t = tally([image], 0, 0.5)
     # three mass boxes at or above 0.5: a hit, a duplicate, a false positive;
     # the second lesion's box scores 0.2, the 0.6 box is another class
     assert (t.images, t.boxes, t.hits, t.lesions, t.found) == (1, 3, 1, 2, 1)
     f = t.figures()
     assert f["precision"] == pytest.approx(1 / 3) and f["recall"] == 0.5
     assert f["per_image"] == 3.0
-    low = tally([dets], {"k": truth}, 0, 0.1)
+    low = tally([image], 0, 0.1)
     assert (low.hits, low.found) == (2, 2)
-    empty = tally([dets], {"k": truth}, 0, 0.95).figures()
+    empty = tally([image], 0, 0.95).figures()
     assert np.isnan(empty["precision"]) and empty["recall"] == 0.0
 
 
@@ -90,7 +90,9 @@ def test_main_refuses_an_oracle_of_another_scenario(
     for kind in ("cache", "oracle"):
         (data / kind).mkdir(parents=True)
         (data / kind / SITE).symlink_to(cache)
-    monkeypatch.setattr(pp, "_truth", lambda cache, seed: {})  # none of its images
+    real = pp._oracle_index
+    # an oracle cache that holds none of the site's images
+    monkeypatch.setattr(pp, "_oracle_index", lambda c, s: (real(c, s)[0], {}))
     with pytest.raises(ValueError, match="not the same scenario's oracle cache"):
         main(["--study", str(study), "--data", str(data), "--regime", "personalized-dp",
               "--site", SITE, "--results", str(tmp_path / "r")])  # fmt: skip
