@@ -149,6 +149,16 @@ def _tuned_after(name: str, federated: str) -> Regime:
     )
 
 
+#: Central semi-supervision with the consistency loss's weight at 0: the
+#: site's unlabeled training images run through the model and shape its norm
+#: statistics, and nothing else (the ``-unlab`` regimes).
+_UNLABELED_NORMS: dict[str, Any] = {
+    "ssl": True,
+    "ssl_rampup_steps": 0,
+    "ssl_unsup_weight": 0.0,
+}
+
+
 # few-shot head tuning belongs to the semi-supervised adaptation regime only
 # ("personalized + semi-supervised consistency (+ few-shot head tuning)"); the
 # baselines train every layer at every site. Under DP, SSL and the
@@ -268,18 +278,12 @@ TABLE: tuple[Regime, ...] = (
     # not the consistency loss, is what semi-supervision gains in the
     # federation, docs/adaptation.md); the loss's weight is 0. A fully
     # labeled site trains them as the plain members.
-    Regime(
-        LOCAL_ONLY_UNLAB,
-        train_on="each",
-        options=_frozen(ssl=True, ssl_rampup_steps=0, ssl_unsup_weight=0.0),
-    ),
+    Regime(LOCAL_ONLY_UNLAB, train_on="each", options=_frozen(**_UNLABELED_NORMS)),
     Regime(
         PERSONALIZED_SSL_TUNED_UNLAB,
         train_on="each",
         tune_from=PERSONALIZED_SSL,
-        options=_frozen(
-            lr_factor=0.3, ssl=True, ssl_rampup_steps=0, ssl_unsup_weight=0.0
-        ),
+        options=_frozen(lr_factor=0.3, **_UNLABELED_NORMS),
     ),
     Regime(
         PERSONALIZED_SSL_TUNED_LOCAL_UNLAB,
