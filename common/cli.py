@@ -99,6 +99,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_set_argument(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    """Add ``--set KEY=VALUE`` (repeatable) into ``args.settings``.
+
+    For :func:`common.config.apply_settings`: one setting of ``what`` changed
+    for this run without a copy of the file.
+    """
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"change one setting of {what} (repeatable; VALUE read as YAML), "
+        f"e.g. --set {example}; validated like the file and recorded in the "
+        "run's resolved config",
+    )
+
+
 def build_parser(
     prog: str, description: str, modules: Sequence[str]
 ) -> argparse.ArgumentParser:

@@ -65,6 +65,7 @@ from client.detector_trainer import DetectorOptions, DetectorTrainer, detector_o
 from client.ingest import ingest_site
 from client.local_training import check_central_options, train_central
 from common.config.loader import (
+    apply_settings,
     config_to_dict,
     load_yaml,
     replace_validated,
@@ -160,6 +161,11 @@ class RunRequest:
     #: an ensemble of its regimes, without repeating the rest. Without
     #: ``base_checkpoint`` the first one's base model is this run's.
     reuse: tuple[Path, ...] = ()
+    #: ``KEY=VALUE`` changes to the federation config (``--set``,
+    #: :func:`common.config.apply_settings`), e.g.
+    #: ``trainer.options.ssl_unsup_weight=0``: one option tried without a copy
+    #: of the file; the run's ``configs/federation.yaml`` holds the result.
+    settings: tuple[str, ...] = ()
 
 
 # --- sites ----------------------------------------------------------------------
@@ -810,8 +816,13 @@ def run_study(req: RunRequest) -> Path:
     out = req.out
     out.mkdir(parents=True, exist_ok=True)
     data = req.data or out / "data"
+    # errors in options set on the command line name the flag, not the file
+    fed_source = f"{req.federation} with --set" if req.settings else str(req.federation)
+    fed = apply_settings(
+        load_federation_config(req.federation), req.settings, "mammofed-sim run --set"
+    )
     fed = replace_validated(
-        load_federation_config(req.federation),
+        fed,
         "mammofed-sim run flags",
         **{
             k: v
@@ -842,7 +853,7 @@ def run_study(req: RunRequest) -> Path:
         )
     if fed.trainer.name != DETECTOR_TRAINER:
         raise ConfigError(
-            str(req.federation),
+            fed_source,
             "trainer.name",
             f"mammofed-sim run needs the 'detector' trainer, got {fed.trainer.name!r}",
         )
@@ -873,11 +884,11 @@ def run_study(req: RunRequest) -> Path:
             "running %s too: the regimes asked for are made from them",
             ", ".join(r for r in regimes if r not in req.regimes),
         )
-    opts = detector_options(fed, str(req.federation))
+    opts = detector_options(fed, fed_source)
     if any(R.REGIMES[r].kind == "central" for r in regimes):
         # before any work: the base, local-only and oracle regimes would
         # otherwise stop the study part-way
-        check_central_options(opts, str(req.federation))
+        check_central_options(opts, fed_source)
     scenario, caches, oracle = prepare_sites(req.scenario, data, req.workers)
     sites = [s.name for s in scenario.sites]
     base_sites = [s.name for s in scenario.sites if s.role == ROLE_BASE] or sites[:1]

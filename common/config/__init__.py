@@ -2,10 +2,12 @@
 
 Schemas live beside the role that owns them (``common.wire.federation`` for
 what both sides share). Load with :func:`load_config`; write the resolved form
-next to results with :func:`write_resolved`.
+next to results with :func:`write_resolved`; change a loaded config from a
+command line with :func:`apply_settings` (``--set KEY=VALUE``).
 """
 
 from common.config.loader import (
+    apply_settings,
     bounded,
     config_to_dict,
     from_mapping,
@@ -17,6 +19,7 @@ from common.config.loader import (
 )
 
 __all__ = [
+    "apply_settings",
     "bounded",
     "config_to_dict",
     "from_mapping",

@@ -17,15 +17,21 @@ file, the dotted key path and the offending value):
 * values are shortened in error messages (:mod:`reprlib`);
 * paths marked ``path_field(must_exist=True)`` must exist; relative paths are
   resolved against the config file's folder.
+
+Command lines change a loaded config with :func:`apply_settings`
+(``--set trainer.options.ssl_unsup_weight=0``): the value is read as YAML
+(with the file's rules), the result is validated like the file, and what was
+set is part of the resolved config written next to the results.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -386,6 +392,92 @@ def replace_validated(cfg: T, source: str, **changes: Any) -> T:
     data = config_to_dict(cfg)
     for key, value in changes.items():
         data[key] = config_to_dict(value)
+    return from_mapping(data, type(cfg), source=source)
+
+
+_SETTING_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def parse_setting(text: str, source: str = "--set") -> tuple[tuple[str, ...], Any]:
+    """``"a.b.c=VALUE"`` -> ``(("a", "b", "c"), value)``, ``VALUE`` read as YAML.
+
+    ``VALUE`` follows a config file's rules (one document, no aliases):
+    ``0`` is an int, ``0.5`` a float, ``true`` a bool, ``null`` none,
+    ``[1, 2]`` a list, anything else a string.
+
+    Raises:
+        ConfigError: no ``=``, a key that is not dotted names, an empty value
+            or one that is not valid YAML; the message names the setting.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep:
+        raise ConfigError(
+            source,
+            key or "<empty>",
+            f"expected KEY=VALUE (e.g. trainer.options.ssl_unsup_weight=0), "
+            f"got {shown(text)}",
+        )
+    if not _SETTING_KEY.fullmatch(key):
+        raise ConfigError(
+            source,
+            shown(key),
+            "expected a dotted path of names (letters, digits, _), e.g. "
+            "trainer.options.ssl_unsup_weight",
+        )
+    if not raw.strip():
+        raise ConfigError(source, key, "has no value (write null to unset it)")
+    where = f"{source} {key}"
+    try:
+        value = _parse_yaml(raw, where)
+    except ConfigError:
+        raise
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(source, key, f"value is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(source, key, "value is nested too deeply") from None
+    return tuple(key.split(".")), value
+
+
+def apply_settings(cfg: T, settings: Sequence[str], source: str = "--set") -> T:
+    """``cfg`` with each ``KEY=VALUE`` of ``settings`` set, validated again.
+
+    A key walks into nested sections (``trainer.options.ssl_unsup_weight``);
+    a missing or empty (``null``) section on the way is created, so the
+    validation that follows names a key no section has. Everything is checked
+    as in a file (unknown keys, types, bounds); relative paths are taken as
+    given (relative to the working directory, as :func:`replace_validated`).
+    ``source`` names where the settings came from in errors.
+
+    Raises:
+        ConfigError: a setting that does not parse (:func:`parse_setting`),
+            a key given twice, a key below a value that is not a section, or
+            a result the config's rules refuse.
+    """
+    if not settings:
+        return cfg
+    data = config_to_dict(cfg)
+    seen: set[tuple[str, ...]] = set()
+    for text in settings:
+        parts, value = parse_setting(text, source)
+        key = ".".join(parts)
+        if parts in seen:
+            raise ConfigError(source, key, "is set twice")
+        seen.add(parts)
+        node = data
+        for i, name in enumerate(parts[:-1]):
+            child = node.get(name)
+            if child is None:
+                child = node[name] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(
+                    source,
+                    key,
+                    f"{'.'.join(parts[: i + 1])} is {shown(child)}, not a section "
+                    "with keys",
+                )
+            node = child
+        node[parts[-1]] = value
     return from_mapping(data, type(cfg), source=source)
 
 

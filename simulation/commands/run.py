@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.cli import add_set_argument
 from simulation import regimes as R
 
 NAME = "run"
@@ -117,6 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the learning rate the server sends over the rounds (default: the "
         "federation config's trainer.lr_schedule; docs/federation.md)",
     )
+    # --reuse pairs only runs whose recorded settings are the same
+    add_set_argument(
+        parser, "the federation config", "trainer.options.ssl_unsup_weight=0"
+    )
     parser.add_argument(
         "--report", type=Path, help="also write the report here (default OUT/report)"
     )
@@ -173,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         reuse=tuple(args.reuse),
         threads=args.threads,
         lr_schedule=args.lr_schedule,
+        settings=tuple(args.settings),
     )
     runs = run_seeds(req, args.seeds, parallel=args.parallel)
     report = write_report(runs, args.report or args.out / "report")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.cli import add_set_argument
 from common.errors import MammofedError
 
 if TYPE_CHECKING:
@@ -37,16 +38,19 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="override labeled_patients: train on at most N labeled women per cache",
     )
+    add_set_argument(parser, "the TrainConfig", "augment.paste_p=0.25")
 
 
 def apply_overrides(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     """``cfg`` with the flags of :func:`add_override_arguments` that were given.
 
+    ``--set KEY=VALUE`` settings go first, then the named flags (which win).
+
     The flags are validated like the YAML's keys (``--epochs 0``,
     ``--labeled-patients 0`` or an ``--init-checkpoint`` that is not a file
     raise :class:`common.errors.ConfigError` naming the flag's field).
     """
-    from common.config import replace_validated
+    from common.config import apply_settings, replace_validated
 
     if args.init_checkpoint is not None and not args.init_checkpoint.is_file():
         raise MammofedError(f"--init-checkpoint: no such file {args.init_checkpoint}")
@@ -58,6 +62,7 @@ def apply_overrides(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
         "labeled_patients": args.labeled_patients,
     }
     given = {k: v for k, v in flags.items() if v is not None}
+    cfg = apply_settings(cfg, args.settings, "--set")
     return replace_validated(cfg, "command-line flags", **given)
 
 

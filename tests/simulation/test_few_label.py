@@ -193,7 +193,7 @@ def test_command_line_overrides_are_validated_like_the_yaml(tmp_path, site_cache
     def flags(**kw):
         base = dict(
             out=None, epochs=None, device=None, init_checkpoint=None,
-            labeled_patients=None,
+            labeled_patients=None, settings=[],
         )  # fmt: skip
         return Namespace(**{**base, **kw})
 
@@ -205,3 +205,13 @@ def test_command_line_overrides_are_validated_like_the_yaml(tmp_path, site_cache
         apply_overrides(cfg, flags(epochs=0))
     with pytest.raises(ConfigError, match=r"labeled_patients: must be >= 1, got 0"):
         apply_overrides(cfg, flags(labeled_patients=0))
+    # --set: any field, validated like the file; the named flags win
+    got = apply_overrides(
+        cfg, flags(settings=["augment.paste_p=0.25", "epochs=4"], epochs=3)
+    )
+    assert (got.augment.paste_p, got.epochs) == (0.25, 3)
+    assert got.model == cfg.model
+    with pytest.raises(ConfigError, match=r"--set: augment.paste_p: must be <= 1"):
+        apply_overrides(cfg, flags(settings=["augment.paste_p=2"]))
+    with pytest.raises(ConfigError, match=r"--set: augment.pastep: unknown key"):
+        apply_overrides(cfg, flags(settings=["augment.pastep=0.5"]))

@@ -498,6 +498,61 @@ def test_reuse_reads_scored_regimes_and_refuses_another_runs_settings(
 
 
 @pytest.mark.slow
+def test_set_changes_the_federation_config_and_is_recorded(
+    study: Path, tmp_path: Path
+) -> None:
+    """``--set KEY=VALUE``: one option tried without a copy of the file; the
+    run's resolved config holds it, so ``--reuse`` pairs only runs with the
+    same settings, and a mistyped option stops the run before any work."""
+    import dataclasses
+
+    import yaml
+
+    from common.errors import ConfigError
+    from simulation.cli import main as sim_main
+    from simulation.run import BASE_MODEL
+
+    argv = ["run", "--scenario", str(SCENARIO), "--federation", str(FEDERATION)]
+    argv += ["--data", str(study.parent / "data"), "--n-boot", "0", "--workers", "1"]
+    argv += ["--base-checkpoint", str(study / R.BASE / BASE_MODEL)]
+    out = tmp_path / "set"
+    setting = ["--set", "trainer.options.ssl_unsup_weight=0.25", "--set", "seed=3"]
+    assert sim_main([*argv, "--out", str(out), "--regime", R.BASE, *setting]) == 0
+    resolved = yaml.safe_load((out / RF.CONFIGS_DIR / "federation.yaml").read_text())
+    assert resolved["trainer"]["options"]["ssl_unsup_weight"] == 0.25
+    assert resolved["seed"] == 3
+    plain = yaml.safe_load((study / RF.CONFIGS_DIR / "federation.yaml").read_text())
+    del resolved["trainer"]["options"]["ssl_unsup_weight"]
+    assert resolved == {**plain, "seed": 3}  # nothing else changed
+    req = RunRequest(
+        scenario=SCENARIO,
+        federation=FEDERATION,
+        out=tmp_path / "pair",
+        regimes=(R.FEDAVG,),
+        data=study.parent / "data",
+        workers=1,
+        n_boot=0,
+        base_checkpoint=study / R.BASE / BASE_MODEL,
+        reuse=(study,),
+        settings=("trainer.options.ssl_unsup_weight=0.25",),
+    )
+    with pytest.raises(ConfigError, match="federation.yaml.*other settings"):
+        run_study(req)
+    for settings, message in [
+        (
+            ("trainer.options.ssl_unsup_wieght=0",),
+            r"with --set: trainer.options.ssl_unsup_wieght: unknown key",
+        ),
+        (("num_rounds=0",), r"mammofed-sim run --set: num_rounds: must be >= 1"),
+        (("trainer.options=3",), r"mammofed-sim run --set: trainer.options"),
+    ]:
+        bad = tmp_path / "bad"
+        with pytest.raises(ConfigError, match=message):
+            run_study(dataclasses.replace(req, out=bad, reuse=(), settings=settings))
+        assert not (bad / RF.RUN_JSON).exists()  # refused before any work
+
+
+@pytest.mark.slow
 def test_tuned_regime_starts_from_each_sites_federated_model(
     study: Path, tmp_path: Path
 ) -> None:

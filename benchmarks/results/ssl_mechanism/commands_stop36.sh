@@ -8,6 +8,10 @@
 # runs were made in two checkouts (/tmp/cf/main and /work/main), so the
 # result lines name absolute paths for some of them; the folders are these.
 set -euo pipefail
+# The runs were made with copies of configs/federation/sim-demo.yaml that
+# changed one option each (sim-demo-ssl-bn.yaml, sim-demo-ssl-ratio4.yaml);
+# since stop 37 `--set` changes the option instead (the resolved settings are
+# the same but for the config's `name`, which no result depends on).
 FLAGS="--base-checkpoint models/demo-base-h.pt --seeds 0,1,2 --parallel 2 --threads 1"
 R=benchmarks/results
 
@@ -16,10 +20,10 @@ R=benchmarks/results
 #    the unlabeled images in its averaging weight with the loss off; since
 #    then it does not (step 4 is the same run with the rule).
 mammofed-sim run --scenario configs/simulation/study.yaml $FLAGS \
-    --federation configs/federation/sim-demo-ssl-bn.yaml \
+    --federation configs/federation/sim-demo.yaml --set trainer.options.ssl_unsup_weight=0 \
     --data out/study35-data --out out/ssl-bn --regime personalized-ssl
 mammofed-sim run --scenario configs/simulation/study-confirm.yaml $FLAGS \
-    --federation configs/federation/sim-demo-ssl-bn.yaml \
+    --federation configs/federation/sim-demo.yaml --set trainer.options.ssl_unsup_weight=0 \
     --data out/confirm-data --out out/confirm-ssl-bn --regime personalized-ssl
 for a in personalized-ssl personalized; do
     python -m benchmarks.compare_runs --a out/study35/seed-{0,1,2}/$a \
@@ -38,7 +42,7 @@ python -m benchmarks.pseudo_precision --study out/study35-ssl --data out/study35
 
 # 3. four unlabeled batches per labeled one (ssl_unlabeled_ratio 4)
 mammofed-sim run --scenario configs/simulation/study.yaml $FLAGS \
-    --federation configs/federation/sim-demo-ssl-ratio4.yaml \
+    --federation configs/federation/sim-demo.yaml --set trainer.options.ssl_unlabeled_ratio=4 \
     --data out/study35-data --out out/ssl-r4 --regime personalized-ssl
 for a in personalized-ssl personalized; do
     python -m benchmarks.compare_runs --a out/study35/seed-{0,1,2}/$a \
@@ -50,7 +54,7 @@ python -m benchmarks.compare_runs --a out/ssl-r4/seed-{0,1,2}/personalized-ssl \
 # 4. weight 0 with the averaging weight from the labeled images only (the
 #    rule since 3ad479d; 9 min)
 mammofed-sim run --scenario configs/simulation/study.yaml $FLAGS \
-    --federation configs/federation/sim-demo-ssl-bn.yaml \
+    --federation configs/federation/sim-demo.yaml --set trainer.options.ssl_unsup_weight=0 \
     --data out/study35-data --out out/ssl-bn2 --regime personalized-ssl
 for a in personalized-ssl personalized; do
     python -m benchmarks.compare_runs --a out/study35/seed-{0,1,2}/$a \

@@ -13,8 +13,10 @@ REG="base local-only fedavg fedprox personalized personalized-ssl personalized-a
 $P/mammofed-sim run --scenario configs/simulation/study.yaml --federation configs/federation/sim-demo.yaml \
   --base-checkpoint models/demo-base-h.pt --data out/study-data --out out/study34 --reuse out/study-fix \
   --seeds 0,1,2 --parallel 2 --threads 1 $(for r in $REG; do printf -- "--regime %s " "$r"; done)
-# the consistency ramp over 12 steps, with the fix (8 min), and its pairings
-$P/mammofed-sim run --scenario configs/simulation/study.yaml --federation configs/federation/sim-demo-ssl-ramp.yaml \
+# the consistency ramp over 12 steps, with the fix (8 min), and its pairings (run with
+# sim-demo-ssl-ramp.yaml, a copy of sim-demo.yaml with this one option; --set since stop 37)
+$P/mammofed-sim run --scenario configs/simulation/study.yaml --federation configs/federation/sim-demo.yaml \
+  --set trainer.options.ssl_rampup_steps=12 \
   --base-checkpoint models/demo-base-h.pt --data out/study-data --out out/study34-ramp \
   --seeds 0,1,2 --parallel 2 --threads 1 --regime personalized-ssl
 side() { for s in seed-0 seed-1 seed-2; do printf "%s/%s/%s " "$1" "$s" "$2"; done; }

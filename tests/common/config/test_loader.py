@@ -238,3 +238,75 @@ def test_plain_name_refuses_path_like_names(tmp_path: Path, bad: str) -> None:
         "site-2",
         "b.c",
     )
+
+
+# --- --set KEY=VALUE (apply_settings) -------------------------------------------
+
+
+def test_parse_setting_reads_the_value_as_yaml():
+    from common.config.loader import parse_setting
+
+    assert parse_setting("a.b=0") == (("a", "b"), 0)
+    assert parse_setting("a=0.5") == (("a",), 0.5)
+    assert parse_setting("a=true") == (("a",), True)
+    assert parse_setting("a=null") == (("a",), None)
+    assert parse_setting("a=[1, 2]") == (("a",), [1, 2])
+    assert parse_setting("a=cosine") == (("a",), "cosine")
+    assert parse_setting("a=x=y") == (("a",), "x=y")  # the first = splits
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a.b", r"--set: a.b: expected KEY=VALUE"),
+        ("=1", r"--set: '': expected a dotted path"),
+        ("a..b=1", r"--set: 'a..b': expected a dotted path"),
+        ("a b=1", r"--set: 'a b': expected a dotted path"),
+        ("a=", r"--set: a: has no value \(write null to unset it\)"),
+        ("a=[1, 2", r"--set: a: value is not valid YAML"),
+        ("a=[&x 1, *x]", r"--set: a: value is not valid YAML: .*aliases are not"),
+    ],
+)
+def test_parse_setting_refuses_what_it_cannot_read(text, message):
+    from common.config.loader import parse_setting
+
+    with pytest.raises(ConfigError, match=message):
+        parse_setting(text)
+
+
+def test_apply_settings_sets_nested_keys_and_validates_like_the_file(tmp_path):
+    from common.config import apply_settings
+
+    cfg = load_config(_write(tmp_path, "name: x\nextra: {k: 1.0}\n"), Outer)
+    assert apply_settings(cfg, []) is cfg
+    got = apply_settings(
+        cfg, ["inner.lr=0.5", "inner.mode=b", "extra.j=2", "sizes=[4]", "rounds=7"]
+    )
+    assert got == Outer(
+        name="x", rounds=7, inner=Inner(lr=0.5, mode="b"), sizes=(4,),
+        extra={"k": 1.0, "j": 2.0},
+    )  # fmt: skip
+    assert cfg.inner.lr == 0.1  # the loaded config is not changed
+    for settings, message in [
+        (["inner.lr=2"], r"--set: inner.lr: must be <= 1"),
+        (["inner.mode=c"], r"--set: inner.mode:"),
+        (["inner.lrr=0.5"], r"--set: inner.lrr: unknown key"),
+        (["rounds=many"], r"--set: rounds:"),
+        (["rounds.x=1"], r"--set: rounds.x: rounds is 3, not a section"),
+        (["rounds=2", "rounds=3"], r"--set: rounds: is set twice"),
+        (["extra.j=.nan"], r"--set: extra.j"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            apply_settings(cfg, settings)
+    # a relative path set on the command line is the working directory's
+    (tmp_path / "d").mkdir()
+    import os
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert apply_settings(cfg, ["data=d"]).data == Path("d")
+        with pytest.raises(ConfigError, match=r"--set: data: .*(exist|not found)"):
+            apply_settings(cfg, ["data=missing"])
+    finally:
+        os.chdir(here)
