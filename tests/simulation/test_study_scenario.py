@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from simulation.phantom import load_scenario
 from simulation.phantom.generate import plan_site
 
@@ -40,24 +42,43 @@ def test_study_test_sets_are_large_on_the_sites_it_compares() -> None:
         assert len(test_women) >= 60, site.name
 
 
-def test_the_confirmation_shares_the_training_women_and_not_the_test_women() -> None:
+@pytest.mark.parametrize("name", ["study-confirm.yaml", "study-holdout.yaml"])
+def test_a_confirmation_shares_the_training_women_and_not_the_test_women(
+    name: str,
+) -> None:
+    """The confirmation and the holdout score the study's models on women no
+    other file draws: the same first women, new extra test women only."""
     study = load_scenario(CONFIGS / "study.yaml")
-    confirm = load_scenario(CONFIGS / "study-confirm.yaml")
+    confirm = load_scenario(CONFIGS / name)
     moved = dataclasses.replace(
         confirm,
         name=study.name,
-        sites=tuple(dataclasses.replace(s, extra_test_from=0) for s in confirm.sites),
+        sites=tuple(
+            dataclasses.replace(
+                s,
+                extra_test_from=0,
+                extra_test_women=study.site(s.name).extra_test_women,
+            )
+            for s in confirm.sites
+        ),
     )
     assert moved == study
+    others = [
+        load_scenario(p) for p in sorted(CONFIGS.glob("study*.yaml")) if p.name != name
+    ]
     for site in study.sites:
-        old = plan_site(study, site)
         new = plan_site(confirm, confirm.site(site.name))
-        first = [p for p in old if p.woman < site.women]
+        first = [p for p in plan_site(study, site) if p.woman < site.women]
         assert [p for p in new if p.woman < site.women] == first
-        extra_old = {p.patient_id for p in old if p.woman >= site.women}
         extra_new = {p.patient_id for p in new if p.woman >= site.women}
-        assert len(extra_new) == site.extra_test_women
-        assert not extra_old & extra_new, site.name
+        assert len(extra_new) == confirm.site(site.name).extra_test_women
+        for other in others:
+            extra_other = {
+                p.patient_id
+                for p in plan_site(other, other.site(site.name))
+                if p.woman >= site.women
+            }
+            assert not extra_other & extra_new, (site.name, other.name)
         if site.role != "base":
             assert extra_new and all(
                 p.split == "test" for p in new if p.woman >= site.women
