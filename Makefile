@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= out/demo
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo study study-confirm study-confirm-ssl base-model test lint typecheck pytest bench clean test-report
+.PHONY: venv demo study study-confirm study-holdout study-confirm-ssl base-model test lint typecheck pytest bench clean test-report
 
 venv: $(STAMP)
 
@@ -62,22 +62,41 @@ study: venv
 CONFIRM_OUT ?= out/confirm
 CONFIRM_SEEDS = seed-0 seed-1 seed-2
 CONFIRM_DATA ?= out/confirm-data
+CONFIRM_SCENARIO ?= configs/simulation/study-confirm.yaml
+# the new women's cases (their patient indices) and where their figures go
+CONFIRM_CASES ?= -01[0-9]{3}$$
+CONFIRM_LABEL ?= confirm-new-women
+CONFIRM_RESULTS ?= benchmarks/results/study_confirm
 RECOMMENDED = personalized-ssl+tuned+local
 CONFIRM_REGIMES ?= base local-only personalized-ssl personalized-ssl-tuned \
 	$(RECOMMENDED) personalized-dp personalized-dp-tuned \
 	personalized-dp+tuned+local oracle
 study-confirm: venv
-	$(BIN)/mammofed-sim run --scenario configs/simulation/study-confirm.yaml \
+	$(BIN)/mammofed-sim run --scenario $(CONFIRM_SCENARIO) \
 	    --federation configs/federation/sim-demo.yaml --base-checkpoint models/demo-base-h.pt \
 	    --data $(CONFIRM_DATA) --out $(CONFIRM_OUT) --seeds 0,1,2 --parallel 3 --threads 1 \
 	    $(addprefix --regime ,$(CONFIRM_REGIMES))
 	for a in base local-only oracle; do \
-	    $(BIN)/python -m benchmarks.compare_runs --cases='-01[0-9]{3}$$' \
+	    $(BIN)/python -m benchmarks.compare_runs --cases='$(CONFIRM_CASES)' \
 	        --a $(CONFIRM_OUT)/seed-0/$$a $(CONFIRM_OUT)/seed-1/$$a $(CONFIRM_OUT)/seed-2/$$a \
 	        --b $(addsuffix /$(RECOMMENDED),$(addprefix $(CONFIRM_OUT)/,$(CONFIRM_SEEDS))) \
-	        --label confirm-new-women-recommended-vs-$$a \
-	        --results benchmarks/results/study_confirm || exit 1; \
+	        --label $(CONFIRM_LABEL)-recommended-vs-$$a \
+	        --results $(CONFIRM_RESULTS) || exit 1; \
 	done
+
+# The study's holdout (README "The study", "A larger holdout", stop 37): the
+# same question on 150 new test women per non-H site
+# (configs/simulation/study-holdout.yaml: the study's training women, so the
+# same models), with the plan written before the run
+# (benchmarks/results/study_holdout/PLAN.md); the recipe of study-confirm
+# without the DP regimes. Figures on the new women only:
+# benchmarks/results/study_holdout/compare_runs.jsonl.
+study-holdout:
+	$(MAKE) study-confirm CONFIRM_SCENARIO=configs/simulation/study-holdout.yaml \
+	    CONFIRM_OUT=out/holdout CONFIRM_DATA=out/holdout-data \
+	    CONFIRM_CASES='-03[0-9]{3}$$$$' CONFIRM_LABEL=holdout \
+	    CONFIRM_RESULTS=benchmarks/results/study_holdout \
+	    CONFIRM_REGIMES="base local-only personalized-ssl personalized-ssl-tuned $(RECOMMENDED) oracle"
 
 # The same new women for semi-supervision's share of the labels' gap and DP's
 # price (issue 14's other two figures): personalized, personalized-ssl and

@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-@pytest.mark.parametrize("target", ["study", "study-confirm", "study-confirm-ssl"])
+@pytest.mark.parametrize(
+    "target", ["study", "study-confirm", "study-holdout", "study-confirm-ssl"]
+)
 def test_study_targets_run_known_regimes_and_the_recommended_one(target: str) -> None:
     dry = subprocess.run(
         ["make", "-n", "-s", target, "BIN=bin"],
@@ -29,11 +31,15 @@ def test_study_targets_run_known_regimes_and_the_recommended_one(target: str) ->
     assert named, dry
     assert set(named) <= set(R.ORDER), set(named) - set(R.ORDER)
     assert R.RECOMMENDED in named
-    if target == "study-confirm":  # its paired lines score the recommended regime
+    if target in ("study-confirm", "study-holdout"):
+        # its paired lines score the recommended regime on the new women only
+        label = {"study-confirm": "confirm-new-women", "study-holdout": "holdout"}
         (b,) = set(
             re.findall(
-                r"--b ((?:\S+ )+)\\?\s*--label confirm-new-women-recommended", dry
+                rf"--b ((?:\S+ )+)\\?\s*--label {label[target]}-recommended", dry
             )
         )
         runs = b.split()
         assert len(runs) == 3 and all(r.endswith(f"/{R.RECOMMENDED}") for r in runs)
+        cases = {"study-confirm": "-01[0-9]{3}$", "study-holdout": "-03[0-9]{3}$"}
+        assert f"--cases='{cases[target]}'" in dry

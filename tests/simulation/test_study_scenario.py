@@ -9,6 +9,7 @@ data. The larger test sets are what lets the study's intervals resolve.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,11 @@ def test_study_test_sets_are_large_on_the_sites_it_compares() -> None:
         assert len(test_women) >= 60, site.name
 
 
-@pytest.mark.parametrize("name", ["study-confirm.yaml", "study-holdout.yaml"])
+#: the ``--cases`` pattern of each file's new women (Makefile targets)
+CASES = {"study-confirm.yaml": r"-01[0-9]{3}$", "study-holdout.yaml": r"-03[0-9]{3}$"}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_a_confirmation_shares_the_training_women_and_not_the_test_women(
     name: str,
 ) -> None:
@@ -83,3 +88,6 @@ def test_a_confirmation_shares_the_training_women_and_not_the_test_women(
             assert extra_new and all(
                 p.split == "test" for p in new if p.woman >= site.women
             )
+        # the Makefile's --cases pattern picks out exactly the new women
+        pattern = re.compile(CASES[name])
+        assert {p.patient_id for p in new if pattern.search(p.patient_id)} == extra_new
