@@ -49,6 +49,11 @@ class ConfigError(MammofedError, ValueError):
         self.detail = message
         super().__init__(f"{source}: {key}: {message}")
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str, str]]:
+        # rebuilt from its fields, so the error a worker process raises (a
+        # study's seeds run in spawned processes) reaches the parent whole
+        return type(self), (self.source, self.key, self.detail)
+
 
 class RefusedImage(MammofedError):
     """An input image that must not be guessed at (not a mammogram, undecodable...).
@@ -60,6 +65,9 @@ class RefusedImage(MammofedError):
         self.path = path
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self) -> tuple[type[RefusedImage], tuple[str, str]]:
+        return type(self), (self.path, self.reason)  # as ConfigError's
 
 
 class AnnotationError(MammofedError, ValueError):
