@@ -61,13 +61,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from client.detector_trainer import DetectorOptions, DetectorTrainer, detector_options
+from client.detector_trainer import (
+    DetectorOptions,
+    DetectorTrainer,
+    check_norm_reestimation,
+    check_private_training,
+    detector_options,
+)
 from client.ingest import ingest_site
 from client.local_training import check_central_options, train_central
 from common.config.loader import (
     apply_settings,
     config_to_dict,
     load_yaml,
+    parse_setting,
     replace_validated,
     write_resolved,
 )
@@ -810,12 +817,78 @@ def run_federated(
     return results
 
 
-def run_study(req: RunRequest) -> Path:
-    """Run every requested regime; returns the run folder."""
-    t_start = time.monotonic()
-    out = req.out
-    out.mkdir(parents=True, exist_ok=True)
-    data = req.data or out / "data"
+#: Settings a study sets itself: a ``--set`` of one would be recorded in the
+#: run's resolved config and then overridden, so :func:`check_settings`
+#: refuses it, saying how it is set.
+RUN_SETS: dict[str, str] = {
+    "name": "each regime names its federation",
+    "sites": "the scenario's sites",
+    "state_dir": "inside the run folder",
+    "run_dir": "inside the run folder",
+    "resume": "a study never resumes",
+    "personalization": "each regime's (simulation.regimes)",
+    "strategy.name": "each regime's (simulation.regimes)",
+    "strategy.proximal_mu": "give --fedprox-mu",
+    "seed": "give --seed or --seeds",
+    "num_rounds": "give --rounds",
+    "trainer.options.threads": "give --threads",
+    "trainer.lr_schedule": "give --lr-schedule",
+}
+
+
+def check_settings(settings: tuple[str, ...], regimes: tuple[str, ...]) -> None:
+    """Refuse a ``--set`` the run or one of ``regimes`` would override.
+
+    Besides :data:`RUN_SETS`, a regime's own options (:attr:`Regime.options`,
+    :attr:`Regime.from_request`) win over the federation config's: setting
+    one for a run with that regime would be recorded and not used.
+
+    Raises:
+        ConfigError: the setting, and what sets it instead.
+    """
+    source = "mammofed-sim run --set"
+    for text in settings:
+        key = ".".join(parse_setting(text, source)[0])
+
+        def clash(owned: str, key: str = key) -> bool:
+            return (
+                key == owned
+                or owned.startswith(f"{key}.")
+                or key.startswith(f"{owned}.")
+            )
+
+        for owned, how in RUN_SETS.items():
+            if clash(owned):
+                raise ConfigError(source, key, f"is set by the run itself ({how})")
+        for regime in regimes:
+            spec = R.REGIMES[regime]
+            for name in (*spec.options, *spec.from_request):
+                owned = name if "." in name else f"trainer.options.{name}"
+                if clash(owned):
+                    raise ConfigError(
+                        source,
+                        key,
+                        f"regime {regime} sets {owned} itself; run it without "
+                        "this --set",
+                    )
+
+
+def resolve_request(
+    req: RunRequest,
+) -> tuple[FederationConfig, DetectorOptions, tuple[str, ...]]:
+    """What ``req`` runs, checked as far as it can be before any work.
+
+    Returns the federation config, detector options and regimes (members
+    added): the federation file with the ``--set`` settings and the flags applied;
+    the regimes known, the options valid for every regime asked (each
+    federated regime's as its sites will check them) and building a detector.
+    :func:`run_seeds` calls it before generating any site, :func:`run_study`
+    at its start.
+
+    Raises:
+        ConfigError: naming the file (``with --set`` when settings were
+            given), flag or setting, and the value.
+    """
     # errors in options set on the command line name the flag, not the file
     fed_source = f"{req.federation} with --set" if req.settings else str(req.federation)
     fed = apply_settings(
@@ -844,7 +917,6 @@ def run_study(req: RunRequest) -> Path:
             raise ConfigError(
                 "mammofed-sim run", "--threads", f"must be >= 1, got {req.threads}"
             )
-        torch.set_num_threads(req.threads)
         fed = dataclasses.replace(
             fed,
             trainer=dataclasses.replace(
@@ -884,11 +956,42 @@ def run_study(req: RunRequest) -> Path:
             "running %s too: the regimes asked for are made from them",
             ", ".join(r for r in regimes if r not in req.regimes),
         )
+    check_settings(req.settings, regimes)
     opts = detector_options(fed, fed_source)
+    try:
+        build_detector(opts.model_config())
+    except (ConfigError, ValueError) as exc:
+        raise ConfigError(
+            fed_source, "trainer.options", f"do not build a detector: {exc}"
+        ) from None
     if any(R.REGIMES[r].kind == "central" for r in regimes):
         # before any work: the base, local-only and oracle regimes would
         # otherwise stop the study part-way
         check_central_options(opts, fed_source)
+    for regime in regimes:  # what each federated regime's sites will check
+        if R.REGIMES[regime].strategy is None:
+            continue
+        cfg = regime_config(fed, regime, req, req.out, [])
+        site_opts = detector_options(cfg, fed_source)
+        try:
+            check_private_training(site_opts, cfg.personalization)
+            check_norm_reestimation(site_opts, cfg.personalization)
+        except ConfigError as exc:
+            raise ConfigError(
+                fed_source, exc.key, f"{exc.detail} (regime {regime})"
+            ) from None
+    return fed, opts, regimes
+
+
+def run_study(req: RunRequest) -> Path:
+    """Run every requested regime; returns the run folder."""
+    t_start = time.monotonic()
+    out = req.out
+    out.mkdir(parents=True, exist_ok=True)
+    data = req.data or out / "data"
+    fed, opts, regimes = resolve_request(req)
+    if req.threads is not None:
+        torch.set_num_threads(req.threads)
     scenario, caches, oracle = prepare_sites(req.scenario, data, req.workers)
     sites = [s.name for s in scenario.sites]
     base_sites = [s.name for s in scenario.sites if s.role == ROLE_BASE] or sites[:1]
@@ -1120,6 +1223,7 @@ def run_seeds(
 
     workers = min(parallel, len(seeds))
     threads = req.threads or max(1, (os.cpu_count() or 1) // workers)
+    resolve_request(req)  # a bad setting stops here, before any site is made
     prepare_sites(req.scenario, data, req.workers)  # once, before the seeds race
     reqs = [dataclasses.replace(r, threads=threads) for r in reqs]
     log.info(

@@ -516,14 +516,17 @@ def test_set_changes_the_federation_config_and_is_recorded(
     argv += ["--data", str(study.parent / "data"), "--n-boot", "0", "--workers", "1"]
     argv += ["--base-checkpoint", str(study / R.BASE / BASE_MODEL)]
     out = tmp_path / "set"
-    setting = ["--set", "trainer.options.ssl_unsup_weight=0.25", "--set", "seed=3"]
+    setting = ["--set", "trainer.options.ssl_unsup_weight=0.25"]
+    setting += ["--set", "trainer.learning_rate=0.002"]
     assert sim_main([*argv, "--out", str(out), "--regime", R.BASE, *setting]) == 0
     resolved = yaml.safe_load((out / RF.CONFIGS_DIR / "federation.yaml").read_text())
     assert resolved["trainer"]["options"]["ssl_unsup_weight"] == 0.25
-    assert resolved["seed"] == 3
+    assert resolved["trainer"]["learning_rate"] == 0.002
     plain = yaml.safe_load((study / RF.CONFIGS_DIR / "federation.yaml").read_text())
     del resolved["trainer"]["options"]["ssl_unsup_weight"]
-    assert resolved == {**plain, "seed": 3}  # nothing else changed
+    assert plain["trainer"]["learning_rate"] != 0.002
+    resolved["trainer"]["learning_rate"] = plain["trainer"]["learning_rate"]
+    assert resolved == plain  # nothing else changed
     req = RunRequest(
         scenario=SCENARIO,
         federation=FEDERATION,
@@ -543,13 +546,54 @@ def test_set_changes_the_federation_config_and_is_recorded(
             ("trainer.options.ssl_unsup_wieght=0",),
             r"with --set: trainer.options.ssl_unsup_wieght: unknown key",
         ),
-        (("num_rounds=0",), r"mammofed-sim run --set: num_rounds: must be >= 1"),
+        (("strategy.server_lr=0",), r"mammofed-sim run --set: strategy.server_lr"),
         (("trainer.options=3",), r"mammofed-sim run --set: trainer.options"),
+        # set by the run or a regime itself: recorded and then overridden
+        (
+            ("num_rounds=2",),
+            r"--set: num_rounds: is set by the run itself \(give --rounds",
+        ),
+        (
+            ("seed=3",),
+            r"--set: seed: is set by the run itself \(give --seed or --seeds",
+        ),
+        (("personalization.local_norm=false",), r"--set: personalization.local_norm:"),
+        (
+            ("trainer.options.fedprox_mu=1",),
+            r"--set: trainer.options.fedprox_mu: unknown",
+        ),
+        (("strategy.name=fedprox",), r"--set: strategy.name: is set by the run itself"),
+        # what only a regime's sites or the model registry would have found
+        (("trainer.options.fpn_channels=0",), r"with --set: trainer.options"),
+        (("trainer.options.arch=nope",), r"with --set: trainer.options.*nope"),
+        (
+            ("trainer.options.reestimate_norm=true",),
+            r"with --set: trainer.options.reestimate_norm: .*\(regime fedavg\)",
+        ),
     ]:
         bad = tmp_path / "bad"
         with pytest.raises(ConfigError, match=message):
             run_study(dataclasses.replace(req, out=bad, reuse=(), settings=settings))
         assert not (bad / RF.RUN_JSON).exists()  # refused before any work
+    # a regime's own option: refused only when that regime runs
+    w0 = ("trainer.options.ssl_unsup_weight=0",)
+    unlab = dataclasses.replace(
+        req, out=tmp_path / "u", reuse=(), settings=w0, regimes=(R.LOCAL_ONLY_UNLAB,)
+    )
+    with pytest.raises(ConfigError, match=r"regime local-only-unlab sets trainer"):
+        run_study(unlab)
+    from simulation.run import check_settings
+
+    check_settings(w0, R.with_members((R.PERSONALIZED_SSL, R.RECOMMENDED)))
+    # with seeds side by side: refused before any site is made, and whole
+    from simulation.run import run_seeds
+
+    fresh = dataclasses.replace(
+        req, out=tmp_path / "s", data=tmp_path / "s-data", reuse=(), settings=("x=1",)
+    )
+    with pytest.raises(ConfigError, match=r"--set: x: unknown key"):
+        run_seeds(fresh, (0, 1), parallel=2)
+    assert not (tmp_path / "s-data").exists()
 
 
 @pytest.mark.slow
