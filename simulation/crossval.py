@@ -96,6 +96,35 @@ OOF_PREDICTIONS_JSON = "oof_predictions.json"
 OOF_DETECTOR_JSON = "oof_predictions-detector.json"
 FOLD_JSON = "fold.json"
 
+#: TrainConfig fields that do not change what a fold trains: left out of the
+#: recipe a fold records, so a pooling run may set them its own way.
+RUN_ONLY_FIELDS = ("out_dir", "device", "eval_every", "n_boot", "num_workers")
+
+
+def fold_recipe(cfg: TrainConfig) -> dict[str, Any]:
+    """What a fold was trained with: ``cfg`` without :data:`RUN_ONLY_FIELDS`.
+
+    Recorded in each fold's ``fold.json``: folds trained by separate
+    ``--only-folds`` processes are pooled only when they agree (a process
+    given another ``--set`` or an edited config is refused, naming the field).
+    """
+    doc = config_to_dict(cfg)
+    return {k: v for k, v in doc.items() if k not in RUN_ONLY_FIELDS}
+
+
+def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
+    """The first dotted key at which ``a`` and ``b`` differ (None: equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in a or k not in b:
+                return sub
+            found = _first_difference(a[k], b[k], sub)
+            if found is not None:
+                return found
+        return None
+    return None if a == b else (key or "<root>")
+
 
 @dataclass(frozen=True)
 class Fold:
@@ -237,12 +266,20 @@ def run_crossval(
             "val_keys": val_keys,
             "val_patients": val_patients,
         }
+        fold_info["recipe"] = json_safe(fold_recipe(cfg))
         fj = fdir / FOLD_JSON
-        if fj.is_file() and json.loads(fj.read_text()) != fold_info:
-            raise MammofedError(
-                f"{fdir}: holds a run of a different fold (k, seed or data "
-                "changed); use a new --out or remove it"
-            )
+        if fj.is_file():
+            earlier = json.loads(fj.read_text())
+            if "recipe" not in earlier:  # written before folds recorded it
+                log.warning("%s: no recipe recorded; only the fold is checked", fj)
+                earlier["recipe"] = fold_info["recipe"]
+            where = _first_difference(earlier, fold_info)
+            if where is not None:
+                raise MammofedError(
+                    f"{fdir}: holds a run of a different fold or recipe ({where} "
+                    "differs: k, seed, data or a setting changed); use a new "
+                    "--out or remove it"
+                )
         fj.write_text(json.dumps(fold_info, indent=1))
 
         handler = _fold_file_handler(fdir / "train.log")

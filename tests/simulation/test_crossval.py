@@ -125,6 +125,19 @@ def test_only_folds_split_work_then_pool_matches_one_run(tmp_path, capsys):
         assert len(epochs) == 1
     assert sim_main([*argv, "--out", str(split), "--only-folds", "2"]) == 2
     assert "no fold [2]" in capsys.readouterr().err
+    # a part run with another recipe (--set, or an edited config) is not pooled
+    assert sim_main([*argv, "--out", str(split), "--set", "lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "fold-0: holds a run of a different fold or recipe (recipe.lr differs" in err
+    # settings that do not change what a fold trains may differ
+    assert sim_main([*argv, "--out", str(split), "--set", "n_boot=7"]) == 0
+    # a fold.json written before folds recorded their recipe: the fold is checked
+    fj = split / "fold-0" / "fold.json"
+    old = json.loads(fj.read_text())
+    del old["recipe"]
+    fj.write_text(json.dumps(old))
+    assert sim_main([*argv, "--out", str(split)]) == 0
+    assert "recipe" in json.loads(fj.read_text())
 
 
 def test_crossval_too_many_folds_is_a_clear_error(tmp_path, capsys):
