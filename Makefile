@@ -63,7 +63,8 @@ CONFIRM_OUT ?= out/confirm
 CONFIRM_SEEDS = seed-0 seed-1 seed-2
 CONFIRM_DATA ?= out/confirm-data
 CONFIRM_SCENARIO ?= configs/simulation/study-confirm.yaml
-# the new women's cases (their patient indices) and where their figures go
+# the new women's cases (their patient indices; a regular expression, $$ for
+# its $) and where their figures go
 CONFIRM_CASES ?= -01[0-9]{3}$$
 CONFIRM_LABEL ?= confirm-new-women
 CONFIRM_RESULTS ?= benchmarks/results/study_confirm
@@ -91,9 +92,11 @@ study-confirm: venv
 # (benchmarks/results/study_holdout/PLAN.md); the recipe of study-confirm
 # without the DP regimes. Figures on the new women only:
 # benchmarks/results/study_holdout/compare_runs.jsonl.
+HOLDOUT_OUT ?= out/holdout
+HOLDOUT_DATA ?= out/holdout-data
 study-holdout:
 	$(MAKE) study-confirm CONFIRM_SCENARIO=configs/simulation/study-holdout.yaml \
-	    CONFIRM_OUT=out/holdout CONFIRM_DATA=out/holdout-data \
+	    CONFIRM_OUT=$(HOLDOUT_OUT) CONFIRM_DATA=$(HOLDOUT_DATA) \
 	    CONFIRM_CASES='-03[0-9]{3}$$$$' CONFIRM_LABEL=holdout \
 	    CONFIRM_RESULTS=benchmarks/results/study_holdout \
 	    CONFIRM_REGIMES="base local-only personalized-ssl personalized-ssl-tuned $(RECOMMENDED) oracle"
