@@ -33,3 +33,5 @@ python -m benchmarks.compare_runs --cases="$NEW" --a $(side out/holdout2 persona
     --b $(side out/holdout2 personalized-dp) --label holdout-dp-price --results $R
 python -m benchmarks.compare_runs --cases="$NEW" --a $(side out/holdout2 personalized-dp+tuned+local) \
     --b $(side out/holdout2 $REC) --label holdout-recommended-vs-dp-recipe --results $R
+python -m benchmarks.compare_runs --cases="$NEW" --a $(side out/holdout2 personalized) \
+    --b $(side out/holdout2 personalized-ssl) --label holdout-ssl-vs-labeled-only --results $R
