@@ -21,7 +21,7 @@ for a in base local-only oracle; do
         --b $(side out/holdout $REC) --label holdout-recommended-vs-$a --results $R
 done
 
-# 2. semi-supervision's share of C's labels' gap and DP's price
+# 2. semi-supervision's share of C's labels' gap and DP's price: 38 min (10 of them the report)
 mammofed-sim run $FLAGS --out out/holdout2 --reuse out/holdout --regime base --regime local-only \
     --regime personalized --regime personalized-ssl --regime personalized-all-labels \
     --regime personalized-dp --regime personalized-dp-tuned --regime personalized-dp+tuned+local \
