@@ -13,7 +13,8 @@ NEW='-03[0-9]{3}$'
 REC=personalized-ssl+tuned+local
 side() { for s in 0 1 2; do printf "%s/seed-%s/%s " "$1" "$s" "$2"; done; }
 
-# 1. the main question: 21 min (1276 s, phantom and ingest of 2304 images included)
+# 1. the main question: 29 min (the seeds 1276 s with phantom and ingest of 2304
+#    images, then the report)
 mammofed-sim run $FLAGS --out out/holdout --regime base --regime local-only --regime personalized-ssl \
     --regime personalized-ssl-tuned --regime $REC --regime oracle
 for a in base local-only oracle; do
