@@ -103,6 +103,15 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+# YAML 1.1 (PyYAML) reads a float without a dot, ``1e-3``, as a string;
+# YAML 1.2 and anyone writing a learning rate mean the number
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _check_unique_keys(
     loader: _ConfigLoader, node: yaml.Node, source: str, key: str
 ) -> None:

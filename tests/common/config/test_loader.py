@@ -253,6 +253,19 @@ def test_parse_setting_reads_the_value_as_yaml():
     assert parse_setting("a=[1, 2]") == (("a",), [1, 2])
     assert parse_setting("a=cosine") == (("a",), "cosine")
     assert parse_setting("a=x=y") == (("a",), "x=y")  # the first = splits
+    # a float without a dot is a number (YAML 1.2), as in a config file
+    assert parse_setting("a=1e-3") == (("a",), 0.001)
+    assert parse_setting("a=-2E4") == (("a",), -20000.0)
+    assert parse_setting("a=1e3x") == (("a",), "1e3x")
+
+
+def test_a_float_without_a_dot_is_a_number_in_a_file(tmp_path):
+    import yaml
+
+    cfg = load_config(_write(tmp_path, "name: 1e3x\ninner: {lr: 5e-2}\n"), Outer)
+    assert cfg.inner.lr == 0.05 and cfg.name == "1e3x"
+    # plain PyYAML reads it as a string: the loader's own rule, not the default
+    assert yaml.safe_load("lr: 5e-2") == {"lr": "5e-2"}
 
 
 @pytest.mark.parametrize(
