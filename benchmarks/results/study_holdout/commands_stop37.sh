@@ -36,3 +36,11 @@ python -m benchmarks.compare_runs --cases="$NEW" --a $(side out/holdout2 persona
     --b $(side out/holdout2 $REC) --label holdout-recommended-vs-dp-recipe --results $R
 python -m benchmarks.compare_runs --cases="$NEW" --a $(side out/holdout2 personalized) \
     --b $(side out/holdout2 personalized-ssl) --label holdout-ssl-vs-labeled-only --results $R
+
+# 3. FedAvg and FedProx for comparison (11 min for the two over three seeds, then
+#    the report of this run's regimes)
+mammofed-sim run $FLAGS --out out/holdout3 --reuse out/holdout2 --regime fedavg --regime fedprox --regime $REC
+for a in fedavg fedprox; do
+    python -m benchmarks.compare_runs --cases="$NEW" --a $(side out/holdout3 $a) \
+        --b $(side out/holdout $REC) --label holdout-recommended-vs-$a --results $R
+done
