@@ -24,10 +24,12 @@
 # Usage (repo root): OUT=dir T=seconds [W=workers] [MODE=...] bash benchmarks/gpu_study.sh
 #   T: seconds the study may run (default 330: with the set-up, the cut and
 #   a report of what finished (up to 180 s; three seeds' report took 131 s
-#   on the 2-core CPU) it stays inside one 10-minute call). Writes three files to
-#   OUT (the device returns at most eight): summary.txt (exit, timings, the
-#   CPM lines), report.md and results.tar (every seed's metrics.json, the
-#   report's JSON and PNGs, the run log). Overrides for other sizes and for
+#   on the 2-core CPU) it stays inside one 10-minute call). Writes to OUT
+#   (the device returns at most eight files): summary.txt (exit, timings, the
+#   CPM lines), report.md, results.tar (every seed's metrics.json, the
+#   report's JSON and PNGs, the run log) and detections-seed-<s>.tar.gz
+#   (every regime's detections.json of a seed, left out and named in
+#   summary.txt when over DET_LIMIT_MIB, default 15). Overrides for other sizes and for
 #   the CPU test: SCENARIO, FED, SEEDS (comma-separated), REGIMES
 #   (space-separated), PARALLEL (seeds at once), N_BOOT, EXTRA (more
 #   mammofed-sim run flags), PYTHON, WHEELS (empty: install none). Work folders go under WORK (default
@@ -111,5 +113,23 @@ files+=("$REPORT"/report.json "$REPORT"/*.png "$WORK"/report.log)
 # paths inside the archive relative to WORK (run/seed-0/base/metrics.json ...)
 tar -cf "$OUTD/results.tar" -C "$WORK" --ignore-failed-read "${files[@]#"$WORK"/}" \
     2>/dev/null || true
+# every regime's detections.json, one archive a seed: what a paired
+# comparison beyond the report's own pairs needs (benchmarks.compare_runs).
+# The device returns files of at most 16 MiB; a bigger archive is left out,
+# named in summary.txt (about 10 MB a seed expected for the study's women)
+LIMIT=$(( ${DET_LIMIT_MIB:-15} * 1024 * 1024 ))
+rm -f "$OUTD"/detections-seed-*.tar.gz
+for s in "${seeds[@]}"; do
+    name=detections-$(basename "$s").tar.gz
+    dets=("$s"/*/detections.json)
+    [ ${#dets[@]} -gt 0 ] || continue
+    tar -czf "$OUTD/$name" -C "$WORK" "${dets[@]#"$WORK"/}"
+    size=$(stat -c %s "$OUTD/$name")
+    if [ "$size" -gt "$LIMIT" ]; then
+        rm -f "$OUTD/$name"
+        echo "$name left out: $size bytes, over the $LIMIT a returned file may hold" \
+            >> "$OUTD/summary.txt"
+    fi
+done
 echo "seeds reported: ${#seeds[@]}" >> "$OUTD/summary.txt"
 ls "$OUTD"

@@ -64,13 +64,14 @@ def _left_running(tmp_path: Path) -> list[str]:
     return found
 
 
-def test_the_recommended_study_runs_and_brings_back_three_files(
+def test_the_recommended_study_runs_and_brings_back_its_files(
     tmp_path: Path,
 ) -> None:
     done = _run(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
+        "detections-seed-0.tar.gz",
         "report.md",
         "results.tar",
         "summary.txt",
@@ -85,11 +86,19 @@ def test_the_recommended_study_runs_and_brings_back_three_files(
         names = set(tar.getnames())
     assert f"run/seed-0/{RECOMMENDED}/metrics.json" in names
     assert "run/report/report.json" in names and "run.log" in names
+    # every regime's detections, for pairings the report does not make
+    with tarfile.open(out / "detections-seed-0.tar.gz") as tar:
+        dets = {n for n in tar.getnames() if n.endswith("detections.json")}
+    assert f"run/seed-0/{RECOMMENDED}/detections.json" in dets
+    assert "run/seed-0/base/detections.json" in dets
     # a second call on the same machine starts a new run (the data is reused)
-    again = _run(tmp_path, REGIMES="base local-only")
+    again = _run(tmp_path, REGIMES="base local-only", DET_LIMIT_MIB="0")
     assert again.returncode == 0, again.stdout[-3000:]
     report = (out / "report.md").read_text()
     assert RECOMMENDED not in report and " local-only |" in report
+    # an archive over the size a returned file may hold is left out, named
+    assert not (out / "detections-seed-0.tar.gz").exists()
+    assert "detections-seed-0.tar.gz left out" in (out / "summary.txt").read_text()
 
 
 def test_a_run_cut_before_anything_finished_says_so_and_leaves_nothing(
