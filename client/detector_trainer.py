@@ -347,6 +347,16 @@ def check_norm_reestimation(
         )
 
 
+def check_site_options(opts: DetectorOptions, personalization: Personalization) -> None:
+    """Every check a site makes of its options against its personalization.
+
+    :func:`check_private_training` and :func:`check_norm_reestimation`; the
+    site's trainer and ``mammofed-sim run`` (before any work) call this one.
+    """
+    check_private_training(opts, personalization)
+    check_norm_reestimation(opts, personalization)
+
+
 @dataclass(frozen=True)
 class LocalRun:
     """What one round of local training of the shared weights did.
@@ -512,8 +522,7 @@ class DetectorTrainer:
         if self.opts.threads > 0:
             torch.set_num_threads(self.opts.threads)
         self.personalization = fed_cfg.personalization
-        check_private_training(self.opts, self.personalization)
-        check_norm_reestimation(self.opts, self.personalization)
+        check_site_options(self.opts, self.personalization)
         seed_everything(fed_cfg.seed)
         self.model = build_detector(self.opts.model_config())
         #: composes the site's model and owns its personal files

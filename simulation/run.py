@@ -64,8 +64,7 @@ from torch import nn
 from client.detector_trainer import (
     DetectorOptions,
     DetectorTrainer,
-    check_norm_reestimation,
-    check_private_training,
+    check_site_options,
     detector_options,
 )
 from client.ingest import ingest_site
@@ -836,6 +835,11 @@ RUN_SETS: dict[str, str] = {
 }
 
 
+def _overlaps(key: str, owned: str) -> bool:
+    """Dotted ``key`` is ``owned``, a section holding it, or a key inside it."""
+    return key == owned or owned.startswith(f"{key}.") or key.startswith(f"{owned}.")
+
+
 def check_settings(settings: tuple[str, ...], regimes: tuple[str, ...]) -> None:
     """Refuse a ``--set`` the run or one of ``regimes`` would override.
 
@@ -849,22 +853,14 @@ def check_settings(settings: tuple[str, ...], regimes: tuple[str, ...]) -> None:
     source = "mammofed-sim run --set"
     for text in settings:
         key = ".".join(parse_setting(text, source)[0])
-
-        def clash(owned: str, key: str = key) -> bool:
-            return (
-                key == owned
-                or owned.startswith(f"{key}.")
-                or key.startswith(f"{owned}.")
-            )
-
         for owned, how in RUN_SETS.items():
-            if clash(owned):
+            if _overlaps(key, owned):
                 raise ConfigError(source, key, f"is set by the run itself ({how})")
         for regime in regimes:
             spec = R.REGIMES[regime]
             for name in (*spec.options, *spec.from_request):
                 owned = name if "." in name else f"trainer.options.{name}"
-                if clash(owned):
+                if _overlaps(key, owned):
                     raise ConfigError(
                         source,
                         key,
@@ -974,8 +970,7 @@ def resolve_request(
         cfg = regime_config(fed, regime, req, req.out, [])
         site_opts = detector_options(cfg, fed_source)
         try:
-            check_private_training(site_opts, cfg.personalization)
-            check_norm_reestimation(site_opts, cfg.personalization)
+            check_site_options(site_opts, cfg.personalization)
         except ConfigError as exc:
             raise ConfigError(
                 fed_source, exc.key, f"{exc.detail} (regime {regime})"
