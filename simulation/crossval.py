@@ -80,14 +80,13 @@ from common.detector.froc import (
     paired_cpm_difference,
     plot_froc,
 )
-from common.detector.recipe import Pooled
 from common.detector.rescore import RESCORER_FILE, RescoredDetector, fit_rescorer
 from common.errors import MammofedError
 from common.fileio import json_safe
 from common.imaging.data import SiteDataset
 from common.keys import CLASSES
 from common.progress import Eta
-from simulation.train import TrainConfig, few_label_subset, train_model
+from simulation.train import TrainConfig, few_label_subset, train_model, training_data
 
 log = logging.getLogger(__name__)
 
@@ -288,13 +287,9 @@ def run_crossval(
         try:
             seed_everything(cfg.seed)
             # lesions to paste come from this fold's training women only
-            source = Pooled([sites[name].subset(tr) for name, tr in train_idx.items()])
-            transform = cfg.train_transform(source)
-            train_views = [
-                sites[name].subset(tr, transform) for name, tr in train_idx.items()
-            ]
+            data = training_data(cfg, sites, train_idx, device)
             val_views = {name: sites[name].subset(val) for name, val in val_idx.items()}
-            n_train = sum(len(v) for v in train_views)
+            n_train = len(data.source)
             n_val = sum(len(v) for v in val_views.values())
             log.info(
                 "fold %d/%d: train %d images (%d patients), validate %d images "
@@ -302,11 +297,13 @@ def run_crossval(
                 f + 1, k, n_train, len(train_patients), n_val, len(val_patients),
             )  # fmt: skip
             progress = _epoch_logger(f, k, cfg.epochs, fdir / EPOCH_LOG, eta)
-            model = train_model(cfg, train_views, fdir, device, eval_fn=progress)
+            model = train_model(
+                cfg, data.views, fdir, device, eval_fn=progress, miner=data.miner
+            )
             scorer, detector_only = model, []
             if cfg.rescore.enabled:
                 rescorer = fit_rescorer(
-                    model, source, cfg.rescore, cfg.model.working_spacing_mm,
+                    model, data.source, cfg.rescore, cfg.model.working_spacing_mm,
                     device, path=fdir / RESCORER_FILE, amp=cfg.amp,
                     batch_size=cfg.batch_size,
                 )  # fmt: skip

@@ -44,6 +44,7 @@ from common.detector.engine import (
     resolve_device,
     seed_everything,
 )
+from common.detector.hardneg import HardNegativeMiner, HardNegatives
 from common.detector.model import ModelConfig, build_detector
 from common.detector.recipe import AugmentConfig, Pooled, Recipe
 from common.detector.rescore import (
@@ -155,16 +156,19 @@ class TrainConfig:
             augment=self.augment,
         )
 
-    def train_transform(self, source: Dataset[Any] | None = None) -> Compose:
+    def train_transform(
+        self, source: Dataset[Any] | None = None, hard: HardNegatives | None = None
+    ) -> Compose:
         """The recipe's augmentation, from a ``seed``-ed generator without workers.
 
         With workers, the global RNG (seeded per worker by the DataLoader)
         drives it: a shared generator would repeat one stream in every worker.
-        ``source``: the untransformed training images (lesion copy-paste).
+        ``source``: the untransformed training images (lesion copy-paste);
+        ``hard``: where the patch crop finds mined false positives.
         """
         seeded = self.num_workers == 0
         gen = torch.Generator().manual_seed(self.seed) if seeded else None
-        return self.recipe().transform(gen, source)
+        return self.recipe().transform(gen, source, hard)
 
     def sites(self) -> dict[str, SiteDataset]:
         """Every cache by folder name, split by ``test_fraction``/``split_seed``."""
@@ -216,6 +220,48 @@ def few_label_subset(
     return [i for i in indices if site.records[i].patient_id in chosen]
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """What one central training run reads (:func:`training_data`).
+
+    ``source``: the untransformed training images (lesions to paste, hard
+    negatives and the re-scorer's candidates come from them); ``views``: the
+    same images under the recipe's augmentation, one view a cache; ``miner``:
+    the hard-negative miner (``None`` unless ``augment.hard_negative_p > 0``).
+    """
+
+    source: Pooled
+    views: list[SiteView]
+    miner: HardNegativeMiner | None
+
+
+def training_data(
+    cfg: TrainConfig,
+    sites: dict[str, SiteDataset],
+    train_idx: dict[str, list[int]],
+    device: torch.device,
+) -> TrainingData:
+    """The images ``train_idx`` of ``sites`` as ``cfg``'s recipe trains on them."""
+    source = Pooled([sites[n].subset(i) for n, i in train_idx.items()])
+    aug = cfg.augment
+    store = HardNegatives() if aug.hard_negative_p > 0 else None
+    transform = cfg.train_transform(source, store)
+    views = [sites[n].subset(i, transform) for n, i in train_idx.items()]
+    miner = None
+    if store is not None:
+        miner = HardNegativeMiner(
+            source,
+            store,
+            every=aug.hard_negative_every,
+            per_image=aug.hard_negative_per_image,
+            device=device,
+            amp=cfg.amp,
+            batch_size=cfg.batch_size,
+            epochs=cfg.epochs,
+        )
+    return TrainingData(source, views, miner)
+
+
 def train_model(
     cfg: TrainConfig,
     train_views: Sequence[Dataset[Any]],
@@ -223,6 +269,7 @@ def train_model(
     device: torch.device,
     *,
     eval_fn: EpochHook | None = None,
+    miner: HardNegativeMiner | None = None,
 ) -> torch.nn.Module:
     """Train a fresh detector on the pooled ``train_views`` with ``cfg``'s recipe.
 
@@ -231,7 +278,8 @@ def train_model(
     :func:`common.detector.engine.fit` (``out_dir/last.pt`` and ``epochs.jsonl``;
     resumes from a compatible ``last.pt``). The model is built from the global
     torch RNG, so call :func:`common.detector.engine.seed_everything` first for
-    a reproducible run. ``eval_fn`` is called after each epoch (see ``fit``).
+    a reproducible run. ``eval_fn`` is called after each epoch (see ``fit``),
+    then ``miner`` (hard negatives for the patch crop; :func:`training_data`).
     The detector starts from ``cfg.init_checkpoint`` when set.
 
     Returns the final model (the EMA module when ``cfg.ema_decay`` is set).
@@ -268,6 +316,7 @@ def train_model(
         ema=ema,
         scheduler=recipe.scheduler(opt, cfg.epochs * steps_per_epoch),
         eval_fn=eval_fn,
+        mine_fn=miner,
     )
     return ema.module if ema is not None else model
 
@@ -291,11 +340,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.labeled_patients is not None:
             idx = few_label_subset(s, idx, cfg.labeled_patients, cfg.split_seed)
         train_idx[name] = idx
-    source = Pooled([sites[n].subset(i) for n, i in train_idx.items()])
-    transform = cfg.train_transform(source)
-    train_views: list[SiteView] = []
-    for name, s in sites.items():
-        train_views.append(v := s.subset(train_idx[name], transform))
+    data = training_data(cfg, sites, train_idx, device)
+    for name, v in zip(train_idx, data.views, strict=True):
         log.info(
             "site %s: %d labeled training images (%d with lesions), %d test images",
             name, len(v), sum(lesion_flags(v)), len(test_views[name]),
@@ -313,10 +359,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     final_model = train_model(
         cfg,
-        train_views,
+        data.views,
         out,
         device,
         eval_fn=eval_fn if cfg.eval_every > 0 else None,
+        miner=data.miner,
     )
     save_checkpoint(
         out / FINAL_CHECKPOINT,
@@ -331,7 +378,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     scorer = final_model
     if cfg.rescore.enabled:
         rescorer = fit_rescorer(
-            final_model, source, cfg.rescore, cfg.model.working_spacing_mm, device,
+            final_model, data.source, cfg.rescore, cfg.model.working_spacing_mm, device,
             path=out / RESCORER_FILE, amp=cfg.amp,
         )  # fmt: skip
         scorer = RescoredDetector(final_model, rescorer)

@@ -299,6 +299,7 @@ def fit(
     scheduler: Any | None = None,
     extra_loss_fn: ExtraLossFn | None = None,
     eval_fn: EpochHook | None = None,
+    mine_fn: EpochHook | None = None,
     resume: bool = True,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -309,6 +310,9 @@ def fit(
     existing ``last.pt`` whose config matches ``cfg``, training continues after
     the recorded epoch. ``eval_fn(model_or_ema_module, epoch)`` (optional;
     ``epoch`` counts from 0 across resumes) adds metrics to the epoch record.
+    ``mine_fn`` (same signature; a :class:`common.detector.hardneg.HardNegativeMiner`)
+    runs after ``eval_fn``, its non-empty record kept as ``mining``; a resumed
+    run also calls it once before its first epoch, with the last epoch done.
     Returns the epoch records of this call.
     """
     out = Path(out_dir)
@@ -329,6 +333,8 @@ def fit(
             scheduler.load_state_dict(ck.extra["scheduler"])
         start = ck.epoch + 1
         log.info("resuming from %s after epoch %d", ckpt_path, ck.epoch)
+        if mine_fn is not None and start < epochs:
+            mine_fn(ema.module if ema is not None else model, ck.epoch)
     records: list[dict[str, Any]] = []
     for epoch in range(start, epochs):
         stats = train_one_epoch(
@@ -346,9 +352,11 @@ def fit(
         )
         rec: dict[str, Any] = {"epoch": epoch, **asdict(stats)}
         rec["lr"] = float(optimizer.param_groups[0]["lr"])
+        target = ema.module if ema is not None else model
         if eval_fn is not None:
-            target = ema.module if ema is not None else model
             rec["eval"] = eval_fn(target, epoch)
+        if mine_fn is not None and (mined := mine_fn(target, epoch)):
+            rec["mining"] = mined
         extra: dict[str, Any] = (
             {"scheduler": scheduler.state_dict()} if scheduler is not None else {}
         )

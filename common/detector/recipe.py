@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,9 @@ from common.detector.transforms import (
 )
 from common.imaging.data import collate
 from common.progress import Eta
+
+if TYPE_CHECKING:  # hardneg imports the engine, which imports this module
+    from common.detector.hardneg import HardNegatives
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,11 @@ class AugmentConfig:
     DP-SGD allows; on by itself under ``trainer.options.dp``).
     ``min_box_mm``: training boxes narrower than this are widened to it
     (:class:`common.detector.transforms.GrowSmallBoxes`; 0: off).
+    ``hard_negative_p``: share of the non-lesion patches centred on one of the
+    image's false positives, mined every ``hard_negative_every`` epochs (at
+    most ``hard_negative_per_image`` an image; :mod:`common.detector.hardneg`;
+    0: off; needs ``patch``). Central training only (``mammofed-sim train``,
+    ``crossval``): the federated sites train on whole images.
     """
 
     vflip: bool = True
@@ -89,6 +97,9 @@ class AugmentConfig:
     patch: int = field(default=0, metadata=bounded(0, 100_000))
     patch_lesion_p: float = field(default=0.5, metadata=bounded(0.0, 1.0))
     min_box_mm: float = field(default=0.0, metadata=bounded(0.0, 1000.0))
+    hard_negative_p: float = field(default=0.0, metadata=bounded(0.0, 1.0))
+    hard_negative_every: int = field(default=10, metadata=bounded(1, 100_000))
+    hard_negative_per_image: int = field(default=4, metadata=bounded(1, 1000))
 
     def __post_init__(self) -> None:
         if self.scale_min > self.scale_max:
@@ -99,6 +110,12 @@ class AugmentConfig:
         if 0 < self.patch < 32:
             raise ValueError(
                 f"augment.patch: 0 or at least 32 pixels, got {self.patch}"
+            )
+        if self.hard_negative_p > 0 and self.patch == 0:
+            raise ValueError(
+                f"augment.hard_negative_p ({self.hard_negative_p}) needs "
+                "augment.patch > 0: hard negatives are patches centred on the "
+                "model's false positives, and a whole image holds every negative"
             )
 
 
@@ -134,10 +151,13 @@ class Recipe:
     augment: AugmentConfig = SITE_AUGMENT
 
     def transform(
-        self, generator: torch.Generator | None, source: Dataset[Any] | None = None
+        self,
+        generator: torch.Generator | None,
+        source: Dataset[Any] | None = None,
+        hard: HardNegatives | None = None,
     ) -> Compose:
         """The training augmentation (see :func:`train_transform`)."""
-        return train_transform(self.augment, generator, source)
+        return train_transform(self.augment, generator, source, hard)
 
     def loader(
         self, dataset: Dataset[Any], num_samples: int, seed: int, num_workers: int = 0
@@ -197,12 +217,15 @@ def train_transform(
     aug: AugmentConfig,
     generator: torch.Generator | None,
     source: Dataset[Any] | None = None,
+    hard: HardNegatives | None = None,
 ) -> Compose:
     """Box-aware training transform of ``aug`` (paste, patch, flip, resize, jitter).
 
     Randomness from ``generator`` (reproducible), else torch's global RNG.
     ``source``: the untransformed training images, where ``aug.paste`` cuts
-    its lesions (without it, no pasting).
+    its lesions (without it, no pasting). ``hard``: the store a
+    :class:`common.detector.hardneg.HardNegativeMiner` fills, where the patch
+    crop finds the images' false positives (``aug.hard_negative_p``).
     """
     parts: list[Any] = []
     if aug.paste and source is not None:
@@ -218,7 +241,15 @@ def train_transform(
     if aug.patch > 0:
         # after the paste (so a pasted lesion can be the patch's lesion) and
         # before the resize (the patch is `patch` pixels at the working spacing)
-        parts.append(PatchCrop(aug.patch, aug.patch_lesion_p, generator=generator))
+        parts.append(
+            PatchCrop(
+                aug.patch,
+                aug.patch_lesion_p,
+                generator=generator,
+                hard=hard,
+                hard_p=aug.hard_negative_p,
+            )
+        )
     if aug.vflip:
         parts.append(VerticalFlip(0.5, generator))
     if aug.scale:

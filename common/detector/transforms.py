@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # hardneg imports the engine, which imports the recipe and us
+    from common.detector.hardneg import HardNegatives
 
 Target = dict[str, Any]
 BOX_KEYS: tuple[str, ...] = ("boxes", "ignore")
@@ -406,8 +409,12 @@ class PatchCrop:
     With probability ``lesion_p`` (and when the target has boxes) the patch
     contains a lesion drawn at random, placed anywhere inside it; otherwise
     the patch is drawn uniformly among positions whose centre pixel lies in
-    the breast (above ``breast_level``; any position when none does). Images
-    no larger than ``size`` pass through. A box keeps its visible part when
+    the breast (above ``breast_level``; any position when none does). With a
+    ``hard`` store (:class:`common.detector.hardneg.HardNegatives`), a
+    non-lesion patch is instead centred on one of the image's mined false
+    positives with probability ``hard_p`` (when it has any; shifted by up to
+    a quarter of the patch, so the negative is not always at the centre).
+    Images no larger than ``size`` pass through. A box keeps its visible part when
     at least ``min_visible`` of its area is inside the patch; otherwise it is
     dropped. The detector is fully convolutional, so it is trained on patches
     and run on the whole image.
@@ -422,15 +429,35 @@ class PatchCrop:
         breast_level: float = 0.05,
         tries: int = 20,
         generator: torch.Generator | None = None,
+        hard: HardNegatives | None = None,
+        hard_p: float = 0.0,
     ) -> None:
         if size < 32:
             raise ValueError(f"patch size must be >= 32 pixels, got {size}")
         if not 0.0 <= lesion_p <= 1.0:
             raise ValueError(f"patch lesion_p must be in [0, 1], got {lesion_p}")
+        if not 0.0 <= hard_p <= 1.0:
+            raise ValueError(f"patch hard_p must be in [0, 1], got {hard_p}")
         if tries < 1:
             raise ValueError(f"patch tries must be >= 1, got {tries}")
         self.size, self.lesion_p, self.min_visible = size, lesion_p, min_visible
         self.breast_level, self.tries, self.gen = breast_level, tries, generator
+        self.hard, self.hard_p = hard, hard_p
+
+    def _hard_origin(self, target: Target, h: int, w: int) -> tuple[int, int] | None:
+        """An origin centred near a mined false positive, or ``None``."""
+        if self.hard is None or self.hard_p <= 0:
+            return None
+        centres = self.hard.get(target.get("key"))
+        if centres is None or not len(centres) or _rand(self.gen) >= self.hard_p:
+            return None
+        sh, sw = min(self.size, h), min(self.size, w)
+        cx, cy = centres[int(torch.randint(len(centres), (), generator=self.gen))]
+        jx = int(torch.randint(-(sw // 4), sw // 4 + 1, (), generator=self.gen))
+        jy = int(torch.randint(-(sh // 4), sh // 4 + 1, (), generator=self.gen))
+        ox = min(max(int(round(float(cx))) - sw // 2 + jx, 0), w - sw)
+        oy = min(max(int(round(float(cy))) - sh // 2 + jy, 0), h - sh)
+        return ox, oy
 
     def _origin(self, image: torch.Tensor, target: Target) -> tuple[int, int]:
         h, w = image.shape[-2:]
@@ -456,6 +483,9 @@ class PatchCrop:
                 torch.randint(max(1, hi_y - lo_y + 1), (), generator=self.gen)
             )
             return min(ox, w - sw), min(oy, h - sh)
+        hard = self._hard_origin(target, h, w)
+        if hard is not None:
+            return hard
         for _ in range(self.tries):
             ox = int(torch.randint(w - sw + 1, (), generator=self.gen))
             oy = int(torch.randint(h - sh + 1, (), generator=self.gen))
