@@ -132,12 +132,17 @@ def check_privacy_floor(
     run's ``trainer.options`` are chosen by whoever launches it. With
     ``floor.max_epsilon`` the run must train with patient-level DP-SGD
     (``dp: true``, the detector trainer) at a target ``dp_epsilon`` of at most
-    that. Checked before the trainer is built, so nothing of the site is read.
+    that, and may not send what the guarantee does not cover: un-noised
+    training statistics (``dp_share_train_stats``) or evaluation metrics of
+    women it trains on (``eval_view`` other than ``test``; only held-out test
+    women's metrics are exempt from DP, docs/privacy.md). Checked before the
+    trainer is built, so nothing of the site is read.
 
     Raises:
-        PrivacyError: the run trains without DP-SGD or asks a larger epsilon
-            (the site answers error ``SITE_PRIVACY``; names the run's setting and
-            the site's floor, file and key).
+        PrivacyError: the run trains without DP-SGD, asks a larger epsilon or
+            sends figures outside the guarantee (the site answers error
+            ``SITE_PRIVACY``; names the run's setting and the site's floor,
+            file and key).
     """
     if floor is None or floor.max_epsilon is None:
         return
@@ -145,6 +150,22 @@ def check_privacy_floor(
 
     limit = f"{source}: privacy.max_epsilon = {floor.max_epsilon:g}"
     eps = run_dp_epsilon(fed_cfg)
+    if eps is not None:
+        from client.detector_trainer import detector_options
+
+        opts = detector_options(fed_cfg, "run config")
+        if opts.dp_share_train_stats:
+            raise PrivacyError(
+                "the run asks trainer.options.dp_share_train_stats = true (training "
+                "loss and skipped steps sent without noise) under this site's "
+                f"floor ({limit})"
+            )
+        if opts.eval_view != "test":
+            raise PrivacyError(
+                f"the run asks trainer.options.eval_view = {opts.eval_view!r}: "
+                "evaluation metrics of women the site trains on are outside the DP "
+                f"guarantee; under this site's floor ({limit}) only 'test' is allowed"
+            )
     if eps is None:
         raise PrivacyError(
             f"the run trains without DP-SGD (trainer {fed_cfg.trainer.name!r}, "

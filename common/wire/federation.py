@@ -637,7 +637,11 @@ def array_fault(
 ) -> tuple[Literal["shape", "dtype", "finite"], str] | None:
     """The one rule for an array that crosses the wire (a model's or a site's).
 
-    ``value`` must have ``shape``, one of ``dtypes``, and only finite values.
+    ``value`` must have ``shape``, one of ``dtypes``, and only finite values;
+    a normalization layer's running variance (a name ending ``running_var``)
+    none below 0, which no training makes and which turns the layer's output
+    into NaN at every site once averaged in (0, a channel that never varied,
+    is harmless: the layer adds its epsilon).
     Returns ``None``, or the first fault as ``(kind, why)``: ``kind`` is
     ``"shape"``, ``"dtype"`` or ``"finite"`` and ``why`` names the array and
     its value (``"array 'w' has dtype float16, expected float32"``); each
@@ -652,4 +656,8 @@ def array_fault(
         return "dtype", f"array {name!r} has dtype {value.dtype}, expected {want}"
     if not np.issubdtype(value.dtype, np.number) or not np.all(np.isfinite(value)):
         return "finite", f"array {name!r} has NaN or Inf values"
+    if name.endswith("running_var") and value.size and float(np.min(value)) < 0:
+        return "finite", (
+            f"array {name!r} holds a negative variance ({float(np.min(value)):.3g})"
+        )
     return None

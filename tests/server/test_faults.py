@@ -451,6 +451,11 @@ def test_a_site_refuses_a_run_below_its_own_privacy_floor(
         ({"dp": True, "dp_epsilon": 16.0}, "dp_epsilon = 16, above"),
         ({"dp": True}, None),  # the default target, 8
         ({"dp": True, "dp_epsilon": 2.0}, None),
+        # what the guarantee does not cover may not be sent under a floor
+        ({"dp": True, "dp_share_train_stats": True}, "dp_share_train_stats = true"),
+        ({"dp": True, "eval_view": "labeled"}, "eval_view = 'labeled'"),
+        ({"dp": True, "eval_view": "all"}, "eval_view = 'all'"),
+        ({"dp": True, "eval_view": "test"}, None),
     ],
 )
 def test_the_privacy_floor_reads_the_runs_dp_settings(

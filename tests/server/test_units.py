@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SType
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.state import SiteState
@@ -159,6 +161,79 @@ def test_an_array_in_another_float_type_is_refused(dtype: type) -> None:
     assert [m.metadata.src_node_id for m in out.valid] == [1]
     (rej,) = out.rejected
     assert rej.check == "shape" and "float32" in rej.reason
+
+
+def _npy(value: np.ndarray, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, value, **kw)
+    return buf.getvalue()
+
+
+def _zipped() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, b=np.zeros(2, np.float32))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("array", "why"),
+    [
+        (Array(dtype="float32", shape=(2,), stype="torch.Tensor",
+               data=np.zeros(2, np.float32).tobytes()), "serialized as 'torch.Tensor'"),
+        (Array(dtype="float32", shape=(2,), stype=SType.NUMPY, data=b"\x00" * 8),
+         "not a numpy array"),
+        (Array(dtype="float32", shape=(2,), stype=SType.NUMPY,
+               data=_npy(np.array([1, 2], dtype=object), allow_pickle=True)),
+         "not a numpy array"),
+        (Array(dtype="x" * 500, shape=(2,), stype=SType.NUMPY, data=b""),
+         "unknown dtype '" + "x" * 40 + "'"),
+        (Array(dtype="float32", shape=(2,), stype=SType.NUMPY, data=_zipped()),
+         "hold NpzFile"),
+    ],
+)  # fmt: skip
+def test_a_malformed_array_drops_that_reply_and_the_run_goes_on(
+    array: Array, why: str
+) -> None:
+    """Bytes that are no numpy array, a pickle, an unknown dtype: one reply dropped."""
+    bad = _ok(6)
+    bad.content[ARRAYS_KEY]["b"] = array
+    out = _screen(bad, _ok(1))
+    assert [m.metadata.src_node_id for m in out.valid] == [1]
+    (rej,) = out.rejected
+    assert rej.node_id == 6 and rej.check == "shape" and why in rej.reason
+    assert len(rej.reason) < 200  # the sender's text is cut short
+
+
+def test_a_reply_no_check_foresaw_is_dropped_by_type_alone(monkeypatch) -> None:
+    import server.validation as validation
+
+    def boom(msg: Message, *a: object) -> None:
+        if msg.metadata.src_node_id == 6:
+            raise RuntimeError("secret text from the sender's bytes")
+        return {NUM_EXAMPLES: 10}
+
+    monkeypatch.setattr(validation, "check_train_content", boom)
+    out = _screen(_ok(6), _ok(1))
+    assert [m.metadata.src_node_id for m in out.valid] == [1]
+    (rej,) = out.rejected
+    assert rej.check == "malformed" and "secret" not in rej.reason
+    assert "RuntimeError" in rej.reason
+
+
+def test_a_negative_running_variance_is_refused() -> None:
+    """It would turn the averaged norm layer's output into NaN at every site."""
+    glob = {"bn.running_var": np.ones(4, np.float32)}
+    honest = _reply(1, {"bn.running_var": np.full(4, 1.1, np.float32)},
+                    {NUM_EXAMPLES: 10})  # fmt: skip
+    lying = _reply(2, {"bn.running_var": np.array([1, 1, -0.2, 1], np.float32)},
+                   {NUM_EXAMPLES: 10})  # fmt: skip
+    zero = _reply(
+        3, {"bn.running_var": np.array([1, 0, 1, 1], np.float32)}, {NUM_EXAMPLES: 10}
+    )  # a channel that never varied: harmless
+    out = screen_replies([honest, lying, zero], ValidationConfig(), glob, "train")
+    assert [m.metadata.src_node_id for m in out.valid] == [1, 3]
+    (rej,) = out.rejected
+    assert rej.check == "finite" and "negative variance" in rej.reason
 
 
 def test_an_evaluate_reply_with_arrays_is_refused() -> None:
