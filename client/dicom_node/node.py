@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -55,8 +54,8 @@ from common import __version__
 from common.config.dicom_node import DicomNodeConfig
 from common.config.site import SiteConfig
 from common.errors import ConfigError, MammofedError, shown
-from common.fileio import atomic_write_text
-from common.imaging.dicom import dcmread_bounded, header_text
+from common.fileio import atomic_write, atomic_write_text
+from common.imaging.dicom import DEFER_SIZE, dcmread_bounded, header_text
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +367,6 @@ class DicomNode:
         study = header_text(ds, "StudyInstanceUID")
         folder = self.incoming / study
         path = folder / f"{sop_uid}.dcm"
-        tmp = folder / f".{sop_uid}.{threading.get_ident()}.tmp"
         try:
             free_mb = shutil.disk_usage(self.incoming).free / 2**20
             if free_mb < self.cfg.min_free_mb:
@@ -380,16 +378,24 @@ class DicomNode:
                     self.cfg.min_free_mb, STATUS_OUT_OF_RESOURCES,
                 )  # fmt: skip
                 return STATUS_OUT_OF_RESOURCES
-            folder.mkdir(parents=True, exist_ok=True)
-            ds.save_as(tmp, enforce_file_format=True)
-            os.replace(tmp, path)
+            # through a hidden temporary file, removed if the write fails, and
+            # flushed to disk before the sender is told it is stored
+            atomic_write(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             log.error(
                 "could not store SOP Instance %s from %s in %s: %s (status 0x%04X)",
                 sop_uid, who, path, exc, STATUS_OUT_OF_RESOURCES,
             )  # fmt: skip
             return STATUS_OUT_OF_RESOURCES
+        except Exception as exc:  # noqa: BLE001 - a data set pydicom cannot write
+            # e.g. a compressed transfer syntax over native pixel data, or file
+            # meta elements inside the data set: the sender's fault
+            log.warning(
+                "refused SOP Instance %s (study %s) from %s: it cannot be written "
+                "as a DICOM file: %s (status 0x%04X)",
+                sop_uid, study, who, _why(exc), STATUS_CANNOT_UNDERSTAND,
+            )  # fmt: skip
+            return STATUS_CANNOT_UNDERSTAND
         self.tracker.image_received(study, id(assoc))
         log.info("stored %s (study %s) from %s", path.name, study, who)
         return STATUS_SUCCESS
@@ -447,7 +453,11 @@ class DicomNode:
             )  # fmt: skip
             _write_scored(folder, record)
             return None
-        sources = [dcmread_bounded(s.path, stop_before_pixels=True) for s in res.scored]
+        # headers only, large values left in the file (the SR copies small ones)
+        sources = [
+            dcmread_bounded(s.path, stop_before_pixels=True, defer_size=DEFER_SIZE)
+            for s in res.scored
+        ]
         sr = build_cad_sr(
             sources,
             [s.detections for s in res.scored],

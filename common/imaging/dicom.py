@@ -90,6 +90,9 @@ LATERALITY_UNKNOWN = "unknown"
 #: Values larger than this are read from the file only when used (PixelData):
 #: the header checks run before any pixel byte is read.
 DEFER_SIZE = "64 KB"
+
+#: An element length of 0xFFFFFFFF: encapsulated (compressed) pixel data.
+UNDEFINED_LENGTH = 0xFFFFFFFF
 #: The only photometric interpretations read (greyscale).
 GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 #: A deflated data set (Deflated Explicit VR Little Endian) may inflate to at
@@ -573,7 +576,12 @@ def check_pixel_budget(
     bytes = ``samples`` x ceil(BitsAllocated / 8), from the header alone (no
     pixel byte is read or decoded). Refused when ``samples > max_pixels`` or
     the bytes exceed ``2 * max_pixels`` (16 bits a sample). ``None`` disables
-    the check.
+    the check. Native (not encapsulated) pixel data is also refused when the
+    element holds more bytes than that header makes (plus one byte of
+    padding): the header's word is what the budget checks, and pydicom would
+    read every byte the element holds (a 256 x 256 header over 300 MiB is
+    read as thousands of frames), a deferred element's length tells it
+    without reading.
 
     Raises:
         RefusedImage: over budget, naming the fields and their values.
@@ -596,6 +604,32 @@ def check_pixel_budget(
             f"(max_pixels={max_pixels}: at most {max_pixels} samples and "
             f"{2 * max_pixels} bytes)",
         )
+    held = _pixel_data_length(ds)
+    made = math.ceil(samples / 8) if bits == 1 else nbytes
+    if held is not None and held > made + 1:
+        raise RefusedImage(
+            str(path),
+            f"PixelData holds {held} bytes, more than the {made} bytes of the "
+            f"header's Rows x Columns x NumberOfFrames x SamplesPerPixel = "
+            f"{rows} x {cols} x {frames} x {spp} at BitsAllocated={bits}",
+        )
+
+
+def _pixel_data_length(ds: Dataset) -> int | None:
+    """Bytes the native PixelData element holds; ``None``: encapsulated or absent.
+
+    Read from the element's length (a deferred or raw element is not read).
+    """
+    if "PixelData" not in ds:
+        return None
+    item = ds.get_item("PixelData", keep_deferred=True)  # not read from the file
+    length = getattr(item, "length", None)  # a raw (or deferred) element
+    if length is None:
+        value = getattr(item, "value", None)
+        length = len(value) if isinstance(value, bytes | bytearray) else None
+    if length is None or length == UNDEFINED_LENGTH:
+        return None
+    return int(length)
 
 
 def check_greyscale(ds: Dataset, path: str | Path) -> None:

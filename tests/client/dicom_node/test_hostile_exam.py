@@ -51,3 +51,45 @@ def test_exam_with_a_broken_image_gets_an_sr_for_the_others(
     [(name, why)] = record["refused"].items()
     assert name == f"{headers[3].SOPInstanceUID}.dcm"
     assert ("LUTDescriptor" if kind.startswith("modality-lut") else "Rows=") in why
+
+
+def test_the_sr_reads_only_small_header_values_of_the_exam(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    kit: SimpleNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A large private value before the pixels stays in the file.
+
+    Every scored image's header is held at once while the SR is built, and
+    the number of images of a study is the senders'; large values are left
+    unread (deferred), as the scorer leaves them.
+    """
+    import client.dicom_node.node as node_module
+
+    cfg_path = kit.site_yaml(
+        tmp_path, kit.free_port(), kit.free_port(), tiny_checkpoint
+    )
+    files = kit.write_exam(tmp_path / "exam")
+    tag = 0x00091010
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.add_new(0x00090010, "LO", "ACME")
+        ds.add_new(tag, "OB", b"\0" * 2**20)  # 1 MiB before the pixels
+        ds.save_as(f, enforce_file_format=True)
+    node = DicomNode(load_site_config(cfg_path), source=str(cfg_path), device="cpu")
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    folder = node.incoming / study
+    folder.mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    seen: list[object] = []
+    real = node_module.build_cad_sr
+
+    def spy(sources, *args, **kwargs):  # noqa: ANN001, ANN202
+        seen.extend(s.get_item(tag, keep_deferred=True).value for s in sources)
+        return real(sources, *args, **kwargs)
+
+    monkeypatch.setattr(node_module, "build_cad_sr", spy)
+    assert node.process_study(study) is not None
+    assert seen and all(v is None for v in seen)  # deferred: not read

@@ -18,7 +18,7 @@ import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from client.dicom_node import DicomNode
 from client.dicom_node.checks import (
@@ -231,3 +231,33 @@ def test_an_instance_over_max_instance_mb_aborts_the_association(
         assert _stored(node) == []
         assert send(mg) == (False, STATUS_SUCCESS)  # a normal image still passes
         assert [p.name for p in _stored(node)] == [f"{mg.SOPInstanceUID}.dcm"]
+
+
+@pytest.mark.parametrize(
+    "fault", ["jpeg-syntax-native-pixels", "file-meta-in-data-set"]
+)
+def test_an_instance_pydicom_cannot_write_is_refused_and_leaves_no_file(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    kit: SimpleNamespace,
+    mg: Dataset,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+) -> None:
+    """A write that fails part-way must not leave its hidden temporary file.
+
+    Hidden files are never cleaned up, so a sender varying the SOP Instance
+    UID could otherwise fill the disk until the node refuses every image.
+    """
+    node = _node(tmp_path, tiny_checkpoint, kit)
+    node.incoming.mkdir(parents=True)
+    event = _event(mg, mg.SOPClassUID)
+    if fault == "jpeg-syntax-native-pixels":  # the header is written first
+        event.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    else:
+        mg.add_new(0x00020016, "AE", "INSIDE")
+    with caplog.at_level(logging.INFO, logger="client.dicom_node"):
+        assert node._on_store(event) == STATUS_CANNOT_UNDERSTAND
+    assert _stored(node) == []  # hidden temporary files included
+    [line] = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert "cannot be written as a DICOM file" in line and mg.SOPInstanceUID in line

@@ -105,6 +105,37 @@ def test_budget_is_configurable_and_counts_bytes(write_mammo) -> None:
     dicom.check_pixel_budget(ds, path, None)
 
 
+def test_native_pixel_data_longer_than_its_header_is_refused_unread(
+    write_mammo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small header over megabytes of pixel data: the budget trusts the header.
+
+    pydicom would read every byte the element holds (and take the excess as
+    frames), so the element's length is checked against the header, from the
+    deferred element, before anything is read.
+    """
+    path, _ = write_mammo()
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData + b"\0" * (4 * 2**20)
+    ds.save_as(path, enforce_file_format=True)
+    deferred: list[str] = []
+    real = pydicom.filereader.read_deferred_data_element
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        deferred.append(str(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom.filereader, "read_deferred_data_element", spy)
+    with pytest.raises(RefusedImage) as exc:
+        read_dicom(path, working_spacing_mm=WORKING)
+    assert exc.value.reason.startswith(
+        f"PixelData holds {128 * 96 * 2 + 4 * 2**20} bytes, more than the "
+        f"{128 * 96 * 2} bytes of the header's Rows x Columns"
+    )
+    assert deferred == []  # refused from the element's length alone
+    dicom.check_pixel_budget(ds, path, None)  # None still disables every check
+
+
 @pytest.mark.parametrize(
     ("field", "value", "needle"),
     [
