@@ -69,15 +69,19 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydicom import config
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import validate_value
 
 from common import __version__
 from common.fileio import atomic_write
@@ -207,6 +211,52 @@ _COPIED_ATTRIBUTES = (
     "ReferringPhysicianName",
     "StudyID",
 )
+
+
+#: A DICOM date (DA) and time (TM) as a content item may hold them.
+_DATE_RE = re.compile(r"\d{8}")
+_TIME_RE = re.compile(r"([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?")
+
+
+def _first_text(source: Dataset, keyword: str) -> str:
+    """The first value of ``keyword`` as stripped text; ``""`` when absent."""
+    value = source.get(keyword)
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0] if len(value) else None
+    return "" if value is None else str(value).strip()
+
+
+def _short(value: object, limit: int = 40) -> str:
+    """``repr`` of a header value, cut to ``limit`` characters (for a log line)."""
+    return repr(str(value)[:limit])
+
+
+def _copied(source: Dataset, keyword: str) -> Any:
+    """``source``'s value of ``keyword`` if valid for its VR, else empty.
+
+    These attributes are type 2 in the SR: an invalid one (a 40-character
+    Study ID, a date with dashes, several values where one is allowed) is
+    written empty, with a warning naming it, so that a strict archive does
+    not reject the whole SR for it.
+    """
+    if keyword not in source:
+        return ""
+    elem = source.data_element(keyword)
+    value = elem.value if elem is not None else None
+    if value is None or value == "":
+        return ""
+    try:
+        if elem is None or elem.VM > 1:
+            raise ValueError(f"{elem.VM if elem else 0} values where one is allowed")
+        validate_value(elem.VR, value, config.RAISE)
+    except (ValueError, TypeError, AttributeError) as exc:
+        log.warning(
+            "CAD SR: %s of source %s is not a valid DICOM value (%s); written "
+            "empty", keyword, _short(header_text(source, "SOPInstanceUID")),
+            _short(exc, 120),
+        )  # fmt: skip
+        return ""
+    return value
 
 
 #: Attributes every source of one SR must agree on (one patient).
@@ -424,9 +474,17 @@ def _library_entry(source: Dataset) -> Dataset:
         ("ContentDate", CONTENT_DATE, "DATE"),
         ("ContentTime", CONTENT_TIME, "TIME"),
     ):
-        value = header_text(source, keyword)
-        if value:
+        value = _first_text(source, keyword)
+        pattern = _DATE_RE if value_type == "DATE" else _TIME_RE
+        if pattern.fullmatch(value):  # a DICOM DA / TM, else left out
             ctx.append(_string(value_type, acq, name, value))
+        elif value:
+            log.warning(
+                "CAD SR: %s of source %s is not a DICOM %s (%s); left out",
+                keyword, _short(header_text(source, "SOPInstanceUID")),
+                "date (YYYYMMDD)" if value_type == "DATE" else "time (HHMMSS)",
+                _short(value),
+            )  # fmt: skip
     spacing = _plausible_spacing(source)
     if spacing is not None:
         row_mm, col_mm = spacing
@@ -627,8 +685,7 @@ def _header(
     ds.InstanceCreationDate = ds.ContentDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = ds.ContentTime = now.strftime("%H%M%S")
     for keyword in _COPIED_ATTRIBUTES:
-        value = first.get(keyword)
-        setattr(ds, keyword, value if value is not None else "")
+        setattr(ds, keyword, _copied(first, keyword))
     ds.StudyInstanceUID = study_uid
     ds.Modality = "SR"
     ds.SeriesInstanceUID = generate_uid()

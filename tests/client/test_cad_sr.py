@@ -303,6 +303,46 @@ def test_dciodvfy_accepts_the_sr(tmp_path, exam, empty):
 
 
 @needs_dciodvfy
+def test_invalid_source_dates_and_ids_do_not_make_the_sr_invalid(
+    tmp_path, exam, caplog
+):
+    """A strict archive rejects a whole SR for one bad value: none is copied.
+
+    Dates with dashes, several values in a one-valued date, a time with
+    colons, Study ID and Accession Number longer than SH's 16 characters
+    (all seen from real modalities) are written empty or left out, with a
+    warning naming them; dciodvfy (dicom3tools) finds no error.
+    """
+    srcs = headers(exam)
+    for ds in srcs:
+        with pydicom.config.disable_value_validation():
+            ds.StudyDate = "2020-01-31"
+            ds.ContentDate = ["20200131", "20200201"]
+            ds.StudyTime = "12:30:00"
+            ds.StudyID = "X" * 40
+            ds.AccessionNumber = "A" * 30
+    with caplog.at_level("WARNING", logger="client.cad_sr"):
+        sr = build_cad_sr(srcs, DETECTIONS)
+    path = write_cad_sr(sr, tmp_path / "cad.sr.dcm")
+    out = run_tool("dciodvfy", str(path))
+    assert error_lines(out.stdout + out.stderr) == [], out.stdout + out.stderr
+    back = pydicom.dcmread(path)
+    assert (back.StudyDate, back.StudyTime, back.StudyID, back.AccessionNumber) == (
+        "",
+        "",
+        "",
+        "",
+    )
+    dates = [i.Date for i, _ in walk(back.ContentSequence) if "Date" in i]
+    assert dates and set(dates) == {"20200131"}  # ContentDate's first value
+    times = [i for i, _ in walk(back.ContentSequence) if "Time" in i]
+    # the exam's valid ContentTime stays; the StudyTime with colons is left out
+    assert {i.ConceptNameCodeSequence[0].CodeMeaning for i in times} == {"Content Time"}
+    for keyword in ("StudyDate", "StudyTime", "StudyID", "AccessionNumber"):
+        assert keyword in caplog.text
+
+
+@needs_dciodvfy
 def test_dciodvfy_catches_a_broken_sr(tmp_path, exam):
     sr = build_cad_sr(headers(exam), DETECTIONS)
     del sr.CompletionFlag
