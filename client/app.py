@@ -6,7 +6,8 @@ Which site this node plays comes from ``context.node_config``:
   (:class:`common.config.site.SiteConfig`; its ``name`` and ``state_dir``, and
   its ``cache_dir``/``data_dir`` when the run sets ``trainer.options.
   cache_root``: the run never chooses a configured site's folders), or the
-  keys ``site`` and ``state-dir`` (required; optionally ``data-dir``) directly;
+  keys ``site`` and ``state-dir`` (required; ``data-dir`` too when the run
+  sets ``cache_root``) directly;
 * simulation: ``partition-id`` indexes the run's ``sites`` list, and the
   state lives under the federation config's ``state_dir``.
 
@@ -139,6 +140,16 @@ def resolve_site(node_config: dict, fed_cfg: FederationConfig) -> SiteBinding:
         if not state:
             raise ConfigError(src, NODE_STATE_DIR, f"missing for site {site!r}")
         data = node_config.get(NODE_DATA_DIR)
+        cache_root = fed_cfg.trainer.options.get("cache_root")
+        if not data and cache_root:
+            # as for a site config: the run's launcher would choose its images
+            raise ConfigError(
+                src,
+                NODE_DATA_DIR,
+                f"missing for site {site!r}: the site's images are named by its "
+                "node, not by the run's trainer.options.cache_root = "
+                f"{shown(cache_root)}",
+            )
         return SiteBinding(site, Path(str(state)), Path(str(data)) if data else None)
     if PARTITION_ID in node_config:
         pid = node_config[PARTITION_ID]

@@ -8,7 +8,8 @@ content is not exactly
 * one MetricRecord whose names are among the trainer's declared metric names
   (``num-examples`` always present; a metric undefined on this site may be
   absent, never NaN), all in :data:`common.wire.federation.METRIC_WHITELIST`, each a
-  finite scalar number.
+  finite scalar number in its range (:data:`common.wire.federation.METRIC_RANGES`;
+  the server applies the same rule, :func:`common.wire.federation.metric_fault`).
 
 No ConfigRecord, no strings, no bytes, no extra records: pixel data, file paths
 and patient identifiers have nowhere to go.
@@ -16,7 +17,6 @@ and patient identifiers have nowhere to go.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from common.errors import MammofedError
 from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
-from common.wire.federation import METRIC_WHITELIST
+from common.wire.federation import metric_fault
 
 
 class PrivacyGuardError(MammofedError):
@@ -90,13 +90,6 @@ def _check_metrics(record: MetricRecord, names: Sequence[str], site: str) -> Non
     if NUM_EXAMPLES in declared and NUM_EXAMPLES not in got:
         raise PrivacyGuardError(f"site {site}: metric {NUM_EXAMPLES!r} is missing")
     for name, value in record.items():
-        if name not in METRIC_WHITELIST:
-            raise PrivacyGuardError(f"site {site}: metric {name!r} is not whitelisted")
-        if isinstance(value, list) or isinstance(value, bool):
-            raise PrivacyGuardError(
-                f"site {site}: metric {name!r} must be a scalar, got {value!r}"
-            )
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            raise PrivacyGuardError(
-                f"site {site}: metric {name!r} must be a finite number, got {value!r}"
-            )
+        why = metric_fault(name, value)
+        if why is not None:
+            raise PrivacyGuardError(f"site {site}: {why}")

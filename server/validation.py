@@ -12,8 +12,9 @@ the one named in the log):
    another float type would, aggregated first, turn the global model into
    its type: float16 quantises it, float128 no site can load);
 4. ``finite``: every value finite and ``|v| <= max_abs_value``;
-5. ``metrics``: metric names whitelisted, values finite scalars,
-   ``num-examples`` an integer in ``[1, max_num_examples]``;
+5. ``metrics``: metric names whitelisted, values finite scalars in their
+   ranges (``common.wire.federation.METRIC_RANGES``), ``num-examples`` an
+   integer in ``[1, max_num_examples]`` (``[0, ...]`` in an evaluate reply);
 6. ``norm``: ``||w_site - w_global||_2 / max(||w_global||_2, 1e-12)`` over all
    shared arrays ``<= max_relative_update_norm``.
 
@@ -40,6 +41,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -47,7 +49,7 @@ from flwr.common.constant import SType
 
 from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
 from common.wire.faults import describe_reply_error
-from common.wire.federation import METRIC_WHITELIST, ValidationConfig, array_fault
+from common.wire.federation import ValidationConfig, array_fault, metric_fault
 
 log = logging.getLogger(__name__)
 
@@ -104,27 +106,30 @@ def node_of(msg: Message) -> int:
     return int(msg.metadata.src_node_id)
 
 
-def check_metrics(record: MetricRecord, cfg: ValidationConfig) -> dict[str, float]:
-    """Whitelisted finite scalars with a valid ``num-examples``; returns them."""
+def check_metrics(
+    record: MetricRecord, cfg: ValidationConfig, *, min_examples: int = 1
+) -> dict[str, float]:
+    """Whitelisted scalars in their ranges with a valid ``num-examples``; returns them.
+
+    Each metric by :func:`common.wire.federation.metric_fault` (the site's
+    guard applies the same rule). ``num-examples`` is an integer in
+    ``[min_examples, max_num_examples]``: 1 for a train reply, 0 for an
+    evaluate reply (a site with no test women counts for nothing).
+    """
     out: dict[str, float] = {}
     for name, value in record.items():
-        if name not in METRIC_WHITELIST:
-            raise UpdateRejected("metrics", f"metric {name!r} is not whitelisted")
-        if isinstance(value, list | bool) or not isinstance(value, int | float):
-            raise UpdateRejected(
-                "metrics", f"metric {name!r} is not a scalar: {value!r}"
-            )
-        if not math.isfinite(value):
-            raise UpdateRejected("metrics", f"metric {name!r} is not finite: {value!r}")
-        out[name] = value
+        why = metric_fault(name, value)
+        if why is not None:
+            raise UpdateRejected("metrics", why)
+        out[name] = cast(float, value)
     n = record.get(NUM_EXAMPLES)
     if n is None:
         raise UpdateRejected("metrics", f"{NUM_EXAMPLES!r} is missing")
-    if type(n) is not int or not 1 <= n <= cfg.max_num_examples:  # bools fail too
+    if type(n) is not int or not min_examples <= n <= cfg.max_num_examples:
         raise UpdateRejected(
             "metrics",
-            f"{NUM_EXAMPLES!r} must be an integer in [1, {cfg.max_num_examples}], "
-            f"got {n!r}",
+            f"{NUM_EXAMPLES!r} must be an integer in [{min_examples}, "
+            f"{cfg.max_num_examples}], got {n!r}",
         )
     return out
 
@@ -244,7 +249,7 @@ def check_evaluate_content(msg: Message, cfg: ValidationConfig) -> dict[str, flo
             f"{len(content.array_records)} ArrayRecord(s)",
         )
     _check_record_names(content, {METRICS_KEY})
-    return check_metrics(metrics[0], cfg)
+    return check_metrics(metrics[0], cfg, min_examples=0)
 
 
 def _check_record_names(content: RecordDict, expected: set[str]) -> None:

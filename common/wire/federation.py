@@ -76,6 +76,43 @@ METRIC_WHITELIST: frozenset[str] = frozenset(
     }
 )
 
+#: The values each whitelisted metric can take, ``[low, high]``: a CPM or an
+#: accuracy is a fraction, a loss, a count or an epsilon is not negative, a
+#: chosen model is a small index. A site's value outside is refused by its
+#: guard and the server (:func:`metric_fault`): one site's 1e308 would set the
+#: federation's reported figure, and its weighted sum overflow to Infinity.
+METRIC_RANGES: Mapping[str, tuple[float, float]] = {
+    NUM_EXAMPLES: (0, 2**31 - 1),
+    TRAIN_LOSS: (0.0, 1e6),
+    SKIPPED_STEPS: (0, 1e9),
+    EVAL_LOSS: (0.0, 1e6),
+    ACCURACY: (0.0, 1.0),
+    CPM_MASS: (0.0, 1.0),
+    CPM_CALCIFICATION: (0.0, 1.0),
+    CPM_MEAN: (0.0, 1.0),
+    DP_EPSILON: (0.0, 1e9),
+    SELECTED_MODEL: (0, 1000),
+}
+
+
+def metric_fault(name: str, value: object) -> str | None:
+    """The one rule for a metric a site sends: ``None``, or why it is refused.
+
+    Whitelisted name (:data:`METRIC_WHITELIST`), a finite int or float (not a
+    bool, not a list) inside :data:`METRIC_RANGES`.
+    """
+    if name not in METRIC_WHITELIST:
+        return f"metric {name!r} is not whitelisted"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"metric {name!r} is not a scalar: {shown(value)}"
+    if not math.isfinite(value):
+        return f"metric {name!r} is not finite: {value!r}"
+    low, high = METRIC_RANGES[name]
+    if not low <= value <= high:
+        return f"metric {name!r} = {value:.6g} is outside [{low:g}, {high:g}]"
+    return None
+
+
 # --- ConfigRecord keys (server -> client instructions) ---------------------
 LEARNING_RATE = "learning-rate"
 BATCH_SIZE = "batch-size"

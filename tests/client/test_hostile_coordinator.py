@@ -24,6 +24,7 @@ from common.errors import ConfigError
 from common.keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from common.wire.faults import SITE_CONFIG, SITE_STATE, ModelVersion
 from common.wire.federation import (
+    NODE_DATA_DIR,
     NODE_SITE,
     NODE_SITE_CONFIG,
     NODE_STATE_DIR,
@@ -208,6 +209,14 @@ def test_the_run_may_not_choose_the_images_of_a_configured_site(
         f"name: site-a\nstate_dir: {tmp_path / 'state'}\ncache_dir: {own}\n"
     )
     assert resolve_site({NODE_SITE_CONFIG: str(site_yaml)}, cfg).data_dir == own
+    # nor of a node named by the site and state-dir keys: data-dir is required
+    node = {NODE_SITE: "site-a", NODE_STATE_DIR: str(tmp_path / "state")}
+    with pytest.raises(ConfigError, match="data-dir: missing for site 'site-a'") as e:
+        resolve_site(node, cfg)
+    assert str(elsewhere) in str(e.value)
+    node[NODE_DATA_DIR] = str(own)
+    assert resolve_site(node, cfg).data_dir == own
+    assert resolve_site(node | {NODE_DATA_DIR: ""}, base).data_dir is None
 
 
 # --- 4. the run's delta may not void the site's epsilon floor ---------------------

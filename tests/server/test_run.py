@@ -132,6 +132,14 @@ def test_guard_refuses_undeclared_content(
                 ),
             }
         ),
+        RecordDict(  # finite, but no loss is negative
+            {
+                ARRAYS_KEY: arrays_to_record(good),
+                METRICS_KEY: MetricRecord(
+                    {NUM_EXAMPLES: 3, "train-loss": -1.0, "skipped-steps": 0}
+                ),
+            }
+        ),
     ]
     for content in cases:
         with pytest.raises(PrivacyGuardError):

@@ -17,6 +17,9 @@ from client.state import SiteState
 from common.errors import ConfigError
 from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
 from common.wire.federation import (
+    ACCURACY,
+    CPM_MASS,
+    EVAL_LOSS,
     FederationConfig,
     FitInstructions,
     ValidationConfig,
@@ -24,6 +27,7 @@ from common.wire.federation import (
     load_federation_config,
 )
 from server.checkpoints import CheckpointStore
+from server.faults import aggregate_present_metrics
 from server.strategies import STRATEGIES, build_strategy
 from server.validation import screen_replies
 from tests.conftest import TEST_YAML
@@ -121,6 +125,49 @@ def test_metric_checks() -> None:
     )
     assert not out.valid
     assert {r.check for r in out.rejected} == {"metrics"}
+
+
+def _evaluate_reply(node: int, metrics: dict) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, node, 1
+    instr = Message(RecordDict({}), 1, "evaluate")
+    msg = Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=instr)
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+@pytest.mark.parametrize(
+    ("metrics", "why"),
+    [
+        ({NUM_EXAMPLES: 100, ACCURACY: 1.7e308}, "'accuracy' = 1.7e+308 is outside"),
+        ({NUM_EXAMPLES: 100, CPM_MASS: 1.5}, "'cpm-mass' = 1.5 is outside [0, 1]"),
+        ({NUM_EXAMPLES: 100, EVAL_LOSS: -2.0}, "'eval-loss' = -2 is outside"),
+        ({NUM_EXAMPLES: -1}, "'num-examples' = -1 is outside [0, "),
+    ],
+)
+def test_an_evaluate_metric_outside_its_range_is_dropped(metrics, why) -> None:
+    """One site's 1e308 would set the federated figure (and overflow the sum)."""
+    out = screen_replies(
+        [_evaluate_reply(1, {NUM_EXAMPLES: 50, CPM_MASS: 0.6}),
+         _evaluate_reply(2, metrics)],
+        ValidationConfig(), None, "evaluate",
+    )  # fmt: skip
+    assert [m.metadata.src_node_id for m in out.valid] == [1]
+    (rej,) = out.rejected
+    assert rej.check == "metrics" and why in rej.reason, rej.reason
+
+
+def test_a_site_without_test_women_counts_for_nothing_and_is_not_rejected() -> None:
+    """An evaluate reply with num-examples 0 (no CPM) is valid; a train one is not."""
+    out = screen_replies(
+        [_evaluate_reply(1, {NUM_EXAMPLES: 50, CPM_MASS: 0.6}),
+         _evaluate_reply(2, {NUM_EXAMPLES: 0})],
+        ValidationConfig(), None, "evaluate",
+    )  # fmt: skip
+    assert len(out.valid) == 2 and not out.rejected
+    agg = aggregate_present_metrics([m.content for m in out.valid], NUM_EXAMPLES)
+    assert dict(agg) == {CPM_MASS: 0.6}
+    train = _screen(_reply(3, GLOBAL, {NUM_EXAMPLES: 0, TRAIN_LOSS: 0.1}))
+    assert train.rejected[0].check == "metrics"
 
 
 def test_config_record_in_reply_dropped() -> None:
