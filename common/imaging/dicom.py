@@ -50,6 +50,7 @@ from pydicom.filereader import (
     read_preamble,
 )
 from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -463,7 +464,7 @@ def resolve_view(ds: Dataset) -> str | None:
     if vp:
         return vp
     seq = ds.get("ViewCodeSequence")
-    if not seq:
+    if not isinstance(seq, DicomSequence) or not seq:  # e.g. written as text
         return None
     code = str(seq[0].get("CodeValue", "")).strip()
     meaning = str(seq[0].get("CodeMeaning", "")).lower()
@@ -802,6 +803,12 @@ def _voi_lut(values: np.ndarray, item: Dataset, path: str | Path) -> np.ndarray:
         raise RefusedImage(
             str(path), f"VOILUTSequence item unusable: {one_line(exc)}"
         ) from exc
+    if not 1 <= bits <= 16:  # PS3.3 C.11.2.1.1: the LUT's entries are 8 or 16 bits
+        raise RefusedImage(
+            str(path),
+            f"VOILUTSequence item: LUTDescriptor bits per entry = {bits} "
+            "(expected 1 to 16)",
+        )
     n = n or 65536
     if data.size < 1:
         raise RefusedImage(str(path), "VOILUTSequence item has empty LUTData")

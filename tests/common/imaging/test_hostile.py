@@ -373,3 +373,39 @@ def test_j2k_tile_grid_too_fine_is_refused_before_decoding(
     reason = exc.value.reason
     assert "compressed frame 0 (JPEG 2000 Image Compression (Lossless Only))" in reason
     assert needle in reason
+
+
+def test_a_voi_lut_of_absurd_entry_bits_is_refused_by_name(write_mammo) -> None:
+    """``2 ** 2000`` overflowed a float: an OverflowError naming no field."""
+    from pydicom.dataelem import DataElement
+    from pydicom.sequence import Sequence
+
+    path, _ = write_mammo()
+    ds = pydicom.dcmread(path)
+    for name in ("WindowCenter", "WindowWidth"):  # the window would win
+        if name in ds:
+            delattr(ds, name)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 2000]
+    item.add(DataElement(0x00283006, "US", list(range(4096))))
+    ds.VOILUTSequence = Sequence([item])
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(RefusedImage, match="LUTDescriptor bits per entry = 2000"):
+        read_dicom(path, working_spacing_mm=WORKING)
+
+
+def test_a_view_code_sequence_written_as_text_is_no_view(write_mammo) -> None:
+    """A sender's ViewCodeSequence as LO text read as no view, not a crash."""
+    from pydicom.dataelem import DataElement
+
+    from client.cad_sr import build_cad_sr
+
+    path, _ = write_mammo()
+    ds = pydicom.dcmread(path)
+    del ds.ViewPosition
+    ds.add(DataElement(0x00540220, "LO", "R-10242"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4", "1.2.3.4.5"
+    ds.save_as(path, enforce_file_format=True)
+    assert dicom.resolve_view(pydicom.dcmread(path)) is None
+    read_dicom(path, working_spacing_mm=WORKING)  # no AttributeError
+    build_cad_sr([pydicom.dcmread(path, stop_before_pixels=True)], [[]])
