@@ -553,6 +553,7 @@ def build_cad_sr(
     algorithm_name: str = "mammofed",
     algorithm_version: str = __version__,
     score_floor: float = DEFAULT_SCORE_FLOOR,
+    uid_seed: Sequence[str] | None = None,
 ) -> Dataset:
     """One Mammography CAD SR for one exam (see the module docstring).
 
@@ -571,6 +572,11 @@ def build_cad_sr(
         algorithm_version: TID 4019 Algorithm Version (the package version).
         score_floor: findings scoring at least this are "Presentation
             Required", the others "Presentation Optional".
+        uid_seed: when given, the SR's Series and SOP Instance UIDs are
+            derived from these strings (``generate_uid(entropy_srcs=...)``):
+            the same exam scored by the same model gets the same UIDs, so an
+            SR queued again after a crash is a duplicate the archive
+            recognizes, not a second report. Without it, random UIDs.
 
     Returns:
         The SR dataset with file meta (new Series and SOP Instance UIDs), ready
@@ -652,7 +658,7 @@ def build_cad_sr(
         detections_summary,
         analyses_summary,
     ]
-    ds = _header(sources, study_uid, algorithm_name, algorithm_version)
+    ds = _header(sources, study_uid, algorithm_name, algorithm_version, uid_seed)
     ds.update(_container(None, MAMMOGRAPHY_CAD_REPORT, root_items))
     template = Dataset()
     template.MappingResource = "DCMR"
@@ -664,11 +670,16 @@ def build_cad_sr(
 
 
 def _header(
-    sources: Sequence[Dataset], study_uid: str, algorithm_name: str, version: str
+    sources: Sequence[Dataset],
+    study_uid: str,
+    algorithm_name: str,
+    version: str,
+    uid_seed: Sequence[str] | None = None,
 ) -> Dataset:
     """Patient, study, series, equipment, document-general and SOP common."""
     first = sources[0]
-    sop_uid = generate_uid()
+    seed = None if uid_seed is None else [str(v) for v in uid_seed]
+    sop_uid = generate_uid(entropy_srcs=None if seed is None else [*seed, "sop"])
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(MAMMOGRAPHY_CAD_SR_STORAGE)
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -688,7 +699,9 @@ def _header(
         setattr(ds, keyword, _copied(first, keyword))
     ds.StudyInstanceUID = study_uid
     ds.Modality = "SR"
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid(
+        entropy_srcs=None if seed is None else [*seed, "series"]
+    )
     ds.SeriesNumber = SR_SERIES_NUMBER
     ds.SeriesDescription = f"{algorithm_name} CAD"
     ds.ReferencedPerformedProcedureStepSequence = DicomSequence([])

@@ -464,6 +464,14 @@ class DicomNode:
             algorithm_name=ALGORITHM_NAME,
             algorithm_version=f"{__version__} {self.scorer.model_label()}",
             score_floor=self.cfg.score_floor,
+            # the same exam and model give the same SR UIDs: scored again
+            # after a crash between the queue and the record below, it is a
+            # duplicate the archive recognizes, not a second report
+            uid_seed=[
+                study_uid,
+                self.scorer.model_sha256,
+                *sorted(str(src.SOPInstanceUID) for src in sources),
+            ],
         )
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{sr.SOPInstanceUID}"
         queued = self.outbox.enqueue(sr, name, write_cad_sr)

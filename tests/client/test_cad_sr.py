@@ -377,3 +377,16 @@ def test_dsrdump_refuses_a_wrong_relationship(tmp_path, exam):
     res = run_tool("dsrdump", str(path))
     assert res.returncode != 0
     assert "Invalid by-value Relationship" in res.stderr
+
+
+def test_a_uid_seed_gives_the_same_sr_uids_for_the_same_exam(exam):
+    srcs = headers(exam)
+    seeded = [build_cad_sr(srcs, DETECTIONS, uid_seed=["s", "m"]) for _ in range(2)]
+    uids = {(sr.SOPInstanceUID, sr.SeriesInstanceUID) for sr in seeded}
+    assert len(uids) == 1
+    (sop, series) = uids.pop()
+    assert sop != series and seeded[0].file_meta.MediaStorageSOPInstanceUID == sop
+    other = build_cad_sr(srcs, DETECTIONS, uid_seed=["s", "another model"])
+    assert other.SOPInstanceUID != sop
+    unseeded = {build_cad_sr(srcs, DETECTIONS).SOPInstanceUID for _ in range(2)}
+    assert len(unseeded) == 2 and sop not in unseeded

@@ -93,3 +93,33 @@ def test_the_sr_reads_only_small_header_values_of_the_exam(
     monkeypatch.setattr(node_module, "build_cad_sr", spy)
     assert node.process_study(study) is not None
     assert seen and all(v is None for v in seen)  # deferred: not read
+
+
+def test_an_exam_scored_again_gets_the_same_sr_uids(
+    tmp_path: Path, tiny_checkpoint: Path, kit: SimpleNamespace
+) -> None:
+    """A crash after queueing the SR, before the record, scores the exam again.
+
+    The second SR must be the same report to the archive (same SOP Instance
+    UID), not a second one.
+    """
+    cfg_path = kit.site_yaml(
+        tmp_path, kit.free_port(), kit.free_port(), tiny_checkpoint
+    )
+    files = kit.write_exam(tmp_path / "exam")
+    node = DicomNode(load_site_config(cfg_path), source=str(cfg_path), device="cpu")
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    folder = node.incoming / study
+    folder.mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    first = node.process_study(study)
+    assert first is not None
+    a = pydicom.dcmread(first)
+    again = node.process_study(study)  # same name within the same second
+    assert again is not None
+    b = pydicom.dcmread(again)
+    assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (
+        b.SOPInstanceUID,
+        b.SeriesInstanceUID,
+    )
