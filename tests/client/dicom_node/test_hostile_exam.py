@@ -53,6 +53,20 @@ def test_exam_with_a_broken_image_gets_an_sr_for_the_others(
     assert ("LUTDescriptor" if kind.startswith("modality-lut") else "Rows=") in why
 
 
+def _received(
+    tmp_path: Path, checkpoint: Path, kit: SimpleNamespace, files: list[Path]
+) -> tuple[DicomNode, str]:
+    """A node whose incoming folder holds ``files`` as one received study."""
+    cfg_path = kit.site_yaml(tmp_path, kit.free_port(), kit.free_port(), checkpoint)
+    node = DicomNode(load_site_config(cfg_path), source=str(cfg_path), device="cpu")
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    folder = node.incoming / study
+    folder.mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    return node, study
+
+
 def test_the_sr_reads_only_small_header_values_of_the_exam(
     tmp_path: Path,
     tiny_checkpoint: Path,
@@ -67,9 +81,6 @@ def test_the_sr_reads_only_small_header_values_of_the_exam(
     """
     import client.dicom_node.node as node_module
 
-    cfg_path = kit.site_yaml(
-        tmp_path, kit.free_port(), kit.free_port(), tiny_checkpoint
-    )
     files = kit.write_exam(tmp_path / "exam")
     tag = 0x00091010
     for f in files:
@@ -77,12 +88,7 @@ def test_the_sr_reads_only_small_header_values_of_the_exam(
         ds.add_new(0x00090010, "LO", "ACME")
         ds.add_new(tag, "OB", b"\0" * 2**20)  # 1 MiB before the pixels
         ds.save_as(f, enforce_file_format=True)
-    node = DicomNode(load_site_config(cfg_path), source=str(cfg_path), device="cpu")
-    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    folder = node.incoming / study
-    folder.mkdir(parents=True)
-    for f in files:
-        shutil.copy(f, folder / f.name)
+    node, study = _received(tmp_path, tiny_checkpoint, kit, files)
     seen: list[object] = []
     real = node_module.build_cad_sr
 
@@ -103,16 +109,8 @@ def test_an_exam_scored_again_gets_the_same_sr_uids(
     The second SR must be the same report to the archive (same SOP Instance
     UID), not a second one.
     """
-    cfg_path = kit.site_yaml(
-        tmp_path, kit.free_port(), kit.free_port(), tiny_checkpoint
-    )
     files = kit.write_exam(tmp_path / "exam")
-    node = DicomNode(load_site_config(cfg_path), source=str(cfg_path), device="cpu")
-    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    folder = node.incoming / study
-    folder.mkdir(parents=True)
-    for f in files:
-        shutil.copy(f, folder / f.name)
+    node, study = _received(tmp_path, tiny_checkpoint, kit, files)
     first = node.process_study(study)
     assert first is not None
     a = pydicom.dcmread(first)
