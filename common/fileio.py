@@ -24,7 +24,11 @@ PRIVATE_MODE = 0o600
 
 
 def atomic_write(
-    path: str | Path, write: Callable[[IO[bytes]], object], *, fsync: bool = True
+    path: str | Path,
+    write: Callable[[IO[bytes]], object],
+    *,
+    fsync: bool = True,
+    mode: int | None = None,
 ) -> None:
     """Write ``path`` with ``write(file)`` through a temporary file in its folder.
 
@@ -32,11 +36,15 @@ def atomic_write(
     holds either the old or the new content. ``fsync`` also flushes the data to
     disk before the rename and the folder's entry after it (state that must
     survive a crash or a power cut); a failed write removes the temporary file.
+    The file is readable by its owner only (``mkstemp``'s 0600) unless
+    ``mode`` gives its permission bits.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             if fsync:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -108,6 +109,12 @@ class DicomNode:
         node = site.dicom_node
         if node is None:
             raise ConfigError(source, "dicom_node", "missing: the node is not set up")
+        # received files get the permissions a plain write would (0666 less the
+        # umask), as before they went through a temporary file; read here,
+        # before the node's threads start (os.umask sets it to read it)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        self.file_mode = 0o666 & ~mask
         if site.data_dir is None:
             raise ConfigError(
                 source, "data_dir", "required by dicom_node (images are stored there)"
@@ -380,7 +387,11 @@ class DicomNode:
                 return STATUS_OUT_OF_RESOURCES
             # through a hidden temporary file, removed if the write fails, and
             # flushed to disk before the sender is told it is stored
-            atomic_write(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
+            atomic_write(
+                path,
+                lambda fh: ds.save_as(fh, enforce_file_format=True),
+                mode=self.file_mode,
+            )
         except OSError as exc:
             log.error(
                 "could not store SOP Instance %s from %s in %s: %s (status 0x%04X)",
@@ -473,8 +484,15 @@ class DicomNode:
                 *sorted(str(src.SOPInstanceUID) for src in sources),
             ],
         )
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{sr.SOPInstanceUID}"
-        queued = self.outbox.enqueue(sr, name, write_cad_sr)
+        already = [
+            p for p in self.outbox.pending() if p.stem.endswith(f"-{sr.SOPInstanceUID}")
+        ]
+        if already:  # scored again after a crash: the same report, queued once
+            queued = already[0]
+            log.info("study %s: its SR %s is already queued", study_uid, queued.name)
+        else:
+            name = f"{time.strftime('%Y%m%dT%H%M%S')}-{sr.SOPInstanceUID}"
+            queued = self.outbox.enqueue(sr, name, write_cad_sr)
         record["sr"] = str(sr.SOPInstanceUID)
         _write_scored(folder, record)
         log.info(

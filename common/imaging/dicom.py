@@ -578,11 +578,11 @@ def check_pixel_budget(
     pixel byte is read or decoded). Refused when ``samples > max_pixels`` or
     the bytes exceed ``2 * max_pixels`` (16 bits a sample). ``None`` disables
     the check. Native (not encapsulated) pixel data is also refused when the
-    element holds more bytes than that header makes (plus one byte of
-    padding): the header's word is what the budget checks, and pydicom would
-    read every byte the element holds (a 256 x 256 header over 300 MiB is
-    read as thousands of frames), a deferred element's length tells it
-    without reading.
+    element holds a frame or more beyond what that header makes: the
+    header's word is what the budget checks, and pydicom reads every byte
+    the element holds (a 256 x 256 header over 300 MiB is read as thousands
+    of frames); a deferred element's length tells it without reading. Less
+    than a frame of excess is padding pydicom drops, as before.
 
     Raises:
         RefusedImage: over budget, naming the fields and their values.
@@ -607,12 +607,14 @@ def check_pixel_budget(
         )
     held = _pixel_data_length(ds)
     made = math.ceil(samples / 8) if bits == 1 else nbytes
-    if held is not None and held > made + 1:
+    frame = max(1, made // max(1, frames))
+    if held is not None and held >= made + frame:
         raise RefusedImage(
             str(path),
-            f"PixelData holds {held} bytes, more than the {made} bytes of the "
-            f"header's Rows x Columns x NumberOfFrames x SamplesPerPixel = "
-            f"{rows} x {cols} x {frames} x {spp} at BitsAllocated={bits}",
+            f"PixelData holds {held} bytes, a frame or more beyond the {made} "
+            f"bytes of the header's Rows x Columns x NumberOfFrames x "
+            f"SamplesPerPixel = {rows} x {cols} x {frames} x {spp} at "
+            f"BitsAllocated={bits}",
         )
 
 
@@ -628,7 +630,11 @@ def _pixel_data_length(ds: Dataset) -> int | None:
     if length is None:
         value = getattr(item, "value", None)
         length = len(value) if isinstance(value, bytes | bytearray) else None
-    if length is None or length == UNDEFINED_LENGTH:
+    if (
+        length is None
+        or length == UNDEFINED_LENGTH
+        or getattr(item, "is_undefined_length", False)  # converted, encapsulated
+    ):
         return None
     return int(length)
 
@@ -803,11 +809,11 @@ def _voi_lut(values: np.ndarray, item: Dataset, path: str | Path) -> np.ndarray:
         raise RefusedImage(
             str(path), f"VOILUTSequence item unusable: {one_line(exc)}"
         ) from exc
-    if not 1 <= bits <= 16:  # PS3.3 C.11.2.1.1: the LUT's entries are 8 or 16 bits
+    if not 0 <= bits <= 16:  # PS3.3 C.11.2.1.1: 8 or 16; 0 read as the data's max
         raise RefusedImage(
             str(path),
             f"VOILUTSequence item: LUTDescriptor bits per entry = {bits} "
-            "(expected 1 to 16)",
+            "(expected 0 to 16)",
         )
     n = n or 65536
     if data.size < 1:

@@ -140,6 +140,9 @@ def cap_num_examples(
 ) -> list[Adjustment]:
     """Record first claims in ``declared``; lower later larger claims, in place.
 
+    A claim of 0 (an evaluate reply of a site without test women) is not
+    recorded as the node's first claim.
+
     Only with ``cfg.cap_num_examples``; returns one
     :class:`server.validation.Adjustment` per lowered claim (also logged with
     the node id and ``phase``). The train and evaluate phases keep their own
@@ -154,6 +157,10 @@ def cap_num_examples(
         key = _only(msg.content.metric_records, "MetricRecord")
         record = msg.content.metric_records[key]
         claimed = int(record[NUM_EXAMPLES])  # type: ignore[arg-type]
+        if claimed == 0 and node not in declared:
+            # an evaluate reply of a site without test women (yet): recorded,
+            # 0 would hold the node's weight at 0 for the rest of the run
+            continue
         if node not in declared:
             declared[node] = claimed
             log.info("%s: node %d declares %d examples", phase, node, claimed)

@@ -32,7 +32,7 @@ from common.detector.checkpoint import save_checkpoint
 from common.detector.model.initial import detector_model_config, initial_shared_arrays
 from common.detector.model.registry import build_detector
 from common.errors import CheckpointMismatch, ConfigError
-from common.keys import ARRAYS_KEY
+from common.keys import ARRAYS_KEY, NUM_EXAMPLES
 from common.wire.federation import (
     FederationConfig,
     PersonalizationConfig,
@@ -141,6 +141,31 @@ def test_num_examples_capped_at_first_declaration(
     old, _ = aggregate(old_cfg, g, rounds())
     assert old is not None
     np.testing.assert_allclose(old["conv.bias"], down["conv.bias"], atol=1e-5)
+
+
+def test_a_first_claim_of_zero_test_women_is_not_the_nodes_cap() -> None:
+    """A site without test women (yet) says 0 in evaluate; later it has 40.
+
+    Recording 0 as its first claim would cap every later count to 0, and its
+    CPM would never enter the federated figure again.
+    """
+    from flwr.app import MetricRecord, RecordDict
+
+    from common.keys import METRICS_KEY
+    from common.wire.federation import ValidationConfig
+    from server.strategies.bounds import cap_num_examples
+
+    def ev(n: int) -> Message:
+        msg = make_reply(2, {}, 1)
+        msg.content = RecordDict({METRICS_KEY: MetricRecord({NUM_EXAMPLES: n})})
+        return msg
+
+    declared: dict[int, int] = {}
+    assert cap_num_examples([ev(0)], declared, ValidationConfig(), "evaluate") == []
+    assert declared == {}
+    later = ev(40)
+    assert cap_num_examples([later], declared, ValidationConfig(), "evaluate") == []
+    assert declared == {2: 40} and later.content[METRICS_KEY][NUM_EXAMPLES] == 40
 
 
 def test_claim_above_global_max_is_still_dropped(

@@ -114,10 +114,16 @@ def test_an_exam_scored_again_gets_the_same_sr_uids(
     first = node.process_study(study)
     assert first is not None
     a = pydicom.dcmread(first)
-    again = node.process_study(study)  # same name within the same second
-    assert again is not None
+    # the queue item's name starts with the time: a second later it differs
+    first.rename(first.with_name("19990101T000000-" + first.name.split("-", 1)[1]))
+    again = node.process_study(study)
+    assert again is not None and node.outbox.pending() == [again]  # queued once
     b = pydicom.dcmread(again)
     assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (
         b.SOPInstanceUID,
         b.SeriesInstanceUID,
     )
+    # another model's report of the same exam is another SR
+    node.scorer.model_sha256 = "another model"
+    third = node.process_study(study)
+    assert third is not None and third != again and len(node.outbox.pending()) == 2

@@ -7,6 +7,7 @@ data set, its file meta, the request and the requestor): no network, no model.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -76,6 +77,11 @@ def test_mammogram_is_stored(
     assert _stored(node) == [
         node.incoming / mg.StudyInstanceUID / f"{mg.SOPInstanceUID}.dcm"
     ]
+    # as a plain write makes it (0666 less the umask), not the temporary's 0600
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert _stored(node)[0].stat().st_mode & 0o777 == 0o666 & ~mask
+    assert pydicom.dcmread(_stored(node)[0]).SOPInstanceUID == mg.SOPInstanceUID
 
 
 @pytest.mark.parametrize(

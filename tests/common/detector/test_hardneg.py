@@ -149,7 +149,7 @@ def test_miner_cadence_and_resume_catch_up(monkeypatch) -> None:
         HardNegativeMiner([], HardNegatives(), every=0, per_image=2)
 
 
-def test_central_training_mines_its_own_training_images(tmp_path) -> None:
+def test_central_training_mines_its_own_training_images(tmp_path, monkeypatch) -> None:
     cache = make_site_cache(tmp_path / "siteA", n_patients=4)
     path = write_train_yaml(
         tmp_path, [cache], epochs=3, test_fraction=0.25, n_boot=0,
@@ -170,17 +170,26 @@ def test_central_training_mines_its_own_training_images(tmp_path) -> None:
     )  # fmt: skip
     assert off.miner is None
 
+    import common.detector.hardneg as hardneg
+
+    mined_keys: set[str] = set()
+    real = hardneg.detect_dataset
+
+    def spy(model, dataset, *args, **kwargs):  # noqa: ANN001, ANN202
+        mined_keys.update(dataset[i][1]["key"] for i in range(len(dataset)))
+        return real(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(hardneg, "detect_dataset", spy)
     run_training(cfg)
-    log = [
-        json.loads(x) for x in (cfg.out_dir / "epochs.jsonl").read_text().splitlines()
-    ]
+    lines = (cfg.out_dir / "epochs.jsonl").read_text().splitlines()
+    log = [json.loads(x) for x in lines]
     mining = {r["epoch"]: r.get("mining") for r in log}
     assert mining[0] is None and mining[2] is None
     assert mining[1]["images_mined"] == len(idx["siteA"])
-    # only training images are mined: none of the held-out test women
+    # what was mined: the training images, none of the held-out test women
+    train_keys = {site.records[i].key for i in idx["siteA"]}
     test_keys = {site.records[i].key for i in site.indices("test")}
-    mined_keys = {data.source[i][1]["key"] for i in range(len(data.source))}
-    assert test_keys and mined_keys and not test_keys & mined_keys
+    assert mined_keys == train_keys and test_keys and not test_keys & mined_keys
 
 
 def test_a_resumed_run_mines_before_it_goes_on(tmp_path, caplog) -> None:
