@@ -30,6 +30,7 @@ from common.imaging.cache import SiteCache
 from common.imaging.geometry import Geometry
 from common.imaging.image import ImageMeta, MammoImage
 from common.wire.federation import (
+    NODE_DATA_DIR,
     NODE_SITE,
     NODE_STATE_DIR,
     RUN_FEDERATION_JSON,
@@ -219,13 +220,25 @@ class LocalGrid(InProcessGrid):
 def make_contexts(
     cfg: FederationConfig, state_dir: Path, sites: list[str]
 ) -> dict[int, Context]:
-    """``{node_id: Context}`` of one node per site (ids 100, 101, ...)."""
+    """``{node_id: Context}`` of one node per site (ids 100, 101, ...).
+
+    Where the run sets ``trainer.options.cache_root``, each node names its own
+    ``data-dir`` there (``<cache_root>/<site>``), as a deployed node must.
+    """
     run_config = {RUN_FEDERATION_JSON: federation_config_to_json(cfg)}
+    root = cfg.trainer.options.get("cache_root")
+
+    def node_config(site: str) -> dict[str, Any]:
+        out: dict[str, Any] = {NODE_SITE: site, NODE_STATE_DIR: str(state_dir)}
+        if root:
+            out[NODE_DATA_DIR] = str(Path(str(root)) / site)
+        return out
+
     return {
         100 + i: Context(
             run_id=1,
             node_id=100 + i,
-            node_config={NODE_SITE: site, NODE_STATE_DIR: str(state_dir)},
+            node_config=node_config(site),
             state=RecordDict(),
             run_config=dict(run_config),
         )
