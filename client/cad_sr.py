@@ -84,6 +84,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import validate_value
 
 from common import __version__
+from common.errors import shown
 from common.fileio import atomic_write
 from common.imaging.dicom import (
     header_text,
@@ -226,11 +227,6 @@ def _first_text(source: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _short(value: object, limit: int = 40) -> str:
-    """``repr`` of a header value, cut to ``limit`` characters (for a log line)."""
-    return repr(str(value)[:limit])
-
-
 def _copied(source: Dataset, keyword: str) -> Any:
     """``source``'s value of ``keyword`` if valid for its VR, else empty.
 
@@ -252,8 +248,8 @@ def _copied(source: Dataset, keyword: str) -> Any:
     except (ValueError, TypeError, AttributeError) as exc:
         log.warning(
             "CAD SR: %s of source %s is not a valid DICOM value (%s); written "
-            "empty", keyword, _short(header_text(source, "SOPInstanceUID")),
-            _short(exc, 120),
+            "empty", keyword, shown(header_text(source, "SOPInstanceUID")),
+            shown(str(exc), 120),
         )  # fmt: skip
         return ""
     return value
@@ -481,9 +477,9 @@ def _library_entry(source: Dataset) -> Dataset:
         elif value:
             log.warning(
                 "CAD SR: %s of source %s is not a DICOM %s (%s); left out",
-                keyword, _short(header_text(source, "SOPInstanceUID")),
+                keyword, shown(header_text(source, "SOPInstanceUID")),
                 "date (YYYYMMDD)" if value_type == "DATE" else "time (HHMMSS)",
-                _short(value),
+                shown(value),
             )  # fmt: skip
     spacing = _plausible_spacing(source)
     if spacing is not None:

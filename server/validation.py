@@ -47,6 +47,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
+from common.errors import shown
 from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
 from common.wire.faults import describe_reply_error
 from common.wire.federation import ValidationConfig, array_fault, metric_fault
@@ -191,13 +192,13 @@ def _decode(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
     its bytes, read without pickle: the declaration is the sender's word (a
     (1,) array under a (10,) declaration would be broadcast by FedAvg, which
     :func:`array_fault` catches after this). Raises ``UpdateRejected``
-    (``shape``) for anything else, naming the array but quoting none of the
-    sender's text beyond a short prefix.
+    (``shape``) for anything else, naming the array and quoting the sender's text
+    only through :func:`common.errors.shown`.
     """
     if arr.stype != SType.NUMPY:
         raise UpdateRejected(
             "shape",
-            f"array {name!r} is serialized as {_short(arr.stype)}, expected "
+            f"array {name!r} is serialized as {shown(arr.stype)}, expected "
             f"{SType.NUMPY!r}",
         )
     shape = tuple(int(d) for d in arr.shape)
@@ -205,7 +206,7 @@ def _decode(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
         dtype = np.dtype(arr.dtype)
     except (TypeError, ValueError):
         raise UpdateRejected(
-            "shape", f"array {name!r} declares an unknown dtype {_short(arr.dtype)}"
+            "shape", f"array {name!r} declares an unknown dtype {shown(arr.dtype)}"
         ) from None
     if shape != tuple(ref.shape) or dtype != np.dtype(ref.dtype):
         raise UpdateRejected(
@@ -225,11 +226,6 @@ def _decode(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
             "shape", f"array {name!r}: its bytes hold {type(value).__name__}"
         )
     return value
-
-
-def _short(text: object, limit: int = 40) -> str:
-    """``repr`` of a sender's value, cut to ``limit`` characters."""
-    return repr(str(text)[:limit])
 
 
 def check_evaluate_content(msg: Message, cfg: ValidationConfig) -> dict[str, float]:

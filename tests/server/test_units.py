@@ -14,7 +14,7 @@ from flwr.common.constant import SType
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.state import SiteState
-from common.errors import ConfigError
+from common.errors import ConfigError, shown
 from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
 from common.wire.federation import (
     ACCURACY,
@@ -233,7 +233,7 @@ def _zipped() -> bytes:
                data=_npy(np.array([1, 2], dtype=object), allow_pickle=True)),
          "not a numpy array"),
         (Array(dtype="x" * 500, shape=(2,), stype=SType.NUMPY, data=b""),
-         "unknown dtype '" + "x" * 40 + "'"),
+         "unknown dtype " + shown("x" * 500)),
         (Array(dtype="float32", shape=(2,), stype=SType.NUMPY, data=_zipped()),
          "hold NpzFile"),
     ],
