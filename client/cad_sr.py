@@ -76,7 +76,6 @@ from typing import Any
 
 from pydicom import config
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -87,6 +86,7 @@ from common import __version__
 from common.errors import shown
 from common.fileio import atomic_write
 from common.imaging.dicom import (
+    first_text,
     header_text,
     plausible_spacing,
     resolve_laterality,
@@ -217,14 +217,6 @@ _COPIED_ATTRIBUTES = (
 #: A DICOM date (DA) and time (TM) as a content item may hold them.
 _DATE_RE = re.compile(r"\d{8}")
 _TIME_RE = re.compile(r"([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?")
-
-
-def _first_text(source: Dataset, keyword: str) -> str:
-    """The first value of ``keyword`` as stripped text; ``""`` when absent."""
-    value = source.get(keyword)
-    if isinstance(value, MultiValue | list | tuple):
-        value = value[0] if len(value) else None
-    return "" if value is None else str(value).strip()
 
 
 def _copied(source: Dataset, keyword: str) -> Any:
@@ -470,7 +462,7 @@ def _library_entry(source: Dataset) -> Dataset:
         ("ContentDate", CONTENT_DATE, "DATE"),
         ("ContentTime", CONTENT_TIME, "TIME"),
     ):
-        value = _first_text(source, keyword)
+        value = first_text(source, keyword)
         pattern = _DATE_RE if value_type == "DATE" else _TIME_RE
         if pattern.fullmatch(value):  # a DICOM DA / TM, else left out
             ctx.append(_string(value_type, acq, name, value))

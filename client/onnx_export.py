@@ -271,7 +271,8 @@ def export_onnx(
     Raises:
         ExportError: an output path that is a folder or lacks ``.onnx``, an
             opset out of range, a checkpoint whose model fuses a mirrored view
-            (``tta_flip``: the graph and contract do not reproduce it), an
+            (``tta_flip``) or drops detections outside the breast
+            (``breast_mask``): the graph and contract reproduce neither; an
             ``eval_dir`` of another model or weights; CheckpointMismatch: an
             unusable checkpoint, ``use_ema`` without EMA weights.
     """
@@ -290,6 +291,13 @@ def export_onnx(
             "also detects the up-down mirror of each image and fuses both, which "
             "the ONNX graph and its contract do not reproduce (its detections "
             "would differ from predict's); such a model is not exported"
+        )
+    if ck.model_config.breast_mask:
+        raise ExportError(
+            f"{ck.path}: field 'model_config.breast_mask' is true: the torch "
+            "model drops the detections outside the breast, which the ONNX graph "
+            "and its contract do not reproduce (its detections would differ from "
+            "predict's); such a model is not exported"
         )
     # refuse a wrong --eval before writing
     evaluation_section(eval_dir, ck.path, use_ema=use_ema)

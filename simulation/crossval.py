@@ -98,17 +98,30 @@ FOLD_JSON = "fold.json"
 #: TrainConfig fields that do not change what a fold trains: left out of the
 #: recipe a fold records, so a pooling run may set them its own way.
 RUN_ONLY_FIELDS = ("out_dir", "device", "eval_every", "n_boot", "num_workers")
+#: ``model`` fields that only act when a trained model predicts (never on what
+#: a fold trains on: the hard-negative miner and the second stage's candidates
+#: run without them), so a finished fold is re-predicted with another value.
+INFERENCE_ONLY_MODEL_FIELDS = ("breast_mask",)
 
 
 def fold_recipe(cfg: TrainConfig) -> dict[str, Any]:
-    """What a fold was trained with: ``cfg`` without :data:`RUN_ONLY_FIELDS`.
+    """What a fold was trained with: ``cfg`` less the run-only fields.
+
+    Left out: :data:`RUN_ONLY_FIELDS` and the ``model`` fields of
+    :data:`INFERENCE_ONLY_MODEL_FIELDS`.
 
     Recorded in each fold's ``fold.json``: folds trained by separate
     ``--only-folds`` processes are pooled only when they agree (a process
     given another ``--set`` or an edited config is refused, naming the field).
     """
     doc = config_to_dict(cfg)
-    return {k: v for k, v in doc.items() if k not in RUN_ONLY_FIELDS}
+    recipe = {k: v for k, v in doc.items() if k not in RUN_ONLY_FIELDS}
+    model = recipe.get("model")
+    if isinstance(model, dict):
+        recipe["model"] = {
+            k: v for k, v in model.items() if k not in INFERENCE_ONLY_MODEL_FIELDS
+        }
+    return recipe
 
 
 def _first_difference(a: Any, b: Any, key: str = "") -> str | None:

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from common.detector.engine import detect_dataset
 from common.detector.froc import FALSE_POSITIVE, FrocImage, match_image_lesions
+from common.detector.model.fcos import without_breast_mask
 
 __all__ = ["MIN_SCORE", "HardNegativeMiner", "HardNegatives", "false_positives"]
 
@@ -138,9 +139,14 @@ class HardNegativeMiner:
     def mine(self, model: nn.Module) -> dict[str, Any]:
         """Mine now; returns counts and the time it took."""
         t0 = time.perf_counter()
-        images: Sequence[FrocImage] = detect_dataset(
-            model, self.dataset, self.device, batch_size=self.batch_size, amp=self.amp
-        )
+        with without_breast_mask(model):  # mine what the model itself proposes
+            images: Sequence[FrocImage] = detect_dataset(
+                model,
+                self.dataset,
+                self.device,
+                batch_size=self.batch_size,
+                amp=self.amp,
+            )
         k, floor = self.per_image, self.min_score
         self.store.replace({im.key: false_positives(im, k, floor) for im in images})
         self.minings += 1

@@ -76,6 +76,7 @@ from common import __version__
 from common.config import bounded, config_to_dict, from_mapping
 from common.detector.engine import detect_dataset
 from common.detector.froc import FALSE_POSITIVE, HIT, FrocImage, match_image_lesions
+from common.detector.model.fcos import without_breast_mask
 from common.errors import (
     CheckpointMismatch,
     ConfigError,
@@ -748,7 +749,10 @@ def fit_rescorer(
                 return old
             log.info("re-scorer: %s was trained otherwise; training anew", path)
     t0 = time.perf_counter()
-    images = detect_dataset(detector, dataset, device, batch_size=batch_size, amp=amp)
+    with without_breast_mask(detector):  # candidates whatever the inference mask
+        images = detect_dataset(
+            detector, dataset, device, batch_size=batch_size, amp=amp
+        )
     patches = collect_patches((dataset[i][0] for i in range(len(images))), images, cfg)
     log.info(
         "re-scorer: mined %d images in %.1f s: %d candidates that hit, %d false "

@@ -186,8 +186,8 @@ def is_valid_uid(value: str) -> bool:
     return len(value) <= 64 and _UID_RE.fullmatch(value) is not None
 
 
-def _str(ds: Dataset, keyword: str) -> str:
-    """A header string, stripped; ``""`` when absent or empty."""
+def first_text(ds: Dataset, keyword: str) -> str:
+    """A header's first value as stripped text; ``""`` when absent or empty."""
     value = _first(ds.get(keyword))
     return "" if value is None else str(value).strip()
 
@@ -346,9 +346,9 @@ def check_breast_image(ds: Dataset, path: str | Path) -> None:
     OT or blank, e.g. digitised film stored as Secondary Capture). A CT, MR or
     ultrasound of the breast is refused.
     """
-    modality = _str(ds, "Modality").upper()
-    sop = _str(ds, "SOPClassUID")
-    body = _str(ds, "BodyPartExamined").upper()
+    modality = first_text(ds, "Modality").upper()
+    sop = first_text(ds, "SOPClassUID")
+    body = first_text(ds, "BodyPartExamined").upper()
     if modality == "MG" or sop in MAMMO_SOP_CLASSES:
         return
     if body == "BREAST" and modality in PROJECTION_MODALITIES:
@@ -409,7 +409,7 @@ def resolve_spacing(
     if "ImagerPixelSpacing" in ds and ds.ImagerPixelSpacing is not None:
         mm = _valid_spacing(ds.ImagerPixelSpacing, "ImagerPixelSpacing", path)
         if mm is not None:
-            mag_raw = _str(ds, "EstimatedRadiographicMagnificationFactor")
+            mag_raw = first_text(ds, "EstimatedRadiographicMagnificationFactor")
             if mag_raw:
                 try:
                     mag = float(mag_raw)
@@ -446,7 +446,7 @@ def resolve_laterality(ds: Dataset) -> tuple[str | None, str | None]:
         ("ImageLaterality", LATERALITY_IMAGE),
         ("Laterality", LATERALITY_SERIES),
     ):
-        value = _str(ds, keyword).upper()
+        value = first_text(ds, keyword).upper()
         if value in (LEFT, RIGHT):
             return value, source
     return None, None
@@ -460,7 +460,7 @@ def resolve_view(ds: Dataset) -> str | None:
     ``399162004`` -> CC, ``R-10226``/``399368009`` -> MLO, ML, LM), then by
     CodeMeaning (``cranio-caudal``, ``medio-lateral oblique``, ...).
     """
-    vp = _str(ds, "ViewPosition").upper()
+    vp = first_text(ds, "ViewPosition").upper()
     if vp:
         return vp
     seq = ds.get("ViewCodeSequence")
@@ -514,17 +514,17 @@ def _meta(ds: Dataset, path: str | Path, default_spacing_mm: float | None) -> Im
     laterality, lat_source = resolve_laterality(ds)
     return ImageMeta(
         source=str(path),
-        sop_instance_uid=_str(ds, "SOPInstanceUID") or None,
-        patient_id=_str(ds, "PatientID") or None,
-        manufacturer=_str(ds, "Manufacturer"),
-        model=_str(ds, "ManufacturerModelName"),
+        sop_instance_uid=first_text(ds, "SOPInstanceUID") or None,
+        patient_id=first_text(ds, "PatientID") or None,
+        manufacturer=first_text(ds, "Manufacturer"),
+        model=first_text(ds, "ManufacturerModelName"),
         view=resolve_view(ds),
         laterality=laterality or "",
         laterality_source=lat_source or LATERALITY_UNKNOWN,
         stored_spacing_mm=float(spacing),
         spacing_source=spacing_source,
-        presentation_intent=_str(ds, "PresentationIntentType").upper() or None,
-        photometric=_str(ds, "PhotometricInterpretation").upper() or None,
+        presentation_intent=first_text(ds, "PresentationIntentType").upper() or None,
+        photometric=first_text(ds, "PhotometricInterpretation").upper() or None,
         rows=_header_int(ds, "Rows", path, 0),
         cols=_header_int(ds, "Columns", path, 0),
     )
@@ -653,7 +653,7 @@ def check_greyscale(ds: Dataset, path: str | Path) -> None:
         raise RefusedImage(
             str(path), f"not greyscale: SamplesPerPixel={spp} (expected 1)"
         )
-    photometric = _str(ds, "PhotometricInterpretation").upper()
+    photometric = first_text(ds, "PhotometricInterpretation").upper()
     if photometric not in GREYSCALE:
         raise RefusedImage(
             str(path),
@@ -832,8 +832,8 @@ def _invert(ds: Dataset) -> bool:
     DX/MG, and both describe the same single inversion; INVERSE on a MONOCHROME2
     image inverts it.
     """
-    photometric = _str(ds, "PhotometricInterpretation").upper()
-    shape = _str(ds, "PresentationLUTShape").upper()
+    photometric = first_text(ds, "PhotometricInterpretation").upper()
+    shape = first_text(ds, "PresentationLUTShape").upper()
     return photometric == "MONOCHROME1" or (
         photometric == "MONOCHROME2" and shape == "INVERSE"
     )
@@ -878,7 +878,7 @@ def check_rescale(ds: Dataset, path: str | Path) -> None:
     for keyword in ("RescaleSlope", "RescaleIntercept"):
         text = ""
         try:  # reading the element converts it: an unparseable DS raises here
-            text = _str(ds, keyword)
+            text = first_text(ds, keyword)
             value = float(text) if text else None
         except (TypeError, ValueError) as exc:
             raise RefusedImage(
@@ -927,7 +927,7 @@ def to_unit_range(arr: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarray:
             f"Modality LUT gives non-finite values (min {lo_v}, max {hi_v}): "
             f"{_rescale_text(ds)}",
         )
-    intent = _str(ds, "PresentationIntentType").upper()
+    intent = first_text(ds, "PresentationIntentType").upper()
     if intent == FOR_PROCESSING:
         logv = np.log1p(np.maximum(values - values.min(), 0.0))
         lo, hi = np.percentile(logv, PROCESSING_PERCENTILES)
@@ -954,7 +954,7 @@ def _presentation(values: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarr
         except (TypeError, ValueError):
             c, w = float("nan"), float("nan")
         if math.isfinite(c) and math.isfinite(w) and w > 0:
-            function = _str(ds, "VOILUTFunction").upper() or "LINEAR"
+            function = first_text(ds, "VOILUTFunction").upper() or "LINEAR"
             if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
                 log.warning("%s: VOILUTFunction=%r unknown: LINEAR", path, function)
                 function = "LINEAR"

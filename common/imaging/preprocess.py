@@ -99,27 +99,38 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
-def find_breast(pixels01: np.ndarray) -> BreastRegion:
-    """Locate the breast in float[H, W] stored-space pixels (``[0, 1]``, dense bright).
+@dataclass(frozen=True)
+class _Component:
+    """The breast's component on the block-averaged grid (:func:`_breast_component`)."""
 
-    Works on a block-averaged copy so that it costs a few milliseconds on a
-    full-field image. The bounding box is in stored-space pixel edges.
+    comp: np.ndarray  # bool[h, w]: the largest component (band cleared, opened)
+    norm: np.ndarray  # float[h, w]: the smoothed copy scaled to [0, 1]
+    factor: int  # image pixels per grid cell
+    band: int  # width of the cleared border band, in cells
+
+
+def _breast_component(pixels01: np.ndarray) -> _Component | None:
+    """The largest bright component of float[H, W] pixels, or ``None``.
+
+    ``None`` for a flat image or when no component holds
+    ``MIN_BREAST_FRACTION`` of the grid. The one rule behind
+    :func:`find_breast` (stored space, at ingest) and :func:`breast_mask`
+    (model space, at inference).
     """
     h, w = pixels01.shape
-    full = (0, 0, w, h)
     factor = max(1, math.ceil(max(h, w) / DETECT_MAX_SIDE))
     small = block_mean(pixels01.astype(np.float32, copy=False), factor)
     small = ndimage.uniform_filter(small, size=3, mode="nearest")
     lo, hi = float(small.min()), float(small.max())
     if hi - lo < 1e-6:
         log.debug("flat image: keeping the whole %dx%d frame", h, w)
-        return BreastRegion(full, None, False)
+        return None
     norm = (small - lo) / (hi - lo)
     mask = norm > otsu_threshold(norm)
     # Opening cuts thin bright bridges (film edges, paddle rims) to labels.
     # A thin band along the border is cleared so that bright film edges or
     # detector rims cannot join the breast to labels; a breast touching the band
-    # is extended back to the image edge below.
+    # is extended back to the image edge by the callers.
     band = max(2, round(BORDER_BAND_FRACTION * max(mask.shape)))
     inner = mask.copy()
     inner[:band, :] = inner[-band:, :] = False
@@ -131,13 +142,61 @@ def find_breast(pixels01: np.ndarray) -> BreastRegion:
         mask = inner
     labels, n = ndimage.label(mask)
     if n == 0:
-        return BreastRegion(full, None, False)
+        return None
     sizes = np.bincount(labels.ravel())[1:]
     biggest = int(np.argmax(sizes)) + 1
     if sizes[biggest - 1] < MIN_BREAST_FRACTION * mask.size:
         log.debug("largest component too small (%d px): no crop", sizes[biggest - 1])
+        return None
+    return _Component(labels == biggest, norm, factor, band)
+
+
+def breast_mask(pixels01: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(mask, factor)``: where the breast is, on a ``factor``-times coarser grid.
+
+    :func:`find_breast`'s component with its holes filled and grown back by
+    what the border band and the opening took (so tissue at the chest wall and
+    the skin line stays in); an image with no plausible breast gets an
+    all-True mask (nothing is ever dropped for want of a breast). Used at
+    inference (``ModelConfig.breast_mask``) to drop detections on film labels
+    and markers: :func:`inside_mask`.
+    """
+    found = _breast_component(pixels01)
+    if found is None:
+        h, w = pixels01.shape
+        factor = max(1, math.ceil(max(h, w) / DETECT_MAX_SIDE))
+        return np.ones((math.ceil(h / factor), math.ceil(w / factor)), bool), factor
+    comp = ndimage.binary_fill_holes(found.comp)
+    reach = found.band + OPENING_ITERATIONS + 1
+    return ndimage.binary_dilation(comp, iterations=reach), found.factor
+
+
+def inside_mask(boxes: np.ndarray, mask: np.ndarray, factor: int) -> np.ndarray:
+    """bool[K]: whether each ``[x0, y0, x1, y1]`` box's centre lies in ``mask``.
+
+    ``mask`` and ``factor`` as :func:`breast_mask` returns them; box
+    coordinates in the pixels of the image the mask was made from.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(b) == 0:
+        return np.zeros(0, dtype=bool)
+    cx = np.clip(((b[:, 0] + b[:, 2]) / 2 // factor).astype(int), 0, mask.shape[1] - 1)
+    cy = np.clip(((b[:, 1] + b[:, 3]) / 2 // factor).astype(int), 0, mask.shape[0] - 1)
+    return mask[cy, cx]
+
+
+def find_breast(pixels01: np.ndarray) -> BreastRegion:
+    """Locate the breast in float[H, W] stored-space pixels (``[0, 1]``, dense bright).
+
+    Works on a block-averaged copy so that it costs a few milliseconds on a
+    full-field image. The bounding box is in stored-space pixel edges.
+    """
+    h, w = pixels01.shape
+    full = (0, 0, w, h)
+    found = _breast_component(pixels01)
+    if found is None:
         return BreastRegion(full, None, False)
-    comp = labels == biggest
+    comp, norm, factor, band = found.comp, found.norm, found.factor, found.band
     rows = np.flatnonzero(comp.any(axis=1))
     cols = np.flatnonzero(comp.any(axis=0))
     margin = max(2, round(CROP_MARGIN_FRACTION * max(h, w)))

@@ -131,6 +131,16 @@ def test_only_folds_split_work_then_pool_matches_one_run(tmp_path, capsys):
     assert "fold-0: holds a run of a different fold or recipe (recipe.lr differs" in err
     # settings that do not change what a fold trains may differ
     assert sim_main([*argv, "--out", str(split), "--set", "n_boot=7"]) == 0
+    # nor does an inference-only model field: the finished folds are re-predicted
+    assert (
+        sim_main([*argv, "--out", str(split), "--set", "model.breast_mask=true"]) == 0
+    )
+    assert json.loads((split / CV_METRICS_JSON).read_text())["config"]["model"][
+        "breast_mask"
+    ]
+    for f in (0, 1):
+        epochs = (split / f"fold-{f}" / "epochs.jsonl").read_text().splitlines()
+        assert len(epochs) == 1
     # a fold.json written before folds recorded their recipe: the fold is checked
     fj = split / "fold-0" / "fold.json"
     old = json.loads(fj.read_text())

@@ -45,6 +45,10 @@ class ModelConfig:
             tissue behind them); changes ``conv1``'s shape.
         tta_flip: in eval mode, also detect the up-down mirror and fuse
             (``MammoFCOS.forward``); inference only, twice the time.
+        breast_mask: in eval mode, drop detections whose box centre lies
+            outside the breast (``common.imaging.preprocess.breast_mask`` of
+            the input image: film labels, markers, the paddle's edge);
+            inference only, a few milliseconds per image.
         weights_path: optional LOCAL file with ResNet backbone weights (a
             torchvision ResNet ``state_dict``; a 3-channel ``conv1`` is summed to
             one channel). Never downloaded.
@@ -65,6 +69,7 @@ class ModelConfig:
     working_spacing_mm: float = field(default=0.4, metadata=bounded(1e-4, 10.0))
     speck_channel: bool = False
     tta_flip: bool = False
+    breast_mask: bool = False
     weights_path: Path | None = field(default=None, metadata=path_field(True))
     num_classes: int = len(CLASSES)
 

@@ -24,10 +24,13 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
@@ -44,6 +47,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from common.detector.model.config import ModelConfig
 from common.detector.model.registry import register_model
 from common.errors import CheckpointMismatch
+from common.imaging.preprocess import breast_mask, inside_mask
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +292,40 @@ def load_backbone_weights(body: nn.Module, path: Path) -> None:
     log.info("loaded backbone weights from %s (%d tensors)", p, len(own))
 
 
+def in_breast(image: Tensor, det: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``det`` without the detections whose box centre lies outside the breast.
+
+    The breast is :func:`common.imaging.preprocess.breast_mask` of the image's
+    first channel (model space, ``[0, 1]``); an image with no plausible breast
+    keeps every detection.
+    """
+    if not len(det["boxes"]):
+        return det
+    mask, factor = breast_mask(image[0].detach().float().cpu().numpy())
+    keep = inside_mask(det["boxes"].detach().float().cpu().numpy(), mask, factor)
+    idx = torch.from_numpy(np.flatnonzero(keep)).to(det["boxes"].device)
+    return {k: v[idx] for k, v in det.items()}
+
+
+@contextmanager
+def without_breast_mask(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s detectors keep the detections outside the breast.
+
+    For the detections a model trains from (hard negatives mined, second-stage
+    candidates): ``ModelConfig.breast_mask`` then only acts when a trained
+    model predicts, so changing it never changes what is trained.
+    """
+    found = [m for m in model.modules() if isinstance(m, MammoFCOS)]
+    old = [m.cfg for m in found]
+    try:
+        for m in found:
+            m.cfg = replace(m.cfg, breast_mask=False)
+        yield
+    finally:
+        for m, cfg in zip(found, old, strict=True):
+            m.cfg = cfg
+
+
 class MammoFCOS(FCOS):
     """FCOS detector for one-channel mammograms, built from a :class:`ModelConfig`.
 
@@ -322,22 +360,30 @@ class MammoFCOS(FCOS):
     ) -> Any:
         """FCOS; in eval mode with ``cfg.tta_flip``, fused with the up-down flip.
 
+        With ``cfg.breast_mask`` (eval mode) the detections outside the
+        breast are dropped last (:func:`in_breast`).
+
         Flip test-time augmentation: the image and its up-down mirror are both
         detected; each detection's score becomes the mean of its own and of
         the best same-class match (IoU >= 0.3) in the other view (0 without
         one), so a lesion seen in both keeps its score and a view-specific
         false positive loses half; then per-class NMS over both views.
         """
-        if self.training or not self.cfg.tta_flip:
+        if self.training:
             return super().forward(images, targets)
-        plain = super().forward(images)
-        flipped = super().forward([im.flip(-2) for im in images])
-        out = []
-        for im, a, b in zip(images, plain, flipped, strict=True):
-            h = im.shape[-2]
-            fb = b["boxes"].clone()
-            fb[:, 1], fb[:, 3] = h - b["boxes"][:, 3], h - b["boxes"][:, 1]
-            out.append(self._fuse(a, {**b, "boxes": fb}))
+        if not self.cfg.tta_flip:
+            out = super().forward(images)
+        else:
+            plain = super().forward(images)
+            flipped = super().forward([im.flip(-2) for im in images])
+            out = []
+            for im, a, b in zip(images, plain, flipped, strict=True):
+                h = im.shape[-2]
+                fb = b["boxes"].clone()
+                fb[:, 1], fb[:, 3] = h - b["boxes"][:, 3], h - b["boxes"][:, 1]
+                out.append(self._fuse(a, {**b, "boxes": fb}))
+        if self.cfg.breast_mask:
+            out = [in_breast(im, o) for im, o in zip(images, out, strict=True)]
         return out
 
     def _fuse(self, a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:

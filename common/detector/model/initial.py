@@ -62,6 +62,7 @@ class DetectorModelOptions:
     working_spacing_mm: float = _MODEL.working_spacing_mm
     speck_channel: bool = _MODEL.speck_channel
     tta_flip: bool = _MODEL.tta_flip
+    breast_mask: bool = _MODEL.breast_mask
 
 
 #: ``trainer.options`` keys that shape the detector (the others steer training).

@@ -224,4 +224,10 @@ def test_export_refuses_bad_inputs(make_checkpoint, tmp_path):
     tta = make_checkpoint("tta.pt", tta_flip=True)
     with pytest.raises(ExportError, match=r"tta\.pt: field 'model_config\.tta_flip'"):
         export_onnx(tta, tmp_path / "m.onnx")
+    # nor the breast mask that drops detections outside the breast
+    masked = make_checkpoint("mask.pt", breast_mask=True)
+    with pytest.raises(
+        ExportError, match=r"mask\.pt: field 'model_config\.breast_mask'"
+    ):
+        export_onnx(masked, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
