@@ -58,7 +58,9 @@ from client.model_card import (
 from client.predict import stored_records
 from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.checkpoint import Checkpoint, load_model
+from common.errors import shown
 from common.fileio import atomic_write_text, read_json_document
+from common.imaging.preprocess import breast_mask, inside_mask
 from common.keys import CLASSES
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,10 @@ def build_contract(ck: Checkpoint, onnx_name: str, opset: int) -> dict[str, Any]
             "model-space size of that image)",
             "nms": "per class, greedy by score, IoU > nms_thresh suppressed; "
             "then the best detections_per_img by score",
+            "breast_mask": bool(cfg.breast_mask),
+            "breast_mask_rule": "when true, last: drop each detection whose box "
+            "centre lies outside common.imaging.preprocess.breast_mask of the "
+            "graph's input image (unpadded, after the standardizer)",
         },
         "box_space": {
             "model": "pixel-edge [xmin, ymin, xmax, ymax] in the model-space "
@@ -271,8 +277,7 @@ def export_onnx(
     Raises:
         ExportError: an output path that is a folder or lacks ``.onnx``, an
             opset out of range, a checkpoint whose model fuses a mirrored view
-            (``tta_flip``) or drops detections outside the breast
-            (``breast_mask``): the graph and contract reproduce neither; an
+            (``tta_flip``: the graph and contract do not reproduce it), an
             ``eval_dir`` of another model or weights; CheckpointMismatch: an
             unusable checkpoint, ``use_ema`` without EMA weights.
     """
@@ -291,13 +296,6 @@ def export_onnx(
             "also detects the up-down mirror of each image and fuses both, which "
             "the ONNX graph and its contract do not reproduce (its detections "
             "would differ from predict's); such a model is not exported"
-        )
-    if ck.model_config.breast_mask:
-        raise ExportError(
-            f"{ck.path}: field 'model_config.breast_mask' is true: the torch "
-            "model drops the detections outside the breast, which the ONNX graph "
-            "and its contract do not reproduce (its detections would differ from "
-            "predict's); such a model is not exported"
         )
     # refuse a wrong --eval before writing
     evaluation_section(eval_dir, ck.path, use_ema=use_ema)
@@ -508,6 +506,12 @@ class OnnxDetector:
                 float(p["nms_thresh"]),
                 int(p["detections_per_img"]),
             )
+            self.breast_mask = p.get("breast_mask", False)  # older contracts
+            if not isinstance(self.breast_mask, bool):
+                raise TypeError(
+                    f"postprocessing.breast_mask must be true or false, got "
+                    f"{shown(self.breast_mask)}"
+                )
             std = c["preprocessing"]["standardizer"]
             self.standardizer = (
                 HistogramStandardizer.from_dict(std) if std is not None else None
@@ -538,9 +542,16 @@ class OnnxDetector:
 
     def detect(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Model-space detections for model-space images run as ONE batch."""
-        batch, shapes = pad_batch([self.prepare(im) for im in images], self.pad_value)
+        prepared = [self.prepare(im) for im in images]
+        batch, shapes = pad_batch(prepared, self.pad_value)
         outs = self.session.run(None, {INPUT_NAME: batch})
-        return postprocess(outs, (batch.shape[2], batch.shape[3]), shapes, self.post)
+        dets = postprocess(outs, (batch.shape[2], batch.shape[3]), shapes, self.post)
+        if self.breast_mask:  # the contract's last step, as MammoFCOS.forward
+            for d, im in zip(dets, prepared, strict=True):
+                keep = inside_mask(d["boxes"], *breast_mask(im))
+                for k in ("boxes", "scores", "labels"):
+                    d[k] = d[k][keep]
+        return dets
 
     def predict_files(
         self,
