@@ -35,3 +35,13 @@ for run in mias04 mias-hn mias-base; do
         --b out/$run-seed{0,1,2}-mask/oof_predictions.json \
         --label "mias-breast-mask-$run-3seeds" --results benchmarks/results
 done
+# each class from the recipe that finds it best (post hoc, benchmarks.mias_classwise):
+# masses from the 0.4 mm recipe, clusters from the 0.2 mm recipe with hard negatives
+python -m benchmarks.mias_classwise --mass out/mias04-seed{0,1,2}/oof_predictions.json \
+    --mass-cache out/mini-mias/cache --calc out/mias-hn-seed{0,1,2}/oof_predictions.json \
+    --calc-cache out/mini-mias/cache-native --label 04-masses-hn-clusters-3seeds \
+    --results benchmarks/results
+python -m benchmarks.mias_classwise --mass out/mias04-seed{0,1,2}-mask/oof_predictions.json \
+    --mass-cache out/mini-mias/cache --calc out/mias-hn-seed{0,1,2}-mask/oof_predictions.json \
+    --calc-cache out/mini-mias/cache-native --label 04-masses-hn-clusters-mask-3seeds \
+    --results benchmarks/results
