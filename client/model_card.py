@@ -428,6 +428,7 @@ def write_model_card(
             "working_spacing_mm": cfg.working_spacing_mm,
             "classes": list(CLASSES),
             "standardizer": EXTRA_STANDARDIZER in ck.extra,
+            "breast_mask": cfg.breast_mask,
         },
         "files": [
             {"name": f.name, "sha256": sha256_file(f), "bytes": f.stat().st_size}

@@ -66,6 +66,9 @@ from common.keys import CLASSES
 log = logging.getLogger(__name__)
 
 CONTRACT_FORMAT = "mammofed-onnx-contract/1"
+#: The format of a contract whose last step is the breast mask: a reader of
+#: format 1 refuses it rather than skip the step and return more detections.
+CONTRACT_FORMAT_MASKED = "mammofed-onnx-contract/2"
 CONTRACT_SUFFIX = ".contract.json"
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 11, 20
@@ -160,7 +163,7 @@ def build_contract(ck: Checkpoint, onnx_name: str, opset: int) -> dict[str, Any]
     std = checkpoint_standardizer(ck)
     levels = len(ANCHOR_SIZES)
     return {
-        "format": CONTRACT_FORMAT,
+        "format": CONTRACT_FORMAT_MASKED if cfg.breast_mask else CONTRACT_FORMAT,
         "model_file": onnx_name,
         "opset": opset,
         "classes": list(CLASSES),
@@ -492,10 +495,14 @@ class OnnxDetector:
                 f"{card_paths(self.path)[0]}: field 'files' does not list the "
                 f"contract {cpath.name}, so it cannot be trusted"
             )
-        self.contract = read_json_document(
-            cpath, "ONNX contract", ExportError, format_id=CONTRACT_FORMAT
-        )
+        self.contract = read_json_document(cpath, "ONNX contract", ExportError)
         c = self.contract
+        fmt = c.get("format")
+        if fmt not in (CONTRACT_FORMAT, CONTRACT_FORMAT_MASKED):
+            raise ExportError(
+                f"{cpath}: field 'format' is {shown(fmt)}, expected "
+                f"{CONTRACT_FORMAT!r} or {CONTRACT_FORMAT_MASKED!r}"
+            )
         try:
             self.working_spacing_mm = float(c["preprocessing"]["working_spacing_mm"])
             self.pad_value = float(c["input"]["pad_value"])
@@ -506,11 +513,11 @@ class OnnxDetector:
                 float(p["nms_thresh"]),
                 int(p["detections_per_img"]),
             )
-            self.breast_mask = p.get("breast_mask", False)  # older contracts
-            if not isinstance(self.breast_mask, bool):
+            self.breast_mask = p.get("breast_mask", False)  # format 1: absent
+            if self.breast_mask is not (fmt == CONTRACT_FORMAT_MASKED):
                 raise TypeError(
-                    f"postprocessing.breast_mask must be true or false, got "
-                    f"{shown(self.breast_mask)}"
+                    f"postprocessing.breast_mask is {shown(self.breast_mask)}: "
+                    f"format {fmt!r} needs {fmt == CONTRACT_FORMAT_MASKED}"
                 )
             std = c["preprocessing"]["standardizer"]
             self.standardizer = (
@@ -547,8 +554,8 @@ class OnnxDetector:
         outs = self.session.run(None, {INPUT_NAME: batch})
         dets = postprocess(outs, (batch.shape[2], batch.shape[3]), shapes, self.post)
         if self.breast_mask:  # the contract's last step, as MammoFCOS.forward
-            for d, im in zip(dets, prepared, strict=True):
-                keep = inside_mask(d["boxes"], *breast_mask(im))
+            for d, im, shape in zip(dets, prepared, shapes, strict=True):
+                keep = inside_mask(d["boxes"], *breast_mask(im.reshape(shape)))
                 for k in ("boxes", "scores", "labels"):
                     d[k] = d[k][keep]
         return dets

@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from common.detector.adapt.augment import StrongAugment, WeakAugment
 from common.detector.adapt.config import AdaptConfig
+from common.detector.model.fcos import without_breast_mask
 from common.detector.recipe import ModelEMA, guarded_step, targets_to_device
 from common.errors import shown
 from common.fileio import atomic_write
@@ -70,7 +71,8 @@ class MeanTeacher(ModelEMA):
         image), ``scores`` FloatTensor[K], ``labels`` Int64Tensor[K].
         """
         self.module.eval()
-        return list(self.module(list(images)))
+        with without_breast_mask(self.module):  # pseudo-labels: what it proposes
+            return list(self.module(list(images)))
 
     @torch.no_grad()
     def sync_shared(self, student: nn.Module, shared_keys: Iterable[str]) -> int:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torchvision.ops import batched_nms
 
+from client.export import ExportError
 from client.model_card import ModelIntegrityError, card_paths
 from client.onnx_export import (
     BOX_TOL_STORED_PX,
@@ -28,6 +29,7 @@ from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.checkpoint import load_model
 from common.detector.engine import predict_images
 from common.errors import CheckpointMismatch
+from common.fileio import sha256_file
 from common.keys import CLASSES
 
 FLOOR = 0.05
@@ -118,6 +120,22 @@ def test_breast_mask_travels_in_the_contract(make_checkpoint, write_exam, tmp_pa
     unmasked = _torch_records(plain, files, tmp_path / "p")
     kept = sum(len(d["detections"]) for d in got)
     assert 0 < kept < sum(len(d["detections"]) for d in unmasked)
+    # a reader of format 1 must not skip the step: the masked contract is format 2
+    doc = json.loads(exp.contract.read_text())
+    assert doc["format"] == "mammofed-onnx-contract/2"
+    assert json.loads(card_paths(exp.onnx)[0].read_text())["model"]["breast_mask"]
+    # a contract whose format and step disagree is refused by name (card re-signed)
+    doc["format"] = "mammofed-onnx-contract/1"
+    exp.contract.write_text(json.dumps(doc))
+    card_json = card_paths(exp.onnx)[0]
+    card = json.loads(card_json.read_text())
+    for f in card["files"]:
+        if f["name"] == exp.contract.name:
+            f["sha256"] = sha256_file(exp.contract)
+            f["bytes"] = exp.contract.stat().st_size
+    card_json.write_text(json.dumps(card))
+    with pytest.raises(ExportError, match=r"postprocessing\.breast_mask is True"):
+        OnnxDetector(exp.onnx)
 
 
 def test_standardizer_travels_in_the_contract(make_checkpoint, write_exam, tmp_path):
@@ -225,8 +243,6 @@ def test_tampered_onnx_is_refused(make_checkpoint, tmp_path):
 
 
 def test_export_refuses_bad_inputs(make_checkpoint, tmp_path):
-    from client.export import ExportError
-
     ck = make_checkpoint()
     with pytest.raises(ExportError, match=r"must name a file ending in \.onnx"):
         export_onnx(ck, tmp_path / "m.pt")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.detector.adapt.teacher import MeanTeacher
 from common.detector.model import build_detector
 from common.detector.model.config import ModelConfig
 from common.detector.model.fcos import in_breast, without_breast_mask
@@ -111,3 +112,19 @@ def test_without_breast_mask_restores_the_config_when_the_block_fails() -> None:
         assert not m.cfg.breast_mask
         raise RuntimeError("boom")
     assert m.cfg.breast_mask
+
+
+def test_the_teacher_proposes_pseudo_boxes_without_the_mask() -> None:
+    """Semi-supervision learns from what the model proposes, mask or not."""
+    torch.manual_seed(0)
+    img = torch.from_numpy(_film(192, 128))[None]
+    cfg = dict(arch="tiny", norm="group", score_thresh=0.0, detections_per_img=1000)
+    plain = build_detector(ModelConfig(**cfg)).eval()
+    masked = build_detector(ModelConfig(**cfg, breast_mask=True))
+    masked.load_state_dict(plain.state_dict())
+    teacher = MeanTeacher(masked, 0.99)
+    with torch.no_grad():
+        want = plain([img])[0]
+    got = teacher.detect([img])[0]
+    assert torch.equal(got["boxes"], want["boxes"])
+    assert teacher.module.cfg.breast_mask  # restored after the block
