@@ -312,7 +312,7 @@ def without_breast_mask(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model``'s detectors keep the detections outside the breast.
 
     For the detections a model trains from (hard negatives mined, second-stage
-    candidates): ``ModelConfig.breast_mask`` then only acts when a trained
+    candidates, a mean teacher's pseudo-boxes): ``ModelConfig.breast_mask`` then only acts when a trained
     model predicts, so changing it never changes what is trained.
     """
     found = [m for m in model.modules() if isinstance(m, MammoFCOS)]
