@@ -45,3 +45,6 @@ python -m benchmarks.mias_classwise --mass out/mias04-seed{0,1,2}-mask/oof_predi
     --mass-cache out/mini-mias/cache --calc out/mias-hn-seed{0,1,2}-mask/oof_predictions.json \
     --calc-cache out/mini-mias/cache-native --label 04-masses-hn-clusters-mask-3seeds \
     --results benchmarks/results
+# three seeds of the 0.4 mm recipe fused (a 3-model ensemble trains in 3 x 9 min), masked
+python -m benchmarks.ensemble --oof out/mias04-seed{0,1,2}-mask/oof_predictions.json \
+    --results benchmarks/results
