@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from common.detector.engine import detect_dataset
 from common.detector.froc import FALSE_POSITIVE, FrocImage, match_image_lesions
-from common.detector.model.fcos import without_breast_mask
+from common.detector.model import without_breast_mask
 
 __all__ = ["MIN_SCORE", "HardNegativeMiner", "HardNegatives", "false_positives"]
 

@@ -76,7 +76,7 @@ from common import __version__
 from common.config import bounded, config_to_dict, from_mapping
 from common.detector.engine import detect_dataset
 from common.detector.froc import FALSE_POSITIVE, HIT, FrocImage, match_image_lesions
-from common.detector.model.fcos import without_breast_mask
+from common.detector.model import without_breast_mask
 from common.errors import (
     CheckpointMismatch,
     ConfigError,

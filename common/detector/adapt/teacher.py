@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 
 from common.detector.adapt.augment import StrongAugment, WeakAugment
 from common.detector.adapt.config import AdaptConfig
-from common.detector.model.fcos import without_breast_mask
+from common.detector.model import without_breast_mask
 from common.detector.recipe import ModelEMA, guarded_step, targets_to_device
 from common.errors import shown
 from common.fileio import atomic_write

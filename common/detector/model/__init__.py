@@ -7,6 +7,7 @@ Public API::
     register_model, available_models
     shared_and_personal(model, personalization) -> (shared_keys, personal_keys)
     head_keys(model), norm_keys(model), parameter_groups(model)
+    without_breast_mask(model)            # context: detections a model trains from
 
 Importing this package registers the built-in models
 (:mod:`common.detector.model.fcos`),
@@ -15,6 +16,7 @@ so they are in the registry before any name is looked up.
 
 from common.detector.model import fcos as _builtin_models  # noqa: F401  (registers them)
 from common.detector.model.config import ModelConfig, Personalization
+from common.detector.model.fcos import without_breast_mask
 from common.detector.model.params import (
     head_keys,
     norm_keys,
@@ -37,4 +39,5 @@ __all__ = [
     "parameter_groups",
     "register_model",
     "shared_and_personal",
+    "without_breast_mask",
 ]

@@ -312,8 +312,9 @@ def without_breast_mask(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model``'s detectors keep the detections outside the breast.
 
     For the detections a model trains from (hard negatives mined, second-stage
-    candidates, a mean teacher's pseudo-boxes): ``ModelConfig.breast_mask`` then only acts when a trained
-    model predicts, so changing it never changes what is trained.
+    candidates, a mean teacher's pseudo-boxes): ``ModelConfig.breast_mask``
+    then only acts when a trained model predicts, so changing it never
+    changes what is trained.
     """
     found = [m for m in model.modules() if isinstance(m, MammoFCOS)]
     old = [m.cfg for m in found]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from common.detector.adapt.teacher import MeanTeacher
-from common.detector.model import build_detector
+from common.detector.model import build_detector, without_breast_mask
 from common.detector.model.config import ModelConfig
-from common.detector.model.fcos import in_breast, without_breast_mask
+from common.detector.model.fcos import in_breast
 from common.imaging.preprocess import breast_mask, find_breast, inside_mask
 
 
