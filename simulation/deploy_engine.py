@@ -40,7 +40,7 @@ from common.wire.federation import (
     NODE_STATE_DIR,
     FederationConfig,
 )
-from server.launch import Connection, follow_run, submit_run
+from server.launch import FLWR_HOME_DIR, Connection, follow_run, submit_run
 from server.process import (
     ProcessError,
     free_port,
@@ -137,5 +137,8 @@ def run_federated_deployment(
         log.info("deployment: run %d finished in %.0f s", run_id, time.monotonic() - t0)
         return run_dir
     finally:
-        for home in homes:
+        # the SuperLink's, the SuperNodes' and the flwr CLI's (submit_run,
+        # follow_run): a SIGTERM between a CLI child's fork and its Popen
+        # returning leaves a process no ``with`` block waits for
+        for home in [*homes, run_dir / FLWR_HOME_DIR]:
             kill_home_processes(home)
