@@ -108,6 +108,16 @@ class _Component:
     factor: int  # image pixels per grid cell
     band: int  # width of the cleared border band, in cells
 
+    @property
+    def reach(self) -> int:
+        """Cells the band and the opening may have taken from the breast's edge."""
+        return self.band + OPENING_ITERATIONS + 1
+
+
+def _grid_factor(h: int, w: int) -> int:
+    """Image pixels per cell of the block-averaged grid the breast is found on."""
+    return max(1, math.ceil(max(h, w) / DETECT_MAX_SIDE))
+
 
 def _breast_component(pixels01: np.ndarray) -> _Component | None:
     """The largest bright component of float[H, W] pixels, or ``None``.
@@ -118,7 +128,7 @@ def _breast_component(pixels01: np.ndarray) -> _Component | None:
     (model space, at inference).
     """
     h, w = pixels01.shape
-    factor = max(1, math.ceil(max(h, w) / DETECT_MAX_SIDE))
+    factor = _grid_factor(h, w)
     small = block_mean(pixels01.astype(np.float32, copy=False), factor)
     small = ndimage.uniform_filter(small, size=3, mode="nearest")
     lo, hi = float(small.min()), float(small.max())
@@ -164,11 +174,10 @@ def breast_mask(pixels01: np.ndarray) -> tuple[np.ndarray, int]:
     found = _breast_component(pixels01)
     if found is None:
         h, w = pixels01.shape
-        factor = max(1, math.ceil(max(h, w) / DETECT_MAX_SIDE))
+        factor = _grid_factor(h, w)
         return np.ones((math.ceil(h / factor), math.ceil(w / factor)), bool), factor
     comp = ndimage.binary_fill_holes(found.comp)
-    reach = found.band + OPENING_ITERATIONS + 1
-    return ndimage.binary_dilation(comp, iterations=reach), found.factor
+    return ndimage.binary_dilation(comp, iterations=found.reach), found.factor
 
 
 def inside_mask(boxes: np.ndarray, mask: np.ndarray, factor: int) -> np.ndarray:
@@ -196,12 +205,11 @@ def find_breast(pixels01: np.ndarray) -> BreastRegion:
     found = _breast_component(pixels01)
     if found is None:
         return BreastRegion(full, None, False)
-    comp, norm, factor, band = found.comp, found.norm, found.factor, found.band
+    comp, norm, factor, reach = found.comp, found.norm, found.factor, found.reach
     rows = np.flatnonzero(comp.any(axis=1))
     cols = np.flatnonzero(comp.any(axis=0))
     margin = max(2, round(CROP_MARGIN_FRACTION * max(h, w)))
     sh, sw = comp.shape
-    reach = band + OPENING_ITERATIONS + 1
     x0 = 0 if cols[0] <= reach else max(0, cols[0] * factor - margin)
     y0 = 0 if rows[0] <= reach else max(0, rows[0] * factor - margin)
     x1 = w if cols[-1] >= sw - 1 - reach else min(w, (cols[-1] + 1) * factor + margin)
