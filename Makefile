@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/python -m simulation.demo --out $(DEMO_OUT)
 
-# The study (README, "The study"): every regime from the shipped vendor-H base
+# The study (docs/results.md, "The study"): every regime from the shipped vendor-H base
 # model on the demo's sites with 60 test women each on B, C and D
 # (configs/simulation/study.yaml), three seeds, three seed processes at a time
 # (benchmarks/results/study/). 80 min measured end to end for this list with
@@ -29,7 +29,7 @@ demo: venv
 # recommendation's two regimes (personalized-ssl-tuned and
 # personalized-ssl+tuned+local), 5 min more when run apart (commands in
 # benchmarks/results/study35/commands_stop35.sh). local-head, its
-# pair and FedAvgM (measured, not better: README "Also measured") are left out
+# pair and FedAvgM (measured, not better: docs/results.md, "Also measured") are left out
 # to stay within 90; add them with STUDY_REGIMES="... local-head fedavgm
 # personalized-dp+local-head". personalized-all-labels (the same federation
 # with every woman labeled: the ceiling of the report's section on the gap
@@ -52,7 +52,7 @@ study: venv
 	    --data $(STUDY_DATA) --out $(STUDY_OUT) --seeds 0,1,2 --parallel 3 --threads 1 \
 	    $(addprefix --regime ,$(STUDY_REGIMES))
 
-# The study's confirmation (README "The study", "Confirmed on new women"): the
+# The study's confirmation (docs/results.md, "The study", "Confirmed on new women"): the
 # recommended regime was chosen on the study's test women, so it is scored
 # again, with its comparators, on 40-44 new test women per non-H site
 # (configs/simulation/study-confirm.yaml: the study's training women, so the
@@ -85,7 +85,7 @@ study-confirm: venv
 	        --results $(CONFIRM_RESULTS) || exit 1; \
 	done
 
-# The study's holdout (README "The study", "A larger holdout", stop 37): the
+# The study's holdout (docs/results.md, "The study", "A larger holdout", stop 37): the
 # same question on 150 new test women per non-H site
 # (configs/simulation/study-holdout.yaml: the study's training women, so the
 # same models), with the plan written before the run

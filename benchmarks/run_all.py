@@ -1,7 +1,7 @@
 """``make bench``: every CPU benchmark once, each appending JSON lines to results/.
 
 GPU figures come from ``benchmarks/train_speed.py --device cuda`` and
-``benchmarks/gpu_study.sh`` on a GPU machine (see README).
+``benchmarks/gpu_study.sh`` on a GPU machine (see docs/results.md).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Wall time of a finished study (``make study``) and of each of its regimes.
 
-The study's ETA (:func:`simulation.run.regime_weight`) and the README's
-"about N min" come from here. Time the whole command yourself (the report at
-the end is part of it) and pass it with the run folder:
+The study's ETA (:func:`simulation.run.regime_weight`) and the "about N min"
+of the README and docs/results.md come from here. Time the whole command
+yourself (the report at the end is part of it) and pass it with the run folder:
 
     t0=$(date +%s); make study STUDY_OUT=out/study-e2e STUDY_DATA=out/data-e2e
     python -m benchmarks.study_time --run out/study-e2e --wall-s $(($(date +%s) - t0))

@@ -12,7 +12,7 @@ personalized-ssl-tuned members are reported too) with the detector from the
 shipped vendor-H base model, and writes the comparison report: per site, base
 vs local-only vs the recommended regime with paired intervals on the same
 test women. The oracle, FedAvg and the other regimes are in the three-seed
-study (``make study``, README, "The study"); with them the demo would not fit
+study (``make study``, docs/results.md, "The study"); with them the demo would not fit
 its 15 minutes.
 Usage: ``python -m simulation.demo --out out/demo``.
 """

@@ -295,7 +295,7 @@ REGIMES: Mapping[str, Regime] = MappingProxyType({r.name: r for r in TABLE})
 
 #: The regime the project recommends to a federation, chosen by the three-seed
 #: study on 60 test women per site and confirmed on 40-44 new women per site
-#: (README, "The study"; benchmarks/results/study35): the one the report's goal
+#: (docs/results.md, "The study"; benchmarks/results/study35): the one the report's goal
 #: table and the demo's comparison are about. Each site runs three models and
 #: fuses their findings: the federation's personalized model (FedBN + FedPer,
 #: few-shot head tuning where labels are few, the mean teacher's consistency
