@@ -22,6 +22,11 @@ Usage (seeds pair in order)::
 writes ``oof_predictions-classwise.json`` beside each ``--mass`` file and, in
 ``--results``/compare_runs.jsonl, the paired difference (class-wise − the
 ``--mass`` run alone) per class, seeds pooled.
+
+``--take all`` takes every class from ``--calc``: its run mapped into the
+``--mass`` run's pixels and keys (``oof_predictions-mapped.json`` beside each
+``--calc`` file), so the paired difference is ``--calc`` − ``--mass`` for
+both classes, for two recipes at different working spacings.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ from common.keys import CLASSES
 #: Suffix of the combined out-of-fold file written beside each ``--mass`` file.
 SUFFIX = "-classwise"
 MASS, CALC = CLASSES.index("mass"), CLASSES.index("calcification")
+CALC_ONLY = frozenset({CALC})
+#: ``--take all``: the --calc run mapped into the --mass run's pixels and keys,
+#: written beside the --calc file
+MAPPED = "-mapped"
 
 
 def cache_index(cache: Path) -> dict[str, tuple[str, Geometry]]:
@@ -64,8 +73,14 @@ def combine(
     calc_rows: list[dict[str, Any]],
     mass_index: dict[str, tuple[str, Geometry]],
     calc_index: dict[str, tuple[str, Geometry]],
+    take: frozenset[int] = CALC_ONLY,
 ) -> list[dict[str, Any]]:
-    """``mass_rows`` with their calcification detections taken from ``calc_rows``.
+    """``mass_rows`` with their detections of the classes ``take`` from ``calc_rows``.
+
+    Every other class keeps ``mass_rows``' own detections; ground truth, keys
+    and cases are always ``mass_rows``'. With ``take`` every class, the result
+    is ``calc_rows``' run mapped into ``mass_rows``' pixels and keys, so two
+    runs at different working spacings pair image by image.
 
     Raises:
         ValueError: an image of one run that the other did not score (the runs
@@ -79,17 +94,19 @@ def combine(
         if other is None:
             raise ValueError(f"{source}: scored by the mass run only")
         geom_calc = calc_index[_hash(other["key"])][1]
-        keep = [i for i, lab in enumerate(r["det_labels"]) if lab == MASS]
-        take = [i for i, lab in enumerate(other["det_labels"]) if lab == CALC]
-        boxes = np.asarray(other["det_boxes"], dtype=np.float64).reshape(-1, 4)[take]
-        moved = geom_mass.to_model(geom_calc.to_stored(boxes)) if take else boxes
+        keep = [i for i, lab in enumerate(r["det_labels"]) if lab not in take]
+        moved_i = [i for i, lab in enumerate(other["det_labels"]) if lab in take]
+        boxes = np.asarray(other["det_boxes"], dtype=np.float64).reshape(-1, 4)
+        boxes = boxes[moved_i]
+        moved = geom_mass.to_model(geom_calc.to_stored(boxes)) if moved_i else boxes
         out.append(
             {
                 **r,
                 "det_boxes": [r["det_boxes"][i] for i in keep] + moved.tolist(),
                 "det_scores": [r["det_scores"][i] for i in keep]
-                + [other["det_scores"][i] for i in take],
-                "det_labels": [MASS] * len(keep) + [CALC] * len(take),
+                + [other["det_scores"][i] for i in moved_i],
+                "det_labels": [r["det_labels"][i] for i in keep]
+                + [other["det_labels"][i] for i in moved_i],
             }
         )
     if by_source:
@@ -106,6 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mass-cache", type=Path, required=True)
     ap.add_argument("--calc", type=Path, nargs="+", required=True)
     ap.add_argument("--calc-cache", type=Path, required=True)
+    ap.add_argument(
+        "--take", choices=("calcification", "all"), default="calcification",
+        help="classes taken from --calc: clusters (default), or every class "
+        "(--calc's run mapped into --mass's pixels, to pair two spacings)",
+    )  # fmt: skip
     ap.add_argument("--label", default="classwise")
     ap.add_argument("--results", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -115,15 +137,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = []
     for m, c in zip(args.mass, args.calc, strict=True):
         rows = combine(
-            json.loads(m.read_text()), json.loads(c.read_text()), mass_index, calc_index
+            json.loads(m.read_text()),
+            json.loads(c.read_text()),
+            mass_index,
+            calc_index,
+            take=frozenset(range(len(CLASSES))) if args.take == "all" else CALC_ONLY,
         )
-        out = m.with_name(m.stem + SUFFIX + m.suffix)
+        out = (
+            c.with_name(c.stem + MAPPED + c.suffix)
+            if args.take == "all"
+            else (m.with_name(m.stem + SUFFIX + m.suffix))
+        )
         out.write_text(json.dumps(rows))
         written.append(out)
     results = [] if args.results is None else ["--results", str(args.results)]
     return compare_runs_main(
         ["--a", *map(str, args.mass), "--b", *map(str, written),
-         "--label", f"mias-classwise-{args.label}", *results]
+         "--label", f"mias-{'mapped' if args.take == 'all' else 'classwise'}-"
+        f"{args.label}", *results]
     )  # fmt: skip
 
 

@@ -54,3 +54,31 @@ def test_runs_of_other_women_are_refused() -> None:
         combine(mass, calc, {"a": ("mdb001.png", g)}, {"b": ("mdb002.png", g)})
     with pytest.raises(ValueError, match="mdb002.png: scored by the calcification"):
         combine([], calc, {}, {"b": ("mdb002.png", g)})
+
+
+def test_take_every_class_maps_the_other_run_into_the_first_runs_pixels() -> None:
+    coarse = Geometry((1000, 800), (100, 0, 600, 1000), False, (500, 250))
+    fine = Geometry((1000, 800), (0, 0, 800, 1000), False, (1000, 800))
+    first = [_row("cache/a", [[10.0, 10.0, 20.0, 20.0]], [MASS])]
+    other = [
+        _row(
+            "cache-03/b",
+            [[300.0, 200.0, 320.0, 220.0], [500.0, 400.0, 540.0, 440.0]],
+            [CALC, MASS],
+        )
+    ]
+    (out,) = combine(
+        first,
+        other,
+        {"a": ("mdb001.png", coarse)},
+        {"b": ("mdb001.png", fine)},
+        take=frozenset({MASS, CALC}),
+    )
+    # keys, cases and ground truth stay the first run's; every detection is the other's
+    assert out["key"] == "cache/a" and out["gt_boxes"] == first[0]["gt_boxes"]
+    assert out["det_labels"] == [CALC, MASS]
+    assert out["det_scores"] == pytest.approx([0.9, 0.8])
+    assert out["det_boxes"] == [
+        pytest.approx([100.0, 100.0, 110.0, 110.0]),
+        pytest.approx([200.0, 200.0, 220.0, 220.0]),
+    ]
