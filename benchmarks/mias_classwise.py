@@ -96,8 +96,8 @@ def combine(
         geom_calc = calc_index[_hash(other["key"])][1]
         keep = [i for i, lab in enumerate(r["det_labels"]) if lab not in take]
         moved_i = [i for i, lab in enumerate(other["det_labels"]) if lab in take]
-        boxes = np.asarray(other["det_boxes"], dtype=np.float64).reshape(-1, 4)
-        boxes = boxes[moved_i]
+        all_boxes = np.asarray(other["det_boxes"], dtype=np.float64).reshape(-1, 4)
+        boxes = all_boxes[moved_i]
         moved = geom_mass.to_model(geom_calc.to_stored(boxes)) if moved_i else boxes
         out.append(
             {
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = (
             c.with_name(c.stem + MAPPED + c.suffix)
             if args.take == "all"
-            else (m.with_name(m.stem + SUFFIX + m.suffix))
+            else m.with_name(m.stem + SUFFIX + m.suffix)
         )
         out.write_text(json.dumps(rows))
         written.append(out)
