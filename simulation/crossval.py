@@ -48,6 +48,14 @@ Written into ``out_dir``:
   out-of-fold images (to fuse runs with ``benchmarks.ensemble --oof``).
   A rerun resumes a fold from its ``last.pt`` (a finished fold is only
   re-predicted, its ``rescorer.pt`` reused) when the fold is unchanged.
+* with ``ema_decay`` set, the EMA is what is scored, and the weights the
+  optimizer trained (the student, :class:`simulation.train.Trained`) predict
+  the same held-out images: ``oof_predictions-student.json``, and
+  ``cv_metrics.json`` adds ``student_only`` (its pooled FROC, per fold
+  ``folds[].cpm_student``) and ``ema_gain`` (per class the paired CPM
+  difference EMA minus student). Both come from one training run, so the
+  comparison holds the seed's training noise fixed: what differs is only the
+  averaging. With the second stage on too, the student is the detector alone.
 """
 
 from __future__ import annotations
@@ -93,6 +101,7 @@ log = logging.getLogger(__name__)
 CV_METRICS_JSON = "cv_metrics.json"
 OOF_PREDICTIONS_JSON = "oof_predictions.json"
 OOF_DETECTOR_JSON = "oof_predictions-detector.json"
+OOF_STUDENT_JSON = "oof_predictions-student.json"
 FOLD_JSON = "fold.json"
 
 #: TrainConfig fields that do not change what a fold trains: left out of the
@@ -250,6 +259,7 @@ def run_crossval(
     oof: list[FrocImage] = []
     oof_fold: list[int] = []
     oof_detector: list[FrocImage] = []
+    oof_student: list[FrocImage] = []
     fold_docs: list[dict[str, Any]] = []
     to_train = [f for f in folds if only is None or f.index in only]
     eta = Eta(max(1, len(to_train) * cfg.epochs))
@@ -310,10 +320,13 @@ def run_crossval(
                 f + 1, k, n_train, len(train_patients), n_val, len(val_patients),
             )  # fmt: skip
             progress = _epoch_logger(f, k, cfg.epochs, fdir / EPOCH_LOG, eta)
-            model = train_model(
+            trained = train_model(
                 cfg, data.views, fdir, device, eval_fn=progress, miner=data.miner
             )
-            scorer, detector_only = model, []
+            model = trained.model
+            scorer, detector_only, student_only = model, [], []
+            if cfg.ema_decay is not None:
+                student_only = _predict(trained.student, val_views, cfg, device)
             if cfg.rescore.enabled:
                 rescorer = fit_rescorer(
                     model, data.source, cfg.rescore, cfg.model.working_spacing_mm,
@@ -337,6 +350,7 @@ def run_crossval(
         oof.extend(images)
         oof_fold.extend([f] * len(images))
         oof_detector.extend(detector_only)
+        oof_student.extend(student_only)
         fold_docs.append(
             {
                 "fold": f,
@@ -351,6 +365,11 @@ def run_crossval(
                 **(
                     {"cpm_detector": _cpm(froc_all(detector_only, n_boot=0))}
                     if detector_only
+                    else {}
+                ),
+                **(
+                    {"cpm_student": _cpm(froc_all(student_only, n_boot=0))}
+                    if student_only
                     else {}
                 ),
             }
@@ -388,12 +407,18 @@ def run_crossval(
         "config": config_to_dict(cfg),
     }
     if oof_detector:
-        doc.update(_rescore_comparison(oof_detector, oof, cfg))
+        doc.update(
+            _paired_gain(oof_detector, oof, cfg, "detector_only", "rescore_gain")
+        )
+    if oof_student:
+        doc.update(_paired_gain(oof_student, oof, cfg, "student_only", "ema_gain"))
     doc = json_safe(doc)
     (out / CV_METRICS_JSON).write_text(json.dumps(doc, indent=2))
     _write_oof(out / OOF_PREDICTIONS_JSON, oof, oof_fold)
     if oof_detector:  # the detector alone, e.g. to fuse runs before re-scoring
         _write_oof(out / OOF_DETECTOR_JSON, oof_detector, oof_fold)
+    if oof_student:  # the trained weights without the EMA, same images
+        _write_oof(out / OOF_STUDENT_JSON, oof_student, oof_fold)
     mass, calc = (classes[name] for name in CLASSES)
     log.info(
         "CV %d folds, %d images: CPM mass %s [%s, %s] calcification %s [%s, %s]",
@@ -432,27 +457,35 @@ def _write_oof(path: Path, images: list[FrocImage], folds: list[int]) -> None:
     path.write_text(json.dumps(rows))
 
 
-def _rescore_comparison(
-    detector_only: list[FrocImage], rescored: list[FrocImage], cfg: TrainConfig
+def _paired_gain(
+    before: list[FrocImage],
+    after: list[FrocImage],
+    cfg: TrainConfig,
+    before_key: str,
+    gain_key: str,
 ) -> dict[str, Any]:
-    """Pooled FROC of the detector alone and the paired gain of re-scoring."""
-    pooled = froc_all(detector_only, n_boot=cfg.n_boot, seed=cfg.seed)
+    """Pooled FROC of ``before`` and the paired CPM gain of ``after`` over it.
+
+    ``before`` and ``after`` are the same out-of-fold images scored two ways
+    (the detector alone and re-scored; the student and its EMA). Returns
+    ``{before_key: per-class metrics, gain_key: {class: {"diff", "ci95"}}}``.
+    """
+    pooled = froc_all(before, n_boot=cfg.n_boot, seed=cfg.seed)
     gain = {}
     for i, name in enumerate(CLASSES):
         diff, ci = paired_cpm_difference(
-            detector_only, rescored, i, n_boot=cfg.n_boot, seed=cfg.seed
+            before, after, i, n_boot=cfg.n_boot, seed=cfg.seed
         )
         gain[name] = {"diff": diff, "ci95": list(ci)}
         log.info(
-            "re-scoring %s: CPM of the detector alone %.3f, paired gain %.3f "
-            "[%.3f, %.3f]",
-            name, pooled[name].cpm, diff, *ci,
+            "%s %s: CPM %.3f before, paired gain %.3f [%.3f, %.3f]",
+            gain_key, name, pooled[name].cpm, diff, *ci,
         )  # fmt: skip
     return {
-        "detector_only": {
+        before_key: {
             name: ClassMetrics.from_result(r).to_json() for name, r in pooled.items()
         },
-        "rescore_gain": gain,
+        gain_key: gain,
     }
 
 

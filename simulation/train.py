@@ -262,6 +262,21 @@ def training_data(
     return TrainingData(source, views, miner)
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What :func:`train_model` returns.
+
+    ``model``: the final model, the EMA module when ``ema_decay`` is set (what
+    ``final.pt`` holds and what is scored); ``student``: the weights the
+    optimizer trained, the same object as ``model`` without an EMA, so a run
+    with an EMA can score both on the same images (``crossval``'s
+    ``ema_gain``).
+    """
+
+    model: torch.nn.Module
+    student: torch.nn.Module
+
+
 def train_model(
     cfg: TrainConfig,
     train_views: Sequence[Dataset[Any]],
@@ -270,7 +285,7 @@ def train_model(
     *,
     eval_fn: EpochHook | None = None,
     miner: HardNegativeMiner | None = None,
-) -> torch.nn.Module:
+) -> Trained:
     """Train a fresh detector on the pooled ``train_views`` with ``cfg``'s recipe.
 
     The recipe of :func:`run_training`: lesion-balanced sampler, AdamW with
@@ -282,7 +297,8 @@ def train_model(
     then ``miner`` (hard negatives for the patch crop; :func:`training_data`).
     The detector starts from ``cfg.init_checkpoint`` when set.
 
-    Returns the final model (the EMA module when ``cfg.ema_decay`` is set).
+    Returns the final model (the EMA module when ``cfg.ema_decay`` is set) and
+    the trained weights themselves (:class:`Trained`).
 
     Raises:
         ValueError: the views hold no image.
@@ -318,7 +334,7 @@ def train_model(
         eval_fn=eval_fn,
         mine_fn=miner,
     )
-    return ema.module if ema is not None else model
+    return Trained(ema.module if ema is not None else model, model)
 
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
@@ -364,7 +380,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         device,
         eval_fn=eval_fn if cfg.eval_every > 0 else None,
         miner=data.miner,
-    )
+    ).model
     save_checkpoint(
         out / FINAL_CHECKPOINT,
         final_model,

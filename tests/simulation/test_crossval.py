@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from benchmarks.ensemble import load_oof
+from common.detector.froc import froc_all
 from common.imaging.data import SiteDataset
 from common.keys import CLASSES
 from simulation.cli import main as sim_main
-from simulation.crossval import CV_METRICS_JSON, OOF_PREDICTIONS_JSON, make_folds
+from simulation.crossval import (
+    CV_METRICS_JSON,
+    OOF_PREDICTIONS_JSON,
+    OOF_STUDENT_JSON,
+    make_folds,
+)
 from simulation.train import TrainConfig
 from tests.conftest import make_site_cache, write_train_yaml
 
@@ -96,10 +104,28 @@ def test_crossval_cli_writes_metrics_and_is_deterministic(tmp_path, capsys):
         assert doc2["classes"][name]["fold_cpm"] == doc["classes"][name]["fold_cpm"]
     assert doc2["metrics"] == doc["metrics"]
 
+    # with an EMA (ema_decay 0.9 here) the EMA is scored, and the trained
+    # weights themselves predict the same images: a paired gain from one run
+    student = load_oof(out1 / OOF_STUDENT_JSON)
+    assert sorted(im.key for im in student) == expected
+    s_cpm = froc_all(student, n_boot=0)
+    ema_cpm = froc_all(load_oof(out1 / OOF_PREDICTIONS_JSON), n_boot=0)
+    mass = CLASSES[0]  # the tiny cache has no calcification cluster
+    assert doc["student_only"][mass]["cpm"] == pytest.approx(s_cpm[mass].cpm)
+    gain = doc["ema_gain"][mass]
+    assert gain["diff"] == pytest.approx(ema_cpm[mass].cpm - s_cpm[mass].cpm)
+    assert gain["ci95"][0] <= gain["diff"] <= gain["ci95"][1]
+    assert set(doc["ema_gain"]) == set(CLASSES)
+    assert all(set(f["cpm_student"]) == set(CLASSES) for f in doc["folds"])
+    # one epoch of a 0.9-decay EMA is not the student: the two arms differ
+    scores = {im.key: im.det_scores for im in load_oof(out1 / OOF_PREDICTIONS_JSON)}
+    assert any(not np.array_equal(im.det_scores, scores[im.key]) for im in student)
+
     # a rerun into the same folder resumes the finished folds (no retraining)
     assert sim_main([*argv, "--out", str(out1)]) == 0
     doc3 = json.loads((out1 / CV_METRICS_JSON).read_text())
     assert doc3["metrics"] == doc["metrics"]
+    assert doc3["ema_gain"] == doc["ema_gain"]  # the student is restored too
     assert len((out1 / "fold-0" / "epochs.jsonl").read_text().splitlines()) == 1
 
 

@@ -81,13 +81,17 @@ def test_init_checkpoint_starts_from_the_pretrained_weights(
     cfg = _cfg(tmp_path, site_cache, lr=0.0, init_checkpoint=tiny_checkpoint)
     site = SiteDataset(site_cache, test_fraction=0.0)
     torch.manual_seed(123)  # a different random init than the checkpoint's
-    model = train_model(cfg, [site.view("labeled")], cfg.out_dir, torch.device("cpu"))
+    model = train_model(
+        cfg, [site.view("labeled")], cfg.out_dir, torch.device("cpu")
+    ).model
     for name, p in model.named_parameters():
         assert torch.equal(p.detach().cpu(), ck.state_dict[name]), name
     # and without it the same seed gives other weights
     cfg0 = dataclasses.replace(cfg, out_dir=tmp_path / "scratch", init_checkpoint=None)
     torch.manual_seed(123)
-    m0 = train_model(cfg0, [site.view("labeled")], cfg0.out_dir, torch.device("cpu"))
+    m0 = train_model(
+        cfg0, [site.view("labeled")], cfg0.out_dir, torch.device("cpu")
+    ).model
     assert any(
         not torch.equal(p.detach().cpu(), ck.state_dict[n])
         for n, p in m0.named_parameters()

@@ -291,9 +291,10 @@ def test_central_lesion_prob_and_ema_decay_reach_the_training(tmp_path: Path) ->
 
     dev = torch.device("cpu")
     torch.manual_seed(0)
-    plain = train_model(cfg(), [labeled], tmp_path / "a", dev)
+    plain = train_model(cfg(), [labeled], tmp_path / "a", dev).model
     torch.manual_seed(0)
-    ema = train_model(cfg(ema_decay=0.5), [labeled], tmp_path / "b", dev)
+    trained = train_model(cfg(ema_decay=0.5), [labeled], tmp_path / "b", dev)
+    ema = trained.model
     assert not ema.training  # ModelEMA.module: a frozen copy in eval mode
     assert all(not p.requires_grad for p in ema.parameters())
     assert plain.training
@@ -303,3 +304,7 @@ def test_central_lesion_prob_and_ema_decay_reach_the_training(tmp_path: Path) ->
         if v.is_floating_point() and not torch.equal(v, ema.state_dict()[k])
     ]
     assert moved  # the EMA is not the last weights
+    # the student is the trained weights: the EMA only reads them
+    assert trained.student.training
+    for k, v in trained.student.state_dict().items():
+        assert torch.equal(v, plain.state_dict()[k]), k

@@ -469,6 +469,8 @@ def test_crossval_trains_a_rescorer_per_fold_and_reuses_it(tmp_path, caplog):
         assert set(doc["folds"][f]["cpm_detector"]) == {"mass", "calcification"}
     assert doc["detector_only"]["mass"]["n_lesions"] == 4
     assert set(doc["rescore_gain"]["mass"]) == {"diff", "ci95"}
+    assert "ema_gain" not in doc  # no EMA, no second arm
+    assert not (tmp_path / "cv" / "oof_predictions-student.json").exists()
     # the detector alone's out-of-fold images are kept, and score as reported
     from benchmarks.ensemble import load_oof
     from common.detector.froc import froc_all
