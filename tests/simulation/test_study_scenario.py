@@ -44,7 +44,11 @@ def test_study_test_sets_are_large_on_the_sites_it_compares() -> None:
 
 
 #: the ``--cases`` pattern of each file's new women (Makefile targets)
-CASES = {"study-confirm.yaml": r"-01[0-9]{3}$", "study-holdout.yaml": r"-03[0-9]{3}$"}
+CASES = {
+    "study-confirm.yaml": r"-01[0-9]{3}$",
+    "study-holdout.yaml": r"-03[0-9]{3}$",
+    "study-holdout2.yaml": r"-04[0-9]{3}$",
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
