@@ -802,11 +802,11 @@ class DetectorTrainer:
         the site config's ``adapt.head_only`` forces it either way. Never
         under DP (its clipping covers all trainable parameters as planned).
         """
-        has_unlabeled = self.opts.ssl and len(self._indices("unlabeled")) > 0
-        auto = (
-            self.opts.fewshot
-            and n_labeled < self.adapt.fewshot_max_labeled
-            and not has_unlabeled
+        auto = self.opts.fewshot and fs.few_labels(
+            n_labeled,
+            len(self._indices("unlabeled")) if self.opts.ssl else 0,
+            self.adapt,
+            ssl=self.opts.ssl,
         )
         head_only = self.adapt.head_only if self.adapt.head_only is not None else auto
         if not head_only or self.opts.dp:

@@ -44,6 +44,7 @@ PERSONALIZED_TUNED = "personalized-tuned"
 PERSONALIZED_TUNED_LOCAL = "personalized+tuned+local"
 PERSONALIZED_SSL_TUNED = "personalized-ssl-tuned"
 PERSONALIZED_SSL_TUNED_LOCAL = "personalized-ssl+tuned+local"
+PERSONALIZED_SSL_TUNED_LOCAL_FEWSHOT = "personalized-ssl+tuned+local-unless-fewshot"
 LOCAL_ONLY_UNLAB = "local-only-unlab"
 PERSONALIZED_SSL_TUNED_UNLAB = "personalized-ssl-tuned-unlab"
 PERSONALIZED_SSL_TUNED_LOCAL_UNLAB = "personalized-ssl+tuned+local-unlab"
@@ -79,6 +80,11 @@ class Regime:
             field}``: values the ``mammofed-sim run`` flags give.
         members: an ensemble regime's regimes, whose site models each site
             runs and fuses (they run in the same study).
+        fewshot_members: an ensemble regime's members at a few-shot site
+            instead (one: that model alone): a site where its federated
+            member trains the head only, by the automatic rule
+            (:func:`common.detector.adapt.few_labels`: few labeled images,
+            none unlabeled it learns from). Empty: ``members`` everywhere.
         all_labels: a federated regime whose sites train on their complete
             labels (the oracle's annotations of every training woman, the
             test women unchanged): the all-labels version of the regime
@@ -96,8 +102,17 @@ class Regime:
     options: Mapping[str, Any] = field(default_factory=_frozen)
     from_request: Mapping[str, str] = field(default_factory=_frozen)
     members: tuple[str, ...] = ()
+    fewshot_members: tuple[str, ...] = ()
     tune_from: str | None = None
     all_labels: bool = False
+
+    def __post_init__(self) -> None:
+        stray = set(self.fewshot_members) - set(self.members)
+        if stray:
+            raise ValueError(
+                f"regime {self.name}: fewshot_members {sorted(stray)} are not "
+                f"among its members {list(self.members)}"
+            )
 
     @property
     def kind(self) -> str:
@@ -271,6 +286,15 @@ TABLE: tuple[Regime, ...] = (
     Regime(
         PERSONALIZED_SSL_TUNED_LOCAL,
         members=(PERSONALIZED_SSL, PERSONALIZED_SSL_TUNED, LOCAL_ONLY),
+    ),
+    # the same, except that a few-shot site (few labeled images, none
+    # unlabeled: it trains its head only in the federation) runs its tuned
+    # model alone: its local-only model, trained on a few women, is below the
+    # base model on masses and dilutes the fusion (stop 42, docs/federation.md)
+    Regime(
+        PERSONALIZED_SSL_TUNED_LOCAL_FEWSHOT,
+        members=(PERSONALIZED_SSL, PERSONALIZED_SSL_TUNED, LOCAL_ONLY),
+        fewshot_members=(PERSONALIZED_SSL_TUNED,),
     ),
     # the recommended recipe whose two on-site members also run the site's
     # unlabeled training images, so that those shape their norm statistics as

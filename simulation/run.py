@@ -79,6 +79,7 @@ from common.config.loader import (
 )
 from common.config.site import SiteConfig
 from common.detector.adapt.config import AdaptConfig
+from common.detector.adapt.fewshot import few_labels
 from common.detector.checkpoint import init_from_checkpoint, save_checkpoint
 from common.detector.engine import (
     EvalResult,
@@ -88,7 +89,7 @@ from common.detector.engine import (
 from common.detector.model import build_detector
 from common.errors import ConfigError, MammofedError
 from common.fileio import sha256_file
-from common.imaging.data import SiteDataset
+from common.imaging.data import DEFAULT_TEST_FRACTION, SiteDataset
 from common.keys import (
     CLASSES,
     DETECTOR_TRAINER,
@@ -386,7 +387,8 @@ def ensemble_results(
 ) -> dict[str, EvalResult | None]:
     """Each site's members' scored test images fused (an ensemble regime).
 
-    A site that one member did not score is not scored (``None``).
+    A site that one member did not score is not scored (``None``); with one
+    member a site keeps that member's result.
     """
     from common.detector.engine import score_images
     from common.detector.ensemble import fuse
@@ -397,9 +399,44 @@ def ensemble_results(
         if any(r is None for r in results):
             out[site] = None
             continue
+        if len(results) == 1:
+            out[site] = results[0]
+            continue
         images = fuse([r.images for r in results if r is not None])
         out[site] = score_images(images, n_boot=n_boot, seed=seed)
     return out
+
+
+def fewshot_sites(
+    spec: R.Regime, fed: FederationConfig, caches: dict[str, Path]
+) -> set[str]:
+    """The sites where ensemble ``spec``'s federated member trains its head only.
+
+    The federated trainer's automatic rule
+    (:func:`common.detector.adapt.few_labels`, gated by its ``fewshot``
+    option) on each site's labeled and unlabeled training images, with that
+    member's options over the study's, as ``DetectorTrainer`` applies it.
+    """
+    member = next(
+        (R.REGIMES[m] for m in spec.members if R.REGIMES[m].strategy is not None),
+        None,
+    )
+    if member is None:
+        return set()
+    trainer = dataclasses.replace(
+        fed.trainer, options={**fed.trainer.options, **member.options}
+    )
+    opts = detector_options(dataclasses.replace(fed, trainer=trainer), member.name)
+    if not opts.fewshot:
+        return set()
+    adapt = opts.adapt_config(fed.seed)
+    found = set()
+    for name, cache in caches.items():
+        ds = SiteDataset(cache, test_fraction=DEFAULT_TEST_FRACTION, seed=fed.seed)
+        n_lab, n_unlab = len(ds.indices("labeled")), len(ds.indices("unlabeled"))
+        if few_labels(n_lab, n_unlab, adapt, ssl=opts.ssl):
+            found.add(name)
+    return found
 
 
 # --- central regimes ----------------------------------------------------------------
@@ -1074,6 +1111,15 @@ def run_study(req: RunRequest) -> Path:
             metrics = ensemble_results(
                 [scored[m] for m in spec.members], req.n_boot, fed.seed
             )
+            if spec.fewshot_members:
+                few = sorted(fewshot_sites(spec, fed, caches))
+                log.info(
+                    "%s: few-shot sites %s run %s", regime, few, spec.fewshot_members
+                )
+                picked = [
+                    {s: scored[m].get(s) for s in few} for m in spec.fewshot_members
+                ]
+                metrics.update(ensemble_results(picked, req.n_boot, fed.seed))
         elif spec.name == R.BASE and base is not None:
             for s in sites:
                 metrics[s] = _evaluate_on(base, caches[s], fed.seed, req.n_boot, device)

@@ -45,3 +45,11 @@ def test_sites_are_fused_and_rescored_and_unscored_sites_stay_unscored() -> None
     assert b.metrics["cpm-mass"] == pytest.approx(b.per_class["mass"].cpm)
     assert b.per_class["mass"].cpm_ci is not None  # n_boot > 0: an interval
     assert [im.case for im in b.images] == [f"w{i}" for i in range(8)]
+
+
+def test_one_member_is_that_model_alone() -> None:
+    """A few-shot site of ``personalized-ssl+tuned+local-unless-fewshot`` runs
+    one model: its result is the member's, not a re-scored copy."""
+    tuned = {"B": _scored({0, 1, 2}), "C": None}
+    out = ensemble_results([tuned], n_boot=20, seed=0)
+    assert out["B"] is tuned["B"] and out["C"] is None

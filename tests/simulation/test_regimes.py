@@ -273,3 +273,46 @@ def test_the_unlab_members_run_the_unlabeled_images_without_the_loss() -> None:
         assert cfg is not None and cfg.ssl_enabled
         assert cfg.unsup_weight == 0.0 and cfg.rampup_steps == 0 and cfg.seed == 4
     assert R.REGIMES[R.PERSONALIZED_SSL_TUNED_UNLAB].tune_from == R.PERSONALIZED_SSL
+
+
+def test_the_few_shot_rule_is_the_trainers_and_picks_the_few_shot_site(
+    tmp_path: Path,
+) -> None:
+    """``personalized-ssl+tuned+local-unless-fewshot``: a site with few
+    labeled images and none unlabeled runs its tuned model alone; a site with
+    unlabeled images, or with enough labels, fuses the three."""
+    from common.detector.adapt import AdaptConfig, few_labels
+    from simulation.run import fewshot_sites
+    from tests.conftest import make_site_cache, make_ssl_site_cache
+
+    cfg = AdaptConfig(fewshot_max_labeled=10)
+    assert few_labels(9, 0, cfg, ssl=True)
+    assert not few_labels(10, 0, cfg, ssl=True)  # the limit is exclusive
+    assert not few_labels(2, 5, cfg, ssl=True)  # it learns from unlabeled images
+    assert few_labels(2, 5, cfg, ssl=False)  # ... only when semi-supervised
+
+    spec = R.REGIMES[R.PERSONALIZED_SSL_TUNED_LOCAL_FEWSHOT]
+    assert spec.members == R.REGIMES[R.PERSONALIZED_SSL_TUNED_LOCAL].members
+    assert spec.fewshot_members == (R.PERSONALIZED_SSL_TUNED,)
+    assert R.with_members([spec.name])[-1] == spec.name
+    caches = {
+        "B": make_site_cache(tmp_path / "B", n_patients=3),  # labeled only
+        "C": make_ssl_site_cache(tmp_path / "C", n_labeled=2, n_unlabeled=3),
+    }
+    fed = load_federation_config(FEDERATION)
+    assert fewshot_sites(spec, fed, caches) == {"B"}
+    # the member's own options win over the federation file's, as in a run
+    many = dataclasses.replace(
+        fed,
+        trainer=dataclasses.replace(
+            fed.trainer, options={**fed.trainer.options, "fewshot": False}
+        ),
+    )
+    assert R.REGIMES[R.PERSONALIZED_SSL].options["fewshot"] is True  # it wins
+    assert fewshot_sites(spec, many, caches) == {"B"}
+    # a federated member that trains every layer (fewshot off): no few-shot site
+    fedavg = R.Regime("x", members=(R.FEDAVG, R.LOCAL_ONLY))
+    assert fewshot_sites(fedavg, fed, caches) == set()
+    assert fewshot_sites(R.Regime("y", members=(R.LOCAL_ONLY,)), fed, caches) == set()
+    with pytest.raises(ValueError, match="fewshot_members"):
+        R.Regime("z", members=(R.LOCAL_ONLY,), fewshot_members=(R.ORACLE,))

@@ -9,18 +9,21 @@ R=benchmarks/results/study_holdout2
 NEW='-04[0-9]{3}$'
 REC=personalized-ssl+tuned+local
 TUNED=personalized-ssl-tuned
+RULE=personalized-ssl+tuned+local-unless-fewshot   # the rule: B runs $TUNED alone
 side() { for s in 0 1 2; do printf "%s/seed-%s/%s " out/holdout4 "$s" "$1"; done; }
 mammofed-sim run --scenario configs/simulation/study-holdout2.yaml \
     --federation configs/federation/sim-demo.yaml --base-checkpoint models/demo-base-h.pt \
     --data out/holdout4-data --out out/holdout4 --seeds 0,1,2 --parallel 3 --threads 1 \
     --regime base --regime local-only --regime personalized-ssl --regime $TUNED \
-    --regime $REC --regime oracle
-for b in $REC $TUNED; do
+    --regime $REC --regime $RULE --regime oracle
+for b in $REC $TUNED $RULE; do
     for a in base local-only oracle; do
         python -m benchmarks.compare_runs --cases="$NEW" --a $(side $a) --b $(side $b) \
             --label "holdout2-$b-vs-$a" --results $R
     done
 done
-python -m benchmarks.compare_runs --cases="$NEW" --a $(side $REC) --b $(side $TUNED) \
-    --label "holdout2-$TUNED-vs-$REC" --results $R
+for b in $TUNED $RULE; do
+    python -m benchmarks.compare_runs --cases="$NEW" --a $(side $REC) --b $(side $b) \
+        --label "holdout2-$b-vs-$REC" --results $R
+done
 cp out/holdout4/report.md out/holdout4/report.json out/holdout4/*.png "$R/"

@@ -11,7 +11,7 @@ Public API::
     HistogramStandardizer                        # standardize.py
     MeanTeacher, load_or_create_teacher, local_round, pseudo_labels,
     rampup_weight, UnlabeledImages, ConsistencyLoss   # teacher.py
-    finetune_head, choose_head_only, fewshot_frozen_keys  # fewshot.py
+    finetune_head, choose_head_only, few_labels, fewshot_frozen_keys  # fewshot.py
 """
 
 from common.detector.adapt.augment import (
@@ -24,6 +24,7 @@ from common.detector.adapt.config import AdaptConfig
 from common.detector.adapt.fewshot import (
     FewShotStats,
     choose_head_only,
+    few_labels,
     fewshot_frozen_keys,
     finetune_head,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "UnlabeledImages",
     "WeakAugment",
     "choose_head_only",
+    "few_labels",
     "fewshot_frozen_keys",
     "finetune_head",
     "load_or_create_teacher",

@@ -50,6 +50,21 @@ log = logging.getLogger(__name__)
 Transform = Callable[[Tensor, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
 
 
+def few_labels(
+    n_labeled: int, n_unlabeled: int, cfg: AdaptConfig, *, ssl: bool
+) -> bool:
+    """Whether a federated site is a few-shot site by the automatic rule.
+
+    Fewer than ``cfg.fewshot_max_labeled`` labeled training images and no
+    unlabeled image it learns from (``ssl`` and ``n_unlabeled > 0``: a
+    semi-supervised site trains every layer with its consistency loss). Such
+    a site trains its head only in the federation
+    (``client.detector_trainer``), and the recommended regime runs its
+    fine-tuned model alone (``simulation.regimes``).
+    """
+    return n_labeled < cfg.fewshot_max_labeled and not (ssl and n_unlabeled > 0)
+
+
 def choose_head_only(
     n_labeled: int, cfg: AdaptConfig, override: bool | None = None
 ) -> bool:
