@@ -244,6 +244,10 @@ PAIRS: tuple[tuple[str, str], ...] = (
     # the same recipe around the DP federation (recommended until stop 35)
     (R.RECOMMENDED, R.PERSONALIZED_DP_TUNED_LOCAL),
     (R.RECOMMENDED, R.PERSONALIZED_SSL),
+    # the three fused at every site (recommended from stop 35 until stop 42)
+    (R.RECOMMENDED, R.PERSONALIZED_SSL_TUNED_LOCAL),
+    (R.PERSONALIZED_SSL_TUNED_LOCAL, R.BASE),
+    (R.PERSONALIZED_SSL_TUNED_LOCAL, R.LOCAL_ONLY),
     (R.PERSONALIZED_DP_TUNED_LOCAL, R.BASE),
     (R.PERSONALIZED_DP_TUNED_LOCAL, R.LOCAL_ONLY),
     (R.PERSONALIZED_DP_TUNED_LOCAL, R.ORACLE),
@@ -294,8 +298,13 @@ PAIRS: tuple[tuple[str, str], ...] = (
 ORACLE_FRACTION_GOAL = 0.9
 
 #: The regimes a report's goal can be about, first choice first: the
-#: recommended regime, then the one recommended before it (stop 34's runs).
-HEADLINE: tuple[str, ...] = (R.RECOMMENDED, R.PERSONALIZED_DP_TUNED_LOCAL)
+#: recommended regime, then the ones recommended before it (stops 35-41's
+#: runs, then stop 34's).
+HEADLINE: tuple[str, ...] = (
+    R.RECOMMENDED,
+    R.PERSONALIZED_SSL_TUNED_LOCAL,
+    R.PERSONALIZED_DP_TUNED_LOCAL,
+)
 
 
 def headline_regime(rows: list[dict[str, Any]]) -> str:

@@ -189,12 +189,16 @@ def test_goal_needs_the_recommended_regime_above_base_and_local_only(
 
 def test_goal_of_a_run_made_before_the_recommendation_changed(tmp_path: Path) -> None:
     """Runs made before stop 35 (its recommended regime, the DP recipe, and no
-    personalized-ssl+tuned+local) keep their goal on the regime of their time;
-    with both in a run the goal is on the current one."""
+    personalized-ssl+tuned+local) and before stop 42 (the three fused at every
+    site) keep their goal on the regime of their time; with both in a run the
+    goal is on the current one."""
+    for k, before in enumerate(
+        (R.PERSONALIZED_DP_TUNED_LOCAL, R.PERSONALIZED_SSL_TUNED_LOCAL)
+    ):
+        assert before != R.RECOMMENDED
+        _, data = _paired_report(tmp_path / f"o{k}", {before}, {R.BASE, R.LOCAL_ONLY})
+        assert data["goal"][0]["regime"] == before
     old = R.PERSONALIZED_DP_TUNED_LOCAL
-    assert old != R.RECOMMENDED
-    _, data = _paired_report(tmp_path / "a", {old}, {R.BASE, R.LOCAL_ONLY})
-    assert data["goal"][0]["regime"] == old
     _, data = _paired_report(
         tmp_path / "b", {old, R.RECOMMENDED}, {R.BASE, R.LOCAL_ONLY}
     )

@@ -26,4 +26,4 @@ for b in $TUNED $RULE; do
     python -m benchmarks.compare_runs --cases="$NEW" --a $(side $REC) --b $(side $b) \
         --label "holdout2-$b-vs-$REC" --results $R
 done
-cp out/holdout4/report.md out/holdout4/report.json out/holdout4/*.png "$R/"
+cp out/holdout4/report/report.md out/holdout4/report/report.json out/holdout4/report/*.png "$R/"
