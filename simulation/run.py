@@ -427,7 +427,7 @@ def fewshot_sites(
         fed.trainer, options={**fed.trainer.options, **member.options}
     )
     opts = detector_options(dataclasses.replace(fed, trainer=trainer), member.name)
-    if not opts.fewshot:
+    if not opts.fewshot or opts.dp:  # DP-SGD sites train every layer
         return set()
     adapt = opts.adapt_config(fed.seed)
     found = set()
