@@ -6,7 +6,7 @@
 #   60 test women per non-H site) with the GPU federation
 #   (configs/federation/sim-gpu.yaml: ResNet-18 FCOS, 40 rounds), three seeds
 #   side by side: base, local-only, the recommended regime
-#   (personalized-ssl+tuned+local, simulation.regimes.RECOMMENDED) with its
+#   (personalized-ssl+tuned+local-unless-fewshot, simulation.regimes.RECOMMENDED) with its
 #   members, and the oracle: the main test (the recommended regime
 #   against the base and local-only, and its share of the oracle). Regimes
 #   run in the report's order (simulation.regimes.ORDER, the oracle last); a
@@ -57,7 +57,7 @@ recommended)
     SCENARIO=${SCENARIO:-configs/simulation/study.yaml}
     FED=${FED:-configs/federation/sim-gpu.yaml}
     SEEDS=${SEEDS:-0,1,2}
-    REGIMES=${REGIMES:-base local-only personalized-ssl personalized-ssl-tuned personalized-ssl+tuned+local oracle}
+    REGIMES=${REGIMES:-base local-only personalized-ssl personalized-ssl-tuned personalized-ssl+tuned+local personalized-ssl+tuned+local-unless-fewshot oracle}
     PARALLEL=${PARALLEL:-3}
     ;;
 shift)

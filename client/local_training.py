@@ -1,10 +1,11 @@
 """A site's own model: trained on its labeled women alone, from the base model.
 
-The recommended regime (``personalized-ssl+tuned+local``, docs/federation.md)
-runs three models at a site and fuses their findings: the federation's
-personalized model (``mammofed-client export``), that model fine-tuned on the
-site's labels and a model the site trains **alone**, from the coordinator's
-base model, with the federation's recipe. This module trains the last two at
+The recommended regime (``personalized-ssl+tuned+local-unless-fewshot``,
+docs/federation.md) runs three models at a site and fuses their findings: the
+federation's personalized model (``mammofed-client export``), that model
+fine-tuned on the site's labels and a model the site trains **alone**, from the
+coordinator's base model, with the federation's recipe (a few-shot site runs
+the fine-tuned model alone). This module trains the last two at
 the site (``--init`` the exported model or the base): :func:`train_local_model` (the
 ``mammofed-client train-local`` command). It is the study's ``local-only``
 regime (:func:`train_central` on one cache, the same options, epochs, seed and
