@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,7 @@ def train_central(
     init: Path | None = None,
     head_only: bool = False,
     ssl: AdaptConfig | None = None,
+    pseudo: Sequence[Dataset[Any]] = (),
 ) -> nn.Module:
     """Train one detector on the pooled labeled images of ``caches``.
 
@@ -113,7 +115,9 @@ def train_central(
     caches' unlabeled training images and adds the mean teacher's
     consistency loss (:func:`common.detector.adapt.teacher.local_round`; the
     teacher starts as a copy of the model after ``init``); without unlabeled
-    images it is plain supervised training (logged).
+    images it is plain supervised training (logged). ``pseudo``: more
+    labeled images, pooled with the caches' (the site's unlabeled images
+    with pseudo targets, :func:`common.detector.adapt.pseudo.pseudo_label`).
 
     Raises:
         MammofedError: no labeled image, or ``head_only`` with ``ssl``.
@@ -130,7 +134,9 @@ def train_central(
         init_from_checkpoint(model, opts.model_config(), init)
     model = model.to(device)
     spacing = opts.working_spacing_mm
-    pooled = Pooled([_site(c, seed, spacing).view("labeled") for c in caches])
+    pooled = Pooled(
+        [*(_site(c, seed, spacing).view("labeled") for c in caches), *pseudo]
+    )
     n = len(pooled)
     if n == 0:
         raise MammofedError(f"{label}: no labeled images in {[str(c) for c in caches]}")

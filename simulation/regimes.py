@@ -45,6 +45,11 @@ PERSONALIZED_TUNED_LOCAL = "personalized+tuned+local"
 PERSONALIZED_SSL_TUNED = "personalized-ssl-tuned"
 PERSONALIZED_SSL_TUNED_LOCAL = "personalized-ssl+tuned+local"
 PERSONALIZED_SSL_TUNED_LOCAL_FEWSHOT = "personalized-ssl+tuned+local-unless-fewshot"
+PERSONALIZED_SSL_TUNED_ALL_LABELS = "personalized-ssl-tuned-all-labels"
+PERSONALIZED_SSL_TUNED_PSEUDO = "personalized-ssl-tuned-pseudo"
+PERSONALIZED_SSL_TUNED_PSEUDO_LOCAL_FEWSHOT = (
+    "personalized-ssl+tuned-pseudo+local-unless-fewshot"
+)
 LOCAL_ONLY_UNLAB = "local-only-unlab"
 PERSONALIZED_SSL_TUNED_UNLAB = "personalized-ssl-tuned-unlab"
 PERSONALIZED_SSL_TUNED_LOCAL_UNLAB = "personalized-ssl+tuned+local-unlab"
@@ -93,6 +98,12 @@ class Regime:
             this federated regime's final model of that site (its last
             global round plus the site's personal state) instead of the base
             model: fine-tuning after federation. It runs in the same study.
+            With ``all_labels`` it trains on the site's complete labels.
+        pseudo_from: a central ``each`` regime that first labels each site's
+            unlabeled training images with this regime's models of that
+            site (an ensemble's members fused; :mod:`common.detector.adapt.pseudo`)
+            and trains on its labeled images plus those (self-training). It
+            runs in the same study and keeps its site models.
     """
 
     name: str
@@ -104,6 +115,7 @@ class Regime:
     members: tuple[str, ...] = ()
     fewshot_members: tuple[str, ...] = ()
     tune_from: str | None = None
+    pseudo_from: str | None = None
     all_labels: bool = False
 
     def __post_init__(self) -> None:
@@ -112,6 +124,11 @@ class Regime:
             raise ValueError(
                 f"regime {self.name}: fewshot_members {sorted(stray)} are not "
                 f"among its members {list(self.members)}"
+            )
+        if self.pseudo_from is not None and self.train_on != "each":
+            raise ValueError(
+                f"regime {self.name}: pseudo_from needs a regime that trains one "
+                f"model per site (train_on 'each'), got {self.train_on!r}"
             )
 
     @property
@@ -139,7 +156,11 @@ class Regime:
     @property
     def needs(self) -> tuple[str, ...]:
         """The regimes this one is made from: its members, the one it tunes."""
-        return self.members + ((self.tune_from,) if self.tune_from else ())
+        return (
+            self.members
+            + ((self.tune_from,) if self.tune_from else ())
+            + ((self.pseudo_from,) if self.pseudo_from else ())
+        )
 
     @property
     def ssl(self) -> bool:
@@ -287,6 +308,27 @@ TABLE: tuple[Regime, ...] = (
         PERSONALIZED_SSL_TUNED_LOCAL,
         members=(PERSONALIZED_SSL, PERSONALIZED_SSL_TUNED, LOCAL_ONLY),
     ),
+    # the tuned model's all-labels version: tuned from the same federated
+    # model on every training woman's labels (the ceiling of the self-trained
+    # one below on a partly labeled site)
+    Regime(
+        PERSONALIZED_SSL_TUNED_ALL_LABELS,
+        train_on="each",
+        tune_from=PERSONALIZED_SSL,
+        options=_frozen(lr_factor=0.3),
+        all_labels=True,
+    ),
+    # self-training (stop 43): the site's three models fused label its
+    # unlabeled training women, and the tuned model learns from those boxes
+    # beside its labeled women (a site without unlabeled women trains it as
+    # the plain tuned model)
+    Regime(
+        PERSONALIZED_SSL_TUNED_PSEUDO,
+        train_on="each",
+        tune_from=PERSONALIZED_SSL,
+        options=_frozen(lr_factor=0.3),
+        pseudo_from=PERSONALIZED_SSL_TUNED_LOCAL,
+    ),
     # the same, except that a few-shot site (few labeled images, none
     # unlabeled: it trains its head only in the federation) runs its tuned
     # model alone: its local-only model, trained on a few women, is below the
@@ -296,6 +338,12 @@ TABLE: tuple[Regime, ...] = (
         PERSONALIZED_SSL_TUNED_LOCAL_FEWSHOT,
         members=(PERSONALIZED_SSL, PERSONALIZED_SSL_TUNED, LOCAL_ONLY),
         fewshot_members=(PERSONALIZED_SSL_TUNED,),
+    ),
+    # the recommended regime with the self-trained tuned member
+    Regime(
+        PERSONALIZED_SSL_TUNED_PSEUDO_LOCAL_FEWSHOT,
+        members=(PERSONALIZED_SSL, PERSONALIZED_SSL_TUNED_PSEUDO, LOCAL_ONLY),
+        fewshot_members=(PERSONALIZED_SSL_TUNED_PSEUDO,),
     ),
     # the recommended recipe whose two on-site members also run the site's
     # unlabeled training images, so that those shape their norm statistics as

@@ -111,6 +111,11 @@ from common.wire.runfolder import RegimeMetrics, SiteMetrics
 from simulation import regimes as R
 from simulation.phantom import generate_scenario, load_scenario
 from simulation.phantom.generate import ORACLE_DIR
+from simulation.selftrain import (
+    central_model_path,
+    export_site_model,
+    pseudo_for_site,
+)
 
 log = logging.getLogger(__name__)
 
@@ -522,32 +527,9 @@ def tuned_start(spec: R.Regime, site: str, source_run: Path, out: Path) -> Path:
         MammofedError: that run kept no complete round or no state of the
             site (the message names the folder).
     """
-    from client.export import export_model
-
     assert spec.tune_from is not None
-    src = trained_in(source_run, spec.tune_from) / spec.tune_from
     path = out / spec.name / "start" / f"{site}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        done = export_model(
-            src / RF.SERVER_DIR / RF.CHECKPOINT_DIR,
-            path,
-            site=site,
-            state_dir=src / RF.SITE_STATE_DIR,
-        )
-    except MammofedError as exc:
-        raise MammofedError(
-            f"[{spec.name}] site {site} cannot start from {spec.tune_from}: {exc}"
-        ) from exc
-    log.info(
-        "[%s] site %s starts from %s's round-%d model (%s)",
-        spec.name,
-        site,
-        spec.tune_from,
-        done.round,
-        src,
-    )
-    return path
+    return export_site_model(spec.tune_from, site, source_run, path, spec.name)
 
 
 def _evaluate_on(
@@ -1057,6 +1039,8 @@ def run_study(req: RunRequest) -> Path:
         "base": {R.BASE: ([caches[s] for s in base_sites], sites)},
         "oracle": {R.ORACLE: ([oracle[s] for s in sites], sites)},
         "each": {s: ([caches[s]], [s]) for s in sites},
+        # a per-site regime's all-labels version: the same women, every one labeled
+        "each-all-labels": {s: ([oracle[s]], [s]) for s in sites},
     }
     timings: dict[str, float] = {}
     init: Path | None = None
@@ -1124,11 +1108,25 @@ def run_study(req: RunRequest) -> Path:
             for s in sites:
                 metrics[s] = _evaluate_on(base, caches[s], fed.seed, req.n_boot, device)
         elif spec.train_on is not None:
-            for name, (train_on, tested) in pools[spec.train_on].items():
+            pool = pools["each-all-labels" if spec.all_labels else spec.train_on]
+            for name, (train_on, tested) in pool.items():
                 start = init
                 if spec.tune_from is not None:
                     source = Path(reused.get(spec.tune_from, out))
                     start = tuned_start(spec, name, source, out)
+                pseudo = []
+                if spec.pseudo_from is not None:
+                    pseudo = pseudo_for_site(
+                        spec,
+                        name,
+                        caches[name],
+                        sources={k: Path(v) for k, v in reused.items()},
+                        out=out,
+                        spacing_mm=opts.working_spacing_mm,
+                        seed=fed.seed,
+                        device=device,
+                        oracle=oracle[name],
+                    )
                 model = train_central(
                     train_on,
                     opts,
@@ -1136,8 +1134,12 @@ def run_study(req: RunRequest) -> Path:
                     init=start,
                     head_only=spec.head_only,
                     ssl=central_ssl(spec, opts, fed.seed),
+                    pseudo=pseudo,
                     **{**common_kw, "lr": common_kw["lr"] * spec.lr_factor},
                 )
+                kept = central_model_path(out, regime, name)
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                save_checkpoint(kept, model, opts.model_config())
                 for s in tested:
                     metrics[s] = _evaluate_on(
                         model, caches[s], fed.seed, req.n_boot, device
