@@ -42,12 +42,13 @@ from common.config.loader import config_to_dict, write_resolved
 from common.config.site import SiteConfig
 from common.detector.adapt import fewshot as fs
 from common.detector.adapt.config import AdaptConfig
+from common.detector.adapt.pseudo import PseudoConfig, PseudoLabeled, pseudo_label
 from common.detector.adapt.teacher import MeanTeacher, local_round
 from common.detector.checkpoint import init_from_checkpoint, save_checkpoint
 from common.detector.engine import resolve_device, seed_everything
 from common.detector.model import Personalization, build_detector
 from common.detector.recipe import Pooled, Recipe, Transformed, train_epochs
-from common.errors import ConfigError, MammofedError
+from common.errors import CheckpointMismatch, ConfigError, MammofedError
 from common.fileio import sha256_file
 from common.imaging.data import SiteDataset, collate
 from common.wire.federation import FederationConfig
@@ -249,6 +250,8 @@ def train_local_model(
     device: str | None = None,
     source: str = "<federation config>",
     site_source: str = "<site config>",
+    pseudo_label_with: Sequence[Path] = (),
+    pseudo: PseudoConfig = PseudoConfig(),
 ) -> Path:
     """Train the site's own model from ``init`` and write it to ``out``.
 
@@ -259,7 +262,13 @@ def train_local_model(
     the federation's times this (0.3 when ``init`` is the site's exported
     federated model: the study's ``personalized-ssl-tuned`` and
     ``personalized-dp-tuned`` regimes, fine-tuning after federation);
-    ``device``: default the options' device.
+    ``device``: default the options' device; ``pseudo_label_with``:
+    self-training: these models (the site's federated, tuned and own
+    models, say) label the site's unlabeled training images, fused, with
+    ``pseudo``'s thresholds (:mod:`common.detector.adapt.pseudo`), and the
+    model trains on those beside the labeled ones (the study's
+    ``personalized-ssl-tuned-pseudo`` with ``--init`` the exported federated
+    model and ``lr_factor`` 0.3).
     The checkpoint's ``extra`` records the site, the epochs, the seed and the
     base model's SHA-256 (``local_model``) and the site split the training
     used (``split``, :func:`client.detector_trainer.training_split`, which
@@ -294,6 +303,20 @@ def train_local_model(
         "site %s: training its own model from %s, %d epochs on %s",
         site.name, init, epochs, dev,
     )  # fmt: skip
+    labeled_by: dict[str, Any] | None = None
+    extra_images: list[Dataset[Any]] = []
+    if pseudo_label_with:
+        data = _pseudo_labeled(
+            site.cache_dir, pseudo_label_with, pseudo, opts, fed.seed, dev
+        )
+        labeled_by = {
+            "models": {str(p): sha256_file(p) for p in pseudo_label_with},
+            "keep_threshold": pseudo.keep,
+            "ignore_threshold": pseudo.ignore,
+            **data.counts(),
+        }
+        log.info("site %s: pseudo-labeled %s", site.name, labeled_by)
+        extra_images = [data] if len(data) else []
     model = train_central(
         [site.cache_dir],
         opts,
@@ -305,6 +328,7 @@ def train_local_model(
         label=f"local/{site.name}",
         init=init,
         head_only=head_only,
+        pseudo=extra_images,
     )
     settings: dict[str, Any] = {
         "site": site.name,
@@ -318,6 +342,7 @@ def train_local_model(
         "lr_factor": lr_factor,
         "batch_size": fed.trainer.batch_size,
         "options": config_to_dict(opts),
+        "pseudo_labels": labeled_by,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     extra = {"local_model": settings, EXTRA_SPLIT: training_split(fed.seed)}
@@ -325,3 +350,40 @@ def train_local_model(
     write_resolved(settings, out.parent, f"{out.name}.resolved.yaml")
     log.info("site %s: its own model written to %s", site.name, out)
     return out
+
+
+def _pseudo_labeled(
+    cache: Path,
+    models: Sequence[Path],
+    cfg: PseudoConfig,
+    opts: DetectorOptions,
+    seed: int,
+    device: torch.device,
+) -> PseudoLabeled:
+    """The site's unlabeled training images labeled by ``models``, fused.
+
+    Raises:
+        CheckpointMismatch: a model that does not work at the site's spacing
+            or carries an intensity standardizer (not applied here).
+    """
+    from client.export import load_detectors
+
+    loaded = load_detectors(list(models), device)
+    for path, (_, ck, std) in zip(models, loaded, strict=True):
+        mm = float(ck.model_config.working_spacing_mm)
+        if abs(mm - opts.working_spacing_mm) > 1e-6:
+            raise CheckpointMismatch(
+                f"{path}: field 'working_spacing_mm' is {mm:g}, the "
+                f"federation's model works at {opts.working_spacing_mm:g} mm"
+            )
+        if std is not None:
+            raise CheckpointMismatch(
+                f"{path}: field 'extra.standardizer' is set: site-alone training "
+                "does not standardize, so this model cannot label its images"
+            )
+    images = _site(cache, seed, opts.working_spacing_mm).view("unlabeled")
+    if len(images) == 0:
+        log.info("%s: no unlabeled training images to pseudo-label", cache)
+        return PseudoLabeled(images, [], [], [])
+    data, _ = pseudo_label([m for m, _, _ in loaded], images, cfg, device)
+    return data

@@ -173,15 +173,20 @@ class Regime:
         return bool(self.options.get("select"))
 
 
-def _tuned_after(name: str, federated: str) -> Regime:
+def _tuned_after(name: str, federated: str, **kw: Any) -> Regime:
     """Fine-tuning after federation: ``name`` tunes ``federated``'s models.
 
     Each site trains its final model of ``federated`` further on its own
     labels, every layer, at 0.3 x the federation's learning rate, on site (no
-    DP: the tuned model never leaves the site).
+    DP: the tuned model never leaves the site). ``kw``: more fields
+    (``all_labels``, ``pseudo_from``).
     """
     return Regime(
-        name, train_on="each", tune_from=federated, options=_frozen(lr_factor=0.3)
+        name,
+        train_on="each",
+        tune_from=federated,
+        options=_frozen(lr_factor=0.3),
+        **kw,
     )
 
 
@@ -308,27 +313,6 @@ TABLE: tuple[Regime, ...] = (
         PERSONALIZED_SSL_TUNED_LOCAL,
         members=(PERSONALIZED_SSL, PERSONALIZED_SSL_TUNED, LOCAL_ONLY),
     ),
-    # the tuned model's all-labels version: tuned from the same federated
-    # model on every training woman's labels (the ceiling of the self-trained
-    # one below on a partly labeled site)
-    Regime(
-        PERSONALIZED_SSL_TUNED_ALL_LABELS,
-        train_on="each",
-        tune_from=PERSONALIZED_SSL,
-        options=_frozen(lr_factor=0.3),
-        all_labels=True,
-    ),
-    # self-training (stop 43): the site's three models fused label its
-    # unlabeled training women, and the tuned model learns from those boxes
-    # beside its labeled women (a site without unlabeled women trains it as
-    # the plain tuned model)
-    Regime(
-        PERSONALIZED_SSL_TUNED_PSEUDO,
-        train_on="each",
-        tune_from=PERSONALIZED_SSL,
-        options=_frozen(lr_factor=0.3),
-        pseudo_from=PERSONALIZED_SSL_TUNED_LOCAL,
-    ),
     # the same, except that a few-shot site (few labeled images, none
     # unlabeled: it trains its head only in the federation) runs its tuned
     # model alone: its local-only model, trained on a few women, is below the
@@ -338,6 +322,19 @@ TABLE: tuple[Regime, ...] = (
         PERSONALIZED_SSL_TUNED_LOCAL_FEWSHOT,
         members=(PERSONALIZED_SSL, PERSONALIZED_SSL_TUNED, LOCAL_ONLY),
         fewshot_members=(PERSONALIZED_SSL_TUNED,),
+    ),
+    # the tuned model's all-labels version: tuned from the same federated
+    # model on every training woman's labels (the ceiling of the self-trained
+    # one below on a partly labeled site)
+    _tuned_after(PERSONALIZED_SSL_TUNED_ALL_LABELS, PERSONALIZED_SSL, all_labels=True),
+    # self-training (stop 43): the site's three models fused label its
+    # unlabeled training women, and the tuned model learns from those boxes
+    # beside its labeled women (a site without unlabeled women trains it as
+    # the plain tuned model)
+    _tuned_after(
+        PERSONALIZED_SSL_TUNED_PSEUDO,
+        PERSONALIZED_SSL,
+        pseudo_from=PERSONALIZED_SSL_TUNED_LOCAL,
     ),
     # the recommended regime with the self-trained tuned member
     Regime(

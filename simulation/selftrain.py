@@ -217,8 +217,8 @@ def pseudo_for_site(
     record: dict[str, Any] = {
         "site": site,
         "teachers": [str(p) for p in paths],
-        "keep": cfg.keep,
-        "ignore": cfg.ignore,
+        "keep_threshold": cfg.keep,
+        "ignore_threshold": cfg.ignore,
         **data.counts(),
     }
     if oracle is not None:
@@ -234,6 +234,6 @@ def pseudo_for_site(
         record["images"],
         record["images_with_boxes"],
         ", ".join(f"{c} {n}" for c, n in record["boxes"].items()),
-        record["ignore"],
+        record["ignore_regions"],
     )
     return [data]

@@ -66,6 +66,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init the site's exported federated model: fine-tuning after "
         "federation, the study's personalized-ssl-tuned regime",
     )
+    parser.add_argument(
+        "--pseudo-label-with",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="MODEL",
+        help="self-training: these models (the site's exported federated model, "
+        "its tuned one and its own, say) label the site's unlabeled training "
+        "images, their findings fused, and the model trains on those beside the "
+        "labeled ones (the study's personalized-ssl-tuned-pseudo regime)",
+    )
+    parser.add_argument(
+        "--pseudo-keep",
+        type=float,
+        default=0.5,
+        help="a fused finding scoring at least this is a lesion box (default 0.5)",
+    )
+    parser.add_argument(
+        "--pseudo-ignore",
+        type=float,
+        default=0.2,
+        help="one scoring at least this (and below --pseudo-keep) is an ignore "
+        "region; the rest of the image is background (default 0.2)",
+    )
     parser.add_argument("--device", default=None, help="auto, cpu, cuda...")
 
 
@@ -73,10 +97,16 @@ def run(args: argparse.Namespace) -> int:
     """Train and write the model; 0 when written."""
     from client.local_training import train_local_model
     from common.config.site import load_site_config
+    from common.detector.adapt.pseudo import PseudoConfig
+    from common.errors import ConfigError
     from common.wire.federation import load_federation_config
 
     site = load_site_config(args.site_config)
     fed = load_federation_config(args.federation)
+    try:
+        pseudo = PseudoConfig(keep=args.pseudo_keep, ignore=args.pseudo_ignore)
+    except ValueError as exc:
+        raise ConfigError("--pseudo-keep/--pseudo-ignore", "pseudo", str(exc)) from exc
     train_local_model(
         site,
         fed,
@@ -88,5 +118,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         source=str(args.federation),
         site_source=str(args.site_config),
+        pseudo_label_with=args.pseudo_label_with,
+        pseudo=pseudo,
     )
     return 0

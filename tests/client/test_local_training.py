@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -257,3 +258,59 @@ def test_semi_supervised_tuning_uses_the_unlabeled_images_and_only_them(
     assert any(not torch.equal(unlab[k], sup[k]) for k in stats)
     with pytest.raises(MammofedError, match="head-only training takes no semi"):
         train_central([cache], opts, label="x", ssl=ssl, head_only=True, **kw)  # type: ignore[arg-type]
+
+
+def test_self_training_labels_the_unlabeled_women_with_the_sites_models(
+    tmp_path: Path, setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train-local --pseudo-label-with``: the given models label the site's
+    unlabeled training images, which then train the model beside the labeled
+    ones; the checkpoint records what labeled them; bad inputs are refused."""
+    _, fed_yaml, base = setup
+    fed = load_federation_config(fed_yaml)
+    opts = detector_options(fed, str(fed_yaml))
+    cache = _partly_labeled_cache(tmp_path / "partly")
+    site_yaml = tmp_path / "partly.yaml"
+    site_yaml.write_text(f"name: site-c\ncache_dir: {cache}\n")
+    # a teacher that sees a lesion everywhere: its class logits' bias raised
+    eager = build_detector(opts.model_config())
+    eager.load_state_dict(load_detector(base, torch.device("cpu"))[0].state_dict())
+    with torch.no_grad():
+        eager.head.classification_head.cls_logits.bias.fill_(4.0)  # type: ignore[union-attr]
+    teacher = save_checkpoint(tmp_path / "teacher.pt", eager, opts.model_config())
+    argv = ["train-local", "--site-config", str(site_yaml), "--federation"]
+    argv += [str(fed_yaml), "--init", str(base)]
+    plain, selft = tmp_path / "plain.pt", tmp_path / "self.pt"
+    assert main([*argv, "--out", str(plain)]) == 0
+    assert main([*argv, "--out", str(selft), "--pseudo-label-with", str(teacher)]) == 0
+    ck = load_detector(selft, torch.device("cpu"))[1]
+    rec = ck.extra["local_model"]["pseudo_labels"]
+    assert rec["models"] == {str(teacher): sha256_file(teacher)}
+    assert rec["images"] == 8 and rec["images_with_boxes"] == 8  # the 8 unlabeled
+    assert rec["ignore_threshold"] == 0.2 and rec["ignore_regions"] >= 0
+    assert rec["boxes"]["mass"] > 0 and rec["keep_threshold"] == 0.5
+    assert (
+        load_detector(plain, torch.device("cpu"))[1].extra["local_model"][
+            "pseudo_labels"
+        ]
+        is None
+    )
+    a = load_detector(plain, torch.device("cpu"))[0].state_dict()
+    b = load_detector(selft, torch.device("cpu"))[0].state_dict()
+    assert any(not torch.equal(v, b[k]) for k, v in a.items())  # they taught it
+    # thresholds out of order: refused before any training
+    bad = [*argv, "--out", str(tmp_path / "x.pt"), "--pseudo-label-with", str(teacher)]
+    assert main([*bad, "--pseudo-keep", "0.1", "--pseudo-ignore", "0.3"]) != 0
+    said = capsys.readouterr().err
+    assert "--pseudo-keep/--pseudo-ignore" in said and "ignore 0.3, keep 0.1" in said
+    # a teacher that works at another spacing: refused, naming it and the field
+    other_cfg = dataclasses.replace(opts.model_config(), working_spacing_mm=0.8)
+    other = save_checkpoint(tmp_path / "other.pt", build_detector(other_cfg), other_cfg)
+    with pytest.raises(
+        CheckpointMismatch, match="other.pt: field 'working_spacing_mm'"
+    ):
+        train_local_model(
+            load_site_config(site_yaml), fed, init=base, out=tmp_path / "x.pt",
+            pseudo_label_with=[other],
+        )  # fmt: skip
+    assert not (tmp_path / "x.pt").exists()

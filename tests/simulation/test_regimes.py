@@ -45,6 +45,10 @@ def test_table_is_the_one_list_of_regimes() -> None:
         if r.tune_from is not None:
             assert r.train_on == "each" and r.tune_from in R.FEDERATED, r.name
             assert R.ORDER.index(r.tune_from) < R.ORDER.index(r.name)
+        # a self-trained regime's teachers are listed before it
+        if r.pseudo_from is not None:
+            assert r.train_on == "each", r.name
+            assert R.ORDER.index(r.pseudo_from) < R.ORDER.index(r.name)
 
 
 def test_an_ensemble_brings_its_members() -> None:
@@ -76,6 +80,30 @@ def test_an_ensemble_brings_its_members() -> None:
     assert R.REGIMES[R.LOCAL_ONLY].lr_factor == 1.0
     with pytest.raises(KeyError):
         R.with_members(["no-such-regime"])
+
+
+def test_self_training_brings_its_teachers_and_its_two_versions() -> None:
+    """The self-trained tuned model needs the three models that label its
+    site's images; its labeled-only and all-labels versions start from the
+    same federated model (stop 43)."""
+    pseudo = R.REGIMES[R.PERSONALIZED_SSL_TUNED_PSEUDO]
+    assert pseudo.pseudo_from == R.PERSONALIZED_SSL_TUNED_LOCAL
+    assert R.with_members([R.PERSONALIZED_SSL_TUNED_PSEUDO_LOCAL_FEWSHOT]) == (
+        R.LOCAL_ONLY,
+        R.PERSONALIZED_SSL,
+        R.PERSONALIZED_SSL_TUNED,
+        R.PERSONALIZED_SSL_TUNED_LOCAL,
+        R.PERSONALIZED_SSL_TUNED_PSEUDO,
+        R.PERSONALIZED_SSL_TUNED_PSEUDO_LOCAL_FEWSHOT,
+    )
+    labeled = R.REGIMES[R.PERSONALIZED_SSL_TUNED]
+    ceiling = R.REGIMES[R.PERSONALIZED_SSL_TUNED_ALL_LABELS]
+    for r in (pseudo, ceiling):
+        assert r.tune_from == labeled.tune_from == R.PERSONALIZED_SSL
+        assert r.lr_factor == labeled.lr_factor and r.options == labeled.options
+    assert ceiling.all_labels and not labeled.all_labels and not pseudo.all_labels
+    with pytest.raises(ValueError, match="pseudo_from needs a regime that trains"):
+        R.Regime("x", strategy="fedavg", pseudo_from=R.LOCAL_ONLY)
 
 
 @pytest.mark.parametrize("name", sorted(R.FEDERATED))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -751,3 +752,98 @@ def test_all_labels_regime_trains_on_every_woman_and_scores_the_same_test_women(
         gt = {im.key: im.gt_boxes.tolist() for im in theirs[site]}
         assert all(im.gt_boxes.tolist() == gt[im.key] for im in ours[site])
         pooled_paired_cpm_difference([theirs[site]], [ours[site]], 0, n_boot=5)
+
+
+@pytest.mark.slow
+def test_self_training_labels_a_sites_unlabeled_women_with_its_own_models(
+    study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """personalized-ssl-tuned-pseudo: the site's three models (kept by the
+    run) label its unlabeled training images, which join its labeled ones;
+    the all-labels version trains on the oracle's labels; a central teacher
+    that was not kept is refused, naming the file (stop 43)."""
+    import torch
+
+    import simulation.run as run_mod
+    from client.export import load_detector
+    from common.errors import MammofedError
+    from common.imaging.data import SiteDataset
+    from simulation.report import load_detections
+    from simulation.run import BASE_MODEL
+    from simulation.selftrain import central_model_path, teacher_paths
+
+    data = study.parent / "data"
+    fed = load_federation_config(FEDERATION)
+    trained: dict[str, tuple[int, list[int]]] = {}
+    real = run_mod.train_central
+
+    def spy(caches: list[Path], *a: Any, label: str, **kw: Any) -> Any:
+        n = sum(len(SiteDataset(c, seed=fed.seed).view("labeled")) for c in caches)
+        trained[label] = (n, [len(p) for p in kw.get("pseudo", ())])
+        return real(caches, *a, label=label, **kw)
+
+    monkeypatch.setattr(run_mod, "train_central", spy)
+    out = run_study(
+        RunRequest(
+            scenario=SCENARIO,
+            federation=FEDERATION,
+            out=tmp_path / "self",
+            regimes=(
+                R.PERSONALIZED_SSL_TUNED_PSEUDO,
+                R.PERSONALIZED_SSL_TUNED_ALL_LABELS,
+            ),
+            data=data,
+            workers=1,
+            n_boot=0,
+            base_checkpoint=study / R.BASE / BASE_MODEL,
+        )
+    )
+    sites = ["A", "B", "C", "D", "E"]
+    unlabeled = {
+        s: len(SiteDataset(data / "cache" / s, seed=fed.seed).view("unlabeled"))
+        for s in sites
+    }
+    assert unlabeled["C"] > 0 and unlabeled["A"] == 0
+    for s in sites:
+        own = len(SiteDataset(data / "cache" / s, seed=fed.seed).view("labeled"))
+        every = len(SiteDataset(data / "oracle" / s, seed=fed.seed).view("labeled"))
+        # labeled-only, self-trained (its unlabeled images pseudo-labeled), all labels
+        assert trained[f"{R.PERSONALIZED_SSL_TUNED}/{s}"] == (own, [])
+        pseudo = [unlabeled[s]] if unlabeled[s] else []
+        assert trained[f"{R.PERSONALIZED_SSL_TUNED_PSEUDO}/{s}"] == (own, pseudo)
+        assert trained[f"{R.PERSONALIZED_SSL_TUNED_ALL_LABELS}/{s}"] == (every, [])
+        # every per-site model is kept and loads
+        for regime in (R.LOCAL_ONLY, R.PERSONALIZED_SSL_TUNED_PSEUDO):
+            load_detector(central_model_path(out, regime, s), torch.device("cpu"))
+    rec = json.loads(
+        (out / R.PERSONALIZED_SSL_TUNED_PSEUDO / "pseudo-C.json").read_text()
+    )
+    assert rec["images"] == unlabeled["C"] and rec["keep_threshold"] == 0.5
+    assert [Path(p).name for p in rec["teachers"]] == [
+        "personalized-ssl-C.pt",
+        "C.pt",
+        "C.pt",
+    ]
+    assert Path(rec["teachers"][2]).parent.parent.name == R.LOCAL_ONLY
+    # the boxes are scored against the phantom's truth of those very images
+    oracle = SiteDataset(data / "oracle" / "C", seed=fed.seed)
+    mine = SiteDataset(data / "cache" / "C", seed=fed.seed).view("unlabeled")
+    keys = {mine.target(i)["key"] for i in range(len(mine))}
+    view = oracle.view("all")
+    truth = [view.target(i) for i in range(len(view)) if view.target(i)["key"] in keys]
+    assert rec["quality"]["images_matched"] == len(truth) == unlabeled["C"]
+    n_mass = sum(int((t["labels"] == 0).sum()) for t in truth)
+    assert rec["quality"]["mass"]["lesions"] == n_mass
+    assert not (out / R.PERSONALIZED_SSL_TUNED_PSEUDO / "pseudo-A.json").exists()
+    # scored on the same test women as the labeled-only version
+    ours = load_detections(out / R.PERSONALIZED_SSL_TUNED_PSEUDO / RF.DETECTIONS_JSON)
+    theirs = load_detections(out / R.PERSONALIZED_SSL_TUNED / RF.DETECTIONS_JSON)
+    for s in ours:
+        assert sorted(i.key for i in ours[s]) == sorted(i.key for i in theirs[s])
+    # a teacher that a run did not keep: refused, naming the file
+    old = tmp_path / "old"
+    (old / R.LOCAL_ONLY).mkdir(parents=True)
+    (old / RF.RUN_JSON).write_bytes((out / RF.RUN_JSON).read_bytes())
+    spec = R.REGIMES[R.PERSONALIZED_SSL_TUNED_PSEUDO]
+    with pytest.raises(MammofedError, match=r"old/local-only/models/C.pt: missing"):
+        teacher_paths(spec, "C", {R.LOCAL_ONLY: old}, out)

@@ -100,13 +100,13 @@ class PseudoLabeled(Dataset[tuple[torch.Tensor, dict[str, Any]]]):
         return image, self.target(i)
 
     def counts(self) -> dict[str, Any]:
-        """``{"images", "boxes": {class: n}, "ignore", "images_with_boxes"}``."""
+        """Images, images with boxes, boxes per class, ignore regions."""
         every = np.concatenate(self._labels) if self._labels else np.zeros(0)
         return {
             "images": len(self),
             "images_with_boxes": sum(1 for b in self._boxes if len(b)),
             "boxes": {c: int((every == CLASS_TO_LABEL[c]).sum()) for c in CLASSES},
-            "ignore": int(sum(len(g) for g in self._ignore)),
+            "ignore_regions": int(sum(len(g) for g in self._ignore)),
         }
 
 
