@@ -197,6 +197,9 @@ def _local_training(local: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "source": "site's own model (mammofed-client train-local)",
         **{k: local.get(k, UNKNOWN) for k in copied},
+        # self-training (--pseudo-label-with): the models that labeled its
+        # unlabeled women, the thresholds and the counts; None: not used
+        "pseudo_labels": local.get("pseudo_labels"),
     }
 
 

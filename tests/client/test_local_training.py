@@ -288,6 +288,10 @@ def test_self_training_labels_the_unlabeled_women_with_the_sites_models(
     assert rec["models"] == {str(teacher): sha256_file(teacher)}
     assert rec["images"] == 8 and rec["images_with_boxes"] == 8  # the 8 unlabeled
     assert rec["ignore_threshold"] == 0.2 and rec["ignore_regions"] >= 0
+    # the model card says what labeled them
+    card_json, card_md = write_model_card(selft, ck, kind="torch-checkpoint")
+    assert json.loads(card_json.read_text())["training"]["pseudo_labels"] == rec
+    assert sha256_file(teacher) in card_md.read_text()
     assert rec["boxes"]["mass"] > 0 and rec["keep_threshold"] == 0.5
     assert (
         load_detector(plain, torch.device("cpu"))[1].extra["local_model"][
