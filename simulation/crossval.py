@@ -321,7 +321,13 @@ def run_crossval(
             )  # fmt: skip
             progress = _epoch_logger(f, k, cfg.epochs, fdir / EPOCH_LOG, eta)
             trained = train_model(
-                cfg, data.views, fdir, device, eval_fn=progress, miner=data.miner
+                cfg,
+                data.views,
+                fdir,
+                device,
+                eval_fn=progress,
+                miner=data.miner,
+                pretrain_on=data,
             )
             model = trained.model
             scorer, detector_only, student_only = model, [], []

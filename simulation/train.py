@@ -46,6 +46,7 @@ from common.detector.engine import (
 )
 from common.detector.hardneg import HardNegativeMiner, HardNegatives
 from common.detector.model import ModelConfig, build_detector
+from common.detector.pretrain import PretrainConfig, pretrain_body
 from common.detector.recipe import AugmentConfig, Pooled, Recipe
 from common.detector.rescore import (
     RESCORER_FILE,
@@ -130,6 +131,7 @@ class TrainConfig:
     init_checkpoint: Path | None = field(default=None, metadata=path_field(True))
     labeled_patients: int | None = field(default=None, metadata=bounded(1, None))
     rescore: RescoreConfig = field(default_factory=RescoreConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def __post_init__(self) -> None:
         if not self.caches:
@@ -227,12 +229,21 @@ class TrainingData:
     ``source``: the untransformed training images (lesions to paste, hard
     negatives and the re-scorer's candidates come from them); ``views``: the
     same images under the recipe's augmentation, one view a cache; ``miner``:
-    the hard-negative miner (``None`` unless ``augment.hard_negative_p > 0``).
+    the hard-negative miner (``None`` unless ``augment.hard_negative_p > 0``);
+    ``unlabeled``: each cache's train-split images without box labels,
+    untransformed (with ``source``, what ``pretrain`` learns from).
     """
 
     source: Pooled
     views: list[SiteView]
     miner: HardNegativeMiner | None
+    unlabeled: list[SiteView] = field(default_factory=list)
+
+    def pretrain_images(self) -> tuple[Pooled, list[str]]:
+        """Every training image, labeled or not, untransformed, and their keys."""
+        views: list[SiteView] = [*self.source.views, *self.unlabeled]  # type: ignore[list-item]
+        keys = [r.key for v in views for r in v.records]
+        return Pooled(views), keys
 
 
 def training_data(
@@ -259,7 +270,8 @@ def training_data(
             batch_size=cfg.batch_size,
             epochs=cfg.epochs,
         )
-    return TrainingData(source, views, miner)
+    unlabeled = [sites[n].view("unlabeled") for n in train_idx]
+    return TrainingData(source, views, miner, [u for u in unlabeled if len(u)])
 
 
 @dataclass(frozen=True)
@@ -285,6 +297,7 @@ def train_model(
     *,
     eval_fn: EpochHook | None = None,
     miner: HardNegativeMiner | None = None,
+    pretrain_on: TrainingData | None = None,
 ) -> Trained:
     """Train a fresh detector on the pooled ``train_views`` with ``cfg``'s recipe.
 
@@ -295,7 +308,10 @@ def train_model(
     torch RNG, so call :func:`common.detector.engine.seed_everything` first for
     a reproducible run. ``eval_fn`` is called after each epoch (see ``fit``),
     then ``miner`` (hard negatives for the patch crop; :func:`training_data`).
-    The detector starts from ``cfg.init_checkpoint`` when set.
+    The detector starts from ``cfg.init_checkpoint`` when set; with
+    ``cfg.pretrain.epochs > 0`` its body is then pretrained, labels unused, on
+    every image of ``pretrain_on`` (:meth:`TrainingData.pretrain_images`;
+    :mod:`common.detector.pretrain`) before the supervised epochs.
 
     Returns the final model (the EMA module when ``cfg.ema_decay`` is set) and
     the trained weights themselves (:class:`Trained`).
@@ -303,6 +319,7 @@ def train_model(
     Raises:
         ValueError: the views hold no image.
         CheckpointMismatch: ``cfg.init_checkpoint`` does not fit ``cfg.model``.
+        ValueError: ``cfg.pretrain`` is on and ``pretrain_on`` is not given.
     """
     pooled = Pooled(train_views)
     if len(pooled) == 0:
@@ -316,6 +333,14 @@ def train_model(
     if cfg.init_checkpoint is not None:
         init_from_checkpoint(net, cfg.model, cfg.init_checkpoint)
     model = prepare_model(net, device)
+    if cfg.pretrain.enabled:
+        if pretrain_on is None:
+            raise ValueError("pretrain.epochs > 0 needs pretrain_on (the images)")
+        images, keys = pretrain_on.pretrain_images()
+        pretrain_body(
+            model, images, cfg.pretrain, device=device, seed=cfg.seed,
+            image_keys=keys, out_dir=out_dir,
+        )  # fmt: skip
     opt = recipe.optimizer(model.parameters())
     steps_per_epoch = max(1, math.ceil(n_samples / cfg.batch_size))
     ema = recipe.ema(model)
@@ -380,6 +405,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         device,
         eval_fn=eval_fn if cfg.eval_every > 0 else None,
         miner=data.miner,
+        pretrain_on=data,
     ).model
     save_checkpoint(
         out / FINAL_CHECKPOINT,
