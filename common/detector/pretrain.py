@@ -214,8 +214,10 @@ def pretrain_body(
             the targets are not read.
         cfg: the objective and its optimisation (``cfg.epochs > 0``).
         device: where to train.
-        seed: patch and mask draws (a :class:`torch.Generator`; the global
-            RNG is not touched).
+        seed: patch and mask draws (their own :class:`torch.Generator`); the
+            throw-away decoder's initial weights come from the global RNG, so
+            a run seeded by :func:`common.detector.engine.seed_everything`
+            repeats.
         image_keys: the images' keys, recorded (as a digest) in
             ``out_dir/pretrain.pt`` so a resumed run reuses the body only when
             the images are the same.
