@@ -80,7 +80,8 @@ def load_run(path: Path) -> dict[str, list[FrocImage]]:
     """Per site, the scored test images of one run.
 
     ``path``: a regime folder (its ``detections.json``), or a crossval run's
-    out-of-fold file (site :data:`CV_SITE`; any path ending in ``.json``).
+    out-of-fold file (site :data:`CV_SITE`; any file, or a path ending in
+    ``.json``; ``.json.gz`` is read through gzip).
 
     Raises:
         ValueError: unreadable or malformed file (named).

@@ -116,18 +116,34 @@ def compare(
     return rows
 
 
+#: the most a gzipped out-of-fold file may inflate to (a run's file is ~10 MB)
+MAX_OOF_BYTES = 512 * 2**20
+
+
 def load_oof(path: Path) -> list[FrocImage]:
     """The out-of-fold images of a crossval run (``oof_predictions.json``).
+
+    A name ending in ``.gz`` is read through gzip (how ``benchmarks/results``
+    keeps them), refused past :data:`MAX_OOF_BYTES` inflated.
 
     Raises:
         ValueError: unreadable file or a malformed record (file named).
     """
+    import gzip
     import json
 
     try:
-        rows = json.loads(Path(path).read_text())
+        if str(path).endswith(".gz"):
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read(MAX_OOF_BYTES + 1)
+            if len(raw) > MAX_OOF_BYTES:
+                raise ValueError(f"inflates past {MAX_OOF_BYTES} bytes")
+            text = raw.decode("utf-8")
+        else:
+            text = Path(path).read_text()
+        rows = json.loads(text)
         return [FrocImage.from_json(r) for r in rows]
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
+    except (OSError, EOFError, ValueError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not an oof_predictions.json: {exc}") from exc
 
 

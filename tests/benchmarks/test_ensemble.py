@@ -117,3 +117,36 @@ def test_oof_mode_fuses_crossval_runs(tmp_path: Path) -> None:
     figures = [json.loads(x)["figure"] for x in (out / "ensemble.jsonl").open()]
     # no calcification in these images: only the mass lines
     assert "cv-ensemble-cpm-mass" in figures and len(figures) == 3
+
+
+def test_gzipped_oof_files_load_and_a_bomb_or_corrupt_file_is_refused(
+    tmp_path, monkeypatch
+):
+    import gzip
+
+    rows = [im.to_json() for im in _images({0, 1}, seed=0)]
+    plain = tmp_path / "oof.json"
+    plain.write_text(json.dumps(rows))
+    packed = tmp_path / "oof.json.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    a, b = ensemble.load_oof(plain), ensemble.load_oof(packed)
+    assert [x.to_json() for x in a] == [x.to_json() for x in b] and len(a) == len(rows)
+    bad = tmp_path / "bad.json.gz"
+    bad.write_bytes(b"\x1f\x8b not gzip")
+    with pytest.raises(ValueError, match=r"bad\.json\.gz: not an oof_predictions"):
+        ensemble.load_oof(bad)
+    monkeypatch.setattr(ensemble, "MAX_OOF_BYTES", 100)
+    with pytest.raises(ValueError, match="inflates past 100 bytes"):
+        ensemble.load_oof(packed)
+
+
+def test_the_kept_mini_mias_runs_reload_to_their_recorded_figures():
+    from common.detector.froc import froc_all
+
+    kept = Path(__file__).resolve().parents[2] / "benchmarks/results/mias_04_pretrain"
+    for arm in ("base", "pt"):
+        images = ensemble.load_oof(kept / f"oof_predictions-{arm}-seed0.json.gz")
+        assert len(images) == 222
+        cpm = froc_all(images, n_boot=0)["mass"].cpm
+        recorded = json.loads((kept / f"cv_metrics-{arm}-seed0.json").read_text())
+        assert cpm == pytest.approx(recorded["classes"]["mass"]["cpm"])
