@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from common.config.loader import bounded
+from common.detector.recipe import guarded_step
 from common.imaging.preprocess import breast_mask
 from common.progress import Eta
 
@@ -157,9 +158,6 @@ class _Patches:
                 xs = np.minimum((xs * factor).astype(np.int64), img.shape[2] - 1)
             self.images.append(padded)
             self.centres.append(np.stack([ys, xs], axis=1))
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def draw(self, order: Sequence[int], gen: torch.Generator) -> Tensor:
         """One patch of each image in ``order``: FloatTensor[B, 1, patch, patch]."""
@@ -299,18 +297,15 @@ def pretrain_body(
         for b in range(0, len(order), cfg.batch_size):
             x = patches.draw(order[b : b + cfg.batch_size], gen).to(device)
             m = _masks(len(x), cfg, gen).to(device)
+            opt.zero_grad(set_to_none=True)
             pred = decoder(_deepest(body, x * (1.0 - m)))
             loss = ((pred - x).abs() * m).sum() / m.sum().clamp_min(1.0)
-            if not bool(torch.isfinite(loss)):
-                log.warning("pretrain: epoch %d: non-finite loss; skipped", epoch + 1)
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
+            stepped = guarded_step(
+                loss, opt, params, 5.0, f"pretrain epoch {epoch + 1}:"
+            )
             sched.step()
+            if not stepped:
+                continue
             loss_sum += float(loss.detach())
             base_sum += float(_baseline_l1(x, m))
             steps += 1

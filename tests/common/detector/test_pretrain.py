@@ -42,7 +42,6 @@ class Images(Dataset):
                 torch.rand(1, 1, size, size, generator=g), 5, 1, 2
             )[0]
             self.images.append((0.3 + 0.5 * texture) * disc)
-        self.targets_read = 0
 
     def __len__(self) -> int:
         return len(self.images)
