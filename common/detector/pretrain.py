@@ -22,8 +22,9 @@ learned nothing scores about the baseline.
 
 ``out_dir/pretrain.pt`` keeps the pretrained body with the configuration and
 the images it saw (count and a digest of their keys), so a resumed run loads
-it instead of pretraining again; ``out_dir/pretrain.jsonl`` has one line per
-epoch.
+it instead of pretraining again (a file from other images or settings, or
+an unreadable one, is redone with a warning naming it);
+``out_dir/pretrain.jsonl`` has one line per epoch.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import hashlib
 import json
 import logging
 import math
+import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,6 +48,7 @@ from torch.utils.data import Dataset
 
 from common.config.loader import bounded
 from common.detector.recipe import guarded_step
+from common.errors import one_line
 from common.imaging.preprocess import breast_mask
 from common.progress import Eta
 
@@ -243,13 +246,26 @@ def pretrain_body(
     }
     path = Path(out_dir) / PRETRAIN_FILE if out_dir is not None else None
     if path is not None and path.is_file():
-        saved: Any = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            saved: Any = torch.load(path, map_location="cpu", weights_only=True)
+        except (
+            pickle.UnpicklingError,
+            OSError,
+            EOFError,
+            RuntimeError,
+            ValueError,
+        ) as exc:
+            log.warning("pretrain: %s is unreadable (%s); redone", path, one_line(exc))
+            saved = None
         if isinstance(saved, dict) and saved.get("record") == record:
             body.load_state_dict(saved["body"])
             log.info("pretrain: body loaded from %s (same images and settings)", path)
             hist = saved.get("history", [])
             return list(hist) if isinstance(hist, list) else []
-        log.warning("pretrain: %s was made from other images or settings; redone", path)
+        elif saved is not None:
+            log.warning(
+                "pretrain: %s was made from other images or settings; redone", path
+            )
 
     gen = torch.Generator().manual_seed(seed)
     patches = _Patches(images, cfg.patch)

@@ -210,3 +210,14 @@ def test_masks_cover_the_asked_share_in_whole_blocks(patch, block, ratio):
         per_block.min(-1).values == per_block.max(-1).values
     )  # whole blocks
     assert torch.all(per_block[..., 0].sum(1) == max(1, round(ratio * g * g)))
+
+
+def test_a_corrupt_saved_body_is_redone_not_fatal(tmp_path, caplog):
+    (tmp_path / PRETRAIN_FILE).write_bytes(b"not a torch file")
+    with caplog.at_level(logging.WARNING, logger="common.detector.pretrain"):
+        hist = pretrain_body(
+            _model(), Images(4), FAST, device=CPU, seed=0, out_dir=tmp_path
+        )
+    assert "pretrain.pt is unreadable" in caplog.text and len(hist) == FAST.epochs
+    saved = torch.load(tmp_path / PRETRAIN_FILE, weights_only=True)
+    assert saved["record"]["n_images"] == 4
