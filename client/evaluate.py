@@ -224,9 +224,17 @@ def evaluate_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     paths = checkpoint_paths(checkpoint)
-    loaded = load_detectors(paths, dev, use_ema=use_ema)
+    loaded = load_detectors(paths, dev, use_ema=use_ema, pairs_breasts=True)
     ck, std = loaded[0][1], loaded[0][2]
     names = [str(p) for p in paths]
+    for p, (_, c, _) in zip(paths, loaded, strict=True):
+        if c.model_config.contralateral != ck.model_config.contralateral:
+            raise CheckpointMismatch(
+                f"{p}: field 'model_config.contralateral' is "
+                f"{c.model_config.contralateral}, {paths[0]}'s is "
+                f"{ck.model_config.contralateral}: models scored together must "
+                "see the same images"
+            )
     recorded = recorded_split([c for _, c, _ in loaded])
     where = ", ".join(names)
     split = resolve_split(
@@ -264,6 +272,7 @@ def evaluate_checkpoint(
         test_fraction=split["test_fraction"],
         seed=split["seed"],
         model_spacing_mm=ck.model_config.working_spacing_mm,
+        contralateral=ck.model_config.contralateral,
     )
     site_split = site.cache.read_split() is not None
     if (

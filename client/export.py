@@ -586,14 +586,19 @@ def load_detectors(
     *,
     use_ema: bool = False,
     score_floor: float | None = None,
+    pairs_breasts: bool = False,
 ) -> list[tuple[nn.Module, Checkpoint, HistogramStandardizer | None]]:
     """:func:`load_detector` of one checkpoint or several run together.
 
     Models whose findings are fused must see the same model-space image.
+    ``pairs_breasts``: the caller gives each image its other breast (a
+    cache's ``SiteDataset(contralateral=True)``, as ``evaluate`` does); without
+    it a model trained with ``model.contralateral`` is refused.
 
     Raises:
-        CheckpointMismatch: an unusable checkpoint, none given, or checkpoints
-            that work at different spacings (both named).
+        CheckpointMismatch: an unusable checkpoint, none given, checkpoints
+            that work at different spacings (both named), or a contralateral
+            model where the caller cannot pair the breasts.
     """
     paths = checkpoint_paths(checkpoints)
     if not paths:
@@ -604,6 +609,13 @@ def load_detectors(
     ]
     spacing = loaded[0][1].model_config.working_spacing_mm
     for c, (_, ck, _) in zip(paths, loaded, strict=True):
+        if ck.model_config.contralateral and not pairs_breasts:
+            raise CheckpointMismatch(
+                f"{c}: field 'model_config.contralateral' is true: the model "
+                "reads each image beside the same woman's other breast, which "
+                "only a site cache pairs (mammofed-client evaluate); predict, "
+                "the DICOM node and train-local's teachers take images one by one"
+            )
         if ck.model_config.working_spacing_mm != spacing:
             raise CheckpointMismatch(
                 f"{c}: works at {ck.model_config.working_spacing_mm} mm, "

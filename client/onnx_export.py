@@ -293,6 +293,12 @@ def export_onnx(
             f"exporter's range for this graph), got {opset!r}"
         )
     model, ck = load_model(checkpoint, use_ema=use_ema)
+    if ck.model_config.contralateral:
+        raise ExportError(
+            f"{ck.path}: field 'model_config.contralateral' is true: the model "
+            "reads each image beside the same woman's other breast, and the "
+            "ONNX contract takes one image"
+        )
     if ck.model_config.tta_flip:
         raise ExportError(
             f"{ck.path}: field 'model_config.tta_flip' is true: the torch model "

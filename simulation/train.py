@@ -142,6 +142,18 @@ class TrainConfig:
         names = [Path(c).name for c in self.caches]
         if len(set(names)) != len(names):
             raise ValueError(f"caches: folder names must be unique, got {names}")
+        if self.model.contralateral:
+            # both take the image alone: the second stage's patches and the
+            # pretraining's masked patches have no other breast beside them
+            for key, on in (
+                ("rescore.enabled", self.rescore.enabled),
+                ("pretrain.epochs", self.pretrain.enabled),
+            ):
+                if on:
+                    raise ValueError(
+                        f"{key}: cannot be combined with model.contralateral: "
+                        "true (it sees the image without the other breast)"
+                    )
 
     def recipe(self) -> Recipe:
         """The training recipe these settings describe (warm-up + cosine)."""
@@ -180,6 +192,7 @@ class TrainConfig:
                 test_fraction=self.test_fraction,
                 seed=self.split_seed,
                 model_spacing_mm=self.model.working_spacing_mm,
+                contralateral=self.model.contralateral,
             )
             for c in self.caches
         }

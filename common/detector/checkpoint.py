@@ -59,6 +59,7 @@ STRUCTURAL_FIELDS: tuple[str, ...] = (
     "image_std",
     "working_spacing_mm",
     "speck_channel",
+    "contralateral",
 )
 
 

@@ -1,4 +1,4 @@
-"""Box-consistent transforms on ``(image FloatTensor[1, H, W], target dict)``.
+"""Box-consistent transforms on ``(image FloatTensor[C, H, W], target dict)``.
 
 Every transform returns a new ``(image, target)``; geometric ones move
 ``target["boxes"]`` and ``target["ignore"]`` (FloatTensor[N, 4], model space,
@@ -33,8 +33,16 @@ def _uniform(lo: float, hi: float, gen: torch.Generator | None) -> float:
 
 
 def _check(image: torch.Tensor) -> None:
-    if image.ndim != 3 or image.shape[0] != 1:
-        raise ValueError(f"image must be [1, H, W], got shape {tuple(image.shape)}")
+    """Refuse anything but ``[C, H, W]``, C 1 or 2.
+
+    The image itself comes first, then any channel that moves with it
+    (``ModelConfig.contralateral``: the other breast).
+    """
+    if image.ndim != 3 or not 1 <= image.shape[0] <= 2:
+        raise ValueError(
+            f"image must be [1, H, W] (or [2, H, W] with the other breast), "
+            f"got shape {tuple(image.shape)}"
+        )
 
 
 def _map_boxes(target: Target, fn: Any) -> Target:
@@ -225,7 +233,7 @@ def cut_lesion(
     cx1, cy1 = math.ceil(x1) + m, math.ceil(y1) + m
     if cx0 < 0 or cy0 < 0 or cx1 > w or cy1 > h:
         return None
-    crop = image[:, cy0:cy1, cx0:cx1].float()
+    crop = image[:1, cy0:cy1, cx0:cx1].float()  # the image, not the other breast
     ph, pw = crop.shape[-2:]
     inner = torch.zeros(ph, pw, dtype=torch.bool)
     bx0, by0 = math.floor(x0) - cx0, math.floor(y0) - cy0
@@ -394,8 +402,10 @@ class LesionPaste:
                     continue
                 if not self._free(nb, {"boxes": boxes, "ignore": t.get("ignore")}):
                     continue
-                dst = out[:, oy : oy + ph, ox : ox + pw]
-                out[:, oy : oy + ph, ox : ox + pw] = (dst + patch.signal).clamp(0, 1)
+                # into the image only: a second channel (the other breast)
+                # shows no lesion there
+                dst = out[:1, oy : oy + ph, ox : ox + pw]
+                out[:1, oy : oy + ph, ox : ox + pw] = (dst + patch.signal).clamp(0, 1)
                 boxes = torch.cat([boxes, nb.reshape(1, 4).to(boxes.dtype)])
                 labels = torch.cat([labels, torch.tensor([patch.label])])
                 break

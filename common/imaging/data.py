@@ -20,7 +20,9 @@ with at least one box-labeled image are stratified by "has a lesion" and a
 two or more patients and the fraction is positive) goes to test; patients with
 no box-labeled image always train.
 
-Item: ``(image FloatTensor[1, H, W] in [0, 1] model space, target)``, target keys
+Item: ``(image FloatTensor[1, H, W] in [0, 1] model space, target)``; with
+``SiteDataset(contralateral=True)`` ``FloatTensor[2, H, W]``, the second channel
+the same woman's other breast (:meth:`SiteDataset.partner_pixels`). Target keys
 ``boxes`` FloatTensor[N, 4] (model space, ``xmin, ymin, xmax, ymax``),
 ``labels`` Int64Tensor[N] (index into :data:`common.keys.CLASSES`), ``ignore``
 FloatTensor[M, 4] (model space), ``key`` str, ``spacing_mm`` float,
@@ -202,13 +204,43 @@ class SiteView(Dataset[tuple[torch.Tensor, Target]]):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
         if not 0 <= i < len(self.indices):
             raise IndexError(f"index {i} out of range for view of {len(self)} items")
-        r = self.site.records[self.indices[i]]
+        idx = self.indices[i]
+        r = self.site.records[idx]
         px = self.site.cache.load_pixels(r.key, r.geometry.model_shape)
         image = torch.from_numpy(px).unsqueeze(0)
+        if self.site.contralateral:
+            other = self.site.partner_pixels(idx, tuple(image.shape[-2:]))
+            image = torch.cat([image, torch.from_numpy(other)[None].to(image.dtype)])
         target = self.target(i)
         if self.transform is not None:
             image, target = self.transform(image, target)
         return image, target
+
+
+def pair_breasts(records: Sequence[ImageRecord]) -> dict[int, int]:
+    """``{i: j}``: record ``j`` is the other breast of record ``i``.
+
+    Same woman (a known ``patient_id``, not a ``key:`` stand-in), same view,
+    the other laterality (``L``/``R``); the first such record in order when
+    there are several. Records with an unknown laterality or view get none.
+    """
+    first: dict[tuple[str, str, str], int] = {}
+    for i, r in enumerate(records):
+        lat, view = (r.meta.laterality or "").upper(), (r.meta.view or "").upper()
+        if r.patient_id.startswith("key:") or lat not in ("L", "R") or not view:
+            continue
+        first.setdefault((r.patient_id, view, lat), i)
+    out: dict[int, int] = {}
+    for (pid, view, lat), i in first.items():
+        j = first.get((pid, view, "R" if lat == "L" else "L"))
+        if j is not None:
+            out[i] = j
+    for i, r in enumerate(records):  # repeated images of a side: its first's partner
+        lat, view = (r.meta.laterality or "").upper(), (r.meta.view or "").upper()
+        key = (r.patient_id, view, lat)
+        if i not in out and key in first and first[key] in out:
+            out[i] = out[first[key]]
+    return out
 
 
 #: Share of a site's box-labeled women held out as test women when its cache
@@ -242,6 +274,9 @@ class SiteDataset:
         model_spacing_mm: the ``working_spacing_mm`` of the model that will
             train on or be scored on these images, when known: the cache's
             entries must have been made for it.
+        contralateral: every item gets a second channel, the other breast of
+            the same woman and view (``ModelConfig.contralateral``; see
+            :meth:`partner_pixels`).
 
     Pixels are read from disk when an item is read (lazy, bounded memory).
 
@@ -260,6 +295,7 @@ class SiteDataset:
         test_fraction: float = DEFAULT_TEST_FRACTION,
         seed: int = 0,
         model_spacing_mm: float | None = None,
+        contralateral: bool = False,
     ) -> None:
         if not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
@@ -305,6 +341,38 @@ class SiteDataset:
             )
             for e, t, pid in pre
         ]
+        self.contralateral = contralateral
+        #: record index -> its other breast's record index (same woman, same
+        #: view, the other laterality; the first such image in source order)
+        self.partner: dict[int, int] = pair_breasts(self.records)
+        if contralateral:
+            alone = len(self.records) - len(self.partner)
+            if alone:
+                log.warning(
+                    "%s: %d of %d images have no other breast of the same woman "
+                    "and view (patient id, laterality and view must be known); "
+                    "their contralateral channel is 0",
+                    self.cache.root, alone, len(self.records),
+                )  # fmt: skip
+
+    def partner_pixels(self, i: int, shape: tuple[int, int]) -> np.ndarray:
+        """The other breast of record ``i`` on a ``shape`` grid, float32 in [0, 1].
+
+        The cache stores every breast with its chest wall on the left
+        (``Geometry.flip``) and cropped to the breast, so the other side is
+        resized (bilinear) onto the image's rows and columns: top edges and
+        chest walls aligned, the nipple ends roughly so. Zeros when record
+        ``i`` has no partner (:attr:`partner`).
+        """
+        j = self.partner.get(i)
+        if j is None:
+            return np.zeros(shape, dtype=np.float32)
+        r = self.records[j]
+        px = torch.from_numpy(self.cache.load_pixels(r.key, r.geometry.model_shape))
+        out = torch.nn.functional.interpolate(
+            px.float()[None, None], size=shape, mode="bilinear", align_corners=False
+        )[0, 0]
+        return out.clamp(0.0, 1.0).numpy()
 
     def _split(
         self,

@@ -20,6 +20,8 @@ from common.wire.federation import PersonalizationConfig
 class ModelConfig:
     """Everything needed to rebuild the detector exactly.
 
+    :attr:`input_channels` is how many channels an input image has.
+
     Attributes:
         arch: registry name (``tiny``, ``small``, ``resnet18``, ``resnet34``,
             ``resnet50`` or a user-registered one); checked when the model is
@@ -36,13 +38,19 @@ class ModelConfig:
         nms_thresh: IoU threshold of per-class NMS.
         topk_candidates: candidates per FPN level before NMS.
         center_sampling_radius: FCOS centre sampling radius (in strides).
-        image_mean, image_std: normalization of the one input channel; images
+        image_mean, image_std: normalization of every input channel; images
             arrive in ``[0, 1]``.
         working_spacing_mm: mm per model-space pixel the model was built for
             (recorded in checkpoints; the model itself never resizes).
         speck_channel: feed the backbone a second channel, the image's white
             top-hat (``fcos.SpeckEnhance``: calcification specks without the
             tissue behind them); changes ``conv1``'s shape.
+        contralateral: every image arrives with a second channel, the same
+            woman's other breast of the same view resized onto its grid
+            (``common.imaging.data.SiteDataset(contralateral=True)``; zeros
+            when she has none), so the detector can read an asymmetry;
+            changes ``conv1``'s shape. Training and evaluation on caches only:
+            ``predict`` and the ONNX export refuse such a model.
         tta_flip: in eval mode, also detect the up-down mirror and fuse
             (``MammoFCOS.forward``); inference only, twice the time.
         breast_mask: in eval mode, drop detections whose box centre lies
@@ -68,6 +76,7 @@ class ModelConfig:
     image_std: float = field(default=0.25, metadata=bounded(1e-6, None))
     working_spacing_mm: float = field(default=0.4, metadata=bounded(1e-4, 10.0))
     speck_channel: bool = False
+    contralateral: bool = False
     tta_flip: bool = False
     breast_mask: bool = False
     weights_path: Path | None = field(default=None, metadata=path_field(True))
@@ -81,10 +90,20 @@ class ModelConfig:
                 f"num_classes: fixed to {len(CLASSES)} ({', '.join(CLASSES)}), "
                 f"got {self.num_classes!r}"
             )
+        if self.contralateral and self.weights_path is not None:
+            raise ValueError(
+                "contralateral: cannot be combined with weights_path (its "
+                "conv1 takes one channel)"
+            )
         if self.fpn_channels % 8 != 0:
             raise ValueError(
                 f"fpn_channels: must be a multiple of 8, got {self.fpn_channels!r}"
             )
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of an input image: 1, or 2 with :attr:`contralateral`."""
+        return 2 if self.contralateral else 1
 
 
 #: Which state stays on the site: the federation config's own record, so a

@@ -106,13 +106,18 @@ class NoResizeTransform(GeneralizedRCNNTransform):
     """
 
     def __init__(
-        self, image_mean: float, image_std: float, size_divisible: int = 32
+        self,
+        image_mean: float,
+        image_std: float,
+        size_divisible: int = 32,
+        *,
+        channels: int = 1,
     ) -> None:
         super().__init__(
             min_size=1,
             max_size=1,
-            image_mean=[image_mean],
-            image_std=[image_std],
+            image_mean=[image_mean] * channels,
+            image_std=[image_std] * channels,
             size_divisible=size_divisible,
         )
 
@@ -158,15 +163,18 @@ class TinyResNet(nn.Module):
     Children follow torchvision's ResNet names (``conv1 bn1 relu maxpool
     layer1..layer4``) so the same FPN extractor applies; ``widths`` are the
     channels of ``conv1``/``layer1`` (stride 4) and of ``layer2``, ``layer3``,
-    ``layer4`` (strides 8, 16, 32). Input FloatTensor[B, 1, H, W].
+    ``layer4`` (strides 8, 16, 32). Input FloatTensor[B, in_channels, H, W].
     """
 
     def __init__(
-        self, norm_layer: NormFactory, widths: tuple[int, int, int, int]
+        self,
+        norm_layer: NormFactory,
+        widths: tuple[int, int, int, int],
+        in_channels: int = 1,
     ) -> None:
         super().__init__()
         self.widths = w = widths
-        self.conv1 = nn.Conv2d(1, w[0], 3, stride=2, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, w[0], 3, stride=2, padding=1, bias=False)
         self.bn1 = norm_layer(w[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -193,13 +201,14 @@ class TinyResNet(nn.Module):
 
 
 class SpeckEnhance(nn.Module):
-    """Adds a white top-hat channel: ``[x, x - opening(x)]`` (no parameters).
+    """Adds a white top-hat channel of the image: ``[x, x0 - opening(x0)]``.
 
     The classic microcalcification enhancement of CAD: grey-level opening with
     a ``size`` x ``size`` square removes bright specks narrower than it, so
-    ``x - opening(x)`` keeps the specks and drops the tissue behind them. Made
-    of max-pools only (exports to ONNX). FloatTensor[B, 1, H, W] ->
-    FloatTensor[B, 2, H, W].
+    ``x0 - opening(x0)`` keeps the specks and drops the tissue behind them
+    (``x0``: the first channel, the image itself; a contralateral channel
+    passes through). No parameters; max-pools only (exports to ONNX).
+    FloatTensor[B, C, H, W] -> FloatTensor[B, C + 1, H, W].
     """
 
     def __init__(self, size: int) -> None:
@@ -211,9 +220,10 @@ class SpeckEnhance(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Stack the image and its white top-hat."""
         k, p = self.size, self.size // 2
-        eroded = -nn.functional.max_pool2d(-x, k, stride=1, padding=p)
+        first = x[:, :1]
+        eroded = -nn.functional.max_pool2d(-first, k, stride=1, padding=p)
         opened = nn.functional.max_pool2d(eroded, k, stride=1, padding=p)
-        return torch.cat([x, x - opened], dim=1)
+        return torch.cat([x, first - opened], dim=1)
 
 
 def speck_size(spacing_mm: float, speck_mm: float = 1.0) -> int:
@@ -223,7 +233,7 @@ def speck_size(spacing_mm: float, speck_mm: float = 1.0) -> int:
 
 
 def with_speck_channel(body: nn.Module, spacing_mm: float) -> nn.Module:
-    """``body`` behind a :class:`SpeckEnhance` (its ``conv1`` takes 2 channels).
+    """``body`` behind a :class:`SpeckEnhance` (its ``conv1`` takes one more channel).
 
     The children keep their names (``enhance`` first), so the FPN extractor
     and the state_dict keys of every other layer are unchanged.
@@ -231,7 +241,7 @@ def with_speck_channel(body: nn.Module, spacing_mm: float) -> nn.Module:
     conv = body.conv1
     assert isinstance(conv, nn.Conv2d)
     wide = nn.Conv2d(
-        2,
+        conv.in_channels + 1,
         conv.out_channels,
         conv.kernel_size,  # type: ignore[arg-type]
         stride=conv.stride,  # type: ignore[arg-type]
@@ -247,14 +257,18 @@ def with_speck_channel(body: nn.Module, spacing_mm: float) -> nn.Module:
     return out
 
 
-def _resnet_body(depth: int, norm_layer: NormFactory) -> tuple[nn.Module, list[int]]:
+def _resnet_body(
+    depth: int, norm_layer: NormFactory, in_channels: int = 1
+) -> tuple[nn.Module, list[int]]:
     builders: dict[int, Callable[..., tv_resnet.ResNet]] = {
         18: tv_resnet.resnet18,
         34: tv_resnet.resnet34,
         50: tv_resnet.resnet50,
     }
     body = builders[depth](weights=None, norm_layer=norm_layer)
-    body.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    body.conv1 = nn.Conv2d(
+        in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False
+    )
     nn.init.kaiming_normal_(body.conv1.weight, mode="fan_out", nonlinearity="relu")
     expansion = 4 if depth >= 50 else 1
     return body, [128 * expansion, 256 * expansion, 512 * expansion]
@@ -328,7 +342,7 @@ def without_breast_mask(model: nn.Module) -> Iterator[None]:
 
 
 class MammoFCOS(FCOS):
-    """FCOS detector for one-channel mammograms, built from a :class:`ModelConfig`.
+    """FCOS detector for mammograms (one channel; two with ``cfg.contralateral``).
 
     ``self.cfg`` keeps the config; :meth:`parameter_groups` names which
     ``state_dict`` keys belong to ``backbone`` (``backbone.body.*``), ``neck``
@@ -351,7 +365,9 @@ class MammoFCOS(FCOS):
             detections_per_img=cfg.detections_per_img,
             topk_candidates=cfg.topk_candidates,
         )
-        self.transform = NoResizeTransform(cfg.image_mean, cfg.image_std)
+        self.transform = NoResizeTransform(
+            cfg.image_mean, cfg.image_std, channels=cfg.input_channels
+        )
         self.cfg = cfg
 
     def forward(  # type: ignore[override]
@@ -436,14 +452,14 @@ def _fcos(cfg: ModelConfig, body: nn.Module, in_channels: list[int]) -> MammoFCO
 def _small_fcos(cfg: ModelConfig, widths: tuple[int, int, int, int]) -> MammoFCOS:
     if cfg.weights_path is not None:
         raise CheckpointMismatch(f"weights_path is not supported for arch {cfg.arch!r}")
-    body: nn.Module = TinyResNet(norm_factory(cfg.norm), widths)
+    body: nn.Module = TinyResNet(norm_factory(cfg.norm), widths, cfg.input_channels)
     if cfg.speck_channel:
         body = with_speck_channel(body, cfg.working_spacing_mm)
     return _fcos(cfg, body, list(widths[1:]))
 
 
 def _resnet_fcos(cfg: ModelConfig, depth: int) -> MammoFCOS:
-    body, in_channels = _resnet_body(depth, norm_factory(cfg.norm))
+    body, in_channels = _resnet_body(depth, norm_factory(cfg.norm), cfg.input_channels)
     if cfg.weights_path is not None:
         load_backbone_weights(body, cfg.weights_path)
     if cfg.speck_channel:
