@@ -209,7 +209,8 @@ class SiteView(Dataset[tuple[torch.Tensor, Target]]):
         px = self.site.cache.load_pixels(r.key, r.geometry.model_shape)
         image = torch.from_numpy(px).unsqueeze(0)
         if self.site.contralateral:
-            other = self.site.partner_pixels(idx, tuple(image.shape[-2:]))
+            h, w = image.shape[-2:]
+            other = self.site.partner_pixels(idx, (int(h), int(w)))
             image = torch.cat([image, torch.from_numpy(other)[None].to(image.dtype)])
         target = self.target(i)
         if self.transform is not None:
