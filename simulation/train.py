@@ -6,6 +6,9 @@ regimes (:mod:`simulation.regimes`). :func:`run_training` writes into ``out_dir`
 * ``resolved_config.yaml``: the :class:`TrainConfig` as used;
 * ``last.pt`` (resume state, each epoch) and ``final.pt`` (the final model, or
   its EMA when ``ema_decay`` is set) as self-describing checkpoints;
+  ``final.pt`` records its split (``extra.split``: ``split_seed``,
+  ``test_fraction``), so ``mammofed-client evaluate`` scores only the women
+  it never trained on;
 * ``epochs.jsonl``: one line per epoch (loss, steps, skipped, images/s, lr,
   optional test metrics when ``eval_every > 0``; logged only, never used to
   select a model);
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from client.detector_trainer import EXTRA_SPLIT, training_split
 from common.config import bounded, load_config, path_field, write_resolved
 from common.detector.checkpoint import init_from_checkpoint, save_checkpoint
 from common.detector.engine import (
@@ -428,6 +432,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         extra={
             "train_config": str(out / RESOLVED_CONFIG_YAML),
             "ema": cfg.ema_decay is not None,
+            # the women it trained on, so that `evaluate` scores only the
+            # others (and refuses a cache it trained on whole)
+            EXTRA_SPLIT: training_split(cfg.split_seed, cfg.test_fraction),
         },
     )
     scorer = final_model

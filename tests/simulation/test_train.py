@@ -39,6 +39,31 @@ def test_sim_train_writes_outputs_and_resumes(tmp_path, site_cache):
     assert epochs == [0, 1]
 
 
+def test_final_model_records_its_split_and_evaluate_keeps_to_it(tmp_path, site_cache):
+    """``final.pt`` names the women it trained on: ``evaluate`` scores the
+    others, and a model trained on the whole cache has none there to score
+    (once it fell back to the default split and scored training women)."""
+    from client.evaluate import NothingToEvaluate, evaluate_checkpoint
+    from common.imaging.data import SiteDataset
+
+    cfg_path = write_train_yaml(tmp_path, [site_cache], test_fraction=0.5, split_seed=3)
+    assert sim_main(["train", "--config", str(cfg_path)]) == 0
+    ck = load_checkpoint(tmp_path / "run" / "final.pt")
+    assert ck.extra["split"] == {"seed": 3, "test_fraction": 0.5}
+    res = evaluate_checkpoint(
+        tmp_path / "run" / "final.pt", site_cache, tmp_path / "ev", n_boot=5
+    )
+    held = SiteDataset(site_cache, test_fraction=0.5, seed=3)
+    assert res["split"]["source"] == "checkpoint"
+    assert res["n_images"] == len(held.indices("test"))
+    whole = write_train_yaml(
+        tmp_path, [site_cache], test_fraction=0.0, out_dir=str(tmp_path / "all")
+    )
+    assert sim_main(["train", "--config", str(whole)]) == 0
+    with pytest.raises(NothingToEvaluate, match="test_fraction 0"):
+        evaluate_checkpoint(tmp_path / "all" / "final.pt", site_cache, tmp_path / "e2")
+
+
 def test_train_config_errors_name_key(tmp_path, site_cache):
     p = write_train_yaml(tmp_path, [tmp_path / "nope"])
     with pytest.raises(ConfigError, match=r"train\.yaml.*caches\[0\].*nope"):

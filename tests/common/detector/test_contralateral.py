@@ -207,3 +207,46 @@ def test_train_config_refuses_what_never_sees_the_other_breast(tmp_path: Path) -
         )
         with pytest.raises(Exception, match="contralateral"):
             load_config(f, TrainConfig)
+
+
+def test_train_evaluate_and_crossval_end_to_end(tmp_path: Path) -> None:
+    """The whole central path with the other breast: crossval (paste, patches,
+    hard negatives), train, then ``evaluate`` pairs the cache's images itself."""
+    import json
+
+    from client.evaluate import evaluate_checkpoint
+    from simulation.cli import main as sim_main
+    from simulation.train import FINAL_CHECKPOINT
+    from tests.conftest import write_train_yaml
+
+    cache = make_pairs(tmp_path / "c", n=6)
+    recipe = {
+        "model": {"arch": "tiny", "working_spacing_mm": 0.4, "contralateral": True,
+                  "speck_channel": True},
+        "augment": {"paste": True, "patch": 32, "hard_negative_p": 0.5,
+                    "hard_negative_every": 1},
+        "epochs": 2,
+    }  # fmt: skip
+    cv = write_train_yaml(tmp_path, [cache], out_dir=str(tmp_path / "cv"),
+                          test_fraction=0.0, n_boot=10, **recipe)  # fmt: skip
+    assert sim_main(["crossval", "--config", str(cv), "--folds", "2"]) == 0
+    doc = json.loads((tmp_path / "cv" / "cv_metrics.json").read_text())
+    assert doc["config"]["model"]["contralateral"] is True
+    assert doc["n_images"] == 12
+    cfg = write_train_yaml(tmp_path, [cache], out_dir=str(tmp_path / "run"),
+                           test_fraction=0.34, **recipe)  # fmt: skip
+    assert sim_main(["train", "--config", str(cfg)]) == 0
+    final = tmp_path / "run" / FINAL_CHECKPOINT
+    res = evaluate_checkpoint(final, cache, tmp_path / "ev", n_boot=10, device="cpu")
+    # scored its own test women, the model reading two-channel images
+    # the women of the split `train` recorded (test_fraction 0.34), none other
+    assert res["split"]["source"] == "checkpoint"
+    test_n = len(SiteDataset(cache, test_fraction=0.34).indices("test"))
+    assert res["n_images"] == test_n > 0
+    # a one-channel model scored together with it sees other images: refused
+    one = tmp_path / "one.pt"
+    save_checkpoint(
+        one, build_detector(ModelConfig(arch="tiny")), ModelConfig(arch="tiny")
+    )
+    with pytest.raises(CheckpointMismatch, match="contralateral"):
+        evaluate_checkpoint([final, one], cache, tmp_path / "ev2", device="cpu")
