@@ -121,6 +121,10 @@ TEST_FRACTION = DEFAULT_TEST_FRACTION
 #: used (:func:`training_split`); ``mammofed-client evaluate`` scores the test
 #: women of that split.
 EXTRA_SPLIT = "split"
+#: ``extra`` key of a centrally trained model's training images (cache keys;
+#: ``simulation.train``): ``evaluate`` scores a cache that shares none of them
+#: whole, whatever the recorded split.
+EXTRA_TRAINED_KEYS = "trained_keys"
 
 
 def training_split(seed: int, test_fraction: float = TEST_FRACTION) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from client.detector_trainer import EXTRA_SPLIT
+from client.detector_trainer import EXTRA_SPLIT, EXTRA_TRAINED_KEYS
 from client.export import checkpoint_paths, load_detectors
 from common import __version__
 from common.config.loader import config_to_dict, write_resolved
@@ -123,6 +123,50 @@ def recorded_split(cks: Sequence[Checkpoint]) -> dict[str, Any] | None:
             ", ".join(missing), first_path, first,
         )  # fmt: skip
     return first
+
+
+def _view_of_other_women(
+    loaded: Sequence[tuple[Any, Checkpoint, Any]],
+    site: SiteDataset,
+    where: str,
+    cache_dir: str | Path,
+) -> str:
+    """``"all"`` when no model trained on any image of ``site``; else refuse.
+
+    Called for models trained on every woman of their caches (recorded
+    ``test_fraction`` 0): such a model has no test women in a cache it
+    trained on, and every woman of a cache of other women is one. The
+    recorded training images (``extra.trained_keys``) tell which.
+
+    Raises:
+        NothingToEvaluate: a model records no training images, or trained on
+            some of this cache's.
+    """
+    keys = {r.key for r in site.records}
+    for _, ck, _ in loaded:
+        trained = ck.extra.get(EXTRA_TRAINED_KEYS)
+        if not isinstance(trained, list):
+            raise NothingToEvaluate(
+                f"{where}: field 'extra.{EXTRA_SPLIT}' records test_fraction 0: "
+                f"the model was trained on every woman of a cache without "
+                f"split.json and records no training images, so {cache_dir} "
+                "may hold no test women for it (view 'test'); for a cache of "
+                "other women, score them with --view all"
+            )
+        shared = keys.intersection(str(k) for k in trained)
+        if shared:
+            raise NothingToEvaluate(
+                f"{where}: field 'extra.{EXTRA_SPLIT}' records test_fraction 0 "
+                f"and {len(shared)} of the {len(keys)} images of {cache_dir} "
+                "trained the model (extra.trained_keys): it holds no test women "
+                "for it (view 'test')"
+            )
+    log.info(
+        "%s: trained on every woman of its own caches, none of %s's %d images: "
+        "every woman here is a test woman (view 'all')",
+        where, cache_dir, len(keys),
+    )  # fmt: skip
+    return "all"
 
 
 def resolve_split(
@@ -281,11 +325,7 @@ def evaluate_checkpoint(
         and recorded["test_fraction"] == 0.0
         and not site_split
     ):
-        raise NothingToEvaluate(
-            f"{where}: field 'extra.{EXTRA_SPLIT}' records test_fraction 0: the "
-            f"model was trained on every woman of a cache without split.json, so "
-            f"{cache_dir} holds no test women for it (view 'test')"
-        )
+        view = _view_of_other_women(loaded, site, where, cache_dir)
     images = site.view(view)
     n_images = len(images)
     if n_images == 0:

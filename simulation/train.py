@@ -7,8 +7,8 @@ regimes (:mod:`simulation.regimes`). :func:`run_training` writes into ``out_dir`
 * ``last.pt`` (resume state, each epoch) and ``final.pt`` (the final model, or
   its EMA when ``ema_decay`` is set) as self-describing checkpoints;
   ``final.pt`` records its split (``extra.split``: ``split_seed``,
-  ``test_fraction``), so ``mammofed-client evaluate`` scores only the women
-  it never trained on;
+  ``test_fraction``) and its training women's images (``extra.trained_keys``),
+  so ``mammofed-client evaluate`` scores only the women it never trained on;
 * ``epochs.jsonl``: one line per epoch (loss, steps, skipped, images/s, lr,
   optional test metrics when ``eval_every > 0``; logged only, never used to
   select a model);
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from client.detector_trainer import EXTRA_SPLIT, training_split
+from client.detector_trainer import EXTRA_SPLIT, EXTRA_TRAINED_KEYS, training_split
 from common.config import bounded, load_config, path_field, write_resolved
 from common.detector.checkpoint import init_from_checkpoint, save_checkpoint
 from common.detector.engine import (
@@ -435,6 +435,12 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             # the women it trained on, so that `evaluate` scores only the
             # others (and refuses a cache it trained on whole)
             EXTRA_SPLIT: training_split(cfg.split_seed, cfg.test_fraction),
+            # every image of its training women (cache keys: the file's
+            # sha256 and the spacing), so `evaluate` can tell a cache of other
+            # women from its own
+            EXTRA_TRAINED_KEYS: sorted(
+                s.records[i].key for s in sites.values() for i in s.indices("train")
+            ),
         },
     )
     scorer = final_model

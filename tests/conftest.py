@@ -92,15 +92,17 @@ def write_site_cache(
     image: Callable[[int, int], MammoImage],
     targets: Callable[[int, int], ImageTargets],
     split: dict[str, str] | None = None,
+    key_prefix: str = "k",
 ) -> Path:
     """A site cache at ``root`` of 2 images per patient ``p``: image ``j`` of
-    ``p`` is ``image(p, j)``, key ``k{2p+j:03d}``, with ``targets(p, j)``."""
+    ``p`` is ``image(p, j)``, key ``k{2p+j:03d}`` (another ``key_prefix``:
+    other files), with ``targets(p, j)``."""
     c = SiteCache(root)
     labels: dict[str, ImageTargets] = {}
     for p in range(n_patients):
         for j in range(2):
             i = 2 * p + j
-            key = f"k{i:03d}"
+            key = f"{key_prefix}{i:03d}"
             c.write(
                 key, image(p, j), source=f"{i:03d}.dcm", size=1, mtime_ns=1,
                 working_spacing_mm=0.4,
@@ -111,8 +113,9 @@ def write_site_cache(
     return root
 
 
-def make_site_cache(root: Path, n_patients: int = 6) -> Path:
-    """A site cache at ``root``: 2 images per patient, the first with a mass."""
+def make_site_cache(root: Path, n_patients: int = 6, key_prefix: str = "k") -> Path:
+    """A site cache at ``root``: 2 images per patient, the first with a mass
+    (keys ``key_prefix`` + number: another prefix makes other women's files)."""
 
     def targets(p: int, j: int) -> ImageTargets:
         if j == 0:
@@ -123,7 +126,7 @@ def make_site_cache(root: Path, n_patients: int = 6) -> Path:
     def image(p: int, j: int) -> MammoImage:
         return _image(2 * p + j, f"P{p}", j == 0)
 
-    return write_site_cache(root, n_patients, image, targets)
+    return write_site_cache(root, n_patients, image, targets, key_prefix=key_prefix)
 
 
 def make_ssl_site_cache(root: Path, n_labeled: int = 2, n_unlabeled: int = 2) -> Path:

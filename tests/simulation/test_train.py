@@ -7,7 +7,8 @@ import json
 import pytest
 
 from common.config import load_config
-from common.detector.checkpoint import load_checkpoint
+from common.detector.checkpoint import load_checkpoint, save_checkpoint
+from common.detector.model import build_detector
 from common.errors import ConfigError
 from common.keys import CPM_MASS
 from simulation.cli import main as sim_main
@@ -60,8 +61,22 @@ def test_final_model_records_its_split_and_evaluate_keeps_to_it(tmp_path, site_c
         tmp_path, [site_cache], test_fraction=0.0, out_dir=str(tmp_path / "all")
     )
     assert sim_main(["train", "--config", str(whole)]) == 0
-    with pytest.raises(NothingToEvaluate, match="test_fraction 0"):
-        evaluate_checkpoint(tmp_path / "all" / "final.pt", site_cache, tmp_path / "e2")
+    final = tmp_path / "all" / "final.pt"
+    assert len(load_checkpoint(final).extra["trained_keys"]) == 12
+    with pytest.raises(NothingToEvaluate, match="12 of the 12 images"):
+        evaluate_checkpoint(final, site_cache, tmp_path / "e2")
+    # a cache of other women (mini-MIAS's unseen women, say): every one is a test
+    # woman, scored with the default view
+    other = make_site_cache(tmp_path / "other", n_patients=3, key_prefix="o")
+    res = evaluate_checkpoint(final, other, tmp_path / "e3", n_boot=5)
+    assert res["view"] == "all" and res["n_images"] == 6
+    # an older model that records no training images: refused, with the way out
+    ck = load_checkpoint(final)
+    extra = {k: v for k, v in ck.extra.items() if k != "trained_keys"}
+    save_checkpoint(tmp_path / "old.pt", build_detector(ck.model_config),
+                    ck.model_config, extra=extra)  # fmt: skip
+    with pytest.raises(NothingToEvaluate, match="--view all"):
+        evaluate_checkpoint(tmp_path / "old.pt", other, tmp_path / "e4")
 
 
 def test_train_config_errors_name_key(tmp_path, site_cache):
