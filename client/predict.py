@@ -60,10 +60,12 @@ from torch import nn
 
 from client.cad_sr import DEFAULT_SCORE_FLOOR, build_cad_sr, write_cad_sr
 from client.export import checkpoint_paths, load_detectors
+from client.ingest import IMAGES_CSV, read_images_csv
 from common.config.loader import config_to_dict, write_resolved
 from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.engine import predict_images, resolve_device
 from common.errors import RefusedImage, one_line
+from common.imaging.annotations import normalize_ref
 from common.imaging.dicom import (
     dcmread_bounded,
     decode_pixels,
@@ -230,6 +232,7 @@ def detect_files(
     score_floor: float,
     on_unreadable: Callable[[_F, Exception], None] | None = None,
     batch_size: int = 4,
+    per_file: Callable[[_F], dict[str, Any]] | None = None,
     **read_options: Any,
 ) -> Iterator[tuple[_F, MammoImage, list[dict[str, Any]]]]:
     """``(file, image, detections)`` of every readable file, in input order.
@@ -238,18 +241,21 @@ def detect_files(
     (``read_options``: ``working_spacing_mm`` and the spacing options) and
     detected ``batch_size`` at a time (4: a four-view exam in one forward pass).
     ``detections``: :func:`detections_to_stored` at ``score_floor`` (stored-space
-    boxes). A file that ``read_any`` refuses (``RefusedImage`` or
-    ``ValueError``) goes to ``on_unreadable``, and so does one on which it
-    fails with any other ``Exception`` (a header pydicom cannot convert...),
-    passed as a ``RefusedImage`` naming the file and the error; the next files
-    are still read. Without ``on_unreadable`` the error propagates;
+    boxes). ``per_file(f)``: read options of that file that replace
+    ``read_options``' (a research site's ``images.csv`` row). A file that
+    ``read_any`` refuses (``RefusedImage`` or ``ValueError``) goes to
+    ``on_unreadable``, and so does one on which it fails with any other
+    ``Exception`` (a header pydicom cannot convert...), passed as a
+    ``RefusedImage`` naming the file and the error; the next files are still
+    read. Without ``on_unreadable`` the error propagates;
     ``MemoryError`` (and ``KeyboardInterrupt``) always does.
     """
 
     def readable() -> Iterator[tuple[_F, MammoImage]]:
         for f in files:
             try:
-                image = read_any(f, **read_options)
+                own = per_file(f) if per_file is not None else {}
+                image = read_any(f, **{**read_options, **own})
             except MemoryError:
                 raise
             except Exception as exc:  # noqa: BLE001 - one bad file, not the batch
@@ -298,6 +304,51 @@ def stored_records(
             spacing_mm=spacing_mm,
         )
     ]
+
+
+def sidecar_options(paths: Sequence[str | Path]) -> Callable[[Path], dict[str, Any]]:
+    """Per-file read options from the ``images.csv`` of each folder in ``paths``.
+
+    A research site folder (``mammofed-sim import-mias`` output, or any site
+    with PNG/TIFF images) lists each image's spacing, laterality, view and
+    woman in ``images.csv``, as ``ingest`` reads them; ``predict`` on that
+    folder reads them the same way, so its images need no ``--spacing-mm``. A
+    table row's values replace the command line's for that file; rows the
+    table's rules refuse are logged with their reason and the file falls back
+    to the command line. DICOM files ignore all of it (their header decides).
+
+    Raises:
+        MammofedError: an ``images.csv`` that cannot be read or lacks its
+            ``image`` column (named).
+    """
+    tables: list[tuple[Path, dict[str, Any]]] = []
+    for p in paths:
+        folder = Path(p)
+        table = folder / IMAGES_CSV
+        if not folder.is_dir() or not table.is_file():
+            continue
+        rows, _ = read_images_csv(table)  # refused rows are logged, named
+        log.info("%s: spacing and laterality of %d images", table, len(rows))
+        tables.append((folder.resolve(), rows))
+
+    def options(f: Path) -> dict[str, Any]:
+        path = Path(f).resolve()
+        for root, rows in tables:
+            try:
+                ref = normalize_ref(path.relative_to(root).as_posix())
+            except ValueError:
+                continue
+            row = rows.get(ref)
+            if row is None:
+                continue
+            own = {"laterality": row.laterality, "view": row.view,
+                   "patient_id": row.patient_id}  # fmt: skip
+            if row.spacing_mm is not None:
+                own["spacing_mm"] = row.spacing_mm
+            return {k: v for k, v in own.items() if v is not None}
+        return {}
+
+    return options
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
@@ -560,6 +611,7 @@ def predict_paths(
         score_floor=score_floor,
         on_unreadable=skip,
         batch_size=batch_size,
+        per_file=sidecar_options(paths),
         working_spacing_mm=ck.model_config.working_spacing_mm,
         default_spacing_mm=default_spacing_mm,
         spacing_mm=spacing_mm,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from client.cli import main as client_main
-from client.predict import detections_to_stored, predict_paths
+from client.predict import detections_to_stored, predict_paths, sidecar_options
 from common.imaging.geometry import Geometry
 from common.imaging.image_io import read_any
 from common.keys import FROC_FP_RATES
@@ -198,3 +198,41 @@ def test_predict_runs_several_checkpoints_together_fused(tmp_path, tiny_checkpoi
     fine = save_checkpoint(tmp_path / "fine.pt", build_detector(cfg2), cfg2)
     with pytest.raises(CheckpointMismatch, match="fine.pt.*0.2 mm"):
         predict_paths([tiny_checkpoint, fine], [src], tmp_path / "x", spacing_mm=0.2)
+
+
+def test_predict_reads_a_research_sites_images_csv(tmp_path, tiny_checkpoint):
+    """``predict`` on a research site folder (``import-mias`` output) takes each
+    image's spacing and laterality from its ``images.csv``, as ``ingest`` does,
+    so the folder needs no ``--spacing-mm``; a row the table refuses leaves
+    its file to the command line (here: none, so it is skipped, named)."""
+    site = tmp_path / "site"
+    (site / "sub").mkdir(parents=True)
+    _right_breast_png(site / "r.png")
+    _right_breast_png(site / "sub" / "l.png")
+    _right_breast_png(site / "bad.png")
+    (site / "images.csv").write_text(
+        "image,patient_id,laterality,view,spacing_mm\n"
+        "r.png,w1,R,MLO,0.2\n"
+        "./sub/l.png,w1,L,MLO,0.4\n"
+        "bad.png,w2,R,MLO,abc\n"
+    )
+    res = predict_paths(tiny_checkpoint, [site], tmp_path / "out", device="cpu")
+    assert sorted(Path(p).name for p in res.written) == ["l.json", "r.json"]
+    assert [Path(f).name for f, _ in res.skipped] == ["bad.png"]
+    assert "spacing" in res.skipped[0][1]
+    r = json.loads((tmp_path / "out" / "r.json").read_text())
+    sub = json.loads((tmp_path / "out" / "l.json").read_text())
+    # each file read with its own row: l.png's breast lies on the right, yet
+    # the table's L is what it was read as (inferred, it would be R)
+    assert r["laterality"] == "R" and sub["laterality"] == "L"
+    opts = sidecar_options([site])
+    assert opts(site / "r.png") == {
+        "laterality": "R", "view": "MLO", "patient_id": "w1", "spacing_mm": 0.2
+    }  # fmt: skip
+    assert opts(site / "sub" / "l.png")["spacing_mm"] == 0.4
+    assert opts(site / "bad.png") == {} and opts(tmp_path / "elsewhere.png") == {}
+    # the command line's spacing still serves a file the table leaves out
+    again = predict_paths(
+        tiny_checkpoint, [site], tmp_path / "o2", device="cpu", spacing_mm=0.3
+    )
+    assert len(again.written) == 3 and not again.skipped
