@@ -125,27 +125,30 @@ def recorded_split(cks: Sequence[Checkpoint]) -> dict[str, Any] | None:
     return first
 
 
-def _view_of_other_women(
+def _unseen_women(
     loaded: Sequence[tuple[Any, Checkpoint, Any]],
     site: SiteDataset,
     where: str,
     cache_dir: str | Path,
-) -> str:
-    """``"all"`` when no model trained on any image of ``site``; else refuse.
+) -> list[int]:
+    """The box-labeled images of ``site``'s women no model trained on.
 
     Called for models trained on every woman of their caches (recorded
     ``test_fraction`` 0): such a model has no test women in a cache it
     trained on, and every woman of a cache of other women is one. The
-    recorded training images (``extra.trained_keys``) tell which.
+    recorded training images (``extra.trained_keys``: cache keys, the file's
+    sha256 and the spacing) tell which; a woman with any image among them is
+    left out whole (a folder holding the development women and new ones
+    scores the new ones).
 
     Raises:
-        NothingToEvaluate: a model records no training images, or trained on
-            some of this cache's.
+        NothingToEvaluate: a model records no training images, or every
+            woman of this cache trained one.
     """
-    keys = {r.key for r in site.records}
+    trained: set[str] = set()
     for _, ck, _ in loaded:
-        trained = ck.extra.get(EXTRA_TRAINED_KEYS)
-        if not isinstance(trained, list):
+        keys = ck.extra.get(EXTRA_TRAINED_KEYS)
+        if not isinstance(keys, list):
             raise NothingToEvaluate(
                 f"{where}: field 'extra.{EXTRA_SPLIT}' records test_fraction 0: "
                 f"the model was trained on every woman of a cache without "
@@ -153,20 +156,28 @@ def _view_of_other_women(
                 "may hold no test women for it (view 'test'); for a cache of "
                 "other women, score them with --view all"
             )
-        shared = keys.intersection(str(k) for k in trained)
-        if shared:
-            raise NothingToEvaluate(
-                f"{where}: field 'extra.{EXTRA_SPLIT}' records test_fraction 0 "
-                f"and {len(shared)} of the {len(keys)} images of {cache_dir} "
-                "trained the model (extra.trained_keys): it holds no test women "
-                "for it (view 'test')"
-            )
+        trained.update(str(k) for k in keys)
+    seen = {r.patient_id for r in site.records if r.key in trained}
+    shared = sum(r.key in trained for r in site.records)
+    keep = [
+        i
+        for i in site.indices("all")
+        if site.records[i].box_labeled and site.records[i].patient_id not in seen
+    ]
+    if not keep:
+        raise NothingToEvaluate(
+            f"{where}: field 'extra.{EXTRA_SPLIT}' records test_fraction 0 and "
+            f"{shared} of the {len(site.records)} images of {cache_dir} trained "
+            "the model (extra.trained_keys): no woman there is a test woman "
+            "for it (view 'test')"
+        )
     log.info(
-        "%s: trained on every woman of its own caches, none of %s's %d images: "
-        "every woman here is a test woman (view 'all')",
-        where, cache_dir, len(keys),
+        "%s: trained on every woman of its own caches; scoring the %d "
+        "box-labeled images of %s's women it never saw (%d women left out: "
+        "%d of their images trained it)",
+        where, len(keep), cache_dir, len(seen), shared,
     )  # fmt: skip
-    return "all"
+    return keep
 
 
 def resolve_split(
@@ -325,8 +336,11 @@ def evaluate_checkpoint(
         and recorded["test_fraction"] == 0.0
         and not site_split
     ):
-        view = _view_of_other_women(loaded, site, where, cache_dir)
-    images = site.view(view)
+        unseen = _unseen_women(loaded, site, where, cache_dir)
+        images = site.subset(unseen)
+        view = "unseen"
+    else:
+        images = site.view(view)
     n_images = len(images)
     if n_images == 0:
         raise NothingToEvaluate(f"{cache_dir}: view {view!r} has no images to evaluate")

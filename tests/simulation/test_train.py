@@ -69,7 +69,11 @@ def test_final_model_records_its_split_and_evaluate_keeps_to_it(tmp_path, site_c
     # woman, scored with the default view
     other = make_site_cache(tmp_path / "other", n_patients=3, key_prefix="o")
     res = evaluate_checkpoint(final, other, tmp_path / "e3", n_boot=5)
-    assert res["view"] == "all" and res["n_images"] == 6
+    assert res["view"] == "unseen" and res["n_images"] == 6
+    # a folder of the training women and two new ones: the new ones only
+    mixed = make_site_cache(tmp_path / "mixed", n_patients=8)
+    res = evaluate_checkpoint(final, mixed, tmp_path / "e5", n_boot=5)
+    assert res["n_images"] == 4
     # an older model that records no training images: refused, with the way out
     ck = load_checkpoint(final)
     extra = {k: v for k, v in ck.extra.items() if k != "trained_keys"}
