@@ -282,14 +282,6 @@ def evaluate_checkpoint(
     loaded = load_detectors(paths, dev, use_ema=use_ema, pairs_breasts=True)
     ck, std = loaded[0][1], loaded[0][2]
     names = [str(p) for p in paths]
-    for p, (_, c, _) in zip(paths, loaded, strict=True):
-        if c.model_config.contralateral != ck.model_config.contralateral:
-            raise CheckpointMismatch(
-                f"{p}: field 'model_config.contralateral' is "
-                f"{c.model_config.contralateral}, {paths[0]}'s is "
-                f"{ck.model_config.contralateral}: models scored together must "
-                "see the same images"
-            )
     recorded = recorded_split([c for _, c, _ in loaded])
     where = ", ".join(names)
     split = resolve_split(

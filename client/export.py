@@ -597,8 +597,9 @@ def load_detectors(
 
     Raises:
         CheckpointMismatch: an unusable checkpoint, none given, checkpoints
-            that work at different spacings (both named), or a contralateral
-            model where the caller cannot pair the breasts.
+            that work at different spacings or that differ in
+            ``contralateral`` (both named), or a contralateral model where the
+            caller cannot pair the breasts.
     """
     paths = checkpoint_paths(checkpoints)
     if not paths:
@@ -608,7 +609,14 @@ def load_detectors(
         for c in paths
     ]
     spacing = loaded[0][1].model_config.working_spacing_mm
+    paired = loaded[0][1].model_config.contralateral
     for c, (_, ck, _) in zip(paths, loaded, strict=True):
+        if ck.model_config.contralateral != paired:
+            raise CheckpointMismatch(
+                f"{c}: field 'model_config.contralateral' is "
+                f"{ck.model_config.contralateral}, {paths[0]}'s is {paired}: "
+                "models run together must see the same images"
+            )
         if ck.model_config.contralateral and not pairs_breasts:
             raise CheckpointMismatch(
                 f"{c}: field 'model_config.contralateral' is true: the model "

@@ -132,6 +132,15 @@ class SidecarRow:
     view: str | None
     spacing_mm: float | None
 
+    def read_options(self) -> dict[str, Any]:
+        """The reader's keyword options this row gives (``None``: not given)."""
+        return {
+            "spacing_mm": self.spacing_mm,
+            "laterality": self.laterality,
+            "view": self.view,
+            "patient_id": self.patient_id,
+        }
+
 
 class _Table:
     """The stripped rows of a site CSV table, and the rows skipped (logged)."""
@@ -455,12 +464,7 @@ def _options_for(
     if p.suffix.lower() in RESEARCH_SUFFIXES:
         row = sidecar.get(rel)
         if row is not None:
-            opts.update(
-                spacing_mm=row.spacing_mm,
-                laterality=row.laterality,
-                view=row.view,
-                patient_id=row.patient_id,
-            )
+            opts.update(row.read_options())
     return opts
 
 

@@ -60,7 +60,7 @@ from torch import nn
 
 from client.cad_sr import DEFAULT_SCORE_FLOOR, build_cad_sr, write_cad_sr
 from client.export import checkpoint_paths, load_detectors
-from client.ingest import IMAGES_CSV, read_images_csv
+from client.ingest import IMAGES_CSV, SidecarRow, read_images_csv
 from common.config.loader import config_to_dict, write_resolved
 from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.engine import predict_images, resolve_device
@@ -321,7 +321,7 @@ def sidecar_options(paths: Sequence[str | Path]) -> Callable[[Path], dict[str, A
         MammofedError: an ``images.csv`` that cannot be read or lacks its
             ``image`` column (named).
     """
-    tables: list[tuple[Path, dict[str, Any]]] = []
+    tables: list[tuple[Path, dict[str, SidecarRow]]] = []
     for p in paths:
         folder = Path(p)
         table = folder / IMAGES_CSV
@@ -341,11 +341,8 @@ def sidecar_options(paths: Sequence[str | Path]) -> Callable[[Path], dict[str, A
             row = rows.get(ref)
             if row is None:
                 continue
-            own = {"laterality": row.laterality, "view": row.view,
-                   "patient_id": row.patient_id}  # fmt: skip
-            if row.spacing_mm is not None:
-                own["spacing_mm"] = row.spacing_mm
-            return {k: v for k, v in own.items() if v is not None}
+            # what the row leaves empty stays the command line's
+            return {k: v for k, v in row.read_options().items() if v is not None}
         return {}
 
     return options

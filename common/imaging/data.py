@@ -225,22 +225,24 @@ def pair_breasts(records: Sequence[ImageRecord]) -> dict[int, int]:
     the other laterality (``L``/``R``); the first such record in order when
     there are several. Records with an unknown laterality or view get none.
     """
-    first: dict[tuple[str, str, str], int] = {}
-    for i, r in enumerate(records):
+
+    def side(r: ImageRecord) -> tuple[str, str, str] | None:
         lat, view = (r.meta.laterality or "").upper(), (r.meta.view or "").upper()
         if r.patient_id.startswith("key:") or lat not in ("L", "R") or not view:
-            continue
-        first.setdefault((r.patient_id, view, lat), i)
+            return None
+        return r.patient_id, view, lat
+
+    sides = [side(r) for r in records]
+    first: dict[tuple[str, str, str], int] = {}
+    for i, k in enumerate(sides):
+        if k is not None:
+            first.setdefault(k, i)
     out: dict[int, int] = {}
-    for (pid, view, lat), i in first.items():
-        j = first.get((pid, view, "R" if lat == "L" else "L"))
-        if j is not None:
-            out[i] = j
-    for i, r in enumerate(records):  # repeated images of a side: its first's partner
-        lat, view = (r.meta.laterality or "").upper(), (r.meta.view or "").upper()
-        key = (r.patient_id, view, lat)
-        if i not in out and key in first and first[key] in out:
-            out[i] = out[first[key]]
+    for i, k in enumerate(sides):
+        if k is not None:
+            j = first.get((k[0], k[1], "R" if k[2] == "L" else "L"))
+            if j is not None:
+                out[i] = j
     return out
 
 
@@ -344,8 +346,11 @@ class SiteDataset:
         ]
         self.contralateral = contralateral
         #: record index -> its other breast's record index (same woman, same
-        #: view, the other laterality; the first such image in source order)
-        self.partner: dict[int, int] = pair_breasts(self.records)
+        #: view, the other laterality; the first such image in source order);
+        #: empty unless ``contralateral``
+        self.partner: dict[int, int] = (
+            pair_breasts(self.records) if contralateral else {}
+        )
         if contralateral:
             alone = len(self.records) - len(self.partner)
             if alone:
