@@ -236,3 +236,17 @@ def test_predict_reads_a_research_sites_images_csv(tmp_path, tiny_checkpoint):
         tiny_checkpoint, [site], tmp_path / "o2", device="cpu", spacing_mm=0.3
     )
     assert len(again.written) == 3 and not again.skipped
+
+
+def test_predict_names_an_images_csv_it_cannot_use(tmp_path, tiny_checkpoint):
+    """A research folder's images.csv without its ``image`` column stops
+    predict before any model runs, naming the file; nothing is written."""
+    from common.errors import MammofedError
+
+    site = tmp_path / "site"
+    site.mkdir()
+    _right_breast_png(site / "r.png")
+    (site / "images.csv").write_text("picture,spacing_mm\nr.png,0.2\n")
+    with pytest.raises(MammofedError, match="images.csv"):
+        predict_paths(tiny_checkpoint, [site], tmp_path / "out", device="cpu")
+    assert not list((tmp_path / "out").glob("*.json"))
