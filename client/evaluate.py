@@ -50,7 +50,12 @@ from client.export import checkpoint_paths, load_detectors
 from common import __version__
 from common.config.loader import config_to_dict, write_resolved
 from common.detector.checkpoint import Checkpoint
-from common.detector.engine import detect_dataset, resolve_device, score_images
+from common.detector.engine import (
+    detect_dataset,
+    resolve_device,
+    score_images,
+    with_speck_clusters_images,
+)
 from common.detector.ensemble import fuse
 from common.detector.errors import GALLERY_N, write_error_outputs
 from common.detector.recipe import Transformed
@@ -347,6 +352,10 @@ def evaluate_checkpoint(
         for m, _, s in loaded
     ]
     scored = runs[0] if len(runs) == 1 else fuse(runs)
+    if ck.model_config.speck_clusters:  # load_detectors: all models agree
+        scored = with_speck_clusters_images(
+            scored, site.cache.load_specks, str(cache_dir)
+        )
     res = score_images(scored, n_boot=n_boot, seed=seed, plot_dir=out, title=title)
     errors = write_error_outputs(
         res.images,

@@ -598,8 +598,8 @@ def load_detectors(
     Raises:
         CheckpointMismatch: an unusable checkpoint, none given, checkpoints
             that work at different spacings or that differ in
-            ``contralateral`` (both named), or a contralateral model where the
-            caller cannot pair the breasts.
+            ``contralateral`` or ``speck_clusters`` (both named), or a
+            contralateral model where the caller cannot pair the breasts.
     """
     paths = checkpoint_paths(checkpoints)
     if not paths:
@@ -610,6 +610,7 @@ def load_detectors(
     ]
     spacing = loaded[0][1].model_config.working_spacing_mm
     paired = loaded[0][1].model_config.contralateral
+    specks = loaded[0][1].model_config.speck_clusters
     for c, (_, ck, _) in zip(paths, loaded, strict=True):
         if ck.model_config.contralateral != paired:
             raise CheckpointMismatch(
@@ -623,6 +624,12 @@ def load_detectors(
                 "reads each image beside the same woman's other breast, which "
                 "only a site cache pairs (mammofed-client evaluate); predict, "
                 "the DICOM node and train-local's teachers take images one by one"
+            )
+        if ck.model_config.speck_clusters != specks:
+            raise CheckpointMismatch(
+                f"{c}: field 'model_config.speck_clusters' is "
+                f"{ck.model_config.speck_clusters}, {paths[0]}'s is {specks}: "
+                "models run together report their clusters one way"
             )
         if ck.model_config.working_spacing_mm != spacing:
             raise CheckpointMismatch(

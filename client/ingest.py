@@ -360,6 +360,7 @@ class _Job:
     pixel_dtype: str
     cache_dir: str
     max_pixels: int | None
+    specks: bool = False
 
 
 def _failed(
@@ -383,11 +384,15 @@ def _run_job(job: _Job, reader: Reader | None) -> dict[str, Any]:
         reader = read_any
     t0 = time.perf_counter()
     try:
+        # specks are a product of the pixels, not a reading option: not in the key
+        options: dict[str, Any] = {**job.options}
+        if job.specks:
+            options["specks"] = True
         img = reader(
             job.path,
             working_spacing_mm=job.working_spacing_mm,
             max_pixels=job.max_pixels,
-            **job.options,
+            **options,
         )
         entry = SiteCache(job.cache_dir).write(
             job.key,
@@ -618,6 +623,8 @@ def _walk(
             # stored as the site now asks (pixel_dtype); else decoded again.
             # Entries written before the field existed: read from the header
             and (e.pixel_dtype or cache.stored_dtype(e.key)) == cfg.pixel_dtype
+            # a site that asks for specks decodes an entry without them again
+            and (not cfg.specks or cache.has_specks(e.key))
         ):
             old[e.key] = e
             by_source[e.source] = e
@@ -681,7 +688,7 @@ def _walk(
             _Job(
                 str(p), rel, key, st.st_size, st.st_mtime_ns, opts,
                 cfg.working_spacing_mm, cfg.pixel_dtype, str(cache.root),
-                cfg.max_pixels,
+                cfg.max_pixels, cfg.specks,
             )
         )  # fmt: skip
 

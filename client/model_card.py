@@ -432,6 +432,7 @@ def write_model_card(
             "classes": list(CLASSES),
             "standardizer": EXTRA_STANDARDIZER in ck.extra,
             "breast_mask": cfg.breast_mask,
+            "speck_clusters": cfg.speck_clusters,
         },
         "files": [
             {"name": f.name, "sha256": sha256_file(f), "bytes": f.stat().st_size}

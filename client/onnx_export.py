@@ -299,6 +299,13 @@ def export_onnx(
             "reads each image beside the same woman's other breast, and the "
             "ONNX contract takes one image"
         )
+    if ck.model_config.speck_clusters:
+        raise ExportError(
+            f"{ck.path}: field 'model_config.speck_clusters' is true: its "
+            "calcification findings come from specks found at the file's stored "
+            "resolution, which the ONNX contract (model-space pixels in, "
+            "detections out) does not carry"
+        )
     if ck.model_config.tta_flip:
         raise ExportError(
             f"{ck.path}: field 'model_config.tta_flip' is true: the torch model "

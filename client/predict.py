@@ -79,6 +79,7 @@ from common.imaging.image import MammoImage
 from common.imaging.image_io import read_any
 from common.imaging.preprocess import block_mean
 from common.imaging.research_image import load_grey01
+from common.imaging.specks import with_speck_clusters
 from common.keys import CALCIFICATION, CLASSES, MASS
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ def detect_files(
     on_unreadable: Callable[[_F, Exception], None] | None = None,
     batch_size: int = 4,
     per_file: Callable[[_F], dict[str, Any]] | None = None,
+    speck_clusters: bool = False,
     **read_options: Any,
 ) -> Iterator[tuple[_F, MammoImage, list[dict[str, Any]]]]:
     """``(file, image, detections)`` of every readable file, in input order.
@@ -249,7 +251,12 @@ def detect_files(
     ``RefusedImage`` naming the file and the error; the next files are still
     read. Without ``on_unreadable`` the error propagates;
     ``MemoryError`` (and ``KeyboardInterrupt``) always does.
+    ``speck_clusters`` (a model's ``ModelConfig.speck_clusters``): each file's
+    specks are found as it is read and its calcification findings are their
+    clusters (:func:`common.imaging.specks.with_speck_clusters`).
     """
+    if speck_clusters:
+        read_options = {**read_options, "specks": True}
 
     def readable() -> Iterator[tuple[_F, MammoImage]]:
         for f in files:
@@ -274,6 +281,8 @@ def detect_files(
     while batch := list(itertools.islice(images, batch_size)):
         outs = detect([im.pixels for _, im in batch])
         for (f, im), dets in zip(batch, outs, strict=True):
+            if speck_clusters and im.specks is not None:
+                dets = with_speck_clusters(dets, im.specks, im.spacing_mm)
             stored = detections_to_stored(dets, im.geometry, score_floor=score_floor)
             yield f, im, stored
 
@@ -609,6 +618,7 @@ def predict_paths(
         on_unreadable=skip,
         batch_size=batch_size,
         per_file=sidecar_options(paths),
+        speck_clusters=ck.model_config.speck_clusters,
         working_spacing_mm=ck.model_config.working_spacing_mm,
         default_spacing_mm=default_spacing_mm,
         spacing_mm=spacing_mm,

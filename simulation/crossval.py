@@ -79,6 +79,7 @@ from common.detector.engine import (
     flat_metrics,
     resolve_device,
     seed_everything,
+    with_speck_clusters_images,
 )
 from common.detector.errors import write_error_outputs
 from common.detector.froc import (
@@ -110,7 +111,7 @@ RUN_ONLY_FIELDS = ("out_dir", "device", "eval_every", "n_boot", "num_workers")
 #: ``model`` fields that only act when a trained model predicts (never on what
 #: a fold trains on: the hard-negative miner and the second stage's candidates
 #: run without them), so a finished fold is re-predicted with another value.
-INFERENCE_ONLY_MODEL_FIELDS = ("breast_mask",)
+INFERENCE_ONLY_MODEL_FIELDS = ("breast_mask", "speck_clusters")
 
 
 def fold_recipe(cfg: TrainConfig) -> dict[str, Any]:
@@ -248,6 +249,15 @@ def run_crossval(
     bad = sorted(set(only or ()) - set(range(k)))
     if bad:
         raise MammofedError(f"--only-folds: no fold {bad} in 0..{k - 1}")
+    if cfg.model.speck_clusters:  # before any fold trains, not after the first
+        for name, s in sites.items():
+            lacking = [r.key for r in s.records if not s.cache.has_specks(r.key)]
+            if lacking:
+                raise MammofedError(
+                    f"{name}: image {lacking[0]} (and {len(lacking) - 1} more) has "
+                    "no specks, which 'model.speck_clusters: true' needs: ingest "
+                    "the site again with 'specks: true' in its site config"
+                )
     for name, s in sites.items():
         n_cv = len(folds[0].parts[name][0]) + len(folds[0].parts[name][1])
         n_test = len(s.indices("test"))
@@ -443,14 +453,22 @@ def _predict(
 
     Cases (women) are named ``<site>/<patient_id>`` likewise.
     """
-    return [
-        replace(im, key=f"{name}/{im.key}", case=f"{name}/{im.case}" if im.case else "")
-        for name, v in val_views.items()
-        if len(v)
-        for im in detect_dataset(
+    out = []
+    for name, v in val_views.items():
+        if not len(v):
+            continue
+        images = detect_dataset(
             model, v, device, batch_size=cfg.batch_size, amp=cfg.amp
         )
-    ]
+        if cfg.model.speck_clusters:
+            images = with_speck_clusters_images(images, v.site.cache.load_specks, name)
+        out += [
+            replace(
+                im, key=f"{name}/{im.key}", case=f"{name}/{im.case}" if im.case else ""
+            )
+            for im in images
+        ]
+    return out
 
 
 def _cpm(per_class: dict[str, Any]) -> dict[str, Any]:

@@ -106,6 +106,7 @@ class ExamScorer:
         self._signature: tuple[tuple[int, int], ...] | None = None
         self._detect: Detect | None = None
         self._working = 0.0
+        self._specks = False
         self._sha256s: list[str] = []
         self.model_sha256 = ""
 
@@ -154,6 +155,7 @@ class ExamScorer:
         )
         ck = loaded[0][1]
         self._working = float(ck.model_config.working_spacing_mm)
+        self._specks = bool(ck.model_config.speck_clusters)
         self._sha256s = [sha256_file(p) for p in self.checkpoints]
         self.model_sha256 = (
             self._sha256s[0]
@@ -192,6 +194,7 @@ class ExamScorer:
                     score_floor=self.score_floor,
                     on_unreadable=refuse,
                     batch_size=self.batch_size,
+                    speck_clusters=self._specks,
                     working_spacing_mm=self._working,
                     default_spacing_mm=self.default_spacing_mm,
                     max_pixels=self.max_pixels,

@@ -157,6 +157,11 @@ class SiteConfig:
             ``None`` disables the check (not for production).
         decode_timeout_s: a file whose decoding takes longer is skipped and
             its decode process stopped.
+        specks: also keep each image's calcification specks, found at the
+            stored resolution (``images/<key>.specks.npy``,
+            :mod:`common.imaging.specks`), for a model with
+            ``speck_clusters``; after turning it on the next ingest decodes
+            every entry without them again.
         data_dir: the site's image tree (``SITE_DIR``), if fixed by config.
         cache_dir: the site cache (``CACHE_DIR``), if fixed by config.
         state_dir: per-site federation state (personal layers, EMA, DP
@@ -186,6 +191,7 @@ class SiteConfig:
         default=DEFAULT_MAX_PIXELS, metadata=bounded(MIN_MAX_PIXELS, None)
     )
     decode_timeout_s: float = field(default=600.0, metadata=bounded(1.0, None))
+    specks: bool = False
     data_dir: Path | None = field(default=None, metadata=path_field(must_exist=False))
     cache_dir: Path | None = field(default=None, metadata=path_field(must_exist=False))
     state_dir: Path | None = field(default=None, metadata=path_field(must_exist=False))

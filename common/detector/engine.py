@@ -227,6 +227,52 @@ def detect_dataset(
     return images
 
 
+def with_speck_clusters_images(
+    images: Sequence[FrocImage],
+    specks_of: Callable[[str], np.ndarray | None],
+    where: str,
+) -> list[FrocImage]:
+    """``images`` with their calcification findings replaced by speck clusters.
+
+    For a model with ``ModelConfig.speck_clusters``
+    (:func:`common.imaging.specks.with_speck_clusters`); ``specks_of(key)``
+    gives an image's specks (``SiteCache.load_specks``), ``None`` when the
+    cache has none.
+
+    Raises:
+        MammofedError: an image without specks (its cache was ingested
+            without ``specks: true``), naming ``where`` and the image.
+    """
+    from dataclasses import replace
+
+    from common.errors import MammofedError
+    from common.imaging.specks import with_speck_clusters
+
+    out = []
+    for im in images:
+        specks = specks_of(im.key)
+        if specks is None:
+            raise MammofedError(
+                f"{where}: image {im.key} has no specks, which a model with "
+                "'model.speck_clusters: true' needs: ingest the site again with "
+                "'specks: true' in its site config"
+            )
+        det = with_speck_clusters(
+            {"boxes": im.det_boxes, "scores": im.det_scores, "labels": im.det_labels},
+            specks,
+            im.spacing_mm,
+        )
+        out.append(
+            replace(
+                im,
+                det_boxes=det["boxes"],
+                det_scores=det["scores"],
+                det_labels=det["labels"],
+            )
+        )
+    return out
+
+
 def evaluate_detailed(
     model: nn.Module,
     dataset: Dataset,

@@ -12,6 +12,10 @@ Layout of ``CACHE_DIR``::
                              null: unknown), "format",
                              "pixel_sha256" (see pixel_digest),
                              "pixel_dtype" (uint16 or float16)}
+    images/<key>.specks.npy float32[N, 3] calcification specks found at the
+                            stored resolution, (x, y, z) in model space
+                            (common.imaging.specks; only for a site with
+                            ``specks: true``)
     annotations.json        {key: ImageTargets.to_dict()}: boxes in stored and
                             model space, labels, ignore regions, labeled/weak
                             flags; rebuilt on every ingest from the site's
@@ -263,6 +267,35 @@ class SiteCache:
         """``images/<key>.json``."""
         return self.images_dir / f"{key}.json"
 
+    def specks_path(self, key: str) -> Path:
+        """``images/<key>.specks.npy``: the entry's calcification specks."""
+        return self.images_dir / f"{key}.specks.npy"
+
+    def has_specks(self, key: str) -> bool:
+        """Whether entry ``key`` has its specks file."""
+        return self.specks_path(key).is_file()
+
+    def load_specks(self, key: str) -> np.ndarray | None:
+        """Entry ``key``'s specks (float32[N, 3], model space), ``None`` if absent.
+
+        Raises:
+            CacheError: the file is unreadable or not a float[N, 3] array of
+                finite values (an object array is refused unread).
+        """
+        from common.imaging.specks import check_specks
+
+        path = self.specks_path(key)
+        if not path.is_file():
+            return None
+        try:
+            a = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise CacheError(f"{path}: unreadable specks file: {exc}") from exc
+        try:
+            return check_specks(a, str(path))
+        except ValueError as exc:
+            raise CacheError(str(exc)) from exc
+
     def has(self, key: str) -> bool:
         """Whether both files of the entry exist."""
         return self.entry_path(key).is_file() and self.pixels_path(key).is_file()
@@ -302,6 +335,13 @@ class SiteCache:
         atomic_write(
             self.pixels_path(key), lambda fh: np.savez(fh, pixels=stored), fsync=False
         )
+        if image.specks is not None:
+            specks = np.ascontiguousarray(image.specks, dtype=np.float32)
+            atomic_write(
+                self.specks_path(key), lambda fh: np.save(fh, specks), fsync=False
+            )
+        else:  # a stale file of an earlier decode must not outlive its pixels
+            self.specks_path(key).unlink(missing_ok=True)
         entry = CacheEntry(
             key=key,
             source=source,
@@ -451,8 +491,8 @@ class SiteCache:
                 log.warning("cache entry %s unreadable, ignored: %s", key, exc)
 
     def remove(self, key: str) -> None:
-        """Delete both files of entry ``key`` (missing files are fine)."""
-        for p in (self.entry_path(key), self.pixels_path(key)):
+        """Delete the files of entry ``key`` (missing files are fine)."""
+        for p in (self.entry_path(key), self.pixels_path(key), self.specks_path(key)):
             p.unlink(missing_ok=True)
 
     # --- site-level files -----------------------------------------------------

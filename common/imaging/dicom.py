@@ -65,6 +65,7 @@ from common.fileio import has_dicom_preamble
 from common.imaging.codestream import codestream_shape, codestream_tiling
 from common.imaging.image import ImageMeta, MammoImage, check_min_side
 from common.imaging.preprocess import standardize
+from common.imaging.specks import find_specks
 from common.keys import (
     FOR_PRESENTATION,
     FOR_PROCESSING,
@@ -1021,6 +1022,7 @@ def read_dicom(
     working_spacing_mm: float,
     default_spacing_mm: float | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    specks: bool = False,
 ) -> MammoImage:
     """Read, decode and standardize one DICOM mammogram.
 
@@ -1028,7 +1030,8 @@ def read_dicom(
     model space (cropped, breast on the left, at ``working_spacing_mm``) and whose
     Geometry maps boxes between the file's stored grid and model space. Every
     header check, the pixel budget ``max_pixels`` included, runs before the
-    pixel data is read from the file.
+    pixel data is read from the file. ``specks``: also find the calcification
+    specks at the stored resolution (``MammoImage.specks``).
 
     Raises:
         RefusedImage: one-line reason (unreadable, not a breast image, no pixel
@@ -1059,4 +1062,5 @@ def read_dicom(
         meta.spacing_source,
         geometry,
     )
-    return MammoImage(pixels, float(working_spacing_mm), geometry, meta)
+    found = find_specks(unit, geometry, meta.stored_spacing_mm) if specks else None
+    return MammoImage(pixels, float(working_spacing_mm), geometry, meta, found)

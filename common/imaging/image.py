@@ -116,9 +116,14 @@ class MammoImage:
         spacing_mm: mm per model-space pixel (the working spacing).
         geometry: maps boxes between the file's stored grid and ``pixels``.
         meta: header facts and their provenance.
+        specks: float32[N, 3] calcification specks found at the stored
+            resolution, ``(x, y, z)`` in model-space pixels
+            (:func:`common.imaging.specks.find_specks`), or ``None`` when the
+            reader was not asked for them.
     """
 
     pixels: np.ndarray
     spacing_mm: float
     geometry: Geometry
     meta: ImageMeta
+    specks: np.ndarray | None = None

@@ -55,6 +55,7 @@ def read_any(
     view: str | None = None,
     patient_id: str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    specks: bool = False,
 ) -> MammoImage:
     """Read a DICOM or PNG/TIFF mammogram into a model-space :class:`MammoImage`.
 
@@ -64,7 +65,8 @@ def read_any(
     DICOM (the header is authoritative). PNG/TIFF (by suffix) need a spacing:
     ``spacing_mm`` (dataset table) or else ``default_spacing_mm`` (site config).
     ``max_pixels`` is the pixel budget, checked from the file's header before
-    any pixel is decoded (``None``: no budget).
+    any pixel is decoded (``None``: no budget). ``specks``: also find the
+    calcification specks at the stored resolution (``MammoImage.specks``).
 
     Raises:
         RefusedImage: unsupported file type, no spacing for a research image, or
@@ -79,6 +81,7 @@ def read_any(
             working_spacing_mm=working_spacing_mm,
             default_spacing_mm=default_spacing_mm,
             max_pixels=max_pixels,
+            specks=specks,
         )
     suffix = p.suffix.lower()
     if suffix in RESEARCH_SUFFIXES:
@@ -97,6 +100,7 @@ def read_any(
             laterality=laterality,
             view=view,
             patient_id=patient_id,
+            specks=specks,
         )
     raise RefusedImage(
         str(path),

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from common.errors import RefusedImage
 from common.imaging.image import ImageMeta, MammoImage, check_min_side
 from common.imaging.preprocess import standardize
+from common.imaging.specks import find_specks
 from common.keys import LEFT, RIGHT, SPACING_TABLE
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def read_research_image(
     laterality: str | None = None,
     view: str | None = None,
     patient_id: str | None = None,
+    specks: bool = False,
 ) -> MammoImage:
     """Read and standardize a PNG/TIFF research mammogram.
 
@@ -101,6 +103,8 @@ def read_research_image(
             it from the breast side.
         view: view word (``"CC"``, ``"MLO"``...) if known.
         patient_id: the woman's id (groups the patient-level split).
+        specks: also find the calcification specks at the stored resolution
+            (:func:`common.imaging.specks.find_specks`).
 
     Returns:
         MammoImage with float32[H, W] model-space pixels in ``[0, 1]``.
@@ -140,4 +144,5 @@ def read_research_image(
         rows=rows,
         cols=cols,
     )
-    return MammoImage(pixels, float(working_spacing_mm), geometry, meta)
+    found = find_specks(unit, geometry, float(spacing_mm)) if specks else None
+    return MammoImage(pixels, float(working_spacing_mm), geometry, meta, found)

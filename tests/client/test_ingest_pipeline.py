@@ -301,3 +301,28 @@ def test_shared_dicom_folder_ingests_without_aborting(
     assert "openrem/MG-Im-Hologic-PropProj.dcm" in skipped  # header without pixels
     assert all(s["reason"] for s in res.skipped)
     assert not any(p.endswith(("LICENSE", "License.txt")) for p in cands)
+
+
+def test_specks_are_kept_when_the_site_asks_and_keys_do_not_change(
+    synthetic_site: Path, tmp_path: Path
+) -> None:
+    """``specks: true`` decodes entries without specks again, under the same keys."""
+    cache = tmp_path / "cache"
+    first = ingest_site(synthetic_site, cache, SiteConfig(), workers=1)
+    c = SiteCache(cache)
+    assert not any(c.has_specks(k) for k in first.new)
+    asked = ingest_site(synthetic_site, cache, SiteConfig(specks=True), workers=1)
+    # the same files under the same keys (a run's out-of-fold keys still pair)
+    assert sorted(asked.new) == sorted(first.new) and asked.reused == []
+    for k in asked.new:
+        s = c.load_specks(k)
+        assert s is not None and s.ndim == 2 and s.shape[1] == 3
+    again = ingest_site(synthetic_site, cache, SiteConfig(specks=True), workers=1)
+    assert again.new == [] and len(again.reused) == 6
+    # the DICOMs and the PNGs alike
+    assert {Path(e.source).suffix for e in again.entries} == {".dcm", ".png"}
+    # a site that stops asking keeps what it has (not decoded again)
+    plain = ingest_site(synthetic_site, cache, SiteConfig(), workers=1)
+    assert plain.new == [] and all(c.has_specks(k) for k in plain.reused)
+    c.remove(plain.reused[0])
+    assert not c.specks_path(plain.reused[0]).exists()

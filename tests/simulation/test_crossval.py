@@ -231,3 +231,40 @@ def test_train_with_empty_test_view_warns_and_writes_no_metrics(tmp_path, caplog
     assert "empty test view" in caplog.text
     assert json.loads((tmp_path / "t" / "metrics.json").read_text()) == {"siteA": None}
     assert (tmp_path / "t" / "final.pt").is_file()
+
+
+def test_speck_clusters_replace_the_out_of_fold_calcifications(tmp_path, capsys):
+    from common.imaging.cache import SiteCache
+    from common.imaging.specks import speck_clusters
+
+    cache = make_site_cache(tmp_path / "siteA", n_patients=4)
+    cfg = _cv_yaml(tmp_path, [cache])
+    argv = [
+        "crossval",
+        "--config",
+        str(cfg),
+        "--folds",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    argv += ["--set", "model.speck_clusters=true"]
+    # a cache ingested without specks: a clear error naming what to do, before
+    # any fold trains
+    assert sim_main(argv) == 2
+    assert "has no specks" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "fold-0" / "epochs.jsonl").exists()
+    c = SiteCache(cache)
+    specks = np.array(
+        [[20, 20, 9], [21, 22, 8], [23, 20, 7]]
+        + [[5, 5 + 3 * i, 4] for i in range(12)],
+        np.float32,
+    )
+    for k in c.keys():
+        np.save(c.specks_path(k), specks)
+    assert sim_main(argv) == 0
+    want_boxes, want_scores = speck_clusters(specks, 0.4)
+    for im in load_oof(tmp_path / "o" / OOF_PREDICTIONS_JSON):
+        calc = im.det_labels == CLASSES.index("calcification")
+        np.testing.assert_allclose(im.det_boxes[calc], want_boxes, atol=0.01)
+        np.testing.assert_allclose(np.sort(im.det_scores[calc]), np.sort(want_scores))

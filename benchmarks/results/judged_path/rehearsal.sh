@@ -20,7 +20,9 @@ for part in dev new; do
   mammofed-sim import-mias $R/$part $R/$part-site
   mammofed-client ingest $R/$part-site --out $R/$part-cache --site-config configs/sites/mini-mias.yaml > $R/ingest-$part.log 2>&1
 done
-time mammofed-sim train --config configs/real/mini-mias.yaml --set "caches=[$PWD/$R/dev-cache]" --out $R/train > $R/train.log 2>&1
+# TRAIN_SET: more `--set` arguments for train (benchmarks/results/mias_04_specks/rehearsal.sh)
+# shellcheck disable=SC2086
+time mammofed-sim train --config configs/real/mini-mias.yaml --set "caches=[$PWD/$R/dev-cache]" ${TRAIN_SET:-} --out $R/train > $R/train.log 2>&1
 mammofed-client evaluate --checkpoint $R/train/final.pt --cache $R/new-cache --out $R/ev-new 2>&1 | tail -n 4
 mammofed-client evaluate --checkpoint $R/train/final.pt --cache $R/dev-cache --out $R/ev-dev 2>&1 | tail -n 2 || true
 mammofed-client predict --checkpoint $R/train/final.pt $R/new-site --out $R/pred 2>&1 | tail -n 2

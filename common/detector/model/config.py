@@ -57,6 +57,16 @@ class ModelConfig:
             outside the breast (``common.imaging.preprocess.breast_mask`` of
             the input image: film labels, markers, the paddle's edge);
             inference only, a few milliseconds per image.
+        speck_clusters: the calcification findings come from the clusters of
+            specks found at the stored resolution
+            (:func:`common.imaging.specks.with_speck_clusters`) instead of the
+            network's cluster class; masses stay the network's. Inference
+            only: ``evaluate`` needs a cache ingested with ``specks: true``,
+            ``predict`` and the DICOM node find the specks as they read each
+            file; ``crossval`` applies it to its out-of-fold images; the ONNX
+            export refuses such a model. The evaluations inside training
+            (``train``'s test metrics, a federated round's) report the
+            network's own clusters.
         weights_path: optional LOCAL file with ResNet backbone weights (a
             torchvision ResNet ``state_dict``; a 3-channel ``conv1`` is summed to
             one channel). Never downloaded.
@@ -79,6 +89,7 @@ class ModelConfig:
     contralateral: bool = False
     tta_flip: bool = False
     breast_mask: bool = False
+    speck_clusters: bool = False
     weights_path: Path | None = field(default=None, metadata=path_field(True))
     num_classes: int = len(CLASSES)
 

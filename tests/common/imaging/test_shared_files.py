@@ -83,6 +83,14 @@ def test_fodicom_siemens_jpeg_lossless(shared_data: Path) -> None:
     px = img.pixels
     assert px.dtype == np.float32 and 0 <= px.min() and px.max() <= 1
     assert px.mean() > 0.2  # mostly breast tissue after the crop
+    # the calcification specks of a real FFDM file, on the model's grid
+    with_specks = read_dicom(path, working_spacing_mm=0.1, specks=True)
+    sp = with_specks.specks
+    assert sp is not None and len(sp) > 0 and sp.dtype == np.float32
+    h, w = g.model_shape
+    assert np.all((sp[:, 0] >= 0) & (sp[:, 0] <= w) & (sp[:, 1] >= 0) & (sp[:, 1] <= h))
+    assert np.all(sp[:, 2] > 3.0)
+    np.testing.assert_array_equal(with_specks.pixels, px)  # pixels unchanged
 
 
 def test_nema_digitised_film(shared_data: Path) -> None:
