@@ -282,13 +282,17 @@ class SiteCache:
             CacheError: the file is unreadable or not a float[N, 3] array of
                 finite values (an object array is refused unread).
         """
-        from common.imaging.specks import check_specks
+        from common.imaging.specks import MAX_SPECKS, check_specks
 
         path = self.specks_path(key)
         if not path.is_file():
             return None
         try:
-            a = np.load(path, allow_pickle=False)
+            # the header first (a memory map): a file claiming a huge array is
+            # refused before anything is read into memory
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+            if a.ndim == 2 and a.shape[1] == 3 and a.shape[0] <= MAX_SPECKS:
+                a = np.array(a)
         except (OSError, ValueError, EOFError) as exc:
             raise CacheError(f"{path}: unreadable specks file: {exc}") from exc
         try:

@@ -183,6 +183,13 @@ def test_cache_specks_file_is_checked(tmp_path):
     np.save(cache.specks_path("k"), np.zeros((2, 4), np.float32))
     with pytest.raises(CacheError, match=r"k\.specks\.npy.*float\[N, 3\]"):
         cache.load_specks("k")
+    # a header claiming a huge array: refused from the header, nothing read
+    huge = np.lib.format.open_memmap(
+        cache.specks_path("k"), mode="w+", dtype=np.float32, shape=(10**6, 3)
+    )
+    del huge
+    with pytest.raises(CacheError, match="more than 4096"):
+        cache.load_specks("k")
     cache.specks_path("k").write_bytes(b"not numpy")
     with pytest.raises(CacheError, match="unreadable specks file"):
         cache.load_specks("k")
