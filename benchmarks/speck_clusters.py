@@ -24,6 +24,17 @@ Figures (one JSON line each, ``benchmarks/results/speck_clusters.jsonl``):
     time of :func:`common.imaging.specks.find_specks` per image, with the
     baseline in the same run: reading and standardizing the same files.
 
+``--checkpoint CK --site-caches C1 C2 ...`` measures a trained model on
+other sites' test women instead (the phantom's vendors, say): per site, the
+model's cluster CPM with its own clusters and with the speck clusters,
+paired over the same images (``site-cluster-cpm-specks-minus-detector``),
+masses checked unchanged. The demo's H base model on the four vendors::
+
+    python -m benchmarks.speck_clusters --checkpoint models/demo-base-h.pt \\
+        --site-caches out/demo/data/caches/{A,B,C,D} --results $R/mias_04_specks
+
+(the caches ingested with ``specks: true``).
+
 Usage (the stop-44 baseline's three seeds)::
 
     R=benchmarks/results
@@ -167,15 +178,62 @@ def _timing(cache: SiteCache, keys: Sequence[str], n: int) -> tuple[float, float
     return t_read / done, t_specks / done
 
 
+def sites(
+    checkpoint: Path, caches: Sequence[Path], results: Path | None, n_boot: int
+) -> None:
+    """Per site cache: the model's test women with and without speck clusters."""
+    import torch
+
+    from client.export import load_detectors
+    from common.detector.engine import detect_dataset
+    from common.detector.froc import paired_cpm_difference
+    from common.imaging.data import SiteDataset
+
+    (model, ck, std), *_ = load_detectors(checkpoint, torch.device("cpu"))
+    if std is not None:
+        raise SystemExit(f"{checkpoint}: a model with a site standardizer")
+    for cache in caches:
+        site = SiteDataset(cache, model_spacing_mm=ck.model_config.working_spacing_mm)
+        own = detect_dataset(model, site.view("test"), "cpu")
+        new = with_speck_clusters_images(own, site.cache.load_specks, str(cache))
+        same_mass = froc_class(own, MASS_LABEL).cpm == froc_class(new, MASS_LABEL).cpm
+        diff, ci = paired_cpm_difference(own, new, CALC, n_boot=n_boot)
+        a, b = froc_class(own, CALC), froc_class(new, CALC)
+        emit(
+            BENCH,
+            "site-cluster-cpm-specks-minus-detector",
+            rounded(diff),
+            "cpm",
+            results_dir=results,
+            site=str(cache),
+            checkpoint=str(checkpoint),
+            cpm_detector=rounded(a.cpm),
+            cpm_specks=rounded(b.cpm),
+            paired_ci95=[rounded(x) for x in ci],
+            n_lesions=a.n_lesions,
+            n_images=a.n_images,
+            mass_unchanged=bool(same_mass),
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Emit the figures of the module docstring."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cache", type=Path, required=True)
-    p.add_argument("--oof", type=Path, nargs="+", required=True)
+    p.add_argument("--cache", type=Path)
+    p.add_argument("--oof", type=Path, nargs="+")
+    p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--site-caches", type=Path, nargs="+")
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--time-images", type=int, default=40)
     args = p.parse_args(argv)
+    if args.checkpoint is not None or args.site_caches is not None:
+        if args.checkpoint is None or not args.site_caches:
+            p.error("--checkpoint and --site-caches go together")
+        sites(args.checkpoint, args.site_caches, args.results, args.n_boot)
+        return 0
+    if args.cache is None or not args.oof:
+        p.error("--cache and --oof (or --checkpoint and --site-caches)")
     cache = SiteCache(args.cache)
     runs = [load_oof(f) for f in args.oof]
     keys = sorted({im.key for im in runs[0]})
