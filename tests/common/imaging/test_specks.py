@@ -202,3 +202,23 @@ def test_no_breast_no_specks():
     assert find_specks(flat, Geometry.identity((100, 100)), 0.2).shape == (0, 3)
     with pytest.raises(ValueError, match="stored_spacing_mm"):
         find_specks(flat, Geometry.identity((100, 100)), 0.0)
+
+
+def test_one_mark_per_cluster_and_calibrated_scores():
+    from common.imaging.specks import cluster_probability
+
+    sp = 0.4
+    grain = [[300.0 + 30 * i, 400.0, 5.0] for i in range(12)]
+    a = [[50.0, 50.0, 9.0], [52.0, 51.0, 8.5], [51.0, 53.0, 8.0]]
+    # three more specks 3 mm away: another neighbourhood, the same cluster
+    b = [[57.5, 50.0, 7.9], [59.0, 52.0, 7.8], [58.0, 54.0, 7.7]]
+    boxes, scores = speck_clusters(np.array(a + b + grain, np.float32), sp)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    d = np.hypot(*(centres[:, None] - centres[None]).transpose(2, 0, 1))
+    assert np.all(d[np.triu_indices(len(boxes), 1)] * sp > 5.0)
+    # the score is monotone in the ratio, 0.5 where the fit puts it, in (0, 1)
+    r = np.array([0.5, 1.0, 1.5, 2.0, 3.0, 10.0])
+    p = np.array([cluster_probability(x) for x in r])
+    assert np.all(np.diff(p) > 0) and np.all((p > 0) & (p < 1))
+    assert cluster_probability(0.0) == 0.0
+    assert cluster_probability(2.0) == pytest.approx(0.12, abs=0.02)
