@@ -141,3 +141,49 @@ def test_models_at_different_spacings_are_refused(
         scorer.load()
     with pytest.raises(ValueError, match="at least one model"):
         ExamScorer([], score_floor=0.3)
+
+
+def test_a_speck_cluster_model_takes_its_clusters_from_the_files_specks(
+    tmp_path: Path, kit: SimpleNamespace
+) -> None:
+    import numpy as np
+
+    from common.imaging.image_io import read_any
+    from common.imaging.specks import speck_clusters
+
+    files = kit.write_exam(tmp_path / "exam")
+    planted = {}
+    for f in files:  # a five-speck cluster (one pixel each) inside each breast
+        ds = pydicom.dcmread(f)
+        arr = ds.pixel_array.astype(np.int64)
+        rows, cols = np.nonzero(arr > arr.mean())
+        cy, cx = int(np.median(rows)), int(np.median(cols))
+        top = int(arr.max())
+        for dy, dx in ((0, 0), (3, 4), (6, -2), (9, 5), (11, 1)):
+            arr[cy + dy, cx + dx] = top
+        ds.PixelData = arr.astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(f)
+        planted[f] = (cx + 2.5, cy + 6.0)  # stored (x, y) of the cluster's middle
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="tiny", working_spacing_mm=0.4, speck_clusters=True)
+    ck = save_checkpoint(tmp_path / "m.pt", build_detector(cfg), cfg)
+    res = ExamScorer(ck, score_floor=0.0, device="cpu").score(files)
+    assert [s.path for s in res.scored] == files
+    n_found = 0
+    for s in res.scored:
+        im = read_any(s.path, working_spacing_mm=0.4, specks=True)
+        assert im.specks is not None
+        boxes, _ = speck_clusters(im.specks, 0.4)
+        want = im.geometry.to_stored(boxes) if len(boxes) else np.zeros((0, 4))
+        got = np.array(
+            [d["box"] for d in s.detections if d["label"] == "calcification"]
+        ).reshape(-1, 4)
+        # the node's clusters are exactly the specks' (the network's are gone)
+        np.testing.assert_allclose(
+            got[np.lexsort(got.T[::-1])], want[np.lexsort(want.T[::-1])], atol=0.01
+        )
+        n_found += len(got)
+        px, py = planted[s.path]
+        assert any(b[0] <= px <= b[2] and b[1] <= py <= b[3] for b in got)
+        assert any(d["label"] == "mass" for d in s.detections)  # masses stay
+    assert n_found > 0
