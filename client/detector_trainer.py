@@ -190,6 +190,7 @@ class DetectorOptions:
     speck_channel: bool = _MODEL.speck_channel
     tta_flip: bool = _MODEL.tta_flip
     breast_mask: bool = _MODEL.breast_mask
+    speck_clusters: bool = _MODEL.speck_clusters
     lesion_prob: float = field(default=0.6, metadata=bounded(0.0, 1.0))
     paste: bool = False
     min_box_mm: float = field(default=0.0, metadata=bounded(0.0, 1000.0))

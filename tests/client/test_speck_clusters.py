@@ -117,3 +117,12 @@ def test_crossval_repredicts_with_it():
     # inference only: a finished fold is re-predicted, not retrained
     assert "speck_clusters" in INFERENCE_ONLY_MODEL_FIELDS
     assert replace(ModelConfig(), speck_clusters=True).speck_clusters
+
+
+def test_a_federation_can_ask_for_it_in_its_trainer_options():
+    from client.detector_trainer import DetectorOptions
+    from common.detector.model.initial import detector_model_config
+
+    assert detector_model_config({"speck_clusters": True}).speck_clusters
+    assert not detector_model_config({}).speck_clusters
+    assert DetectorOptions(speck_clusters=True).model_config().speck_clusters

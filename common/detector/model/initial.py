@@ -63,6 +63,7 @@ class DetectorModelOptions:
     speck_channel: bool = _MODEL.speck_channel
     tta_flip: bool = _MODEL.tta_flip
     breast_mask: bool = _MODEL.breast_mask
+    speck_clusters: bool = _MODEL.speck_clusters
 
 
 #: ``trainer.options`` keys that shape the detector (the others steer training).
