@@ -67,7 +67,8 @@ from common.detector.engine import with_speck_clusters_images
 from common.detector.froc import FrocImage, froc_class, pooled_paired_cpm_difference
 from common.imaging.cache import SiteCache
 from common.imaging.image_io import read_any
-from common.imaging.specks import find_specks, speck_clusters
+from common.imaging.research_image import load_grey01
+from common.imaging.specks import find_specks, with_speck_clusters
 from common.keys import CALCIFICATION, CLASS_TO_LABEL, MASS
 
 BENCH = "speck_clusters"
@@ -97,23 +98,26 @@ def replace_clusters(
     radius_mm: float,
     ref_rank: int,
 ) -> list[FrocImage]:
-    """``images`` whose calcification findings are the speck clusters only."""
+    """``images`` whose calcification findings are the speck clusters only
+    (:func:`common.imaging.specks.with_speck_clusters` at these settings)."""
     from dataclasses import replace
 
     out = []
     for im in images:
-        keep = im.det_labels != CALC
-        b, s = speck_clusters(
-            specks[im.key], im.spacing_mm, k=k, radius_mm=radius_mm, ref_rank=ref_rank
+        det = with_speck_clusters(
+            {"boxes": im.det_boxes, "scores": im.det_scores, "labels": im.det_labels},
+            specks[im.key],
+            im.spacing_mm,
+            k=k,
+            radius_mm=radius_mm,
+            ref_rank=ref_rank,
         )
         out.append(
             replace(
                 im,
-                det_boxes=np.concatenate([im.det_boxes[keep], b]),
-                det_scores=np.concatenate([im.det_scores[keep], s]),
-                det_labels=np.concatenate(
-                    [im.det_labels[keep], np.full(len(s), CALC, np.int64)]
-                ),
+                det_boxes=det["boxes"],
+                det_scores=det["scores"],
+                det_labels=det["labels"],
             )
         )
     return out
@@ -166,8 +170,6 @@ def _timing(cache: SiteCache, keys: Sequence[str], n: int) -> tuple[float, float
             root / e.source, working_spacing_mm=e.working_spacing_mm, **e.options
         )
         t1 = time.perf_counter()
-        from common.imaging.research_image import load_grey01
-
         unit = load_grey01(root / e.source)
         t2 = time.perf_counter()
         find_specks(unit, img.geometry, e.meta.stored_spacing_mm)
@@ -249,9 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = {"oof": [str(f) for f in args.oof], "cache": str(args.cache)}
     replaced = []
     for f, run in zip(args.oof, runs, strict=True):
-        new = with_speck_clusters_images(
-            run, lambda k: cache.load_specks(cache_key(k)), str(args.cache)
-        )
+        # the specks loaded (and checked) above, not read again per run
+        new = with_speck_clusters_images(run, specks.get, str(args.cache))
         replaced.append(new)
         if args.results is not None:
             name = Path(str(f.name).replace(".gz", "")).stem

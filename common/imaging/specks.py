@@ -234,15 +234,24 @@ def cluster_probability(ratio: float) -> float:
 
 
 def with_speck_clusters(
-    det: dict[str, np.ndarray], specks: np.ndarray, spacing_mm: float
+    det: dict[str, np.ndarray],
+    specks: np.ndarray,
+    spacing_mm: float,
+    *,
+    k: int = CLUSTER_K,
+    radius_mm: float = CLUSTER_RADIUS_MM,
+    ref_rank: int = REF_RANK,
 ) -> dict[str, np.ndarray]:
     """``det`` (boxes/scores/labels) with its calcifications replaced by clusters.
 
     The detector's other classes are kept as they are (their values to the
-    last bit); the result is sorted by
-    score like :func:`common.detector.engine.predict_images`' output.
+    last bit); the result is sorted by score like
+    :func:`common.detector.engine.predict_images`' output. ``k``,
+    ``radius_mm``, ``ref_rank``: :func:`speck_clusters`' settings.
     """
-    boxes, scores = speck_clusters(specks, spacing_mm)
+    boxes, scores = speck_clusters(
+        specks, spacing_mm, k=k, radius_mm=radius_mm, ref_rank=ref_rank
+    )
     keep = np.asarray(det["labels"]) != _CALC
     old_boxes, old_scores = np.asarray(det["boxes"]), np.asarray(det["scores"])
     # the kept findings' values unchanged, to the last bit (float64 stays so)
