@@ -48,3 +48,45 @@ def test_replace_and_nested_selection_find_the_clusters():
     # k = 4 finds no three-speck cluster: never chosen when k <= 3 hits all
     assert all(c[0] <= 3 for c in chosen)
     assert froc_class(out, 1).cpm == 1.0
+
+
+def test_ceiling_ranks_hits_first_and_reports_each_cluster():
+    from benchmarks.speck_clusters import lesion_reach, oracle_ranked
+
+    # image 0: the cluster's mark scores below a false mark elsewhere; image 1:
+    # a cluster no mark reaches, its one speck the image's third brightest
+    a = FrocImage(
+        key="s/a",
+        spacing_mm=0.4,
+        gt_boxes=np.array([[35.0, 35.0, 47.0, 48.0]]),
+        gt_labels=np.array([1]),
+        det_boxes=np.array(
+            [[36, 36, 46, 46], [200, 200, 210, 210], [0, 0, 9, 9]], float
+        ),
+        det_scores=np.array([0.2, 0.9, 0.7]),
+        det_labels=np.array([1, 1, 0]),
+    )
+    b = FrocImage(
+        key="s/b",
+        spacing_mm=0.4,
+        gt_boxes=np.array([[100.0, 100.0, 110.0, 110.0]]),
+        gt_labels=np.array([1]),
+        det_boxes=np.array([[300, 300, 310, 310]], float),
+        det_scores=np.array([0.5]),
+        det_labels=np.array([1]),
+    )
+    images = [a, b]
+    assert froc_class(images, 1).cpm < 0.5  # found only after two false marks
+    best = oracle_ranked(images, 1)
+    assert froc_class(best, 1).cpm == 0.5  # one of two found before any false mark
+    assert list(best[0].det_scores) == [1.2, 0.9, 0.7]  # the mass is untouched
+    assert list(best[1].det_scores) == [0.5]
+    specks = {
+        "s/a": np.array([[41.0, 41.0, 9.0], [42.0, 43.0, 5.0]], np.float32),
+        "s/b": np.array([[105.0, 105.0, 6.0], [5, 5, 20.0], [9, 9, 30.0]], np.float32),
+    }
+    rows = lesion_reach(images, specks, 1)
+    assert [r["fp_per_image"] for r in rows] == [1.0, None]  # 2 false marks >= 0.2
+    assert [r["specks"] for r in rows] == [2, 1]
+    assert [r["max_z"] for r in rows] == [9.0, 6.0]
+    assert [r["rank_in_image"] for r in rows] == [0, 2]
