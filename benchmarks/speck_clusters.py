@@ -74,17 +74,10 @@ import numpy as np
 
 from benchmarks.common import emit, rounded
 from benchmarks.ensemble import load_oof
+from benchmarks.froc_ceiling import lesion_reach, oracle_ranked
 from common.detector.engine import with_speck_clusters_images
 from common.detector.errors import class_errors, plot_error_gallery
-from common.detector.froc import (
-    FALSE_POSITIVE,
-    HIT,
-    MIN_HIT_RADIUS_MM,
-    FrocImage,
-    froc_class,
-    match_image_lesions,
-    pooled_paired_cpm_difference,
-)
+from common.detector.froc import FrocImage, froc_class, pooled_paired_cpm_difference
 from common.imaging.cache import SiteCache
 from common.imaging.image_io import read_any
 from common.imaging.research_image import load_grey01
@@ -168,71 +161,6 @@ def nested(
             test, specks, k=best[0], radius_mm=best[1], ref_rank=best[2]
         )
     return out, chosen
-
-
-def oracle_ranked(images: Sequence[FrocImage], label: int) -> list[FrocImage]:
-    """``images`` with every hit of ``label`` ranked above every other detection.
-
-    A detection of the class that hits a lesion (:func:`match_image_lesions`)
-    scores ``1 + score``, every other one keeps its score (in ``[0, 1]``), so
-    the same marks give the best FROC any re-scoring of them could: the
-    ceiling of a second stage over these candidates.
-    """
-    from dataclasses import replace
-
-    out = []
-    for im in images:
-        scores, outcomes, _ = match_image_lesions(im, label)
-        new = np.asarray(im.det_scores, dtype=np.float64).copy()
-        idx = np.flatnonzero(im.det_labels == label)
-        new[idx] = np.where(outcomes == HIT, 1.0 + scores, scores)
-        out.append(replace(im, det_scores=new))
-    return out
-
-
-def lesion_reach(
-    images: Sequence[FrocImage], specks: dict[str, np.ndarray], label: int
-) -> list[dict[str, Any]]:
-    """Per lesion of ``label``: where the finder finds it and what specks it holds.
-
-    ``fp_per_image``: the false positives per image scoring at least the
-    mark that hits it (the curve's point where it is found), ``None`` when
-    no mark does; ``specks`` / ``max_z``: the specks within the FROC hit
-    radius of its centre (``max(half its diagonal, MIN_HIT_RADIUS_MM)``);
-    ``rank_in_image``: how many of the image's specks are brighter than the
-    brightest of those (0: it is the image's brightest), ``None`` without one.
-    """
-    fps: list[float] = []
-    found: list[tuple[FrocImage, int, float | None]] = []
-    for im in images:
-        scores, outcomes, hit_by = match_image_lesions(im, label)
-        fps += [float(x) for x in scores[outcomes == FALSE_POSITIVE]]
-        for j, h in enumerate(hit_by):
-            found.append((im, j, float(scores[h]) if h >= 0 else None))
-    fp = np.asarray(fps)
-    rows = []
-    for im, j, score in found:
-        b = im.gt_boxes[im.gt_labels == label][j]
-        cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
-        half = 0.5 * float(np.hypot(b[2] - b[0], b[3] - b[1])) * im.spacing_mm
-        reach_px = max(half, MIN_HIT_RADIUS_MM) / im.spacing_mm
-        s = specks.get(im.key, np.zeros((0, 3), np.float32))
-        inside = s[np.hypot(s[:, 0] - cx, s[:, 1] - cy) <= reach_px]
-        rows.append(
-            {
-                "key": im.key,
-                "case": im.case,
-                "fp_per_image": None
-                if score is None
-                else rounded(float((fp >= score).sum()) / len(images)),
-                "specks": int(len(inside)),
-                "max_z": rounded(float(inside[:, 2].max())) if len(inside) else None,
-                "rank_in_image": int((s[:, 2] > inside[:, 2].max()).sum())
-                if len(inside)
-                else None,
-            }
-        )
-    return rows
 
 
 def _ceiling(
