@@ -74,14 +74,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydicom import config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-from pydicom.valuerep import validate_value
 
+from client.dicom_derived import (
+    COPIED_ATTRIBUTES,
+    DEFAULT_SCORE_FLOOR,
+    MANUFACTURER,
+    check_detection,
+    check_sources,
+    copied_value,
+    sop_reference,
+)
 from common import __version__
 from common.errors import shown
 from common.fileio import atomic_write
@@ -106,13 +113,8 @@ __all__ = [
 
 #: Mammography CAD SR Storage SOP Class UID.
 MAMMOGRAPHY_CAD_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.50"
-#: Default display threshold: findings at or above are "Presentation Required".
-DEFAULT_SCORE_FLOOR = 0.3
 #: Series Number of the CAD SR series (any number; CAD series sort last).
 SR_SERIES_NUMBER = 900
-MANUFACTURER = "mammofed"
-#: Slack (stored pixels) for boxes that leave the image by rounding only.
-BOX_SLACK_PX = 0.01
 
 
 def _code(code: Code) -> Code:
@@ -192,63 +194,11 @@ _VIEW_CODES: dict[str, Code] = {
     "SIO": _code(codes.cid4014.SuperolateralToInferomedialOblique),
     "ISO": _code(codes.cid4014.InferomedialToSuperolateralOblique),
 }
-_REQUIRED_SOURCE_ATTRIBUTES = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "Rows",
-    "Columns",
-)
-#: Patient and study attributes copied from the source (Type 2 in the SR).
-_COPIED_ATTRIBUTES = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "StudyID",
-)
 
 
 #: A DICOM date (DA) and time (TM) as a content item may hold them.
 _DATE_RE = re.compile(r"\d{8}")
 _TIME_RE = re.compile(r"([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?")
-
-
-def _copied(source: Dataset, keyword: str) -> Any:
-    """``source``'s value of ``keyword`` if valid for its VR, else empty.
-
-    These attributes are type 2 in the SR: an invalid one (a 40-character
-    Study ID, a date with dashes, several values where one is allowed) is
-    written empty, with a warning naming it, so that a strict archive does
-    not reject the whole SR for it.
-    """
-    if keyword not in source:
-        return ""
-    elem = source.data_element(keyword)
-    value = elem.value if elem is not None else None
-    if value is None or value == "":
-        return ""
-    try:
-        if elem is None or elem.VM > 1:
-            raise ValueError(f"{elem.VM if elem else 0} values where one is allowed")
-        validate_value(elem.VR, value, config.RAISE)
-    except (ValueError, TypeError, AttributeError) as exc:
-        log.warning(
-            "CAD SR: %s of source %s is not a valid DICOM value (%s); written "
-            "empty", keyword, shown(header_text(source, "SOPInstanceUID")),
-            shown(str(exc), 120),
-        )  # fmt: skip
-        return ""
-    return value
-
-
-#: Attributes every source of one SR must agree on (one patient).
-_SAME_PATIENT_ATTRIBUTES = ("PatientID", "IssuerOfPatientID")
 
 
 # --- content items ----------------------------------------------------------
@@ -312,18 +262,11 @@ def _num(relationship: str, name: Code, value: float, unit: Code) -> Dataset:
     return ds
 
 
-def _sop_reference(source: Dataset) -> Dataset:
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = source.SOPClassUID
-    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    return ref
-
-
 def _image(
     relationship: str, source: Dataset, items: Sequence[Dataset] = ()
 ) -> Dataset:
     ds = _item("IMAGE", relationship, None)
-    ds.ReferencedSOPSequence = DicomSequence([_sop_reference(source)])
+    ds.ReferencedSOPSequence = DicomSequence([sop_reference(source)])
     return _children(ds, items)
 
 
@@ -344,99 +287,6 @@ def _by_reference(relationship: str, path: Sequence[int]) -> Dataset:
     ds.RelationshipType = relationship
     ds.ReferencedContentItemIdentifier = [int(v) for v in path]
     return ds
-
-
-# --- validation ---------------------------------------------------------------
-def _check_sources(sources: Sequence[Dataset]) -> str:
-    """The common StudyInstanceUID of ``sources``; ValueError otherwise."""
-    if not sources:
-        raise ValueError("build_cad_sr needs at least one source image, got none")
-    seen: dict[str, int] = {}
-    for i, ds in enumerate(sources):
-        missing = [k for k in _REQUIRED_SOURCE_ATTRIBUTES if not header_text(ds, k)]
-        if missing:
-            raise ValueError(
-                f"source {i} (SOPInstanceUID={header_text(ds, 'SOPInstanceUID')!r}) "
-                f"lacks {', '.join(missing)}: cannot reference it from an SR"
-            )
-        uid = header_text(ds, "SOPInstanceUID")
-        if uid in seen:
-            raise ValueError(
-                f"sources {seen[uid]} and {i} are the same image "
-                f"(SOPInstanceUID={uid!r})"
-            )
-        seen[uid] = i
-    studies = sorted({header_text(ds, "StudyInstanceUID") for ds in sources})
-    if len(studies) != 1:
-        raise ValueError(
-            f"one CAD SR covers one study; sources span {len(studies)} "
-            f"StudyInstanceUIDs: {', '.join(studies)}"
-        )
-    # the SR copies the patient from one source: images of one study that
-    # name different patients are a mix-up no finding may be filed under
-    # (the values are not quoted: an identifier has no place in a log)
-    for keyword in _SAME_PATIENT_ATTRIBUTES:
-        first = header_text(sources[0], keyword)
-        odd = [
-            header_text(ds, "SOPInstanceUID")
-            for ds in sources
-            if header_text(ds, keyword) != first
-        ]
-        if odd:
-            raise ValueError(
-                f"study {studies[0]}: {keyword} of source(s) {', '.join(odd)} "
-                f"differs from source 0's; one CAD SR is about one patient"
-            )
-    return studies[0]
-
-
-def _check_detection(
-    det: Mapping[str, Any], source: Dataset, index: int
-) -> tuple[str, float, tuple[float, float, float, float]] | None:
-    """``(label, score, box)`` of one detection, box clipped to the image.
-
-    ``None`` (with a warning) for a box of zero width or height: a detector
-    can emit one after clipping and rounding, and it has no outline to draw.
-    """
-    sop = header_text(source, "SOPInstanceUID")
-    where = f"detection {index} of SOPInstanceUID={sop}"
-    label = det.get("label")
-    if label not in CLASSES:
-        raise ValueError(f"{where}: label={label!r}, expected one of {CLASSES}")
-    try:
-        score = float(det["score"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(
-            f"{where}: score={det.get('score')!r} is not a number"
-        ) from exc
-    if not (math.isfinite(score) and 0.0 <= score <= 1.0):
-        raise ValueError(f"{where}: score={score!r} outside [0, 1]")
-    box = det.get("box")
-    try:
-        x0, y0, x1, y1 = (float(v) for v in box)  # type: ignore[union-attr]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"{where}: box={box!r} is not [xmin, ymin, xmax, ymax]"
-        ) from exc
-    rows, cols = int(source.Rows), int(source.Columns)
-    s = BOX_SLACK_PX
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or not (
-        -s <= x0 <= x1 <= cols + s and -s <= y0 <= y1 <= rows + s
-    ):
-        raise ValueError(
-            f"{where}: box={box!r} is not a box inside the stored image "
-            f"(0 <= xmin <= xmax <= {cols}, 0 <= ymin <= ymax <= {rows})"
-        )
-    if x1 == x0 or y1 == y0:
-        log.warning(
-            "%s: box=%r has zero width or height: left out of the SR", where, box
-        )
-        return None
-    return (
-        str(label),
-        score,
-        (max(x0, 0.0), max(y0, 0.0), min(x1, float(cols)), min(y1, float(rows))),
-    )
 
 
 # --- the tree -------------------------------------------------------------------
@@ -591,9 +441,9 @@ def build_cad_sr(
             f"algorithm_name={algorithm_name!r} and "
             f"algorithm_version={algorithm_version!r} must not be blank"
         )
-    study_uid = _check_sources(sources)
+    study_uid = check_sources(sources)
     checked = [
-        [c for j, d in enumerate(dets) if (c := _check_detection(d, src, j))]
+        [c for j, d in enumerate(dets) if (c := check_detection(d, src, j))]
         for src, dets in zip(sources, detections, strict=True)
     ]
     algorithm = (algorithm_name, algorithm_version)
@@ -683,8 +533,8 @@ def _header(
     now = dt.datetime.now()
     ds.InstanceCreationDate = ds.ContentDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = ds.ContentTime = now.strftime("%H%M%S")
-    for keyword in _COPIED_ATTRIBUTES:
-        setattr(ds, keyword, _copied(first, keyword))
+    for keyword in COPIED_ATTRIBUTES:
+        setattr(ds, keyword, copied_value(first, keyword))
     ds.StudyInstanceUID = study_uid
     ds.Modality = "SR"
     ds.SeriesInstanceUID = generate_uid(
@@ -709,7 +559,7 @@ def _evidence(sources: Sequence[Dataset], study_uid: str) -> DicomSequence:
     by_series: dict[str, list[Dataset]] = {}
     for src in sources:
         series = by_series.setdefault(header_text(src, "SeriesInstanceUID"), [])
-        series.append(_sop_reference(src))
+        series.append(sop_reference(src))
     series_items = []
     for series_uid, refs in by_series.items():
         item = Dataset()

@@ -58,7 +58,8 @@ import torch
 from pydicom.dataset import Dataset
 from torch import nn
 
-from client.cad_sr import DEFAULT_SCORE_FLOOR, build_cad_sr, write_cad_sr
+from client.cad_sr import build_cad_sr, write_cad_sr
+from client.dicom_derived import DEFAULT_SCORE_FLOOR
 from client.export import checkpoint_paths, load_detectors
 from client.ingest import IMAGES_CSV, SidecarRow, read_images_csv
 from common.config.loader import config_to_dict, write_resolved

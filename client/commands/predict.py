@@ -17,7 +17,7 @@ HELP = (
     "--format sr adds a DICOM Mammography CAD SR per exam)"
 )
 
-#: ``client.predict.FORMATS`` and ``client.cad_sr.DEFAULT_SCORE_FLOOR``, repeated
+#: ``client.predict.FORMATS`` and ``client.dicom_derived.DEFAULT_SCORE_FLOOR``, repeated
 #: so that ``--help`` imports no torch (a test keeps them equal).
 FORMATS = ("json", "sr")
 SR_DISPLAY_FLOOR = 0.3

@@ -87,8 +87,8 @@ def test_help_shows_defaults_but_not_empty_ones(capsys):
 
 
 def test_defaults_repeated_for_a_light_help_equal_the_library_ones():
-    from client.cad_sr import DEFAULT_SCORE_FLOOR
     from client.commands import export_onnx, predict
+    from client.dicom_derived import DEFAULT_SCORE_FLOOR
     from client.onnx_export import DEFAULT_OPSET
     from client.predict import FORMATS
 
