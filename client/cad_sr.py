@@ -66,39 +66,36 @@ every source image.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from client.dicom_derived import (
-    COPIED_ATTRIBUTES,
     DEFAULT_SCORE_FLOOR,
     MANUFACTURER,
+    check_arguments,
     check_detection,
     check_sources,
-    copied_value,
+    derived_header,
     sop_reference,
+    source_spacing,
+    write_part10,
 )
 from common import __version__
 from common.errors import shown
-from common.fileio import atomic_write
 from common.imaging.dicom import (
     first_text,
     header_text,
-    plausible_spacing,
     resolve_laterality,
     resolve_view,
-    spacing_pair,
 )
 from common.keys import CALCIFICATION, CLASSES, LEFT, MASS, RIGHT
 
@@ -323,26 +320,12 @@ def _library_entry(source: Dataset) -> Dataset:
                 "date (YYYYMMDD)" if value_type == "DATE" else "time (HHMMSS)",
                 shown(value),
             )  # fmt: skip
-    spacing = _plausible_spacing(source)
+    spacing = source_spacing(source)
     if spacing is not None:
         row_mm, col_mm = spacing
         ctx.append(_num(acq, HORIZONTAL_SPACING, col_mm * 1000.0, MICROMETER))
         ctx.append(_num(acq, VERTICAL_SPACING, row_mm * 1000.0, MICROMETER))
     return _image("CONTAINS", source, ctx)
-
-
-def _plausible_spacing(source: Dataset) -> tuple[float, float] | None:
-    """(row, column) mm of PixelSpacing, else ImagerPixelSpacing, if plausible.
-
-    The reader's own rule (:func:`common.imaging.dicom.plausible_spacing`): a
-    value the reader treats as absent (e.g. 53.96 mm) is not written into the
-    SR.
-    """
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        pair = spacing_pair(source.get(keyword))
-        if pair is not None and plausible_spacing(pair):
-            return pair
-    return None
 
 
 def _algorithm(name: str, version: str) -> list[Dataset]:
@@ -429,18 +412,7 @@ def build_cad_sr(
             or inverted. A zero-width or zero-height box is left out with a
             warning.
     """
-    if len(detections) != len(sources):
-        raise ValueError(
-            f"{len(sources)} sources but {len(detections)} detection lists: "
-            "detections[i] belongs to sources[i]"
-        )
-    if not (math.isfinite(score_floor) and 0.0 <= score_floor <= 1.0):
-        raise ValueError(f"score_floor must be in [0, 1], got {score_floor!r}")
-    if not algorithm_name.strip() or not algorithm_version.strip():
-        raise ValueError(
-            f"algorithm_name={algorithm_name!r} and "
-            f"algorithm_version={algorithm_version!r} must not be blank"
-        )
+    check_arguments(sources, detections, score_floor, algorithm_name, algorithm_version)
     study_uid = check_sources(sources)
     checked = [
         [c for j, d in enumerate(dets) if (c := check_detection(d, src, j))]
@@ -518,23 +490,9 @@ def _header(
     first = sources[0]
     seed = None if uid_seed is None else [str(v) for v in uid_seed]
     sop_uid = generate_uid(entropy_srcs=None if seed is None else [*seed, "sop"])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(MAMMOGRAPHY_CAD_SR_STORAGE)
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-
-    ds = Dataset()
-    ds.file_meta = meta
-    charset = first.get("SpecificCharacterSet")
-    if charset:
-        ds.SpecificCharacterSet = charset
-    ds.SOPClassUID = MAMMOGRAPHY_CAD_SR_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    now = dt.datetime.now()
-    ds.InstanceCreationDate = ds.ContentDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = ds.ContentTime = now.strftime("%H%M%S")
-    for keyword in COPIED_ATTRIBUTES:
-        setattr(ds, keyword, copied_value(first, keyword))
+    ds = derived_header(first, MAMMOGRAPHY_CAD_SR_STORAGE, sop_uid)
+    ds.ContentDate = ds.InstanceCreationDate
+    ds.ContentTime = ds.InstanceCreationTime
     ds.StudyInstanceUID = study_uid
     ds.Modality = "SR"
     ds.SeriesInstanceUID = generate_uid(
@@ -573,24 +531,9 @@ def _evidence(sources: Sequence[Dataset], study_uid: str) -> DicomSequence:
 
 
 def write_cad_sr(ds: Dataset, path: Path) -> Path:
-    """Write ``ds`` as a DICOM Part 10 file, Explicit VR Little Endian, atomically.
-
-    The file appears complete or not at all (temporary file + rename). File
-    meta is filled from the dataset when absent.
+    """Write ``ds`` as a DICOM Part 10 file (:func:`client.dicom_derived.write_part10`).
 
     Raises:
         ValueError: ``ds`` is not a Mammography CAD SR.
     """
-    if str(ds.get("SOPClassUID", "")) != MAMMOGRAPHY_CAD_SR_STORAGE:
-        raise ValueError(
-            f"SOPClassUID={ds.get('SOPClassUID')!r} is not Mammography CAD SR "
-            f"({MAMMOGRAPHY_CAD_SR_STORAGE})"
-        )
-    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(MAMMOGRAPHY_CAD_SR_STORAGE)
-    meta.MediaStorageSOPInstanceUID = UID(str(ds.SOPInstanceUID))
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    out = Path(path)
-    atomic_write(out, lambda fh: ds.save_as(fh, enforce_file_format=True))
-    return out
+    return write_part10(ds, path, MAMMOGRAPHY_CAD_SR_STORAGE, "Mammography CAD SR")

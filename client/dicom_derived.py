@@ -15,7 +15,12 @@ same things:
 * :func:`copied_value`: a patient/study attribute's value when it is valid for
   its VR, else empty with a warning naming it (a strict archive rejects a whole
   object for one bad value);
-* :func:`sop_reference`: the SOP Class / Instance reference item.
+* :func:`derived_header`: file meta, SOP common, creation date and time, and
+  the patient and study of a new object about a source;
+* :func:`sop_reference`: the SOP Class / Instance reference item;
+* :func:`source_spacing`: the source's plausible pixel spacing, if any;
+* :func:`check_arguments`: the builders' own arguments;
+* :func:`write_part10`: the object as a Part 10 file, atomically.
 
 ``what`` in the messages names the object being built ("CAD SR",
 "presentation state").
@@ -23,17 +28,21 @@ same things:
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydicom import config
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import validate_value
 
 from common.errors import shown
-from common.imaging.dicom import header_text
+from common.fileio import atomic_write
+from common.imaging.dicom import header_text, plausible_spacing, spacing_pair
 from common.keys import CLASSES
 
 log = logging.getLogger(__name__)
@@ -44,10 +53,14 @@ __all__ = [
     "DEFAULT_SCORE_FLOOR",
     "MANUFACTURER",
     "Checked",
+    "check_arguments",
     "check_detection",
     "check_sources",
     "copied_value",
+    "derived_header",
     "sop_reference",
+    "source_spacing",
+    "write_part10",
 ]
 
 #: Default display threshold: findings at or above it are shown ("Presentation
@@ -212,3 +225,96 @@ def check_detection(
         score,
         (max(x0, 0.0), max(y0, 0.0), min(x1, float(cols)), min(y1, float(rows))),
     )
+
+
+def source_spacing(source: Dataset) -> tuple[float, float] | None:
+    """(row, column) mm of PixelSpacing, else ImagerPixelSpacing, if plausible.
+
+    The reader's own rule (:func:`common.imaging.dicom.plausible_spacing`): a
+    value the reader treats as absent (e.g. 53.96 mm) is not written into a
+    derived object.
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        pair = spacing_pair(source.get(keyword))
+        if pair is not None and plausible_spacing(pair):
+            return pair
+    return None
+
+
+def check_arguments(
+    sources: Sequence[Dataset],
+    detections: Sequence[Sequence[Mapping[str, Any]]],
+    score_floor: float,
+    algorithm_name: str,
+    algorithm_version: str,
+) -> None:
+    """ValueError unless each source has its detection list and the rest is sane.
+
+    Refused: ``len(detections) != len(sources)``, a floor outside [0, 1], a
+    blank algorithm name or version.
+    """
+    if len(detections) != len(sources):
+        raise ValueError(
+            f"{len(sources)} sources but {len(detections)} detection lists: "
+            "detections[i] belongs to sources[i]"
+        )
+    if not (math.isfinite(score_floor) and 0.0 <= score_floor <= 1.0):
+        raise ValueError(f"score_floor must be in [0, 1], got {score_floor!r}")
+    if not algorithm_name.strip() or not algorithm_version.strip():
+        raise ValueError(
+            f"algorithm_name={algorithm_name!r} and "
+            f"algorithm_version={algorithm_version!r} must not be blank"
+        )
+
+
+def write_part10(ds: Dataset, path: Path, sop_class: str, what: str) -> Path:
+    """Write ``ds`` as a DICOM Part 10 file, Explicit VR Little Endian, atomically.
+
+    The file appears complete or not at all (temporary file + rename). File
+    meta is filled from the dataset when absent.
+
+    Raises:
+        ValueError: ``ds`` is not of ``sop_class`` (``what`` names it).
+    """
+    if str(ds.get("SOPClassUID", "")) != sop_class:
+        raise ValueError(
+            f"SOPClassUID={ds.get('SOPClassUID')!r} is not {what} ({sop_class})"
+        )
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(str(ds.SOPInstanceUID))
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    out = Path(path)
+    atomic_write(out, lambda fh: ds.save_as(fh, enforce_file_format=True))
+    return out
+
+
+def derived_header(
+    source: Dataset, sop_class: str, sop_uid: str, what: str = "CAD SR"
+) -> Dataset:
+    """A new object about ``source``'s study: its first attributes.
+
+    File meta (Explicit VR Little Endian), the source's Specific Character
+    Set, SOP Class and Instance UIDs, Instance Creation Date / Time (now),
+    the patient and study attributes (:data:`COPIED_ATTRIBUTES`, each
+    through :func:`copied_value`) and the Study Instance UID.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    charset = source.get("SpecificCharacterSet")
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    now = dt.datetime.now()
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    for keyword in COPIED_ATTRIBUTES:
+        setattr(ds, keyword, copied_value(source, keyword, what))
+    ds.StudyInstanceUID = source.StudyInstanceUID
+    return ds

@@ -18,6 +18,9 @@ spacing) :func:`predict_paths` writes
   ``OVERLAY_MAX_SIDE`` pixels a side, with the stored-space boxes drawn on it
   (mass red, calcification cyan; box / factor in display pixels, the factor is
   in the PNG's ``mammofed-downsample`` text chunk);
+* with ``output_format="gsps"``, one Grayscale Softcopy Presentation State
+  per DICOM image, ``OUT/<its new SOPInstanceUID>.pr.dcm`` (:mod:`client.gsps`:
+  the findings as marks any PACS viewer draws); ``"sr+gsps"``: both;
 * with ``output_format="sr"``, also one Mammography CAD SR per exam:
   DICOM inputs are grouped by StudyInstanceUID and each study gets
   ``OUT/<StudyInstanceUID>.sr.dcm`` (:mod:`client.cad_sr`). A PNG/TIFF input
@@ -61,6 +64,7 @@ from torch import nn
 from client.cad_sr import build_cad_sr, write_cad_sr
 from client.dicom_derived import DEFAULT_SCORE_FLOOR
 from client.export import checkpoint_paths, load_detectors
+from client.gsps import GSPS_SUFFIX, build_exam_gsps, write_gsps
 from client.ingest import IMAGES_CSV, SidecarRow, read_images_csv
 from common.config.loader import config_to_dict, write_resolved
 from common.detector.adapt.standardize import HistogramStandardizer
@@ -88,7 +92,9 @@ log = logging.getLogger(__name__)
 #: ``output_format`` values: JSON (+ overlay) only, or JSON plus a CAD SR per exam.
 FORMAT_JSON = "json"
 FORMAT_SR = "sr"
-FORMATS: tuple[str, ...] = (FORMAT_JSON, FORMAT_SR)
+FORMAT_GSPS = "gsps"
+FORMAT_SR_GSPS = "sr+gsps"
+FORMATS: tuple[str, ...] = (FORMAT_JSON, FORMAT_SR, FORMAT_GSPS, FORMAT_SR_GSPS)
 #: Overlay PNGs are block-averaged until no side exceeds this many pixels.
 OVERLAY_MAX_SIDE = 1024
 #: Overlay box colours (RGB) by class.
@@ -107,14 +113,19 @@ class PredictResult:
     Attributes:
         written: JSON files written (one per image read).
         skipped: ``(file, reason)`` of inputs that could not be read.
-        sr_written: CAD SR files written (``output_format="sr"``).
+        sr_written: CAD SR files written (``output_format`` ``sr`` or
+            ``sr+gsps``).
         sr_skipped: ``(file or study, reason)`` of inputs that got no SR.
+        gsps_written: presentation states written (``gsps`` or ``sr+gsps``).
+        gsps_skipped: ``(file or study, reason)`` of inputs that got none.
     """
 
     written: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     sr_written: list[Path] = field(default_factory=list)
     sr_skipped: list[tuple[str, str]] = field(default_factory=list)
+    gsps_written: list[Path] = field(default_factory=list)
+    gsps_skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def detections_to_stored(
@@ -475,7 +486,10 @@ def _sr_header(f: Path) -> tuple[Dataset | None, str]:
     and the value.
     """
     if not is_dicom(f):
-        return None, "not a DICOM file: a DICOM CAD SR can only reference DICOM images"
+        return None, (
+            "not a DICOM file: a DICOM CAD SR or presentation state can only "
+            "reference DICOM images"
+        )
     try:
         header = dcmread_bounded(f, stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types
@@ -494,20 +508,62 @@ def _sr_header(f: Path) -> tuple[Dataset | None, str]:
     return header, ""
 
 
+def _write_study_gsps(
+    study_uid: str,
+    entries: Sequence[_StudyEntry],
+    out: Path,
+    result: PredictResult,
+    *,
+    score_floor: float,
+) -> None:
+    """One ``OUT/<SOPInstanceUID>.pr.dcm`` per image of a study (:mod:`client.gsps`).
+
+    The file names are the presentation states' own new UIDs (digits and
+    dots): nothing from the sources names a file.
+    """
+    files = ", ".join(str(e.source) for e in entries)
+    try:
+        states = build_exam_gsps(
+            [e.header for e in entries],
+            [e.detections for e in entries],
+            score_floor=score_floor,
+        )
+    except ValueError as exc:
+        log.warning(
+            "no presentation states for study %s (%s): %s", study_uid, files, exc
+        )
+        result.gsps_skipped.append((f"study {study_uid}: {files}", str(exc)))
+        return
+    for ps in states:
+        result.gsps_written.append(
+            write_gsps(ps, out / f"{ps.SOPInstanceUID}{GSPS_SUFFIX}")
+        )
+    log.info("study %s: %d presentation states -> %s", study_uid, len(states), out)
+
+
 def _write_study_reports(
     studies: Mapping[str, Sequence[_StudyEntry]],
     out: Path,
     result: PredictResult,
     *,
     score_floor: float,
+    sr: bool = True,
+    gsps: bool = False,
 ) -> None:
-    """One ``OUT/<StudyInstanceUID>.sr.dcm`` per study; failures are logged skips.
+    """Per study: its CAD SR and/or presentation states; failures are logged skips.
+
+    ``sr``: ``OUT/<StudyInstanceUID>.sr.dcm``; ``gsps``: one presentation
+    state per image (:func:`_write_study_gsps`).
 
     A file name that would place the SR in another folder than ``out``
     (``..``, ``/`` in the UID) is a logged skip too, whatever
     :func:`_sr_header` let through: nothing is written outside ``out``.
     """
     for study_uid, entries in studies.items():
+        if gsps:
+            _write_study_gsps(study_uid, entries, out, result, score_floor=score_floor)
+        if not sr:
+            continue
         files = ", ".join(str(e.source) for e in entries)
         try:
             ds = build_cad_sr(
@@ -562,8 +618,11 @@ def predict_paths(
     forward pass). ``output_format="sr"`` also writes one Mammography CAD SR per
     study (see the module docstring); findings scoring at least
     ``sr_display_floor`` are "Presentation Required" in it, the others
-    "Presentation Optional". ``OUT/resolved_config.yaml`` records the
-    checkpoint's model config and these settings.
+    "Presentation Optional". ``"gsps"`` writes instead one Grayscale Softcopy
+    Presentation State per DICOM image (:mod:`client.gsps`), drawing the
+    findings that score at least ``sr_display_floor``; ``"sr+gsps"`` both.
+    ``OUT/resolved_config.yaml`` records the checkpoint's model config and
+    these settings.
 
     Raises:
         ValueError: ``score_floor`` or ``sr_display_floor`` outside [0, 1], or an
@@ -581,6 +640,8 @@ def predict_paths(
         raise ValueError(
             f"output_format={output_format!r}; valid formats: {', '.join(FORMATS)}"
         )
+    sr = output_format in (FORMAT_SR, FORMAT_SR_GSPS)
+    gsps = output_format in (FORMAT_GSPS, FORMAT_SR_GSPS)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
@@ -643,15 +704,20 @@ def predict_paths(
             )
         result.written.append(jpath)
         log.info("%s: %d detections -> %s", f, len(detections), jpath)
-        if output_format == FORMAT_SR:
+        if sr or gsps:
             header, why = _sr_header(f)
             if header is None:
-                log.warning("no CAD SR for %s: %s", f, why)
-                result.sr_skipped.append((str(f), why))
+                log.warning("no DICOM output for %s: %s", f, why)
+                if sr:
+                    result.sr_skipped.append((str(f), why))
+                if gsps:
+                    result.gsps_skipped.append((str(f), why))
             else:
                 entry = _StudyEntry(f, header, detections)
                 study = header_text(header, "StudyInstanceUID")  # checked UID
                 studies.setdefault(study, []).append(entry)
-    if output_format == FORMAT_SR:
-        _write_study_reports(studies, out, result, score_floor=sr_display_floor)
+    if sr or gsps:
+        _write_study_reports(
+            studies, out, result, score_floor=sr_display_floor, sr=sr, gsps=gsps
+        )
     return result

@@ -2,7 +2,10 @@
 
 ``--format json`` (default) writes one JSON and one overlay PNG per image;
 ``--format sr`` also writes one DICOM Mammography CAD SR per exam
-(``OUT/<StudyInstanceUID>.sr.dcm``, DICOM inputs grouped by study).
+(``OUT/<StudyInstanceUID>.sr.dcm``, DICOM inputs grouped by study);
+``--format gsps`` one Grayscale Softcopy Presentation State per DICOM image
+(``OUT/<SOPInstanceUID>.pr.dcm``: marks any PACS viewer draws);
+``--format sr+gsps`` both.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from pathlib import Path
 NAME = "predict"
 HELP = (
     "run a detector checkpoint on image files (JSON in stored pixels + overlay; "
-    "--format sr adds a DICOM Mammography CAD SR per exam)"
+    "--format sr adds a DICOM Mammography CAD SR per exam, gsps a presentation "
+    "state per image, sr+gsps both)"
 )
 
 #: ``client.predict.FORMATS`` and ``client.dicom_derived.DEFAULT_SCORE_FLOOR``, repeated
 #: so that ``--help`` imports no torch (a test keeps them equal).
-FORMATS = ("json", "sr")
+FORMATS = ("json", "sr", "gsps", "sr+gsps")
 SR_DISPLAY_FLOOR = 0.3
 
 log = logging.getLogger(__name__)
@@ -62,14 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=FORMATS,
         default=FORMATS[0],
         help="json: JSON (+ overlay) per image; sr: also one Mammography CAD SR "
-        "per exam, OUT/<StudyInstanceUID>.sr.dcm",
+        "per exam, OUT/<StudyInstanceUID>.sr.dcm; gsps: also one Grayscale "
+        "Softcopy Presentation State per DICOM image (marks a PACS viewer draws), "
+        "OUT/<SOPInstanceUID>.pr.dcm; sr+gsps: both",
     )
     parser.add_argument(
         "--sr-display-floor",
         type=_unit,
         default=SR_DISPLAY_FLOOR,
         help="in the SR, findings scoring at least this are 'Presentation "
-        "Required', lower ones 'Presentation Optional'",
+        "Required', lower ones 'Presentation Optional'; the presentation states "
+        "draw only the findings scoring at least this",
     )
 
 
@@ -86,7 +93,7 @@ def _unit(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     """Predict; exit 0 when every input (and SR) was written, 1 when some were not."""
-    from client.predict import FORMAT_JSON, predict_paths
+    from client.predict import FORMAT_GSPS, FORMAT_SR, FORMAT_SR_GSPS, predict_paths
 
     res = predict_paths(
         args.checkpoint,
@@ -102,13 +109,19 @@ def run(args: argparse.Namespace) -> int:
         sr_display_floor=args.sr_display_floor,
     )
     log.info("%d images written, %d skipped", len(res.written), len(res.skipped))
-    if args.format != FORMAT_JSON:
+    if args.format in (FORMAT_SR, FORMAT_SR_GSPS):
         log.info(
             "%d CAD SR files written, %d inputs without SR",
             len(res.sr_written),
             len(res.sr_skipped),
         )
+    if args.format in (FORMAT_GSPS, FORMAT_SR_GSPS):
+        log.info(
+            "%d presentation states written, %d inputs without one",
+            len(res.gsps_written),
+            len(res.gsps_skipped),
+        )
     if not res.written and not res.skipped:
         log.error("no image files found in %s", [str(p) for p in args.paths])
         return 1
-    return 1 if res.skipped or res.sr_skipped else 0
+    return 1 if res.skipped or res.sr_skipped or res.gsps_skipped else 0

@@ -16,14 +16,18 @@
 * an **exam worker**: when a study is complete (rule in
   :mod:`client.dicom_node.exams`) it scores every image of the study received
   so far with the site's current model (:class:`~client.dicom_node.scoring.ExamScorer`),
-  builds one Mammography CAD SR (:func:`client.cad_sr.build_cad_sr`), puts it
-  in the outbox, then ingests the site folder
+  builds one Mammography CAD SR (:func:`client.cad_sr.build_cad_sr`) and, with
+  ``dicom_node.presentation_states``, one Grayscale Softcopy Presentation State
+  per scored image (:func:`client.gsps.build_exam_gsps`: marks any PACS viewer
+  draws), puts them in the outbox (each once: the same exam and model give the
+  same UIDs), then ingests the site folder
   (:func:`client.ingest.ingest_site`): the received images become cache entries
   without annotation rows, i.e. **unlabeled** images that the semi-supervised
   trainer uses. ``<study>/.scored.json`` records what was scored; studies with
   unscored images found at start (daemon stopped mid-exam) are processed again.
 * the **outbox sender** (:class:`~client.dicom_node.outbox.Outbox`): C-STORE of
-  each SR to ``dicom_node.destination``, retried with backoff across restarts.
+  each SR (and presentation state) to ``dicom_node.destination``, retried
+  with backoff across restarts.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,7 @@ from client.dicom_node.exams import ExamTracker
 from client.dicom_node.outbox import Outbox, RetryPolicy, c_store_file
 from client.dicom_node.scoring import ExamScorer
 from client.export import checkpoint_paths
+from client.gsps import build_exam_gsps, write_gsps
 from common import __version__
 from common.config.dicom_node import DicomNodeConfig
 from common.config.site import SiteConfig
@@ -469,31 +474,29 @@ class DicomNode:
             dcmread_bounded(s.path, stop_before_pixels=True, defer_size=DEFER_SIZE)
             for s in res.scored
         ]
-        sr = build_cad_sr(
-            sources,
-            [s.detections for s in res.scored],
-            algorithm_name=ALGORITHM_NAME,
-            algorithm_version=f"{__version__} {self.scorer.model_label()}",
-            score_floor=self.cfg.score_floor,
-            # the same exam and model give the same SR UIDs: scored again
-            # after a crash between the queue and the record below, it is a
-            # duplicate the archive recognizes, not a second report
-            uid_seed=[
-                study_uid,
-                self.scorer.model_sha256,
-                *sorted(str(src.SOPInstanceUID) for src in sources),
-            ],
-        )
-        already = [
-            p for p in self.outbox.pending() if p.stem.endswith(f"-{sr.SOPInstanceUID}")
+        seed = [
+            study_uid,
+            self.scorer.model_sha256,
+            *sorted(str(src.SOPInstanceUID) for src in sources),
         ]
-        if already:  # scored again after a crash: the same report, queued once
-            queued = already[0]
-            log.info("study %s: its SR %s is already queued", study_uid, queued.name)
-        else:
-            name = f"{time.strftime('%Y%m%dT%H%M%S')}-{sr.SOPInstanceUID}"
-            queued = self.outbox.enqueue(sr, name, write_cad_sr)
+        detections = [s.detections for s in res.scored]
+        settings: dict[str, Any] = {
+            "algorithm_name": ALGORITHM_NAME,
+            "algorithm_version": f"{__version__} {self.scorer.model_label()}",
+            "score_floor": self.cfg.score_floor,
+            # the same exam and model give the same UIDs: scored again after a
+            # crash between the queue and the record below, an SR is a
+            # duplicate the archive recognizes, not a second report
+            "uid_seed": seed,
+        }
+        sr = build_cad_sr(sources, detections, **settings)
+        queued = self._enqueue_once(study_uid, sr, "SR", write_cad_sr)
         record["sr"] = str(sr.SOPInstanceUID)
+        if self.cfg.presentation_states:
+            states = build_exam_gsps(sources, detections, **settings)
+            for ps in states:
+                self._enqueue_once(study_uid, ps, "presentation state", write_gsps)
+            record["presentation_states"] = [str(ps.SOPInstanceUID) for ps in states]
         _write_scored(folder, record)
         log.info(
             "study %s: %d images scored (%d detections >= %.2f), %d refused; SR %s",
@@ -502,6 +505,25 @@ class DicomNode:
             len(res.refused), queued.name,
         )  # fmt: skip
         return queued
+
+    def _enqueue_once(
+        self,
+        study_uid: str,
+        ds: Dataset,
+        what: str,
+        writer: Callable[[Dataset, Path], Path],
+    ) -> Path:
+        """Queue ``ds`` unless an object with its SOP Instance UID is pending."""
+        uid = str(ds.SOPInstanceUID)
+        already = [p for p in self.outbox.pending() if p.stem.endswith(f"-{uid}")]
+        if already:  # scored again after a crash: the same object, queued once
+            log.info(
+                "study %s: its %s %s is already queued",
+                study_uid, what, already[0].name,
+            )  # fmt: skip
+            return already[0]
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uid}"
+        return self.outbox.enqueue(ds, name, writer)
 
     def ingest(self) -> None:
         """Ingest the site folder so received images join the cache (unlabeled)."""

@@ -107,6 +107,10 @@ class DicomNodeConfig:
         exam_idle_s: an exam is complete after this long without a new image
             even while its association stays open.
         score_floor: detections scoring below it are left out of the SR.
+        presentation_states: also send one Grayscale Softcopy Presentation
+            State per scored image (:mod:`client.gsps`: the findings scoring
+            at least ``score_floor`` as marks any PACS viewer draws) to the
+            same destination, beside the SR.
         retry_interval_s: wait before the first retry of a failed send.
         retry_backoff: each further wait is multiplied by this (1: fixed).
         retry_max_interval_s: longest wait between two attempts.
@@ -136,6 +140,7 @@ class DicomNodeConfig:
     exam_settle_s: float = field(default=2.0, metadata=bounded(0.0, 3600.0))
     exam_idle_s: float = field(default=120.0, metadata=bounded(0.1, 86400.0))
     score_floor: float = field(default=0.3, metadata=bounded(0.0, 1.0))
+    presentation_states: bool = False
     retry_interval_s: float = field(default=30.0, metadata=bounded(0.01, 86400.0))
     retry_backoff: float = field(default=2.0, metadata=bounded(1.0, 10.0))
     retry_max_interval_s: float = field(

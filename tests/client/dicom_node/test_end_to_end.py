@@ -28,6 +28,7 @@ from common.imaging.data import SiteDataset
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 #: Seconds allowed for a subprocess to start (imports torch) or an exam to pass.
 WAIT_S = 180.0
 
@@ -60,8 +61,9 @@ def test_exam_in_sr_out_refusals_logged(
     mcfg = ModelConfig(arch="tiny", working_spacing_mm=0.4)
     local = save_checkpoint(tmp_path / "local.pt", build_detector(mcfg), mcfg)
     cfg = kit.site_yaml(
-        tmp_path, node_port, dest_port, tiny_checkpoint, fuse_with=f"[{local}]"
-    )
+        tmp_path, node_port, dest_port, tiny_checkpoint, fuse_with=f"[{local}]",
+        presentation_states="true",
+    )  # fmt: skip
     exam = kit.write_exam(tmp_path / "send")
     uids = {str(pydicom.dcmread(p).SOPInstanceUID) for p in exam}
     study = str(pydicom.dcmread(exam[0]).StudyInstanceUID)
@@ -90,7 +92,11 @@ def test_exam_in_sr_out_refusals_logged(
             assert "Association Rejected" in out
             # "Not Recognized" (deb12u3) or "not recognised" (deb12u4)
             assert "reason: calling ae title not recogni" in out.lower(), out
-            kit.wait_for(lambda: len(_files(received)) >= 1, WAIT_S, "the CAD SR")
+            kit.wait_for(
+                lambda: len(_files(received)) >= 5,
+                WAIT_S,
+                "the CAD SR and four presentation states",
+            )
             kit.wait_for(
                 lambda: len(SiteCache(tmp_path / "cache").read_manifest()) == 4,
                 WAIT_S,
@@ -106,9 +112,20 @@ def test_exam_in_sr_out_refusals_logged(
     assert "(status 0x0122); from MG_ROOM1 at 127.0.0.1:" in log
     assert "association from calling AE 'INTRUDER' at 127.0.0.1:" in log
     assert "calling AE title not recognized" in log
-    # one SR, for the four images of the study
-    [sr_path] = _files(received)
-    sr = pydicom.dcmread(sr_path)
+    # one SR, for the four images of the study, and a presentation state each
+    got = {p: pydicom.dcmread(p) for p in _files(received)}
+    [sr_path] = [p for p, ds in got.items() if ds.SOPClassUID == CAD_SR]
+    states = [ds for ds in got.values() if ds.SOPClassUID == GSPS]
+    assert len(got) == 5 and len(states) == 4
+    assert {
+        str(
+            ps.ReferencedSeriesSequence[0]
+            .ReferencedImageSequence[0]
+            .ReferencedSOPInstanceUID
+        )
+        for ps in states
+    } == uids
+    sr = got[sr_path]
     assert sr.SOPClassUID == CAD_SR and sr.StudyInstanceUID == study
     assert _referenced(sr) == uids
     # provenance names both models: the SR's algorithm version, the study record

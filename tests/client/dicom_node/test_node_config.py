@@ -74,6 +74,8 @@ def test_good_section_loads_with_defaults(tmp_path: Path) -> None:
          "  exam_settle_s: 5", "exam_idle_s", "1"),
         ("queue_dir: outbox", "queue_dir: outbox\n  min_free_mb: -1",
          "dicom_node.min_free_mb", "-1"),
+        ("queue_dir: outbox", "queue_dir: outbox\n  presentation_states: maybe",
+         "dicom_node.presentation_states", "maybe"),
         ("queue_dir: outbox", "queue_dir: outbox\n  retrys: 3",
          "dicom_node.retrys", ""),
         ("  queue_dir: outbox\n", "", "dicom_node.queue_dir", ""),
