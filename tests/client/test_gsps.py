@@ -330,3 +330,35 @@ def test_predict_gsps_skips_a_research_image_naming_it(tmp_path, tiny_checkpoint
     assert len(res.written) == 1 and res.gsps_written == [] and res.sr_skipped == []
     [(where, why)] = res.gsps_skipped
     assert where.endswith("research.png") and "only reference DICOM" in why
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_hostile_display_attributes_fall_back_to_safe_values(tmp_path, exam):
+    """Values a modality should not send: no crash, and a state dciodvfy accepts."""
+    src = headers(exam[:1])[0]
+    with pydicom.config.disable_value_validation():
+        src.WindowCenter = "nan"
+        src.WindowWidth = "0"
+        src.BitsStored = 40
+        src.PixelAspectRatio = ["0", "-1"]
+        src.RescaleSlope, src.RescaleIntercept = "inf", "0"
+        src.RescaleType = "H U!"
+        src.ImageLaterality = "../x"
+        bad = Dataset()
+        bad.LUTExplanation = "no descriptor, no data"
+        src.VOILUTSequence = DicomSequence([bad])
+    (ps,) = build_exam_gsps([src], [[]])
+    (voi,) = ps.SoftcopyVOILUTSequence
+    # no usable window or LUT: the 16-bit range (Bits Stored clamped)
+    assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (32768.0, 65536.0)
+    assert "RescaleSlope" not in ps  # an infinite slope is no Modality LUT
+    assert list(ps.DisplayedAreaSelectionSequence[0].PresentationPixelAspectRatio) == [
+        1,
+        1,
+    ]
+    assert ps.Laterality == ""
+    if shutil.which("dciodvfy") is not None:
+        path = write_gsps(ps, tmp_path / "h.pr.dcm")
+        res = run_tool("dciodvfy", str(path))
+        out = res.stdout + res.stderr
+        assert [ln for ln in out.splitlines() if ln.startswith("Error")] == [], out
