@@ -89,7 +89,8 @@ from common.keys import CALCIFICATION, CLASSES, MASS
 
 log = logging.getLogger(__name__)
 
-#: ``output_format`` values: JSON (+ overlay) only, or JSON plus a CAD SR per exam.
+#: ``output_format`` values: JSON (+ overlay) only, or JSON plus a CAD SR per
+#: exam, a presentation state per DICOM image, or both.
 FORMAT_JSON = "json"
 FORMAT_SR = "sr"
 FORMAT_GSPS = "gsps"
@@ -471,15 +472,15 @@ def write_overlay(
 
 @dataclass
 class _StudyEntry:
-    """One DICOM input of a study waiting for its CAD SR."""
+    """One DICOM input of a study waiting for its CAD SR or presentation state."""
 
     source: Path
     header: Dataset
     detections: list[dict[str, Any]]
 
 
-def _sr_header(f: Path) -> tuple[Dataset | None, str]:
-    """``(header, "")`` of a DICOM input an SR can reference, else ``(None, why)``.
+def _referable_header(f: Path) -> tuple[Dataset | None, str]:
+    """``(header, "")`` of a DICOM input a derived object can reference, else why.
 
     Its Study, Series and SOP Instance UIDs must be present and valid DICOM
     UIDs (:func:`common.imaging.dicom.is_valid_uid`); ``why`` names the field
@@ -557,7 +558,7 @@ def _write_study_reports(
 
     A file name that would place the SR in another folder than ``out``
     (``..``, ``/`` in the UID) is a logged skip too, whatever
-    :func:`_sr_header` let through: nothing is written outside ``out``.
+    :func:`_referable_header` let through: nothing is written outside ``out``.
     """
     for study_uid, entries in studies.items():
         if gsps:
@@ -705,7 +706,7 @@ def predict_paths(
         result.written.append(jpath)
         log.info("%s: %d detections -> %s", f, len(detections), jpath)
         if sr or gsps:
-            header, why = _sr_header(f)
+            header, why = _referable_header(f)
             if header is None:
                 log.warning("no DICOM output for %s: %s", f, why)
                 if sr:
