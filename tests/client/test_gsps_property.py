@@ -1,0 +1,105 @@
+"""Property test: whatever display attributes a source header carries, the
+presentation state builds and writes, or the builder refuses it with a
+ValueError; and the marks are the findings above the floor, boxes unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import generate_uid
+
+from client.gsps import build_exam_gsps, write_gsps
+from common.keys import CALCIFICATION, MASS
+
+TEXT = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=12)
+NUMBERISH = st.one_of(
+    TEXT,
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    st.integers(-(2**40), 2**40).map(str),
+)
+
+
+def source(rows: int, cols: int, attrs: dict[str, str | None]) -> Dataset:
+    """A header whose ``attrs`` are raw text, as a file from outside gives them
+    (pydicom converts a raw element when it is read, warning on a bad value)."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = rows, cols
+    for keyword, text in attrs.items():
+        if text is None:
+            continue
+        tag = Tag(tag_for_keyword(keyword))
+        raw = text.encode("latin-1")
+        raw += b" " * (len(raw) % 2)
+        ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(raw), raw, 0, False, True)
+    return ds
+
+
+@st.composite
+def detection(draw: st.DrawFn, rows: int, cols: int) -> dict[str, object]:
+    x0 = draw(st.floats(0, cols))
+    y0 = draw(st.floats(0, rows))
+    return {
+        "label": draw(st.sampled_from([MASS, CALCIFICATION])),
+        "score": draw(st.floats(0, 1)),
+        "box": [x0, y0, draw(st.floats(x0, cols)), draw(st.floats(y0, rows))],
+    }
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_any_display_header_gives_a_state_or_a_value_error(
+    tmp_path: Path, data: st.DataObject
+) -> None:
+    rows, cols = data.draw(st.integers(1, 5000)), data.draw(st.integers(1, 5000))
+    attrs: dict[str, str | None] = {
+        k: data.draw(st.one_of(st.none(), NUMBERISH))
+        for k in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept")
+    }
+    attrs["PhotometricInterpretation"] = data.draw(
+        st.one_of(st.none(), st.sampled_from(["MONOCHROME1", "MONOCHROME2"]), TEXT)
+    )
+    attrs["PixelAspectRatio"] = data.draw(
+        st.one_of(st.none(), st.lists(NUMBERISH, min_size=1, max_size=3).map("\\".join))
+    )
+    attrs["ImageLaterality"] = data.draw(st.one_of(st.none(), TEXT))
+    attrs["RescaleType"] = data.draw(st.one_of(st.none(), TEXT))
+    src = source(rows, cols, attrs)
+    dets = data.draw(st.lists(detection(rows, cols), max_size=5))
+    floor = data.draw(st.floats(0, 1))
+    (ps,) = build_exam_gsps([src], [dets], score_floor=floor)
+    path = write_gsps(ps, tmp_path / "p.pr.dcm")
+    back = pydicom.dcmread(path)
+    assert back.PresentationLUTShape in ("IDENTITY", "INVERSE")
+    assert back.Laterality in ("", "L", "R")
+    (voi,) = back.SoftcopyVOILUTSequence
+    assert float(voi.WindowWidth) >= 1  # never a zero or negative window
+    drawn = [
+        list(g.GraphicData)
+        for item in back.GraphicAnnotationSequence
+        for g in item.get("GraphicObjectSequence", [])
+    ]
+    want = [
+        d["box"]
+        for d in dets
+        if d["score"] >= floor  # type: ignore[operator]
+        and d["box"][2] > d["box"][0]  # type: ignore[index]
+        and d["box"][3] > d["box"][1]  # type: ignore[index]
+    ]
+    assert len(drawn) == len(want)
