@@ -1,4 +1,8 @@
-"""``mammofed-client serve``: the site's DICOM storage node (images in, CAD SR out)."""
+"""``mammofed-client serve``: the site's DICOM storage node.
+
+Images in; a CAD SR per exam (and, with ``dicom_node.presentation_states``, a
+presentation state per image) out.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 NAME = "serve"
 HELP = (
     "run the DICOM storage node: receive mammograms, cache them (unlabeled), "
-    "send a CAD SR per exam"
+    "send a CAD SR per exam (and presentation states, dicom_node.presentation_states)"
 )
 
 

@@ -1,4 +1,4 @@
-"""The site's DICOM storage node: images in, CAD SR out (``mammofed-client serve``).
+"""The site's DICOM storage node: images in, CAD SR (and presentation states) out.
 
 :class:`DicomNode` runs three things until stopped:
 
