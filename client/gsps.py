@@ -147,8 +147,10 @@ def _aspect_ratio(source: Dataset) -> list[int]:
 
 def _first_number(value: Any) -> float | None:
     """The first value of a DS element (one or several), ``None`` if not finite."""
+    # a str is a Sequence too: a value pydicom could not convert stays one
+    several = isinstance(value, Sequence) and not isinstance(value, str | bytes)
     try:
-        v = float(value[0] if isinstance(value, Sequence | list) else value)
+        v = float(value[0] if several else value)
     except (TypeError, ValueError, IndexError):
         return None
     return v if math.isfinite(v) else None

@@ -362,3 +362,18 @@ def test_hostile_display_attributes_fall_back_to_safe_values(tmp_path, exam):
         res = run_tool("dciodvfy", str(path))
         out = res.stdout + res.stderr
         assert [ln for ln in out.splitlines() if ln.startswith("Error")] == [], out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_window_pydicom_could_not_convert_is_not_read_by_its_first_character(exam):
+    """A raw DS that stays text ("2048x") must not become 2.0 (its first digit)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    src = headers(exam[:1])[0]
+    for tag, text in ((Tag(0x0028, 0x1050), b"2048x "), (Tag(0x0028, 0x1051), b"4096")):
+        src[tag] = RawDataElement(tag, "DS", len(text), text, 0, False, True)
+    (ps,) = build_exam_gsps([src], [[]])
+    (voi,) = ps.SoftcopyVOILUTSequence
+    # no usable centre: the Bits Stored range, not a centre of 2
+    assert float(voi.WindowCenter) == 2 ** (int(src.BitsStored) - 1)
