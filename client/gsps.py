@@ -132,11 +132,14 @@ def _image_reference(source: Dataset) -> DicomSequence:
 def _aspect_ratio(source: Dataset) -> list[int]:
     """Row:column pixel aspect ratio as two integers (IS), 1:1 when unknown."""
     par = source.get("PixelAspectRatio")
-    try:
-        if par is not None and len(par) == 2 and int(par[0]) > 0 and int(par[1]) > 0:
-            return [int(par[0]), int(par[1])]
-    except (TypeError, ValueError):
-        pass
+    # two values, each a positive IS; a text pydicom kept unconverted is not
+    if isinstance(par, Sequence) and not isinstance(par, str | bytes) and len(par) == 2:
+        try:
+            row, col = int(par[0]), int(par[1])
+        except (TypeError, ValueError):
+            row = col = 0
+        if 0 < row < 2**31 and 0 < col < 2**31:
+            return [row, col]
     spacing = source_spacing(source)
     if spacing is not None:
         ratio = Fraction(spacing[0] / spacing[1]).limit_denominator(1000)

@@ -377,3 +377,10 @@ def test_a_window_pydicom_could_not_convert_is_not_read_by_its_first_character(e
     (voi,) = ps.SoftcopyVOILUTSequence
     # no usable centre: the Bits Stored range, not a centre of 2
     assert float(voi.WindowCenter) == 2 ** (int(src.BitsStored) - 1)
+    # an aspect ratio past IS's range is not copied (the state would not write)
+    tag = Tag(0x0028, 0x0034)
+    text = b"1099511627776\\1 "
+    src[tag] = RawDataElement(tag, "IS", len(text), text, 0, False, True)
+    (ps,) = build_exam_gsps([src], [[]])
+    ratio = ps.DisplayedAreaSelectionSequence[0].PresentationPixelAspectRatio
+    assert list(ratio) == [1, 1]  # from the square pixel spacing
