@@ -235,7 +235,11 @@ def source_spacing(source: Dataset) -> tuple[float, float] | None:
     derived object.
     """
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        pair = spacing_pair(source.get(keyword))
+        try:
+            value = source.get(keyword)
+        except Exception:  # noqa: BLE001 - a raw value pydicom cannot convert
+            continue  # the reader treats it as absent too
+        pair = spacing_pair(value)
         if pair is not None and plausible_spacing(pair):
             return pair
     return None

@@ -60,6 +60,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
+from pydicom.valuerep import format_number_as_ds
 
 from client.dicom_derived import (
     DEFAULT_SCORE_FLOOR,
@@ -125,13 +126,36 @@ _LAYER_OF = {MASS: "MAMMOFED MASS", CALCIFICATION: "MAMMOFED CALC"}
 _INFO_LAYER = "MAMMOFED INFO"
 
 
+def _value(source: Dataset, keyword: str) -> Any:
+    """``source``'s value of ``keyword``, ``None`` when absent or unreadable.
+
+    A header from outside keeps its values raw until read; pydicom converting
+    a hostile one can raise anything (``OverflowError`` for an IS of "INF").
+    Such a value is not used (logged, naming the keyword and the image).
+    """
+    try:
+        return source.get(keyword)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types
+        log.warning(
+            "%s: %s of source %s is unreadable (%s); not used", WHAT, keyword,
+            shown(header_text(source, "SOPInstanceUID")), shown(str(exc), 120),
+        )  # fmt: skip
+        return None
+
+
+def _header(source: Dataset, keyword: str) -> str:
+    """:func:`_value` as stripped text; ``""`` when absent or unreadable."""
+    value = _value(source, keyword)
+    return "" if value is None else str(value).strip()
+
+
 def _image_reference(source: Dataset) -> DicomSequence:
     return DicomSequence([sop_reference(source)])
 
 
 def _aspect_ratio(source: Dataset) -> list[int]:
     """Row:column pixel aspect ratio as two integers (IS), 1:1 when unknown."""
-    par = source.get("PixelAspectRatio")
+    par = _value(source, "PixelAspectRatio")
     # two values, each a positive IS; a text pydicom kept unconverted is not
     if isinstance(par, Sequence) and not isinstance(par, str | bytes) and len(par) == 2:
         try:
@@ -161,16 +185,17 @@ def _first_number(value: Any) -> float | None:
 
 def _modality_lut(ps: Dataset, source: Dataset) -> None:
     """The source's Modality LUT (rescale or sequence), if it has one."""
-    if source.get("ModalityLUTSequence"):
-        ps.ModalityLUTSequence = copy.deepcopy(source.ModalityLUTSequence[:1])
+    lut = _value(source, "ModalityLUTSequence")
+    if lut:
+        ps.ModalityLUTSequence = copy.deepcopy(lut[:1])
         return
-    slope = _first_number(source.get("RescaleSlope"))
-    intercept = _first_number(source.get("RescaleIntercept"))
+    slope = _first_number(_value(source, "RescaleSlope"))
+    intercept = _first_number(_value(source, "RescaleIntercept"))
     if slope is None or intercept is None:
         return
-    ps.RescaleSlope = f"{slope:.10g}"
-    ps.RescaleIntercept = f"{intercept:.10g}"
-    rescale_type = header_text(source, "RescaleType")
+    ps.RescaleSlope = format_number_as_ds(slope)
+    ps.RescaleIntercept = format_number_as_ds(intercept)
+    rescale_type = _header(source, "RescaleType")
     ps.RescaleType = rescale_type if rescale_type.isalnum() else "US"
 
 
@@ -178,16 +203,16 @@ def _voi(source: Dataset) -> Dataset:
     """One Softcopy VOI LUT item for ``source``: its first window, LUT or range."""
     item = Dataset()
     item.ReferencedImageSequence = _image_reference(source)
-    center = _first_number(source.get("WindowCenter"))
-    width = _first_number(source.get("WindowWidth"))
+    center = _first_number(_value(source, "WindowCenter"))
+    width = _first_number(_value(source, "WindowWidth"))
     if center is not None and width is not None and width >= 1:
-        item.WindowCenter = f"{center:.10g}"
-        item.WindowWidth = f"{width:.10g}"
-        function = header_text(source, "VOILUTFunction")
+        item.WindowCenter = format_number_as_ds(center)
+        item.WindowWidth = format_number_as_ds(width)
+        function = _header(source, "VOILUTFunction")
         if function in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
             item.VOILUTFunction = function
         return item
-    luts = source.get("VOILUTSequence")
+    luts = _value(source, "VOILUTSequence")
     if luts and all(k in luts[0] for k in ("LUTDescriptor", "LUTData")):
         lut = Dataset()
         for keyword in ("LUTDescriptor", "LUTExplanation", "LUTData"):
@@ -195,12 +220,12 @@ def _voi(source: Dataset) -> Dataset:
                 lut[keyword] = copy.deepcopy(luts[0][keyword])
         item.VOILUTSequence = DicomSequence([lut])
         return item
-    bits = int(source.get("BitsStored") or 16)
+    bits = int(_value(source, "BitsStored") or 16)
     bits = min(max(bits, 1), 16)
-    signed = int(source.get("PixelRepresentation") or 0) == 1
+    signed = int(_value(source, "PixelRepresentation") or 0) == 1
     low = -(2 ** (bits - 1)) if signed else 0
-    item.WindowCenter = f"{low + 2 ** (bits - 1):.10g}"
-    item.WindowWidth = f"{2**bits:.10g}"
+    item.WindowCenter = format_number_as_ds(float(low + 2 ** (bits - 1)))
+    item.WindowWidth = format_number_as_ds(float(2**bits))
     return item
 
 
@@ -296,7 +321,7 @@ def _presentation_state(
     ps.SeriesDescription = f"{algorithm_name} CAD marks"
     # General Series' Laterality (2C: a breast is paired and a presentation
     # state has no Image Laterality): the source's, empty when it names none
-    side = header_text(source, "ImageLaterality") or header_text(source, "Laterality")
+    side = _header(source, "ImageLaterality") or _header(source, "Laterality")
     ps.Laterality = side if side in ("L", "R") else ""
     ps.BodyPartExamined = "BREAST"
     ps.Manufacturer = MANUFACTURER
@@ -320,7 +345,7 @@ def _presentation_state(
     ps.DisplayedAreaSelectionSequence = DicomSequence([area])
     _modality_lut(ps, source)
     ps.SoftcopyVOILUTSequence = DicomSequence([_voi(source)])
-    monochrome1 = header_text(source, "PhotometricInterpretation") == "MONOCHROME1"
+    monochrome1 = _header(source, "PhotometricInterpretation") == "MONOCHROME1"
     ps.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
     ps.GraphicLayerSequence = _layers()
     ps.GraphicAnnotationSequence = _annotations(

@@ -384,3 +384,18 @@ def test_a_window_pydicom_could_not_convert_is_not_read_by_its_first_character(e
     (ps,) = build_exam_gsps([src], [[]])
     ratio = ps.DisplayedAreaSelectionSequence[0].PresentationPixelAspectRatio
     assert list(ratio) == [1, 1]  # from the square pixel spacing
+
+
+def test_a_value_pydicom_cannot_convert_is_logged_and_not_used(exam, caplog):
+    """An IS of "INF" makes pydicom raise OverflowError when it is read."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    src = headers(exam[:1])[0]
+    tag = Tag(0x0028, 0x0034)  # PixelAspectRatio
+    src[tag] = RawDataElement(tag, "IS", 6, b"INF\\1 ", 0, False, True)
+    with caplog.at_level("WARNING", logger="client.gsps"):
+        (ps,) = build_exam_gsps([src], [[]])
+    ratio = ps.DisplayedAreaSelectionSequence[0].PresentationPixelAspectRatio
+    assert list(ratio) == [1, 1]
+    assert "PixelAspectRatio" in caplog.text and src.SOPInstanceUID in caplog.text

@@ -90,6 +90,12 @@ def test_any_display_header_gives_a_state_or_a_value_error(
     assert back.Laterality in ("", "L", "R")
     (voi,) = back.SoftcopyVOILUTSequence
     assert float(voi.WindowWidth) >= 1  # never a zero or negative window
+    # every decimal string written fits DS (16 characters at most)
+    for keyword in ("WindowCenter", "WindowWidth"):
+        assert len(str(voi[keyword].value)) <= 16, voi[keyword]
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        if keyword in back:
+            assert len(str(back[keyword].value)) <= 16, back[keyword]
     drawn = [
         list(g.GraphicData)
         for item in back.GraphicAnnotationSequence
