@@ -199,6 +199,21 @@ def _modality_lut(ps: Dataset, source: Dataset) -> None:
     ps.RescaleType = rescale_type if rescale_type.isalnum() else "US"
 
 
+def _usable_lut(item: Dataset) -> bool:
+    """Whether a VOI LUT item is self-consistent enough to copy.
+
+    PS3.3 C.11.2.1.1: LUT Descriptor is (entries, first mapped value, bits),
+    0 entries meaning 65536, bits 8 to 16, and LUT Data holds that many
+    entries. Anything else (a sender's broken LUT) is not copied.
+    """
+    try:
+        entries, _, bits = (int(v) for v in item.LUTDescriptor)
+        n = len(item.LUTData)
+    except Exception:  # noqa: BLE001 - absent, unreadable or not three values
+        return False
+    return 8 <= bits <= 16 and n == (entries or 65536)
+
+
 def _voi(source: Dataset) -> Dataset:
     """One Softcopy VOI LUT item for ``source``: its first window, LUT or range."""
     item = Dataset()
@@ -213,16 +228,17 @@ def _voi(source: Dataset) -> Dataset:
             item.VOILUTFunction = function
         return item
     luts = _value(source, "VOILUTSequence")
-    if luts and all(k in luts[0] for k in ("LUTDescriptor", "LUTData")):
+    if luts and _usable_lut(luts[0]):
         lut = Dataset()
         for keyword in ("LUTDescriptor", "LUTExplanation", "LUTData"):
             if keyword in luts[0]:
                 lut[keyword] = copy.deepcopy(luts[0][keyword])
         item.VOILUTSequence = DicomSequence([lut])
         return item
-    bits = int(_value(source, "BitsStored") or 16)
+    stored = _first_number(_value(source, "BitsStored"))  # US, maybe several
+    bits = int(stored) if stored is not None and stored >= 1 else 16
     bits = min(max(bits, 1), 16)
-    signed = int(_value(source, "PixelRepresentation") or 0) == 1
+    signed = _first_number(_value(source, "PixelRepresentation")) == 1
     low = -(2 ** (bits - 1)) if signed else 0
     item.WindowCenter = format_number_as_ds(float(low + 2 ** (bits - 1)))
     item.WindowWidth = format_number_as_ds(float(2**bits))

@@ -159,6 +159,10 @@ def test_display_settings_follow_the_source(exam):
         1,
     ]
     assert ": 0 findings" in info_text(ps)
+    # a LUT whose descriptor does not match its data is not copied
+    lut.LUTDescriptor = [5, 0, 16]
+    (ps,) = build_exam_gsps([src], [[]])
+    assert "VOILUTSequence" not in ps.SoftcopyVOILUTSequence[0]
     # no window and no LUT (a FOR PROCESSING image): its Bits Stored range
     del src.VOILUTSequence
     src.BitsStored = 14
@@ -399,3 +403,17 @@ def test_a_value_pydicom_cannot_convert_is_logged_and_not_used(exam, caplog):
     ratio = ps.DisplayedAreaSelectionSequence[0].PresentationPixelAspectRatio
     assert list(ratio) == [1, 1]
     assert "PixelAspectRatio" in caplog.text and src.SOPInstanceUID in caplog.text
+
+
+def test_a_bits_stored_of_several_values_does_not_stop_the_state(exam):
+    """A US element of four bytes reads as two values: the first is used."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    src = headers(exam[:1])[0]
+    del src.WindowCenter, src.WindowWidth
+    tag = Tag(0x0028, 0x0101)  # BitsStored
+    src[tag] = RawDataElement(tag, "US", 4, b"\x0c\x00\x10\x00", 0, False, True)
+    (ps,) = build_exam_gsps([src], [[]])
+    (voi,) = ps.SoftcopyVOILUTSequence
+    assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (2048.0, 4096.0)

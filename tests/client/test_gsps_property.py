@@ -109,3 +109,50 @@ def test_any_display_header_gives_a_state_or_a_value_error(
         and d["box"][3] > d["box"][1]  # type: ignore[index]
     ]
     assert len(drawn) == len(want)
+
+
+#: Header attributes both derived objects read or copy, and raw values seen
+#: from modalities or made up to hurt (too long, wrong VR, several values...).
+KEYWORDS = (
+    "ImageLaterality", "Laterality", "ViewPosition", "PatientOrientation",
+    "ContentDate", "ContentTime", "StudyDate", "StudyTime", "PixelSpacing",
+    "ImagerPixelSpacing", "PatientName", "PatientID", "AccessionNumber", "StudyID",
+    "SpecificCharacterSet", "PixelAspectRatio", "WindowCenter", "WindowWidth",
+    "BitsStored", "PixelRepresentation", "PatientBirthDate", "PatientSex",
+    "ReferringPhysicianName", "IssuerOfPatientID", "PhotometricInterpretation",
+    "RescaleSlope", "VOILUTFunction",
+)  # fmt: skip
+RAW = st.one_of(
+    st.sampled_from(["INF", "nan", "-1", "1e400", "\\\\", "1\\2\\3", "L", "R",
+                     "MLO", "20250101", "12:30", "ISO_IR 192", ".", "1.5", "X" * 70]),
+    st.binary(max_size=12).map(lambda b: b.decode("latin-1")),
+)  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_any_header_gives_both_objects_or_a_value_error(
+    tmp_path: Path, data: st.DataObject
+) -> None:
+    """Whatever raw values these header attributes hold, the CAD SR and the
+    presentation state are built and written, or refused with a ValueError."""
+    from client.cad_sr import build_cad_sr, write_cad_sr
+
+    keys = data.draw(st.lists(st.sampled_from(KEYWORDS), unique=True, max_size=8))
+    src = source(100, 80, {k: data.draw(RAW) for k in keys})
+    dets = [[{"label": MASS, "score": 0.5, "box": [1.0, 1.0, 5.0, 5.0]}]]
+    try:
+        write_cad_sr(build_cad_sr([src], dets), tmp_path / "x.sr.dcm")
+    except ValueError:
+        pass
+    try:
+        (ps,) = build_exam_gsps([src], dets)
+    except ValueError:
+        return
+    back = pydicom.dcmread(write_gsps(ps, tmp_path / "x.pr.dcm"))
+    assert len(back.GraphicAnnotationSequence) == 2  # the mass and the INFO line
