@@ -58,6 +58,7 @@ __all__ = [
     "check_sources",
     "copied_value",
     "derived_header",
+    "object_charset",
     "sop_reference",
     "source_spacing",
     "write_part10",
@@ -294,6 +295,38 @@ def write_part10(ds: Dataset, path: Path, sop_class: str, what: str) -> Path:
     return out
 
 
+#: The character set a derived object is written in when its source's is not
+#: one pydicom knows: UTF-8 encodes every name pydicom decoded.
+FALLBACK_CHARSET = "ISO_IR 192"
+
+
+def object_charset(source: Dataset, what: str = "CAD SR") -> str | list[str] | None:
+    """The Specific Character Set a derived object copies from ``source``.
+
+    The source's own when every value is a defined term pydicom knows (PS3.3
+    C.12.1.1.2), nothing when it has none. A hostile or unknown one (control
+    characters, a made-up name) would make the object unwritable, so it
+    becomes :data:`FALLBACK_CHARSET`, with a warning naming the value.
+    """
+    from pydicom.charset import python_encoding
+
+    try:
+        value = source.get("SpecificCharacterSet")
+    except Exception:  # noqa: BLE001 - a raw value pydicom cannot convert
+        value = "<unreadable>"
+    if not value:
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    if all(isinstance(v, str) and v.strip() in python_encoding for v in values):
+        return value  # type: ignore[no-any-return]
+    log.warning(
+        "%s: SpecificCharacterSet %s of source %s is not a known character set; "
+        "written as %s", what, shown(repr(value), 80),
+        shown(header_text(source, "SOPInstanceUID")), FALLBACK_CHARSET,
+    )  # fmt: skip
+    return FALLBACK_CHARSET
+
+
 def derived_header(
     source: Dataset, sop_class: str, sop_uid: str, what: str = "CAD SR"
 ) -> Dataset:
@@ -310,7 +343,7 @@ def derived_header(
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    charset = source.get("SpecificCharacterSet")
+    charset = object_charset(source, what)
     if charset:
         ds.SpecificCharacterSet = charset
     ds.SOPClassUID = sop_class

@@ -536,9 +536,15 @@ def _write_study_gsps(
         result.gsps_skipped.append((f"study {study_uid}: {files}", str(exc)))
         return
     for ps in states:
-        result.gsps_written.append(
-            write_gsps(ps, out / f"{ps.SOPInstanceUID}{GSPS_SUFFIX}")
-        )
+        try:
+            path = write_gsps(ps, out / f"{ps.SOPInstanceUID}{GSPS_SUFFIX}")
+        except (ValueError, OSError) as exc:  # a value pydicom cannot encode
+            log.warning(
+                "presentation state of study %s not written: %s", study_uid, exc
+            )
+            result.gsps_skipped.append((f"study {study_uid}: {files}", str(exc)))
+            continue
+        result.gsps_written.append(path)
     log.info("study %s: %d presentation states -> %s", study_uid, len(states), out)
 
 
@@ -582,7 +588,14 @@ def _write_study_reports(
             log.error("no CAD SR for study %r (%s): %s", study_uid, files, why)
             result.sr_skipped.append((f"study {study_uid}: {files}", why))
             continue
-        path = write_cad_sr(ds, target)
+        try:
+            path = write_cad_sr(ds, target)
+        except (ValueError, OSError) as exc:  # a value pydicom cannot encode
+            log.warning(
+                "CAD SR of study %s (%s) not written: %s", study_uid, files, exc
+            )
+            result.sr_skipped.append((f"study {study_uid}: {files}", str(exc)))
+            continue
         result.sr_written.append(path)
         n = sum(len(e.detections) for e in entries)
         log.info(

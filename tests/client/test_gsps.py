@@ -417,3 +417,28 @@ def test_a_bits_stored_of_several_values_does_not_stop_the_state(exam):
     (ps,) = build_exam_gsps([src], [[]])
     (voi,) = ps.SoftcopyVOILUTSequence
     assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (2048.0, 4096.0)
+
+
+def test_an_unknown_character_set_is_replaced_by_utf8_in_both_objects(
+    tmp_path, exam, caplog
+):
+    """A source's Specific Character Set with control characters would make the
+    derived objects unwritable: they are written in UTF-8, the names kept."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from client.cad_sr import build_cad_sr, write_cad_sr
+
+    src = headers(exam[:1])[0]
+    tag = Tag(0x0008, 0x0005)
+    src[tag] = RawDataElement(tag, "CS", 2, b"\x00\x01", 0, False, True)
+    src.PatientName = "Müller^Zoë"
+    with caplog.at_level("WARNING", logger="client.dicom_derived"):
+        sr = build_cad_sr([src], [[]])
+        (ps,) = build_exam_gsps([src], [[]])
+    assert "SpecificCharacterSet" in caplog.text
+    for ds, path in ((sr, tmp_path / "a.sr.dcm"), (ps, tmp_path / "a.pr.dcm")):
+        writer = write_cad_sr if path.name.endswith(".sr.dcm") else write_gsps
+        back = pydicom.dcmread(writer(ds, path))
+        assert back.SpecificCharacterSet == "ISO_IR 192"
+        assert str(back.PatientName) == "Müller^Zoë"
