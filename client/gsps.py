@@ -186,7 +186,7 @@ def _first_number(value: Any) -> float | None:
 def _modality_lut(ps: Dataset, source: Dataset) -> None:
     """The source's Modality LUT (rescale or sequence), if it has one."""
     lut = _value(source, "ModalityLUTSequence")
-    if lut:
+    if lut and _usable_lut(lut[0]):
         ps.ModalityLUTSequence = copy.deepcopy(lut[:1])
         return
     slope = _first_number(_value(source, "RescaleSlope"))
@@ -200,7 +200,7 @@ def _modality_lut(ps: Dataset, source: Dataset) -> None:
 
 
 def _usable_lut(item: Dataset) -> bool:
-    """Whether a VOI LUT item is self-consistent enough to copy.
+    """Whether a VOI or Modality LUT item is self-consistent enough to copy.
 
     PS3.3 C.11.2.1.1: LUT Descriptor is (entries, first mapped value, bits),
     0 entries meaning 65536, bits 8 to 16, and LUT Data holds that many

@@ -159,10 +159,17 @@ def test_display_settings_follow_the_source(exam):
         1,
     ]
     assert ": 0 findings" in info_text(ps)
-    # a LUT whose descriptor does not match its data is not copied
+    # a LUT whose descriptor does not match its data is not copied, as a VOI
+    # or as a Modality LUT (the rescale is used instead)
     lut.LUTDescriptor = [5, 0, 16]
+    src.ModalityLUTSequence = DicomSequence([lut])
     (ps,) = build_exam_gsps([src], [[]])
     assert "VOILUTSequence" not in ps.SoftcopyVOILUTSequence[0]
+    assert "ModalityLUTSequence" not in ps and float(ps.RescaleSlope) == 2.0
+    lut.LUTDescriptor = [4, 0, 16]
+    (ps,) = build_exam_gsps([src], [[]])
+    assert list(ps.ModalityLUTSequence[0].LUTData) == [0, 100, 200, 65535]
+    del src.ModalityLUTSequence
     # no window and no LUT (a FOR PROCESSING image): its Bits Stored range
     del src.VOILUTSequence
     src.BitsStored = 14
