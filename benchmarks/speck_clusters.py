@@ -81,7 +81,7 @@ from common.detector.froc import FrocImage, froc_class, pooled_paired_cpm_differ
 from common.imaging.cache import SiteCache
 from common.imaging.image_io import read_any
 from common.imaging.research_image import load_grey01
-from common.imaging.specks import find_specks, with_speck_clusters
+from common.imaging.specks import find_specks
 from common.keys import CALCIFICATION, CLASS_TO_LABEL, MASS
 
 BENCH = "speck_clusters"
@@ -113,27 +113,8 @@ def replace_clusters(
 ) -> list[FrocImage]:
     """``images`` whose calcification findings are the speck clusters only
     (:func:`common.imaging.specks.with_speck_clusters` at these settings)."""
-    from dataclasses import replace
-
-    out = []
-    for im in images:
-        det = with_speck_clusters(
-            {"boxes": im.det_boxes, "scores": im.det_scores, "labels": im.det_labels},
-            specks[im.key],
-            im.spacing_mm,
-            k=k,
-            radius_mm=radius_mm,
-            ref_rank=ref_rank,
-        )
-        out.append(
-            replace(
-                im,
-                det_boxes=det["boxes"],
-                det_scores=det["scores"],
-                det_labels=det["labels"],
-            )
-        )
-    return out
+    settings = {"k": k, "radius_mm": radius_mm, "ref_rank": ref_rank}
+    return with_speck_clusters_images(images, specks.get, "speck clusters", **settings)
 
 
 def nested(

@@ -231,13 +231,15 @@ def with_speck_clusters_images(
     images: Sequence[FrocImage],
     specks_of: Callable[[str], np.ndarray | None],
     where: str,
+    **settings: Any,
 ) -> list[FrocImage]:
     """``images`` with their calcification findings replaced by speck clusters.
 
     For a model with ``ModelConfig.speck_clusters``
     (:func:`common.imaging.specks.with_speck_clusters`); ``specks_of(key)``
     gives an image's specks (``SiteCache.load_specks``), ``None`` when the
-    cache has none.
+    cache has none. ``settings``: the finder's ``k``, ``radius_mm`` and
+    ``ref_rank`` when not the module's (the benchmark's nested selection).
 
     Raises:
         MammofedError: an image without specks (its cache was ingested
@@ -261,6 +263,7 @@ def with_speck_clusters_images(
             {"boxes": im.det_boxes, "scores": im.det_scores, "labels": im.det_labels},
             specks,
             im.spacing_mm,
+            **settings,
         )
         out.append(
             replace(
