@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -305,3 +306,21 @@ def flower_procs() -> Iterator[list[subprocess.Popen[bytes]]]:
         if _group_alive(pgid):
             os.killpg(pgid, signal.SIGKILL)
     assert_groups_gone(groups)
+
+
+# --- DICOM validators nobody here wrote (dicom3tools, DCMTK) ----------------------
+#: Skip a test where dicom3tools' dciodvfy is missing (``.ci/run`` installs it).
+needs_dciodvfy = pytest.mark.skipif(
+    shutil.which("dciodvfy") is None,
+    reason="dicom3tools' dciodvfy not installed (apt-get install dicom3tools)",
+)
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run an external validator; its output as text (never raises on status)."""
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+
+
+def error_lines(text: str) -> list[str]:
+    """The lines of a dciodvfy report that start with ``Error``."""
+    return [ln for ln in text.splitlines() if ln.startswith("Error")]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 from collections.abc import Iterator
 
 import numpy as np
@@ -23,11 +22,8 @@ from client.cad_sr import (
 from client.predict import detections_to_stored
 from common.imaging.dicom import read_dicom
 from common.keys import CALCIFICATION, MASS
+from tests.conftest import error_lines, needs_dciodvfy, run_tool
 
-needs_dciodvfy = pytest.mark.skipif(
-    shutil.which("dciodvfy") is None,
-    reason="dicom3tools' dciodvfy not installed (apt-get install dicom3tools)",
-)
 needs_dsrdump = pytest.mark.skipif(
     shutil.which("dsrdump") is None,
     reason="DCMTK's dsrdump not installed (apt-get install dcmtk)",
@@ -279,14 +275,6 @@ def test_right_breast_boxes_stay_in_its_own_orientation(exam):
     mx0, my0, mx1, my1 = rcc.marker_box
     assert mx0 > stored.shape[1] / 2, "right breast: the marker is in the right half"
     assert stored[my0:my1, mx0:mx1].min() > np.median(stored[stored > 0])
-
-
-def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
-
-
-def error_lines(text: str) -> list[str]:
-    return [ln for ln in text.splitlines() if ln.startswith("Error")]
 
 
 @needs_dciodvfy

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +24,8 @@ from client.gsps import (
 )
 from client.predict import predict_paths
 from common.keys import CALCIFICATION, MASS
+from tests.conftest import error_lines, needs_dciodvfy, run_tool
 
-needs_dciodvfy = pytest.mark.skipif(
-    shutil.which("dciodvfy") is None,
-    reason="dicom3tools' dciodvfy not installed (apt-get install dicom3tools)",
-)
 needs_dcmtk = pytest.mark.skipif(
     shutil.which("dcmpschk") is None or shutil.which("dcmp2pgm") is None,
     reason="DCMTK's dcmpschk / dcmp2pgm not installed (apt-get install dcmtk)",
@@ -210,10 +206,6 @@ def test_hostile_sources_are_refused(exam, exam_writer, tmp_path):
         write_gsps(Dataset(), tmp_path / "x.pr.dcm")
 
 
-def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
-
-
 def _written(tmp_path: Path, exam, dets=DETECTIONS) -> list[Path]:
     return [
         write_gsps(ps, tmp_path / f"{ps.SOPInstanceUID}{GSPS_SUFFIX}")
@@ -372,7 +364,7 @@ def test_hostile_display_attributes_fall_back_to_safe_values(tmp_path, exam):
         path = write_gsps(ps, tmp_path / "h.pr.dcm")
         res = run_tool("dciodvfy", str(path))
         out = res.stdout + res.stderr
-        assert [ln for ln in out.splitlines() if ln.startswith("Error")] == [], out
+        assert error_lines(out) == [], out
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

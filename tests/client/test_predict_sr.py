@@ -25,6 +25,7 @@ from client.predict import (
 )
 from common.errors import RefusedImage
 from common.keys import CALCIFICATION, MASS
+from tests.conftest import needs_dciodvfy
 
 RED = OVERLAY_COLOURS[MASS]
 
@@ -152,10 +153,7 @@ def test_predict_refuses_an_unknown_format(tmp_path, tiny_checkpoint):
         predict_paths(tiny_checkpoint, [], tmp_path, output_format="xml")
 
 
-@pytest.mark.skipif(
-    shutil.which("dciodvfy") is None,
-    reason="dicom3tools' dciodvfy not installed (apt-get install dicom3tools)",
-)
+@needs_dciodvfy
 def test_sr_for_a_real_vendor_file_passes_dciodvfy(
     tmp_path, shared_data, tiny_checkpoint
 ):
