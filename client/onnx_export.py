@@ -58,6 +58,7 @@ from client.model_card import (
 from client.predict import stored_records
 from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.checkpoint import Checkpoint, load_model
+from common.detector.model.fcos import padded_groups
 from common.errors import shown
 from common.fileio import atomic_write_text, read_json_document
 from common.imaging.preprocess import breast_mask, inside_mask
@@ -173,16 +174,18 @@ def build_contract(ck: Checkpoint, onnx_name: str, opset: int) -> dict[str, Any]
             "dtype": "float32",
             "value_range": [0.0, 1.0],
             "size_divisible": SIZE_DIVISIBLE,
-            "pad": "right and bottom, to the batch's largest height and width "
-            f"rounded up to a multiple of {SIZE_DIVISIBLE}",
+            "pad": "right and bottom, to the image's height and width rounded "
+            f"up to a multiple of {SIZE_DIVISIBLE}; a batch holds images of one "
+            "padded size only",
             "pad_value": cfg.image_mean,
             "normalization": "inside the graph: (x - image_mean) / image_std",
             "image_mean": cfg.image_mean,
             "image_std": cfg.image_std,
             "batch_note": "the head's GroupNorm sees the padded map, so a "
-            "detection depends (slightly) on the padded size: batch images "
-            "exactly as the runner does (4 per batch, a four-view exam) to "
-            "reproduce its numbers",
+            "detection depends on the padded size: padding an image further "
+            "(to share a batch with a larger one) changes its scores. Run "
+            "images of different padded sizes in separate batches, as the "
+            "runner and the torch model do",
         },
         "outputs": [
             {
@@ -561,7 +564,22 @@ class OnnxDetector:
         return self.standardizer.apply(t.unsqueeze(0))[0].numpy()
 
     def detect(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Model-space detections for model-space images run as ONE batch."""
+        """Model-space detections for model-space images, in their order.
+
+        Images of one padded size (:func:`padded_groups`) share a batch, so
+        an image's findings do not depend on the images given with it.
+        """
+        dets: list[dict[str, np.ndarray]] = [{} for _ in images]
+        for idx in padded_groups(images, SIZE_DIVISIBLE):
+            found = self._detect_batch([images[i] for i in idx])
+            for i, d in zip(idx, found, strict=True):
+                dets[i] = d
+        return dets
+
+    def _detect_batch(
+        self, images: Sequence[np.ndarray]
+    ) -> list[dict[str, np.ndarray]]:
+        """Model-space detections for images run as ONE batch."""
         prepared = [self.prepare(im) for im in images]
         batch, shapes = pad_batch(prepared, self.pad_value)
         outs = self.session.run(None, {INPUT_NAME: batch})

@@ -53,10 +53,10 @@ def test_client_evaluate(tmp_path, site_cache, tiny_checkpoint):
     assert doc2["checkpoint"].count(str(tiny_checkpoint)) == 2
 
 
-def _right_breast_png(path: Path) -> list[float]:
+def _right_breast_png(path: Path, rows: int = 200) -> list[float]:
     """Breast on the RIGHT of the stored image, a bright lesion; its stored box."""
-    px = np.zeros((200, 160), np.uint8)
-    px[20:180, 60:160] = 120
+    px = np.zeros((rows, 160), np.uint8)
+    px[20 : rows - 20, 60:160] = 120
     px[100:120, 80:100] = 250
     Image.fromarray(px).save(path)
     return [80.0, 100.0, 100.0, 120.0]
@@ -134,10 +134,12 @@ def test_predict_refuses_a_floor_outside_0_1_by_name(tmp_path, capsys, flag, val
 
 
 def test_predict_batches_a_four_view_exam_like_single_images(tmp_path, tiny_checkpoint):
+    # views of different sizes: a batch is padded to its largest image, which
+    # must not change the others' findings (they were, before stop 48)
     src = tmp_path / "exam"
     src.mkdir()
-    for name in ("a", "b", "c", "d", "e"):
-        _right_breast_png(src / f"{name}.png")
+    for name, rows in zip("abcde", (200, 330, 260, 200, 400), strict=True):
+        _right_breast_png(src / f"{name}.png", rows)
     batched = predict_paths(
         tiny_checkpoint, [src], tmp_path / "b4", spacing_mm=0.2, device="cpu"
     )

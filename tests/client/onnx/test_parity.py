@@ -108,6 +108,32 @@ def test_model_space_parity_on_odd_sizes(make_checkpoint, tmp_path, speck):
         np.testing.assert_allclose(g["boxes"], w["boxes"], atol=0.05)
 
 
+def test_runner_findings_do_not_depend_on_the_batch(make_checkpoint, tmp_path):
+    """An image alone and beside a larger one: the same findings.
+
+    Padding it to the larger image's size would change its scores (the head's
+    GroupNorm sees the padded map), so the runner batches by padded size.
+    """
+    exp = export_onnx(make_checkpoint(score_thresh=0.02), tmp_path / "m.onnx")
+    runner = OnnxDetector(exp.onnx)
+    rng = np.random.default_rng(1)
+    small = rng.random((150, 100)).astype(np.float32)
+    large = rng.random((260, 230)).astype(np.float32)
+    same = rng.random((140, 97)).astype(np.float32)  # pads to small's 160 x 128
+    alone = runner.detect([small])[0]
+    batched = runner.detect([large, small, same])
+    for got, want in ((batched[1], alone), (batched[2], runner.detect([same])[0])):
+        order_g, order_w = np.lexsort(got["boxes"].T), np.lexsort(want["boxes"].T)
+        np.testing.assert_array_equal(got["labels"][order_g], want["labels"][order_w])
+        np.testing.assert_allclose(
+            got["scores"][order_g], want["scores"][order_w], atol=1e-6
+        )
+        np.testing.assert_allclose(
+            got["boxes"][order_g], want["boxes"][order_w], atol=1e-3
+        )
+    assert len(batched[0]["scores"]) > 0
+
+
 def test_breast_mask_travels_in_the_contract(make_checkpoint, write_exam, tmp_path):
     """The mask at inference, in torch and onnxruntime alike; it drops something."""
     files = write_exam()

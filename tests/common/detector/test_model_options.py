@@ -89,3 +89,37 @@ def test_flip_tta_runs_in_eval_only_and_returns_image_space_boxes() -> None:
     assert (
         float(out["boxes"][:, 3].max()) <= 96 and float(out["boxes"][:, 1].min()) >= 0
     )
+
+
+@pytest.mark.parametrize("tta_flip", [False, True])
+def test_an_images_findings_do_not_depend_on_the_images_batched_with_it(
+    tta_flip: bool,
+) -> None:
+    # a batch is padded to its largest image and the network sees the padding:
+    # an image's scores near its edges must not change with its company
+    torch.manual_seed(0)
+    m = build_detector(ModelConfig(arch="tiny", tta_flip=tta_flip, score_thresh=0.0))
+    m.eval()
+    small, large = torch.rand(1, 96, 64), torch.rand(1, 160, 192)
+    same = torch.rand(1, 90, 60)
+    with torch.no_grad():
+        alone = m([small])[0]
+        batched = m([large, small, same])
+    # equal up to float rounding (a batch of two may sum in another order, so
+    # near-equal scores may swap); before the fix the padding moved scores by
+    # up to 0.01 and boxes by pixels
+    assert _same_findings(batched[1], alone)
+    with torch.no_grad():  # an image of the same padded size shares the pass
+        assert _same_findings(batched[2], m([same])[0])
+
+
+def _same_findings(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Every finding of ``a`` is one of ``b`` (label, score within 1e-6, box 1e-3)."""
+    if len(a["scores"]) != len(b["scores"]):
+        return False
+    same = (
+        (a["labels"][:, None] == b["labels"][None, :])
+        & ((a["scores"][:, None] - b["scores"][None, :]).abs() <= 1e-6)
+        & ((a["boxes"][:, None, :] - b["boxes"][None, :, :]).abs().amax(-1) <= 1e-3)
+    )
+    return bool(same.any(dim=1).all()) and bool(same.any(dim=0).all())
