@@ -134,12 +134,31 @@ def predict_run(
 ) -> dict[str, list[FrocImage]]:
     """Every arm's out-of-fold images of one crossval ``run`` folder."""
     cfg = load_train_config(run / "resolved_config.yaml")
+    fold_dirs = sorted(run.glob("fold-*"))
+    k = len(fold_dirs)
+    lacking = [d.name for d in fold_dirs if not (d / "last.pt").is_file()]
+    if k < 2 or lacking:
+        raise ValueError(
+            f"{run}: a finished crossval run keeps fold-<f>/last.pt for every "
+            f"fold; found {k} fold folders, without a model: {lacking or 'none'}"
+        )
     sites = cfg.sites()
-    folds = make_folds(sites, len(list(run.glob("fold-*/last.pt"))), cfg.split_seed)
+    folds = make_folds(sites, k, cfg.split_seed)
     out: dict[str, list[FrocImage]] = {a: [] for a in arms}
     eta = Eta(len(folds) * len(arms))
     for fold in folds:
         ck_path = run / f"fold-{fold.index}" / "last.pt"
+        held_out = sorted(
+            f"{name}/{sites[name].records[i].key}"
+            for name, (_, val) in fold.parts.items()
+            for i in val
+        )
+        recorded = json.loads((ck_path.parent / "fold.json").read_text())["val_keys"]
+        if held_out != recorded:  # another cache or split: it trained on them
+            raise ValueError(
+                f"{ck_path.parent}: fold.json's held-out images are not the ones "
+                "this cache and split give; the model may have trained on them"
+            )
         model, _ = load_model(ck_path, use_ema=cfg.ema_decay is not None)
         if not isinstance(model, MammoFCOS):
             raise ValueError(

@@ -86,3 +86,18 @@ def test_checkpoint_mode_emits_flip_minus_plain_per_cache(tmp_path) -> None:  # 
     }
     with pytest.raises(SystemExit):  # the two modes do not mix
         main([*argv, "--run", str(tmp_path)])
+
+
+def test_a_run_without_its_fold_models_is_refused_by_name(tmp_path) -> None:  # noqa: ANN001
+    import shutil
+
+    from benchmarks.mias_tta import predict_run
+    from tests.conftest import make_site_cache, write_train_yaml
+
+    cache = make_site_cache(tmp_path / "site", n_patients=5)
+    run = tmp_path / "run"
+    (run / "fold-0").mkdir(parents=True)
+    (run / "fold-1").mkdir()
+    shutil.copy(write_train_yaml(tmp_path, [cache]), run / "resolved_config.yaml")
+    with pytest.raises(ValueError, match=r"without a model: \['fold-0', 'fold-1'\]"):
+        predict_run(run, ARMS, [1.0])
