@@ -425,9 +425,10 @@ class MammoFCOS(FCOS):
         """Eval-mode FCOS, each image's findings independent of its batch.
 
         A batch is padded (right and bottom) to its largest image, and the
-        network sees the padding: near those edges an image's scores would
-        depend on which other images share its batch (in ``predict``, on the
-        order of the files given). Images are therefore run in groups of one
+        network sees the padding (the head's GroupNorm normalizes over the
+        whole padded map), so every score of an image would depend on which
+        other images share its batch (in ``predict``, on the files given with
+        it). Images are therefore run in groups of one
         padded size (height and width rounded up to ``size_divisible``), as
         each would be alone; same-sized images (one vendor's views, patches)
         still share a forward pass. Results keep the input order.
@@ -452,8 +453,12 @@ class MammoFCOS(FCOS):
 
         dev = a["boxes"].device
         fused = fuse_detections(
-            [
-                {k: v.detach().float().cpu().numpy() for k, v in d.items()}
+            [  # float32 first: under autocast boxes may be half precision
+                {
+                    "boxes": d["boxes"].detach().float().cpu().numpy(),
+                    "scores": d["scores"].detach().float().cpu().numpy(),
+                    "labels": d["labels"].detach().cpu().numpy(),
+                }
                 for d in (a, b)
             ],
             self.cfg.working_spacing_mm,
