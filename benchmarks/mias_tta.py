@@ -55,6 +55,7 @@ from common.detector.engine import detect_dataset
 from common.detector.ensemble import fuse_detections
 from common.detector.froc import FrocImage, pooled_paired_cpm_difference
 from common.detector.model.fcos import MammoFCOS
+from common.detector.transforms import vflip_boxes
 from common.imaging.data import SiteDataset
 from common.keys import CLASSES
 from common.progress import Eta
@@ -95,11 +96,9 @@ class MultiView(nn.Module):
             for flipped in (False, True) if self.flip else (False,):
                 seen = [im.flip(-2) for im in scaled] if flipped else scaled
                 for i, (im, out) in enumerate(zip(seen, self.model(seen), strict=True)):
-                    boxes = out["boxes"].clone()
-                    if flipped:  # back from the mirror: y -> h - y
-                        h = im.shape[-2]
-                        boxes[:, 1] = h - out["boxes"][:, 3]
-                        boxes[:, 3] = h - out["boxes"][:, 1]
+                    boxes = out["boxes"]
+                    if flipped:  # back from the mirror
+                        boxes = vflip_boxes(boxes, im.shape[-2])
                     views[i].append(
                         {
                             "boxes": (boxes / s).cpu().numpy(),

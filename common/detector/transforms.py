@@ -24,6 +24,16 @@ Target = dict[str, Any]
 BOX_KEYS: tuple[str, ...] = ("boxes", "ignore")
 
 
+def vflip_boxes(boxes: torch.Tensor, height: int) -> torch.Tensor:
+    """``boxes [K, 4]`` (x0, y0, x1, y1) mirrored up-down in an image ``height`` tall.
+
+    The same map takes a box into the mirrored image and back out of it.
+    """
+    return torch.stack(
+        [boxes[:, 0], height - boxes[:, 3], boxes[:, 2], height - boxes[:, 1]], dim=1
+    )
+
+
 def _rand(gen: torch.Generator | None) -> float:
     return float(torch.rand((), generator=gen))
 
@@ -85,11 +95,7 @@ class VerticalFlip:
         if _rand(self.gen) >= self.p:
             return image, target
         h = image.shape[-2]
-
-        def fn(b: torch.Tensor) -> torch.Tensor:
-            return torch.stack([b[:, 0], h - b[:, 3], b[:, 2], h - b[:, 1]], dim=1)
-
-        return image.flip(-2), _map_boxes(target, fn)
+        return image.flip(-2), _map_boxes(target, lambda b: vflip_boxes(b, h))
 
 
 def resize(

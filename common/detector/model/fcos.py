@@ -46,6 +46,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from common.detector.model.config import ModelConfig
 from common.detector.model.registry import register_model
+from common.detector.transforms import vflip_boxes
 from common.errors import CheckpointMismatch
 from common.imaging.preprocess import breast_mask, inside_mask
 
@@ -413,10 +414,8 @@ class MammoFCOS(FCOS):
             flipped = self._detect([im.flip(-2) for im in images])
             out = []
             for im, a, b in zip(images, plain, flipped, strict=True):
-                h = im.shape[-2]
-                fb = b["boxes"].clone()
-                fb[:, 1], fb[:, 3] = h - b["boxes"][:, 3], h - b["boxes"][:, 1]
-                out.append(self._fuse(a, {**b, "boxes": fb}))
+                back = vflip_boxes(b["boxes"], im.shape[-2])
+                out.append(self._fuse(a, {**b, "boxes": back}))
         if self.cfg.breast_mask:
             out = [in_breast(im, o) for im, o in zip(images, out, strict=True)]
         return out
