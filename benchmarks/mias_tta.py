@@ -6,12 +6,14 @@ benchmark detects each fold's held-out images again with:
 
 * ``plain``: the model as trained, no test-time augmentation (the baseline,
   in the same run);
-* ``flip``: the model's own up-down flip fusion (``model.tta_flip``: a
-  finding's score averaged with its best partner at IoU >= 0.3 in the other
-  view, then NMS over both views);
-* ``flip-wbf``: the image and its up-down mirror, findings fused by weighted
-  box fusion (:func:`common.detector.ensemble.fuse_detections`: boxes
-  averaged, a finding of one view keeps half its score);
+* ``flip``: the model's own up-down flip fusion (``model.tta_flip``; until
+  stop 48 a finding's score averaged with its best partner at IoU >= 0.3 in
+  the other view, then NMS over both views; since, weighted box fusion);
+* ``flip-wbf``: the image and its up-down mirror, findings fused here by
+  weighted box fusion (:func:`common.detector.ensemble.fuse_detections`: boxes
+  averaged, a finding of one view keeps half its score): since stop 48 the
+  same rule as ``flip``, run outside the model, so the two arms check each
+  other (they agree to the digit);
 * ``scales-flip-wbf``: the same over several scales (``--scales``, default
   the recipe's training scale range 0.85, 1.0, 1.15), six views in all.
 
