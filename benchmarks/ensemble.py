@@ -120,14 +120,14 @@ def compare(
 MAX_OOF_BYTES = 512 * 2**20
 
 
-def load_oof(path: Path) -> list[FrocImage]:
-    """The out-of-fold images of a crossval run (``oof_predictions.json``).
+def oof_records(path: Path) -> list[dict[str, Any]]:
+    """The raw records of a crossval run's ``oof_predictions.json``.
 
     A name ending in ``.gz`` is read through gzip (how ``benchmarks/results``
     keeps them), refused past :data:`MAX_OOF_BYTES` inflated.
 
     Raises:
-        ValueError: unreadable file or a malformed record (file named).
+        ValueError: unreadable file or not a JSON list (file named).
     """
     import gzip
     import json
@@ -142,8 +142,25 @@ def load_oof(path: Path) -> list[FrocImage]:
         else:
             text = Path(path).read_text()
         rows = json.loads(text)
+    except (OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path}: not an oof_predictions.json: {exc}") from exc
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: not an oof_predictions.json: not a list of records")
+    return rows
+
+
+def load_oof(path: Path) -> list[FrocImage]:
+    """The out-of-fold images of a crossval run (``oof_predictions.json``).
+
+    Read by :func:`oof_records` (``.gz`` too).
+
+    Raises:
+        ValueError: unreadable file or a malformed record (file named).
+    """
+    rows = oof_records(path)
+    try:
         return [FrocImage.from_json(r) for r in rows]
-    except (OSError, EOFError, ValueError, TypeError, AttributeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not an oof_predictions.json: {exc}") from exc
 
 

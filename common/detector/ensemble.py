@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from common.detector.froc import MIN_HIT_RADIUS_MM, FrocImage
+from common.detector.froc import FrocImage, centres_and_reach_mm
 
 
 def _fuse_class(
@@ -31,12 +31,12 @@ def _fuse_class(
     all_boxes = np.concatenate(boxes).reshape(-1, 4)
     all_scores = np.concatenate(scores)
     order = np.argsort(-all_scores, kind="stable")
+    centres, reaches = centres_and_reach_mm(all_boxes, spacing_mm)
     groups: list[list[int]] = []
     centre: list[np.ndarray] = []  # mm
     reach: list[float] = []  # mm
     for i in order:
-        b = all_boxes[i]
-        c = np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2]) * spacing_mm
+        c = centres[i]
         joined = False
         for g, members in enumerate(groups):
             if any(model[j] == model[i] for j in members):
@@ -48,8 +48,7 @@ def _fuse_class(
         if not joined:
             groups.append([int(i)])
             centre.append(c)
-            half = 0.5 * np.hypot(b[2] - b[0], b[3] - b[1]) * spacing_mm
-            reach.append(max(float(half), MIN_HIT_RADIUS_MM))
+            reach.append(float(reaches[i]))
     out_boxes = np.zeros((len(groups), 4))
     out_scores = np.zeros(len(groups))
     for g, members in enumerate(groups):

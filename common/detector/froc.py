@@ -178,6 +178,20 @@ def _centres(b: np.ndarray) -> np.ndarray:
     return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], axis=1)
 
 
+def centres_and_reach_mm(
+    boxes: np.ndarray, spacing_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(centres float[N, 2], reach float[N])`` of boxes float[N, 4], in mm.
+
+    A box's reach is the hit rule's radius: ``max(half its diagonal,
+    MIN_HIT_RADIUS_MM)``. The FROC uses it for lesions; weighted box fusion
+    and the post hoc suppression rules use it between detections.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    half = 0.5 * np.hypot(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) * spacing_mm
+    return _centres(b) * spacing_mm, np.maximum(half, MIN_HIT_RADIUS_MM)
+
+
 def match_image(image: FrocImage, label: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Outcomes of one image's detections of class ``label``.
 
@@ -217,9 +231,7 @@ def match_image_lesions(
     sp = image.spacing_mm
     dc = _centres(dets) * sp
     if len(gt):
-        gc = _centres(gt) * sp
-        half_diag = 0.5 * np.hypot(gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]) * sp
-        radius = np.maximum(half_diag, MIN_HIT_RADIUS_MM)
+        gc, radius = centres_and_reach_mm(gt, sp)
         dist = np.linalg.norm(dc[:, None, :] - gc[None, :, :], axis=2)  # [K, N]
         reach = dist <= radius[None, :]
     else:
