@@ -37,6 +37,17 @@ are numbered from 1000 on (``configs/simulation/study-confirm.yaml``)::
         --a out/confirm/seed-{0,1,2}/local-only \
         --b out/confirm/seed-{0,1,2}/personalized-dp+tuned+local
 
+``--also ROOT=OTHER`` adds, to every run under ``ROOT``, the images the same
+regime scored under ``OTHER`` (the same relative path): the same models on
+another test set, e.g. the two holdouts of one study, which train on the same
+women with the same seeds (so their models are the same to the bit) and test
+on different new women (:func:`join_other_test_set`)::
+
+    python -m benchmarks.compare_runs --cases='-0[34][0-9]{3}$' \
+        --also out/recheck-h2=out/recheck-h1 \
+        --a out/recheck-h2/seed-{0,1,2}/local-only \
+        --b out/recheck-h2/seed-{0,1,2}/personalized-ssl+tuned+local-unless-fewshot
+
 ``--mid`` adds the share of the gap ``b - a`` that a third regime closes,
 e.g. semi-supervision between its labeled-only and all-labels versions
 (``mid-closes-gap-<class>`` lines, :func:`gap_closed`)::
@@ -93,6 +104,62 @@ def load_run(path: Path) -> dict[str, list[FrocImage]]:
     return load_detections(path / RF.DETECTIONS_JSON)
 
 
+def _model_files(regime_dir: Path) -> dict[str, bytes]:
+    """The model files a regime folder keeps (``model.pt``, ``models/*.pt``)."""
+    files = [regime_dir / "model.pt", *sorted((regime_dir / "models").glob("*.pt"))]
+    return {
+        str(f.relative_to(regime_dir)): f.read_bytes() for f in files if f.is_file()
+    }
+
+
+def join_other_test_set(
+    run: dict[str, list[FrocImage]], path: Path, root: Path, other: Path
+) -> dict[str, list[FrocImage]]:
+    """``run`` (the regime folder ``path`` under ``root``) joined with the
+    images the same regime scored under ``other``.
+
+    For two runs of one scenario's models on two test sets (a study's two
+    holdouts): the regime folder at the same relative path under ``other`` is
+    read and each site's images are added to ``run``'s. Where the folders
+    keep model files (``model.pt``, ``models/*.pt``: trained regimes; an
+    ensemble keeps none, its members are checked where they are compared),
+    both must hold the same files with the same bytes, or the two test sets
+    were not scored by the same models.
+
+    Raises:
+        ValueError: ``path`` is not under ``root``, the other folder is
+            missing, its model files differ, or an image key is in both.
+    """
+    try:
+        rel = path.relative_to(root)
+    except ValueError as exc:
+        raise ValueError(f"--also: {path} is not under {root}") from exc
+    there = other / rel
+    if not there.is_dir():
+        raise ValueError(f"--also: {there} (for {path}) is not a regime folder")
+    mine, theirs = _model_files(path), _model_files(there)
+    if mine != theirs:
+        differ = sorted(
+            k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
+        )
+        raise ValueError(
+            f"--also: {path} and {there} do not keep the same models "
+            f"(differ: {differ}); their test sets were scored by different models"
+        )
+    extra = load_run(there)
+    joined = {site: list(images) for site, images in run.items()}
+    for site, images in extra.items():
+        have = {im.key for im in joined.get(site, [])}
+        clash = sorted(have & {im.key for im in images})
+        if clash:
+            raise ValueError(
+                f"--also: {path} and {there} both score image {clash[0]!r} "
+                f"of site {site}: not two test sets"
+            )
+        joined[site] = joined.get(site, []) + list(images)
+    return joined
+
+
 def _seconds(regime_dir: Path) -> float | None:
     """The regime's wall time from its run's ``run.json``, if recorded."""
     meta = regime_dir.parent / RF.RUN_JSON
@@ -124,9 +191,13 @@ def only_cases(
 
 
 def _load_sides(
-    sides: dict[str, Path | list[Path]], cases: str | None
+    sides: dict[str, Path | list[Path]],
+    cases: str | None,
+    also: tuple[Path, Path] | None = None,
 ) -> tuple[list[list[dict[str, list[FrocImage]]]], list[str]]:
-    """Each side's runs (:func:`load_run`, cut to ``cases``) and the sites all score.
+    """Each side's runs (:func:`load_run`, joined with ``also``'s other test
+    set by :func:`join_other_test_set`, cut to ``cases``) and the sites all
+    score.
 
     Raises:
         ValueError: sides with different numbers of runs, an empty side, or no
@@ -140,6 +211,8 @@ def _load_sides(
     loaded = []
     for side in runs.values():
         d = [load_run(r) for r in side]
+        if also is not None:
+            d = [join_other_test_set(x, r, *also) for x, r in zip(d, side, strict=True)]
         if cases is not None:
             d = [only_cases(x, cases, r) for x, r in zip(d, side, strict=True)]
         loaded.append(d)
@@ -160,6 +233,7 @@ def gap_closed(
     n_boot: int = 1000,
     seed: int = 0,
     cases: str | None = None,
+    also: tuple[Path, Path] | None = None,
 ) -> list[dict[str, Any]]:
     """Per (site, class): the share of the gap ``b - a`` that ``mid`` closes.
 
@@ -173,7 +247,7 @@ def gap_closed(
     Raises:
         ValueError: as :func:`compare`, for three sides.
     """
-    (da, dm, db), common = _load_sides({"--a": a, "--mid": mid, "--b": b}, cases)
+    (da, dm, db), common = _load_sides({"--a": a, "--mid": mid, "--b": b}, cases, also)
     rows = []
     for site in common:
         for label, cls in enumerate(CLASSES):
@@ -203,6 +277,7 @@ def compare(
     n_boot: int = 1000,
     seed: int = 0,
     cases: str | None = None,
+    also: tuple[Path, Path] | None = None,
 ) -> list[dict[str, Any]]:
     """Per (site, class): CPM of ``a`` and ``b`` and the paired ``b - a``.
 
@@ -210,13 +285,15 @@ def compare(
     out-of-fold file), or one per seed (same count; the CPMs, sensitivities
     and the difference are then means over seeds). ``cases``: a regular
     expression; only the women it matches are scored (:func:`only_cases`).
+    ``also``: ``(root, other)``, each run's images joined with the same
+    regime's under ``other`` (:func:`join_other_test_set`).
 
     Raises:
         ValueError: a site's two image sets differ (not the same test images),
             no site is scored in every run, the two sides have different
             numbers of runs, or ``cases`` matches nothing in a run.
     """
-    (da, db), common = _load_sides({"--a": a, "--b": b}, cases)
+    (da, db), common = _load_sides({"--a": a, "--b": b}, cases, also)
     rows = []
     for site in common:
         for label, cls in enumerate(CLASSES):
@@ -278,9 +355,22 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="regular expression: score only the women (cases) it matches",
     )
+    p.add_argument(
+        "--also",
+        default=None,
+        metavar="ROOT=OTHER",
+        help="join every run under ROOT with the same regime's images under "
+        "OTHER: the same models on another test set (model files checked)",
+    )
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--results", type=Path, default=None)
     args = p.parse_args(argv)
+    also = None
+    if args.also is not None:
+        root, sep, other = args.also.partition("=")
+        if not sep or not root or not other:
+            p.error(f"--also: expected ROOT=OTHER, got {args.also!r}")
+        also = (Path(root), Path(other))
     ctx = {
         "comparison": args.label,
         "a": [str(x) for x in args.a] if len(args.a) > 1 else str(args.a[0]),
@@ -290,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.cases is not None:
         ctx["cases"] = args.cases
-    for row in compare(args.a, args.b, n_boot=args.n_boot, cases=args.cases):
+    if also is not None:
+        ctx["also"] = args.also
+    for row in compare(args.a, args.b, n_boot=args.n_boot, cases=args.cases, also=also):
         emit(
             BENCH,
             f"b-minus-a-cpm-{row['class']}",
@@ -303,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mid is not None:
         ctx["mid"] = [str(x) for x in args.mid]
         for row in gap_closed(
-            args.a, args.mid, args.b, n_boot=args.n_boot, cases=args.cases
+            args.a, args.mid, args.b, n_boot=args.n_boot, cases=args.cases, also=also
         ):
             emit(
                 BENCH,

@@ -126,3 +126,60 @@ def test_mid_gives_the_share_of_the_gap_it_closes(tmp_path: Path) -> None:
     ]
     gap = next(x for x in lines if x["figure"] == "mid-closes-gap-mass")
     assert gap["context"]["mid"] == [str(mid)] and gap["unit"] == "fraction"
+
+
+def _regime(root: Path, regime: str, images, prefix: str, model: bytes) -> Path:
+    """A regime folder scoring ``images`` (keys and women renamed by
+    ``prefix``: another test set) at site B, keeping one model file."""
+    folder = root / "seed-0" / regime
+    (folder / "models").mkdir(parents=True)
+    renamed = [
+        {**im.to_json(), "key": f"{prefix}{im.key}", "case": f"{prefix}{im.case}"}
+        for im in images
+    ]
+    (folder / RF.DETECTIONS_JSON).write_text(json.dumps({"B": renamed}))
+    (folder / "models" / "B.pt").write_bytes(model)
+    return folder
+
+
+def test_also_joins_the_same_models_other_test_set(tmp_path: Path) -> None:
+    """Two holdouts of one study: the same models, two sets of new women.
+    Joined, each side scores both sets; other models or a shared image are
+    refused, naming the folders."""
+    h1, h2 = tmp_path / "h1", tmp_path / "h2"
+    weak, strong = _images({0, 1}, 0), _images({0, 1, 2, 3, 4, 5}, 1)
+    a1 = _regime(h1, "local-only", weak, "x", b"model-a")
+    _regime(h2, "local-only", weak, "y", b"model-a")
+    b1 = _regime(h1, "fused", strong, "x", b"model-b")
+    _regime(h2, "fused", strong, "y", b"model-b")
+    alone = compare_runs.compare(a1, b1, n_boot=20)
+    joined = compare_runs.compare(a1, b1, n_boot=20, also=(h1, h2))
+    m1 = next(r for r in alone if r["class"] == "mass")
+    m2 = next(r for r in joined if r["class"] == "mass")
+    assert m1["n_images"] == 8 and m2["n_images"] == 16
+    assert m2["sens_at_1fp_a"] == m1["sens_at_1fp_a"] == 0.25
+    # --cases sees the joined women
+    only2 = compare_runs.compare(a1, b1, n_boot=20, also=(h1, h2), cases="^yw")
+    assert next(r for r in only2 if r["class"] == "mass")["n_images"] == 8
+    # the other test set scored by another model: refused
+    (h2 / "seed-0" / "fused" / "models" / "B.pt").write_bytes(b"retrained")
+    with pytest.raises(ValueError, match=r"do not keep the same models.*B\.pt"):
+        compare_runs.compare(a1, b1, n_boot=10, also=(h1, h2))
+    # the same images twice is not a second test set
+    _regime(tmp_path / "h3", "local-only", weak, "x", b"model-a")
+    with pytest.raises(ValueError, match=r"both score image 'ximg0' of site B"):
+        compare_runs.compare(a1, a1, n_boot=10, also=(h1, tmp_path / "h3"))
+    with pytest.raises(ValueError, match=r"h4/seed-0/local-only .* not a regime"):
+        compare_runs.compare(a1, a1, n_boot=10, also=(h1, tmp_path / "h4"))
+    with pytest.raises(ValueError, match="is not under"):
+        compare_runs.compare(a1, a1, n_boot=10, also=(tmp_path / "h9", h2))
+    with pytest.raises(SystemExit):
+        compare_runs.main(["--a", str(a1), "--b", str(a1), "--also", "h1"])
+    compare_runs.main(
+        ["--a", str(a1), "--b", str(a1), "--also", f"{h1}={h2}"]
+        + ["--results", str(tmp_path / "r"), "--n-boot", "10"]
+    )
+    line = json.loads(
+        (tmp_path / "r" / "compare_runs.jsonl").read_text().split("\n")[0]
+    )
+    assert line["context"]["also"] == f"{h1}={h2}" and line["context"]["n_images"] == 16
