@@ -427,14 +427,13 @@ def analyse(
     if "suppress" in analyses:
         for mode in SUPPRESS:
             thinned = suppress_rule(images, mode)
+            marks = float(np.mean([len(t.det_scores) for t in thinned]))
             for label in (MASS, CALC):
                 rows.append(
                     {
                         "analysis": "suppress",
                         "variant": mode,
-                        "marks_per_image": rounded(
-                            float(np.mean([len(t.det_scores) for t in thinned]))
-                        ),
+                        "marks_per_image": rounded(marks),
                         **_row(images, thinned, label, n_boot),
                     }
                 )
