@@ -32,23 +32,20 @@ def _fuse_class(
     all_scores = np.concatenate(scores)
     order = np.argsort(-all_scores, kind="stable")
     centres, reaches = centres_and_reach_mm(all_boxes, spacing_mm)
+    # a group's centre and reach are its first (highest-scoring) member's
     groups: list[list[int]] = []
-    centre: list[np.ndarray] = []  # mm
-    reach: list[float] = []  # mm
     for i in order:
-        c = centres[i]
         joined = False
-        for g, members in enumerate(groups):
+        for members in groups:
             if any(model[j] == model[i] for j in members):
                 continue
-            if np.linalg.norm(c - centre[g]) <= reach[g]:
+            lead = members[0]
+            if np.linalg.norm(centres[i] - centres[lead]) <= reaches[lead]:
                 members.append(int(i))
                 joined = True
                 break
         if not joined:
             groups.append([int(i)])
-            centre.append(c)
-            reach.append(float(reaches[i]))
     out_boxes = np.zeros((len(groups), 4))
     out_scores = np.zeros(len(groups))
     for g, members in enumerate(groups):
