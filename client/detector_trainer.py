@@ -164,6 +164,20 @@ class DetectorOptions:
     site's ``adapt.consistency`` is ``pseudo_boxes`` (the default, ``dense``,
     thresholds nothing).
 
+    ``round_steps``: how many optimizer steps a local epoch takes. ``labeled``
+    (the default): a pass's worth of the site's labeled training images,
+    ``ceil(n_labeled / batch_size)``; a partly labeled site then runs only a
+    fraction of its unlabeled images a round (C of the study: 3 steps, 12 of
+    its 68 unlabeled images). ``all``: a pass's worth of all its training
+    images, labeled or not, ``ceil((n_labeled + n_unlabeled) / batch_size)``,
+    the steps a fully labeled site of its size takes; the labeled batches are
+    drawn with replacement as always (lesion-balanced), and with ``ssl`` each
+    step also takes ``ssl_unlabeled_ratio`` unlabeled batches, so a round runs
+    the unlabeled images about once. Without ``ssl`` the extra steps re-draw
+    the labeled images (the control that tells more steps from the unlabeled
+    images). ``max_steps`` caps either; DP-SGD draws its own women and refuses
+    ``all``.
+
     ``select`` turns on the site's choice of its own model
     (:mod:`client.selection`): ``select_validation_fraction`` of the labeled
     training women (per lesion stratum, at least one of two or more) are held
@@ -195,6 +209,7 @@ class DetectorOptions:
     paste: bool = False
     min_box_mm: float = field(default=0.0, metadata=bounded(0.0, 1000.0))
     max_steps: int = field(default=0, metadata=bounded(0, None))
+    round_steps: Literal["labeled", "all"] = "labeled"
     head_epochs: int = field(default=1, metadata=bounded(0, 1000))
     ssl: bool = False
     fewshot: bool = True
@@ -356,11 +371,20 @@ def check_norm_reestimation(
 def check_site_options(opts: DetectorOptions, personalization: Personalization) -> None:
     """Every check a site makes of its options against its personalization.
 
-    :func:`check_private_training` and :func:`check_norm_reestimation`; the
+    :func:`check_private_training`, :func:`check_norm_reestimation` and no
+    ``round_steps: all`` under DP; the
     site's trainer and ``mammofed-sim run`` (before any work) call this one.
     """
     check_private_training(opts, personalization)
     check_norm_reestimation(opts, personalization)
+    if opts.dp and opts.round_steps != "labeled":
+        raise ConfigError(
+            "federation config",
+            "trainer.options.round_steps",
+            f"{opts.round_steps!r} with dp: true: DP-SGD draws its own women "
+            "each step (Poisson sampling, its accountant's plan), so a round's "
+            "steps are not set here; use round_steps: labeled",
+        )
 
 
 @dataclass(frozen=True)
@@ -846,8 +870,12 @@ class DetectorTrainer:
         sampler draws with replacement) never trained the federation.
         """
         recipe = self.opts.recipe(config.learning_rate, config.batch_size)
-        # one epoch: a pass over the labeled images, capped at max_steps
-        steps = math.ceil(len(labeled) / recipe.batch_size)  # type: ignore[arg-type]
+        # one epoch: a pass over the labeled images (round_steps "all": over
+        # every training image, labeled or not), capped at max_steps
+        n_images = len(labeled)  # type: ignore[arg-type]
+        if self.opts.round_steps == "all":
+            n_images += len(self._indices("unlabeled"))
+        steps = math.ceil(n_images / recipe.batch_size)
         steps = min(steps, self.opts.max_steps or steps)
         seed = self.fed_cfg.seed + (config.server_round - 1) * config.local_epochs
         if self.opts.ssl and len(self._indices("unlabeled")) > 0:

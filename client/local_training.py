@@ -106,7 +106,8 @@ def train_central(
     """Train one detector on the pooled labeled images of ``caches``.
 
     The federated site's recipe (:meth:`DetectorOptions.recipe`, steps per
-    epoch capped at ``max_steps`` per cache): one epoch here on one cache is
+    epoch as ``round_steps`` says, capped at ``max_steps`` per cache): one
+    epoch here on one cache is
     one federated round of that site with the same seed. ``init``: start from
     this checkpoint (checked against the options' model config).
     ``head_only``: train the detection head only; every other tensor, the
@@ -135,14 +136,16 @@ def train_central(
         init_from_checkpoint(model, opts.model_config(), init)
     model = model.to(device)
     spacing = opts.working_spacing_mm
-    pooled = Pooled(
-        [*(_site(c, seed, spacing).view("labeled") for c in caches), *pseudo]
-    )
+    sites = [_site(c, seed, spacing) for c in caches]
+    pooled = Pooled([*(site.view("labeled") for site in sites), *pseudo])
     n = len(pooled)
     if n == 0:
         raise MammofedError(f"{label}: no labeled images in {[str(c) for c in caches]}")
     recipe = opts.recipe(lr, batch_size)
-    steps = math.ceil(n / batch_size)
+    n_steps_images = n
+    if opts.round_steps == "all":  # the federated site's rule (DetectorOptions)
+        n_steps_images += sum(len(site.indices("unlabeled")) for site in sites)
+    steps = math.ceil(n_steps_images / batch_size)
     if opts.max_steps:
         steps = min(steps, opts.max_steps * len(caches))
     frozen_keys = fs.fewshot_frozen_keys(model, Personalization()) if head_only else []
@@ -157,7 +160,7 @@ def train_central(
     if use_ssl:
         assert ssl is not None
         unlabeled: Dataset[Any] = ConcatDataset(
-            [_site(c, seed, spacing).view("unlabeled") for c in caches]
+            [site.view("unlabeled") for site in sites]
         )
         if len(unlabeled) > 0:  # type: ignore[arg-type]
             _train_semi_supervised(

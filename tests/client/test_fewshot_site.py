@@ -314,3 +314,77 @@ def test_unlabeled_images_count_toward_the_averaging_weight_only_with_their_loss
         assert metrics[NUM_EXAMPLES] > labeled  # the unlabeled passes count
     else:
         assert metrics[NUM_EXAMPLES] == labeled
+
+
+@pytest.fixture
+def loader_draws(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of images each training loader is asked to draw, in order."""
+    from common.detector.recipe import Recipe
+
+    drawn: list[int] = []
+    real = Recipe.loader
+
+    def spy(self, dataset, num_samples, seed, num_workers=0):  # type: ignore[no-untyped-def]
+        drawn.append(num_samples)
+        return real(self, dataset, num_samples, seed, num_workers)
+
+    monkeypatch.setattr(Recipe, "loader", spy)
+    return drawn
+
+
+@pytest.mark.parametrize("ssl", [True, False])
+@pytest.mark.parametrize("rule", ["labeled", "all"])
+def test_round_steps_all_takes_a_pass_over_every_training_image(
+    tmp_path, loader_draws, ssl, rule
+):
+    """``round_steps: all`` sizes a local epoch by the site's labeled and
+    unlabeled training images together (the steps a fully labeled site of its
+    size takes), with or without the teacher; ``labeled`` by the labeled ones."""
+    from common.keys import NUM_EXAMPLES
+
+    cfg, cache = _ssl_site(tmp_path, ssl=ssl, max_steps=0, round_steps=rule)
+    trainer = DetectorTrainer(SITE, tmp_path / "state", cfg, cache, None)
+    n_lab = len(trainer._indices("labeled"))
+    n_unl = len(trainer._indices("unlabeled"))
+    assert n_lab > 0 and n_unl > 0
+    _, metrics = trainer.fit(
+        trainer.initial_shared(), FitInstructions.from_federation(cfg, 1)
+    )
+    batch = cfg.trainer.batch_size
+    n = n_lab + (n_unl if rule == "all" else 0)
+    steps = -(-n // batch)
+    assert loader_draws[0] == steps * batch
+    if not ssl:  # every step a labeled batch, nothing else counted
+        assert metrics[NUM_EXAMPLES] == steps * batch * cfg.trainer.local_epochs
+
+
+def test_round_steps_all_is_refused_under_dp(tmp_path):
+    """DP-SGD draws its own women each step; ``round_steps: all`` would be
+    silently ignored there, so the site refuses it, naming the field."""
+    cfg, cache = _ssl_site(tmp_path, ssl=False, dp=True, round_steps="all")
+    with pytest.raises(ConfigError, match=r"trainer\.options\.round_steps.*DP-SGD"):
+        DetectorTrainer(SITE, tmp_path / "state", cfg, cache, None)
+
+
+def test_round_steps_all_sizes_central_training_too(tmp_path, loader_draws):
+    """The site-alone and central regimes follow the same rule
+    (``client.local_training.train_central``)."""
+    import dataclasses
+
+    import torch
+
+    from client.detector_trainer import detector_options
+    from client.local_training import train_central
+    from tests.conftest import make_ssl_site_cache
+
+    cache = make_ssl_site_cache(tmp_path / SITE)
+    cfg = _fed(tmp_path)
+    for rule in ("labeled", "all"):
+        opts = {**cfg.trainer.options, "max_steps": 0, "round_steps": rule}
+        trainer = dataclasses.replace(cfg.trainer, options=opts)
+        o = detector_options(dataclasses.replace(cfg, trainer=trainer), "test")
+        train_central(
+            [cache], o, epochs=1, lr=1e-3, batch_size=2, seed=0,
+            device=torch.device("cpu"), label=f"test-{rule}",
+        )  # fmt: skip
+    assert loader_draws[1] > loader_draws[0]  # the unlabeled images add steps
