@@ -93,11 +93,58 @@ def connect_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: ports :func:`free_port` handed out in this process (never handed twice)
+_HANDED: set[int] = set()
+#: Linux's default ephemeral range, when ``ip_local_port_range`` cannot be read
+_EPHEMERAL_DEFAULT = (32768, 60999)
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's ephemeral (``bind(0)`` / outgoing) port range."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        lo, hi = (int(v) for v in text.split())
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+    return (lo, hi) if 1024 < lo <= hi else _EPHEMERAL_DEFAULT
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = DEFAULT_HOST) -> int:
-    """A TCP port free on ``host`` right now."""
+    """A TCP port free on ``host`` right now, below the ephemeral range.
+
+    The port is chosen now and bound later by another process, so it must
+    not be one the kernel may hand to someone else meanwhile: a ``bind(0)``
+    port is an ephemeral one, and every ``bind(0)`` in any process (Flower's
+    SuperNode picks its own internal ports that way) and every outgoing
+    connection draws from the same range, so a SuperNode once found its
+    ``--port`` taken by its own helper server. Ports are drawn at random
+    from the 10000 below the ephemeral range instead, and none is handed out
+    twice in one process; ``bind(0)`` only when none of those is free.
+    """
+    import random
+
+    lo = ephemeral_port_range()[0]
+    first = max(1025, lo - 10000)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(first, lo)
+        if port not in _HANDED and _bindable(host, port):
+            _HANDED.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _HANDED.add(port)
+    return port
 
 
 def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
