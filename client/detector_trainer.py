@@ -252,6 +252,11 @@ class DetectorOptions:
             delta=self.dp_delta,
         )
 
+    def epoch_steps(self, n_labeled: int, n_unlabeled: int, batch_size: int) -> int:
+        """Steps of one local epoch by ``round_steps`` (before ``max_steps``)."""
+        n = n_labeled + (n_unlabeled if self.round_steps == "all" else 0)
+        return math.ceil(n / batch_size)
+
     def model_config(self) -> ModelConfig:
         """The detector's :class:`ModelConfig` (the server builds the same)."""
         return detector_model_config(self.__dict__)
@@ -872,13 +877,15 @@ class DetectorTrainer:
         recipe = self.opts.recipe(config.learning_rate, config.batch_size)
         # one epoch: a pass over the labeled images (round_steps "all": over
         # every training image, labeled or not), capped at max_steps
-        n_images = len(labeled)  # type: ignore[arg-type]
-        if self.opts.round_steps == "all":
-            n_images += len(self._indices("unlabeled"))
-        steps = math.ceil(n_images / recipe.batch_size)
+        n_unlabeled = len(self._indices("unlabeled"))
+        steps = self.opts.epoch_steps(
+            len(labeled),  # type: ignore[arg-type]
+            n_unlabeled,
+            recipe.batch_size,
+        )
         steps = min(steps, self.opts.max_steps or steps)
         seed = self.fed_cfg.seed + (config.server_round - 1) * config.local_epochs
-        if self.opts.ssl and len(self._indices("unlabeled")) > 0:
+        if self.opts.ssl and n_unlabeled > 0:
             if config.proximal_mu > 0:
                 log.warning(
                     "site %s round %d: the server sent proximal-mu %g, but a "

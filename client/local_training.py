@@ -106,9 +106,9 @@ def train_central(
     """Train one detector on the pooled labeled images of ``caches``.
 
     The federated site's recipe (:meth:`DetectorOptions.recipe`, steps per
-    epoch as ``round_steps`` says, capped at ``max_steps`` per cache): one
-    epoch here on one cache is
-    one federated round of that site with the same seed. ``init``: start from
+    epoch by :meth:`DetectorOptions.epoch_steps`, capped at ``max_steps`` per
+    cache): one epoch here on one cache is one federated round of that site
+    with the same seed. ``init``: start from
     this checkpoint (checked against the options' model config).
     ``head_only``: train the detection head only; every other tensor, the
     norm layers' running statistics included, stays as ``init`` had it (the
@@ -142,10 +142,8 @@ def train_central(
     if n == 0:
         raise MammofedError(f"{label}: no labeled images in {[str(c) for c in caches]}")
     recipe = opts.recipe(lr, batch_size)
-    n_steps_images = n
-    if opts.round_steps == "all":  # the federated site's rule (DetectorOptions)
-        n_steps_images += sum(len(site.indices("unlabeled")) for site in sites)
-    steps = math.ceil(n_steps_images / batch_size)
+    n_unlabeled = sum(len(site.indices("unlabeled")) for site in sites)
+    steps = opts.epoch_steps(n, n_unlabeled, batch_size)  # the site's rule
     if opts.max_steps:
         steps = min(steps, opts.max_steps * len(caches))
     frozen_keys = fs.fewshot_frozen_keys(model, Personalization()) if head_only else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -130,8 +131,6 @@ def free_port(host: str = DEFAULT_HOST) -> int:
     from the 10000 below the ephemeral range instead, and none is handed out
     twice in one process; ``bind(0)`` only when none of those is free.
     """
-    import random
-
     lo = ephemeral_port_range()[0]
     first = max(1025, lo - 10000)
     rng = random.SystemRandom()
