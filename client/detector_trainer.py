@@ -161,8 +161,12 @@ class DetectorOptions:
     its averaging weight, unless ``ssl_unsup_weight`` is 0).
     ``ssl_threshold``:
     the teacher score a pseudo box needs, every class; it acts only where a
-    site's ``adapt.consistency`` is ``pseudo_boxes`` (the default, ``dense``,
-    thresholds nothing).
+    site's ``adapt.consistency`` is ``pseudo_boxes`` or ``paste`` (the
+    default, ``dense``, thresholds nothing). ``ssl_consistency``: the
+    semi-supervised loss (``AdaptConfig.consistency``, a site's
+    ``adapt.consistency`` overrides it): ``dense`` (default), ``pseudo_boxes``
+    or ``paste`` (the site's labeled lesions pasted into its unlabeled images,
+    the teacher's unsure findings there ignored, docs/adaptation.md).
 
     ``round_steps``: how many optimizer steps a local epoch takes. ``labeled``
     (the default): a pass's worth of the site's labeled training images,
@@ -214,6 +218,7 @@ class DetectorOptions:
     ssl: bool = False
     fewshot: bool = True
     ssl_threshold: float = field(default=0.5, metadata=bounded(0.0, 1.0))
+    ssl_consistency: Literal["dense", "pseudo_boxes", "paste"] = "dense"
     ssl_rampup_steps: int = field(default=200, metadata=bounded(0, 1_000_000))
     ssl_unsup_weight: float = field(default=1.0, metadata=bounded(0.0, 100.0))
     ssl_unlabeled_ratio: int = field(default=1, metadata=bounded(1, 64))
@@ -281,6 +286,7 @@ class DetectorOptions:
         """The client-side adaptation settings these options imply."""
         return AdaptConfig(
             ssl_enabled=self.ssl,
+            consistency=self.ssl_consistency,
             ema_decay=self.ema_decay,
             rampup_steps=self.ssl_rampup_steps,
             unsup_weight=self.ssl_unsup_weight,
@@ -957,6 +963,9 @@ class DetectorTrainer:
         if cfg.teacher_sync == "copy_shared":
             teacher.sync_shared(self.model, self.shared_keys)
         unl = self._view("unlabeled", train=False)
+        lesions = (
+            self._view("labeled", train=False) if cfg.consistency == "paste" else None
+        )
         runs = []
         for loader in loaders:
             unl_loader = DataLoader(
@@ -972,6 +981,7 @@ class DetectorTrainer:
                 self.device,
                 step,
                 max_steps=steps,
+                lesions=lesions,
             )
             step = stats.step
             loss = stats.sup_loss + stats.unsup_weight * stats.unsup_loss

@@ -164,6 +164,7 @@ def train_central(
             _train_semi_supervised(
                 model, labeled, unlabeled, recipe, ssl,
                 epochs=epochs, steps=steps, seed=seed, device=device, label=label,
+                lesions=pooled,
             )  # fmt: skip
             return model
         log.info("%s: no unlabeled images, supervised training only", label)
@@ -195,8 +196,11 @@ def _train_semi_supervised(
     seed: int,
     device: torch.device,
     label: str,
+    lesions: Dataset[Any] | None = None,
 ) -> None:
     """``epochs`` epochs of ``steps`` steps: labeled loss + teacher consistency.
+
+    ``lesions``: the labeled images untransformed (``paste`` consistency).
 
     The labeled batches are the supervised recipe's (lesion-balanced sampler
     of epoch ``e`` seeded ``seed + e``); each step adds ``cfg.unlabeled_ratio``
@@ -230,6 +234,7 @@ def _train_semi_supervised(
             step,
             max_steps=steps,
             grad_clip=recipe.clip,
+            lesions=lesions,
         )
         step = stats.step
         log.info(

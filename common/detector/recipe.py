@@ -28,7 +28,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -370,23 +370,40 @@ class ModelEMA:
         self.module.load_state_dict(state)
 
 
+def _proper_boxes(t: Mapping[str, Any], key: str, what: str) -> tuple[Tensor, Tensor]:
+    """``t[key]`` as FloatTensor[N, 4] and the mask of its non-degenerate rows.
+
+    Degenerate rows (``xmax <= xmin`` or ``ymax <= ymin``) are logged,
+    naming the image's key and ``what`` they are.
+    """
+    boxes = torch.as_tensor(t[key], dtype=torch.float32).reshape(-1, 4)
+    ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if not bool(ok.all()):
+        log.warning(
+            "image %s: dropping degenerate %s %s",
+            t.get("key", "?"),
+            what,
+            boxes[~ok].tolist(),
+        )
+    return boxes, ok
+
+
 def targets_to_device(
-    targets: Sequence[dict[str, Any]], device: torch.device
+    targets: Sequence[dict[str, Any]], device: torch.device | str
 ) -> list[dict[str, Tensor]]:
-    """``boxes``/``labels`` on ``device``; degenerate boxes dropped with a log."""
+    """``boxes``/``labels`` (and ``ignore`` regions) on ``device``.
+
+    Degenerate boxes are dropped with a log; so are degenerate ignore regions.
+    """
     out = []
     for t in targets:
-        boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
+        boxes, ok = _proper_boxes(t, "boxes", "target boxes")
         labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
-        ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        if not bool(ok.all()):
-            log.warning(
-                "image %s: dropping degenerate target boxes %s",
-                t.get("key", "?"),
-                boxes[~ok].tolist(),
-            )
-            boxes, labels = boxes[ok], labels[ok]
-        out.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+        item = {"boxes": boxes[ok].to(device), "labels": labels[ok].to(device)}
+        if t.get("ignore") is not None and len(t["ignore"]):
+            ignore, ok = _proper_boxes(t, "ignore", "ignore regions")
+            item["ignore"] = ignore[ok].to(device)
+        out.append(item)
     return out
 
 

@@ -388,3 +388,50 @@ def test_round_steps_all_sizes_central_training_too(tmp_path, loader_draws):
             device=torch.device("cpu"), label=f"test-{rule}",
         )  # fmt: skip
     assert loader_draws[1] > loader_draws[0]  # the unlabeled images add steps
+
+
+def test_paste_consistency_cuts_lesions_from_the_site_labeled_images(
+    tmp_path, monkeypatch
+):
+    """``ssl_consistency: paste`` reaches the site's AdaptConfig, and the
+    consistency loss gets the site's labeled training images (never an
+    unlabeled or test one) to cut its lesions from, in the federated round
+    and in central training alike; an unknown mode is refused by name."""
+    import dataclasses
+
+    import torch
+
+    from client.detector_trainer import detector_options
+    from client.local_training import train_central
+    from common.detector.adapt import teacher as teacher_mod
+
+    seen: list[int] = []
+    real = teacher_mod.ConsistencyLoss.__init__
+
+    def spy(self, teacher, cfg, lesions=None):  # type: ignore[no-untyped-def]
+        assert cfg.consistency == "paste"
+        seen.append(len(lesions))
+        real(self, teacher, cfg, lesions)
+
+    monkeypatch.setattr(teacher_mod.ConsistencyLoss, "__init__", spy)
+    cfg, cache = _ssl_site(tmp_path, ssl_consistency="paste", max_steps=0)
+    trainer = DetectorTrainer(SITE, tmp_path / "state", cfg, cache, None)
+    assert trainer.adapt.consistency == "paste"
+    n_lab = len(trainer._indices("labeled"))
+    trainer.fit(trainer.initial_shared(), FitInstructions.from_federation(cfg, 1))
+    assert seen and set(seen) == {n_lab}
+    assert trainer.site_model.teacher_path.is_file()
+    o = detector_options(cfg, "test")
+    train_central(
+        [cache], o, epochs=1, lr=1e-3, batch_size=2, seed=0,
+        device=torch.device("cpu"), label="test-paste", ssl=o.adapt_config(0),
+    )  # fmt: skip
+    assert len(seen) >= 2
+    bad = dataclasses.replace(
+        cfg,
+        trainer=dataclasses.replace(
+            cfg.trainer, options={**cfg.trainer.options, "ssl_consistency": "mixup"}
+        ),
+    )
+    with pytest.raises(ConfigError, match="ssl_consistency"):
+        detector_options(bad, "f.yaml")

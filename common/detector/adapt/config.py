@@ -55,7 +55,14 @@ class AdaptConfig:
             strong view then differs only photometrically). Default ``dense``,
             chosen by measurement (docs/adaptation.md): with a teacher that is
             not yet confident, thresholded pseudo boxes were either almost
-            absent (0.5) or noisy enough to hurt (0.3).
+            absent (0.5) or noisy enough to hurt (0.3). ``paste``
+            (copy-paste self-training, Ghiasi et al. 2021): lesions cut from
+            the site's labeled images are pasted into its unlabeled ones and
+            the student's whole FCOS loss trains on them there; the teacher's
+            findings on the unlabeled image scoring at least the class
+            threshold join as pseudo boxes, those scoring at least
+            ``paste_ignore_score`` below it become ignore regions (an
+            unlabeled woman's own lesion is then not taught as background).
         ema_decay: teacher = decay * teacher + (1 - decay) * student, per step.
         teacher_sync: what happens to the teacher's *shared* tensors when a new
             global model arrives: ``copy_shared`` overwrites them with the
@@ -71,6 +78,9 @@ class AdaptConfig:
             Teacher keeps only classification: pseudo boxes are imprecise).
         dense_top_fraction: ``dense`` mode: fraction of locations (by teacher
             score) treated as positives for the centre-ness target.
+        paste_ignore_score: ``paste`` mode: the teacher score from which a
+            finding below the pseudo-box threshold becomes an ignore region.
+        paste_max: ``paste`` mode: lesions pasted per unlabeled image (1..n).
         fewshot_max_labeled: below this many labeled images the client picks
             head-only fine-tuning automatically.
         head_only: ``None`` = automatic (above), ``True``/``False`` forces it.
@@ -93,7 +103,7 @@ class AdaptConfig:
     """
 
     ssl_enabled: bool = True
-    consistency: Literal["pseudo_boxes", "dense"] = "dense"
+    consistency: Literal["pseudo_boxes", "dense", "paste"] = "dense"
     ema_decay: float = field(default=0.99, metadata=bounded(0.0, 1.0))
     teacher_sync: Literal["copy_shared", "keep"] = "copy_shared"
     rampup_steps: int = field(default=200, metadata=bounded(0, None))
@@ -102,6 +112,8 @@ class AdaptConfig:
     unlabeled_ratio: int = field(default=1, metadata=bounded(0, 64))
     unsup_losses: tuple[UnsupLoss, ...] = ("classification",)
     dense_top_fraction: float = field(default=0.01, metadata=bounded(0.0, 1.0))
+    paste_ignore_score: float = field(default=0.3, metadata=bounded(0.0, 1.0))
+    paste_max: int = field(default=2, metadata=bounded(1, 16))
     fewshot_max_labeled: int = field(default=50, metadata=bounded(0, None))
     head_only: bool | None = None
     fewshot_folds: int = field(default=3, metadata=bounded(2, 20))

@@ -19,6 +19,16 @@ Two consistency modes (``AdaptConfig.consistency``):
   class logits learn the teacher's sigmoid scores at every location (quality
   focal loss), and its centre-ness the teacher's on the top
   ``dense_top_fraction`` of locations.
+* ``paste`` (copy-paste self-training, Ghiasi et al. 2021): lesions cut
+  from the site's labeled images (``lesions``) are pasted into the weak view
+  of an unlabeled image; the teacher's findings there scoring at least the
+  class threshold are pseudo boxes, those from ``paste_ignore_score`` up to
+  it ignore regions; the strong view moves all of them; the student's whole
+  FCOS loss trains on the pasted lesions (exact boxes) and the pseudo boxes,
+  and the rest of the image, ignore regions apart, is background. It needs
+  no confident teacher: a teacher that finds a third of the masses among
+  many false positives (docs/adaptation.md) keeps those findings out of the
+  background rather than teaching them as lesions.
 
 Coordinates: model space (pixel edges, origin top-left); images
 FloatTensor[1, H, W] in ``[0, 1]``. An unlabeled batch is used for its images
@@ -46,6 +56,7 @@ from common.detector.adapt.augment import StrongAugment, WeakAugment
 from common.detector.adapt.config import AdaptConfig
 from common.detector.model import without_breast_mask
 from common.detector.recipe import ModelEMA, guarded_step, targets_to_device
+from common.detector.transforms import LesionPaste
 from common.errors import shown
 from common.fileio import atomic_write
 
@@ -310,14 +321,32 @@ class ConsistencyLoss:
     student's device). Only images are ever seen.
     """
 
-    def __init__(self, teacher: MeanTeacher, cfg: AdaptConfig) -> None:
+    def __init__(
+        self,
+        teacher: MeanTeacher,
+        cfg: AdaptConfig,
+        lesions: Dataset[Any] | None = None,
+    ) -> None:
         self.teacher = teacher
         self.cfg = cfg
         self.weak = WeakAugment(seed=cfg.seed)
         self.strong = StrongAugment(
-            seed=cfg.seed + 1, geometric=cfg.consistency == "pseudo_boxes"
+            seed=cfg.seed + 1, geometric=cfg.consistency != "dense"
         )
         self.thresholds = cfg.thresholds_by_label()
+        self.paste: LesionPaste | None = None
+        if cfg.consistency == "paste":
+            if lesions is None:
+                raise ValueError(
+                    "consistency 'paste' needs the site's labeled images "
+                    "(lesions=...) to cut lesions from"
+                )
+            self.paste = LesionPaste(
+                lesions,
+                p=1.0,
+                max_pastes=cfg.paste_max,
+                generator=torch.Generator().manual_seed(cfg.seed + 2),
+            )
 
     def __call__(
         self, student: nn.Module, images: Sequence[Tensor]
@@ -339,9 +368,10 @@ class ConsistencyLoss:
             loss = dense_consistency_loss(s_out, t_out, self.cfg.dense_top_fraction)
             return loss, 0.0
         dets = self.teacher.detect([w.to(device) for w in weak_imgs])
-        pseudo = pseudo_labels(
-            [{k: v.cpu() for k, v in d.items()} for d in dets], self.thresholds
-        )
+        dets = [{k: v.cpu() for k, v in d.items()} for d in dets]
+        if self.paste is not None:
+            return self._pasted(student, weak_imgs, strong_geo, dets, device)
+        pseudo = pseudo_labels(dets, self.thresholds)
         strong_imgs, targets = [], []
         n_boxes = 0
         for w, geo, pl in zip(weak_imgs, strong_geo, pseudo, strict=True):
@@ -358,6 +388,39 @@ class ConsistencyLoss:
         )
         return loss, n_boxes / max(1, len(images))
 
+    def _pasted(
+        self,
+        student: nn.Module,
+        weak_imgs: Sequence[Tensor],
+        strong_geo: Sequence[Any],
+        dets: Sequence[Mapping[str, Tensor]],
+        device: torch.device,
+    ) -> tuple[Tensor, float]:
+        """``paste`` mode: the student's FCOS loss on pasted lesions (+ pseudo)."""
+        assert self.paste is not None
+        thr = torch.as_tensor(self.thresholds)
+        pseudo = pseudo_labels(dets, self.thresholds)
+        unsure = pseudo_labels(
+            dets, tuple(min(self.cfg.paste_ignore_score, t) for t in self.thresholds)
+        )
+        strong_imgs, targets = [], []
+        n_boxes = 0
+        for w, geo, pl, un in zip(weak_imgs, strong_geo, pseudo, unsure, strict=True):
+            below = un["scores"] < thr[un["labels"]]
+            target: dict[str, Any] = {
+                "boxes": pl["boxes"],
+                "labels": pl["labels"],
+                "ignore": un["boxes"][below],
+            }
+            img, target = self.paste(w, target)
+            img, target = geo.apply(img, target)
+            strong_imgs.append(self.strong.intensity(img).to(device))
+            targets.append(target)
+            n_boxes += int(pl["boxes"].shape[0])
+        losses = student(strong_imgs, targets_to_device(targets, device))
+        loss = sum(losses.values(), torch.zeros((), device=device))
+        return loss, n_boxes / max(1, len(weak_imgs))
+
 
 def local_round(
     model: nn.Module,
@@ -372,6 +435,7 @@ def local_round(
     max_steps: int | None = None,
     grad_clip: float | None = 10.0,
     consistency: ConsistencyLoss | None = None,
+    lesions: Dataset[Any] | None = None,
 ) -> RoundStats:
     """One local round of semi-supervised training of ``model`` (the student).
 
@@ -380,6 +444,8 @@ def local_round(
     minimizes ``sup + rampup_weight(step) * unsup``, then updates the teacher
     (EMA). One pass over ``labeled_loader`` makes a round; without labeled
     data, one pass over ``unlabeled_loader``. ``max_steps`` caps the round.
+    ``lesions``: the site's labeled images, untransformed (``paste`` mode cuts
+    its lesions from them).
     Non-finite losses or gradients skip the step (logged, counted).
 
     The gradient reaches every trainable parameter, so under personalization
@@ -391,7 +457,7 @@ def local_round(
     t0 = time.perf_counter()
     model.train()
     use_ssl = cfg.ssl_enabled and cfg.unlabeled_ratio > 0 and unlabeled_loader
-    cons = consistency or (ConsistencyLoss(teacher, cfg) if use_ssl else None)
+    cons = consistency or (ConsistencyLoss(teacher, cfg, lesions) if use_ssl else None)
     unl_iter = _cycle(unlabeled_loader) if use_ssl and unlabeled_loader else None
     if labeled_loader is not None:
         lab_iter: Iterator[Batch | None] = iter(labeled_loader)

@@ -138,10 +138,42 @@ class NoResizeTransform(GeneralizedRCNNTransform):
         return result
 
 
+#: The logit an ignored location is given for the loss: its focal loss
+#: against background is ``sigmoid(x)^gamma * log(1 + e^x)`` ~ 1e-39, i.e. 0.
+_IGNORED_LOGIT = -30.0
+
+
+def ignored_locations(
+    anchors: Tensor, ignore: Tensor | None, matched: Tensor
+) -> Tensor | None:
+    """BoolTensor[L]: background locations whose centre lies in an ignore box.
+
+    ``anchors`` FloatTensor[L, 4] (one image's FCOS locations, model space),
+    ``ignore`` FloatTensor[M, 4] ``[xmin, ymin, xmax, ymax]`` in the same
+    space (or ``None``), ``matched`` Int64Tensor[L] (the location's lesion
+    box, ``< 0`` for background). A location assigned to a lesion stays a
+    positive even inside an ignore box. ``None`` when nothing is ignored.
+    """
+    if ignore is None or ignore.numel() == 0:
+        return None
+    box = ignore.reshape(-1, 4).to(anchors)
+    cx = ((anchors[:, 0] + anchors[:, 2]) / 2)[:, None]
+    cy = ((anchors[:, 1] + anchors[:, 3]) / 2)[:, None]
+    inside = (
+        (cx >= box[:, 0]) & (cx <= box[:, 2]) & (cy >= box[:, 1]) & (cy <= box[:, 3])
+    )
+    return inside.any(dim=1) & (matched < 0)
+
+
 class ConfigurableFCOSHead(FCOSHead):
     """torchvision's FCOS head with ``num_convs`` blocks per branch.
 
-    Keeps :meth:`FCOSHead.compute_loss` (sigmoid focal + GIoU + centre-ness).
+    Keeps :meth:`FCOSHead.compute_loss` (sigmoid focal + GIoU + centre-ness)
+    and adds ignore regions: a target's ``ignore`` boxes (architectural
+    distortions, asymmetries, a pseudo-labeller's unsure findings) take no
+    classification loss at the background locations inside them
+    (:func:`ignored_locations`), so the detector is taught neither that they
+    are lesions nor that they are not. Until stop 51 they were background.
     Each branch block is Conv3x3 -> GroupNorm (32 groups at C >= 64) -> ReLU.
     """
 
@@ -155,6 +187,39 @@ class ConfigurableFCOSHead(FCOSHead):
         )
         self.regression_head = FCOSRegressionHead(
             in_channels, num_anchors, num_convs, norm_layer=norm
+        )
+
+    def compute_loss(
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        matched_idxs: list[Tensor],
+    ) -> dict[str, Tensor]:
+        """The FCOS loss of torchvision, ignored locations out of the focal term.
+
+        An ignored location's logits are replaced (for the loss only, no
+        gradient reaches them) by a constant whose focal loss is nil; the
+        normalizer (the number of positives) is unchanged.
+        """
+        masks = [
+            ignored_locations(a, t.get("ignore"), m)
+            for a, t, m in zip(anchors, targets, matched_idxs, strict=True)
+        ]
+        if all(m is None for m in masks):
+            return super().compute_loss(targets, head_outputs, anchors, matched_idxs)
+        cls = head_outputs["cls_logits"]
+        drop = torch.stack(
+            [
+                torch.zeros(cls.shape[1], dtype=torch.bool, device=cls.device)
+                if m is None
+                else m.to(cls.device)
+                for m in masks
+            ]
+        )
+        masked = torch.where(drop[..., None], torch.full_like(cls, _IGNORED_LOGIT), cls)
+        return super().compute_loss(
+            targets, {**head_outputs, "cls_logits": masked}, anchors, matched_idxs
         )
 
 

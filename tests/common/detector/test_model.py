@@ -126,6 +126,67 @@ def test_negative_image_zero_box_loss():
     assert float(losses["classification"].detach()) > 0.0
 
 
+def _logit_grad(model, tg):
+    """Classification loss and the gradient it sends to the class logits."""
+    kept = {}
+
+    def keep(_mod, _inp, out):
+        out["cls_logits"].retain_grad()
+        kept.update(out)
+
+    h = model.head.register_forward_hook(keep)
+    try:
+        loss = model([square_image()], tg)["classification"]
+        loss.backward()
+    finally:
+        h.remove()
+    return float(loss.detach()), kept["cls_logits"].grad[0].abs().sum(dim=1)
+
+
+def test_ignore_regions_take_no_classification_loss():
+    """An ignore box's background locations get no gradient; the rest the same."""
+    lesion = {"boxes": torch.tensor([[40.0, 48, 72, 80]]), "labels": torch.tensor([0])}
+    ign = torch.tensor([[0.0, 0.0, 32.0, 128.0]])  # the image's left quarter
+    model = tiny()
+    model.train()
+    base_loss, base_grad = _logit_grad(model, [lesion])
+    model.zero_grad()
+    loss, grad = _logit_grad(model, [{**lesion, "ignore": ign}])
+    images, _ = model.transform([square_image()])
+    feats = list(model.backbone(images.tensors).values())
+    anchors = model.anchor_generator(images, feats)[0]
+    cx = (anchors[:, 0] + anchors[:, 2]) / 2
+    inside = cx <= 32.0
+    assert inside.any() and (~inside).any()
+    assert float(grad[inside].abs().max()) == 0.0  # taught nothing there
+    assert float(base_grad[inside].abs().max()) > 0.0  # background before
+    # outside the region (and the lesion's positives) exactly as without it
+    assert torch.allclose(grad[~inside], base_grad[~inside])
+    assert loss < base_loss
+    # a lesion inside an ignore region stays a lesion
+    model.zero_grad()
+    cover, cover_grad = _logit_grad(
+        model, [{**lesion, "ignore": torch.tensor([[0.0, 0.0, 128.0, 128.0]])}]
+    )
+    assert cover > 0.0 and float(cover_grad.max()) > 0.0
+
+
+def test_ignore_regions_reach_the_loss_through_targets_to_device(caplog):
+    from common.detector.recipe import targets_to_device
+
+    t = {
+        "boxes": torch.tensor([[1.0, 2, 5, 9]]),
+        "labels": torch.tensor([1]),
+        "ignore": torch.tensor([[0.0, 0, 4, 4], [3.0, 3, 3, 8]]),
+        "key": "img-7",
+    }
+    (out,) = targets_to_device([t], torch.device("cpu"))
+    assert out["ignore"].tolist() == [[0.0, 0.0, 4.0, 4.0]]
+    assert "img-7" in caplog.text and "ignore" in caplog.text
+    (plain,) = targets_to_device([{**t, "ignore": torch.zeros(0, 4)}], "cpu")
+    assert set(plain) == {"boxes", "labels"}
+
+
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_norm_kind(norm):
     model = tiny(norm=norm)

@@ -86,7 +86,7 @@ def _loaders(toy, n_unlabeled: int = 2):
     return labeled, unl
 
 
-@pytest.mark.parametrize("mode", ["pseudo_boxes", "dense"])
+@pytest.mark.parametrize("mode", ["pseudo_boxes", "dense", "paste"])
 def test_local_round_never_reads_unlabeled_targets(tiny_model, toy, mode) -> None:
     cfg = AdaptConfig(
         consistency=mode,
@@ -100,7 +100,7 @@ def test_local_round_never_reads_unlabeled_targets(tiny_model, toy, mode) -> Non
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.01)
     labeled, unl = _loaders(toy)
     stats = local_round(
-        tiny_model, teacher, labeled, unl, opt, cfg, step=7, max_steps=2
+        tiny_model, teacher, labeled, unl, opt, cfg, step=7, max_steps=2, lesions=toy
     )
     assert stats.steps == 2 and stats.step == 9
     assert stats.unlabeled_images == 4 and stats.labeled_images == 4
@@ -249,3 +249,43 @@ def test_pseudo_boxes_thresholded_and_moved_with_strong_view(
             inner = im[0, int(y1) + 2 : int(y2) - 2, int(x1) + 2 : int(x2) - 2]
             assert float(inner.mean()) > float(im[0].mean()), "box misses the blob"
     assert kept >= 5 and per_image == kept / len(images)
+
+
+def test_paste_mode_trains_pasted_lesions_and_ignores_unsure_findings(
+    tiny_model, toy, make_blob
+) -> None:
+    """Pasted labeled lesions are targets, unsure teacher findings ignored."""
+    images = [make_blob(64, [], seed=s) for s in range(6)]
+    cfg = AdaptConfig(
+        consistency="paste",
+        score_thresholds={"mass": 0.5, "calcification": 0.5},
+        paste_ignore_score=0.3,
+    )
+    teacher = MeanTeacher(tiny_model, 0.9)
+
+    def fake_detect(ims):
+        return [
+            {
+                "boxes": torch.tensor(
+                    [[30.0, 30, 40, 40], [2.0, 2, 10, 10], [20.0, 50, 26, 58]]
+                ),
+                "scores": torch.tensor([0.9, 0.35, 0.1]),
+                "labels": torch.tensor([0, 1, 0]),
+            }
+            for _ in ims
+        ]
+
+    teacher.detect = fake_detect  # type: ignore[method-assign]
+    rec = _Recorder()
+    loss, per_image = ConsistencyLoss(teacher, cfg, lesions=toy)(rec, images)
+    assert float(loss.detach()) == 13.0  # every FCOS term: pasted boxes are exact
+    assert per_image == 1.0  # the one confident finding is the pseudo box
+    ((strong, targets),) = rec.calls
+    pasted = 0
+    for t in targets:
+        assert t["ignore"].shape == (1, 4)  # 0.35: ignored; 0.1: background
+        assert t["labels"].tolist().count(1) == 0  # the calcification was unsure
+        pasted += len(t["labels"]) - 1  # the toy bank holds masses only
+    assert pasted >= 6, "lesions from the labeled images were pasted"
+    with pytest.raises(ValueError, match="paste.*labeled images"):
+        ConsistencyLoss(teacher, cfg)
