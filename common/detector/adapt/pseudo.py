@@ -5,8 +5,10 @@ already has (the recommended regime's members, say) over its unlabeled
 training images, fuses their findings by weighted box fusion
 (:func:`common.detector.ensemble.fuse_detections`) and keeps a fused finding
 as a lesion box when its score is at least ``keep``; a finding scoring in
-``[ignore, keep)`` becomes an ignore region (no loss either way, as the
-annotations' ignore boxes), and the rest of the image is background. A model
+``[ignore, keep)`` becomes an ignore region (no classification loss at the
+background locations inside it, as the annotations' ignore boxes; until
+stop 51 the loss never saw ignore regions and taught them as background),
+and the rest of the image is background. A model
 then trains on the labeled images plus these, which is where the teacher's
 knowledge (several models, the federation's among them) reaches one model.
 
