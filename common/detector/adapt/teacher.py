@@ -4,7 +4,7 @@ The teacher is an EMA of the local student (:class:`common.detector.recipe.Model
 ``teacher = d * teacher + (1 - d) * student`` per optimizer step, buffers
 copied), persisted in the site's state dir with :meth:`MeanTeacher.save`.
 
-Two consistency modes (``AdaptConfig.consistency``):
+Three consistency modes (``AdaptConfig.consistency``):
 
 * ``pseudo_boxes`` (Unbiased Teacher): the teacher, in eval mode, detects on a
   weakly augmented view (random flip); detections scoring at least the class

@@ -12,8 +12,9 @@ Tensor contract (model space = the working-spacing grid of the site cache):
   (``classification``, ``bbox_regression``, ``bbox_ctrness``); ``images`` is a
   list of FloatTensor[1, H_i, W_i] in ``[0, 1]``; each target has ``boxes``
   FloatTensor[N, 4] ``[xmin, ymin, xmax, ymax]`` in model-space pixels and
-  ``labels`` Int64Tensor[N] (index into ``common.keys.CLASSES``). Other keys
-  are ignored.
+  ``labels`` Int64Tensor[N] (index into ``common.keys.CLASSES``), optionally
+  ``ignore`` FloatTensor[M, 4] (regions whose background locations take no
+  classification loss). Other keys are ignored.
 * eval mode: ``model(images) -> list[dict]`` with ``boxes`` FloatTensor[K, 4]
   in the same model-space pixels of the input image (clipped to ``0 <= x <= W``,
   ``0 <= y <= H``), ``scores`` FloatTensor[K] and ``labels`` Int64Tensor[K].
