@@ -399,24 +399,24 @@ class ConsistencyLoss:
         """``paste`` mode: the student's FCOS loss on pasted lesions (+ pseudo)."""
         assert self.paste is not None
         thr = torch.as_tensor(self.thresholds)
-        pseudo = pseudo_labels(dets, self.thresholds)
-        unsure = pseudo_labels(
+        # every finding from the ignore score up; the confident ones are boxes
+        found = pseudo_labels(
             dets, tuple(min(self.cfg.paste_ignore_score, t) for t in self.thresholds)
         )
         strong_imgs, targets = [], []
         n_boxes = 0
-        for w, geo, pl, un in zip(weak_imgs, strong_geo, pseudo, unsure, strict=True):
-            below = un["scores"] < thr[un["labels"]]
+        for w, geo, f in zip(weak_imgs, strong_geo, found, strict=True):
+            sure = f["scores"] >= thr[f["labels"]]
             target: dict[str, Any] = {
-                "boxes": pl["boxes"],
-                "labels": pl["labels"],
-                "ignore": un["boxes"][below],
+                "boxes": f["boxes"][sure],
+                "labels": f["labels"][sure],
+                "ignore": f["boxes"][~sure],
             }
+            n_boxes += int(sure.sum())
             img, target = self.paste(w, target)
             img, target = geo.apply(img, target)
             strong_imgs.append(self.strong.intensity(img).to(device))
             targets.append(target)
-            n_boxes += int(pl["boxes"].shape[0])
         losses = student(strong_imgs, targets_to_device(targets, device))
         loss = sum(losses.values(), torch.zeros((), device=device))
         return loss, n_boxes / max(1, len(weak_imgs))
