@@ -369,57 +369,35 @@ class ConsistencyLoss:
             return loss, 0.0
         dets = self.teacher.detect([w.to(device) for w in weak_imgs])
         dets = [{k: v.cpu() for k, v in d.items()} for d in dets]
-        if self.paste is not None:
-            return self._pasted(student, weak_imgs, strong_geo, dets, device)
-        pseudo = pseudo_labels(dets, self.thresholds)
-        strong_imgs, targets = [], []
-        n_boxes = 0
-        for w, geo, pl in zip(weak_imgs, strong_geo, pseudo, strict=True):
-            img, tgt = geo.apply(w, pl)
-            strong_imgs.append(self.strong.intensity(img).to(device))
-            targets.append(
-                {"boxes": tgt["boxes"].to(device), "labels": tgt["labels"].to(device)}
-            )
-            n_boxes += int(tgt["boxes"].shape[0])
-        losses = student(strong_imgs, targets)
-        loss = sum(
-            (losses[k] for k in self.cfg.unsup_losses),
-            torch.zeros((), device=device),
-        )
-        return loss, n_boxes / max(1, len(images))
-
-    def _pasted(
-        self,
-        student: nn.Module,
-        weak_imgs: Sequence[Tensor],
-        strong_geo: Sequence[Any],
-        dets: Sequence[Mapping[str, Tensor]],
-        device: torch.device,
-    ) -> tuple[Tensor, float]:
-        """``paste`` mode: the student's FCOS loss on pasted lesions (+ pseudo)."""
-        assert self.paste is not None
         thr = torch.as_tensor(self.thresholds)
-        # every finding from the ignore score up; the confident ones are boxes
-        found = pseudo_labels(
-            dets, tuple(min(self.cfg.paste_ignore_score, t) for t in self.thresholds)
-        )
+        low = self.thresholds
+        if self.paste is not None:  # from the ignore score up: ignore regions
+            low = tuple(min(self.cfg.paste_ignore_score, t) for t in low)
         strong_imgs, targets = [], []
         n_boxes = 0
-        for w, geo, f in zip(weak_imgs, strong_geo, found, strict=True):
+        for w, geo, f in zip(
+            weak_imgs, strong_geo, pseudo_labels(dets, low), strict=True
+        ):
             sure = f["scores"] >= thr[f["labels"]]
             target: dict[str, Any] = {
                 "boxes": f["boxes"][sure],
                 "labels": f["labels"][sure],
-                "ignore": f["boxes"][~sure],
             }
-            n_boxes += int(sure.sum())
-            img, target = self.paste(w, target)
-            img, target = geo.apply(img, target)
+            if self.paste is not None:
+                target["ignore"] = f["boxes"][~sure]
+                w, target = self.paste(w, target)
+            img, target = geo.apply(w, target)
+            # pseudo boxes: those the strong view keeps; paste: those found
+            n_boxes += (
+                int(sure.sum()) if self.paste is not None else len(target["boxes"])
+            )
             strong_imgs.append(self.strong.intensity(img).to(device))
             targets.append(target)
         losses = student(strong_imgs, targets_to_device(targets, device))
-        loss = sum(losses.values(), torch.zeros((), device=device))
-        return loss, n_boxes / max(1, len(weak_imgs))
+        # pseudo boxes are imprecise (unsup_losses); pasted lesions are exact
+        terms = self.cfg.unsup_losses if self.paste is None else tuple(losses)
+        loss = sum((losses[k] for k in terms), torch.zeros((), device=device))
+        return loss, n_boxes / max(1, len(images))
 
 
 def local_round(
