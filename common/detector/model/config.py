@@ -23,7 +23,7 @@ class ModelConfig:
     :attr:`input_channels` is how many channels an input image has.
 
     Attributes:
-        arch: registry name (``tiny``, ``small``, ``resnet18``, ``resnet34``,
+        arch: registry name (``tiny``, ``small``, ``medium``, ``resnet18``, ``resnet34``,
             ``resnet50`` or a user-registered one); checked when the model is
             built (:func:`common.detector.model.build_detector` lists the valid names).
         norm: normalization of the backbone: ``batch`` (BatchNorm, FedBN-capable)

@@ -28,7 +28,7 @@ def tiny(**kw) -> torch.nn.Module:
     return build_detector(ModelConfig(arch="tiny", **kw))
 
 
-BUILTIN = {"tiny", "small", "resnet18", "resnet34", "resnet50"}
+BUILTIN = {"tiny", "small", "medium", "resnet18", "resnet34", "resnet50"}
 
 
 def test_registry_lists_names_and_rejects_unknown_at_build_time():
@@ -242,6 +242,32 @@ def test_shared_and_personal_split(local_norm, personal_head):
         assert "backbone.body.bn1.running_mean" in shared
     # the global head is shared in every regime
     assert any(k in shared for k in head_keys(model))
+
+
+def test_medium_is_deeper_and_wider_and_small_keeps_its_checkpoint_names():
+    torch.manual_seed(0)
+    small = build_detector(ModelConfig(arch="small", speck_channel=True))
+    medium = build_detector(ModelConfig(arch="medium", speck_channel=True))
+    sk, mk = set(small.state_dict()), set(medium.state_dict())
+    # one block a stage is the stage itself: every saved tiny/small model loads
+    assert "backbone.body.layer3.conv1.weight" in sk
+    assert not any(".layer3.0." in k for k in sk)
+    # two blocks a stage, torchvision's ResNet names
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        assert f"backbone.body.{stage}.1.conv2.weight" in mk
+        assert not any(f"{stage}.2." in k for k in mk)
+    assert medium.state_dict()["backbone.body.layer4.1.conv2.weight"].shape[0] == 192
+    n = sum(p.numel() for p in medium.backbone.body.parameters())
+    assert n > 4 * sum(p.numel() for p in small.backbone.body.parameters())
+    # FedBN sees every norm layer of the extra blocks
+    assert "backbone.body.layer2.1.bn2.running_mean" in norm_keys(medium)
+    medium.eval()
+    (out,) = medium([torch.rand(1, 96, 80)])
+    assert out["boxes"].shape[1] == 4
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        from common.detector.model.fcos import TinyResNet
+
+        TinyResNet(torch.nn.BatchNorm2d, (8, 16, 32, 64), depth=0)
 
 
 def test_resnet18_one_channel_and_weights_path(tmp_path):
