@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,12 +11,16 @@ import pytest
 from benchmarks.mias_posthoc import (
     CALC,
     MASS,
+    WHERE,
+    CachedImage,
     nested_rescore,
     rank_rule,
     speck_clusters,
     speck_peaks,
+    where_features,
 )
 from common.detector.froc import FrocImage, froc_class
+from common.imaging.geometry import Geometry
 
 
 def _image(i: int, hit_score: float, fp_score: float) -> FrocImage:
@@ -182,3 +187,42 @@ def test_analyse_reads_gzipped_oof_files_with_their_folds(tmp_path) -> None:
     bad.write_text('{"key": "not a list"}')
     with pytest.raises(ValueError, match=r"oof\.json: not an oof_predictions.*list"):
         analyse(bad, tmp_path / "no-cache", analyses=["suppress"], n_boot=10)
+
+
+def test_where_features_place_size_rank_and_density_of_each_mark() -> None:
+    """In a 500 x 250 (H x W) crop: the hit (score 0.3) is the image's second
+    mass mark, the false positive (0.8) its first; the cluster mark is ranked
+    among nothing and keeps rank 0."""
+    im = _image(0, 0.3, 0.8)
+    cached = {
+        "im0": CachedImage(
+            pixels=np.zeros((500, 250), np.float32),
+            patient="w0",
+            view="MLO",
+            laterality="L",
+            geometry=Geometry.from_dict(
+                {
+                    "stored_shape": [500, 250],
+                    "crop": [0, 0, 250, 500],
+                    "flip": False,
+                    "model_shape": [500, 250],
+                }
+            ),
+            source=Path("im0.pgm"),
+            density="d",
+        )
+    }
+    (f,) = where_features([im], cached)
+    col = {name: i for i, name in enumerate(WHERE)}
+    assert f.shape == (3, len(WHERE))
+    assert f[0, col["x"]] == pytest.approx(125 / 250)
+    assert f[0, col["y"]] == pytest.approx(125 / 500)
+    assert f[0, col["y2"]] == pytest.approx((125 / 500) ** 2)
+    assert f[0, col["log_size_mm"]] == pytest.approx(np.log(30 * 0.4))
+    assert list(f[:, col["rank_in_image"]]) == [1.0, 0.0, 0.0]
+    assert f[0, col["image_top_logit"]] == pytest.approx(np.log(0.8 / 0.2))
+    assert f[0, col["logit"]] == pytest.approx(np.log(0.3 / 0.7))
+    assert set(f[:, col["dense"]]) == {1.0}  # "d" is mini-MIAS's D
+    cached["im0"] = dataclasses.replace(cached["im0"], density="F")
+    (f,) = where_features([im], cached)
+    assert set(f[:, col["dense"]]) == {0.0}

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Stop 52: a deeper and wider backbone for the recommended 0.4 mm recipe.
 # The recipe's marks reach 38-39 of the 40 masses; what is short is how they
-# are ranked against dense tissue (stop 47), and the false positives at
-# 1 FP/image lie where the hits lie, are as large and as bright (position,
-# size and intensity quartiles alike, stop 52), so only the detector's
-# appearance model can separate them. `small` is one BasicBlock a stage
+# are ranked against dense tissue (stop 47), and nothing but appearance
+# separates the false positives from the hits: neither their brightness and
+# contrast against the other breast (stop 38, mias_posthoc bilateral) nor
+# where they lie, their size, their rank in the image or the film's density
+# (stop 52, benchmarks/results/mias_where) re-scores them better. `small` is one BasicBlock a stage
 # (16/32/64/128); its training step is dominated by the FPN and head, so
 # `medium` (24/48/96/192, two blocks a stage, 2.9x the parameters) costs
 # about 1.7x the step. The same command, folds and seeds as stop 51's
