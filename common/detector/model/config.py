@@ -23,9 +23,10 @@ class ModelConfig:
     :attr:`input_channels` is how many channels an input image has.
 
     Attributes:
-        arch: registry name (``tiny``, ``small``, ``medium``, ``resnet18``, ``resnet34``,
-            ``resnet50`` or a user-registered one); checked when the model is
-            built (:func:`common.detector.model.build_detector` lists the valid names).
+        arch: registry name (``tiny``, ``small``, ``medium``, ``resnet18``,
+            ``resnet34``, ``resnet50`` or a user-registered one); checked when
+            the model is built (:func:`common.detector.model.build_detector`
+            lists the valid names).
         norm: normalization of the backbone: ``batch`` (BatchNorm, FedBN-capable)
             or ``group`` (GroupNorm, required by Opacus DP-SGD). The FCOS head
             always uses GroupNorm, as in the FCOS paper.
