@@ -6,6 +6,9 @@ Measured, not asserted. Configurations in one run (same machine, same size):
 * ``resnet18``   ResNet-18, 64-ch FPN, 2 head convs (the project default)
 * ``resnet18-tv-default-head``  ResNet-18, 256-ch FPN, 4 head convs: the
   torchvision default head, as the baseline
+* ``small-04`` / ``medium-04``  the recommended 0.4 mm recipe's model and
+  the ``medium`` body (stop 52), at the recipe's 256 px patches:
+  ``--models small-04,medium-04 --size 256x256 --batch 8``
 * ``small-lesion-recipe``  the CPU lesion recipe's model (``small``, speck
   channel, 0.2 mm), against ``small`` without the speck channel:
   ``--models small,small-lesion-recipe --size 1024x640`` (a mini-MIAS image at
@@ -53,6 +56,14 @@ CONFIGS: dict[str, ModelConfig] = {
     "small": ModelConfig(arch="small", fpn_channels=64, working_spacing_mm=0.2),
     "small-lesion-recipe": ModelConfig(
         arch="small", fpn_channels=64, working_spacing_mm=0.2, speck_channel=True
+    ),
+    # the recommended 0.4 mm recipe's model and its deeper, wider body
+    # (stop 52): ``--models small-04,medium-04 --size 256x256 --batch 8``
+    "small-04": ModelConfig(
+        arch="small", fpn_channels=64, working_spacing_mm=0.4, speck_channel=True
+    ),
+    "medium-04": ModelConfig(
+        arch="medium", fpn_channels=64, working_spacing_mm=0.4, speck_channel=True
     ),
 }
 

@@ -7,8 +7,8 @@
 # where they lie, their size, their rank in the image or the film's density
 # (stop 52, benchmarks/results/mias_where) re-scores them better. `small` is one BasicBlock a stage
 # (16/32/64/128); its training step is dominated by the FPN and head, so
-# `medium` (24/48/96/192, two blocks a stage, 2.9x the parameters) costs
-# about 1.7x the step. The same command, folds and seeds as stop 51's
+# `medium` (24/48/96/192, two blocks a stage, 2.9x the parameters) trains
+# 16.4 patches/s against 25.1 (benchmarks.train_speed, one thread). The same command, folds and seeds as stop 51's
 # (benchmarks/results/mias_ignore/commands_stop51.sh) with only
 # model.arch changed; two processes of one thread on 2 cores.
 # Fixed before the run: mass CPM and sensitivity at 1 FP/image, and cluster

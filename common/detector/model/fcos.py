@@ -622,8 +622,9 @@ def small_fcos(cfg: ModelConfig) -> MammoFCOS:
 def medium_fcos(cfg: ModelConfig) -> MammoFCOS:
     """Stage widths 24/48/96/192, two blocks a stage (mini-MIAS, stop 52).
 
-    About 1.7x ``small``'s training step on CPU at 256 px: the FPN and the
-    head dominate ``small``'s step, so the body grows cheaply.
+    Three times ``small``'s parameters for 1.5x its training time on CPU at
+    256 px (``benchmarks.train_speed``): the FPN and the head dominate
+    ``small``'s step, so the body grows cheaply.
     """
     return _small_fcos(cfg, (24, 48, 96, 192), depth=2)
 
