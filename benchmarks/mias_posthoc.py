@@ -509,34 +509,37 @@ def analyse(
                 )
     if {"bilateral", "specks", "where"} & set(analyses):
         cached = {im.key: read_cached(cache, im.key) for im in images}
-    if "bilateral" in analyses:
-        feats = bilateral_features(images, cached)
-        for name, cols in (
-            ("detector score only (control)", [0]),
-            ("score + own intensity", [0, 1, 2]),
-            ("score + own + contralateral", [0, 1, 2, 3, 4, 5]),
-        ):
+    # each feature set, with the detector's logit (column 0), re-scores the
+    # mass marks out of fold
+    feature_sets: dict[str, tuple[Callable[..., list[np.ndarray]], Any]] = {
+        "bilateral": (
+            bilateral_features,
+            (
+                ("detector score only (control)", [0]),
+                ("score + own intensity", [0, 1, 2]),
+                ("score + own + contralateral", [0, 1, 2, 3, 4, 5]),
+            ),
+        ),
+        "where": (
+            where_features,
+            (
+                ("detector score only (control)", [0]),
+                ("score + place in the breast + size", [0, 1, 2, 3, 4, 5]),
+                ("score + rank in the image + image's best", [0, 6, 7]),
+                ("score + density", [0, 8]),
+                ("all of them", list(range(len(WHERE)))),
+            ),
+        ),
+    }
+    for analysis, (features, variants) in feature_sets.items():
+        if analysis not in analyses:
+            continue
+        feats = features(images, cached)
+        for name, cols in variants:
             new = nested_rescore(images, folds, feats, cols)
             rows.append(
                 {
-                    "analysis": "bilateral",
-                    "variant": name,
-                    **_row(images, new, MASS, n_boot),
-                }
-            )
-    if "where" in analyses:
-        feats = where_features(images, cached)
-        for name, cols in (
-            ("detector score only (control)", [0]),
-            ("score + place in the breast + size", [0, 1, 2, 3, 4, 5]),
-            ("score + rank in the image + image's best", [0, 6, 7]),
-            ("score + density", [0, 8]),
-            ("all of them", list(range(len(WHERE)))),
-        ):
-            new = nested_rescore(images, folds, feats, cols)
-            rows.append(
-                {
-                    "analysis": "where",
+                    "analysis": analysis,
                     "variant": name,
                     **_row(images, new, MASS, n_boot),
                 }
