@@ -10,9 +10,12 @@ import pytest
 
 from benchmarks.mias_posthoc import (
     CALC,
+    CONVERGENCE,
     MASS,
     WHERE,
     CachedImage,
+    convergence_features,
+    convergence_maps,
     nested_rescore,
     rank_rule,
     speck_clusters,
@@ -189,29 +192,32 @@ def test_analyse_reads_gzipped_oof_files_with_their_folds(tmp_path) -> None:
         analyse(bad, tmp_path / "no-cache", analyses=["suppress"], n_boot=10)
 
 
+def _cached(pixels: np.ndarray, density: str = "") -> CachedImage:
+    """A left MLO whose 500 x 250 crop is the whole stored image."""
+    return CachedImage(
+        pixels=pixels,
+        patient="w0",
+        view="MLO",
+        laterality="L",
+        geometry=Geometry.from_dict(
+            {
+                "stored_shape": [500, 250],
+                "crop": [0, 0, 250, 500],
+                "flip": False,
+                "model_shape": [500, 250],
+            }
+        ),
+        source=Path("im0.pgm"),
+        density=density,
+    )
+
+
 def test_where_features_place_size_rank_and_density_of_each_mark() -> None:
     """In a 500 x 250 (H x W) crop: the hit (score 0.3) is the image's second
     mass mark, the false positive (0.8) its first; the cluster mark is ranked
     among nothing and keeps rank 0."""
     im = _image(0, 0.3, 0.8)
-    cached = {
-        "im0": CachedImage(
-            pixels=np.zeros((500, 250), np.float32),
-            patient="w0",
-            view="MLO",
-            laterality="L",
-            geometry=Geometry.from_dict(
-                {
-                    "stored_shape": [500, 250],
-                    "crop": [0, 0, 250, 500],
-                    "flip": False,
-                    "model_shape": [500, 250],
-                }
-            ),
-            source=Path("im0.pgm"),
-            density="d",
-        )
-    }
+    cached = {"im0": _cached(np.zeros((500, 250), np.float32), density="d")}
     (f,) = where_features([im], cached)
     col = {name: i for i, name in enumerate(WHERE)}
     assert f.shape == (3, len(WHERE))
@@ -226,3 +232,87 @@ def test_where_features_place_size_rank_and_density_of_each_mark() -> None:
     cached["im0"] = dataclasses.replace(cached["im0"], density="F")
     (f,) = where_features([im], cached)
     assert set(f[:, col["dense"]]) == {0.0}
+
+
+def _blob_image(h: int = 500, w: int = 250, seed: int = 0) -> np.ndarray:
+    """A noisy breast (a dark strip at the left edge as background) with one
+    bright round blob of sigma 15 px centred at (x, y) = (125, 125) and a
+    bright straight band along y = 380."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    img = 0.5 + rng.normal(0, 0.02, (h, w))
+    img += 0.3 * np.exp(-((xx - 125) ** 2 + (yy - 125) ** 2) / (2 * 15.0**2))
+    img += 0.3 * np.exp(-((yy - 380) ** 2) / (2 * 6.0**2))
+    img[:, :4] = 0.0
+    return img.astype(np.float32)
+
+
+def test_convergence_maps_peak_on_a_round_blob_not_on_a_band_or_texture() -> None:
+    """The gradient field converges on the blob's centre (near 1 in the bands
+    its edge falls in); a straight band's two edges reach 2/pi at most (the
+    mean |sin| around a circle), noise about 0."""
+    maps = convergence_maps(_blob_image(), 0.4)
+    assert maps.shape == (3, 500, 250)
+    assert np.all(np.abs(maps) <= 1.0 + 1e-5)
+    for band in (0, 1):
+        peak = np.unravel_index(int(maps[band].argmax()), maps[band].shape)
+        assert abs(peak[0] - 125) <= 3 and abs(peak[1] - 125) <= 3, (band, peak)
+        assert maps[band, 125, 125] > 0.95
+        assert maps[band, 380, 125] < 2 / np.pi + 0.02  # parallel edges
+        assert abs(float(maps[band, 250, 200])) < 0.2  # texture
+    assert np.all(maps[:, :, :4] == 0.0)  # outside the breast
+    # gray scale and contrast do not matter, directions only
+    again = convergence_maps(_blob_image() * 3.0 + 7.0, 0.4)
+    np.testing.assert_allclose(again[:, :, 8:], maps[:, :, 8:], atol=1e-4)
+
+
+def test_convergence_features_score_the_blob_mark_above_the_band_mark() -> None:
+    """A mark on the blob: high convergence, low coherence; a mark on the
+    band: lower convergence; a mark on the band's upper edge: the gradient's
+    directions agree (coherence near 1); the logit column is the score's."""
+    box_blob = [105.0, 105.0, 145.0, 145.0]
+    box_band = [105.0, 360.0, 145.0, 400.0]
+    box_edge = [105.0, 362.0, 145.0, 378.0]
+    im = FrocImage(
+        key="im0",
+        spacing_mm=0.4,
+        gt_boxes=np.array([box_blob]),
+        gt_labels=np.array([MASS]),
+        det_boxes=np.array([box_blob, box_band, box_edge]),
+        det_scores=np.array([0.3, 0.6, 0.5]),
+        det_labels=np.array([MASS, MASS, MASS]),
+    )
+    cached = {"im0": _cached(_blob_image())}
+    (f,) = convergence_features([im], cached)
+    col = {name: i for i, name in enumerate(CONVERGENCE)}
+    assert f.shape == (3, len(CONVERGENCE))
+    assert f[0, col["logit"]] == pytest.approx(np.log(0.3 / 0.7))
+    for name in ("conv_centre", "conv_box_max", "conv_any_max"):
+        assert f[0, col[name]] > 0.95 and f[1, col[name]] < 0.7, name
+    assert f[2, col["grad_coherence"]] > 0.5 > 0.2 > f[0, col["grad_coherence"]]
+
+
+def test_pooled_rows_average_the_seeds_and_skip_a_variant_one_file_lacks() -> None:
+    """Two seeds: the re-scoring that swaps each image's hit above its false
+    positive gains in both, the identity gains nothing; a variant only one
+    seed has is not pooled; one file alone gives no pooled row."""
+    from benchmarks.mias_posthoc import pooled_rows
+
+    def seed_file(hit: float, fp: float) -> dict:
+        ref = [_image(i, hit, fp) for i in range(12)]
+        better = [_image(i, fp + 0.1, hit) for i in range(12)]
+        return {
+            ("where", "identity"): (ref, ref),
+            ("where", "swap"): (ref, better),
+        }
+
+    a, b = seed_file(0.3, 0.8), seed_file(0.4, 0.7)
+    b[("where", "only here")] = b[("where", "identity")]
+    rows = {r["variant"]: r for r in pooled_rows([a, b], n_boot=50)}
+    assert set(rows) == {"identity", "swap"}
+    assert rows["identity"]["minus_detector"] == 0.0
+    assert rows["identity"]["minus_detector_ci95"] == [0.0, 0.0]
+    assert rows["swap"]["minus_detector"] > 0.2
+    assert rows["swap"]["minus_detector_ci95"][0] > 0.0
+    assert rows["swap"]["pooled_over"] == 2
+    assert pooled_rows([a], n_boot=50) == []
