@@ -7,7 +7,8 @@ Every process a test starts goes through :func:`started`, which stops it in a
 
 from __future__ import annotations
 
-import shutil
+import functools
+import os
 import socket
 import subprocess
 import sys
@@ -30,8 +31,40 @@ SENDER_AE = "MG_ROOM1"
 NODE_AE = "MAMMOFED"
 DEST_AE = "PACS"
 
+
+@functools.cache
+def dcmtk_tool(name: str) -> str | None:
+    """The absolute path of DCMTK's ``name``, or None.
+
+    pynetdicom installs apps of the same names (``storescu``, ``storescp``,
+    ``echoscu``) into the virtualenv, so with the virtualenv first on ``PATH``
+    a bare ``storescu`` is pynetdicom's: the library the node itself is built
+    on, which would test the node against itself. Only a binary whose
+    ``--version`` names DCMTK counts.
+    """
+    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]
+    for d in dict.fromkeys(dirs):
+        exe = Path(d or ".") / name
+        if not (exe.is_file() and os.access(exe, os.X_OK)):
+            continue
+        try:
+            out = subprocess.run(
+                [str(exe), "--version"], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "dcmtk" in (out.stdout + out.stderr).lower():
+            return str(exe)
+    return None
+
+
+def have_dcmtk() -> bool:
+    """DCMTK's storescu and storescp are installed (not pynetdicom's)."""
+    return dcmtk_tool("storescu") is not None and dcmtk_tool("storescp") is not None
+
+
 needs_dcmtk = pytest.mark.skipif(
-    shutil.which("storescu") is None or shutil.which("storescp") is None,
+    not have_dcmtk(),
     reason="DCMTK storescu/storescp not installed (apt-get install dcmtk)",
 )
 
@@ -115,15 +148,19 @@ def serve_cmd(site_config: Path) -> list[str]:
 def storescp_cmd(port: int, out_dir: Path) -> list[str]:
     """DCMTK storescp as the results destination (AE ``PACS``), files in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return ["storescp", "-aet", DEST_AE, "-od", str(out_dir), "-v", str(port)]
+    exe = dcmtk_tool("storescp")
+    assert exe is not None, "DCMTK storescp not installed"
+    return [exe, "-aet", DEST_AE, "-od", str(out_dir), "-v", str(port)]
 
 
 def storescu(
     port: int, files: Sequence[Path], calling: str = SENDER_AE
 ) -> subprocess.CompletedProcess[str]:
     """Send ``files`` in one association with DCMTK storescu (verbose output)."""
+    exe = dcmtk_tool("storescu")
+    assert exe is not None, "DCMTK storescu not installed"
     return subprocess.run(
-        ["storescu", "-v", "-aet", calling, "-aec", NODE_AE, "127.0.0.1", str(port),
+        [exe, "-v", "-aet", calling, "-aec", NODE_AE, "127.0.0.1", str(port),
          *map(str, files)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

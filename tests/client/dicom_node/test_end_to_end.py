@@ -24,6 +24,7 @@ from common.detector.model import ModelConfig, build_detector
 from common.fileio import sha256_file
 from common.imaging.cache import SiteCache
 from common.imaging.data import SiteDataset
+from tests.client.dicom_node.conftest import have_dcmtk
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,7 +35,7 @@ WAIT_S = 180.0
 
 
 def _needs_dcmtk() -> None:
-    if shutil.which("storescu") is None or shutil.which("storescp") is None:
+    if not have_dcmtk():
         pytest.skip("DCMTK storescu/storescp not installed (apt-get install dcmtk)")
 
 
