@@ -282,7 +282,7 @@ def evaluate_checkpoint(
             raise ValueError(f"{name} must be >= 0, got {n!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     paths = checkpoint_paths(checkpoint)
     loaded = load_detectors(paths, dev, use_ema=use_ema, pairs_breasts=True)
     ck, std = loaded[0][1], loaded[0][2]

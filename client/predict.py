@@ -658,7 +658,7 @@ def predict_paths(
     gsps = output_format in (FORMAT_GSPS, FORMAT_SR_GSPS)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     paths_in = checkpoint_paths(checkpoint)
     loaded = load_detectors(paths_in, dev, use_ema=use_ema, score_floor=score_floor)
     ck, std = loaded[0][1], loaded[0][2]

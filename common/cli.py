@@ -29,6 +29,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
+from pathlib import Path
 from types import FrameType
 
 from common.errors import MammofedError
@@ -97,6 +98,39 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or action.default == []:
             return action.help
         return super()._get_help_string(action)
+
+
+def folder_arg(value: str) -> Path:
+    """The argparse ``type`` of an output folder: refused when a file is there.
+
+    ``makedirs`` would fail later with a bare ``FileExistsError``.
+    """
+    p = Path(value)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is a file, not a folder")
+    return p
+
+
+def fraction_arg(value: str) -> float:
+    """The argparse ``type`` of a share in [0, 1)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= x < 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{value!r} is not in [0, 1)")
+    return x
+
+
+def count_arg(value: str) -> int:
+    """The argparse ``type`` of a count that may be 0 (bootstrap draws, workers)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is negative")
+    return n
 
 
 def add_set_argument(parser: argparse.ArgumentParser, what: str, example: str) -> None:

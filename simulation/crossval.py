@@ -90,7 +90,7 @@ from common.detector.froc import (
     plot_froc,
 )
 from common.detector.rescore import RESCORER_FILE, RescoredDetector, fit_rescorer
-from common.errors import MammofedError
+from common.errors import ConfigError, MammofedError
 from common.fileio import json_safe
 from common.imaging.data import SiteDataset
 from common.keys import CLASSES
@@ -240,9 +240,13 @@ def run_crossval(
             fold directory holds a run of a different fold.
     """
     out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            "train config", "out_dir", f"{str(out)!r} is a file, not a folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, out)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train config")
     t_start = time.perf_counter()
     sites = cfg.sites()
     folds = make_folds(sites, k, cfg.split_seed)

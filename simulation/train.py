@@ -60,6 +60,7 @@ from common.detector.rescore import (
 )
 from common.detector.sampling import lesion_flags
 from common.detector.transforms import Compose
+from common.errors import ConfigError
 from common.fileio import json_safe
 from common.imaging.data import SiteDataset, SiteView
 from common.keys import RESOLVED_CONFIG_YAML
@@ -386,10 +387,14 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     Resumes from ``out_dir/last.pt`` when present and compatible.
     """
     out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            "train config", "out_dir", f"{str(out)!r} is a file, not a folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, out)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train config")
     sites = cfg.sites()
     test_views = {name: s.view("test") for name, s in sites.items()}
     train_idx: dict[str, list[int]] = {}

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from common.cli import count_arg, folder_arg, fraction_arg
 from common.detector.errors import GALLERY_N  # numpy only: --help stays fast
 
 NAME = "evaluate"
@@ -43,10 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--view", default="test", choices=("test", "all"), help="images to score"
     )
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--out", required=True, type=folder_arg, help="output folder")
     parser.add_argument(
         "--test-fraction",
-        type=float,
+        type=fraction_arg,
         default=None,
         help="share of women held out as test in a cache without split.json "
         "(default: the one the checkpoint was trained under, else 0.2)",
@@ -65,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpoint records another training split (some 'test' women were "
         "then trained on); without it that is refused",
     )
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws")
+    parser.add_argument(
+        "--n-boot", type=count_arg, default=1000, help="bootstrap draws"
+    )
     parser.add_argument("--boot-seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda...")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights")

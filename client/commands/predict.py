@@ -14,6 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from common.cli import folder_arg
+
 NAME = "predict"
 HELP = (
     "run a detector checkpoint on image files (JSON in stored pixels + overlay; "
@@ -42,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "docs/federation.md)",
     )
     parser.add_argument("paths", nargs="+", type=Path, help="files or folders")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--out", required=True, type=folder_arg, help="output folder")
     parser.add_argument(
         "--score-floor", type=_unit, default=0.01, help="drop detections below"
     )

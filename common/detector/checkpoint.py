@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,17 @@ def _tensors(path: Path, name: str, value: Any) -> dict[str, torch.Tensor]:
                 f"{path}: field {name!r}: entry {key!r} must be a tensor under a "
                 f"name, got {_shown(tensor)}"
             )
+        # a diverged run's weights load without complaint and then find
+        # nothing (or everything): refuse them by name
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(
+            torch.isfinite(tensor).all()
+        ):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointMismatch(
+                f"{path}: field {name!r}: entry {key!r} holds {bad} non-finite "
+                f"value(s) (NaN or inf) of {tensor.numel()}: the weights of a "
+                "diverged run, not a model"
+            )
     return value
 
 
@@ -161,6 +173,22 @@ def _optional_dict(path: Path, payload: dict[str, Any], name: str) -> Any:
             f"{path}: field {name!r} must be a mapping, got {_shown(value)}"
         )
     return value
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The unpickler's own reason (``": WeightsUnpickler error: ..."``), or "".
+
+    torch's message around it advises loading with ``weights_only=False``,
+    which would run the file's code: never repeated to a user.
+    """
+    text = str(exc)
+    at = text.find("WeightsUnpickler error:")
+    if at < 0:
+        return ""
+    # the reason runs to the blank line before torch's closing advice
+    lines = [x.strip() for x in text[at:].split("\n\nCheck the documentation")[0]
+             .splitlines()]  # fmt: skip
+    return ": " + " ".join(x for x in lines if x)
 
 
 def load_checkpoint(
@@ -191,14 +219,27 @@ def load_checkpoint(
     except pickle.UnpicklingError as exc:  # a foreign object in the pickle
         raise UnsafeCheckpoint(
             f"{p}: refused: the file holds objects other than tensors and plain "
-            f"containers (a crafted or foreign pickle): {one_line(exc)}"
+            f"containers (a crafted or foreign pickle, or not a checkpoint at "
+            f"all){_unpickler_reason(exc)}"
         ) from exc
     except Exception as exc:  # corrupt or foreign file
-        raise CheckpointMismatch(f"{p}: not a readable checkpoint: {exc}") from exc
+        if p.stat().st_size == 0:
+            what = "an empty file"
+        elif not zipfile.is_zipfile(p):
+            what = f"not the zip archive torch.save writes ({one_line(exc)})"
+        else:
+            what = one_line(exc)
+        raise CheckpointMismatch(f"{p}: not a readable checkpoint: {what}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         got = payload.get("format") if isinstance(payload, dict) else type(payload)
         raise CheckpointMismatch(f"{p}: field 'format' is {got!r}, expected {FORMAT!r}")
-    classes = list(_field(p, payload, "classes"))
+    raw_classes = _field(p, payload, "classes")
+    if not isinstance(raw_classes, list | tuple):
+        raise CheckpointMismatch(
+            f"{p}: field 'classes' must be a list of class names, got "
+            f"{_shown(raw_classes)}"
+        )
+    classes = list(raw_classes)
     if classes != list(CLASSES):
         raise CheckpointMismatch(
             f"{p}: field 'classes' is {classes!r}, expected {list(CLASSES)!r}"

@@ -78,13 +78,27 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; other names as given."""
+def resolve_device(name: str = "auto", source: str = "settings") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; other names as given.
+
+    Raises:
+        ConfigError: not a torch device name, or CUDA asked for where there is
+            none (``source`` names where the value came from: a flag, a file).
+    """
+    from common.errors import ConfigError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            source, "device", f"{name!r} is not a device (auto, cpu, cuda, cuda:N)"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} requested but CUDA is not available")
+        raise ConfigError(
+            source, "device", f"{name!r} requested but CUDA is not available"
+        )
     return dev
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.cli import folder_arg
+
 NAME = "report"
 HELP = "write report.md/report.json (CPM table, FROC plots, rounds, bytes) from runs"
 
@@ -12,7 +14,7 @@ HELP = "write report.md/report.json (CPM table, FROC plots, rounds, bytes) from 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``report``."""
     parser.add_argument("runs", nargs="+", type=Path, help="run folders")
-    parser.add_argument("--out", type=Path, required=True, help="report folder")
+    parser.add_argument("--out", type=folder_arg, required=True, help="report folder")
 
 
 def run(args: argparse.Namespace) -> int:

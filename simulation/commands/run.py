@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.cli import add_set_argument
+from common.cli import add_set_argument, count_arg, folder_arg
 from simulation import regimes as R
 
 NAME = "run"
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--federation", type=Path, required=True, help="federation YAML (detector)"
     )
-    parser.add_argument("--out", type=Path, required=True, help="run folder")
+    parser.add_argument("--out", type=folder_arg, required=True, help="run folder")
     parser.add_argument(
         "--regime",
         action="append",
@@ -81,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "trainer.options.threads; with --parallel, the cores shared out)",
     )
     parser.add_argument("--workers", type=int, default=2, help="phantom/ingest workers")
-    parser.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
+    parser.add_argument(
+        "--n-boot", type=count_arg, default=500, help="bootstrap resamples"
+    )
     parser.add_argument(
         "--engine",
         choices=R.ENGINES,

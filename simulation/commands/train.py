@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.cli import add_set_argument
+from common.cli import add_set_argument, folder_arg
 from common.errors import MammofedError
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags overriding the TrainConfig (:func:`apply_overrides`); also crossval's."""
-    parser.add_argument("--out", type=Path, help="override out_dir")
+    parser.add_argument("--out", type=folder_arg, help="override out_dir")
     parser.add_argument("--epochs", type=int, help="override epochs")
     parser.add_argument("--device", help="override device (auto/cpu/cuda)")
     parser.add_argument(

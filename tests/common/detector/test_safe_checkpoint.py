@@ -132,8 +132,19 @@ def _shrunk(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ("state_dict", lambda p: {"state_dict": _shrunk(p["state_dict"])}),
         ("epoch", lambda p: {"epoch": "x"}),
         ("extra", lambda p: {"extra": [1, 2, 3]}),
+        ("state_dict", lambda p: {"state_dict": _poisoned(p["state_dict"])}),
+        ("ema", lambda p: {"ema": _poisoned(p["state_dict"], float("inf"))}),
+        ("classes", lambda p: {"classes": "mass"}),
     ],
-    ids=["state_dict-is-str", "tensor-wrong-shape", "epoch-not-int", "extra-is-list"],
+    ids=[
+        "state_dict-is-str",
+        "tensor-wrong-shape",
+        "epoch-not-int",
+        "extra-is-list",
+        "weights-nan",
+        "ema-inf",
+        "classes-is-str",
+    ],
 )
 def test_malformed_fields_are_a_mismatch_naming_the_file(
     tmp_path, tiny_checkpoint, field, change
@@ -149,3 +160,51 @@ def test_malformed_fields_are_a_mismatch_naming_the_file(
         load_model(bad)
     assert not isinstance(info.value, UnsafeCheckpoint)
     assert str(bad) in str(info.value) and f"field {field!r}" in str(info.value)
+
+
+def _poisoned(state: dict, value: float = float("nan")) -> dict:
+    """``state`` with one element of its first floating tensor set to ``value``
+    (the weights of a diverged run)."""
+    out = dict(state)
+    key = next(k for k, t in out.items() if t.is_floating_point())
+    out[key] = out[key].clone()
+    out[key].view(-1)[0] = value
+    return out
+
+
+def test_poisoned_weights_name_the_tensor_and_the_count(tmp_path, tiny_checkpoint):
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    payload["state_dict"] = _poisoned(payload["state_dict"])
+    bad = tmp_path / "nan.pt"
+    torch.save(payload, bad)
+    key = next(k for k, t in payload["state_dict"].items() if t.is_floating_point())
+    with pytest.raises(CheckpointMismatch, match=rf"entry '{key}' holds 1 non-finite"):
+        load_checkpoint(bad)
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"", "an empty file"),
+        (b"hello world\n", "not the zip archive torch.save writes"),
+    ],
+    ids=["empty", "text"],
+)
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path, content, says):
+    f = tmp_path / "model.pt"
+    f.write_bytes(content)
+    with pytest.raises(CheckpointMismatch, match=says) as info:
+        load_checkpoint(f)
+    assert str(f) in str(info.value)
+
+
+def test_refusal_never_advises_loading_with_weights_only_false(tmp_path):
+    """torch's message around a refused pickle advises ``weights_only=False``
+    (which would run the file): only the unpickler's own reason is kept."""
+    f = tmp_path / "model.pt"
+    f.write_bytes(bytes(range(256)) * 2)
+    with pytest.raises(CheckpointMismatch) as info:
+        load_checkpoint(f)
+    text = str(info.value)
+    assert str(f) in text
+    assert "weights_only" not in text and "trusted source" not in text
