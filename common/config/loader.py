@@ -173,7 +173,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except RecursionError:
         raise ConfigError(str(p), "<file>", "is nested too deeply") from None
     if data is None:
-        data = {}
+        # an empty file (or comments only) is a mistake, not "all defaults":
+        # a site would be named "site", a federation run on defaults
+        raise ConfigError(
+            str(p), "<file>", "holds no settings (empty, or comments only)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             str(p), "<root>", f"must be a mapping, got {type(data).__name__}"

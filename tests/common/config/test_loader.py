@@ -89,6 +89,11 @@ def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
     p = _write(tmp_path, "- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(p, Outer)
+    for text in ("", "\n", "# only a comment\n", "---\n"):
+        p = _write(tmp_path, text)
+        with pytest.raises(ConfigError, match="holds no settings") as info:
+            load_config(p, Outer)
+        assert str(p) in str(info.value)
 
 
 @dataclass(frozen=True)
