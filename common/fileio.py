@@ -156,6 +156,14 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise ValueError(f"not a readable .npz: {type(exc).__name__}: {exc}") from exc
+    except ValueError as exc:
+        if "pickle" not in str(exc):
+            raise
+        # numpy's words suggest allow_pickle=True, which would run the file
+        raise ValueError(
+            "not a readable .npz: neither an .npz archive nor arrays without "
+            "pickled objects (refused: pickles are never loaded)"
+        ) from None
 
 
 def read_jsonl(path: str | Path) -> list[Any]:

@@ -304,7 +304,12 @@ def load_model(
             "its weights"
         )
     cfg = dataclasses.replace(ck.model_config, weights_path=None)
-    model = build_detector(cfg)
+    try:
+        model = build_detector(cfg)
+    except ConfigError as exc:  # an arch this version has not registered
+        raise CheckpointMismatch(
+            f"{ck.path}: field 'model_config.{exc.key}': {exc.detail}"
+        ) from exc
     state = ck.ema if use_ema and ck.ema is not None else ck.state_dict
     load_weights(model, state, ck.path, cfg.arch)
     model.eval()

@@ -63,3 +63,16 @@ def test_a_truncated_or_corrupt_npz_is_a_value_error(tmp_path):
     for bad in (cut, junk):
         with pytest.raises(ValueError):
             load_arrays(bad)
+
+
+@pytest.mark.parametrize(
+    "content", [b"hello, not an archive\n", b"\x80\x04K\x01."], ids=["text", "pickle"]
+)
+def test_a_file_numpy_would_unpickle_is_refused_without_pickle_advice(
+    tmp_path, content
+):
+    p = tmp_path / "round-1.npz"
+    p.write_bytes(content)
+    with pytest.raises(ValueError, match="not a readable .npz") as info:
+        load_arrays(p)
+    assert "allow_pickle" not in str(info.value)

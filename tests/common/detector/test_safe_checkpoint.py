@@ -208,3 +208,13 @@ def test_refusal_never_advises_loading_with_weights_only_false(tmp_path):
     text = str(info.value)
     assert str(f) in text
     assert "weights_only" not in text and "trusted source" not in text
+
+
+def test_an_arch_this_version_lacks_names_the_file_and_field(tmp_path, tiny_checkpoint):
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    payload["model_config"]["arch"] = "huge"
+    bad = tmp_path / "huge.pt"
+    torch.save(payload, bad)
+    with pytest.raises(CheckpointMismatch, match="unknown model 'huge'") as info:
+        load_model(bad)
+    assert f"{bad}: field 'model_config.arch'" in str(info.value)
