@@ -69,7 +69,7 @@ from client.ingest import IMAGES_CSV, SidecarRow, read_images_csv
 from common.config.loader import config_to_dict, write_resolved
 from common.detector.adapt.standardize import HistogramStandardizer
 from common.detector.engine import predict_images, resolve_device
-from common.errors import RefusedImage, one_line
+from common.errors import ConfigError, RefusedImage, one_line
 from common.imaging.annotations import normalize_ref
 from common.imaging.dicom import (
     dcmread_bounded,
@@ -80,7 +80,7 @@ from common.imaging.dicom import (
     read_dataset,
 )
 from common.imaging.geometry import Geometry
-from common.imaging.image import MammoImage
+from common.imaging.image import MAX_SPACING_MM, MIN_SPACING_MM, MammoImage
 from common.imaging.image_io import read_any
 from common.imaging.preprocess import block_mean
 from common.imaging.research_image import load_grey01
@@ -641,6 +641,10 @@ def predict_paths(
     Raises:
         ValueError: ``score_floor`` or ``sr_display_floor`` outside [0, 1], or an
             unknown ``output_format``.
+        ConfigError: ``spacing_mm`` or ``default_spacing_mm`` outside the
+            plausible ``[MIN_SPACING_MM, MAX_SPACING_MM]`` mm (naming the flag
+            and the value), before any model is loaded or image read: both
+            readers would refuse every image it applies to.
         CheckpointMismatch: an unusable checkpoint, or checkpoints that work
             at different spacings.
     """
@@ -654,6 +658,17 @@ def predict_paths(
         raise ValueError(
             f"output_format={output_format!r}; valid formats: {', '.join(FORMATS)}"
         )
+    for key, value in (
+        ("spacing_mm (--spacing-mm)", spacing_mm),
+        ("default_spacing_mm (--default-spacing-mm)", default_spacing_mm),
+    ):
+        if value is not None and not MIN_SPACING_MM <= value <= MAX_SPACING_MM:
+            raise ConfigError(  # NaN fails the test too
+                "predict",
+                key,
+                f"{value!r} mm is outside the plausible [{MIN_SPACING_MM}, "
+                f"{MAX_SPACING_MM}] mm per pixel of a mammogram",
+            )
     sr = output_format in (FORMAT_SR, FORMAT_SR_GSPS)
     gsps = output_format in (FORMAT_GSPS, FORMAT_SR_GSPS)
     out = Path(out_dir)

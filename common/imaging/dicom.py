@@ -15,8 +15,12 @@ with a one-line reason. The documented choices are in ``docs/dicom.md``.
 Hostile input: files are parsed with large values deferred, so nothing of the
 pixel data is read before :func:`check_pixel_budget` has compared the header's
 Rows x Columns x NumberOfFrames x SamplesPerPixel with the budget; colour
-images (:func:`check_greyscale`) and Modality LUTs giving non-finite values or
-an image without dynamic range are refused, naming the field and its value.
+images (:func:`check_greyscale`), a BitsAllocated the reader does not decode
+(:func:`check_bits_allocated`), a VOI or Modality LUT whose LUTData is empty or
+shorter than its LUTDescriptor declares (:func:`check_lut_length`) and Modality
+LUTs giving non-finite values or an image without dynamic range are refused,
+naming the field and its value. A decode that every pydicom plugin fails is
+refused with each plugin's reason, without pydicom's logged tracebacks.
 A header value that cannot be read (a US element of odd length, a Modality
 LUT item without or with an unusable LUTDescriptor) is refused the same way,
 never passed on as another exception. A compressed frame must declare the
@@ -32,6 +36,8 @@ import logging
 import math
 import re
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -63,7 +69,13 @@ from common.config.site import DEFAULT_MAX_PIXELS
 from common.errors import RefusedImage, one_line
 from common.fileio import has_dicom_preamble
 from common.imaging.codestream import codestream_shape, codestream_tiling
-from common.imaging.image import ImageMeta, MammoImage, check_min_side
+from common.imaging.image import (
+    MAX_SPACING_MM,
+    MIN_SPACING_MM,
+    ImageMeta,
+    MammoImage,
+    check_min_side,
+)
 from common.imaging.preprocess import standardize
 from common.imaging.specks import find_specks
 from common.keys import (
@@ -81,9 +93,6 @@ from common.keys import (
 
 log = logging.getLogger(__name__)
 
-#: Plausible mm per pixel for a mammogram; values outside are treated as absent.
-MIN_SPACING_MM = 0.01
-MAX_SPACING_MM = 1.0
 #: ``laterality_source`` values set here (``"breast-side"`` comes from preprocess).
 LATERALITY_IMAGE = "ImageLaterality"
 LATERALITY_SERIES = "Laterality"
@@ -97,6 +106,10 @@ DEFER_SIZE = "64 KB"
 UNDEFINED_LENGTH = 0xFFFFFFFF
 #: The only photometric interpretations read (greyscale).
 GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+#: BitsAllocated values the reader decodes (and the pixel budget counts): 8 and
+#: 16 (PS3.3 for MG, DX and SC greyscale), 32, and 1 (packed bits). pydicom
+#: itself takes 1 or a multiple of 8 up to 64, but 0 is no size at all.
+BITS_ALLOCATED = (1, 8, 16, 32)
 #: A deflated data set (Deflated Explicit VR Little Endian) may inflate to at
 #: most this many bytes. pydicom inflates it whole in memory; a few kB of
 #: deflate can say gigabytes. The default pixel budget admits at most 64 MiB of
@@ -105,6 +118,11 @@ GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 MAX_INFLATED_BYTES = 512 * 2**20
 #: Bytes read from the file, and inflated, per step of :func:`check_deflated`.
 _INFLATE_STEP = 2**20
+#: The logger pydicom's pixel decoders write each failing plugin's traceback
+#: to (at ERROR), silenced around :func:`decode_pixels`' decode only.
+PYDICOM_DECODER_LOGGER = "pydicom.pixels.decoders.base"
+#: How pydicom's error starts when every decoding plugin failed.
+_ALL_FAILED = "Unable to decode as exceptions were raised by all available plugins"
 #: Percentiles used to normalize FOR PROCESSING images after the log transform.
 PROCESSING_PERCENTILES = (0.01, 99.99)
 
@@ -586,8 +604,11 @@ def check_pixel_budget(
     than a frame of excess is padding pydicom drops, as before.
 
     Raises:
-        RefusedImage: over budget, naming the fields and their values.
+        RefusedImage: over budget, naming the fields and their values; or a
+            BitsAllocated the reader does not decode (:func:`check_bits_allocated`,
+            checked even without a budget).
     """
+    check_bits_allocated(ds, path)
     if max_pixels is None:
         return
     rows = _header_int(ds, "Rows", path, 0)
@@ -616,6 +637,27 @@ def check_pixel_budget(
             f"bytes of the header's Rows x Columns x NumberOfFrames x "
             f"SamplesPerPixel = {rows} x {cols} x {frames} x {spp} at "
             f"BitsAllocated={bits}",
+        )
+
+
+def check_bits_allocated(ds: Dataset, path: str | Path) -> None:
+    """Refuse a BitsAllocated that is not one of :data:`BITS_ALLOCATED`.
+
+    An absent BitsAllocated is left to the decoder (the budget counts 16).
+
+    Raises:
+        RefusedImage: ``"BitsAllocated=0 is invalid: expected 1, 8, 16 or 32"``
+            (a value that is no integer: see :func:`_header_int`).
+    """
+    if "BitsAllocated" not in ds:
+        return
+    bits = _header_int(ds, "BitsAllocated", path, 16)
+    if bits not in BITS_ALLOCATED:
+        allowed = ", ".join(map(str, BITS_ALLOCATED[:-1]))
+        raise RefusedImage(
+            str(path),
+            f"BitsAllocated={bits} is invalid: expected {allowed} or "
+            f"{BITS_ALLOCATED[-1]} bits per stored sample",
         )
 
 
@@ -668,14 +710,17 @@ def check_pixel_data(
 ) -> None:
     """Refuse what cannot or should not be decoded, before decoding.
 
-    No PixelData; over the pixel budget (:func:`check_pixel_budget`); a
-    transfer syntax with no installed decoder (naming the UID, its name and the
-    package that would decode it); multi-frame or colour data
-    (:func:`check_greyscale`); a grid too small for a mammogram
-    (:func:`common.imaging.image.check_min_side`). Reads the header only.
+    No PixelData; a BitsAllocated the reader does not decode
+    (:func:`check_bits_allocated`); over the pixel budget
+    (:func:`check_pixel_budget`); a transfer syntax with no installed decoder
+    (naming the UID, its name and the package that would decode it);
+    multi-frame or colour data (:func:`check_greyscale`); a grid too small for
+    a mammogram (:func:`common.imaging.image.check_min_side`). Reads the
+    header only.
     """
     if "PixelData" not in ds:
         raise RefusedImage(str(path), "no pixel data (PixelData element missing)")
+    check_bits_allocated(ds, path)
     check_pixel_budget(ds, path, max_pixels)
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is not None:
@@ -794,36 +839,108 @@ def _window(
     return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def _voi_lut(values: np.ndarray, item: Dataset, path: str | Path) -> np.ndarray:
-    """Apply one VOI LUT Sequence item; output scaled to ``[0, 1]``."""
+def _lut_entries(item: Dataset) -> np.ndarray:
+    """A LUT item's LUTData as float64 entries (size 0 when empty).
+
+    LUTData stored as OW (bytes) is read as 16-bit little-endian words; an
+    empty US element (value ``None``) holds no entry.
+
+    Raises:
+        AttributeError: no LUTData; ValueError, TypeError: unreadable values.
+    """
+    raw = item.LUTData
+    if raw is None:
+        return np.zeros(0)
+    if isinstance(raw, bytes | bytearray):
+        # LUTData may be stored as OW: 16-bit little-endian words.
+        return np.frombuffer(bytes(raw), dtype="<u2").astype(np.float64)
+    return np.asarray(raw, dtype=np.float64).ravel()
+
+
+def check_lut_length(declared: int, held: int, where: str, path: str | Path) -> None:
+    """Refuse a LUT whose LUTData holds no entry, or fewer than declared.
+
+    ``declared``: LUTDescriptor's first value (0 means 65536, PS3.3
+    C.11.1.1); ``where``: the item, e.g. ``"VOILUTSequence[0]"``. A LUT cut
+    short would map every value past its end to the last entry held (a
+    near-binary image the model would score).
+
+    Raises:
+        RefusedImage: ``"VOILUTSequence[0]: empty LUTData"``, or
+            ``"VOILUTSequence[0]: LUTDescriptor declares 4096 entries,
+            LUTData holds 2"``.
+    """
+    if held < 1:
+        raise RefusedImage(str(path), f"{where}: empty LUTData")
+    n = declared or 65536
+    if held < n:
+        zero = " (first value 0)" if not declared else ""
+        raise RefusedImage(
+            str(path),
+            f"{where}: LUTDescriptor declares {n} entries{zero}, LUTData holds {held}",
+        )
+
+
+def _voi_lut(
+    values: np.ndarray,
+    item: Dataset,
+    path: str | Path,
+    where: str = "VOILUTSequence[0]",
+) -> np.ndarray:
+    """Apply one VOI LUT Sequence item ``where``; output scaled to ``[0, 1]``.
+
+    Raises:
+        RefusedImage: no usable LUTDescriptor or LUTData, bits per entry
+            outside 0..16, or LUTData empty or shorter than the descriptor
+            declares (:func:`check_lut_length`), naming the item.
+    """
     try:
         n, first, bits = (int(v) for v in item.LUTDescriptor)
-        raw = item.LUTData
-        if isinstance(raw, bytes | bytearray):
-            # LUTData may be stored as OW: 16-bit little-endian words.
-            data = np.frombuffer(bytes(raw), dtype="<u2").astype(np.float64)
-        else:
-            data = np.asarray(raw, dtype=np.float64).ravel()
+        data = _lut_entries(item)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - absent, mistyped or wrong-length
-        raise RefusedImage(
-            str(path), f"VOILUTSequence item unusable: {one_line(exc)}"
-        ) from exc
+        raise RefusedImage(str(path), f"{where} unusable: {one_line(exc)}") from exc
     if not 0 <= bits <= 16:  # PS3.3 C.11.2.1.1: 8 or 16; 0 read as the data's max
         raise RefusedImage(
             str(path),
-            f"VOILUTSequence item: LUTDescriptor bits per entry = {bits} "
-            "(expected 0 to 16)",
+            f"{where}: LUTDescriptor bits per entry = {bits} (expected 0 to 16)",
         )
+    check_lut_length(n, data.size, where, path)
     n = n or 65536
-    if data.size < 1:
-        raise RefusedImage(str(path), "VOILUTSequence item has empty LUTData")
-    n = min(n, data.size)
     idx = np.clip(np.rint(values - first), 0, n - 1).astype(np.int64)
     out = data[idx]
     top = max(float(2**bits - 1), float(data[:n].max()), 1.0)
     return out / top
+
+
+def check_modality_lut_length(ds: Dataset, path: str | Path) -> None:
+    """Refuse a ModalityLUTSequence item whose LUTData is short (before pydicom).
+
+    pydicom's ``apply_modality_lut`` clips the stored values to the
+    descriptor's count and indexes the data with them: short LUTData either
+    fails with an IndexError naming nothing or, when the values stay within
+    it, maps silently. Only the lengths are checked here (when the first
+    item has a LUTData and a LUTDescriptor whose first value reads as an
+    integer): any other fault is left to the Modality LUT's own refusal
+    (:func:`to_unit_range`), which names it.
+
+    Raises:
+        RefusedImage: see :func:`check_lut_length`
+            (``"ModalityLUTSequence[0]: ..."``).
+    """
+    try:
+        seq = ds.get("ModalityLUTSequence")
+        if not seq or "LUTData" not in seq[0]:
+            return
+        item = seq[0]
+        declared = int(item.LUTDescriptor[0])
+        held = _lut_entries(item).size
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - refused, by name, when pydicom applies it
+        return
+    check_lut_length(declared, held, "ModalityLUTSequence[0]", path)
 
 
 def _invert(ds: Dataset) -> bool:
@@ -905,11 +1022,15 @@ def to_unit_range(arr: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarray:
 
     Raises:
         RefusedImage: the Modality LUT is not finite (:func:`check_rescale`),
-            cannot be applied (a ModalityLUTSequence item without
-            LUTDescriptor, or with 12 bits per entry: naming the field and
-            value), or gives a value that is not finite (RescaleSlope=1e308).
+            its LUTData is empty or shorter than declared
+            (:func:`check_modality_lut_length`; a VOI LUT item's too:
+            :func:`_voi_lut`), it cannot be applied (a ModalityLUTSequence
+            item without LUTDescriptor, or with 12 bits per entry: naming the
+            field and value), or gives a value that is not finite
+            (RescaleSlope=1e308).
     """
     check_rescale(ds, path)
+    check_modality_lut_length(ds, path)
     try:
         with np.errstate(over="ignore", invalid="ignore"):
             values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
@@ -973,6 +1094,60 @@ def _presentation(values: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarr
     return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
 
 
+class _DecoderTracebacks(logging.Filter):
+    """Keeps, instead of passing on, the records of a decoder's exceptions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Drop (and keep) a record carrying an exception; pass any other."""
+        if record.exc_info is None:
+            return True
+        self.records.append(record)
+        return False
+
+
+@contextmanager
+def _decoder_tracebacks(path: str | Path) -> Iterator[None]:
+    """Silence pydicom's decoder tracebacks for the duration (not globally).
+
+    pydicom logs, at ERROR with its traceback, every plugin that fails on a
+    frame (:data:`PYDICOM_DECODER_LOGGER`) before it raises one
+    ``RuntimeError`` listing them all: the refusal carries those reasons
+    (:func:`_decode_failure`), so the tracebacks are only written at DEBUG to
+    this module's logger. The decoder's other records (warnings) pass.
+    """
+    logger = logging.getLogger(PYDICOM_DECODER_LOGGER)
+    kept = _DecoderTracebacks()
+    logger.addFilter(kept)
+    try:
+        yield
+    finally:
+        logger.removeFilter(kept)
+        for record in kept.records:
+            log.debug(
+                "%s: decoder: %s", path, record.getMessage(), exc_info=record.exc_info
+            )
+
+
+def _decode_failure(exc: Exception) -> str:
+    r"""The reason of a failed decode, one line.
+
+    pydicom's ``RuntimeError("Unable to decode as exceptions were raised by
+    all available plugins:\n  pylibjpeg: ...\n  pydicom: ...")`` becomes
+    ``"pylibjpeg: ...; pydicom: ..."`` (each plugin's own reason, in the
+    order tried); anything else :func:`common.errors.one_line`.
+    """
+    lines = str(exc).splitlines()
+    if isinstance(exc, RuntimeError) and lines and lines[0].startswith(_ALL_FAILED):
+        plugins = [line.strip() for line in lines[1:] if line.startswith("  ")]
+        if any(plugins):
+            return "; ".join(p for p in plugins if p)
+    return one_line(exc)
+
+
 def decode_pixels(
     ds: Dataset, path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
@@ -994,12 +1169,13 @@ def decode_pixels(
     check_pixel_data(ds, path, max_pixels=max_pixels)
     check_codestream(ds, path)
     try:
-        arr = ds.pixel_array
+        with _decoder_tracebacks(path):
+            arr = ds.pixel_array
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - decoder errors have many types
         raise RefusedImage(
-            str(path), f"pixel data cannot be decoded: {one_line(exc)}"
+            str(path), f"pixel data cannot be decoded: {_decode_failure(exc)}"
         ) from exc
     if arr.ndim != 2:
         raise RefusedImage(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -12,6 +13,15 @@ from common.imaging.geometry import Geometry
 
 #: A pixel array smaller than this on either side is not a mammogram.
 MIN_SIDE_PX = 64
+#: Plausible mm per stored pixel of a mammogram, for every reader: a DICOM
+#: spacing outside is treated as absent (and a site default outside refused),
+#: a research image's spacing outside is refused (:func:`check_spacing`).
+#: Detectors are 0.05-0.1 mm, digitised film 0.04-0.2 mm, a downsampled
+#: research set such as mini-MIAS 0.2 mm; a value past 1 mm is a typo or
+#: another unit, and resampling to the working spacing by it can ask for
+#: gigapixels (50 mm makes a 300 x 300 image 37500 x 37500 at 0.4 mm).
+MIN_SPACING_MM = 0.01
+MAX_SPACING_MM = 1.0
 
 #: BI-RADS breast composition (5th edition): almost entirely fatty,
 #: scattered fibroglandular, heterogeneously dense, extremely dense.
@@ -51,6 +61,31 @@ def check_min_side(path: object, rows: int, cols: int, what: str) -> None:
         raise RefusedImage(
             str(path), f"{what} too small for a mammogram (< {MIN_SIDE_PX} px a side)"
         )
+
+
+def check_spacing(
+    path: object, spacing_mm: float, field: str, source: str = ""
+) -> float:
+    """``spacing_mm`` as a float, when finite and in the plausible range.
+
+    The range is ``[MIN_SPACING_MM, MAX_SPACING_MM]``. ``field`` names the
+    value (``"spacing_mm"``, ``"default_spacing_mm"``), ``source`` where it
+    came from (``"images.csv row or --spacing-mm"``), for the refusal.
+
+    Raises:
+        RefusedImage: ``"spacing_mm=50.0 mm (images.csv row or --spacing-mm)
+            is outside the plausible [0.01, 1.0] mm per pixel of a
+            mammogram"``; NaN, infinities and non-positive values too.
+    """
+    value = float(spacing_mm)
+    if not (math.isfinite(value) and MIN_SPACING_MM <= value <= MAX_SPACING_MM):
+        where = f" ({source})" if source else ""
+        raise RefusedImage(
+            str(path),
+            f"{field}={spacing_mm!r} mm{where} is outside the plausible "
+            f"[{MIN_SPACING_MM}, {MAX_SPACING_MM}] mm per pixel of a mammogram",
+        )
+    return value
 
 
 @dataclass(frozen=True)

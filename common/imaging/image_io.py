@@ -10,10 +10,16 @@ from PIL import Image, UnidentifiedImageError
 from common.config.site import DEFAULT_MAX_PIXELS
 from common.errors import RefusedImage
 from common.imaging.dicom import is_dicom, read_dicom
-from common.imaging.image import MammoImage
+from common.imaging.image import MammoImage, check_spacing
 from common.imaging.research_image import RESEARCH_SUFFIXES, read_research_image
 
 log = logging.getLogger(__name__)
+
+#: Where a research image's ``spacing_mm`` comes from, for a refusal: the
+#: dataset table (ingest and predict read ``images.csv``) or the command line.
+SOURCE_TABLE = "images.csv row or --spacing-mm"
+#: ... and where ``default_spacing_mm`` comes from.
+SOURCE_DEFAULT = "the site's default_spacing_mm or --default-spacing-mm"
 
 
 def check_research_budget(path: Path, max_pixels: int | None) -> None:
@@ -67,10 +73,15 @@ def read_any(
     ``max_pixels`` is the pixel budget, checked from the file's header before
     any pixel is decoded (``None``: no budget). ``specks``: also find the
     calcification specks at the stored resolution (``MammoImage.specks``).
+    A research image's spacing must be in the plausible ``[MIN_SPACING_MM,
+    MAX_SPACING_MM]`` mm a DICOM spacing must be in
+    (:func:`common.imaging.image.check_spacing`): it is checked before any
+    pixel is decoded or resampled, and the refusal names the value and where
+    it came from (:data:`SOURCE_TABLE` or :data:`SOURCE_DEFAULT`).
 
     Raises:
-        RefusedImage: unsupported file type, no spacing for a research image, or
-            any refusal of the underlying reader.
+        RefusedImage: unsupported file type, no spacing or an implausible one
+            for a research image, or any refusal of the underlying reader.
     """
     p = Path(path)
     if not p.is_file():
@@ -85,13 +96,17 @@ def read_any(
         )
     suffix = p.suffix.lower()
     if suffix in RESEARCH_SUFFIXES:
-        spacing = spacing_mm if spacing_mm is not None else default_spacing_mm
-        if spacing is None:
+        if spacing_mm is not None:
+            spacing, source = spacing_mm, SOURCE_TABLE
+        elif default_spacing_mm is not None:
+            spacing, source = default_spacing_mm, SOURCE_DEFAULT
+        else:
             raise RefusedImage(
                 str(path),
                 f"research image ({suffix}) needs spacing_mm "
                 "or a site default_spacing_mm",
             )
+        spacing = check_spacing(p, spacing, "spacing_mm", source)
         check_research_budget(p, max_pixels)
         return read_research_image(
             p,
@@ -101,6 +116,7 @@ def read_any(
             view=view,
             patient_id=patient_id,
             specks=specks,
+            spacing_source=source,
         )
     raise RefusedImage(
         str(path),

@@ -15,7 +15,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import RefusedImage
-from common.imaging.image import ImageMeta, MammoImage, check_min_side
+from common.imaging.image import (
+    ImageMeta,
+    MammoImage,
+    check_min_side,
+    check_spacing,
+)
 from common.imaging.preprocess import standardize
 from common.imaging.specks import find_specks
 from common.keys import LEFT, RIGHT, SPACING_TABLE
@@ -34,10 +39,17 @@ def load_grey01(path: str | Path) -> np.ndarray:
     8-bit images are divided by 255, 16-bit by 65535 (or by the next power of
     two above the maximum when the data visibly uses fewer bits, e.g. 12-bit
     data in a 16-bit PNG), float images are clipped to ``[0, 1]``. RGB images
-    whose channels are equal are accepted as greyscale.
+    whose channels are equal are accepted as greyscale. As a DICOM file's
+    (:func:`common.imaging.dicom.decode_pixels`), an image whose pixels are
+    not all finite, or that has no dynamic range (every pixel equal, before
+    or after the clipping), is refused: a black frame is no mammogram, and
+    the detector scores it all the same.
 
     Raises:
-        RefusedImage: unreadable file, colour image, unsupported mode, too small.
+        RefusedImage: unreadable file, colour image, unsupported mode, too
+            small, pixel values not finite (``"pixel values not finite (NaN)
+            ..."``), no dynamic range (``"no dynamic range: every pixel is
+            0"``).
     """
     try:
         with Image.open(path) as img:
@@ -75,12 +87,67 @@ def load_grey01(path: str | Path) -> np.ndarray:
             )
         out = arr.astype(np.float32) / denom
     elif arr.dtype.kind == "f":
+        check_finite(path, arr)
         out = arr.astype(np.float32)
     else:
         raise RefusedImage(
             str(path), f"unsupported pixel type {arr.dtype} (mode {mode})"
         )
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    unit = np.clip(out, 0.0, 1.0).astype(np.float32)
+    check_dynamic_range(path, arr, unit)
+    return unit
+
+
+def check_finite(path: str | Path, arr: np.ndarray) -> None:
+    """Refuse pixel values that are NaN or infinite (a float TIFF's).
+
+    Raises:
+        RefusedImage: ``"pixel values not finite (NaN, inf): 90000 of 90000
+            pixels"``, naming which of NaN, inf and -inf occur.
+    """
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    bad = arr[~finite]
+    kinds = [
+        name
+        for name, found in (
+            ("NaN", np.isnan(bad).any()),
+            ("inf", np.isposinf(bad).any()),
+            ("-inf", np.isneginf(bad).any()),
+        )
+        if found
+    ]
+    raise RefusedImage(
+        str(path),
+        f"pixel values not finite ({', '.join(kinds)}): {bad.size} of "
+        f"{arr.size} pixels",
+    )
+
+
+def check_dynamic_range(path: str | Path, stored: np.ndarray, unit: np.ndarray) -> None:
+    """Refuse an image whose ``[0, 1]`` pixels ``unit`` are all equal.
+
+    ``stored`` is the file's own array: when it is constant the message says
+    its value (``"no dynamic range: every pixel is 0"``), otherwise that the
+    clipping to ``[0, 1]`` made it constant (a float image all above 1).
+
+    Raises:
+        RefusedImage: no dynamic range, naming the stored values.
+    """
+    lo, hi = float(unit.min()), float(unit.max())
+    if hi > lo:
+        return
+    s_lo, s_hi = stored.min(), stored.max()
+    if s_lo == s_hi:
+        raise RefusedImage(
+            str(path), f"no dynamic range: every pixel is {s_lo} ({stored.dtype})"
+        )
+    raise RefusedImage(
+        str(path),
+        f"no dynamic range after clipping to [0, 1]: every pixel is {lo} "
+        f"(stored values {s_lo}..{s_hi}, {stored.dtype})",
+    )
 
 
 def read_research_image(
@@ -92,6 +159,7 @@ def read_research_image(
     view: str | None = None,
     patient_id: str | None = None,
     specks: bool = False,
+    spacing_source: str = "",
 ) -> MammoImage:
     """Read and standardize a PNG/TIFF research mammogram.
 
@@ -105,16 +173,21 @@ def read_research_image(
         patient_id: the woman's id (groups the patient-level split).
         specks: also find the calcification specks at the stored resolution
             (:func:`common.imaging.specks.find_specks`).
+        spacing_source: where ``spacing_mm`` came from, for a refusal (e.g.
+            ``"images.csv row or --spacing-mm"``); ``""``: not said.
 
     Returns:
         MammoImage with float32[H, W] model-space pixels in ``[0, 1]``.
 
     Raises:
-        RefusedImage: unreadable/colour/too small image.
-        ValueError: non-positive spacing or a laterality other than L/R/None.
+        RefusedImage: a spacing outside the plausible ``[MIN_SPACING_MM,
+            MAX_SPACING_MM]`` mm (:func:`common.imaging.image.check_spacing`,
+            naming the value and ``spacing_source``; checked before the file
+            is opened, so nothing is resampled by it); an unreadable, colour,
+            too small, non-finite or constant image (:func:`load_grey01`).
+        ValueError: a laterality other than L/R/None.
     """
-    if not spacing_mm > 0:
-        raise ValueError(f"{path}: spacing_mm must be positive, got {spacing_mm}")
+    spacing_mm = check_spacing(path, spacing_mm, "spacing_mm", spacing_source)
     if laterality is not None and laterality not in (LEFT, RIGHT):
         raise ValueError(
             f"{path}: laterality must be 'L', 'R' or None, got {laterality!r}"
