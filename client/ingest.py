@@ -123,6 +123,13 @@ STATUS_INTERRUPTED = "interrupted"
 STOP_GRACE_S = 5.0
 
 
+#: What a research image without a patient id becomes (``images.csv``).
+_OWN_PATIENT = (
+    "row kept, the image is its own patient (the same woman's other images "
+    "may land on the other side of a train/test split)"
+)
+
+
 @dataclass(frozen=True)
 class SidecarRow:
     """One row of ``images.csv`` (research images)."""
@@ -160,6 +167,12 @@ class _Table:
 def read_images_csv(path: str | Path) -> tuple[dict[str, SidecarRow], list[Skip]]:
     """Parse the research-image sidecar; bad rows are skipped with a reason.
 
+    ``patient_id`` groups a woman's images for the train/test split. A row
+    without one (empty cell, or no such column) is kept, its image made its own
+    patient, with a logged :class:`Skip` naming the file, row and field (once
+    for a missing column): that image and the same woman's other views and
+    breast could land on opposite sides of a split.
+
     Returns:
         ``({normalized relative path: row}, skips)``.
 
@@ -171,6 +184,9 @@ def read_images_csv(path: str | Path) -> tuple[dict[str, SidecarRow], list[Skip]
     if any("density" in rec for _, rec in table.rows[:1]):
         skip(1, "density", "(column)", f"not read here: breast density goes in "
              f"{DENSITY_CSV} (image,density), for any image format")  # fmt: skip
+    has_pid = not table.rows or "patient_id" in table.rows[0][1]
+    if not has_pid:
+        skip(1, "patient_id", "(column)", f"missing: {_OWN_PATIENT}")
     out: dict[str, SidecarRow] = {}
     for i, rec in table.rows:
         ref = normalize_ref(rec.get("image", ""))
@@ -194,6 +210,8 @@ def read_images_csv(path: str | Path) -> tuple[dict[str, SidecarRow], list[Skip]
         if ref in out:
             skip(i, "image", ref, "duplicate row (first one kept)")
             continue
+        if has_pid and not rec.get("patient_id"):
+            skip(i, "patient_id", "", f"empty: {_OWN_PATIENT}")
         out[ref] = SidecarRow(
             patient_id=rec.get("patient_id") or None,
             laterality=lat,

@@ -29,7 +29,16 @@ image claims no more than is known (:func:`_settle_skipped`): with nothing
 else, or only a ``none`` row, it is left *unlabeled*, not normal; beside kept
 lesions it is made *weakly labeled*, so no lesion is learned as background.
 A file that is not valid CSV (e.g. a field over 128 KiB) or names a column
-twice is refused (:class:`AnnotationError`). Whether
+twice is refused (:class:`AnnotationError`).
+
+Rows that would make a metric silently wrong are skipped with a warning naming
+both rows (:func:`_drop_conflicts`): a row repeating an earlier row of the same
+image (same kind and box, or both without a box) would be a second
+ground-truth box of one lesion; a ``none`` row of an image that also has a
+lesion row (mass or calcification) contradicts it, and the lesion is kept (a
+``none`` row beside a lesion is most likely a leftover). The same holds
+between rows that name one image by path and by SOPInstanceUID
+(:func:`match_annotations`). Whether
 the ``image`` exists is checked later, by :func:`match_annotations`, against
 the ingested images, and boxes are checked against the image there
 (:func:`targets_for`): an overhang of up to :data:`CLIP_TOLERANCE_PX` px is
@@ -54,6 +63,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -294,8 +304,57 @@ def read_annotations_csv(path: str | Path, mapper: FindingMapper) -> AnnotationS
             dropped.setdefault(ref, []).append(i)
             continue
         aset.add(ref, Finding(kind, box, i, word))
+    for ann in aset.images.values():
+        _drop_conflicts(ann, aset.source, aset.skipped)
     _settle_skipped(aset, dropped)
     return aset
+
+
+def _fmt_box(box: Box) -> str:
+    """``xmin, ymin, xmax, ymax`` as short numbers, for messages."""
+    return ", ".join(f"{v:g}" for v in box)
+
+
+def _drop_conflicts(ann: ImageAnnotations, source: str, skips: list[Skip]) -> None:
+    """Remove from ``ann`` the findings that would count wrong (logged Skips).
+
+    * an exact repeat of an earlier finding (same kind and box, or both
+      without a box): a second ground-truth box of one lesion would count it
+      twice; the first is kept;
+    * a ``none`` finding beside a lesion (mass or calcification): the labels
+      contradict each other; the lesion is kept (a ``none`` row beside a
+      lesion is most likely a leftover) and the ``none`` finding skipped.
+
+    Findings made up by this module (words in ``<...>``) are left alone. Each
+    :class:`Skip` names ``source``, the row dropped and the row it clashes with.
+    """
+    first: dict[tuple[str, Box | None], Finding] = {}
+    kept: list[Finding] = []
+    for f in ann.findings:
+        prev = f if f.word.startswith("<") else first.setdefault((f.kind, f.box), f)
+        if prev is not f:
+            box = "no box" if f.box is None else f"box ({_fmt_box(f.box)})"
+            why = (
+                f"repeats row {prev.row} (same finding {f.kind!r}, {box}): "
+                "duplicate skipped"
+            )
+            Skip(source, f.row, "image", ann.image, why).add_to(skips)
+            continue
+        kept.append(f)
+    lesion = next((f for f in kept if f.kind in (MASS, CALCIFICATION)), None)
+    if lesion is not None and any(f.kind == NONE_FINDING for f in kept):
+        for f in kept:
+            if f.kind != NONE_FINDING:
+                continue
+            why = (
+                f"'none' contradicts the {lesion.kind} of row {lesion.row} "
+                f"({lesion.word!r}) for image {ann.image!r}: the lesion is kept "
+                "(a 'none' row beside a lesion is most likely a leftover), this "
+                "row skipped"
+            )
+            Skip(source, f.row, "finding", f.word, why).add_to(skips)
+        kept = [f for f in kept if f.kind != NONE_FINDING]
+    ann.findings[:] = kept
 
 
 def _settle_skipped(aset: AnnotationSet, dropped: Mapping[str, list[int]]) -> None:
@@ -463,6 +522,8 @@ def _parse_coco(
             aset.add(
                 ref, Finding(NONE_FINDING, None, None, "<listed without annotations>")
             )
+    for ann in aset.images.values():
+        _drop_conflicts(ann, aset.source, aset.skipped)
     _settle_skipped(aset, dropped)
 
 
@@ -642,7 +703,9 @@ def match_annotations(
 
     Returns:
         ``(targets by key, skips)``; references matching no image are skipped
-        with a logged reason naming the row(s).
+        with a logged reason naming the row(s); rows naming one image by path
+        and by SOPInstanceUID are checked together for repeats and
+        contradictions (:func:`_drop_conflicts`).
     """
     entries = list(entries)
     skips: list[Skip] = []
@@ -654,6 +717,7 @@ def match_annotations(
         if uid:
             by_ref.setdefault(uid.strip(), key)
     per_key: dict[str, ImageAnnotations] = {}
+    merged_refs: Counter[str] = Counter()
     for ref, ann in aset.images.items():
         hit = by_ref.get(ref)
         if hit is None:
@@ -665,6 +729,10 @@ def match_annotations(
             continue
         merged = per_key.setdefault(hit, ImageAnnotations(ref))
         merged.findings.extend(ann.findings)
+        merged_refs[hit] += 1
+    for key, n in merged_refs.items():
+        if n > 1:  # one ref's rows were checked when read
+            _drop_conflicts(per_key[key], aset.source, skips)
     out: dict[str, ImageTargets] = {}
     for key, rel, _, geom in entries:
         found = per_key.get(key)

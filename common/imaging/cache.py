@@ -53,6 +53,7 @@ import io
 import json
 import logging
 import math
+import re
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -83,6 +84,8 @@ SITE_ROOT_TXT = "site_root.txt"
 SPLITS: tuple[str, ...] = ("train", "test")
 #: dtypes :meth:`SiteCache.write` stores pixels in.
 PIXEL_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.uint16), np.dtype(np.float16))
+#: A key a log line may show as it is (content keys are hex); others are quoted.
+_PLAIN_KEY = re.compile(r"[\w.-]{1,128}", re.ASCII)
 #: The array member of a pixel file (``np.savez(fh, pixels=...)``).
 _PIXELS_MEMBER = "pixels.npy"
 #: What reading a damaged zip member / ``.npy`` header can raise.
@@ -395,12 +398,20 @@ class SiteCache:
         """The JSON part of entry ``key``.
 
         Raises:
-            FileNotFoundError, ValueError: missing or malformed entry.
+            FileNotFoundError: missing entry.
+            ValueError: malformed entry (not JSON, not an object, a field
+                missing or of the wrong type), naming the file.
         """
         path = self.entry_path(key)
         try:
-            return CacheEntry.from_dict(json.loads(path.read_text()))
-        except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError too
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError(f"expected an object, got {type(data).__name__}")
+            return CacheEntry.from_dict(data)
+        except (  # ValueError: JSONDecodeError and UnicodeDecodeError too
+            KeyError, TypeError, ValueError, AttributeError, OverflowError,
+            RecursionError,
+        ) as exc:  # fmt: skip
             raise ValueError(f"{path}: malformed cache entry: {exc}") from exc
 
     def load_pixels(
@@ -582,6 +593,40 @@ class SiteCache:
             return []
         with open(path, newline="", encoding="utf-8") as fh:
             return list(csv.DictReader(fh))
+
+    def missing_entries(self) -> list[str]:
+        """Keys that ``manifest.csv`` lists but whose entry JSON is missing.
+
+        Such an image is in no dataset (:meth:`iter_entries` lists the JSON
+        files), so each is logged as a warning naming the key, the source image
+        and the manifest row. An entry whose JSON is there but malformed is not
+        listed (:meth:`iter_entries` logs it). No manifest: ``[]``; an
+        unreadable one is logged and not checked.
+        """
+        path = self.root / MANIFEST_CSV
+        try:
+            rows = list(enumerate(self.read_manifest(), start=2))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            log.warning(
+                "%s: unreadable, not checked for missing entries: %s", path, exc
+            )
+            return []
+        missing: list[str] = []
+        for i, row in rows:
+            key = (row.get("key") or "").strip()
+            try:
+                present = not key or self.entry_path(key).is_file()
+            except (OSError, ValueError):  # e.g. a NUL byte in a tampered key
+                present = False
+            if present:
+                continue
+            missing.append(key)
+            log.warning(
+                "cache entry %s (%s in %s row %d): entry JSON missing, image ignored",
+                key if _PLAIN_KEY.fullmatch(key) else shown(key),
+                shown(row.get("source") or ""), MANIFEST_CSV, i,
+            )  # fmt: skip
+        return missing
 
     def read_site_root(self) -> Path | None:
         """The site folder this cache mirrors (``None``: not recorded yet)."""

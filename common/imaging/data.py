@@ -282,6 +282,9 @@ class SiteDataset:
             :meth:`partner_pixels`).
 
     Pixels are read from disk when an item is read (lazy, bounded memory).
+    An entry whose JSON is malformed, or that ``manifest.csv`` lists but whose
+    JSON is missing, is left out with a logged warning naming it
+    (:meth:`SiteCache.iter_entries`, :meth:`SiteCache.missing_entries`).
 
     Raises:
         MammofedError: the folder holds no cache entries.
@@ -306,6 +309,7 @@ class SiteDataset:
         self.test_fraction = test_fraction
         self.seed = seed
         entries = sorted(self.cache.iter_entries(), key=lambda e: e.source)
+        self.cache.missing_entries()  # logs each image the manifest has lost
         if not entries:
             raise MammofedError(
                 f"{self.cache.root}: no cache entries (run ingest first)"

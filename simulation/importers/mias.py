@@ -15,11 +15,13 @@ Output (``OUT_SITE_DIR``):
 * ``annotations.csv``: the site contract. A circle becomes its bounding box in
   stored pixels (pixel-edge coordinates, origin top-left): the centre pixel
   ``(x, H-1-y)`` has its centre at ``(x + 0.5, H - 1 - y + 0.5)`` and the box is
-  that point +- radius, clipped to the image. A circle whose centre lies
-  outside the image or whose radius exceeds the image's larger side, or a
-  coordinate of more than ``MAX_COORD_DIGITS`` digits, is logged (file, line,
-  value) and its coordinates dropped: the row is kept as an image-level label.
-  Classes: CIRC/SPIC/MISC -> mass,
+  that point +- radius, clipped to the image (a clipped circle is logged:
+  file, line, circle and the clipped box). A circle whose centre lies
+  outside the image, whose radius is not positive or exceeds the image's
+  larger side, or a coordinate of more than ``MAX_COORD_DIGITS`` digits, is
+  logged (file, line, value) and its coordinates dropped: the row is kept as
+  an image-level label (the class still says there is a finding; skipping the
+  row would leave the image unlabeled). Classes: CIRC/SPIC/MISC -> mass,
   CALC -> calcification (the circle covers the cluster), ARCH/ASYM -> ignore,
   NORM -> a ``none`` row; abnormal rows without coordinates are kept as
   image-level labels (empty box). With ``keep_words=True`` the MIAS words are
@@ -28,6 +30,15 @@ Output (``OUT_SITE_DIR``):
   with a table row, as MIAS writes it (``F`` fatty, ``G`` fatty-glandular,
   ``D`` dense-glandular; not mapped to BI-RADS). An image's first row decides;
   a later row of the same image with another tissue is logged and ignored.
+
+A row that repeats an earlier row of the same image (same class, or another
+class written as the same finding, and the same circle or both without
+coordinates) is skipped with a warning naming both lines: it would be a second
+ground-truth box of one lesion. A ``NORM`` row of an image
+that also has an abnormal row contradicts it: the abnormal rows are kept (a
+``NORM`` row beside a lesion is most likely a leftover) and the ``NORM`` row is
+skipped with a warning naming both lines. Both kinds of skip are listed in
+:attr:`ImportSummary.table_skipped`.
 
 Malformed table rows are skipped with a warning naming the file, line and
 value; images without a table row are copied but get no annotation
@@ -83,6 +94,8 @@ MIAS_CLASSES: dict[str, str] = {
 TISSUES = frozenset({"F", "G", "D"})
 SEVERITIES = frozenset({"B", "M"})
 _ID = re.compile(r"^mdb(\d{3})$")
+#: An ``x``, ``y`` or ``radius`` token (a sign is read, then judged).
+_INT = re.compile(r"[+-]?\d+")
 #: Longest ``x``, ``y`` or ``radius`` accepted (MIAS images are 1024 pixels).
 MAX_COORD_DIGITS = 5
 #: What PIL raises on a file it cannot decode.
@@ -109,6 +122,8 @@ class MiasRow:
     y: int | None
     radius: int | None
     line: int
+    #: the line as written (stripped), for messages.
+    text: str = ""
 
     @property
     def kind(self) -> str:
@@ -139,10 +154,14 @@ def parse_info(path: str | Path) -> MiasTable:
 
     Rules: the first token must be ``mdbNNN``, the second a tissue letter
     (F/G/D), the third a known class; then an optional severity (B/M) and
-    optional ``x y radius`` integers. Extra text (``*NOTE 3*``) where numbers
-    belong means "no coordinates" (logged). Lines that do not start with an id
-    (headers, blank lines) are passed over; other malformed lines are skipped
-    with a warning.
+    optional ``x y radius`` integers. Another single letter where the severity
+    belongs, or another word followed by three integers, is an unknown severity:
+    logged and ignored (the site contract has no severity), the coordinates are
+    read. Extra text (``*NOTE 3*``) where numbers belong means "no coordinates"
+    (logged). A radius that is not positive is logged and the coordinates are
+    dropped (the row is kept as an image-level label, as for any circle that
+    cannot be placed). Lines that do not start with an id (headers, blank lines)
+    are passed over; other malformed lines are skipped with a warning.
 
     Raises:
         MammofedError: the file cannot be read.
@@ -180,9 +199,19 @@ def parse_info(path: str | Path) -> MiasTable:
         if rest and rest[0].upper() in SEVERITIES:
             severity = rest[0].upper()
             rest = rest[1:]
+        elif rest and _unknown_severity(rest):
+            log.warning(
+                "%s line %d: unknown severity %s (expected B or M): ignored",
+                p, n, shown(rest[0]),
+            )  # fmt: skip
+            rest = rest[1:]
         x = y = r = None
-        numeric = len(rest) >= 3 and all(re.fullmatch(r"\d+", t) for t in rest[:3])
-        too_long = [t for t in rest[:3] if len(t) > MAX_COORD_DIGITS] if numeric else []
+        numeric = len(rest) >= 3 and all(_INT.fullmatch(t) for t in rest[:3])
+        too_long = (
+            [t for t in rest[:3] if len(t.lstrip("+-")) > MAX_COORD_DIGITS]
+            if numeric
+            else []
+        )
         if numeric and not too_long:
             x, y, r = (int(t) for t in rest[:3])
             if len(rest) > 3:
@@ -207,10 +236,37 @@ def parse_info(path: str | Path) -> MiasTable:
             skip(n, line.strip(), "NORM row with coordinates")
             continue
         if r is not None and r <= 0:
-            skip(n, str(r), "radius must be positive")
-            continue
-        table.rows.append(MiasRow(tok[0], number, tissue, cls, severity, x, y, r, n))
+            log.warning(
+                "%s line %d: radius %d is not positive; coordinates dropped, kept "
+                "as an image-level label",
+                p, n, r,
+            )  # fmt: skip
+            x = y = r = None
+        table.rows.append(
+            MiasRow(tok[0], number, tissue, cls, severity, x, y, r, n, line.strip())
+        )
     return table
+
+
+def _unknown_severity(rest: list[str]) -> bool:
+    """Whether ``rest[0]`` stands where a severity belongs but is none.
+
+    A single letter, or any word but an integer followed by three integers.
+    """
+    head = rest[0]
+    if _INT.fullmatch(head):
+        return False
+    if len(head) == 1 and head.isalpha():
+        return True
+    return len(rest) == 4 and all(_INT.fullmatch(t) for t in rest[1:])
+
+
+def _circle_bounds(
+    x: int, y: int, radius: int, height: int
+) -> tuple[float, float, float, float]:
+    """Unclipped stored-space box of a MIAS circle (see :func:`circle_box`)."""
+    cx, cy = x + 0.5, (height - 1 - y) + 0.5
+    return (cx - radius, cy - radius, cx + radius, cy + radius)
 
 
 def circle_box(
@@ -231,9 +287,8 @@ def circle_box(
     w, h = size
     if not (0 <= x < w and 0 <= y < h) or radius > max(w, h):
         return None
-    cx, cy = x + 0.5, (h - 1 - y) + 0.5
-    box = (max(0.0, cx - radius), max(0.0, cy - radius),
-           min(float(w), cx + radius), min(float(h), cy + radius))  # fmt: skip
+    x0, y0, x1, y1 = _circle_bounds(x, y, radius, h)
+    box = (max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1))
     if box[0] >= box[2] or box[1] >= box[3]:
         return None
     return box
@@ -248,6 +303,8 @@ class ImportSummary:
     annotation_rows: int = 0
     kinds: Counter[str] = field(default_factory=Counter)
     densities: Counter[str] = field(default_factory=Counter)
+    #: ``(line, value, reason)`` of the table lines not written: malformed
+    #: (:func:`parse_info`), repeated or contradicted rows (module docstring).
     table_skipped: list[tuple[int, str, str]] = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)
     unlisted_images: list[str] = field(default_factory=list)
@@ -317,6 +374,18 @@ def import_mias(
             summary.images += 1
     listed = set()
     tissue: dict[str, MiasRow] = {}
+    #: image -> its first abnormal (non-NORM) row: a NORM row beside it is skipped
+    abnormal: dict[str, MiasRow] = {}
+    for row in table.rows:
+        if row.cls != "NORM":
+            abnormal.setdefault(row.image_id, row)
+    #: (image, word written, circle) -> the first row that wrote it
+    written: dict[tuple[str, str, int | None, int | None, int | None], MiasRow] = {}
+
+    def skip_row(row: MiasRow, reason: str) -> None:
+        summary.table_skipped.append((row.line, row.text, reason))
+        log.warning("%s line %d: %s", info, row.line, reason)
+
     with open(out / ANNOTATIONS_CSV, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(ANNOTATION_COLUMNS)
@@ -344,6 +413,35 @@ def import_mias(
                     first.line, DENSITY_CSV,
                 )  # fmt: skip
             word = row.cls if keep_words else row.kind
+            lesion = abnormal.get(row.image_id)
+            if row.cls == "NORM" and lesion is not None:
+                skip_row(
+                    row,
+                    f"{row.image_id} is NORM here but line {lesion.line} gives "
+                    f"{lesion.cls} ({shown(lesion.text)}): contradictory labels; "
+                    "the finding is kept (a NORM row beside it is most likely a "
+                    "leftover), this NORM row skipped",
+                )
+                continue
+            dup_key = (row.image_id, word, row.x, row.y, row.radius)
+            first_row = written.setdefault(dup_key, row)
+            if first_row is not row:
+                noun, detail = "NORM row", ""
+                if row.cls != "NORM":
+                    lesion_kind = row.kind in (MASS, CALCIFICATION)
+                    noun = "lesion" if lesion_kind else "finding"
+                    if row.x is None:
+                        detail = " (same class, no coordinates)"
+                    elif first_row.cls == row.cls:
+                        detail = " (same class and circle)"
+                    else:
+                        detail = f" (same circle; {first_row.cls} there, both {word})"
+                skip_row(
+                    row,
+                    f"{row.image_id} repeats the {noun} of line {first_row.line}"
+                    f"{detail}: duplicate skipped",
+                )
+                continue
             coords: list[str] = ["", "", "", ""]
             if row.x is not None and row.y is not None and row.radius is not None:
                 box = circle_box(row.x, row.y, row.radius, sizes[row.image_id])
@@ -357,6 +455,16 @@ def import_mias(
                     )  # fmt: skip
                 else:
                     coords = [f"{v:g}" for v in box]
+                    full = _circle_bounds(
+                        row.x, row.y, row.radius, sizes[row.image_id][1]
+                    )
+                    if box != full:
+                        log.warning(
+                            "%s line %d: circle (%d, %d, r=%d) extends beyond the "
+                            "%dx%d image; box clipped to (%s)",
+                            info, row.line, row.x, row.y, row.radius,
+                            *sizes[row.image_id], ", ".join(coords),
+                        )  # fmt: skip
             w.writerow([f"{row.image_id}.png", word, *coords])
             summary.annotation_rows += 1
             summary.kinds[row.kind] += 1
