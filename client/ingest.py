@@ -78,6 +78,8 @@ from common.imaging.image import (
     DENSITY_COLUMNS,
     DENSITY_CSV,
     DENSITY_VALUES,
+    MAX_SPACING_MM,
+    MIN_SPACING_MM,
     MammoImage,
 )
 from common.imaging.research_image import RESEARCH_SUFFIXES
@@ -204,8 +206,16 @@ def read_images_csv(path: str | Path) -> tuple[dict[str, SidecarRow], list[Skip]
                 spacing = float(raw)
             except ValueError:
                 spacing = math.nan
-            if not (math.isfinite(spacing) and 0.01 <= spacing <= 5.0):
-                skip(i, "spacing_mm", raw, "must be a number in [0.01, 5]")
+            if not (
+                math.isfinite(spacing) and MIN_SPACING_MM <= spacing <= MAX_SPACING_MM
+            ):
+                skip(
+                    i,
+                    "spacing_mm",
+                    raw,
+                    f"must be a number in [{MIN_SPACING_MM}, {MAX_SPACING_MM}] "
+                    "(mm per pixel of a mammogram)",
+                )
                 continue
         if ref in out:
             skip(i, "image", ref, "duplicate row (first one kept)")

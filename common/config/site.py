@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from common.config.dicom_node import DicomNodeConfig
 from common.config.loader import bounded, check_plain_name, load_config, path_field
 from common.errors import shown
+from common.imaging.image import MAX_SPACING_MM, MIN_SPACING_MM
 from common.keys import CALCIFICATION, IGNORE, MASS, NONE_FINDING
 
 if TYPE_CHECKING:
@@ -182,7 +183,9 @@ class SiteConfig:
 
     name: str = "site"
     working_spacing_mm: float = field(default=0.4, metadata=bounded(0.05, 5.0))
-    default_spacing_mm: float | None = field(default=None, metadata=bounded(0.01, 5.0))
+    default_spacing_mm: float | None = field(
+        default=None, metadata=bounded(MIN_SPACING_MM, MAX_SPACING_MM)
+    )
     findings: dict[str, FindingKind] = field(default_factory=_default_findings)
     workers: int = field(default=1, metadata=bounded(1, 256))
     progress_every: int = field(default=50, metadata=bounded(1, None))
