@@ -348,7 +348,10 @@ def find_candidates(site_dir: str | Path, exclude: Iterable[Path] = ()) -> list[
     """Image files under ``site_dir`` (sorted), passing over non-image files quietly.
 
     Hidden files/folders and anything under ``exclude`` (e.g. a cache folder
-    inside the site folder) are not visited.
+    inside the site folder) are not visited. An entry that is not a regular
+    file (a broken link, a FIFO, a socket, a device) is passed over with a
+    warning naming it: it may have been an image, and reading a FIFO would
+    block.
     """
     root = Path(site_dir)
     excl = [Path(e).resolve() for e in exclude]
@@ -362,7 +365,15 @@ def find_candidates(site_dir: str | Path, exclude: Iterable[Path] = ()) -> list[
         )
         for name in sorted(filenames):
             p = d / name
-            if name.startswith(".") or not p.is_file():
+            if name.startswith("."):
+                continue
+            if not p.is_file():
+                what = (
+                    "a broken link"
+                    if p.is_symlink()
+                    else "not a regular file (a FIFO, socket or device)"
+                )
+                log.warning("%s: %s: skipped", p, what)
                 continue
             if d == root and name in SITE_FILES:
                 continue

@@ -1226,6 +1226,7 @@ def read_dicom(
         working_spacing_mm=working_spacing_mm,
         chest_wall_hint=chest_wall_hint(ds),
         laterality_source=meta.laterality_source,
+        source=str(path),
     )
     meta = replace(meta, laterality=laterality, laterality_source=lat_source)
     log.debug(

@@ -256,6 +256,7 @@ def standardize(
     working_spacing_mm: float,
     chest_wall_hint: str | None = None,
     laterality_source: str = LATERALITY_GIVEN,
+    source: str = "",
 ) -> tuple[np.ndarray, Geometry, str, str]:
     """Crop to the breast, put it on the left, resample to the working spacing.
 
@@ -270,6 +271,7 @@ def standardize(
             used only when the image content does not tell the side.
         laterality_source: where ``laterality`` came from; returned unchanged
             when ``laterality`` is given.
+        source: the file, for the warning when the side is a guess.
 
     Returns:
         ``(pixels, geometry, laterality, laterality_source)``: float32[h, w]
@@ -295,7 +297,11 @@ def standardize(
         elif laterality in (LEFT, RIGHT):
             side = "left" if laterality == LEFT else "right"
         else:
-            log.warning("breast side ambiguous and no hint: assuming left")
+            log.warning(
+                "%s: breast side ambiguous (the image does not show it, and no "
+                "laterality or orientation in the file): assuming left",
+                source or "<image>",
+            )
             side = "left"
     lat_source = laterality_source
     if laterality not in (LEFT, RIGHT):

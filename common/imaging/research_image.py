@@ -199,6 +199,7 @@ def read_research_image(
         laterality=laterality,
         working_spacing_mm=working_spacing_mm,
         laterality_source=LATERALITY_TABLE,
+        source=str(path),
     )
     rows, cols = unit.shape
     meta = ImageMeta(

@@ -79,3 +79,24 @@ def test_ingest_reports_patient_id_and_repeated_rows(
     targets = SiteCache(cache).read_annotations()
     assert len(targets[keys["p1/l_cc.dcm"]].boxes) == 1  # one lesion, one box
     assert targets[keys["p1/r_cc.dcm"]].has_lesion
+
+
+def test_a_broken_link_or_a_fifo_among_the_images_is_named_not_read(tmp_path, caplog):
+    """find_candidates (ingest's and predict's walk) passes over a broken
+    symlink and a FIFO named like images with a warning naming each; opening
+    the FIFO would block."""
+    import logging
+    import os
+
+    from client.ingest import find_candidates
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "real.dcm").write_bytes(b"\0" * 132)
+    (site / "gone.dcm").symlink_to(tmp_path / "nowhere.dcm")
+    os.mkfifo(site / "pipe.dcm")
+    with caplog.at_level(logging.WARNING):
+        found = find_candidates(site)
+    assert [p.name for p in found] == ["real.dcm"]
+    assert f"{site / 'gone.dcm'}: a broken link: skipped" in caplog.text
+    assert f"{site / 'pipe.dcm'}: not a regular file" in caplog.text

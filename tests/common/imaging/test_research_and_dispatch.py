@@ -148,3 +148,24 @@ def test_model_shape_at_least_one() -> None:
         _breast(), stored_spacing_mm=0.1, laterality="L", working_spacing_mm=1000.0
     )
     assert px.shape == g.model_shape == (1, 1)
+
+
+def test_a_guessed_breast_side_names_the_file(tmp_path, caplog):
+    """A breast centred in the image, as much tissue left as right, shows no
+    side; with no laterality given the warning that it assumes left names the
+    file."""
+    import logging
+
+    from PIL import Image
+
+    from common.imaging.research_image import read_research_image
+
+    yy, xx = np.mgrid[:128, :128]
+    disk = (xx - 63.5) ** 2 + (yy - 63.5) ** 2 < 40**2
+    img = np.where(disk, 180, 10).astype(np.uint8)
+    path = tmp_path / "even.png"
+    Image.fromarray(img).save(path)
+    with caplog.at_level(logging.WARNING):
+        read_research_image(path, spacing_mm=0.2, working_spacing_mm=0.4)
+    lines = [r.getMessage() for r in caplog.records if "ambiguous" in r.getMessage()]
+    assert lines and all(str(path) in m for m in lines), caplog.text
