@@ -66,7 +66,7 @@ from pydicom.uid import (
 )
 
 from common.config.site import DEFAULT_MAX_PIXELS
-from common.errors import RefusedImage, one_line
+from common.errors import RefusedImage, one_line, shown
 from common.fileio import has_dicom_preamble
 from common.imaging.codestream import codestream_shape, codestream_tiling
 from common.imaging.image import (
@@ -459,12 +459,30 @@ def resolve_spacing(
     )
 
 
-def resolve_laterality(ds: Dataset) -> tuple[str | None, str | None]:
-    """``(laterality, source)`` from ImageLaterality then Laterality; else Nones."""
+def resolve_laterality(
+    ds: Dataset, path: str | Path = "<dataset>"
+) -> tuple[str | None, str | None]:
+    """``(laterality, source)`` from ImageLaterality then Laterality; else Nones.
+
+    Both hold one value; a header with several (``L`` and ``R``) says nothing
+    reliable, so it is passed over with a warning naming ``path`` (the next
+    field, then the breast's side in the image, decide).
+    """
     for keyword, source in (
         ("ImageLaterality", LATERALITY_IMAGE),
         ("Laterality", LATERALITY_SERIES),
     ):
+        elem = ds.get(keyword)
+        raw = getattr(elem, "value", elem)
+        if isinstance(raw, pydicom.multival.MultiValue) and len(raw) > 1:
+            log.warning(
+                "%s: %s=%s holds %d values (one expected): ignored",
+                path,
+                keyword,
+                shown("\\".join(str(v) for v in raw)),
+                len(raw),
+            )
+            continue
         value = first_text(ds, keyword).upper()
         if value in (LEFT, RIGHT):
             return value, source
@@ -530,7 +548,7 @@ def _meta(ds: Dataset, path: str | Path, default_spacing_mm: float | None) -> Im
     """Build the ImageMeta of a parsed dataset (no pixel access)."""
     check_breast_image(ds, path)
     spacing, spacing_source = resolve_spacing(ds, path, default_spacing_mm)
-    laterality, lat_source = resolve_laterality(ds)
+    laterality, lat_source = resolve_laterality(ds, path)
     return ImageMeta(
         source=str(path),
         sop_instance_uid=first_text(ds, "SOPInstanceUID") or None,
@@ -943,7 +961,7 @@ def check_modality_lut_length(ds: Dataset, path: str | Path) -> None:
     check_lut_length(declared, held, "ModalityLUTSequence[0]", path)
 
 
-def _invert(ds: Dataset) -> bool:
+def _invert(ds: Dataset, path: str | Path = "<dataset>") -> bool:
     """Whether low stored values mean bright: MONOCHROME1, or MONOCHROME2 + INVERSE.
 
     DICOM requires PresentationLUTShape INVERSE together with MONOCHROME1 for
@@ -952,6 +970,13 @@ def _invert(ds: Dataset) -> bool:
     """
     photometric = first_text(ds, "PhotometricInterpretation").upper()
     shape = first_text(ds, "PresentationLUTShape").upper()
+    if shape not in ("", "IDENTITY", "INVERSE"):
+        log.warning(
+            "%s: PresentationLUTShape=%s is neither IDENTITY nor INVERSE: read "
+            "as IDENTITY",
+            path,
+            shown(shape),
+        )
     return photometric == "MONOCHROME1" or (
         photometric == "MONOCHROME2" and shape == "INVERSE"
     )
@@ -1061,7 +1086,7 @@ def to_unit_range(arr: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarray:
             )
         out = _presentation(values, ds, path)
     out = np.clip(out, 0.0, 1.0)
-    if _invert(ds):
+    if _invert(ds, path):
         out = 1.0 - out
     return out.astype(np.float32)
 

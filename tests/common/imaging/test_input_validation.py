@@ -342,3 +342,34 @@ def test_eight_and_32_bit_images_still_read(tmp_path: Path, bits: int) -> None:
     ds.PixelData = rng.integers(0, 250, (256, 200)).astype(dtype).tobytes()
     img = read_dicom(_save(ds, tmp_path / "ok.dcm"), working_spacing_mm=WORKING)
     assert img.pixels.max() > img.pixels.min()
+
+
+def test_several_lateralities_are_ignored_with_a_warning_naming_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ImageLaterality ``L\\R`` is not read as L: it is passed over, named, and
+    the series Laterality decides."""
+    ds = _mammo()
+    ds.ImageLaterality = ["L", "R"]
+    ds.Laterality = "R"
+    path = _save(ds, tmp_path / "two.dcm")
+    with caplog.at_level(logging.WARNING):
+        img = read_dicom(path, working_spacing_mm=0.4)
+    assert img.meta.laterality == "R" and img.meta.laterality_source == "Laterality"
+    assert f"{path}: ImageLaterality='L\\\\R' holds 2 values" in caplog.text
+
+
+def test_an_unknown_presentation_lut_shape_is_named_and_read_as_identity(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = _mammo()
+    ds.PresentationLUTShape = "BOGUS"
+    path = _save(ds, tmp_path / "shape.dcm")
+    with caplog.at_level(logging.WARNING):
+        bogus = read_dicom(path, working_spacing_mm=0.4)
+    assert f"{path}: PresentationLUTShape='BOGUS' is neither IDENTITY nor" in (
+        caplog.text
+    )
+    ds.PresentationLUTShape = "IDENTITY"
+    plain = read_dicom(_save(ds, tmp_path / "plain.dcm"), working_spacing_mm=0.4)
+    np.testing.assert_array_equal(bogus.pixels, plain.pixels)
