@@ -38,8 +38,10 @@ def load_grey01(path: str | Path) -> np.ndarray:
 
     8-bit images are divided by 255, 16-bit by 65535 (or by the next power of
     two above the maximum when the data visibly uses fewer bits, e.g. 12-bit
-    data in a 16-bit PNG), float images are clipped to ``[0, 1]``. RGB images
-    whose channels are equal are accepted as greyscale. As a DICOM file's
+    data in a 16-bit PNG), float images in ``[0, 1]`` are kept and others
+    scaled by their own range (raw detector values saved as float). RGB
+    images whose channels are equal are accepted as greyscale; an alpha
+    plane (LA, RGBA) is dropped. As a DICOM file's
     (:func:`common.imaging.dicom.decode_pixels`), an image whose pixels are
     not all finite, or that has no dynamic range (every pixel equal, before
     or after the clipping), is refused: a black frame is no mammogram, and
@@ -60,8 +62,17 @@ def load_grey01(path: str | Path) -> np.ndarray:
         raise RefusedImage(str(path), f"file not found: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise RefusedImage(str(path), f"unreadable image: {exc}") from exc
+    if arr.ndim == 3 and arr.shape[-1] in (2, 4):
+        # grey + alpha (LA) or RGBA: the alpha plane is not the image
+        arr = arr[..., :-1] if arr.shape[-1] == 4 else arr[..., 0]
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
     if arr.ndim == 3:
-        channels = arr[..., :3]
+        if arr.shape[-1] != 3:
+            raise RefusedImage(
+                str(path), f"image has {arr.shape[-1]} channels (mode {mode})"
+            )
+        channels = arr
         if not (
             np.array_equal(channels[..., 0], channels[..., 1])
             and np.array_equal(channels[..., 0], channels[..., 2])
@@ -89,6 +100,17 @@ def load_grey01(path: str | Path) -> np.ndarray:
     elif arr.dtype.kind == "f":
         check_finite(path, arr)
         out = arr.astype(np.float32)
+        lo, hi = float(out.min()), float(out.max())
+        if (lo < 0.0 or hi > 1.0) and hi > lo:
+            # raw detector values (0-4095...) saved as float: clipping them to
+            # [0, 1] would leave a near-binary image; their own range scales
+            log.info(
+                "%s: float data spans [%g, %g], not [0, 1]: scaled by its range",
+                path,
+                lo,
+                hi,
+            )
+            out = (out - lo) / (hi - lo)
     else:
         raise RefusedImage(
             str(path), f"unsupported pixel type {arr.dtype} (mode {mode})"

@@ -90,18 +90,6 @@ def test_a_constant_research_image_is_refused_like_dicom(
         load_grey01(path)  # the overlay's reader too
 
 
-def test_a_float_tiff_clipped_to_one_value_is_refused(tmp_path: Path) -> None:
-    """Float values all above 1 clip to a constant 1: named with the stored range."""
-    path = tmp_path / "big.tif"
-    arr = np.random.default_rng(1).uniform(2, 4000, (300, 300)).astype(np.float32)
-    Image.fromarray(arr).save(path)
-    with pytest.raises(RefusedImage) as exc:
-        load_grey01(path)
-    assert "no dynamic range after clipping to [0, 1]: every pixel is 1.0" in (
-        exc.value.reason
-    )
-
-
 @pytest.mark.parametrize(
     ("fill", "needle"),
     [
@@ -373,3 +361,28 @@ def test_an_unknown_presentation_lut_shape_is_named_and_read_as_identity(
     ds.PresentationLUTShape = "IDENTITY"
     plain = read_dicom(_save(ds, tmp_path / "plain.dcm"), working_spacing_mm=0.4)
     np.testing.assert_array_equal(bogus.pixels, plain.pixels)
+
+
+def test_grey_with_alpha_reads_as_grey(tmp_path: Path) -> None:
+    """An LA PNG (grey + alpha) is its grey plane, not an IndexError."""
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, (96, 96)).astype(np.uint8)
+    la = np.dstack([grey, np.full_like(grey, 255)])
+    Image.fromarray(la, mode="LA").save(tmp_path / "la.png")
+    np.testing.assert_allclose(
+        load_grey01(tmp_path / "la.png"), grey / 255.0, atol=1e-6
+    )
+
+
+def test_float_raw_values_are_scaled_by_their_range_not_clipped(
+    tmp_path: Path,
+) -> None:
+    """A float TIFF of raw 12-bit values keeps its contrast (clipping to
+    [0, 1] made it near binary)."""
+    rng = np.random.default_rng(2)
+    raw = rng.uniform(100.0, 4000.0, (96, 96)).astype(np.float32)
+    Image.fromarray(raw).save(tmp_path / "raw.tif")
+    unit = load_grey01(tmp_path / "raw.tif")
+    expected = (raw - raw.min()) / (raw.max() - raw.min())
+    np.testing.assert_allclose(unit, expected, atol=1e-5)
+    assert len(np.unique(unit)) > 1000
