@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -324,12 +325,43 @@ def dcmread_bounded(
         RefusedImage: see :func:`check_deflated`.
     """
     check_deflated(path)
-    return pydicom.dcmread(
-        path,
-        force=force,
-        stop_before_pixels=stop_before_pixels,
-        defer_size=defer_size,
-    )
+    # pydicom warns about what it tolerates (a VR other than the transfer
+    # syntax's, an odd-length value) without naming the file: those warnings
+    # become log lines that name it
+    # (pydicom also logs most of them to its own logger: held, and said once)
+    held = _HeldWarnings()
+    pydicom_log = logging.getLogger("pydicom")
+    pydicom_log.addFilter(held)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(
+                path,
+                force=force,
+                stop_before_pixels=stop_before_pixels,
+                defer_size=defer_size,
+            )
+    finally:
+        pydicom_log.removeFilter(held)
+        said = [str(w.message) for w in caught] + held.messages
+        for message in dict.fromkeys(said):
+            log.warning("%s: pydicom: %s", path, message)
+    return ds
+
+
+class _HeldWarnings(logging.Filter):
+    """Holds, instead of passing on, a logger's warnings (no tracebacks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Drop (and keep) a WARNING record without exception; pass others."""
+        if record.levelno == logging.WARNING and record.exc_info is None:
+            self.messages.append(record.getMessage())
+            return False
+        return True
 
 
 def read_dataset(path: str | Path) -> Dataset:

@@ -386,3 +386,27 @@ def test_float_raw_values_are_scaled_by_their_range_not_clipped(
     expected = (raw - raw.min()) / (raw.max() - raw.min())
     np.testing.assert_allclose(unit, expected, atol=1e-5)
     assert len(np.unique(unit)) > 1000
+
+
+def test_pydicom_warnings_while_parsing_name_the_file_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What pydicom tolerates it says as a warning and on its own logger,
+    neither naming the file: the reader says it once, naming the file."""
+    import warnings
+
+    path = _save(_mammo(), tmp_path / "vr.dcm")
+    real = pydicom.dcmread
+    said = "Expected implicit VR, but found explicit VR - using explicit VR"
+
+    def tolerant(*args, **kwargs):
+        logging.getLogger("pydicom").warning(said)
+        warnings.warn(said, UserWarning, stacklevel=1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", tolerant)
+    with caplog.at_level(logging.WARNING):
+        dicom.read_dataset(path)
+    ours = [r.getMessage() for r in caplog.records if said in r.getMessage()]
+    assert ours == [f"{path}: pydicom: {said}"]
+    assert logging.getLogger("pydicom").filters == []
