@@ -253,6 +253,22 @@ def load_checkpoint(
         )
     except ConfigError as exc:
         raise CheckpointMismatch(str(exc)) from exc
+    # the top-level copies are what a person reads: one that disagrees with
+    # the config the model is built from is a hand-edited or foreign file
+    for name in ("working_spacing_mm", "image_mean", "image_std"):
+        if name not in payload:
+            continue
+        copy, used = payload[name], getattr(cfg, name)
+        same = (
+            list(copy) == list(used)
+            if isinstance(copy, list | tuple) and isinstance(used, list | tuple)
+            else copy == used
+        )
+        if not same:
+            raise CheckpointMismatch(
+                f"{p}: field {name!r} is {_shown(copy)} but 'model_config.{name}' "
+                f"is {used!r}: the copy and the config disagree"
+            )
     if expected_cfg is not None:
         for name in STRUCTURAL_FIELDS:
             have, want = getattr(cfg, name), getattr(expected_cfg, name)

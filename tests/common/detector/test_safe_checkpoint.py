@@ -135,6 +135,8 @@ def _shrunk(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ("state_dict", lambda p: {"state_dict": _poisoned(p["state_dict"])}),
         ("ema", lambda p: {"ema": _poisoned(p["state_dict"], float("inf"))}),
         ("classes", lambda p: {"classes": "mass"}),
+        ("working_spacing_mm", lambda p: {"working_spacing_mm": "x"}),
+        ("image_std", lambda p: {"image_std": [9.0]}),
     ],
     ids=[
         "state_dict-is-str",
@@ -144,6 +146,8 @@ def _shrunk(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "weights-nan",
         "ema-inf",
         "classes-is-str",
+        "spacing-copy-disagrees",
+        "std-copy-disagrees",
     ],
 )
 def test_malformed_fields_are_a_mismatch_naming_the_file(
