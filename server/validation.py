@@ -32,6 +32,10 @@ outvote an honest one; the names a node sent stay in its per-node record).
 Evaluate replies may lack a metric that is undefined on their site (it is
 averaged over the replies that carry it). An error reply is recorded by its code alone
 (:func:`common.wire.faults.describe_reply_error`), never by the text it carries.
+A rejection's reason is logged and kept in ``rounds.jsonl``: the names a node
+chose (arrays, metrics, records) are counted and quoted only through
+:func:`common.errors.shown` (bounded, escaped), so no node writes free text of
+any length into the server's files.
 """
 
 from __future__ import annotations
@@ -50,7 +54,12 @@ from flwr.common.constant import SType
 from common.errors import shown
 from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
 from common.wire.faults import describe_reply_error
-from common.wire.federation import ValidationConfig, array_fault, metric_fault
+from common.wire.federation import (
+    METRIC_WHITELIST,
+    ValidationConfig,
+    array_fault,
+    metric_fault,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +83,9 @@ class Adjustment:
 
     Attributes:
         node_id: the node whose reply was changed.
-        kind: ``"clip"`` (update delta norm) or ``"cap"`` (``num-examples``).
+        kind: ``"clip"`` (update delta norm), ``"cap"`` (``num-examples``, at
+            the node's first claim) or ``"weight"`` (an evaluate reply's
+            ``num-examples``, at ``clip_factor x`` the round's lower median).
         before, after: the delta norm or the example count, before and after.
     """
 
@@ -119,6 +130,11 @@ def check_metrics(
     """
     out: dict[str, float] = {}
     for name, value in record.items():
+        if name not in METRIC_WHITELIST:
+            # the name is the sender's text: quoted bounded, never in full
+            raise UpdateRejected(
+                "metrics", f"metric name {shown(name)} is not whitelisted"
+            )
         why = metric_fault(name, value)
         if why is not None:
             raise UpdateRejected("metrics", why)
@@ -130,7 +146,7 @@ def check_metrics(
         raise UpdateRejected(
             "metrics",
             f"{NUM_EXAMPLES!r} must be an integer in [{min_examples}, "
-            f"{cfg.max_num_examples}], got {n!r}",
+            f"{cfg.max_num_examples}], got {shown(n)}",
         )
     return out
 
@@ -153,10 +169,7 @@ def check_train_content(
     record: ArrayRecord = arrays[0]
     names, expected = set(record.keys()), set(global_arrays)
     if names != expected:
-        raise UpdateRejected(
-            "keys",
-            f"unknown {sorted(names - expected)}, missing {sorted(expected - names)}",
-        )
+        raise UpdateRejected("keys", _name_mismatch(names, expected))
     diff_sq, ref_sq = 0.0, 0.0
     for name, arr in record.items():
         ref = global_arrays[name]
@@ -183,6 +196,22 @@ def check_train_content(
             f"relative update norm {rel:.4g} > {cfg.max_relative_update_norm:.4g}",
         )
     return out
+
+
+def _name_mismatch(names: set[str], expected: set[str]) -> str:
+    """Why array ``names`` (a reply's) are not ``expected``: counts and one example.
+
+    ``unknown`` names are the sender's text: only the first (sorted) is quoted,
+    through :func:`common.errors.shown`, so the reason stays a few hundred
+    characters whatever the node sent (it is logged and kept in
+    ``rounds.jsonl``).
+    """
+    parts = []
+    for what, diff in (("unknown", names - expected), ("missing", expected - names)):
+        if diff:
+            first = min(diff)
+            parts.append(f"{len(diff)} {what} array name(s), e.g. {shown(first)}")
+    return "; ".join(parts)
 
 
 def _decode(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
@@ -254,7 +283,8 @@ def _check_record_names(content: RecordDict, expected: set[str]) -> None:
     if names != expected:
         raise UpdateRejected(
             "structure",
-            f"record names {sorted(names)!r}, expected {sorted(expected)!r}",
+            f"record names {', '.join(shown(n) for n in sorted(names))}, "
+            f"expected {sorted(expected)!r}",
         )
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from common.cli import folder_arg
 from common.wire.tls import (
     DEFAULT_DAYS,
     DEFAULT_HOSTS,
@@ -20,7 +20,9 @@ HELP = "make a CA and a SuperLink TLS certificate (and optionally node auth keys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``certs``."""
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument(
+        "--out", type=folder_arg, required=True, help="output directory"
+    )
     parser.add_argument(
         "--hosts",
         default=",".join(DEFAULT_HOSTS),

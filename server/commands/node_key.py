@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from common.cli import folder_arg
 from common.wire.tls import generate_node_key
 
 NAME = "node-key"
@@ -13,7 +13,9 @@ HELP = "make a SuperNode auth key pair (<site>.key stays, <site>.pub is register
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``node-key``."""
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument(
+        "--out", type=folder_arg, required=True, help="output directory"
+    )
     parser.add_argument("--site-name", required=True, help="site name (file stem)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace existing files"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from common.cli import folder_arg
 from common.wire.app_signing import generate_signing_key
 
 NAME = "signing-key"
@@ -13,7 +13,9 @@ HELP = "make the Ed25519 key that signs apps, and the hospitals' trusted-entitie
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``signing-key``."""
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument(
+        "--out", type=folder_arg, required=True, help="output directory"
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace existing files"
     )

@@ -14,9 +14,13 @@ import argparse
 import subprocess
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.errors import ConfigError
+from common.errors import ConfigError, one_line
 from server.process import DEFAULT_HOST, DEFAULT_PORT
+
+if TYPE_CHECKING:
+    from common.wire.tls import TlsFiles
 
 NAME = "start"
 HELP = (
@@ -86,6 +90,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_tls_contents(tls: TlsFiles, *, tls_dir: bool) -> None:
+    """Refuse TLS files whose contents the SuperLink and the gateway cannot load.
+
+    ``ca.crt`` and ``server.pem`` must hold PEM certificates, ``server.key``
+    an unencrypted PEM private key whose public half is the server
+    certificate's (the first one in ``server.pem``). Raises
+    :class:`ConfigError` naming the flag (``--tls-dir`` or the ``--ssl-*``
+    flag given) and the file, before anything starts: otherwise ``ssl`` fails
+    later with a traceback (``NO_CERTIFICATE_OR_CRL_FOUND``) or the SuperLink
+    exits with its own.
+    """
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    from common.wire.tls import COMMAND_LINE
+
+    def flag(own: str) -> str:
+        return "--tls-dir" if tls_dir else own
+
+    def read(path: Path, own: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                COMMAND_LINE, flag(own), f"{path} is not readable ({one_line(exc)})"
+            ) from None
+
+    certs: dict[str, list[x509.Certificate]] = {}
+    for path, own in (
+        (tls.ca_certfile, "--ssl-ca-certfile"),
+        (tls.certfile, "--ssl-certfile"),
+    ):
+        try:
+            certs[own] = x509.load_pem_x509_certificates(read(path, own))
+        except ValueError:
+            raise ConfigError(
+                COMMAND_LINE, flag(own), f"{path} is not a PEM certificate"
+            ) from None
+    try:
+        key = serialization.load_pem_private_key(
+            read(tls.keyfile, "--ssl-keyfile"), password=None
+        )
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(
+            COMMAND_LINE,
+            flag("--ssl-keyfile"),
+            f"{tls.keyfile} is not an unencrypted PEM private key",
+        ) from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if key.public_key().public_bytes(der, spki) != certs["--ssl-certfile"][
+        0
+    ].public_key().public_bytes(der, spki):
+        raise ConfigError(
+            COMMAND_LINE,
+            flag("--ssl-keyfile"),
+            f"{tls.keyfile} is not the private key of {tls.certfile}",
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Start registry and gateway, then the SuperLink; stop all when it exits."""
     from common.flower_cli import flower_env
@@ -107,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         certfile=args.ssl_certfile,
         keyfile=args.ssl_keyfile,
     )
+    if tls is not None:
+        check_tls_contents(tls, tls_dir=args.tls_dir is not None)
     keys = check_superlink_auth_flags(
         tls=tls,
         enable_supernode_auth=args.enable_supernode_auth,

@@ -17,7 +17,11 @@ changes these things, nothing else:
 * before aggregation, each node's ``num-examples`` is capped at its first
   accepted claim and each update delta is clipped to ``clip_factor x`` the
   round's lower median delta norm, or its smallest nonzero one when that
-  median is 0 (:mod:`server.strategies.bounds`).
+  median is 0 (:mod:`server.strategies.bounds`);
+* evaluate replies: each node's ``num-examples`` is capped at its first
+  evaluate claim, then bounded to ``clip_factor x`` the round's lower median
+  claim, so one node's weight in the reported metrics stays bounded even when
+  it lies from its first reply.
 """
 
 from __future__ import annotations
@@ -51,7 +55,11 @@ from common.keys import (
 )
 from common.wire.federation import FederationConfig, record_to_arrays
 from server.faults import aggregate_present_metrics
-from server.strategies.bounds import cap_num_examples, clip_updates
+from server.strategies.bounds import (
+    bound_evaluate_weights,
+    cap_num_examples,
+    clip_updates,
+)
 from server.validation import Screened, screen_replies
 
 log = logging.getLogger(__name__)
@@ -244,6 +252,10 @@ class GuardedFedAvg(FedAvg):
             self.declared_eval_examples,
             self.fed_cfg.validation,
             phase="evaluate",
+        )
+        # the cap cannot catch a node that lies from its first evaluate reply
+        screened.adjusted += bound_evaluate_weights(
+            screened.valid, self.fed_cfg.validation.clip_factor
         )
         contents = [m.content for m in canonical_order(screened.valid)]
         return aggregate_present_metrics(contents, self.weighted_by_key)

@@ -22,6 +22,16 @@ under every strategy, robust aggregators included):
   nothing and freeze the model. With one attacker, ``m <= h`` still holds
   whenever one honest node's update moved.
 
+* **evaluate weight bound** (``validation.clip_factor`` = ``c`` again): the
+  clip's rule applied to the evaluate replies' ``num-examples`` (their weights
+  in the reported metrics), after the cap: with ``m`` the lower median of the
+  round's claims (the smallest nonzero claim when that median is 0), a claim
+  above ``floor(c * m)`` is weighted as ``floor(c * m)`` (at least 1). A node
+  that lies from its first evaluate reply, which the cap cannot catch, then
+  holds at most ``c * m`` of the weight; honest sites whose test sets differ
+  by more than ``c`` times that median are down-weighted too (logged, like
+  every change).
+
 Consequence (the bound the tests and ``benchmarks/attacks.py`` check): with
 every delta at most ``c * m`` long and honest deltas at most ``h`` long
 (``m <= h`` when honest nodes are not a minority), a weighted mean of the
@@ -45,6 +55,7 @@ from server.validation import Adjustment, node_of
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "bound_evaluate_weights",
     "cap_num_examples",
     "clip_updates",
     "delta_norm",
@@ -179,5 +190,61 @@ def cap_num_examples(
             node,
             claimed,
             allowed,
+        )
+    return out
+
+
+def bound_evaluate_weights(
+    replies: Sequence[Message], factor: float
+) -> list[Adjustment]:
+    """Lower every evaluate claim above ``floor(factor x m)``, in place.
+
+    ``m`` is the :func:`lower_median` of the replies' ``num-examples`` (with
+    two replies the smaller claim, so one large claim cannot raise its own
+    bound); when ``m`` is 0 (half the sites or more have no test women) it is
+    the smallest nonzero claim; when every claim is 0 nothing changes. A claim
+    above the bound is weighted as the bound (at least 1). ``factor <= 0``
+    changes nothing. Returns one :class:`server.validation.Adjustment`
+    (``kind="weight"``) per lowered claim; each is also logged with the node id.
+
+    Contract: afterwards every reply's ``num-examples`` is at most
+    ``max(1, floor(factor * m))``, so in the weighted mean of a metric one
+    node's share is at most ``w / (w + W)``, ``w`` that bound and ``W`` the
+    other replies' (bounded) weights that carry the metric.
+    """
+    if factor <= 0 or not replies:
+        return []
+    keys = [_only(m.content.metric_records, "MetricRecord") for m in replies]
+    claims = [
+        int(m.content.metric_records[k][NUM_EXAMPLES])  # type: ignore[arg-type]
+        for m, k in zip(replies, keys, strict=True)
+    ]
+    reference = lower_median(claims)
+    if reference == 0.0:
+        # half the sites or more have no test women: 0 would weigh every
+        # site that has some as nothing
+        nonzero = [c for c in claims if c > 0]
+        if not nonzero:
+            return []
+        reference = float(min(nonzero))
+    bound = max(1, math.floor(factor * reference))
+    out: list[Adjustment] = []
+    for msg, key, claimed in zip(replies, keys, claims, strict=True):
+        if claimed <= bound:
+            continue
+        record = msg.content.metric_records[key]
+        lowered = MetricRecord(dict(record.items()))
+        lowered[NUM_EXAMPLES] = bound
+        msg.content[key] = lowered
+        adj = Adjustment(node_of(msg), "weight", float(claimed), float(bound))
+        out.append(adj)
+        log.warning(
+            "evaluate: node %d claims %d examples, weighted as %d (%.3g x the "
+            "round's lower median claim %d)",
+            adj.node_id,
+            claimed,
+            bound,
+            factor,
+            int(reference),
         )
     return out
