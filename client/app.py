@@ -39,9 +39,19 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.guard import PrivacyGuardError, check_reply
@@ -76,14 +86,17 @@ from common.wire.federation import (
     NODE_STATE_DIR,
     PARTITION_ID,
     WIRE_FLOATS,
+    ArrayDecodeError,
     FederationConfig,
     FitInstructions,
     array_fault,
     arrays_to_record,
+    decode_array,
     federation_config_from_run_config,
-    record_to_arrays,
-    spec_of,
 )
+
+if TYPE_CHECKING:  # torch: imported where a trainer is built, not here
+    from client.site_model import SiteModel
 
 log = logging.getLogger(__name__)
 
@@ -208,28 +221,86 @@ def _instructions(msg: Message, fed_cfg: FederationConfig) -> FitInstructions:
     return ins
 
 
-def _received_shared(msg: Message, trainer: LocalTrainer) -> dict:
+def _received_shared(msg: Message, trainer: LocalTrainer) -> dict[str, np.ndarray]:
+    """The message's global arrays, decoded only once each has the model's form.
+
+    Names must be exactly :meth:`LocalTrainer.shared_spec`'s; each array is
+    decoded by :func:`common.wire.federation.decode_array` (numpy
+    serialization, the expected shape and a :data:`WIRE_FLOATS` dtype, both
+    declared and in its ``.npy`` header, checked before anything is
+    allocated), then checked by :func:`array_fault` (finite values). The
+    server's personal defaults, when the trainer keeps a site model, are
+    decoded the same way against that model's personal norm arrays.
+
+    Raises:
+        ConfigError: the first fault (``server message``, the record key),
+            naming the array, what it has and what the model expects.
+    """
     record = msg.content.array_records.get(ARRAYS_KEY)
     if record is None:
         raise ConfigError("server message", ARRAYS_KEY, "no ArrayRecord received")
-    arrays = record_to_arrays(record)
-    got, want = spec_of(arrays), trainer.shared_spec()
-    if got != want:
-        diff = sorted(set(got) ^ set(want)) or [
-            k for k in want if got.get(k) != want[k]
-        ]
+    want = trainer.shared_spec()
+    unknown = sorted(set(record.keys()) - set(want))
+    missing = [k for k in want if k not in record]
+    if unknown or missing:
         raise ConfigError(
-            "server message", ARRAYS_KEY, f"global arrays do not fit the model: {diff}"
+            "server message",
+            ARRAYS_KEY,
+            f"global arrays do not fit the model: unknown {shown(unknown)}, "
+            f"missing {shown(missing)}",
         )
-    for name, a in arrays.items():
-        fault = array_fault(name, a, want[name], WIRE_FLOATS)
-        if fault is not None:
-            raise ConfigError("server message", ARRAYS_KEY, fault[1])
+    arrays: dict[str, np.ndarray] = {}
+    for name, arr in record.items():
+        arrays[name] = _decoded(name, arr, want[name], ARRAYS_KEY)
     defaults = msg.content.array_records.get(PERSONAL_DEFAULTS_KEY)
     site_model = getattr(trainer, "site_model", None)
     if defaults is not None and site_model is not None:
-        site_model.set_defaults(record_to_arrays(defaults), "server message")
+        site_model.set_defaults(
+            _personal_defaults(defaults, site_model), "server message"
+        )
     return arrays
+
+
+def _decoded(name: str, arr: Array, shape: tuple[int, ...], key: str) -> np.ndarray:
+    """Array ``name`` of the server's record ``key``: decoded, finite, or raise.
+
+    Raises:
+        ConfigError: ``server message``, ``key``, and the fault naming the
+            array, what it has and what is expected (``shape``).
+    """
+    try:
+        value = decode_array(name, arr, shape, WIRE_FLOATS)
+    except ArrayDecodeError as exc:
+        raise ConfigError("server message", key, str(exc)) from None
+    fault = array_fault(name, value, shape, WIRE_FLOATS)
+    if fault is not None:
+        raise ConfigError("server message", key, fault[1])
+    return value
+
+
+def _personal_defaults(
+    record: ArrayRecord, site_model: SiteModel
+) -> dict[str, np.ndarray]:
+    """The server's personal defaults, each decoded against the site model's shape.
+
+    Only the model's float personal arrays may be sent (as
+    :meth:`client.site_model.SiteModel.set_defaults` requires); each is
+    decoded by :func:`_decoded` before anything is allocated.
+
+    Raises:
+        ConfigError: ``server message``, ``personal defaults``: an array that
+            is no personal norm array of the model, or does not fit it.
+    """
+    sd = site_model.model.state_dict()
+    personal = set(site_model.personal_keys)
+    out: dict[str, np.ndarray] = {}
+    for name, arr in record.items():
+        if name not in personal or not sd[name].is_floating_point():
+            why = f"{shown(name)} is not a personal norm array of this model"
+            raise ConfigError("server message", "personal defaults", why)
+        shape = tuple(int(d) for d in sd[name].shape)
+        out[name] = _decoded(name, arr, shape, "personal defaults")
+    return out
 
 
 def _settle(msg: Message, state: SiteState) -> ModelVersion | None:

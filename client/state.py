@@ -195,24 +195,38 @@ class SiteState:
         return None if rec is None else {"round": rec["round"], "node": rec["node"]}
 
     def _pending_record(self) -> dict[str, Any] | None:
-        """``pending.json`` as ``{"round", "node", "committing"}``, or ``None``."""
+        """``pending.json`` as ``{"round", "node", "committing"}``, or ``None``.
+
+        As strict as ``meta.json``: ``round`` and ``node`` must be JSON
+        integers ``>= 0`` (never a string, a float or a bool coerced), and
+        ``committing``, when present, ``true`` or ``false``.
+
+        Raises:
+            SiteStateError: unreadable, not a JSON object, nested too deeply,
+                or a field missing or malformed; names the file, the field and
+                the value.
+        """
         if not self.pending_path.is_file():
             return None
-        try:
-            data = json.loads(self.pending_path.read_text())
-            committing = data.get("committing", False)
-            rec = {
-                "round": int(data["round"]),
-                "node": int(data["node"]),
-                "committing": committing,
-            }
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise SiteStateError(f"{self.pending_path}: unreadable: {exc}") from exc
+        data = read_json_document(self.pending_path, "pending round", SiteStateError)
+        rec: dict[str, Any] = {}
+        for key in ("round", "node"):
+            if key not in data:
+                raise SiteStateError(f"{self.pending_path}: field {key!r} is missing")
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SiteStateError(
+                    f"{self.pending_path}: field {key!r} must be an integer >= 0, "
+                    f"got {shown(value)}"
+                )
+            rec[key] = value
+        committing = data.get("committing", False)
         if not isinstance(committing, bool):
             raise SiteStateError(
                 f"{self.pending_path}: field 'committing' must be true or false, "
-                f"got {committing!r}"
+                f"got {shown(committing)}"
             )
+        rec["committing"] = committing
         return rec
 
     def begin_round(self, server_round: int, node_id: int) -> None:
@@ -331,13 +345,27 @@ class SiteState:
         )
 
     def load_personal(self) -> dict[str, np.ndarray] | None:
-        """The saved personal arrays, or ``None`` when none were saved yet."""
+        """The saved personal arrays, or ``None`` when none were saved yet.
+
+        Raises:
+            SiteStateError: the file is unreadable, or an array holds NaN or
+                Inf (which :meth:`save_personal` refuses to write); the
+                message names the file and the array.
+        """
         if not self.personal_path.is_file():
             return None
         try:
-            return load_arrays(self.personal_path)
+            arrays = load_arrays(self.personal_path)
         except (OSError, ValueError) as exc:
             raise SiteStateError(f"{self.personal_path}: unreadable: {exc}") from exc
+        for name, a in arrays.items():
+            if np.issubdtype(a.dtype, np.number) and not np.isfinite(a).all():
+                raise SiteStateError(
+                    f"{self.personal_path}: personal array {shown(name)} has NaN "
+                    "or Inf values (save_personal never writes them: the file is "
+                    "damaged)"
+                )
+        return arrays
 
     def read_meta(self) -> dict[str, Any]:
         """The metadata mapping (empty when none was written yet).

@@ -45,7 +45,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -349,6 +349,107 @@ class DPPlan:
     n_patients: int
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite JSON number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        out = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _count(value: Any, low: int) -> int | None:
+    """``value`` when it is a JSON integer (not a bool) ``>= low``, else None."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    return value if ok else None
+
+
+def _history_of(
+    history: Any, damaged: Callable[[str], PrivacyError]
+) -> list[tuple[float, float, int]]:
+    """The accountant's ``history`` as ``(sigma, q, steps)`` tuples, checked.
+
+    Each entry must be ``[noise_multiplier, sample_rate, steps]`` with a
+    finite ``noise_multiplier > 0``, a finite ``sample_rate`` in ``(0, 1]``
+    and an integer ``steps >= 0``: a NaN sigma would make every epsilon NaN
+    (a NaN budget is never spent), and a coerced step count understates it.
+    Raises ``damaged(detail)`` naming the entry index and the value.
+    """
+    if not isinstance(history, list):
+        raise damaged(f"field 'history' must be a list, got {shown(history)}")
+    out: list[tuple[float, float, int]] = []
+    for i, entry in enumerate(history):
+        where = f"history[{i}]"
+        if not isinstance(entry, list) or len(entry) != 3:
+            raise damaged(
+                f"{where} must be [noise_multiplier, sample_rate, steps], "
+                f"got {shown(entry)} (not a valid step)"
+            )
+        s, q, n = entry
+        sigma, rate, steps = _finite(s), _finite(q), _count(n, 0)
+        if sigma is None or not sigma > 0:
+            why = f"noise multiplier must be a finite number > 0, got {shown(s)}"
+        elif rate is None or not 0 < rate <= 1:
+            why = f"sample rate must be a finite number in (0, 1], got {shown(q)}"
+        elif steps is None:
+            why = f"steps must be an integer >= 0, got {shown(n)}"
+        else:
+            out.append((sigma, rate, steps))
+            continue
+        raise damaged(f"{where} {why} (not a valid step)")
+    return out
+
+
+#: ``DPPlan`` field -> (integer?, lowest value, lowest excluded?, highest or None).
+_PLAN_RANGES: dict[str, tuple[bool, float, bool, float | None]] = {
+    "target_epsilon": (False, 0.0, True, None),
+    "delta": (False, 0.0, True, 1.0),
+    "noise_multiplier": (False, 0.0, True, None),
+    "sample_rate": (False, 0.0, True, 1.0),
+    "planned_steps": (True, 1, False, None),
+    "max_grad_norm": (False, 0.0, True, None),
+    "patients_per_step": (True, 1, False, None),
+    "n_patients": (True, 1, False, None),
+}
+
+
+def _plan_of(plan: Any, damaged: Callable[[str], PrivacyError]) -> DPPlan | None:
+    """The accountant's ``plan`` (``None`` when null), every field checked.
+
+    An object with exactly :class:`DPPlan`'s fields: the integers real JSON
+    integers, the others finite numbers (never bools or strings), each in its
+    range (``delta`` and ``sample_rate`` at most 1, the rest positive).
+    Raises ``damaged(detail)`` naming the field and the value.
+    """
+    if plan is None:
+        return None
+    if not isinstance(plan, dict):
+        raise damaged(f"field 'plan' must be an object or null, got {shown(plan)}")
+    unknown = sorted(str(k) for k in set(plan) - set(_PLAN_RANGES))
+    missing = [k for k in _PLAN_RANGES if k not in plan]
+    if unknown or missing:
+        raise damaged(
+            f"field 'plan' has unknown fields {shown(unknown)} and lacks "
+            f"{shown(missing)}"
+        )
+    values: dict[str, Any] = {}
+    for key, (integer, low, open_low, high) in _PLAN_RANGES.items():
+        raw = plan[key]
+        value: float | int | None = _count(raw, int(low)) if integer else _finite(raw)
+        if value is not None and not integer:
+            above = value > low if open_low else value >= low
+            value = value if above and (high is None or value <= high) else None
+        if value is None:
+            kind = "an integer" if integer else "a finite number"
+            bound = f">= {int(low)}" if integer else f"> {low:g}"
+            bound += f" and <= {high:g}" if high is not None else ""
+            raise damaged(f"plan {key} must be {kind} {bound}, got {shown(raw)}")
+        values[key] = value
+    return DPPlan(**values)
+
+
 class PrivacyAccountant:
     """One site's RDP accountant, persisted as JSON at ``path``.
 
@@ -369,38 +470,45 @@ class PrivacyAccountant:
             self._load()
 
     def _load(self) -> None:
+        """Read :attr:`path`, refusing anything :meth:`save` would not write.
+
+        Every value is checked for its JSON type and range (never coerced: a
+        ``"5"`` or a ``true`` is not a number, a ``0.9`` no step count), so a
+        damaged file never understates the budget spent.
+
+        Raises:
+            PrivacyError: the file is unreadable, not JSON, nested too deeply,
+                or a field is malformed; the message names the file, the
+                field (``history[i] steps``...) and the value.
+        """
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError(f"not a JSON object: {shown(data)}")
-            if data.get("mechanism") != MECHANISM:
-                raise ValueError(f"mechanism {shown(data.get('mechanism'))}, not rdp")
-            self.history = [(float(s), float(q), int(n)) for s, q, n in data["history"]]
-            for s, q, n in self.history:
-                # a NaN sigma would make every epsilon NaN, and a NaN budget is
-                # never spent
-                if not (math.isfinite(s) and s > 0 and 0 < q <= 1 and n >= 0):
-                    raise ValueError(f"history entry {(s, q, n)} is not a valid step")
-            plan = data.get("plan")
-            self.plan = DPPlan(**plan) if plan else None
-            if self.plan is not None and not all(
-                isinstance(v, int | float) and math.isfinite(v)
-                for v in astuple(self.plan)
-            ):
-                raise ValueError(f"plan has a value that is not finite: {plan}")
-            self.rounds = list(data.get("rounds", []))
-        except (
-            OSError,
-            ValueError,
-            KeyError,
-            TypeError,
-            AttributeError,
-            RecursionError,
-        ) as exc:
-            raise PrivacyError(
-                f"{self.path}: unreadable DP accountant ({exc}); the spent budget "
-                "is unknown, so this site cannot train under DP until it is fixed"
-            ) from exc
+        except (OSError, ValueError, RecursionError, OverflowError) as exc:
+            # ValueError: bad UTF-8, bad JSON, an integer past the digit limit
+            what = "is nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise self._damaged(f"not readable JSON ({what})") from exc
+        if not isinstance(data, dict):
+            raise self._damaged(f"not a JSON object, got {type(data).__name__}")
+        if data.get("mechanism") != MECHANISM:
+            raise self._damaged(
+                f"field 'mechanism' is {shown(data.get('mechanism'))}, "
+                f"expected {MECHANISM!r}"
+            )
+        self.history = _history_of(data.get("history"), self._damaged)
+        self.plan = _plan_of(data.get("plan"), self._damaged)
+        rounds = data.get("rounds", [])
+        if not isinstance(rounds, list) or not all(isinstance(r, dict) for r in rounds):
+            raise self._damaged(
+                f"field 'rounds' must be a list of objects, got {shown(rounds)}"
+            )
+        self.rounds = rounds
+
+    def _damaged(self, detail: str) -> PrivacyError:
+        """The error for a damaged accountant file: ``detail`` and what it costs."""
+        return PrivacyError(
+            f"{self.path}: {detail}; unreadable DP accountant: the spent budget "
+            "is unknown, so this site cannot train under DP until it is fixed"
+        )
 
     @property
     def steps(self) -> int:

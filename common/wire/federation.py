@@ -16,6 +16,7 @@ Both ``server/`` and ``client/`` import this module; neither imports the other.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 from collections.abc import Mapping
@@ -49,7 +50,7 @@ from common.keys import (
 )
 
 if TYPE_CHECKING:  # Flower is imported where records are built, not at import
-    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.app import Array, ArrayRecord, ConfigRecord
 
 # --- metric names only the federation uses --------------------------------
 EVAL_LOSS = "eval-loss"
@@ -452,20 +453,35 @@ def federation_config_from_run_config(
     another file). ``run-dir``, when non-empty, overrides the file's
     ``run_dir``. ``site``: read for a site, which leaves out (never checks)
     the server-only :data:`SERVER_ONLY_PATHS`.
+
+    Raises:
+        ConfigError: ``federation-json`` is not JSON or is nested too deeply,
+            the YAML path is missing or outside the app, or a value is
+            invalid; names the source, the key and the value.
     """
     inline = str(run_config.get(RUN_FEDERATION_JSON, "") or "")
     if inline:
         try:
             data = json.loads(inline)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # also an integer past Python's digit limit
             raise ConfigError(
                 "run_config", RUN_FEDERATION_JSON, f"is not valid JSON: {exc}"
             ) from exc
-        cfg = from_mapping(
-            _site_view(data) if site else data,
-            FederationConfig,
-            source=f"run_config:{RUN_FEDERATION_JSON}",
-        )
+        except RecursionError:
+            # as load_yaml does for a YAML file: a clear refusal, not a crash
+            raise ConfigError(
+                "run_config", RUN_FEDERATION_JSON, "is nested too deeply"
+            ) from None
+        try:
+            cfg = from_mapping(
+                _site_view(data) if site else data,
+                FederationConfig,
+                source=f"run_config:{RUN_FEDERATION_JSON}",
+            )
+        except RecursionError:  # parsed, yet too deep for the checks
+            raise ConfigError(
+                "run_config", RUN_FEDERATION_JSON, "is nested too deeply"
+            ) from None
     else:
         raw = str(run_config.get(RUN_FEDERATION_CONFIG, "") or "")
         if not raw:
@@ -653,6 +669,106 @@ def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     """``{name: ndarray}`` from an ArrayRecord."""
     return {name: arr.numpy() for name, arr in record.items()}
+
+
+class ArrayDecodeError(ValueError):
+    """A received array that is not the one expected; the message names it.
+
+    Raised by :func:`decode_array` before anything of the size the sender
+    declares is allocated; each side raises its own error with the message.
+    """
+
+
+#: The npy header versions :func:`decode_array` reads (what ``np.save`` writes
+#: for numeric arrays).
+_NPY_HEADERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def decode_array(
+    name: str,
+    arr: Array,
+    shape: tuple[int, ...],
+    dtypes: tuple[np.dtype, ...] | np.dtype,
+) -> np.ndarray:
+    """Array ``name`` of a received record, decoded only if it has the expected form.
+
+    Checked in this order, each before anything is allocated: the declared
+    serialization (numpy's ``.npy``, never pickle), the record's declared
+    shape (``shape``) and dtype (one of ``dtypes``), then the ``.npy``
+    header inside the bytes (its own shape and dtype must be the declared
+    ones: a 2-element record whose header says ``(10**12,)`` would make
+    ``np.load`` allocate 4 TB) and the byte count it implies. The values
+    themselves (finite, ...) are :func:`array_fault`'s to check.
+
+    Returns:
+        A writable C-ordered array of ``shape`` in the declared dtype.
+
+    Raises:
+        ArrayDecodeError: the first mismatch, naming the array, what it has
+            and what is expected; the sender's text only through
+            :func:`common.errors.shown`.
+    """
+    from flwr.common.constant import SType
+
+    allowed = [
+        np.dtype(d) for d in (dtypes if isinstance(dtypes, tuple) else (dtypes,))
+    ]
+    want_dtypes = " or ".join(str(d) for d in allowed)
+    label = f"array {shown(name)}"
+    if arr.stype != SType.NUMPY:
+        raise ArrayDecodeError(
+            f"{label} is serialized as {shown(arr.stype)}, expected {SType.NUMPY!r}"
+        )
+    try:
+        declared = tuple(int(d) for d in arr.shape)
+    except (TypeError, ValueError, OverflowError):
+        raise ArrayDecodeError(
+            f"{label} declares a shape that is no tuple of integers: {shown(arr.shape)}"
+        ) from None
+    if declared != tuple(shape):
+        raise ArrayDecodeError(f"{label} has shape {declared}, expected {tuple(shape)}")
+    try:
+        dtype = np.dtype(arr.dtype)
+    except (TypeError, ValueError, SyntaxError, RecursionError):
+        raise ArrayDecodeError(
+            f"{label} declares an unknown dtype {shown(arr.dtype)}, "
+            f"expected {want_dtypes}"
+        ) from None
+    if dtype not in allowed:
+        raise ArrayDecodeError(f"{label} has dtype {dtype}, expected {want_dtypes}")
+    data = arr.data
+    if not isinstance(data, bytes):
+        raise ArrayDecodeError(f"{label} carries {type(data).__name__}, not bytes")
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read_header = _NPY_HEADERS.get(version)
+        if read_header is None:
+            raise ArrayDecodeError(f"{label}: npy format version {version} not read")
+        h_shape, fortran, h_dtype = read_header(buf)
+    except ArrayDecodeError:
+        raise
+    except (ValueError, TypeError, SyntaxError, OverflowError, RecursionError) as exc:
+        raise ArrayDecodeError(
+            f"{label}: its bytes are not a numpy array ({type(exc).__name__})"
+        ) from None
+    if tuple(h_shape) != declared or np.dtype(h_dtype) != dtype:
+        raise ArrayDecodeError(
+            f"{label}: its bytes hold shape {shown(tuple(h_shape))} and dtype "
+            f"{shown(str(h_dtype))}, but it declares {declared} and {dtype}"
+        )
+    count = math.prod(declared)
+    offset = buf.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise ArrayDecodeError(
+            f"{label}: its bytes hold {len(data) - offset} bytes of values, "
+            f"{count * dtype.itemsize} expected for shape {declared} and {dtype}"
+        )
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(declared, order="F" if fortran else "C").copy(order="C")
 
 
 def spec_of(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
