@@ -40,7 +40,6 @@ any length into the server's files.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -49,15 +48,16 @@ from typing import cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SType
 
 from common.errors import shown
 from common.keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
 from common.wire.faults import describe_reply_error
 from common.wire.federation import (
     METRIC_WHITELIST,
+    ArrayDecodeError,
     ValidationConfig,
     array_fault,
+    decode_array,
     metric_fault,
 )
 
@@ -215,46 +215,22 @@ def _name_mismatch(names: set[str], expected: set[str]) -> str:
 
 
 def _decode(name: str, arr: Array, ref: np.ndarray) -> np.ndarray:
-    """Array ``name`` of a reply, decoded only if it declares ``ref``'s form.
+    """Array ``name`` of a reply, decoded only if it has ``ref``'s form.
 
-    First what the record declares (serialization, shape, dtype) ... then
-    its bytes, read without pickle: the declaration is the sender's word (a
-    (1,) array under a (10,) declaration would be broadcast by FedAvg, which
-    :func:`array_fault` catches after this). Raises ``UpdateRejected``
-    (``shape``) for anything else, naming the array and quoting the sender's text
-    only through :func:`common.errors.shown`.
+    :func:`common.wire.federation.decode_array`, the sites' decoder too: the
+    declared serialization, shape and dtype, then the ``.npy`` header inside
+    the bytes and the byte count, each before anything is allocated (a (2,)
+    record whose header says (10**12,) made ``np.load`` ask for 3.6 TiB),
+    then the bytes read without pickle. The declaration is the sender's
+    word (a (1,) array under a (10,) declaration would be broadcast by
+    FedAvg, which :func:`array_fault` catches after this). Raises
+    ``UpdateRejected`` (``shape``) naming the array, the sender's text only
+    through :func:`common.errors.shown`.
     """
-    if arr.stype != SType.NUMPY:
-        raise UpdateRejected(
-            "shape",
-            f"array {name!r} is serialized as {shown(arr.stype)}, expected "
-            f"{SType.NUMPY!r}",
-        )
-    shape = tuple(int(d) for d in arr.shape)
     try:
-        dtype = np.dtype(arr.dtype)
-    except (TypeError, ValueError):
-        raise UpdateRejected(
-            "shape", f"array {name!r} declares an unknown dtype {shown(arr.dtype)}"
-        ) from None
-    if shape != tuple(ref.shape) or dtype != np.dtype(ref.dtype):
-        raise UpdateRejected(
-            "shape",
-            f"array {name!r} declares shape {shape} and dtype {dtype}, "
-            f"expected {tuple(ref.shape)} and {ref.dtype}",
-        )
-    try:
-        value = np.load(io.BytesIO(arr.data), allow_pickle=False)
-    except (ValueError, TypeError, OSError, EOFError) as exc:
-        raise UpdateRejected(
-            "shape",
-            f"array {name!r}: its bytes are not a numpy array ({type(exc).__name__})",
-        ) from None
-    if not isinstance(value, np.ndarray):  # an .npz archive loads as a mapping
-        raise UpdateRejected(
-            "shape", f"array {name!r}: its bytes hold {type(value).__name__}"
-        )
-    return value
+        return decode_array(name, arr, tuple(ref.shape), np.dtype(ref.dtype))
+    except ArrayDecodeError as exc:
+        raise UpdateRejected("shape", str(exc)) from None
 
 
 def check_evaluate_content(msg: Message, cfg: ValidationConfig) -> dict[str, float]:

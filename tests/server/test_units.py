@@ -231,11 +231,17 @@ def _zipped() -> bytes:
          "not a numpy array"),
         (Array(dtype="float32", shape=(2,), stype=SType.NUMPY,
                data=_npy(np.array([1, 2], dtype=object), allow_pickle=True)),
-         "not a numpy array"),
+         "its bytes hold shape (2,) and dtype 'object'"),
         (Array(dtype="x" * 500, shape=(2,), stype=SType.NUMPY, data=b""),
          "unknown dtype " + shown("x" * 500)),
         (Array(dtype="float32", shape=(2,), stype=SType.NUMPY, data=_zipped()),
-         "hold NpzFile"),
+         "not a numpy array"),
+        # a (2,) record whose npy header declares 10**12 values: refused from
+        # the header, before np.load would allocate 3.6 TiB
+        (Array(dtype="float32", shape=(2,), stype=SType.NUMPY,
+               data=_npy(np.zeros(2, np.float32)).replace(
+                   b"(2,), }" + b" " * 12, b"(1000000000000,), }")),
+         "its bytes hold shape (1000000000000,)"),
     ],
 )  # fmt: skip
 def test_a_malformed_array_drops_that_reply_and_the_run_goes_on(
