@@ -17,17 +17,6 @@ HELP = (
 log = logging.getLogger(__name__)
 
 
-def _count(text: str) -> int:
-    """An integer >= 0 (argparse type)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mammofed-client evaluate``."""
     parser.add_argument(
@@ -74,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema", action="store_true", help="use the EMA weights")
     parser.add_argument(
         "--gallery-missed",
-        type=_count,
+        type=count_arg,
         default=GALLERY_N,
         metavar="N",
         help="missed lesions (at 1 FP/image) shown per class in errors-<class>.png, "
@@ -82,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--gallery-fp",
-        type=_count,
+        type=count_arg,
         default=GALLERY_N,
         metavar="N",
         help="top-scoring false positives shown per class; 0 for both: no gallery",

@@ -86,6 +86,20 @@ def lower_median(values: Sequence[float]) -> float:
     return float(sorted(values)[(len(values) - 1) // 2])
 
 
+def nonzero_reference(values: Sequence[float]) -> float | None:
+    """The round's reference size for a bound.
+
+    The lower median of ``values``, or their smallest positive one where
+    that median is 0; ``None`` when none is positive (nothing to bound
+    against).
+    """
+    reference = lower_median(values)
+    if reference > 0.0:
+        return reference
+    positive = [v for v in values if v > 0.0]
+    return float(min(positive)) if positive else None
+
+
 def clip_updates(
     replies: Sequence[Message],
     global_arrays: Mapping[str, np.ndarray],
@@ -106,15 +120,12 @@ def clip_updates(
         delta_norm(m.content.array_records[k], global_arrays)
         for m, k in zip(replies, keys, strict=True)
     ]
-    reference = lower_median(norms)
-    if reference == 0.0:
-        # half the replies or more are the global model itself (sites that did
-        # not train: a spent DP budget): a norm of 0 says nothing about how long
-        # an update may be, and would scale every update that moved to nothing
-        moved = [n for n in norms if n > 0.0]
-        if not moved:
-            return []
-        reference = min(moved)
+    # half the replies or more may be the global model itself (sites that did
+    # not train: a spent DP budget): a norm of 0 says nothing about how long
+    # an update may be, and would scale every update that moved to nothing
+    reference = nonzero_reference(norms)
+    if reference is None:
+        return []
     bound = factor * reference
     out: list[Adjustment] = []
     for msg, key, norm in zip(replies, keys, norms, strict=True):
@@ -219,14 +230,11 @@ def bound_evaluate_weights(
         int(m.content.metric_records[k][NUM_EXAMPLES])  # type: ignore[arg-type]
         for m, k in zip(replies, keys, strict=True)
     ]
-    reference = lower_median(claims)
-    if reference == 0.0:
-        # half the sites or more have no test women: 0 would weigh every
-        # site that has some as nothing
-        nonzero = [c for c in claims if c > 0]
-        if not nonzero:
-            return []
-        reference = float(min(nonzero))
+    # half the sites or more may have no test women: 0 would weigh every
+    # site that has some as nothing
+    reference = nonzero_reference([float(c) for c in claims])
+    if reference is None:
+        return []
     bound = max(1, math.floor(factor * reference))
     out: list[Adjustment] = []
     for msg, key, claimed in zip(replies, keys, claims, strict=True):

@@ -299,3 +299,33 @@ def train_one_round(root: Path, cfg: FederationConfig) -> OneRound:
     store.save(0, shared0, config=config_to_dict(cfg))
     store.save(1, shared1, config=config_to_dict(cfg))
     return OneRound(cfg, cache, trainer, shared1, dict(metrics), store.dir)
+
+
+#: The node id the ClientApp tests' site runs as.
+APP_NODE = 7
+
+
+@pytest.fixture
+def task_identity() -> None:
+    """What a ServerApp process has set before messages are built."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 1
+    TaskIdentity.task_id = 1
+
+
+def app_context(state_dir: Path, run_json: str, node: int = APP_NODE) -> Any:
+    """The flwr ``Context`` a ClientApp gets at site ``site-a`` (state in
+    ``state_dir``) for a run whose federation config is ``run_json``."""
+    from flwr.app import Context, RecordDict
+
+    from common.wire.federation import NODE_SITE, NODE_STATE_DIR, RUN_FEDERATION_JSON
+
+    return Context(
+        run_id=1,
+        node_id=node,
+        node_config={NODE_SITE: "site-a", NODE_STATE_DIR: str(state_dir)},
+        state=RecordDict(),
+        run_config={RUN_FEDERATION_JSON: run_json},
+    )

@@ -27,29 +27,20 @@ from common.errors import ConfigError
 from common.keys import ARRAYS_KEY, CONFIG_KEY, PERSONAL_DEFAULTS_KEY
 from common.wire.faults import SITE_CONFIG, ModelVersion
 from common.wire.federation import (
-    NODE_SITE,
-    NODE_STATE_DIR,
-    RUN_FEDERATION_JSON,
     FederationConfig,
     FitInstructions,
     arrays_to_record,
     federation_config_to_json,
     load_federation_config,
 )
+from tests.client.conftest import app_context
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_YAML = REPO / "configs" / "federation" / "test.yaml"
 NODE = 7
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    """What a ServerApp process has set before messages are built."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 1
-    TaskIdentity.task_id = 1
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _cfg() -> FederationConfig:
@@ -57,13 +48,7 @@ def _cfg() -> FederationConfig:
 
 
 def _context(state_dir: Path, run_json: str) -> Context:
-    return Context(
-        run_id=1,
-        node_id=NODE,
-        node_config={NODE_SITE: "site-a", NODE_STATE_DIR: str(state_dir)},
-        state=RecordDict(),
-        run_config={RUN_FEDERATION_JSON: run_json},
-    )
+    return app_context(state_dir, run_json, NODE)
 
 
 def _shared(cfg: FederationConfig, tmp_path: Path) -> dict[str, np.ndarray]:

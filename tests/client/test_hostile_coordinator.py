@@ -35,20 +35,14 @@ from common.wire.federation import (
     federation_config_to_json,
     load_federation_config,
 )
+from tests.client.conftest import app_context
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_YAML = REPO / "configs" / "federation" / "test.yaml"
 NODE = 7
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    """What a ServerApp process has set before messages are built."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 1
-    TaskIdentity.task_id = 1
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _cfg() -> FederationConfig:
@@ -56,13 +50,7 @@ def _cfg() -> FederationConfig:
 
 
 def _context(cfg: FederationConfig, state_dir: Path) -> Context:
-    return Context(
-        run_id=1,
-        node_id=NODE,
-        node_config={NODE_SITE: "site-a", NODE_STATE_DIR: str(state_dir)},
-        state=RecordDict(),
-        run_config={RUN_FEDERATION_JSON: federation_config_to_json(cfg)},
-    )
+    return app_context(state_dir, federation_config_to_json(cfg), NODE)
 
 
 def _initial(cfg: FederationConfig, tmp_path: Path) -> dict[str, np.ndarray]:

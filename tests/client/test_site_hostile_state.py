@@ -13,21 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Message, RecordDict
 
 from client.app import app
 from client.state import PENDING_JSON, PERSONAL_NPZ, SiteState, SiteStateError
 from common.keys import ARRAYS_KEY, CONFIG_KEY
 from common.wire.faults import SITE_STATE, ModelVersion
 from common.wire.federation import (
-    NODE_SITE,
-    NODE_STATE_DIR,
-    RUN_FEDERATION_JSON,
     FitInstructions,
     arrays_to_record,
     federation_config_to_json,
     load_federation_config,
 )
+from tests.client.conftest import app_context
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_YAML = REPO / "configs" / "federation" / "test.yaml"
@@ -83,21 +81,12 @@ def test_a_valid_pending_record_still_reads(tmp_path: Path) -> None:
     ids=["infinity", "deep"],
 )
 def test_the_client_app_replies_state_unreadable_for_a_damaged_pending_record(
-    tmp_path: Path, text: str
+    tmp_path: Path, text: str, task_identity: None
 ) -> None:
     """Code 102 (site state), not 199 (an unexpected failure of the site)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     cfg = load_federation_config(TEST_YAML)
     state_dir = tmp_path / "state"
-    ctx = Context(
-        run_id=1,
-        node_id=NODE,
-        node_config={NODE_SITE: "site-a", NODE_STATE_DIR: str(state_dir)},
-        state=RecordDict(),
-        run_config={RUN_FEDERATION_JSON: federation_config_to_json(cfg)},
-    )
+    ctx = app_context(state_dir, federation_config_to_json(cfg), NODE)
     from client.toy import build_toy
 
     shared = build_toy("x", tmp_path / "unused", cfg).initial_shared()
