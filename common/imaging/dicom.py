@@ -37,7 +37,7 @@ import math
 import re
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -329,39 +329,64 @@ def dcmread_bounded(
     # syntax's, an odd-length value) without naming the file: those warnings
     # become log lines that name it
     # (pydicom also logs most of them to its own logger: held, and said once)
-    held = _HeldWarnings()
-    pydicom_log = logging.getLogger("pydicom")
-    pydicom_log.addFilter(held)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(
+    with (
+        _held_records("pydicom", _is_plain_warning) as held,
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        try:
+            return pydicom.dcmread(
                 path,
                 force=force,
                 stop_before_pixels=stop_before_pixels,
                 defer_size=defer_size,
             )
-    finally:
-        pydicom_log.removeFilter(held)
-        said = [str(w.message) for w in caught] + held.messages
-        for message in dict.fromkeys(said):
-            log.warning("%s: pydicom: %s", path, message)
-    return ds
+        finally:
+            said = [str(w.message) for w in caught] + [r.getMessage() for r in held]
+            for message in dict.fromkeys(said):
+                log.warning("%s: pydicom: %s", path, message)
 
 
-class _HeldWarnings(logging.Filter):
-    """Holds, instead of passing on, a logger's warnings (no tracebacks)."""
+class _Held(logging.Filter):
+    """Holds, instead of passing on, the records ``keep`` selects."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: Callable[[logging.LogRecord], bool]) -> None:
         super().__init__()
-        self.messages: list[str] = []
+        self.keep = keep
+        self.records: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Drop (and keep) a WARNING record without exception; pass others."""
-        if record.levelno == logging.WARNING and record.exc_info is None:
-            self.messages.append(record.getMessage())
+        """Drop (and hold) a record ``keep`` selects; pass any other."""
+        if self.keep(record):
+            self.records.append(record)
             return False
         return True
+
+
+@contextmanager
+def _held_records(
+    logger_name: str, keep: Callable[[logging.LogRecord], bool]
+) -> Iterator[list[logging.LogRecord]]:
+    """Hold a logger's records that ``keep`` selects, for the duration only.
+
+    They go to the yielded list instead of being written; the logger's other
+    records pass, and the filter is removed on the way out.
+    """
+    logger = logging.getLogger(logger_name)
+    held = _Held(keep)
+    logger.addFilter(held)
+    try:
+        yield held.records
+    finally:
+        logger.removeFilter(held)
+
+
+def _is_plain_warning(record: logging.LogRecord) -> bool:
+    return record.levelno == logging.WARNING and record.exc_info is None
+
+
+def _has_traceback(record: logging.LogRecord) -> bool:
+    return record.exc_info is not None
 
 
 def read_dataset(path: str | Path) -> Dataset:
@@ -1151,21 +1176,6 @@ def _presentation(values: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarr
     return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
 
 
-class _DecoderTracebacks(logging.Filter):
-    """Keeps, instead of passing on, the records of a decoder's exceptions."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Drop (and keep) a record carrying an exception; pass any other."""
-        if record.exc_info is None:
-            return True
-        self.records.append(record)
-        return False
-
-
 @contextmanager
 def _decoder_tracebacks(path: str | Path) -> Iterator[None]:
     """Silence pydicom's decoder tracebacks for the duration (not globally).
@@ -1176,17 +1186,17 @@ def _decoder_tracebacks(path: str | Path) -> Iterator[None]:
     (:func:`_decode_failure`), so the tracebacks are only written at DEBUG to
     this module's logger. The decoder's other records (warnings) pass.
     """
-    logger = logging.getLogger(PYDICOM_DECODER_LOGGER)
-    kept = _DecoderTracebacks()
-    logger.addFilter(kept)
-    try:
-        yield
-    finally:
-        logger.removeFilter(kept)
-        for record in kept.records:
-            log.debug(
-                "%s: decoder: %s", path, record.getMessage(), exc_info=record.exc_info
-            )
+    with _held_records(PYDICOM_DECODER_LOGGER, _has_traceback) as kept:
+        try:
+            yield
+        finally:
+            for record in kept:
+                log.debug(
+                    "%s: decoder: %s",
+                    path,
+                    record.getMessage(),
+                    exc_info=record.exc_info,
+                )
 
 
 def _decode_failure(exc: Exception) -> str:

@@ -44,7 +44,7 @@ def load_grey01(path: str | Path) -> np.ndarray:
     plane (LA, RGBA) is dropped. As a DICOM file's
     (:func:`common.imaging.dicom.decode_pixels`), an image whose pixels are
     not all finite, or that has no dynamic range (every pixel equal, before
-    or after the clipping), is refused: a black frame is no mammogram, and
+    or after the conversion), is refused: a black frame is no mammogram, and
     the detector scores it all the same.
 
     Raises:
@@ -152,7 +152,8 @@ def check_dynamic_range(path: str | Path, stored: np.ndarray, unit: np.ndarray) 
 
     ``stored`` is the file's own array: when it is constant the message says
     its value (``"no dynamic range: every pixel is 0"``), otherwise that the
-    clipping to ``[0, 1]`` made it constant (a float image all above 1).
+    conversion to ``[0, 1]`` made it constant (float64 values closer together
+    than float32 can tell apart).
 
     Raises:
         RefusedImage: no dynamic range, naming the stored values.
@@ -167,7 +168,7 @@ def check_dynamic_range(path: str | Path, stored: np.ndarray, unit: np.ndarray) 
         )
     raise RefusedImage(
         str(path),
-        f"no dynamic range after clipping to [0, 1]: every pixel is {lo} "
+        f"no dynamic range after conversion to [0, 1]: every pixel is {lo} "
         f"(stored values {s_lo}..{s_hi}, {stored.dtype})",
     )
 
